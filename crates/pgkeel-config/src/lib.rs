@@ -1,0 +1,234 @@
+//! Configuration: the per-agent `node.toml` ([`NodeConfig`]) and the dynamic cluster config
+//! stored in the DCS ([`DynamicConfig`]).
+//!
+//! Every key is documented where it is declared. Unknown keys are errors that name the
+//! closest valid key ([`check`]). Durations accept a number of seconds (`4`, `1.5`) or a string
+//! with a unit (`"1500ms"`, `"2s"`, `"1m"`); byte sizes accept a number of bytes or a string
+//! with a unit (`"10MB"`, `"1MiB"`, `"512kB"`).
+
+mod units;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use units::{format_duration, parse_bytes, parse_duration};
+pub use validate::{check, example, ConfigError};
+
+/// Exit code for a bad configuration (EX_CONFIG from sysexits.h).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// One agent's configuration (`node.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Cluster name: every agent of one cluster uses the same one. Letters, digits, `-`, `_`.
+    pub cluster: String,
+    /// This member's name, unique in the cluster. Letters, digits, `-`, `_`.
+    pub name: String,
+    /// Postgres data directory of this node.
+    pub data_dir: PathBuf,
+    /// Where the cluster state lives.
+    pub dcs: DcsConfig,
+    /// Local postgres settings.
+    #[serde(default)]
+    pub postgres: PostgresConfig,
+    /// REST API settings.
+    #[serde(default)]
+    pub rest: RestConfig,
+    /// Tags advertised to the cluster.
+    #[serde(default)]
+    pub tags: TagsConfig,
+    /// Dynamic config written to the DCS by the member that bootstraps the cluster. Ignored
+    /// afterwards: change it with `pgkeel config` (next release) or by editing the DCS.
+    #[serde(default)]
+    pub bootstrap: DynamicConfig,
+}
+
+/// Which DCS to use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DcsConfig {
+    /// The embedded single-host store: a directory shared by the agents of one machine.
+    Local {
+        /// Directory holding the store; created if missing. Every agent of the cluster on this
+        /// machine must use the same path; agents on other machines cannot share it.
+        path: PathBuf,
+    },
+}
+
+/// Local postgres settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `host:port` postgres listens on.
+    pub listen: String,
+    /// `host:port` other members and clients use to reach this postgres (default: `listen`).
+    pub connect_address: Option<String>,
+    /// Directory with `postgres`, `initdb`, `pg_ctl`... (default: `pg_config --bindir`, else the
+    /// newest `/usr/lib/postgresql/*/bin`).
+    pub bin_dir: Option<PathBuf>,
+    /// OS user that runs postgres when the agent runs as root.
+    pub os_user: String,
+    /// Superuser the agent connects as, and its password (for TCP clients; the agent itself
+    /// uses the local socket).
+    pub superuser: Credentials,
+    /// Replication user. Without a password, the bootstrapping member generates one and keeps
+    /// it in the DCS `initialize` record.
+    pub replication: Credentials,
+    /// Postgres parameters for this node, applied on top of the cluster's.
+    pub parameters: BTreeMap<String, ParamValue>,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            listen: "127.0.0.1:5432".into(),
+            connect_address: None,
+            bin_dir: None,
+            os_user: "postgres".into(),
+            superuser: Credentials { username: "postgres".into(), password: None },
+            replication: Credentials { username: "pgkeel_replicator".into(), password: None },
+            parameters: BTreeMap::new(),
+        }
+    }
+}
+
+/// A user name and an optional password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    /// Role name.
+    pub username: String,
+    /// Password (generated when absent, where the description says so).
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// A postgres parameter value as written in TOML: string, integer, float or boolean.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ParamValue {
+    /// `on`, `'1GB'`, ...
+    Text(String),
+    /// `100`
+    Int(i64),
+    /// `0.9`
+    Float(f64),
+    /// `true` / `false` (written as `on` / `off`).
+    Bool(bool),
+}
+
+impl std::fmt::Display for ParamValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParamValue::Text(s) => f.write_str(s),
+            ParamValue::Int(i) => write!(f, "{i}"),
+            ParamValue::Float(x) => write!(f, "{x}"),
+            ParamValue::Bool(b) => f.write_str(if *b { "on" } else { "off" }),
+        }
+    }
+}
+
+/// REST API settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestConfig {
+    /// `host:port` the REST API listens on.
+    pub listen: String,
+    /// URL other members and the CLI use (default: `http://` + `listen`).
+    pub connect_url: Option<String>,
+    /// User name for actions (POST/PATCH); health endpoints need none.
+    pub username: String,
+    /// Password for actions. Without one, every action is refused with 401.
+    pub password: Option<String>,
+}
+
+impl Default for RestConfig {
+    fn default() -> Self {
+        RestConfig { listen: "127.0.0.1:8008".into(), connect_url: None, username: "pgkeel".into(), password: None }
+    }
+}
+
+/// Tags advertised to the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TagsConfig {
+    /// Never promote this member automatically.
+    pub nofailover: bool,
+    /// Among equally advanced candidates the higher priority wins; 0 means never promote
+    /// (same as `nofailover`).
+    pub failover_priority: i64,
+}
+
+impl Default for TagsConfig {
+    fn default() -> Self {
+        TagsConfig { nofailover: false, failover_priority: 1 }
+    }
+}
+
+/// Cluster-wide settings kept in the DCS `config` key. Defaults are chosen for failover in a
+/// few seconds: `loop_wait + 2 × retry_timeout ≤ ttl` must hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DynamicConfig {
+    /// Leader lease: after this long without renewal the leader key expires and replicas race.
+    #[serde(with = "units::duration_serde")]
+    pub ttl: Duration,
+    /// Pause between two runs of the HA loop.
+    #[serde(with = "units::duration_serde")]
+    pub loop_wait: Duration,
+    /// How long one DCS or postgres call may take before it counts as failed.
+    #[serde(with = "units::duration_serde")]
+    pub retry_timeout: Duration,
+    /// A replica further behind the leader's last known LSN than this (bytes) is not promoted.
+    #[serde(with = "units::bytes_serde")]
+    pub maximum_lag_on_failover: u64,
+    /// How long a crashed primary may take to come back in place before the leader key is
+    /// released for a failover.
+    #[serde(with = "units::duration_serde")]
+    pub primary_start_timeout: Duration,
+    /// While true, nothing automatic happens (no failover, no restart, no demotion).
+    pub pause: bool,
+    /// Postgres parameters for every member.
+    pub postgresql: DynamicPostgres,
+}
+
+/// Cluster-wide postgres settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DynamicPostgres {
+    /// Parameters for every member (a node's own `[postgres.parameters]` win).
+    pub parameters: BTreeMap<String, ParamValue>,
+}
+
+impl Default for DynamicConfig {
+    fn default() -> Self {
+        DynamicConfig {
+            ttl: Duration::from_secs(4),
+            loop_wait: Duration::from_secs(1),
+            retry_timeout: Duration::from_millis(1500),
+            maximum_lag_on_failover: 1024 * 1024,
+            primary_start_timeout: Duration::from_secs(10),
+            pause: false,
+            postgresql: DynamicPostgres::default(),
+        }
+    }
+}
+
+impl DynamicConfig {
+    /// Parse the JSON stored in the DCS, validating it.
+    pub fn from_json(v: &serde_json::Value) -> Result<Self, ConfigError> {
+        let c: DynamicConfig = serde_json::from_value(v.clone()).map_err(|e| ConfigError::Invalid(format!("cluster config in the DCS: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// As JSON for the DCS.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("dynamic config always serializes")
+    }
+}
