@@ -1,1 +1,213 @@
-//! placeholder
+//! The per-node agent: it runs and supervises this node's postgres, drives the pure decisions of
+//! `pgkeel-ha` with real I/O (DCS, postgres, peers), and serves the REST API and metrics.
+//!
+//! - [`run`] starts the agent in phases: open the DCS, find the postgres binaries, bind the REST
+//!   listener, then run the HA loop until a shutdown signal, then stop postgres and release the
+//!   leader key (never exit while holding it).
+//! - `ha_loop` owns the loop: observe, decide, act, publish.
+//! - `rest` owns the HTTP API (health, state, actions, metrics).
+//! - [`http`] is the small client the CLI and the peer probe use.
+
+mod ha_loop;
+pub mod http;
+pub use ha_loop::random_password;
+mod rest;
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use pgkeel_config::{DynamicConfig, NodeConfig};
+use pgkeel_dcs::cluster::{ClusterStore, MemberTags, Role};
+use pgkeel_dcs::local::LocalStore;
+use pgkeel_dcs::Dcs;
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+
+/// What this agent reports about itself (REST `/node`, peer probes, metrics).
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    /// Member name.
+    pub name: String,
+    /// Cluster name.
+    pub cluster: String,
+    /// REST base URL.
+    pub api_url: String,
+    /// Postgres `host:port`.
+    pub pg_address: String,
+    /// Role.
+    pub role: Role,
+    /// Postgres state: `running`, `starting`, `stopped`, `crashed`, `uninitialized`.
+    pub state: String,
+    /// Timeline.
+    pub timeline: Option<u32>,
+    /// Primary: current LSN; replica: max(received, replayed).
+    pub lsn: Option<u64>,
+    /// Replica: received LSN.
+    pub received_lsn: Option<u64>,
+    /// Replica: replayed LSN.
+    pub replayed_lsn: Option<u64>,
+    /// Replica: WAL receiver streaming.
+    pub streaming: bool,
+    /// Replica: upstream member.
+    pub following: Option<String>,
+    /// Term this node runs under (primary) or follows (replica).
+    pub term: u64,
+    /// Current leader key holder.
+    pub leader: Option<String>,
+    /// This node holds the leader key with a valid lease.
+    pub holds_lease: bool,
+    /// Milliseconds left on this node's lease.
+    pub lease_left_ms: Option<u64>,
+    /// Replica: bytes behind the leader's last reported LSN.
+    pub lag_bytes: Option<u64>,
+    /// Cluster is paused.
+    pub paused: bool,
+    /// Last DCS read succeeded.
+    pub dcs_ok: bool,
+    /// When the HA loop last finished (unix ms).
+    pub last_loop_ms: u64,
+    /// Last decision's reason.
+    pub last_decision: String,
+    /// Tags.
+    pub tags: MemberTags,
+    /// Parameters waiting for a restart.
+    pub pending_restart: Vec<String>,
+    /// Primary: connected replicas (`pg_stat_replication`).
+    pub replication: Vec<pgkeel_pg::probe::ReplicationRow>,
+    /// pgkeel version.
+    pub version: String,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Promotions done by this node (failover or switchover).
+    pub promotions: std::sync::atomic::AtomicU64,
+    /// Demotions done by this node.
+    pub demotions: std::sync::atomic::AtomicU64,
+    /// HA loops run.
+    pub loops: std::sync::atomic::AtomicU64,
+    /// DCS errors.
+    pub dcs_errors: std::sync::atomic::AtomicU64,
+    /// Duration of the last DCS read, microseconds.
+    pub dcs_latency_us: std::sync::atomic::AtomicU64,
+}
+
+/// State shared by the loop and the REST API.
+pub(crate) struct Shared {
+    pub config: NodeConfig,
+    pub store: ClusterStore,
+    pub status: RwLock<NodeStatus>,
+    pub dynamic: RwLock<DynamicConfig>,
+    /// Wakes the loop early (REST actions).
+    pub wake: Notify,
+    pub counters: Counters,
+}
+
+impl Shared {
+    pub fn status(&self) -> NodeStatus {
+        self.status.read().expect("status lock poisoned").clone()
+    }
+    pub fn dynamic(&self) -> DynamicConfig {
+        self.dynamic.read().expect("dynamic lock poisoned").clone()
+    }
+}
+
+/// Options that do not belong in node.toml.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Write the agent's pid here (removed on exit).
+    pub pid_file: Option<PathBuf>,
+}
+
+/// Unix time in ms.
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Open the DCS the config names.
+pub fn open_dcs(config: &NodeConfig) -> anyhow::Result<Arc<dyn Dcs>> {
+    match &config.dcs {
+        pgkeel_config::DcsConfig::Local { path } => {
+            let store =
+                LocalStore::open(path).with_context(|| format!("open the local store at {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Run the agent until `shutdown` turns true. Returns after postgres has been stopped and the
+/// leader key released.
+pub async fn run(config: NodeConfig, options: RunOptions, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    // Phase 1: everything that can fail on bad config or a bad machine, before binding.
+    let dcs = open_dcs(&config)?;
+    let store = ClusterStore::new(dcs, &config.cluster);
+    let bins = pgkeel_pg::binaries::PgBinaries::discover(config.postgres.bin_dir.as_deref())?;
+    let run_as = pgkeel_pg::user::run_as_for(&config.postgres.os_user)?;
+    tracing::info!(
+        node = %config.name, cluster = %config.cluster, dcs = %store.dcs().describe(),
+        postgres = %bins.dir.display(), version = bins.major_version, "starting agent"
+    );
+
+    // Phase 2: bind.
+    let listener = tokio::net::TcpListener::bind(&config.rest.listen)
+        .await
+        .with_context(|| format!("bind the REST API on {} (rest.listen)", config.rest.listen))?;
+    if let Some(p) = &options.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("write pid file {}", p.display()))?;
+    }
+
+    let status = NodeStatus {
+        name: config.name.clone(),
+        cluster: config.cluster.clone(),
+        api_url: config.rest_url(),
+        pg_address: config.pg_connect_address().to_string(),
+        role: Role::Stopped,
+        state: "starting".into(),
+        timeline: None,
+        lsn: None,
+        received_lsn: None,
+        replayed_lsn: None,
+        streaming: false,
+        following: None,
+        term: 0,
+        leader: None,
+        holds_lease: false,
+        lease_left_ms: None,
+        lag_bytes: None,
+        paused: false,
+        dcs_ok: false,
+        last_loop_ms: 0,
+        last_decision: "agent starting".into(),
+        tags: MemberTags { nofailover: config.tags.nofailover, failover_priority: config.tags.failover_priority },
+        pending_restart: vec![],
+        replication: vec![],
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let shared = Arc::new(Shared {
+        dynamic: RwLock::new(config.bootstrap.clone()),
+        config,
+        store,
+        status: RwLock::new(status),
+        wake: Notify::new(),
+        counters: Counters::default(),
+    });
+
+    // Phase 3: spawn the API apart from the loop, so health checks answer while the loop works.
+    let api = tokio::spawn(rest::serve(listener, shared.clone(), shutdown.clone()));
+
+    // Phase 4: the loop, until shutdown; it stops postgres and releases the key on its way out.
+    let result = ha_loop::HaLoop::new(shared.clone(), bins, run_as).run(shutdown).await;
+
+    api.abort();
+    if let Some(p) = &options.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    result
+}
+
+/// A generous bound for operations that must not hang forever.
+pub(crate) const LONG_OP: Duration = Duration::from_secs(120);

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use units::{format_duration, parse_bytes, parse_duration};
-pub use validate::{check, example, ConfigError};
+pub use validate::{check, example, load, ConfigError};
 
 /// Exit code for a bad configuration (EX_CONFIG from sysexits.h).
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -46,6 +46,34 @@ pub struct NodeConfig {
     /// afterwards: change it with `pgkeel config` (next release) or by editing the DCS.
     #[serde(default)]
     pub bootstrap: DynamicConfig,
+}
+
+impl NodeConfig {
+    /// `host:port` other members and clients use to reach this postgres: `connect_address`,
+    /// else `listen`.
+    pub fn pg_connect_address(&self) -> &str {
+        self.postgres.connect_address.as_deref().unwrap_or(&self.postgres.listen)
+    }
+
+    /// Base URL of this agent's REST API, without a trailing `/` so callers can append
+    /// `/health` and the like: `rest.connect_url`, else `http://` + `rest.listen`.
+    pub fn rest_url(&self) -> String {
+        match &self.rest.connect_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.rest.listen),
+        }
+    }
+
+    /// This configuration as `node.toml` text, which [`check`] reads back to an equal
+    /// configuration. Durations are written as seconds (`ttl = 4.0`).
+    ///
+    /// # Panics
+    ///
+    /// If a path is not valid UTF-8, which TOML cannot hold. [`NodeConfig::validate`] refuses
+    /// such paths, so a validated configuration never panics here.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("TOML holds every NodeConfig whose paths are UTF-8")
+    }
 }
 
 /// Which DCS to use.
@@ -80,6 +108,7 @@ pub struct PostgresConfig {
     /// it in the DCS `initialize` record.
     pub replication: Credentials,
     /// Postgres parameters for this node, applied on top of the cluster's.
+    #[serde(deserialize_with = "params_serde::deserialize")]
     pub parameters: BTreeMap<String, ParamValue>,
 }
 
@@ -202,6 +231,7 @@ pub struct DynamicConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct DynamicPostgres {
     /// Parameters for every member (a node's own `[postgres.parameters]` win).
+    #[serde(deserialize_with = "params_serde::deserialize")]
     pub parameters: BTreeMap<String, ParamValue>,
 }
 
@@ -222,7 +252,8 @@ impl Default for DynamicConfig {
 impl DynamicConfig {
     /// Parse the JSON stored in the DCS, validating it.
     pub fn from_json(v: &serde_json::Value) -> Result<Self, ConfigError> {
-        let c: DynamicConfig = serde_json::from_value(v.clone()).map_err(|e| ConfigError::Invalid(format!("cluster config in the DCS: {e}")))?;
+        let c: DynamicConfig = serde_json::from_value(v.clone())
+            .map_err(|e| ConfigError::Invalid(format!("cluster config in the DCS: {e}")))?;
         c.validate()?;
         Ok(c)
     }
@@ -230,5 +261,48 @@ impl DynamicConfig {
     /// As JSON for the DCS.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("dynamic config always serializes")
+    }
+}
+
+/// Reading parameter maps. In TOML, `pg_stat_statements.max = 1000` is a dotted key, i.e. a
+/// nested table; postgres knows it as the one parameter `pg_stat_statements.max`, so nested
+/// tables are flattened back into dotted names.
+mod params_serde {
+    use std::collections::BTreeMap;
+
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer};
+
+    use crate::ParamValue;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Value(ParamValue),
+        Nested(BTreeMap<String, Raw>),
+    }
+
+    /// A map of parameters, nested tables flattened to dotted names.
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, ParamValue>, D::Error> {
+        let raw = BTreeMap::<String, Raw>::deserialize(d)?;
+        let mut out = BTreeMap::new();
+        flatten("", raw, &mut out).map_err(D::Error::custom)?;
+        Ok(out)
+    }
+
+    fn flatten(prefix: &str, raw: BTreeMap<String, Raw>, out: &mut BTreeMap<String, ParamValue>) -> Result<(), String> {
+        for (name, value) in raw {
+            let name = if prefix.is_empty() { name } else { format!("{prefix}.{name}") };
+            match value {
+                Raw::Value(v) => {
+                    // `"a.b" = 1` and `a.b = 2` are different TOML keys but the same parameter.
+                    if out.insert(name.clone(), v).is_some() {
+                        return Err(format!("parameter {name:?} is given twice; keep one"));
+                    }
+                }
+                Raw::Nested(map) => flatten(&name, map, out)?,
+            }
+        }
+        Ok(())
     }
 }

@@ -1,1 +1,232 @@
-fn main() {}
+//! `pgkeel`: the one binary. This file is wiring only: parse arguments, set up logging, hand
+//! off to the agent, `up`, or an operator command.
+
+mod ctl;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// PostgreSQL high availability in one binary: agents with leader election and automatic
+/// failover, a Patroni-compatible REST API, and operator commands.
+#[derive(Parser, Debug)]
+#[command(name = "pgkeel", version, about, propagate_version = true)]
+struct Cli {
+    /// Log level: error, warn, info, debug, trace (or set PGKEEL_LOG).
+    #[arg(long, global = true, env = "PGKEEL_LOG", default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent of one node: supervises its postgres, takes part in leader election,
+    /// serves the REST API.
+    Agent {
+        /// The node's configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Write the agent's pid to this file.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+    },
+    /// Create (or resume) a whole cluster on this machine with the embedded store, each agent a
+    /// child process, and stay in the foreground; Ctrl-C stops it.
+    Up {
+        /// Directory holding the cluster (created if missing; reused if it exists).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of nodes of a new cluster (1 primary + N-1 replicas).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+        nodes: u16,
+        /// Cluster name of a new cluster.
+        #[arg(long, default_value = "pgkeel")]
+        cluster: String,
+        /// Print the endpoints and return once the cluster is up, leaving it running in the
+        /// background (stop it with `pgkeel down --dir DIR`).
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Stop a cluster started with `pgkeel up --detach`.
+    Down {
+        /// The cluster's directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Check or print configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Show the cluster's members.
+    List {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Planned switchover: the leader steps down and a replica takes over without losing data.
+    Switchover {
+        #[command(flatten)]
+        target: Target,
+        /// Member to switch over to (default: the best replica).
+        #[arg(long)]
+        to: Option<String>,
+        /// Current leader (checked when given).
+        #[arg(long)]
+        leader: Option<String>,
+    },
+    /// Manual failover to a named replica (also when there is no healthy leader).
+    Failover {
+        #[command(flatten)]
+        target: Target,
+        /// Member to promote.
+        #[arg(long)]
+        to: String,
+    },
+    /// Show every promotion: time, reason, old and new primary, LSNs.
+    History {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause automatic actions (no failover, no restart, no demotion) cluster-wide.
+    Pause {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Resume automatic actions.
+    Resume {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate a node.toml without starting anything (exit 64 when it is bad).
+    Check {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Print an annotated example node.toml.
+    Example,
+}
+
+/// How to reach a cluster's REST API: one of `--api`, `--config`, `--dir`.
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// REST API URL of any member, e.g. http://127.0.0.1:8008 (comma-separated for several).
+    #[arg(long, conflicts_with_all = ["config", "dir"])]
+    pub api: Option<String>,
+    /// A node.toml: its REST address and credentials are used.
+    #[arg(long, conflicts_with = "dir")]
+    pub config: Option<PathBuf>,
+    /// The directory of a `pgkeel up` cluster.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// REST user for actions (default: from --config/--dir, else "pgkeel").
+    #[arg(long, env = "PGKEEL_API_USER")]
+    pub user: Option<String>,
+    /// REST password for actions (default: from --config/--dir).
+    #[arg(long, env = "PGKEEL_API_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+}
+
+fn init_logging(level: &str) -> Result<(), String> {
+    let level: tracing::Level =
+        level.parse().map_err(|_| format!("bad log level {level:?}: use error, warn, info, debug or trace"))?;
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    // Two workers are plenty for an agent or the CLI and keep an idle agent's footprint small.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("cannot start the async runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli.log_level) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    match cli.command {
+        Command::Config { command: ConfigCommand::Example } => {
+            print!("{}", pgkeel_config::example());
+            ExitCode::SUCCESS
+        }
+        Command::Config { command: ConfigCommand::Check { file } } => match pgkeel_config::load(&file) {
+            Ok(c) => {
+                println!("{}: OK (cluster {:?}, node {:?})", file.display(), c.cluster, c.name);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}: {e}", file.display());
+                ExitCode::from(pgkeel_config::EXIT_BAD_CONFIG as u8)
+            }
+        },
+        Command::Agent { config, pid_file } => {
+            let cfg = match pgkeel_config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", config.display());
+                    return ExitCode::from(pgkeel_config::EXIT_BAD_CONFIG as u8);
+                }
+            };
+            let rt = runtime();
+            let result = rt.block_on(async move {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("shutdown signal received");
+                    let _ = tx.send(true);
+                });
+                pgkeel_agent::run(cfg, pgkeel_agent::RunOptions { pid_file }, rx).await
+            });
+            report(result)
+        }
+        Command::Up { dir, nodes, cluster, detach } => {
+            report(runtime().block_on(up::up(&dir, nodes, &cluster, detach)))
+        }
+        Command::Down { dir } => report(runtime().block_on(up::down(&dir))),
+        other => report(runtime().block_on(ctl::run(other))),
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolve on SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,1043 @@
+//! The HA loop: observe (DCS snapshot, local postgres, peers when racing), call
+//! [`pgkeel_ha::decide`], carry out the decision, publish this member's state, sleep until the
+//! next loop, a leader-key change, an API wake-up or the lease deadline — whichever is first.
+//!
+//! The decision is pure; everything here is I/O and bookkeeping. Errors from one action are
+//! logged here (where they are handled) and the next loop observes the outcome afresh.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use pgkeel_config::DynamicConfig;
+use pgkeel_dcs::cluster::{
+    ClusterSnapshot, HistoryEntry, InitializeValue, LeaderValue, MemberTags, MemberValue, Role, StatusValue,
+};
+use pgkeel_ha::{decide, Action, ClusterView, Decision, Observation, Peer, PgRole, PgState, PromoteReason};
+use pgkeel_pg::binaries::PgBinaries;
+use pgkeel_pg::conf::ManagedConf;
+use pgkeel_pg::control::{ControlData, Instance, SourceConn, StopMode};
+use pgkeel_pg::probe::Probe;
+use pgkeel_pg::user::RunAs;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::{unix_ms, Shared, LONG_OP};
+
+/// The lease this agent holds on the leader key.
+#[derive(Debug, Clone)]
+struct Lease {
+    value: LeaderValue,
+    revision: u64,
+    /// Monotonic ms: the start of the request that last wrote the key + ttl. The store's own
+    /// expiry is later than this, so demoting by this deadline is always early enough.
+    deadline_ms: u64,
+}
+
+/// What the last observation of postgres found.
+struct PgObservation {
+    state: PgState,
+    probe: Option<Probe>,
+    control: Option<ControlData>,
+}
+
+pub(crate) struct HaLoop {
+    shared: Arc<Shared>,
+    inst: Instance,
+    run_as: Option<RunAs>,
+    origin: Instant,
+    client: Option<tokio_postgres::Client>,
+    lease: Option<Lease>,
+    /// The agent started postgres and has not stopped it: seeing it down means a crash.
+    expect_running: bool,
+    down_since_ms: Option<u64>,
+    /// A background start of postgres (restart in place) and when it began.
+    starting: Option<(u64, JoinHandle<Result<(), pgkeel_pg::PgError>>)>,
+    /// When a running postmaster first failed to answer (starting up or crash recovery).
+    unresponsive_since_ms: Option<u64>,
+    /// Upstream member our `primary_conninfo` points at.
+    following: Option<String>,
+    /// Term written in pgkeel.conf.
+    conf_term: u64,
+    /// Revision of the leader key as last seen, for the watch.
+    leader_rev: Option<u64>,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// Generate a random password (URL-safe base64 of 18 random bytes).
+pub fn random_password() -> String {
+    use std::io::Read;
+    let mut buf = [0u8; 18];
+    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)) {
+        // No /dev/urandom means a broken machine; fall back to time-based noise rather than panic.
+        tracing::warn!("cannot read /dev/urandom ({e}); using a weaker password source");
+        let t = unix_ms() ^ (std::process::id() as u64).rotate_left(32);
+        buf[..8].copy_from_slice(&t.to_le_bytes());
+    }
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+}
+
+fn split_host_port(addr: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':').with_context(|| format!("{addr:?} is not host:port"))?;
+    let port = port.parse().with_context(|| format!("bad port in {addr:?}"))?;
+    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
+}
+
+impl HaLoop {
+    pub(crate) fn new(shared: Arc<Shared>, bins: PgBinaries, run_as: Option<RunAs>) -> Self {
+        let cfg = &shared.config;
+        let node_dir = cfg.data_dir.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| cfg.data_dir.clone());
+        let port = split_host_port(&cfg.postgres.listen).map(|(_, p)| p).unwrap_or(5432);
+        let inst = Instance {
+            bins,
+            data_dir: cfg.data_dir.clone(),
+            run_as: run_as.clone(),
+            log_file: node_dir.join("postgres.log"),
+            socket_dir: node_dir.join("run"),
+            port,
+            superuser: cfg.postgres.superuser.username.clone(),
+        };
+        HaLoop {
+            shared,
+            inst,
+            run_as,
+            origin: Instant::now(),
+            client: None,
+            lease: None,
+            expect_running: false,
+            down_since_ms: None,
+            starting: None,
+            unresponsive_since_ms: None,
+            following: None,
+            conf_term: 0,
+            leader_rev: None,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        ms(self.origin.elapsed())
+    }
+
+    fn me(&self) -> &str {
+        &self.shared.config.name
+    }
+
+    pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        self.prepare_dirs()?;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let loop_start = Instant::now();
+            let again = self.once().await;
+            self.shared.counters.loops.fetch_add(1, Ordering::Relaxed);
+            if again {
+                continue;
+            }
+            let dynamic = self.shared.dynamic();
+            let mut wait = dynamic.loop_wait.saturating_sub(loop_start.elapsed());
+            if let Some(l) = &self.lease {
+                let margin = self.settings(&dynamic).demote_margin_ms();
+                let until_deadline = l.deadline_ms.saturating_sub(margin).saturating_sub(self.now_ms());
+                wait = wait.min(Duration::from_millis(until_deadline.max(10)));
+            }
+            let store = self.shared.store.clone();
+            let watching = self.lease.is_none();
+            let known = self.leader_rev;
+            tokio::select! {
+                _ = shutdown.changed() => {}
+                _ = self.shared.wake.notified() => {}
+                _ = async {
+                    if watching {
+                        // Replicas wake the moment the leader key changes or expires, so the race
+                        // starts at once instead of at the next loop.
+                        let _ = store.watch_leader(known, wait).await;
+                    } else {
+                        tokio::time::sleep(wait).await;
+                    }
+                } => {}
+            }
+        }
+        self.stop_for_shutdown().await;
+        Ok(())
+    }
+
+    fn prepare_dirs(&self) -> anyhow::Result<()> {
+        let node_dir = self.inst.log_file.parent().context("data_dir has no parent directory")?;
+        pgkeel_pg::user::prepare_dir(node_dir, 0o755, self.run_as.as_ref())
+            .with_context(|| format!("prepare node directory {}", node_dir.display()))?;
+        pgkeel_pg::user::prepare_dir(&self.inst.socket_dir, 0o700, self.run_as.as_ref())
+            .with_context(|| format!("prepare socket directory {}", self.inst.socket_dir.display()))?;
+        Ok(())
+    }
+
+    fn settings(&self, d: &DynamicConfig) -> pgkeel_ha::Settings {
+        pgkeel_ha::Settings {
+            ttl_ms: ms(d.ttl),
+            loop_wait_ms: ms(d.loop_wait),
+            retry_timeout_ms: ms(d.retry_timeout),
+            maximum_lag_on_failover: d.maximum_lag_on_failover,
+            primary_start_timeout_ms: ms(d.primary_start_timeout),
+            pause: d.pause,
+        }
+    }
+
+    /// One loop. Returns true when the next loop should run at once.
+    async fn once(&mut self) -> bool {
+        let dynamic = self.shared.dynamic();
+        let t0 = Instant::now();
+        let snapshot = match tokio::time::timeout(dynamic.retry_timeout, self.shared.store.load()).await {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                tracing::warn!("failed to read the DCS: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("failed to read the DCS within retry_timeout ({:?})", dynamic.retry_timeout);
+                None
+            }
+        };
+        self.shared.counters.dcs_latency_us.store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if snapshot.is_none() {
+            self.shared.counters.dcs_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(snap) = &snapshot {
+            self.apply_dynamic_config(snap);
+            self.leader_rev = snap.leader.as_ref().map(|l| l.revision);
+            self.adopt_lease(snap).await;
+        }
+        let dynamic = self.shared.dynamic();
+        let pg = self.observe_pg(snapshot.as_ref()).await;
+
+        let mut obs = Observation {
+            now_ms: self.now_ms(),
+            me: self.me().to_string(),
+            tags: pgkeel_ha::Tags {
+                nofailover: self.shared.config.tags.nofailover,
+                failover_priority: self.shared.config.tags.failover_priority,
+            },
+            settings: self.settings(&dynamic),
+            cluster: snapshot.as_ref().map(cluster_view),
+            pg: pg.state.clone(),
+            local_sysid: pg.control.as_ref().map(|c| c.system_identifier.clone()),
+            lease_deadline_ms: self.lease.as_ref().map(|l| l.deadline_ms),
+            peers: None,
+        };
+        if let Some(snap) = &snapshot {
+            self.publish_member(&pg, snap).await;
+        }
+        let mut decision = decide(&obs);
+        if decision.action == Action::ProbePeers {
+            if let Some(snap) = &snapshot {
+                obs.peers = Some(self.probe_peers(snap, &dynamic).await);
+                decision = decide(&obs);
+            }
+        }
+        self.update_status(&pg, snapshot.as_ref(), &decision, &dynamic);
+        if decision.action != Action::Idle && decision.action != Action::Renew {
+            tracing::info!(action = ?decision.action, "{}", decision.reason);
+        } else {
+            tracing::debug!(action = ?decision.action, "{}", decision.reason);
+        }
+        let Some(snap) = snapshot else {
+            if decision.action == Action::Demote {
+                self.demote().await;
+            }
+            return false;
+        };
+        match self.execute(&decision, &snap, &pg, &dynamic).await {
+            Ok(again) => again,
+            Err(e) => {
+                tracing::error!("failed to {}: {e:#}", action_verb(&decision.action));
+                false
+            }
+        }
+    }
+
+    fn apply_dynamic_config(&self, snap: &ClusterSnapshot) {
+        if let Some(c) = &snap.config {
+            match DynamicConfig::from_json(&c.value) {
+                Ok(d) => *self.shared.dynamic.write().expect("dynamic lock poisoned") = d,
+                Err(e) => tracing::warn!("ignoring the cluster config in the DCS: {e}"),
+            }
+        }
+    }
+
+    /// After an agent restart the leader key may still be ours: take it back by renewing it,
+    /// so a quick agent restart does not cause a failover.
+    async fn adopt_lease(&mut self, snap: &ClusterSnapshot) {
+        let Some(l) = &snap.leader else {
+            self.lease = None;
+            return;
+        };
+        if l.value.holder != self.me() {
+            self.lease = None;
+            return;
+        }
+        if self.lease.as_ref().is_some_and(|mine| mine.value == l.value) {
+            return;
+        }
+        let ttl = self.shared.dynamic().ttl;
+        let t0 = self.now_ms();
+        if let Ok(Some(rev)) = self.shared.store.renew_leader(&l.value, l.revision, ttl).await {
+            tracing::info!(term = l.value.term, "adopted the leader key this member already held");
+            self.lease = Some(Lease { value: l.value.clone(), revision: rev, deadline_ms: t0 + ms(ttl) });
+            self.conf_term = 0;
+        }
+    }
+
+    async fn observe_pg(&mut self, snap: Option<&ClusterSnapshot>) -> PgObservation {
+        if !self.inst.is_initialized() {
+            self.client = None;
+            return PgObservation { state: PgState::NoData, probe: None, control: None };
+        }
+        if let Some((_, handle)) = &self.starting {
+            if handle.is_finished() {
+                if let Some((_, handle)) = self.starting.take() {
+                    match handle.await {
+                        Ok(Ok(())) => tracing::info!("postgres restarted"),
+                        Ok(Err(e)) => tracing::warn!("failed to restart postgres: {e}"),
+                        Err(e) => tracing::warn!("restart task failed: {e}"),
+                    }
+                }
+            }
+        }
+        let control = self.inst.controldata().await.ok();
+        if self.inst.postmaster_pid().is_none() {
+            self.client = None;
+            self.unresponsive_since_ms = None;
+            if let Some((since, _)) = &self.starting {
+                // The restart clock runs from the crash, not from this attempt.
+                let since_ms = self.down_since_ms.unwrap_or(*since);
+                return PgObservation { state: PgState::Starting { since_ms }, probe: None, control };
+            }
+            if self.expect_running && self.down_since_ms.is_none() {
+                tracing::warn!("postgres is not running although the agent started it: treating it as crashed");
+                self.down_since_ms = Some(self.now_ms());
+            }
+            let was_primary = control.as_ref().is_some_and(|c| c.state == "in production" || c.state == "shut down");
+            let diverged = match (&control, snap) {
+                (Some(c), Some(s)) => diverged(c, s),
+                _ => false,
+            };
+            return PgObservation {
+                state: PgState::Stopped { was_primary, diverged, down_since_ms: self.down_since_ms },
+                probe: None,
+                control,
+            };
+        }
+        match self.probe().await {
+            Ok(p) => {
+                self.down_since_ms = None;
+                self.unresponsive_since_ms = None;
+                self.expect_running = true;
+                let (role, lsn) = if p.in_recovery {
+                    (PgRole::Replica, p.received_lsn.unwrap_or(0).max(p.replayed_lsn.unwrap_or(0)))
+                } else {
+                    (PgRole::Primary, p.current_lsn.unwrap_or(0))
+                };
+                let following = if p.in_recovery { self.following.clone() } else { None };
+                PgObservation { state: PgState::Running { role, lsn, following }, probe: Some(p), control }
+            }
+            Err(e) => {
+                tracing::debug!("postgres runs but does not answer yet: {e:#}");
+                let now = self.now_ms();
+                let since = *self.unresponsive_since_ms.get_or_insert(now);
+                let since_ms = self.down_since_ms.or(self.starting.as_ref().map(|(s, _)| *s)).unwrap_or(since);
+                PgObservation { state: PgState::Starting { since_ms }, probe: None, control }
+            }
+        }
+    }
+
+    async fn probe(&mut self) -> anyhow::Result<Probe> {
+        let timeout = self.shared.dynamic().retry_timeout;
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(self.inst.connect(timeout).await?);
+        }
+        let client = self.client.as_ref().context("no connection")?;
+        match tokio::time::timeout(timeout, pgkeel_pg::probe::probe(client)).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => {
+                self.client = None;
+                Err(e.into())
+            }
+            Err(_) => {
+                self.client = None;
+                bail!("probe timed out after {timeout:?}")
+            }
+        }
+    }
+
+    async fn probe_peers(&self, snap: &ClusterSnapshot, d: &DynamicConfig) -> Vec<Peer> {
+        let timeout = d.retry_timeout.min(Duration::from_secs(1));
+        let mut set = tokio::task::JoinSet::new();
+        for m in snap.members.iter().map(|m| &m.value).filter(|m| m.name != self.me()) {
+            let (name, url) = (m.name.clone(), format!("{}/node", m.api_url));
+            set.spawn(async move {
+                let r = crate::http::request("GET", &url, None, None, timeout).await;
+                (name, r)
+            });
+        }
+        let mut peers = Vec::new();
+        while let Some(Ok((name, r))) = set.join_next().await {
+            let peer = match r.and_then(|r| r.json()) {
+                Ok(v) => {
+                    let running = v["state"] == "running";
+                    Peer {
+                        name,
+                        reachable: true,
+                        running_primary: running && v["role"] == "primary",
+                        running_replica: running && v["role"] == "replica",
+                        lsn: v["lsn"].as_u64().unwrap_or(0),
+                        tags: pgkeel_ha::Tags {
+                            nofailover: v["tags"]["nofailover"].as_bool().unwrap_or(false),
+                            failover_priority: v["tags"]["failover_priority"].as_i64().unwrap_or(1),
+                        },
+                    }
+                }
+                Err(e) => {
+                    tracing::info!("peer {name} did not answer the pre-race probe: {e:#}");
+                    Peer {
+                        name,
+                        reachable: false,
+                        running_primary: false,
+                        running_replica: false,
+                        lsn: 0,
+                        tags: pgkeel_ha::Tags { nofailover: true, failover_priority: 0 },
+                    }
+                }
+            };
+            peers.push(peer);
+        }
+        peers
+    }
+
+    fn member_value(&self, pg: &PgObservation) -> MemberValue {
+        let cfg = &self.shared.config;
+        let (role, state) = role_state(&pg.state);
+        let p = pg.probe.as_ref();
+        MemberValue {
+            name: cfg.name.clone(),
+            api_url: cfg.rest_url(),
+            pg_address: cfg.pg_connect_address().to_string(),
+            role,
+            state: state.to_string(),
+            timeline: p.map(|p| p.timeline),
+            lsn: match &pg.state {
+                PgState::Running { lsn, .. } => Some(*lsn),
+                _ => None,
+            },
+            replayed_lsn: p.and_then(|p| p.replayed_lsn),
+            streaming: p.is_some_and(|p| p.wal_receiver.as_ref().is_some_and(|w| w.status == "streaming")),
+            following: if role == Role::Replica { self.following.clone() } else { None },
+            term: self.lease.as_ref().map(|l| l.value.term).unwrap_or(self.conf_term),
+            tags: MemberTags { nofailover: cfg.tags.nofailover, failover_priority: cfg.tags.failover_priority },
+            pending_restart: p.is_some_and(|p| !p.pending_restart.is_empty()),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    async fn publish_member(&self, pg: &PgObservation, _snap: &ClusterSnapshot) {
+        let ttl = self.shared.dynamic().ttl;
+        if let Err(e) = self.shared.store.put_member(&self.member_value(pg), ttl).await {
+            tracing::warn!("failed to publish member state: {e}");
+        }
+    }
+
+    fn update_status(
+        &self,
+        pg: &PgObservation,
+        snap: Option<&ClusterSnapshot>,
+        decision: &Decision,
+        d: &DynamicConfig,
+    ) {
+        let m = self.member_value(pg);
+        let p = pg.probe.as_ref();
+        let now = self.now_ms();
+        let mut st = self.shared.status.write().expect("status lock poisoned");
+        st.role = m.role;
+        st.state = m.state;
+        st.timeline = m.timeline;
+        st.lsn = m.lsn;
+        st.received_lsn = p.and_then(|p| p.received_lsn);
+        st.replayed_lsn = m.replayed_lsn;
+        st.streaming = m.streaming;
+        st.following = m.following;
+        st.term = m.term;
+        st.pending_restart = p.map(|p| p.pending_restart.clone()).unwrap_or_default();
+        st.replication = p.map(|p| p.replication.clone()).unwrap_or_default();
+        st.dcs_ok = snap.is_some();
+        st.paused = d.pause;
+        st.last_loop_ms = unix_ms();
+        st.last_decision = decision.reason.clone();
+        st.holds_lease = self.lease.as_ref().is_some_and(|l| l.deadline_ms > now);
+        st.lease_left_ms = self.lease.as_ref().map(|l| l.deadline_ms.saturating_sub(now));
+        if let Some(s) = snap {
+            st.leader = s.leader_name().map(String::from);
+            let last = s.status.as_ref().map(|x| x.last_lsn);
+            st.lag_bytes = match (m.role, last, st.replayed_lsn.or(st.lsn)) {
+                (Role::Replica, Some(last), Some(mine)) => Some(last.saturating_sub(mine)),
+                (Role::Primary, _, _) => Some(0),
+                _ => None,
+            };
+        }
+    }
+
+    async fn execute(
+        &mut self,
+        decision: &Decision,
+        snap: &ClusterSnapshot,
+        pg: &PgObservation,
+        d: &DynamicConfig,
+    ) -> anyhow::Result<bool> {
+        match &decision.action {
+            Action::Idle | Action::ProbePeers => Ok(false),
+            Action::Bootstrap => self.bootstrap(snap, d).await.map(|_| true),
+            Action::Clone { leader } => self.clone_from(leader, snap).await.map(|_| true),
+            Action::Reclone { leader } => {
+                let old = self.inst.move_aside()?;
+                tracing::warn!("moved the diverged data directory aside to {}", old.display());
+                self.clone_from(leader, snap).await.map(|_| true)
+            }
+            Action::StartReplica { leader } => self.start_replica(leader.as_deref(), snap).await.map(|_| false),
+            Action::Follow { leader } => self.follow(leader, snap).await.map(|_| false),
+            Action::Renew => self.renew(snap, pg, d).await.map(|_| false),
+            Action::RestartPrimary => {
+                self.restart_primary(d)?;
+                self.renew(snap, pg, d).await.map(|_| false)
+            }
+            Action::Promote { reason, acquire } => self.promote(snap, *reason, *acquire, d).await.map(|_| true),
+            Action::Demote => {
+                self.demote().await;
+                Ok(true)
+            }
+            Action::StepDown => self.step_down(d).await.map(|_| true),
+            Action::Release => self.release().await.map(|_| true),
+        }
+    }
+
+    fn replication_password(&self, snap: &ClusterSnapshot) -> Option<String> {
+        self.shared
+            .config
+            .postgres
+            .replication
+            .password
+            .clone()
+            .or_else(|| snap.initialize.as_ref().and_then(|i| i.value.replication_password.clone()))
+    }
+
+    fn managed_conf(
+        &self,
+        upstream: Option<(&MemberValue, String)>,
+        term: u64,
+        d: &DynamicConfig,
+    ) -> anyhow::Result<ManagedConf> {
+        let cfg = &self.shared.config;
+        let (host, port) = split_host_port(&cfg.postgres.listen)?;
+        let mut parameters = std::collections::BTreeMap::new();
+        // Re-point quickly after a failover: the default waits 5 s between WAL source retries.
+        parameters.insert("wal_retrieve_retry_interval".to_string(), "500ms".to_string());
+        for (k, v) in d.postgresql.parameters.iter().chain(cfg.postgres.parameters.iter()) {
+            parameters.insert(k.clone(), v.to_string());
+        }
+        let (primary_conninfo, primary_slot_name) = match upstream {
+            Some((m, password)) => {
+                let (h, p) = split_host_port(&m.pg_address)?;
+                let src = SourceConn {
+                    host: h,
+                    port: p,
+                    user: cfg.postgres.replication.username.clone(),
+                    password: Some(password),
+                };
+                (Some(src.conninfo(&cfg.name)), Some(pgkeel_pg::probe::slot_name_for(&cfg.name)))
+            }
+            None => (None, None),
+        };
+        Ok(ManagedConf {
+            listen_host: host,
+            port,
+            socket_dir: self.inst.socket_dir.clone(),
+            cluster_name: cfg.cluster.clone(),
+            term,
+            primary_conninfo,
+            primary_slot_name,
+            parameters,
+        })
+    }
+
+    fn upstream<'a>(
+        &self,
+        leader: Option<&str>,
+        snap: &'a ClusterSnapshot,
+    ) -> anyhow::Result<Option<(&'a MemberValue, String)>> {
+        let Some(leader) = leader else { return Ok(None) };
+        let Some(m) = snap.member(leader) else { return Ok(None) };
+        let pw = self.replication_password(snap).context(
+            "no replication password: set postgres.replication.password in node.toml (the bootstrap member did not publish one)",
+        )?;
+        Ok(Some((m, pw)))
+    }
+
+    fn write_conf(&mut self, conf: &ManagedConf) -> anyhow::Result<bool> {
+        let changed = self.inst.write_conf(conf)?;
+        self.inst.write_hba(&self.shared.config.postgres.replication.username)?;
+        self.conf_term = conf.term;
+        Ok(changed)
+    }
+
+    async fn bootstrap(&mut self, snap: &ClusterSnapshot, d: &DynamicConfig) -> anyhow::Result<()> {
+        let cfg = self.shared.config.clone();
+        let mut init = match &snap.initialize {
+            Some(i) if i.value.bootstrapper == cfg.name => i.value.clone(),
+            Some(i) => bail!("{} is bootstrapping the cluster", i.value.bootstrapper),
+            None => {
+                let v = InitializeValue {
+                    bootstrapper: cfg.name.clone(),
+                    sysid: None,
+                    replication_password: if cfg.postgres.replication.password.is_some() {
+                        None
+                    } else {
+                        Some(random_password())
+                    },
+                };
+                if !self.shared.store.claim_initialize(&v).await? {
+                    return Ok(()); // someone else won; the next loop waits for them
+                }
+                v
+            }
+        };
+        let repl_pw = cfg
+            .postgres
+            .replication
+            .password
+            .clone()
+            .or(init.replication_password.clone())
+            .context("no replication password")?;
+        if !self.inst.is_initialized() {
+            tracing::info!("initializing a new cluster in {}", cfg.data_dir.display());
+            let su_pw = cfg.postgres.superuser.password.clone().unwrap_or_else(random_password);
+            self.inst.initdb(&su_pw).await.context("initdb")?;
+        }
+        let conf = self.managed_conf(None, 1, d)?;
+        self.write_conf(&conf)?;
+        self.inst.set_standby(false)?;
+        if self.inst.postmaster_pid().is_none() {
+            self.inst.start(LONG_OP).await.context("start the new primary")?;
+        }
+        self.expect_running = true;
+        let client = self.inst.connect(LONG_OP).await?;
+        pgkeel_pg::probe::ensure_replication_user(&client, &cfg.postgres.replication.username, &repl_pw).await?;
+        if let Some(pw) = &cfg.postgres.superuser.password {
+            pgkeel_pg::probe::set_superuser_password(&client, &cfg.postgres.superuser.username, pw).await?;
+        }
+        let control = self.inst.controldata().await?;
+        init.sysid = Some(control.system_identifier.clone());
+        if snap.config.is_none() {
+            self.shared.store.write_config(&cfg.bootstrap.to_json(), None).await?;
+        }
+        let ttl = d.ttl;
+        let t0 = self.now_ms();
+        let (value, revision) = self
+            .shared
+            .store
+            .acquire_leader(&cfg.name, ttl)
+            .await?
+            .context("another member took the leader key during bootstrap")?;
+        self.lease = Some(Lease { value: value.clone(), revision, deadline_ms: t0 + ms(ttl) });
+        if value.term != 1 {
+            let conf = self.managed_conf(None, value.term, d)?;
+            self.write_conf(&conf)?;
+            self.inst.reload().await?;
+        }
+        let probe = pgkeel_pg::probe::probe(&client).await?;
+        let lsn = probe.current_lsn.unwrap_or(0);
+        self.shared
+            .store
+            .append_history(&HistoryEntry {
+                term: value.term,
+                timeline: probe.timeline,
+                time_ms: unix_ms(),
+                reason: "bootstrap".into(),
+                old_primary: None,
+                new_primary: cfg.name.clone(),
+                old_primary_lsn: None,
+                lsn,
+                timeline_history: None,
+            })
+            .await?;
+        self.shared
+            .store
+            .set_status(&StatusValue {
+                last_lsn: lsn,
+                term: value.term,
+                timeline: probe.timeline,
+                updated_ms: unix_ms(),
+            })
+            .await?;
+        self.shared.store.set_initialize(&init).await?;
+        tracing::info!(sysid = %control.system_identifier, term = value.term, "cluster bootstrapped; this member is the primary");
+        Ok(())
+    }
+
+    async fn clone_from(&mut self, leader: &str, snap: &ClusterSnapshot) -> anyhow::Result<()> {
+        let (m, pw) =
+            self.upstream(Some(leader), snap)?.with_context(|| format!("leader {leader} has no member record"))?;
+        let (host, port) = split_host_port(&m.pg_address)?;
+        let src = SourceConn {
+            host,
+            port,
+            user: self.shared.config.postgres.replication.username.clone(),
+            password: Some(pw),
+        };
+        tracing::info!("cloning from {leader} ({})", m.pg_address);
+        self.inst.basebackup(&src, None, LONG_OP).await.context("clone the leader's data directory")?;
+        self.start_replica(Some(leader), snap).await
+    }
+
+    async fn start_replica(&mut self, leader: Option<&str>, snap: &ClusterSnapshot) -> anyhow::Result<()> {
+        let d = self.shared.dynamic();
+        let upstream = self.upstream(leader, snap)?;
+        let term = snap.leader.as_ref().map_or(self.conf_term, |l| l.value.term);
+        let following = upstream.as_ref().map(|(m, _)| m.name.clone());
+        let conf = self.managed_conf(upstream, term, &d)?;
+        self.write_conf(&conf)?;
+        self.inst.set_standby(true)?;
+        self.down_since_ms = None;
+        self.expect_running = true;
+        self.following = following;
+        self.inst.start(Duration::from_secs(60)).await.context("start postgres as a replica")?;
+        Ok(())
+    }
+
+    async fn follow(&mut self, leader: &str, snap: &ClusterSnapshot) -> anyhow::Result<()> {
+        let d = self.shared.dynamic();
+        let upstream =
+            self.upstream(Some(leader), snap)?.with_context(|| format!("leader {leader} has no member record yet"))?;
+        let term = snap.leader.as_ref().map_or(0, |l| l.value.term);
+        let conf = self.managed_conf(Some(upstream), term, &d)?;
+        self.write_conf(&conf)?;
+        // primary_conninfo is reloadable since PostgreSQL 13: the WAL receiver restarts on the
+        // new upstream without restarting postgres.
+        self.inst.reload().await?;
+        self.following = Some(leader.to_string());
+        Ok(())
+    }
+
+    async fn renew(&mut self, snap: &ClusterSnapshot, pg: &PgObservation, d: &DynamicConfig) -> anyhow::Result<()> {
+        let Some(lease) = self.lease.clone() else { bail!("no lease to renew") };
+        let t0 = self.now_ms();
+        let r =
+            tokio::time::timeout(d.retry_timeout, self.shared.store.renew_leader(&lease.value, lease.revision, d.ttl))
+                .await;
+        match r {
+            Ok(Ok(Some(rev))) => {
+                self.lease = Some(Lease { revision: rev, deadline_ms: t0 + ms(d.ttl), ..lease.clone() });
+            }
+            Ok(Ok(None)) => {
+                tracing::warn!("lost the leader key (it expired or was taken)");
+                self.lease = None;
+                return Ok(());
+            }
+            Ok(Err(e)) => bail!("renew the leader lease: {e}"),
+            Err(_) => bail!("renew the leader lease: no answer within retry_timeout"),
+        }
+        let Some(p) = &pg.probe else { return Ok(()) };
+        if p.in_recovery {
+            return Ok(());
+        }
+        if self.conf_term != lease.value.term {
+            let conf = self.managed_conf(None, lease.value.term, d)?;
+            self.write_conf(&conf)?;
+            self.inst.reload().await?;
+        }
+        let status = StatusValue {
+            last_lsn: p.current_lsn.unwrap_or(0),
+            term: lease.value.term,
+            timeline: p.timeline,
+            updated_ms: unix_ms(),
+        };
+        self.shared.store.set_status(&status).await?;
+        self.ensure_slots(snap).await
+    }
+
+    async fn ensure_slots(&self, snap: &ClusterSnapshot) -> anyhow::Result<()> {
+        let wanted: Vec<String> = snap
+            .members
+            .iter()
+            .filter(|m| m.value.name != self.me())
+            .map(|m| pgkeel_pg::probe::slot_name_for(&m.value.name))
+            .collect();
+        if let Some(c) = &self.client {
+            pgkeel_pg::probe::ensure_slots(c, &wanted).await?;
+        }
+        Ok(())
+    }
+
+    fn restart_primary(&mut self, d: &DynamicConfig) -> anyhow::Result<()> {
+        if self.starting.is_some() {
+            return Ok(());
+        }
+        let term = self.lease.as_ref().map_or(self.conf_term, |l| l.value.term);
+        let conf = self.managed_conf(None, term, d)?;
+        self.write_conf(&conf)?;
+        self.inst.set_standby(false)?;
+        let inst = self.inst.clone();
+        let timeout = d.primary_start_timeout.max(Duration::from_secs(1));
+        tracing::warn!("restarting crashed postgres in place (primary_start_timeout {:?})", d.primary_start_timeout);
+        self.starting = Some((self.now_ms(), tokio::spawn(async move { inst.start(timeout).await })));
+        Ok(())
+    }
+
+    async fn wait_caught_up(&mut self, target: u64, bound: Duration) {
+        let deadline = Instant::now() + bound;
+        while Instant::now() < deadline {
+            if let Ok(p) = self.probe().await {
+                if p.received_lsn.unwrap_or(0).max(p.replayed_lsn.unwrap_or(0)) > target {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(
+            "did not receive the old primary's final WAL ({}) in time; promoting anyway",
+            pgkeel_pg::lsn::format_lsn(target)
+        );
+    }
+
+    async fn promote(
+        &mut self,
+        snap: &ClusterSnapshot,
+        reason: PromoteReason,
+        acquire: bool,
+        d: &DynamicConfig,
+    ) -> anyhow::Result<()> {
+        if acquire {
+            if reason == PromoteReason::Switchover {
+                if let Some(s) = &snap.status {
+                    self.wait_caught_up(s.last_lsn, d.ttl).await;
+                }
+            }
+            let t0 = self.now_ms();
+            match self.shared.store.acquire_leader(self.me(), d.ttl).await? {
+                Some((value, revision)) => {
+                    tracing::info!(term = value.term, "took the leader key");
+                    self.lease = Some(Lease { value, revision, deadline_ms: t0 + ms(d.ttl) });
+                }
+                None => {
+                    tracing::info!("another member took the leader key first");
+                    return Ok(());
+                }
+            }
+        }
+        let lease = self.lease.clone().context("promotion without a lease")?;
+        // The term is in place before postgres accepts its first write.
+        let conf = self.managed_conf(None, lease.value.term, d)?;
+        self.write_conf(&conf)?;
+        self.inst.reload().await?;
+        self.inst.promote(Duration::from_secs(60)).await.context("promote postgres")?;
+        self.following = None;
+        self.expect_running = true;
+        self.shared.counters.promotions.fetch_add(1, Ordering::Relaxed);
+        let p = self.probe().await?;
+        let lsn = p.current_lsn.unwrap_or(0);
+        tracing::warn!(term = lease.value.term, timeline = p.timeline, "promoted: this member is the primary");
+        let entry = HistoryEntry {
+            term: lease.value.term,
+            timeline: p.timeline,
+            time_ms: unix_ms(),
+            reason: if reason == PromoteReason::Switchover
+                && snap.failover.as_ref().is_some_and(|f| f.value.kind == "failover")
+            {
+                "manual failover".into()
+            } else {
+                reason.as_str().into()
+            },
+            old_primary: snap.history.last().map(|h| h.new_primary.clone()),
+            new_primary: self.me().to_string(),
+            old_primary_lsn: snap.status.as_ref().map(|s| s.last_lsn),
+            lsn,
+            timeline_history: self.inst.read_timeline_history(p.timeline),
+        };
+        self.shared.store.append_history(&entry).await?;
+        self.shared
+            .store
+            .set_status(&StatusValue {
+                last_lsn: lsn,
+                term: lease.value.term,
+                timeline: p.timeline,
+                updated_ms: unix_ms(),
+            })
+            .await?;
+        if snap.failover.is_some() {
+            self.shared.store.clear_failover().await?;
+        }
+        self.ensure_slots(snap).await?;
+        let pg = PgObservation {
+            state: PgState::Running { role: PgRole::Primary, lsn, following: None },
+            probe: Some(p),
+            control: None,
+        };
+        self.publish_member(&pg, snap).await;
+        Ok(())
+    }
+
+    async fn demote(&mut self) {
+        self.shared.counters.demotions.fetch_add(1, Ordering::Relaxed);
+        self.lease = None;
+        self.client = None;
+        self.expect_running = false;
+        self.down_since_ms = None;
+        if let Err(e) = self.inst.stop(StopMode::Immediate, Duration::from_secs(30)).await {
+            tracing::error!("failed to stop postgres for demotion: {e}");
+        }
+    }
+
+    async fn step_down(&mut self, d: &DynamicConfig) -> anyhow::Result<()> {
+        let lease = self.lease.clone().context("step down without a lease")?;
+        if let Some(c) = &self.client {
+            let _ = tokio::time::timeout(d.retry_timeout, c.batch_execute("CHECKPOINT")).await;
+        }
+        self.client = None;
+        self.expect_running = false;
+        // A clean (fast) shutdown streams the shutdown checkpoint to the replicas, so the
+        // candidate has every commit and this node can follow it without a fresh clone.
+        self.inst.stop(StopMode::Fast, Duration::from_secs(60)).await.context("stop postgres for switchover")?;
+        let control = self.inst.controldata().await?;
+        self.shared
+            .store
+            .set_status(&StatusValue {
+                last_lsn: control.checkpoint_lsn,
+                term: lease.value.term,
+                timeline: control.timeline,
+                updated_ms: unix_ms(),
+            })
+            .await?;
+        self.shared.store.release_leader(lease.revision).await?;
+        self.lease = None;
+        self.shared.counters.demotions.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("stepped down for a switchover at {}", pgkeel_pg::lsn::format_lsn(control.checkpoint_lsn));
+        let snap = self.shared.store.load().await?;
+        self.start_replica(None, &snap).await
+    }
+
+    async fn release(&mut self) -> anyhow::Result<()> {
+        if let Some((_, h)) = self.starting.take() {
+            h.abort();
+        }
+        self.demote().await;
+        if let Some(l) = self.lease.take() {
+            self.shared.store.release_leader(l.revision).await?;
+        } else if let Ok(snap) = self.shared.store.load().await {
+            if let Some(l) = snap.leader.filter(|l| l.value.holder == self.me()) {
+                self.shared.store.release_leader(l.revision).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop_for_shutdown(&mut self) {
+        tracing::info!("shutting down: stopping postgres");
+        if let Some((_, h)) = self.starting.take() {
+            h.abort();
+        }
+        self.client = None;
+        if let Err(e) = self.inst.stop(StopMode::Fast, Duration::from_secs(60)).await {
+            tracing::error!("failed to stop postgres cleanly: {e}; stopping it immediately");
+            let _ = self.inst.stop(StopMode::Immediate, Duration::from_secs(30)).await;
+        }
+        // Release only after postgres is down, so no write is accepted without the key.
+        if let Some(l) = self.lease.take() {
+            match self.shared.store.release_leader(l.revision).await {
+                Ok(_) => tracing::info!("released the leader key"),
+                Err(e) => tracing::warn!("failed to release the leader key (it expires by itself): {e}"),
+            }
+        }
+        let _ = self.shared.store.delete_member(self.me()).await;
+    }
+}
+
+fn action_verb(a: &Action) -> &'static str {
+    match a {
+        Action::Idle | Action::ProbePeers => "wait",
+        Action::Bootstrap => "bootstrap the cluster",
+        Action::Clone { .. } => "clone from the leader",
+        Action::Reclone { .. } => "re-clone from the leader",
+        Action::StartReplica { .. } => "start as a replica",
+        Action::Follow { .. } => "follow the new leader",
+        Action::Renew => "renew the leader lease",
+        Action::RestartPrimary => "restart postgres in place",
+        Action::Promote { .. } => "promote",
+        Action::Demote => "demote",
+        Action::StepDown => "step down for a switchover",
+        Action::Release => "release the leader key",
+    }
+}
+
+fn role_state(pg: &PgState) -> (Role, &'static str) {
+    match pg {
+        PgState::NoData => (Role::Uninitialized, "uninitialized"),
+        PgState::Stopped { down_since_ms: Some(_), .. } => (Role::Stopped, "crashed"),
+        PgState::Stopped { .. } => (Role::Stopped, "stopped"),
+        PgState::Starting { .. } => (Role::Stopped, "starting"),
+        PgState::Running { role: PgRole::Primary, .. } => (Role::Primary, "running"),
+        PgState::Running { role: PgRole::Replica, .. } => (Role::Replica, "running"),
+    }
+}
+
+/// Whether a stopped data directory can follow the current leader's timeline as it is.
+fn diverged(c: &ControlData, snap: &ClusterSnapshot) -> bool {
+    let Some(last) = snap.history.last() else { return false };
+    if last.timeline == c.timeline {
+        return false;
+    }
+    match c.state.as_str() {
+        // A replica's WAL is a prefix of its upstream's; recovery_target_timeline=latest
+        // follows the switch.
+        "in archive recovery" | "shut down in recovery" => false,
+        // A cleanly stopped primary can follow if the new timeline forked after its shutdown
+        // checkpoint (it was streamed before the switch).
+        "shut down" => match &last.timeline_history {
+            Some(text) => !pgkeel_pg::timeline::can_follow(
+                &pgkeel_pg::timeline::parse_history(text),
+                c.timeline,
+                c.checkpoint_lsn + 1,
+            ),
+            None => true,
+        },
+        // Crashed while primary: its WAL end is unknown and may hold unreplicated writes.
+        _ => true,
+    }
+}
+
+fn cluster_view(s: &ClusterSnapshot) -> ClusterView {
+    use pgkeel_ha::{FailoverRequest, Init, LeaderKey, Member};
+    ClusterView {
+        leader: s.leader.as_ref().map(|l| LeaderKey { holder: l.value.holder.clone(), term: l.value.term }),
+        members: s
+            .members
+            .iter()
+            .map(|m| Member {
+                name: m.value.name.clone(),
+                running_primary: m.value.role == Role::Primary && m.value.state == "running",
+                running_replica: m.value.role == Role::Replica && m.value.state == "running",
+            })
+            .collect(),
+        init: match &s.initialize {
+            None => Init::None,
+            Some(i) => match &i.value.sysid {
+                Some(sysid) => Init::Done { sysid: sysid.clone() },
+                None => Init::InProgress { by: i.value.bootstrapper.clone() },
+            },
+        },
+        failover: s
+            .failover
+            .as_ref()
+            .map(|f| FailoverRequest { leader: f.value.leader.clone(), candidate: f.value.candidate.clone() }),
+        last_leader_lsn: s.status.as_ref().map(|x| x.last_lsn),
+    }
+}

@@ -1,0 +1,631 @@
+//! The REST API, Patroni-compatible where Patroni has the endpoint, so existing HAProxy
+//! checks work unchanged.
+//!
+//! - Health (GET/HEAD/OPTIONS, 200 or 503, no auth): `/`, `/primary`, `/read-write`, `/replica`
+//!   (`?lag=`, `?replication_state=streaming`), `/read-only`, `/sync`, `/async`, `/health`,
+//!   `/liveness`, `/readiness`.
+//! - State (GET, JSON): `/node` (also `/patroni`), `/cluster`, `/history`, `/config`; `/metrics`
+//!   (Prometheus text).
+//! - Actions (Basic auth): `POST /switchover`, `POST /failover`, `PATCH /config`.
+//!
+//! Handlers read the loop's published [`NodeStatus`]; `/cluster`, `/history` and `/config` read
+//! the DCS fresh. Actions write the DCS and wake the loop; they never touch postgres directly.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use pgkeel_config::DynamicConfig;
+use pgkeel_dcs::cluster::{ClusterSnapshot, FailoverValue, Role};
+use pgkeel_pg::lsn::format_lsn;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::{unix_ms, NodeStatus, Shared};
+
+type Resp = Response<Full<Bytes>>;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("REST accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(shared, req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
+            {
+                tracing::debug!("REST connection ended: {e}");
+            }
+        });
+    }
+}
+
+fn respond(status: StatusCode, body: Value) -> Resp {
+    let mut text = serde_json::to_vec_pretty(&body).expect("JSON values serialize");
+    text.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(text)))
+        .expect("static response parts are valid")
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Resp {
+    respond(status, json!({ "error": msg.into() }))
+}
+
+fn query_params(q: Option<&str>) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v).ok_or_else(|| format!("query parameter {k:?} is not valid percent-encoding"))?;
+        out.insert(k.to_string(), v);
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
+    let method = req.method().clone();
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let path = if path.is_empty() { "/".to_string() } else { path };
+    let params = match query_params(req.uri().query()) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let is_health = matches!(
+        path.as_str(),
+        "/" | "/primary"
+            | "/master"
+            | "/leader"
+            | "/read-write"
+            | "/replica"
+            | "/read-only"
+            | "/sync"
+            | "/synchronous"
+            | "/async"
+            | "/asynchronous"
+            | "/health"
+            | "/liveness"
+            | "/readiness"
+    );
+    if is_health {
+        if !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS) {
+            return error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers GET, HEAD and OPTIONS"));
+        }
+        let mut resp = match health(&shared, &path, &params) {
+            Ok(r) => r,
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+        };
+        if method != Method::GET {
+            *resp.body_mut() = Full::new(Bytes::new());
+        }
+        return resp;
+    }
+    match (method, path.as_str()) {
+        (Method::GET, "/node" | "/patroni") => respond(StatusCode::OK, node_json(&shared.status())),
+        (Method::GET, "/cluster") => cluster(&shared).await,
+        (Method::GET, "/history") => history(&shared).await,
+        (Method::GET, "/config") => get_config(&shared).await,
+        (Method::GET, "/metrics") => metrics(&shared).await,
+        (Method::POST, "/switchover") => action(&shared, req, Kind::Switchover).await,
+        (Method::POST, "/failover") => action(&shared, req, Kind::Failover).await,
+        (Method::PATCH, "/config") => patch_config(&shared, req).await,
+        (_, "/node" | "/patroni" | "/cluster" | "/history" | "/metrics") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers GET"))
+        }
+        (_, "/switchover" | "/failover") => error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers POST")),
+        (_, "/config") => error(StatusCode::METHOD_NOT_ALLOWED, "/config answers GET and PATCH"),
+        _ => error(StatusCode::NOT_FOUND, format!("no endpoint {path}; see docs/rest-api.md")),
+    }
+}
+
+fn node_json(st: &NodeStatus) -> Value {
+    let mut v = serde_json::to_value(st).expect("status serializes");
+    for k in ["lsn", "received_lsn", "replayed_lsn"] {
+        if let Some(n) = v[k].as_u64() {
+            v[format!("{k}_text")] = json!(format_lsn(n));
+        }
+    }
+    v
+}
+
+fn health(shared: &Shared, path: &str, params: &HashMap<String, String>) -> Result<Resp, String> {
+    let st = shared.status();
+    let d = shared.dynamic();
+    let running = st.state == "running";
+    let is_primary = running && st.role == Role::Primary && st.holds_lease;
+    let lag_limit = match params.get("lag") {
+        Some(v) => Some(pgkeel_config::parse_bytes(v).map_err(|e| format!("bad lag parameter: {e}"))?),
+        None => None,
+    };
+    let want_streaming = match params.get("replication_state").map(String::as_str) {
+        None => false,
+        Some("streaming") => true,
+        Some(other) => return Err(format!("bad replication_state {other:?}: only \"streaming\" is supported")),
+    };
+    let replica_ok = |limit: Option<u64>| {
+        running
+            && st.role == Role::Replica
+            && (!want_streaming || st.streaming)
+            && limit.is_none_or(|l| st.lag_bytes.is_some_and(|lag| lag <= l))
+    };
+    let ok = match path {
+        "/" | "/primary" | "/master" | "/leader" | "/read-write" => is_primary,
+        "/replica" | "/async" | "/asynchronous" => replica_ok(lag_limit),
+        "/sync" | "/synchronous" => false, // synchronous replication arrives with the production release
+        "/read-only" => is_primary || replica_ok(lag_limit),
+        "/health" => running,
+        "/liveness" => {
+            let limit = if st.role == Role::Primary { d.ttl } else { d.ttl * 2 };
+            d.pause || unix_ms().saturating_sub(st.last_loop_ms) <= limit.as_millis() as u64
+        }
+        "/readiness" => is_primary || replica_ok(Some(lag_limit.unwrap_or(d.maximum_lag_on_failover))),
+        _ => false,
+    };
+    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    Ok(respond(code, node_json(&st)))
+}
+
+async fn load(shared: &Shared) -> Result<ClusterSnapshot, Resp> {
+    let timeout = shared.dynamic().retry_timeout;
+    match tokio::time::timeout(timeout, shared.store.load()).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("cannot read the DCS: {e}"))),
+        Err(_) => Err(error(StatusCode::SERVICE_UNAVAILABLE, "the DCS did not answer within retry_timeout")),
+    }
+}
+
+fn cluster_json(shared: &Shared, s: &ClusterSnapshot) -> Value {
+    let last = s.status.as_ref().map(|x| x.last_lsn);
+    let paused = s.config.as_ref().and_then(|c| c.value["pause"].as_bool()).unwrap_or(false);
+    let members: Vec<Value> = s
+        .members
+        .iter()
+        .map(|m| {
+            let m = &m.value;
+            let leader = s.leader_name() == Some(m.name.as_str());
+            let lag = match (m.role, last, m.replayed_lsn.or(m.lsn)) {
+                (Role::Replica, Some(last), Some(mine)) => json!(last.saturating_sub(mine)),
+                _ => Value::Null,
+            };
+            json!({
+                "name": m.name,
+                "role": if leader && m.role == Role::Primary { "leader" } else { m.role.as_str() },
+                "state": if m.role == Role::Replica && m.streaming { "streaming" } else { m.state.as_str() },
+                "host": m.pg_address,
+                "api_url": m.api_url,
+                "timeline": m.timeline,
+                "lsn": m.lsn.map(format_lsn),
+                "lag": lag,
+                "term": m.term,
+                "following": m.following,
+                "tags": m.tags,
+                "pending_restart": m.pending_restart,
+            })
+        })
+        .collect();
+    json!({
+        "cluster": shared.config.cluster,
+        "leader": s.leader_name(),
+        "term": s.leader.as_ref().map(|l| l.value.term),
+        "paused": paused,
+        "members": members,
+        "failover": s.failover.as_ref().map(|f| &f.value),
+        "last_leader_lsn": last.map(format_lsn),
+    })
+}
+
+async fn cluster(shared: &Shared) -> Resp {
+    match load(shared).await {
+        Ok(s) => respond(StatusCode::OK, cluster_json(shared, &s)),
+        Err(r) => r,
+    }
+}
+
+async fn history(shared: &Shared) -> Resp {
+    match load(shared).await {
+        Ok(s) => {
+            let rows: Vec<Value> = s
+                .history
+                .iter()
+                .map(|h| {
+                    json!({
+                        "term": h.term, "timeline": h.timeline, "time_ms": h.time_ms, "reason": h.reason,
+                        "old_primary": h.old_primary, "new_primary": h.new_primary,
+                        "old_primary_lsn": h.old_primary_lsn.map(format_lsn), "lsn": format_lsn(h.lsn),
+                        "lost_bytes": h.old_primary_lsn.map(|o| o.saturating_sub(h.lsn)),
+                    })
+                })
+                .collect();
+            respond(StatusCode::OK, Value::Array(rows))
+        }
+        Err(r) => r,
+    }
+}
+
+async fn get_config(shared: &Shared) -> Resp {
+    match load(shared).await {
+        Ok(s) => match s.config {
+            Some(c) => respond(StatusCode::OK, json!({ "version": c.revision, "config": c.value })),
+            None => {
+                error(StatusCode::BAD_GATEWAY, "no cluster config in the DCS yet (the cluster is not bootstrapped)")
+            }
+        },
+        Err(r) => r,
+    }
+}
+
+fn check_auth(shared: &Shared, req: &Request<Incoming>) -> Result<(), Resp> {
+    let rest = &shared.config.rest;
+    let Some(want) = &rest.password else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "actions are disabled: set rest.password in this node's node.toml",
+        ));
+    };
+    let got = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Basic "))
+        .and_then(|t| base64::engine::general_purpose::STANDARD.decode(t.trim()).ok())
+        .and_then(|b| String::from_utf8(b).ok());
+    match got {
+        Some(pair) if pair == format!("{}:{}", rest.username, want) => Ok(()),
+        Some(_) => Err(error(StatusCode::UNAUTHORIZED, "wrong user name or password")),
+        None => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "this action needs HTTP Basic authentication (rest.username / rest.password)",
+        )),
+    }
+}
+
+async fn read_json(req: Request<Incoming>) -> Result<Value, Resp> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body (at most {MAX_BODY} bytes): {e}"),
+            ))
+        }
+    };
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("request body is not valid JSON: {e}")))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Switchover,
+    Failover,
+}
+
+fn string_field(body: &Value, key: &str) -> Result<Option<String>, Resp> {
+    match &body[key] {
+        Value::Null => Ok(None),
+        Value::String(s) if s.is_empty() => Ok(None),
+        Value::String(s) => Ok(Some(s.clone())),
+        other => Err(error(StatusCode::BAD_REQUEST, format!("{key:?} must be a member name (string), got {other}"))),
+    }
+}
+
+async fn action(shared: &Shared, req: Request<Incoming>, kind: Kind) -> Resp {
+    if let Err(r) = check_auth(shared, &req) {
+        return r;
+    }
+    let body = match read_json(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Some(obj) = body.as_object() else {
+        return error(StatusCode::BAD_REQUEST, "request body must be a JSON object");
+    };
+    if let Some(k) = obj.keys().find(|k| !matches!(k.as_str(), "leader" | "candidate" | "scheduled_at")) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown field {k:?}: expected \"leader\" and/or \"candidate\""),
+        );
+    }
+    if !body["scheduled_at"].is_null() {
+        return error(StatusCode::BAD_REQUEST, "scheduled switchovers are not supported yet: omit scheduled_at");
+    }
+    let (leader, candidate) = match (string_field(&body, "leader"), string_field(&body, "candidate")) {
+        (Ok(l), Ok(c)) => (l, c),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    if kind == Kind::Failover && candidate.is_none() {
+        return error(StatusCode::BAD_REQUEST, "failover requires \"candidate\"");
+    }
+    let snap = match load(shared).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let current = snap.leader_name().map(String::from);
+    if kind == Kind::Switchover {
+        let Some(cur) = &current else {
+            return error(StatusCode::PRECONDITION_FAILED, "no leader: use failover --to NODE instead of switchover");
+        };
+        if leader.as_ref().is_some_and(|l| l != cur) {
+            return error(StatusCode::PRECONDITION_FAILED, format!("leader name does not match: the leader is {cur}"));
+        }
+    }
+    if let Some(c) = &candidate {
+        if current.as_ref() == Some(c) {
+            return error(StatusCode::PRECONDITION_FAILED, format!("{c} is already the leader"));
+        }
+        match snap.member(c) {
+            None => {
+                return error(
+                    StatusCode::PRECONDITION_FAILED,
+                    format!("candidate {c} is not a live member of the cluster"),
+                )
+            }
+            Some(m) if !(m.role == Role::Replica && m.state == "running") => {
+                return error(
+                    StatusCode::PRECONDITION_FAILED,
+                    format!("candidate {c} is not a running replica (it is {} / {})", m.role.as_str(), m.state),
+                )
+            }
+            Some(_) => {}
+        }
+    } else if !snap
+        .members
+        .iter()
+        .any(|m| Some(&m.value.name) != current.as_ref() && m.value.role == Role::Replica && m.value.state == "running")
+    {
+        return error(StatusCode::PRECONDITION_FAILED, "no running replica to switch over to");
+    }
+    let d = shared.dynamic();
+    let request = FailoverValue {
+        kind: if kind == Kind::Switchover { "switchover" } else { "failover" }.into(),
+        leader: current.clone(),
+        candidate: candidate.clone(),
+        requested_at_ms: unix_ms(),
+    };
+    let wait = (d.ttl * 4).max(Duration::from_secs(30));
+    if let Err(e) = shared.store.set_failover(&request, wait).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, format!("cannot write the request to the DCS: {e}"));
+    }
+    shared.wake.notify_one();
+    tracing::info!(?candidate, "{} requested", request.kind);
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(s) = shared.store.load().await else { continue };
+        let Some(l) = &s.leader else { continue };
+        let done = l.value.holder != current.clone().unwrap_or_default()
+            && candidate.as_ref().is_none_or(|c| *c == l.value.holder)
+            && s.member(&l.value.holder).is_some_and(|m| m.role == Role::Primary && m.state == "running");
+        if done {
+            let verb = if kind == Kind::Switchover { "switched over" } else { "failed over" };
+            return respond(
+                StatusCode::OK,
+                json!({ "message": format!("Successfully {verb} to \"{}\"", l.value.holder), "leader": l.value.holder, "term": l.value.term }),
+            );
+        }
+    }
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{} did not complete within {wait:?}; see pgkeel list and the agents' logs", request.kind),
+    )
+}
+
+/// JSON merge patch (RFC 7386): `null` removes a key.
+fn merge(target: &mut Value, patch: &Value) {
+    if let (Some(t), Some(p)) = (target.as_object_mut(), patch.as_object()) {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else if v.is_object() && t.get(k).is_some_and(Value::is_object) {
+                merge(t.get_mut(k).expect("checked above"), v);
+            } else {
+                t.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+async fn patch_config(shared: &Shared, req: Request<Incoming>) -> Resp {
+    if let Err(r) = check_auth(shared, &req) {
+        return r;
+    }
+    let body = match read_json(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if !body.is_object() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "request body must be a JSON object (a merge patch of the cluster config)",
+        );
+    }
+    let snap = match load(shared).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let Some(cur) = snap.config else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no cluster config in the DCS yet (the cluster is not bootstrapped)",
+        );
+    };
+    let mut merged = cur.value.clone();
+    merge(&mut merged, &body);
+    let parsed = match DynamicConfig::from_json(&merged) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match shared.store.write_config(&parsed.to_json(), Some(cur.revision)).await {
+        Ok(Some(rev)) => {
+            shared.wake.notify_one();
+            respond(StatusCode::OK, json!({ "version": rev, "config": parsed.to_json() }))
+        }
+        Ok(None) => error(StatusCode::CONFLICT, "the config changed concurrently; read it again and retry"),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("cannot write the DCS: {e}")),
+    }
+}
+
+async fn metrics(shared: &Shared) -> Resp {
+    use std::fmt::Write;
+    let st = shared.status();
+    let snap = shared.store.load().await.ok();
+    let mut m = String::new();
+    let node = &st.name;
+    let cluster = &st.cluster;
+    let lbl = format!("cluster=\"{cluster}\",node=\"{node}\"");
+    let mut gauge = |name: &str, help: &str, value: String| {
+        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{lbl}}} {value}");
+    };
+    gauge("pgkeel_up", "1 when postgres runs.", u8::from(st.state == "running").to_string());
+    gauge(
+        "pgkeel_primary",
+        "1 when this node is the primary holding the lease.",
+        u8::from(st.role == Role::Primary && st.holds_lease).to_string(),
+    );
+    gauge(
+        "pgkeel_replica",
+        "1 when this node runs as a replica.",
+        u8::from(st.role == Role::Replica && st.state == "running").to_string(),
+    );
+    gauge("pgkeel_term", "Term this node runs under or follows.", st.term.to_string());
+    gauge("pgkeel_timeline", "Postgres timeline.", st.timeline.unwrap_or(0).to_string());
+    gauge(
+        "pgkeel_lsn_bytes",
+        "Current (primary) or received/replayed (replica) WAL position.",
+        st.lsn.unwrap_or(0).to_string(),
+    );
+    gauge(
+        "pgkeel_replica_lag_bytes",
+        "Bytes this replica is behind the leader's last reported position.",
+        st.lag_bytes.unwrap_or(0).to_string(),
+    );
+    gauge(
+        "pgkeel_lease_seconds_left",
+        "Seconds left on this node's leader lease (0 when not leader).",
+        format!("{:.3}", st.lease_left_ms.unwrap_or(0) as f64 / 1000.0),
+    );
+    gauge("pgkeel_paused", "1 when the cluster is paused.", u8::from(st.paused).to_string());
+    gauge("pgkeel_dcs_up", "1 when the last DCS read succeeded.", u8::from(st.dcs_ok).to_string());
+    gauge(
+        "pgkeel_dcs_latency_seconds",
+        "Duration of the last DCS read.",
+        format!("{:.6}", shared.counters.dcs_latency_us.load(Ordering::Relaxed) as f64 / 1e6),
+    );
+    gauge(
+        "pgkeel_pending_restart",
+        "1 when a parameter change waits for a restart.",
+        u8::from(!st.pending_restart.is_empty()).to_string(),
+    );
+    let last_loop_age = unix_ms().saturating_sub(st.last_loop_ms) as f64 / 1000.0;
+    gauge("pgkeel_loop_age_seconds", "Seconds since the HA loop last finished.", format!("{last_loop_age:.3}"));
+    let mut counter = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{lbl}}} {value}");
+    };
+    counter("pgkeel_loops_total", "HA loops run by this agent.", shared.counters.loops.load(Ordering::Relaxed));
+    counter(
+        "pgkeel_promotions_total",
+        "Promotions done by this agent.",
+        shared.counters.promotions.load(Ordering::Relaxed),
+    );
+    counter(
+        "pgkeel_demotions_total",
+        "Demotions done by this agent.",
+        shared.counters.demotions.load(Ordering::Relaxed),
+    );
+    counter("pgkeel_dcs_errors_total", "Failed DCS reads.", shared.counters.dcs_errors.load(Ordering::Relaxed));
+    if let Some(s) = &snap {
+        let failovers = s.history.iter().filter(|h| h.reason != "bootstrap").count();
+        let _ = writeln!(
+            m,
+            "# HELP pgkeel_cluster_failovers_total Promotions recorded in the cluster history (failovers and switchovers).\n# TYPE pgkeel_cluster_failovers_total counter\npgkeel_cluster_failovers_total{{cluster=\"{cluster}\"}} {failovers}"
+        );
+    }
+    if !st.replication.is_empty() {
+        let _ = writeln!(m, "# HELP pgkeel_replication_lag_bytes Bytes each connected replica has not replayed yet (primary's view).\n# TYPE pgkeel_replication_lag_bytes gauge");
+        let cur = st.lsn.unwrap_or(0);
+        for r in &st.replication {
+            let lag = cur.saturating_sub(r.replay_lsn.unwrap_or(0));
+            let _ = writeln!(
+                m,
+                "pgkeel_replication_lag_bytes{{{lbl},replica=\"{}\",state=\"{}\"}} {lag}",
+                r.application_name, r.state
+            );
+        }
+    }
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/plain; version=0.0.4")
+        .body(Full::new(Bytes::from(m)))
+        .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_patch() {
+        let mut v = json!({"ttl": 4, "pause": false, "postgresql": {"parameters": {"a": "1", "b": "2"}}});
+        merge(&mut v, &json!({"pause": true, "postgresql": {"parameters": {"a": null, "c": "3"}}}));
+        assert_eq!(v, json!({"ttl": 4, "pause": true, "postgresql": {"parameters": {"b": "2", "c": "3"}}}));
+    }
+
+    #[test]
+    fn query_decoding() {
+        let p = query_params(Some("lag=10MB&replication_state=streaming&x=a%20b")).unwrap();
+        assert_eq!(p["lag"], "10MB");
+        assert_eq!(p["x"], "a b");
+        assert!(query_params(Some("lag=%zz")).is_err());
+    }
+}

@@ -1,0 +1,269 @@
+//! Operator commands over the REST API: `list`, `switchover`, `failover`, `history`, `pause`,
+//! `resume`. A cluster is addressed with `--api URL`, `--config node.toml` or `--dir DIR`.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use pgkeel_agent::http::{request, Auth, Response};
+use serde_json::{json, Value};
+
+use crate::{Command, Target};
+
+/// Where to send requests and with which credentials.
+struct Api {
+    urls: Vec<String>,
+    auth: Option<Auth>,
+}
+
+fn resolve(t: &Target) -> anyhow::Result<Api> {
+    let (urls, user, password) = if let Some(api) = &t.api {
+        let urls: Vec<String> =
+            api.split(',').map(|u| u.trim().trim_end_matches('/').to_string()).filter(|u| !u.is_empty()).collect();
+        (urls, None, None)
+    } else if let Some(path) = &t.config {
+        let c = pgkeel_config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        (vec![c.rest_url()], Some(c.rest.username), c.rest.password)
+    } else if let Some(dir) = &t.dir {
+        let up = crate::up::UpInfo::read(dir)?;
+        (up.nodes.iter().map(|n| n.api_url.clone()).collect(), Some(up.api.username), Some(up.api.password))
+    } else {
+        bail!("say which cluster: --api URL, --config node.toml or --dir DIR (of a pgkeel up cluster)");
+    };
+    if urls.is_empty() {
+        bail!("no REST API URL given");
+    }
+    let user = t.user.clone().or(user).unwrap_or_else(|| "pgkeel".into());
+    let auth = t.password.clone().or(password).map(|password| Auth { username: user, password });
+    Ok(Api { urls, auth })
+}
+
+impl Api {
+    /// Send to the first member that answers.
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> anyhow::Result<Response> {
+        let mut errors = Vec::new();
+        for base in &self.urls {
+            match request(method, &format!("{base}{path}"), body, self.auth.as_ref(), timeout).await {
+                Ok(r) => return Ok(r),
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        bail!("no member answered:\n  {}", errors.join("\n  "))
+    }
+}
+
+fn fail(r: &Response) -> anyhow::Error {
+    let msg = r.json().ok().and_then(|v| v["error"].as_str().map(String::from)).unwrap_or_else(|| r.text());
+    anyhow::anyhow!("{} (HTTP {})", msg.trim(), r.status)
+}
+
+const SHORT: Duration = Duration::from_secs(5);
+const ACTION: Duration = Duration::from_secs(120);
+
+pub async fn run(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::List { target, json } => {
+            let api = resolve(&target)?;
+            let r = api.call("GET", "/cluster", None, SHORT).await?;
+            if r.status != 200 {
+                return Err(fail(&r));
+            }
+            let v = r.json()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", render_list(&v));
+            }
+        }
+        Command::History { target, json } => {
+            let api = resolve(&target)?;
+            let r = api.call("GET", "/history", None, SHORT).await?;
+            if r.status != 200 {
+                return Err(fail(&r));
+            }
+            let v = r.json()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", render_history(&v));
+            }
+        }
+        Command::Switchover { target, to, leader } => {
+            let api = resolve(&target)?;
+            let r =
+                api.call("POST", "/switchover", Some(&json!({ "leader": leader, "candidate": to })), ACTION).await?;
+            if r.status != 200 {
+                return Err(fail(&r));
+            }
+            println!("{}", r.json()?["message"].as_str().unwrap_or("switched over"));
+        }
+        Command::Failover { target, to } => {
+            let api = resolve(&target)?;
+            let r = api.call("POST", "/failover", Some(&json!({ "candidate": to })), ACTION).await?;
+            if r.status != 200 {
+                return Err(fail(&r));
+            }
+            println!("{}", r.json()?["message"].as_str().unwrap_or("failed over"));
+        }
+        Command::Pause { target } => set_pause(&target, true).await?,
+        Command::Resume { target } => set_pause(&target, false).await?,
+        Command::Agent { .. } | Command::Up { .. } | Command::Down { .. } | Command::Config { .. } => {
+            unreachable!("handled in main")
+        }
+    }
+    Ok(())
+}
+
+async fn set_pause(target: &Target, pause: bool) -> anyhow::Result<()> {
+    let api = resolve(target)?;
+    let r = api
+        .call("PATCH", "/config", Some(&json!({ "pause": pause })), SHORT)
+        .await
+        .context("change the cluster config")?;
+    if r.status != 200 {
+        return Err(fail(&r));
+    }
+    println!(
+        "{}",
+        if pause {
+            "Cluster paused: no automatic failover, restart or demotion until `pgkeel resume`"
+        } else {
+            "Cluster resumed"
+        }
+    );
+    Ok(())
+}
+
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        format!("{}\n", parts.join("  ").trim_end())
+    };
+    let mut out = line(headers.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn render_list(v: &Value) -> String {
+    let mut out = format!(
+        "Cluster: {} (leader: {}, term {}){}\n",
+        text(&v["cluster"]),
+        if v["leader"].is_null() { "none".into() } else { text(&v["leader"]) },
+        text(&v["term"]),
+        if v["paused"].as_bool() == Some(true) { " [PAUSED: no automatic actions]" } else { "" },
+    );
+    let rows: Vec<Vec<String>> = v["members"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .map(|m| {
+                    let lag = match m["lag"].as_u64() {
+                        Some(b) => format!("{b}"),
+                        None => "".into(),
+                    };
+                    vec![
+                        text(&m["name"]),
+                        text(&m["host"]),
+                        text(&m["role"]),
+                        text(&m["state"]),
+                        text(&m["timeline"]),
+                        lag,
+                        text(&m["term"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.push_str(&table(&["Member", "Host", "Role", "State", "TL", "Lag (bytes)", "Term"], &rows));
+    if let Some(f) = v["failover"].as_object() {
+        out.push_str(&format!(
+            "Pending {}: to {}\n",
+            text(&f["kind"]),
+            if f["candidate"].is_null() { "best candidate".into() } else { text(&f["candidate"]) }
+        ));
+    }
+    out
+}
+
+fn render_history(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    let secs = h["time_ms"].as_u64().unwrap_or(0) / 1000;
+                    vec![
+                        text(&h["term"]),
+                        text(&h["timeline"]),
+                        format_utc(secs),
+                        text(&h["reason"]),
+                        text(&h["old_primary"]),
+                        text(&h["new_primary"]),
+                        text(&h["old_primary_lsn"]),
+                        text(&h["lsn"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(&["Term", "TL", "Time (UTC)", "Reason", "Old primary", "New primary", "Old LSN", "New timeline at"], &rows)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` for a unix time (civil-from-days, no time zone database needed).
+fn format_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00");
+        assert_eq!(format_utc(1_795_000_000), "2026-11-17 07:06:40");
+        assert_eq!(format_utc(951_782_400), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn list_table() {
+        let v = json!({"cluster": "c", "leader": "n1", "term": 2, "paused": true, "members": [
+            {"name": "n1", "host": "127.0.0.1:5432", "role": "leader", "state": "running", "timeline": 2, "lag": null, "term": 2},
+            {"name": "n2", "host": "127.0.0.1:5433", "role": "replica", "state": "streaming", "timeline": 2, "lag": 0, "term": 2}]});
+        let s = render_list(&v);
+        assert!(s.contains("PAUSED"), "{s}");
+        assert!(s.lines().nth(3).unwrap().starts_with("n2  "), "{s}");
+    }
+}

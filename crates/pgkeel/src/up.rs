@@ -1,0 +1,394 @@
+//! `pgkeel up` / `pgkeel down`: a whole cluster on this machine with the embedded store.
+//!
+//! Layout of DIR:
+//! - `up.json`: endpoints (DSNs with the generated passwords, REST URLs) — written once;
+//! - `dcs/`: the local store shared by the agents;
+//! - `nodes/<name>/node.toml`, `agent.pid`, `agent.log`, `postgres.log`, `run/` (socket),
+//!   `data/` (the postgres data directory).
+//!
+//! Each agent is a separate process in its own process group, so killing one is like losing a
+//! node, and Ctrl-C on the terminal reaches only `up`, which then stops the agents in order.
+
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use pgkeel_agent::http::request;
+use pgkeel_config::{Credentials, DcsConfig, NodeConfig, PostgresConfig, RestConfig};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Credentials in `up.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpCredentials {
+    /// User.
+    pub username: String,
+    /// Password.
+    pub password: String,
+}
+
+/// One node in `up.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpNode {
+    /// Member name.
+    pub name: String,
+    /// REST API URL.
+    pub api_url: String,
+    /// DSN of this node's postgres.
+    pub dsn: String,
+    /// Its node.toml.
+    pub config: PathBuf,
+    /// Its agent's pid file.
+    pub pid_file: PathBuf,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+}
+
+/// The contents of `up.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpInfo {
+    /// Cluster name.
+    pub cluster: String,
+    /// The cluster directory.
+    pub dir: PathBuf,
+    /// Multi-host DSN that reaches the primary (`target_session_attrs=read-write`).
+    pub primary_dsn: String,
+    /// Multi-host DSN that prefers a replica for reads.
+    pub replica_dsn: String,
+    /// Postgres superuser.
+    pub superuser: UpCredentials,
+    /// REST API credentials for actions.
+    pub api: UpCredentials,
+    /// Nodes.
+    pub nodes: Vec<UpNode>,
+}
+
+impl UpInfo {
+    /// Read `DIR/up.json`.
+    pub fn read(dir: &Path) -> anyhow::Result<UpInfo> {
+        let path = dir.join("up.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("read {} (is {} a `pgkeel up` directory?)", path.display(), dir.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))
+    }
+}
+
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    // Hold every listener until all are chosen so no port is handed out twice.
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .context("find free ports")?;
+    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+fn pid_alive(pid_file: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let alive =
+        unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    alive.then_some(pid)
+}
+
+/// When running as root, postgres runs as `os_user`, which must be able to reach `dir`.
+fn check_reachable(dir: &Path, os_user: &str) -> anyhow::Result<()> {
+    let Some(run_as) = pgkeel_pg::user::run_as_for(os_user)? else { return Ok(()) };
+    for anc in dir.ancestors() {
+        let meta = std::fs::metadata(anc).with_context(|| format!("stat {}", anc.display()))?;
+        let mode = meta.permissions().mode();
+        use std::os::unix::fs::MetadataExt;
+        let ok = mode & 0o001 != 0
+            || (meta.uid() == run_as.uid && mode & 0o100 != 0)
+            || (meta.gid() == run_as.gid && mode & 0o010 != 0);
+        if !ok {
+            bail!(
+                "postgres runs as the OS user {os_user:?}, which cannot enter {} (mode {:o}); choose a directory it can reach, e.g. /var/lib/pgkeel/demo or /tmp/pgkeel-demo",
+                anc.display(),
+                mode & 0o777
+            );
+        }
+    }
+    Ok(())
+}
+
+fn create(dir: &Path, nodes: u16, cluster: &str) -> anyhow::Result<UpInfo> {
+    let su_pw = pgkeel_agent::random_password();
+    let repl_pw = pgkeel_agent::random_password();
+    let api_pw = pgkeel_agent::random_password();
+    let ports = free_ports(nodes as usize * 2)?;
+    let mut infos = Vec::new();
+    for i in 0..nodes as usize {
+        let name = format!("n{}", i + 1);
+        let node_dir = dir.join("nodes").join(&name);
+        std::fs::create_dir_all(&node_dir).with_context(|| format!("create {}", node_dir.display()))?;
+        std::fs::set_permissions(&node_dir, std::fs::Permissions::from_mode(0o755))?;
+        let (pg_port, api_port) = (ports[2 * i], ports[2 * i + 1]);
+        let cfg = NodeConfig {
+            cluster: cluster.to_string(),
+            name: name.clone(),
+            data_dir: node_dir.join("data"),
+            dcs: DcsConfig::Local { path: dir.join("dcs") },
+            postgres: PostgresConfig {
+                listen: format!("127.0.0.1:{pg_port}"),
+                superuser: Credentials { username: "postgres".into(), password: Some(su_pw.clone()) },
+                replication: Credentials { username: "pgkeel_replicator".into(), password: Some(repl_pw.clone()) },
+                ..PostgresConfig::default()
+            },
+            rest: RestConfig {
+                listen: format!("127.0.0.1:{api_port}"),
+                password: Some(api_pw.clone()),
+                ..RestConfig::default()
+            },
+            tags: Default::default(),
+            bootstrap: Default::default(),
+        };
+        cfg.validate().map_err(|e| anyhow::anyhow!("generated config for {name} is invalid: {e}"))?;
+        let config_path = node_dir.join("node.toml");
+        let header = "# Written by `pgkeel up`. Edit with care: `pgkeel config check` validates it.\n";
+        std::fs::write(&config_path, format!("{header}{}", cfg.to_toml()))
+            .with_context(|| format!("write {}", config_path.display()))?;
+        std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600))?;
+        infos.push(UpNode {
+            name,
+            api_url: cfg.rest_url(),
+            dsn: format!("postgresql://postgres:{su_pw}@127.0.0.1:{pg_port}/postgres"),
+            config: config_path,
+            pid_file: node_dir.join("agent.pid"),
+            data_dir: cfg.data_dir.clone(),
+        });
+    }
+    let hosts: Vec<String> = (0..nodes as usize).map(|i| format!("127.0.0.1:{}", ports[2 * i])).collect();
+    let base = format!("postgresql://postgres:{su_pw}@{}/postgres", hosts.join(","));
+    let info = UpInfo {
+        cluster: cluster.to_string(),
+        dir: dir.to_path_buf(),
+        primary_dsn: format!("{base}?target_session_attrs=read-write&connect_timeout=2"),
+        replica_dsn: format!("{base}?target_session_attrs=prefer-standby&connect_timeout=2"),
+        superuser: UpCredentials { username: "postgres".into(), password: su_pw },
+        api: UpCredentials { username: "pgkeel".into(), password: api_pw },
+        nodes: infos,
+    };
+    let path = dir.join("up.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&info)? + "\n")
+        .with_context(|| format!("write {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(info)
+}
+
+fn spawn_agent(node: &UpNode) -> anyhow::Result<std::process::Child> {
+    let exe = std::env::current_exe().context("find the pgkeel executable")?;
+    let log_path = node.config.with_file_name("agent.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("open {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("agent").arg("--config").arg(&node.config).arg("--pid-file").arg(&node.pid_file);
+    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // Own process group: Ctrl-C on the terminal reaches `up` only, which stops agents in order.
+    cmd.process_group(0);
+    cmd.spawn().with_context(|| format!("start the agent of {}", node.name))
+}
+
+/// `pgkeel up`.
+pub async fn up(dir: &Path, nodes: u16, cluster: &str, detach: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    pgkeel_pg::binaries::PgBinaries::discover(None)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    check_reachable(&dir, &PostgresConfig::default().os_user)?;
+
+    let info = if dir.join("up.json").exists() {
+        let info = UpInfo::read(&dir)?;
+        if info.nodes.len() != nodes as usize && nodes != 3 {
+            eprintln!(
+                "note: {} already holds a {}-node cluster; --nodes is ignored when resuming",
+                dir.display(),
+                info.nodes.len()
+            );
+        }
+        eprintln!("resuming cluster {:?} in {}", info.cluster, dir.display());
+        info
+    } else {
+        let info = create(&dir, nodes, cluster)?;
+        eprintln!("created cluster {:?} with {} nodes in {}", info.cluster, info.nodes.len(), dir.display());
+        info
+    };
+
+    let mut children = Vec::new();
+    for node in &info.nodes {
+        if let Some(pid) = pid_alive(&node.pid_file) {
+            eprintln!("agent of {} already runs (pid {pid})", node.name);
+            continue;
+        }
+        children.push((node.name.clone(), spawn_agent(node)?));
+    }
+    print_endpoints(&info);
+
+    let ready = wait_ready(&info, Duration::from_secs(120)).await;
+    match &ready {
+        Ok(()) => eprintln!("cluster ready in {:.1}s: every member is streaming", started.elapsed().as_secs_f64()),
+        Err(e) => eprintln!("warning: {e:#}"),
+    }
+    if detach {
+        eprintln!("agents run in the background; stop them with: pgkeel down --dir {}", dir.display());
+        return ready;
+    }
+    eprintln!("Ctrl-C stops the cluster; `pgkeel up --dir {}` resumes it.", dir.display());
+    status_until_signal(&info, &mut children).await;
+    down(&dir).await
+}
+
+fn print_endpoints(info: &UpInfo) {
+    println!("cluster {:?} in {}", info.cluster, info.dir.display());
+    println!("  primary (read-write): {}", info.primary_dsn);
+    println!("  replicas (read-only): {}", info.replica_dsn);
+    for n in &info.nodes {
+        println!("  {}: {}  api {}", n.name, n.dsn, n.api_url);
+    }
+    println!("  REST actions: user {} password {}", info.api.username, info.api.password);
+    println!("  endpoints saved in {}", info.dir.join("up.json").display());
+    let _ = std::io::stdout().flush();
+}
+
+async fn cluster_json(info: &UpInfo) -> Option<Value> {
+    for n in &info.nodes {
+        if let Ok(r) = request("GET", &format!("{}/cluster", n.api_url), None, None, Duration::from_secs(2)).await {
+            if r.status == 200 {
+                return r.json().ok();
+            }
+        }
+    }
+    None
+}
+
+/// Every node is either the running leader or a streaming replica.
+fn all_streaming(v: &Value, expected: usize) -> bool {
+    let Some(ms) = v["members"].as_array() else { return false };
+    ms.len() == expected
+        && !v["leader"].is_null()
+        && ms.iter().all(|m| {
+            (m["role"] == "leader" && m["state"] == "running") || (m["role"] == "replica" && m["state"] == "streaming")
+        })
+}
+
+async fn wait_ready(info: &UpInfo, bound: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + bound;
+    while Instant::now() < deadline {
+        if let Some(v) = cluster_json(info).await {
+            if all_streaming(&v, info.nodes.len()) {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the cluster was not fully up within {bound:?}; see {}/nodes/*/agent.log", info.dir.display())
+}
+
+fn status_line(v: Option<&Value>) -> String {
+    let Some(v) = v else { return "no agent answers".into() };
+    let mut parts = vec![format!("term {}", v["term"].as_u64().map_or("-".into(), |t| t.to_string()))];
+    if v["paused"].as_bool() == Some(true) {
+        parts.push("PAUSED".into());
+    }
+    for m in v["members"].as_array().into_iter().flatten() {
+        let mut s = format!(
+            "{} {} {}",
+            m["name"].as_str().unwrap_or("?"),
+            m["role"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?")
+        );
+        if let Some(l) = m["lag"].as_u64() {
+            s.push_str(&format!(" lag {l}B"));
+        }
+        parts.push(s);
+    }
+    parts.join(" | ")
+}
+
+async fn status_until_signal(info: &UpInfo, children: &mut [(String, std::process::Child)]) {
+    let tty = std::io::stdout().is_terminal();
+    let mut last = String::new();
+    let signal = crate::wait_for_signal();
+    tokio::pin!(signal);
+    loop {
+        let mut line = status_line(cluster_json(info).await.as_ref());
+        for (name, child) in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                line.push_str(&format!(" | agent {name} exited ({status})"));
+            }
+        }
+        if tty {
+            print!("\r\x1b[K{line}");
+            let _ = std::io::stdout().flush();
+        } else if line != last {
+            println!("{line}");
+        }
+        last = line;
+        tokio::select! {
+            _ = &mut signal => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    if tty {
+        println!();
+    }
+    eprintln!("stopping the cluster...");
+}
+
+fn signal_pid(pid: i32, sig: i32) {
+    // SAFETY: sending a signal to a pid has no memory-safety implications.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+fn postmaster_pid(data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    // SAFETY: signal 0 only checks existence.
+    (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+}
+
+/// `pgkeel down`: stop every agent (they stop their postgres and release the leader key), then
+/// any postgres whose agent was already gone.
+pub async fn down(dir: &Path) -> anyhow::Result<()> {
+    let info = UpInfo::read(dir)?;
+    let agents: Vec<i32> = info.nodes.iter().filter_map(|n| pid_alive(&n.pid_file)).collect();
+    // Replicas first, so the primary's shutdown does not trigger a race among them.
+    for &pid in &agents {
+        signal_pid(pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline && info.nodes.iter().any(|n| pid_alive(&n.pid_file).is_some()) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in &info.nodes {
+        if let Some(pid) = pid_alive(&n.pid_file) {
+            eprintln!("agent of {} did not stop in time: killing it", n.name);
+            signal_pid(pid, libc::SIGKILL);
+            let _ = std::fs::remove_file(&n.pid_file);
+        }
+    }
+    // Postgres left behind by an agent that was killed: fast shutdown (SIGINT), then immediate.
+    let orphans: Vec<i32> = info.nodes.iter().filter_map(|n| postmaster_pid(&n.data_dir)).collect();
+    for &pid in &orphans {
+        signal_pid(pid, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && info.nodes.iter().any(|n| postmaster_pid(&n.data_dir).is_some()) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in &info.nodes {
+        if let Some(pid) = postmaster_pid(&n.data_dir) {
+            signal_pid(pid, libc::SIGQUIT);
+        }
+    }
+    eprintln!("cluster {:?} stopped", info.cluster);
+    Ok(())
+}
