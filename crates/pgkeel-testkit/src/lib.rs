@@ -1,0 +1,372 @@
+//! Test clusters for behaviour tests: a real `pgkeel up --detach` cluster in its own temp
+//! directory on free ports, with real postgres processes, torn down on drop (agents and
+//! postgres included) even when the test panics.
+//!
+//! Waiting is always on a condition with a deadline ([`wait_for`]), never on a fixed sleep.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgkeel_agent::http::{request, Auth, Response};
+use serde_json::Value;
+
+/// Poll `f` every 100 ms until it returns `Some`, or panic after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether a process exists.
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Send a signal.
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: sending a signal has no memory-safety implications.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.lines().next()?.trim().parse().ok()
+}
+
+/// A cluster started with `pgkeel up --detach`.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    /// Parsed `up.json`.
+    pub info: Value,
+    extra: Vec<Child>,
+}
+
+impl Cluster {
+    /// Start an `nodes`-member cluster with the `pgkeel` binary at `bin` and wait until every
+    /// member streams.
+    pub async fn up(bin: &Path, nodes: u16) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("pgkeel-test-").tempdir().expect("create a temp dir");
+        // postgres runs as the `postgres` OS user when tests run as root: it must enter the dir.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod the temp dir");
+        let mut c = Cluster { dir, bin: bin.to_path_buf(), info: Value::Null, extra: Vec::new() };
+        let out = c.cli(&["up", "--detach", "--nodes", &nodes.to_string(), "--dir", &c.dir_str()]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            c.dump_logs();
+            panic!("pgkeel up failed ({}):\n{text}", out.status);
+        }
+        let up = std::fs::read_to_string(c.dir.path().join("up.json")).expect("up.json written");
+        c.info = serde_json::from_str(&up).expect("up.json parses");
+        c
+    }
+
+    /// The cluster directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn dir_str(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+
+    /// Run the pgkeel binary with `args` (no `--dir` added).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.bin).args(args).stdin(Stdio::null()).output().expect("run pgkeel")
+    }
+
+    /// Run an operator command against this cluster (`--dir` appended).
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let mut a: Vec<&str> = args.to_vec();
+        let d = self.dir_str();
+        a.extend(["--dir", &d]);
+        Command::new(&self.bin).args(&a).stdin(Stdio::null()).output().expect("run pgkeel")
+    }
+
+    /// Member names.
+    pub fn nodes(&self) -> Vec<String> {
+        self.info["nodes"]
+            .as_array()
+            .map(|ns| ns.iter().filter_map(|n| n["name"].as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    }
+
+    fn node(&self, name: &str) -> &Value {
+        self.info["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == name))
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// DSN of one member's postgres.
+    pub fn node_dsn(&self, name: &str) -> String {
+        self.node(name)["dsn"].as_str().expect("dsn").to_string()
+    }
+
+    /// Multi-host read-write DSN.
+    pub fn primary_dsn(&self) -> String {
+        self.info["primary_dsn"].as_str().expect("primary_dsn").to_string()
+    }
+
+    /// REST URL of one member.
+    pub fn api_url(&self, name: &str) -> String {
+        self.node(name)["api_url"].as_str().expect("api_url").to_string()
+    }
+
+    /// REST credentials.
+    pub fn auth(&self) -> Auth {
+        Auth {
+            username: self.info["api"]["username"].as_str().unwrap_or("pgkeel").into(),
+            password: self.info["api"]["password"].as_str().unwrap_or("").into(),
+        }
+    }
+
+    /// One REST call to a member.
+    pub async fn api(&self, name: &str, method: &str, path: &str, body: Option<&Value>, auth: bool) -> Response {
+        let a = self.auth();
+        request(method, &format!("{}{path}", self.api_url(name)), body, auth.then_some(&a), Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path} on {name}: {e:#}"))
+    }
+
+    /// `/cluster` from the first member that answers.
+    pub async fn cluster_json(&self) -> Option<Value> {
+        for n in self.nodes() {
+            if let Ok(r) =
+                request("GET", &format!("{}/cluster", self.api_url(&n)), None, None, Duration::from_secs(2)).await
+            {
+                if r.status == 200 {
+                    return r.json().ok();
+                }
+            }
+        }
+        None
+    }
+
+    /// The leader, once it runs as primary.
+    pub async fn leader(&self) -> Option<(String, u64)> {
+        let v = self.cluster_json().await?;
+        let name = v["leader"].as_str()?.to_string();
+        let m = v["members"].as_array()?.iter().find(|m| m["name"] == name.as_str())?.clone();
+        (m["role"] == "leader" && m["state"] == "running").then(|| (name, v["term"].as_u64().unwrap_or(0)))
+    }
+
+    /// Wait until every member in `names` streams from the current leader `leader`.
+    pub async fn wait_streaming(&self, leader: &str, names: &[String], timeout: Duration) {
+        let what = format!("{names:?} streaming from {leader}");
+        wait_for(&what, timeout, || async {
+            let v = self.cluster_json().await?;
+            let ok = names.iter().all(|n| {
+                v["members"].as_array().is_some_and(|ms| {
+                    ms.iter().any(|m| m["name"] == n.as_str() && m["state"] == "streaming" && m["following"] == leader)
+                })
+            });
+            ok.then_some(())
+        })
+        .await
+    }
+
+    /// Pid of a member's agent.
+    pub fn agent_pid(&self, name: &str) -> Option<i32> {
+        read_pid(&self.dir().join("nodes").join(name).join("agent.pid")).filter(|p| alive(*p))
+    }
+
+    /// Pid of a member's postmaster.
+    pub fn postmaster_pid(&self, name: &str) -> Option<i32> {
+        read_pid(&self.dir().join("nodes").join(name).join("data/postmaster.pid")).filter(|p| alive(*p))
+    }
+
+    /// SIGKILL a member's agent.
+    pub fn kill_agent(&self, name: &str) {
+        let pid = self.agent_pid(name).unwrap_or_else(|| panic!("agent of {name} is not running"));
+        signal(pid, libc::SIGKILL);
+    }
+
+    /// SIGKILL a member's postmaster.
+    pub fn kill_postgres(&self, name: &str) {
+        let pid = self.postmaster_pid(name).unwrap_or_else(|| panic!("postgres of {name} is not running"));
+        signal(pid, libc::SIGKILL);
+    }
+
+    /// Start a member's agent again (after it was killed).
+    pub fn start_agent(&mut self, name: &str) {
+        let node_dir = self.dir().join("nodes").join(name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node_dir.join("agent.log"))
+            .expect("open agent.log");
+        let child = Command::new(&self.bin)
+            .arg("agent")
+            .arg("--config")
+            .arg(node_dir.join("node.toml"))
+            .arg("--pid-file")
+            .arg(node_dir.join("agent.pid"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("start agent");
+        self.extra.push(child);
+    }
+
+    /// Print every agent log (for failing tests).
+    pub fn dump_logs(&self) {
+        for n in std::fs::read_dir(self.dir().join("nodes")).into_iter().flatten().flatten() {
+            let p = n.path().join("agent.log");
+            if let Ok(text) = std::fs::read_to_string(&p) {
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                eprintln!("==== {} (last 60 lines)", p.display());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+
+    fn teardown(&mut self) {
+        let d = self.dir_str();
+        if let Ok(mut child) =
+            Command::new(&self.bin).args(["down", "--dir", &d]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()
+        {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for c in &mut self.extra {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for n in self.nodes() {
+            if let Some(p) = self.agent_pid(&n) {
+                signal(p, libc::SIGKILL);
+            }
+            if let Some(p) = self.postmaster_pid(&n) {
+                signal(p, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        self.teardown();
+    }
+}
+
+/// Connect with tokio-postgres (no TLS); the connection task is spawned.
+pub async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Run one statement through `psql` (real libpq), returning its unaligned output or stderr.
+pub fn psql(dsn: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args([dsn, "-X", "-v", "ON_ERROR_STOP=1", "-Atc", sql])
+        .output()
+        .map_err(|e| format!("run psql: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// A low-rate writer through the multi-host read-write DSN: every acknowledged insert is
+/// recorded, so a test can check that none was lost.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<WriterReport>,
+}
+
+/// What a [`Writer`] saw.
+#[derive(Debug, Default, Clone)]
+pub struct WriterReport {
+    /// Ids whose insert was acknowledged, with the term it was written under.
+    pub acked: Vec<(i64, i64)>,
+    /// Failed attempts.
+    pub errors: u64,
+    /// Longest time without an acknowledged write.
+    pub longest_gap: Duration,
+}
+
+impl Writer {
+    /// Start writing into table `acked(id bigint primary key, term bigint)` every `interval`.
+    pub fn start(dsn: String, interval: Duration) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = tokio::spawn(async move {
+            let mut report = WriterReport::default();
+            let mut client: Option<tokio_postgres::Client> = None;
+            let mut id = 0i64;
+            let mut last_ok = Instant::now();
+            while !s.load(Ordering::Relaxed) {
+                id += 1;
+                if client.as_ref().is_none_or(|c| c.is_closed()) {
+                    client =
+                        tokio::time::timeout(Duration::from_secs(3), connect(&dsn)).await.ok().and_then(Result::ok);
+                }
+                let ok = match &client {
+                    Some(c) => {
+                        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+                        let q = c.query_one(
+                            "insert into acked(id, term) values ($1, current_setting('pgkeel.term')::bigint) returning term",
+                            &params,
+                        );
+                        match tokio::time::timeout(Duration::from_secs(3), q).await {
+                            Ok(Ok(row)) => Some(row.get::<_, i64>(0)),
+                            _ => None,
+                        }
+                    }
+                    None => None,
+                };
+                match ok {
+                    Some(term) => {
+                        report.acked.push((id, term));
+                        report.longest_gap = report.longest_gap.max(last_ok.elapsed());
+                        last_ok = Instant::now();
+                    }
+                    None => {
+                        report.errors += 1;
+                        client = None;
+                    }
+                }
+                tokio::time::sleep(interval).await;
+            }
+            report
+        });
+        Writer { stop, handle }
+    }
+
+    /// Acknowledged writes so far is not observable without stopping; stop and report.
+    pub async fn stop(self) -> WriterReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.await.expect("writer task")
+    }
+}

@@ -1,0 +1,249 @@
+//! Bad input gets clear errors (config files, CLI arguments, REST requests), and the health
+//! endpoints follow Patroni's status semantics.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use pgkeel_testkit::{wait_for, Cluster};
+use serde_json::json;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_pgkeel"))
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin()).args(args).output().expect("run pgkeel");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn config_file(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+const GOOD: &str = r#"
+cluster = "main"
+name = "n1"
+data_dir = "/var/lib/pgkeel/n1/data"
+[dcs]
+kind = "local"
+path = "/var/lib/pgkeel/dcs"
+"#;
+
+#[test]
+fn config_check_reports_bad_files_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = config_file(dir.path(), "good.toml", GOOD);
+    let (code, out, _) = run(&["config", "check", &good]);
+    assert_eq!(code, 0);
+    assert!(out.contains("OK"));
+
+    #[rustfmt::skip]
+    let cases: &[(&str, String, &str)] = &[
+        ("typo at top level", format!("nmae = \"x\"\n{GOOD}"), "did you mean \"name\""),
+        ("typo in a table", GOOD.replace("[dcs]", "[postgres]\nlisen = \"127.0.0.1:5432\"\n[dcs]"), "did you mean \"postgres.listen\""),
+        ("typo in bootstrap", format!("{GOOD}\n[bootstrap]\nttll = 5\n"), "did you mean \"bootstrap.ttl\""),
+        ("bad port", GOOD.replace("[dcs]", "[postgres]\nlisten = \"127.0.0.1:99999\"\n[dcs]"), "99999"),
+        ("relative data_dir", GOOD.replace("/var/lib/pgkeel/n1/data", "data"), "data_dir"),
+        ("timing rule", format!("{GOOD}\n[bootstrap]\nttl = 3\nloop_wait = 1\nretry_timeout = 2\n"), "retry_timeout"),
+        ("managed parameter", format!("{GOOD}\n[postgres.parameters]\nport = 5433\n"), "port"),
+        ("unknown dcs kind", GOOD.replace("kind = \"local\"", "kind = \"zookeeper\""), "local"),
+        ("syntax error", "cluster = \n".to_string(), "line"),
+        ("missing key", GOOD.replace("name = \"n1\"", ""), "name"),
+    ];
+    for (what, text, needle) in cases {
+        let f = config_file(dir.path(), "bad.toml", text);
+        let (code, _, err) = run(&["config", "check", &f]);
+        assert_eq!(code, 64, "{what}: exit code 64 expected, stderr: {err}");
+        assert!(err.contains(needle), "{what}: error should mention {needle:?}: {err}");
+    }
+    let (code, _, err) = run(&["config", "check", "/nonexistent/node.toml"]);
+    assert_eq!(code, 64);
+    assert!(err.contains("/nonexistent/node.toml"), "{err}");
+    // The agent refuses a bad config the same way, before binding anything.
+    let f = config_file(dir.path(), "bad.toml", &format!("nmae = \"x\"\n{GOOD}"));
+    let (code, _, err) = run(&["agent", "--config", &f]);
+    assert_eq!(code, 64, "{err}");
+}
+
+#[test]
+fn config_example_is_valid() {
+    let (code, example, _) = run(&["config", "example"]);
+    assert_eq!(code, 0);
+    assert!(example.lines().filter(|l| l.trim_start().starts_with('#')).count() > 20, "the example is annotated");
+    let dir = tempfile::tempdir().unwrap();
+    let f = config_file(dir.path(), "example.toml", &example);
+    let (code, _, err) = run(&["config", "check", &f]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn bad_cli_arguments_get_clear_errors() {
+    #[rustfmt::skip]
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["frobnicate"], 2, "unrecognized subcommand"),
+        (&["up"], 2, "--dir"),
+        (&["up", "--dir", "/tmp/x", "--nodes", "0"], 2, "--nodes"),
+        (&["up", "--dir", "/tmp/x", "--nodes", "many"], 2, "invalid value"),
+        (&["failover"], 2, "--to"),
+        (&["list", "--api", "http://x:1", "--dir", "/tmp"], 2, "cannot be used with"),
+        (&["list"], 1, "--api URL, --config node.toml or --dir DIR"),
+        (&["list", "--dir", "/nonexistent-dir"], 1, "pgkeel up"),
+        (&["list", "--api", "https://127.0.0.1:1"], 1, "https is not supported"),
+        (&["list", "--api", "http://127.0.0.1:1"], 1, "no member answered"),
+        (&["--log-level", "loud", "list"], 2, "bad log level"),
+    ];
+    for (args, want, needle) in cases {
+        let (code, _, err) = run(args);
+        assert_eq!(code, *want, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: stderr should mention {needle:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_api_health_semantics_and_bad_requests() {
+    let c = Cluster::up(bin(), 2).await;
+    let (leader, _) = c.leader().await.expect("leader");
+    let replica = c.nodes().into_iter().find(|n| *n != leader).unwrap();
+    c.wait_streaming(&leader, std::slice::from_ref(&replica), Duration::from_secs(20)).await;
+    // Let the replica see the leader's status key so its lag is known.
+    wait_for("replica lag known", Duration::from_secs(10), || async {
+        c.api(&replica, "GET", "/node", None, false).await.json().ok()?["lag_bytes"].as_u64()
+    })
+    .await;
+
+    #[rustfmt::skip]
+    let health: &[(&str, &str, u16, u16)] = &[
+        // path, method, status on leader, status on replica
+        ("/", "GET", 200, 503),
+        ("/primary", "GET", 200, 503),
+        ("/primary", "HEAD", 200, 503),
+        ("/primary", "OPTIONS", 200, 503),
+        ("/read-write", "GET", 200, 503),
+        ("/leader", "GET", 200, 503),
+        ("/replica", "GET", 503, 200),
+        ("/replica?lag=10MB", "GET", 503, 200),
+        ("/replica?lag=1048576", "HEAD", 503, 200),
+        ("/replica?replication_state=streaming", "GET", 503, 200),
+        ("/read-only", "GET", 200, 200),
+        ("/async", "GET", 503, 200),
+        ("/sync", "GET", 503, 503),
+        ("/health", "GET", 200, 200),
+        ("/liveness", "GET", 200, 200),
+        ("/readiness", "GET", 200, 200),
+    ];
+    for (path, method, on_leader, on_replica) in health {
+        for (node, want) in [(&leader, on_leader), (&replica, on_replica)] {
+            let r = c.api(node, method, path, None, false).await;
+            assert_eq!(r.status, *want, "{method} {path} on {node}: {}", r.text());
+            if *method != "GET" {
+                assert!(r.body.is_empty(), "{method} {path} has no body");
+            }
+        }
+    }
+    let node = c.api(&leader, "GET", "/node", None, false).await.json().unwrap();
+    assert_eq!(node["role"], "primary");
+    assert!(node["holds_lease"].as_bool().unwrap());
+    // The leader's view of its replicas is refreshed every loop.
+    let metrics = wait_for("the leader sees its replica", Duration::from_secs(10), || async {
+        let m = c.api(&leader, "GET", "/metrics", None, false).await.text();
+        m.contains("pgkeel_replication_lag_bytes{").then_some(m)
+    })
+    .await;
+    for m in [
+        "pgkeel_primary{",
+        "pgkeel_term{",
+        "pgkeel_timeline{",
+        "pgkeel_replication_lag_bytes{",
+        "pgkeel_lease_seconds_left{",
+        "pgkeel_cluster_failovers_total{",
+    ] {
+        assert!(metrics.contains(m), "metrics lack {m}:\n{metrics}");
+    }
+    let cluster = c.api(&replica, "GET", "/cluster", None, false).await.json().unwrap();
+    assert_eq!(cluster["leader"], leader.as_str());
+
+    #[rustfmt::skip]
+    let bad: &[(&str, &str, Option<serde_json::Value>, bool, u16, &str)] = &[
+        ("GET", "/replica?lag=lots", None, false, 400, "bad lag"),
+        ("GET", "/replica?replication_state=flying", None, false, 400, "replication_state"),
+        ("POST", "/primary", None, false, 405, "GET, HEAD and OPTIONS"),
+        ("GET", "/nope", None, false, 404, "no endpoint"),
+        ("DELETE", "/switchover", None, true, 405, "POST"),
+        ("POST", "/switchover", Some(json!({})), false, 401, "Basic"),
+        ("POST", "/switchover", Some(json!({"candidate": 5})), true, 400, "member name"),
+        ("POST", "/switchover", Some(json!({"to": "n1"})), true, 400, "unknown field"),
+        ("POST", "/switchover", Some(json!([1, 2])), true, 400, "JSON object"),
+        ("POST", "/switchover", Some(json!({"leader": "someone-else"})), true, 412, "leader"),
+        ("POST", "/switchover", Some(json!({"scheduled_at": "2030-01-01T00:00:00Z"})), true, 400, "scheduled"),
+        ("POST", "/failover", Some(json!({})), true, 400, "requires"),
+        ("POST", "/failover", Some(json!({"candidate": leader.clone()})), true, 412, "already the leader"),
+        ("PATCH", "/config", Some(json!({"ttl": 1})), true, 400, "ttl"),
+        ("PATCH", "/config", Some(json!({"ttll": 5})), true, 400, "ttll"),
+        ("PATCH", "/config", Some(json!({"loop_wait": 2, "retry_timeout": 2})), true, 400, "loop_wait"),
+    ];
+    for (method, path, body, auth, want, needle) in bad {
+        let r = c.api(&leader, method, path, body.as_ref(), *auth).await;
+        assert_eq!(r.status, *want, "{method} {path} {body:?}: {}", r.text());
+        assert!(r.text().contains(needle), "{method} {path}: reply should mention {needle:?}: {}", r.text());
+    }
+    // Not JSON at all.
+    let raw = pgkeel_agent::http::split_url(&c.api_url(&leader)).unwrap().0;
+    let reply = raw_http(
+        &raw,
+        "POST /switchover HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nauthorization: Basic Zm9vOmJhcg==\r\n\r\n{{{{{",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    let auth = base64_auth(&c);
+    let body = "{{{{{";
+    let reply = raw_http(
+        &raw,
+        &format!(
+            "POST /switchover HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nauthorization: Basic {auth}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 400") && reply.contains("not valid JSON"), "{reply}");
+    let reply = raw_http(&raw, "GARBAGE\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 400") || reply.is_empty(), "{reply}");
+    // The API still answers after all that.
+    assert_eq!(c.api(&leader, "GET", "/health", None, false).await.status, 200);
+}
+
+fn base64_auth(c: &Cluster) -> String {
+    let a = c.auth();
+    let raw = format!("{}:{}", a.username, a.password);
+    // Tiny standard base64 encoder: enough for a test header.
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = raw.as_bytes();
+    let mut out = String::new();
+    for chunk in b.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &x)| acc | (u32::from(x) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+async fn raw_http(addr: &str, req: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into()
+}

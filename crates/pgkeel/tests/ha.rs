@@ -1,0 +1,200 @@
+//! Behaviour of a real cluster (`pgkeel up`, real postgres processes): replication, failover on
+//! node loss, repair of a crashed primary in place, switchover, pause.
+
+use std::path::Path;
+use std::time::Duration;
+
+use pgkeel_testkit::{psql, wait_for, Cluster, Writer};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_pgkeel"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_replicates_to_both_replicas_and_replicas_are_read_only() {
+    let c = Cluster::up(bin(), 3).await;
+    let (leader, term) = c.leader().await.expect("a leader after up");
+    assert_eq!(term, 1, "the first primary runs under term 1");
+    let primary = c.node_dsn(&leader);
+    psql(&primary, "create table t(x int primary key); insert into t select generate_series(1, 100)").unwrap();
+    assert_eq!(psql(&primary, "select current_setting('pgkeel.term')").unwrap(), "1");
+    assert_eq!(psql(&primary, "show data_checksums").unwrap(), "on", "initdb enables data checksums");
+    for n in c.nodes().into_iter().filter(|n| *n != leader) {
+        let dsn = c.node_dsn(&n);
+        wait_for(&format!("rows on {n}"), Duration::from_secs(10), || {
+            let dsn = dsn.clone();
+            async move { (psql(&dsn, "select count(*) from t").ok()? == "100").then_some(()) }
+        })
+        .await;
+        let err = psql(&dsn, "insert into t values (1000)").unwrap_err();
+        assert!(err.contains("cannot execute INSERT in a read-only transaction"), "{n}: {err}");
+        assert_eq!(psql(&dsn, "select pg_is_in_recovery()").unwrap(), "t");
+    }
+    // Replication is allowed to the replication user only.
+    let su = c.node_dsn(&leader).replace("/postgres", "/postgres?replication=true");
+    let err = psql(&su, "IDENTIFY_SYSTEM").unwrap_err();
+    assert!(err.contains("pg_hba.conf") || err.contains("no pg_hba"), "superuser must not replicate: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_loss_promotes_best_replica_and_loses_no_acknowledged_write() {
+    let mut c = Cluster::up(bin(), 3).await;
+    let (old, old_term) = c.leader().await.expect("leader");
+    psql(&c.node_dsn(&old), "create table acked(id bigint primary key, term bigint not null)").unwrap();
+    let writer = Writer::start(c.primary_dsn(), Duration::from_millis(50));
+    wait_for("first acknowledged writes", Duration::from_secs(10), || async {
+        (psql(&c.node_dsn(&old), "select count(*) from acked").ok()?.parse::<i64>().ok()? >= 10).then_some(())
+    })
+    .await;
+
+    // Lose the whole node: agent and postgres together.
+    c.kill_agent(&old);
+    c.kill_postgres(&old);
+    let (new, new_term) =
+        wait_for("a new leader", Duration::from_secs(20), || async { c.leader().await.filter(|(n, _)| *n != old) })
+            .await;
+    assert!(new_term > old_term, "term must grow: {old_term} -> {new_term}");
+    assert_eq!(psql(&c.node_dsn(&new), "select current_setting('pgkeel.term')").unwrap(), new_term.to_string());
+    let others: Vec<String> = c.nodes().into_iter().filter(|n| *n != old && *n != new).collect();
+    c.wait_streaming(&new, &others, Duration::from_secs(20)).await;
+
+    // Writes continue on the new primary, under the new term.
+    let dsn = c.node_dsn(&new);
+    wait_for("writes under the new term", Duration::from_secs(20), || {
+        let dsn = dsn.clone();
+        async move {
+            (psql(&dsn, &format!("select count(*) from acked where term = {new_term}")).ok()?.parse::<i64>().ok()? >= 5)
+                .then_some(())
+        }
+    })
+    .await;
+    let report = writer.stop().await;
+    let ids: Vec<String> = report.acked.iter().map(|(id, _)| id.to_string()).collect();
+    let missing = psql(&dsn, &format!("select count(*) from unnest(array[{}]::bigint[]) a(id) where not exists (select 1 from acked where acked.id = a.id)", ids.join(","))).unwrap();
+    assert_eq!(missing, "0", "acknowledged writes lost (of {} acked)", ids.len());
+    assert!(
+        report.acked.iter().any(|(_, t)| *t == old_term as i64)
+            && report.acked.iter().any(|(_, t)| *t == new_term as i64)
+    );
+    eprintln!(
+        "writer: {} acked, {} failed attempts, longest gap {:?}",
+        report.acked.len(),
+        report.errors,
+        report.longest_gap
+    );
+
+    // History records the failover.
+    let hist = c.api(&new, "GET", "/history", None, false).await.json().unwrap();
+    let last = hist.as_array().and_then(|h| h.last()).cloned().unwrap();
+    assert_eq!(last["reason"], "failover");
+    assert_eq!(last["new_primary"], new.as_str());
+    assert_eq!(last["old_primary"], old.as_str());
+
+    // The lost node comes back as a replica of the new primary.
+    c.start_agent(&old);
+    c.wait_streaming(&new, std::slice::from_ref(&old), Duration::from_secs(40)).await;
+    let count = psql(&dsn, "select count(*) from acked").unwrap();
+    let dsn_old = c.node_dsn(&old);
+    wait_for("rejoined node has every row", Duration::from_secs(10), || {
+        let (dsn_old, count) = (dsn_old.clone(), count.clone());
+        async move { (psql(&dsn_old, "select count(*) from acked").ok()? == count).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_primary_postgres_is_restarted_in_place() {
+    let c = Cluster::up(bin(), 2).await;
+    let (leader, term) = c.leader().await.expect("leader");
+    psql(&c.node_dsn(&leader), "create table t(x int)").unwrap();
+    let started = std::time::Instant::now();
+    c.kill_postgres(&leader);
+    // primary_start_timeout is 10 s by default: the repair must come well within it.
+    let dsn = c.node_dsn(&leader);
+    wait_for("the primary writable again in place", Duration::from_secs(10), || {
+        let dsn = dsn.clone();
+        async move { psql(&dsn, "insert into t values (1)").ok() }
+    })
+    .await;
+    eprintln!("primary repaired in place after {:?}", started.elapsed());
+    let (now, now_term) = wait_for("the leader reports running", Duration::from_secs(5), || c.leader()).await;
+    assert_eq!((now.as_str(), now_term), (leader.as_str(), term), "no failover for a crash that restarts in time");
+    let hist = c.api(&leader, "GET", "/history", None, false).await.json().unwrap();
+    assert_eq!(hist.as_array().map(Vec::len), Some(1), "only the bootstrap in history: {hist}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_to_named_member_and_old_primary_rejoins() {
+    let c = Cluster::up(bin(), 3).await;
+    let (old, term) = c.leader().await.expect("leader");
+    psql(&c.node_dsn(&old), "create table t(x int); insert into t values (1)").unwrap();
+    let target = c.nodes().into_iter().find(|n| *n != old).unwrap();
+    let out = c.ctl(&["switchover", "--to", &target]);
+    assert!(out.status.success(), "switchover failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&target));
+    let (new, new_term) = c.leader().await.expect("leader after switchover");
+    assert_eq!(new, target);
+    assert!(new_term > term);
+    let others: Vec<String> = c.nodes().into_iter().filter(|n| *n != new).collect();
+    c.wait_streaming(&new, &others, Duration::from_secs(20)).await;
+    assert!(!c.dir().join("nodes").join(&old).join("data.old").exists(), "a clean switchover needs no re-clone");
+    assert_eq!(psql(&c.node_dsn(&new), "select count(*) from t").unwrap(), "1");
+    let hist = c.api(&new, "GET", "/history", None, false).await.json().unwrap();
+    assert_eq!(hist.as_array().unwrap().last().unwrap()["reason"], "switchover");
+
+    // A switchover to a member that does not exist is refused with Patroni's 412.
+    let r = c.api(&new, "POST", "/switchover", Some(&serde_json::json!({"candidate": "nope"})), true).await;
+    assert_eq!(r.status, 412, "{}", r.text());
+    assert!(r.text().contains("not a live member"), "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_prevents_failover_until_resumed() {
+    let c = Cluster::up(bin(), 2).await;
+    let (old, _) = c.leader().await.expect("leader");
+    let out = c.ctl(&["pause"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list = c.ctl(&["list"]);
+    assert!(String::from_utf8_lossy(&list.stdout).contains("PAUSED"), "list says paused");
+    wait_for("every agent sees the pause", Duration::from_secs(10), || async {
+        let mut all = true;
+        for n in c.nodes() {
+            all &= c.api(&n, "GET", "/node", None, false).await.json().ok()?["paused"] == true;
+        }
+        all.then_some(())
+    })
+    .await;
+    c.kill_agent(&old);
+    c.kill_postgres(&old);
+    // Two lease lengths pass without anyone promoting.
+    let other = c.nodes().into_iter().find(|n| *n != old).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(9);
+    while std::time::Instant::now() < deadline {
+        let node = c.api(&other, "GET", "/node", None, false).await.json().unwrap();
+        assert_eq!(node["role"], "replica", "no promotion while paused: {node}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = c.ctl(&["resume"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (new, _) = wait_for("failover after resume", Duration::from_secs(20), || async {
+        c.leader().await.filter(|(n, _)| *n != old)
+    })
+    .await;
+    assert_eq!(new, other);
+    assert_eq!(psql(&c.node_dsn(&new), "select pg_is_in_recovery()").unwrap(), "f");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_resumes_the_same_cluster() {
+    let c = Cluster::up(bin(), 1).await;
+    let (leader, _) = c.leader().await.expect("leader");
+    psql(&c.node_dsn(&leader), "create table keep(x int); insert into keep values (42)").unwrap();
+    let dir = c.dir().display().to_string();
+    let out = c.cli(&["down", "--dir", &dir]);
+    assert!(out.status.success());
+    assert!(c.postmaster_pid(&leader).is_none() && c.agent_pid(&leader).is_none(), "down stops everything");
+    let out = c.cli(&["up", "--detach", "--dir", &dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming"));
+    assert_eq!(psql(&c.node_dsn(&leader), "select x from keep").unwrap(), "42");
+}
