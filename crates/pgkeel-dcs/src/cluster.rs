@@ -268,7 +268,8 @@ impl ClusterStore {
         let kvs = self.dcs.list(&self.prefix).await?;
         let mut snap = ClusterSnapshot::default();
         for kv in &kvs {
-            let path = &kv.key[self.prefix.len()..];
+            // `list` only returns keys under the prefix; skip (rather than panic on) any other.
+            let Some(path) = kv.key.strip_prefix(&self.prefix) else { continue };
             match path {
                 "leader" => snap.leader = Some(versioned(kv, decode(kv)?)),
                 "term" => snap.term = Some(versioned(kv, decode(kv)?)),
@@ -318,7 +319,12 @@ impl ClusterStore {
                 }
                 Some(kv) => {
                     let cur: u64 = decode(&kv)?;
-                    if self.dcs.compare_and_set(&key, (cur + 1).to_string().as_bytes(), kv.mod_revision, None).await?.is_some() {
+                    if self
+                        .dcs
+                        .compare_and_set(&key, (cur + 1).to_string().as_bytes(), kv.mod_revision, None)
+                        .await?
+                        .is_some()
+                    {
                         return Ok(cur + 1);
                     }
                 }
@@ -338,7 +344,11 @@ impl ClusterStore {
     }
 
     /// Wait until the leader key changes from `known` (its revision, `None` = absent).
-    pub async fn watch_leader(&self, known: Option<u64>, timeout: Duration) -> DcsResult<Option<Versioned<LeaderValue>>> {
+    pub async fn watch_leader(
+        &self,
+        known: Option<u64>,
+        timeout: Duration,
+    ) -> DcsResult<Option<Versioned<LeaderValue>>> {
         match self.dcs.watch(&self.key("leader"), known, timeout).await? {
             Some(kv) => Ok(Some(versioned(&kv, decode(&kv)?))),
             None => Ok(None),

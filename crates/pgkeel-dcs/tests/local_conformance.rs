@@ -1,0 +1,378 @@
+//! The conformance suite run against `LocalStore`, one test per check, plus the properties
+//! only the local store has: sharing between instances and processes on one machine, the
+//! machine-identity guard, corruption handling and persistence.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgkeel_dcs::conformance;
+use pgkeel_dcs::local::LocalStore;
+use pgkeel_dcs::{Dcs, DcsError};
+
+/// Environment variable that turns `child_process_worker` into a worker for the
+/// multi-process tests (it does nothing in a normal test run).
+const CHILD_ENV: &str = "PGKEEL_DCS_TEST_CHILD";
+
+fn open(dir: &Path) -> Arc<dyn Dcs> {
+    Arc::new(LocalStore::open(dir).expect("open local store"))
+}
+
+macro_rules! conformance_tests {
+    ($($check:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $check() {
+            let dir = tempfile::tempdir().unwrap();
+            conformance::$check(open(dir.path()), "/conformance/").await;
+        }
+    )*};
+}
+
+conformance_tests!(
+    describe_is_set,
+    put_get_list,
+    revisions,
+    create_once,
+    concurrent_create,
+    compare_and_set,
+    concurrent_compare_and_set,
+    delete,
+    ttl_expiry,
+    ttl_renewal,
+    watch_change,
+    watch_timeout,
+    watch_expiry,
+    watch_absent_until_created,
+    cluster_leader_terms,
+    cluster_leader_expiry,
+    cluster_concurrent_acquire,
+    cluster_load,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_all_checks_on_one_store() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::run_all(open(dir.path()), "/all/").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_directory_race_safely() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = [open(dir.path()), open(dir.path())];
+
+    // create: 16 racers spread over both instances, exactly one wins.
+    let mut handles = Vec::new();
+    for i in 0..16 {
+        let store = stores[i % 2].clone();
+        handles.push(tokio::spawn(async move { store.create("/race/create", i.to_string().as_bytes(), None).await }));
+    }
+    let mut winners = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        if let Some(rev) = h.await.unwrap().unwrap() {
+            winners.push((i, rev));
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one create must win across instances: {winners:?}");
+    let kv = stores[1].get("/race/create").await.unwrap().unwrap();
+    assert_eq!((kv.text(), kv.mod_revision), (winners[0].0.to_string(), winners[0].1));
+
+    // compare-and-set from one revision: exactly one wins.
+    let start = stores[0].put("/race/cas", b"start", None).await.unwrap();
+    let mut handles = Vec::new();
+    for i in 0..8 {
+        let store = stores[i % 2].clone();
+        handles.push(tokio::spawn(async move { store.compare_and_set("/race/cas", b"x", start, None).await }));
+    }
+    let mut wins = 0;
+    for h in handles {
+        wins += usize::from(h.await.unwrap().unwrap().is_some());
+    }
+    assert_eq!(wins, 1, "exactly one cas must win across instances");
+
+    // No lost updates: 4 tasks × 25 increments through CAS loops on alternating instances.
+    stores[0].put("/race/counter", b"0", None).await.unwrap();
+    let mut handles = Vec::new();
+    for i in 0..4 {
+        let store = stores[i % 2].clone();
+        handles.push(tokio::spawn(async move { increment(store.as_ref(), "/race/counter", 25).await }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    assert_eq!(stores[1].get("/race/counter").await.unwrap().unwrap().text(), "100");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_writes_of_another_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let (watcher, writer) = (open(dir.path()), open(dir.path()));
+    let rev = writer.put("/k", b"1", None).await.unwrap();
+    let task = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        writer.put("/k", b"2", None).await.unwrap()
+    });
+    let t = Instant::now();
+    let got = watcher.watch("/k", Some(rev), Duration::from_secs(5)).await.unwrap().unwrap();
+    let new_rev = task.await.unwrap();
+    assert_eq!(got.mod_revision, new_rev);
+    assert!(t.elapsed() < Duration::from_secs(1), "cross-instance watch took {:?}", t.elapsed());
+}
+
+/// Add 1 to the counter at `key` `n` times with compare-and-set retry loops.
+async fn increment(store: &dyn Dcs, key: &str, n: usize) {
+    for _ in 0..n {
+        loop {
+            let kv = store.get(key).await.unwrap().unwrap();
+            let value: u64 = kv.text().parse().unwrap();
+            if store
+                .compare_and_set(key, (value + 1).to_string().as_bytes(), kv.mod_revision, None)
+                .await
+                .unwrap()
+                .is_some()
+            {
+                break;
+            }
+        }
+    }
+}
+
+/// Spawn this test binary as a child running `child_process_worker` with `spec`; returns its
+/// stdout.
+async fn run_child(spec: &str) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let out = tokio::process::Command::new(exe)
+        .args(["child_process_worker", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, spec)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "child {spec} failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// Value of the `NAME=<number>` line a child printed.
+fn child_number(stdout: &str, name: &str) -> u64 {
+    let prefix = format!("{name}=");
+    // libtest may print "test child_process_worker ... " on the same line.
+    let value = stdout.lines().find_map(|l| l.split_once(&prefix).map(|(_, v)| v));
+    value.and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| {
+        panic!("child printed no {name}: {stdout}");
+    })
+}
+
+/// Not a test of its own: the body of the child processes of the multi-process tests, which
+/// re-run this binary with `CHILD_ENV` set. In a normal run it returns at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_process_worker() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else { return };
+    let mut parts = spec.splitn(2, ':');
+    let (mode, dir) = (parts.next().unwrap(), Path::new(parts.next().unwrap()));
+    match mode {
+        // Race creates on 20 keys (print how many this process won), then do 40 increments.
+        "race" => {
+            let store = open(dir);
+            let mut won = 0;
+            for round in 0..20 {
+                won += u64::from(store.create(&format!("/race/{round}"), b"x", None).await.unwrap().is_some());
+            }
+            increment(store.as_ref(), "/counter", 40).await;
+            println!("WON={won}");
+        }
+        // One agent's worth of watching: one store watching an unchanging key for 1 s. Print
+        // the CPU time the process used meanwhile.
+        "idle" => {
+            let store = open(dir);
+            let rev = match store.get("/idle").await.unwrap() {
+                Some(kv) => kv.mod_revision,
+                None => store.put("/idle", b"1", Some(Duration::from_secs(60))).await.unwrap(),
+            };
+            let before = cpu_time();
+            let got = store.watch("/idle", Some(rev), Duration::from_secs(1)).await.unwrap();
+            let used = cpu_time() - before;
+            assert_eq!(got.unwrap().mod_revision, rev);
+            println!("CPU_US={}", used.as_micros());
+        }
+        other => panic!("unknown child mode {other}"),
+    }
+}
+
+/// User + system CPU time used by this process so far.
+fn cpu_time() -> Duration {
+    // SAFETY: an all-zero rusage is valid, and getrusage only writes into it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) }, 0);
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_processes_race_safely() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.put("/counter", b"0", None).await.unwrap();
+    let spec = format!("race:{}", dir.path().display());
+    let outputs = tokio::join!(run_child(&spec), run_child(&spec), run_child(&spec));
+    let won: u64 = [outputs.0, outputs.1, outputs.2].iter().map(|o| child_number(o, "WON")).sum();
+    assert_eq!(won, 20, "each of the 20 keys must be created by exactly one process");
+    assert_eq!(store.get("/counter").await.unwrap().unwrap().text(), "120", "no increment may be lost");
+    assert_eq!(store.list("/race/").await.unwrap().len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_watchers_use_little_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path()).put("/idle", b"1", None).await.unwrap();
+    // Three agent processes, each watching an unchanging key for 1 s.
+    let spec = format!("idle:{}", dir.path().display());
+    let outputs = tokio::join!(run_child(&spec), run_child(&spec), run_child(&spec));
+    for out in [outputs.0, outputs.1, outputs.2] {
+        let used = Duration::from_micros(child_number(&out, "CPU_US"));
+        // 1% of one core over 1 s is 10 ms; an idle watcher must stay far below that (it
+        // measures about 0.5 ms, start-up of the watch included).
+        assert!(used < Duration::from_millis(5), "an idle watcher used {used:?} of CPU in 1 s");
+        println!("an idle watcher used {used:?} of CPU in 1 s");
+    }
+}
+
+#[tokio::test]
+async fn open_creates_a_private_directory_and_files() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("a/b/dcs");
+    let store = LocalStore::open(&dir).unwrap();
+    assert_eq!(store.dir(), dir);
+    assert_eq!(store.describe(), format!("local:{}", dir.display()));
+    assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    assert!(dir.join("store.lock").exists());
+    let meta = std::fs::metadata(dir.join("store.json")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    store.put("/k", b"{\"a\":1}", Some(Duration::from_secs(60))).await.unwrap();
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("store.json")).unwrap()).unwrap();
+    assert_eq!(file["revision"], 1);
+    assert!(file["machine_id"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(file["keys"]["/k"]["value"], "{\"a\":1}", "UTF-8 values are stored as readable text");
+    assert_eq!(file["keys"]["/k"]["create_revision"], 1);
+    assert_eq!(file["keys"]["/k"]["mod_revision"], 1);
+    assert!(file["keys"]["/k"]["expires_at_ms"].as_u64().is_some());
+    assert!(!dir.join("store.json.tmp").exists(), "the temporary file is renamed away");
+}
+
+#[tokio::test]
+async fn reopening_keeps_data_and_revisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r1, r2) = {
+        let store = LocalStore::open(dir.path()).unwrap();
+        let r1 = store.put("/a", b"1", None).await.unwrap();
+        let r2 = store.put("/b", &[0xff, 0xfe], Some(Duration::from_secs(60))).await.unwrap();
+        (r1, r2)
+    };
+    let store = LocalStore::open(dir.path()).unwrap();
+    let a = store.get("/a").await.unwrap().unwrap();
+    assert_eq!((a.value.as_slice(), a.mod_revision, a.ttl_left), (b"1".as_slice(), r1, None));
+    let b = store.get("/b").await.unwrap().unwrap();
+    assert_eq!((b.value.as_slice(), b.mod_revision), ([0xff, 0xfe].as_slice(), r2));
+    assert!(b.ttl_left.is_some_and(|t| t > Duration::from_secs(50)));
+    assert!(store.put("/c", b"1", None).await.unwrap() > r2, "revisions continue after reopening");
+}
+
+#[tokio::test]
+async fn expired_keys_are_purged_by_the_next_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    store.put("/short", b"1", Some(Duration::from_millis(50))).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while store.get("/short").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "key did not expire");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let file = std::fs::read_to_string(dir.path().join("store.json")).unwrap();
+    assert!(file.contains("/short"), "an expired key stays in the file until the next write");
+    store.put("/other", b"1", None).await.unwrap();
+    let file = std::fs::read_to_string(dir.path().join("store.json")).unwrap();
+    assert!(!file.contains("/short"), "the next write purges expired keys: {file}");
+}
+
+fn write_store_file(dir: &Path, contents: &str) {
+    std::fs::write(dir.join("store.json"), contents).unwrap();
+}
+
+fn expect_misconfigured_machine(err: DcsError) {
+    match err {
+        DcsError::Misconfigured(msg) => {
+            assert!(msg.contains("some-other-machine"), "message must name the other machine: {msg}");
+            assert!(msg.contains("cannot be shared between machines"), "{msg}");
+            assert!(msg.contains("etcd"), "message must point to etcd: {msg}");
+        }
+        other => panic!("expected Misconfigured, got {other:?}"),
+    }
+}
+
+const OTHER_MACHINE: &str = r#"{"revision": 3, "machine_id": "some-other-machine", "keys": {}}"#;
+
+#[tokio::test]
+async fn a_store_created_on_another_machine_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    write_store_file(dir.path(), OTHER_MACHINE);
+    let err = LocalStore::open(dir.path()).unwrap_err();
+    let text = err.to_string();
+    expect_misconfigured_machine(err);
+    assert!(text.contains(&dir.path().display().to_string()), "message must name the store: {text}");
+}
+
+#[tokio::test]
+async fn a_store_taken_over_by_another_machine_is_refused_by_operations() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    store.put("/k", b"1", None).await.unwrap();
+    write_store_file(dir.path(), OTHER_MACHINE);
+    expect_misconfigured_machine(store.get("/k").await.unwrap_err());
+    expect_misconfigured_machine(store.put("/k", b"2", None).await.unwrap_err());
+    expect_misconfigured_machine(store.watch("/k", None, Duration::from_secs(1)).await.unwrap_err());
+    assert_eq!(std::fs::read_to_string(dir.path().join("store.json")).unwrap(), OTHER_MACHINE, "must not overwrite");
+}
+
+fn expect_corrupt(err: DcsError, what: &str) {
+    match err {
+        DcsError::Corrupt(msg) => assert!(msg.contains("store.json") && msg.contains(what), "{msg}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_file_is_reported_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    write_store_file(dir.path(), "{\"revision\": 1, \"keys\": ");
+    expect_corrupt(LocalStore::open(dir.path()).unwrap_err(), "not a valid local store file");
+    write_store_file(dir.path(), "");
+    expect_corrupt(LocalStore::open(dir.path()).unwrap_err(), "not a valid local store file");
+}
+
+#[tokio::test]
+async fn a_corrupt_file_is_reported_by_operations_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    let machine =
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(dir.path().join("store.json")).unwrap())
+            .unwrap()["machine_id"]
+            .clone();
+    // Valid JSON, undecodable value encoding.
+    let bad_hex = serde_json::json!({"revision": 1, "machine_id": machine, "keys": {"/k": {
+        "value": "zz", "hex": true, "create_revision": 1, "mod_revision": 1}}})
+    .to_string();
+    write_store_file(dir.path(), &bad_hex);
+    expect_corrupt(store.get("/k").await.unwrap_err(), "invalid hex digit");
+
+    write_store_file(dir.path(), "garbage");
+    expect_corrupt(store.get("/k").await.unwrap_err(), "not a valid local store file");
+    expect_corrupt(store.list("/").await.unwrap_err(), "not a valid local store file");
+    expect_corrupt(store.create("/k", b"1", None).await.unwrap_err(), "not a valid local store file");
+    expect_corrupt(store.watch("/k", None, Duration::from_secs(1)).await.unwrap_err(), "not a valid local store file");
+    assert_eq!(std::fs::read_to_string(dir.path().join("store.json")).unwrap(), "garbage", "must not overwrite");
+
+    std::fs::remove_file(dir.path().join("store.json")).unwrap();
+    expect_corrupt(store.put("/k", b"1", None).await.unwrap_err(), "missing");
+    assert!(!dir.path().join("store.json").exists(), "a removed store must not be silently recreated");
+}
