@@ -251,12 +251,49 @@ impl HaLoop {
             return false;
         };
         match self.execute(&decision, &snap, &pg, &dynamic).await {
-            Ok(again) => again,
+            Ok(again) => {
+                if matches!(decision.action, Action::Idle | Action::Renew) {
+                    if let Err(e) = self.refresh_conf(&snap, &pg, &dynamic).await {
+                        tracing::warn!("failed to apply configuration changes: {e:#}");
+                    }
+                }
+                again
+            }
             Err(e) => {
                 tracing::error!("failed to {}: {e:#}", action_verb(&decision.action));
                 false
             }
         }
+    }
+
+    /// Apply cluster config changes (e.g. `PATCH /config` parameters) to a running postgres:
+    /// rewrite pgkeel.conf when it differs and reload. Parameters that need a restart show up
+    /// as `pending_restart` in `/node` and `pgkeel list`.
+    async fn refresh_conf(
+        &mut self,
+        snap: &ClusterSnapshot,
+        pg: &PgObservation,
+        d: &DynamicConfig,
+    ) -> anyhow::Result<()> {
+        let PgState::Running { role, .. } = &pg.state else { return Ok(()) };
+        let (upstream, term) = match role {
+            PgRole::Primary => match &self.lease {
+                Some(l) => (None, l.value.term),
+                None => return Ok(()),
+            },
+            // Only while the upstream is known: a missing leader record must never blank
+            // primary_conninfo on a streaming replica.
+            PgRole::Replica => match self.upstream(self.following.as_deref(), snap)? {
+                Some(u) => (Some(u), self.conf_term),
+                None => return Ok(()),
+            },
+        };
+        let conf = self.managed_conf(upstream, term, d)?;
+        if self.write_conf(&conf)? {
+            tracing::info!("configuration changed: reloading postgres");
+            self.inst.reload().await?;
+        }
+        Ok(())
     }
 
     fn apply_dynamic_config(&self, snap: &ClusterSnapshot) {

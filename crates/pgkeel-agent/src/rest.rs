@@ -78,6 +78,26 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Resp {
     respond(status, json!({ "error": msg.into() }))
 }
 
+/// A request that cannot be served: the status and the reason given to the client.
+struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        ApiError(status, msg.into())
+    }
+}
+
+impl From<ApiError> for Resp {
+    fn from(e: ApiError) -> Resp {
+        let mut r = error(e.0, e.1);
+        if e.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert("www-authenticate", hyper::header::HeaderValue::from_static("Basic realm=\"pgkeel\""));
+        }
+        r
+    }
+}
+
 fn query_params(q: Option<&str>) -> Result<HashMap<String, String>, String> {
     let mut out = HashMap::new();
     for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -214,12 +234,12 @@ fn health(shared: &Shared, path: &str, params: &HashMap<String, String>) -> Resu
     Ok(respond(code, node_json(&st)))
 }
 
-async fn load(shared: &Shared) -> Result<ClusterSnapshot, Resp> {
+async fn load(shared: &Shared) -> Result<ClusterSnapshot, ApiError> {
     let timeout = shared.dynamic().retry_timeout;
     match tokio::time::timeout(timeout, shared.store.load()).await {
         Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("cannot read the DCS: {e}"))),
-        Err(_) => Err(error(StatusCode::SERVICE_UNAVAILABLE, "the DCS did not answer within retry_timeout")),
+        Ok(Err(e)) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("cannot read the DCS: {e}"))),
+        Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the DCS did not answer within retry_timeout")),
     }
 }
 
@@ -266,7 +286,7 @@ fn cluster_json(shared: &Shared, s: &ClusterSnapshot) -> Value {
 async fn cluster(shared: &Shared) -> Resp {
     match load(shared).await {
         Ok(s) => respond(StatusCode::OK, cluster_json(shared, &s)),
-        Err(r) => r,
+        Err(e) => e.into(),
     }
 }
 
@@ -287,7 +307,7 @@ async fn history(shared: &Shared) -> Resp {
                 .collect();
             respond(StatusCode::OK, Value::Array(rows))
         }
-        Err(r) => r,
+        Err(e) => e.into(),
     }
 }
 
@@ -299,14 +319,14 @@ async fn get_config(shared: &Shared) -> Resp {
                 error(StatusCode::BAD_GATEWAY, "no cluster config in the DCS yet (the cluster is not bootstrapped)")
             }
         },
-        Err(r) => r,
+        Err(e) => e.into(),
     }
 }
 
-fn check_auth(shared: &Shared, req: &Request<Incoming>) -> Result<(), Resp> {
+fn check_auth(shared: &Shared, req: &Request<Incoming>) -> Result<(), ApiError> {
     let rest = &shared.config.rest;
     let Some(want) = &rest.password else {
-        return Err(error(
+        return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "actions are disabled: set rest.password in this node's node.toml",
         ));
@@ -320,19 +340,19 @@ fn check_auth(shared: &Shared, req: &Request<Incoming>) -> Result<(), Resp> {
         .and_then(|b| String::from_utf8(b).ok());
     match got {
         Some(pair) if pair == format!("{}:{}", rest.username, want) => Ok(()),
-        Some(_) => Err(error(StatusCode::UNAUTHORIZED, "wrong user name or password")),
-        None => Err(error(
+        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong user name or password")),
+        None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "this action needs HTTP Basic authentication (rest.username / rest.password)",
         )),
     }
 }
 
-async fn read_json(req: Request<Incoming>) -> Result<Value, Resp> {
+async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            return Err(error(
+            return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 format!("cannot read the request body (at most {MAX_BODY} bytes): {e}"),
             ))
@@ -342,7 +362,7 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Resp> {
         return Ok(json!({}));
     }
     serde_json::from_slice(&body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("request body is not valid JSON: {e}")))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body is not valid JSON: {e}")))
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -351,22 +371,24 @@ enum Kind {
     Failover,
 }
 
-fn string_field(body: &Value, key: &str) -> Result<Option<String>, Resp> {
+fn string_field(body: &Value, key: &str) -> Result<Option<String>, ApiError> {
     match &body[key] {
         Value::Null => Ok(None),
         Value::String(s) if s.is_empty() => Ok(None),
         Value::String(s) => Ok(Some(s.clone())),
-        other => Err(error(StatusCode::BAD_REQUEST, format!("{key:?} must be a member name (string), got {other}"))),
+        other => {
+            Err(ApiError::new(StatusCode::BAD_REQUEST, format!("{key:?} must be a member name (string), got {other}")))
+        }
     }
 }
 
 async fn action(shared: &Shared, req: Request<Incoming>, kind: Kind) -> Resp {
-    if let Err(r) = check_auth(shared, &req) {
-        return r;
+    if let Err(e) = check_auth(shared, &req) {
+        return e.into();
     }
     let body = match read_json(req).await {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return e.into(),
     };
     let Some(obj) = body.as_object() else {
         return error(StatusCode::BAD_REQUEST, "request body must be a JSON object");
@@ -382,14 +404,14 @@ async fn action(shared: &Shared, req: Request<Incoming>, kind: Kind) -> Resp {
     }
     let (leader, candidate) = match (string_field(&body, "leader"), string_field(&body, "candidate")) {
         (Ok(l), Ok(c)) => (l, c),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(e), _) | (_, Err(e)) => return e.into(),
     };
     if kind == Kind::Failover && candidate.is_none() {
         return error(StatusCode::BAD_REQUEST, "failover requires \"candidate\"");
     }
     let snap = match load(shared).await {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into(),
     };
     let current = snap.leader_name().map(String::from);
     if kind == Kind::Switchover {
@@ -427,6 +449,13 @@ async fn action(shared: &Shared, req: Request<Incoming>, kind: Kind) -> Resp {
         return error(StatusCode::PRECONDITION_FAILED, "no running replica to switch over to");
     }
     let d = shared.dynamic();
+    let paused = snap.config.as_ref().and_then(|c| c.value["pause"].as_bool()).unwrap_or(d.pause);
+    if paused && candidate.is_none() {
+        return error(
+            StatusCode::PRECONDITION_FAILED,
+            "the cluster is paused, so nobody would race for the key: name the candidate (--to NODE)",
+        );
+    }
     let request = FailoverValue {
         kind: if kind == Kind::Switchover { "switchover" } else { "failover" }.into(),
         leader: current.clone(),
@@ -477,12 +506,12 @@ fn merge(target: &mut Value, patch: &Value) {
 }
 
 async fn patch_config(shared: &Shared, req: Request<Incoming>) -> Resp {
-    if let Err(r) = check_auth(shared, &req) {
-        return r;
+    if let Err(e) = check_auth(shared, &req) {
+        return e.into();
     }
     let body = match read_json(req).await {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return e.into(),
     };
     if !body.is_object() {
         return error(
@@ -492,7 +521,7 @@ async fn patch_config(shared: &Shared, req: Request<Incoming>) -> Resp {
     }
     let snap = match load(shared).await {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into(),
     };
     let Some(cur) = snap.config else {
         return error(
@@ -519,7 +548,8 @@ async fn patch_config(shared: &Shared, req: Request<Incoming>) -> Resp {
 async fn metrics(shared: &Shared) -> Resp {
     use std::fmt::Write;
     let st = shared.status();
-    let snap = shared.store.load().await.ok();
+    let snap =
+        tokio::time::timeout(shared.dynamic().retry_timeout, shared.store.load()).await.ok().and_then(Result::ok);
     let mut m = String::new();
     let node = &st.name;
     let cluster = &st.cluster;

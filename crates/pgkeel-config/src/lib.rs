@@ -43,7 +43,7 @@ pub struct NodeConfig {
     #[serde(default)]
     pub tags: TagsConfig,
     /// Dynamic config written to the DCS by the member that bootstraps the cluster. Ignored
-    /// afterwards: change it with `pgkeel config` (next release) or by editing the DCS.
+    /// afterwards: change it with `PATCH /config` (`pgkeel pause` / `resume` use it).
     #[serde(default)]
     pub bootstrap: DynamicConfig,
 }

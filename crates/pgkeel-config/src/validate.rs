@@ -590,10 +590,18 @@ impl NodeConfig {
         let (host, _) = check_host_port("rest.listen", &rest.listen, "127.0.0.1:8008")?;
         match &rest.connect_url {
             Some(url) => {
-                let after_scheme = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+                if url.starts_with("https://") {
+                    // The API and its client speak plain HTTP in this release; an https URL would
+                    // make this member unreachable for the peer probe and the CLI.
+                    return Err(invalid(format!(
+                        "rest.connect_url = {url:?}: https is not supported yet (TLS for the REST API \
+                         arrives with the production release); use an http:// URL"
+                    )));
+                }
+                let after_scheme = url.strip_prefix("http://");
                 if after_scheme.is_none_or(|rest| rest.is_empty()) || url.contains(char::is_whitespace) {
                     return Err(invalid(format!(
-                        "rest.connect_url = {url:?} is not an http:// or https:// URL; e.g. connect_url = \
+                        "rest.connect_url = {url:?} is not an http:// URL; e.g. connect_url = \
                          \"http://10.0.0.11:8008\""
                     )));
                 }
@@ -759,7 +767,7 @@ shared_buffers = "128MB"
 [rest]
 # host:port the REST API listens on. Default: "127.0.0.1:8008".
 listen = "127.0.0.1:8008"
-# URL other members and the CLI use, http:// or https://. Required when listen is a
+# URL other members and the CLI use (http:// only for now). Required when listen is a
 # wildcard address such as 0.0.0.0. Default: "http://" followed by listen.
 # connect_url = "http://10.0.0.11:8008"
 # User name for actions (POST/PATCH); health endpoints need none. Default: "pgkeel".
@@ -831,7 +839,7 @@ mod tests {
             },
             rest: RestConfig {
                 listen: "[::]:8009".into(),
-                connect_url: Some("https://n1.example.com:8009/".into()),
+                connect_url: Some("http://n1.example.com:8009/".into()),
                 username: "ops".into(),
                 password: Some("pw".into()),
             },
@@ -1210,7 +1218,7 @@ mod tests {
     fn connect_helpers() {
         let c = full_config();
         assert_eq!(c.pg_connect_address(), "10.0.0.11:5433");
-        assert_eq!(c.rest_url(), "https://n1.example.com:8009");
+        assert_eq!(c.rest_url(), "http://n1.example.com:8009");
         let d = check(example()).expect("valid");
         assert_eq!(d.pg_connect_address(), "127.0.0.1:5432");
         assert_eq!(d.rest_url(), "http://127.0.0.1:8008");

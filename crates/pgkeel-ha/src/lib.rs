@@ -10,7 +10,8 @@
 //!    nobody else does anything (no promotion without the DCS).
 //! 2. No data directory: bootstrap if nobody has, else clone from a running leader, else wait.
 //! 3. Data from another cluster (system identifier differs): refuse to act.
-//! 4. A running primary whose lease is about to run out demotes at once (fencing), pause or not.
+//! 4. A running primary whose lease is about to run out demotes at once (fencing) — except in
+//!    pause, where nobody promotes automatically, so keeping the primary up is the safe choice.
 //! 5. The leader key is mine: keep the lease, restart a crashed postgres in place within
 //!    `primary_start_timeout` (else release the key), promote if postgres is still a replica,
 //!    step down for a requested switchover.
@@ -20,7 +21,8 @@
 //!    never starts as primary without the key); a running replica that is a candidate probes its
 //!    peers in parallel and races only if no primary is alive and no eligible peer is better
 //!    (higher LSN, then higher `failover_priority`, then smaller name).
-//! 8. Pause: nothing automatic; the key holder still renews its lease.
+//! 8. Pause: nothing automatic; the key holder still renews its lease. Manual actions still
+//!    work when they name a candidate: the leader steps down for it and it promotes.
 
 use std::cmp::Ordering;
 
@@ -358,7 +360,12 @@ fn leader_is_me(o: &Observation, c: &ClusterView, l: &LeaderKey) -> Decision {
     match &o.pg {
         PgState::Running { role: PgRole::Primary, .. } => {
             if let Some(f) = &c.failover {
-                if f.leader.as_deref().is_none_or(|x| x == o.me) && f.candidate.as_deref() != Some(o.me.as_str()) {
+                // In pause nobody races, so only a named candidate can take over.
+                let actionable = !s.pause || f.candidate.is_some();
+                if actionable
+                    && f.leader.as_deref().is_none_or(|x| x == o.me)
+                    && f.candidate.as_deref() != Some(o.me.as_str())
+                {
                     let candidate_ok = match &f.candidate {
                         Some(cand) => c.members.iter().any(|m| &m.name == cand && m.running_replica),
                         None => c.members.iter().any(|m| m.name != o.me && m.running_replica),
@@ -431,7 +438,8 @@ fn leader_is_other(o: &Observation, l: &LeaderKey) -> Decision {
 
 fn no_leader(o: &Observation, c: &ClusterView) -> Decision {
     let s = &o.settings;
-    if s.pause {
+    let named_me = c.failover.as_ref().is_some_and(|f| f.candidate.as_deref() == Some(o.me.as_str()));
+    if s.pause && !named_me {
         return d(Action::Idle, "paused: no leader, not racing");
     }
     let my_lsn = match &o.pg {

@@ -202,6 +202,14 @@ fn rules_table() {
         ("switchover without candidate: the old leader is not eligible even with a higher LSN",
             with(obs(Some(ClusterView { failover: Some(FailoverRequest { leader: Some("n1".into()), candidate: None }), ..cluster(None, &three) }), replica(100, Some("n1"))), |o| o.peers = Some(vec![peer("n1", "replica", 200)])), promote(PromoteReason::Failover)),
         // Rule 8: pause.
+        ("paused: the named switchover candidate still promotes",
+            with(obs(Some(ClusterView { failover: Some(FailoverRequest { leader: Some("n1".into()), candidate: Some("n2".into()) }), ..cluster(None, &three) }), replica(100, Some("n1"))), |o| o.settings.pause = true), promote(PromoteReason::Switchover)),
+        ("paused: another member named, this one waits",
+            with(obs(Some(ClusterView { failover: Some(FailoverRequest { leader: Some("n1".into()), candidate: Some("n3".into()) }), ..cluster(None, &three) }), replica(100, Some("n1"))), |o| o.settings.pause = true), Action::Idle),
+        ("paused leader steps down for a named candidate",
+            with(obs(Some(ClusterView { failover: Some(FailoverRequest { leader: Some("n2".into()), candidate: Some("n3".into()) }), ..cluster(Some(("n2", 3)), &[("n2", "primary"), ("n3", "replica")]) }), primary()), |o| o.settings.pause = true), Action::StepDown),
+        ("paused leader does not step down without a named candidate (nobody would race)",
+            with(obs(Some(ClusterView { failover: Some(FailoverRequest { leader: Some("n2".into()), candidate: None }), ..cluster(Some(("n2", 3)), &[("n2", "primary"), ("n3", "replica")]) }), primary()), |o| o.settings.pause = true), Action::Renew),
         ("paused replica without leader does not race",
             with(obs(Some(cluster(None, &no_leader_replicas)), replica(100, Some("n1"))), |o| o.settings.pause = true), Action::Idle),
     ];

@@ -359,14 +359,20 @@ fn postmaster_pid(data_dir: &Path) -> Option<i32> {
 /// any postgres whose agent was already gone.
 pub async fn down(dir: &Path) -> anyhow::Result<()> {
     let info = UpInfo::read(dir)?;
-    let agents: Vec<i32> = info.nodes.iter().filter_map(|n| pid_alive(&n.pid_file)).collect();
-    // Replicas first, so the primary's shutdown does not trigger a race among them.
-    for &pid in &agents {
-        signal_pid(pid, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while Instant::now() < deadline && info.nodes.iter().any(|n| pid_alive(&n.pid_file).is_some()) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // Replicas first, so that the leader releasing its key cannot start a race among replicas
+    // that are still running; then the leader.
+    let leader = cluster_json(&info).await.and_then(|v| v["leader"].as_str().map(String::from));
+    let (last, first): (Vec<&UpNode>, Vec<&UpNode>) = info.nodes.iter().partition(|n| Some(&n.name) == leader.as_ref());
+    for group in [first, last] {
+        for n in &group {
+            if let Some(pid) = pid_alive(&n.pid_file) {
+                signal_pid(pid, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && group.iter().any(|n| pid_alive(&n.pid_file).is_some()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     for n in &info.nodes {
         if let Some(pid) = pid_alive(&n.pid_file) {

@@ -171,7 +171,7 @@ async fn rest_api_health_semantics_and_bad_requests() {
     assert_eq!(cluster["leader"], leader.as_str());
 
     #[rustfmt::skip]
-    let bad: &[(&str, &str, Option<serde_json::Value>, bool, u16, &str)] = &[
+    let bad: &[BadRequest] = &[
         ("GET", "/replica?lag=lots", None, false, 400, "bad lag"),
         ("GET", "/replica?replication_state=flying", None, false, 400, "replication_state"),
         ("POST", "/primary", None, false, 405, "GET, HEAD and OPTIONS"),
@@ -202,6 +202,7 @@ async fn rest_api_health_semantics_and_bad_requests() {
     )
     .await;
     assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    assert!(reply.to_ascii_lowercase().contains("www-authenticate: basic"), "{reply}");
     let auth = base64_auth(&c);
     let body = "{{{{{";
     let reply = raw_http(
@@ -217,7 +218,31 @@ async fn rest_api_health_semantics_and_bad_requests() {
     assert!(reply.starts_with("HTTP/1.1 400") || reply.is_empty(), "{reply}");
     // The API still answers after all that.
     assert_eq!(c.api(&leader, "GET", "/health", None, false).await.status, 200);
+
+    // Dynamic config: a reloadable parameter reaches every member; one that needs a restart is
+    // flagged as pending.
+    let patch = json!({"postgresql": {"parameters": {"work_mem": "7MB", "max_connections": 90}}});
+    let r = c.api(&replica, "PATCH", "/config", Some(&patch), true).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for n in c.nodes() {
+        let dsn = c.node_dsn(&n);
+        wait_for(&format!("work_mem applied on {n}"), Duration::from_secs(10), || {
+            let dsn = dsn.clone();
+            async move { (pgkeel_testkit::psql(&dsn, "show work_mem").ok()? == "7MB").then_some(()) }
+        })
+        .await;
+        wait_for(&format!("pending restart flagged on {n}"), Duration::from_secs(10), || async {
+            let node = c.api(&n, "GET", "/node", None, false).await.json().ok()?;
+            node["pending_restart"].as_array()?.iter().any(|p| p == "max_connections").then_some(())
+        })
+        .await;
+    }
+    let cfg = c.api(&leader, "GET", "/config", None, false).await.json().unwrap();
+    assert_eq!(cfg["config"]["postgresql"]["parameters"]["work_mem"], "7MB");
 }
+
+/// method, path, body, authenticated, expected status, text the reply must contain
+type BadRequest<'a> = (&'a str, &'a str, Option<serde_json::Value>, bool, u16, &'a str);
 
 fn base64_auth(c: &Cluster) -> String {
     let a = c.auth();

@@ -164,6 +164,16 @@ async fn pause_prevents_failover_until_resumed() {
         all.then_some(())
     })
     .await;
+    // In pause a switchover must name its candidate (nobody races), and then it works.
+    let out = c.ctl(&["switchover"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("paused"), "{}", String::from_utf8_lossy(&out.stderr));
+    let first = old.clone();
+    let old = c.nodes().into_iter().find(|n| *n != first).unwrap();
+    let out = c.ctl(&["switchover", "--to", &old]);
+    assert!(out.status.success(), "switchover in pause: {}", String::from_utf8_lossy(&out.stderr));
+    c.wait_streaming(&old, std::slice::from_ref(&first), Duration::from_secs(20)).await;
+
     c.kill_agent(&old);
     c.kill_postgres(&old);
     // Two lease lengths pass without anyone promoting.
