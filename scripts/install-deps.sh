@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Install what pgkeel needs to build, run `pgkeel up` and run its tests on Debian 12.
+#
+#   scripts/install-deps.sh          build and run: PostgreSQL server, C toolchain, tools
+#   scripts/install-deps.sh --test   the same, plus test-only tools (cargo-nextest)
+#
+# Idempotent: it checks first and calls apt-get only when a package is missing. Runs as root
+# without prompts; as another user it uses sudo when sudo exists.
+set -euo pipefail
+
+want_test_tools=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) want_test_tools=1 ;;
+        -h | --help)
+            sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "install-deps: unknown argument: $arg (use --test or nothing)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+say() { echo "install-deps: $*"; }
+
+# Run a command as root: directly when we are root, else through sudo.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        say "need root to run: $*"
+        say "run this script as root, or install sudo"
+        exit 1
+    fi
+}
+
+# rustup installs cargo in ~/.cargo/bin; a non-login shell may not have it on PATH yet.
+if ! command -v cargo >/dev/null 2>&1 && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
+    PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+    export PATH
+fi
+
+# --- Debian packages -------------------------------------------------------------------------
+
+# Installed means dpkg says "install ok installed" (a removed package leaves "deinstall").
+installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'
+}
+
+missing=()
+for pkg in build-essential pkg-config ca-certificates curl bc python3; do
+    installed "$pkg" || missing+=("$pkg")
+done
+# The PostgreSQL server: any /usr/lib/postgresql/<major>/bin/postgres will do (pgkeel picks
+# the newest). The client-only package does not provide it.
+if ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
+    missing+=(postgresql)
+fi
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    say "system packages: all present"
+else
+    if ! command -v apt-get >/dev/null 2>&1; then
+        say "missing: ${missing[*]}"
+        say "this script knows only apt-get (Debian/Ubuntu); install the equivalents by hand"
+        exit 1
+    fi
+    say "installing: ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
+    say "no /usr/lib/postgresql/*/bin/postgres after installing postgresql; something is wrong with apt"
+    exit 1
+fi
+
+# PostgreSQL refuses to run as root: when pgkeel runs as root it starts postgres as the OS
+# user "postgres". The postgresql package creates that user; create it if it is missing anyway.
+if ! id -u postgres >/dev/null 2>&1; then
+    say "creating the OS user postgres"
+    as_root useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+# --- Rust ------------------------------------------------------------------------------------
+
+if ! command -v cargo >/dev/null 2>&1; then
+    cat >&2 <<'MSG'
+install-deps: cargo (Rust) is not installed.
+Install Rust with rustup (https://rustup.rs), then open a new shell or run `. "$HOME/.cargo/env"`:
+
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component rustfmt,clippy
+
+pgkeel needs Rust 1.85 or newer. Then run this script again.
+MSG
+    exit 1
+fi
+say "rust: $(cargo --version)"
+
+# --- Test-only tools -------------------------------------------------------------------------
+
+if [ "$want_test_tools" -eq 1 ]; then
+    for component in fmt clippy; do
+        if ! cargo "$component" --version >/dev/null 2>&1; then
+            say "cargo $component is missing; install it with: rustup component add ${component/fmt/rustfmt}"
+            exit 1
+        fi
+    done
+    if cargo nextest --version >/dev/null 2>&1; then
+        say "cargo-nextest: $(cargo nextest --version 2>/dev/null | head -n1)"
+    else
+        say "cargo-nextest is missing: building it from crates.io (cargo install cargo-nextest --locked);"
+        say "this compiles it from source and takes a few minutes the first time"
+        if ! cargo install cargo-nextest --locked; then
+            say "could not install cargo-nextest; scripts/test.sh falls back to cargo test"
+        fi
+    fi
+fi
+
+say "done"
