@@ -95,7 +95,7 @@ Install Rust with rustup (https://rustup.rs), then open a new shell or run `. "$
 
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component rustfmt,clippy
 
-pgkeel needs Rust 1.85 or newer. Then run this script again.
+pgkeel needs Rust 1.89 or newer. Then run this script again.
 MSG
     exit 1
 fi
