@@ -122,6 +122,39 @@ fn exactly_one<T: std::fmt::Debug + Clone>(store: &dyn Dcs, what: &str, results:
     winners[0].clone()
 }
 
+/// Calls `$m!(check, check, ...)` with the name of every conformance check, so each
+/// implementation's test file can generate one test per check from this single list:
+///
+/// ```ignore
+/// macro_rules! tests { ($($check:ident),* $(,)?) => { $( /* a #[tokio::test] per check */ )* } }
+/// pgkeel_dcs::for_each_conformance_check!(tests);
+/// ```
+#[macro_export]
+macro_rules! for_each_conformance_check {
+    ($m:ident) => {
+        $m!(
+            describe_is_set,
+            put_get_list,
+            revisions,
+            create_once,
+            concurrent_create,
+            compare_and_set,
+            concurrent_compare_and_set,
+            delete,
+            ttl_expiry,
+            ttl_renewal,
+            watch_change,
+            watch_timeout,
+            watch_expiry,
+            watch_absent_until_created,
+            cluster_leader_terms,
+            cluster_leader_expiry,
+            cluster_concurrent_acquire,
+            cluster_load,
+        );
+    };
+}
+
 /// Run every check, concurrently, each under its own sub-prefix of `prefix`; panics naming
 /// the checks that failed (each failure's own message is printed as it happens).
 pub async fn run_all(store: Arc<dyn Dcs>, prefix: &str) {
@@ -133,26 +166,7 @@ pub async fn run_all(store: Arc<dyn Dcs>, prefix: &str) {
             handles.push((stringify!($check), tokio::spawn(async move { $check(store, &prefix).await })));
         })*};
     }
-    spawn_checks!(
-        describe_is_set,
-        put_get_list,
-        revisions,
-        create_once,
-        concurrent_create,
-        compare_and_set,
-        concurrent_compare_and_set,
-        delete,
-        ttl_expiry,
-        ttl_renewal,
-        watch_change,
-        watch_timeout,
-        watch_expiry,
-        watch_absent_until_created,
-        cluster_leader_terms,
-        cluster_leader_expiry,
-        cluster_concurrent_acquire,
-        cluster_load,
-    );
+    crate::for_each_conformance_check!(spawn_checks);
     let mut failed = Vec::new();
     for (name, handle) in handles {
         if let Err(e) = handle.await {

@@ -29,26 +29,7 @@ macro_rules! conformance_tests {
     )*};
 }
 
-conformance_tests!(
-    describe_is_set,
-    put_get_list,
-    revisions,
-    create_once,
-    concurrent_create,
-    compare_and_set,
-    concurrent_compare_and_set,
-    delete,
-    ttl_expiry,
-    ttl_renewal,
-    watch_change,
-    watch_timeout,
-    watch_expiry,
-    watch_absent_until_created,
-    cluster_leader_terms,
-    cluster_leader_expiry,
-    cluster_concurrent_acquire,
-    cluster_load,
-);
+pgkeel_dcs::for_each_conformance_check!(conformance_tests);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_all_checks_on_one_store() {

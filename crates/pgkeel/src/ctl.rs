@@ -67,32 +67,8 @@ const ACTION: Duration = Duration::from_secs(120);
 
 pub async fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::List { target, json } => {
-            let api = resolve(&target)?;
-            let r = api.call("GET", "/cluster", None, SHORT).await?;
-            if r.status != 200 {
-                return Err(fail(&r));
-            }
-            let v = r.json()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", render_list(&v));
-            }
-        }
-        Command::History { target, json } => {
-            let api = resolve(&target)?;
-            let r = api.call("GET", "/history", None, SHORT).await?;
-            if r.status != 200 {
-                return Err(fail(&r));
-            }
-            let v = r.json()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", render_history(&v));
-            }
-        }
+        Command::List { target, json } => show(&target, "/cluster", json, render_list).await?,
+        Command::History { target, json } => show(&target, "/history", json, render_history).await?,
         Command::Switchover { target, to, leader } => {
             let api = resolve(&target)?;
             let r =
@@ -115,6 +91,21 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Agent { .. } | Command::Up { .. } | Command::Down { .. } | Command::Config { .. } => {
             unreachable!("handled in main")
         }
+    }
+    Ok(())
+}
+
+/// GET a JSON document and print it as JSON or through `render`.
+async fn show(target: &Target, path: &str, json: bool, render: fn(&Value) -> String) -> anyhow::Result<()> {
+    let r = resolve(target)?.call("GET", path, None, SHORT).await?;
+    if r.status != 200 {
+        return Err(fail(&r));
+    }
+    let v = r.json()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", render(&v));
     }
     Ok(())
 }
