@@ -39,7 +39,6 @@ struct Lease {
 struct PgObservation {
     state: PgState,
     probe: Option<Probe>,
-    control: Option<ControlData>,
 }
 
 pub(crate) struct HaLoop {
@@ -62,6 +61,9 @@ pub(crate) struct HaLoop {
     conf_term: u64,
     /// Revision of the leader key as last seen, for the watch.
     leader_rev: Option<u64>,
+    /// System identifier of the local data directory; it only changes with a new data
+    /// directory, so it is read once instead of running pg_controldata every loop.
+    sysid: Option<String>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -116,6 +118,7 @@ impl HaLoop {
             following: None,
             conf_term: 0,
             leader_rev: None,
+            sysid: None,
         }
     }
 
@@ -224,12 +227,12 @@ impl HaLoop {
             settings: self.settings(&dynamic),
             cluster: snapshot.as_ref().map(cluster_view),
             pg: pg.state.clone(),
-            local_sysid: pg.control.as_ref().map(|c| c.system_identifier.clone()),
+            local_sysid: self.sysid.clone(),
             lease_deadline_ms: self.lease.as_ref().map(|l| l.deadline_ms),
             peers: None,
         };
-        if let Some(snap) = &snapshot {
-            self.publish_member(&pg, snap).await;
+        if snapshot.is_some() {
+            self.publish_member(&pg).await;
         }
         let mut decision = decide(&obs);
         if decision.action == Action::ProbePeers {
@@ -331,7 +334,8 @@ impl HaLoop {
     async fn observe_pg(&mut self, snap: Option<&ClusterSnapshot>) -> PgObservation {
         if !self.inst.is_initialized() {
             self.client = None;
-            return PgObservation { state: PgState::NoData, probe: None, control: None };
+            self.sysid = None;
+            return PgObservation { state: PgState::NoData, probe: None };
         }
         if let Some((_, handle)) = &self.starting {
             if handle.is_finished() {
@@ -344,14 +348,20 @@ impl HaLoop {
                 }
             }
         }
-        let control = self.inst.controldata().await.ok();
-        if self.inst.postmaster_pid().is_none() {
+        let running = self.inst.postmaster_pid().is_some();
+        // Controldata matters only while postgres is down (how it stopped, whether it can
+        // follow the leader) and once for the system identifier.
+        let control = if !running || self.sysid.is_none() { self.inst.controldata().await.ok() } else { None };
+        if let Some(c) = &control {
+            self.sysid = Some(c.system_identifier.clone());
+        }
+        if !running {
             self.client = None;
             self.unresponsive_since_ms = None;
             if let Some((since, _)) = &self.starting {
                 // The restart clock runs from the crash, not from this attempt.
                 let since_ms = self.down_since_ms.unwrap_or(*since);
-                return PgObservation { state: PgState::Starting { since_ms }, probe: None, control };
+                return PgObservation { state: PgState::Starting { since_ms }, probe: None };
             }
             if self.expect_running && self.down_since_ms.is_none() {
                 tracing::warn!("postgres is not running although the agent started it: treating it as crashed");
@@ -365,7 +375,6 @@ impl HaLoop {
             return PgObservation {
                 state: PgState::Stopped { was_primary, diverged, down_since_ms: self.down_since_ms },
                 probe: None,
-                control,
             };
         }
         match self.probe().await {
@@ -379,14 +388,14 @@ impl HaLoop {
                     (PgRole::Primary, p.current_lsn.unwrap_or(0))
                 };
                 let following = if p.in_recovery { self.following.clone() } else { None };
-                PgObservation { state: PgState::Running { role, lsn, following }, probe: Some(p), control }
+                PgObservation { state: PgState::Running { role, lsn, following }, probe: Some(p) }
             }
             Err(e) => {
                 tracing::debug!("postgres runs but does not answer yet: {e:#}");
                 let now = self.now_ms();
                 let since = *self.unresponsive_since_ms.get_or_insert(now);
                 let since_ms = self.down_since_ms.or(self.starting.as_ref().map(|(s, _)| *s)).unwrap_or(since);
-                PgObservation { state: PgState::Starting { since_ms }, probe: None, control }
+                PgObservation { state: PgState::Starting { since_ms }, probe: None }
             }
         }
     }
@@ -479,7 +488,7 @@ impl HaLoop {
         }
     }
 
-    async fn publish_member(&self, pg: &PgObservation, _snap: &ClusterSnapshot) {
+    async fn publish_member(&self, pg: &PgObservation) {
         let ttl = self.shared.dynamic().ttl;
         if let Err(e) = self.shared.store.put_member(&self.member_value(pg), ttl).await {
             tracing::warn!("failed to publish member state: {e}");
@@ -732,6 +741,7 @@ impl HaLoop {
             password: Some(pw),
         };
         tracing::info!("cloning from {leader} ({})", m.pg_address);
+        self.sysid = None;
         self.inst.basebackup(&src, None, LONG_OP).await.context("clone the leader's data directory")?;
         self.start_replica(Some(leader), snap).await
     }
@@ -914,12 +924,9 @@ impl HaLoop {
             self.shared.store.clear_failover().await?;
         }
         self.ensure_slots(snap).await?;
-        let pg = PgObservation {
-            state: PgState::Running { role: PgRole::Primary, lsn, following: None },
-            probe: Some(p),
-            control: None,
-        };
-        self.publish_member(&pg, snap).await;
+        let pg =
+            PgObservation { state: PgState::Running { role: PgRole::Primary, lsn, following: None }, probe: Some(p) };
+        self.publish_member(&pg).await;
         Ok(())
     }
 
