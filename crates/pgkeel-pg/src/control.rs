@@ -252,31 +252,7 @@ impl Instance {
     /// (`kill(pid, 0)` succeeds or fails with EPERM). On Linux, a zombie or a process that is
     /// not a postgres program (pid reused after a crash) counts as not running.
     pub fn postmaster_pid(&self) -> Option<i32> {
-        let text = fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
-        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-        if pid <= 0 {
-            return None;
-        }
-        // SAFETY: kill with signal 0 only checks for existence and permission.
-        if unsafe { libc::kill(pid, 0) } != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
-            return None;
-        }
-        if let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) {
-            // `pid (comm) state ...`; comm may itself contain spaces and parentheses.
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-                return Some(pid);
-            };
-            let comm = &stat[open + 1..close];
-            let state = stat[close + 1..].trim_start().chars().next();
-            if matches!(state, Some('Z') | Some('X')) {
-                return None;
-            }
-            if !comm.contains("postgres") && !comm.contains("postmaster") {
-                debug!(pid, comm, "postmaster.pid names a process that is not postgres");
-                return None;
-            }
-        }
-        Some(pid)
+        crate::process::postmaster_pid(&self.data())
     }
 
     /// Starts postgres with `pg_ctl start -w` and waits until it accepts connections (a

@@ -19,6 +19,7 @@ pub mod control;
 mod error;
 pub mod lsn;
 pub mod probe;
+pub mod process;
 mod quote;
 pub mod timeline;
 pub mod user;

@@ -31,11 +31,7 @@ where
     }
 }
 
-/// Whether a process exists.
-pub fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    unsafe { libc::kill(pid, 0) == 0 }
-}
+pub use pgkeel_pg::process::alive;
 
 /// Send a signal.
 pub fn signal(pid: i32, sig: i32) {
@@ -56,6 +52,7 @@ pub struct Cluster {
     /// Parsed `up.json`.
     pub info: Value,
     extra: Vec<Child>,
+    foreground: Option<Child>,
 }
 
 impl Cluster {
@@ -65,7 +62,7 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("pgkeel-test-").tempdir().expect("create a temp dir");
         // postgres runs as the `postgres` OS user when tests run as root: it must enter the dir.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod the temp dir");
-        let mut c = Cluster { dir, bin: bin.to_path_buf(), info: Value::Null, extra: Vec::new() };
+        let mut c = Cluster { dir, bin: bin.to_path_buf(), info: Value::Null, extra: Vec::new(), foreground: None };
         let out = c.cli(&["up", "--detach", "--nodes", &nodes.to_string(), "--dir", &c.dir_str()]);
         let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
@@ -75,6 +72,52 @@ impl Cluster {
         let up = std::fs::read_to_string(c.dir.path().join("up.json")).expect("up.json written");
         c.info = serde_json::from_str(&up).expect("up.json parses");
         c
+    }
+
+    /// Start `pgkeel up` in the foreground (as a user would, status line on stdout) and wait
+    /// until every member streams.
+    pub async fn up_foreground(bin: &Path, nodes: u16) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("pgkeel-test-").tempdir().expect("create a temp dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod the temp dir");
+        let out = std::fs::File::create(dir.path().join("up.out")).expect("create up.out");
+        let child = Command::new(bin)
+            .args(["up", "--nodes", &nodes.to_string(), "--dir"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone"))
+            .stderr(out)
+            .spawn()
+            .expect("start pgkeel up");
+        let mut c =
+            Cluster { dir, bin: bin.to_path_buf(), info: Value::Null, extra: Vec::new(), foreground: Some(child) };
+        let path = c.dir().join("up.json");
+        let text = wait_for("up.json", Duration::from_secs(30), || {
+            let path = path.clone();
+            async move { std::fs::read_to_string(path).ok() }
+        })
+        .await;
+        c.info = serde_json::from_str(&text).expect("up.json parses");
+        wait_for("every member streaming", Duration::from_secs(60), || async {
+            let v = c.cluster_json().await?;
+            let ms = v["members"].as_array()?;
+            (ms.len() == nodes as usize && ms.iter().all(|m| m["state"] == "streaming" || m["role"] == "leader"))
+                .then_some(())
+        })
+        .await;
+        c
+    }
+
+    /// Send SIGINT (Ctrl-C) to a foreground `up` and wait for it to exit; returns whether it
+    /// exited successfully, and what it printed.
+    pub async fn interrupt_foreground(&mut self) -> (bool, String) {
+        let mut child = self.foreground.take().expect("started with up_foreground");
+        signal(child.id() as i32, libc::SIGINT);
+        let status = wait_for("pgkeel up to exit after Ctrl-C", Duration::from_secs(60), || {
+            let r = child.try_wait().ok().flatten();
+            async move { r }
+        })
+        .await;
+        (status.success(), std::fs::read_to_string(self.dir().join("up.out")).unwrap_or_default())
     }
 
     /// The cluster directory.
@@ -189,7 +232,7 @@ impl Cluster {
 
     /// Pid of a member's postmaster.
     pub fn postmaster_pid(&self, name: &str) -> Option<i32> {
-        read_pid(&self.dir().join("nodes").join(name).join("data/postmaster.pid")).filter(|p| alive(*p))
+        pgkeel_pg::process::postmaster_pid(&self.dir().join("nodes").join(name).join("data"))
     }
 
     /// SIGKILL a member's agent.
@@ -252,7 +295,7 @@ impl Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for c in &mut self.extra {
+        for c in self.extra.iter_mut().chain(self.foreground.as_mut()) {
             let _ = c.kill();
             let _ = c.wait();
         }

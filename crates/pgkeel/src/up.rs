@@ -87,10 +87,7 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
 
 fn pid_alive(pid_file: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    let alive =
-        unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    alive.then_some(pid)
+    pgkeel_pg::process::alive(pid).then_some(pid)
 }
 
 /// When running as root, postgres runs as `os_user`, which must be able to reach `dir`.
@@ -241,7 +238,12 @@ pub async fn up(dir: &Path, nodes: u16, cluster: &str, detach: bool) -> anyhow::
     }
     eprintln!("Ctrl-C stops the cluster; `pgkeel up --dir {}` resumes it.", dir.display());
     status_until_signal(&info, &mut children).await;
-    down(&dir).await
+    let result = down(&dir).await;
+    // The agents are our children: reap them so none lingers as a zombie.
+    for (_, child) in &mut children {
+        let _ = child.wait();
+    }
+    result
 }
 
 fn print_endpoints(info: &UpInfo) {
@@ -348,13 +350,6 @@ fn signal_pid(pid: i32, sig: i32) {
     }
 }
 
-fn postmaster_pid(data_dir: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
-    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-    // SAFETY: signal 0 only checks existence.
-    (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
-}
-
 /// `pgkeel down`: stop every agent (they stop their postgres and release the leader key), then
 /// any postgres whose agent was already gone.
 pub async fn down(dir: &Path) -> anyhow::Result<()> {
@@ -382,16 +377,18 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
         }
     }
     // Postgres left behind by an agent that was killed: fast shutdown (SIGINT), then immediate.
-    let orphans: Vec<i32> = info.nodes.iter().filter_map(|n| postmaster_pid(&n.data_dir)).collect();
+    let orphans: Vec<i32> = info.nodes.iter().filter_map(|n| pgkeel_pg::process::postmaster_pid(&n.data_dir)).collect();
     for &pid in &orphans {
         signal_pid(pid, libc::SIGINT);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline && info.nodes.iter().any(|n| postmaster_pid(&n.data_dir).is_some()) {
+    while Instant::now() < deadline
+        && info.nodes.iter().any(|n| pgkeel_pg::process::postmaster_pid(&n.data_dir).is_some())
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for n in &info.nodes {
-        if let Some(pid) = postmaster_pid(&n.data_dir) {
+        if let Some(pid) = pgkeel_pg::process::postmaster_pid(&n.data_dir) {
             signal_pid(pid, libc::SIGQUIT);
         }
     }

@@ -208,3 +208,30 @@ async fn up_resumes_the_same_cluster() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming"));
     assert_eq!(psql(&c.node_dsn(&leader), "select x from keep").unwrap(), "42");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_in_the_foreground_shows_status_and_ctrl_c_stops_everything() {
+    let mut c = Cluster::up_foreground(bin(), 2).await;
+    let nodes = c.nodes();
+    let pids: Vec<i32> = nodes.iter().flat_map(|n| [c.agent_pid(n), c.postmaster_pid(n)]).flatten().collect();
+    assert_eq!(pids.len(), 4, "two agents and two postmasters run");
+    // The live status line names every member.
+    let out = c.dir().join("up.out");
+    wait_for("a status line", Duration::from_secs(10), || {
+        let out = out.clone();
+        async move {
+            std::fs::read_to_string(out)
+                .ok()?
+                .lines()
+                .any(|l| l.starts_with("term 1 |") && l.contains("streaming"))
+                .then_some(())
+        }
+    })
+    .await;
+    let (ok, text) = c.interrupt_foreground().await;
+    assert!(ok, "pgkeel up exits 0 after Ctrl-C:\n{text}");
+    assert!(text.contains("stopped"), "{text}");
+    for p in pids {
+        assert!(!pgkeel_testkit::alive(p), "process {p} still runs after Ctrl-C:\n{text}");
+    }
+}
