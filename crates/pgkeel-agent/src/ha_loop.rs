@@ -23,6 +23,7 @@ use pgkeel_pg::user::RunAs;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::guard::{monotonic_ms, GuardHandle, Order};
 use crate::{unix_ms, Shared, LONG_OP};
 
 /// The lease this agent holds on the leader key.
@@ -64,6 +65,10 @@ pub(crate) struct HaLoop {
     /// System identifier of the local data directory; it only changes with a new data
     /// directory, so it is read once instead of running pg_controldata every loop.
     sysid: Option<String>,
+    /// The fencing guard of this node.
+    guard: GuardHandle,
+    /// Postgres may be running as a primary: the guard must stay armed until this is false.
+    maybe_primary: bool,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -95,6 +100,7 @@ impl HaLoop {
         let cfg = &shared.config;
         let node_dir = cfg.data_dir.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| cfg.data_dir.clone());
         let port = split_host_port(&cfg.postgres.listen).map(|(_, p)| p).unwrap_or(5432);
+        let guard = GuardHandle::new(&node_dir, &cfg.data_dir);
         let inst = Instance {
             bins,
             data_dir: cfg.data_dir.clone(),
@@ -119,6 +125,8 @@ impl HaLoop {
             conf_term: 0,
             leader_rev: None,
             sysid: None,
+            guard,
+            maybe_primary: true,
         }
     }
 
@@ -132,6 +140,7 @@ impl HaLoop {
 
     pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         self.prepare_dirs()?;
+        self.guard.ensure_running()?;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -253,7 +262,10 @@ impl HaLoop {
             }
             return false;
         };
-        match self.execute(&decision, &snap, &pg, &dynamic).await {
+        let result = self.execute(&decision, &snap, &pg, &dynamic).await;
+        self.track_primary(&decision.action, &pg.state, result.is_ok());
+        self.sync_guard(&dynamic);
+        match result {
             Ok(again) => {
                 if matches!(decision.action, Action::Idle | Action::Renew) {
                     if let Err(e) = self.refresh_conf(&snap, &pg, &dynamic).await {
@@ -266,6 +278,42 @@ impl HaLoop {
                 tracing::error!("failed to {}: {e:#}", action_verb(&decision.action));
                 false
             }
+        }
+    }
+
+    /// Keep `maybe_primary` true from the moment postgres may accept writes until the agent
+    /// has seen or made it a replica or stopped.
+    fn track_primary(&mut self, action: &Action, observed: &PgState, done: bool) {
+        self.maybe_primary = match (action, done) {
+            (Action::Promote { .. } | Action::RestartPrimary | Action::Bootstrap, _) => true,
+            (Action::Demote | Action::Release, _) => false,
+            (Action::StepDown | Action::StartReplica { .. } | Action::Clone { .. } | Action::Reclone { .. }, true) => {
+                false
+            }
+            _ => match observed {
+                PgState::Running { role: PgRole::Primary, .. } => true,
+                PgState::Running { role: PgRole::Replica, .. } | PgState::NoData => false,
+                PgState::Stopped { .. } => self.inst.postmaster_pid().is_some(),
+                PgState::Starting { .. } => self.maybe_primary,
+            },
+        };
+    }
+
+    /// Arm the guard with the current lease; disarm it only once postgres cannot be a primary.
+    fn sync_guard(&mut self, d: &DynamicConfig) {
+        if let Err(e) = self.guard.ensure_running() {
+            tracing::error!("failed to start the fencing guard: {e:#}");
+        }
+        match &self.lease {
+            Some(l) => {
+                let margin = self.settings(d).demote_margin_ms() / 2;
+                let left = l.deadline_ms.saturating_sub(self.now_ms()).saturating_sub(margin);
+                self.guard.tell(Order::Armed { fence_at_ms: monotonic_ms() + left, term: l.value.term });
+            }
+            None if !self.maybe_primary => self.guard.tell(Order::Disarmed),
+            // Lease gone but postgres may still be primary: the last armed order stands, so the
+            // guard fences if this agent does not demote in time.
+            None => {}
         }
     }
 
@@ -695,6 +743,8 @@ impl HaLoop {
             .await?
             .context("another member took the leader key during bootstrap")?;
         self.lease = Some(Lease { value: value.clone(), revision, deadline_ms: t0 + ms(ttl) });
+        self.maybe_primary = true;
+        self.sync_guard(d);
         if value.term != 1 {
             let conf = self.managed_conf(None, value.term, d)?;
             self.write_conf(&conf)?;
@@ -874,6 +924,9 @@ impl HaLoop {
                 Some((value, revision)) => {
                     tracing::info!(term = value.term, "took the leader key");
                     self.lease = Some(Lease { value, revision, deadline_ms: t0 + ms(d.ttl) });
+                    // Armed before postgres accepts its first write as primary.
+                    self.maybe_primary = true;
+                    self.sync_guard(d);
                 }
                 None => {
                     tracing::info!("another member took the leader key first");
@@ -1002,6 +1055,9 @@ impl HaLoop {
             }
         }
         let _ = self.shared.store.delete_member(self.me()).await;
+        if self.inst.postmaster_pid().is_none() {
+            self.guard.tell(Order::Exit);
+        }
     }
 }
 

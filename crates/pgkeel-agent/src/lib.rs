@@ -8,6 +8,7 @@
 //! - `rest` owns the HTTP API (health, state, actions, metrics).
 //! - [`http`] is the small client the CLI and the peer probe use.
 
+pub mod guard;
 mod ha_loop;
 pub mod http;
 pub use ha_loop::random_password;

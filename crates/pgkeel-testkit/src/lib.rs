@@ -306,6 +306,9 @@ impl Cluster {
             if let Some(p) = self.postmaster_pid(&n) {
                 signal(p, libc::SIGKILL);
             }
+            if let Some(p) = read_pid(&self.dir().join("nodes").join(&n).join("guard.pid")).filter(|p| alive(*p)) {
+                signal(p, libc::SIGKILL);
+            }
         }
     }
 }
@@ -348,11 +351,26 @@ pub struct Writer {
     handle: tokio::task::JoinHandle<WriterReport>,
 }
 
+/// One acknowledged insert.
+#[derive(Debug, Clone, Copy)]
+pub struct Ack {
+    /// Row id.
+    pub id: i64,
+    /// `pgkeel.term` of the server that acknowledged it.
+    pub term: i64,
+    /// When the acknowledgement arrived (unix ms; comparable with history times).
+    pub unix_ms: u64,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// What a [`Writer`] saw.
 #[derive(Debug, Default, Clone)]
 pub struct WriterReport {
-    /// Ids whose insert was acknowledged, with the term it was written under.
-    pub acked: Vec<(i64, i64)>,
+    /// Acknowledged inserts, in order.
+    pub acked: Vec<Ack>,
     /// Failed attempts.
     pub errors: u64,
     /// Longest time without an acknowledged write.
@@ -362,12 +380,17 @@ pub struct WriterReport {
 impl Writer {
     /// Start writing into table `acked(id bigint primary key, term bigint)` every `interval`.
     pub fn start(dsn: String, interval: Duration) -> Writer {
+        Writer::start_at(dsn, interval, 0)
+    }
+
+    /// Like [`Writer::start`], with ids starting after `id_base` (for several writers).
+    pub fn start_at(dsn: String, interval: Duration, id_base: i64) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let handle = tokio::spawn(async move {
             let mut report = WriterReport::default();
             let mut client: Option<tokio_postgres::Client> = None;
-            let mut id = 0i64;
+            let mut id = id_base;
             let mut last_ok = Instant::now();
             while !s.load(Ordering::Relaxed) {
                 id += 1;
@@ -391,7 +414,7 @@ impl Writer {
                 };
                 match ok {
                     Some(term) => {
-                        report.acked.push((id, term));
+                        report.acked.push(Ack { id, term, unix_ms: unix_ms() });
                         report.longest_gap = report.longest_gap.max(last_ok.elapsed());
                         last_ok = Instant::now();
                     }

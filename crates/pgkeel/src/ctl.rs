@@ -88,7 +88,11 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
         }
         Command::Pause { target } => set_pause(&target, true).await?,
         Command::Resume { target } => set_pause(&target, false).await?,
-        Command::Agent { .. } | Command::Up { .. } | Command::Down { .. } | Command::Config { .. } => {
+        Command::Agent { .. }
+        | Command::Up { .. }
+        | Command::Down { .. }
+        | Command::Config { .. }
+        | Command::Guard { .. } => {
             unreachable!("handled in main")
         }
     }

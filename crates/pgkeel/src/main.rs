@@ -50,6 +50,16 @@ enum Command {
         #[arg(long)]
         detach: bool,
     },
+    /// The fencing guard of one node (started by its agent; not for direct use).
+    #[command(hide = true)]
+    Guard {
+        /// The node directory holding guard.lease.
+        #[arg(long)]
+        node_dir: PathBuf,
+        /// The postgres data directory to fence.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Stop a cluster started with `pgkeel up --detach`.
     Down {
         /// The cluster's directory.
@@ -206,6 +216,7 @@ fn main() -> ExitCode {
             report(runtime().block_on(up::up(&dir, nodes, &cluster, detach)))
         }
         Command::Down { dir } => report(runtime().block_on(up::down(&dir))),
+        Command::Guard { node_dir, data_dir } => report(pgkeel_agent::guard::run(&node_dir, &data_dir)),
         other => report(runtime().block_on(ctl::run(other))),
     }
 }

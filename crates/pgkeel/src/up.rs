@@ -392,6 +392,12 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
             signal_pid(pid, libc::SIGQUIT);
         }
     }
+    // Guards exit by themselves after a clean agent shutdown; stop any left by a killed agent.
+    for n in &info.nodes {
+        if let Some(pid) = pid_alive(&n.config.with_file_name(pgkeel_agent::guard::PID_FILE)) {
+            signal_pid(pid, libc::SIGTERM);
+        }
+    }
     eprintln!("cluster {:?} stopped", info.cluster);
     Ok(())
 }

@@ -69,12 +69,12 @@ async fn node_loss_promotes_best_replica_and_loses_no_acknowledged_write() {
     })
     .await;
     let report = writer.stop().await;
-    let ids: Vec<String> = report.acked.iter().map(|(id, _)| id.to_string()).collect();
+    let ids: Vec<String> = report.acked.iter().map(|a| a.id.to_string()).collect();
     let missing = psql(&dsn, &format!("select count(*) from unnest(array[{}]::bigint[]) a(id) where not exists (select 1 from acked where acked.id = a.id)", ids.join(","))).unwrap();
     assert_eq!(missing, "0", "acknowledged writes lost (of {} acked)", ids.len());
     assert!(
-        report.acked.iter().any(|(_, t)| *t == old_term as i64)
-            && report.acked.iter().any(|(_, t)| *t == new_term as i64)
+        report.acked.iter().any(|a| a.term == old_term as i64)
+            && report.acked.iter().any(|a| a.term == new_term as i64)
     );
     eprintln!(
         "writer: {} acked, {} failed attempts, longest gap {:?}",

@@ -1,0 +1,134 @@
+//! Fencing: a primary whose agent is killed or frozen stops accepting writes before its lease
+//! can expire for the others, enforced by the guard process outside the agent.
+//!
+//! Each test runs two writers: one through the multi-host read-write DSN (it follows the
+//! failover) and one pinned to the old primary. The old primary must acknowledge nothing after
+//! the new primary was promoted, and the multi-host writer never sees the old term again once
+//! it has seen the new one.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pgkeel_testkit::{psql, signal, wait_for, Cluster, Writer, WriterReport};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_pgkeel"))
+}
+
+/// The time (unix ms) the member `new` was promoted under `term`, from the history.
+async fn promotion_time(c: &Cluster, new: &str, term: u64) -> u64 {
+    let hist = c.api(new, "GET", "/history", None, false).await.json().unwrap();
+    let entry = hist
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["term"] == term)
+        .cloned()
+        .unwrap_or_else(|| panic!("no history for term {term}: {hist}"));
+    assert_eq!(entry["new_primary"], new);
+    entry["time_ms"].as_u64().unwrap()
+}
+
+fn check_no_overlap(old_term: u64, promoted_ms: u64, pinned: &WriterReport, multi: &WriterReport) {
+    let last_old = pinned.acked.iter().filter(|a| a.term == old_term as i64).map(|a| a.unix_ms).max().unwrap_or(0);
+    assert!(
+        pinned.acked.iter().all(|a| a.term == old_term as i64),
+        "the pinned writer only ever reached the old primary"
+    );
+    assert!(last_old > 0, "the old primary acknowledged writes before the fault");
+    assert!(
+        last_old < promoted_ms,
+        "the old primary acknowledged a write at {last_old}, after the new primary was promoted at {promoted_ms}"
+    );
+    let first_new = multi.acked.iter().position(|a| a.term > old_term as i64).expect("writes under the new term");
+    assert!(
+        multi.acked[first_new..].iter().all(|a| a.term > old_term as i64),
+        "a write under the old term was acknowledged after one under the new term"
+    );
+    eprintln!(
+        "old primary's last ack {} ms before the promotion; multi-host writer: {} acked, {} failed, longest gap {:?}",
+        promoted_ms - last_old,
+        multi.acked.len(),
+        multi.errors,
+        multi.longest_gap
+    );
+}
+
+async fn setup(c: &Cluster) -> (String, u64, Writer, Writer) {
+    let (old, term) = c.leader().await.expect("leader");
+    let others: Vec<String> = c.nodes().into_iter().filter(|n| *n != old).collect();
+    c.wait_streaming(&old, &others, Duration::from_secs(20)).await;
+    psql(&c.node_dsn(&old), "create table acked(id bigint primary key, term bigint not null)").unwrap();
+    let multi = Writer::start(c.primary_dsn(), Duration::from_millis(50));
+    let pinned = Writer::start_at(c.node_dsn(&old) + "?connect_timeout=1", Duration::from_millis(50), 1_000_000_000);
+    let dsn = c.node_dsn(&old);
+    wait_for("writes from both writers", Duration::from_secs(10), || {
+        let dsn = dsn.clone();
+        async move {
+            let n: i64 = psql(
+                &dsn,
+                "select count(*) filter (where id > 1000000000) * count(*) filter (where id < 1000000000) from acked",
+            )
+            .ok()?
+            .parse()
+            .ok()?;
+            (n > 0).then_some(())
+        }
+    })
+    .await;
+    (old, term, multi, pinned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_primary_agent_is_fenced_before_its_lease_expires() {
+    let c = Cluster::up(bin(), 3).await;
+    let (old, old_term, multi, pinned) = setup(&c).await;
+    let agent = c.agent_pid(&old).expect("agent pid");
+    let frozen_at = Instant::now();
+    signal(agent, libc::SIGSTOP);
+    let (new, new_term) =
+        wait_for("a new leader", Duration::from_secs(20), || async { c.leader().await.filter(|(n, _)| *n != old) })
+            .await;
+    assert!(new_term > old_term);
+    // Keep the agent frozen for 2 × ttl in all (the fault's length, not a synchronisation).
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(frozen_at.elapsed())).await;
+    signal(agent, libc::SIGCONT);
+    // After the thaw the old node rejoins as a replica of the new primary and accepts no write.
+    c.wait_streaming(&new, std::slice::from_ref(&old), Duration::from_secs(60)).await;
+    let err = psql(&c.node_dsn(&old), "insert into acked values (-1, 0)").unwrap_err();
+    assert!(err.contains("read-only"), "{err}");
+    let (multi, pinned) = (multi.stop().await, pinned.stop().await);
+    check_no_overlap(old_term, promotion_time(&c, &new, new_term).await, &pinned, &multi);
+    let log = std::fs::read_to_string(c.dir().join("nodes").join(&old).join("guard.log")).unwrap();
+    assert!(
+        log.contains(&format!("lease of term {old_term} not renewed in time: killed postgres")),
+        "guard log:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_primary_agent_is_fenced_and_rejoins() {
+    let mut c = Cluster::up(bin(), 3).await;
+    let (old, old_term, multi, pinned) = setup(&c).await;
+    let postmaster = c.postmaster_pid(&old).expect("postmaster");
+    c.kill_agent(&old);
+    let (new, new_term) =
+        wait_for("a new leader", Duration::from_secs(20), || async { c.leader().await.filter(|(n, _)| *n != old) })
+            .await;
+    assert!(new_term > old_term);
+    assert!(!pgkeel_testkit::alive(postmaster), "the guard stopped the old primary's postgres");
+    let dsn = c.node_dsn(&new);
+    wait_for("writes under the new term", Duration::from_secs(20), || {
+        let dsn = dsn.clone();
+        async move {
+            (psql(&dsn, &format!("select count(*) from acked where term = {new_term}")).ok()?.parse::<i64>().ok()? >= 5)
+                .then_some(())
+        }
+    })
+    .await;
+    let (multi, pinned) = (multi.stop().await, pinned.stop().await);
+    check_no_overlap(old_term, promotion_time(&c, &new, new_term).await, &pinned, &multi);
+    // The agent comes back, finds its fenced data diverged, and rejoins.
+    c.start_agent(&old);
+    c.wait_streaming(&new, std::slice::from_ref(&old), Duration::from_secs(60)).await;
+}
