@@ -4,7 +4,8 @@
 //! - `up.json`: endpoints (DSNs with the generated passwords, REST URLs) — written once;
 //! - `dcs/`: the local store shared by the agents;
 //! - `nodes/<name>/node.toml`, `agent.pid`, `agent.log`, `postgres.log`, `run/` (socket),
-//!   `data/` (the postgres data directory).
+//!   `data/` (the postgres data directory), `guard.pid`, `guard.log`, `guard.lease` (the
+//!   fencing guard).
 //!
 //! Each agent is a separate process in its own process group, so killing one is like losing a
 //! node, and Ctrl-C on the terminal reaches only `up`, which then stops the agents in order.
