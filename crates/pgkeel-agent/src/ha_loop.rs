@@ -287,7 +287,7 @@ impl HaLoop {
         self.maybe_primary = match (action, done) {
             (Action::Promote { .. } | Action::RestartPrimary | Action::Bootstrap, _) => true,
             (Action::Demote | Action::Release, _) => false,
-            (Action::StepDown | Action::StartReplica { .. } | Action::Clone { .. } | Action::Reclone { .. }, true) => {
+            (Action::StepDown | Action::StartReplica { .. } | Action::Clone { .. } | Action::Rewind { .. }, true) => {
                 false
             }
             _ => match observed {
@@ -593,11 +593,7 @@ impl HaLoop {
             Action::Idle | Action::ProbePeers => Ok(false),
             Action::Bootstrap => self.bootstrap(snap, d).await.map(|_| true),
             Action::Clone { leader } => self.clone_from(leader, snap).await.map(|_| true),
-            Action::Reclone { leader } => {
-                let old = self.inst.move_aside()?;
-                tracing::warn!("moved the diverged data directory aside to {}", old.display());
-                self.clone_from(leader, snap).await.map(|_| true)
-            }
+            Action::Rewind { leader } => self.rewind_or_reclone(leader, snap).await.map(|_| true),
             Action::StartReplica { leader } => self.start_replica(leader.as_deref(), snap).await.map(|_| false),
             Action::Follow { leader } => self.follow(leader, snap).await.map(|_| false),
             Action::Renew => self.renew(snap, pg, d).await.map(|_| false),
@@ -794,6 +790,39 @@ impl HaLoop {
         self.sysid = None;
         self.inst.basebackup(&src, None, LONG_OP).await.context("clone the leader's data directory")?;
         self.start_replica(Some(leader), snap).await
+    }
+
+    /// A former primary whose timeline diverged: pg_rewind onto the leader's timeline (fast,
+    /// copies only what changed), else move the data aside and clone afresh.
+    async fn rewind_or_reclone(&mut self, leader: &str, snap: &ClusterSnapshot) -> anyhow::Result<()> {
+        match self.rewind(leader, snap).await {
+            Ok(()) => self.start_replica(Some(leader), snap).await,
+            Err(e) => {
+                tracing::warn!("pg_rewind did not work ({e:#}); re-cloning instead");
+                let old = self.inst.move_aside()?;
+                tracing::warn!("moved the diverged data directory aside to {}", old.display());
+                self.clone_from(leader, snap).await
+            }
+        }
+    }
+
+    async fn rewind(&mut self, leader: &str, snap: &ClusterSnapshot) -> anyhow::Result<()> {
+        let su = &self.shared.config.postgres.superuser;
+        let password =
+            su.password.clone().context("pg_rewind connects as the superuser: set postgres.superuser.password")?;
+        let m = snap.member(leader).with_context(|| format!("leader {leader} has no member record"))?;
+        let (host, port) = split_host_port(&m.pg_address)?;
+        let src = SourceConn { host, port, user: su.username.clone(), password: Some(password) };
+        let control = self.inst.controldata().await?;
+        if control.state != "shut down" && control.state != "shut down in recovery" {
+            // pg_rewind needs a clean shutdown; a killed or fenced primary had none.
+            self.inst.set_standby(false)?;
+            self.inst.recover_single_user(LONG_OP).await.context("crash recovery before pg_rewind")?;
+        }
+        Instance::checkpoint_source(&src, LONG_OP).await?;
+        self.inst.rewind(&src, LONG_OP).await?;
+        tracing::warn!("rewound onto {leader}'s timeline");
+        Ok(())
     }
 
     async fn start_replica(&mut self, leader: Option<&str>, snap: &ClusterSnapshot) -> anyhow::Result<()> {
@@ -1066,7 +1095,7 @@ fn action_verb(a: &Action) -> &'static str {
         Action::Idle | Action::ProbePeers => "wait",
         Action::Bootstrap => "bootstrap the cluster",
         Action::Clone { .. } => "clone from the leader",
-        Action::Reclone { .. } => "re-clone from the leader",
+        Action::Rewind { .. } => "rewind onto the leader's timeline",
         Action::StartReplica { .. } => "start as a replica",
         Action::Follow { .. } => "follow the new leader",
         Action::Renew => "renew the leader lease",
@@ -1109,7 +1138,8 @@ fn diverged(c: &ControlData, snap: &ClusterSnapshot) -> bool {
             ),
             None => true,
         },
-        // Crashed while primary: its WAL end is unknown and may hold unreplicated writes.
+        // Crashed while primary: its WAL end is unknown and may hold unreplicated writes; a
+        // rewind costs little when nothing diverged.
         _ => true,
     }
 }

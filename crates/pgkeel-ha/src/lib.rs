@@ -16,7 +16,8 @@
 //!    `primary_start_timeout` (else release the key), promote if postgres is still a replica,
 //!    step down for a requested switchover.
 //! 6. The leader key is someone else's: a primary demotes; a replica follows it; a stopped node
-//!    starts as a replica, re-cloning first when its timeline diverged.
+//!    starts as a replica, rewinding first (re-cloning if that fails) when its timeline
+//!    diverged.
 //! 7. No leader key: a primary demotes (it has no lease); a stopped node starts as a replica (it
 //!    never starts as primary without the key); a running replica that is a candidate probes its
 //!    peers in parallel and races only if no primary is alive and no eligible peer is better
@@ -85,8 +86,8 @@ pub enum PgState {
     Stopped {
         /// Controldata says it was a primary when it stopped (`in production` or `shut down`).
         was_primary: bool,
-        /// Its WAL is not a prefix of the current leader's timeline: it must be re-cloned
-        /// (pg_rewind arrives in the next release).
+        /// Its WAL is not a prefix of the current leader's timeline: it must be rewound (or
+        /// re-cloned).
         diverged: bool,
         /// When the agent first saw it down without having stopped it (crash), monotonic ms.
         down_since_ms: Option<u64>,
@@ -244,8 +245,9 @@ pub enum Action {
         /// Source.
         leader: String,
     },
-    /// Move the diverged data directory aside and clone from `leader`.
-    Reclone {
+    /// Rewind the diverged data directory onto `leader`'s timeline (pg_rewind); when that
+    /// fails, move it aside and clone afresh.
+    Rewind {
         /// Source.
         leader: String,
     },
@@ -422,8 +424,8 @@ fn leader_is_other(o: &Observation, l: &LeaderKey) -> Decision {
                 d(Action::Idle, "paused: postgres is down, not starting it")
             } else if *diverged {
                 d(
-                    Action::Reclone { leader: l.holder.clone() },
-                    format!("timeline diverged from leader {}: re-cloning", l.holder),
+                    Action::Rewind { leader: l.holder.clone() },
+                    format!("timeline diverged from leader {}: rewinding", l.holder),
                 )
             } else {
                 d(

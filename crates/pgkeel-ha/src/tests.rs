@@ -154,8 +154,8 @@ fn rules_table() {
             obs(Some(cluster(Some(("n3", 5)), &three)), replica(10, Some("n1"))), Action::Follow { leader: "n3".into() }),
         ("stopped node starts as replica of the leader",
             obs(Some(cluster(Some(("n1", 4)), &three)), stopped()), Action::StartReplica { leader: Some("n1".into()) }),
-        ("stopped former primary with a diverged timeline re-clones",
-            obs(Some(cluster(Some(("n1", 4)), &three)), PgState::Stopped { was_primary: true, diverged: true, down_since_ms: None }), Action::Reclone { leader: "n1".into() }),
+        ("stopped former primary with a diverged timeline rewinds",
+            obs(Some(cluster(Some(("n1", 4)), &three)), PgState::Stopped { was_primary: true, diverged: true, down_since_ms: None }), Action::Rewind { leader: "n1".into() }),
         ("stopped node in pause stays down",
             with(obs(Some(cluster(Some(("n1", 4)), &three)), stopped()), |o| o.settings.pause = true), Action::Idle),
         // Rule 7: no leader key.

@@ -13,7 +13,7 @@ use tracing::debug;
 use crate::PgError;
 
 /// Programs every node needs. `pg_rewind` is used when present but is not required.
-pub const REQUIRED: [&str; 5] = ["postgres", "initdb", "pg_ctl", "pg_basebackup", "pg_controldata"];
+pub const REQUIRED: [&str; 6] = ["postgres", "initdb", "pg_ctl", "pg_basebackup", "pg_controldata", "pg_rewind"];
 
 /// Oldest supported major version: the managed configuration uses `wal_keep_size` and
 /// reloadable `primary_conninfo`, both new in PostgreSQL 13.

@@ -419,6 +419,71 @@ impl Instance {
         Ok(())
     }
 
+    /// Runs crash recovery in single-user mode and exits: pg_rewind refuses a data directory
+    /// whose postgres did not shut down cleanly, and a fenced or crashed primary did not.
+    pub async fn recover_single_user(&self, timeout: Duration) -> Result<(), PgError> {
+        let args: Vec<OsString> = vec![
+            "--single".into(),
+            "-F".into(),
+            "-D".into(),
+            self.data().into(),
+            "-c".into(),
+            "archive_mode=off".into(),
+            "postgres".into(),
+        ];
+        let shown = display_command("postgres", &args);
+        info!(data_dir = %self.data().display(), "crash recovery in single-user mode before pg_rewind");
+        // stdin is /dev/null: single-user mode finishes recovery, reads EOF and shuts down.
+        let out = run(self.command("postgres", &args), &shown, timeout, true).await?;
+        check_status(&shown, out).map(|_| ())
+    }
+
+    /// Runs `CHECKPOINT` on `source` (a superuser connection). Right after a promotion the
+    /// new primary's control file still names the old timeline until its first checkpoint
+    /// completes, and pg_rewind would then conclude "no rewind required" and leave the
+    /// diverged WAL in place.
+    pub async fn checkpoint_source(source: &SourceConn, timeout: Duration) -> Result<(), PgError> {
+        let conninfo = format!("{} dbname=postgres", source.conninfo("pgkeel_rewind"));
+        let work = async {
+            let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| PgError::sql("connecting to the new primary for CHECKPOINT", e))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client.batch_execute("CHECKPOINT").await.map_err(|e| PgError::sql("CHECKPOINT on the new primary", e))
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| PgError::Timeout { what: "CHECKPOINT on the new primary".into(), after: timeout })?
+    }
+
+    /// Rewinds this (stopped, cleanly shut down) data directory onto `source`'s timeline with
+    /// `pg_rewind`; `source` must be a superuser connection to the new primary. The data
+    /// directory then needs standby configuration before it starts.
+    pub async fn rewind(&self, source: &SourceConn, timeout: Duration) -> Result<(), PgError> {
+        // The password travels in the environment, never on the command line.
+        let without_password = SourceConn { password: None, ..source.clone() };
+        let args: Vec<OsString> = vec![
+            "--target-pgdata".into(),
+            self.data().into(),
+            "--source-server".into(),
+            without_password.conninfo("pgkeel_rewind").into(),
+            "--no-sync".into(),
+        ];
+        let shown = display_command("pg_rewind", &args);
+        info!(host = %source.host, port = source.port, data_dir = %self.data().display(), "rewinding onto the new primary's timeline (pg_rewind)");
+        let mut cmd = self.command("pg_rewind", &args);
+        cmd.env("PGCONNECT_TIMEOUT", "10");
+        if let Some(pw) = &source.password {
+            cmd.env("PGPASSWORD", pw);
+        }
+        let out = run(cmd, &shown, timeout, true).await?;
+        check_status(&shown, out).map(|_| ())?;
+        info!(data_dir = %self.data().display(), "rewind finished");
+        Ok(())
+    }
+
     /// Renames the data directory to `<data_dir>.old` (replacing an older `.old`) and returns
     /// the new path: done before a fresh clone so that nothing is silently lost. Refused
     /// while postgres runs from it.

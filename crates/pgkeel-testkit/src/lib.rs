@@ -269,15 +269,17 @@ impl Cluster {
         self.extra.push(child);
     }
 
-    /// Print every agent log (for failing tests).
+    /// Print the end of every agent, postgres and guard log (for failing tests).
     pub fn dump_logs(&self) {
         for n in std::fs::read_dir(self.dir().join("nodes")).into_iter().flatten().flatten() {
-            let p = n.path().join("agent.log");
-            if let Ok(text) = std::fs::read_to_string(&p) {
-                let tail: Vec<&str> = text.lines().rev().take(60).collect();
-                eprintln!("==== {} (last 60 lines)", p.display());
-                for l in tail.iter().rev() {
-                    eprintln!("{l}");
+            for (file, lines) in [("agent.log", 60), ("postgres.log", 25), ("guard.log", 10)] {
+                let p = n.path().join(file);
+                if let Ok(text) = std::fs::read_to_string(&p) {
+                    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+                    eprintln!("==== {} (last {lines} lines)", p.display());
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
                 }
             }
         }

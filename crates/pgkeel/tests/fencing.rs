@@ -128,7 +128,16 @@ async fn killed_primary_agent_is_fenced_and_rejoins() {
     .await;
     let (multi, pinned) = (multi.stop().await, pinned.stop().await);
     check_no_overlap(old_term, promotion_time(&c, &new, new_term).await, &pinned, &multi);
-    // The agent comes back, finds its fenced data diverged, and rejoins.
+    // The agent comes back and finds its fenced data diverged. Its node.toml now has a wrong
+    // superuser password, so pg_rewind fails: it falls back to a fresh clone, keeping the old
+    // data directory aside, and rejoins.
+    let toml = c.dir().join("nodes").join(&old).join("node.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    let pw = c.info["superuser"]["password"].as_str().unwrap();
+    std::fs::write(&toml, text.replacen(pw, "wrong-password", 1)).unwrap();
     c.start_agent(&old);
     c.wait_streaming(&new, std::slice::from_ref(&old), Duration::from_secs(60)).await;
+    let log = std::fs::read_to_string(c.dir().join("nodes").join(&old).join("agent.log")).unwrap();
+    assert!(log.contains("pg_rewind did not work"), "{log}");
+    assert!(c.dir().join("nodes").join(&old).join("data.old").join("PG_VERSION").exists(), "old data kept aside");
 }

@@ -90,9 +90,13 @@ async fn node_loss_promotes_best_replica_and_loses_no_acknowledged_write() {
     assert_eq!(last["new_primary"], new.as_str());
     assert_eq!(last["old_primary"], old.as_str());
 
-    // The lost node comes back as a replica of the new primary.
+    // The lost node comes back as a replica of the new primary: its timeline diverged (it was
+    // killed as primary), so it is rewound with pg_rewind, not re-cloned.
     c.start_agent(&old);
     c.wait_streaming(&new, std::slice::from_ref(&old), Duration::from_secs(40)).await;
+    let log = std::fs::read_to_string(c.dir().join("nodes").join(&old).join("agent.log")).unwrap();
+    assert!(log.contains(&format!("rewound onto {new}'s timeline")), "expected a rewind:\n{log}");
+    assert!(!c.dir().join("nodes").join(&old).join("data.old").exists(), "no re-clone after a successful rewind");
     let count = psql(&dsn, "select count(*) from acked").unwrap();
     let dsn_old = c.node_dsn(&old);
     wait_for("rejoined node has every row", Duration::from_secs(10), || {
