@@ -71,6 +71,18 @@ pub async fn request(
     auth: Option<&Auth>,
     timeout: Duration,
 ) -> anyhow::Result<Response> {
+    request_with_headers(method, url, body, auth, &[], timeout).await
+}
+
+/// [`request`] with extra headers (e.g. `If-Match`).
+pub async fn request_with_headers(
+    method: &str,
+    url: &str,
+    body: Option<&serde_json::Value>,
+    auth: Option<&Auth>,
+    headers: &[(&str, String)],
+    timeout: Duration,
+) -> anyhow::Result<Response> {
     let (authority, path) = split_url(url)?;
     let fut = async {
         let stream = tokio::net::TcpStream::connect(&authority).await?;
@@ -87,6 +99,9 @@ pub async fn request(
             .header("user-agent", concat!("pgkeel/", env!("CARGO_PKG_VERSION")));
         if body.is_some() {
             req = req.header("content-type", "application/json");
+        }
+        for (k, v) in headers {
+            req = req.header(*k, v);
         }
         if let Some(a) = auth {
             let token = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", a.username, a.password));

@@ -6,7 +6,8 @@
 //!   `/liveness`, `/readiness`.
 //! - State (GET, JSON): `/node` (also `/patroni`), `/cluster`, `/history`, `/config`; `/metrics`
 //!   (Prometheus text).
-//! - Actions (Basic auth): `POST /switchover`, `POST /failover`, `PATCH /config`.
+//! - Actions (Basic auth): `POST /switchover`, `POST /failover`, `PATCH /config` (merge patch),
+//!   `PUT /config` (replace); both config writes honour `If-Match: <version>`.
 //!
 //! Handlers read the loop's published [`NodeStatus`]; `/cluster`, `/history` and `/config` read
 //! the DCS fresh. Actions write the DCS and wake the loop; they never touch postgres directly.
@@ -177,12 +178,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         (Method::GET, "/metrics") => metrics(&shared).await,
         (Method::POST, "/switchover") => action(&shared, req, Kind::Switchover).await,
         (Method::POST, "/failover") => action(&shared, req, Kind::Failover).await,
-        (Method::PATCH, "/config") => patch_config(&shared, req).await,
+        (Method::PATCH, "/config") => write_config(&shared, req, false).await,
+        (Method::PUT, "/config") => write_config(&shared, req, true).await,
         (_, "/node" | "/patroni" | "/cluster" | "/history" | "/metrics") => {
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers GET"))
         }
         (_, "/switchover" | "/failover") => error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers POST")),
-        (_, "/config") => error(StatusCode::METHOD_NOT_ALLOWED, "/config answers GET and PATCH"),
+        (_, "/config") => error(StatusCode::METHOD_NOT_ALLOWED, "/config answers GET, PATCH and PUT"),
         _ => error(StatusCode::NOT_FOUND, format!("no endpoint {path}; see docs/rest-api.md")),
     }
 }
@@ -505,19 +507,35 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
-async fn patch_config(shared: &Shared, req: Request<Incoming>) -> Resp {
+/// The version a client read (`If-Match: 42` or `If-Match: "42"`), if it sent one.
+fn if_match(req: &Request<Incoming>) -> Result<Option<u64>, ApiError> {
+    let Some(h) = req.headers().get("if-match") else { return Ok(None) };
+    h.to_str()
+        .ok()
+        .map(|v| v.trim().trim_matches('"'))
+        .and_then(|v| v.parse().ok())
+        .map(Some)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "If-Match must be the config version, e.g. If-Match: 42"))
+}
+
+/// `PATCH /config` (JSON merge patch) and `PUT /config` (whole replacement). Both validate
+/// the result, honour `If-Match: <version>` and write with compare-and-set, so a concurrent
+/// change is a 409, never a lost update.
+async fn write_config(shared: &Shared, req: Request<Incoming>, replace: bool) -> Resp {
     if let Err(e) = check_auth(shared, &req) {
         return e.into();
     }
+    let expected = match if_match(&req) {
+        Ok(v) => v,
+        Err(e) => return e.into(),
+    };
     let body = match read_json(req).await {
         Ok(b) => b,
         Err(e) => return e.into(),
     };
     if !body.is_object() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "request body must be a JSON object (a merge patch of the cluster config)",
-        );
+        let what = if replace { "the whole cluster config" } else { "a merge patch of the cluster config" };
+        return error(StatusCode::BAD_REQUEST, format!("request body must be a JSON object ({what})"));
     }
     let snap = match load(shared).await {
         Ok(s) => s,
@@ -529,8 +547,22 @@ async fn patch_config(shared: &Shared, req: Request<Incoming>) -> Resp {
             "no cluster config in the DCS yet (the cluster is not bootstrapped)",
         );
     };
-    let mut merged = cur.value.clone();
-    merge(&mut merged, &body);
+    if let Some(v) = expected.filter(|v| *v != cur.revision) {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "the config changed since version {v} (it is now version {}); read it again and retry",
+                cur.revision
+            ),
+        );
+    }
+    let merged = if replace {
+        body
+    } else {
+        let mut m = cur.value.clone();
+        merge(&mut m, &body);
+        m
+    };
     let parsed = match DynamicConfig::from_json(&merged) {
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),

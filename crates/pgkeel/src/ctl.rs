@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use pgkeel_agent::http::{request, Auth, Response};
+use pgkeel_agent::http::{request_with_headers, Auth, Response};
 use serde_json::{json, Value};
 
 use crate::{Command, Target};
@@ -46,9 +46,22 @@ impl Api {
         body: Option<&Value>,
         timeout: Duration,
     ) -> anyhow::Result<Response> {
+        self.call_with(method, path, body, &[], timeout).await
+    }
+
+    async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, String)],
+        timeout: Duration,
+    ) -> anyhow::Result<Response> {
         let mut errors = Vec::new();
         for base in &self.urls {
-            match request(method, &format!("{base}{path}"), body, self.auth.as_ref(), timeout).await {
+            match request_with_headers(method, &format!("{base}{path}"), body, self.auth.as_ref(), headers, timeout)
+                .await
+            {
                 Ok(r) => return Ok(r),
                 Err(e) => errors.push(format!("{e:#}")),
             }
@@ -111,6 +124,106 @@ async fn show(target: &Target, path: &str, json: bool, render: fn(&Value) -> Str
     } else {
         print!("{}", render(&v));
     }
+    Ok(())
+}
+
+/// The cluster config and its version.
+async fn get_config(api: &Api) -> anyhow::Result<(Value, u64)> {
+    let r = api.call("GET", "/config", None, SHORT).await?;
+    if r.status != 200 {
+        return Err(fail(&r));
+    }
+    let v = r.json()?;
+    let version = v["version"].as_u64().context("GET /config answered without a version")?;
+    Ok((v["config"].clone(), version))
+}
+
+/// `pgkeel config show`.
+pub async fn config_show(target: &Target) -> anyhow::Result<()> {
+    let (config, version) = get_config(&resolve(target)?).await?;
+    println!("# cluster config, version {version}");
+    println!("{}", serde_json::to_string_pretty(&config)?);
+    Ok(())
+}
+
+/// Turn `a.b=value` into a JSON merge patch. The value is JSON when it parses as JSON (numbers,
+/// booleans, `null` to remove, quoted strings), else a plain string (`6s`, `16MB`). Under
+/// `postgresql.parameters.` the rest is one parameter name, dots included.
+fn setting_patch(setting: &str) -> anyhow::Result<Value> {
+    let (key, raw) = setting.split_once('=').with_context(|| format!("{setting:?} is not KEY=VALUE (e.g. ttl=6s)"))?;
+    let key = key.trim();
+    let mut path: Vec<&str> = match key.strip_prefix("postgresql.parameters.") {
+        Some(param) => vec!["postgresql", "parameters", param],
+        None => key.split('.').collect(),
+    };
+    if path.iter().any(|p| p.is_empty()) {
+        bail!("{key:?} is not a config key (e.g. ttl, loop_wait, postgresql.parameters.work_mem)");
+    }
+    let mut value: Value = serde_json::from_str(raw.trim()).unwrap_or_else(|_| Value::String(raw.trim().to_string()));
+    while let Some(last) = path.pop() {
+        value = json!({ last: value });
+    }
+    Ok(value)
+}
+
+fn merge_into(target: &mut Value, patch: Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                merge_into(t.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (t, p) => *t = p,
+    }
+}
+
+/// `pgkeel config set KEY=VALUE...`.
+pub async fn config_set(target: &Target, settings: &[String]) -> anyhow::Result<()> {
+    let api = resolve(target)?;
+    let mut patch = json!({});
+    for s in settings {
+        merge_into(&mut patch, setting_patch(s)?);
+    }
+    let (_, version) = get_config(&api).await?;
+    let r = api.call_with("PATCH", "/config", Some(&patch), &[("if-match", version.to_string())], SHORT).await?;
+    if r.status != 200 {
+        return Err(fail(&r));
+    }
+    println!("cluster config updated to version {}", r.json()?["version"]);
+    Ok(())
+}
+
+/// `pgkeel config edit`.
+pub async fn config_edit(target: &Target) -> anyhow::Result<()> {
+    let api = resolve(target)?;
+    let (config, version) = get_config(&api).await?;
+    let before = serde_json::to_string_pretty(&config)? + "\n";
+    let file =
+        tempfile::Builder::new().prefix("pgkeel-config-").suffix(".json").tempfile().context("create a temp file")?;
+    std::fs::write(file.path(), &before)?;
+    let editor = std::env::var("VISUAL").or_else(|_| std::env::var("EDITOR")).unwrap_or_else(|_| "vi".into());
+    // Through the shell, so EDITOR may carry arguments ("code --wait").
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sh")
+        .arg(file.path())
+        .status()
+        .with_context(|| format!("run the editor {editor:?}"))?;
+    if !status.success() {
+        bail!("the editor {editor:?} exited with {status}; nothing changed");
+    }
+    let after = std::fs::read_to_string(file.path())?;
+    if after == before {
+        println!("no changes");
+        return Ok(());
+    }
+    let edited: Value = serde_json::from_str(&after).context("the edited config is not valid JSON; nothing changed")?;
+    let r = api.call_with("PUT", "/config", Some(&edited), &[("if-match", version.to_string())], SHORT).await?;
+    if r.status != 200 {
+        return Err(fail(&r).context("nothing changed"));
+    }
+    println!("cluster config updated to version {}", r.json()?["version"]);
     Ok(())
 }
 
@@ -244,6 +357,27 @@ fn format_utc(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_become_merge_patches() {
+        assert_eq!(setting_patch("ttl=6s").unwrap(), json!({"ttl": "6s"}));
+        assert_eq!(setting_patch("loop_wait=1").unwrap(), json!({"loop_wait": 1}));
+        assert_eq!(setting_patch("pause=true").unwrap(), json!({"pause": true}));
+        assert_eq!(
+            setting_patch("postgresql.parameters.pg_stat_statements.max=100").unwrap(),
+            json!({"postgresql": {"parameters": {"pg_stat_statements.max": 100}}})
+        );
+        assert_eq!(
+            setting_patch("postgresql.parameters.work_mem=null").unwrap(),
+            json!({"postgresql": {"parameters": {"work_mem": null}}})
+        );
+        assert!(setting_patch("ttl").is_err());
+        assert!(setting_patch("a..b=1").is_err());
+        let mut p = json!({});
+        merge_into(&mut p, setting_patch("postgresql.parameters.a=1").unwrap());
+        merge_into(&mut p, setting_patch("postgresql.parameters.b=x").unwrap());
+        assert_eq!(p, json!({"postgresql": {"parameters": {"a": 1, "b": "x"}}}));
+    }
 
     #[test]
     fn utc() {

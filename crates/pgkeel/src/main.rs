@@ -127,6 +127,26 @@ enum ConfigCommand {
     },
     /// Print an annotated example node.toml.
     Example,
+    /// Print the cluster config stored in the DCS, with its version.
+    Show {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Change cluster config keys, e.g. `ttl=6s` or `postgresql.parameters.work_mem=16MB`
+    /// (`KEY=null` removes a key). Validated; refused if the config changed meanwhile.
+    Set {
+        #[command(flatten)]
+        target: Target,
+        /// KEY=VALUE pairs; VALUE is JSON when it parses as JSON, else a string.
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+    },
+    /// Edit the cluster config in $VISUAL / $EDITOR (as JSON); saved only if it is valid and
+    /// nobody changed it meanwhile.
+    Edit {
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 /// How to reach a cluster's REST API: one of `--api`, `--config`, `--dir`.
@@ -178,6 +198,15 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     match cli.command {
+        Command::Config { command: ConfigCommand::Show { target } } => {
+            report(runtime().block_on(ctl::config_show(&target)))
+        }
+        Command::Config { command: ConfigCommand::Set { target, settings } } => {
+            report(runtime().block_on(ctl::config_set(&target, &settings)))
+        }
+        Command::Config { command: ConfigCommand::Edit { target } } => {
+            report(runtime().block_on(ctl::config_edit(&target)))
+        }
         Command::Config { command: ConfigCommand::Example } => {
             print!("{}", pgkeel_config::example());
             ExitCode::SUCCESS

@@ -239,6 +239,56 @@ async fn rest_api_health_semantics_and_bad_requests() {
     }
     let cfg = c.api(&leader, "GET", "/config", None, false).await.json().unwrap();
     assert_eq!(cfg["config"]["postgresql"]["parameters"]["work_mem"], "7MB");
+
+    // pgkeel config set / show / edit, with validation and a version check.
+    let out = c.ctl(&[
+        "config",
+        "set",
+        "ttl=6s",
+        "postgresql.parameters.work_mem=8MB",
+        "postgresql.parameters.max_connections=null",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let show = String::from_utf8_lossy(&c.ctl(&["config", "show"]).stdout).to_string();
+    assert!(
+        show.contains("\"ttl\": 6.0") && show.contains("\"work_mem\": \"8MB\"") && !show.contains("max_connections"),
+        "{show}"
+    );
+    let out = c.ctl(&["config", "set", "ttl=2s"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loop_wait"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = c.ctl(&["config", "set", "nonsense"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"));
+    let version = c.api(&leader, "GET", "/config", None, false).await.json().unwrap()["version"].as_u64().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["config", "edit", "--dir", &c.dir().display().to_string()])
+        .env("EDITOR", "sed -i 's/\"pause\": false/\"pause\": true/'")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cfg = c.api(&leader, "GET", "/config", None, false).await.json().unwrap();
+    assert_eq!(cfg["config"]["pause"], true);
+    assert!(cfg["version"].as_u64().unwrap() > version);
+    let out = std::process::Command::new(bin())
+        .args(["config", "edit", "--dir", &c.dir().display().to_string()])
+        .env("EDITOR", "sed -i 's/\"ttl\": 6.0/\"ttl\": 1.0/'")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "an invalid edit is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing changed"));
+    // A write based on a stale version is a conflict, not a lost update.
+    let r = pgkeel_agent::http::request_with_headers(
+        "PATCH",
+        &format!("{}/config", c.api_url(&leader)),
+        Some(&json!({"pause": false})),
+        Some(&c.auth()),
+        &[("if-match", version.to_string())],
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(c.ctl(&["resume"]).status.success());
 }
 
 /// method, path, body, authenticated, expected status, text the reply must contain
