@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what pgkeel needs to build, run `pgkeel up` and run its tests on Debian 12.
 #
-#   scripts/install-deps.sh          build and run: PostgreSQL server, C toolchain, tools
+#   scripts/install-deps.sh          build and run: PostgreSQL server, etcd, C toolchain, tools
 #   scripts/install-deps.sh --test   the same, plus test-only tools (cargo-nextest)
 #
 # Idempotent: it checks first and calls apt-get only when a package is missing. Runs as root
@@ -60,6 +60,13 @@ done
 if ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
     missing+=(postgresql)
 fi
+# etcd (3.4 or newer): the DCS for clusters that span machines, and the etcd tests start real
+# etcd processes (on free ports, in temp dirs). Any etcd on PATH will do. Where systemd runs,
+# Debian's package also starts an etcd service on 127.0.0.1:2379; nothing in pgkeel's tests
+# uses it (`systemctl disable --now etcd` stops it).
+if ! command -v etcd >/dev/null 2>&1 && [ ! -x /usr/bin/etcd ]; then
+    missing+=(etcd-server)
+fi
 
 if [ "${#missing[@]}" -eq 0 ]; then
     say "system packages: all present"
@@ -76,6 +83,10 @@ fi
 
 if ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
     say "no /usr/lib/postgresql/*/bin/postgres after installing postgresql; something is wrong with apt"
+    exit 1
+fi
+if ! command -v etcd >/dev/null 2>&1 && [ ! -x /usr/bin/etcd ]; then
+    say "no etcd after installing etcd-server; something is wrong with apt"
     exit 1
 fi
 

@@ -128,12 +128,23 @@ pub(crate) fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Open the DCS the config names.
+/// Open the DCS the config names. For etcd this checks that one of the endpoints answers, so
+/// an agent pointed at the wrong place stops at once with the endpoints it tried.
 pub fn open_dcs(config: &NodeConfig) -> anyhow::Result<Arc<dyn Dcs>> {
     match &config.dcs {
         pgkeel_config::DcsConfig::Local { path } => {
             let store =
                 LocalStore::open(path).with_context(|| format!("open the local store at {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+        pgkeel_config::DcsConfig::Etcd { endpoints } => {
+            // Per attempt on one member; each DCS call of the HA loop is bounded by
+            // retry_timeout on top of this.
+            const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+            // This function is synchronous (it runs before the agent binds anything), so the
+            // reachability check runs on a helper thread.
+            let store = pgkeel_dcs::etcd::EtcdStore::connect_blocking(endpoints.clone(), ETCD_REQUEST_TIMEOUT)
+                .context("open the etcd DCS (dcs.endpoints)")?;
             Ok(Arc::new(store))
         }
     }

@@ -86,6 +86,12 @@ pub enum DcsConfig {
         /// machine must use the same path; agents on other machines cannot share it.
         path: PathBuf,
     },
+    /// An etcd v3 cluster (etcd 3.4 or newer), for clusters that span machines.
+    Etcd {
+        /// Client URLs of the etcd members, `http://host:port` (e.g. `http://10.0.0.1:2379`).
+        /// List every member: a call that cannot reach one tries the next.
+        endpoints: Vec<String>,
+    },
 }
 
 /// Local postgres settings.

@@ -140,13 +140,21 @@ const DYNAMIC: &[Field] = &[
 const DYNAMIC_POSTGRES: &[Field] = &[opt("parameters", Kind::Params)];
 
 /// The `dcs` kinds and the keys each accepts (`kind` included).
-const DCS_KINDS: &[(&str, &[Field])] = &[(
-    "local",
-    &[req("kind", Kind::Value, r#"kind = "local""#), req("path", Kind::Value, r#"path = "/var/lib/pgkeel/dcs""#)],
-)];
+const DCS_KINDS: &[(&str, &[Field])] = &[
+    (
+        "local",
+        &[req("kind", Kind::Value, r#"kind = "local""#), req("path", Kind::Value, r#"path = "/var/lib/pgkeel/dcs""#)],
+    ),
+    (
+        "etcd",
+        &[
+            req("kind", Kind::Value, r#"kind = "etcd""#),
+            req("endpoints", Kind::Value, r#"endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]"#),
+        ],
+    ),
+];
 
-const DCS_KINDS_HELP: &str =
-    r#"supported kinds: "local" (the embedded single-host store); etcd arrives with the production-HA release"#;
+const DCS_KINDS_HELP: &str = r#"supported kinds: "local" (the embedded single-host store) and "etcd" (an etcd cluster, for clusters that span machines)"#;
 
 /// TOML writes a key bare when it can and quoted otherwise; paths in messages do the same so
 /// the operator can search the file for them.
@@ -216,17 +224,19 @@ fn unknown_key(key: &str, table: &str, fields: &[Field]) -> ConfigError {
         .map(|(_, name)| join(table, name));
     // No typo of a sibling: maybe the key is right but in the wrong table (`ttl` at the top
     // level instead of under [bootstrap]). Only suggest that when it is unambiguous.
+    let full = join(table, key);
     let suggestion = sibling.or_else(|| {
         let mut all = Vec::new();
         schema_paths(NODE, "", &mut all);
-        let mut elsewhere = all.into_iter().filter(|p| p.rsplit('.').next() == Some(lower.as_str()));
+        // A key of another dcs kind (`dcs.path` with kind = "etcd") must not suggest itself.
+        let mut elsewhere = all.into_iter().filter(|p| p.rsplit('.').next() == Some(lower.as_str()) && *p != full);
         match (elsewhere.next(), elsewhere.next()) {
             (Some(only), None) => Some(only),
             _ => None,
         }
     });
     ConfigError::UnknownKey {
-        key: join(table, key),
+        key: full,
         suggestion,
         table: table.to_string(),
         valid_keys: fields.iter().map(|f| f.name.to_string()).collect(),
@@ -536,6 +546,46 @@ fn check_password(key: &str, value: Option<&str>) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// etcd client URLs: at least one, each `http://host:port` (no path), none twice.
+fn check_etcd_endpoints(endpoints: &[String]) -> Result<(), ConfigError> {
+    const EXAMPLE: &str = r#"endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"]"#;
+    if endpoints.is_empty() {
+        return Err(invalid(format!(
+            "dcs.endpoints is empty; list the client URLs of the etcd members, e.g. {EXAMPLE}"
+        )));
+    }
+    for (i, url) in endpoints.iter().enumerate() {
+        let key = format!("dcs.endpoints[{i}] = {url:?}");
+        if url.starts_with("https://") {
+            return Err(invalid(format!(
+                "{key}: https is not supported yet (TLS to etcd arrives with a later release); use an http:// URL"
+            )));
+        }
+        let Some(rest) = url.strip_prefix("http://") else {
+            return Err(invalid(format!("{key} is not an http:// URL; e.g. {EXAMPLE}")));
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains(['/', '?', '#', '@']) {
+            return Err(invalid(format!(
+                "{key}: give the client URL without a path, as http://host:port; e.g. {EXAMPLE}"
+            )));
+        }
+        let (host, _) = split_host_port(authority).map_err(|why| {
+            invalid(format!("{key}: {why}; expected http://host:port (etcd's client port is usually 2379)"))
+        })?;
+        if is_wildcard(host) {
+            return Err(invalid(format!(
+                "{key}: {host} means every interface and cannot be connected to; use the address of an etcd member"
+            )));
+        }
+        let same = |other: &String| other.trim_end_matches('/') == url.trim_end_matches('/');
+        if endpoints[..i].iter().any(same) {
+            return Err(invalid(format!("{key} is listed twice; list each etcd member once")));
+        }
+    }
+    Ok(())
+}
+
 impl NodeConfig {
     /// Check the rules serde cannot express. [`check`] calls this; call it yourself for a
     /// configuration built in code. A configuration that passes always serializes with
@@ -546,6 +596,7 @@ impl NodeConfig {
         check_absolute("data_dir", &self.data_dir, "/var/lib/pgkeel/n1/data")?;
         match &self.dcs {
             DcsConfig::Local { path } => check_absolute("dcs.path", path, "/var/lib/pgkeel/dcs")?,
+            DcsConfig::Etcd { endpoints } => check_etcd_endpoints(endpoints)?,
         }
 
         let pg = &self.postgres;
@@ -720,11 +771,16 @@ data_dir = "/var/lib/pgkeel/n1/data"
 # Where the cluster state lives. Required.
 [dcs]
 # "local" is the embedded single-host store: a directory shared by the agents of one machine.
-# It is the only kind today; etcd arrives with the production-HA release. Required.
+# "etcd" is an etcd cluster (etcd 3.4 or newer), for clusters that span machines. Required.
 kind = "local"
-# Directory holding the store, an absolute path; created if missing. Every agent of the
-# cluster on this machine must use the same path. Required, no default.
+# With "local": directory holding the store, an absolute path; created if missing. Every
+# agent of the cluster on this machine must use the same path. Required, no default.
 path = "/var/lib/pgkeel/dcs"
+# With "etcd", instead of path: the client URLs of the etcd members, http://host:port (https
+# is not supported yet). List every member: a call that cannot reach one tries the next.
+# Leases are whole seconds and at least etcd's minimum (2s by default). Required, no default.
+# kind = "etcd"
+# endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"]
 
 # Local postgres settings. Every key is optional.
 [postgres]
@@ -893,10 +949,15 @@ mod tests {
 
     #[test]
     fn schema_matches_serde_structs() {
-        let value = toml::Value::try_from(full_config()).expect("serializes");
-        let table = value.as_table().expect("a struct serializes to a table");
+        // One config per dcs kind, so every kind's keys are serialized.
+        let etcd =
+            NodeConfig { dcs: DcsConfig::Etcd { endpoints: vec!["http://10.0.0.1:2379".into()] }, ..full_config() };
         let mut serialized = BTreeSet::new();
-        serialized_paths(table, "", &params_paths(), &mut serialized);
+        for config in [full_config(), etcd] {
+            let value = toml::Value::try_from(config).expect("serializes");
+            let table = value.as_table().expect("a struct serializes to a table");
+            serialized_paths(table, "", &params_paths(), &mut serialized);
+        }
         assert_eq!(serialized, all_schema_paths());
     }
 
@@ -931,6 +992,17 @@ mod tests {
             assert_eq!(walk(&t, NODE, "").is_err(), required, "walk without {path}");
             assert_eq!(toml::Value::Table(t).try_into::<NodeConfig>().is_err(), required, "serde without {path}");
         }
+
+        // The etcd kind: `endpoints` is required by both.
+        let etcd =
+            minimal.replace("kind = \"local\"\npath = \"/s\"", "kind = \"etcd\"\nendpoints = [\"http://e:2379\"]");
+        let table: toml::Table = etcd.parse().expect("valid TOML");
+        toml::Value::Table(table.clone()).try_into::<NodeConfig>().expect("every required key present");
+        walk(&table, NODE, "").expect("the walk agrees");
+        let mut t = table;
+        t.get_mut("dcs").and_then(toml::Value::as_table_mut).expect("[dcs]").remove("endpoints");
+        assert!(walk(&t, NODE, "").is_err(), "walk without dcs.endpoints");
+        assert!(toml::Value::Table(t).try_into::<NodeConfig>().is_err(), "serde without dcs.endpoints");
     }
 
     #[test]
@@ -1073,11 +1145,69 @@ mod tests {
         assert!(err.contains("\"a.b\" is given twice"), "{err}");
     }
 
+    /// The example switched to its commented etcd alternative.
+    fn etcd_example() -> String {
+        let doc = example()
+            .replacen("kind = \"local\"\n", "kind = \"etcd\"\n", 1)
+            .replacen("path = \"/var/lib/pgkeel/dcs\"\n", "", 1)
+            .replacen("# endpoints = ", "endpoints = ", 1);
+        assert!(doc.contains("\nendpoints = [") && !doc.contains("\npath = "), "the example changed: {doc}");
+        doc
+    }
+
+    #[test]
+    fn etcd_dcs() {
+        let c = check(&etcd_example()).expect("the etcd alternative of the example is valid");
+        let endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"];
+        assert_eq!(c.dcs, DcsConfig::Etcd { endpoints: endpoints.iter().map(|e| e.to_string()).collect() });
+        assert_eq!(check(&c.to_toml()).expect("round trip"), c);
+        let one = etcd_example().replace(
+            r#"endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"]"#,
+            r#"endpoints = ["http://[fd00::1]:2379/", "http://etcd.example.com:2379"]"#,
+        );
+        let c = check(&one).expect("IPv6, hostnames and a trailing / are fine");
+        assert_eq!(
+            c.dcs,
+            DcsConfig::Etcd { endpoints: vec!["http://[fd00::1]:2379/".into(), "http://etcd.example.com:2379".into()] }
+        );
+
+        let from = r#"endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"]"#;
+        let cases: &[(&str, &str)] = &[
+            ("endpoints = []", "dcs.endpoints is empty"),
+            (r#"endpoints = ["https://10.0.0.1:2379"]"#, "https is not supported yet"),
+            (r#"endpoints = ["10.0.0.1:2379"]"#, "is not an http:// URL"),
+            (r#"endpoints = ["http://10.0.0.1"]"#, "missing ':port'"),
+            (r#"endpoints = ["http://10.0.0.1:0"]"#, "port \"0\" is not a number from 1 to 65535"),
+            (r#"endpoints = ["http://10.0.0.1:2379/v3"]"#, "without a path"),
+            (r#"endpoints = ["http://0.0.0.0:2379"]"#, "every interface"),
+            (
+                r#"endpoints = ["http://a:1", "http://b:1", "http://a:1/"]"#,
+                "dcs.endpoints[2] = \"http://a:1/\" is listed twice",
+            ),
+        ];
+        for (to, want) in cases {
+            let msg = invalid_msg(&etcd_example().replace(from, to));
+            assert!(msg.contains(want), "{to}: {msg:?} should contain {want:?}");
+        }
+        let msg = invalid_msg(&etcd_example().replace(from, r#"endpoints = "http://10.0.0.1:2379""#));
+        assert!(msg.contains("[dcs]") && msg.contains("expected a sequence"), "{msg}");
+    }
+
     #[test]
     fn dcs_kind_errors() {
-        let err = check(&example().replace("kind = \"local\"", "kind = \"etcd\"")).expect_err("etcd").to_string();
-        assert!(err.contains(r#"dcs.kind = "etcd" is not supported"#), "{err}");
-        assert!(err.contains("\"local\"") && err.contains("production-HA release"), "{err}");
+        let err = check(&example().replace("kind = \"local\"", "kind = \"consul\"")).expect_err("consul").to_string();
+        assert!(err.contains(r#"dcs.kind = "consul" is not supported"#), "{err}");
+        assert!(err.contains("\"local\"") && err.contains("\"etcd\""), "the error must list every kind: {err}");
+        let err = check(&etcd_example().replace("\nendpoints = ", "\n# endpoints = ")).expect_err("no endpoints");
+        assert!(err.to_string().contains("missing required key \"dcs.endpoints\": add endpoints = ["), "{err}");
+        // A key of the other kind: listed as unknown, without suggesting itself.
+        let (key, suggestion, msg) = unknown(&example().replacen("kind = \"local\"\n", "kind = \"etcd\"\n", 1));
+        assert_eq!((key.as_str(), suggestion), ("dcs.path", None), "{msg}");
+        assert!(msg.ends_with("valid keys in [dcs]: kind, endpoints"), "{msg}");
+        let (key, _, msg) = unknown(&etcd_example().replace("\nendpoints = ", "\npath = \"/x\"\nendpoints = "));
+        assert_eq!(key, "dcs.path", "{msg}");
+        let (key, suggestion, _) = unknown(&etcd_example().replace("\nendpoints = ", "\nendpoint = "));
+        assert_eq!((key.as_str(), suggestion.as_deref()), ("dcs.endpoint", Some("dcs.endpoints")));
         let err = check(&example().replace("kind = \"local\"", "")).expect_err("no kind").to_string();
         assert!(err.contains("missing required key \"dcs.kind\""), "{err}");
         let err = check(&example().replace("path = \"/var/lib/pgkeel/dcs\"", "")).expect_err("no path").to_string();

@@ -1,5 +1,6 @@
 //! The DCS conformance suite: the behaviour every [`Dcs`] implementation must show, written
-//! against the trait only, so the local store and any future store (etcd) run the same checks.
+//! against the trait only, so the local store, the etcd store and any later one run the same
+//! checks.
 //!
 //! Each check is a `pub async fn(Arc<dyn Dcs>, &str)` that only touches keys under the given
 //! prefix (and, for the [`ClusterStore`] checks, under `/pgkeel/<cluster>/` with a cluster name
@@ -10,6 +11,15 @@
 //!
 //! Timing: checks never sleep longer than needed. Waits for TTL expiry poll with a deadline,
 //! and timing assertions leave generous slack for loaded test machines.
+//!
+//! TTL bounds follow the store's own [`TtlPrecision`] (from [`Dcs::ttl_precision`]) rather
+//! than being loosened for everyone: a check writes with the short TTL it always asks for, then
+//! holds the store to the TTL it says it grants (etcd: whole seconds, at least its lease
+//! minimum of 2 s) and to the expiry delay it admits (etcd: its 500 ms expiry sweep plus a
+//! commit). A store that reports [`TtlPrecision::EXACT`], like the local one, is held to
+//! exactly the bounds the suite had before it was parametric. Likewise `ttl_left` is required
+//! from `list` only of stores that claim [`TtlPrecision::ttl_left_in_list`]; the others must
+//! report it from `get`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,15 +30,17 @@ use tokio::sync::Barrier;
 use crate::cluster::{
     ClusterStore, FailoverValue, HistoryEntry, InitializeValue, MemberTags, MemberValue, Role, StatusValue,
 };
-use crate::{Dcs, DcsResult, KeyValue};
+use crate::{Dcs, DcsResult, KeyValue, TtlPrecision};
 
-/// TTL used by the expiry checks.
+/// TTL the expiry checks ask for; the store may raise it ([`TtlPrecision::effective_ttl`]).
 const SHORT_TTL: Duration = Duration::from_secs(1);
-/// A TTL key must be gone this long after it was written.
-const EXPIRY_LIMIT: Duration = Duration::from_secs(3);
+/// A TTL key must be gone this long after its (effective) TTL has run out, plus the store's
+/// admitted [`TtlPrecision::expiry_delay`].
+const EXPIRY_SLACK: Duration = Duration::from_secs(2);
 /// How often expiry checks poll.
 const EXPIRY_POLL: Duration = Duration::from_millis(50);
-/// A watch must report a change (or an expiry) within this much of it happening.
+/// A watch must report a change (or an expiry, plus the store's expiry delay) within this much
+/// of it happening.
 const WATCH_LATENCY: Duration = Duration::from_millis(300);
 /// A watch that must return "promptly" must do so within this, while its timeout is longer.
 const PROMPT: Duration = Duration::from_secs(2);
@@ -38,6 +50,31 @@ const WATCH_TIMEOUT: Duration = Duration::from_millis(400);
 const CHANGE_DELAY: Duration = Duration::from_millis(100);
 /// TTL for keys that must not expire during a check.
 const LONG_TTL: Duration = Duration::from_secs(30);
+
+/// The TTL bounds a check holds one store to, derived from its [`TtlPrecision`].
+struct Timing {
+    /// The store's precision, as it reports it.
+    precision: TtlPrecision,
+    /// The TTL a key written with [`SHORT_TTL`] really gets.
+    short_ttl: Duration,
+    /// A key written with [`SHORT_TTL`] must be gone this long after it was written.
+    expiry_limit: Duration,
+    /// How late a watch may report an expiry.
+    expiry_latency: Duration,
+}
+
+impl Timing {
+    fn of(store: &dyn Dcs) -> Timing {
+        let precision = store.ttl_precision();
+        let short_ttl = precision.effective_ttl(SHORT_TTL);
+        Timing {
+            precision,
+            short_ttl,
+            expiry_limit: short_ttl + EXPIRY_SLACK + precision.expiry_delay,
+            expiry_latency: WATCH_LATENCY + precision.expiry_delay,
+        }
+    }
+}
 
 /// Unwrap a DCS result or fail the check with the store, the operation and the error.
 fn ok<T>(store: &dyn Dcs, what: &str, r: DcsResult<T>) -> T {
@@ -55,9 +92,10 @@ async fn must_get(store: &dyn Dcs, key: &str) -> KeyValue {
     }
 }
 
-/// Poll `key` until it is absent; fail if it is still present `limit` after `start`. Returns
-/// the instant absence was observed (after the read that saw it).
-async fn wait_until_absent(store: &dyn Dcs, key: &str, start: Instant, limit: Duration) -> Instant {
+/// Poll `key` (written with a TTL of `ttl`) until it is absent; fail if it is still present
+/// `limit` after `start`. Returns the instant absence was observed (after the read that saw
+/// it).
+async fn wait_until_absent(store: &dyn Dcs, key: &str, ttl: Duration, start: Instant, limit: Duration) -> Instant {
     loop {
         let got = ok(store, &format!("get {key}"), store.get(key).await);
         let now = Instant::now();
@@ -66,7 +104,7 @@ async fn wait_until_absent(store: &dyn Dcs, key: &str, start: Instant, limit: Du
         }
         assert!(
             now < start + limit,
-            "[{}] {key} (written with a TTL of {SHORT_TTL:?}) is still present {limit:?} later: {got:?}",
+            "[{}] {key} (written with a TTL of {ttl:?}) is still present {limit:?} later: {got:?}",
             store.describe()
         );
         tokio::time::sleep(EXPIRY_POLL).await;
@@ -280,10 +318,11 @@ pub async fn create_once(store: Arc<dyn Dcs>, prefix: &str) {
     assert_eq!((kv.value.as_slice(), kv.create_revision), (b"3".as_slice(), r2));
 
     let ttl_key = format!("{prefix}create/ttl");
+    let timing = Timing::of(s);
     let start = Instant::now();
     ok(s, "create ttl", s.create(&ttl_key, b"1", Some(SHORT_TTL)).await).expect("create with TTL must succeed");
     assert_eq!(ok(s, "create ttl again", s.create(&ttl_key, b"2", None).await), None);
-    wait_until_absent(s, &ttl_key, start, EXPIRY_LIMIT).await;
+    wait_until_absent(s, &ttl_key, timing.short_ttl, start, timing.expiry_limit).await;
     let r3 = ok(s, "create after expiry", s.create(&ttl_key, b"3", None).await);
     let r3 = r3.unwrap_or_else(|| panic!("[{}] create after expiry must succeed", s.describe()));
     let kv = must_get(s, &ttl_key).await;
@@ -363,9 +402,12 @@ pub async fn delete(store: Arc<dyn Dcs>, prefix: &str) {
 }
 
 /// A TTL key is present at once with `ttl_left <= ttl`, disappears after the TTL (not
-/// before), and then behaves as absent for every operation.
+/// before), and then behaves as absent for every operation. `ttl` is the TTL the store grants:
+/// the one asked for, rounded and raised as its [`TtlPrecision`] says.
 pub async fn ttl_expiry(store: Arc<dyn Dcs>, prefix: &str) {
     let s = store.as_ref();
+    let timing = Timing::of(s);
+    let ttl = timing.short_ttl;
     let key = format!("{prefix}ttl/k");
     let permanent = format!("{prefix}ttl/permanent");
     let start = Instant::now();
@@ -374,16 +416,19 @@ pub async fn ttl_expiry(store: Arc<dyn Dcs>, prefix: &str) {
 
     let kv = must_get(s, &key).await;
     let left = kv.ttl_left.unwrap_or_else(|| panic!("[{}] a TTL key must report ttl_left", s.describe()));
-    assert!(left <= SHORT_TTL && !left.is_zero(), "ttl_left must be in (0, {SHORT_TTL:?}], got {left:?}");
+    assert!(left <= ttl && !left.is_zero(), "[{}] ttl_left must be in (0, {ttl:?}], got {left:?}", s.describe());
     assert_eq!(must_get(s, &permanent).await.ttl_left, None);
     let listed = ok(s, "list", s.list(&format!("{prefix}ttl/")).await);
     assert_eq!(listed.len(), 2, "a live TTL key must be listed: {listed:?}");
-    assert!(listed[0].ttl_left.is_some());
+    if timing.precision.ttl_left_in_list {
+        assert!(listed[0].ttl_left.is_some(), "[{}] list must report ttl_left of a TTL key", s.describe());
+    }
+    assert_eq!(listed[1].ttl_left, None, "[{}] a permanent key has no ttl_left in a list", s.describe());
 
-    let gone = wait_until_absent(s, &key, start, EXPIRY_LIMIT).await;
+    let gone = wait_until_absent(s, &key, ttl, start, timing.expiry_limit).await;
     assert!(
-        gone.duration_since(start) >= SHORT_TTL - Duration::from_millis(100),
-        "[{}] a key with a TTL of {SHORT_TTL:?} disappeared after only {:?}",
+        gone.duration_since(start) >= ttl - Duration::from_millis(100),
+        "[{}] a key with a TTL of {ttl:?} (asked for {SHORT_TTL:?}) disappeared after only {:?}",
         s.describe(),
         gone.duration_since(start)
     );
@@ -408,6 +453,8 @@ pub async fn ttl_expiry(store: Arc<dyn Dcs>, prefix: &str) {
 /// makes it permanent.
 pub async fn ttl_renewal(store: Arc<dyn Dcs>, prefix: &str) {
     let s = store.as_ref();
+    let timing = Timing::of(s);
+    let ttl = timing.short_ttl;
     let by_put = format!("{prefix}renew/put");
     let by_cas = format!("{prefix}renew/cas");
     let permanent = format!("{prefix}renew/permanent");
@@ -418,7 +465,7 @@ pub async fn ttl_renewal(store: Arc<dyn Dcs>, prefix: &str) {
     ok(s, "put", s.put(&control, b"1", Some(SHORT_TTL)).await);
     let written = Instant::now();
 
-    tokio::time::sleep_until((written + SHORT_TTL / 2).into()).await;
+    tokio::time::sleep_until((written + ttl / 2).into()).await;
     let renewed = Instant::now();
     ok(s, "renew by put", s.put(&by_put, b"2", Some(SHORT_TTL)).await);
     let renewed_cas = ok(s, "renew by cas", s.compare_and_set(&by_cas, b"2", cas_rev, Some(SHORT_TTL)).await);
@@ -427,12 +474,12 @@ pub async fn ttl_renewal(store: Arc<dyn Dcs>, prefix: &str) {
     assert_eq!(must_get(s, &permanent).await.ttl_left, None, "put with ttl None must make the key permanent");
 
     // Once the original TTL has run out, the renewed keys must still be there.
-    wait_until_absent(s, &control, written, EXPIRY_LIMIT).await;
+    wait_until_absent(s, &control, ttl, written, timing.expiry_limit).await;
     let checked = Instant::now();
     let (put_kv, cas_kv) = (ok(s, "get", s.get(&by_put).await), ok(s, "get", s.get(&by_cas).await));
     // Only conclusive while the renewed TTL cannot have run out yet (a badly overloaded
     // machine may get here late).
-    if checked.duration_since(renewed) < SHORT_TTL - Duration::from_millis(100) {
+    if checked.duration_since(renewed) < ttl - Duration::from_millis(100) {
         assert!(
             put_kv.is_some(),
             "[{}] a put must renew the TTL, but the key expired with its first TTL",
@@ -527,19 +574,23 @@ pub async fn watch_timeout(store: Arc<dyn Dcs>, prefix: &str) {
 /// A watch on a TTL key returns (with `None`) soon after the key expires.
 pub async fn watch_expiry(store: Arc<dyn Dcs>, prefix: &str) {
     let s = store.as_ref();
+    let timing = Timing::of(s);
     let key = format!("{prefix}watch/ttl");
     let rev = ok(s, "put", s.put(&key, b"1", Some(SHORT_TTL)).await);
     let kv = must_get(s, &key).await;
-    // The key expires at the latest `ttl_left` after this get returned.
-    let expires_by = Instant::now() + kv.ttl_left.unwrap_or(SHORT_TTL);
-    let got = ok(s, "watch", s.watch(&key, Some(rev), Duration::from_secs(5)).await);
+    // The key expires at the latest `ttl_left` after this get returned (plus the store's
+    // expiry delay, which `expiry_latency` includes).
+    let expires_by = Instant::now() + kv.ttl_left.unwrap_or(timing.short_ttl);
+    let timeout = Duration::from_secs(5).max(timing.expiry_limit + PROMPT);
+    let got = ok(s, "watch", s.watch(&key, Some(rev), timeout).await);
     let returned = Instant::now();
     assert_eq!(got, None, "[{}] watch must report an expired key as absent", s.describe());
     assert!(
-        returned <= expires_by + WATCH_LATENCY,
-        "[{}] watch noticed the expiry {:?} late (allowed {WATCH_LATENCY:?})",
+        returned <= expires_by + timing.expiry_latency,
+        "[{}] watch noticed the expiry {:?} late (allowed {:?})",
         s.describe(),
-        returned.duration_since(expires_by)
+        returned.duration_since(expires_by),
+        timing.expiry_latency
     );
 }
 
@@ -581,7 +632,13 @@ pub async fn cluster_leader_terms(store: Arc<dyn Dcs>, prefix: &str) {
     let snap = ok(s.as_ref(), "load", cs.load().await);
     let leader = snap.leader.clone().expect("leader in snapshot");
     assert_eq!((leader.value, leader.revision), (l1.clone(), rev1));
-    assert!(leader.ttl_left.is_some(), "the leader key has a TTL");
+    if s.ttl_precision().ttl_left_in_list {
+        assert!(leader.ttl_left.is_some(), "[{d}] the leader key has a TTL");
+    } else {
+        // This store reports `ttl_left` only per key (see `TtlPrecision::ttl_left_in_list`).
+        let kv = must_get(s.as_ref(), &cs.key("leader")).await;
+        assert!(kv.ttl_left.is_some(), "[{d}] the leader key has a TTL");
+    }
     assert_eq!(snap.term.as_ref().map(|t| t.value), Some(1));
     assert_eq!(snap.newest_term(), 1);
 
@@ -612,9 +669,10 @@ pub async fn cluster_leader_expiry(store: Arc<dyn Dcs>, prefix: &str) {
     let s = store.clone();
     let d = store.describe();
     let cs = ClusterStore::new(store, &cluster_name(prefix, "expiry"));
+    let timing = Timing::of(s.as_ref());
     let start = Instant::now();
     let (l1, rev1) = ok(s.as_ref(), "acquire", cs.acquire_leader("a", SHORT_TTL).await).expect("first acquire");
-    wait_until_absent(s.as_ref(), &cs.key("leader"), start, EXPIRY_LIMIT).await;
+    wait_until_absent(s.as_ref(), &cs.key("leader"), timing.short_ttl, start, timing.expiry_limit).await;
     assert!(ok(s.as_ref(), "load", cs.load().await).leader.is_none(), "[{d}] an expired leader key must not load");
     assert_eq!(
         ok(s.as_ref(), "renew expired", cs.renew_leader(&l1, rev1, SHORT_TTL).await),
@@ -697,7 +755,13 @@ pub async fn cluster_load(store: Arc<dyn Dcs>, prefix: &str) {
     let names: Vec<&str> = snap.members.iter().map(|m| m.value.name.as_str()).collect();
     assert_eq!(names, ["a", "b"], "[{d}] members must be sorted and undecodable ones skipped");
     assert_eq!(snap.member("b"), Some(&member("b")));
-    assert!(snap.members[0].ttl_left.is_some(), "member records have a TTL");
+    if s.ttl_precision().ttl_left_in_list {
+        assert!(snap.members[0].ttl_left.is_some(), "[{d}] member records have a TTL");
+    } else {
+        // This store reports `ttl_left` only per key (see `TtlPrecision::ttl_left_in_list`).
+        let kv = must_get(s.as_ref(), &cs.key("members/a")).await;
+        assert!(kv.ttl_left.is_some(), "[{d}] member records have a TTL");
+    }
     assert!(ok(s.as_ref(), "delete_member", cs.delete_member("b").await));
     assert!(load().await.member("b").is_none(), "a deleted member must not load");
 

@@ -5,12 +5,17 @@
 //!   atomic create, compare-and-set, delete, watch). Every implementation must pass the
 //!   [`conformance`] suite, so the agent can rely on the same behaviour everywhere;
 //! - [`local::LocalStore`], the embedded single-host store used by `pgkeel up`;
+//! - [`etcd::EtcdStore`], a client of an etcd v3 cluster (3.4 or newer) for clusters that span
+//!   machines;
 //! - [`cluster`], the key layout under `/pgkeel/<cluster>/` and the JSON values stored there,
 //!   plus [`cluster::ClusterStore`], the typed operations the agent, CLI and proxy use.
 
 pub mod cluster;
 pub mod conformance;
+pub mod etcd;
 pub mod local;
+#[doc(hidden)]
+pub mod testing;
 
 use std::time::Duration;
 
@@ -34,6 +39,53 @@ impl KeyValue {
     /// The value as UTF-8 text (lossy).
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.value).into_owned()
+    }
+}
+
+/// How closely a store keeps the TTLs it is given. The ideal (the local store) keeps a TTL to
+/// the millisecond, removes a key the moment its TTL runs out and reports `ttl_left` on every
+/// read. A networked store can only come close: etcd grants leases in whole seconds, never
+/// shorter than its minimum, and expires them from a periodic sweep. Callers that choose TTLs,
+/// and the [`conformance`] suite, allow for the difference with these numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TtlPrecision {
+    /// A TTL below this is raised to it. Zero: any TTL is kept.
+    pub min_ttl: Duration,
+    /// A TTL is rounded up to a whole multiple of this. Zero: kept as given.
+    pub granularity: Duration,
+    /// How long after its TTL has run out an expired key may still be read: the store's expiry
+    /// sweep interval plus the time to commit the removal. Zero: gone at once.
+    pub expiry_delay: Duration,
+    /// Whether [`Dcs::list`] reports `ttl_left`. When false, `list` returns `None` there and
+    /// only [`Dcs::get`] and [`Dcs::watch`] report it (reading every key's TTL costs the store
+    /// one more request per key).
+    pub ttl_left_in_list: bool,
+}
+
+impl TtlPrecision {
+    /// TTLs kept exactly, `ttl_left` reported everywhere.
+    pub const EXACT: TtlPrecision = TtlPrecision {
+        min_ttl: Duration::ZERO,
+        granularity: Duration::ZERO,
+        expiry_delay: Duration::ZERO,
+        ttl_left_in_list: true,
+    };
+
+    /// The TTL a key written with `ttl` really gets: rounded up to the granularity, then raised
+    /// to the minimum.
+    pub fn effective_ttl(&self, ttl: Duration) -> Duration {
+        let rounded = if self.granularity.is_zero() {
+            ttl
+        } else {
+            const NANOS_PER_SEC: u128 = 1_000_000_000;
+            let g = self.granularity.as_nanos();
+            let nanos = ttl.as_nanos().div_ceil(g).saturating_mul(g);
+            match (u64::try_from(nanos / NANOS_PER_SEC), u32::try_from(nanos % NANOS_PER_SEC)) {
+                (Ok(secs), Ok(sub)) => Duration::new(secs, sub),
+                _ => Duration::MAX,
+            }
+        };
+        rounded.max(self.min_ttl)
     }
 }
 
@@ -98,4 +150,29 @@ pub trait Dcs: Send + Sync + std::fmt::Debug {
     async fn watch(&self, key: &str, known: Option<u64>, timeout: Duration) -> DcsResult<Option<KeyValue>>;
     /// A short human description, e.g. `local:/var/lib/pgkeel/dcs`.
     fn describe(&self) -> String;
+    /// How closely this store keeps TTLs; the default is [`TtlPrecision::EXACT`].
+    fn ttl_precision(&self) -> TtlPrecision {
+        TtlPrecision::EXACT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effective_ttl_rounds_up_then_raises_to_the_minimum() {
+        assert_eq!(TtlPrecision::EXACT.effective_ttl(Duration::from_millis(1234)), Duration::from_millis(1234));
+        let etcd = TtlPrecision {
+            min_ttl: Duration::from_secs(2),
+            granularity: Duration::from_secs(1),
+            expiry_delay: Duration::from_secs(1),
+            ttl_left_in_list: false,
+        };
+        assert_eq!(etcd.effective_ttl(Duration::from_millis(100)), Duration::from_secs(2));
+        assert_eq!(etcd.effective_ttl(Duration::from_secs(2)), Duration::from_secs(2));
+        assert_eq!(etcd.effective_ttl(Duration::from_millis(2001)), Duration::from_secs(3));
+        assert_eq!(etcd.effective_ttl(Duration::from_secs(30)), Duration::from_secs(30));
+        assert_eq!(etcd.effective_ttl(Duration::MAX), Duration::MAX, "no overflow");
+    }
 }
