@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::guard::{monotonic_ms, GuardHandle, Order};
-use crate::{unix_ms, Shared, LONG_OP};
+use crate::{unix_ms, NodeRequest, Shared, LONG_OP};
 
 /// The lease this agent holds on the leader key.
 #[derive(Debug, Clone)]
@@ -69,6 +69,9 @@ pub(crate) struct HaLoop {
     guard: GuardHandle,
     /// Postgres may be running as a primary: the guard must stay armed until this is false.
     maybe_primary: bool,
+    /// The primary's hot-standby-sensitive settings as this replica last replayed them (from
+    /// pg_controldata before starting); a replica never asks for less, or it would not start.
+    standby_minimums: std::collections::BTreeMap<String, u64>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -127,6 +130,7 @@ impl HaLoop {
             sysid: None,
             guard,
             maybe_primary: true,
+            standby_minimums: Default::default(),
         }
     }
 
@@ -201,6 +205,12 @@ impl HaLoop {
 
     /// One loop. Returns true when the next loop should run at once.
     async fn once(&mut self) -> bool {
+        let request = self.shared.request.lock().expect("request lock poisoned").take();
+        if let Some(r) = request {
+            if let Err(e) = self.handle_request(r).await {
+                tracing::error!("failed to carry out {r:?}: {e:#}");
+            }
+        }
         let dynamic = self.shared.dynamic();
         let t0 = Instant::now();
         let snapshot = match tokio::time::timeout(dynamic.retry_timeout, self.shared.store.load()).await {
@@ -277,6 +287,41 @@ impl HaLoop {
             Err(e) => {
                 tracing::error!("failed to {}: {e:#}", action_verb(&decision.action));
                 false
+            }
+        }
+    }
+
+    /// Operator requests. A restart of the primary keeps the leader key: postgres is stopped
+    /// cleanly and started again in the background while the loop keeps renewing the lease
+    /// (the usual restart-in-place path, bounded by primary_start_timeout).
+    async fn handle_request(&mut self, r: NodeRequest) -> anyhow::Result<()> {
+        let d = self.shared.dynamic();
+        match r {
+            NodeRequest::Restart => {
+                tracing::warn!("restarting postgres on request");
+                self.client = None;
+                self.inst.stop(StopMode::Fast, Duration::from_secs(60)).await.context("stop postgres")?;
+                if self.lease.is_some() {
+                    self.down_since_ms = None;
+                    self.expect_running = true;
+                    self.restart_primary(&d)
+                } else {
+                    let snap = self.shared.store.load().await?;
+                    let following = self.following.clone();
+                    self.start_replica(following.as_deref(), &snap).await
+                }
+            }
+            NodeRequest::Reinitialize => {
+                anyhow::ensure!(self.lease.is_none(), "the leader cannot be reinitialized: switch over first");
+                tracing::warn!("reinitializing on request: a fresh clone of the leader replaces the data directory");
+                self.client = None;
+                self.expect_running = false;
+                self.inst.stop(StopMode::Immediate, Duration::from_secs(30)).await.context("stop postgres")?;
+                let old = self.inst.move_aside()?;
+                tracing::warn!("moved the data directory aside to {}", old.display());
+                self.sysid = None;
+                self.following = None;
+                Ok(())
             }
         }
     }
@@ -564,6 +609,7 @@ impl HaLoop {
         st.following = m.following;
         st.term = m.term;
         st.pending_restart = p.map(|p| p.pending_restart.clone()).unwrap_or_default();
+        st.postmaster_start = p.map(|p| p.postmaster_start_unix);
         st.replication = p.map(|p| p.replication.clone()).unwrap_or_default();
         st.dcs_ok = snap.is_some();
         st.paused = d.pause;
@@ -634,6 +680,15 @@ impl HaLoop {
         parameters.insert("wal_retrieve_retry_interval".to_string(), "500ms".to_string());
         for (k, v) in d.postgresql.parameters.iter().chain(cfg.postgres.parameters.iter()) {
             parameters.insert(k.clone(), v.to_string());
+        }
+        if upstream.is_some() {
+            // A hot standby refuses to start with these set lower than its primary had them.
+            for (name, min) in &self.standby_minimums {
+                let wanted = parameters.get(name).and_then(|v| v.parse::<u64>().ok());
+                if wanted.is_some_and(|w| w < *min) {
+                    parameters.insert(name.clone(), min.to_string());
+                }
+            }
         }
         let (primary_conninfo, primary_slot_name) = match upstream {
             Some((m, password)) => {
@@ -827,6 +882,9 @@ impl HaLoop {
 
     async fn start_replica(&mut self, leader: Option<&str>, snap: &ClusterSnapshot) -> anyhow::Result<()> {
         let d = self.shared.dynamic();
+        if let Ok(c) = self.inst.controldata().await {
+            self.standby_minimums = c.hot_standby_minimums;
+        }
         let upstream = self.upstream(leader, snap)?;
         let term = snap.leader.as_ref().map_or(self.conf_term, |l| l.value.term);
         let following = upstream.as_ref().map(|(m, _)| m.name.clone());

@@ -75,6 +75,8 @@ pub struct NodeStatus {
     pub tags: MemberTags,
     /// Parameters waiting for a restart.
     pub pending_restart: Vec<String>,
+    /// When the running postmaster started (unix seconds), to tell a restart happened.
+    pub postmaster_start: Option<f64>,
     /// Primary: connected replicas (`pg_stat_replication`).
     pub replication: Vec<pgkeel_pg::probe::ReplicationRow>,
     /// pgkeel version.
@@ -105,6 +107,17 @@ pub(crate) struct Shared {
     /// Wakes the loop early (REST actions).
     pub wake: Notify,
     pub counters: Counters,
+    /// An operator request for this node's postgres, carried out by the loop.
+    pub request: std::sync::Mutex<Option<NodeRequest>>,
+}
+
+/// Operator requests the REST API hands to the loop (it owns postgres).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NodeRequest {
+    /// Restart postgres in place (the primary keeps the leader key).
+    Restart,
+    /// Replace the data directory with a fresh clone of the leader (old one kept aside).
+    Reinitialize,
 }
 
 impl Shared {
@@ -196,6 +209,7 @@ pub async fn run(config: NodeConfig, options: RunOptions, shutdown: watch::Recei
         last_decision: "agent starting".into(),
         tags: MemberTags { nofailover: config.tags.nofailover, failover_priority: config.tags.failover_priority },
         pending_restart: vec![],
+        postmaster_start: None,
         replication: vec![],
         version: env!("CARGO_PKG_VERSION").into(),
     };
@@ -205,6 +219,7 @@ pub async fn run(config: NodeConfig, options: RunOptions, shutdown: watch::Recei
         store,
         status: RwLock::new(status),
         wake: Notify::new(),
+        request: std::sync::Mutex::new(None),
         counters: Counters::default(),
     });
 

@@ -30,7 +30,7 @@ use pgkeel_pg::lsn::format_lsn;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::{unix_ms, NodeStatus, Shared};
+use crate::{unix_ms, NodeRequest, NodeStatus, Shared};
 
 type Resp = Response<Full<Bytes>>;
 
@@ -178,12 +178,16 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         (Method::GET, "/metrics") => metrics(&shared).await,
         (Method::POST, "/switchover") => action(&shared, req, Kind::Switchover).await,
         (Method::POST, "/failover") => action(&shared, req, Kind::Failover).await,
+        (Method::POST, "/restart") => node_request(&shared, req, NodeRequest::Restart).await,
+        (Method::POST, "/reinitialize") => node_request(&shared, req, NodeRequest::Reinitialize).await,
         (Method::PATCH, "/config") => write_config(&shared, req, false).await,
         (Method::PUT, "/config") => write_config(&shared, req, true).await,
         (_, "/node" | "/patroni" | "/cluster" | "/history" | "/metrics") => {
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers GET"))
         }
-        (_, "/switchover" | "/failover") => error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers POST")),
+        (_, "/switchover" | "/failover" | "/restart" | "/reinitialize") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers POST"))
+        }
         (_, "/config") => error(StatusCode::METHOD_NOT_ALLOWED, "/config answers GET, PATCH and PUT"),
         _ => error(StatusCode::NOT_FOUND, format!("no endpoint {path}; see docs/rest-api.md")),
     }
@@ -489,6 +493,90 @@ async fn action(shared: &Shared, req: Request<Incoming>, kind: Kind) -> Resp {
     error(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("{} did not complete within {wait:?}; see pgkeel list and the agents' logs", request.kind),
+    )
+}
+
+/// `POST /restart` (`{"restart_pending": true}` restarts only when a parameter change waits
+/// for it; `{"role": "primary"|"replica"}` only in that role) and `POST /reinitialize`: the
+/// loop carries them out; the answer comes when postgres runs again (a new postmaster).
+async fn node_request(shared: &Shared, req: Request<Incoming>, request: NodeRequest) -> Resp {
+    if let Err(e) = check_auth(shared, &req) {
+        return e.into();
+    }
+    let body = match read_json(req).await {
+        Ok(b) => b,
+        Err(e) => return e.into(),
+    };
+    let allowed: &[&str] = match request {
+        NodeRequest::Restart => &["restart_pending", "role"],
+        NodeRequest::Reinitialize => &["force"],
+    };
+    match body.as_object() {
+        None => return error(StatusCode::BAD_REQUEST, "request body must be a JSON object"),
+        Some(o) => {
+            if let Some(k) = o.keys().find(|k| !allowed.contains(&k.as_str())) {
+                return error(StatusCode::BAD_REQUEST, format!("unknown field {k:?}: expected one of {allowed:?}"));
+            }
+        }
+    }
+    let st = shared.status();
+    match request {
+        NodeRequest::Restart => {
+            if body["restart_pending"] == true && st.pending_restart.is_empty() {
+                return error(
+                    StatusCode::PRECONDITION_FAILED,
+                    "restart conditions are not satisfied: no restart is pending",
+                );
+            }
+            match &body["role"] {
+                Value::Null => {}
+                Value::String(r) if r == "primary" || r == "replica" => {
+                    if st.role.as_str() != r {
+                        return error(
+                            StatusCode::PRECONDITION_FAILED,
+                            format!("restart conditions are not satisfied: this member is not a {r}"),
+                        );
+                    }
+                }
+                other => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("\"role\" must be \"primary\" or \"replica\", got {other}"),
+                    )
+                }
+            }
+            if st.state != "running" {
+                return error(StatusCode::SERVICE_UNAVAILABLE, format!("postgres is not running here ({})", st.state));
+            }
+        }
+        NodeRequest::Reinitialize => {
+            if st.holds_lease || st.role == Role::Primary {
+                return error(
+                    StatusCode::PRECONDITION_FAILED,
+                    "this member is the leader: switch over first, then reinitialize it",
+                );
+            }
+            if st.leader.is_none() {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "no leader to clone from");
+            }
+        }
+    }
+    let before = st.postmaster_start;
+    *shared.request.lock().expect("request lock poisoned") = Some(request);
+    shared.wake.notify_one();
+    let bound = Duration::from_secs(if request == NodeRequest::Restart { 90 } else { 600 });
+    let deadline = Instant::now() + bound;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let st = shared.status();
+        if st.state == "running" && st.postmaster_start.is_some() && st.postmaster_start != before {
+            let what = if request == NodeRequest::Restart { "restarted" } else { "reinitialized" };
+            return respond(StatusCode::OK, json!({ "message": format!("{} {what}", st.name), "role": st.role }));
+        }
+    }
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{request:?} did not complete within {bound:?}; see the agent's log"),
     )
 }
 

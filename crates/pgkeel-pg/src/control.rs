@@ -89,7 +89,20 @@ pub struct ControlData {
     pub checkpoint_lsn: u64,
     /// `Minimum recovery ending location` (0 when not in recovery).
     pub min_recovery_end_lsn: u64,
+    /// The settings a hot standby must not set lower than its primary did, as last recorded
+    /// in the WAL (`max_connections setting: 100`, ...), keyed by parameter name.
+    pub hot_standby_minimums: std::collections::BTreeMap<String, u64>,
 }
+
+/// Parameters a hot standby refuses to start with when set lower than on its primary, with
+/// their pg_controldata labels.
+pub const HOT_STANDBY_PARAMETERS: [(&str, &str); 5] = [
+    ("max_connections", "max_connections setting"),
+    ("max_worker_processes", "max_worker_processes setting"),
+    ("max_wal_senders", "max_wal_senders setting"),
+    ("max_prepared_transactions", "max_prepared_xacts setting"),
+    ("max_locks_per_transaction", "max_locks_per_xact setting"),
+];
 
 /// Where to clone from / stream from: a running member reachable over TCP.
 #[derive(Debug, Clone)]
@@ -713,6 +726,10 @@ pub fn parse_controldata(text: &str) -> Result<ControlData, PgError> {
         })?,
         checkpoint_lsn: lsn("Latest checkpoint location")?,
         min_recovery_end_lsn: lsn("Minimum recovery ending location")?,
+        hot_standby_minimums: HOT_STANDBY_PARAMETERS
+            .iter()
+            .filter_map(|(name, label)| Some((name.to_string(), field(label).ok()?.parse().ok()?)))
+            .collect(),
     })
 }
 
@@ -922,7 +939,9 @@ mod tests {
                     Latest checkpoint's TimeLineID:       2\n\
                     Latest checkpoint's PrevTimeLineID:   1\n\
                     Minimum recovery ending location:     0/4000000\n\
-                    Min recovery ending loc's timeline:   2\n";
+                    Min recovery ending loc's timeline:   2\n\
+                    max_connections setting:              100\n\
+                    max_wal_senders setting:              10\n";
         let cd = parse_controldata(text).unwrap();
         assert_eq!(
             cd,
@@ -932,6 +951,9 @@ mod tests {
                 timeline: 2,
                 checkpoint_lsn: 0x3000148,
                 min_recovery_end_lsn: 0x4000000,
+                hot_standby_minimums: [("max_connections".to_string(), 100), ("max_wal_senders".to_string(), 10)]
+                    .into_iter()
+                    .collect(),
             }
         );
         assert!(parse_controldata("nothing").is_err());

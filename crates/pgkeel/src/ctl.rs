@@ -99,6 +99,24 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             }
             println!("{}", r.json()?["message"].as_str().unwrap_or("failed over"));
         }
+        Command::Restart { target, node, all, pending } => restart(&target, node.as_deref(), all, pending).await?,
+        Command::Reinit { target, node } => {
+            let api = resolve(&target)?;
+            let url = member_api(&api, &node).await?;
+            let r = request_with_headers(
+                "POST",
+                &format!("{url}/reinitialize"),
+                Some(&json!({})),
+                api.auth.as_ref(),
+                &[],
+                LONG,
+            )
+            .await?;
+            if r.status != 200 {
+                return Err(fail(&r));
+            }
+            println!("{}", r.json()?["message"].as_str().unwrap_or("reinitialized"));
+        }
         Command::Pause { target } => set_pause(&target, true).await?,
         Command::Resume { target } => set_pause(&target, false).await?,
         Command::Agent { .. }
@@ -124,6 +142,107 @@ async fn show(target: &Target, path: &str, json: bool, render: fn(&Value) -> Str
     } else {
         print!("{}", render(&v));
     }
+    Ok(())
+}
+
+const LONG: Duration = Duration::from_secs(600);
+
+/// The REST URL of member `node`, from `/cluster`.
+async fn member_api(api: &Api, node: &str) -> anyhow::Result<String> {
+    let v = cluster(api).await?;
+    v["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == node))
+        .and_then(|m| m["api_url"].as_str().map(String::from))
+        .with_context(|| format!("{node} is not a live member of the cluster (see pgkeel list)"))
+}
+
+async fn cluster(api: &Api) -> anyhow::Result<Value> {
+    let r = api.call("GET", "/cluster", None, SHORT).await?;
+    if r.status != 200 {
+        return Err(fail(&r));
+    }
+    r.json()
+}
+
+/// Restart one member; `Ok(false)` when `pending` was asked and none is pending.
+async fn restart_one(api: &Api, node: &str, pending: bool) -> anyhow::Result<bool> {
+    let url = member_api(api, node).await?;
+    let body = json!({ "restart_pending": pending });
+    let r = request_with_headers("POST", &format!("{url}/restart"), Some(&body), api.auth.as_ref(), &[], LONG).await?;
+    match r.status {
+        200 => {
+            println!("{node}: restarted");
+            Ok(true)
+        }
+        412 if pending => {
+            println!("{node}: no restart pending, skipped");
+            Ok(false)
+        }
+        _ => Err(fail(&r).context(format!("restart {node}"))),
+    }
+}
+
+/// Wait until `node` is the running leader or a streaming replica again.
+async fn wait_healthy(api: &Api, node: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + LONG;
+    while std::time::Instant::now() < deadline {
+        if let Ok(v) = cluster(api).await {
+            let ok = v["members"].as_array().is_some_and(|ms| {
+                ms.iter().any(|m| {
+                    m["name"] == node
+                        && (m["state"] == "streaming" || (m["role"] == "leader" && m["state"] == "running"))
+                })
+            });
+            if ok {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("{node} did not come back within {LONG:?}")
+}
+
+/// `pgkeel restart NODE | --all [--pending]`.
+async fn restart(target: &Target, node: Option<&str>, all: bool, pending: bool) -> anyhow::Result<()> {
+    let api = resolve(target)?;
+    if !all {
+        let node = node.context("name the member to restart, or --all")?;
+        restart_one(&api, node, pending).await?;
+        return Ok(());
+    }
+    let v = cluster(&api).await?;
+    let leader = v["leader"].as_str().context("no leader: a rolling restart needs a healthy cluster")?.to_string();
+    let needs = |m: &Value| !pending || m["pending_restart"] == true;
+    let members: Vec<Value> = v["members"].as_array().cloned().unwrap_or_default();
+    // Replicas first, one at a time, each streaming again before the next.
+    for m in members.iter().filter(|m| m["name"] != leader.as_str() && needs(m)) {
+        let name = m["name"].as_str().unwrap_or_default();
+        if restart_one(&api, name, pending).await? {
+            wait_healthy(&api, name).await?;
+        }
+    }
+    // Then the leader: switch over to a replica first, so writes pause only for a switchover.
+    if let Some(l) = members.iter().find(|m| m["name"] == leader.as_str()).filter(|m| needs(m)) {
+        let name = l["name"].as_str().unwrap_or_default();
+        let r = api.call("POST", "/switchover", Some(&json!({ "leader": name })), LONG).await?;
+        if r.status != 200 {
+            return Err(fail(&r).context("switch over before restarting the leader"));
+        }
+        println!("{}", r.json()?["message"].as_str().unwrap_or("switched over"));
+        wait_healthy(&api, name).await?;
+        // Stepping down restarts postgres (clean stop, start as a replica), which often applies
+        // the pending change already.
+        let still_pending = cluster(&api).await?["members"]
+            .as_array()
+            .is_some_and(|ms| ms.iter().any(|m| m["name"] == name && m["pending_restart"] == true));
+        if pending && !still_pending {
+            println!("{name}: restarted by the switchover");
+        } else if restart_one(&api, name, pending).await? {
+            wait_healthy(&api, name).await?;
+        }
+    }
+    println!("rolling restart done");
     Ok(())
 }
 
@@ -290,6 +409,7 @@ fn render_list(v: &Value) -> String {
                         Some(b) => format!("{b}"),
                         None => "".into(),
                     };
+                    let restart = if m["pending_restart"] == true { "*" } else { "" };
                     vec![
                         text(&m["name"]),
                         text(&m["host"]),
@@ -298,12 +418,13 @@ fn render_list(v: &Value) -> String {
                         text(&m["timeline"]),
                         lag,
                         text(&m["term"]),
+                        restart.to_string(),
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    out.push_str(&table(&["Member", "Host", "Role", "State", "TL", "Lag (bytes)", "Term"], &rows));
+    out.push_str(&table(&["Member", "Host", "Role", "State", "TL", "Lag (bytes)", "Term", "Pending restart"], &rows));
     if let Some(f) = v["failover"].as_object() {
         out.push_str(&format!(
             "Pending {}: to {}\n",

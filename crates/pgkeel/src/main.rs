@@ -98,6 +98,29 @@ enum Command {
         #[arg(long)]
         to: String,
     },
+    /// Restart postgres on one member, or on every member in turn (`--all`: replicas first,
+    /// then a switchover, then the former primary), e.g. after a parameter change.
+    Restart {
+        #[command(flatten)]
+        target: Target,
+        /// The member to restart.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        node: Option<String>,
+        /// Rolling restart of the whole cluster.
+        #[arg(long)]
+        all: bool,
+        /// Only members with a pending restart (a parameter change waiting for it).
+        #[arg(long)]
+        pending: bool,
+    },
+    /// Replace a replica's data directory with a fresh clone of the leader (the old one is
+    /// kept as data.old).
+    Reinit {
+        #[command(flatten)]
+        target: Target,
+        /// The member to reinitialize (not the leader).
+        node: String,
+    },
     /// Show every promotion: time, reason, old and new primary, LSNs.
     History {
         #[command(flatten)]

@@ -221,7 +221,7 @@ async fn rest_api_health_semantics_and_bad_requests() {
 
     // Dynamic config: a reloadable parameter reaches every member; one that needs a restart is
     // flagged as pending.
-    let patch = json!({"postgresql": {"parameters": {"work_mem": "7MB", "max_connections": 90}}});
+    let patch = json!({"postgresql": {"parameters": {"work_mem": "7MB", "max_connections": 120}}});
     let r = c.api(&replica, "PATCH", "/config", Some(&patch), true).await;
     assert_eq!(r.status, 200, "{}", r.text());
     for n in c.nodes() {

@@ -239,3 +239,46 @@ async fn up_in_the_foreground_shows_status_and_ctrl_c_stops_everything() {
         assert!(!pgkeel_testkit::alive(p), "process {p} still runs after Ctrl-C:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_applies_pending_parameters_and_reinit_replaces_a_replica() {
+    let c = Cluster::up(bin(), 2).await;
+    let (leader, _) = c.leader().await.expect("leader");
+    let replica = c.nodes().into_iter().find(|n| *n != leader).unwrap();
+    c.wait_streaming(&leader, std::slice::from_ref(&replica), Duration::from_secs(20)).await;
+    // max_connections needs a restart: every member flags it as pending.
+    let out = c.ctl(&["config", "set", "postgresql.parameters.max_connections=120"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("pending restart on every member", Duration::from_secs(15), || async {
+        let list = String::from_utf8_lossy(&c.ctl(&["list"]).stdout).to_string();
+        (list.lines().filter(|l| l.trim_end().ends_with('*')).count() == 2).then_some(())
+    })
+    .await;
+    let out = c.ctl(&["restart", "--all", "--pending"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{replica}: restarted")) && text.contains(&format!("{leader}: restarted")),
+        "{text}"
+    );
+    assert!(text.contains("Successfully switched over"), "the leader is restarted after a switchover: {text}");
+    assert!(!text.contains("skipped"), "every pending member is restarted: {text}");
+    let (new_leader, _) = c.leader().await.expect("leader");
+    assert_eq!(new_leader, replica);
+    for n in c.nodes() {
+        assert_eq!(psql(&c.node_dsn(&n), "show max_connections").unwrap(), "120", "{n}");
+    }
+    // Nothing pending any more: a second pass restarts nobody.
+    let out = c.ctl(&["restart", "--all", "--pending"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && !text.contains("restarted"), "{text}");
+
+    // Reinitialize the replica (the former leader): a fresh clone, old data kept aside.
+    let out = c.ctl(&["reinit", &new_leader]);
+    assert_eq!(out.status.code(), Some(1), "the leader cannot be reinitialized");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("switch over first"));
+    let out = c.ctl(&["reinit", &leader]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(c.dir().join("nodes").join(&leader).join("data.old/PG_VERSION").exists());
+    c.wait_streaming(&new_leader, std::slice::from_ref(&leader), Duration::from_secs(30)).await;
+}
