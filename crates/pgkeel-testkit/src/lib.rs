@@ -53,17 +53,41 @@ pub struct Cluster {
     pub info: Value,
     extra: Vec<Child>,
     foreground: Option<Child>,
+    /// The etcd cluster holding this cluster's state, when it runs on etcd; stopped after
+    /// the agents (fields drop after `Drop::drop` ran the teardown).
+    pub etcd: Option<pgkeel_dcs::testing::EtcdCluster>,
 }
 
 impl Cluster {
+    /// Start a real etcd cluster of `etcd_members` and an `nodes`-member pgkeel cluster on it.
+    pub async fn up_on_etcd(bin: &Path, nodes: u16, etcd_members: usize) -> Cluster {
+        let etcd =
+            pgkeel_dcs::testing::EtcdCluster::start(etcd_members).await.unwrap_or_else(|e| panic!("start etcd: {e}"));
+        let urls = etcd.client_urls().join(",");
+        let mut c = Cluster::up_with(bin, nodes, &["--etcd", &urls]).await;
+        c.etcd = Some(etcd);
+        c
+    }
+
     /// Start an `nodes`-member cluster with the `pgkeel` binary at `bin` and wait until every
     /// member streams.
     pub async fn up(bin: &Path, nodes: u16) -> Cluster {
+        Cluster::up_with(bin, nodes, &[]).await
+    }
+
+    /// [`Cluster::up`] with extra `pgkeel up` arguments.
+    pub async fn up_with(bin: &Path, nodes: u16, extra: &[&str]) -> Cluster {
         let dir = tempfile::Builder::new().prefix("pgkeel-test-").tempdir().expect("create a temp dir");
         // postgres runs as the `postgres` OS user when tests run as root: it must enter the dir.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod the temp dir");
-        let mut c = Cluster { dir, bin: bin.to_path_buf(), info: Value::Null, extra: Vec::new(), foreground: None };
-        let out = c.cli(&["up", "--detach", "--nodes", &nodes.to_string(), "--dir", &c.dir_str()]);
+        let mut c =
+            Cluster { dir, bin: bin.to_path_buf(), info: Value::Null, extra: Vec::new(), foreground: None, etcd: None };
+        let mut args = vec!["up", "--detach", "--dir"];
+        let dir = c.dir_str();
+        let n = nodes.to_string();
+        args.extend([dir.as_str(), "--nodes", n.as_str()]);
+        args.extend(extra);
+        let out = c.cli(&args);
         let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
             c.dump_logs();
@@ -88,8 +112,14 @@ impl Cluster {
             .stderr(out)
             .spawn()
             .expect("start pgkeel up");
-        let mut c =
-            Cluster { dir, bin: bin.to_path_buf(), info: Value::Null, extra: Vec::new(), foreground: Some(child) };
+        let mut c = Cluster {
+            dir,
+            bin: bin.to_path_buf(),
+            info: Value::Null,
+            extra: Vec::new(),
+            foreground: Some(child),
+            etcd: None,
+        };
         let path = c.dir().join("up.json");
         let text = wait_for("up.json", Duration::from_secs(30), || {
             let path = path.clone();

@@ -49,6 +49,10 @@ enum Command {
         /// background (stop it with `pgkeel down --dir DIR`).
         #[arg(long)]
         detach: bool,
+        /// Keep a new cluster's state in etcd instead of the embedded store: comma-separated
+        /// client URLs, e.g. http://127.0.0.1:2379.
+        #[arg(long, value_name = "URLS")]
+        etcd: Option<String>,
     },
     /// The fencing guard of one node (started by its agent; not for direct use).
     #[command(hide = true)]
@@ -264,8 +268,10 @@ fn main() -> ExitCode {
             });
             report(result)
         }
-        Command::Up { dir, nodes, cluster, detach } => {
-            report(runtime().block_on(up::up(&dir, nodes, &cluster, detach)))
+        Command::Up { dir, nodes, cluster, detach, etcd } => {
+            let etcd: Option<Vec<String>> =
+                etcd.map(|e| e.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect());
+            report(runtime().block_on(up::up(&dir, nodes, &cluster, detach, etcd)))
         }
         Command::Down { dir } => report(runtime().block_on(up::down(&dir))),
         Command::Guard { node_dir, data_dir } => report(pgkeel_agent::guard::run(&node_dir, &data_dir)),

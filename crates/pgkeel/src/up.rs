@@ -112,7 +112,11 @@ fn check_reachable(dir: &Path, os_user: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn create(dir: &Path, nodes: u16, cluster: &str) -> anyhow::Result<UpInfo> {
+fn create(dir: &Path, nodes: u16, cluster: &str, etcd: Option<Vec<String>>) -> anyhow::Result<UpInfo> {
+    let dcs = match etcd {
+        Some(endpoints) => DcsConfig::Etcd { endpoints },
+        None => DcsConfig::Local { path: dir.join("dcs") },
+    };
     let su_pw = pgkeel_agent::random_password();
     let repl_pw = pgkeel_agent::random_password();
     let api_pw = pgkeel_agent::random_password();
@@ -128,7 +132,7 @@ fn create(dir: &Path, nodes: u16, cluster: &str) -> anyhow::Result<UpInfo> {
             cluster: cluster.to_string(),
             name: name.clone(),
             data_dir: node_dir.join("data"),
-            dcs: DcsConfig::Local { path: dir.join("dcs") },
+            dcs: dcs.clone(),
             postgres: PostgresConfig {
                 listen: format!("127.0.0.1:{pg_port}"),
                 superuser: Credentials { username: "postgres".into(), password: Some(su_pw.clone()) },
@@ -193,7 +197,7 @@ fn spawn_agent(node: &UpNode) -> anyhow::Result<std::process::Child> {
 }
 
 /// `pgkeel up`.
-pub async fn up(dir: &Path, nodes: u16, cluster: &str, detach: bool) -> anyhow::Result<()> {
+pub async fn up(dir: &Path, nodes: u16, cluster: &str, detach: bool, etcd: Option<Vec<String>>) -> anyhow::Result<()> {
     let started = Instant::now();
     pgkeel_pg::binaries::PgBinaries::discover(None)?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -210,10 +214,16 @@ pub async fn up(dir: &Path, nodes: u16, cluster: &str, detach: bool) -> anyhow::
                 info.nodes.len()
             );
         }
+        if etcd.is_some() {
+            eprintln!(
+                "note: --etcd only applies to a new cluster; {} keeps the DCS in its node.toml files",
+                dir.display()
+            );
+        }
         eprintln!("resuming cluster {:?} in {}", info.cluster, dir.display());
         info
     } else {
-        let info = create(&dir, nodes, cluster)?;
+        let info = create(&dir, nodes, cluster, etcd)?;
         eprintln!("created cluster {:?} with {} nodes in {}", info.cluster, info.nodes.len(), dir.display());
         info
     };

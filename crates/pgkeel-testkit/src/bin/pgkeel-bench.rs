@@ -7,7 +7,8 @@
 //! - `idle`: CPU and RSS of idle agents (target < 1 % of one core, < 30 MB);
 //! - `all`: all three.
 //!
-//! Usage: `pgkeel-bench [up|failover|idle|all] [--runs N] [--seconds S] [--pgkeel PATH]`.
+//! Usage: `pgkeel-bench [up|failover|idle|all] [--runs N] [--seconds S] [--pgkeel PATH] [--etcd]`
+//! (`--etcd`: the failover runs on a real 3-member etcd instead of the embedded store).
 //! Build both binaries in release mode first: `cargo build --release -p pgkeel -p pgkeel-testkit`.
 
 use std::path::PathBuf;
@@ -21,12 +22,14 @@ struct Opts {
     runs: usize,
     seconds: u64,
     pgkeel: PathBuf,
+    /// Run the cluster on a real 3-member etcd instead of the embedded store.
+    etcd: bool,
 }
 
 fn parse() -> Result<Opts, String> {
     let mut args = std::env::args().skip(1);
     let default_bin = std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("pgkeel");
-    let mut o = Opts { what: "all".into(), runs: 5, seconds: 30, pgkeel: default_bin };
+    let mut o = Opts { what: "all".into(), runs: 5, seconds: 30, pgkeel: default_bin, etcd: false };
     while let Some(a) = args.next() {
         match a.as_str() {
             "up" | "failover" | "idle" | "all" => o.what = a,
@@ -45,6 +48,7 @@ fn parse() -> Result<Opts, String> {
                     .ok_or("--seconds needs a positive number")?
             }
             "--pgkeel" => o.pgkeel = args.next().map(PathBuf::from).ok_or("--pgkeel needs a path")?,
+            "--etcd" => o.etcd = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -78,7 +82,7 @@ async fn bench_up(o: &Opts) {
 /// Time from SIGKILL of the primary's agent + postgres to the first successful write.
 async fn bench_failover(o: &Opts) {
     let mut xs = Vec::new();
-    let mut c = Cluster::up(&o.pgkeel, 3).await;
+    let mut c = if o.etcd { Cluster::up_on_etcd(&o.pgkeel, 3, 3).await } else { Cluster::up(&o.pgkeel, 3).await };
     let dsn = c.primary_dsn().replace("connect_timeout=2", "connect_timeout=1");
     pgkeel_testkit::psql(&dsn, "create table bench(id serial primary key, term bigint)").expect("create table");
     for run in 0..o.runs {
@@ -112,7 +116,11 @@ async fn bench_failover(o: &Opts) {
         // Bring the node back so the next run has a full cluster.
         c.start_agent(&old);
     }
-    stats("failover: SIGKILL of primary agent+postgres to first write (libpq multi-host, read-write)", &mut xs);
+    let dcs = if o.etcd { "etcd, 3 members" } else { "embedded store" };
+    stats(
+        &format!("failover ({dcs}): SIGKILL of primary agent+postgres to first write (libpq multi-host, read-write)"),
+        &mut xs,
+    );
 }
 
 fn proc_cpu_ticks(pid: i32) -> Option<u64> {
@@ -152,7 +160,7 @@ async fn main() {
             if !e.is_empty() {
                 eprintln!("error: {e}");
             }
-            eprintln!("usage: pgkeel-bench [up|failover|idle|all] [--runs N] [--seconds S] [--pgkeel PATH]");
+            eprintln!("usage: pgkeel-bench [up|failover|idle|all] [--runs N] [--seconds S] [--pgkeel PATH] [--etcd]");
             std::process::exit(2);
         }
     };
