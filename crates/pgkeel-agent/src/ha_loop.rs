@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use pgkeel_config::DynamicConfig;
 use pgkeel_dcs::cluster::{
-    ClusterSnapshot, HistoryEntry, InitializeValue, LeaderValue, MemberTags, MemberValue, Role, StatusValue,
+    ClusterSnapshot, HistoryEntry, InitializeValue, LeaderValue, MemberTags, MemberValue, Role, StatusValue, SyncValue,
 };
 use pgkeel_ha::{decide, Action, ClusterView, Decision, Observation, Peer, PgRole, PgState, PromoteReason};
 use pgkeel_pg::binaries::PgBinaries;
@@ -72,6 +72,8 @@ pub(crate) struct HaLoop {
     /// The primary's hot-standby-sensitive settings as this replica last replayed them (from
     /// pg_controldata before starting); a replica never asks for less, or it would not start.
     standby_minimums: std::collections::BTreeMap<String, u64>,
+    /// Standbys this primary names in synchronous_standby_names.
+    sync_guc: Vec<String>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -131,6 +133,7 @@ impl HaLoop {
             guard,
             maybe_primary: true,
             standby_minimums: Default::default(),
+            sync_guc: Vec::new(),
         }
     }
 
@@ -200,6 +203,7 @@ impl HaLoop {
             maximum_lag_on_failover: d.maximum_lag_on_failover,
             primary_start_timeout_ms: ms(d.primary_start_timeout),
             pause: d.pause,
+            sync_mode: sync_mode(d),
         }
     }
 
@@ -618,6 +622,7 @@ impl HaLoop {
         st.holds_lease = self.lease.as_ref().is_some_and(|l| l.deadline_ms > now);
         st.lease_left_ms = self.lease.as_ref().map(|l| l.deadline_ms.saturating_sub(now));
         if let Some(s) = snap {
+            st.sync_standby = s.sync.as_ref().is_some_and(|x| x.value.members.contains(&st.name));
             st.leader = s.leader_name().map(String::from);
             let last = s.status.as_ref().map(|x| x.last_lsn);
             st.lag_bytes = match (m.role, last, st.replayed_lsn.or(st.lsn)) {
@@ -703,7 +708,15 @@ impl HaLoop {
             }
             None => (None, None),
         };
+        // Only a lease holder waits for synchronous standbys: bootstrap's own commits (the
+        // replication role) must not block in strict mode.
+        let synchronous_standby_names = if primary_conninfo.is_none() && self.lease.is_some() {
+            pgkeel_ha::sync::render(sync_mode(d), &self.sync_guc)
+        } else {
+            String::new()
+        };
         Ok(ManagedConf {
+            synchronous_standby_names,
             listen_host: host,
             port,
             socket_dir: self.inst.socket_dir.clone(),
@@ -946,7 +959,67 @@ impl HaLoop {
             updated_ms: unix_ms(),
         };
         self.shared.store.set_status(&status).await?;
-        self.ensure_slots(snap).await
+        self.ensure_slots(snap).await?;
+        self.manage_sync(snap, p, d).await
+    }
+
+    /// One step of synchronous replication management (see `pgkeel_ha::sync`): the key is
+    /// written before the GUC when standbys are withdrawn, after it when they are added.
+    async fn manage_sync(&mut self, snap: &ClusterSnapshot, p: &Probe, d: &DynamicConfig) -> anyhow::Result<()> {
+        let me = self.me().to_string();
+        let mut revision = snap.sync.as_ref().map(|s| s.revision);
+        let mut key: Vec<String> = match &snap.sync {
+            Some(s) if s.value.leader == me => s.value.members.clone(),
+            Some(_) => {
+                // A key from an earlier leader: claim it, empty, before planning.
+                revision = self.write_sync(Vec::new(), revision).await?;
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        let eligible =
+            |name: &str| snap.member(name).is_some_and(|m| !m.tags.nofailover && m.tags.failover_priority > 0);
+        let candidates: Vec<pgkeel_ha::sync::SyncCandidate> = p
+            .replication
+            .iter()
+            .filter(|r| r.state == "streaming" && eligible(&r.application_name))
+            .map(|r| pgkeel_ha::sync::SyncCandidate {
+                name: r.application_name.clone(),
+                flush_lsn: r.flush_lsn.unwrap_or(0),
+                confirmed: r.sync_state == "sync",
+            })
+            .collect();
+        let step = pgkeel_ha::sync::plan(sync_mode(d), d.synchronous_node_count, &candidates, &self.sync_guc, &key);
+        if step.key_first {
+            if let Some(k) = &step.key {
+                revision = self.write_sync(k.clone(), revision).await?;
+                key = k.clone();
+            }
+        }
+        if step.guc != self.sync_guc {
+            tracing::info!(standbys = ?step.guc, "synchronous standbys in synchronous_standby_names");
+            self.sync_guc = step.guc.clone();
+            let term = self.lease.as_ref().map_or(self.conf_term, |l| l.value.term);
+            let conf = self.managed_conf(None, term, d)?;
+            if self.write_conf(&conf)? {
+                self.inst.reload().await?;
+            }
+        }
+        if !step.key_first {
+            if let Some(k) = step.key.filter(|k| *k != key) {
+                tracing::info!(standbys = ?k, "confirmed synchronous standbys");
+                self.write_sync(k, revision).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_sync(&self, members: Vec<String>, revision: Option<u64>) -> anyhow::Result<Option<u64>> {
+        let value = SyncValue { leader: self.me().to_string(), members };
+        match self.shared.store.write_sync(&value, revision).await? {
+            Some(rev) => Ok(Some(rev)),
+            None => bail!("the sync key changed concurrently"),
+        }
     }
 
     async fn ensure_slots(&self, snap: &ClusterSnapshot) -> anyhow::Result<()> {
@@ -1022,6 +1095,12 @@ impl HaLoop {
             }
         }
         let lease = self.lease.clone().context("promotion without a lease")?;
+        // The sync key is this leader's (and empty) before postgres accepts a write: nobody is
+        // a synchronous standby of the new primary until it confirms them.
+        self.sync_guc.clear();
+        if sync_mode(d) != pgkeel_ha::SyncMode::Off || snap.sync.is_some() {
+            self.write_sync(Vec::new(), snap.sync.as_ref().map(|s| s.revision)).await?;
+        }
         // The term is in place before postgres accepts its first write.
         let conf = self.managed_conf(None, lease.value.term, d)?;
         self.write_conf(&conf)?;
@@ -1148,6 +1227,14 @@ impl HaLoop {
     }
 }
 
+fn sync_mode(d: &DynamicConfig) -> pgkeel_ha::SyncMode {
+    match d.synchronous_mode {
+        pgkeel_config::SyncMode::Off => pgkeel_ha::SyncMode::Off,
+        pgkeel_config::SyncMode::On => pgkeel_ha::SyncMode::On,
+        pgkeel_config::SyncMode::Strict => pgkeel_ha::SyncMode::Strict,
+    }
+}
+
 fn action_verb(a: &Action) -> &'static str {
     match a {
         Action::Idle | Action::ProbePeers => "wait",
@@ -1227,5 +1314,6 @@ fn cluster_view(s: &ClusterSnapshot) -> ClusterView {
             .as_ref()
             .map(|f| FailoverRequest { leader: f.value.leader.clone(), candidate: f.value.candidate.clone() }),
         last_leader_lsn: s.status.as_ref().map(|x| x.last_lsn),
+        sync_members: s.sync.as_ref().map(|x| x.value.members.clone()).unwrap_or_default(),
     }
 }

@@ -63,6 +63,8 @@ pub struct NodeStatus {
     pub lease_left_ms: Option<u64>,
     /// Replica: bytes behind the leader's last reported LSN.
     pub lag_bytes: Option<u64>,
+    /// Replica: a confirmed synchronous standby (in the `sync` key).
+    pub sync_standby: bool,
     /// Cluster is paused.
     pub paused: bool,
     /// Last DCS read succeeded.
@@ -203,6 +205,7 @@ pub async fn run(config: NodeConfig, options: RunOptions, shutdown: watch::Recei
         holds_lease: false,
         lease_left_ms: None,
         lag_bytes: None,
+        sync_standby: false,
         paused: false,
         dcs_ok: false,
         last_loop_ms: 0,

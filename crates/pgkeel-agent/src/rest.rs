@@ -225,8 +225,9 @@ fn health(shared: &Shared, path: &str, params: &HashMap<String, String>) -> Resu
     };
     let ok = match path {
         "/" | "/primary" | "/master" | "/leader" | "/read-write" => is_primary,
-        "/replica" | "/async" | "/asynchronous" => replica_ok(lag_limit),
-        "/sync" | "/synchronous" => false, // synchronous replication arrives with the production release
+        "/replica" => replica_ok(lag_limit),
+        "/sync" | "/synchronous" => replica_ok(lag_limit) && st.sync_standby,
+        "/async" | "/asynchronous" => replica_ok(lag_limit) && !st.sync_standby,
         "/read-only" => is_primary || replica_ok(lag_limit),
         "/health" => running,
         "/liveness" => {

@@ -228,8 +228,39 @@ pub struct DynamicConfig {
     pub primary_start_timeout: Duration,
     /// While true, nothing automatic happens (no failover, no restart, no demotion).
     pub pause: bool,
+    /// Synchronous replication: `off` (asynchronous), `on` (commits wait for
+    /// `synchronous_node_count` standbys while there are any), `strict` (no commit without
+    /// them). In `on` and `strict` a failover goes only to a synchronous standby.
+    pub synchronous_mode: SyncMode,
+    /// How many synchronous standbys commits wait for (`on`, `strict`).
+    pub synchronous_node_count: u32,
     /// Postgres parameters for every member.
     pub postgresql: DynamicPostgres,
+}
+
+/// Synchronous replication mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// Asynchronous replication.
+    #[default]
+    Off,
+    /// Synchronous while standbys are available; asynchronous (and no automatic failover)
+    /// while none is.
+    On,
+    /// Never acknowledge a commit without the synchronous standbys.
+    Strict,
+}
+
+impl SyncMode {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Off => "off",
+            SyncMode::On => "on",
+            SyncMode::Strict => "strict",
+        }
+    }
 }
 
 /// Cluster-wide postgres settings.
@@ -250,6 +281,8 @@ impl Default for DynamicConfig {
             maximum_lag_on_failover: 1024 * 1024,
             primary_start_timeout: Duration::from_secs(10),
             pause: false,
+            synchronous_mode: SyncMode::Off,
+            synchronous_node_count: 1,
             postgresql: DynamicPostgres::default(),
         }
     }

@@ -134,6 +134,8 @@ const DYNAMIC: &[Field] = &[
     opt("maximum_lag_on_failover", Kind::Value),
     opt("primary_start_timeout", Kind::Value),
     opt("pause", Kind::Value),
+    opt("synchronous_mode", Kind::Value),
+    opt("synchronous_node_count", Kind::Value),
     opt("postgresql", Kind::Table(DYNAMIC_POSTGRES)),
 ];
 
@@ -404,6 +406,7 @@ const MANAGED_PARAMETERS: &[(&str, &str)] = &[
     ("cluster_name", "from the cluster and member names"),
     ("data_directory", "from data_dir"),
     ("pgkeel.term", "to record the leader term"),
+    ("synchronous_standby_names", "from synchronous_mode and synchronous_node_count"),
 ];
 
 fn check_parameters(path: &str, params: &BTreeMap<String, ParamValue>) -> Result<(), ConfigError> {
@@ -743,6 +746,12 @@ impl DynamicConfig {
                 show(self.primary_start_timeout)
             )));
         }
+        if !(1..=16).contains(&self.synchronous_node_count) {
+            return Err(invalid(format!(
+                "{prefix}synchronous_node_count = {}: must be between 1 and 16; e.g. synchronous_node_count = 1",
+                self.synchronous_node_count
+            )));
+        }
         check_parameters(&format!("{prefix}postgresql.parameters"), &self.postgresql.parameters)
     }
 }
@@ -859,6 +868,13 @@ primary_start_timeout = "10s"
 # While true, nothing automatic happens: no failover, no restart, no demotion.
 # Default: false.
 pause = false
+# Synchronous replication: "off" (asynchronous), "on" (commits wait for the synchronous
+# standbys while there are any; without one the primary runs asynchronously and nobody is
+# promoted automatically), "strict" (no commit without them). In "on" and "strict" a failover
+# goes only to a synchronous standby, so no acknowledged commit is lost. Default: "off".
+synchronous_mode = "off"
+# How many synchronous standbys commits wait for; 1 to 16. Default: 1.
+synchronous_node_count = 1
 
 # Postgres parameters for every member; a node's own [postgres.parameters] win. Same rules
 # as [postgres.parameters]. Default: empty.
@@ -907,6 +923,8 @@ mod tests {
                 maximum_lag_on_failover: 10 << 20,
                 primary_start_timeout: Duration::ZERO,
                 pause: true,
+                synchronous_mode: crate::SyncMode::Strict,
+                synchronous_node_count: 2,
                 postgresql: DynamicPostgres { parameters: params("hot_standby") },
             },
         }

@@ -9,6 +9,7 @@
 //! | `initialize` | [`InitializeValue`] | permanent: who bootstrapped, system identifier |
 //! | `failover` | [`FailoverValue`] | short TTL: a pending switchover/failover request |
 //! | `status` | [`StatusValue`] | leader's last LSN, rewritten every loop |
+//! | `sync` | [`SyncValue`] | synchronous standbys the leader confirmed (sync modes) |
 //! | `history/<term>` | [`HistoryEntry`] | permanent: one per promotion |
 
 use std::sync::Arc;
@@ -147,6 +148,18 @@ pub struct StatusValue {
     pub updated_ms: u64,
 }
 
+/// Value of `sync`: the standbys the leader has confirmed synchronous. Written after they are
+/// in `synchronous_standby_names` and withdrawn before they leave it, so every member listed
+/// here has every acknowledged commit; in a synchronous mode only they may be promoted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncValue {
+    /// The leader that wrote it.
+    pub leader: String,
+    /// Confirmed synchronous standbys.
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
 /// Value of `history/<term>`: one promotion.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
@@ -202,6 +215,8 @@ pub struct ClusterSnapshot {
     pub failover: Option<Versioned<FailoverValue>>,
     /// Leader's last LSN.
     pub status: Option<StatusValue>,
+    /// Confirmed synchronous standbys.
+    pub sync: Option<Versioned<SyncValue>>,
     /// Promotions, oldest first.
     pub history: Vec<HistoryEntry>,
 }
@@ -277,6 +292,7 @@ impl ClusterStore {
                 "initialize" => snap.initialize = Some(versioned(kv, decode(kv)?)),
                 "failover" => snap.failover = decode(kv).ok().map(|v| versioned(kv, v)),
                 "status" => snap.status = decode(kv).ok(),
+                "sync" => snap.sync = decode(kv).ok().map(|v| versioned(kv, v)),
                 p if p.starts_with("members/") => {
                     if let Ok(m) = decode::<MemberValue>(kv) {
                         snap.members.push(versioned(kv, m));
@@ -403,6 +419,16 @@ impl ClusterStore {
     /// Publish the leader's last LSN.
     pub async fn set_status(&self, value: &StatusValue) -> DcsResult<()> {
         self.dcs.put(&self.key("status"), &encode(value), None).await.map(|_| ())
+    }
+
+    /// Write the synchronous standby list: create when `expected` is `None`, else
+    /// compare-and-set. Returns the new revision, or `None` on a conflict.
+    pub async fn write_sync(&self, value: &SyncValue, expected: Option<u64>) -> DcsResult<Option<u64>> {
+        let key = self.key("sync");
+        match expected {
+            None => self.dcs.create(&key, &encode(value), None).await,
+            Some(rev) => self.dcs.compare_and_set(&key, &encode(value), rev, None).await,
+        }
     }
 
     /// Append a promotion to the history.

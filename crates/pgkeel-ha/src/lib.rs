@@ -22,10 +22,16 @@
 //!    never starts as primary without the key); a running replica that is a candidate probes its
 //!    peers in parallel and races only if no primary is alive and no eligible peer is better
 //!    (higher LSN, then higher `failover_priority`, then smaller name).
-//! 8. Pause: nothing automatic; the key holder still renews its lease. Manual actions still
+//! 8. Synchronous modes (`on`, `strict`): only members of the `sync` key (they have every
+//!    acknowledged commit) race, and a switchover goes only to one of them.
+//! 9. Pause: nothing automatic; the key holder still renews its lease. Manual actions still
 //!    work when they name a candidate: the leader steps down for it and it promotes.
 
+pub mod sync;
+
 use std::cmp::Ordering;
+
+pub use sync::SyncMode;
 
 /// Timing and policy settings the decision needs (from the dynamic config), in milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +48,9 @@ pub struct Settings {
     pub primary_start_timeout_ms: u64,
     /// Pause mode.
     pub pause: bool,
+    /// Synchronous replication mode: in `on` and `strict` only synchronous standbys are
+    /// promoted.
+    pub sync_mode: SyncMode,
 }
 
 impl Settings {
@@ -167,6 +176,8 @@ pub struct ClusterView {
     pub failover: Option<FailoverRequest>,
     /// Leader's last LSN (`status` key).
     pub last_leader_lsn: Option<u64>,
+    /// Standbys the leader confirmed synchronous (`sync` key).
+    pub sync_members: Vec<String>,
 }
 
 /// One peer's answer to the pre-race probe (its REST `/node`).
@@ -368,14 +379,20 @@ fn leader_is_me(o: &Observation, c: &ClusterView, l: &LeaderKey) -> Decision {
                     && f.leader.as_deref().is_none_or(|x| x == o.me)
                     && f.candidate.as_deref() != Some(o.me.as_str())
                 {
+                    // In a synchronous mode only a synchronous standby has every commit.
+                    let qualifies =
+                        |name: &str| s.sync_mode == SyncMode::Off || c.sync_members.iter().any(|m| m == name);
                     let candidate_ok = match &f.candidate {
-                        Some(cand) => c.members.iter().any(|m| &m.name == cand && m.running_replica),
-                        None => c.members.iter().any(|m| m.name != o.me && m.running_replica),
+                        Some(cand) => c.members.iter().any(|m| &m.name == cand && m.running_replica) && qualifies(cand),
+                        None => c.members.iter().any(|m| m.name != o.me && m.running_replica && qualifies(&m.name)),
                     };
                     if candidate_ok {
                         return d(Action::StepDown, "switchover requested: stepping down");
                     }
-                    return d(Action::Renew, "switchover requested but no healthy candidate: staying primary");
+                    return d(
+                        Action::Renew,
+                        "switchover requested but no healthy (synchronous, in a synchronous mode) candidate: staying primary",
+                    );
                 }
             }
             d(Action::Renew, format!("leader with term {}", l.term))
@@ -482,7 +499,18 @@ fn no_leader(o: &Observation, c: &ClusterView) -> Decision {
     if !o.tags.candidate() {
         return d(Action::Idle, "no leader, but this member is tagged nofailover");
     }
-    if let Some(last) = c.last_leader_lsn {
+    let sync = s.sync_mode != SyncMode::Off;
+    if sync && !c.sync_members.contains(&o.me) {
+        return d(
+            Action::Idle,
+            format!(
+                "no leader, but in synchronous mode only a synchronous standby ({:?}) may be promoted",
+                c.sync_members
+            ),
+        );
+    }
+    // A synchronous standby has every acknowledged commit; the lag limit is for async only.
+    if let Some(last) = c.last_leader_lsn.filter(|_| !sync) {
         let lag = last.saturating_sub(my_lsn);
         if lag > s.maximum_lag_on_failover {
             return d(
@@ -514,7 +542,8 @@ fn no_leader(o: &Observation, c: &ClusterView) -> Decision {
             && p.running_replica
             && p.tags.candidate()
             && Some(p.name.as_str()) != excluded
-            && c.last_leader_lsn.is_none_or(|last| last.saturating_sub(p.lsn) <= s.maximum_lag_on_failover)
+            && (!sync || c.sync_members.contains(&p.name))
+            && (sync || c.last_leader_lsn.is_none_or(|last| last.saturating_sub(p.lsn) <= s.maximum_lag_on_failover))
     };
     let best = peers
         .iter()

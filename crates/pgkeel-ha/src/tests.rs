@@ -13,6 +13,7 @@ fn settings() -> Settings {
         maximum_lag_on_failover: 1 << 20,
         primary_start_timeout_ms: 10_000,
         pause: false,
+        sync_mode: SyncMode::Off,
     }
 }
 
@@ -54,6 +55,7 @@ fn cluster(leader: Option<(&str, u64)>, members: &[(&str, &str)]) -> ClusterView
         init: Init::Done { sysid: "42".into() },
         failover: None,
         last_leader_lsn: None,
+        sync_members: vec![],
     }
 }
 
@@ -201,6 +203,21 @@ fn rules_table() {
             with(obs(Some(ClusterView { failover: Some(FailoverRequest { leader: Some("n2".into()), candidate: None }), ..cluster(None, &three) }), replica(100, None)), |o| o.peers = Some(vec![])), Action::Idle),
         ("switchover without candidate: the old leader is not eligible even with a higher LSN",
             with(obs(Some(ClusterView { failover: Some(FailoverRequest { leader: Some("n1".into()), candidate: None }), ..cluster(None, &three) }), replica(100, Some("n1"))), |o| o.peers = Some(vec![peer("n1", "replica", 200)])), promote(PromoteReason::Failover)),
+        // Rule 7b: synchronous modes.
+        ("sync mode: a synchronous standby races even with a lower LSN than an async peer",
+            with(obs(Some(ClusterView { sync_members: vec!["n2".into()], ..cluster(None, &no_leader_replicas) }), replica(100, Some("n1"))), |o| { o.settings.sync_mode = SyncMode::On; o.peers = Some(vec![peer("n3", "replica", 200)]); }), promote(PromoteReason::Failover)),
+        ("sync mode: an async standby never races, however advanced",
+            with(obs(Some(ClusterView { sync_members: vec!["n3".into()], ..cluster(None, &no_leader_replicas) }), replica(500, Some("n1"))), |o| o.settings.sync_mode = SyncMode::Strict), Action::Idle),
+        ("sync mode: no synchronous standby confirmed: nobody races",
+            with(obs(Some(cluster(None, &no_leader_replicas)), replica(500, Some("n1"))), |o| o.settings.sync_mode = SyncMode::On), Action::Idle),
+        ("sync mode: the lag limit does not apply to a synchronous standby",
+            with(obs(Some(ClusterView { sync_members: vec!["n2".into()], last_leader_lsn: Some(100 + (5 << 20)), ..cluster(None, &no_leader_replicas) }), replica(100, Some("n1"))), |o| { o.settings.sync_mode = SyncMode::On; o.peers = Some(vec![]); }), promote(PromoteReason::Failover)),
+        ("sync mode: between two synchronous standbys the higher LSN wins",
+            with(obs(Some(ClusterView { sync_members: vec!["n2".into(), "n3".into()], ..cluster(None, &no_leader_replicas) }), replica(100, Some("n1"))), |o| { o.settings.sync_mode = SyncMode::On; o.peers = Some(vec![peer("n3", "replica", 120)]); }), Action::Idle),
+        ("sync mode: switchover to an async standby is refused",
+            with(obs(Some(ClusterView { sync_members: vec!["n4".into()], failover: Some(FailoverRequest { leader: Some("n2".into()), candidate: Some("n3".into()) }), ..cluster(Some(("n2", 3)), &[("n2", "primary"), ("n3", "replica")]) }), primary()), |o| o.settings.sync_mode = SyncMode::On), Action::Renew),
+        ("sync mode: switchover to a synchronous standby proceeds",
+            with(obs(Some(ClusterView { sync_members: vec!["n3".into()], failover: Some(FailoverRequest { leader: Some("n2".into()), candidate: None }), ..cluster(Some(("n2", 3)), &[("n2", "primary"), ("n3", "replica")]) }), primary()), |o| o.settings.sync_mode = SyncMode::On), Action::StepDown),
         // Rule 8: pause.
         ("paused: the named switchover candidate still promotes",
             with(obs(Some(ClusterView { failover: Some(FailoverRequest { leader: Some("n1".into()), candidate: Some("n2".into()) }), ..cluster(None, &three) }), replica(100, Some("n1"))), |o| o.settings.pause = true), promote(PromoteReason::Switchover)),

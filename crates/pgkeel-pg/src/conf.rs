@@ -60,6 +60,7 @@ pub const MANAGED_KEYS: &[&str] = &[
     "pgkeel.term",
     "primary_conninfo",
     "primary_slot_name",
+    "synchronous_standby_names",
 ];
 
 /// Everything needed to render `pgkeel.conf`.
@@ -80,6 +81,9 @@ pub struct ManagedConf {
     pub primary_conninfo: Option<String>,
     /// `primary_slot_name` (replicas only).
     pub primary_slot_name: Option<String>,
+    /// `synchronous_standby_names` (primary in a synchronous mode; empty otherwise), already
+    /// in postgres syntax, e.g. `FIRST 1 ("n2")`.
+    pub synchronous_standby_names: String,
     /// User parameters, already merged; they override the baseline.
     pub parameters: BTreeMap<String, String>,
 }
@@ -137,6 +141,7 @@ pub fn render(conf: &ManagedConf) -> String {
     // Written even when empty so that removing them and reloading clears them.
     let _ = writeln!(out, "primary_conninfo = {}", conf_value(conf.primary_conninfo.as_deref().unwrap_or("")));
     let _ = writeln!(out, "primary_slot_name = {}", conf_value(conf.primary_slot_name.as_deref().unwrap_or("")));
+    let _ = writeln!(out, "synchronous_standby_names = {}", conf_value(&conf.synchronous_standby_names));
     out
 }
 
@@ -160,6 +165,7 @@ mod tests {
             term: 7,
             primary_conninfo: Some("host=10.0.0.1 password='it\\'s'".into()),
             primary_slot_name: Some("pgkeel_n1".into()),
+            synchronous_standby_names: String::new(),
             parameters: BTreeMap::new(),
         }
     }

@@ -56,6 +56,7 @@ fn managed_conf(inst: &Instance, term: u64) -> ManagedConf {
         term,
         primary_conninfo: None,
         primary_slot_name: None,
+        synchronous_standby_names: String::new(),
         parameters,
     }
 }

@@ -1,0 +1,125 @@
+//! Synchronous replication: in `on` and `strict` a failover promotes only a synchronous
+//! standby (no acknowledged commit lost); losing the synchronous standby moves the role to
+//! another; in `strict` no commit is acknowledged without one.
+
+use std::path::Path;
+use std::time::Duration;
+
+use pgkeel_testkit::{connect, psql, wait_for, Cluster, Writer};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_pgkeel"))
+}
+
+/// Set the mode and wait until exactly one replica is the confirmed synchronous standby, both
+/// in the `sync` key (`/sync` answers 200) and in the primary's pg_stat_replication.
+async fn sync_standby(c: &Cluster, mode: &str, leader: &str) -> String {
+    let out = c.ctl(&["config", "set", &format!("synchronous_mode={mode}")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let leader_dsn = c.node_dsn(leader);
+    wait_for("a confirmed synchronous standby", Duration::from_secs(20), || async {
+        let mut sync = vec![];
+        for n in c.nodes().into_iter().filter(|n| n != leader) {
+            if c.api(&n, "GET", "/sync", None, false).await.status == 200 {
+                sync.push(n);
+            }
+        }
+        let in_pg = psql(
+            &leader_dsn,
+            "select string_agg(application_name, ',') from pg_stat_replication where sync_state = 'sync'",
+        )
+        .ok()?;
+        (sync.len() == 1 && in_pg == sync[0]).then(|| sync.remove(0))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_on_fails_over_only_to_the_sync_standby_and_loses_nothing() {
+    let c = Cluster::up(bin(), 3).await;
+    let (old, old_term) = c.leader().await.expect("leader");
+    psql(&c.node_dsn(&old), "create table acked(id bigint primary key, term bigint not null)").unwrap();
+    let sync = sync_standby(&c, "on", &old).await;
+    assert_eq!(c.api(&old, "GET", "/sync", None, false).await.status, 503, "the primary is not a sync standby");
+    let writer = Writer::start(c.primary_dsn(), Duration::from_millis(20));
+    let dsn = c.node_dsn(&old);
+    wait_for("writes", Duration::from_secs(10), || {
+        let dsn = dsn.clone();
+        async move { (psql(&dsn, "select count(*) from acked").ok()?.parse::<i64>().ok()? >= 20).then_some(()) }
+    })
+    .await;
+    c.kill_agent(&old);
+    c.kill_postgres(&old);
+    let (new, new_term) =
+        wait_for("a new leader", Duration::from_secs(20), || async { c.leader().await.filter(|(n, _)| *n != old) })
+            .await;
+    assert_eq!(new, sync, "only the synchronous standby may be promoted");
+    assert!(new_term > old_term);
+    let dsn = c.node_dsn(&new);
+    wait_for("writes under the new term", Duration::from_secs(30), || {
+        let dsn = dsn.clone();
+        async move {
+            (psql(&dsn, &format!("select count(*) from acked where term = {new_term}")).ok()?.parse::<i64>().ok()? >= 5)
+                .then_some(())
+        }
+    })
+    .await;
+    let report = writer.stop().await;
+    let ids: Vec<String> = report.acked.iter().map(|a| a.id.to_string()).collect();
+    let missing = psql(&dsn, &format!("select count(*) from unnest(array[{}]::bigint[]) a(id) where not exists (select 1 from acked where acked.id = a.id)", ids.join(","))).unwrap();
+    assert_eq!(missing, "0", "acknowledged commits lost (of {} acked)", ids.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_moves_the_sync_role_and_never_commits_without_a_sync_standby() {
+    let mut c = Cluster::up(bin(), 3).await;
+    let (leader, _) = c.leader().await.expect("leader");
+    psql(&c.node_dsn(&leader), "create table t(x int)").unwrap();
+    let first = sync_standby(&c, "strict", &leader).await;
+    let other = c.nodes().into_iter().find(|n| *n != leader && *n != first).unwrap();
+
+    // The synchronous standby dies: the primary names the other replica and writes go on.
+    c.kill_agent(&first);
+    c.kill_postgres(&first);
+    let leader_dsn = c.node_dsn(&leader);
+    wait_for("the other replica takes the synchronous role", Duration::from_secs(20), || {
+        let dsn = leader_dsn.clone();
+        let other = other.clone();
+        async move {
+            (psql(&dsn, "select string_agg(application_name, ',') from pg_stat_replication where sync_state = 'sync'")
+                .ok()?
+                == other)
+                .then_some(())
+        }
+    })
+    .await;
+    let client = connect(&leader_dsn).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), client.execute("insert into t values (1)", &[]))
+        .await
+        .expect("a commit completes with the new synchronous standby")
+        .unwrap();
+    assert_eq!(leader, c.leader().await.expect("leader").0, "no failover for a lost standby");
+
+    // The last replica dies too: strict acknowledges no commit (it waits; a statement timeout
+    // would not do, since postgres reports a cancelled wait as committed).
+    c.kill_agent(&other);
+    c.kill_postgres(&other);
+    // Until its WAL receiver is gone too, the dying standby may still flush and confirm.
+    wait_for("no standby connected", Duration::from_secs(10), || {
+        let dsn = leader_dsn.clone();
+        async move { (psql(&dsn, "select count(*) from pg_stat_replication").ok()? == "0").then_some(()) }
+    })
+    .await;
+    let pending = tokio::spawn(async move { client.execute("insert into t values (2)", &[]).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    if pending.is_finished() {
+        panic!("strict answered a commit without a synchronous standby: {:?}", pending.await);
+    }
+    // A standby returns: the waiting commit completes.
+    c.start_agent(&other);
+    tokio::time::timeout(Duration::from_secs(60), pending)
+        .await
+        .expect("the commit completes once a synchronous standby is back")
+        .unwrap()
+        .unwrap();
+}
