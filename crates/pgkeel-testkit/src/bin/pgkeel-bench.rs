@@ -5,7 +5,10 @@
 //!   write through a libpq multi-host DSN with `target_session_attrs=read-write`
 //!   (target ≤ ttl + 1 s = 5 s at the defaults);
 //! - `idle`: CPU and RSS of idle agents (target < 1 % of one core, < 30 MB);
-//! - `all`: all three.
+//! - `all`: all three;
+//! - `zero-loss`: `--runs` consecutive kills of the primary's node under continuous writes in
+//!   a synchronous mode (`--sync on|strict`, default on); prints how many acknowledged commits
+//!   are missing at the end (target: 0).
 //!
 //! Usage: `pgkeel-bench [up|failover|idle|all] [--runs N] [--seconds S] [--pgkeel PATH] [--etcd]`
 //! (`--etcd`: the failover runs on a real 3-member etcd instead of the embedded store).
@@ -24,15 +27,20 @@ struct Opts {
     pgkeel: PathBuf,
     /// Run the cluster on a real 3-member etcd instead of the embedded store.
     etcd: bool,
+    /// synchronous_mode for `zero-loss`.
+    sync: String,
 }
 
 fn parse() -> Result<Opts, String> {
     let mut args = std::env::args().skip(1);
     let default_bin = std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("pgkeel");
-    let mut o = Opts { what: "all".into(), runs: 5, seconds: 30, pgkeel: default_bin, etcd: false };
+    let mut o = Opts { what: "all".into(), runs: 5, seconds: 30, pgkeel: default_bin, etcd: false, sync: "on".into() };
     while let Some(a) = args.next() {
         match a.as_str() {
-            "up" | "failover" | "idle" | "all" => o.what = a,
+            "up" | "failover" | "idle" | "all" | "zero-loss" => o.what = a,
+            "--sync" => {
+                o.sync = args.next().filter(|m| m == "on" || m == "strict").ok_or("--sync takes on or strict")?
+            }
             "--runs" => {
                 o.runs = args
                     .next()
@@ -123,6 +131,60 @@ async fn bench_failover(o: &Opts) {
     );
 }
 
+/// Kill the primary's node `runs` times under continuous writes in a synchronous mode, then
+/// count acknowledged commits missing from the final primary.
+async fn bench_zero_loss(o: &Opts) {
+    let mut c = if o.etcd { Cluster::up_on_etcd(&o.pgkeel, 3, 3).await } else { Cluster::up(&o.pgkeel, 3).await };
+    let out = c.ctl(&["config", "set", &format!("synchronous_mode={}", o.sync)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (first, _) = wait_for("a leader", Duration::from_secs(30), || c.leader()).await;
+    pgkeel_testkit::psql(&c.node_dsn(&first), "create table acked(id bigint primary key, term bigint not null)")
+        .expect("create table");
+    let writer = pgkeel_testkit::Writer::start(c.primary_dsn(), Duration::from_millis(10));
+    for run in 0..o.runs {
+        let (old, term) = wait_for("a leader", Duration::from_secs(60), || c.leader()).await;
+        let others: Vec<String> = c.nodes().into_iter().filter(|n| *n != old).collect();
+        c.wait_streaming(&old, &others, Duration::from_secs(120)).await;
+        // Kill only once a standby is confirmed synchronous (before that nobody may take over).
+        wait_for("a synchronous standby", Duration::from_secs(30), || async {
+            let mut any = false;
+            for n in &others {
+                any |= c.api(n, "GET", "/sync", None, false).await.status == 200;
+            }
+            any.then_some(())
+        })
+        .await;
+        let t = Instant::now();
+        c.kill_agent(&old);
+        c.kill_postgres(&old);
+        let (new, new_term) =
+            wait_for("a new leader", Duration::from_secs(60), || async { c.leader().await.filter(|(n, _)| *n != old) })
+                .await;
+        assert!(new_term > term);
+        println!(
+            "  run {}: killed {old}, {new} leads (term {new_term}) after {:.2} s",
+            run + 1,
+            t.elapsed().as_secs_f64()
+        );
+        c.start_agent(&old);
+    }
+    let (leader, _) = wait_for("a leader", Duration::from_secs(60), || c.leader()).await;
+    let report = writer.stop().await;
+    let ids: Vec<String> = report.acked.iter().map(|a| a.id.to_string()).collect();
+    let missing = pgkeel_testkit::psql(
+        &c.node_dsn(&leader),
+        &format!("select count(*) from unnest(array[{}]::bigint[]) a(id) where not exists (select 1 from acked where acked.id = a.id)", ids.join(",")),
+    )
+    .expect("count missing rows");
+    println!(
+        "zero-loss (synchronous_mode={}): {missing} of {} acknowledged commits missing after {} consecutive primary kills ({} failed attempts)",
+        o.sync,
+        ids.len(),
+        o.runs,
+        report.errors
+    );
+}
+
 fn proc_cpu_ticks(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -160,7 +222,7 @@ async fn main() {
             if !e.is_empty() {
                 eprintln!("error: {e}");
             }
-            eprintln!("usage: pgkeel-bench [up|failover|idle|all] [--runs N] [--seconds S] [--pgkeel PATH] [--etcd]");
+            eprintln!("usage: pgkeel-bench [up|failover|idle|all|zero-loss] [--runs N] [--seconds S] [--pgkeel PATH] [--etcd] [--sync on|strict]");
             std::process::exit(2);
         }
     };
@@ -174,6 +236,9 @@ async fn main() {
     }
     if matches!(o.what.as_str(), "failover" | "all") {
         bench_failover(&o).await;
+    }
+    if o.what == "zero-loss" {
+        bench_zero_loss(&o).await;
     }
     if matches!(o.what.as_str(), "idle" | "all") {
         bench_idle(&o).await;
