@@ -8,7 +8,10 @@
 //! - `all`: all three;
 //! - `zero-loss`: `--runs` consecutive kills of the primary's node under continuous writes in
 //!   a synchronous mode (`--sync on|strict`, default on); prints how many acknowledged commits
-//!   are missing at the end (target: 0).
+//!   are missing at the end (target: 0);
+//! - `false-failover`: `pgbench` saturating both cores against the primary for `--seconds`
+//!   (default 30; the target is stated for 300) with default timings; prints how many
+//!   failovers happened (target: 0) and the smallest lease margin seen.
 //!
 //! Usage: `pgkeel-bench [up|failover|idle|all] [--runs N] [--seconds S] [--pgkeel PATH] [--etcd]`
 //! (`--etcd`: the failover runs on a real 3-member etcd instead of the embedded store).
@@ -37,7 +40,7 @@ fn parse() -> Result<Opts, String> {
     let mut o = Opts { what: "all".into(), runs: 5, seconds: 30, pgkeel: default_bin, etcd: false, sync: "on".into() };
     while let Some(a) = args.next() {
         match a.as_str() {
-            "up" | "failover" | "idle" | "all" | "zero-loss" => o.what = a,
+            "up" | "failover" | "idle" | "all" | "zero-loss" | "false-failover" => o.what = a,
             "--sync" => {
                 o.sync = args.next().filter(|m| m == "on" || m == "strict").ok_or("--sync takes on or strict")?
             }
@@ -185,6 +188,53 @@ async fn bench_zero_loss(o: &Opts) {
     );
 }
 
+/// pgbench against the primary, saturating both cores, while watching the leader and term.
+async fn bench_false_failover(o: &Opts) {
+    let c = if o.etcd { Cluster::up_on_etcd(&o.pgkeel, 3, 3).await } else { Cluster::up(&o.pgkeel, 3).await };
+    let (leader, term) = wait_for("a leader", Duration::from_secs(30), || c.leader()).await;
+    let pgbench = pgkeel_pg::binaries::PgBinaries::discover(None).expect("postgres binaries").path("pgbench");
+    let dsn = c.node_dsn(&leader);
+    let init = Command::new(&pgbench).args(["-i", "-q", "-s", "20", &dsn]).output().expect("run pgbench -i");
+    assert!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
+    let secs = o.seconds.to_string();
+    let mut bench = std::process::Command::new(&pgbench)
+        .args(["-c", "16", "-j", "2", "-T", secs.as_str(), "-n", &dsn])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start pgbench");
+    let api = c.api_url(&leader);
+    let mut min_lease_ms = u64::MAX;
+    let mut failovers = 0;
+    let started = Instant::now();
+    while bench.try_wait().expect("pgbench status").is_none() {
+        if let Some((l, t)) = c.leader().await {
+            if l != leader || t != term {
+                failovers += 1;
+                println!("  failover at {:.0} s: {l} term {t}", started.elapsed().as_secs_f64());
+                break;
+            }
+        }
+        if let Ok(r) =
+            pgkeel_agent::http::request("GET", &format!("{api}/node"), None, None, Duration::from_secs(2)).await
+        {
+            if let Some(left) = r.json().ok().and_then(|v| v["lease_left_ms"].as_u64()) {
+                min_lease_ms = min_lease_ms.min(left);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let out = bench.wait_with_output().expect("pgbench output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tps = text.lines().find(|l| l.starts_with("tps")).unwrap_or("tps = ?").to_string();
+    let dcs = if o.etcd { "etcd" } else { "embedded store" };
+    println!(
+        "false-failover ({dcs}): {failovers} failovers during {:.0} s of pgbench -c 16 -j 2 ({tps}); smallest lease left seen {:.2} s of 4 s",
+        started.elapsed().as_secs_f64(),
+        min_lease_ms as f64 / 1000.0
+    );
+}
+
 fn proc_cpu_ticks(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -222,7 +272,7 @@ async fn main() {
             if !e.is_empty() {
                 eprintln!("error: {e}");
             }
-            eprintln!("usage: pgkeel-bench [up|failover|idle|all|zero-loss] [--runs N] [--seconds S] [--pgkeel PATH] [--etcd] [--sync on|strict]");
+            eprintln!("usage: pgkeel-bench [up|failover|idle|all|zero-loss] [--runs N] [--seconds S] [--pgkeel PATH] [--etcd] [--sync on|strict]\n       (up, failover, idle, all, zero-loss, false-failover)");
             std::process::exit(2);
         }
     };
@@ -236,6 +286,9 @@ async fn main() {
     }
     if matches!(o.what.as_str(), "failover" | "all") {
         bench_failover(&o).await;
+    }
+    if o.what == "false-failover" {
+        bench_false_failover(&o).await;
     }
     if o.what == "zero-loss" {
         bench_zero_loss(&o).await;
