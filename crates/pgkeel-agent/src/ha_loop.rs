@@ -74,6 +74,8 @@ pub(crate) struct HaLoop {
     standby_minimums: std::collections::BTreeMap<String, u64>,
     /// Standbys this primary names in synchronous_standby_names.
     sync_guc: Vec<String>,
+    /// Other members (name, REST URL) as last read from the DCS: whom to ask in failsafe.
+    last_members: Vec<(String, String)>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -134,6 +136,7 @@ impl HaLoop {
             maybe_primary: true,
             standby_minimums: Default::default(),
             sync_guc: Vec::new(),
+            last_members: Vec::new(),
         }
     }
 
@@ -204,6 +207,7 @@ impl HaLoop {
             primary_start_timeout_ms: ms(d.primary_start_timeout),
             pause: d.pause,
             sync_mode: sync_mode(d),
+            failsafe_mode: d.failsafe_mode,
         }
     }
 
@@ -233,6 +237,12 @@ impl HaLoop {
             self.shared.counters.dcs_errors.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(snap) = &snapshot {
+            self.last_members = snap
+                .members
+                .iter()
+                .filter(|m| m.value.name != self.shared.config.name)
+                .map(|m| (m.value.name.clone(), m.value.api_url.clone()))
+                .collect();
             self.apply_dynamic_config(snap);
             self.leader_rev = snap.leader.as_ref().map(|l| l.revision);
             self.adopt_lease(snap).await;
@@ -253,6 +263,10 @@ impl HaLoop {
             local_sysid: self.sysid.clone(),
             lease_deadline_ms: self.lease.as_ref().map(|l| l.deadline_ms),
             peers: None,
+            failsafe_until_ms: {
+                let until = self.shared.failsafe.lock().expect("failsafe lock poisoned").confirmed_until;
+                until.and_then(|u| u.checked_duration_since(Instant::now())).map(|left| self.now_ms() + ms(left))
+            },
         };
         if snapshot.is_some() {
             self.publish_member(&pg).await;
@@ -271,9 +285,13 @@ impl HaLoop {
             tracing::debug!(action = ?decision.action, "{}", decision.reason);
         }
         let Some(snap) = snapshot else {
-            if decision.action == Action::Demote {
-                self.demote().await;
+            match decision.action {
+                Action::Demote => self.demote().await,
+                Action::Failsafe => self.failsafe(&dynamic).await,
+                _ => {}
             }
+            self.track_primary(&decision.action, &pg.state, true);
+            self.sync_guard(&dynamic);
             return false;
         };
         let result = self.execute(&decision, &snap, &pg, &dynamic).await;
@@ -349,7 +367,11 @@ impl HaLoop {
     }
 
     /// Arm the guard with the current lease; disarm it only once postgres cannot be a primary.
+    /// Also clears the racing mark once this member holds no lease.
     fn sync_guard(&mut self, d: &DynamicConfig) {
+        if self.lease.is_none() {
+            self.shared.failsafe.lock().expect("failsafe lock poisoned").racing = false;
+        }
         if let Err(e) = self.guard.ensure_running() {
             tracing::error!("failed to start the fencing guard: {e:#}");
         }
@@ -408,10 +430,9 @@ impl HaLoop {
     /// After an agent restart the leader key may still be ours: take it back by renewing it,
     /// so a quick agent restart does not cause a failover.
     async fn adopt_lease(&mut self, snap: &ClusterSnapshot) {
-        let Some(l) = &snap.leader else {
-            self.lease = None;
-            return;
-        };
+        // No key at all: keep our own lease as it is. If it still holds (the key expired
+        // during a failsafe DCS outage), `decide` takes the key back; if not, it demotes.
+        let Some(l) = &snap.leader else { return };
         if l.value.holder != self.me() {
             self.lease = None;
             return;
@@ -617,6 +638,7 @@ impl HaLoop {
         st.replication = p.map(|p| p.replication.clone()).unwrap_or_default();
         st.dcs_ok = snap.is_some();
         st.paused = d.pause;
+        st.failsafe_mode = d.failsafe_mode;
         st.last_loop_ms = unix_ms();
         st.last_decision = decision.reason.clone();
         st.holds_lease = self.lease.as_ref().is_some_and(|l| l.deadline_ms > now);
@@ -659,6 +681,9 @@ impl HaLoop {
             }
             Action::StepDown => self.step_down(d).await.map(|_| true),
             Action::Release => self.release().await.map(|_| true),
+            Action::Reacquire => self.reacquire(d).await.map(|_| false),
+            // Only decided without a snapshot; handled in `once`.
+            Action::Failsafe => Ok(false),
         }
     }
 
@@ -936,6 +961,14 @@ impl HaLoop {
                 self.lease = Some(Lease { revision: rev, deadline_ms: t0 + ms(d.ttl), ..lease.clone() });
             }
             Ok(Ok(None)) => {
+                // Expired (e.g. the DCS was away, failsafe kept us primary) rather than taken:
+                // take it straight back while our own lease still holds; if another member has
+                // it, drop the lease and demote next loop.
+                let taken = self.shared.store.load().await.map(|s| s.leader.is_some()).unwrap_or(true);
+                if !taken && self.lease.as_ref().is_some_and(|l| self.now_ms() < l.deadline_ms) {
+                    tracing::warn!("the leader key expired while this primary's lease held: taking it back");
+                    return self.reacquire(d).await;
+                }
                 tracing::warn!("lost the leader key (it expired or was taken)");
                 self.lease = None;
                 return Ok(());
@@ -1079,6 +1112,10 @@ impl HaLoop {
                     self.wait_caught_up(s.last_lsn, d.ttl).await;
                 }
             }
+            if !self.may_race() {
+                tracing::info!("not racing: this member confirmed a failsafe primary");
+                return Ok(());
+            }
             let t0 = self.now_ms();
             match self.shared.store.acquire_leader(self.me(), d.ttl).await? {
                 Some((value, revision)) => {
@@ -1147,6 +1184,88 @@ impl HaLoop {
             PgObservation { state: PgState::Running { role: PgRole::Primary, lsn, following: None }, probe: Some(p) };
         self.publish_member(&pg).await;
         Ok(())
+    }
+
+    /// Failsafe: the DCS cannot be read. Ask every other member to confirm this primary; all
+    /// must, or it demotes. The lease is extended from the moment the questions were sent.
+    async fn failsafe(&mut self, d: &DynamicConfig) {
+        let Some(lease) = self.lease.clone() else { return self.demote().await };
+        let t0 = self.now_ms();
+        let cfg = &self.shared.config;
+        let auth = cfg
+            .rest
+            .password
+            .clone()
+            .map(|password| crate::http::Auth { username: cfg.rest.username.clone(), password });
+        let body = serde_json::json!({ "leader": cfg.name, "term": lease.value.term });
+        let timeout = d.retry_timeout.min(Duration::from_secs(1));
+        let mut set = tokio::task::JoinSet::new();
+        for (name, url) in self.last_members.clone() {
+            let (body, auth) = (body.clone(), auth.clone());
+            set.spawn(async move {
+                let r =
+                    crate::http::request("POST", &format!("{url}/failsafe"), Some(&body), auth.as_ref(), timeout).await;
+                (name, r.map(|r| r.status))
+            });
+        }
+        let mut refused = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok((_, Ok(200))) => {}
+                Ok((name, Ok(status))) => refused.push(format!("{name} (HTTP {status})")),
+                Ok((name, Err(e))) => refused.push(format!("{name} ({e:#})")),
+                Err(e) => refused.push(format!("a probe task failed: {e}")),
+            }
+        }
+        if refused.is_empty() {
+            if let Some(l) = &mut self.lease {
+                l.deadline_ms = t0 + ms(d.ttl);
+            }
+            tracing::warn!(
+                members = self.last_members.len(),
+                "DCS unreachable: every member confirmed this primary (failsafe)"
+            );
+        } else {
+            tracing::error!(
+                "DCS unreachable and not every member confirmed this primary ({}): demoting",
+                refused.join(", ")
+            );
+            self.demote().await;
+        }
+    }
+
+    /// Take the leader key back (it expired during a failsafe DCS outage) with a new term.
+    async fn reacquire(&mut self, d: &DynamicConfig) -> anyhow::Result<()> {
+        if !self.may_race() {
+            bail!("confirmed another failsafe primary");
+        }
+        let t0 = self.now_ms();
+        match self.shared.store.acquire_leader(self.me(), d.ttl).await? {
+            Some((value, revision)) => {
+                tracing::warn!(term = value.term, "took the leader key back after a DCS outage");
+                self.lease = Some(Lease { value: value.clone(), revision, deadline_ms: t0 + ms(d.ttl) });
+                self.sync_guard(d);
+                let conf = self.managed_conf(None, value.term, d)?;
+                self.write_conf(&conf)?;
+                self.inst.reload().await?;
+            }
+            None => {
+                tracing::warn!("another member took the leader key first: this primary will demote");
+                self.lease = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Before taking the leader key: refuse if this member confirmed a failsafe primary
+    /// within a ttl; otherwise mark it as racing so it confirms nobody else meanwhile.
+    fn may_race(&self) -> bool {
+        let mut fs = self.shared.failsafe.lock().expect("failsafe lock poisoned");
+        if fs.confirmed_until.is_some_and(|u| Instant::now() < u) {
+            return false;
+        }
+        fs.racing = true;
+        true
     }
 
     async fn demote(&mut self) {
@@ -1249,6 +1368,8 @@ fn action_verb(a: &Action) -> &'static str {
         Action::Demote => "demote",
         Action::StepDown => "step down for a switchover",
         Action::Release => "release the leader key",
+        Action::Failsafe => "keep the primary in failsafe",
+        Action::Reacquire => "take the leader key back",
     }
 }
 

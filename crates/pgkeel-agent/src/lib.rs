@@ -67,6 +67,8 @@ pub struct NodeStatus {
     pub sync_standby: bool,
     /// Cluster is paused.
     pub paused: bool,
+    /// Failsafe mode is on (as this agent last applied the cluster config).
+    pub failsafe_mode: bool,
     /// Last DCS read succeeded.
     pub dcs_ok: bool,
     /// When the HA loop last finished (unix ms).
@@ -111,6 +113,18 @@ pub(crate) struct Shared {
     pub counters: Counters,
     /// An operator request for this node's postgres, carried out by the loop.
     pub request: std::sync::Mutex<Option<NodeRequest>>,
+    /// Failsafe bookkeeping shared by the loop (racing) and `POST /failsafe` (confirming):
+    /// one lock, so a confirmation and a race can never interleave.
+    pub failsafe: std::sync::Mutex<FailsafeState>,
+}
+
+/// See [`Shared::failsafe`].
+#[derive(Debug, Default)]
+pub(crate) struct FailsafeState {
+    /// This member confirmed a failsafe primary: it must not race before this instant.
+    pub confirmed_until: Option<std::time::Instant>,
+    /// This member holds, or is about to take, the leader key: it must not confirm another.
+    pub racing: bool,
 }
 
 /// Operator requests the REST API hands to the loop (it owns postgres).
@@ -207,6 +221,7 @@ pub async fn run(config: NodeConfig, options: RunOptions, shutdown: watch::Recei
         lag_bytes: None,
         sync_standby: false,
         paused: false,
+        failsafe_mode: false,
         dcs_ok: false,
         last_loop_ms: 0,
         last_decision: "agent starting".into(),
@@ -223,6 +238,7 @@ pub async fn run(config: NodeConfig, options: RunOptions, shutdown: watch::Recei
         status: RwLock::new(status),
         wake: Notify::new(),
         request: std::sync::Mutex::new(None),
+        failsafe: std::sync::Mutex::new(FailsafeState::default()),
         counters: Counters::default(),
     });
 

@@ -179,13 +179,14 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         (Method::POST, "/switchover") => action(&shared, req, Kind::Switchover).await,
         (Method::POST, "/failover") => action(&shared, req, Kind::Failover).await,
         (Method::POST, "/restart") => node_request(&shared, req, NodeRequest::Restart).await,
+        (Method::POST, "/failsafe") => failsafe(&shared, req).await,
         (Method::POST, "/reinitialize") => node_request(&shared, req, NodeRequest::Reinitialize).await,
         (Method::PATCH, "/config") => write_config(&shared, req, false).await,
         (Method::PUT, "/config") => write_config(&shared, req, true).await,
         (_, "/node" | "/patroni" | "/cluster" | "/history" | "/metrics") => {
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers GET"))
         }
-        (_, "/switchover" | "/failover" | "/restart" | "/reinitialize") => {
+        (_, "/switchover" | "/failover" | "/restart" | "/reinitialize" | "/failsafe") => {
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers POST"))
         }
         (_, "/config") => error(StatusCode::METHOD_NOT_ALLOWED, "/config answers GET, PATCH and PUT"),
@@ -579,6 +580,35 @@ async fn node_request(shared: &Shared, req: Request<Incoming>, request: NodeRequ
         StatusCode::SERVICE_UNAVAILABLE,
         format!("{request:?} did not complete within {bound:?}; see the agent's log"),
     )
+}
+
+/// `POST /failsafe {"leader": NAME, "term": N}`: a primary that cannot reach the DCS asks
+/// this member to confirm it. Confirming promises not to race for a ttl; refused (409) when
+/// this member holds or is taking the leader key itself.
+async fn failsafe(shared: &Shared, req: Request<Incoming>) -> Resp {
+    if let Err(e) = check_auth(shared, &req) {
+        return e.into();
+    }
+    let body = match read_json(req).await {
+        Ok(b) => b,
+        Err(e) => return e.into(),
+    };
+    let Some(leader) = body["leader"].as_str().map(String::from) else {
+        return error(StatusCode::BAD_REQUEST, "failsafe requires \"leader\" (the primary asking)");
+    };
+    let ttl = shared.dynamic().ttl;
+    let st = shared.status();
+    let mut fs = shared.failsafe.lock().expect("failsafe lock poisoned");
+    if fs.racing || (st.role == Role::Primary && st.state == "running") {
+        return error(
+            StatusCode::CONFLICT,
+            format!("{} holds or is taking the leader key: not confirming {leader}", st.name),
+        );
+    }
+    fs.confirmed_until = Some(Instant::now() + ttl);
+    drop(fs);
+    tracing::info!(%leader, term = body["term"].as_u64(), "confirmed a failsafe primary: not racing for a ttl");
+    respond(StatusCode::OK, json!({ "confirmed": leader, "by": st.name }))
 }
 
 /// JSON merge patch (RFC 7386): `null` removes a key.

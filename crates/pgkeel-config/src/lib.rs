@@ -234,6 +234,10 @@ pub struct DynamicConfig {
     pub synchronous_mode: SyncMode,
     /// How many synchronous standbys commits wait for (`on`, `strict`).
     pub synchronous_node_count: u32,
+    /// While the DCS is unreachable, the primary stays writable as long as every member
+    /// confirms it over the REST API (`POST /failsafe`); without it, it demotes when its lease
+    /// runs out. Every member must accept the same REST credentials.
+    pub failsafe_mode: bool,
     /// Postgres parameters for every member.
     pub postgresql: DynamicPostgres,
 }
@@ -283,6 +287,7 @@ impl Default for DynamicConfig {
             pause: false,
             synchronous_mode: SyncMode::Off,
             synchronous_node_count: 1,
+            failsafe_mode: false,
             postgresql: DynamicPostgres::default(),
         }
     }

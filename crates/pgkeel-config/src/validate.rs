@@ -136,6 +136,7 @@ const DYNAMIC: &[Field] = &[
     opt("pause", Kind::Value),
     opt("synchronous_mode", Kind::Value),
     opt("synchronous_node_count", Kind::Value),
+    opt("failsafe_mode", Kind::Value),
     opt("postgresql", Kind::Table(DYNAMIC_POSTGRES)),
 ];
 
@@ -875,6 +876,10 @@ pause = false
 synchronous_mode = "off"
 # How many synchronous standbys commits wait for; 1 to 16. Default: 1.
 synchronous_node_count = 1
+# While the DCS is unreachable, keep the primary writable as long as every member confirms
+# it over the REST API (POST /failsafe); otherwise it demotes when its lease runs out. Every
+# member must accept the same REST credentials. Default: false.
+failsafe_mode = false
 
 # Postgres parameters for every member; a node's own [postgres.parameters] win. Same rules
 # as [postgres.parameters]. Default: empty.
@@ -925,6 +930,7 @@ mod tests {
                 pause: true,
                 synchronous_mode: crate::SyncMode::Strict,
                 synchronous_node_count: 2,
+                failsafe_mode: true,
                 postgresql: DynamicPostgres { parameters: params("hot_standby") },
             },
         }

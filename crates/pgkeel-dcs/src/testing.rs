@@ -81,7 +81,12 @@ pub struct EtcdMember {
 }
 
 impl EtcdMember {
-    /// Whether the process is still running.
+    /// The process id, while this handle owns the process (to freeze it with SIGSTOP).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether the process still runs.
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }

@@ -24,8 +24,12 @@
 //!    (higher LSN, then higher `failover_priority`, then smaller name).
 //! 8. Synchronous modes (`on`, `strict`): only members of the `sync` key (they have every
 //!    acknowledged commit) race, and a switchover goes only to one of them.
-//! 9. Pause: nothing automatic; the key holder still renews its lease. Manual actions still
-//!    work when they name a candidate: the leader steps down for it and it promotes.
+//! 9. Failsafe (`failsafe_mode`): without the DCS a primary with a valid lease asks every
+//!    member to confirm it and keeps its lease only if all do; a member that confirmed does
+//!    not race until a ttl has passed, and the primary takes its key back when the DCS
+//!    returns.
+//! 10. Pause: nothing automatic; the key holder still renews its lease. Manual actions still
+//!     work when they name a candidate: the leader steps down for it and it promotes.
 
 pub mod sync;
 
@@ -51,6 +55,8 @@ pub struct Settings {
     /// Synchronous replication mode: in `on` and `strict` only synchronous standbys are
     /// promoted.
     pub sync_mode: SyncMode,
+    /// Keep the primary through a DCS outage while every member confirms it.
+    pub failsafe_mode: bool,
 }
 
 impl Settings {
@@ -219,6 +225,9 @@ pub struct Observation {
     pub lease_deadline_ms: Option<u64>,
     /// Answers of the pre-race probe, once made for this decision.
     pub peers: Option<Vec<Peer>>,
+    /// This member confirmed a failsafe primary until this monotonic time: it must not race
+    /// before then, so that primary can take its key back once the DCS returns.
+    pub failsafe_until_ms: Option<u64>,
 }
 
 /// Why a promotion happens.
@@ -292,6 +301,12 @@ pub enum Action {
     StepDown,
     /// Give up the key (postgres could not be restarted in time) and stop postgres.
     Release,
+    /// DCS unreachable, failsafe mode: ask every member to confirm this primary; extend the
+    /// lease if all do, else demote.
+    Failsafe,
+    /// This running primary holds a valid lease but the leader key is gone (it expired during
+    /// a failsafe DCS outage): take the key again, with a new term, instead of demoting.
+    Reacquire,
 }
 
 /// The outcome of [`decide`]: an action and the reason, for logs and the API.
@@ -315,7 +330,11 @@ pub fn decide(o: &Observation) -> Decision {
 
     let Some(c) = &o.cluster else {
         // Rule 1: without the DCS nobody can know who leads; the primary may run only on the
-        // lease it already has.
+        // lease it already has, or (failsafe) on every member's confirmation.
+        let lease_valid = o.lease_deadline_ms.is_some_and(|deadline| o.now_ms < deadline);
+        if running_primary && !s.pause && s.failsafe_mode && lease_valid {
+            return d(Action::Failsafe, "DCS unreachable: failsafe, asking every member to confirm this primary");
+        }
         if running_primary && !s.pause && lease_expiring {
             return d(Action::Demote, "DCS unreachable and the lease is about to expire: demoting to stay safe");
         }
@@ -462,8 +481,12 @@ fn no_leader(o: &Observation, c: &ClusterView) -> Decision {
         return d(Action::Idle, "paused: no leader, not racing");
     }
     let my_lsn = match &o.pg {
-        // A primary without the key has no lease: rule 4 already demoted it unless its lease
-        // was still valid (the key was deleted under it); either way it must not stay primary.
+        // A primary whose own lease is still valid lost only the key (it expired during a
+        // failsafe DCS outage, or was deleted): take it back; the atomic create decides, and
+        // losing it means another leader, which demotes this one next loop.
+        PgState::Running { role: PgRole::Primary, .. } if o.lease_deadline_ms.is_some() => {
+            return d(Action::Reacquire, "running as primary with a valid lease but no leader key: taking it back");
+        }
         PgState::Running { role: PgRole::Primary, .. } => {
             return d(Action::Demote, "running as primary without the leader key: demoting");
         }
@@ -498,6 +521,12 @@ fn no_leader(o: &Observation, c: &ClusterView) -> Decision {
 
     if !o.tags.candidate() {
         return d(Action::Idle, "no leader, but this member is tagged nofailover");
+    }
+    if o.failsafe_until_ms.is_some_and(|until| o.now_ms < until) {
+        return d(
+            Action::Idle,
+            "no leader, but this member confirmed a failsafe primary: letting it take the key back",
+        );
     }
     let sync = s.sync_mode != SyncMode::Off;
     if sync && !c.sync_members.contains(&o.me) {

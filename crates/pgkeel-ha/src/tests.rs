@@ -14,6 +14,7 @@ fn settings() -> Settings {
         primary_start_timeout_ms: 10_000,
         pause: false,
         sync_mode: SyncMode::Off,
+        failsafe_mode: false,
     }
 }
 
@@ -72,6 +73,7 @@ fn obs(c: Option<ClusterView>, pg: PgState) -> Observation {
         local_sysid: Some("42".into()),
         lease_deadline_ms: mine.then_some(NOW + 3000),
         peers: None,
+        failsafe_until_ms: None,
     }
 }
 
@@ -161,8 +163,8 @@ fn rules_table() {
         ("stopped node in pause stays down",
             with(obs(Some(cluster(Some(("n1", 4)), &three)), stopped()), |o| o.settings.pause = true), Action::Idle),
         // Rule 7: no leader key.
-        ("primary without the key demotes",
-            with(obs(Some(cluster(None, &three)), primary()), |o| o.lease_deadline_ms = Some(NOW + 3000)), Action::Demote),
+        ("primary without the key or a lease demotes",
+            with(obs(Some(cluster(None, &three)), primary()), |o| o.lease_deadline_ms = None), Action::Demote),
         ("stopped node without a leader starts as replica, never primary",
             obs(Some(cluster(None, &no_leader_replicas)), stopped()), Action::StartReplica { leader: None }),
         ("replica without a leader probes peers first",
@@ -218,6 +220,21 @@ fn rules_table() {
             with(obs(Some(ClusterView { sync_members: vec!["n4".into()], failover: Some(FailoverRequest { leader: Some("n2".into()), candidate: Some("n3".into()) }), ..cluster(Some(("n2", 3)), &[("n2", "primary"), ("n3", "replica")]) }), primary()), |o| o.settings.sync_mode = SyncMode::On), Action::Renew),
         ("sync mode: switchover to a synchronous standby proceeds",
             with(obs(Some(ClusterView { sync_members: vec!["n3".into()], failover: Some(FailoverRequest { leader: Some("n2".into()), candidate: None }), ..cluster(Some(("n2", 3)), &[("n2", "primary"), ("n3", "replica")]) }), primary()), |o| o.settings.sync_mode = SyncMode::On), Action::StepDown),
+        // Failsafe.
+        ("failsafe: DCS down, primary with a valid lease asks the members",
+            with(obs(None, primary()), |o| { o.lease_deadline_ms = Some(NOW + 3000); o.settings.failsafe_mode = true; }), Action::Failsafe),
+        ("failsafe: asked even when the lease is about to run out",
+            with(obs(None, primary()), |o| { o.lease_deadline_ms = Some(NOW + 300); o.settings.failsafe_mode = true; }), Action::Failsafe),
+        ("failsafe: a lease already expired cannot be extended: demote",
+            with(obs(None, primary()), |o| { o.lease_deadline_ms = Some(NOW - 1); o.settings.failsafe_mode = true; }), Action::Demote),
+        ("failsafe: a replica never promotes without the DCS",
+            with(obs(None, replica(10, None)), |o| o.settings.failsafe_mode = true), Action::Idle),
+        ("DCS back, key expired, primary with a valid lease takes it back",
+            with(obs(Some(cluster(None, &three)), primary()), |o| o.lease_deadline_ms = Some(NOW + 3000)), Action::Reacquire),
+        ("DCS back, key expired, a member that confirmed the failsafe primary does not race",
+            with(obs(Some(cluster(None, &no_leader_replicas)), replica(100, Some("n1"))), |o| o.failsafe_until_ms = Some(NOW + 2000)), Action::Idle),
+        ("... and races once that confirmation is older than a ttl",
+            with(obs(Some(cluster(None, &no_leader_replicas)), replica(100, Some("n1"))), |o| o.failsafe_until_ms = Some(NOW - 1)), Action::ProbePeers),
         // Rule 8: pause.
         ("paused: the named switchover candidate still promotes",
             with(obs(Some(ClusterView { failover: Some(FailoverRequest { leader: Some("n1".into()), candidate: Some("n2".into()) }), ..cluster(None, &three) }), replica(100, Some("n1"))), |o| o.settings.pause = true), promote(PromoteReason::Switchover)),
