@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use pgkeel_agent::http::{request, Auth, Response};
 use serde_json::Value;
 
+pub mod netns;
+
 /// Poll `f` every 100 ms until it returns `Some`, or panic after `timeout` naming `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
@@ -56,6 +58,8 @@ pub struct Cluster {
     /// The etcd cluster holding this cluster's state, when it runs on etcd; stopped after
     /// the agents (fields drop after `Drop::drop` ran the teardown).
     pub etcd: Option<pgkeel_dcs::testing::EtcdCluster>,
+    /// Network namespace of each node, when the nodes run on [`netns`] hosts.
+    netns: std::collections::HashMap<String, String>,
 }
 
 impl Cluster {
@@ -80,8 +84,15 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("pgkeel-test-").tempdir().expect("create a temp dir");
         // postgres runs as the `postgres` OS user when tests run as root: it must enter the dir.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod the temp dir");
-        let mut c =
-            Cluster { dir, bin: bin.to_path_buf(), info: Value::Null, extra: Vec::new(), foreground: None, etcd: None };
+        let mut c = Cluster {
+            dir,
+            bin: bin.to_path_buf(),
+            info: Value::Null,
+            extra: Vec::new(),
+            foreground: None,
+            etcd: None,
+            netns: Default::default(),
+        };
         let mut args = vec!["up", "--detach", "--dir"];
         let dir = c.dir_str();
         let n = nodes.to_string();
@@ -119,6 +130,7 @@ impl Cluster {
             extra: Vec::new(),
             foreground: Some(child),
             etcd: None,
+            netns: Default::default(),
         };
         let path = c.dir().join("up.json");
         let text = wait_for("up.json", Duration::from_secs(30), || {
@@ -148,6 +160,17 @@ impl Cluster {
         })
         .await;
         (status.success(), std::fs::read_to_string(self.dir().join("up.out")).unwrap_or_default())
+    }
+
+    /// A cluster whose `up.json`-style `info` and node directories were written by the
+    /// caller (e.g. [`netns::NetCluster`]); agents start inside `netns[name]` when given.
+    pub fn from_parts(
+        dir: tempfile::TempDir,
+        bin: &Path,
+        info: Value,
+        netns: std::collections::HashMap<String, String>,
+    ) -> Cluster {
+        Cluster { dir, bin: bin.to_path_buf(), info, extra: Vec::new(), foreground: None, etcd: None, netns }
     }
 
     /// The cluster directory.
@@ -285,7 +308,15 @@ impl Cluster {
             .append(true)
             .open(node_dir.join("agent.log"))
             .expect("open agent.log");
-        let child = Command::new(&self.bin)
+        let mut cmd = match self.netns.get(name) {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = cmd
             .arg("agent")
             .arg("--config")
             .arg(node_dir.join("node.toml"))
