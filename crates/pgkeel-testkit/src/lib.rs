@@ -330,6 +330,60 @@ impl Cluster {
         self.extra.push(child);
     }
 
+    /// Wait until `node` holds at least `n` rows of table `acked` written under `term`.
+    pub async fn wait_writes_under_term(&self, node: &str, term: u64, n: i64) {
+        let dsn = self.node_dsn(node);
+        wait_for(&format!("{n} writes under term {term} on {node}"), Duration::from_secs(30), || {
+            let dsn = dsn.clone();
+            async move {
+                (psql(&dsn, &format!("select count(*) from acked where term = {term}")).ok()?.parse::<i64>().ok()? >= n)
+                    .then_some(())
+            }
+        })
+        .await
+    }
+
+    /// How many of the writes `report` saw acknowledged are missing from `acked` on `node`.
+    pub fn missing_acked(&self, node: &str, report: &WriterReport) -> i64 {
+        let ids: Vec<String> = report.acked.iter().map(|a| a.id.to_string()).collect();
+        let sql = format!(
+            "select count(*) from unnest(array[{}]::bigint[]) a(id) where not exists (select 1 from acked where acked.id = a.id)",
+            ids.join(",")
+        );
+        psql(&self.node_dsn(node), &sql).expect("count missing rows").parse().expect("a number")
+    }
+
+    /// When `node` was promoted under `term` (unix ms), from the history.
+    pub async fn promotion_time(&self, node: &str, term: u64) -> u64 {
+        let hist = self.api(node, "GET", "/history", None, false).await.json().expect("history is JSON");
+        let entry = hist.as_array().and_then(|h| h.iter().find(|e| e["term"] == term)).cloned();
+        let entry = entry.unwrap_or_else(|| panic!("no history entry for term {term}: {hist}"));
+        assert_eq!(entry["new_primary"], node);
+        entry["time_ms"].as_u64().expect("time_ms")
+    }
+
+    /// Create table `acked` on the primary `old`, then start two writers: one through the
+    /// multi-host DSN (it follows failovers) and one pinned to `old`; returns once both wrote.
+    pub async fn start_writers(&self, old: &str) -> (Writer, Writer) {
+        psql(&self.node_dsn(old), "create table acked(id bigint primary key, term bigint not null)")
+            .expect("create acked");
+        let multi = Writer::start(self.primary_dsn(), Duration::from_millis(50));
+        let pinned_dsn = self.node_dsn(old);
+        let sep = if pinned_dsn.contains('?') { '&' } else { '?' };
+        let pinned =
+            Writer::start_at(format!("{pinned_dsn}{sep}connect_timeout=1"), Duration::from_millis(50), PINNED_IDS);
+        let dsn = self.node_dsn(old);
+        wait_for("writes from both writers", Duration::from_secs(15), || {
+            let dsn = dsn.clone();
+            async move {
+                let sql = format!("select count(*) filter (where id > {PINNED_IDS}) * count(*) filter (where id < {PINNED_IDS}) from acked");
+                (psql(&dsn, &sql).ok()?.parse::<i64>().ok()? > 0).then_some(())
+            }
+        })
+        .await;
+        (multi, pinned)
+    }
+
     /// Print the end of every agent, postgres and guard log (for failing tests).
     pub fn dump_logs(&self) {
         for n in std::fs::read_dir(self.dir().join("nodes")).into_iter().flatten().flatten() {
@@ -405,6 +459,38 @@ pub fn psql(dsn: &str, sql: &str) -> Result<String, String> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
+}
+
+/// Ids of the writer pinned to one member start here (see [`Cluster::start_writers`]).
+const PINNED_IDS: i64 = 1_000_000_000;
+
+/// At most one term accepts writes at any instant: the writer pinned to the old primary got
+/// no acknowledgement after the new primary was promoted (`promoted_ms`), and the multi-host
+/// writer never saw the old term again once it had seen a newer one.
+pub fn assert_single_writer_term(old_term: u64, promoted_ms: u64, pinned: &WriterReport, multi: &WriterReport) {
+    assert!(
+        pinned.acked.iter().all(|a| a.term == old_term as i64),
+        "the pinned writer only ever reached the old primary"
+    );
+    let last_old =
+        pinned.acked.iter().map(|a| a.unix_ms).max().expect("the old primary acknowledged writes before the fault");
+    assert!(
+        last_old < promoted_ms,
+        "the old primary acknowledged a write at {last_old}, after the promotion at {promoted_ms}"
+    );
+    if let Some(first_new) = multi.acked.iter().position(|a| a.term > old_term as i64) {
+        assert!(
+            multi.acked[first_new..].iter().all(|a| a.term > old_term as i64),
+            "a write under the old term was acknowledged after one under the new term"
+        );
+    }
+    eprintln!(
+        "old primary's last ack {} ms before the promotion; multi-host writer: {} acked, {} failed, longest gap {:?}",
+        promoted_ms - last_old,
+        multi.acked.len(),
+        multi.errors,
+        multi.longest_gap
+    );
 }
 
 /// A low-rate writer through the multi-host read-write DSN: every acknowledged insert is

@@ -9,73 +9,17 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pgkeel_testkit::{psql, signal, wait_for, Cluster, Writer, WriterReport};
+use pgkeel_testkit::{assert_single_writer_term, psql, signal, wait_for, Cluster, Writer};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_pgkeel"))
-}
-
-/// The time (unix ms) the member `new` was promoted under `term`, from the history.
-async fn promotion_time(c: &Cluster, new: &str, term: u64) -> u64 {
-    let hist = c.api(new, "GET", "/history", None, false).await.json().unwrap();
-    let entry = hist
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["term"] == term)
-        .cloned()
-        .unwrap_or_else(|| panic!("no history for term {term}: {hist}"));
-    assert_eq!(entry["new_primary"], new);
-    entry["time_ms"].as_u64().unwrap()
-}
-
-fn check_no_overlap(old_term: u64, promoted_ms: u64, pinned: &WriterReport, multi: &WriterReport) {
-    let last_old = pinned.acked.iter().filter(|a| a.term == old_term as i64).map(|a| a.unix_ms).max().unwrap_or(0);
-    assert!(
-        pinned.acked.iter().all(|a| a.term == old_term as i64),
-        "the pinned writer only ever reached the old primary"
-    );
-    assert!(last_old > 0, "the old primary acknowledged writes before the fault");
-    assert!(
-        last_old < promoted_ms,
-        "the old primary acknowledged a write at {last_old}, after the new primary was promoted at {promoted_ms}"
-    );
-    let first_new = multi.acked.iter().position(|a| a.term > old_term as i64).expect("writes under the new term");
-    assert!(
-        multi.acked[first_new..].iter().all(|a| a.term > old_term as i64),
-        "a write under the old term was acknowledged after one under the new term"
-    );
-    eprintln!(
-        "old primary's last ack {} ms before the promotion; multi-host writer: {} acked, {} failed, longest gap {:?}",
-        promoted_ms - last_old,
-        multi.acked.len(),
-        multi.errors,
-        multi.longest_gap
-    );
 }
 
 async fn setup(c: &Cluster) -> (String, u64, Writer, Writer) {
     let (old, term) = c.leader().await.expect("leader");
     let others: Vec<String> = c.nodes().into_iter().filter(|n| *n != old).collect();
     c.wait_streaming(&old, &others, Duration::from_secs(20)).await;
-    psql(&c.node_dsn(&old), "create table acked(id bigint primary key, term bigint not null)").unwrap();
-    let multi = Writer::start(c.primary_dsn(), Duration::from_millis(50));
-    let pinned = Writer::start_at(c.node_dsn(&old) + "?connect_timeout=1", Duration::from_millis(50), 1_000_000_000);
-    let dsn = c.node_dsn(&old);
-    wait_for("writes from both writers", Duration::from_secs(10), || {
-        let dsn = dsn.clone();
-        async move {
-            let n: i64 = psql(
-                &dsn,
-                "select count(*) filter (where id > 1000000000) * count(*) filter (where id < 1000000000) from acked",
-            )
-            .ok()?
-            .parse()
-            .ok()?;
-            (n > 0).then_some(())
-        }
-    })
-    .await;
+    let (multi, pinned) = c.start_writers(&old).await;
     (old, term, multi, pinned)
 }
 
@@ -98,7 +42,7 @@ async fn frozen_primary_agent_is_fenced_before_its_lease_expires() {
     let err = psql(&c.node_dsn(&old), "insert into acked values (-1, 0)").unwrap_err();
     assert!(err.contains("read-only"), "{err}");
     let (multi, pinned) = (multi.stop().await, pinned.stop().await);
-    check_no_overlap(old_term, promotion_time(&c, &new, new_term).await, &pinned, &multi);
+    assert_single_writer_term(old_term, c.promotion_time(&new, new_term).await, &pinned, &multi);
     let log = std::fs::read_to_string(c.dir().join("nodes").join(&old).join("guard.log")).unwrap();
     assert!(
         log.contains(&format!("lease of term {old_term} not renewed in time: killed postgres")),
@@ -117,17 +61,9 @@ async fn killed_primary_agent_is_fenced_and_rejoins() {
             .await;
     assert!(new_term > old_term);
     assert!(!pgkeel_testkit::alive(postmaster), "the guard stopped the old primary's postgres");
-    let dsn = c.node_dsn(&new);
-    wait_for("writes under the new term", Duration::from_secs(20), || {
-        let dsn = dsn.clone();
-        async move {
-            (psql(&dsn, &format!("select count(*) from acked where term = {new_term}")).ok()?.parse::<i64>().ok()? >= 5)
-                .then_some(())
-        }
-    })
-    .await;
+    c.wait_writes_under_term(&new, new_term, 5).await;
     let (multi, pinned) = (multi.stop().await, pinned.stop().await);
-    check_no_overlap(old_term, promotion_time(&c, &new, new_term).await, &pinned, &multi);
+    assert_single_writer_term(old_term, c.promotion_time(&new, new_term).await, &pinned, &multi);
     // The agent comes back and finds its fenced data diverged. Its node.toml now has a wrong
     // superuser password, so pg_rewind fails: it falls back to a fresh clone, keeping the old
     // data directory aside, and rejoins.

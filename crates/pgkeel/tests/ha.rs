@@ -59,19 +59,11 @@ async fn node_loss_promotes_best_replica_and_loses_no_acknowledged_write() {
     c.wait_streaming(&new, &others, Duration::from_secs(20)).await;
 
     // Writes continue on the new primary, under the new term.
+    c.wait_writes_under_term(&new, new_term, 5).await;
     let dsn = c.node_dsn(&new);
-    wait_for("writes under the new term", Duration::from_secs(20), || {
-        let dsn = dsn.clone();
-        async move {
-            (psql(&dsn, &format!("select count(*) from acked where term = {new_term}")).ok()?.parse::<i64>().ok()? >= 5)
-                .then_some(())
-        }
-    })
-    .await;
     let report = writer.stop().await;
-    let ids: Vec<String> = report.acked.iter().map(|a| a.id.to_string()).collect();
-    let missing = psql(&dsn, &format!("select count(*) from unnest(array[{}]::bigint[]) a(id) where not exists (select 1 from acked where acked.id = a.id)", ids.join(","))).unwrap();
-    assert_eq!(missing, "0", "acknowledged writes lost (of {} acked)", ids.len());
+    let missing = c.missing_acked(&new, &report);
+    assert_eq!(missing, 0, "acknowledged writes lost (of {} acked)", report.acked.len());
     assert!(
         report.acked.iter().any(|a| a.term == old_term as i64)
             && report.acked.iter().any(|a| a.term == new_term as i64)

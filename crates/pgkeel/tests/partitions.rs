@@ -12,59 +12,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pgkeel_testkit::netns::{NetCluster, ETCD_HOSTS};
-use pgkeel_testkit::{psql, wait_for, Cluster, Writer, WriterReport};
+use pgkeel_testkit::{assert_single_writer_term, wait_for, Cluster};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_pgkeel"))
 }
 
 const RESTORE: Duration = Duration::from_secs(9); // ttl 4 s + 5 s
-
-async fn writers(c: &Cluster, old: &str) -> (Writer, Writer) {
-    psql(&c.node_dsn(old), "create table acked(id bigint primary key, term bigint not null)").unwrap();
-    let multi = Writer::start(c.primary_dsn(), Duration::from_millis(50));
-    let pinned = Writer::start_at(c.node_dsn(old), Duration::from_millis(50), 1_000_000_000);
-    let dsn = c.node_dsn(old);
-    wait_for("both writers writing", Duration::from_secs(15), || {
-        let dsn = dsn.clone();
-        async move {
-            let n: i64 = psql(
-                &dsn,
-                "select count(*) filter (where id > 1000000000) * count(*) filter (where id < 1000000000) from acked",
-            )
-            .ok()?
-            .parse()
-            .ok()?;
-            (n > 0).then_some(())
-        }
-    })
-    .await;
-    (multi, pinned)
-}
-
-async fn promotion_time(c: &Cluster, new: &str, term: u64) -> u64 {
-    let hist = c.api(new, "GET", "/history", None, false).await.json().unwrap();
-    hist.as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["term"] == term)
-        .and_then(|h| h["time_ms"].as_u64())
-        .expect("history entry")
-}
-
-fn check_single_writer_term(old_term: u64, promoted_ms: u64, pinned: &WriterReport, multi: &WriterReport) {
-    let last_old = pinned.acked.iter().filter(|a| a.term == old_term as i64).map(|a| a.unix_ms).max().unwrap_or(0);
-    assert!(
-        last_old < promoted_ms,
-        "the old primary acknowledged a write at {last_old}, after the promotion at {promoted_ms}"
-    );
-    if let Some(first_new) = multi.acked.iter().position(|a| a.term > old_term as i64) {
-        assert!(
-            multi.acked[first_new..].iter().all(|a| a.term > old_term as i64),
-            "an old-term write followed a new-term one"
-        );
-    }
-}
 
 /// Wait for a new leader, within ttl + 5 s of `fault_at`.
 async fn new_leader(c: &Cluster, old: &str, old_term: u64, fault_at: Instant) -> (String, u64) {
@@ -84,7 +38,7 @@ async fn primary_isolated_completely() {
     let nc = NetCluster::start(bin(), 3).await;
     let c = &nc.cluster;
     let (old, old_term) = c.leader().await.expect("leader");
-    let (multi, pinned) = writers(c, &old).await;
+    let (multi, pinned) = c.start_writers(&old).await;
     let at = Instant::now();
     nc.net.isolate(nc.host_of(&old));
     let (new, new_term) = new_leader(c, &old, old_term, at).await;
@@ -94,7 +48,7 @@ async fn primary_isolated_completely() {
     // Back on the network, the old primary has demoted itself: it rejoins as a replica.
     c.wait_streaming(&new, std::slice::from_ref(&old), Duration::from_secs(60)).await;
     let (multi, pinned) = (multi.stop().await, pinned.stop().await);
-    check_single_writer_term(old_term, promotion_time(c, &new, new_term).await, &pinned, &multi);
+    assert_single_writer_term(old_term, c.promotion_time(&new, new_term).await, &pinned, &multi);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +56,7 @@ async fn primary_cut_from_the_dcs_only() {
     let nc = NetCluster::start(bin(), 3).await;
     let c = &nc.cluster;
     let (old, old_term) = c.leader().await.expect("leader");
-    let (multi, pinned) = writers(c, &old).await;
+    let (multi, pinned) = c.start_writers(&old).await;
     let h = nc.host_of(&old);
     let at = Instant::now();
     for e in ETCD_HOSTS {
@@ -111,28 +65,20 @@ async fn primary_cut_from_the_dcs_only() {
     // Clients and replicas still reach the old primary: it must stop taking writes itself
     // before its lease can expire for the others.
     let (new, new_term) = new_leader(c, &old, old_term, at).await;
-    let dsn = c.node_dsn(&new);
-    wait_for("writes under the new term", Duration::from_secs(20), || {
-        let dsn = dsn.clone();
-        async move {
-            (psql(&dsn, &format!("select count(*) from acked where term = {new_term}")).ok()?.parse::<i64>().ok()? >= 5)
-                .then_some(())
-        }
-    })
-    .await;
+    c.wait_writes_under_term(&new, new_term, 5).await;
     for e in ETCD_HOSTS {
         nc.net.heal(h, e);
     }
     c.wait_streaming(&new, std::slice::from_ref(&old), Duration::from_secs(60)).await;
     let (multi, pinned) = (multi.stop().await, pinned.stop().await);
-    check_single_writer_term(old_term, promotion_time(c, &new, new_term).await, &pinned, &multi);
+    assert_single_writer_term(old_term, c.promotion_time(&new, new_term).await, &pinned, &multi);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_cut_from_its_replicas_and_an_etcd_member_lost_cause_no_failover() {
     let mut nc = NetCluster::start(bin(), 3).await;
     let (old, old_term) = nc.cluster.leader().await.expect("leader");
-    let (multi, pinned) = writers(&nc.cluster, &old).await;
+    let (multi, pinned) = nc.cluster.start_writers(&old).await;
     let h = nc.host_of(&old);
     let replicas: Vec<String> = nc.cluster.nodes().into_iter().filter(|n| *n != old).collect();
     for r in &replicas {

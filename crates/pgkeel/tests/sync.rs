@@ -55,19 +55,10 @@ async fn synchronous_on_fails_over_only_to_the_sync_standby_and_loses_nothing() 
             .await;
     assert_eq!(new, sync, "only the synchronous standby may be promoted");
     assert!(new_term > old_term);
-    let dsn = c.node_dsn(&new);
-    wait_for("writes under the new term", Duration::from_secs(30), || {
-        let dsn = dsn.clone();
-        async move {
-            (psql(&dsn, &format!("select count(*) from acked where term = {new_term}")).ok()?.parse::<i64>().ok()? >= 5)
-                .then_some(())
-        }
-    })
-    .await;
+    c.wait_writes_under_term(&new, new_term, 5).await;
     let report = writer.stop().await;
-    let ids: Vec<String> = report.acked.iter().map(|a| a.id.to_string()).collect();
-    let missing = psql(&dsn, &format!("select count(*) from unnest(array[{}]::bigint[]) a(id) where not exists (select 1 from acked where acked.id = a.id)", ids.join(","))).unwrap();
-    assert_eq!(missing, "0", "acknowledged commits lost (of {} acked)", ids.len());
+    let missing = c.missing_acked(&new, &report);
+    assert_eq!(missing, 0, "acknowledged commits lost (of {} acked)", report.acked.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -173,16 +173,11 @@ async fn bench_zero_loss(o: &Opts) {
     }
     let (leader, _) = wait_for("a leader", Duration::from_secs(60), || c.leader()).await;
     let report = writer.stop().await;
-    let ids: Vec<String> = report.acked.iter().map(|a| a.id.to_string()).collect();
-    let missing = pgkeel_testkit::psql(
-        &c.node_dsn(&leader),
-        &format!("select count(*) from unnest(array[{}]::bigint[]) a(id) where not exists (select 1 from acked where acked.id = a.id)", ids.join(",")),
-    )
-    .expect("count missing rows");
+    let missing = c.missing_acked(&leader, &report);
     println!(
         "zero-loss (synchronous_mode={}): {missing} of {} acknowledged commits missing after {} consecutive primary kills ({} failed attempts)",
         o.sync,
-        ids.len(),
+        report.acked.len(),
         o.runs,
         report.errors
     );
