@@ -159,7 +159,7 @@ pub(crate) fn unix_ms() -> u64 {
 
 /// Open the DCS the config names. For etcd this checks that one of the endpoints answers, so
 /// an agent pointed at the wrong place stops at once with the endpoints it tried.
-pub fn open_dcs(config: &NodeConfig) -> anyhow::Result<Arc<dyn Dcs>> {
+pub async fn open_dcs(config: &NodeConfig) -> anyhow::Result<Arc<dyn Dcs>> {
     match &config.dcs {
         pgkeel_config::DcsConfig::Local { path } => {
             let store =
@@ -170,9 +170,8 @@ pub fn open_dcs(config: &NodeConfig) -> anyhow::Result<Arc<dyn Dcs>> {
             // Per attempt on one member; each DCS call of the HA loop is bounded by
             // retry_timeout on top of this.
             const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-            // This function is synchronous (it runs before the agent binds anything), so the
-            // reachability check runs on a helper thread.
-            let store = pgkeel_dcs::etcd::EtcdStore::connect_blocking(endpoints.clone(), ETCD_REQUEST_TIMEOUT)
+            let store = pgkeel_dcs::etcd::EtcdStore::connect(endpoints.clone(), ETCD_REQUEST_TIMEOUT)
+                .await
                 .context("open the etcd DCS (dcs.endpoints)")?;
             Ok(Arc::new(store))
         }
@@ -183,7 +182,7 @@ pub fn open_dcs(config: &NodeConfig) -> anyhow::Result<Arc<dyn Dcs>> {
 /// leader key released.
 pub async fn run(config: NodeConfig, options: RunOptions, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     // Phase 1: everything that can fail on bad config or a bad machine, before binding.
-    let dcs = open_dcs(&config)?;
+    let dcs = open_dcs(&config).await?;
     let store = ClusterStore::new(dcs, &config.cluster);
     let bins = pgkeel_pg::binaries::PgBinaries::discover(config.postgres.bin_dir.as_deref())?;
     let run_as = pgkeel_pg::user::run_as_for(&config.postgres.os_user)?;

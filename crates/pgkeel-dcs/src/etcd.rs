@@ -747,24 +747,6 @@ impl EtcdStore {
         }
     }
 
-    /// [`EtcdStore::connect`] for synchronous callers, such as an agent's start-up code that
-    /// is not async: runs it on a helper thread with its own small runtime, so it works inside
-    /// and outside a tokio runtime alike. Blocks the calling thread until `connect` returns
-    /// (at most `request_timeout` per endpoint). The store it returns is not tied to that
-    /// runtime: it opens a connection per call on whichever runtime makes the call.
-    pub fn connect_blocking(endpoints: Vec<String>, request_timeout: Duration) -> DcsResult<EtcdStore> {
-        std::thread::scope(|scope| {
-            let worker = scope.spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| DcsError::Unavailable(format!("cannot start a runtime to reach etcd: {e}")))?;
-                runtime.block_on(EtcdStore::connect(endpoints, request_timeout))
-            });
-            worker.join().unwrap_or_else(|_| Err(DcsError::Unavailable("the etcd connection check panicked".into())))
-        })
-    }
-
     /// The status of the member that answers (the preferred one, else the next).
     pub async fn status(&self) -> DcsResult<EtcdStatus> {
         self.inner.status().await

@@ -73,19 +73,6 @@ pub fn lookup_user(name: &str) -> Result<Option<RunAs>, PgError> {
     }
 }
 
-/// Changes the owner of `path` and everything below it to `run_as`. Symbolic links are
-/// chowned themselves and never followed.
-pub fn chown_recursive(path: &Path, run_as: &RunAs) -> io::Result<()> {
-    let meta = std::fs::symlink_metadata(path)?;
-    std::os::unix::fs::lchown(path, Some(run_as.uid), Some(run_as.gid))?;
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            chown_recursive(&entry?.path(), run_as)?;
-        }
-    }
-    Ok(())
-}
-
 /// Creates `path` (and missing parents, which keep the default mode and owner), sets its
 /// mode, and chowns the directory itself to `run_as` when given.
 pub fn prepare_dir(path: &Path, mode: u32, run_as: Option<&RunAs>) -> io::Result<()> {

@@ -300,6 +300,20 @@ impl Cluster {
         signal(pid, libc::SIGKILL);
     }
 
+    /// Lose a member's whole node: SIGKILL its agent and its postmaster together.
+    pub fn kill_node(&self, name: &str) {
+        self.kill_agent(name);
+        self.kill_postgres(name);
+    }
+
+    /// Wait until a member other than `old` leads (running as primary); its name and term.
+    pub async fn wait_new_leader(&self, old: &str, timeout: Duration) -> (String, u64) {
+        wait_for(&format!("a new leader instead of {old}"), timeout, || async {
+            self.leader().await.filter(|(n, _)| n != old)
+        })
+        .await
+    }
+
     /// Start a member's agent again (after it was killed).
     pub fn start_agent(&mut self, name: &str) {
         let node_dir = self.dir().join("nodes").join(name);

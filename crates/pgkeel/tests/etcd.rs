@@ -41,11 +41,8 @@ async fn etcd_member_loss_is_harmless_and_node_loss_fails_over() {
 
     // The primary's node dies: a replica takes over through etcd.
     let started = Instant::now();
-    c.kill_agent(&old);
-    c.kill_postgres(&old);
-    let (new, new_term) =
-        wait_for("a new leader", Duration::from_secs(20), || async { c.leader().await.filter(|(n, _)| *n != old) })
-            .await;
+    c.kill_node(&old);
+    let (new, new_term) = c.wait_new_leader(&old, Duration::from_secs(20)).await;
     assert!(new_term > old_term);
     eprintln!("new leader {new} after {:?}", started.elapsed());
     let others: Vec<String> = c.nodes().into_iter().filter(|n| *n != old && *n != new).collect();

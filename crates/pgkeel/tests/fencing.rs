@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pgkeel_testkit::{assert_single_writer_term, psql, signal, wait_for, Cluster, Writer};
+use pgkeel_testkit::{assert_single_writer_term, psql, signal, Cluster, Writer};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_pgkeel"))
@@ -30,9 +30,7 @@ async fn frozen_primary_agent_is_fenced_before_its_lease_expires() {
     let agent = c.agent_pid(&old).expect("agent pid");
     let frozen_at = Instant::now();
     signal(agent, libc::SIGSTOP);
-    let (new, new_term) =
-        wait_for("a new leader", Duration::from_secs(20), || async { c.leader().await.filter(|(n, _)| *n != old) })
-            .await;
+    let (new, new_term) = c.wait_new_leader(&old, Duration::from_secs(20)).await;
     assert!(new_term > old_term);
     // Keep the agent frozen for 2 × ttl in all (the fault's length, not a synchronisation).
     tokio::time::sleep(Duration::from_secs(8).saturating_sub(frozen_at.elapsed())).await;
@@ -56,9 +54,7 @@ async fn killed_primary_agent_is_fenced_and_rejoins() {
     let (old, old_term, multi, pinned) = setup(&c).await;
     let postmaster = c.postmaster_pid(&old).expect("postmaster");
     c.kill_agent(&old);
-    let (new, new_term) =
-        wait_for("a new leader", Duration::from_secs(20), || async { c.leader().await.filter(|(n, _)| *n != old) })
-            .await;
+    let (new, new_term) = c.wait_new_leader(&old, Duration::from_secs(20)).await;
     assert!(new_term > old_term);
     assert!(!pgkeel_testkit::alive(postmaster), "the guard stopped the old primary's postgres");
     c.wait_writes_under_term(&new, new_term, 5).await;

@@ -48,11 +48,8 @@ async fn node_loss_promotes_best_replica_and_loses_no_acknowledged_write() {
     .await;
 
     // Lose the whole node: agent and postgres together.
-    c.kill_agent(&old);
-    c.kill_postgres(&old);
-    let (new, new_term) =
-        wait_for("a new leader", Duration::from_secs(20), || async { c.leader().await.filter(|(n, _)| *n != old) })
-            .await;
+    c.kill_node(&old);
+    let (new, new_term) = c.wait_new_leader(&old, Duration::from_secs(20)).await;
     assert!(new_term > old_term, "term must grow: {old_term} -> {new_term}");
     assert_eq!(psql(&c.node_dsn(&new), "select current_setting('pgkeel.term')").unwrap(), new_term.to_string());
     let others: Vec<String> = c.nodes().into_iter().filter(|n| *n != old && *n != new).collect();
@@ -170,8 +167,7 @@ async fn pause_prevents_failover_until_resumed() {
     assert!(out.status.success(), "switchover in pause: {}", String::from_utf8_lossy(&out.stderr));
     c.wait_streaming(&old, std::slice::from_ref(&first), Duration::from_secs(20)).await;
 
-    c.kill_agent(&old);
-    c.kill_postgres(&old);
+    c.kill_node(&old);
     // Two lease lengths pass without anyone promoting.
     let other = c.nodes().into_iter().find(|n| *n != old).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(9);

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pgkeel_testkit::netns::{NetCluster, ETCD_HOSTS};
-use pgkeel_testkit::{assert_single_writer_term, wait_for, Cluster};
+use pgkeel_testkit::{assert_single_writer_term, Cluster};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_pgkeel"))
@@ -22,10 +22,7 @@ const RESTORE: Duration = Duration::from_secs(9); // ttl 4 s + 5 s
 
 /// Wait for a new leader, within ttl + 5 s of `fault_at`.
 async fn new_leader(c: &Cluster, old: &str, old_term: u64, fault_at: Instant) -> (String, u64) {
-    let (new, term) = wait_for("a new leader", RESTORE + Duration::from_secs(10), || async {
-        c.leader().await.filter(|(n, _)| n != old)
-    })
-    .await;
+    let (new, term) = c.wait_new_leader(old, RESTORE + Duration::from_secs(10)).await;
     let took = fault_at.elapsed();
     assert!(term > old_term);
     assert!(took <= RESTORE, "service restored after {took:?}, more than ttl + 5 s");

@@ -48,11 +48,8 @@ async fn synchronous_on_fails_over_only_to_the_sync_standby_and_loses_nothing() 
         async move { (psql(&dsn, "select count(*) from acked").ok()?.parse::<i64>().ok()? >= 20).then_some(()) }
     })
     .await;
-    c.kill_agent(&old);
-    c.kill_postgres(&old);
-    let (new, new_term) =
-        wait_for("a new leader", Duration::from_secs(20), || async { c.leader().await.filter(|(n, _)| *n != old) })
-            .await;
+    c.kill_node(&old);
+    let (new, new_term) = c.wait_new_leader(&old, Duration::from_secs(20)).await;
     assert_eq!(new, sync, "only the synchronous standby may be promoted");
     assert!(new_term > old_term);
     c.wait_writes_under_term(&new, new_term, 5).await;
@@ -70,8 +67,7 @@ async fn strict_moves_the_sync_role_and_never_commits_without_a_sync_standby() {
     let other = c.nodes().into_iter().find(|n| *n != leader && *n != first).unwrap();
 
     // The synchronous standby dies: the primary names the other replica and writes go on.
-    c.kill_agent(&first);
-    c.kill_postgres(&first);
+    c.kill_node(&first);
     let leader_dsn = c.node_dsn(&leader);
     wait_for("the other replica takes the synchronous role", Duration::from_secs(20), || {
         let dsn = leader_dsn.clone();
@@ -93,8 +89,7 @@ async fn strict_moves_the_sync_role_and_never_commits_without_a_sync_standby() {
 
     // The last replica dies too: strict acknowledges no commit (it waits; a statement timeout
     // would not do, since postgres reports a cancelled wait as committed).
-    c.kill_agent(&other);
-    c.kill_postgres(&other);
+    c.kill_node(&other);
     // Until its WAL receiver is gone too, the dying standby may still flush and confirm.
     wait_for("no standby connected", Duration::from_secs(10), || {
         let dsn = leader_dsn.clone();

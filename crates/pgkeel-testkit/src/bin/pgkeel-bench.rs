@@ -158,11 +158,8 @@ async fn bench_zero_loss(o: &Opts) {
         })
         .await;
         let t = Instant::now();
-        c.kill_agent(&old);
-        c.kill_postgres(&old);
-        let (new, new_term) =
-            wait_for("a new leader", Duration::from_secs(60), || async { c.leader().await.filter(|(n, _)| *n != old) })
-                .await;
+        c.kill_node(&old);
+        let (new, new_term) = c.wait_new_leader(&old, Duration::from_secs(60)).await;
         assert!(new_term > term);
         println!(
             "  run {}: killed {old}, {new} leads (term {new_term}) after {:.2} s",
