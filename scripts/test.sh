@@ -23,6 +23,9 @@ step() {
 }
 trap 'echo; echo "==> FAILED: $current ($((SECONDS - started))s)" >&2' ERR
 
+# Panics in the integration tests explain themselves; backtraces only bury the node logs.
+export RUST_BACKTRACE=0
+
 step "install dependencies (scripts/install-deps.sh --test)"
 ./scripts/install-deps.sh --test
 

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use pgkeel_config::DynamicConfig;
 use pgkeel_dcs::cluster::{
-    ClusterSnapshot, HistoryEntry, InitializeValue, LeaderValue, MemberTags, MemberValue, Role, StatusValue, SyncValue,
+    ClusterSnapshot, HistoryEntry, InitializeValue, LeaderValue, MemberTags, MemberValue, QuorumValue, Role,
+    StatusValue, SyncValue,
 };
 use pgkeel_ha::{decide, Action, ClusterView, Decision, Observation, Peer, PgRole, PgState, PromoteReason};
 use pgkeel_pg::binaries::PgBinaries;
@@ -72,8 +73,14 @@ pub(crate) struct HaLoop {
     /// The primary's hot-standby-sensitive settings as this replica last replayed them (from
     /// pg_controldata before starting); a replica never asks for less, or it would not start.
     standby_minimums: std::collections::BTreeMap<String, u64>,
-    /// Standbys this primary names in synchronous_standby_names.
+    /// `on`/`strict`: standbys this primary names in synchronous_standby_names.
     sync_guc: Vec<String>,
+    /// `quorum`: the configuration this primary names in synchronous_standby_names.
+    quorum_guc: Option<pgkeel_ha::QuorumSet>,
+    /// synchronous_standby_names as last applied by the sync planner (what pgkeel.conf says).
+    guc_value: String,
+    /// Since when that value is known to be in force.
+    guc_in_force: GucInForce,
     /// Other members (name, REST URL) as last read from the DCS: whom to ask in failsafe.
     last_members: Vec<(String, String)>,
 }
@@ -136,6 +143,9 @@ impl HaLoop {
             maybe_primary: true,
             standby_minimums: Default::default(),
             sync_guc: Vec::new(),
+            quorum_guc: None,
+            guc_value: String::new(),
+            guc_in_force: GucInForce::default(),
             last_members: Vec::new(),
         }
     }
@@ -644,7 +654,9 @@ impl HaLoop {
         st.holds_lease = self.lease.as_ref().is_some_and(|l| l.deadline_ms > now);
         st.lease_left_ms = self.lease.as_ref().map(|l| l.deadline_ms.saturating_sub(now));
         if let Some(s) = snap {
-            st.sync_standby = s.sync.as_ref().is_some_and(|x| x.value.members.contains(&st.name));
+            st.sync_standby = s.sync.as_ref().is_some_and(|x| {
+                x.value.members.contains(&st.name) || x.value.quorum.last().is_some_and(|q| q.voters.contains(&st.name))
+            });
             st.leader = s.leader_name().map(String::from);
             let last = s.status.as_ref().map(|x| x.last_lsn);
             st.lag_bytes = match (m.role, last, st.replayed_lsn.or(st.lsn)) {
@@ -735,11 +747,10 @@ impl HaLoop {
         };
         // Only a lease holder waits for synchronous standbys: bootstrap's own commits (the
         // replication role) must not block in strict mode.
-        let synchronous_standby_names = if primary_conninfo.is_none() && self.lease.is_some() {
-            pgkeel_ha::sync::render(sync_mode(d), &self.sync_guc)
-        } else {
-            String::new()
-        };
+        // The value comes from the sync planner's last step only, so a mode change reaches the
+        // GUC in the planner's order (key first when withdrawing), never through a re-render.
+        let synchronous_standby_names =
+            if primary_conninfo.is_none() && self.lease.is_some() { self.guc_value.clone() } else { String::new() };
         Ok(ManagedConf {
             synchronous_standby_names,
             listen_host: host,
@@ -1000,55 +1011,119 @@ impl HaLoop {
     /// written before the GUC when standbys are withdrawn, after it when they are added.
     async fn manage_sync(&mut self, snap: &ClusterSnapshot, p: &Probe, d: &DynamicConfig) -> anyhow::Result<()> {
         let me = self.me().to_string();
+        let mode = sync_mode(d);
+        let quorum_mode = mode == pgkeel_ha::SyncMode::Quorum;
         let mut revision = snap.sync.as_ref().map(|s| s.revision);
-        let mut key: Vec<String> = match &snap.sync {
-            Some(s) if s.value.leader == me => s.value.members.clone(),
+        let (mut members, mut quorum) = match &snap.sync {
+            Some(s) if s.value.leader == me => (s.value.members.clone(), s.value.quorum.clone()),
             Some(_) => {
                 // A key from an earlier leader: claim it, empty, before planning.
-                revision = self.write_sync(Vec::new(), revision).await?;
-                Vec::new()
+                revision = self.write_sync(Vec::new(), Vec::new(), revision).await?;
+                (Vec::new(), Vec::new())
             }
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
+        // A key written under the other family of modes (the mode was changed): empty it
+        // first, so nobody is promoted on the old terms while the GUC changes.
+        if (quorum_mode && !members.is_empty()) || (!quorum_mode && !quorum.is_empty()) {
+            tracing::info!(mode = ?mode, "synchronous mode changed: withdrawing the synchronous standbys first");
+            revision = self.write_sync(Vec::new(), Vec::new(), revision).await?;
+            members.clear();
+            quorum.clear();
+        }
+        let since = self.guc_in_force.observe(&self.guc_value, p);
         let eligible =
             |name: &str| snap.member(name).is_some_and(|m| !m.tags.nofailover && m.tags.failover_priority > 0);
-        let candidates: Vec<pgkeel_ha::sync::SyncCandidate> = p
-            .replication
+        let streaming: Vec<&pgkeel_pg::probe::ReplicationRow> =
+            p.replication.iter().filter(|r| r.state == "streaming" && eligible(&r.application_name)).collect();
+        // Flushed past the position the primary had once the current GUC was in force: it has
+        // every commit acknowledged before, whatever configuration acknowledged it.
+        let caught_up = |r: &pgkeel_pg::probe::ReplicationRow| since.is_some_and(|s| r.flush_lsn.unwrap_or(0) >= s);
+        let candidates: Vec<pgkeel_ha::sync::SyncCandidate> = streaming
             .iter()
-            .filter(|r| r.state == "streaming" && eligible(&r.application_name))
             .map(|r| pgkeel_ha::sync::SyncCandidate {
                 name: r.application_name.clone(),
                 flush_lsn: r.flush_lsn.unwrap_or(0),
-                confirmed: r.sync_state == "sync",
+                confirmed: r.sync_state == "sync" && caught_up(r),
             })
             .collect();
-        let step = pgkeel_ha::sync::plan(sync_mode(d), d.synchronous_node_count, &candidates, &self.sync_guc, &key);
+        if quorum_mode {
+            let key: Vec<pgkeel_ha::QuorumSet> =
+                quorum.iter().map(|q| pgkeel_ha::QuorumSet { k: q.k, voters: q.voters.clone() }).collect();
+            let established = self.quorum_guc.as_ref().is_some_and(|g| {
+                g.render() == self.guc_value
+                    && streaming.iter().filter(|r| g.voters.contains(&r.application_name) && caught_up(r)).count()
+                        >= g.k as usize
+            });
+            let step = pgkeel_ha::sync::plan_quorum(
+                d.synchronous_node_count,
+                &candidates,
+                self.quorum_guc.as_ref(),
+                established,
+                &key,
+            );
+            let to_value = |k: &[pgkeel_ha::QuorumSet]| -> Vec<QuorumValue> {
+                k.iter().map(|q| QuorumValue { k: q.k, voters: q.voters.clone() }).collect()
+            };
+            if step.key_first {
+                if let Some(k) = &step.key {
+                    tracing::info!(quorum = ?k, "synchronous quorum in the DCS (before the GUC)");
+                    revision = self.write_sync(Vec::new(), to_value(k), revision).await?;
+                }
+            }
+            self.quorum_guc = step.guc.clone();
+            self.apply_guc(step.guc.as_ref().map(|g| g.render()).unwrap_or_default(), d).await?;
+            if !step.key_first {
+                if let Some(k) = step.key.filter(|k| *k != key) {
+                    tracing::info!(quorum = ?k, "synchronous quorum established");
+                    self.write_sync(Vec::new(), to_value(&k), revision).await?;
+                }
+            }
+            return Ok(());
+        }
+        let step = pgkeel_ha::sync::plan(mode, d.synchronous_node_count, &candidates, &self.sync_guc, &members);
         if step.key_first {
             if let Some(k) = &step.key {
-                revision = self.write_sync(k.clone(), revision).await?;
-                key = k.clone();
+                revision = self.write_sync(k.clone(), Vec::new(), revision).await?;
+                members = k.clone();
             }
         }
         if step.guc != self.sync_guc {
             tracing::info!(standbys = ?step.guc, "synchronous standbys in synchronous_standby_names");
             self.sync_guc = step.guc.clone();
-            let term = self.lease.as_ref().map_or(self.conf_term, |l| l.value.term);
-            let conf = self.managed_conf(None, term, d)?;
-            if self.write_conf(&conf)? {
-                self.inst.reload().await?;
-            }
         }
+        self.apply_guc(pgkeel_ha::sync::render(mode, &step.guc), d).await?;
         if !step.key_first {
-            if let Some(k) = step.key.filter(|k| *k != key) {
+            if let Some(k) = step.key.filter(|k| *k != members) {
                 tracing::info!(standbys = ?k, "confirmed synchronous standbys");
-                self.write_sync(k, revision).await?;
+                self.write_sync(k, Vec::new(), revision).await?;
             }
         }
         Ok(())
     }
 
-    async fn write_sync(&self, members: Vec<String>, revision: Option<u64>) -> anyhow::Result<Option<u64>> {
-        let value = SyncValue { leader: self.me().to_string(), members };
+    /// Make synchronous_standby_names `value` (rewrite pgkeel.conf and reload when it changes).
+    async fn apply_guc(&mut self, value: String, d: &DynamicConfig) -> anyhow::Result<()> {
+        if value == self.guc_value {
+            return Ok(());
+        }
+        tracing::info!(synchronous_standby_names = %value, "setting synchronous_standby_names");
+        self.guc_value = value;
+        let term = self.lease.as_ref().map_or(self.conf_term, |l| l.value.term);
+        let conf = self.managed_conf(None, term, d)?;
+        if self.write_conf(&conf)? {
+            self.inst.reload().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_sync(
+        &self,
+        members: Vec<String>,
+        quorum: Vec<QuorumValue>,
+        revision: Option<u64>,
+    ) -> anyhow::Result<Option<u64>> {
+        let value = SyncValue { leader: self.me().to_string(), members, quorum };
         match self.shared.store.write_sync(&value, revision).await? {
             Some(rev) => Ok(Some(rev)),
             None => bail!("the sync key changed concurrently"),
@@ -1135,8 +1210,10 @@ impl HaLoop {
         // The sync key is this leader's (and empty) before postgres accepts a write: nobody is
         // a synchronous standby of the new primary until it confirms them.
         self.sync_guc.clear();
+        self.quorum_guc = None;
+        self.guc_value = pgkeel_ha::sync::render(sync_mode(d), &[]);
         if sync_mode(d) != pgkeel_ha::SyncMode::Off || snap.sync.is_some() {
-            self.write_sync(Vec::new(), snap.sync.as_ref().map(|s| s.revision)).await?;
+            self.write_sync(Vec::new(), Vec::new(), snap.sync.as_ref().map(|s| s.revision)).await?;
         }
         // The term is in place before postgres accepts its first write.
         let conf = self.managed_conf(None, lease.value.term, d)?;
@@ -1351,6 +1428,37 @@ fn sync_mode(d: &DynamicConfig) -> pgkeel_ha::SyncMode {
         pgkeel_config::SyncMode::Off => pgkeel_ha::SyncMode::Off,
         pgkeel_config::SyncMode::On => pgkeel_ha::SyncMode::On,
         pgkeel_config::SyncMode::Strict => pgkeel_ha::SyncMode::Strict,
+        pgkeel_config::SyncMode::Quorum => pgkeel_ha::SyncMode::Quorum,
+    }
+}
+
+/// Since when the synchronous_standby_names value pgkeel.conf holds is in force: the probe
+/// shows it applied, and one loop later (so every walsender has reloaded too) the primary's
+/// WAL position is recorded. Standbys flushed past that position have every commit any earlier
+/// value acknowledged.
+#[derive(Debug, Default)]
+struct GucInForce {
+    value: String,
+    seen: bool,
+    since_lsn: Option<u64>,
+}
+
+impl GucInForce {
+    fn observe(&mut self, value: &str, p: &Probe) -> Option<u64> {
+        if self.value != value {
+            *self = GucInForce { value: value.to_string(), ..GucInForce::default() };
+        }
+        if p.synchronous_standby_names != value {
+            return None;
+        }
+        if self.since_lsn.is_none() {
+            if self.seen {
+                self.since_lsn = p.current_lsn;
+            } else {
+                self.seen = true;
+            }
+        }
+        self.since_lsn
     }
 }
 
@@ -1436,5 +1544,10 @@ fn cluster_view(s: &ClusterSnapshot) -> ClusterView {
             .map(|f| FailoverRequest { leader: f.value.leader.clone(), candidate: f.value.candidate.clone() }),
         last_leader_lsn: s.status.as_ref().map(|x| x.last_lsn),
         sync_members: s.sync.as_ref().map(|x| x.value.members.clone()).unwrap_or_default(),
+        sync_quorum: s
+            .sync
+            .as_ref()
+            .map(|x| x.value.quorum.iter().map(|q| pgkeel_ha::QuorumSet { k: q.k, voters: q.voters.clone() }).collect())
+            .unwrap_or_default(),
     }
 }

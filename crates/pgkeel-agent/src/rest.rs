@@ -287,6 +287,7 @@ fn cluster_json(shared: &Shared, s: &ClusterSnapshot) -> Value {
         "paused": paused,
         "members": members,
         "failover": s.failover.as_ref().map(|f| &f.value),
+        "sync": s.sync.as_ref().map(|x| &x.value),
         "last_leader_lsn": last.map(format_lsn),
     })
 }

@@ -230,9 +230,12 @@ pub struct DynamicConfig {
     pub pause: bool,
     /// Synchronous replication: `off` (asynchronous), `on` (commits wait for
     /// `synchronous_node_count` standbys while there are any), `strict` (no commit without
-    /// them). In `on` and `strict` a failover goes only to a synchronous standby.
+    /// them), `quorum` (commits wait for `synchronous_node_count` of all streaming standbys,
+    /// `ANY k`). In these modes a failover goes only to a standby with every acknowledged
+    /// commit.
     pub synchronous_mode: SyncMode,
-    /// How many synchronous standbys commits wait for (`on`, `strict`).
+    /// How many synchronous standbys commits wait for (`on`, `strict`; k of `ANY k` in
+    /// `quorum`).
     pub synchronous_node_count: u32,
     /// While the DCS is unreachable, the primary stays writable as long as every member
     /// confirms it over the REST API (`POST /failsafe`); without it, it demotes when its lease
@@ -254,6 +257,9 @@ pub enum SyncMode {
     On,
     /// Never acknowledge a commit without the synchronous standbys.
     Strict,
+    /// `ANY k` of the streaming standbys confirm each commit; a failover goes to the voter
+    /// with the most WAL among enough reachable voters.
+    Quorum,
 }
 
 impl SyncMode {
@@ -263,6 +269,7 @@ impl SyncMode {
             SyncMode::Off => "off",
             SyncMode::On => "on",
             SyncMode::Strict => "strict",
+            SyncMode::Quorum => "quorum",
         }
     }
 }

@@ -871,10 +871,13 @@ primary_start_timeout = "10s"
 pause = false
 # Synchronous replication: "off" (asynchronous), "on" (commits wait for the synchronous
 # standbys while there are any; without one the primary runs asynchronously and nobody is
-# promoted automatically), "strict" (no commit without them). In "on" and "strict" a failover
-# goes only to a synchronous standby, so no acknowledged commit is lost. Default: "off".
+# promoted automatically), "strict" (no commit without them), "quorum" (commits wait for
+# synchronous_node_count of all streaming standbys: ANY k). In "on" and "strict" a failover
+# goes only to a synchronous standby, in "quorum" to the voter with the most WAL among enough
+# reachable voters, so no acknowledged commit is lost. Default: "off".
 synchronous_mode = "off"
-# How many synchronous standbys commits wait for; 1 to 16. Default: 1.
+# How many synchronous standbys commits wait for (k of ANY k in "quorum"); 1 to 16.
+# Default: 1.
 synchronous_node_count = 1
 # While the DCS is unreachable, keep the primary writable as long as every member confirms
 # it over the REST API (POST /failsafe); otherwise it demotes when its lease runs out. Every

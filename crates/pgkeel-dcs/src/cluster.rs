@@ -155,9 +155,22 @@ pub struct StatusValue {
 pub struct SyncValue {
     /// The leader that wrote it.
     pub leader: String,
-    /// Confirmed synchronous standbys.
+    /// Confirmed synchronous standbys (`on`, `strict`).
     #[serde(default)]
     pub members: Vec<String>,
+    /// Quorum mode: the `ANY k` configurations a candidate must satisfy (two while the
+    /// primary moves from one to the next).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quorum: Vec<QuorumValue>,
+}
+
+/// One quorum configuration: `ANY k (voters)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuorumValue {
+    /// How many voters confirm each commit.
+    pub k: u32,
+    /// The standbys that may confirm.
+    pub voters: Vec<String>,
 }
 
 /// Value of `history/<term>`: one promotion.

@@ -23,7 +23,9 @@
 //!    peers in parallel and races only if no primary is alive and no eligible peer is better
 //!    (higher LSN, then higher `failover_priority`, then smaller name).
 //! 8. Synchronous modes (`on`, `strict`): only members of the `sync` key (they have every
-//!    acknowledged commit) race, and a switchover goes only to one of them.
+//!    acknowledged commit) race, and a switchover goes only to one of them. In `quorum` mode
+//!    a voter races only when it reached enough voters of every configuration in the key
+//!    (`n - k + 1` of `ANY k`) and none of them has more WAL (see [`sync::quorum_allows`]).
 //! 9. Failsafe (`failsafe_mode`): without the DCS a primary with a valid lease asks every
 //!    member to confirm it and keeps its lease only if all do; a member that confirmed does
 //!    not race until a ttl has passed, and the primary takes its key back when the DCS
@@ -35,7 +37,7 @@ pub mod sync;
 
 use std::cmp::Ordering;
 
-pub use sync::SyncMode;
+pub use sync::{QuorumSet, SyncMode};
 
 /// Timing and policy settings the decision needs (from the dynamic config), in milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,6 +186,8 @@ pub struct ClusterView {
     pub last_leader_lsn: Option<u64>,
     /// Standbys the leader confirmed synchronous (`sync` key).
     pub sync_members: Vec<String>,
+    /// Quorum configurations a candidate must satisfy (`sync` key, quorum mode).
+    pub sync_quorum: Vec<QuorumSet>,
 }
 
 /// One peer's answer to the pre-race probe (its REST `/node`).
@@ -399,8 +403,11 @@ fn leader_is_me(o: &Observation, c: &ClusterView, l: &LeaderKey) -> Decision {
                     && f.candidate.as_deref() != Some(o.me.as_str())
                 {
                     // In a synchronous mode only a synchronous standby has every commit.
-                    let qualifies =
-                        |name: &str| s.sync_mode == SyncMode::Off || c.sync_members.iter().any(|m| m == name);
+                    let qualifies = |name: &str| match s.sync_mode {
+                        SyncMode::Off => true,
+                        SyncMode::On | SyncMode::Strict => c.sync_members.iter().any(|m| m == name),
+                        SyncMode::Quorum => c.sync_quorum.last().is_some_and(|q| q.voters.iter().any(|v| v == name)),
+                    };
                     let candidate_ok = match &f.candidate {
                         Some(cand) => c.members.iter().any(|m| &m.name == cand && m.running_replica) && qualifies(cand),
                         None => c.members.iter().any(|m| m.name != o.me && m.running_replica && qualifies(&m.name)),
@@ -528,8 +535,16 @@ fn no_leader(o: &Observation, c: &ClusterView) -> Decision {
             "no leader, but this member confirmed a failsafe primary: letting it take the key back",
         );
     }
+    let quorum = s.sync_mode == SyncMode::Quorum;
+    let is_voter = |name: &str| c.sync_quorum.iter().any(|q| q.voters.iter().any(|v| v == name));
+    if quorum && !is_voter(&o.me) {
+        return d(
+            Action::Idle,
+            format!("no leader, but in quorum mode only a voter ({:?}) may be promoted", c.sync_quorum),
+        );
+    }
     let sync = s.sync_mode != SyncMode::Off;
-    if sync && !c.sync_members.contains(&o.me) {
+    if sync && !quorum && !c.sync_members.contains(&o.me) {
         return d(
             Action::Idle,
             format!(
@@ -571,7 +586,7 @@ fn no_leader(o: &Observation, c: &ClusterView) -> Decision {
             && p.running_replica
             && p.tags.candidate()
             && Some(p.name.as_str()) != excluded
-            && (!sync || c.sync_members.contains(&p.name))
+            && (!sync || if quorum { is_voter(&p.name) } else { c.sync_members.contains(&p.name) })
             && (sync || c.last_leader_lsn.is_none_or(|last| last.saturating_sub(p.lsn) <= s.maximum_lag_on_failover))
     };
     let best = peers
@@ -580,6 +595,17 @@ fn no_leader(o: &Observation, c: &ClusterView) -> Decision {
         .chain(std::iter::once(&me))
         .filter(eligible)
         .max_by(|a, b| better(a, b));
+    if quorum && best.is_some_and(|b| b.name == o.me) {
+        let reached: Vec<(String, u64)> = peers
+            .iter()
+            .filter(|p| p.name != o.me && p.reachable && p.running_replica)
+            .chain(std::iter::once(&me))
+            .map(|p| (p.name.clone(), p.lsn))
+            .collect();
+        if let Err(why) = sync::quorum_allows(&c.sync_quorum, &o.me, my_lsn, &reached) {
+            return d(Action::Idle, format!("no leader, but quorum mode forbids promoting this member: {why}"));
+        }
+    }
     match best {
         Some(b) if b.name == o.me => d(
             Action::Promote { reason: PromoteReason::Failover, acquire: true },

@@ -57,7 +57,12 @@ fn cluster(leader: Option<(&str, u64)>, members: &[(&str, &str)]) -> ClusterView
         failover: None,
         last_leader_lsn: None,
         sync_members: vec![],
+        sync_quorum: vec![],
     }
+}
+
+fn q(k: u32, voters: &[&str]) -> QuorumSet {
+    QuorumSet { k, voters: voters.iter().map(|v| v.to_string()).collect() }
 }
 
 /// Observation for member n2 with a valid lease when it leads.
@@ -220,6 +225,31 @@ fn rules_table() {
             with(obs(Some(ClusterView { sync_members: vec!["n4".into()], failover: Some(FailoverRequest { leader: Some("n2".into()), candidate: Some("n3".into()) }), ..cluster(Some(("n2", 3)), &[("n2", "primary"), ("n3", "replica")]) }), primary()), |o| o.settings.sync_mode = SyncMode::On), Action::Renew),
         ("sync mode: switchover to a synchronous standby proceeds",
             with(obs(Some(ClusterView { sync_members: vec!["n3".into()], failover: Some(FailoverRequest { leader: Some("n2".into()), candidate: None }), ..cluster(Some(("n2", 3)), &[("n2", "primary"), ("n3", "replica")]) }), primary()), |o| o.settings.sync_mode = SyncMode::On), Action::StepDown),
+        // Rule 8: quorum mode (ANY k). n1 was the primary; n2 is this member.
+        ("quorum: ANY 1 of 2 voters, both reached, this member has the most WAL: promote",
+            with(obs(Some(ClusterView { sync_quorum: vec![q(1, &["n2", "n3"])], ..cluster(None, &no_leader_replicas) }), replica(200, Some("n1"))), |o| { o.settings.sync_mode = SyncMode::Quorum; o.peers = Some(vec![peer("n3", "replica", 150)]); }), promote(PromoteReason::Failover)),
+        ("quorum: ANY 1 of 2 voters, only itself reached: the other may have commits it lacks",
+            with(obs(Some(ClusterView { sync_quorum: vec![q(1, &["n2", "n3"])], ..cluster(None, &no_leader_replicas) }), replica(200, Some("n1"))), |o| { o.settings.sync_mode = SyncMode::Quorum; o.peers = Some(vec![peer("n3", "unreachable", 0)]); }), Action::Idle),
+        ("quorum: ANY 2 of 3 voters, two reached (itself and n3) is enough",
+            with(obs(Some(ClusterView { sync_quorum: vec![q(2, &["n2", "n3", "n4"])], ..cluster(None, &no_leader_replicas) }), replica(200, Some("n1"))), |o| { o.settings.sync_mode = SyncMode::Quorum; o.peers = Some(vec![peer("n3", "replica", 200), peer("n4", "unreachable", 0)]); }), promote(PromoteReason::Failover)),
+        ("quorum: ANY 1 of 1 voter: the voter alone knows it has everything",
+            with(obs(Some(ClusterView { sync_quorum: vec![q(1, &["n2"])], ..cluster(None, &no_leader_replicas) }), replica(100, Some("n1"))), |o| { o.settings.sync_mode = SyncMode::Quorum; o.peers = Some(vec![peer("n3", "replica", 900)]); }), promote(PromoteReason::Failover)),
+        ("quorum: a non-voter never races, however advanced",
+            with(obs(Some(ClusterView { sync_quorum: vec![q(1, &["n3"])], ..cluster(None, &no_leader_replicas) }), replica(900, Some("n1"))), |o| { o.settings.sync_mode = SyncMode::Quorum; o.peers = Some(vec![peer("n3", "replica", 100)]); }), Action::Idle),
+        ("quorum: a reached voter with more WAL that may not be promoted blocks the race",
+            with(obs(Some(ClusterView { sync_quorum: vec![q(1, &["n2", "n3"])], ..cluster(None, &no_leader_replicas) }), replica(100, Some("n1"))), |o| { o.settings.sync_mode = SyncMode::Quorum; o.peers = Some(vec![{ let mut p = peer("n3", "replica", 300); p.tags.nofailover = true; p }]); }), Action::Idle),
+        ("quorum: joint key: enough voters of the old configuration must be reached too",
+            with(obs(Some(ClusterView { sync_quorum: vec![q(1, &["n3", "n4"]), q(1, &["n2"])], ..cluster(None, &no_leader_replicas) }), replica(100, Some("n1"))), |o| { o.settings.sync_mode = SyncMode::Quorum; o.peers = Some(vec![peer("n3", "replica", 100), peer("n4", "unreachable", 0)]); }), Action::Idle),
+        ("quorum: joint key satisfied: promote",
+            with(obs(Some(ClusterView { sync_quorum: vec![q(1, &["n3", "n4"]), q(1, &["n2"])], ..cluster(None, &no_leader_replicas) }), replica(100, Some("n1"))), |o| { o.settings.sync_mode = SyncMode::Quorum; o.peers = Some(vec![peer("n3", "replica", 100), peer("n4", "replica", 90)]); }), promote(PromoteReason::Failover)),
+        ("quorum: empty key (the primary ran asynchronously): nobody races",
+            with(obs(Some(cluster(None, &no_leader_replicas)), replica(100, Some("n1"))), |o| { o.settings.sync_mode = SyncMode::Quorum; o.peers = Some(vec![]); }), Action::Idle),
+        ("quorum: the lag limit does not apply to a voter",
+            with(obs(Some(ClusterView { sync_quorum: vec![q(1, &["n2"])], last_leader_lsn: Some(100 + (5 << 20)), ..cluster(None, &no_leader_replicas) }), replica(100, Some("n1"))), |o| { o.settings.sync_mode = SyncMode::Quorum; o.peers = Some(vec![]); }), promote(PromoteReason::Failover)),
+        ("quorum: switchover to a voter proceeds",
+            with(obs(Some(ClusterView { sync_quorum: vec![q(1, &["n3"])], failover: Some(FailoverRequest { leader: Some("n2".into()), candidate: Some("n3".into()) }), ..cluster(Some(("n2", 3)), &[("n2", "primary"), ("n3", "replica")]) }), primary()), |o| o.settings.sync_mode = SyncMode::Quorum), Action::StepDown),
+        ("quorum: switchover to a non-voter is refused",
+            with(obs(Some(ClusterView { sync_quorum: vec![q(1, &["n4"])], failover: Some(FailoverRequest { leader: Some("n2".into()), candidate: Some("n3".into()) }), ..cluster(Some(("n2", 3)), &[("n2", "primary"), ("n3", "replica")]) }), primary()), |o| o.settings.sync_mode = SyncMode::Quorum), Action::Renew),
         // Failsafe.
         ("failsafe: DCS down, primary with a valid lease asks the members",
             with(obs(None, primary()), |o| { o.lease_deadline_ms = Some(NOW + 3000); o.settings.failsafe_mode = true; }), Action::Failsafe),

@@ -46,6 +46,8 @@ pub struct Probe {
     pub term: Option<u64>,
     /// Postmaster start time, seconds since the Unix epoch.
     pub postmaster_start_unix: f64,
+    /// `synchronous_standby_names` as the server applies it now (after the last reload).
+    pub synchronous_standby_names: String,
 }
 
 /// One row of `pg_stat_wal_receiver`.
@@ -113,7 +115,8 @@ SELECT r.rec,
        CASE WHEN r.rec THEN pg_is_wal_replay_paused() ELSE false END,
        current_setting('pgkeel.term', true),
        extract(epoch FROM pg_postmaster_start_time()),
-       (SELECT timeline_id FROM pg_control_checkpoint())
+       (SELECT timeline_id FROM pg_control_checkpoint()),
+       current_setting('synchronous_standby_names')
   FROM (SELECT pg_is_in_recovery() AS rec) r;
 SELECT w.status, w.sender_host, w.sender_port, w.slot_name, w.received_tli,
        COALESCE(to_jsonb(w)->>'flushed_lsn', to_jsonb(w)->>'received_lsn')
@@ -154,6 +157,7 @@ pub async fn probe(client: &Client) -> Result<Probe, PgError> {
         replay_paused: bool_at(main, 6)?,
         term: text_at(main, 7)?.and_then(|t| t.trim().parse().ok()),
         postmaster_start_unix: parse_at(main, 8)?.unwrap_or(0.0),
+        synchronous_standby_names: text_at(main, 10)?.unwrap_or_default().to_string(),
         ..Probe::default()
     };
     let checkpoint_tli: Option<u32> = parse_at(main, 9)?;

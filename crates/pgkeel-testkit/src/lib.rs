@@ -60,6 +60,8 @@ pub struct Cluster {
     pub etcd: Option<pgkeel_dcs::testing::EtcdCluster>,
     /// Network namespace of each node, when the nodes run on [`netns`] hosts.
     netns: std::collections::HashMap<String, String>,
+    /// The last `/cluster` answer seen, printed last when a test fails.
+    last_seen: std::sync::Mutex<Option<(Instant, String)>>,
 }
 
 impl Cluster {
@@ -92,6 +94,7 @@ impl Cluster {
             foreground: None,
             etcd: None,
             netns: Default::default(),
+            last_seen: Default::default(),
         };
         let mut args = vec!["up", "--detach", "--dir"];
         let dir = c.dir_str();
@@ -131,6 +134,7 @@ impl Cluster {
             foreground: Some(child),
             etcd: None,
             netns: Default::default(),
+            last_seen: Default::default(),
         };
         let path = c.dir().join("up.json");
         let text = wait_for("up.json", Duration::from_secs(30), || {
@@ -170,7 +174,16 @@ impl Cluster {
         info: Value,
         netns: std::collections::HashMap<String, String>,
     ) -> Cluster {
-        Cluster { dir, bin: bin.to_path_buf(), info, extra: Vec::new(), foreground: None, etcd: None, netns }
+        Cluster {
+            dir,
+            bin: bin.to_path_buf(),
+            info,
+            extra: Vec::new(),
+            foreground: None,
+            etcd: None,
+            netns,
+            last_seen: Default::default(),
+        }
     }
 
     /// The cluster directory.
@@ -248,7 +261,12 @@ impl Cluster {
                 request("GET", &format!("{}/cluster", self.api_url(&n)), None, None, Duration::from_secs(2)).await
             {
                 if r.status == 200 {
-                    return r.json().ok();
+                    let v: Option<Value> = r.json().ok();
+                    if let Some(v) = &v {
+                        *self.last_seen.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some((Instant::now(), v.to_string()));
+                    }
+                    return v;
                 }
             }
         }
@@ -401,7 +419,7 @@ impl Cluster {
     /// Print the end of every agent, postgres and guard log (for failing tests).
     pub fn dump_logs(&self) {
         for n in std::fs::read_dir(self.dir().join("nodes")).into_iter().flatten().flatten() {
-            for (file, lines) in [("agent.log", 60), ("postgres.log", 25), ("guard.log", 10)] {
+            for (file, lines) in [("agent.log", 40), ("postgres.log", 40), ("guard.log", 5)] {
                 let p = n.path().join(file);
                 if let Ok(text) = std::fs::read_to_string(&p) {
                     let tail: Vec<&str> = text.lines().rev().take(lines).collect();
@@ -412,6 +430,29 @@ impl Cluster {
                 }
             }
         }
+        // Last, so that it survives when only the end of the output is kept.
+        if let Some((at, json)) = self.last_seen.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            eprintln!("==== last /cluster answer ({:?} before this dump): {json}", at.elapsed());
+        }
+    }
+
+    /// With `PGKEEL_TEST_KEEP_LOGS=DIR`, copy every node's logs to `DIR/<cluster dir name>/`
+    /// (for failures whose printed tail is not enough).
+    fn keep_logs(&self) {
+        let Some(keep) = std::env::var_os("PGKEEL_TEST_KEEP_LOGS") else { return };
+        let Some(name) = self.dir().file_name() else { return };
+        for n in std::fs::read_dir(self.dir().join("nodes")).into_iter().flatten().flatten() {
+            let to = Path::new(&keep).join(name).join(n.file_name());
+            if std::fs::create_dir_all(&to).is_err() {
+                return;
+            }
+            for f in std::fs::read_dir(n.path()).into_iter().flatten().flatten() {
+                if f.file_name().to_string_lossy().ends_with(".log") {
+                    let _ = std::fs::copy(f.path(), to.join(f.file_name()));
+                }
+            }
+        }
+        eprintln!("==== logs kept in {}", Path::new(&keep).join(name).display());
     }
 
     fn teardown(&mut self) {
@@ -448,6 +489,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.dump_logs();
+            self.keep_logs();
         }
         self.teardown();
     }

@@ -7,7 +7,7 @@
 //! - `idle`: CPU and RSS of idle agents (target < 1 % of one core, < 30 MB);
 //! - `all`: all three;
 //! - `zero-loss`: `--runs` consecutive kills of the primary's node under continuous writes in
-//!   a synchronous mode (`--sync on|strict`, default on); prints how many acknowledged commits
+//!   a synchronous mode (`--sync on|strict|quorum`, default on); prints how many acknowledged commits
 //!   are missing at the end (target: 0);
 //! - `false-failover`: `pgbench` saturating both cores against the primary for `--seconds`
 //!   (default 30; the target is stated for 300) with default timings; prints how many
@@ -42,7 +42,10 @@ fn parse() -> Result<Opts, String> {
         match a.as_str() {
             "up" | "failover" | "idle" | "all" | "zero-loss" | "false-failover" => o.what = a,
             "--sync" => {
-                o.sync = args.next().filter(|m| m == "on" || m == "strict").ok_or("--sync takes on or strict")?
+                o.sync = args
+                    .next()
+                    .filter(|m| m == "on" || m == "strict" || m == "quorum")
+                    .ok_or("--sync takes on, strict or quorum")?
             }
             "--runs" => {
                 o.runs = args
@@ -264,7 +267,7 @@ async fn main() {
             if !e.is_empty() {
                 eprintln!("error: {e}");
             }
-            eprintln!("usage: pgkeel-bench [up|failover|idle|all|zero-loss] [--runs N] [--seconds S] [--pgkeel PATH] [--etcd] [--sync on|strict]\n       (up, failover, idle, all, zero-loss, false-failover)");
+            eprintln!("usage: pgkeel-bench [up|failover|idle|all|zero-loss] [--runs N] [--seconds S] [--pgkeel PATH] [--etcd] [--sync on|strict|quorum]\n       (up, failover, idle, all, zero-loss, false-failover)");
             std::process::exit(2);
         }
     };
