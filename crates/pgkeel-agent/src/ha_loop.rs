@@ -83,6 +83,10 @@ pub(crate) struct HaLoop {
     guc_in_force: GucInForce,
     /// Other members (name, REST URL) as last read from the DCS: whom to ask in failsafe.
     last_members: Vec<(String, String)>,
+    /// Replica: since when its WAL receiver has not streamed from the running leader.
+    stalled_since: Option<Instant>,
+    /// When this replica last restarted postgres to get its WAL receiver going again.
+    last_unstall: Option<Instant>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -147,6 +151,8 @@ impl HaLoop {
             guc_value: String::new(),
             guc_in_force: GucInForce::default(),
             last_members: Vec::new(),
+            stalled_since: None,
+            last_unstall: None,
         }
     }
 
@@ -305,6 +311,7 @@ impl HaLoop {
             return false;
         };
         let result = self.execute(&decision, &snap, &pg, &dynamic).await;
+        self.watch_stall(&decision.action, &pg, &snap, &dynamic);
         self.track_primary(&decision.action, &pg.state, result.is_ok());
         self.sync_guard(&dynamic);
         match result {
@@ -321,6 +328,42 @@ impl HaLoop {
                 false
             }
         }
+    }
+
+    /// A replica that follows a running primary but whose WAL receiver has not streamed for
+    /// `max(3 × ttl, 10 s)` gets postgres restarted (at most once a minute), with a warning
+    /// saying what the receiver reported: whatever wedged it (a failed attempt during the
+    /// leader's promotion, a stuck timeline switch), a fresh start re-reads the timeline
+    /// history and reconnects.
+    fn watch_stall(&mut self, action: &Action, pg: &PgObservation, snap: &ClusterSnapshot, d: &DynamicConfig) {
+        let PgState::Running { role: PgRole::Replica, following: Some(following), .. } = &pg.state else {
+            self.stalled_since = None;
+            return;
+        };
+        let leader_running = snap.leader_name() == Some(following.as_str())
+            && snap.member(following).is_some_and(|m| m.role == Role::Primary && m.state == "running");
+        let receiver = pg.probe.as_ref().and_then(|p| p.wal_receiver.as_ref());
+        if *action != Action::Idle || !leader_running || receiver.is_some_and(|w| w.status == "streaming") || d.pause {
+            self.stalled_since = None;
+            return;
+        }
+        let since = *self.stalled_since.get_or_insert_with(Instant::now);
+        let stall = (d.ttl * 3).max(Duration::from_secs(10));
+        if since.elapsed() < stall || self.last_unstall.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            return;
+        }
+        let p = pg.probe.as_ref();
+        tracing::warn!(
+            leader = %following,
+            receiver = ?receiver.map(|w| (&w.status, w.received_tli, w.flushed_lsn.map(pgkeel_pg::lsn::format_lsn))),
+            timeline = p.map(|p| p.timeline),
+            replayed = ?p.and_then(|p| p.replayed_lsn).map(pgkeel_pg::lsn::format_lsn),
+            "this replica has not streamed from the running leader for {:?}: restarting postgres",
+            since.elapsed()
+        );
+        self.last_unstall = Some(Instant::now());
+        self.stalled_since = None;
+        self.shared.request.lock().expect("request lock poisoned").get_or_insert(NodeRequest::Restart);
     }
 
     /// Operator requests. A restart of the primary keeps the leader key: postgres is stopped

@@ -46,7 +46,7 @@ async fn etcd_member_loss_is_harmless_and_node_loss_fails_over() {
     assert!(new_term > old_term);
     eprintln!("new leader {new} after {:?}", started.elapsed());
     let others: Vec<String> = c.nodes().into_iter().filter(|n| *n != old && *n != new).collect();
-    c.wait_streaming(&new, &others, Duration::from_secs(20)).await;
+    c.wait_streaming(&new, &others, Duration::from_secs(30)).await;
     c.wait_writes_under_term(&new, new_term, 5).await;
     let report = writer.stop().await;
     let missing = c.missing_acked(&new, &report);

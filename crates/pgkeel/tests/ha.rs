@@ -117,6 +117,38 @@ async fn crashed_primary_postgres_is_restarted_in_place() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stops_streaming_from_the_running_leader_is_restarted() {
+    let c = Cluster::up(bin(), 2).await;
+    let (leader, _) = c.leader().await.expect("leader");
+    let replica = c.nodes().into_iter().find(|n| *n != leader).unwrap();
+    let dsn = c.node_dsn(&replica);
+    let started_at = || psql(&dsn, "select pg_postmaster_start_time()").unwrap();
+    let first_start = started_at();
+    // Wedge the WAL receiver behind pgkeel's back: ALTER SYSTEM wins over pgkeel.conf.
+    psql(&dsn, "alter system set primary_conninfo = 'host=127.0.0.1 port=1 connect_timeout=1'").unwrap();
+    psql(&dsn, "select pg_reload_conf()").unwrap();
+    // The agent notices after max(3 x ttl, 10 s) and restarts postgres, saying why.
+    wait_for("the stalled replica restarted by its agent", Duration::from_secs(40), || {
+        let dsn = dsn.clone();
+        let first = first_start.clone();
+        async move { psql(&dsn, "select pg_postmaster_start_time()").ok().filter(|t| *t != first) }
+    })
+    .await;
+    let log = std::fs::read_to_string(c.dir().join("nodes").join(&replica).join("agent.log")).unwrap();
+    assert!(log.contains("has not streamed from the running leader"), "the agent says why it restarted postgres");
+    // Once the bad setting is gone, it streams again.
+    wait_for("ALTER SYSTEM reset", Duration::from_secs(20), || {
+        let dsn = dsn.clone();
+        async move {
+            psql(&dsn, "alter system reset primary_conninfo").ok()?;
+            psql(&dsn, "select pg_reload_conf()").ok()
+        }
+    })
+    .await;
+    c.wait_streaming(&leader, std::slice::from_ref(&replica), Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_to_named_member_and_old_primary_rejoins() {
     let c = Cluster::up(bin(), 3).await;
     let (old, term) = c.leader().await.expect("leader");
