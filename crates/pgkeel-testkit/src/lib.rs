@@ -553,6 +553,7 @@ pub fn assert_single_writer_term(old_term: u64, promoted_ms: u64, pinned: &Write
 /// recorded, so a test can check that none was lost.
 pub struct Writer {
     stop: Arc<AtomicBool>,
+    acked: Arc<std::sync::atomic::AtomicUsize>,
     handle: tokio::task::JoinHandle<WriterReport>,
 }
 
@@ -592,6 +593,8 @@ impl Writer {
     pub fn start_at(dsn: String, interval: Duration, id_base: i64) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = acked.clone();
         let handle = tokio::spawn(async move {
             let mut report = WriterReport::default();
             let mut client: Option<tokio_postgres::Client> = None;
@@ -620,6 +623,7 @@ impl Writer {
                 match ok {
                     Some(term) => {
                         report.acked.push(Ack { id, term, unix_ms: unix_ms() });
+                        count.store(report.acked.len(), Ordering::Relaxed);
                         report.longest_gap = report.longest_gap.max(last_ok.elapsed());
                         last_ok = Instant::now();
                     }
@@ -632,10 +636,15 @@ impl Writer {
             }
             report
         });
-        Writer { stop, handle }
+        Writer { stop, acked, handle }
     }
 
-    /// Acknowledged writes so far is not observable without stopping; stop and report.
+    /// How many writes were acknowledged so far.
+    pub fn acked_count(&self) -> usize {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Stop and report.
     pub async fn stop(self) -> WriterReport {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.await.expect("writer task")
