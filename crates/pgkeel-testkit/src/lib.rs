@@ -385,6 +385,38 @@ impl Cluster {
         psql(&self.node_dsn(node), &sql).expect("count missing rows").parse().expect("a number")
     }
 
+    /// Asynchronous replication may lose the commits the old primary acknowledged but had not
+    /// streamed yet when it died: assert that only writes acknowledged within `window` before
+    /// `killed_unix_ms` are missing from `node`, and return how many are.
+    pub fn assert_only_in_flight_lost(
+        &self,
+        node: &str,
+        report: &WriterReport,
+        killed_unix_ms: u64,
+        window: Duration,
+    ) -> usize {
+        let ids: Vec<String> = report.acked.iter().map(|a| a.id.to_string()).collect();
+        let sql = format!(
+            "select string_agg(a.id::text, ',') from unnest(array[{}]::bigint[]) a(id) where not exists (select 1 from acked where acked.id = a.id)",
+            ids.join(",")
+        );
+        let out = psql(&self.node_dsn(node), &sql).expect("list missing rows");
+        let missing: Vec<i64> = out.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+        let cutoff = killed_unix_ms.saturating_sub(window.as_millis() as u64);
+        let old: Vec<&Ack> = report.acked.iter().filter(|a| missing.contains(&a.id) && a.unix_ms < cutoff).collect();
+        assert!(
+            old.is_empty(),
+            "acknowledged writes older than {window:?} before the kill were lost (asynchronous replication only loses what was in flight): {old:?}"
+        );
+        if !missing.is_empty() {
+            eprintln!(
+                "{} acknowledged writes in flight at the kill were lost (asynchronous replication)",
+                missing.len()
+            );
+        }
+        missing.len()
+    }
+
     /// When `node` was promoted under `term` (unix ms), from the history.
     pub async fn promotion_time(&self, node: &str, term: u64) -> u64 {
         let hist = self.api(node, "GET", "/history", None, false).await.json().expect("history is JSON");

