@@ -1,6 +1,7 @@
 //! `pgkeel`: the one binary. This file is wiring only: parse arguments, set up logging, hand
 //! off to the agent, `up`, or an operator command.
 
+mod backup_cli;
 mod ctl;
 mod up;
 
@@ -18,7 +19,16 @@ struct Cli {
     #[arg(long, global = true, env = "PGKEEL_LOG", default_value = "info")]
     log_level: String,
     #[command(subcommand)]
-    command: Command,
+    command: TopCommand,
+}
+
+/// The HA commands and the backup commands (`wal`, `backup`, `restore`; see backup_cli.rs).
+#[derive(Subcommand, Debug)]
+enum TopCommand {
+    #[command(flatten)]
+    Core(Command),
+    #[command(flatten)]
+    Backup(backup_cli::Commands),
 }
 
 #[derive(Subcommand, Debug)]
@@ -224,7 +234,11 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    match cli.command {
+    let command = match cli.command {
+        TopCommand::Backup(c) => return backup_cli::run(c),
+        TopCommand::Core(c) => c,
+    };
+    match command {
         Command::Config { command: ConfigCommand::Show { target } } => {
             report(runtime().block_on(ctl::config_show(&target)))
         }

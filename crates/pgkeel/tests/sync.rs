@@ -188,7 +188,7 @@ async fn quorum_fails_over_to_the_most_advanced_voter_and_changes_configuration_
     // ... and when the old primary rejoins, the configuration grows through a joint key to
     // both voters, commits going on throughout.
     c.start_agent(&old);
-    let mut both = vec![old.clone(), other.clone()];
+    let mut both = [old.clone(), other.clone()];
     both.sort();
     wait_quorum_key(&c, &new, &format!("ANY 1 ({})", both.join(", "))).await;
     let report = writer.stop().await;

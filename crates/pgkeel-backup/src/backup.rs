@@ -1,0 +1,553 @@
+//! Base backups with the non-exclusive low-level API.
+//!
+//! 1. One session runs `pg_backup_start(label, fast => true)` and stays open (closing it
+//!    aborts the backup).
+//! 2. The data directory is copied file by file by `jobs` threads, each file compressed with
+//!    zstd and hashed (SHA-256 of the content as read). What postgres recreates or what
+//!    must not be restored is left out (see [`classify`]). `global/pg_control` is copied
+//!    last, after every other file: for a backup taken on a standby, recovery ends at the
+//!    minimum recovery point recorded in it, which must cover everything copied before.
+//! 3. `pg_backup_stop()` returns the stop LSN and the `backup_label` (and `tablespace_map`)
+//!    contents; on a primary it waits until the last WAL segment is archived.
+//! 4. The WAL from the start to the stop LSN must be in the archive (a standby does not
+//!    archive itself; its primary does): pgkeel waits for it up to `wal_wait`.
+//! 5. The manifest is written last. Until then the backup is incomplete and is never listed
+//!    as valid nor restored.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tracing::{info, warn};
+
+use crate::codec::compress_stream;
+use crate::manifest::{parse_backup_label, DirEntry, FileEntry, Manifest, FORMAT};
+use crate::parallel;
+use crate::repo::{check_label, Repo};
+use crate::storage::{WriteMode, WriteOutcome};
+use crate::timefmt::label_utc;
+use crate::walname::{valid_segment_size, SegmentName};
+
+/// How to reach the postgres server whose data directory is backed up.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Host name, address, or unix socket directory (an absolute path).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// A superuser (or a role allowed to run `pg_backup_start`/`pg_backup_stop` and read
+    /// `data_directory`).
+    pub user: String,
+    /// Database to connect to.
+    pub dbname: String,
+    /// Password, if the server asks for one.
+    pub password: Option<String>,
+}
+
+impl ConnectOptions {
+    fn config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        if self.host.starts_with('/') {
+            c.host_path(&self.host);
+        } else {
+            c.host(&self.host);
+        }
+        c.port(self.port).user(&self.user).dbname(&self.dbname).application_name("pgkeel_backup");
+        c.connect_timeout(Duration::from_secs(10));
+        if let Some(pw) = &self.password {
+            c.password(pw);
+        }
+        c
+    }
+}
+
+/// What to back up and how.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// The server's data directory (must be the server's `data_directory`).
+    pub pgdata: PathBuf,
+    /// Connection to that server (primary or standby).
+    pub conn: ConnectOptions,
+    /// Parallel copy threads (1 to 16).
+    pub jobs: usize,
+    /// How long to wait for `pg_backup_stop` and for the WAL the backup needs to be archived.
+    pub wal_wait: Duration,
+}
+
+/// What happens to one entry of the data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Copied (a file) or walked into (a directory).
+    Copy,
+    /// A directory that is recreated empty: its contents are left out.
+    EmptyDir,
+    /// Left out altogether.
+    Skip,
+}
+
+/// Directories whose contents are never copied (the directory itself is kept), as
+/// pg_basebackup does: WAL comes from the archive; the rest postgres recreates or resets at
+/// startup.
+pub const EMPTY_DIRS: &[&str] =
+    &["pg_wal", "pg_replslot", "pg_dynshmem", "pg_notify", "pg_serial", "pg_snapshots", "pg_stat_tmp", "pg_subtrans"];
+
+/// Top-level files never copied: the running server's, the non-exclusive backup's own
+/// outputs (written by restore from what `pg_backup_stop` returned), and signal files
+/// (restore writes `recovery.signal`; a standby's `standby.signal` must not turn a
+/// point-in-time restore into a replica).
+pub const SKIP_TOP_FILES: &[&str] = &[
+    "postmaster.pid",
+    "postmaster.opts",
+    "backup_label",
+    "backup_label.old",
+    "tablespace_map",
+    "tablespace_map.old",
+    "standby.signal",
+    "recovery.signal",
+    "recovery.conf",
+    "postgresql.auto.conf.tmp",
+    "current_logfiles.tmp",
+];
+
+/// Classifies an entry by its path relative to the data directory (`/`-separated).
+pub fn classify(rel: &str, is_dir: bool) -> Class {
+    let name = rel.rsplit('/').next().unwrap_or(rel);
+    let top = !rel.contains('/');
+    if name.starts_with("pgsql_tmp") || name == "pg_internal.init" || (name.starts_with('.') && name.ends_with("-tmp"))
+    {
+        return Class::Skip;
+    }
+    if is_dir {
+        if top && EMPTY_DIRS.contains(&name) {
+            return Class::EmptyDir;
+        }
+        return Class::Copy;
+    }
+    if top && SKIP_TOP_FILES.contains(&name) {
+        return Class::Skip;
+    }
+    Class::Copy
+}
+
+/// A file to copy.
+#[derive(Debug, Clone)]
+struct Job {
+    rel: String,
+    size: u64,
+    mode: u32,
+}
+
+/// Walks the data directory: the directories to recreate and the files to copy.
+fn walk(pgdata: &Path) -> anyhow::Result<(Vec<DirEntry>, Vec<Job>)> {
+    let mut dirs = Vec::new();
+    let mut files = Vec::new();
+    let mut stack: Vec<String> = vec![String::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let abs_dir = if rel_dir.is_empty() { pgdata.to_path_buf() } else { pgdata.join(&rel_dir) };
+        let entries = match fs::read_dir(&abs_dir) {
+            Ok(e) => e,
+            // Dropped while we walk (a database being dropped): WAL replay handles it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !rel_dir.is_empty() => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading directory {}", abs_dir.display())),
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("reading directory {}", abs_dir.display()))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                warn!(dir = %abs_dir.display(), name = ?name, "skipping a file whose name is not UTF-8");
+                continue;
+            };
+            let rel = if rel_dir.is_empty() { name.to_string() } else { format!("{rel_dir}/{name}") };
+            let meta = match fs::symlink_metadata(entry.path()) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("reading {}", entry.path().display())),
+            };
+            let ft = meta.file_type();
+            if ft.is_symlink() {
+                if rel_dir == "pg_tblspc" {
+                    bail!(
+                        "the cluster has a tablespace (pg_tblspc/{name}); tablespaces are not supported by pgkeel \
+                         backups yet"
+                    );
+                }
+                if rel == "pg_wal" {
+                    // A symlinked WAL directory: recreated as a plain (empty) directory.
+                    dirs.push(DirEntry { path: rel, mode: 0o700 });
+                    dirs.push(DirEntry { path: "pg_wal/archive_status".into(), mode: 0o700 });
+                    continue;
+                }
+                warn!(path = %entry.path().display(), "skipping a symbolic link");
+                continue;
+            }
+            let mode = meta.permissions().mode() & 0o7777;
+            if ft.is_dir() {
+                match classify(&rel, true) {
+                    Class::Skip => {}
+                    Class::EmptyDir => {
+                        dirs.push(DirEntry { path: rel.clone(), mode });
+                        if rel == "pg_wal" {
+                            dirs.push(DirEntry { path: "pg_wal/archive_status".into(), mode });
+                        }
+                    }
+                    Class::Copy => {
+                        dirs.push(DirEntry { path: rel.clone(), mode });
+                        stack.push(rel);
+                    }
+                }
+            } else if ft.is_file() {
+                if classify(&rel, false) == Class::Copy {
+                    files.push(Job { rel, size: meta.size(), mode });
+                }
+            } else {
+                warn!(path = %entry.path().display(), "skipping a special file");
+            }
+        }
+    }
+    dirs.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((dirs, files))
+}
+
+/// Copies one file into the backup; `None` when it vanished before it could be opened
+/// (WAL replay recreates or drops it).
+fn copy_file(repo: &Repo, label: &str, pgdata: &Path, job: &Job) -> anyhow::Result<Option<FileEntry>> {
+    let src = pgdata.join(&job.rel);
+    let mut f = match File::open(&src) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("opening {} (run the backup as root or as the user postgres runs as)", src.display())
+            })
+        }
+    };
+    let key = repo.backup_file_key(label, &job.rel);
+    let writer = repo.storage().create(&key).with_context(|| format!("creating {key}"))?;
+    let mut counting = CountingWriter { inner: writer, count: 0 };
+    let (size, sha256) =
+        compress_stream(&mut f, &mut counting).with_context(|| format!("copying {} to {key}", src.display()))?;
+    let stored_size = counting.count;
+    counting.inner.commit(WriteMode::Overwrite).with_context(|| format!("storing {key}"))?;
+    Ok(Some(FileEntry { path: job.rel.clone(), size, stored_size, sha256, mode: job.mode }))
+}
+
+struct CountingWriter<W> {
+    inner: W,
+    count: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Facts about the server gathered before the backup starts.
+struct ServerInfo {
+    version_num: u32,
+    in_recovery: bool,
+    system_identifier: String,
+    wal_segment_size: u64,
+    data_directory: String,
+    archive_mode: String,
+}
+
+async fn server_info(client: &tokio_postgres::Client) -> anyhow::Result<ServerInfo> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num'), pg_is_in_recovery(), \
+             (SELECT system_identifier::text FROM pg_control_system()), \
+             (SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'), \
+             current_setting('data_directory'), current_setting('archive_mode')",
+            &[],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("reading server settings: {}", pgkeel_pg::describe_sql_error(&e)))?;
+    let version: String = row.get(0);
+    let seg: String = row.get(3);
+    Ok(ServerInfo {
+        version_num: version.parse().with_context(|| format!("bad server_version_num {version:?}"))?,
+        in_recovery: row.get(1),
+        system_identifier: row.get(2),
+        wal_segment_size: seg.parse().with_context(|| format!("bad wal_segment_size {seg:?}"))?,
+        data_directory: row.get(4),
+        archive_mode: row.get(5),
+    })
+}
+
+fn sql_err(what: &str) -> impl Fn(tokio_postgres::Error) -> anyhow::Error + '_ {
+    move |e| anyhow::anyhow!("{what}: {}", pgkeel_pg::describe_sql_error(&e))
+}
+
+/// A free label for a backup starting now: `YYYYMMDDTHHMMSSZ`, with `-2`, `-3`... when taken.
+fn free_label(repo: &Repo, now_us: i64) -> anyhow::Result<String> {
+    let base = label_utc(now_us);
+    for n in 1..1000 {
+        let label = if n == 1 { base.clone() } else { format!("{base}-{n}") };
+        if !repo.storage().exists(&repo.backup_prefix(&label))? {
+            return Ok(label);
+        }
+    }
+    bail!("no free backup label for {base}")
+}
+
+/// Takes a base backup of a running server into `repo`; returns its manifest.
+pub async fn create_backup(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<Manifest> {
+    repo.check()?;
+    let jobs = opts.jobs.clamp(1, 16);
+    let pgdata = fs::canonicalize(&opts.pgdata)
+        .with_context(|| format!("data directory {}: cannot resolve it", opts.pgdata.display()))?;
+    let (client, connection) = opts.conn.config().connect(tokio_postgres::NoTls).await.map_err(|e| {
+        anyhow::anyhow!(
+            "connecting to postgres at {}:{} as {}: {}",
+            opts.conn.host,
+            opts.conn.port,
+            opts.conn.user,
+            pgkeel_pg::describe_sql_error(&e)
+        )
+    })?;
+    let conn_task = tokio::spawn(connection);
+    let result = run_backup(repo, opts, &client, &pgdata, jobs).await;
+    // Not awaited: after a timeout a query is still pending and the connection would wait
+    // for its answer forever. Closing the session aborts a backup still in progress.
+    conn_task.abort();
+    drop(client);
+    result
+}
+
+async fn run_backup(
+    repo: &Repo,
+    opts: &BackupOptions,
+    client: &tokio_postgres::Client,
+    pgdata: &Path,
+    jobs: usize,
+) -> anyhow::Result<Manifest> {
+    let info = server_info(client).await?;
+    if info.version_num < 130000 {
+        bail!("postgres {} is too old: pgkeel backups need PostgreSQL 13 or newer", info.version_num);
+    }
+    let server_dir = fs::canonicalize(&info.data_directory).unwrap_or_else(|_| PathBuf::from(&info.data_directory));
+    if server_dir != pgdata {
+        bail!(
+            "the server's data_directory is {}, not {}: pass the data directory of the server you connect to",
+            info.data_directory,
+            pgdata.display()
+        );
+    }
+    if !valid_segment_size(info.wal_segment_size) {
+        bail!("unexpected wal_segment_size {}", info.wal_segment_size);
+    }
+    if !info.in_recovery && info.archive_mode == "off" {
+        bail!(
+            "archive_mode is off on this primary: the backup would be unrestorable without its WAL. Set \
+             archive_mode = on and archive_command = '<pgkeel> wal push --repo ... --cluster ... %p', restart, then \
+             back up"
+        );
+    }
+    let v15 = info.version_num >= 150000;
+
+    let row = client
+        .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8", &[])
+        .await
+        .map_err(sql_err("reading the server clock"))?;
+    let label = free_label(repo, row.get(0))?;
+    check_label(&label)?;
+    info!(label = %label, standby = info.in_recovery, jobs, "starting backup");
+
+    let start_sql =
+        if v15 { "SELECT pg_backup_start($1, true)::text" } else { "SELECT pg_start_backup($1, true, false)::text" };
+    let pg_label = format!("pgkeel {label}");
+    client.query_one(start_sql, &[&pg_label]).await.map_err(sql_err("pg_backup_start"))?;
+    let row = client
+        .query_one(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8, \
+             pg_snapshot_xmin(pg_current_snapshot())::text",
+            &[],
+        )
+        .await
+        .map_err(sql_err("reading the start time and snapshot"))?;
+    let start_time_us: i64 = row.get(0);
+    let xmin_text: String = row.get(1);
+    let start_xmin: u64 = xmin_text.parse().with_context(|| format!("bad snapshot xmin {xmin_text:?}"))?;
+
+    // Copy while the session holds the backup open.
+    let (dirs, files) = {
+        let repo = repo.clone();
+        let pgdata = pgdata.to_path_buf();
+        let label = label.clone();
+        tokio::task::spawn_blocking(move || copy_all(&repo, &label, &pgdata, jobs))
+            .await
+            .context("the copy task panicked")??
+    };
+
+    let stop_sql = if v15 {
+        "SELECT lsn::text, labelfile, coalesce(spcmapfile, '') FROM pg_backup_stop(true)"
+    } else {
+        "SELECT lsn::text, labelfile, coalesce(spcmapfile, '') FROM pg_stop_backup(false, true)"
+    };
+    let row = tokio::time::timeout(opts.wal_wait, client.query_one(stop_sql, &[]))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "pg_backup_stop did not return within {:?}: it waits until the last WAL segment is archived. Check \
+                 that archive_command works (the server log says why it fails)",
+                opts.wal_wait
+            )
+        })?
+        .map_err(sql_err("pg_backup_stop"))?;
+    let stop_lsn: String = row.get(0);
+    let backup_label: String = row.get(1);
+    let tablespace_map: String = row.get(2);
+    let row = client
+        .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8", &[])
+        .await
+        .map_err(sql_err("reading the server clock"))?;
+    let stop_time_us: i64 = row.get(0);
+    let (start_lsn, start_timeline) = parse_backup_label(&backup_label).map_err(anyhow::Error::msg)?;
+
+    let manifest = Manifest {
+        format: FORMAT,
+        label: label.clone(),
+        cluster: repo.cluster().to_string(),
+        system_identifier: info.system_identifier,
+        server_version_num: info.version_num,
+        from_standby: info.in_recovery,
+        pgkeel_version: env!("CARGO_PKG_VERSION").to_string(),
+        start_time_us,
+        stop_time_us,
+        start_lsn: pgkeel_pg::lsn::format_lsn(start_lsn),
+        stop_lsn,
+        start_timeline,
+        wal_segment_size: info.wal_segment_size,
+        start_xmin,
+        backup_label,
+        tablespace_map,
+        directories: dirs,
+        files,
+    };
+    wait_for_wal(repo, &manifest, opts.wal_wait).await?;
+
+    let key = repo.manifest_key(&label);
+    let text = serde_json::to_vec_pretty(&manifest).context("serializing the manifest")?;
+    let outcome = repo.storage().write(&key, &text, WriteMode::NoClobber).with_context(|| format!("writing {key}"))?;
+    if outcome == WriteOutcome::Exists {
+        bail!("{key} already exists: another backup used the label {label}");
+    }
+    info!(label = %label, files = manifest.files.len(), bytes = manifest.total_size(), "backup complete");
+    Ok(manifest)
+}
+
+fn copy_all(repo: &Repo, label: &str, pgdata: &Path, jobs: usize) -> anyhow::Result<(Vec<DirEntry>, Vec<FileEntry>)> {
+    let (dirs, mut files) = walk(pgdata)?;
+    let control = "global/pg_control";
+    let control_job = files.iter().position(|f| f.rel == control).map(|i| files.remove(i));
+    let Some(control_job) = control_job else {
+        bail!("{} has no {control}: is it a data directory?", pgdata.display());
+    };
+    // Largest first, so one big file does not finish last on a single thread.
+    files.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.rel.cmp(&b.rel)));
+    let started = Instant::now();
+    let copied = parallel::try_for_each(&files, jobs, |job| copy_file(repo, label, pgdata, job))?;
+    let mut entries: Vec<FileEntry> = copied.into_iter().flatten().collect();
+    // pg_control last (see the module doc).
+    let control_entry = copy_file(repo, label, pgdata, &control_job)?
+        .with_context(|| format!("{control} vanished during the backup"))?;
+    entries.push(control_entry);
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    info!(files = entries.len(), secs = started.elapsed().as_secs_f64(), "data files copied");
+    Ok((dirs, entries))
+}
+
+/// Waits until every WAL segment from the backup's start to its stop is archived.
+async fn wait_for_wal(repo: &Repo, m: &Manifest, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    let segnos = m.required_segnos().map_err(anyhow::Error::msg)?;
+    for segno in segnos {
+        loop {
+            if repo.find_segment(segno, m.wal_segment_size, m.start_timeline)?.is_some() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let name = SegmentName::from_segno(m.start_timeline, segno, m.wal_segment_size);
+                let hint = if m.from_standby {
+                    "the backup was taken on a standby, whose primary archives the WAL: run SELECT pg_switch_wal() on \
+                     the primary, or wait for archive_timeout, then take the backup again"
+                } else {
+                    "check that archive_command works (the server log says why it fails)"
+                };
+                bail!(
+                    "WAL segment {name} (needed to restore backup {}) did not reach the archive within {limit:?}; {hint}. \
+                     The backup was not marked complete",
+                    m.label
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        assert_eq!(classify("pg_wal", true), Class::EmptyDir);
+        assert_eq!(classify("pg_replslot", true), Class::EmptyDir);
+        assert_eq!(classify("pg_stat_tmp", true), Class::EmptyDir);
+        assert_eq!(classify("base", true), Class::Copy);
+        assert_eq!(classify("base/1/pgsql_tmp", true), Class::Skip);
+        assert_eq!(classify("base/pgsql_tmp", true), Class::Skip);
+        assert_eq!(classify("base/16384/pgsql_tmp123.4", false), Class::Skip);
+        assert_eq!(classify("global/pg_internal.init", false), Class::Skip);
+        assert_eq!(classify("base/1/pg_internal.init", false), Class::Skip);
+        for f in ["postmaster.pid", "postmaster.opts", "backup_label", "tablespace_map", "standby.signal"] {
+            assert_eq!(classify(f, false), Class::Skip, "{f}");
+        }
+        assert_eq!(classify(".pgkeel.conf.pgkeel-tmp", false), Class::Skip);
+        assert_eq!(classify("base/1/postmaster.pid", false), Class::Copy, "only top-level names are special");
+        assert_eq!(classify("pg_wal", false), Class::Copy);
+        assert_eq!(classify("global/pg_control", false), Class::Copy);
+        assert_eq!(classify("postgresql.auto.conf", false), Class::Copy);
+        assert_eq!(classify("pgkeel.conf", false), Class::Copy);
+    }
+
+    #[test]
+    fn walk_a_fake_data_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        for dir in ["base/1", "global", "pg_wal/archive_status", "pg_replslot/s1", "pg_tblspc", "base/pgsql_tmp"] {
+            fs::create_dir_all(d.join(dir)).unwrap();
+        }
+        for f in [
+            "PG_VERSION",
+            "base/1/1259",
+            "global/pg_control",
+            "pg_wal/000000010000000000000001",
+            "pg_replslot/s1/state",
+            "postmaster.pid",
+            "base/pgsql_tmp/pgsql_tmp1.0",
+        ] {
+            fs::write(d.join(f), f).unwrap();
+        }
+        let (dirs, files) = walk(d).unwrap();
+        let dirs: Vec<&str> = dirs.iter().map(|x| x.path.as_str()).collect();
+        assert_eq!(dirs, ["base", "base/1", "global", "pg_replslot", "pg_tblspc", "pg_wal", "pg_wal/archive_status"]);
+        let mut files: Vec<&str> = files.iter().map(|x| x.rel.as_str()).collect();
+        files.sort();
+        assert_eq!(files, ["PG_VERSION", "base/1/1259", "global/pg_control"]);
+
+        std::os::unix::fs::symlink(tmp.path(), d.join("pg_tblspc/16400")).unwrap();
+        let err = walk(d).unwrap_err().to_string();
+        assert!(err.contains("tablespace"), "{err}");
+    }
+}

@@ -1,0 +1,448 @@
+//! `pgkeel wal push|fetch`, `pgkeel backup create|list|verify` and `pgkeel restore`: argument
+//! parsing and output; the work is done by the `pgkeel-backup` crate.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{ArgGroup, Args, Subcommand};
+use pgkeel_backup::restore::Target;
+use pgkeel_backup::timefmt::{format_utc, parse_timestamp};
+use pgkeel_backup::{FetchOutcome, PushOutcome, Repo};
+use serde_json::json;
+
+/// The backup commands, flattened into the top-level command list.
+#[derive(Subcommand, Debug)]
+pub enum Commands {
+    /// The WAL archive: archive_command and restore_command.
+    Wal {
+        #[command(subcommand)]
+        command: WalCommand,
+    },
+    /// Base backups: create, list, verify.
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
+    /// Restore a backup into a new data directory and configure point-in-time recovery.
+    Restore(RestoreArgs),
+}
+
+/// Runs a backup command; returns the process exit code.
+pub fn run(cmd: Commands) -> ExitCode {
+    match cmd {
+        Commands::Wal { command } => wal(command),
+        Commands::Backup { command } => crate::report(backup(command)),
+        Commands::Restore(args) => crate::report(restore(args)),
+    }
+}
+
+/// Which repository and cluster.
+#[derive(Args, Debug, Clone)]
+pub struct RepoArgs {
+    /// Repository directory. It must exist and be writable by the OS user postgres runs as
+    /// (archive_command runs as that user).
+    #[arg(long, env = "PGKEEL_REPO", value_name = "DIR")]
+    pub repo: Option<PathBuf>,
+    /// Cluster name in the repository (default: `cluster` from --config).
+    #[arg(long, value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// A node.toml: gives the cluster name (and, for `backup create`, the data directory and
+    /// how to connect).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// `pgkeel wal ...`
+#[derive(Subcommand, Debug)]
+pub enum WalCommand {
+    /// Archive one WAL file; use as `archive_command = 'pgkeel wal push --repo DIR --cluster NAME %p'`.
+    /// Already archived with the same content: success. With different content: failure, and
+    /// the archived copy is kept.
+    Push {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// The file to archive (`%p`).
+        path: PathBuf,
+    },
+    /// Restore one archived WAL file; use as
+    /// `restore_command = 'pgkeel wal fetch --repo DIR --cluster NAME %f %p'`.
+    /// Exit 1: not in the archive. Exit 200: in the archive but unusable (corrupt, I/O error),
+    /// which makes postgres stop recovery instead of ending it early.
+    Fetch {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// The archived file's name (`%f`).
+        name: String,
+        /// Where to write it (`%p`).
+        path: PathBuf,
+    },
+}
+
+/// How `backup create` reaches postgres.
+#[derive(Args, Debug, Clone)]
+pub struct ConnArgs {
+    /// The server's data directory (default: `data_dir` from --config).
+    #[arg(long, value_name = "DIR")]
+    pub pgdata: Option<PathBuf>,
+    /// Host name or unix socket directory (default: from --config, else PGHOST, else
+    /// /var/run/postgresql).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port (default: from --config, else PGPORT, else 5432).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Superuser to connect as (default: from --config, else PGUSER, else postgres).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Database to connect to.
+    #[arg(long, default_value = "postgres")]
+    pub dbname: String,
+}
+
+/// `pgkeel backup ...`
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Take a full base backup of a running server (a primary or a standby; a standby spares
+    /// the primary the reads). Password, if needed: PGPASSWORD.
+    Create {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Parallel copy threads.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+        jobs: u16,
+        /// Seconds to wait for pg_backup_stop and for the backup's WAL to reach the archive.
+        #[arg(long, default_value_t = 300)]
+        wal_wait: u64,
+    },
+    /// List the backups (complete and incomplete).
+    List {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read every file of a backup and check it against the manifest, and check the WAL
+    /// it needs is archived and intact. Exit 1 naming each damaged or missing file.
+    Verify {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// The backup's label (see `backup list`).
+        label: String,
+        /// Parallel threads.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+        jobs: u16,
+    },
+}
+
+/// `pgkeel restore`
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("target").required(true).multiple(false)
+    .args(["target_time", "target_lsn", "target_xid", "target_name", "latest"])))]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The new data directory (absent or empty).
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    /// The backup to restore (default: the newest that ends before the target).
+    #[arg(long, value_name = "LABEL")]
+    pub backup: Option<String>,
+    /// Recover up to this time, with a UTC offset, e.g. "2024-05-01 12:30:00+00".
+    #[arg(long, value_name = "TIME")]
+    pub target_time: Option<String>,
+    /// Recover up to this LSN, e.g. 0/3000148.
+    #[arg(long, value_name = "LSN")]
+    pub target_lsn: Option<String>,
+    /// Recover up to the commit of this transaction id.
+    #[arg(long, value_name = "XID")]
+    pub target_xid: Option<u64>,
+    /// Recover up to this named restore point (pg_create_restore_point).
+    #[arg(long, value_name = "NAME")]
+    pub target_name: Option<String>,
+    /// Recover all the archived WAL.
+    #[arg(long)]
+    pub latest: bool,
+    /// When run as root: the OS user postgres will run as, who gets the restored files.
+    #[arg(long, default_value = "postgres")]
+    pub os_user: String,
+    /// Parallel threads.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub jobs: u16,
+}
+
+/// The repository and, when --config was given, the node's configuration.
+fn open_repo(args: &RepoArgs) -> anyhow::Result<(Repo, PathBuf, Option<pgkeel_config::NodeConfig>)> {
+    let config = match &args.config {
+        Some(path) => Some(pgkeel_config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?),
+        None => None,
+    };
+    let Some(root) = &args.repo else {
+        bail!("say where the repository is: --repo DIR (or PGKEEL_REPO)");
+    };
+    let cluster = match (&args.cluster, &config) {
+        (Some(c), _) => c.clone(),
+        (None, Some(cfg)) => cfg.cluster.clone(),
+        (None, None) => bail!("say which cluster: --cluster NAME, or --config node.toml"),
+    };
+    let root = std::path::absolute(root).unwrap_or_else(|_| root.clone());
+    Ok((Repo::local(&root, &cluster)?, root, config))
+}
+
+/// Runs `pgkeel wal push|fetch` and returns the exit code postgres expects.
+pub fn wal(cmd: WalCommand) -> ExitCode {
+    match cmd {
+        WalCommand::Push { repo, path } => {
+            let result = open_repo(&repo).and_then(|(r, _, _)| r.push_wal(&path));
+            match result {
+                Ok(PushOutcome::Stored) => ExitCode::SUCCESS,
+                Ok(PushOutcome::AlreadyArchived) => {
+                    eprintln!("pgkeel: {} was already archived with identical content", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: wal push {}: {e:#}", path.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        WalCommand::Fetch { repo, name, path } => {
+            let result = open_repo(&repo).and_then(|(r, _, _)| r.fetch_wal(&name, &path));
+            match result {
+                Ok(FetchOutcome::Restored) => ExitCode::SUCCESS,
+                Ok(FetchOutcome::Missing) => {
+                    eprintln!("pgkeel: {name} is not in the archive");
+                    ExitCode::from(pgkeel_backup::EXIT_FETCH_MISSING)
+                }
+                Err(e) => {
+                    eprintln!("error: wal fetch {name}: {e:#}");
+                    ExitCode::from(pgkeel_backup::EXIT_FETCH_ABORT)
+                }
+            }
+        }
+    }
+}
+
+/// Runs `pgkeel backup ...`.
+pub fn backup(cmd: BackupCommand) -> anyhow::Result<()> {
+    match cmd {
+        BackupCommand::Create { repo, conn, jobs, wal_wait } => {
+            let (repo, _, config) = open_repo(&repo)?;
+            let opts = backup_options(&conn, config.as_ref(), jobs, wal_wait)?;
+            let m = crate::runtime().block_on(pgkeel_backup::create_backup(&repo, &opts))?;
+            println!(
+                "backup {} complete: {} files, {} ({} stored), WAL {} to {} on timeline {}{}",
+                m.label,
+                m.files.len(),
+                human_bytes(m.total_size()),
+                human_bytes(m.stored_size()),
+                m.start_lsn,
+                m.stop_lsn,
+                m.start_timeline,
+                if m.from_standby { ", taken on a standby" } else { "" }
+            );
+            Ok(())
+        }
+        BackupCommand::List { repo, json } => {
+            let (repo, _, _) = open_repo(&repo)?;
+            repo.check()?;
+            list(&repo, json)
+        }
+        BackupCommand::Verify { repo, label, jobs } => {
+            let (repo, _, _) = open_repo(&repo)?;
+            let report = pgkeel_backup::verify_backup(&repo, &label, usize::from(jobs))?;
+            if report.problems.is_empty() {
+                println!(
+                    "backup {label}: OK ({} files and {} WAL segments verified)",
+                    report.files_checked, report.wal_checked
+                );
+                return Ok(());
+            }
+            for p in &report.problems {
+                println!("{p}");
+            }
+            bail!("backup {label} is damaged: {} problem(s), listed above", report.problems.len())
+        }
+    }
+}
+
+fn backup_options(
+    conn: &ConnArgs,
+    config: Option<&pgkeel_config::NodeConfig>,
+    jobs: u16,
+    wal_wait: u64,
+) -> anyhow::Result<pgkeel_backup::BackupOptions> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let pgdata = match (&conn.pgdata, config) {
+        (Some(p), _) => p.clone(),
+        (None, Some(c)) => c.data_dir.clone(),
+        (None, None) => bail!("say which data directory to back up: --pgdata DIR (or --config node.toml)"),
+    };
+    // The agent's socket directory is `run` next to the data directory.
+    let config_socket = config.and_then(|c| c.data_dir.parent().map(|p| p.join("run").display().to_string()));
+    let config_port = config.and_then(|c| c.postgres.listen.rsplit_once(':').and_then(|(_, p)| p.parse().ok()));
+    let host = conn.host.clone().or(config_socket).or_else(|| env("PGHOST")).unwrap_or("/var/run/postgresql".into());
+    let port = match conn.port.or(config_port) {
+        Some(p) => p,
+        None => match env("PGPORT") {
+            Some(p) => p.parse().with_context(|| format!("PGPORT={p:?} is not a port"))?,
+            None => 5432,
+        },
+    };
+    let user = conn
+        .user
+        .clone()
+        .or_else(|| config.map(|c| c.postgres.superuser.username.clone()))
+        .or_else(|| env("PGUSER"))
+        .unwrap_or("postgres".into());
+    let password = env("PGPASSWORD").or_else(|| config.and_then(|c| c.postgres.superuser.password.clone()));
+    let host = if host.starts_with('/') { host } else { host.trim().to_string() };
+    Ok(pgkeel_backup::BackupOptions {
+        pgdata,
+        conn: pgkeel_backup::ConnectOptions { host, port, user, dbname: conn.dbname.clone(), password },
+        jobs: usize::from(jobs),
+        wal_wait: Duration::from_secs(wal_wait.max(1)),
+    })
+}
+
+fn list(repo: &Repo, json: bool) -> anyhow::Result<()> {
+    let entries = repo.list_backups()?;
+    if json {
+        let v: Vec<_> = entries
+            .iter()
+            .map(|e| match &e.manifest {
+                Some(m) => json!({
+                    "label": e.label,
+                    "status": "complete",
+                    "start_time": format_utc(m.start_time_us),
+                    "stop_time": format_utc(m.stop_time_us),
+                    "start_lsn": m.start_lsn,
+                    "stop_lsn": m.stop_lsn,
+                    "timeline": m.start_timeline,
+                    "from_standby": m.from_standby,
+                    "system_identifier": m.system_identifier,
+                    "server_version_num": m.server_version_num,
+                    "files": m.files.len(),
+                    "size": m.total_size(),
+                    "stored_size": m.stored_size(),
+                }),
+                None => json!({ "label": e.label, "status": "incomplete", "problem": e.problem }),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if entries.is_empty() {
+        println!("no backups of cluster {} in {}", repo.cluster(), repo.storage().describe());
+        return Ok(());
+    }
+    let mut rows = vec![[
+        "Label".to_string(),
+        "Status".into(),
+        "Stop time (UTC)".into(),
+        "Start LSN".into(),
+        "Stop LSN".into(),
+        "TL".into(),
+        "From".into(),
+        "Size".into(),
+        "Stored".into(),
+    ]];
+    for e in &entries {
+        rows.push(match &e.manifest {
+            Some(m) => [
+                e.label.clone(),
+                "complete".into(),
+                format_utc(m.stop_time_us).trim_end_matches("+00").chars().take(19).collect(),
+                m.start_lsn.clone(),
+                m.stop_lsn.clone(),
+                m.start_timeline.to_string(),
+                if m.from_standby { "standby" } else { "primary" }.into(),
+                human_bytes(m.total_size()),
+                human_bytes(m.stored_size()),
+            ],
+            None => [
+                e.label.clone(),
+                "incomplete".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ],
+        });
+    }
+    let widths: Vec<usize> = (0..9).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    for r in &rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+/// Runs `pgkeel restore`.
+pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let (repo, root, _) = open_repo(&args.repo)?;
+    let target = if let Some(t) = &args.target_time {
+        Target::Time(parse_timestamp(t).map_err(anyhow::Error::msg)?)
+    } else if let Some(l) = &args.target_lsn {
+        Target::Lsn(pgkeel_pg::lsn::parse_lsn(l).with_context(|| format!("bad LSN {l:?}: write it like 0/3000148"))?)
+    } else if let Some(x) = args.target_xid {
+        Target::Xid(x)
+    } else if let Some(n) = &args.target_name {
+        Target::Name(n.clone())
+    } else {
+        Target::Latest
+    };
+    let exe = std::env::current_exe().context("finding the path of this pgkeel binary for restore_command")?;
+    let run_as = pgkeel_pg::user::run_as_for(&args.os_user)?;
+    let opts = pgkeel_backup::RestoreOptions {
+        to: args.to.clone(),
+        label: args.backup.clone(),
+        target: target.clone(),
+        restore_command: pgkeel_backup::restore_command(&exe, &root, repo.cluster()),
+        run_as,
+        jobs: usize::from(args.jobs),
+    };
+    let m = pgkeel_backup::restore(&repo, &opts)?;
+    let to = std::path::absolute(&args.to).unwrap_or(args.to.clone());
+    let goal = match target.setting() {
+        None => "replay all the archived WAL".to_string(),
+        Some((name, value)) => format!("replay the archived WAL up to {name} = '{value}'"),
+    };
+    println!(
+        "restored backup {} ({} files, ended {}) into {}\n\
+         Start postgres on it (e.g. pg_ctl -D {} start, as the postgres OS user): it will {goal}, then promote.\n\
+         Check its port and archive settings first if the original server still runs on this machine.",
+        m.label,
+        m.files.len(),
+        format_utc(m.stop_time_us),
+        to.display(),
+        shell_path(&to),
+    );
+    Ok(())
+}
+
+fn shell_path(p: &Path) -> String {
+    pgkeel_backup::shell_quote(&p.to_string_lossy())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,447 @@
+//! Backups end to end with the real `pgkeel` binary and real postgres servers: the WAL
+//! archive as archive_command/restore_command, `backup create|list|verify`, and
+//! point-in-time restore. Each test works in its own temp directory on free ports and stops
+//! every server it started, even when it panics.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pgkeel_backup::walname::WalFile;
+use pgkeel_backup::Repo;
+use pgkeel_pg::conf::ManagedConf;
+use pgkeel_pg::control::Instance;
+use pgkeel_pg::{binaries::PgBinaries, user::run_as_for};
+use pgkeel_testkit::wait_for;
+
+const T: Duration = Duration::from_secs(60);
+const CLUSTER: &str = "bk";
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pgkeel"))
+}
+
+fn pgkeel(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).stdin(Stdio::null()).output().expect("run pgkeel")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn tempdir() -> tempfile::TempDir {
+    let tmp = tempfile::Builder::new().prefix("pgkeel-backup-test-").tempdir().unwrap();
+    // The postgres OS user must be able to traverse into it.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    tmp
+}
+
+/// A repository directory owned by the user postgres runs as (archive_command runs as it).
+fn repo_dir(root: &Path) -> PathBuf {
+    let dir = root.join("repo");
+    pgkeel_pg::user::prepare_dir(&dir, 0o700, run_as_for("postgres").unwrap().as_ref()).unwrap();
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn instance(root: &Path, name: &str) -> Instance {
+    let dir = root.join(name);
+    Instance {
+        bins: PgBinaries::discover(None).unwrap(),
+        data_dir: dir.join("data"),
+        run_as: run_as_for("postgres").unwrap(),
+        log_file: dir.join("postgres.log"),
+        socket_dir: dir.join("sock"),
+        port: free_port(),
+        superuser: "postgres".into(),
+    }
+}
+
+fn conf(inst: &Instance, archive_command: Option<&str>) -> ManagedConf {
+    let mut parameters = BTreeMap::new();
+    parameters.insert("shared_buffers".to_string(), "32MB".to_string());
+    parameters.insert("max_connections".to_string(), "20".to_string());
+    parameters.insert("fsync".to_string(), "off".to_string());
+    match archive_command {
+        Some(cmd) => {
+            parameters.insert("archive_mode".to_string(), "on".to_string());
+            parameters.insert("archive_command".to_string(), cmd.to_string());
+        }
+        None => {
+            parameters.insert("archive_mode".to_string(), "off".to_string());
+        }
+    }
+    ManagedConf {
+        listen_host: "127.0.0.1".into(),
+        port: inst.port,
+        socket_dir: inst.socket_dir.clone(),
+        cluster_name: "pgkeel-backup-test".into(),
+        term: 1,
+        primary_conninfo: None,
+        primary_slot_name: None,
+        synchronous_standby_names: String::new(),
+        parameters,
+    }
+}
+
+/// Stops the server when dropped (also on panic), and prints its log when the test failed.
+struct StopOnDrop(Instance);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let inst = &self.0;
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&inst.log_file).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- last lines of {} ---\n{}",
+                inst.log_file.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        if inst.postmaster_pid().is_none() {
+            return;
+        }
+        let mut cmd = Command::new(inst.bins.path("pg_ctl"));
+        cmd.args(["stop", "-m", "immediate", "-w", "-t", "10", "-D"]).arg(&inst.data_dir).current_dir("/");
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        if let Some(r) = &inst.run_as {
+            cmd.uid(r.uid).gid(r.gid);
+        }
+        let _ = cmd.status();
+        if let Some(pid) = inst.postmaster_pid() {
+            // SAFETY: plain kill(2) on a pid read from postmaster.pid.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+async fn start_archiving_primary(inst: &Instance, repo: &Path) -> StopOnDrop {
+    inst.initdb("pw").await.unwrap();
+    let archive = pgkeel_backup::archive_command(&bin(), repo, CLUSTER);
+    inst.write_conf(&conf(inst, Some(&archive))).unwrap();
+    inst.write_hba("replicator").unwrap();
+    inst.start(T).await.unwrap();
+    StopOnDrop(inst.clone())
+}
+
+/// Switches to a new WAL segment and waits until the finished one is in the archive.
+async fn switch_and_wait_archived(client: &tokio_postgres::Client, repo: &Repo) {
+    let row = client.query_one("SELECT pg_walfile_name(pg_switch_wal())", &[]).await.unwrap();
+    let name: String = row.get(0);
+    let file = WalFile::parse(&name).unwrap();
+    let key = repo.wal_key(&file);
+    wait_for(&format!("{name} archived"), T, || async { repo.storage().exists(&key).unwrap().then_some(()) }).await;
+}
+
+/// Restores with `pgkeel restore ARGS`, starts postgres on it, waits until it is promoted,
+/// and returns the ids in table t.
+async fn restore_and_read(tmp: &Path, name: &str, repo: &Path, target_args: &[&str]) -> (Vec<i32>, StopOnDrop) {
+    let inst = instance(tmp, name);
+    let to = inst.data_dir.display().to_string();
+    let repo = repo.display().to_string();
+    let mut args = vec!["restore", "--repo", &repo, "--cluster", CLUSTER, "--to", &to];
+    args.extend(target_args);
+    let out = pgkeel(&args);
+    assert!(out.status.success(), "pgkeel restore failed: {}", text(&out));
+    assert!(text(&out).contains("restored backup"), "{}", text(&out));
+    assert!(inst.data_dir.join("recovery.signal").exists());
+    assert!(inst.data_dir.join("backup_label").exists());
+    // Its own port and socket, and no archiving into the test repository.
+    inst.write_conf(&conf(&inst, None)).unwrap();
+    inst.start(T).await.unwrap();
+    let guard = StopOnDrop(inst.clone());
+    let client = inst.connect(T).await.unwrap();
+    wait_for("the restored server to finish recovery and promote", T, || async {
+        let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await.ok()?;
+        (!row.get::<_, bool>(0)).then_some(())
+    })
+    .await;
+    let rows = client.query("SELECT id FROM t ORDER BY id", &[]).await.unwrap();
+    (rows.iter().map(|r| r.get(0)).collect(), guard)
+}
+
+#[test]
+fn wal_push_and_fetch_exit_codes() {
+    let tmp = tempdir();
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    let repo_s = repo.display().to_string();
+    let pg_wal = tmp.path().join("pg_wal");
+    std::fs::create_dir(&pg_wal).unwrap();
+    let name = "000000010000000000000007";
+    let seg = pg_wal.join(name);
+    std::fs::write(&seg, vec![1u8; 1 << 20]).unwrap();
+    let seg_s = seg.display().to_string();
+    let push = |p: &str| pgkeel(&["wal", "push", "--repo", &repo_s, "--cluster", CLUSTER, p]);
+
+    let out = push(&seg_s);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).is_empty(), "a push prints nothing: {}", text(&out));
+    let out = push(&seg_s);
+    assert!(out.status.success(), "same content again is fine: {}", text(&out));
+    assert!(text(&out).contains("already archived with identical content"), "{}", text(&out));
+
+    let archived = repo.join(CLUSTER).join("wal/0000000100000000").join(format!("{name}.zst"));
+    let before = std::fs::read(&archived).unwrap();
+    std::fs::write(&seg, vec![2u8; 1 << 20]).unwrap();
+    let out = push(&seg_s);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let msg = text(&out);
+    assert!(msg.contains(name) && msg.contains("different content"), "{msg}");
+    let sha = |b: u8| pgkeel_backup::codec::sha256_hex(&vec![b; 1 << 20]);
+    assert!(msg.contains(&sha(1)) && msg.contains(&sha(2)), "names both checksums: {msg}");
+    assert_eq!(std::fs::read(&archived).unwrap(), before, "the archived copy is untouched");
+
+    // Fetch: restored content is the original one.
+    let dest = tmp.path().join("RECOVERYXLOG");
+    let dest_s = dest.display().to_string();
+    let fetch = |n: &str| pgkeel(&["wal", "fetch", "--repo", &repo_s, "--cluster", CLUSTER, n, &dest_s]);
+    let out = fetch(name);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::read(&dest).unwrap(), vec![1u8; 1 << 20]);
+    std::fs::remove_file(&dest).unwrap();
+
+    // Missing: exit 1, one line.
+    for missing in ["000000010000000000000008", "00000002.history"] {
+        let out = fetch(missing);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert_eq!(text(&out).lines().count(), 1, "{}", text(&out));
+        assert!(!dest.exists());
+    }
+
+    // Corrupt: exit > 125 (postgres aborts recovery), naming the file; nothing written.
+    let mut bytes = before.clone();
+    let n = bytes.len();
+    bytes[n - 20] ^= 0xff;
+    std::fs::write(&archived, &bytes).unwrap();
+    let out = fetch(name);
+    assert_eq!(out.status.code(), Some(i32::from(pgkeel_backup::EXIT_FETCH_ABORT)), "{}", text(&out));
+    assert!(text(&out).contains(name) && text(&out).contains("corrupt"), "{}", text(&out));
+    assert!(!dest.exists());
+
+    // A missing repository is an error, not "missing file".
+    let out = pgkeel(&["wal", "fetch", "--repo", "/nonexistent/repo", "--cluster", CLUSTER, name, &dest_s]);
+    assert_eq!(out.status.code(), Some(i32::from(pgkeel_backup::EXIT_FETCH_ABORT)), "{}", text(&out));
+    let out = pgkeel(&["wal", "push", "--repo", &repo_s, &seg_s]);
+    assert!(!out.status.success() && text(&out).contains("--cluster"), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_restore_end_to_end() {
+    let started = Instant::now();
+    let tmp = tempdir();
+    let repo_path = repo_dir(tmp.path());
+    let repo_s = repo_path.display().to_string();
+    let repo = Repo::local(&repo_path, CLUSTER).unwrap();
+    let primary = instance(tmp.path(), "primary");
+    let _g = start_archiving_primary(&primary, &repo_path).await;
+    let client = primary.connect(T).await.unwrap();
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, ts timestamptz NOT NULL DEFAULT clock_timestamp())")
+        .await
+        .unwrap();
+    for id in 1..=5 {
+        client.execute("INSERT INTO t (id) VALUES ($1)", &[&id]).await.unwrap();
+    }
+
+    // An interrupted backup (no manifest) is listed as incomplete and never used.
+    // (Written through the storage, which gives new entries to the repository's owner; a
+    // root-owned directory would stop archive_command, run as postgres.)
+    let stray = format!("{CLUSTER}/backups/20000101T000000Z/data/PG_VERSION.zst");
+    repo.storage().write(&stray, b"x", pgkeel_backup::storage::WriteMode::Overwrite).unwrap();
+
+    let out = pgkeel(&[
+        "backup",
+        "create",
+        "--repo",
+        &repo_s,
+        "--cluster",
+        CLUSTER,
+        "--pgdata",
+        &primary.data_dir.display().to_string(),
+        "--host",
+        &primary.socket_dir.display().to_string(),
+        "--port",
+        &primary.port.to_string(),
+        "--user",
+        "postgres",
+        "--wal-wait",
+        "60",
+    ]);
+    assert!(out.status.success(), "backup create failed: {}", text(&out));
+    assert!(text(&out).contains("complete"), "{}", text(&out));
+    eprintln!("backup taken after {:?}", started.elapsed());
+
+    let out = pgkeel(&["backup", "list", "--repo", &repo_s, "--cluster", CLUSTER, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list[0]["status"], "incomplete");
+    assert_eq!(list[1]["status"], "complete");
+    assert_eq!(list[1]["from_standby"], false);
+    let label = list[1]["label"].as_str().unwrap().to_string();
+    let out = pgkeel(&["backup", "list", "--repo", &repo_s, "--cluster", CLUSTER]);
+    assert!(text(&out).contains(&label) && text(&out).contains("incomplete"), "{}", text(&out));
+
+    // Manifest: postmaster.pid and WAL are not in it, pg_control is.
+    let m = repo.read_manifest(&label).unwrap().unwrap();
+    let paths: Vec<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+    assert!(paths.contains(&"global/pg_control") && paths.contains(&"PG_VERSION"));
+    assert!(!paths.iter().any(|p| p.starts_with("pg_wal/") || *p == "postmaster.pid"), "{paths:?}");
+    assert!(m.directories.iter().any(|d| d.path == "pg_wal"));
+
+    // Rows after the backup: the target time falls between rows 8 and 9.
+    for id in 6..=8 {
+        client.execute("INSERT INTO t (id) VALUES ($1)", &[&id]).await.unwrap();
+    }
+    let target: String = client
+        .query_one("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for id in 9..=10 {
+        client.execute("INSERT INTO t (id) VALUES ($1)", &[&id]).await.unwrap();
+    }
+    let after: bool = client
+        .query_one("SELECT min(ts) > $1::text::timestamptz FROM t WHERE id >= 9", &[&target])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(after, "rows 9 and 10 were written after the target time");
+    switch_and_wait_archived(&client, &repo).await;
+
+    let out = pgkeel(&["backup", "verify", "--repo", &repo_s, "--cluster", CLUSTER, &label]);
+    assert!(out.status.success(), "verify failed: {}", text(&out));
+    assert!(text(&out).contains("OK"), "{}", text(&out));
+
+    let (ids, g1) = restore_and_read(tmp.path(), "pitr", &repo_path, &["--target-time", &target]).await;
+    assert_eq!(ids, (1..=8).collect::<Vec<i32>>(), "exactly the rows committed before the target");
+    drop(g1);
+    eprintln!("point-in-time restore checked after {:?}", started.elapsed());
+
+    let (ids, g2) = restore_and_read(tmp.path(), "latest", &repo_path, &["--latest"]).await;
+    assert_eq!(ids, (1..=10).collect::<Vec<i32>>(), "every archived row");
+    drop(g2);
+
+    // A target before the only backup ended is refused, naming why.
+    let early = pgkeel(&[
+        "restore",
+        "--repo",
+        &repo_s,
+        "--cluster",
+        CLUSTER,
+        "--to",
+        &tmp.path().join("early").display().to_string(),
+        "--target-time",
+        "2000-01-01 00:00:00+00",
+    ]);
+    assert!(!early.status.success() && text(&early).contains("no backup can reach"), "{}", text(&early));
+
+    // A damaged stored file makes verify fail naming it.
+    let victim = m.files.iter().find(|f| f.path == "PG_VERSION").unwrap();
+    let stored = repo_path.join(repo.backup_file_key(&label, &victim.path));
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0xff;
+    std::fs::write(&stored, &bytes).unwrap();
+    let out = pgkeel(&["backup", "verify", "--repo", &repo_s, "--cluster", CLUSTER, &label]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("file PG_VERSION"), "{}", text(&out));
+    eprintln!("done after {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_from_a_standby_restores() {
+    let tmp = tempdir();
+    let repo_path = repo_dir(tmp.path());
+    let repo_s = repo_path.display().to_string();
+    let repo = Repo::local(&repo_path, CLUSTER).unwrap();
+    let primary = instance(tmp.path(), "primary");
+    let _g = start_archiving_primary(&primary, &repo_path).await;
+    let pc = primary.connect(T).await.unwrap();
+    pgkeel_pg::probe::ensure_replication_user(&pc, "replicator", "replpw").await.unwrap();
+    pc.batch_execute("CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE noise (n int)").await.unwrap();
+    for id in 1..=3 {
+        pc.execute("INSERT INTO t VALUES ($1)", &[&id]).await.unwrap();
+    }
+
+    let replica = instance(tmp.path(), "replica");
+    let source = pgkeel_pg::SourceConn {
+        host: "127.0.0.1".into(),
+        port: primary.port,
+        user: "replicator".into(),
+        password: Some("replpw".into()),
+    };
+    replica.basebackup(&source, None, T).await.unwrap();
+    let archive = pgkeel_backup::archive_command(&bin(), &repo_path, CLUSTER);
+    let mut rconf = conf(&replica, Some(&archive));
+    rconf.primary_conninfo = Some(source.conninfo("replica"));
+    replica.write_conf(&rconf).unwrap();
+    replica.set_standby(true).unwrap();
+    replica.start(T).await.unwrap();
+    let _gr = StopOnDrop(replica.clone());
+    let rc = replica.connect(T).await.unwrap();
+    wait_for("the replica to replay rows 1-3", T, || async {
+        let n: i64 = rc.query_one("SELECT count(*) FROM t", &[]).await.ok()?.get(0);
+        (n == 3).then_some(())
+    })
+    .await;
+
+    // The standby does not archive: its primary does, once the segment holding the backup's
+    // stop point is finished. Keep switching segments on the primary (about once a second)
+    // until the backup returns.
+    let mut child = Command::new(bin())
+        .args(["backup", "create", "--repo", &repo_s, "--cluster", CLUSTER, "--pgdata"])
+        .arg(&replica.data_dir)
+        .args(["--host"])
+        .arg(&replica.socket_dir)
+        .args(["--port", &replica.port.to_string(), "--wal-wait", "60", "--jobs", "2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let last_switch = std::sync::Mutex::new(Instant::now());
+    wait_for("backup create on the standby to finish", T, || {
+        let exited = child.try_wait().ok().flatten().is_some();
+        let (pc, last_switch) = (&pc, &last_switch);
+        async move {
+            if exited {
+                return Some(());
+            }
+            let due = last_switch.lock().unwrap().elapsed() > Duration::from_secs(1);
+            if due {
+                pc.batch_execute("INSERT INTO noise VALUES (1); SELECT pg_switch_wal()").await.ok()?;
+                *last_switch.lock().unwrap() = Instant::now();
+            }
+            None
+        }
+    })
+    .await;
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "backup create on the standby failed: {}", text(&out));
+    assert!(text(&out).contains("taken on a standby"), "{}", text(&out));
+
+    let m = repo.complete_backups().unwrap().pop().expect("one complete backup");
+    assert!(m.from_standby);
+    assert!(!m.files.iter().any(|f| f.path == "standby.signal"), "standby.signal is not backed up");
+    let out = pgkeel(&["backup", "verify", "--repo", &repo_s, "--cluster", CLUSTER, &m.label]);
+    assert!(out.status.success(), "verify failed: {}", text(&out));
+
+    for id in 4..=5 {
+        pc.execute("INSERT INTO t VALUES ($1)", &[&id]).await.unwrap();
+    }
+    switch_and_wait_archived(&pc, &repo).await;
+    let (ids, _g3) = restore_and_read(tmp.path(), "restored", &repo_path, &["--latest"]).await;
+    assert_eq!(ids, (1..=5).collect::<Vec<i32>>());
+}
