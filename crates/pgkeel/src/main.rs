@@ -3,6 +3,7 @@
 
 mod backup_cli;
 mod ctl;
+mod proxy_cli;
 mod up;
 
 use std::path::PathBuf;
@@ -29,6 +30,9 @@ enum TopCommand {
     Core(Command),
     #[command(flatten)]
     Backup(backup_cli::Commands),
+    /// Run the pooling proxy in front of a cluster: clients connect to it and reach the
+    /// current primary (see docs/proxy.md).
+    Proxy(proxy_cli::ProxyArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,6 +240,7 @@ fn main() -> ExitCode {
     }
     let command = match cli.command {
         TopCommand::Backup(c) => return backup_cli::run(c),
+        TopCommand::Proxy(args) => return proxy_cli::run(args),
         TopCommand::Core(c) => c,
     };
     match command {

@@ -1,0 +1,502 @@
+//! `proxy.toml`: the proxy's configuration.
+//!
+//! Checked like `node.toml` (see `pgkeel-config`): TOML syntax, then unknown keys (naming the
+//! closest valid key), then value types and ranges. Every error names the key, the bad value
+//! and how to fix it; `pgkeel proxy` exits with [`EXIT_BAD_CONFIG`] (64) on one.
+//! [`example`] is the annotated reference.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pgkeel_config::{format_duration, parse_duration, DcsConfig};
+use serde::Deserialize;
+
+/// Exit code for a bad configuration (EX_CONFIG), as for `node.toml`.
+pub const EXIT_BAD_CONFIG: i32 = pgkeel_config::EXIT_BAD_CONFIG;
+
+/// How long a client keeps a server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// For one transaction: the server connection goes back to the pool when the server
+    /// reports ReadyForQuery with status idle. The default.
+    Transaction,
+    /// For the client's whole session; `DISCARD ALL` runs when the client leaves.
+    Session,
+}
+
+impl PoolMode {
+    /// `"transaction"` or `"session"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Transaction => "transaction",
+            PoolMode::Session => "session",
+        }
+    }
+}
+
+/// The proxy's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    /// Cluster name, as in the agents' node.toml.
+    pub cluster: String,
+    /// Where the cluster state lives: the same `[dcs]` as the agents'.
+    pub dcs: DcsConfig,
+    /// `host:port` of the listener that routes to the primary.
+    pub listen: String,
+    /// Transaction (default) or session pooling.
+    pub pool_mode: PoolMode,
+    /// Server connections per (database, user).
+    pub pool_size: u32,
+    /// Client connections accepted at once; more are refused with SQLSTATE 53300.
+    pub max_client_conn: u32,
+    /// How long a client waits for a server connection of a full pool before it gets an
+    /// error (SQLSTATE 53300) and is disconnected.
+    pub query_wait_timeout: Duration,
+    /// How long new transactions wait for a running primary (after a failover, or while
+    /// there is none) before they fail with SQLSTATE 08006.
+    pub failover_hold_timeout: Duration,
+    /// Bound on opening one server connection (TCP connect plus login).
+    pub server_connect_timeout: Duration,
+    /// The userlist file (see [`crate::userlist`]).
+    pub userlist: PathBuf,
+}
+
+impl ProxyConfig {
+    /// Default listen address.
+    pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:6432";
+    /// Default pool size.
+    pub const DEFAULT_POOL_SIZE: u32 = 20;
+    /// Default client limit.
+    pub const DEFAULT_MAX_CLIENT_CONN: u32 = 1000;
+    /// Default wait for a pooled connection.
+    pub const DEFAULT_QUERY_WAIT_TIMEOUT: Duration = Duration::from_secs(120);
+    /// Default wait for a primary.
+    pub const DEFAULT_FAILOVER_HOLD_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Default server connect bound.
+    pub const DEFAULT_SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+}
+
+/// Why a `proxy.toml` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Not valid TOML; the message has the line and column.
+    #[error("{0}")]
+    Syntax(String),
+    /// Anything else: an unknown key (with the closest valid one), a missing key, a bad value.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+const TOP: &[&str] = &[
+    "cluster",
+    "listen",
+    "pool_mode",
+    "pool_size",
+    "max_client_conn",
+    "query_wait_timeout",
+    "failover_hold_timeout",
+    "server_connect_timeout",
+    "dcs",
+    "auth",
+];
+const AUTH: &[&str] = &["userlist"];
+const DCS_LOCAL: &[&str] = &["kind", "path"];
+const DCS_ETCD: &[&str] = &["kind", "endpoints"];
+const DCS_KINDS_HELP: &str = r#"supported kinds: "local" (the embedded single-host store) and "etcd""#;
+
+/// Edit distance in characters.
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = Vec::with_capacity(b.len() + 1);
+        cur.push(i + 1);
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = prev[j] + usize::from(ca != *cb);
+            cur.push(substitute.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn join(table: &str, key: &str) -> String {
+    if table.is_empty() {
+        key.to_string()
+    } else {
+        format!("{table}.{key}")
+    }
+}
+
+/// Every dotted key the file accepts, for suggestions across tables.
+fn all_paths() -> Vec<String> {
+    let mut v: Vec<String> = TOP.iter().filter(|k| !matches!(**k, "dcs" | "auth")).map(|k| k.to_string()).collect();
+    v.extend(AUTH.iter().map(|k| join("auth", k)));
+    v.extend(["dcs.kind", "dcs.path", "dcs.endpoints"].map(String::from));
+    v
+}
+
+fn check_keys(table: &toml::Table, valid: &[&str], path: &str) -> Result<(), ConfigError> {
+    for key in table.keys() {
+        if valid.contains(&key.as_str()) {
+            continue;
+        }
+        let lower = key.to_lowercase();
+        let limit = (key.chars().count() / 3).max(2);
+        let full = join(path, key);
+        let suggestion = valid
+            .iter()
+            .map(|v| (levenshtein(&lower, v), *v))
+            .filter(|(d, _)| *d <= limit)
+            .min_by_key(|(d, _)| *d)
+            .map(|(_, v)| join(path, v))
+            .or_else(|| {
+                // The right key in the wrong table (`userlist` at the top instead of in [auth]).
+                let mut elsewhere =
+                    all_paths().into_iter().filter(|p| p.rsplit('.').next() == Some(lower.as_str()) && *p != full);
+                match (elsewhere.next(), elsewhere.next()) {
+                    (Some(only), None) => Some(only),
+                    _ => None,
+                }
+            });
+        return Err(invalid(match suggestion {
+            Some(s) => format!("unknown key {full:?}; did you mean {s:?}?"),
+            None if path.is_empty() => format!("unknown key {full:?}; valid top-level keys: {}", valid.join(", ")),
+            None => format!("unknown key {full:?}; valid keys in [{path}]: {}", valid.join(", ")),
+        }));
+    }
+    Ok(())
+}
+
+fn a_type(value: &toml::Value) -> &'static str {
+    match value {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a float",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a date-time",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    }
+}
+
+fn string(table: &toml::Table, path: &str, key: &str) -> Result<Option<String>, ConfigError> {
+    match table.get(key) {
+        None => Ok(None),
+        Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(invalid(format!("{} must be a string, not {}", join(path, key), a_type(other)))),
+    }
+}
+
+fn count(table: &toml::Table, key: &str, default: u32, min: u32, max: u32) -> Result<u32, ConfigError> {
+    match table.get(key) {
+        None => Ok(default),
+        Some(toml::Value::Integer(i)) => u32::try_from(*i)
+            .ok()
+            .filter(|v| (min..=max).contains(v))
+            .ok_or_else(|| invalid(format!("{key} = {i} is out of range: use {min} to {max}"))),
+        Some(other) => Err(invalid(format!("{key} must be an integer, not {}; e.g. {key} = {default}", a_type(other)))),
+    }
+}
+
+fn duration(table: &toml::Table, key: &str, default: Duration, min: Duration) -> Result<Duration, ConfigError> {
+    let d = match table.get(key) {
+        None => return Ok(default),
+        Some(toml::Value::String(s)) => parse_duration(s).map_err(|e| invalid(format!("{key}: {e}")))?,
+        Some(toml::Value::Integer(i)) => u64::try_from(*i)
+            .map(Duration::from_secs)
+            .map_err(|_| invalid(format!("{key} = {i}: a duration cannot be negative")))?,
+        Some(toml::Value::Float(f)) => Duration::try_from_secs_f64(*f)
+            .map_err(|_| invalid(format!("{key} = {f}: not a valid number of seconds")))?,
+        Some(other) => {
+            return Err(invalid(format!(
+                "{key} must be a duration such as \"{}\", not {}",
+                format_duration(default),
+                a_type(other)
+            )))
+        }
+    };
+    if d < min || d > Duration::from_secs(24 * 3600) {
+        return Err(invalid(format!(
+            "{key} = {:?} is out of range: use {} to 24h",
+            format_duration(d),
+            format_duration(min)
+        )));
+    }
+    Ok(d)
+}
+
+fn check_listen(listen: &str) -> Result<(), ConfigError> {
+    let ok = listen.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "listen = {listen:?} is not host:port; e.g. listen = \"{}\" or \"0.0.0.0:6432\"",
+            ProxyConfig::DEFAULT_LISTEN
+        )))
+    }
+}
+
+fn check_name(name: &str) -> Result<(), ConfigError> {
+    let ok =
+        !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "cluster = {name:?}: use the cluster name of the agents' node.toml (letters, digits, \"-\" and \"_\", \
+             at most 63 characters)"
+        )))
+    }
+}
+
+fn dcs(table: &toml::Table) -> Result<DcsConfig, ConfigError> {
+    let value = match table.get("dcs") {
+        Some(toml::Value::Table(t)) => t,
+        Some(other) => return Err(invalid(format!("dcs must be a table (a [dcs] section), not {}", a_type(other)))),
+        None => {
+            return Err(invalid(
+                "missing required key \"dcs\": add a [dcs] section copied from the agents' node.toml, e.g. \
+                 [dcs] with kind = \"local\" and path = \"/var/lib/pgkeel/dcs\"",
+            ))
+        }
+    };
+    let kind = match value.get("kind") {
+        Some(toml::Value::String(k)) => k.as_str(),
+        Some(other) => {
+            return Err(invalid(format!("dcs.kind must be a string such as \"local\", not {}", a_type(other))))
+        }
+        None => {
+            return Err(invalid(format!(
+                "missing required key \"dcs.kind\": add kind = \"local\" in [dcs]; {DCS_KINDS_HELP}"
+            )))
+        }
+    };
+    let (keys, required, example) = match kind {
+        "local" => (DCS_LOCAL, "path", r#"path = "/var/lib/pgkeel/dcs""#),
+        "etcd" => (DCS_ETCD, "endpoints", r#"endpoints = ["http://10.0.0.1:2379"]"#),
+        other => return Err(invalid(format!("dcs.kind = {other:?} is not supported; {DCS_KINDS_HELP}"))),
+    };
+    check_keys(value, keys, "dcs")?;
+    if !value.contains_key(required) {
+        return Err(invalid(format!("missing required key \"dcs.{required}\": add {example} in [dcs]")));
+    }
+    let dcs = DcsConfig::deserialize(toml::Value::Table(value.clone()))
+        .map_err(|e| invalid(format!("[dcs]: {}", e.message().trim_end())))?;
+    match &dcs {
+        DcsConfig::Local { path } if !path.is_absolute() => {
+            Err(invalid(format!("dcs.path = {:?} must be an absolute path", path.display().to_string())))
+        }
+        DcsConfig::Etcd { endpoints } if endpoints.is_empty() => {
+            Err(invalid("dcs.endpoints is empty: list the client URLs of the etcd members"))
+        }
+        _ => Ok(dcs),
+    }
+}
+
+/// Checks the text of a `proxy.toml`. `base` resolves a relative `auth.userlist` (the
+/// directory of the file).
+pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
+    let table: toml::Table =
+        text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string().trim_end().to_string()))?;
+    check_keys(&table, TOP, "")?;
+    if let Some(toml::Value::Table(auth)) = table.get("auth") {
+        check_keys(auth, AUTH, "auth")?;
+    }
+    let cluster = string(&table, "", "cluster")?
+        .ok_or_else(|| invalid("missing required key \"cluster\": add cluster = \"main\" (the agents' cluster name) at the top of the file"))?;
+    check_name(&cluster)?;
+    let dcs = dcs(&table)?;
+    let listen = string(&table, "", "listen")?.unwrap_or_else(|| ProxyConfig::DEFAULT_LISTEN.to_string());
+    check_listen(&listen)?;
+    let pool_mode = match string(&table, "", "pool_mode")?.as_deref() {
+        None | Some("transaction") => PoolMode::Transaction,
+        Some("session") => PoolMode::Session,
+        Some("statement") => {
+            return Err(invalid("pool_mode = \"statement\" is not supported; use \"transaction\" or \"session\""))
+        }
+        Some(other) => {
+            return Err(invalid(format!(
+                "pool_mode = {other:?} is not a pool mode; use \"transaction\" or \"session\""
+            )))
+        }
+    };
+    let pool_size = count(&table, "pool_size", ProxyConfig::DEFAULT_POOL_SIZE, 1, 10_000)?;
+    let max_client_conn = count(&table, "max_client_conn", ProxyConfig::DEFAULT_MAX_CLIENT_CONN, 1, 1_000_000)?;
+    let ms = Duration::from_millis;
+    let query_wait_timeout = duration(&table, "query_wait_timeout", ProxyConfig::DEFAULT_QUERY_WAIT_TIMEOUT, ms(10))?;
+    let failover_hold_timeout =
+        duration(&table, "failover_hold_timeout", ProxyConfig::DEFAULT_FAILOVER_HOLD_TIMEOUT, ms(0))?;
+    let server_connect_timeout =
+        duration(&table, "server_connect_timeout", ProxyConfig::DEFAULT_SERVER_CONNECT_TIMEOUT, ms(100))?;
+    let auth = match table.get("auth") {
+        Some(toml::Value::Table(t)) => t,
+        Some(other) => return Err(invalid(format!("auth must be a table (an [auth] section), not {}", a_type(other)))),
+        None => {
+            return Err(invalid(
+                "missing required key \"auth.userlist\": add an [auth] section with userlist = \"/etc/pgkeel/userlist.txt\" \
+                 (lines of \"user\" \"password\")",
+            ))
+        }
+    };
+    let userlist = string(auth, "auth", "userlist")?.ok_or_else(|| {
+        invalid("missing required key \"auth.userlist\": add userlist = \"/etc/pgkeel/userlist.txt\" in [auth]")
+    })?;
+    let userlist = base.join(userlist);
+    Ok(ProxyConfig {
+        cluster,
+        dcs,
+        listen,
+        pool_mode,
+        pool_size,
+        max_client_conn,
+        query_wait_timeout,
+        failover_hold_timeout,
+        server_connect_timeout,
+        userlist,
+    })
+}
+
+/// Reads and [`check`]s a `proxy.toml`. Errors other than [`ConfigError::Io`] do not repeat
+/// the path; print it alongside them.
+pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+    check(&text, path.parent().unwrap_or(Path::new(".")))
+}
+
+/// The annotated example `proxy.toml`, every key with its default.
+pub fn example() -> &'static str {
+    EXAMPLE
+}
+
+const EXAMPLE: &str = r##"# pgkeel proxy configuration (proxy.toml).
+#
+# Durations take a number of seconds (4, 1.5) or a string with a unit ("1500ms", "2s", "1m").
+
+# The cluster's name, as in the agents' node.toml. Required.
+cluster = "main"
+# host:port of the listener that routes to the current primary.
+listen = "127.0.0.1:6432"
+# "transaction" (a server connection per transaction; the default) or "session" (per client).
+pool_mode = "transaction"
+# Server connections per (database, user).
+pool_size = 20
+# Client connections accepted at once; more are refused (SQLSTATE 53300).
+max_client_conn = 1000
+# How long a client waits for a connection of a full pool before it gets SQLSTATE 53300 and is
+# disconnected.
+query_wait_timeout = "120s"
+# How long new transactions wait for a running primary (during a failover, or while there is
+# none) before they fail with SQLSTATE 08006.
+failover_hold_timeout = "30s"
+# Bound on opening one server connection (TCP connect and login).
+server_connect_timeout = "5s"
+
+# Where the cluster state lives: the same [dcs] section as the agents' node.toml. Required.
+[dcs]
+kind = "local"
+path = "/var/lib/pgkeel/dcs"
+# kind = "etcd"
+# endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+
+[auth]
+# Lines of "user" "password": a plaintext password, or the SCRAM-SHA-256 secret copied from
+# pg_authid.rolpassword. Clients log in with SCRAM-SHA-256. A relative path is relative to
+# this file. Required.
+userlist = "/etc/pgkeel/userlist.txt"
+"##;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(text: &str) -> ProxyConfig {
+        check(text, Path::new("/etc/pgkeel")).unwrap_or_else(|e| panic!("{text}\n=> {e}"))
+    }
+
+    fn err(text: &str) -> String {
+        check(text, Path::new("/etc/pgkeel")).unwrap_err().to_string()
+    }
+
+    const MINIMAL: &str = "cluster = \"main\"\n[dcs]\nkind = \"local\"\npath = \"/var/lib/pgkeel/dcs\"\n\
+                           [auth]\nuserlist = \"users.txt\"\n";
+
+    #[test]
+    fn example_is_valid_and_shows_the_defaults() {
+        let c = ok(example());
+        let d = ok(MINIMAL);
+        assert_eq!(c.cluster, "main");
+        assert_eq!(c.dcs, DcsConfig::Local { path: "/var/lib/pgkeel/dcs".into() });
+        assert_eq!(c.userlist, PathBuf::from("/etc/pgkeel/userlist.txt"));
+        assert_eq!((c.listen.as_str(), c.pool_mode, c.pool_size), (d.listen.as_str(), d.pool_mode, d.pool_size));
+        assert_eq!(c.max_client_conn, d.max_client_conn);
+        assert_eq!(c.query_wait_timeout, d.query_wait_timeout);
+        assert_eq!(c.failover_hold_timeout, d.failover_hold_timeout);
+        assert_eq!(c.server_connect_timeout, d.server_connect_timeout);
+        assert_eq!(d.pool_mode, PoolMode::Transaction);
+        assert_eq!(d.userlist, PathBuf::from("/etc/pgkeel/users.txt"), "relative to the file's directory");
+    }
+
+    #[test]
+    fn values_are_parsed() {
+        let c = ok(&format!("{MINIMAL}\n").replace(
+            "cluster = \"main\"\n",
+            "cluster = \"main\"\nlisten = \"0.0.0.0:7000\"\npool_mode = \"session\"\npool_size = 3\n\
+             max_client_conn = 10\nquery_wait_timeout = \"1500ms\"\nfailover_hold_timeout = 12\n\
+             server_connect_timeout = 0.5\n",
+        ));
+        assert_eq!(c.listen, "0.0.0.0:7000");
+        assert_eq!(c.pool_mode, PoolMode::Session);
+        assert_eq!((c.pool_size, c.max_client_conn), (3, 10));
+        assert_eq!(c.query_wait_timeout, Duration::from_millis(1500));
+        assert_eq!(c.failover_hold_timeout, Duration::from_secs(12));
+        assert_eq!(c.server_connect_timeout, Duration::from_millis(500));
+        let etcd =
+            ok("cluster = \"c\"\n[dcs]\nkind = \"etcd\"\nendpoints = [\"http://h:2379\"]\n[auth]\nuserlist = \"/u\"\n");
+        assert_eq!(etcd.dcs, DcsConfig::Etcd { endpoints: vec!["http://h:2379".into()] });
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_fix() {
+        let with = |line: &str| format!("{line}\n{MINIMAL}");
+        for (text, want) in [
+            (with("pool_sise = 3"), "unknown key \"pool_sise\"; did you mean \"pool_size\"?"),
+            (with("pool_mod = \"session\""), "did you mean \"pool_mode\"?"),
+            (with("userlist = \"/x\""), "unknown key \"userlist\"; did you mean \"auth.userlist\"?"),
+            (with("frobnicate = 1"), "unknown key \"frobnicate\"; valid top-level keys: cluster, listen"),
+            (
+                MINIMAL.replace("userlist =", "userlst ="),
+                "unknown key \"auth.userlst\"; did you mean \"auth.userlist\"?",
+            ),
+            (MINIMAL.replace("path =", "pth ="), "unknown key \"dcs.pth\"; did you mean \"dcs.path\"?"),
+            (MINIMAL.replace("cluster = \"main\"\n", ""), "missing required key \"cluster\""),
+            (MINIMAL.replace("kind = \"local\"", "kind = \"zk\""), "dcs.kind = \"zk\" is not supported"),
+            (MINIMAL.replace("[auth]\nuserlist = \"users.txt\"\n", ""), "missing required key \"auth.userlist\""),
+            (with("pool_mode = \"statement\""), "pool_mode = \"statement\" is not supported"),
+            (with("pool_mode = \"tx\""), "pool_mode = \"tx\" is not a pool mode"),
+            (with("pool_size = 0"), "pool_size = 0 is out of range: use 1 to 10000"),
+            (with("pool_size = \"5\""), "pool_size must be an integer, not a string"),
+            (with("query_wait_timeout = \"5 parsecs\""), "query_wait_timeout: invalid duration"),
+            (with("query_wait_timeout = -1"), "a duration cannot be negative"),
+            (with("listen = \"6432\""), "listen = \"6432\" is not host:port"),
+            (with("cluster2 = 1"), "unknown key \"cluster2\"; did you mean \"cluster\"?"),
+            ("cluster = ".to_string(), "TOML parse error at line 1"),
+        ] {
+            let e = err(&text);
+            assert!(e.contains(want), "{text}\n=> {e}\nwanted: {want}");
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! One connection from the proxy to a postgres server: open and log in, check that the server
+//! is the primary under the expected term, run the proxy's own statements (SET, ROLLBACK,
+//! DISCARD ALL). Forwarding itself reads and writes [`ServerConn::stream`] and
+//! [`ServerConn::rbuf`] directly (see `session.rs`).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::protocol::{
+    sqlstate, Authentication, BackendDecoder, BackendMessage, ErrorFields, FrontendMessage, StartupMessage,
+    StartupPacket, Text, TransactionStatus,
+};
+use crate::scram::{self, ClientCredential, ClientExchange};
+use crate::topology::Primary;
+
+/// How the proxy logs in to servers as one user.
+#[derive(Debug, Clone)]
+pub struct ServerAuth {
+    /// Role name.
+    pub user: String,
+    /// The plaintext password, when known (needed for MD5 and cleartext).
+    pub password: Option<String>,
+    /// What SCRAM uses: the password, or a client's recovered `ClientKey`.
+    pub scram: ClientCredential,
+}
+
+/// Why a server connection could not be opened.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// Worth retrying while the failover hold lasts: the server is unreachable, starting,
+    /// not (yet) the primary, or under an older term.
+    Retry(String),
+    /// The server refused the login (wrong password, unknown database, ...): retrying will
+    /// not help, and the client gets this error.
+    Refused(ErrorFields),
+    /// The proxy cannot log in (unsupported authentication method, secret mismatch).
+    Config(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Retry(s) | ConnectError::Config(s) => f.write_str(s),
+            ConnectError::Refused(e) => write!(
+                f,
+                "{} ({})",
+                e.message().map(|m| m.to_string()).unwrap_or_default(),
+                e.code().map(|c| c.to_string()).unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// A server connection, logged in and idle.
+pub struct ServerConn {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes read from the server and not yet consumed.
+    pub rbuf: BytesMut,
+    /// Run-time parameters as the server reported them (ParameterStatus), plus the ones the
+    /// proxy set itself that the server does not report.
+    pub params: HashMap<String, String>,
+    /// The server's cancel key: pid and secret.
+    pub key: Option<(i32, Bytes)>,
+    /// The term the server runs under (`pgkeel.term` when the connection was opened).
+    pub term: u64,
+    /// The member's name.
+    pub member: String,
+    /// `host:port`.
+    pub address: String,
+    /// When the connection was opened.
+    pub opened: Instant,
+    decoder: BackendDecoder,
+}
+
+impl std::fmt::Debug for ServerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConn")
+            .field("member", &self.member)
+            .field("address", &self.address)
+            .field("term", &self.term)
+            .finish_non_exhaustive()
+    }
+}
+
+/// SQLSTATEs that mean "try again shortly": the server is starting, shutting down, in
+/// recovery, or full.
+fn retryable_sqlstate(code: &str) -> bool {
+    matches!(code, "57P03" | "57P01" | "57P02" | "53300" | "08006" | "08001")
+}
+
+fn describe(e: &ErrorFields) -> String {
+    let msg = e.message().map(|m| m.to_string()).unwrap_or_default();
+    match e.code() {
+        Some(c) => format!("{msg} (SQLSTATE {c})"),
+        None => msg,
+    }
+}
+
+impl ServerConn {
+    /// Opens a connection to `primary` as `auth.user` on `database`, within `timeout`.
+    pub async fn connect(
+        primary: &Primary,
+        database: &str,
+        auth: &ServerAuth,
+        timeout: Duration,
+    ) -> Result<ServerConn, ConnectError> {
+        match tokio::time::timeout(timeout, ServerConn::connect_inner(primary, database, auth)).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Retry(format!(
+                "connecting to {} ({}) took longer than server_connect_timeout ({timeout:?})",
+                primary.name, primary.address
+            ))),
+        }
+    }
+
+    async fn connect_inner(primary: &Primary, database: &str, auth: &ServerAuth) -> Result<ServerConn, ConnectError> {
+        let at = format!("{} ({})", primary.name, primary.address);
+        let stream = TcpStream::connect(&primary.address)
+            .await
+            .map_err(|e| ConnectError::Retry(format!("cannot connect to {at}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = ServerConn {
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            params: HashMap::new(),
+            key: None,
+            term: 0,
+            member: primary.name.clone(),
+            address: primary.address.clone(),
+            opened: Instant::now(),
+            decoder: BackendDecoder::default(),
+        };
+        let io = |e: std::io::Error| ConnectError::Retry(format!("lost the connection to {at} during login: {e}"));
+        let mut out = BytesMut::new();
+        StartupPacket::Startup(StartupMessage::new([("user", auth.user.as_str()), ("database", database)]))
+            .encode(&mut out);
+        conn.stream.write_all(&out).await.map_err(io)?;
+        let mut scram: Option<ClientExchange> = None;
+        loop {
+            let msg = conn.read_message().await.map_err(|e| ConnectError::Retry(format!("{at}: {e}")))?;
+            let reply = match msg {
+                BackendMessage::Authentication(a) => match a {
+                    Authentication::Ok => None,
+                    Authentication::CleartextPassword => {
+                        let pw = auth.password.as_deref().ok_or_else(|| no_plaintext(&at, &auth.user, "password"))?;
+                        Some(FrontendMessage::Password(Text::lossy(pw)))
+                    }
+                    Authentication::Md5Password { salt } => {
+                        let pw = auth.password.as_deref().ok_or_else(|| no_plaintext(&at, &auth.user, "md5"))?;
+                        Some(FrontendMessage::Password(Text::lossy(&scram::md5_password(&auth.user, pw, &salt))))
+                    }
+                    Authentication::Sasl { mechanisms } => {
+                        if !mechanisms.iter().any(|m| m == scram::MECHANISM) {
+                            return Err(ConnectError::Config(format!(
+                                "{at} offers SASL mechanisms {mechanisms:?} but not {}",
+                                scram::MECHANISM
+                            )));
+                        }
+                        let ex =
+                            ClientExchange::new(auth.scram.clone()).map_err(|e| ConnectError::Config(e.to_string()))?;
+                        let first = ex.client_first();
+                        scram = Some(ex);
+                        Some(FrontendMessage::SaslInitialResponse {
+                            mechanism: scram::MECHANISM.into(),
+                            data: Some(Bytes::from(first)),
+                        })
+                    }
+                    Authentication::SaslContinue(data) => {
+                        let ex = scram.as_mut().ok_or_else(|| unexpected(&at, "SASLContinue before SASL"))?;
+                        let fin = ex.server_first(&data).map_err(|e| match e {
+                            scram::ScramError::SecretMismatch(s) => {
+                                ConnectError::Config(format!("cannot log in to {at} as {:?}: {s}", auth.user))
+                            }
+                            other => unexpected(&at, &other.to_string()),
+                        })?;
+                        Some(FrontendMessage::SaslResponse(Bytes::from(fin)))
+                    }
+                    Authentication::SaslFinal(data) => {
+                        let ex = scram.as_ref().ok_or_else(|| unexpected(&at, "SASLFinal before SASL"))?;
+                        ex.server_final(&data)
+                            .map_err(|e| ConnectError::Config(format!("{at} failed SCRAM server verification: {e}")))?;
+                        None
+                    }
+                    other => {
+                        return Err(ConnectError::Config(format!(
+                            "{at} asks for an authentication method the proxy does not support ({other:?}); \
+                             use scram-sha-256, md5 or password in pg_hba.conf"
+                        )))
+                    }
+                },
+                BackendMessage::ErrorResponse(e) => {
+                    let code = e.code().map(|c| c.to_string()).unwrap_or_default();
+                    return Err(if retryable_sqlstate(&code) {
+                        ConnectError::Retry(format!("{at} refused the login: {}", describe(&e)))
+                    } else {
+                        ConnectError::Refused(e)
+                    });
+                }
+                BackendMessage::ParameterStatus { name, value } => {
+                    conn.params.insert(name.to_string_lossy().into_owned(), value.to_string_lossy().into_owned());
+                    None
+                }
+                BackendMessage::BackendKeyData { pid, secret_key } => {
+                    conn.key = Some((pid, secret_key));
+                    None
+                }
+                BackendMessage::ReadyForQuery(_) => break,
+                BackendMessage::NoticeResponse(_) | BackendMessage::NegotiateProtocolVersion { .. } => None,
+                other => return Err(unexpected(&at, &format!("{:?} during login", other.tag() as char))),
+            };
+            if let Some(reply) = reply {
+                out.clear();
+                reply.encode(&mut out);
+                conn.stream.write_all(&out).await.map_err(io)?;
+            }
+        }
+        // Fencing: the server itself says it is a primary, and under which term.
+        let rows = conn
+            .simple_query("select pg_is_in_recovery()::text, coalesce(current_setting('pgkeel.term', true), '')")
+            .await
+            .map_err(|e| ConnectError::Retry(format!("{at}: {e}")))?;
+        let row = rows.first().ok_or_else(|| unexpected(&at, "the term check returned no row"))?;
+        let (recovery, term) = (row.first().and_then(|v| v.as_deref()), row.get(1).and_then(|v| v.as_deref()));
+        if recovery != Some("false") {
+            return Err(ConnectError::Retry(format!("{at} is in recovery (not promoted yet)")));
+        }
+        let term: u64 = term.and_then(|t| t.parse().ok()).unwrap_or(0);
+        if term < primary.term {
+            return Err(ConnectError::Retry(format!(
+                "{at} runs under term {term}, older than the leader's term {}; waiting for it to catch up",
+                primary.term
+            )));
+        }
+        conn.term = term;
+        Ok(conn)
+    }
+
+    /// Reads one whole message.
+    pub async fn read_message(&mut self) -> Result<BackendMessage, String> {
+        loop {
+            match self.decoder.decode(&mut self.rbuf) {
+                Ok(Some(m)) => return Ok(m),
+                Ok(None) => {}
+                Err(e) => return Err(format!("protocol error from the server: {e}")),
+            }
+            self.rbuf.reserve(8192);
+            match self.stream.read_buf(&mut self.rbuf).await {
+                Ok(0) => return Err("the server closed the connection".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read from the server: {e}")),
+            }
+        }
+    }
+
+    /// Runs one simple query and returns its rows (as text), tracking ParameterStatus.
+    /// An ErrorResponse is returned as `Err` after the server is ready again.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+        let mut out = BytesMut::new();
+        FrontendMessage::Query(Text::lossy(sql)).encode(&mut out);
+        self.stream.write_all(&out).await.map_err(|e| format!("write to the server: {e}"))?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                BackendMessage::DataRow(values) => {
+                    rows.push(values.into_iter().map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned())).collect())
+                }
+                BackendMessage::ErrorResponse(e) => error = Some(describe(&e)),
+                BackendMessage::ParameterStatus { name, value } => {
+                    self.params.insert(name.to_string_lossy().into_owned(), value.to_string_lossy().into_owned());
+                }
+                BackendMessage::ReadyForQuery(status) => {
+                    if let Some(e) = error {
+                        return Err(e);
+                    }
+                    if status != TransactionStatus::Idle {
+                        return Err(format!("the server is in transaction state {:?} after {sql:?}", status));
+                    }
+                    return Ok(rows);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether the connection still looks usable: no unread bytes and no EOF pending.
+    pub fn looks_idle(&self) -> bool {
+        if !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+fn no_plaintext(at: &str, user: &str, method: &str) -> ConnectError {
+    ConnectError::Config(format!(
+        "{at} asks for {method} authentication for {user:?}, which needs the plaintext password, but the userlist \
+         has only a SCRAM secret for this user; put the plaintext password in the userlist or use scram-sha-256 \
+         in pg_hba.conf"
+    ))
+}
+
+fn unexpected(at: &str, what: &str) -> ConnectError {
+    ConnectError::Retry(format!("{at}: unexpected answer during login: {what}"))
+}
+
+/// Sends a CancelRequest for `pid`/`secret` to `address` (best effort).
+pub async fn send_cancel(address: &str, pid: i32, secret: Bytes) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(address).await?;
+    let mut out = BytesMut::new();
+    StartupPacket::CancelRequest(crate::protocol::CancelRequest { pid, secret_key: secret }).encode(&mut out);
+    stream.write_all(&out).await?;
+    // The server closes the connection after reading the request.
+    let mut sink = [0u8; 16];
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
+    Ok(())
+}
+
+/// SQLSTATE of "the server connection is gone".
+pub const LOST: &str = sqlstate::CONNECTION_FAILURE;

@@ -1,0 +1,212 @@
+//! The cluster as the DCS sees it: who the primary is, under which term.
+//!
+//! One task watches the leader key ([`watch`]) and publishes a [`Topology`] on a
+//! `tokio::sync::watch` channel. A leader change wakes the watch at once; while there is no
+//! usable primary (no leader, or its member record does not yet say it runs as primary under
+//! the leader's term) the task re-reads the cluster every 100 ms, so the new primary is picked
+//! up as soon as its agent publishes it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgkeel_dcs::cluster::{ClusterSnapshot, ClusterStore, Role};
+use pgkeel_dcs::Dcs;
+use tokio::sync::watch;
+
+/// The primary to route to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Primary {
+    /// Member name.
+    pub name: String,
+    /// `host:port` of its postgres.
+    pub address: String,
+    /// The term it leads under (its fencing token).
+    pub term: u64,
+}
+
+/// What the proxy knows about the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Topology {
+    /// The newest term a leader held (leader key, promotion history). Server
+    /// connections opened under an older term are never used again.
+    pub newest_term: u64,
+    /// The running primary, when there is one.
+    pub primary: Option<Primary>,
+    /// Why there is no usable primary, for error messages.
+    pub why_none: Option<String>,
+    /// Whether the DCS answered the last read.
+    pub dcs_ok: bool,
+}
+
+/// The primary of a snapshot: the leader key's holder, once its member record says it runs as
+/// primary under the leader's term.
+pub fn from_snapshot(snap: &ClusterSnapshot) -> Topology {
+    // Terms of leaders only (leader key, promotion history): the `term` counter can be ahead
+    // of every leader when a candidate lost the race for the key, and no server will ever
+    // run under that term.
+    let newest_term = snap.leader.as_ref().map_or(0, |l| l.value.term).max(snap.history.last().map_or(0, |h| h.term));
+    let Some(leader) = &snap.leader else {
+        return Topology {
+            newest_term,
+            primary: None,
+            why_none: Some("the cluster has no leader (a failover may be under way)".into()),
+            dcs_ok: true,
+        };
+    };
+    let l = &leader.value;
+    let (primary, why_none) = match snap.member(&l.holder) {
+        Some(m) if m.role == Role::Primary && m.state == "running" && m.term >= l.term => {
+            (Some(Primary { name: l.holder.clone(), address: m.pg_address.clone(), term: l.term }), None)
+        }
+        Some(m) => (
+            None,
+            Some(format!(
+                "the leader {} (term {}) does not run as primary yet (role {}, state {}, term {})",
+                l.holder,
+                l.term,
+                m.role.as_str(),
+                m.state,
+                m.term
+            )),
+        ),
+        None => (None, Some(format!("the leader {} (term {}) has not published its member record", l.holder, l.term))),
+    };
+    Topology { newest_term, primary, why_none, dcs_ok: true }
+}
+
+/// Watches the cluster until `shutdown` turns true, publishing every change on `tx`.
+pub async fn watch(store: ClusterStore, tx: watch::Sender<Topology>, mut shutdown: watch::Receiver<bool>) {
+    let mut known_rev: Option<u64> = None;
+    let mut last_error: Option<String> = None;
+    loop {
+        let wait = match store.load().await {
+            Ok(snap) => {
+                if last_error.take().is_some() {
+                    tracing::info!("the DCS answers again");
+                }
+                known_rev = snap.leader.as_ref().map(|l| l.revision);
+                let mut topo = from_snapshot(&snap);
+                // Terms never go back, even if a read races a write.
+                topo.newest_term = topo.newest_term.max(tx.borrow().newest_term);
+                let usable = topo.primary.is_some();
+                publish(&tx, topo);
+                if usable {
+                    Duration::from_secs(1)
+                } else {
+                    Duration::from_millis(100)
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if last_error.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(error = %msg, "cannot read the cluster from the DCS; routing stays as it was");
+                }
+                last_error = Some(msg);
+                tx.send_if_modified(|t| std::mem::replace(&mut t.dcs_ok, false));
+                Duration::from_millis(500)
+            }
+        };
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = store.watch_leader(known_rev, wait) => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+fn publish(tx: &watch::Sender<Topology>, topo: Topology) {
+    tx.send_if_modified(|cur| {
+        if *cur == topo {
+            return false;
+        }
+        match (&cur.primary, &topo.primary) {
+            (old, Some(p)) if old.as_ref() != Some(p) => {
+                tracing::info!(primary = %p.name, address = %p.address, term = p.term, "routing to the primary")
+            }
+            (Some(old), None) => tracing::warn!(
+                old = %old.name, term = old.term, why = topo.why_none.as_deref().unwrap_or(""),
+                "no usable primary: new transactions wait for one"
+            ),
+            _ => {}
+        }
+        *cur = topo;
+        true
+    });
+}
+
+/// Opens the DCS described by `dcs`.
+pub async fn open_dcs(dcs: &pgkeel_config::DcsConfig) -> anyhow::Result<Arc<dyn Dcs>> {
+    use anyhow::Context as _;
+    match dcs {
+        pgkeel_config::DcsConfig::Local { path } => {
+            let store = pgkeel_dcs::local::LocalStore::open(path)
+                .with_context(|| format!("open the local store at {} (dcs.path)", path.display()))?;
+            Ok(Arc::new(store))
+        }
+        pgkeel_config::DcsConfig::Etcd { endpoints } => {
+            let store = pgkeel_dcs::etcd::EtcdStore::connect(endpoints.clone(), Duration::from_secs(2))
+                .await
+                .context("open the etcd DCS (dcs.endpoints)")?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgkeel_dcs::cluster::{LeaderValue, MemberValue, Versioned};
+
+    fn member(name: &str, role: Role, state: &str, term: u64) -> Versioned<MemberValue> {
+        Versioned {
+            value: MemberValue {
+                name: name.into(),
+                api_url: String::new(),
+                pg_address: format!("{name}:5432"),
+                role,
+                state: state.into(),
+                timeline: None,
+                lsn: None,
+                replayed_lsn: None,
+                streaming: false,
+                following: None,
+                term,
+                tags: Default::default(),
+                pending_restart: false,
+                version: String::new(),
+            },
+            revision: 1,
+            ttl_left: None,
+        }
+    }
+
+    fn leader(holder: &str, term: u64) -> Option<Versioned<LeaderValue>> {
+        Some(Versioned { value: LeaderValue { holder: holder.into(), term }, revision: 1, ttl_left: None })
+    }
+
+    #[test]
+    fn the_primary_is_the_leader_once_it_runs_under_its_term() {
+        let mut snap = ClusterSnapshot {
+            leader: leader("n2", 3),
+            members: vec![member("n1", Role::Replica, "running", 2), member("n2", Role::Replica, "running", 2)],
+            ..Default::default()
+        };
+        let t = from_snapshot(&snap);
+        assert_eq!(t.newest_term, 3);
+        // A term handed out to a candidate that lost the race for the key is not a leader's.
+        let mut lost_race = snap.clone();
+        lost_race.term = Some(Versioned { value: 4, revision: 1, ttl_left: None });
+        assert_eq!(from_snapshot(&lost_race).newest_term, 3);
+        assert!(t.primary.is_none(), "still promoting");
+        assert!(t.why_none.unwrap().contains("does not run as primary yet"));
+        snap.members[1] = member("n2", Role::Primary, "running", 3);
+        let t = from_snapshot(&snap);
+        assert_eq!(t.primary, Some(Primary { name: "n2".into(), address: "n2:5432".into(), term: 3 }));
+        snap.leader = None;
+        let t = from_snapshot(&snap);
+        assert!(t.primary.is_none());
+        assert!(t.why_none.unwrap().contains("no leader"));
+    }
+}
