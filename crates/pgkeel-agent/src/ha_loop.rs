@@ -83,8 +83,9 @@ pub(crate) struct HaLoop {
     guc_in_force: GucInForce,
     /// Other members (name, REST URL) as last read from the DCS: whom to ask in failsafe.
     last_members: Vec<(String, String)>,
-    /// Replica: since when its WAL receiver has not streamed from the running leader.
-    stalled_since: Option<Instant>,
+    /// Replica: since when its WAL receiver has not streamed from the running leader, and the
+    /// replay position then (replay that moves on, e.g. from the archive, is no stall).
+    stalled_since: Option<(Instant, Option<u64>)>,
     /// When this replica last restarted postgres to get its WAL receiver going again.
     last_unstall: Option<Instant>,
 }
@@ -347,7 +348,12 @@ impl HaLoop {
             self.stalled_since = None;
             return;
         }
-        let since = *self.stalled_since.get_or_insert_with(Instant::now);
+        let replayed = pg.probe.as_ref().and_then(|p| p.replayed_lsn);
+        let (since, at) = *self.stalled_since.get_or_insert((Instant::now(), replayed));
+        if replayed > at {
+            self.stalled_since = Some((Instant::now(), replayed));
+            return;
+        }
         let stall = (d.ttl * 3).max(Duration::from_secs(10));
         if since.elapsed() < stall || self.last_unstall.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
             return;
@@ -763,6 +769,15 @@ impl HaLoop {
         let mut parameters = std::collections::BTreeMap::new();
         // Re-point quickly after a failover: the default waits 5 s between WAL source retries.
         parameters.insert("wal_retrieve_retry_interval".to_string(), "500ms".to_string());
+        // With a backup repository the primary archives every WAL file there (a standby with
+        // archive_mode = on does not), and every member can fetch from it what streaming
+        // cannot give (timeline history, WAL a slot did not keep).
+        if let Some(repo) = &cfg.backup.repo {
+            let exe = std::env::current_exe().context("find the pgkeel binary for archive_command")?;
+            parameters.insert("archive_mode".to_string(), "on".to_string());
+            parameters.insert("archive_command".to_string(), pgkeel_backup::archive_command(&exe, repo, &cfg.cluster));
+            parameters.insert("restore_command".to_string(), pgkeel_backup::restore_command(&exe, repo, &cfg.cluster));
+        }
         for (k, v) in d.postgresql.parameters.iter().chain(cfg.postgres.parameters.iter()) {
             parameters.insert(k.clone(), v.to_string());
         }

@@ -281,6 +281,10 @@ pub fn recovery_settings(m: &Manifest, target: &Target, restore_command: &str) -
     );
     s.push_str(&format!("restore_command = {}\n", conf_value(restore_command)));
     s.push_str("recovery_target_timeline = 'latest'\n");
+    // The copied configuration still archives into the source cluster's repository: once
+    // promoted, this server's new timeline would land there and collide with the live
+    // cluster's next one. Turn archiving on again when it becomes a cluster of its own.
+    s.push_str("archive_mode = 'off'\n");
     if let Some((name, value)) = target.setting() {
         s.push_str(&format!("{name} = {}\n", conf_value(&value)));
         s.push_str("recovery_target_action = 'promote'\n");
@@ -367,6 +371,7 @@ mod tests {
         assert!(s.contains("recovery_target_time = '2024-05-01 12:30:00.500000+00'\n"), "{s}");
         assert!(s.contains("recovery_target_action = 'promote'\n"));
         assert!(s.contains("recovery_target_timeline = 'latest'\n"));
+        assert!(s.contains("archive_mode = 'off'\n"), "a restored copy never archives into the source's repository");
         let s = recovery_settings(&m, &Target::Latest, "x");
         assert!(!s.contains("recovery_target_action") && !s.contains("recovery_target_time ="), "{s}");
         let s = recovery_settings(&m, &Target::Name("it's".into()), "x");

@@ -42,6 +42,9 @@ pub struct NodeConfig {
     /// Tags advertised to the cluster.
     #[serde(default)]
     pub tags: TagsConfig,
+    /// The backup repository this node archives WAL to while it is the primary.
+    #[serde(default)]
+    pub backup: BackupConfig,
     /// Dynamic config written to the DCS by the member that bootstraps the cluster. Ignored
     /// afterwards: change it with `PATCH /config` (`pgkeel pause` / `resume` use it).
     #[serde(default)]
@@ -186,6 +189,18 @@ impl Default for RestConfig {
     fn default() -> Self {
         RestConfig { listen: "127.0.0.1:8008".into(), connect_url: None, username: "pgkeel".into(), password: None }
     }
+}
+
+/// Backups: where this node's WAL archive and base backups live.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupConfig {
+    /// Repository directory (absolute; writable by the postgres OS user). When set, the agent
+    /// runs postgres with `archive_mode = on` and `archive_command = 'pgkeel wal push ...'`
+    /// (only the primary archives) and `restore_command = 'pgkeel wal fetch ...'`, and
+    /// `pgkeel wal|backup|restore --config node.toml` use it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo: Option<PathBuf>,
 }
 
 /// Tags advertised to the cluster.

@@ -99,8 +99,11 @@ const NODE: &[Field] = &[
     opt("postgres", Kind::Table(POSTGRES)),
     opt("rest", Kind::Table(REST)),
     opt("tags", Kind::Table(TAGS)),
+    opt("backup", Kind::Table(BACKUP)),
     opt("bootstrap", Kind::Table(DYNAMIC)),
 ];
+
+const BACKUP: &[Field] = &[opt("repo", Kind::Value)];
 
 const POSTGRES: &[Field] = &[
     opt("listen", Kind::Value),
@@ -686,6 +689,14 @@ impl NodeConfig {
                 self.tags.failover_priority
             )));
         }
+        if let Some(repo) = &self.backup.repo {
+            if !repo.is_absolute() {
+                return Err(invalid(format!(
+                    "backup.repo = {:?}: must be an absolute path, e.g. repo = \"/var/lib/pgkeel/backups\"",
+                    repo.display().to_string()
+                )));
+            }
+        }
 
         self.bootstrap.validate_at("bootstrap.")
     }
@@ -849,6 +860,13 @@ nofailover = false
 # nofailover. Default: 1.
 failover_priority = 1
 
+# Backups. Every key is optional.
+[backup]
+# Repository directory (absolute, writable by the postgres OS user). When set, postgres runs
+# with archive_mode = on and archive_command = 'pgkeel wal push ...' (only the primary
+# archives), and restore_command = 'pgkeel wal fetch ...'. Default: none (no archiving).
+# repo = "/var/lib/pgkeel/backups"
+
 # Cluster-wide settings the member that bootstraps the cluster writes to the DCS; ignored
 # afterwards. Every key is optional. loop_wait + 2 × retry_timeout must not exceed ttl.
 [bootstrap]
@@ -924,6 +942,7 @@ mod tests {
                 password: Some("pw".into()),
             },
             tags: TagsConfig { nofailover: true, failover_priority: 3 },
+            backup: crate::BackupConfig { repo: Some("/srv/backups".into()) },
             bootstrap: DynamicConfig {
                 ttl: Duration::from_secs(30),
                 loop_wait: Duration::from_secs(10),

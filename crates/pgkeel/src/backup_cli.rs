@@ -41,8 +41,8 @@ pub fn run(cmd: Commands) -> ExitCode {
 /// Which repository and cluster.
 #[derive(Args, Debug, Clone)]
 pub struct RepoArgs {
-    /// Repository directory. It must exist and be writable by the OS user postgres runs as
-    /// (archive_command runs as that user).
+    /// Repository directory (default: `backup.repo` from --config). It must exist and be
+    /// writable by the OS user postgres runs as (archive_command runs as that user).
     #[arg(long, env = "PGKEEL_REPO", value_name = "DIR")]
     pub repo: Option<PathBuf>,
     /// Cluster name in the repository (default: `cluster` from --config).
@@ -181,8 +181,8 @@ fn open_repo(args: &RepoArgs) -> anyhow::Result<(Repo, PathBuf, Option<pgkeel_co
         Some(path) => Some(pgkeel_config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?),
         None => None,
     };
-    let Some(root) = &args.repo else {
-        bail!("say where the repository is: --repo DIR (or PGKEEL_REPO)");
+    let Some(root) = args.repo.as_ref().or(config.as_ref().and_then(|c| c.backup.repo.as_ref())) else {
+        bail!("say where the repository is: --repo DIR (or PGKEEL_REPO), or --config with backup.repo set");
     };
     let cluster = match (&args.cluster, &config) {
         (Some(c), _) => c.clone(),

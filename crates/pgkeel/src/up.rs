@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use pgkeel_agent::http::request;
-use pgkeel_config::{Credentials, DcsConfig, NodeConfig, PostgresConfig, RestConfig};
+use pgkeel_config::{BackupConfig, Credentials, DcsConfig, NodeConfig, PostgresConfig, RestConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -65,6 +65,10 @@ pub struct UpInfo {
     pub api: UpCredentials,
     /// Nodes.
     pub nodes: Vec<UpNode>,
+    /// The backup repository every node archives WAL to (absent in clusters created before
+    /// it existed).
+    #[serde(default)]
+    pub backup_repo: Option<PathBuf>,
 }
 
 impl UpInfo {
@@ -164,6 +168,7 @@ fn create(dir: &Path, nodes: u16, cluster: &str, etcd: Option<Vec<String>>) -> a
                 ..RestConfig::default()
             },
             tags: Default::default(),
+            backup: BackupConfig { repo: Some(dir.join("backups")) },
             bootstrap: Default::default(),
         };
         cfg.validate().map_err(|e| anyhow::anyhow!("generated config for {name} is invalid: {e}"))?;
@@ -191,6 +196,7 @@ fn create(dir: &Path, nodes: u16, cluster: &str, etcd: Option<Vec<String>>) -> a
         superuser: UpCredentials { username: "postgres".into(), password: su_pw },
         api: UpCredentials { username: "pgkeel".into(), password: api_pw },
         nodes: infos,
+        backup_repo: Some(dir.join("backups")),
     };
     let path = dir.join("up.json");
     std::fs::write(&path, serde_json::to_string_pretty(&info)? + "\n")
@@ -284,6 +290,13 @@ fn print_endpoints(info: &UpInfo) {
         println!("  {}: {}  api {}", n.name, n.dsn, n.api_url);
     }
     println!("  REST actions: user {} password {}", info.api.username, info.api.password);
+    if let (Some(repo), Some(n)) = (&info.backup_repo, info.nodes.first()) {
+        println!(
+            "  WAL archive and backups: {} (e.g. pgkeel backup create --config {})",
+            repo.display(),
+            n.config.display()
+        );
+    }
     println!("  endpoints saved in {}", info.dir.join("up.json").display());
     let _ = std::io::stdout().flush();
 }

@@ -145,18 +145,32 @@ async fn switch_and_wait_archived(client: &tokio_postgres::Client, repo: &Repo) 
 /// Restores with `pgkeel restore ARGS`, starts postgres on it, waits until it is promoted,
 /// and returns the ids in table t.
 async fn restore_and_read(tmp: &Path, name: &str, repo: &Path, target_args: &[&str]) -> (Vec<i32>, StopOnDrop) {
+    restore_cluster_and_read(tmp, name, repo, CLUSTER, target_args).await
+}
+
+/// [`restore_and_read`] for the repository's cluster `cluster`.
+async fn restore_cluster_and_read(
+    tmp: &Path,
+    name: &str,
+    repo: &Path,
+    cluster: &str,
+    target_args: &[&str],
+) -> (Vec<i32>, StopOnDrop) {
     let inst = instance(tmp, name);
     let to = inst.data_dir.display().to_string();
     let repo = repo.display().to_string();
-    let mut args = vec!["restore", "--repo", &repo, "--cluster", CLUSTER, "--to", &to];
+    let mut args = vec!["restore", "--repo", &repo, "--cluster", cluster, "--to", &to];
     args.extend(target_args);
     let out = pgkeel(&args);
     assert!(out.status.success(), "pgkeel restore failed: {}", text(&out));
     assert!(text(&out).contains("restored backup"), "{}", text(&out));
     assert!(inst.data_dir.join("recovery.signal").exists());
     assert!(inst.data_dir.join("backup_label").exists());
-    // Its own port and socket, and no archiving into the test repository.
-    inst.write_conf(&conf(&inst, None)).unwrap();
+    // Its own port and socket, and no archiving into the test repository; max_connections
+    // at its default, which is at least what any backed-up primary had.
+    let mut settings = conf(&inst, None);
+    settings.parameters.remove("max_connections");
+    inst.write_conf(&settings).unwrap();
     inst.start(T).await.unwrap();
     let guard = StopOnDrop(inst.clone());
     let client = inst.connect(T).await.unwrap();
@@ -444,4 +458,82 @@ async fn backup_from_a_standby_restores() {
     switch_and_wait_archived(&pc, &repo).await;
     let (ids, _g3) = restore_and_read(tmp.path(), "restored", &repo_path, &["--latest"]).await;
     assert_eq!(ids, (1..=5).collect::<Vec<i32>>());
+}
+
+/// The server's clock now, in a form `--target-time` takes.
+async fn server_now(client: &tokio_postgres::Client) -> String {
+    let row = client
+        .query_one("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'", &[])
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+async fn insert(client: &tokio_postgres::Client, ids: std::ops::RangeInclusive<i32>) {
+    for id in ids {
+        client.execute("INSERT INTO t (id) VALUES ($1)", &[&id]).await.unwrap();
+    }
+}
+
+/// A `pgkeel up` cluster archives into DIR/backups on whichever node is primary: a backup
+/// before a failover restores to points on both timelines, each with exactly the rows
+/// committed before the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_restore_across_a_failover() {
+    let tmp = tempdir();
+    let c = pgkeel_testkit::Cluster::up(&bin(), 3).await;
+    let repo_path = c.dir().join("backups");
+    let repo = Repo::local(&repo_path, "pgkeel").unwrap();
+    let (old, _) = c.leader().await.expect("leader");
+    let client = pgkeel_testkit::connect(&c.node_dsn(&old)).await.unwrap();
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, ts timestamptz NOT NULL DEFAULT clock_timestamp())")
+        .await
+        .unwrap();
+    insert(&client, 1..=5).await;
+
+    // A base backup of the primary, through its node.toml.
+    let config = c.dir().join("nodes").join(&old).join("node.toml").display().to_string();
+    let out = pgkeel(&["backup", "create", "--config", &config, "--wal-wait", "60"]);
+    assert!(out.status.success(), "backup create failed: {}", text(&out));
+
+    insert(&client, 6..=8).await;
+    let t1 = server_now(&client).await;
+    insert(&client, 9..=10).await;
+    // Every replica has row 10 before the primary dies (asynchronous replication would
+    // otherwise be free to lose it, which is not what this test is about).
+    for n in c.nodes().into_iter().filter(|n| *n != old) {
+        let dsn = c.node_dsn(&n);
+        wait_for(&format!("{n} replayed row 10"), T, || {
+            let dsn = dsn.clone();
+            async move { (pgkeel_testkit::psql(&dsn, "select count(*) from t").ok()? == "10").then_some(()) }
+        })
+        .await;
+    }
+    drop(client);
+    c.kill_node(&old);
+    let (new, _) = c.wait_new_leader(&old, Duration::from_secs(30)).await;
+    let client = pgkeel_testkit::connect(&c.node_dsn(&new)).await.unwrap();
+    insert(&client, 11..=13).await;
+    let t2 = server_now(&client).await;
+    let lsn2: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    insert(&client, 14..=15).await;
+    // The new primary archives its own timeline: finish its segment and wait for it.
+    switch_and_wait_archived(&client, &repo).await;
+    assert!(
+        repo.storage().exists("pgkeel/wal/history/00000002.history.zst").unwrap(),
+        "the new timeline's history is archived"
+    );
+
+    let (ids, _g1) = restore_cluster_and_read(tmp.path(), "r1", &repo_path, "pgkeel", &["--target-time", &t1]).await;
+    assert_eq!(ids, (1..=8).collect::<Vec<_>>(), "restored to {t1} (timeline 1)");
+    drop(_g1);
+    let (ids, _g2) = restore_cluster_and_read(tmp.path(), "r2", &repo_path, "pgkeel", &["--target-time", &t2]).await;
+    assert_eq!(ids, (1..=13).collect::<Vec<_>>(), "restored to {t2} (timeline 2)");
+    drop(_g2);
+    let (ids, _g3) = restore_cluster_and_read(tmp.path(), "r3", &repo_path, "pgkeel", &["--target-lsn", &lsn2]).await;
+    assert_eq!(ids, (1..=13).collect::<Vec<_>>(), "restored to LSN {lsn2}");
+    drop(_g3);
+    let (ids, _g4) = restore_cluster_and_read(tmp.path(), "r4", &repo_path, "pgkeel", &["--latest"]).await;
+    assert_eq!(ids, (1..=15).collect::<Vec<_>>(), "restored to the end of the archive");
 }
