@@ -88,6 +88,8 @@ pub(crate) struct HaLoop {
     stalled_since: Option<(Instant, Option<u64>)>,
     /// When this replica last restarted postgres to get its WAL receiver going again.
     last_unstall: Option<Instant>,
+    /// Scheduled backups.
+    scheduler: crate::schedule::Scheduler,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -154,6 +156,7 @@ impl HaLoop {
             last_members: Vec::new(),
             stalled_since: None,
             last_unstall: None,
+            scheduler: Default::default(),
         }
     }
 
@@ -313,6 +316,15 @@ impl HaLoop {
         };
         let result = self.execute(&decision, &snap, &pg, &dynamic).await;
         self.watch_stall(&decision.action, &pg, &snap, &dynamic);
+        if matches!(pg.state, PgState::Running { .. }) {
+            let local = crate::schedule::Local {
+                data_dir: self.inst.data_dir.clone(),
+                socket_dir: self.inst.socket_dir.clone(),
+                port: self.inst.port,
+            };
+            let i_lead = self.lease.is_some();
+            self.scheduler.tick(&self.shared, &snap, &dynamic, i_lead, local).await;
+        }
         self.track_primary(&decision.action, &pg.state, result.is_ok());
         self.sync_guard(&dynamic);
         match result {
@@ -931,6 +943,7 @@ impl HaLoop {
                 term: value.term,
                 timeline: probe.timeline,
                 updated_ms: unix_ms(),
+                last_archived_ms: None,
             })
             .await?;
         self.shared.store.set_initialize(&init).await?;
@@ -1059,6 +1072,7 @@ impl HaLoop {
             term: lease.value.term,
             timeline: p.timeline,
             updated_ms: unix_ms(),
+            last_archived_ms: p.last_archived_ms,
         };
         self.shared.store.set_status(&status).await?;
         self.ensure_slots(snap).await?;
@@ -1309,6 +1323,7 @@ impl HaLoop {
                 term: lease.value.term,
                 timeline: p.timeline,
                 updated_ms: unix_ms(),
+                last_archived_ms: None,
             })
             .await?;
         if snap.failover.is_some() {
@@ -1432,6 +1447,7 @@ impl HaLoop {
                 term: lease.value.term,
                 timeline: control.timeline,
                 updated_ms: unix_ms(),
+                last_archived_ms: None,
             })
             .await?;
         self.shared.store.release_leader(lease.revision).await?;

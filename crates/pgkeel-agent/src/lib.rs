@@ -13,6 +13,7 @@ mod ha_loop;
 pub mod http;
 pub use ha_loop::random_password;
 mod rest;
+mod schedule;
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};

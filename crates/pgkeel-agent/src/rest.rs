@@ -288,6 +288,8 @@ fn cluster_json(shared: &Shared, s: &ClusterSnapshot) -> Value {
         "members": members,
         "failover": s.failover.as_ref().map(|f| &f.value),
         "sync": s.sync.as_ref().map(|x| &x.value),
+        "backup": s.backup.as_ref().map(|x| &x.value),
+        "last_archived_ms": s.status.as_ref().and_then(|x| x.last_archived_ms),
         "last_leader_lsn": last.map(format_lsn),
     })
 }
@@ -767,6 +769,33 @@ async fn metrics(shared: &Shared) -> Resp {
     );
     counter("pgkeel_dcs_errors_total", "Failed DCS reads.", shared.counters.dcs_errors.load(Ordering::Relaxed));
     if let Some(s) = &snap {
+        let now = unix_ms();
+        let mut cluster_gauge = |name: &str, help: &str, value: String| {
+            let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{cluster=\"{cluster}\"}} {value}");
+        };
+        if let Some(ms) = s.status.as_ref().and_then(|x| x.last_archived_ms) {
+            cluster_gauge(
+                "pgkeel_wal_last_archived_age_seconds",
+                "Seconds since the primary last archived a WAL file.",
+                format!("{:.3}", now.saturating_sub(ms) as f64 / 1000.0),
+            );
+        }
+        if let Some(b) = &s.backup {
+            if let Some((_, ms)) = &b.value.last_ok {
+                cluster_gauge(
+                    "pgkeel_backup_last_success_age_seconds",
+                    "Seconds since the last successful scheduled backup ended.",
+                    format!("{:.3}", now.saturating_sub(*ms) as f64 / 1000.0),
+                );
+            }
+            if let Some(ok) = b.value.ok {
+                cluster_gauge(
+                    "pgkeel_backup_last_run_ok",
+                    "1 when the last scheduled backup succeeded.",
+                    u8::from(ok).to_string(),
+                );
+            }
+        }
         let failovers = s.history.iter().filter(|h| h.reason != "bootstrap").count();
         let _ = writeln!(
             m,

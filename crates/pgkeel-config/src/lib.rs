@@ -6,6 +6,7 @@
 //! with a unit (`"1500ms"`, `"2s"`, `"1m"`); byte sizes accept a number of bytes or a string
 //! with a unit (`"10MB"`, `"1MiB"`, `"512kB"`).
 
+pub mod cron;
 mod units;
 mod validate;
 
@@ -256,6 +257,11 @@ pub struct DynamicConfig {
     /// confirms it over the REST API (`POST /failsafe`); without it, it demotes when its lease
     /// runs out. Every member must accept the same REST credentials.
     pub failsafe_mode: bool,
+    /// When to take a base backup into each member's `backup.repo`: a cron expression in
+    /// UTC, e.g. `"30 2 * * *"`. One member runs each scheduled backup, a replica when one
+    /// is streaming. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_schedule: Option<String>,
     /// Postgres parameters for every member.
     pub postgresql: DynamicPostgres,
 }
@@ -310,6 +316,7 @@ impl Default for DynamicConfig {
             synchronous_mode: SyncMode::Off,
             synchronous_node_count: 1,
             failsafe_mode: false,
+            backup_schedule: None,
             postgresql: DynamicPostgres::default(),
         }
     }

@@ -140,6 +140,7 @@ const DYNAMIC: &[Field] = &[
     opt("synchronous_mode", Kind::Value),
     opt("synchronous_node_count", Kind::Value),
     opt("failsafe_mode", Kind::Value),
+    opt("backup_schedule", Kind::Value),
     opt("postgresql", Kind::Table(DYNAMIC_POSTGRES)),
 ];
 
@@ -764,6 +765,9 @@ impl DynamicConfig {
                 self.synchronous_node_count
             )));
         }
+        if let Some(s) = &self.backup_schedule {
+            crate::cron::Cron::parse(s).map_err(|e| invalid(format!("{prefix}backup_schedule: {e}")))?;
+        }
         check_parameters(&format!("{prefix}postgresql.parameters"), &self.postgresql.parameters)
     }
 }
@@ -901,6 +905,10 @@ synchronous_node_count = 1
 # it over the REST API (POST /failsafe); otherwise it demotes when its lease runs out. Every
 # member must accept the same REST credentials. Default: false.
 failsafe_mode = false
+# When to take a base backup into the members' backup.repo: a cron expression in UTC
+# (minute hour day-of-month month day-of-week), e.g. "30 2 * * *" for 02:30 every day. One
+# member runs each scheduled backup, a replica when one is streaming. Default: none.
+# backup_schedule = "30 2 * * *"
 
 # Postgres parameters for every member; a node's own [postgres.parameters] win. Same rules
 # as [postgres.parameters]. Default: empty.
@@ -953,6 +961,7 @@ mod tests {
                 synchronous_mode: crate::SyncMode::Strict,
                 synchronous_node_count: 2,
                 failsafe_mode: true,
+                backup_schedule: Some("*/30 * * * *".into()),
                 postgresql: DynamicPostgres { parameters: params("hot_standby") },
             },
         }

@@ -11,6 +11,7 @@
 //! | `status` | [`StatusValue`] | leader's last LSN, rewritten every loop |
 //! | `sync` | [`SyncValue`] | synchronous standbys the leader confirmed (sync modes) |
 //! | `history/<term>` | [`HistoryEntry`] | permanent: one per promotion |
+//! | `backup` | [`BackupRunValue`] | the last scheduled backup: who claimed which slot, how it ended |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,6 +147,9 @@ pub struct StatusValue {
     pub timeline: u32,
     /// When written (unix ms).
     pub updated_ms: u64,
+    /// When the leader's postgres last archived a WAL file (unix ms), when it archives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_archived_ms: Option<u64>,
 }
 
 /// Value of `sync`: the standbys the leader has confirmed synchronous. Written after they are
@@ -171,6 +175,30 @@ pub struct QuorumValue {
     pub k: u32,
     /// The standbys that may confirm.
     pub voters: Vec<String>,
+}
+
+/// Value of `backup`: the scheduled backup of one slot, claimed by one member with a
+/// compare-and-set, and the last one that succeeded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRunValue {
+    /// The scheduled minute (unix seconds) this run is for.
+    pub slot: u64,
+    /// The member running it.
+    pub runner: String,
+    /// When it started (unix ms).
+    pub started_ms: u64,
+    /// When it ended (unix ms); absent while it runs.
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+    /// Whether it succeeded; absent while it runs.
+    #[serde(default)]
+    pub ok: Option<bool>,
+    /// What it said at the end: the backup's label, or the error.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// The last successful scheduled backup: (label, finished unix ms).
+    #[serde(default)]
+    pub last_ok: Option<(String, u64)>,
 }
 
 /// Value of `history/<term>`: one promotion.
@@ -230,6 +258,8 @@ pub struct ClusterSnapshot {
     pub status: Option<StatusValue>,
     /// Confirmed synchronous standbys.
     pub sync: Option<Versioned<SyncValue>>,
+    /// The last scheduled backup.
+    pub backup: Option<Versioned<BackupRunValue>>,
     /// Promotions, oldest first.
     pub history: Vec<HistoryEntry>,
 }
@@ -306,6 +336,7 @@ impl ClusterStore {
                 "failover" => snap.failover = decode(kv).ok().map(|v| versioned(kv, v)),
                 "status" => snap.status = decode(kv).ok(),
                 "sync" => snap.sync = decode(kv).ok().map(|v| versioned(kv, v)),
+                "backup" => snap.backup = decode(kv).ok().map(|v| versioned(kv, v)),
                 p if p.starts_with("members/") => {
                     if let Ok(m) = decode::<MemberValue>(kv) {
                         snap.members.push(versioned(kv, m));
@@ -438,6 +469,16 @@ impl ClusterStore {
     /// compare-and-set. Returns the new revision, or `None` on a conflict.
     pub async fn write_sync(&self, value: &SyncValue, expected: Option<u64>) -> DcsResult<Option<u64>> {
         let key = self.key("sync");
+        match expected {
+            None => self.dcs.create(&key, &encode(value), None).await,
+            Some(rev) => self.dcs.compare_and_set(&key, &encode(value), rev, None).await,
+        }
+    }
+
+    /// Write the `backup` key: create when `expected` is `None`, else compare-and-set.
+    /// Returns the new revision, or `None` when another member wrote it first.
+    pub async fn write_backup_run(&self, value: &BackupRunValue, expected: Option<u64>) -> DcsResult<Option<u64>> {
+        let key = self.key("backup");
         match expected {
             None => self.dcs.create(&key, &encode(value), None).await,
             Some(rev) => self.dcs.compare_and_set(&key, &encode(value), rev, None).await,

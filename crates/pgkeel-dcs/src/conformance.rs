@@ -806,7 +806,7 @@ pub async fn cluster_load(store: Arc<dyn Dcs>, prefix: &str) {
     assert!(load().await.failover.is_none());
 
     // Status.
-    let status = StatusValue { last_lsn: 1234, term: 3, timeline: 2, updated_ms: 99 };
+    let status = StatusValue { last_lsn: 1234, term: 3, timeline: 2, updated_ms: 99, last_archived_ms: Some(98) };
     ok(s.as_ref(), "set_status", cs.set_status(&status).await);
     assert_eq!(load().await.status, Some(status));
 

@@ -48,6 +48,8 @@ pub struct Probe {
     pub postmaster_start_unix: f64,
     /// `synchronous_standby_names` as the server applies it now (after the last reload).
     pub synchronous_standby_names: String,
+    /// When this server last archived a WAL file (`pg_stat_archiver`), unix ms.
+    pub last_archived_ms: Option<u64>,
 }
 
 /// One row of `pg_stat_wal_receiver`.
@@ -116,7 +118,8 @@ SELECT r.rec,
        current_setting('pgkeel.term', true),
        extract(epoch FROM pg_postmaster_start_time()),
        (SELECT timeline_id FROM pg_control_checkpoint()),
-       current_setting('synchronous_standby_names')
+       current_setting('synchronous_standby_names'),
+       (SELECT (extract(epoch FROM last_archived_time) * 1000)::bigint FROM pg_stat_archiver)
   FROM (SELECT pg_is_in_recovery() AS rec) r;
 SELECT w.status, w.sender_host, w.sender_port, w.slot_name, w.received_tli,
        COALESCE(to_jsonb(w)->>'flushed_lsn', to_jsonb(w)->>'received_lsn')
@@ -158,6 +161,7 @@ pub async fn probe(client: &Client) -> Result<Probe, PgError> {
         term: text_at(main, 7)?.and_then(|t| t.trim().parse().ok()),
         postmaster_start_unix: parse_at(main, 8)?.unwrap_or(0.0),
         synchronous_standby_names: text_at(main, 10)?.unwrap_or_default().to_string(),
+        last_archived_ms: parse_at(main, 11)?,
         ..Probe::default()
     };
     let checkpoint_tli: Option<u32> = parse_at(main, 9)?;

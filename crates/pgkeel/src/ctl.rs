@@ -432,6 +432,24 @@ fn render_list(v: &Value) -> String {
             if f["candidate"].is_null() { "best candidate".into() } else { text(&f["candidate"]) }
         ));
     }
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let ago = |ms: u64| format!("{}s ago", now_ms.saturating_sub(ms) / 1000);
+    if let Some(ms) = v["last_archived_ms"].as_u64() {
+        out.push_str(&format!("WAL archive: last file archived {}\n", ago(ms)));
+    }
+    let b = &v["backup"];
+    if let Some(last) = b["last_ok"].as_array() {
+        out.push_str(&format!(
+            "Last scheduled backup: {} {}\n",
+            text(&last[0]),
+            last.get(1).and_then(Value::as_u64).map(ago).unwrap_or_default()
+        ));
+    }
+    if b["ok"] == false {
+        out.push_str(&format!("Scheduled backup FAILED on {}: {}\n", text(&b["runner"]), text(&b["message"])));
+    } else if b.is_object() && b["finished_ms"].is_null() {
+        out.push_str(&format!("Scheduled backup running on {}\n", text(&b["runner"])));
+    }
     out
 }
 
