@@ -788,7 +788,14 @@ impl HaLoop {
             let exe = std::env::current_exe().context("find the pgkeel binary for archive_command")?;
             parameters.insert("archive_mode".to_string(), "on".to_string());
             parameters.insert("archive_command".to_string(), pgkeel_backup::archive_command(&exe, repo, &cfg.cluster));
-            parameters.insert("restore_command".to_string(), pgkeel_backup::restore_command(&exe, repo, &cfg.cluster));
+            // A member only uses the archive to fill gaps streaming leaves: any failure (a
+            // damaged file, an unreachable repository, the binary being replaced during an
+            // upgrade: exit codes above 125) must read as "not there" so it keeps streaming.
+            // Left as they are, postgres would take them as fatal and stop the replica.
+            parameters.insert(
+                "restore_command".to_string(),
+                format!("{} || exit 1", pgkeel_backup::restore_command(&exe, repo, &cfg.cluster)),
+            );
         }
         for (k, v) in d.postgresql.parameters.iter().chain(cfg.postgres.parameters.iter()) {
             parameters.insert(k.clone(), v.to_string());

@@ -48,6 +48,17 @@ pub struct UpNode {
     pub data_dir: PathBuf,
 }
 
+/// The proxy `up` runs in front of the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpProxy {
+    /// DSN through the proxy: pooled, reads split to replicas, following the primary.
+    pub dsn: String,
+    /// Its proxy.toml.
+    pub config: PathBuf,
+    /// Its pid file (written by `up`).
+    pub pid_file: PathBuf,
+}
+
 /// The contents of `up.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpInfo {
@@ -69,6 +80,9 @@ pub struct UpInfo {
     /// it existed).
     #[serde(default)]
     pub backup_repo: Option<PathBuf>,
+    /// The proxy (absent in clusters created before it existed).
+    #[serde(default)]
+    pub proxy: Option<UpProxy>,
 }
 
 impl UpInfo {
@@ -143,7 +157,7 @@ fn create(dir: &Path, nodes: u16, cluster: &str, etcd: Option<Vec<String>>) -> a
     let su_pw = pgkeel_agent::random_password();
     let repl_pw = pgkeel_agent::random_password();
     let api_pw = pgkeel_agent::random_password();
-    let ports = free_ports(nodes as usize * 2)?;
+    let ports = free_ports(nodes as usize * 2 + 1)?;
     let mut infos = Vec::new();
     for i in 0..nodes as usize {
         let name = format!("n{}", i + 1);
@@ -193,16 +207,69 @@ fn create(dir: &Path, nodes: u16, cluster: &str, etcd: Option<Vec<String>>) -> a
         dir: dir.to_path_buf(),
         primary_dsn: format!("{base}?target_session_attrs=read-write&connect_timeout=2"),
         replica_dsn: format!("{base}?target_session_attrs=prefer-standby&connect_timeout=2"),
-        superuser: UpCredentials { username: "postgres".into(), password: su_pw },
+        superuser: UpCredentials { username: "postgres".into(), password: su_pw.clone() },
         api: UpCredentials { username: "pgkeel".into(), password: api_pw },
         nodes: infos,
         backup_repo: Some(dir.join("backups")),
+        proxy: Some(write_proxy_config(dir, cluster, &dcs, ports[nodes as usize * 2], &su_pw)?),
     };
     let path = dir.join("up.json");
     std::fs::write(&path, serde_json::to_string_pretty(&info)? + "\n")
         .with_context(|| format!("write {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(info)
+}
+
+/// `DIR/proxy.toml` and `DIR/userlist.txt` (the superuser, mode 0600) for a proxy on `port`.
+fn write_proxy_config(dir: &Path, cluster: &str, dcs: &DcsConfig, port: u16, su_pw: &str) -> anyhow::Result<UpProxy> {
+    let dcs_toml = match dcs {
+        DcsConfig::Local { path } => format!("kind = \"local\"\npath = {:?}\n", path.display().to_string()),
+        DcsConfig::Etcd { endpoints } => format!("kind = \"etcd\"\nendpoints = {endpoints:?}\n"),
+    };
+    let config = dir.join("proxy.toml");
+    let text = format!(
+        "# Written by `pgkeel up`: the pooling proxy in front of this cluster (`pgkeel proxy --example`\n\
+         # lists every setting).\ncluster = {cluster:?}\nlisten = \"127.0.0.1:{port}\"\n\n[dcs]\n{dcs_toml}\n\
+         [auth]\nuserlist = \"userlist.txt\"\n"
+    );
+    std::fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
+    let userlist = dir.join("userlist.txt");
+    std::fs::write(&userlist, format!("\"postgres\" \"{su_pw}\"\n"))
+        .with_context(|| format!("write {}", userlist.display()))?;
+    std::fs::set_permissions(&userlist, std::fs::Permissions::from_mode(0o600))?;
+    Ok(UpProxy {
+        dsn: format!("postgresql://postgres:{su_pw}@127.0.0.1:{port}/postgres"),
+        config,
+        pid_file: dir.join("proxy.pid"),
+    })
+}
+
+/// The proxy's pid, when it runs (the pid file is `up`'s, so check the process is a proxy:
+/// a stale file may name a reused pid).
+fn proxy_alive(p: &UpProxy) -> Option<i32> {
+    let pid = pid_alive(&p.pid_file)?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.iter().any(|a| *a == b"proxy").then_some(pid)
+}
+
+/// Start the proxy in the background (own process group, log in `DIR/proxy.log`).
+fn spawn_proxy(p: &UpProxy) -> anyhow::Result<std::process::Child> {
+    let exe = std::env::current_exe().context("find the pgkeel executable")?;
+    let log_path = p.config.with_file_name("proxy.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("open {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("proxy").arg("--config").arg(&p.config);
+    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.process_group(0);
+    let child = cmd.spawn().context("start the proxy")?;
+    std::fs::write(&p.pid_file, format!("{}\n", child.id()))
+        .with_context(|| format!("write {}", p.pid_file.display()))?;
+    Ok(child)
 }
 
 fn spawn_agent(node: &UpNode) -> anyhow::Result<std::process::Child> {
@@ -261,6 +328,12 @@ pub async fn up(dir: &Path, nodes: u16, cluster: &str, detach: bool, etcd: Optio
         }
         children.push((node.name.clone(), spawn_agent(node)?));
     }
+    if let Some(p) = &info.proxy {
+        match proxy_alive(p) {
+            Some(pid) => eprintln!("the proxy already runs (pid {pid})"),
+            None => children.push(("proxy".into(), spawn_proxy(p)?)),
+        }
+    }
     print_endpoints(&info);
 
     let ready = wait_ready(&info, Duration::from_secs(120)).await;
@@ -288,6 +361,9 @@ fn print_endpoints(info: &UpInfo) {
     println!("  replicas (read-only): {}", info.replica_dsn);
     for n in &info.nodes {
         println!("  {}: {}  api {}", n.name, n.dsn, n.api_url);
+    }
+    if let Some(p) = &info.proxy {
+        println!("  proxy (pooled, reads to replicas): {}", p.dsn);
     }
     println!("  REST actions: user {} password {}", info.api.username, info.api.password);
     if let (Some(repo), Some(n)) = (&info.backup_repo, info.nodes.first()) {
@@ -365,7 +441,8 @@ async fn status_until_signal(info: &UpInfo, children: &mut [(String, std::proces
         let mut line = status_line(cluster_json(info).await.as_ref());
         for (name, child) in children.iter_mut() {
             if let Ok(Some(status)) = child.try_wait() {
-                line.push_str(&format!(" | agent {name} exited ({status})"));
+                let what = if name == "proxy" { "the proxy".to_string() } else { format!("agent {name}") };
+                line.push_str(&format!(" | {what} exited ({status})"));
             }
         }
         if tty {
@@ -397,6 +474,20 @@ fn signal_pid(pid: i32, sig: i32) {
 /// any postgres whose agent was already gone.
 pub async fn down(dir: &Path) -> anyhow::Result<()> {
     let info = UpInfo::read(dir)?;
+    // The proxy first: clients see it go rather than queries failing against stopping nodes.
+    if let Some(p) = &info.proxy {
+        if let Some(pid) = proxy_alive(p) {
+            signal_pid(pid, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && proxy_alive(p).is_some() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if let Some(pid) = proxy_alive(p) {
+                signal_pid(pid, libc::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_file(&p.pid_file);
+    }
     // Replicas first, so that the leader releasing its key cannot start a race among replicas
     // that are still running; then the leader.
     let leader = cluster_json(&info).await.and_then(|v| v["leader"].as_str().map(String::from));
