@@ -2,7 +2,8 @@
 # Install what pgkeel needs to build, run `pgkeel up` and run its tests on Debian 12.
 #
 #   scripts/install-deps.sh          build and run: PostgreSQL server, etcd, C toolchain, tools
-#   scripts/install-deps.sh --test   the same, plus test-only tools (cargo-nextest)
+#   scripts/install-deps.sh --test   the same, plus test-only tools (cargo-nextest, and moto, a
+#                                    local S3-compatible server, in /opt/pgkeel-test-venv)
 #
 # Idempotent: it checks first and calls apt-get only when a package is missing. Runs as root
 # without prompts; as another user it uses sudo when sudo exists.
@@ -52,7 +53,7 @@ installed() {
 }
 
 missing=()
-for pkg in build-essential pkg-config ca-certificates curl bc python3; do
+for pkg in build-essential pkg-config ca-certificates curl bc python3 libclang-dev; do
     installed "$pkg" || missing+=("$pkg")
 done
 # The PostgreSQL server: any /usr/lib/postgresql/<major>/bin/postgres will do (pgkeel picks
@@ -129,6 +130,34 @@ if [ "$want_test_tools" -eq 1 ]; then
         if ! cargo install cargo-nextest --locked; then
             say "could not install cargo-nextest; scripts/test.sh falls back to cargo test"
         fi
+    fi
+
+    # moto (PyPI, moto[server]): the S3-compatible server the S3 repository tests start on a
+    # free port. The tests use /opt/pgkeel-test-venv/bin/moto_server, else moto_server on PATH,
+    # and fail (naming this script) when neither exists. Debian's python refuses `pip install`
+    # into the system site-packages, hence a venv of its own.
+    venv=/opt/pgkeel-test-venv
+    if [ -x "$venv/bin/moto_server" ] && "$venv/bin/moto_server" --help >/dev/null 2>&1; then
+        say "moto: $venv/bin/moto_server"
+    elif [ ! -e "$venv" ] && command -v moto_server >/dev/null 2>&1 && moto_server --help >/dev/null 2>&1; then
+        say "moto: $(command -v moto_server) (on PATH)"
+    else
+        py=/usr/bin/python3
+        [ -x "$py" ] || py=$(command -v python3)
+        if ! "$py" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+            say "installing python3-venv (for the moto venv)"
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv
+        fi
+        say "moto is missing: installing moto[server] from PyPI into $venv"
+        as_root rm -rf "$venv"
+        as_root "$py" -m venv "$venv"
+        as_root "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]'
+        if ! "$venv/bin/moto_server" --help >/dev/null 2>&1; then
+            say "moto_server does not run after installing moto[server] into $venv"
+            exit 1
+        fi
+        say "moto: $venv/bin/moto_server"
     fi
 fi
 

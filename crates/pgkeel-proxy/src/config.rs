@@ -34,6 +34,29 @@ impl PoolMode {
     }
 }
 
+/// How a replica is chosen for a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadBalance {
+    /// Each eligible replica in turn. The default.
+    RoundRobin,
+    /// A random eligible replica.
+    Random,
+    /// The eligible replica with the fewest server connections in use for the client's
+    /// (database, user).
+    LeastConnections,
+}
+
+impl LoadBalance {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadBalance::RoundRobin => "round_robin",
+            LoadBalance::Random => "random",
+            LoadBalance::LeastConnections => "least_connections",
+        }
+    }
+}
+
 /// The proxy's configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProxyConfig {
@@ -41,8 +64,24 @@ pub struct ProxyConfig {
     pub cluster: String,
     /// Where the cluster state lives: the same `[dcs]` as the agents'.
     pub dcs: DcsConfig,
-    /// `host:port` of the listener that routes to the primary.
+    /// `host:port` of the auto listener: reads to replicas, the rest to the primary.
     pub listen: String,
+    /// `host:port` of an optional listener whose clients always use the primary.
+    pub listen_primary: Option<String>,
+    /// `host:port` of an optional listener whose clients always use replicas (the primary
+    /// when no replica is eligible).
+    pub listen_replica: Option<String>,
+    /// How a replica is chosen.
+    pub load_balance: LoadBalance,
+    /// A replica more than this many bytes of WAL behind the primary gets no reads.
+    pub max_replica_lag: u64,
+    /// After a client's write, its reads go only to replicas that have replayed it.
+    pub read_your_writes: bool,
+    /// Functions whose calls send a statement to the primary, besides the built-in ones.
+    pub primary_functions: Vec<String>,
+    /// Protocol-level prepared statements kept per server connection (least recently used
+    /// ones are closed beyond it); 0 passes statement names through unchanged.
+    pub max_prepared_statements: u32,
     /// Transaction (default) or session pooling.
     pub pool_mode: PoolMode,
     /// Server connections per (database, user).
@@ -74,6 +113,19 @@ impl ProxyConfig {
     pub const DEFAULT_FAILOVER_HOLD_TIMEOUT: Duration = Duration::from_secs(30);
     /// Default server connect bound.
     pub const DEFAULT_SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default replica lag limit: 16 MiB of WAL.
+    pub const DEFAULT_MAX_REPLICA_LAG: u64 = 16 << 20;
+    /// Default prepared statements per server connection (PgBouncer's default).
+    pub const DEFAULT_MAX_PREPARED_STATEMENTS: u32 = 200;
+
+    /// Every listener: (address, what it is for).
+    pub fn listeners(&self) -> Vec<(&str, crate::router::RouteMode)> {
+        use crate::router::RouteMode;
+        let mut v = vec![(self.listen.as_str(), RouteMode::Auto)];
+        v.extend(self.listen_primary.as_deref().map(|l| (l, RouteMode::Primary)));
+        v.extend(self.listen_replica.as_deref().map(|l| (l, RouteMode::Replica)));
+        v
+    }
 }
 
 /// Why a `proxy.toml` was refused.
@@ -102,6 +154,13 @@ fn invalid(msg: impl Into<String>) -> ConfigError {
 const TOP: &[&str] = &[
     "cluster",
     "listen",
+    "listen_primary",
+    "listen_replica",
+    "load_balance",
+    "max_replica_lag",
+    "read_your_writes",
+    "primary_functions",
+    "max_prepared_statements",
     "pool_mode",
     "pool_size",
     "max_client_conn",
@@ -238,16 +297,83 @@ fn duration(table: &toml::Table, key: &str, default: Duration, min: Duration) ->
     Ok(d)
 }
 
-fn check_listen(listen: &str) -> Result<(), ConfigError> {
+fn check_listen(key: &str, listen: &str) -> Result<(), ConfigError> {
     let ok = listen.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
     if ok {
         Ok(())
     } else {
         Err(invalid(format!(
-            "listen = {listen:?} is not host:port; e.g. listen = \"{}\" or \"0.0.0.0:6432\"",
+            "{key} = {listen:?} is not host:port; e.g. {key} = \"{}\" or \"0.0.0.0:6432\"",
             ProxyConfig::DEFAULT_LISTEN
         )))
     }
+}
+
+fn boolean(table: &toml::Table, key: &str, default: bool) -> Result<bool, ConfigError> {
+    match table.get(key) {
+        None => Ok(default),
+        Some(toml::Value::Boolean(b)) => Ok(*b),
+        Some(other) => Err(invalid(format!("{key} must be true or false, not {}", a_type(other)))),
+    }
+}
+
+/// A size in bytes: an integer, or a string with a unit (`"512kB"`, `"16MB"`, `"1GB"`; powers
+/// of 1024, as in postgresql.conf).
+fn bytes(table: &toml::Table, key: &str, default: u64) -> Result<u64, ConfigError> {
+    let help = format!("{key} takes a number of bytes or a size such as \"16MB\" (units B, kB, MB, GB)");
+    match table.get(key) {
+        None => Ok(default),
+        Some(toml::Value::Integer(i)) => {
+            u64::try_from(*i).map_err(|_| invalid(format!("{key} = {i}: a size cannot be negative; {help}")))
+        }
+        Some(toml::Value::String(s)) => {
+            let t = s.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let mult: u64 = match unit.trim() {
+                "" | "B" => 1,
+                "kB" | "KB" | "k" => 1 << 10,
+                "MB" | "M" => 1 << 20,
+                "GB" | "G" => 1 << 30,
+                _ => return Err(invalid(format!("{key} = {s:?}: unknown unit; {help}"))),
+            };
+            num.parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(mult))
+                .ok_or_else(|| invalid(format!("{key} = {s:?} is not a size; {help}")))
+        }
+        Some(other) => Err(invalid(format!("{key} must be a size, not {}; {help}", a_type(other)))),
+    }
+}
+
+fn functions(table: &toml::Table) -> Result<Vec<String>, ConfigError> {
+    let help = "e.g. primary_functions = [\"app.next_id\", \"audit_log\"]";
+    let list = match table.get("primary_functions") {
+        None => return Ok(Vec::new()),
+        Some(toml::Value::Array(a)) => a,
+        Some(other) => {
+            return Err(invalid(format!(
+                "primary_functions must be an array of function names, not {}; {help}",
+                a_type(other)
+            )))
+        }
+    };
+    let mut out = Vec::new();
+    for v in list {
+        let toml::Value::String(name) = v else {
+            return Err(invalid(format!("primary_functions: {v} is not a string; {help}")));
+        };
+        let ok = !name.is_empty()
+            && name.split('.').count() <= 2
+            && name.split('.').all(|p| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '$'));
+        if !ok {
+            return Err(invalid(format!(
+                "primary_functions: {name:?} is not a function name (name or schema.name, without arguments); {help}"
+            )));
+        }
+        out.push(name.clone());
+    }
+    Ok(out)
 }
 
 fn check_name(name: &str) -> Result<(), ConfigError> {
@@ -321,7 +447,36 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
     check_name(&cluster)?;
     let dcs = dcs(&table)?;
     let listen = string(&table, "", "listen")?.unwrap_or_else(|| ProxyConfig::DEFAULT_LISTEN.to_string());
-    check_listen(&listen)?;
+    check_listen("listen", &listen)?;
+    let listen_primary = string(&table, "", "listen_primary")?;
+    let listen_replica = string(&table, "", "listen_replica")?;
+    let mut seen = vec![("listen", listen.as_str())];
+    for (key, value) in [("listen_primary", &listen_primary), ("listen_replica", &listen_replica)] {
+        if let Some(l) = value {
+            check_listen(key, l)?;
+            if let Some((other, _)) = seen.iter().find(|(_, a)| a == l) {
+                return Err(invalid(format!(
+                    "{key} = {l:?} is the address of {other} too; give each listener its own port"
+                )));
+            }
+            seen.push((key, l));
+        }
+    }
+    let load_balance = match string(&table, "", "load_balance")?.as_deref() {
+        None | Some("round_robin") => LoadBalance::RoundRobin,
+        Some("random") => LoadBalance::Random,
+        Some("least_connections") => LoadBalance::LeastConnections,
+        Some(other) => {
+            return Err(invalid(format!(
+                "load_balance = {other:?} is not a strategy; use \"round_robin\", \"random\" or \"least_connections\""
+            )))
+        }
+    };
+    let max_replica_lag = bytes(&table, "max_replica_lag", ProxyConfig::DEFAULT_MAX_REPLICA_LAG)?;
+    let read_your_writes = boolean(&table, "read_your_writes", true)?;
+    let primary_functions = functions(&table)?;
+    let max_prepared_statements =
+        count(&table, "max_prepared_statements", ProxyConfig::DEFAULT_MAX_PREPARED_STATEMENTS, 0, 100_000)?;
     let pool_mode = match string(&table, "", "pool_mode")?.as_deref() {
         None | Some("transaction") => PoolMode::Transaction,
         Some("session") => PoolMode::Session,
@@ -360,6 +515,13 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         cluster,
         dcs,
         listen,
+        listen_primary,
+        listen_replica,
+        load_balance,
+        max_replica_lag,
+        read_your_writes,
+        primary_functions,
+        max_prepared_statements,
         pool_mode,
         pool_size,
         max_client_conn,
@@ -388,8 +550,28 @@ const EXAMPLE: &str = r##"# pgkeel proxy configuration (proxy.toml).
 
 # The cluster's name, as in the agents' node.toml. Required.
 cluster = "main"
-# host:port of the listener that routes to the current primary.
+# host:port of the auto listener: each transaction's first statement is classified with
+# PostgreSQL's grammar; reads go to a replica, everything else to the primary.
 listen = "127.0.0.1:6432"
+# Optional listeners whose clients always use the primary, or always replicas (the primary
+# when no replica is eligible).
+# listen_primary = "127.0.0.1:6433"
+# listen_replica = "127.0.0.1:6434"
+# How a replica is chosen for a read: "round_robin", "random" or "least_connections".
+load_balance = "round_robin"
+# A replica more WAL than this behind the primary (per the agents' reports) gets no reads:
+# bytes, or a size such as "512kB", "16MB".
+max_replica_lag = "16MB"
+# After a client's write commits, its reads go only to replicas that have replayed it (or to
+# the primary).
+read_your_writes = true
+# Functions whose calls send a statement to the primary, besides the built-in ones (nextval,
+# setval, advisory locks, ...): name or schema.name.
+primary_functions = []
+# Protocol-level prepared statements kept per server connection; beyond it the least recently
+# used one is closed. 0 passes statement names through unchanged (then named statements only
+# work in session mode).
+max_prepared_statements = 200
 # "transaction" (a server connection per transaction; the default) or "session" (per client).
 pool_mode = "transaction"
 # Server connections per (database, user).
@@ -447,6 +629,12 @@ mod tests {
         assert_eq!(c.failover_hold_timeout, d.failover_hold_timeout);
         assert_eq!(c.server_connect_timeout, d.server_connect_timeout);
         assert_eq!(d.pool_mode, PoolMode::Transaction);
+        assert_eq!((c.listen_primary.clone(), c.listen_replica.clone()), (None, None));
+        assert_eq!((c.load_balance, d.load_balance), (LoadBalance::RoundRobin, LoadBalance::RoundRobin));
+        assert_eq!((c.max_replica_lag, d.max_replica_lag), (16 << 20, 16 << 20));
+        assert_eq!((c.read_your_writes, d.read_your_writes), (true, true));
+        assert_eq!((c.primary_functions.len(), d.primary_functions.len()), (0, 0));
+        assert_eq!((c.max_prepared_statements, d.max_prepared_statements), (200, 200));
         assert_eq!(d.userlist, PathBuf::from("/etc/pgkeel/users.txt"), "relative to the file's directory");
     }
 
@@ -464,6 +652,25 @@ mod tests {
         assert_eq!(c.query_wait_timeout, Duration::from_millis(1500));
         assert_eq!(c.failover_hold_timeout, Duration::from_secs(12));
         assert_eq!(c.server_connect_timeout, Duration::from_millis(500));
+        let c = ok(&MINIMAL.replace(
+            "cluster = \"main\"\n",
+            "cluster = \"main\"\nlisten_primary = \"127.0.0.1:7001\"\nlisten_replica = \"127.0.0.1:7002\"\n\
+             load_balance = \"least_connections\"\nmax_replica_lag = \"512kB\"\nread_your_writes = false\n\
+             primary_functions = [\"app.next_id\", \"audit\"]\nmax_prepared_statements = 0\n",
+        ));
+        assert_eq!(c.listen_primary.as_deref(), Some("127.0.0.1:7001"));
+        assert_eq!(c.listen_replica.as_deref(), Some("127.0.0.1:7002"));
+        assert_eq!(c.load_balance, LoadBalance::LeastConnections);
+        assert_eq!(c.max_replica_lag, 512 << 10);
+        assert!(!c.read_your_writes);
+        assert_eq!(c.primary_functions, vec!["app.next_id".to_string(), "audit".to_string()]);
+        assert_eq!(c.max_prepared_statements, 0);
+        assert_eq!(c.listeners().len(), 3);
+        assert_eq!(
+            ok(&MINIMAL.replace("cluster = \"main\"\n", "cluster = \"main\"\nmax_replica_lag = 1000\n"))
+                .max_replica_lag,
+            1000
+        );
         let etcd =
             ok("cluster = \"c\"\n[dcs]\nkind = \"etcd\"\nendpoints = [\"http://h:2379\"]\n[auth]\nuserlist = \"/u\"\n");
         assert_eq!(etcd.dcs, DcsConfig::Etcd { endpoints: vec!["http://h:2379".into()] });
@@ -494,6 +701,19 @@ mod tests {
             (with("listen = \"6432\""), "listen = \"6432\" is not host:port"),
             (with("cluster2 = 1"), "unknown key \"cluster2\"; did you mean \"cluster\"?"),
             ("cluster = ".to_string(), "TOML parse error at line 1"),
+            (
+                with("listen_replica = \"127.0.0.1:6432\""),
+                "listen_replica = \"127.0.0.1:6432\" is the address of listen too",
+            ),
+            (with("listen_primary = \"x\""), "listen_primary = \"x\" is not host:port"),
+            (with("load_balance = \"weighted\""), "load_balance = \"weighted\" is not a strategy"),
+            (with("max_replica_lag = \"16 parsecs\""), "max_replica_lag = \"16 parsecs\": unknown unit"),
+            (with("max_replica_lag = -1"), "a size cannot be negative"),
+            (with("read_your_writes = \"yes\""), "read_your_writes must be true or false, not a string"),
+            (with("primary_functions = \"f\""), "primary_functions must be an array of function names"),
+            (with("primary_functions = [\"f(int)\"]"), "\"f(int)\" is not a function name"),
+            (with("max_prepared_statements = -1"), "max_prepared_statements = -1 is out of range"),
+            (with("max_replica_lags = 1"), "did you mean \"max_replica_lag\"?"),
         ] {
             let e = err(&text);
             assert!(e.contains(want), "{text}\n=> {e}\nwanted: {want}");

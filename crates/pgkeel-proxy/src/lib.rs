@@ -4,20 +4,23 @@
 //! - [`protocol`], the wire-protocol codec, with no I/O;
 //! - [`config`], `proxy.toml`;
 //! - [`userlist`] and [`scram`], client authentication (SCRAM-SHA-256) and server logins;
-//! - [`topology`], the primary, from a DCS watch;
-//! - [`pool`], server connections per (database, user);
+//! - [`topology`], the primary and the replicas, from a DCS watch;
+//! - [`router`], read/write classification with PostgreSQL's grammar;
+//! - [`prepared`], protocol-level prepared statements across pooled connections;
+//! - [`pool`], server connections per (database, user, server);
 //! - [`server`], one server connection;
-//! - `session`, one client connection (startup, authentication, forwarding);
-//! - [`run`], the listener.
+//! - `session`, one client connection (startup, authentication, routing, forwarding);
+//! - [`run`], the listeners.
 //!
-//! Not built yet: read/write splitting, TLS, prepared statements in transaction mode, the
-//! admin console and metrics (see `docs/proxy.md`).
+//! Not built yet: TLS, the admin console and metrics (see `docs/proxy.md`).
 
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod pool;
+pub mod prepared;
 pub mod protocol;
+pub mod router;
 pub mod scram;
 pub mod server;
 mod session;
@@ -29,6 +32,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::sync::{watch, Semaphore};
 
+/// The `bytes` crate, whose `Bytes` and `BytesMut` the codec's API uses.
+pub use bytes;
 pub use config::{PoolMode, ProxyConfig};
 pub use userlist::Userlist;
 
@@ -39,13 +44,24 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, mut shutdown: watch::R
     // Phase 1: everything that can fail on bad config, before binding.
     let dcs = topology::open_dcs(&config.dcs).await?;
     let store = pgkeel_dcs::cluster::ClusterStore::new(dcs.clone(), &config.cluster);
-    // Phase 2: bind.
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("bind the proxy listener on {} (listen)", config.listen))?;
+    // Phase 2: bind every listener.
+    let mut listeners = Vec::new();
+    for (address, mode) in config.listeners() {
+        let key = match mode {
+            router::RouteMode::Auto => "listen",
+            router::RouteMode::Primary => "listen_primary",
+            router::RouteMode::Replica => "listen_replica",
+        };
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("bind the proxy listener on {address} ({key})"))?;
+        tracing::info!(listen = %address, routing = mode.as_str(), "listening");
+        listeners.push((listener, mode));
+    }
     tracing::info!(
-        listen = %config.listen, cluster = %config.cluster, dcs = %dcs.describe(), pool_mode = config.pool_mode.as_str(),
-        pool_size = config.pool_size, users = userlist.len(), "proxy listening"
+        cluster = %config.cluster, dcs = %dcs.describe(), pool_mode = config.pool_mode.as_str(),
+        pool_size = config.pool_size, users = userlist.len(), load_balance = config.load_balance.as_str(),
+        max_replica_lag = config.max_replica_lag, "proxy listening"
     );
     // Phase 3: serve.
     let (tx, rx) = watch::channel(topology::Topology::default());
@@ -53,30 +69,44 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, mut shutdown: watch::R
     let clients = Arc::new(Semaphore::new(config.max_client_conn as usize));
     let shared = Arc::new(session::Shared::new(config, userlist, rx.clone()));
     let closer = tokio::spawn(close_old_terms(shared.clone(), rx));
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .map(|(listener, mode)| tokio::spawn(accept(listener, mode, shared.clone(), clients.clone())))
+        .collect();
     loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let admitted = clients.clone().try_acquire_owned().ok();
-                    tokio::spawn(session::run(shared.clone(), stream, peer, admitted));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: keep serving the clients we have.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            },
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() {
-                    break;
-                }
-            }
+        if shutdown.changed().await.is_err() || *shutdown.borrow() {
+            break;
         }
+    }
+    for a in &acceptors {
+        a.abort();
     }
     tracing::info!("proxy stopping: no new clients");
     closer.abort();
     let _ = watcher.await;
     Ok(())
+}
+
+/// Accepts clients on one listener until aborted.
+async fn accept(
+    listener: tokio::net::TcpListener,
+    mode: router::RouteMode,
+    shared: Arc<session::Shared>,
+    clients: Arc<Semaphore>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let admitted = clients.clone().try_acquire_owned().ok();
+                tokio::spawn(session::run(shared.clone(), stream, peer, admitted, mode));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: keep serving the clients we have.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 /// Closes idle server connections of older terms as soon as a newer term is seen.

@@ -13,6 +13,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::server::ServerConn;
 
+/// Which server a pool's connections go to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PoolTarget {
+    /// The current primary (whichever member it is).
+    Primary,
+    /// The replica of this member name.
+    Replica(String),
+}
+
 /// A pool's identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -20,6 +29,8 @@ pub struct PoolKey {
     pub database: String,
     /// Role name.
     pub user: String,
+    /// Primary or a replica.
+    pub target: PoolTarget,
 }
 
 /// One pool.
@@ -112,6 +123,12 @@ impl Pools {
     pub fn get(&self, key: PoolKey, size: u32) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
         pools.entry(key.clone()).or_insert_with(|| Arc::new(Pool::new(key, size))).clone()
+    }
+
+    /// Server connections in use in the pool `key` (0 when it does not exist yet).
+    pub fn in_use(&self, key: &PoolKey) -> usize {
+        let pool = self.pools.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned();
+        pool.map_or(0, |p| p.counts().0)
     }
 
     /// Closes idle connections older than `term` in every pool; returns how many.

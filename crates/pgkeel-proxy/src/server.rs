@@ -10,12 +10,22 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::prepared::ServerStatements;
 use crate::protocol::{
     sqlstate, Authentication, BackendDecoder, BackendMessage, ErrorFields, FrontendMessage, StartupMessage,
     StartupPacket, Text, TransactionStatus,
 };
 use crate::scram::{self, ClientCredential, ClientExchange};
-use crate::topology::Primary;
+use crate::topology::{Primary, Replica};
+
+/// What a server connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerRole {
+    /// The primary, under a term (fenced).
+    Primary,
+    /// A replica (in recovery), for reads.
+    Replica,
+}
 
 /// How the proxy logs in to servers as one user.
 #[derive(Debug, Clone)]
@@ -74,6 +84,10 @@ pub struct ServerConn {
     pub address: String,
     /// When the connection was opened.
     pub opened: Instant,
+    /// Primary or replica.
+    pub role: ServerRole,
+    /// The protocol-level prepared statements it has (see [`crate::prepared`]).
+    pub statements: ServerStatements,
     decoder: BackendDecoder,
 }
 
@@ -83,6 +97,7 @@ impl std::fmt::Debug for ServerConn {
             .field("member", &self.member)
             .field("address", &self.address)
             .field("term", &self.term)
+            .field("role", &self.role)
             .finish_non_exhaustive()
     }
 }
@@ -109,7 +124,8 @@ impl ServerConn {
         auth: &ServerAuth,
         timeout: Duration,
     ) -> Result<ServerConn, ConnectError> {
-        match tokio::time::timeout(timeout, ServerConn::connect_inner(primary, database, auth)).await {
+        let login = ServerConn::connect_inner(&primary.name, &primary.address, Some(primary.term), database, auth);
+        match tokio::time::timeout(timeout, login).await {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Retry(format!(
                 "connecting to {} ({}) took longer than server_connect_timeout ({timeout:?})",
@@ -118,9 +134,35 @@ impl ServerConn {
         }
     }
 
-    async fn connect_inner(primary: &Primary, database: &str, auth: &ServerAuth) -> Result<ServerConn, ConnectError> {
-        let at = format!("{} ({})", primary.name, primary.address);
-        let stream = TcpStream::connect(&primary.address)
+    /// Opens a connection to `replica` as `auth.user` on `database`, within `timeout`. The
+    /// server must be in recovery.
+    pub async fn connect_replica(
+        replica: &Replica,
+        database: &str,
+        auth: &ServerAuth,
+        timeout: Duration,
+    ) -> Result<ServerConn, ConnectError> {
+        let login = ServerConn::connect_inner(&replica.name, &replica.address, None, database, auth);
+        match tokio::time::timeout(timeout, login).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Retry(format!(
+                "connecting to the replica {} ({}) took longer than server_connect_timeout ({timeout:?})",
+                replica.name, replica.address
+            ))),
+        }
+    }
+
+    /// Logs in to `name` at `address`; `term` is the leader's term for a primary, `None` for
+    /// a replica.
+    async fn connect_inner(
+        name: &str,
+        address: &str,
+        term: Option<u64>,
+        database: &str,
+        auth: &ServerAuth,
+    ) -> Result<ServerConn, ConnectError> {
+        let at = format!("{name} ({address})");
+        let stream = TcpStream::connect(address)
             .await
             .map_err(|e| ConnectError::Retry(format!("cannot connect to {at}: {e}")))?;
         let _ = stream.set_nodelay(true);
@@ -130,9 +172,11 @@ impl ServerConn {
             params: HashMap::new(),
             key: None,
             term: 0,
-            member: primary.name.clone(),
-            address: primary.address.clone(),
+            member: name.to_string(),
+            address: address.to_string(),
             opened: Instant::now(),
+            role: if term.is_some() { ServerRole::Primary } else { ServerRole::Replica },
+            statements: ServerStatements::default(),
             decoder: BackendDecoder::default(),
         };
         let io = |e: std::io::Error| ConnectError::Retry(format!("lost the connection to {at} during login: {e}"));
@@ -225,18 +269,24 @@ impl ServerConn {
             .await
             .map_err(|e| ConnectError::Retry(format!("{at}: {e}")))?;
         let row = rows.first().ok_or_else(|| unexpected(&at, "the term check returned no row"))?;
-        let (recovery, term) = (row.first().and_then(|v| v.as_deref()), row.get(1).and_then(|v| v.as_deref()));
+        let (recovery, server_term) = (row.first().and_then(|v| v.as_deref()), row.get(1).and_then(|v| v.as_deref()));
+        let server_term: u64 = server_term.and_then(|t| t.parse().ok()).unwrap_or(0);
+        let Some(leader_term) = term else {
+            if recovery != Some("true") {
+                return Err(ConnectError::Retry(format!("{at} is not in recovery: it is no replica (promoted?)")));
+            }
+            conn.term = server_term;
+            return Ok(conn);
+        };
         if recovery != Some("false") {
             return Err(ConnectError::Retry(format!("{at} is in recovery (not promoted yet)")));
         }
-        let term: u64 = term.and_then(|t| t.parse().ok()).unwrap_or(0);
-        if term < primary.term {
+        if server_term < leader_term {
             return Err(ConnectError::Retry(format!(
-                "{at} runs under term {term}, older than the leader's term {}; waiting for it to catch up",
-                primary.term
+                "{at} runs under term {server_term}, older than the leader's term {leader_term}; waiting for it to catch up"
             )));
         }
-        conn.term = term;
+        conn.term = server_term;
         Ok(conn)
     }
 

@@ -1,24 +1,32 @@
 //! One client connection: startup, SCRAM authentication, then forwarding between the client
-//! and a pooled server connection.
+//! and pooled server connections (the primary, or a replica for reads).
 //!
-//! Forwarding works on whole frames ([`crate::protocol::Frame`]) and never re-encodes them.
-//! The session looks at few message types:
+//! Forwarding works on whole frames ([`crate::protocol::Frame`]). Client frames are read into
+//! `held` and handed to a server a unit at a time: a unit ends with a Query, FunctionCall,
+//! Sync or Flush. A client without a server connection gets one for its next unit: in
+//! transaction mode on the auto listener the unit's statements are classified
+//! ([`crate::router`]) and a unit that only reads goes to a replica; everything else goes to
+//! the primary.
 //!
-//! - client Query, FunctionCall and Sync: each is answered by exactly one ReadyForQuery, so
-//!   the session counts them (`pending`) to know when the server has answered everything;
-//! - client Parse, Bind, Describe, Execute, Close: an extended-protocol batch is open until its
-//!   Sync; the server connection cannot change hands in the middle of one;
-//! - server ReadyForQuery: in transaction mode, the connection goes back to the pool when the
-//!   status is idle, nothing is pending and no batch is open;
-//! - server ParameterStatus: what the client set (application_name, DateStyle...) is
-//!   remembered and replayed on the next server connection.
+//! For every message sent to a server the session queues what it expects back ([`Entry`]):
+//! the answer to a client message is forwarded, the answer to a message the proxy added
+//! itself (a Parse before a Bind, see [`crate::prepared`]) is dropped, and a message the proxy
+//! answers itself (a Parse the server already has, a Close) gets its answer when its turn
+//! comes. After an error in an extended-protocol batch the server skips to the Sync, and so
+//! does the queue, undoing the bookkeeping of the skipped messages.
+//!
+//! In transaction mode a server connection goes back to the pool when the server has
+//! answered everything, no extended-protocol batch is open and the status is idle. Before a
+//! primary connection on which the client wrote goes back, the proxy reads the primary's WAL
+//! position (`pg_current_wal_lsn()`) for read-your-writes: the client's later reads go only to
+//! replicas that have replayed it.
 //!
 //! Both directions are pumped at once with bounded buffers, so a server that writes while the
 //! client is still sending (a large COPY, a pipelining client) cannot deadlock the session.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -27,15 +35,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
-use crate::config::{PoolMode, ProxyConfig};
-use crate::pool::{Pool, PoolKey, Pools};
+use crate::config::{LoadBalance, PoolMode, ProxyConfig};
+use crate::pool::{Pool, PoolKey, PoolTarget, Pools};
+use crate::prepared::{self, StmtDef};
 use crate::protocol::{
-    sqlstate, AuthExpect, Authentication, BackendDecoder, BackendMessage, ErrorFields, Frame, FrontendDecoder,
+    sqlstate, AuthExpect, Authentication, BackendMessage, ErrorFields, FieldDescription, Frame, FrontendDecoder,
     FrontendMessage, Limits, ProtocolVersion, Severity, StartupMessage, StartupPacket, Text, TransactionStatus,
 };
+use crate::router::{Class, Classifier, RouteCommand, RouteMode};
 use crate::scram::{self, ClientCredential, ScramSecret, ServerExchange};
-use crate::server::{ConnectError, ServerAuth, ServerConn};
-use crate::topology::Topology;
+use crate::server::{ConnectError, ServerAuth, ServerConn, ServerRole};
+use crate::topology::{Replica, Topology};
 use crate::userlist::Userlist;
 
 /// Stop reading from one side while this many bytes wait to be written to the other.
@@ -44,6 +54,12 @@ const HIGH_WATER: usize = 256 * 1024;
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bound on the proxy's own cleanup statements (ROLLBACK, DISCARD ALL).
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a replica that could not be reached gets no reads.
+const REPLICA_BAN: Duration = Duration::from_secs(5);
+/// A read-your-writes floor no replica reaches: the client's last write position is unknown.
+const UNKNOWN_LSN: u64 = u64::MAX;
+/// Statement texts whose classification is cached.
+const CLASS_CACHE_SIZE: usize = 16 * 1024;
 
 /// Session settings the proxy replays on each server connection a client uses, with their
 /// canonical spelling. Others in a startup packet are refused: they would silently apply to
@@ -83,23 +99,37 @@ pub struct Shared {
     pub userlist: Userlist,
     /// The pools.
     pub pools: Pools,
-    /// The cluster's primary.
+    /// The cluster's primary and replicas.
     pub topology: watch::Receiver<Topology>,
+    /// Statement classification, cached.
+    pub classifier: Classifier,
     cancel: Mutex<HashMap<i32, CancelEntry>>,
     next_pid: AtomicI32,
+    /// Replicas that failed recently, until when.
+    bans: Mutex<HashMap<String, Instant>>,
+    /// Replay LSNs read from replicas (`pg_last_wal_replay_lsn()`), with the newest term when
+    /// they were read: fresher than the agents' reports.
+    replayed: Mutex<HashMap<String, (u64, u64)>>,
+    /// Round-robin position.
+    next_replica: AtomicUsize,
 }
 
 impl Shared {
     /// Shared state for a proxy.
     pub fn new(config: ProxyConfig, userlist: Userlist, topology: watch::Receiver<Topology>) -> Shared {
         let start = scram::random_bytes(2).map(|b| i32::from(u16::from_be_bytes([b[0], b[1]]))).unwrap_or(1);
+        let classifier = Classifier::new(&config.primary_functions, CLASS_CACHE_SIZE);
         Shared {
             config,
             userlist,
             pools: Pools::default(),
             topology,
+            classifier,
             cancel: Mutex::new(HashMap::new()),
             next_pid: AtomicI32::new(start.max(1)),
+            bans: Mutex::new(HashMap::new()),
+            replayed: Mutex::new(HashMap::new()),
+            next_replica: AtomicUsize::new(0),
         }
     }
 
@@ -133,6 +163,21 @@ impl Shared {
         let (s, target) = map.get(&pid)?;
         (s.as_slice() == secret).then(|| target.clone()).flatten()
     }
+
+    fn ban(&self, replica: &str) {
+        self.bans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(replica.to_string(), Instant::now() + REPLICA_BAN);
+    }
+
+    fn learn_replayed(&self, replica: &str, term: u64, lsn: u64) {
+        let mut map = self.replayed.lock().unwrap_or_else(PoisonError::into_inner);
+        let e = map.entry(replica.to_string()).or_insert((term, lsn));
+        if e.0 != term || e.1 < lsn {
+            *e = (term, lsn);
+        }
+    }
 }
 
 /// An error the proxy reports to a client before closing its connection.
@@ -157,29 +202,218 @@ impl Fail {
     }
 }
 
+/// A client message whose answer the session waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Parse,
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+impl Kind {
+    /// Whether a server message with `tag` completes the answer.
+    fn done_by(self, tag: u8) -> bool {
+        match self {
+            Kind::Parse => tag == b'1',
+            Kind::Bind => tag == b'2',
+            Kind::Close => tag == b'3',
+            Kind::Describe => tag == b'T' || tag == b'n',
+            Kind::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Kind::Sync | Kind::Query | Kind::FunctionCall => tag == b'Z',
+        }
+    }
+
+    /// Answered by ReadyForQuery; an error inside does not skip anything.
+    fn ends_with_ready(self) -> bool {
+        matches!(self, Kind::Sync | Kind::Query | Kind::FunctionCall)
+    }
+}
+
+/// What comes back for one message sent (or not sent) to the server.
+#[derive(Debug)]
+enum Expect {
+    /// The answer to a client message: forwarded.
+    Client(Kind),
+    /// The answer to a message the proxy added: dropped (an error is forwarded).
+    Injected(Kind),
+    /// The proxy's own answer to a client message, sent when its turn comes.
+    Synthetic(Bytes),
+    /// An error the proxy raises for a client message, sent when its turn comes; the rest of
+    /// the batch is skipped as after a server error.
+    SyntheticError(Bytes),
+    /// The proxy's `pg_current_wal_lsn()` query: its row is read, nothing is forwarded.
+    Lsn,
+}
+
+/// Bookkeeping to revert when the server skips a message (an error earlier in the batch) or
+/// fails it.
+#[derive(Debug)]
+enum Undo {
+    None,
+    /// A Parse registered a client name and/or a server statement.
+    Parse {
+        client: Option<Bytes>,
+        server: Option<String>,
+    },
+    /// A client Close removed a client name.
+    Close {
+        client: Bytes,
+        def: Arc<StmtDef>,
+    },
+    /// The proxy closed a server statement to make room.
+    Evict(Arc<StmtDef>),
+}
+
+#[derive(Debug)]
+struct Entry {
+    expect: Expect,
+    undo: Undo,
+}
+
 /// A server connection attached to a client.
 struct Attached {
     conn: ServerConn,
     permit: OwnedSemaphorePermit,
-    /// ReadyForQuery messages still to come (one per Query, FunctionCall and Sync sent).
-    pending: usize,
+    /// The pool it goes back to.
+    pool: Arc<Pool>,
+    /// What the server still owes, in order.
+    queue: VecDeque<Entry>,
     /// An extended-protocol batch was started and its Sync not sent yet.
     open_batch: bool,
     /// The last transaction status the server reported.
     status: TransactionStatus,
     /// Bytes waiting to be written to the server.
     out: BytesMut,
+    /// A statement classified as a write was sent (read-your-writes).
+    wrote: bool,
+    /// The WAL position read by the proxy's LSN query, once it is answered.
+    lsn: Option<u64>,
 }
 
 impl Attached {
+    fn new(conn: ServerConn, permit: OwnedSemaphorePermit, pool: Arc<Pool>) -> Attached {
+        Attached {
+            conn,
+            permit,
+            pool,
+            queue: VecDeque::new(),
+            open_batch: false,
+            status: TransactionStatus::Idle,
+            out: BytesMut::with_capacity(8192),
+            wrote: false,
+            lsn: None,
+        }
+    }
+
     /// Whether the server has answered everything and no transaction is open.
     fn clean(&self) -> bool {
-        self.pending == 0 && !self.open_batch && self.status == TransactionStatus::Idle && self.out.is_empty()
+        self.queue.is_empty() && !self.open_batch && self.status == TransactionStatus::Idle && self.out.is_empty()
+    }
+
+    /// Whether the proxy's LSN query is in flight (it is sent on a clean connection, and no
+    /// client message follows it until it is answered, so it is the only entry).
+    fn fetching_lsn(&self) -> bool {
+        matches!(self.queue.front().map(|e| &e.expect), Some(Expect::Lsn))
+    }
+
+    /// A primary connection of a term older than `newest`: nothing more may be written to it.
+    fn fenced(&self, newest: u64) -> bool {
+        self.conn.role == ServerRole::Primary && self.conn.term < newest
+    }
+
+    fn push(&mut self, expect: Expect, undo: Undo) {
+        self.queue.push_back(Entry { expect, undo });
     }
 }
 
+/// Reverts the bookkeeping of messages the server skipped or failed, newest first.
+fn undo_all(entries: Vec<Entry>, att: &mut Attached, statements: &mut HashMap<Bytes, Arc<StmtDef>>) {
+    for e in entries.into_iter().rev() {
+        match e.undo {
+            Undo::None => {}
+            Undo::Parse { client, server } => {
+                if let Some(name) = server {
+                    att.conn.statements.remove(&name);
+                }
+                if let Some(k) = client {
+                    statements.remove(&k);
+                }
+            }
+            Undo::Close { client, def } => {
+                statements.entry(client).or_insert(def);
+            }
+            Undo::Evict(def) => {
+                if att.conn.statements.get(&def.server_name).is_none() {
+                    att.conn.statements.insert(def);
+                }
+            }
+        }
+    }
+}
+
+/// After an error in an extended-protocol batch (the failed entry already taken off):
+/// drops what the server skips, up to the batch's Sync. `true` when the Sync has not been
+/// sent yet, so the client's messages must be dropped until it comes.
+fn skip_batch(failed: Entry, att: &mut Attached, statements: &mut HashMap<Bytes, Arc<StmtDef>>) -> bool {
+    let mut skipped = vec![failed];
+    let mut sync_queued = false;
+    while let Some(e) = att.queue.front() {
+        if matches!(e.expect, Expect::Client(k) if k.ends_with_ready()) || matches!(e.expect, Expect::Lsn) {
+            sync_queued = true;
+            break;
+        }
+        if let Some(e) = att.queue.pop_front() {
+            skipped.push(e);
+        }
+    }
+    undo_all(skipped, att, statements);
+    !sync_queued
+}
+
+/// The classification of a Query or Parse frame's text, or of a Bind/Describe's statement.
+fn query_text(frame: &Frame) -> Option<Bytes> {
+    let body = frame.body();
+    match frame.tag() {
+        b'Q' => {
+            let end = body.iter().position(|b| *b == 0).unwrap_or(body.len());
+            Some(body.slice(..end))
+        }
+        b'P' => {
+            let name_end = body.iter().position(|b| *b == 0)?;
+            let rest = body.slice(name_end + 1..);
+            let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+            Some(rest.slice(..end))
+        }
+        _ => None,
+    }
+}
+
+/// The name of the statement a Parse prepares.
+fn parse_name(frame: &Frame) -> Option<Bytes> {
+    let body = frame.body();
+    let end = body.iter().position(|b| *b == 0)?;
+    Some(body.slice(..end))
+}
+
+/// "0/16B3748" → 0x16B3748.
+fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.trim().split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
 /// Runs one client connection to its end.
-pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, admitted: Option<OwnedSemaphorePermit>) {
+pub async fn run(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    admitted: Option<OwnedSemaphorePermit>,
+    mode: RouteMode,
+) {
     let _ = stream.set_nodelay(true);
     let mut s = Session {
         shared,
@@ -196,6 +430,14 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, admit
         told: HashMap::new(),
         key: None,
         attached: None,
+        mode,
+        listener_mode: mode,
+        held: VecDeque::new(),
+        held_bytes: 0,
+        skip_to_sync: false,
+        statements: HashMap::new(),
+        unnamed_class: Class::Write,
+        ryw_floor: 0,
     };
     let result = s.serve(admitted.is_some()).await;
     if let Err(fail) = &result {
@@ -218,6 +460,7 @@ struct Session {
     decoder: FrontendDecoder,
     user: String,
     database: String,
+    /// The client's primary pool.
     pool: Option<Arc<Pool>>,
     server_auth: Option<ServerAuth>,
     /// Tracked settings the client asked for (startup packet, then its own SETs), by
@@ -228,6 +471,21 @@ struct Session {
     /// The BackendKeyData the client got.
     key: Option<(i32, [u8; 4])>,
     attached: Option<Attached>,
+    /// How the client's units are routed now (`SET pgkeel.route`).
+    mode: RouteMode,
+    /// The listener's routing (`RESET pgkeel.route`).
+    listener_mode: RouteMode,
+    /// Client frames read and not yet handed to a server.
+    held: VecDeque<Frame>,
+    held_bytes: usize,
+    /// Drop client messages until the next Sync (after an error in an extended batch).
+    skip_to_sync: bool,
+    /// The client's named prepared statements, by the client's name (transaction mode).
+    statements: HashMap<Bytes, Arc<StmtDef>>,
+    /// The class of the last unnamed statement parsed.
+    unnamed_class: Class,
+    /// Read-your-writes: the primary's WAL position after the client's last write.
+    ryw_floor: u64,
 }
 
 enum Event {
@@ -236,6 +494,16 @@ enum Event {
     ServerRead(std::io::Result<usize>),
     ServerWrote(std::io::Result<usize>),
     Topology,
+}
+
+/// What to do with the next held client frame.
+enum Step {
+    /// Hand it to the attached server.
+    Dispatch(Option<Class>),
+    /// Wait for the server (or more client bytes).
+    Wait,
+    /// Release the attached server connection first, then route again.
+    Reroute,
 }
 
 impl Session {
@@ -427,7 +695,7 @@ impl Session {
             },
             password: entry.password.clone(),
         });
-        let key = PoolKey { database: self.database.clone(), user: self.user.clone() };
+        let key = PoolKey { database: self.database.clone(), user: self.user.clone(), target: PoolTarget::Primary };
         self.pool = Some(self.shared.pools.get(key, self.shared.config.pool_size));
         Ok(())
     }
@@ -452,13 +720,14 @@ impl Session {
 
     /// ParameterStatus, BackendKeyData and ReadyForQuery. The server parameters come from the
     /// pool's first connection (one is opened now if the pool has none yet); in session mode
-    /// the client's server connection is attached here.
+    /// the client's server connection is attached here (a replica on the replica listener).
     async fn welcome(&mut self) -> Result<(), Fail> {
         let pool = self.pool.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "no pool"))?;
         let session_mode = self.shared.config.pool_mode == PoolMode::Session;
         if session_mode || pool.welcome().is_none() {
             self.flush().await?;
-            let att = self.attach().await?;
+            let class = if self.mode == RouteMode::Replica { Class::Read } else { Class::Write };
+            let att = self.route(class).await?;
             self.attached = Some(att);
         }
         let mut params: HashMap<String, String> = pool.welcome().unwrap_or_default().into_iter().collect();
@@ -525,32 +794,278 @@ impl Session {
         r.map_err(|e| Fail::new(sqlstate::CONNECTION_FAILURE, format!("write to the client: {e}")))
     }
 
-    /// Takes a server connection for this client: waits for a pool slot (at most
-    /// `query_wait_timeout`), then for a running primary (at most `failover_hold_timeout`),
-    /// then replays the client's settings on it.
-    async fn attach(&mut self) -> Result<Attached, Fail> {
-        let pool = self.pool.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "no pool"))?;
-        let auth = self.server_auth.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"))?;
+    // --- Routing ------------------------------------------------------------------------
+
+    /// Whether units are classified: the auto mode, in transaction mode, on a cluster with
+    /// more than one member (a single node has nowhere else to send reads).
+    fn splitting(&self) -> bool {
+        self.mode == RouteMode::Auto
+            && self.shared.config.pool_mode == PoolMode::Transaction
+            && self.shared.topology.borrow().members > 1
+    }
+
+    /// Whether named prepared statements are renamed and tracked.
+    fn translating(&self) -> bool {
+        self.shared.config.pool_mode == PoolMode::Transaction && self.shared.config.max_prepared_statements > 0
+    }
+
+    fn classify(&self, text: &[u8]) -> Class {
+        self.shared.classifier.classify(text)
+    }
+
+    /// The class of the client's statement `name` (the unnamed one when empty).
+    fn named_class(&self, name: &[u8], unnamed: Class) -> Class {
+        if name.is_empty() {
+            return unnamed;
+        }
+        match self.statements.get(name) {
+            Some(def) => *def.class.get_or_init(|| self.classify(def.query.as_bytes())),
+            None => Class::Neutral,
+        }
+    }
+
+    /// The class of what one client frame runs or prepares, if it is about a statement.
+    fn frame_class(&self, frame: &Frame, unnamed: Class) -> Option<Class> {
+        let body = frame.body();
+        match frame.tag() {
+            b'Q' | b'P' => Some(query_text(frame).map_or(Class::Write, |t| self.classify(&t))),
+            b'B' => prepared::bind_statement(&body).map(|n| self.named_class(n, unnamed)),
+            b'D' => match prepared::target_and_name(&body) {
+                Some((b'S', n)) => Some(self.named_class(n, unnamed)),
+                _ => None,
+            },
+            b'F' => Some(Class::Write),
+            _ => None,
+        }
+    }
+
+    /// The class of the unit at the front of `held` once it is complete (`None`: wait for
+    /// the rest). A unit too large to hold without its end goes to the primary.
+    fn held_unit(&self) -> Option<Class> {
+        if self.held.is_empty() {
+            return None;
+        }
+        if !self.splitting() {
+            return Some(Class::Write);
+        }
+        let mut class = Class::Neutral;
+        let mut unnamed = self.unnamed_class;
+        for f in &self.held {
+            match f.tag() {
+                b'Q' => return Some(class.max(self.frame_class(f, unnamed).unwrap_or(Class::Write))),
+                b'P' => {
+                    let c = self.frame_class(f, unnamed).unwrap_or(Class::Write);
+                    if parse_name(f).is_some_and(|n| n.is_empty()) {
+                        unnamed = c;
+                    }
+                    class = class.max(c);
+                }
+                b'B' | b'D' => class = class.max(self.frame_class(f, unnamed).unwrap_or(Class::Neutral)),
+                b'E' | b'C' => {}
+                b'S' | b'H' => return Some(class),
+                // FunctionCall, stray COPY messages, anything else: the primary.
+                _ => return Some(Class::Write),
+            }
+        }
+        (self.held_bytes >= HIGH_WATER).then_some(Class::Write)
+    }
+
+    /// A server connection for a unit of `class`: a replica for reads (in the auto mode; for
+    /// everything in the replica mode) when one is eligible, else the primary.
+    async fn route(&mut self, class: Class) -> Result<Attached, Fail> {
+        let wants_replica = match self.mode {
+            RouteMode::Primary => false,
+            RouteMode::Replica => true,
+            RouteMode::Auto => class == Class::Read,
+        };
+        if wants_replica {
+            if let Some(att) = self.attach_replica().await? {
+                return Ok(att);
+            }
+        }
+        self.attach_primary().await
+    }
+
+    /// An eligible replica: streaming, its lag within `max_replica_lag`, not failed recently;
+    /// preferably one known to have replayed the client's last write (`true`), else any (to
+    /// be asked).
+    fn pick_replica(&self) -> Option<(Replica, bool)> {
+        if self.ryw_floor == UNKNOWN_LSN {
+            return None;
+        }
         let cfg = &self.shared.config;
-        let waited = Instant::now();
-        let permit = match tokio::time::timeout(cfg.query_wait_timeout, pool.permit()).await {
-            Ok(Some(p)) => p,
-            Ok(None) => return Err(Fail::new(sqlstate::ADMIN_SHUTDOWN, "the proxy is shutting down")),
+        let now = Instant::now();
+        let candidates: Vec<(Replica, bool)> = {
+            let topo = self.shared.topology.borrow();
+            if topo.replicas.is_empty() {
+                return None;
+            }
+            let bans = self.shared.bans.lock().unwrap_or_else(PoisonError::into_inner);
+            let replayed = self.shared.replayed.lock().unwrap_or_else(PoisonError::into_inner);
+            topo.replicas
+                .iter()
+                .filter(|r| r.lag.is_some_and(|l| l <= cfg.max_replica_lag))
+                .filter(|r| bans.get(&r.name).is_none_or(|until| *until <= now))
+                .map(|r| {
+                    let learned = replayed.get(&r.name).filter(|(t, _)| *t == topo.newest_term).map(|(_, l)| *l);
+                    let known = r.replayed_lsn.unwrap_or(0).max(learned.unwrap_or(0));
+                    (r.clone(), known >= self.ryw_floor)
+                })
+                .collect()
+        };
+        let caught_up: Vec<&(Replica, bool)> = candidates.iter().filter(|c| c.1).collect();
+        let pool: Vec<&(Replica, bool)> = if caught_up.is_empty() { candidates.iter().collect() } else { caught_up };
+        if pool.is_empty() {
+            return None;
+        }
+        let i = match cfg.load_balance {
+            LoadBalance::RoundRobin => self.shared.next_replica.fetch_add(1, Ordering::Relaxed) % pool.len(),
+            LoadBalance::Random => {
+                let b = scram::random_bytes(4).unwrap_or_default();
+                let r = b.iter().fold(0usize, |acc, x| (acc << 8) | usize::from(*x));
+                r % pool.len()
+            }
+            LoadBalance::LeastConnections => {
+                let in_use = |r: &Replica| {
+                    self.shared.pools.in_use(&PoolKey {
+                        database: self.database.clone(),
+                        user: self.user.clone(),
+                        target: PoolTarget::Replica(r.name.clone()),
+                    })
+                };
+                (0..pool.len()).min_by_key(|i| in_use(&pool[*i].0)).unwrap_or(0)
+            }
+        };
+        pool.get(i).map(|c| (*c).clone())
+    }
+
+    /// Attaches a replica for a read, when one is eligible. With read-your-writes and no
+    /// replica known to have replayed the client's last write, the chosen one is asked
+    /// (`pg_last_wal_replay_lsn()`, one round trip); if it is behind, `None` (the primary).
+    async fn attach_replica(&mut self) -> Result<Option<Attached>, Fail> {
+        let Some((replica, caught_up)) = self.pick_replica() else { return Ok(None) };
+        let mut att = match self.attach_replica_conn(&replica).await? {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(replica = %replica.name, address = %replica.address, error = %e,
+                    "cannot use the replica; reads go elsewhere for {}s", REPLICA_BAN.as_secs());
+                self.shared.ban(&replica.name);
+                return Ok(None);
+            }
+        };
+        if caught_up {
+            return Ok(Some(att));
+        }
+        let term = self.shared.topology.borrow().newest_term;
+        match att.conn.simple_query("select pg_last_wal_replay_lsn()::text").await {
+            Ok(rows) => {
+                let lsn = rows.first().and_then(|r| r.first()).and_then(|v| v.as_deref()).and_then(parse_lsn);
+                if let Some(l) = lsn {
+                    self.shared.learn_replayed(&replica.name, term, l);
+                }
+                if lsn.is_some_and(|l| l >= self.ryw_floor) {
+                    return Ok(Some(att));
+                }
+                tracing::debug!(replica = %replica.name, ?lsn, floor = self.ryw_floor, "replica behind the client's last write; reading on the primary");
+                self.put_back(att);
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!(replica = %replica.name, error = %e, "cannot read the replica's replay position");
+                self.shared.ban(&replica.name);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Gives a clean attached connection back to its pool.
+    fn put_back(&mut self, att: Attached) {
+        if let Some((pid, _)) = self.key {
+            self.shared.set_cancel_target(pid, None);
+        }
+        att.pool.put_back(att.conn, att.permit);
+    }
+
+    /// Waits for a slot in `pool` (at most `query_wait_timeout`).
+    async fn permit(&self, pool: &Pool) -> Result<OwnedSemaphorePermit, Fail> {
+        let cfg = &self.shared.config;
+        match tokio::time::timeout(cfg.query_wait_timeout, pool.permit()).await {
+            Ok(Some(p)) => Ok(p),
+            Ok(None) => Err(Fail::new(sqlstate::ADMIN_SHUTDOWN, "the proxy is shutting down")),
             Err(_) => {
                 let (in_use, idle, size) = pool.counts();
-                return Err(Fail::new(
+                let server = match &pool.key.target {
+                    PoolTarget::Primary => String::new(),
+                    PoolTarget::Replica(name) => format!(" on the replica {name}"),
+                };
+                Err(Fail::new(
                     sqlstate::TOO_MANY_CONNECTIONS,
                     format!(
-                        "no server connection for database {:?} user {:?} became free within query_wait_timeout \
-                         ({}): all {size} of pool_size are in use ({in_use} busy, {idle} idle); raise pool_size or \
-                         shorten the transactions that hold them",
+                        "no server connection for database {:?} user {:?}{server} became free within \
+                         query_wait_timeout ({}): all {size} of pool_size are in use ({in_use} busy, {idle} idle); \
+                         raise pool_size or shorten the transactions that hold them",
                         self.database,
                         self.user,
                         pgkeel_config::format_duration(cfg.query_wait_timeout)
                     ),
-                ));
+                ))
+            }
+        }
+    }
+
+    /// A connection to `replica` from its pool, or a new one. The inner `Err` says why the
+    /// replica cannot be used (then the read goes elsewhere); the outer one ends the session.
+    async fn attach_replica_conn(&mut self, replica: &Replica) -> Result<Result<Attached, String>, Fail> {
+        let auth = self.server_auth.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"))?;
+        let key = PoolKey {
+            database: self.database.clone(),
+            user: self.user.clone(),
+            target: PoolTarget::Replica(replica.name.clone()),
+        };
+        let pool = self.shared.pools.get(key, self.shared.config.pool_size);
+        let permit = self.permit(&pool).await?;
+        let conn = match pool.take_idle(0) {
+            Some(c) => c,
+            None => {
+                let timeout = self.shared.config.server_connect_timeout;
+                match ServerConn::connect_replica(replica, &self.database, &auth, timeout).await {
+                    Ok(c) => {
+                        tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a replica connection");
+                        if let Some(p) = &self.pool {
+                            p.set_welcome(&c);
+                        }
+                        c
+                    }
+                    Err(ConnectError::Refused(fields)) => {
+                        return Err(Fail {
+                            sqlstate: sqlstate::CONNECTION_FAILURE,
+                            message: describe(&fields),
+                            fields: Some(fields),
+                        })
+                    }
+                    Err(e) => return Ok(Err(e.to_string())),
+                }
             }
         };
+        let mut att = Attached::new(conn, permit, pool);
+        if let Err(e) = self.sync_params(&mut att).await {
+            return Ok(Err(format!("cannot apply the session settings: {e}")));
+        }
+        if let Some((pid, _)) = self.key {
+            self.shared.set_cancel_target(pid, cancel_target(&att.conn));
+        }
+        Ok(Ok(att))
+    }
+
+    /// Takes a primary connection for this client: waits for a pool slot (at most
+    /// `query_wait_timeout`), then for a running primary (at most `failover_hold_timeout`),
+    /// then replays the client's settings on it.
+    async fn attach_primary(&mut self) -> Result<Attached, Fail> {
+        let pool = self.pool.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "no pool"))?;
+        let auth = self.server_auth.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"))?;
+        let waited = Instant::now();
+        let permit = self.permit(&pool).await?;
+        let cfg = &self.shared.config;
         let hold_until = Instant::now() + cfg.failover_hold_timeout;
         let mut topo_rx = self.shared.topology.clone();
         let mut last_error: Option<String> = None;
@@ -604,14 +1119,7 @@ impl Session {
                 _ = tokio::time::sleep(nap) => {}
             }
         };
-        let mut att = Attached {
-            conn,
-            permit,
-            pending: 0,
-            open_batch: false,
-            status: TransactionStatus::Idle,
-            out: BytesMut::with_capacity(8192),
-        };
+        let mut att = Attached::new(conn, permit, pool);
         if let Err(e) = self.sync_params(&mut att).await {
             return Err(Fail::new(sqlstate::CONNECTION_FAILURE, format!("cannot apply the session settings: {e}")));
         }
@@ -661,11 +1169,33 @@ impl Session {
             self.shared.set_cancel_target(pid, None);
         }
         let newest = self.shared.topology.borrow().newest_term;
-        if att.conn.term < newest {
+        if att.fenced(newest) {
             tracing::info!(server = ?att.conn, newest_term = newest, "closing a server connection of an older term");
             return;
         }
-        if att.pending > 0 || att.open_batch || !att.out.is_empty() || !att.conn.rbuf.is_empty() {
+        // The client left while the proxy's LSN query was in flight: finish it.
+        if !att.queue.is_empty() && att.queue.iter().all(|e| matches!(e.expect, Expect::Lsn)) && !att.open_batch {
+            let n = att.queue.len();
+            let drained = tokio::time::timeout(CLEANUP_TIMEOUT, async {
+                att.conn.stream.write_all(&att.out).await.map_err(|e| e.to_string())?;
+                let mut left = n;
+                while left > 0 {
+                    if let BackendMessage::ReadyForQuery(s) = att.conn.read_message().await? {
+                        att.status = s;
+                        left -= 1;
+                    }
+                }
+                Ok::<(), String>(())
+            })
+            .await;
+            if !matches!(drained, Ok(Ok(()))) {
+                tracing::debug!(server = ?att.conn, "the proxy's LSN query did not finish; closing the server connection");
+                return;
+            }
+            att.out.clear();
+            att.queue.clear();
+        }
+        if !att.queue.is_empty() || att.open_batch || !att.out.is_empty() || !att.conn.rbuf.is_empty() {
             tracing::debug!(server = ?att.conn, "closing a server connection left mid-exchange");
             return;
         }
@@ -683,6 +1213,7 @@ impl Session {
                         for k in UNREPORTED {
                             att.conn.params.remove(*k);
                         }
+                        att.conn.statements.clear();
                     }
                 }
                 Ok(Err(e)) => {
@@ -695,101 +1226,27 @@ impl Session {
                 }
             }
         }
-        if let Some(pool) = &self.pool {
-            pool.put_back(att.conn, att.permit);
-        }
+        att.pool.put_back(att.conn, att.permit);
     }
 
     /// The forwarding loop, until the client leaves or an error ends the session.
     async fn forward(&mut self) -> Result<(), Fail> {
-        let session_mode = self.shared.config.pool_mode == PoolMode::Session;
-        let server_decoder = BackendDecoder::default();
         let mut topo_rx = self.shared.topology.clone();
         topo_rx.mark_unchanged();
         loop {
-            // Client frames first: they may need a server attached.
-            while let Some(frame) = self.next_client_frame()? {
-                if frame.tag() == b'X' {
-                    // The client is leaving; the server connection stays open for the pool.
-                    return Ok(());
-                }
-                if self.attached.is_none() {
-                    self.flush().await?;
-                    let att = self.attach().await?;
-                    self.attached = Some(att);
-                }
-                if let Some(att) = self.attached.as_mut() {
-                    match frame.tag() {
-                        b'Q' | b'F' => att.pending += 1,
-                        b'S' => {
-                            att.pending += 1;
-                            att.open_batch = false;
-                        }
-                        b'P' | b'B' | b'D' | b'E' | b'C' => att.open_batch = true,
-                        _ => {}
-                    }
-                    att.out.extend_from_slice(frame.as_bytes());
-                }
-                if self.attached.as_ref().is_some_and(|a| a.out.len() >= HIGH_WATER) {
-                    break;
-                }
+            self.read_held()?;
+            if self.pump_client().await? {
+                // Terminate: the client is leaving; the server connection stays open for the pool.
+                return Ok(());
             }
-            // Server frames.
-            let mut release = false;
-            if let Some(att) = self.attached.as_mut() {
-                loop {
-                    let frame = match server_decoder.decode_frame(&mut att.conn.rbuf) {
-                        Ok(Some(f)) => f,
-                        Ok(None) => break,
-                        Err(e) => {
-                            let msg = format!("protocol error from the server {}: {e}", att.conn.member);
-                            self.attached = None;
-                            return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, msg));
-                        }
-                    };
-                    match frame.tag() {
-                        b'Z' => {
-                            att.pending = att.pending.saturating_sub(1);
-                            att.status = match frame.body().first() {
-                                Some(b'T') => TransactionStatus::InTransaction,
-                                Some(b'E') => TransactionStatus::Failed,
-                                _ => TransactionStatus::Idle,
-                            };
-                            self.wbuf.extend_from_slice(frame.as_bytes());
-                            if !session_mode && att.clean() {
-                                release = true;
-                                break;
-                            }
-                        }
-                        b'S' => {
-                            if let Ok(BackendMessage::ParameterStatus { name, value }) = BackendMessage::parse(&frame) {
-                                let (name, value) =
-                                    (name.to_string_lossy().into_owned(), value.to_string_lossy().into_owned());
-                                if let Some(canon) = TRACKED.iter().find(|t| **t == name) {
-                                    match self.desired.iter_mut().find(|(k, _)| k == canon) {
-                                        Some(e) => e.1 = value.clone(),
-                                        None => self.desired.push((canon.to_string(), value.clone())),
-                                    }
-                                }
-                                att.conn.params.insert(name.clone(), value.clone());
-                                self.told.insert(name, value);
-                            }
-                            self.wbuf.extend_from_slice(frame.as_bytes());
-                        }
-                        _ => self.wbuf.extend_from_slice(frame.as_bytes()),
-                    }
-                    if self.wbuf.len() >= HIGH_WATER {
-                        break;
-                    }
-                }
+            self.pump_server()?;
+            if self.settle().await {
+                continue;
             }
-            if release {
-                self.release().await;
-            }
-            // Fencing: nothing more goes to a server of an older term than the newest seen.
+            // Fencing: nothing more goes to a primary of an older term than the newest seen.
             if let Some(att) = self.attached.as_ref().filter(|a| !a.out.is_empty()) {
                 let newest = self.shared.topology.borrow().newest_term;
-                if att.conn.term < newest {
+                if att.fenced(newest) && !self.abandon_lsn_fetch() {
                     return Err(self.term_changed(newest));
                 }
             }
@@ -808,11 +1265,20 @@ impl Session {
                     | Event::ServerRead(Err(_))
                     | Event::ServerWrote(Ok(0))
                     | Event::ServerWrote(Err(_)) => {
+                        if self.abandon_lsn_fetch() {
+                            continue;
+                        }
                         let att = self.attached.take();
-                        let what = att.map(|a| format!("{} ({})", a.conn.member, a.conn.address)).unwrap_or_default();
+                        let what = att
+                            .map(|a| {
+                                let role =
+                                    if a.conn.role == ServerRole::Primary { "the primary" } else { "the replica" };
+                                format!("{role} {} ({})", a.conn.member, a.conn.address)
+                            })
+                            .unwrap_or_default();
                         return Err(Fail::new(
                             sqlstate::CONNECTION_FAILURE,
-                            format!("lost the connection to the primary {what}; the transaction is lost, reconnect and retry"),
+                            format!("lost the connection to {what}; the transaction is lost, reconnect and retry"),
                         ));
                     }
                     Event::ServerRead(Ok(_)) => {}
@@ -823,13 +1289,437 @@ impl Session {
                     }
                     Event::Topology => {
                         let newest = topo_rx.borrow_and_update().newest_term;
-                        if self.attached.as_ref().is_some_and(|a| a.conn.term < newest) {
+                        if self.attached.as_ref().is_some_and(|a| a.fenced(newest)) && !self.abandon_lsn_fetch() {
                             return Err(self.term_changed(newest));
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Moves whole client frames from the read buffer to `held`, up to the high-water mark.
+    fn read_held(&mut self) -> Result<(), Fail> {
+        while self.held_bytes < HIGH_WATER {
+            match self.next_client_frame()? {
+                Some(f) => {
+                    self.held_bytes += f.len();
+                    self.held.push_back(f);
+                }
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn pop_held(&mut self) -> Option<Frame> {
+        let f = self.held.pop_front()?;
+        self.held_bytes = self.held_bytes.saturating_sub(f.len());
+        Some(f)
+    }
+
+    /// Hands held client frames to a server, attaching one for the next unit when needed.
+    /// `true` when the client said goodbye (Terminate).
+    async fn pump_client(&mut self) -> Result<bool, Fail> {
+        while let Some(front) = self.held.front() {
+            let tag = front.tag();
+            if tag == b'X' {
+                return Ok(true);
+            }
+            if self.skip_to_sync && tag != b'S' {
+                self.pop_held();
+                continue;
+            }
+            if tag == b'Q' {
+                if let Some(cmd) = query_text(front).and_then(|t| crate::router::route_command(&t)) {
+                    let status = match &self.attached {
+                        None => Some(TransactionStatus::Idle),
+                        Some(a) if a.queue.is_empty() && !a.open_batch => Some(a.status),
+                        // Answer after what was sent before.
+                        Some(_) => None,
+                    };
+                    let Some(status) = status else { break };
+                    self.pop_held();
+                    self.route_reply(cmd, status);
+                    continue;
+                }
+            }
+            if self.attached.is_none() {
+                let Some(class) = self.held_unit() else { break };
+                self.flush().await?;
+                let att = self.route(class).await?;
+                self.attached = Some(att);
+                continue;
+            }
+            match self.step() {
+                Step::Wait => break,
+                Step::Reroute => self.release().await,
+                Step::Dispatch(class) => {
+                    if let Some(f) = self.pop_held() {
+                        self.dispatch(f, class);
+                    }
+                }
+            }
+        }
+        let Session { attached, statements, wbuf, skip_to_sync, .. } = self;
+        if let Some(att) = attached.as_mut() {
+            drain_synthetic(att, statements, wbuf, skip_to_sync);
+        }
+        Ok(false)
+    }
+
+    /// What to do with the next held frame while a server is attached.
+    fn step(&self) -> Step {
+        let (Some(att), Some(front)) = (self.attached.as_ref(), self.held.front()) else { return Step::Wait };
+        if att.fetching_lsn() || att.out.len() >= HIGH_WATER {
+            return Step::Wait;
+        }
+        if !self.splitting() {
+            return Step::Dispatch(None);
+        }
+        let class = self.frame_class(front, self.unnamed_class);
+        if att.conn.role == ServerRole::Replica && !att.open_batch && class.is_some() {
+            // A new unit while a replica is attached: it stays there only if it reads.
+            match self.held_unit() {
+                None => return Step::Wait,
+                Some(Class::Write) if att.status == TransactionStatus::Idle => {
+                    return if att.queue.is_empty() { Step::Reroute } else { Step::Wait };
+                }
+                // Inside a transaction on the replica (BEGIN READ ONLY): the server refuses
+                // writes itself.
+                _ => {}
+            }
+        }
+        Step::Dispatch(class)
+    }
+
+    /// Sends one client frame to the attached server, translating prepared statement names
+    /// in transaction mode, and queues what comes back for it.
+    fn dispatch(&mut self, frame: Frame, class: Option<Class>) {
+        let translate = self.translating();
+        let max = self.shared.config.max_prepared_statements as usize;
+        let Session { attached, statements, unnamed_class, skip_to_sync, .. } = self;
+        let Some(att) = attached.as_mut() else { return };
+        if class == Some(Class::Write) && att.conn.role == ServerRole::Primary {
+            att.wrote = true;
+        }
+        let body = frame.body();
+        let forward = |att: &mut Attached, kind: Option<Kind>| {
+            att.out.extend_from_slice(frame.as_bytes());
+            if let Some(k) = kind {
+                att.push(Expect::Client(k), Undo::None);
+            }
+        };
+        match frame.tag() {
+            b'P' => {
+                att.open_batch = true;
+                let name = parse_name(&frame);
+                match name {
+                    Some(n) if !n.is_empty() && translate => {
+                        if statements.contains_key(&n) {
+                            let msg = format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(&n));
+                            proxy_error(att, skip_to_sync, sqlstate::DUPLICATE_PREPARED_STATEMENT, &msg);
+                            return;
+                        }
+                        let Ok(FrontendMessage::Parse(p)) = FrontendMessage::parse(&frame, AuthExpect::None) else {
+                            // Malformed: the server says what is wrong.
+                            forward(att, Some(Kind::Parse));
+                            return;
+                        };
+                        let def = Arc::new(StmtDef::new(p.query, p.param_types));
+                        if let Some(c) = class {
+                            let _ = def.class.set(c);
+                        }
+                        statements.insert(n.clone(), def.clone());
+                        if att.conn.statements.has(&def) {
+                            let mut b = BytesMut::new();
+                            BackendMessage::ParseComplete.encode(&mut b);
+                            att.push(Expect::Synthetic(b.freeze()), Undo::Parse { client: Some(n), server: None });
+                        } else {
+                            make_room(att, &def, max);
+                            def.encode_parse(&mut att.out);
+                            att.conn.statements.insert(def.clone());
+                            let undo = Undo::Parse { client: Some(n), server: Some(def.server_name.clone()) };
+                            att.push(Expect::Client(Kind::Parse), undo);
+                        }
+                    }
+                    _ => {
+                        if let (Some(n), Some(c)) = (&name, class) {
+                            if n.is_empty() {
+                                *unnamed_class = c;
+                            }
+                        }
+                        forward(att, Some(Kind::Parse));
+                    }
+                }
+            }
+            b'B' => {
+                att.open_batch = true;
+                if let Some(name) = prepared::bind_statement(&body).filter(|n| translate && !n.is_empty()) {
+                    let Some(def) = statements.get(name).cloned() else {
+                        let msg = format!("prepared statement \"{}\" does not exist", String::from_utf8_lossy(name));
+                        proxy_error(att, skip_to_sync, sqlstate::INVALID_SQL_STATEMENT_NAME, &msg);
+                        return;
+                    };
+                    ensure_prepared(att, &def, max);
+                    if prepared::rewrite_bind(&body, &def.server_name, &mut att.out) {
+                        att.push(Expect::Client(Kind::Bind), Undo::None);
+                        return;
+                    }
+                }
+                forward(att, Some(Kind::Bind));
+            }
+            b'D' | b'C' => {
+                att.open_batch = true;
+                let is_close = frame.tag() == b'C';
+                let kind = if is_close { Kind::Close } else { Kind::Describe };
+                if let Some((b'S', name)) = prepared::target_and_name(&body).filter(|(_, n)| translate && !n.is_empty())
+                {
+                    if is_close {
+                        // The statement stays on the server for the next client.
+                        let k = prepared::key(name);
+                        let undo = match statements.remove(&k) {
+                            Some(def) => Undo::Close { client: k, def },
+                            None => Undo::None,
+                        };
+                        let mut b = BytesMut::new();
+                        BackendMessage::CloseComplete.encode(&mut b);
+                        att.push(Expect::Synthetic(b.freeze()), undo);
+                        return;
+                    }
+                    let Some(def) = statements.get(name).cloned() else {
+                        let msg = format!("prepared statement \"{}\" does not exist", String::from_utf8_lossy(name));
+                        proxy_error(att, skip_to_sync, sqlstate::INVALID_SQL_STATEMENT_NAME, &msg);
+                        return;
+                    };
+                    ensure_prepared(att, &def, max);
+                    prepared::encode_describe(&def.server_name, &mut att.out);
+                    att.push(Expect::Client(kind), Undo::None);
+                    return;
+                }
+                forward(att, Some(kind));
+            }
+            b'E' => {
+                att.open_batch = true;
+                forward(att, Some(Kind::Execute));
+            }
+            b'S' => {
+                *skip_to_sync = false;
+                att.open_batch = false;
+                forward(att, Some(Kind::Sync));
+            }
+            b'Q' => forward(att, Some(Kind::Query)),
+            b'F' => forward(att, Some(Kind::FunctionCall)),
+            // Flush, COPY data: nothing comes back for them.
+            _ => forward(att, None),
+        }
+    }
+
+    /// Reads whole server frames and handles them (see [`Session::on_server_frame`]).
+    fn pump_server(&mut self) -> Result<(), Fail> {
+        let decoder = crate::protocol::BackendDecoder::default();
+        while self.wbuf.len() < HIGH_WATER {
+            let Some(att) = self.attached.as_mut() else { break };
+            let frame = match decoder.decode_frame(&mut att.conn.rbuf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    let msg = format!("protocol error from the server {}: {e}", att.conn.member);
+                    self.attached = None;
+                    return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, msg));
+                }
+            };
+            self.on_server_frame(frame);
+        }
+        Ok(())
+    }
+
+    /// One server frame: forwarded or dropped as the queue says, with the bookkeeping.
+    fn on_server_frame(&mut self, frame: Frame) {
+        let translate = self.translating();
+        let Session { attached, statements, wbuf, desired, told, skip_to_sync, ryw_floor, .. } = self;
+        let Some(att) = attached.as_mut() else { return };
+        let tag = frame.tag();
+        if tag == b'S' {
+            if let Ok(BackendMessage::ParameterStatus { name, value }) = BackendMessage::parse(&frame) {
+                let (name, value) = (name.to_string_lossy().into_owned(), value.to_string_lossy().into_owned());
+                if let Some(canon) = TRACKED.iter().find(|t| **t == name) {
+                    match desired.iter_mut().find(|(k, _)| k == canon) {
+                        Some(e) => e.1 = value.clone(),
+                        None => desired.push((canon.to_string(), value.clone())),
+                    }
+                }
+                att.conn.params.insert(name.clone(), value.clone());
+                told.insert(name, value);
+            }
+            wbuf.extend_from_slice(frame.as_bytes());
+            return;
+        }
+        let status = |f: &Frame| match f.body().first() {
+            Some(b'T') => TransactionStatus::InTransaction,
+            Some(b'E') => TransactionStatus::Failed,
+            _ => TransactionStatus::Idle,
+        };
+        /// What the frame answers.
+        enum Head {
+            Lsn,
+            Answer { to_client: bool, kind: Kind },
+            Nothing,
+        }
+        let head = match att.queue.front().map(|e| &e.expect) {
+            Some(Expect::Lsn) => Head::Lsn,
+            Some(Expect::Client(k)) => Head::Answer { to_client: true, kind: *k },
+            Some(Expect::Injected(k)) => Head::Answer { to_client: false, kind: *k },
+            // Synthetic entries were sent already (drain_synthetic).
+            Some(Expect::Synthetic(_) | Expect::SyntheticError(_)) | None => Head::Nothing,
+        };
+        match head {
+            // The proxy's own LSN query: read the row, forward nothing.
+            Head::Lsn => match tag {
+                b'D' => {
+                    if let Ok(BackendMessage::DataRow(values)) = BackendMessage::parse(&frame) {
+                        att.lsn = values
+                            .first()
+                            .cloned()
+                            .flatten()
+                            .and_then(|b| std::str::from_utf8(&b).ok().and_then(parse_lsn));
+                    }
+                }
+                b'E' => {
+                    tracing::warn!(server = ?att.conn, "pg_current_wal_lsn() failed; read-your-writes uses the last known position")
+                }
+                b'Z' => {
+                    att.queue.pop_front();
+                    att.status = status(&frame);
+                    if let Some(l) = att.lsn.take() {
+                        *ryw_floor = if *ryw_floor == UNKNOWN_LSN { l } else { (*ryw_floor).max(l) };
+                    }
+                }
+                _ => {}
+            },
+            Head::Answer { to_client, kind } => {
+                if to_client || matches!(tag, b'E' | b'N' | b'A') {
+                    wbuf.extend_from_slice(frame.as_bytes());
+                }
+                if translate && tag == b'C' && to_client {
+                    let body = frame.body();
+                    if body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0") {
+                        att.conn.statements.clear();
+                        statements.clear();
+                    }
+                }
+                if tag == b'E' && !kind.ends_with_ready() {
+                    if let Some(failed) = att.queue.pop_front() {
+                        if skip_batch(failed, att, statements) {
+                            *skip_to_sync = true;
+                        }
+                    }
+                } else if kind.done_by(tag) {
+                    att.queue.pop_front();
+                    if tag == b'Z' {
+                        att.status = status(&frame);
+                    }
+                } else if tag == b'Z' {
+                    // Out of step (should not happen): ReadyForQuery ends everything up to
+                    // the next entry it answers.
+                    let mut skipped = Vec::new();
+                    while let Some(e) = att.queue.pop_front() {
+                        let ready = matches!(e.expect, Expect::Client(k) | Expect::Injected(k) if k.ends_with_ready());
+                        skipped.push(e);
+                        if ready {
+                            break;
+                        }
+                    }
+                    undo_all(skipped, att, statements);
+                    att.status = status(&frame);
+                }
+            }
+            // Nothing expected: a notification or a notice between transactions.
+            Head::Nothing => {
+                wbuf.extend_from_slice(frame.as_bytes());
+                if tag == b'Z' {
+                    att.status = status(&frame);
+                }
+            }
+        }
+        drain_synthetic(att, statements, wbuf, skip_to_sync);
+    }
+
+    /// In transaction mode, gives a clean server connection back; first, when the client
+    /// wrote on the primary, reads the primary's WAL position for read-your-writes. `true`
+    /// when the connection was released.
+    async fn settle(&mut self) -> bool {
+        if self.shared.config.pool_mode == PoolMode::Session {
+            return false;
+        }
+        let ryw = self.shared.config.read_your_writes && self.shared.topology.borrow().members > 1;
+        let Some(att) = self.attached.as_mut() else { return false };
+        if !att.clean() {
+            return false;
+        }
+        if att.wrote && ryw {
+            att.wrote = false;
+            FrontendMessage::Query(Text::from_static("select pg_current_wal_lsn()::text")).encode(&mut att.out);
+            att.push(Expect::Lsn, Undo::None);
+            return false;
+        }
+        self.release().await;
+        true
+    }
+
+    /// When the server connection fails (or is fenced) while only the proxy's LSN query is in
+    /// flight, the client lost nothing: drop the connection quietly. The client's last write
+    /// position is unknown then, so its reads go to the primary until its next write. `false`
+    /// when something of the client's was in flight.
+    fn abandon_lsn_fetch(&mut self) -> bool {
+        if !self.attached.as_ref().is_some_and(|a| a.fetching_lsn() && a.queue.len() == 1 && !a.open_batch) {
+            return false;
+        }
+        if let Some(att) = self.attached.take() {
+            tracing::info!(server = ?att.conn, "lost the server connection during the read-your-writes query; this client reads on the primary until its next write");
+        }
+        if let Some((pid, _)) = self.key {
+            self.shared.set_cancel_target(pid, None);
+        }
+        self.ryw_floor = UNKNOWN_LSN;
+        true
+    }
+
+    /// Answers a `SET`/`RESET`/`SHOW pgkeel.route` itself.
+    fn route_reply(&mut self, cmd: RouteCommand, status: TransactionStatus) {
+        let tag = match cmd {
+            RouteCommand::Set(m) => {
+                self.mode = m;
+                "SET"
+            }
+            RouteCommand::Reset => {
+                self.mode = self.listener_mode;
+                "RESET"
+            }
+            RouteCommand::Show => {
+                BackendMessage::RowDescription(vec![FieldDescription {
+                    name: Text::from_static(crate::router::ROUTE_SETTING),
+                    table_oid: 0,
+                    column_id: 0,
+                    type_oid: 25,
+                    type_size: -1,
+                    type_modifier: -1,
+                    format: 0,
+                }])
+                .encode(&mut self.wbuf);
+                BackendMessage::DataRow(vec![Some(Bytes::from_static(self.mode.as_str().as_bytes()))])
+                    .encode(&mut self.wbuf);
+                "SHOW"
+            }
+            RouteCommand::Invalid(msg) => {
+                BackendMessage::error(Severity::Error, sqlstate::INVALID_PARAMETER_VALUE, &msg).encode(&mut self.wbuf);
+                BackendMessage::ReadyForQuery(status).encode(&mut self.wbuf);
+                return;
+            }
+        };
+        tracing::debug!(client = %self.peer, route = self.mode.as_str(), "pgkeel.route");
+        BackendMessage::CommandComplete { tag: Text::from_static(tag) }.encode(&mut self.wbuf);
+        BackendMessage::ReadyForQuery(status).encode(&mut self.wbuf);
     }
 
     /// Drops the attached server connection of an older term and says why.
@@ -850,8 +1740,10 @@ impl Session {
 
     /// Waits for the next I/O event. `None` when there was nothing to wait for (never in
     /// practice: the client can always be read or written).
+    /// Waits for the next I/O event. `None` when there was nothing to wait for (never in
+    /// practice: the client can always be read or written).
     async fn wait_event(&mut self, topo_rx: &mut watch::Receiver<Topology>) -> Option<Event> {
-        let read_client = self.attached.as_ref().is_none_or(|a| a.out.len() < HIGH_WATER);
+        let read_client = self.held_bytes < HIGH_WATER;
         let write_client = !self.wbuf.is_empty();
         self.rbuf.reserve(8192);
         let (mut cr, mut cw) = self.stream.split();
@@ -890,6 +1782,67 @@ impl Session {
         }
         let _ = self.stream.shutdown().await;
     }
+}
+
+/// Sends the proxy's own answers that have reached the head of the queue.
+fn drain_synthetic(
+    att: &mut Attached,
+    statements: &mut HashMap<Bytes, Arc<StmtDef>>,
+    wbuf: &mut BytesMut,
+    skip_to_sync: &mut bool,
+) {
+    loop {
+        let error = match att.queue.front().map(|e| &e.expect) {
+            Some(Expect::Synthetic(b)) => {
+                wbuf.extend_from_slice(b);
+                false
+            }
+            Some(Expect::SyntheticError(b)) => {
+                wbuf.extend_from_slice(b);
+                true
+            }
+            _ => return,
+        };
+        let Some(e) = att.queue.pop_front() else { return };
+        if error && skip_batch(e, att, statements) {
+            *skip_to_sync = true;
+        }
+    }
+}
+
+/// Fails a client message with an ERROR the proxy raises itself; the rest of the batch is
+/// dropped until its Sync, as the server does after an error.
+fn proxy_error(att: &mut Attached, skip_to_sync: &mut bool, code: &str, message: &str) {
+    let mut b = BytesMut::new();
+    BackendMessage::error(Severity::Error, code, message).encode(&mut b);
+    att.push(Expect::SyntheticError(b.freeze()), Undo::None);
+    *skip_to_sync = true;
+}
+
+/// Closes server statements to make room for `keep`: one of another text under the same
+/// name (a hash collision), then the least recently used ones beyond `max`.
+fn make_room(att: &mut Attached, keep: &StmtDef, max: usize) {
+    if let Some(old) = att.conn.statements.remove(&keep.server_name) {
+        prepared::encode_close(&old.server_name, &mut att.out);
+        att.push(Expect::Injected(Kind::Close), Undo::Evict(old));
+    }
+    while att.conn.statements.len() >= max.max(1) {
+        let Some(victim) = att.conn.statements.victim(&keep.server_name) else { break };
+        att.conn.statements.remove(&victim.server_name);
+        prepared::encode_close(&victim.server_name, &mut att.out);
+        att.push(Expect::Injected(Kind::Close), Undo::Evict(victim));
+    }
+}
+
+/// Prepares `def` on the attached server if it lacks it (the answer is dropped).
+fn ensure_prepared(att: &mut Attached, def: &Arc<StmtDef>, max: usize) {
+    if att.conn.statements.has(def) {
+        return;
+    }
+    make_room(att, def, max);
+    def.encode_parse(&mut att.out);
+    att.conn.statements.insert(def.clone());
+    att.push(Expect::Injected(Kind::Parse), Undo::Parse { client: None, server: Some(def.server_name.clone()) });
 }
 
 fn cancel_target(conn: &ServerConn) -> Option<CancelTarget> {

@@ -24,6 +24,20 @@ pub struct Primary {
     pub term: u64,
 }
 
+/// A replica that may serve reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    /// Member name.
+    pub name: String,
+    /// `host:port` of its postgres.
+    pub address: String,
+    /// Its replay LSN, as its agent last reported it.
+    pub replayed_lsn: Option<u64>,
+    /// Bytes of WAL it is behind the primary (the leader's reported LSN minus its replay
+    /// LSN), when both are known.
+    pub lag: Option<u64>,
+}
+
 /// What the proxy knows about the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Topology {
@@ -36,6 +50,10 @@ pub struct Topology {
     pub why_none: Option<String>,
     /// Whether the DCS answered the last read.
     pub dcs_ok: bool,
+    /// Running, streaming replicas that follow the leader's term, with their lag.
+    pub replicas: Vec<Replica>,
+    /// How many members the cluster has (any role or state).
+    pub members: usize,
 }
 
 /// The primary of a snapshot: the leader key's holder, once its member record says it runs as
@@ -45,12 +63,15 @@ pub fn from_snapshot(snap: &ClusterSnapshot) -> Topology {
     // of every leader when a candidate lost the race for the key, and no server will ever
     // run under that term.
     let newest_term = snap.leader.as_ref().map_or(0, |l| l.value.term).max(snap.history.last().map_or(0, |h| h.term));
+    let members = snap.members.len();
     let Some(leader) = &snap.leader else {
         return Topology {
             newest_term,
             primary: None,
             why_none: Some("the cluster has no leader (a failover may be under way)".into()),
             dcs_ok: true,
+            replicas: Vec::new(),
+            members,
         };
     };
     let l = &leader.value;
@@ -71,7 +92,22 @@ pub fn from_snapshot(snap: &ClusterSnapshot) -> Topology {
         ),
         None => (None, Some(format!("the leader {} (term {}) has not published its member record", l.holder, l.term))),
     };
-    Topology { newest_term, primary, why_none, dcs_ok: true }
+    let leader_lsn = snap.member(&l.holder).and_then(|m| m.lsn);
+    let replicas = snap
+        .members
+        .iter()
+        .map(|m| &m.value)
+        .filter(|m| {
+            m.name != l.holder && m.role == Role::Replica && m.state == "running" && m.streaming && m.term >= l.term
+        })
+        .map(|m| Replica {
+            name: m.name.clone(),
+            address: m.pg_address.clone(),
+            replayed_lsn: m.replayed_lsn,
+            lag: leader_lsn.zip(m.replayed_lsn).map(|(p, r)| p.saturating_sub(r)),
+        })
+        .collect();
+    Topology { newest_term, primary, why_none, dcs_ok: true, replicas, members }
 }
 
 /// Watches the cluster until `shutdown` turns true, publishing every change on `tx`.
@@ -200,10 +236,29 @@ mod tests {
         lost_race.term = Some(Versioned { value: 4, revision: 1, ttl_left: None });
         assert_eq!(from_snapshot(&lost_race).newest_term, 3);
         assert!(t.primary.is_none(), "still promoting");
+        assert!(t.replicas.is_empty(), "n1 follows an older term");
         assert!(t.why_none.unwrap().contains("does not run as primary yet"));
         snap.members[1] = member("n2", Role::Primary, "running", 3);
         let t = from_snapshot(&snap);
         assert_eq!(t.primary, Some(Primary { name: "n2".into(), address: "n2:5432".into(), term: 3 }));
+        // Replicas: running, streaming, under the leader's term; lag from the reported LSNs.
+        snap.members[1].value.lsn = Some(1000);
+        let mut r = member("n1", Role::Replica, "running", 3);
+        r.value.streaming = true;
+        r.value.replayed_lsn = Some(400);
+        snap.members[0] = r.clone();
+        let mut stopped = member("n3", Role::Replica, "stopped", 3);
+        stopped.value.streaming = true;
+        snap.members.push(stopped);
+        let t = from_snapshot(&snap);
+        assert_eq!(
+            t.replicas,
+            vec![Replica { name: "n1".into(), address: "n1:5432".into(), replayed_lsn: Some(400), lag: Some(600) }]
+        );
+        assert_eq!(t.members, 3);
+        r.value.streaming = false;
+        snap.members[0] = r;
+        assert!(from_snapshot(&snap).replicas.is_empty(), "not streaming");
         snap.leader = None;
         let t = from_snapshot(&snap);
         assert!(t.primary.is_none());

@@ -50,11 +50,13 @@ pub fn run(args: ProxyArgs) -> ExitCode {
         return bad;
     }
     if args.check {
+        let listeners: Vec<String> =
+            config.listeners().iter().map(|(address, mode)| format!("{address} ({})", mode.as_str())).collect();
         println!(
             "{}: OK (cluster {:?}, listen {}, {} pooling, {} users)",
             path.display(),
             config.cluster,
-            config.listen,
+            listeners.join(", "),
             config.pool_mode.as_str(),
             userlist.len()
         );

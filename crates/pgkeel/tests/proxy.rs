@@ -1,6 +1,7 @@
 //! `pgkeel proxy` in front of a real cluster, with real clients (psql, pgbench,
-//! tokio-postgres): pooling, authentication, bad clients, and following the primary through a
-//! node kill.
+//! tokio-postgres, and a raw protocol client): pooling, authentication, bad clients,
+//! protocol-level prepared statements in transaction mode, read/write splitting,
+//! read-your-writes, and following the primary through a node kill.
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
@@ -10,7 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pgkeel_proxy::bytes::{Bytes, BytesMut};
+use pgkeel_proxy::protocol::{
+    Authentication, BackendDecoder, BackendMessage, Bind, FrontendMessage, Parse, StartupMessage, StartupPacket,
+    Target, Text,
+};
+use pgkeel_proxy::scram::{ClientCredential, ClientExchange};
 use pgkeel_testkit::{psql, wait_for, Cluster};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::SimpleQueryMessage;
 
@@ -437,4 +445,432 @@ async fn proxy_follows_the_primary_through_a_node_kill() {
     let rows: i64 =
         psql(&c.node_dsn(&new), &format!("select count(*) from w where term = {new_term}")).unwrap().parse().unwrap();
     assert!(rows >= acked_new, "{rows} rows under the new term, {acked_new} acknowledged");
+}
+
+/// A raw protocol client, for what libpq and tokio-postgres never send: a duplicate statement
+/// name, a Bind of an unknown statement, several batches in one write.
+struct Raw {
+    stream: tokio::net::TcpStream,
+    buf: BytesMut,
+}
+
+/// One server answer, short: the message tag, with the SQLSTATE for an error and the value
+/// of a one-column row.
+fn short(m: &BackendMessage) -> String {
+    match m {
+        BackendMessage::ErrorResponse(e) => format!("E{}", e.code().map(|c| c.to_string()).unwrap_or_default()),
+        BackendMessage::DataRow(v) => {
+            format!(
+                "D{}",
+                v.first().cloned().flatten().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+            )
+        }
+        BackendMessage::ReadyForQuery(s) => format!("Z{}", s.byte() as char),
+        other => (other.tag() as char).to_string(),
+    }
+}
+
+impl Raw {
+    async fn connect(p: &Proxy) -> Raw {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", p.port)).await.expect("connect to the proxy");
+        let mut raw = Raw { stream, buf: BytesMut::new() };
+        let mut out = BytesMut::new();
+        StartupPacket::Startup(StartupMessage::new([("user", "postgres"), ("database", "postgres")])).encode(&mut out);
+        raw.stream.write_all(&out).await.unwrap();
+        let mut scram: Option<ClientExchange> = None;
+        loop {
+            let reply = match raw.recv().await {
+                BackendMessage::Authentication(Authentication::Sasl { .. }) => {
+                    let ex = ClientExchange::new(ClientCredential::Password(p.password.clone())).unwrap();
+                    let first = ex.client_first();
+                    scram = Some(ex);
+                    Some(FrontendMessage::SaslInitialResponse {
+                        mechanism: "SCRAM-SHA-256".into(),
+                        data: Some(Bytes::from(first)),
+                    })
+                }
+                BackendMessage::Authentication(Authentication::SaslContinue(d)) => {
+                    let fin = scram.as_mut().unwrap().server_first(&d).unwrap();
+                    Some(FrontendMessage::SaslResponse(Bytes::from(fin)))
+                }
+                BackendMessage::ReadyForQuery(_) => break,
+                BackendMessage::ErrorResponse(e) => panic!("login failed: {e:?}"),
+                _ => None,
+            };
+            if let Some(r) = reply {
+                raw.send(&[r]).await;
+            }
+        }
+        raw
+    }
+
+    async fn send(&mut self, msgs: &[FrontendMessage]) {
+        let mut out = BytesMut::new();
+        for m in msgs {
+            m.encode(&mut out);
+        }
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> BackendMessage {
+        let decoder = BackendDecoder::default();
+        loop {
+            if let Some(m) = decoder.decode(&mut self.buf).expect("a valid message from the proxy") {
+                return m;
+            }
+            let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read_buf(&mut self.buf))
+                .await
+                .expect("an answer within 10 s")
+                .unwrap();
+            assert!(n > 0, "the proxy closed the connection");
+        }
+    }
+
+    /// The answers up to the `n`th ReadyForQuery, short, joined with spaces.
+    async fn answers(&mut self, mut n: usize) -> String {
+        let mut seen = Vec::new();
+        while n > 0 {
+            let m = self.recv().await;
+            if matches!(m, BackendMessage::ReadyForQuery(_)) {
+                n -= 1;
+            }
+            if !matches!(m, BackendMessage::NoticeResponse(_) | BackendMessage::ParameterStatus { .. }) {
+                seen.push(short(&m));
+            }
+        }
+        seen.join(" ")
+    }
+}
+
+fn parse(name: &str, query: &str) -> FrontendMessage {
+    FrontendMessage::Parse(Parse { name: Text::lossy(name), query: Text::lossy(query), param_types: vec![] })
+}
+
+fn bind(statement: &str, params: &[&str]) -> FrontendMessage {
+    FrontendMessage::Bind(Bind {
+        portal: Text::lossy(""),
+        statement: Text::lossy(statement),
+        param_formats: vec![],
+        params: params.iter().map(|p| Some(Bytes::copy_from_slice(p.as_bytes()))).collect(),
+        result_formats: vec![],
+    })
+}
+
+fn execute() -> FrontendMessage {
+    FrontendMessage::Execute { portal: Text::lossy(""), max_rows: 0 }
+}
+
+fn query(sql: &str) -> FrontendMessage {
+    FrontendMessage::Query(Text::lossy(sql))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_prepared_statements_in_transaction_mode() {
+    let c = Cluster::up(bin(), 1).await;
+    c.leader().await.expect("a leader");
+    // Two server connections and room for 3 statements on each: consecutive transactions of
+    // a client change server connections, and statements are evicted and prepared again.
+    let p = Proxy::start(&c, "prepared", "pool_size = 2\nmax_prepared_statements = 3").await;
+    psql(&p.dsn(), "create table kv(k int primary key, v text)").unwrap();
+
+    // tokio-postgres: a statement prepared once, used from transactions that run on
+    // different server connections (another client holds one of the two in between).
+    let a = connect(&p.dsn()).await.unwrap();
+    let b = connect(&p.dsn()).await.unwrap();
+    let stmt = a.prepare("select pg_backend_pid(), $1::int + 1").await.unwrap();
+    let mut pids = std::collections::BTreeSet::new();
+    for i in 0..12i32 {
+        if i % 3 == 1 {
+            b.simple_query("begin; select 1").await.unwrap();
+        }
+        let row = a.query_one(&stmt, &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(1), i + 1);
+        pids.insert(row.get::<_, i32>(0));
+        if i % 3 == 1 {
+            b.simple_query("commit").await.unwrap();
+        }
+    }
+    assert!(pids.len() >= 2, "the statement ran on several server connections: {pids:?}");
+    // More statements than a server connection keeps: evicted ones are prepared again.
+    let stmts: Vec<_> = futures_prepare(&a, 8).await;
+    for round in 0..3 {
+        for (i, s) in stmts.iter().enumerate() {
+            let v: i32 = a.query_one(s, &[]).await.unwrap().get(0);
+            assert_eq!(v, i as i32 + 100, "round {round}");
+        }
+    }
+    // A statement that does not prepare: the error, and the client goes on.
+    let e = a.prepare("select * from no_such_table").await.unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::UNDEFINED_TABLE), "{e}");
+    assert_eq!(a.query_one(&stmt, &[&41i32]).await.unwrap().get::<_, i32>(1), 42);
+    // Inside a transaction, then an error inside one.
+    {
+        let mut a2 = connect(&p.dsn()).await.unwrap();
+        let ins = a2.prepare("insert into kv values ($1, $2)").await.unwrap();
+        let tx = a2.transaction().await.unwrap();
+        tx.execute(&ins, &[&1i32, &"one"]).await.unwrap();
+        let e = tx.execute(&ins, &[&1i32, &"again"]).await.unwrap_err();
+        assert_eq!(e.code(), Some(&SqlState::UNIQUE_VIOLATION));
+        tx.rollback().await.unwrap();
+        a2.execute(&ins, &[&2i32, &"two"]).await.unwrap();
+    }
+    assert_eq!(one(&a, "select string_agg(v, ',') from kv").await.unwrap().as_deref(), Some("two"));
+
+    // The testkit's writer (tokio-postgres, parameterised statements) through the proxy.
+    psql(&p.dsn(), "create table acked(id bigint primary key, term bigint not null)").unwrap();
+    let writer = pgkeel_testkit::Writer::start(p.dsn(), Duration::from_millis(10));
+    wait_for("50 writes through the proxy", Duration::from_secs(20), || async {
+        (writer.acked_count() >= 50).then_some(())
+    })
+    .await;
+    let report = writer.stop().await;
+    assert_eq!(report.errors, 0, "writer errors through the proxy");
+    let rows: usize = psql(&p.dsn(), "select count(*) from acked").unwrap().parse().unwrap();
+    assert_eq!(rows, report.acked.len());
+
+    // Raw protocol: what drivers rarely do.
+    let mut r = Raw::connect(&p).await;
+    // Parse, Bind, Execute in one batch; then the statement from later batches.
+    r.send(&[parse("s1", "select $1::int * 2"), bind("s1", &["21"]), execute(), FrontendMessage::Sync]).await;
+    assert_eq!(r.answers(1).await, "1 2 D42 C ZI");
+    // Two batches in one write, the second on a server connection that may lack s1.
+    r.send(&[
+        bind("s1", &["1"]),
+        execute(),
+        FrontendMessage::Sync,
+        bind("s1", &["2"]),
+        execute(),
+        FrontendMessage::Sync,
+    ])
+    .await;
+    assert_eq!(r.answers(2).await, "2 D2 C ZI 2 D4 C ZI");
+    // A duplicate name: 42P05, the rest of the batch skipped up to its Sync.
+    r.send(&[parse("s1", "select 1"), bind("s1", &["3"]), execute(), FrontendMessage::Sync]).await;
+    assert_eq!(r.answers(1).await, "E42P05 ZI");
+    // An unknown statement: 26000.
+    r.send(&[bind("nope", &[]), execute(), FrontendMessage::Sync]).await;
+    assert_eq!(r.answers(1).await, "E26000 ZI");
+    // Describe of a named statement.
+    r.send(&[FrontendMessage::Describe { target: Target::Statement, name: Text::lossy("s1") }, FrontendMessage::Sync])
+        .await;
+    assert_eq!(r.answers(1).await, "t T ZI");
+    // A server error in the middle of a batch: the statements parsed after it do not exist.
+    r.send(&[
+        parse("s2", "select 1 / (random() * 0)::int"),
+        bind("s2", &[]),
+        execute(),
+        parse("s3", "select 3"),
+        FrontendMessage::Sync,
+        bind("s3", &[]),
+        execute(),
+        FrontendMessage::Sync,
+    ])
+    .await;
+    assert_eq!(r.answers(2).await, "1 2 E22012 ZI E26000 ZI");
+    // s2 exists (its Parse succeeded); s3 can now be prepared.
+    r.send(&[parse("s3", "select 3"), bind("s3", &[]), execute(), FrontendMessage::Sync]).await;
+    assert_eq!(r.answers(1).await, "1 2 D3 C ZI");
+    // Close: answered by the proxy; the name is free again.
+    r.send(&[FrontendMessage::Close { target: Target::Statement, name: Text::lossy("s1") }, FrontendMessage::Sync])
+        .await;
+    assert_eq!(r.answers(1).await, "3 ZI");
+    r.send(&[bind("s1", &["1"]), execute(), FrontendMessage::Sync]).await;
+    assert_eq!(r.answers(1).await, "E26000 ZI");
+    r.send(&[parse("s1", "select 'again'"), bind("s1", &[]), execute(), FrontendMessage::Sync]).await;
+    assert_eq!(r.answers(1).await, "1 2 Dagain C ZI");
+    // A named statement inside an explicit transaction, across Sync boundaries.
+    r.send(&[query("begin")]).await;
+    assert_eq!(r.answers(1).await, "C ZT");
+    r.send(&[bind("s3", &[]), execute(), FrontendMessage::Sync, query("commit")]).await;
+    assert_eq!(r.answers(2).await, "2 D3 C ZT C ZI");
+    // The proxy still answers plain queries.
+    r.send(&[query("select 5")]).await;
+    assert_eq!(r.answers(1).await, "T D5 C ZI");
+
+    // pgbench in prepared mode through the small pool (statements evicted and prepared again)
+    // and through a proxy with the default limits.
+    pgbench(&p, &["-i", "-s", "1", "-q"]);
+    let out = pgbench(&p, &["-c", "4", "-j", "2", "-T", "5", "-M", "prepared"]);
+    assert_no_failed_transactions("prepared (pool_size 2, 3 statements per connection)", &out);
+    let big = Proxy::start(&c, "prepared-default", "").await;
+    let out = pgbench(&big, &["-c", "4", "-j", "2", "-T", "5", "-M", "prepared"]);
+    assert_no_failed_transactions("prepared", &out);
+}
+
+/// Prepares `n` statements `select 100 + i`.
+async fn futures_prepare(c: &tokio_postgres::Client, n: i32) -> Vec<tokio_postgres::Statement> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(c.prepare(&format!("select {}::int", 100 + i)).await.unwrap());
+    }
+    v
+}
+
+/// The port part of a node's DSN (`postgresql://...@127.0.0.1:PORT/...`).
+fn dsn_port(dsn: &str) -> String {
+    dsn.rsplit(':').next().and_then(|s| s.split(['/', '?']).next()).unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_splits_reads_and_writes() {
+    let c = Cluster::up(bin(), 3).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let replicas: Vec<String> = c.nodes().into_iter().filter(|n| *n != leader).collect();
+    c.wait_streaming(&leader, &replicas, Duration::from_secs(60)).await;
+    let port_of = |n: &str| dsn_port(&c.node_dsn(n));
+    let primary_port = port_of(&leader);
+    let p = Proxy::start(&c, "split", "max_replica_lag = \"1MB\"\nprimary_functions = [\"app_bump\"]").await;
+    // The same proxy.toml with the other two listeners.
+    let replica_port = free_port();
+    let primary_only = free_port();
+    let both = Proxy::start(
+        &c,
+        "listeners",
+        &format!("listen_replica = \"127.0.0.1:{replica_port}\"\nlisten_primary = \"127.0.0.1:{primary_only}\""),
+    )
+    .await;
+    psql(&p.dsn(), "create table t(id int primary key, v text); create sequence s").unwrap();
+    psql(&p.dsn(), "create function app_bump() returns int language sql as 'select 1'").unwrap();
+
+    // Reads reach replicas once the proxy has seen them streaming.
+    let client = connect(&p.dsn()).await.unwrap();
+    wait_for("reads on a replica through the auto listener", Duration::from_secs(20), || async {
+        (one(&client, "select pg_is_in_recovery()").await.ok()?.as_deref() == Some("t")).then_some(())
+    })
+    .await;
+    let in_recovery = |sql: &'static str| {
+        let client = &client;
+        async move { one(client, sql).await.unwrap_or_else(|e| panic!("{sql}: {}", text(&e))).unwrap_or_default() }
+    };
+    assert_eq!(in_recovery("select pg_is_in_recovery()").await, "t", "a plain read");
+    assert_eq!(in_recovery("/* pgkeel:primary */ select pg_is_in_recovery()").await, "f", "the comment override");
+    assert_eq!(in_recovery("select pg_is_in_recovery() from (select nextval('s')) n").await, "f", "nextval");
+    assert_eq!(in_recovery("select pg_is_in_recovery(), app_bump()").await, "f", "a configured function");
+    assert_eq!(in_recovery("select pg_is_in_recovery() from t for update").await, "", "FOR UPDATE (no rows)");
+    assert_eq!(in_recovery("select pg_is_in_recovery(); select 1").await, "t", "reads in one string");
+    // Inside an explicit transaction everything goes to the primary; BEGIN READ ONLY reads on
+    // a replica.
+    client.simple_query("begin").await.unwrap();
+    assert_eq!(in_recovery("select pg_is_in_recovery()").await, "f", "inside BEGIN");
+    client.simple_query("commit").await.unwrap();
+    client.simple_query("begin read only").await.unwrap();
+    assert_eq!(in_recovery("select pg_is_in_recovery()").await, "t", "inside BEGIN READ ONLY");
+    client.simple_query("commit").await.unwrap();
+    // Extended protocol: classified at Parse; the statement follows the client.
+    let stmt = client.prepare("select pg_is_in_recovery()").await.unwrap();
+    assert!(client.query_one(&stmt, &[]).await.unwrap().get::<_, bool>(0), "a prepared read on a replica");
+    {
+        let mut c2 = connect(&p.dsn()).await.unwrap();
+        let tx = c2.transaction().await.unwrap();
+        let r: bool = tx.query_one("select pg_is_in_recovery()", &[]).await.unwrap().get(0);
+        assert!(!r, "in a transaction: the primary");
+        tx.commit().await.unwrap();
+        let n: i64 = c2.query_one("select nextval('s')", &[]).await.unwrap().get(0);
+        assert!(n > 0);
+    }
+    // SET pgkeel.route, answered by the proxy.
+    client.simple_query("set pgkeel.route = primary").await.unwrap();
+    assert_eq!(in_recovery("show pgkeel.route").await, "primary");
+    assert_eq!(in_recovery("select pg_is_in_recovery()").await, "f", "SET pgkeel.route = primary");
+    client.simple_query("set pgkeel.route to 'replica'").await.unwrap();
+    assert_eq!(in_recovery("select pg_is_in_recovery()").await, "t");
+    client.simple_query("reset pgkeel.route").await.unwrap();
+    assert_eq!(in_recovery("show pgkeel.route").await, "auto");
+    let e = client.simple_query("set pgkeel.route = sideways").await.unwrap_err();
+    assert!(text(&e).contains("invalid value for pgkeel.route"), "{}", text(&e));
+    // Writes work through the auto listener (they go to the primary).
+    client.simple_query("insert into t values (1, 'a')").await.unwrap();
+    // The replica and primary listeners.
+    let on = |port: u16, sql: &str| {
+        psql(&format!("postgresql://postgres:{}@127.0.0.1:{port}/postgres", both.password), sql).unwrap()
+    };
+    assert_eq!(on(replica_port, "select pg_is_in_recovery()"), "t", "the replica listener");
+    assert_eq!(on(primary_only, "select pg_is_in_recovery()"), "f", "the primary listener");
+    // Round robin: both replicas serve reads, the primary none. (A client that never wrote:
+    // after a write, a client's reads prefer the replicas known to have replayed it.)
+    let client = connect(&p.dsn()).await.unwrap();
+    let port_now = || async { one(&client, "select inet_server_port()::text").await.unwrap().unwrap_or_default() };
+    let mut ports = std::collections::BTreeMap::new();
+    for _ in 0..20 {
+        *ports.entry(port_now().await).or_insert(0) += 1;
+    }
+    eprintln!("reads by server port: {ports:?} (primary {primary_port})");
+    assert!(!ports.contains_key(&primary_port), "no plain read on the primary: {ports:?}");
+    assert_eq!(ports.len(), 2, "both replicas serve reads: {ports:?}");
+
+    // A lagging replica (replay paused, then WAL written on the primary) stops getting reads.
+    let lagging = &replicas[0];
+    let lagging_port = port_of(lagging);
+    psql(&c.node_dsn(lagging), "select pg_wal_replay_pause()").unwrap();
+    psql(&p.dsn(), "create table filler as select g, repeat('x', 200) as pad from generate_series(1, 20000) g")
+        .unwrap();
+    let started = Instant::now();
+    wait_for("the lagging replica to stop getting reads", Duration::from_secs(30), || async {
+        for _ in 0..10 {
+            if one(&client, "select inet_server_port()::text").await.ok()?? == lagging_port {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    eprintln!("the paused replica {lagging} stopped getting reads after {:?}", started.elapsed());
+    for _ in 0..30 {
+        assert_ne!(port_now().await, lagging_port, "a read went to the paused replica");
+    }
+    psql(&c.node_dsn(lagging), "select pg_wal_replay_resume()").unwrap();
+    wait_for("the resumed replica to get reads again", Duration::from_secs(30), || async {
+        for _ in 0..10 {
+            if one(&client, "select inet_server_port()::text").await.ok()?? == lagging_port {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
+
+    // Read-your-writes: each read right after a write sees it, wherever it runs.
+    psql(&p.dsn(), "create table ryw(id int primary key)").unwrap();
+    let rw = connect(&p.dsn()).await.unwrap();
+    let mut on_replica = 0;
+    let t0 = Instant::now();
+    for i in 0..200 {
+        rw.simple_query(&format!("insert into ryw values ({i})")).await.unwrap();
+        let row =
+            one(&rw, &format!("select count(*)::text || ' ' || pg_is_in_recovery()::text from ryw where id = {i}"))
+                .await
+                .unwrap()
+                .unwrap_or_default();
+        let (n, recovery) = row.split_once(' ').unwrap_or_default();
+        assert_eq!(n, "1", "iteration {i}: the read did not see the write just committed ({row})");
+        if recovery == "true" {
+            on_replica += 1;
+        }
+    }
+    eprintln!("read-your-writes: 200 write-then-read rounds in {:?}, {on_replica} reads on replicas", t0.elapsed());
+}
+
+/// `pgkeel up` runs a proxy in front of the cluster, saves its DSN in up.json, and `down`
+/// stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_a_proxy_and_down_stops_it() {
+    let c = Cluster::up(bin(), 2).await;
+    let dsn = c.info["proxy"]["dsn"].as_str().expect("up.json names the proxy's DSN").to_string();
+    let pid_file = PathBuf::from(c.info["proxy"]["pid_file"].as_str().unwrap());
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    // Through the proxy: a write reaches the primary, a read a replica.
+    wait_for("a write through the proxy", Duration::from_secs(20), || {
+        let dsn = dsn.clone();
+        async move { psql(&dsn, "create table via_proxy as select 1 as x").ok() }
+    })
+    .await;
+    wait_for("a read through the proxy on a replica", Duration::from_secs(20), || {
+        let dsn = dsn.clone();
+        async move { (psql(&dsn, "select pg_is_in_recovery() from via_proxy").ok()? == "t").then_some(()) }
+    })
+    .await;
+    let out = c.cli(&["down", "--dir", &c.dir().display().to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!pgkeel_testkit::alive(pid), "down stopped the proxy");
+    assert!(!pid_file.exists());
 }

@@ -57,6 +57,12 @@ pub mod sqlstate {
     pub const UNABLE_TO_CONNECT: &str = "08001";
     /// 0A000 feature_not_supported.
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    /// 22023 invalid_parameter_value.
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
+    /// 26000 invalid_sql_statement_name (an unknown prepared statement).
+    pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
+    /// 42P05 duplicate_prepared_statement.
+    pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
     /// 25006 read_only_sql_transaction.
     pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
     /// 28000 invalid_authorization_specification.
