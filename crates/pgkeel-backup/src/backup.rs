@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use crate::codec::compress_stream;
 use crate::manifest::{parse_backup_label, DirEntry, FileEntry, Manifest, FORMAT};
 use crate::parallel;
+use crate::progress::{Progress, ProgressReader};
 use crate::repo::{check_label, Repo};
 use crate::storage::{WriteMode, WriteOutcome};
 use crate::timefmt::label_utc;
@@ -48,7 +49,7 @@ pub struct ConnectOptions {
 }
 
 impl ConnectOptions {
-    fn config(&self) -> tokio_postgres::Config {
+    pub(crate) fn config(&self) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         if self.host.starts_with('/') {
             c.host_path(&self.host);
@@ -75,6 +76,8 @@ pub struct BackupOptions {
     pub jobs: usize,
     /// How long to wait for `pg_backup_stop` and for the WAL the backup needs to be archived.
     pub wal_wait: Duration,
+    /// Show progress while copying (a bar on a terminal, log lines otherwise).
+    pub progress: bool,
 }
 
 /// What happens to one entry of the data directory.
@@ -213,9 +216,15 @@ fn walk(pgdata: &Path) -> anyhow::Result<(Vec<DirEntry>, Vec<Job>)> {
 
 /// Copies one file into the backup; `None` when it vanished before it could be opened
 /// (WAL replay recreates or drops it).
-fn copy_file(repo: &Repo, label: &str, pgdata: &Path, job: &Job) -> anyhow::Result<Option<FileEntry>> {
+fn copy_file(
+    repo: &Repo,
+    label: &str,
+    pgdata: &Path,
+    job: &Job,
+    progress: &Progress,
+) -> anyhow::Result<Option<FileEntry>> {
     let src = pgdata.join(&job.rel);
-    let mut f = match File::open(&src) {
+    let f = match File::open(&src) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
@@ -227,6 +236,7 @@ fn copy_file(repo: &Repo, label: &str, pgdata: &Path, job: &Job) -> anyhow::Resu
     let key = repo.backup_file_key(label, &job.rel);
     let writer = repo.storage().create(&key).with_context(|| format!("creating {key}"))?;
     let mut counting = CountingWriter { inner: writer, count: 0 };
+    let mut f = ProgressReader::new(f, progress);
     let (size, sha256) =
         compress_stream(&mut f, &mut counting).with_context(|| format!("copying {} to {key}", src.display()))?;
     let stored_size = counting.count;
@@ -383,7 +393,8 @@ async fn run_backup(
         let repo = repo.clone();
         let pgdata = pgdata.to_path_buf();
         let label = label.clone();
-        tokio::task::spawn_blocking(move || copy_all(&repo, &label, &pgdata, jobs))
+        let progress = opts.progress;
+        tokio::task::spawn_blocking(move || copy_all(&repo, &label, &pgdata, jobs, progress))
             .await
             .context("the copy task panicked")??
     };
@@ -445,7 +456,13 @@ async fn run_backup(
     Ok(manifest)
 }
 
-fn copy_all(repo: &Repo, label: &str, pgdata: &Path, jobs: usize) -> anyhow::Result<(Vec<DirEntry>, Vec<FileEntry>)> {
+fn copy_all(
+    repo: &Repo,
+    label: &str,
+    pgdata: &Path,
+    jobs: usize,
+    show_progress: bool,
+) -> anyhow::Result<(Vec<DirEntry>, Vec<FileEntry>)> {
     let (dirs, mut files) = walk(pgdata)?;
     let control = "global/pg_control";
     let control_job = files.iter().position(|f| f.rel == control).map(|i| files.remove(i));
@@ -455,11 +472,14 @@ fn copy_all(repo: &Repo, label: &str, pgdata: &Path, jobs: usize) -> anyhow::Res
     // Largest first, so one big file does not finish last on a single thread.
     files.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.rel.cmp(&b.rel)));
     let started = Instant::now();
-    let copied = parallel::try_for_each(&files, jobs, |job| copy_file(repo, label, pgdata, job))?;
+    let total = files.iter().map(|f| f.size).sum::<u64>() + control_job.size;
+    let progress = Progress::new(format!("backup {label}"), total, show_progress);
+    let copied = parallel::try_for_each(&files, jobs, |job| copy_file(repo, label, pgdata, job, &progress))?;
     let mut entries: Vec<FileEntry> = copied.into_iter().flatten().collect();
     // pg_control last (see the module doc).
-    let control_entry = copy_file(repo, label, pgdata, &control_job)?
+    let control_entry = copy_file(repo, label, pgdata, &control_job, &progress)?
         .with_context(|| format!("{control} vanished during the backup"))?;
+    progress.finish();
     entries.push(control_entry);
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     info!(files = entries.len(), secs = started.elapsed().as_secs_f64(), "data files copied");

@@ -1,8 +1,9 @@
-//! Backups for pgkeel: a repository on a local path ([`repo`], on the [`storage::Storage`]
-//! trait so that an S3 backend can be added), the continuous WAL archive
-//! (`archive_command`/`restore_command`: [`Repo::push_wal`], [`Repo::fetch_wal`]), base
-//! backups with the non-exclusive low-level API ([`backup`]), verification ([`verify`]) and
-//! point-in-time restore ([`restore`]).
+//! Backups for pgkeel: a repository on a local path or an S3-compatible bucket ([`repo`], on
+//! the [`storage::Storage`] trait: [`storage::LocalStorage`], [`s3::S3Storage`]), the
+//! continuous WAL archive (`archive_command`/`restore_command`: [`Repo::push_wal`],
+//! [`Repo::fetch_wal`]), base backups with the non-exclusive low-level API ([`backup`]),
+//! verification ([`verify`]), point-in-time restore ([`mod@restore`]), retention ([`expire`]),
+//! logical dumps ([`dump`]) and progress output ([`progress`]).
 //!
 //! See `docs/backups.md` for the commands, the repository layout and the guarantees.
 
@@ -10,11 +11,18 @@
 
 pub mod backup;
 pub mod codec;
+pub mod dump;
+pub mod expire;
 pub mod manifest;
 mod parallel;
+pub mod progress;
 pub mod repo;
 pub mod restore;
+pub mod s3;
+pub mod sigv4;
 pub mod storage;
+#[doc(hidden)]
+pub mod testing;
 pub mod timefmt;
 pub mod verify;
 pub mod walname;

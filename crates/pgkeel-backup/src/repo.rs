@@ -1,5 +1,5 @@
-//! The repository: one directory (or, later, bucket) holding the WAL archive and the base
-//! backups of one or more clusters.
+//! The repository: one directory or bucket prefix holding the WAL archive, the base backups
+//! and the logical dumps ([`crate::dump`]) of one or more clusters.
 //!
 //! ```text
 //! REPO/<cluster>/wal/history/00000002.history.zst
@@ -8,6 +8,7 @@
 //! REPO/<cluster>/wal/0000000100000000/000000010000000000000002.00000028.backup.zst
 //! REPO/<cluster>/backups/<label>/data/<path in PGDATA>.zst
 //! REPO/<cluster>/backups/<label>/manifest.json          (written last)
+//! REPO/<cluster>/dumps/<label>/...                        (see crate::dump)
 //! ```
 
 use std::fs::{self, File};
@@ -89,6 +90,19 @@ impl Repo {
         Repo::new(Arc::new(LocalStorage::new(root)), cluster)
     }
 
+    /// The repository at `location`: an `s3://BUCKET/PREFIX` URL (see
+    /// [`crate::s3::S3Config::from_url`]) or a directory.
+    pub fn open(location: &str, cluster: &str) -> anyhow::Result<Repo> {
+        if crate::s3::is_s3_url(location) {
+            return Repo::new(Arc::new(crate::s3::S3Storage::from_url(location)?), cluster);
+        }
+        if location.is_empty() {
+            bail!("the repository location is empty: give a directory or s3://BUCKET/PREFIX");
+        }
+        let path = Path::new(location);
+        Repo::local(&std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()), cluster)
+    }
+
     /// The repository on `storage`, cluster `cluster`.
     pub fn new(storage: Arc<dyn Storage>, cluster: &str) -> anyhow::Result<Repo> {
         check_cluster_name(cluster)?;
@@ -133,6 +147,11 @@ impl Repo {
     /// Key of a backup's manifest.
     pub fn manifest_key(&self, label: &str) -> String {
         format!("{}/backups/{label}/manifest.json", self.cluster)
+    }
+
+    /// Key prefix of one logical dump.
+    pub fn dump_prefix(&self, label: &str) -> String {
+        format!("{}/dumps/{label}", self.cluster)
     }
 
     /// Archives the file at `path` (what postgres passes as `%p`; its name must be a WAL

@@ -13,6 +13,7 @@ use pgkeel_pg::user::RunAs;
 use crate::codec::decompress_stream;
 use crate::manifest::{FileEntry, Manifest};
 use crate::parallel;
+use crate::progress::{Progress, ProgressWriter};
 use crate::repo::Repo;
 use crate::storage::sync_dir;
 use crate::timefmt::format_utc;
@@ -135,6 +136,8 @@ pub struct RestoreOptions {
     pub run_as: Option<RunAs>,
     /// Parallel threads.
     pub jobs: usize,
+    /// Show progress while unpacking (a bar on a terminal, log lines otherwise).
+    pub progress: bool,
 }
 
 /// Restores a backup into `opts.to` and configures recovery. Returns the manifest of the
@@ -182,7 +185,9 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Manifest> {
     }
     let mut files: Vec<&FileEntry> = m.files.iter().collect();
     files.sort_by_key(|f| std::cmp::Reverse(f.size));
-    parallel::try_for_each(&files, opts.jobs.clamp(1, 16), |f| restore_file(repo, &m, &to, f))?;
+    let progress = Progress::new(format!("restore {}", m.label), m.total_size(), opts.progress);
+    parallel::try_for_each(&files, opts.jobs.clamp(1, 16), |f| restore_file(repo, &m, &to, f, &progress))?;
+    progress.finish();
 
     write_new(&to.join("backup_label"), m.backup_label.as_bytes())?;
     if !m.tablespace_map.is_empty() {
@@ -209,7 +214,7 @@ fn checked_rel(rel: &str) -> anyhow::Result<&str> {
     Ok(rel)
 }
 
-fn restore_file(repo: &Repo, m: &Manifest, to: &Path, f: &FileEntry) -> anyhow::Result<()> {
+fn restore_file(repo: &Repo, m: &Manifest, to: &Path, f: &FileEntry, progress: &Progress) -> anyhow::Result<()> {
     let key = repo.backup_file_key(&m.label, &f.path);
     let mut src = repo
         .storage()
@@ -223,7 +228,7 @@ fn restore_file(repo: &Repo, m: &Manifest, to: &Path, f: &FileEntry) -> anyhow::
         .open(&dest)
         .with_context(|| format!("creating {}", dest.display()))?;
     let (size, sha) = {
-        let mut w = io::BufWriter::with_capacity(256 * 1024, &mut out);
+        let mut w = ProgressWriter::new(io::BufWriter::with_capacity(256 * 1024, &mut out), progress);
         let r = decompress_stream(&mut src, &mut w)
             .with_context(|| format!("backup {}: file {} is damaged ({key})", m.label, f.path))?;
         w.flush().with_context(|| format!("writing {}", dest.display()))?;

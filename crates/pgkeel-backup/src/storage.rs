@@ -3,8 +3,8 @@
 //! [`Storage`] is a small object-store-like interface: keys are `/`-separated relative paths,
 //! every write is atomic (a reader sees the old object, or no object, or the whole new one,
 //! never a part) and durable when it returns. [`LocalStorage`] implements it on a local (or
-//! mounted) directory; an S3 backend can implement the same trait later (a multipart upload
-//! completed by `commit`, `If-None-Match: *` for [`WriteMode::NoClobber`]).
+//! mounted) directory, [`crate::s3::S3Storage`] on an S3-compatible bucket (a multipart
+//! upload completed by `commit`, `If-None-Match: *` for [`WriteMode::NoClobber`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -54,6 +54,18 @@ pub trait Storage: Send + Sync {
     fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
     /// Whether an object exists.
     fn exists(&self, key: &str) -> io::Result<bool>;
+    /// Every object below `prefix` (`""` for all), at any depth, sorted by key: full keys,
+    /// sizes and modification times.
+    fn list_tree(&self, prefix: &str) -> io::Result<Vec<ObjectInfo>>;
+    /// Deletes an object; one that does not exist is not an error.
+    fn delete(&self, key: &str) -> io::Result<()>;
+    /// Deletes every object below `prefix` (a "directory" key, not `""`); returns how many.
+    fn delete_tree(&self, prefix: &str) -> io::Result<usize>;
+
+    /// Deletes several objects (absent ones are not an error).
+    fn delete_keys(&self, keys: &[String]) -> io::Result<()> {
+        keys.iter().try_for_each(|k| self.delete(k))
+    }
 
     /// Reads a whole object; `None` when it does not exist.
     fn read(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
@@ -73,6 +85,17 @@ pub trait Storage: Send + Sync {
         w.write_all(data)?;
         w.commit(mode)
     }
+}
+
+/// An object found by [`Storage::list_tree`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Its full key.
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last written, in microseconds since the epoch.
+    pub modified_us: i64,
 }
 
 /// Checks a key: relative, `/`-separated, no empty, `.` or `..` components.
@@ -228,6 +251,71 @@ impl Storage for LocalStorage {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(io::Error::new(e.kind(), format!("checking {}: {e}", path.display()))),
         }
+    }
+
+    fn list_tree(&self, prefix: &str) -> io::Result<Vec<ObjectInfo>> {
+        let start = if prefix.is_empty() { self.root.clone() } else { self.path(prefix)? };
+        let mut out = Vec::new();
+        let mut stack = vec![(start, prefix.to_string())];
+        while let Some((dir, key)) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
+                    // `prefix` names an object, not a directory: nothing below it.
+                    continue;
+                }
+                Err(e) => return Err(io::Error::new(e.kind(), format!("listing {}: {e}", dir.display()))),
+            };
+            for entry in entries {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if is_temp_name(&name) {
+                    continue;
+                }
+                let child = if key.is_empty() { name } else { format!("{key}/{name}") };
+                let meta = match fs::symlink_metadata(entry.path()) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io::Error::new(e.kind(), format!("reading {}: {e}", entry.path().display()))),
+                };
+                if meta.is_dir() {
+                    stack.push((entry.path(), child));
+                } else {
+                    let modified_us = meta.mtime() * 1_000_000 + meta.mtime_nsec() / 1000;
+                    out.push(ObjectInfo { key: child, size: meta.len(), modified_us });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> io::Result<()> {
+        let path = self.path(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("deleting {}: {e}", path.display()))),
+        }
+        match path.parent() {
+            Some(dir) => sync_dir(dir).map_err(|e| io::Error::new(e.kind(), format!("fsync {}: {e}", dir.display()))),
+            None => Ok(()),
+        }
+    }
+
+    fn delete_tree(&self, prefix: &str) -> io::Result<usize> {
+        let path = self.path(prefix)?;
+        let n = self.list_tree(prefix)?.len();
+        match fs::remove_dir_all(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("deleting {}: {e}", path.display()))),
+        }
+        if let Some(dir) = path.parent() {
+            sync_dir(dir).map_err(|e| io::Error::new(e.kind(), format!("fsync {}: {e}", dir.display())))?;
+        }
+        Ok(n)
     }
 }
 

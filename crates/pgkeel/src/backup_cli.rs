@@ -1,5 +1,6 @@
-//! `pgkeel wal push|fetch`, `pgkeel backup create|list|verify` and `pgkeel restore`: argument
-//! parsing and output; the work is done by the `pgkeel-backup` crate.
+//! `pgkeel wal push|fetch`, `pgkeel backup create|list|verify|expire`, `pgkeel restore` and
+//! `pgkeel dump [list|fetch]`: argument parsing and output; the work is done by the
+//! `pgkeel-backup` crate.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{ArgGroup, Args, Subcommand};
+use pgkeel_backup::expire::{parse_age, Retention};
 use pgkeel_backup::restore::Target;
 use pgkeel_backup::timefmt::{format_utc, parse_timestamp};
 use pgkeel_backup::{FetchOutcome, PushOutcome, Repo};
@@ -27,6 +29,63 @@ pub enum Commands {
     },
     /// Restore a backup into a new data directory and configure point-in-time recovery.
     Restore(RestoreArgs),
+    /// Logical dumps: `pgkeel dump` runs pg_dump (custom format) of every database (or those
+    /// named with --database) into the repository; `dump list`; `dump fetch`.
+    #[command(args_conflicts_with_subcommands = true)]
+    Dump {
+        #[command(subcommand)]
+        command: Option<DumpCommand>,
+        #[command(flatten)]
+        create: Box<DumpArgs>,
+    },
+}
+
+/// `pgkeel dump` (create).
+#[derive(Args, Debug)]
+pub struct DumpArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// A database to dump (repeat for several). Default: every database that accepts
+    /// connections, templates excepted.
+    #[arg(long = "database", value_name = "DB")]
+    pub databases: Vec<String>,
+    /// When run as root: the OS user to run pg_dump as.
+    #[arg(long, default_value = "postgres")]
+    pub os_user: String,
+}
+
+/// `pgkeel dump list|fetch`
+#[derive(Subcommand, Debug)]
+pub enum DumpCommand {
+    /// List the logical dumps.
+    List {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one database's dump (custom format, for pg_restore) to standard output or a
+    /// file, checked against its SHA-256. Without DB and with --globals: the roles and
+    /// tablespaces (plain SQL, for psql).
+    Fetch {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// The dump's label (see `dump list`).
+        label: String,
+        /// The database.
+        #[arg(required_unless_present = "globals")]
+        database: Option<String>,
+        /// Fetch the globals (roles, tablespaces) instead of a database.
+        #[arg(long, conflicts_with = "database")]
+        globals: bool,
+        /// Write to this file (created; replaced only once complete and checked) instead of
+        /// standard output.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 /// Runs a backup command; returns the process exit code.
@@ -35,16 +94,20 @@ pub fn run(cmd: Commands) -> ExitCode {
         Commands::Wal { command } => wal(command),
         Commands::Backup { command } => crate::report(backup(command)),
         Commands::Restore(args) => crate::report(restore(args)),
+        Commands::Dump { command: None, create } => crate::report(dump_create(*create)),
+        Commands::Dump { command: Some(command), .. } => crate::report(dump(command)),
     }
 }
 
 /// Which repository and cluster.
 #[derive(Args, Debug, Clone)]
 pub struct RepoArgs {
-    /// Repository directory (default: `backup.repo` from --config). It must exist and be
-    /// writable by the OS user postgres runs as (archive_command runs as that user).
-    #[arg(long, env = "PGKEEL_REPO", value_name = "DIR")]
-    pub repo: Option<PathBuf>,
+    /// Repository: a directory, or an S3-compatible bucket as s3://BUCKET/PREFIX (endpoint,
+    /// region and credentials from PGKEEL_S3_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY). Default: `backup.repo` from --config. A directory must exist
+    /// and be writable by the OS user postgres runs as (archive_command runs as that user).
+    #[arg(long, env = "PGKEEL_REPO", value_name = "DIR|URL")]
+    pub repo: Option<String>,
     /// Cluster name in the repository (default: `cluster` from --config).
     #[arg(long, value_name = "NAME")]
     pub cluster: Option<String>,
@@ -137,6 +200,28 @@ pub enum BackupCommand {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
         jobs: u16,
     },
+    /// Remove old backups and the WAL only they needed: keep the newest N complete backups
+    /// (--keep) and/or a recovery window (--max-age: every backup that ended within it and the
+    /// newest one before it). The newest complete backup is always kept; incomplete backups
+    /// untouched for over an hour are removed; WAL before the oldest kept backup's start is
+    /// removed (timeline history files are kept). With --dumps: the logical dumps instead.
+    #[command(group(ArgGroup::new("rule").required(true).multiple(true).args(["keep", "max_age"])))]
+    Expire {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Keep the newest N complete backups.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        keep: Option<u64>,
+        /// Keep a recovery window this long, e.g. 14d, 36h, 2w.
+        #[arg(long, value_name = "AGE")]
+        max_age: Option<String>,
+        /// Show what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Apply the rules to the logical dumps (`pgkeel dump`) instead of the base backups.
+        #[arg(long)]
+        dumps: bool,
+    },
 }
 
 /// `pgkeel restore`
@@ -175,22 +260,32 @@ pub struct RestoreArgs {
     pub jobs: u16,
 }
 
-/// The repository and, when --config was given, the node's configuration.
-fn open_repo(args: &RepoArgs) -> anyhow::Result<(Repo, PathBuf, Option<pgkeel_config::NodeConfig>)> {
+/// The repository, its location (an absolute directory or an s3:// URL) and, when --config
+/// was given, the node's configuration.
+fn open_repo(args: &RepoArgs) -> anyhow::Result<(Repo, String, Option<pgkeel_config::NodeConfig>)> {
     let config = match &args.config {
         Some(path) => Some(pgkeel_config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?),
         None => None,
     };
-    let Some(root) = args.repo.as_ref().or(config.as_ref().and_then(|c| c.backup.repo.as_ref())) else {
-        bail!("say where the repository is: --repo DIR (or PGKEEL_REPO), or --config with backup.repo set");
+    let configured = config.as_ref().and_then(|c| c.backup.repo.as_ref()).map(|p| p.display().to_string());
+    let Some(location) = args.repo.clone().or(configured) else {
+        bail!(
+            "say where the repository is: --repo DIR or --repo s3://BUCKET/PREFIX (or PGKEEL_REPO), or --config with \
+             backup.repo set"
+        );
     };
     let cluster = match (&args.cluster, &config) {
         (Some(c), _) => c.clone(),
         (None, Some(cfg)) => cfg.cluster.clone(),
         (None, None) => bail!("say which cluster: --cluster NAME, or --config node.toml"),
     };
-    let root = std::path::absolute(root).unwrap_or_else(|_| root.clone());
-    Ok((Repo::local(&root, &cluster)?, root, config))
+    let location = if pgkeel_backup::s3::is_s3_url(&location) {
+        location
+    } else {
+        let path = PathBuf::from(&location);
+        std::path::absolute(&path).unwrap_or(path).display().to_string()
+    };
+    Ok((Repo::open(&location, &cluster)?, location, config))
 }
 
 /// Runs `pgkeel wal push|fetch` and returns the exit code postgres expects.
@@ -267,6 +362,146 @@ pub fn backup(cmd: BackupCommand) -> anyhow::Result<()> {
             }
             bail!("backup {label} is damaged: {} problem(s), listed above", report.problems.len())
         }
+        BackupCommand::Expire { repo, keep, max_age, dry_run, dumps } => {
+            let (repo, _, _) = open_repo(&repo)?;
+            let max_age_us = max_age.as_deref().map(parse_age).transpose().map_err(anyhow::Error::msg)?;
+            let rules = Retention { keep: keep.map(|k| usize::try_from(k).unwrap_or(usize::MAX)), max_age_us };
+            let report = if dumps {
+                pgkeel_backup::expire::expire_dumps(&repo, &rules, dry_run)?
+            } else {
+                pgkeel_backup::expire::expire_backups(&repo, &rules, dry_run)?
+            };
+            print_expire(&report, if dumps { "dump" } else { "backup" });
+            Ok(())
+        }
+    }
+}
+
+fn print_expire(r: &pgkeel_backup::expire::ExpireReport, what: &str) {
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    for x in &r.removed {
+        println!("{verb} {what} {} ({}): {}", x.label, human_bytes(x.bytes), x.reason);
+    }
+    if r.removed.is_empty() {
+        println!("no {what} to remove");
+    }
+    println!("kept {} {what}(s): {}", r.kept.len(), r.kept.join(", "));
+    if let Some(first) = &r.wal_kept_from {
+        println!("{verb} {} WAL file(s) ({}) before {first}", r.wal_files, human_bytes(r.wal_bytes));
+    }
+    if r.dry_run {
+        println!("dry run: nothing was removed");
+    }
+}
+
+/// Runs `pgkeel dump` (create).
+fn dump_create(args: DumpArgs) -> anyhow::Result<()> {
+    let (repo, _, config) = open_repo(&args.repo)?;
+    let conn = conn_options(&args.conn, config.as_ref())?;
+    let opts = pgkeel_backup::dump::DumpOptions {
+        conn,
+        databases: args.databases.clone(),
+        bin_dir: config.as_ref().and_then(|c| c.postgres.bin_dir.clone()),
+        run_as: pgkeel_pg::user::run_as_for(&args.os_user)?,
+    };
+    let m = crate::runtime().block_on(pgkeel_backup::dump::create_dump(&repo, &opts))?;
+    let names: Vec<&str> = m.databases.iter().map(|d| d.database.as_str()).collect();
+    println!(
+        "dump {} complete: {} database(s) ({}) and the globals, {}",
+        m.label,
+        m.databases.len(),
+        names.join(", "),
+        human_bytes(m.size())
+    );
+    Ok(())
+}
+
+/// Runs `pgkeel dump list|fetch`.
+fn dump(cmd: DumpCommand) -> anyhow::Result<()> {
+    match cmd {
+        DumpCommand::List { repo, json } => {
+            let (repo, _, _) = open_repo(&repo)?;
+            repo.check()?;
+            let entries = pgkeel_backup::dump::list_dumps(&repo)?;
+            if json {
+                let v: Vec<_> = entries
+                    .iter()
+                    .map(|e| match &e.manifest {
+                        Some(m) => json!({
+                            "label": e.label,
+                            "status": "complete",
+                            "start_time": format_utc(m.start_time_us),
+                            "stop_time": format_utc(m.stop_time_us),
+                            "server_version_num": m.server_version_num,
+                            "databases": m.databases.iter().map(|d| json!({
+                                "name": d.database, "size": d.size, "sha256": d.sha256,
+                            })).collect::<Vec<_>>(),
+                            "size": m.size(),
+                        }),
+                        None => json!({ "label": e.label, "status": "incomplete", "problem": e.problem }),
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            if entries.is_empty() {
+                println!("no dumps of cluster {} in {}", repo.cluster(), repo.storage().describe());
+                return Ok(());
+            }
+            let mut rows =
+                vec![["Label".to_string(), "Status".into(), "Time (UTC)".into(), "Size".into(), "Databases".into()]];
+            for e in &entries {
+                rows.push(match &e.manifest {
+                    Some(m) => [
+                        e.label.clone(),
+                        "complete".into(),
+                        format_utc(m.start_time_us).chars().take(19).collect(),
+                        human_bytes(m.size()),
+                        m.databases.iter().map(|d| d.database.as_str()).collect::<Vec<_>>().join(", "),
+                    ],
+                    None => [e.label.clone(), "incomplete".into(), String::new(), String::new(), String::new()],
+                });
+            }
+            print_table(&rows);
+            Ok(())
+        }
+        DumpCommand::Fetch { repo, label, database, globals: _, output } => {
+            let (repo, _, _) = open_repo(&repo)?;
+            match output {
+                Some(path) => {
+                    let tmp = path.with_extension("partial");
+                    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+                    let result = pgkeel_backup::dump::fetch_dump(&repo, &label, database.as_deref(), &mut f)
+                        .and_then(|d| f.sync_all().map(|_| d).map_err(anyhow::Error::from));
+                    match result {
+                        Ok(_) => {
+                            std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))
+                        }
+                        Err(e) => {
+                            let _ = std::fs::remove_file(&tmp);
+                            Err(e)
+                        }
+                    }
+                }
+                None => {
+                    use std::io::IsTerminal;
+                    if std::io::stdout().is_terminal() {
+                        bail!("the dump is binary: redirect standard output to a file, or use --output FILE");
+                    }
+                    let mut out = std::io::stdout().lock();
+                    pgkeel_backup::dump::fetch_dump(&repo, &label, database.as_deref(), &mut out)?;
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let widths: Vec<usize> = (0..N).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
     }
 }
 
@@ -276,12 +511,26 @@ fn backup_options(
     jobs: u16,
     wal_wait: u64,
 ) -> anyhow::Result<pgkeel_backup::BackupOptions> {
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let pgdata = match (&conn.pgdata, config) {
         (Some(p), _) => p.clone(),
         (None, Some(c)) => c.data_dir.clone(),
         (None, None) => bail!("say which data directory to back up: --pgdata DIR (or --config node.toml)"),
     };
+    Ok(pgkeel_backup::BackupOptions {
+        pgdata,
+        conn: conn_options(conn, config)?,
+        jobs: usize::from(jobs),
+        wal_wait: Duration::from_secs(wal_wait.max(1)),
+        progress: true,
+    })
+}
+
+/// How to connect, from the arguments, the node's configuration and the PG* variables.
+fn conn_options(
+    conn: &ConnArgs,
+    config: Option<&pgkeel_config::NodeConfig>,
+) -> anyhow::Result<pgkeel_backup::ConnectOptions> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     // The agent's socket directory is `run` next to the data directory.
     let config_socket = config.and_then(|c| c.data_dir.parent().map(|p| p.join("run").display().to_string()));
     let config_port = config.and_then(|c| c.postgres.listen.rsplit_once(':').and_then(|(_, p)| p.parse().ok()));
@@ -301,12 +550,7 @@ fn backup_options(
         .unwrap_or("postgres".into());
     let password = env("PGPASSWORD").or_else(|| config.and_then(|c| c.postgres.superuser.password.clone()));
     let host = if host.starts_with('/') { host } else { host.trim().to_string() };
-    Ok(pgkeel_backup::BackupOptions {
-        pgdata,
-        conn: pgkeel_backup::ConnectOptions { host, port, user, dbname: conn.dbname.clone(), password },
-        jobs: usize::from(jobs),
-        wal_wait: Duration::from_secs(wal_wait.max(1)),
-    })
+    Ok(pgkeel_backup::ConnectOptions { host, port, user, dbname: conn.dbname.clone(), password })
 }
 
 fn list(repo: &Repo, json: bool) -> anyhow::Result<()> {
@@ -377,11 +621,7 @@ fn list(repo: &Repo, json: bool) -> anyhow::Result<()> {
             ],
         });
     }
-    let widths: Vec<usize> = (0..9).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
-    for r in &rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    print_table(&rows);
     Ok(())
 }
 
@@ -405,9 +645,10 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         to: args.to.clone(),
         label: args.backup.clone(),
         target: target.clone(),
-        restore_command: pgkeel_backup::restore_command(&exe, &root, repo.cluster()),
+        restore_command: pgkeel_backup::restore_command(&exe, Path::new(&root), repo.cluster()),
         run_as,
         jobs: usize::from(args.jobs),
+        progress: true,
     };
     let m = pgkeel_backup::restore(&repo, &opts)?;
     let to = std::path::absolute(&args.to).unwrap_or(args.to.clone());
@@ -432,17 +673,4 @@ fn shell_path(p: &Path) -> String {
     pgkeel_backup::shell_quote(&p.to_string_lossy())
 }
 
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+use pgkeel_backup::progress::human_bytes;

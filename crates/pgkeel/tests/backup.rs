@@ -537,3 +537,256 @@ async fn point_in_time_restore_across_a_failover() {
     let (ids, _g4) = restore_cluster_and_read(tmp.path(), "r4", &repo_path, "pgkeel", &["--latest"]).await;
     assert_eq!(ids, (1..=15).collect::<Vec<_>>(), "restored to the end of the archive");
 }
+
+/// Runs pgkeel with extra environment variables.
+fn pgkeel_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run pgkeel")
+}
+
+/// The whole cycle on an S3-compatible repository (moto, started locally): archive_command
+/// and restore_command on S3, WAL duplicates, backup create → list → verify → restore to a
+/// target time, then retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_repository_end_to_end() {
+    let started = Instant::now();
+    let moto = pgkeel_backup::testing::Moto::start().unwrap_or_else(|e| panic!("{e}"));
+    // pgkeel processes, and postgres (archive_command, restore_command), find the
+    // credentials in the environment; the endpoint is in the URL.
+    for (k, v) in pgkeel_backup::testing::Moto::env() {
+        std::env::set_var(k, v);
+    }
+    let s3 = std::sync::Arc::new(pgkeel_backup::s3::S3Storage::new(moto.config("pgkeel-e2e", "repo")).unwrap());
+    s3.create_bucket().unwrap();
+    let url = moto.url("pgkeel-e2e", "repo");
+    let repo = Repo::new(s3.clone(), CLUSTER).unwrap();
+    let tmp = tempdir();
+
+    // WAL duplicates through the CLI.
+    let seg = tmp.path().join("000000010000000000000042");
+    std::fs::write(&seg, vec![1u8; 1 << 20]).unwrap();
+    let seg_s = seg.display().to_string();
+    let push = || pgkeel(&["wal", "push", "--repo", &url, "--cluster", "dup", &seg_s]);
+    assert!(push().status.success(), "{}", text(&push()));
+    let out = push();
+    assert!(out.status.success() && text(&out).contains("identical content"), "{}", text(&out));
+    std::fs::write(&seg, vec![2u8; 1 << 20]).unwrap();
+    let out = push();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("different content"), "{}", text(&out));
+    let dest = tmp.path().join("fetched").display().to_string();
+    let out = pgkeel(&["wal", "fetch", "--repo", &url, "--cluster", "dup", "000000010000000000000042", &dest]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::read(&dest).unwrap(), vec![1u8; 1 << 20]);
+    let out = pgkeel(&["wal", "fetch", "--repo", &url, "--cluster", "dup", "000000010000000000000043", &dest]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // Without credentials: a clear error, and exit 200 for fetch (postgres stops recovery).
+    let out = pgkeel_env(
+        &["wal", "fetch", "--repo", &url, "--cluster", "dup", "000000010000000000000042", &dest],
+        &[("AWS_ACCESS_KEY_ID", "")],
+    );
+    assert_eq!(out.status.code(), Some(200), "{}", text(&out));
+    assert!(text(&out).contains("AWS_ACCESS_KEY_ID"), "{}", text(&out));
+
+    // A primary archiving into the bucket.
+    let primary = instance(tmp.path(), "primary");
+    let archive = pgkeel_backup::archive_command(&bin(), Path::new(&url), CLUSTER);
+    primary.initdb("pw").await.unwrap();
+    primary.write_conf(&conf(&primary, Some(&archive))).unwrap();
+    primary.write_hba("replicator").unwrap();
+    primary.start(T).await.unwrap();
+    let _g = StopOnDrop(primary.clone());
+    let client = primary.connect(T).await.unwrap();
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, ts timestamptz NOT NULL DEFAULT clock_timestamp())")
+        .await
+        .unwrap();
+    insert(&client, 1..=5).await;
+
+    let create = || {
+        pgkeel(&[
+            "backup",
+            "create",
+            "--repo",
+            &url,
+            "--cluster",
+            CLUSTER,
+            "--pgdata",
+            &primary.data_dir.display().to_string(),
+            "--host",
+            &primary.socket_dir.display().to_string(),
+            "--port",
+            &primary.port.to_string(),
+            "--wal-wait",
+            "60",
+        ])
+    };
+    let out = create();
+    assert!(out.status.success(), "backup create failed: {}", text(&out));
+    assert!(text(&out).contains("(100%)"), "progress is logged when stderr is not a terminal: {}", text(&out));
+    let first = repo.complete_backups().unwrap().pop().expect("a complete backup").label;
+    eprintln!("backup on S3 after {:?}", started.elapsed());
+
+    insert(&client, 6..=8).await;
+    let target = server_now(&client).await;
+    insert(&client, 9..=10).await;
+    switch_and_wait_archived(&client, &repo).await;
+
+    let out = pgkeel(&["backup", "verify", "--repo", &url, "--cluster", CLUSTER, &first]);
+    assert!(out.status.success() && text(&out).contains("OK"), "verify failed: {}", text(&out));
+    let (ids, g) = restore_and_read(tmp.path(), "pitr", Path::new(&url), &["--target-time", &target]).await;
+    assert_eq!(ids, (1..=8).collect::<Vec<i32>>(), "exactly the rows committed before the target");
+    drop(g);
+    eprintln!("point-in-time restore from S3 after {:?}", started.elapsed());
+
+    // A second backup, then retention: the first backup and the WAL only it needed go.
+    let out = create();
+    assert!(out.status.success(), "second backup failed: {}", text(&out));
+    let backups = repo.complete_backups().unwrap();
+    assert_eq!(backups.len(), 2);
+    let second = backups[1].clone();
+    let out = pgkeel(&["backup", "expire", "--repo", &url, "--cluster", CLUSTER, "--keep", "1", "--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&format!("would remove backup {first}")), "{}", text(&out));
+    assert_eq!(repo.complete_backups().unwrap().len(), 2, "a dry run removes nothing");
+    let out = pgkeel(&["backup", "expire", "--repo", &url, "--cluster", CLUSTER, "--keep", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&format!("removed backup {first}")), "{}", text(&out));
+    let left: Vec<String> = repo.list_backups().unwrap().into_iter().map(|b| b.label).collect();
+    assert_eq!(left, std::slice::from_ref(&second.label));
+    let first_needed = pgkeel_backup::walname::SegmentName::from_lsn(
+        second.start_timeline,
+        second.start_lsn_value().unwrap(),
+        second.wal_segment_size,
+    );
+    for o in repo.storage().list_tree(&format!("{CLUSTER}/wal")).unwrap() {
+        let name = o.key.rsplit('/').next().unwrap().trim_end_matches(".zst");
+        assert!(name[..24] >= first_needed.to_string()[..], "{name} is older than {first_needed}: expired");
+    }
+    let out = pgkeel(&["backup", "verify", "--repo", &url, "--cluster", CLUSTER, &second.label]);
+    assert!(out.status.success(), "the kept backup still verifies: {}", text(&out));
+    let (ids, _g2) = restore_and_read(tmp.path(), "latest", Path::new(&url), &["--latest"]).await;
+    assert_eq!(ids, (1..=10).collect::<Vec<i32>>());
+    eprintln!("done after {:?}", started.elapsed());
+}
+
+async fn connect_db(inst: &Instance, db: &str) -> tokio_postgres::Client {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host_path(&inst.socket_dir).port(inst.port).user("postgres").dbname(db);
+    let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+/// `pgkeel dump` of a real server: every database (names that need encoding too), listed,
+/// fetched and restored with pg_restore; retention of dumps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_dumps_round_trip() {
+    let tmp = tempdir();
+    let repo_path = repo_dir(tmp.path());
+    let repo_s = repo_path.display().to_string();
+    let primary = instance(tmp.path(), "primary");
+    let _g = start_archiving_primary(&primary, &repo_path).await;
+    let client = primary.connect(T).await.unwrap();
+    for sql in ["CREATE DATABASE app", "CREATE DATABASE \"odd db/1\"", "CREATE ROLE app_owner"] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    let app = connect_db(&primary, "app").await;
+    app.batch_execute("CREATE TABLE items (id int PRIMARY KEY, name text); ALTER TABLE items OWNER TO app_owner")
+        .await
+        .unwrap();
+    app.execute("INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g", &[]).await.unwrap();
+
+    let socket = primary.socket_dir.display().to_string();
+    let port = primary.port.to_string();
+    let dump = |extra: &[&str]| {
+        let mut args = vec!["dump", "--repo", &repo_s, "--cluster", CLUSTER, "--host", &socket, "--port", &port];
+        args.extend(extra);
+        pgkeel(&args)
+    };
+    let out = dump(&[]);
+    assert!(out.status.success(), "dump failed: {}", text(&out));
+    assert!(text(&out).contains("complete") && text(&out).contains("odd db/1"), "{}", text(&out));
+    let out = dump(&["--database", "nope"]);
+    assert!(!out.status.success() && text(&out).contains("no database \"nope\""), "{}", text(&out));
+
+    let out = pgkeel(&["dump", "list", "--repo", &repo_s, "--cluster", CLUSTER, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["status"], "complete");
+    let names: Vec<&str> =
+        list[0]["databases"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["app", "odd db/1", "postgres"]);
+    let label = list[0]["label"].as_str().unwrap().to_string();
+
+    // Fetch and restore into a new database.
+    let file = tmp.path().join("app.dump");
+    let out = pgkeel(&[
+        "dump",
+        "fetch",
+        "--repo",
+        &repo_s,
+        "--cluster",
+        CLUSTER,
+        &label,
+        "app",
+        "-o",
+        &file.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let globals = pgkeel(&["dump", "fetch", "--repo", &repo_s, "--cluster", CLUSTER, &label, "--globals"]);
+    assert!(globals.status.success(), "{}", text(&globals));
+    assert!(String::from_utf8_lossy(&globals.stdout).contains("CREATE ROLE app_owner"), "{}", text(&globals));
+    client.batch_execute("CREATE DATABASE app_copy").await.unwrap();
+    let mut cmd = Command::new(primary.bins.path("pg_restore"));
+    cmd.args(["-h", &socket, "-p", &port, "-U", "postgres", "-d", "app_copy"]).arg(&file);
+    if let Some(r) = run_as_for("postgres").unwrap() {
+        cmd.uid(r.uid).gid(r.gid);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "pg_restore: {}", text(&out));
+    let copy = connect_db(&primary, "app_copy").await;
+    let row = copy.query_one("SELECT count(*), max(name) FROM items", &[]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, String>(1)), (1000, "item 999".to_string()));
+
+    // A damaged dump is refused, and nothing is left at --output.
+    let key = format!("{CLUSTER}/dumps/{label}/db-app.dump");
+    let stored = repo_path.join(&key);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0xff;
+    std::fs::write(&stored, &bytes).unwrap();
+    let bad = tmp.path().join("bad.dump");
+    let out = pgkeel(&[
+        "dump",
+        "fetch",
+        "--repo",
+        &repo_s,
+        "--cluster",
+        CLUSTER,
+        &label,
+        "app",
+        "-o",
+        &bad.display().to_string(),
+    ]);
+    assert!(!out.status.success() && text(&out).contains("damaged"), "{}", text(&out));
+    assert!(!bad.exists());
+
+    // Retention of dumps: a second dump (of app only), then keep 1.
+    let out = dump(&["--database", "app"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = pgkeel(&["backup", "expire", "--dumps", "--repo", &repo_s, "--cluster", CLUSTER, "--keep", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&format!("removed dump {label}")), "{}", text(&out));
+    let repo = Repo::local(&repo_path, CLUSTER).unwrap();
+    let left = pgkeel_backup::dump::list_dumps(&repo).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].manifest.as_ref().unwrap().databases.len(), 1);
+    drop(app);
+}
