@@ -141,13 +141,14 @@ fn leader_conn(shared: &Shared, snap: &ClusterSnapshot) -> Option<String> {
     let leader = snap.member(snap.leader_name()?)?;
     let (host, port) = leader.pg_address.rsplit_once(':')?;
     let su = &shared.config.postgres.superuser;
+    let q = pgkeel_pg::quote::libpq_value;
     let mut conn = format!(
         "host={} port={port} user={} dbname=postgres connect_timeout=2",
-        host.trim_matches(['[', ']']),
-        su.username
+        q(host.trim_matches(['[', ']'])),
+        q(&su.username)
     );
     if let Some(pw) = &su.password {
-        conn.push_str(&format!(" password='{}'", pw.replace('\\', "\\\\").replace('\'', "\\'")));
+        conn.push_str(&format!(" password={}", q(pw)));
     }
     Some(conn)
 }

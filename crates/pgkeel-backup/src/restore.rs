@@ -260,22 +260,6 @@ fn write_new(path: &Path, content: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Quotes a value for postgresql.conf.
-pub(crate) fn conf_value(v: &str) -> String {
-    let mut out = String::from("'");
-    for c in v.chars() {
-        match c {
-            '\'' => out.push_str("''"),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
-    }
-    out.push('\'');
-    out
-}
-
 /// The recovery settings restore appends to `postgresql.auto.conf` (read after every other
 /// configuration file, so they win).
 pub fn recovery_settings(m: &Manifest, target: &Target, restore_command: &str) -> String {
@@ -284,14 +268,14 @@ pub fn recovery_settings(m: &Manifest, target: &Target, restore_command: &str) -
         m.label,
         format_utc(m.stop_time_us)
     );
-    s.push_str(&format!("restore_command = {}\n", conf_value(restore_command)));
+    s.push_str(&format!("restore_command = {}\n", pgkeel_pg::quote::conf_value(restore_command)));
     s.push_str("recovery_target_timeline = 'latest'\n");
     // The copied configuration still archives into the source cluster's repository: once
     // promoted, this server's new timeline would land there and collide with the live
     // cluster's next one. Turn archiving on again when it becomes a cluster of its own.
     s.push_str("archive_mode = 'off'\n");
     if let Some((name, value)) = target.setting() {
-        s.push_str(&format!("{name} = {}\n", conf_value(&value)));
+        s.push_str(&format!("{name} = {}\n", pgkeel_pg::quote::conf_value(&value)));
         s.push_str("recovery_target_action = 'promote'\n");
     }
     s

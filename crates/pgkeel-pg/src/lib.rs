@@ -20,7 +20,7 @@ mod error;
 pub mod lsn;
 pub mod probe;
 pub mod process;
-mod quote;
+pub mod quote;
 pub mod timeline;
 pub mod user;
 

@@ -9,7 +9,7 @@ use crate::PgError;
 /// Quotes a value for postgresql.conf: single quotes, `'` doubled, backslash escaped
 /// (the conf lexer treats `\` as an escape character), and newlines written as `\n`
 /// (a quoted string cannot span lines).
-pub(crate) fn conf_value(v: &str) -> String {
+pub fn conf_value(v: &str) -> String {
     let mut out = String::with_capacity(v.len() + 2);
     out.push('\'');
     for c in v.chars() {
@@ -27,7 +27,7 @@ pub(crate) fn conf_value(v: &str) -> String {
 
 /// Quotes a value for a libpq keyword/value connection string when needed: empty values and
 /// values with whitespace, `'` or `\` are single-quoted with `\'` and `\\` escapes.
-pub(crate) fn libpq_value(v: &str) -> String {
+pub fn libpq_value(v: &str) -> String {
     let needs_quotes = v.is_empty() || v.chars().any(|c| c.is_whitespace() || c == '\'' || c == '\\');
     if !needs_quotes {
         return v.to_string();

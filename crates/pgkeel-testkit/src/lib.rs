@@ -137,12 +137,11 @@ impl Cluster {
             last_seen: Default::default(),
         };
         let path = c.dir().join("up.json");
-        let text = wait_for("up.json", Duration::from_secs(30), || {
+        c.info = wait_for("up.json", Duration::from_secs(30), || {
             let path = path.clone();
-            async move { std::fs::read_to_string(path).ok() }
+            async move { serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok() }
         })
         .await;
-        c.info = serde_json::from_str(&text).expect("up.json parses");
         wait_for("every member streaming", Duration::from_secs(60), || async {
             let v = c.cluster_json().await?;
             let ms = v["members"].as_array()?;

@@ -213,10 +213,13 @@ fn create(dir: &Path, nodes: u16, cluster: &str, etcd: Option<Vec<String>>) -> a
         backup_repo: Some(dir.join("backups")),
         proxy: Some(write_proxy_config(dir, cluster, &dcs, ports[nodes as usize * 2], &su_pw)?),
     };
+    // Written aside and renamed, so a reader never sees it half-written.
     let path = dir.join("up.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&info)? + "\n")
-        .with_context(|| format!("write {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let tmp = dir.join("up.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&info)? + "\n")
+        .with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))?;
     Ok(info)
 }
 
@@ -253,39 +256,42 @@ fn proxy_alive(p: &UpProxy) -> Option<i32> {
     args.iter().any(|a| *a == b"proxy").then_some(pid)
 }
 
-/// Start the proxy in the background (own process group, log in `DIR/proxy.log`).
+/// Start the proxy in the background (log in `DIR/proxy.log`).
 fn spawn_proxy(p: &UpProxy) -> anyhow::Result<std::process::Child> {
-    let exe = std::env::current_exe().context("find the pgkeel executable")?;
-    let log_path = p.config.with_file_name("proxy.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("open {}", log_path.display()))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("proxy").arg("--config").arg(&p.config);
-    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    cmd.process_group(0);
-    let child = cmd.spawn().context("start the proxy")?;
+    let config = p.config.as_os_str();
+    let child = spawn_logged(&["proxy".as_ref(), "--config".as_ref(), config], &p.config.with_file_name("proxy.log"))
+        .context("start the proxy")?;
     std::fs::write(&p.pid_file, format!("{}\n", child.id()))
         .with_context(|| format!("write {}", p.pid_file.display()))?;
     Ok(child)
 }
 
-fn spawn_agent(node: &UpNode) -> anyhow::Result<std::process::Child> {
+/// Run `pgkeel ARGS` in its own process group (Ctrl-C on the terminal reaches `up` only,
+/// which stops everything in order), appending its output to `log_path`.
+fn spawn_logged(args: &[&std::ffi::OsStr], log_path: &Path) -> anyhow::Result<std::process::Child> {
     let exe = std::env::current_exe().context("find the pgkeel executable")?;
-    let log_path = node.config.with_file_name("agent.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&log_path)
+        .open(log_path)
         .with_context(|| format!("open {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("agent").arg("--config").arg(&node.config).arg("--pid-file").arg(&node.pid_file);
+    cmd.args(args);
     cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    // Own process group: Ctrl-C on the terminal reaches `up` only, which stops agents in order.
     cmd.process_group(0);
-    cmd.spawn().with_context(|| format!("start the agent of {}", node.name))
+    Ok(cmd.spawn()?)
+}
+
+fn spawn_agent(node: &UpNode) -> anyhow::Result<std::process::Child> {
+    let args = [
+        "agent".as_ref(),
+        "--config".as_ref(),
+        node.config.as_os_str(),
+        "--pid-file".as_ref(),
+        node.pid_file.as_os_str(),
+    ];
+    spawn_logged(&args, &node.config.with_file_name("agent.log"))
+        .with_context(|| format!("start the agent of {}", node.name))
 }
 
 /// `pgkeel up`.
