@@ -160,7 +160,20 @@ pub fn run(node_dir: &Path, data_dir: &Path) -> anyhow::Result<()> {
     log(&format!("watching {} for {}", node_dir.join(LEASE_FILE).display(), data_dir.display()));
     let lease = node_dir.join(LEASE_FILE);
     let mut fenced_at: Option<u64> = None;
+    let me = std::process::id() as i32;
     loop {
+        // A newer guard of this node (started by a restarted agent) has taken over: it writes
+        // its own pid file, and two guards would only race. And once the node's directory and
+        // its data directory are gone there is nothing left to guard.
+        let owner: Option<i32> = std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse().ok());
+        if owner.is_some_and(|pid| pid != me && pgkeel_pg::process::alive(pid)) {
+            log("another guard took over this node: exiting");
+            return Ok(());
+        }
+        if !node_dir.exists() && !data_dir.exists() {
+            log("the node and data directories are gone: exiting");
+            return Ok(());
+        }
         let order = std::fs::read_to_string(&lease).ok().and_then(|t| Order::parse(&t)).unwrap_or(Order::Disarmed);
         match order {
             Order::Exit => {
