@@ -3,8 +3,9 @@
 //!
 //! At a scheduled minute every streaming replica races for the DCS `backup` key with a
 //! compare-and-set naming the slot; the winner runs `pgkeel backup create` on its own
-//! postgres. The leader only joins the race after half a minute, when no replica took the
-//! slot. While a replica's backup runs, the runner asks the primary to finish its WAL segment
+//! postgres. The leader joins the race only when no replica streams, or after it has waited
+//! half a minute on the slot (counted from when it first saw it) without a replica taking it.
+//! While a replica's backup runs, the runner asks the primary to finish its WAL segment
 //! every few seconds (`pg_switch_wal()`, a no-op on an idle segment), since the backup ends
 //! only once the WAL it needs is archived and the primary archives whole segments only. The
 //! key keeps how the run ended and the last success, shown by `/metrics` and `pgkeel list`.
@@ -37,6 +38,9 @@ pub(crate) struct Scheduler {
     running: Option<(BackupRunValue, tokio::task::JoinHandle<Outcome>)>,
     /// The last slot this member looked at (so a slot is raced for once).
     seen_slot: u64,
+    /// The slot this member is waiting on and when it first saw it: the leader's delay counts
+    /// from there (a schedule enabled late in a minute must not hand the slot to the leader).
+    waiting: Option<(u64, std::time::Instant)>,
 }
 
 impl Scheduler {
@@ -91,8 +95,17 @@ impl Scheduler {
         let streaming_replica = |name: &str| {
             snap.member(name).is_some_and(|m| m.role == Role::Replica && m.streaming && !m.tags.nofailover)
         };
+        let first_seen = match self.waiting {
+            Some((s, at)) if s == slot => at,
+            _ => {
+                let at = std::time::Instant::now();
+                self.waiting = Some((slot, at));
+                at
+            }
+        };
         let eligible = if i_lead {
-            now >= slot + LEADER_DELAY_SECS || !snap.members.iter().any(|m| streaming_replica(&m.value.name))
+            first_seen.elapsed() >= Duration::from_secs(LEADER_DELAY_SECS)
+                || !snap.members.iter().any(|m| streaming_replica(&m.value.name))
         } else {
             streaming_replica(me)
         };
