@@ -21,6 +21,7 @@ pub mod lsn;
 pub mod probe;
 pub mod process;
 pub mod quote;
+pub mod testing;
 pub mod timeline;
 pub mod user;
 

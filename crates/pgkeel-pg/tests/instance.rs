@@ -4,43 +4,18 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use pgkeel_pg::conf::ManagedConf;
 use pgkeel_pg::control::{Instance, SourceConn, StopMode};
 use pgkeel_pg::probe::{ensure_replication_user, ensure_slots, probe, set_superuser_password, slot_name_for};
+use pgkeel_pg::testing::{instance, tempdir, StopOnDrop};
 use pgkeel_pg::timeline::{can_follow, parse_history};
-use pgkeel_pg::{binaries::PgBinaries, user::run_as_for, PgError};
+use pgkeel_pg::PgError;
 use tokio_postgres::error::SqlState;
 
 const T: Duration = Duration::from_secs(30);
-
-fn tempdir() -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    // Temp dirs are 0700; the postgres OS user must be able to traverse into it.
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    tmp
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn instance(root: &Path, name: &str) -> Instance {
-    let dir = root.join(name);
-    Instance {
-        bins: PgBinaries::discover(None).unwrap(),
-        data_dir: dir.join("data"),
-        run_as: run_as_for("postgres").unwrap(),
-        log_file: dir.join("postgres.log"),
-        socket_dir: dir.join("sock"),
-        port: free_port(),
-        superuser: "postgres".into(),
-    }
-}
 
 fn managed_conf(inst: &Instance, term: u64) -> ManagedConf {
     let mut parameters = BTreeMap::new();
@@ -58,32 +33,6 @@ fn managed_conf(inst: &Instance, term: u64) -> ManagedConf {
         primary_slot_name: None,
         synchronous_standby_names: String::new(),
         parameters,
-    }
-}
-
-/// Stops the server when dropped (also on panic): `pg_ctl stop -m immediate`, synchronously,
-/// as the postgres user; SIGKILL to the postmaster if that did not work.
-struct StopOnDrop(Instance);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        let inst = &self.0;
-        if inst.postmaster_pid().is_none() {
-            return;
-        }
-        let mut cmd = std::process::Command::new(inst.bins.path("pg_ctl"));
-        cmd.args(["stop", "-m", "immediate", "-w", "-t", "10", "-D"]).arg(&inst.data_dir).current_dir("/");
-        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-        if let Some(r) = &inst.run_as {
-            cmd.uid(r.uid).gid(r.gid);
-        }
-        let _ = cmd.status();
-        if let Some(pid) = inst.postmaster_pid() {
-            // SAFETY: plain kill(2) on a pid read from postmaster.pid.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
     }
 }
 
@@ -114,7 +63,7 @@ async fn start_primary(inst: &Instance, password: &str, term: u64) -> StopOnDrop
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_initdb_start_probe() {
-    let tmp = tempdir();
+    let tmp = tempdir("pgkeel-pg-test-");
     let inst = instance(tmp.path(), "n1");
     assert!(!inst.is_initialized());
     inst.initdb("s3cret'pw").await.unwrap();
@@ -188,7 +137,7 @@ async fn primary_initdb_start_probe() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_streams_then_promotes() {
-    let tmp = tempdir();
+    let tmp = tempdir("pgkeel-pg-test-");
     let primary = instance(tmp.path(), "n1");
     let replica = instance(tmp.path(), "n2");
     let _g1 = start_primary(&primary, "supersecret", 1).await;
@@ -297,7 +246,7 @@ async fn replica_streams_then_promotes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_modes_and_crash() {
-    let tmp = tempdir();
+    let tmp = tempdir("pgkeel-pg-test-");
     let inst = instance(tmp.path(), "n1");
     let _guard = start_primary(&inst, "", 1).await;
 
@@ -335,7 +284,7 @@ async fn stop_modes_and_crash() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basebackup_failure_is_clean() {
-    let tmp = tempdir();
+    let tmp = tempdir("pgkeel-pg-test-");
     let primary = instance(tmp.path(), "n1");
     let _g = start_primary(&primary, "supersecret", 1).await;
     let pc = primary.connect(T).await.unwrap();

@@ -9,15 +9,13 @@
 //! test ends, also when it panics.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use pgkeel_pg::conf::ManagedConf;
 use pgkeel_pg::control::Instance;
-use pgkeel_pg::{binaries::PgBinaries, user::run_as_for};
+use pgkeel_pg::testing::{instance, tempdir, StopOnDrop};
 use pgkeel_proxy::protocol::{
     field, Authentication, BackendDecoder, BackendMessage, Bind, CancelRequest, FrontendMessage, Parse, StartupMessage,
     StartupPacket, Target, Text, TransactionStatus,
@@ -26,56 +24,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 const T: Duration = Duration::from_secs(30);
-
-fn tempdir() -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    // Temp dirs are 0700; the postgres OS user must be able to traverse into it.
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    tmp
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn instance(root: &Path) -> Instance {
-    let dir = root.join("pg");
-    Instance {
-        bins: PgBinaries::discover(None).unwrap(),
-        data_dir: dir.join("data"),
-        run_as: run_as_for("postgres").unwrap(),
-        log_file: dir.join("postgres.log"),
-        socket_dir: dir.join("sock"),
-        port: free_port(),
-        superuser: "postgres".into(),
-    }
-}
-
-/// Stops the server when dropped (also on panic): `pg_ctl stop -m immediate` as the
-/// postgres user, then SIGKILL to the postmaster if it is still there.
-struct StopOnDrop(Instance);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        let inst = &self.0;
-        if inst.postmaster_pid().is_none() {
-            return;
-        }
-        let mut cmd = std::process::Command::new(inst.bins.path("pg_ctl"));
-        cmd.args(["stop", "-m", "immediate", "-w", "-t", "10", "-D"]).arg(&inst.data_dir).current_dir("/");
-        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-        if let Some(r) = &inst.run_as {
-            cmd.uid(r.uid).gid(r.gid);
-        }
-        let _ = cmd.status();
-        if let Some(pid) = inst.postmaster_pid() {
-            // SAFETY: plain kill(2) on a pid read from postmaster.pid.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
-    }
-}
 
 async fn start_postgres(inst: &Instance) -> StopOnDrop {
     inst.initdb("unused-password").await.unwrap();
@@ -200,8 +148,8 @@ fn error_fields(m: &BackendMessage) -> &pgkeel_proxy::protocol::ErrorFields {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speaks_the_protocol_with_a_real_server() {
-    let tmp = tempdir();
-    let inst = instance(tmp.path());
+    let tmp = tempdir("pgkeel-proxy-test-");
+    let inst = instance(tmp.path(), "pg");
     let _guard = start_postgres(&inst).await;
     let path = socket_path(&inst);
 
@@ -458,8 +406,8 @@ async fn speaks_the_protocol_with_a_real_server() {
 /// connection then carries a StartupMessage, as libpq does with `sslmode=prefer`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssl_request_then_startup_and_a_bad_packet() {
-    let tmp = tempdir();
-    let inst = instance(tmp.path());
+    let tmp = tempdir("pgkeel-proxy-test-");
+    let inst = instance(tmp.path(), "pg");
     let _guard = start_postgres(&inst).await;
     let path = socket_path(&inst);
 

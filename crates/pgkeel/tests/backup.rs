@@ -4,7 +4,6 @@
 //! every server it started, even when it panics.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -14,7 +13,8 @@ use pgkeel_backup::walname::WalFile;
 use pgkeel_backup::Repo;
 use pgkeel_pg::conf::ManagedConf;
 use pgkeel_pg::control::Instance;
-use pgkeel_pg::{binaries::PgBinaries, user::run_as_for};
+use pgkeel_pg::testing::{instance, tempdir, StopOnDrop};
+use pgkeel_pg::user::run_as_for;
 use pgkeel_testkit::wait_for;
 
 const T: Duration = Duration::from_secs(60);
@@ -32,35 +32,11 @@ fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
-fn tempdir() -> tempfile::TempDir {
-    let tmp = tempfile::Builder::new().prefix("pgkeel-backup-test-").tempdir().unwrap();
-    // The postgres OS user must be able to traverse into it.
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    tmp
-}
-
 /// A repository directory owned by the user postgres runs as (archive_command runs as it).
 fn repo_dir(root: &Path) -> PathBuf {
     let dir = root.join("repo");
     pgkeel_pg::user::prepare_dir(&dir, 0o700, run_as_for("postgres").unwrap().as_ref()).unwrap();
     dir
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn instance(root: &Path, name: &str) -> Instance {
-    let dir = root.join(name);
-    Instance {
-        bins: PgBinaries::discover(None).unwrap(),
-        data_dir: dir.join("data"),
-        run_as: run_as_for("postgres").unwrap(),
-        log_file: dir.join("postgres.log"),
-        socket_dir: dir.join("sock"),
-        port: free_port(),
-        superuser: "postgres".into(),
-    }
 }
 
 fn conf(inst: &Instance, archive_command: Option<&str>) -> ManagedConf {
@@ -87,40 +63,6 @@ fn conf(inst: &Instance, archive_command: Option<&str>) -> ManagedConf {
         primary_slot_name: None,
         synchronous_standby_names: String::new(),
         parameters,
-    }
-}
-
-/// Stops the server when dropped (also on panic), and prints its log when the test failed.
-struct StopOnDrop(Instance);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        let inst = &self.0;
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&inst.log_file).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!(
-                "--- last lines of {} ---\n{}",
-                inst.log_file.display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-        if inst.postmaster_pid().is_none() {
-            return;
-        }
-        let mut cmd = Command::new(inst.bins.path("pg_ctl"));
-        cmd.args(["stop", "-m", "immediate", "-w", "-t", "10", "-D"]).arg(&inst.data_dir).current_dir("/");
-        cmd.stdout(Stdio::null()).stderr(Stdio::null());
-        if let Some(r) = &inst.run_as {
-            cmd.uid(r.uid).gid(r.gid);
-        }
-        let _ = cmd.status();
-        if let Some(pid) = inst.postmaster_pid() {
-            // SAFETY: plain kill(2) on a pid read from postmaster.pid.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
     }
 }
 
@@ -185,7 +127,7 @@ async fn restore_cluster_and_read(
 
 #[test]
 fn wal_push_and_fetch_exit_codes() {
-    let tmp = tempdir();
+    let tmp = tempdir("pgkeel-backup-test-");
     let repo = tmp.path().join("repo");
     std::fs::create_dir(&repo).unwrap();
     let repo_s = repo.display().to_string();
@@ -252,7 +194,7 @@ fn wal_push_and_fetch_exit_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn point_in_time_restore_end_to_end() {
     let started = Instant::now();
-    let tmp = tempdir();
+    let tmp = tempdir("pgkeel-backup-test-");
     let repo_path = repo_dir(tmp.path());
     let repo_s = repo_path.display().to_string();
     let repo = Repo::local(&repo_path, CLUSTER).unwrap();
@@ -376,7 +318,7 @@ async fn point_in_time_restore_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_from_a_standby_restores() {
-    let tmp = tempdir();
+    let tmp = tempdir("pgkeel-backup-test-");
     let repo_path = repo_dir(tmp.path());
     let repo_s = repo_path.display().to_string();
     let repo = Repo::local(&repo_path, CLUSTER).unwrap();
@@ -480,7 +422,7 @@ async fn insert(client: &tokio_postgres::Client, ids: std::ops::RangeInclusive<i
 /// committed before the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn point_in_time_restore_across_a_failover() {
-    let tmp = tempdir();
+    let tmp = tempdir("pgkeel-backup-test-");
     let c = pgkeel_testkit::Cluster::up(&bin(), 3).await;
     let repo_path = c.dir().join("backups");
     let repo = Repo::local(&repo_path, "pgkeel").unwrap();
@@ -564,7 +506,7 @@ async fn s3_repository_end_to_end() {
     s3.create_bucket().unwrap();
     let url = moto.url("pgkeel-e2e", "repo");
     let repo = Repo::new(s3.clone(), CLUSTER).unwrap();
-    let tmp = tempdir();
+    let tmp = tempdir("pgkeel-backup-test-");
 
     // WAL duplicates through the CLI.
     let seg = tmp.path().join("000000010000000000000042");
@@ -686,7 +628,7 @@ async fn connect_db(inst: &Instance, db: &str) -> tokio_postgres::Client {
 /// fetched and restored with pg_restore; retention of dumps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logical_dumps_round_trip() {
-    let tmp = tempdir();
+    let tmp = tempdir("pgkeel-backup-test-");
     let repo_path = repo_dir(tmp.path());
     let repo_s = repo_path.display().to_string();
     let primary = instance(tmp.path(), "primary");
