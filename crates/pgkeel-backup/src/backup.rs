@@ -63,6 +63,22 @@ impl ConnectOptions {
         }
         c
     }
+
+    /// Connect, with the connection driven by a spawned task (abort it to close the session).
+    pub(crate) async fn connect(
+        &self,
+    ) -> anyhow::Result<(tokio_postgres::Client, tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>)> {
+        let (client, connection) = self.config().connect(tokio_postgres::NoTls).await.map_err(|e| {
+            anyhow::anyhow!(
+                "connecting to postgres at {}:{} as {}: {}",
+                self.host,
+                self.port,
+                self.user,
+                pgkeel_pg::describe_sql_error(&e)
+            )
+        })?;
+        Ok((client, tokio::spawn(connection)))
+    }
 }
 
 /// What to back up and how.
@@ -315,16 +331,7 @@ pub async fn create_backup(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<
     let jobs = opts.jobs.clamp(1, 16);
     let pgdata = fs::canonicalize(&opts.pgdata)
         .with_context(|| format!("data directory {}: cannot resolve it", opts.pgdata.display()))?;
-    let (client, connection) = opts.conn.config().connect(tokio_postgres::NoTls).await.map_err(|e| {
-        anyhow::anyhow!(
-            "connecting to postgres at {}:{} as {}: {}",
-            opts.conn.host,
-            opts.conn.port,
-            opts.conn.user,
-            pgkeel_pg::describe_sql_error(&e)
-        )
-    })?;
-    let conn_task = tokio::spawn(connection);
+    let (client, conn_task) = opts.conn.connect().await?;
     let result = run_backup(repo, opts, &client, &pgdata, jobs).await;
     // Not awaited: after a timeout a query is still pending and the connection would wait
     // for its answer forever. Closing the session aborts a backup still in progress.

@@ -147,16 +147,7 @@ pub struct DumpOptions {
 pub async fn create_dump(repo: &Repo, opts: &DumpOptions) -> anyhow::Result<DumpManifest> {
     repo.check()?;
     let bins = pgkeel_pg::binaries::PgBinaries::discover(opts.bin_dir.as_deref())?;
-    let (client, connection) = opts.conn.config().connect(tokio_postgres::NoTls).await.map_err(|e| {
-        anyhow::anyhow!(
-            "connecting to postgres at {}:{} as {}: {}",
-            opts.conn.host,
-            opts.conn.port,
-            opts.conn.user,
-            pgkeel_pg::describe_sql_error(&e)
-        )
-    })?;
-    let conn_task = tokio::spawn(connection);
+    let (client, conn_task) = opts.conn.connect().await?;
     let result = async {
         let sql = |what: &'static str| {
             move |e: tokio_postgres::Error| anyhow::anyhow!("{what}: {}", pgkeel_pg::describe_sql_error(&e))
