@@ -3,7 +3,7 @@
 #
 #   scripts/install-deps.sh          build and run: PostgreSQL server, etcd, C toolchain, tools
 #   scripts/install-deps.sh --test   the same, plus test-only tools (cargo-nextest, and moto, a
-#                                    local S3-compatible server, in /opt/pgkeel-test-venv)
+#                                    local S3-compatible server, and psycopg, in /opt/pgkeel-test-venv)
 #
 # Idempotent: it checks first and calls apt-get only when a package is missing. Runs as root
 # without prompts; as another user it uses sudo when sudo exists.
@@ -158,6 +158,16 @@ if [ "$want_test_tools" -eq 1 ]; then
             exit 1
         fi
         say "moto: $venv/bin/moto_server"
+    fi
+    # psycopg 3 (PyPI, psycopg[binary]): the Python client the proxy's TLS test drives
+    # (crates/pgkeel/tests/proxy_tls.rs), in the same venv.
+    if [ -x "$venv/bin/python" ]; then
+        if "$venv/bin/python" -c 'import psycopg' >/dev/null 2>&1; then
+            say "psycopg: $("$venv/bin/python" -c 'import psycopg; print(psycopg.__version__)')"
+        else
+            say "psycopg is missing: installing psycopg[binary] from PyPI into $venv"
+            as_root "$venv/bin/pip" install --quiet --disable-pip-version-check 'psycopg[binary]'
+        fi
     fi
 fi
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use units::{format_duration, parse_bytes, parse_duration};
+pub use units::{format_duration, parse_age, parse_bytes, parse_duration};
 pub use validate::{check, example, load, ConfigError};
 
 /// Exit code for a bad configuration (EX_CONFIG from sysexits.h).
@@ -196,12 +196,116 @@ impl Default for RestConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackupConfig {
-    /// Repository directory (absolute; writable by the postgres OS user). When set, the agent
-    /// runs postgres with `archive_mode = on` and `archive_command = 'pgkeel wal push ...'`
-    /// (only the primary archives) and `restore_command = 'pgkeel wal fetch ...'`, and
+    /// Repository: an absolute directory (writable by the postgres OS user) or an
+    /// S3-compatible bucket, `s3://BUCKET/PREFIX` (settings in `[backup.s3]`). When set, the
+    /// agent runs postgres with `archive_mode = on` and `archive_command = 'pgkeel wal push
+    /// ...'` (only the primary archives) and `restore_command = 'pgkeel wal fetch ...'`, and
     /// `pgkeel wal|backup|restore --config node.toml` use it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repo: Option<PathBuf>,
+    /// Where and how to reach an `s3://` repository. Keys not given come from the
+    /// environment (`PGKEEL_S3_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Settings>,
+    /// Bootstrap a new cluster from a backup instead of `initdb`: the member that bootstraps
+    /// restores it (to a target, else to the end of the archive) and promotes; the others
+    /// clone from it. Ignored once the cluster exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap_from: Option<BootstrapFrom>,
+}
+
+/// `[backup.bootstrap_from]`: the backup a new cluster starts from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BootstrapFrom {
+    /// Repository holding the backup (a directory or `s3://...`, with `[backup.s3]`).
+    /// Default: `backup.repo`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo: Option<PathBuf>,
+    /// Cluster name in that repository. Default: this cluster's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// The backup's label. Default: the newest one that can reach the target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// Recover up to this time, with a UTC offset, e.g. "2024-05-01 12:30:00+00".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_time: Option<String>,
+    /// Recover up to this LSN, e.g. "0/3000148".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_lsn: Option<String>,
+    /// Recover up to the commit of this transaction id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_xid: Option<u64>,
+    /// Recover up to this named restore point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_name: Option<String>,
+}
+
+impl BackupConfig {
+    /// Whether the repository is an S3 bucket (`s3://...`).
+    pub fn is_s3(&self) -> bool {
+        self.repo.as_ref().is_some_and(|r| r.to_string_lossy().starts_with("s3://"))
+    }
+}
+
+/// `[backup.s3]`: an S3-compatible service. The same keys make the file the agent hands to
+/// `archive_command` (`pgkeel wal push --s3-config FILE`), so the secret never appears in
+/// postgres's settings or process list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Settings {
+    /// Service URL, `http://HOST:PORT` or `https://HOST[:PORT]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Signing region (default `us-east-1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Access key id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_access_key: Option<String>,
+    /// CA certificates (PEM) to check an `https://` endpoint with. Default: the system's
+    /// bundle (`/etc/ssl/certs/ca-certificates.crt`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl S3Settings {
+    /// Reads a file holding these keys (TOML), naming the file and key on error.
+    pub fn load(path: &std::path::Path) -> Result<S3Settings, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        let s: S3Settings =
+            toml::from_str(&text).map_err(|e| ConfigError::Invalid(format!("{}: {}", path.display(), e.message())))?;
+        s.check("")?;
+        Ok(s)
+    }
+
+    /// The file's text (TOML).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    pub(crate) fn check(&self, prefix: &str) -> Result<(), ConfigError> {
+        if let Some(e) = &self.endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "{prefix}endpoint = {e:?}: write the service URL, e.g. \"https://s3.eu-west-1.amazonaws.com\" or \
+                     \"http://127.0.0.1:9000\""
+                )));
+            }
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "{prefix}access_key_id and {prefix}secret_access_key go together: give both or neither"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Tags advertised to the cluster.
@@ -257,11 +361,37 @@ pub struct DynamicConfig {
     /// confirms it over the REST API (`POST /failsafe`); without it, it demotes when its lease
     /// runs out. Every member must accept the same REST credentials.
     pub failsafe_mode: bool,
+    /// How long the leader, stepping down for a switchover, waits for the running proxies
+    /// (`pgkeel proxy`) to hold new transactions and finish the ones in flight before it
+    /// stops postgres. 0 does not wait. At most 1 minute.
+    #[serde(with = "units::duration_serde")]
+    pub switchover_drain_timeout: Duration,
     /// When to take a base backup into each member's `backup.repo`: a cron expression in
     /// UTC, e.g. `"30 2 * * *"`. One member runs each scheduled backup, a replica when one
     /// is streaming. Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_schedule: Option<String>,
+    /// When to take an incremental backup (only the files changed since the newest backup):
+    /// a cron expression in UTC. A minute matching `backup_schedule` too takes a full one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_schedule_incremental: Option<String>,
+    /// After each scheduled backup, keep the newest N backups (and those they share files
+    /// with) and remove the rest and their WAL (`pgkeel backup expire --keep N`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_keep: Option<u32>,
+    /// After each scheduled backup, keep a recovery window this long, e.g. `"14d"`
+    /// (`pgkeel backup expire --max-age`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_max_age: Option<String>,
+    /// When to take a logical dump of every database (`pgkeel dump`): cron, UTC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dump_schedule: Option<String>,
+    /// After each scheduled dump, keep the newest N dumps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dump_keep: Option<u32>,
+    /// After each scheduled dump, keep the dumps of this long a window, e.g. `"30d"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dump_max_age: Option<String>,
     /// Postgres parameters for every member.
     pub postgresql: DynamicPostgres,
 }
@@ -316,7 +446,14 @@ impl Default for DynamicConfig {
             synchronous_mode: SyncMode::Off,
             synchronous_node_count: 1,
             failsafe_mode: false,
+            switchover_drain_timeout: Duration::from_secs(5),
             backup_schedule: None,
+            backup_schedule_incremental: None,
+            backup_keep: None,
+            backup_max_age: None,
+            dump_schedule: None,
+            dump_keep: None,
+            dump_max_age: None,
             postgresql: DynamicPostgres::default(),
         }
     }

@@ -42,6 +42,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::new(secs, subsec))
 }
 
+/// Parses a retention age: a whole number and a unit, `s`, `m`, `h`, `d` or `w` (e.g. `14d`,
+/// `36h`, `2w`); returns seconds.
+pub fn parse_age(s: &str) -> Result<u64, String> {
+    let bad = || format!("bad age {s:?}: write a whole number and a unit, e.g. 14d, 36h, 90m or 2w");
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs: u64 = match unit.trim() {
+        "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(secs).filter(|v| *v > 0).ok_or_else(bad)
+}
+
 /// Format a duration so that [`parse_duration`] gives it back exactly: whole seconds as `"4s"`,
 /// whole milliseconds as `"1500ms"`, anything finer as decimal seconds (`"1.000000001s"`).
 pub fn format_duration(d: Duration) -> String {

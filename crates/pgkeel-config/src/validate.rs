@@ -103,7 +103,26 @@ const NODE: &[Field] = &[
     opt("bootstrap", Kind::Table(DYNAMIC)),
 ];
 
-const BACKUP: &[Field] = &[opt("repo", Kind::Value)];
+const BACKUP: &[Field] =
+    &[opt("repo", Kind::Value), opt("s3", Kind::Table(S3)), opt("bootstrap_from", Kind::Table(BOOTSTRAP_FROM))];
+
+const BOOTSTRAP_FROM: &[Field] = &[
+    opt("repo", Kind::Value),
+    opt("cluster", Kind::Value),
+    opt("backup", Kind::Value),
+    opt("target_time", Kind::Value),
+    opt("target_lsn", Kind::Value),
+    opt("target_xid", Kind::Value),
+    opt("target_name", Kind::Value),
+];
+
+const S3: &[Field] = &[
+    opt("endpoint", Kind::Value),
+    opt("region", Kind::Value),
+    opt("access_key_id", Kind::Value),
+    opt("secret_access_key", Kind::Value),
+    opt("ca_file", Kind::Value),
+];
 
 const POSTGRES: &[Field] = &[
     opt("listen", Kind::Value),
@@ -140,7 +159,14 @@ const DYNAMIC: &[Field] = &[
     opt("synchronous_mode", Kind::Value),
     opt("synchronous_node_count", Kind::Value),
     opt("failsafe_mode", Kind::Value),
+    opt("switchover_drain_timeout", Kind::Value),
     opt("backup_schedule", Kind::Value),
+    opt("backup_schedule_incremental", Kind::Value),
+    opt("backup_keep", Kind::Value),
+    opt("backup_max_age", Kind::Value),
+    opt("dump_schedule", Kind::Value),
+    opt("dump_keep", Kind::Value),
+    opt("dump_max_age", Kind::Value),
     opt("postgresql", Kind::Table(DYNAMIC_POSTGRES)),
 ];
 
@@ -691,11 +717,48 @@ impl NodeConfig {
             )));
         }
         if let Some(repo) = &self.backup.repo {
-            if !repo.is_absolute() {
+            if !repo.is_absolute() && !self.backup.is_s3() {
                 return Err(invalid(format!(
-                    "backup.repo = {:?}: must be an absolute path, e.g. repo = \"/var/lib/pgkeel/backups\"",
+                    "backup.repo = {:?}: must be an absolute path, e.g. repo = \"/var/lib/pgkeel/backups\", or an S3 \
+                     bucket, e.g. repo = \"s3://my-bucket/pgkeel\"",
                     repo.display().to_string()
                 )));
+            }
+        }
+        if let Some(s3) = &self.backup.s3 {
+            if !self.backup.is_s3() && *s3 != crate::S3Settings::default() {
+                return Err(invalid(
+                    "[backup.s3] is set but backup.repo is not an s3:// URL: set repo = \"s3://BUCKET/PREFIX\" or \
+                     remove [backup.s3]"
+                        .to_string(),
+                ));
+            }
+            s3.check("backup.s3.")?;
+        }
+        if let Some(b) = &self.backup.bootstrap_from {
+            let targets =
+                [b.target_time.is_some(), b.target_lsn.is_some(), b.target_xid.is_some(), b.target_name.is_some()];
+            if targets.iter().filter(|t| **t).count() > 1 {
+                return Err(invalid(
+                    "backup.bootstrap_from: give at most one of target_time, target_lsn, target_xid and target_name \
+                     (none recovers to the end of the archive)"
+                        .to_string(),
+                ));
+            }
+            match &b.repo {
+                Some(r) if !r.is_absolute() && !r.to_string_lossy().starts_with("s3://") => {
+                    return Err(invalid(format!(
+                        "backup.bootstrap_from.repo = {:?}: must be an absolute path or an s3:// URL",
+                        r.display().to_string()
+                    )))
+                }
+                None if self.backup.repo.is_none() => {
+                    return Err(invalid(
+                        "backup.bootstrap_from: say where the backup is: bootstrap_from.repo, or backup.repo"
+                            .to_string(),
+                    ))
+                }
+                _ => {}
             }
         }
 
@@ -759,14 +822,38 @@ impl DynamicConfig {
                 show(self.primary_start_timeout)
             )));
         }
+        if self.switchover_drain_timeout > Duration::from_secs(60) {
+            return Err(invalid(format!(
+                "{prefix}switchover_drain_timeout = {}: must be at most \"1m\" (0 does not wait for the proxies); \
+                 the old primary keeps its lease and new transactions are held while it waits; \
+                 e.g. switchover_drain_timeout = \"5s\"",
+                show(self.switchover_drain_timeout)
+            )));
+        }
         if !(1..=16).contains(&self.synchronous_node_count) {
             return Err(invalid(format!(
                 "{prefix}synchronous_node_count = {}: must be between 1 and 16; e.g. synchronous_node_count = 1",
                 self.synchronous_node_count
             )));
         }
-        if let Some(s) = &self.backup_schedule {
-            crate::cron::Cron::parse(s).map_err(|e| invalid(format!("{prefix}backup_schedule: {e}")))?;
+        for (key, value) in [
+            ("backup_schedule", &self.backup_schedule),
+            ("backup_schedule_incremental", &self.backup_schedule_incremental),
+            ("dump_schedule", &self.dump_schedule),
+        ] {
+            if let Some(s) = value {
+                crate::cron::Cron::parse(s).map_err(|e| invalid(format!("{prefix}{key}: {e}")))?;
+            }
+        }
+        for (key, value) in [("backup_max_age", &self.backup_max_age), ("dump_max_age", &self.dump_max_age)] {
+            if let Some(s) = value {
+                crate::units::parse_age(s).map_err(|e| invalid(format!("{prefix}{key}: {e}")))?;
+            }
+        }
+        for (key, value) in [("backup_keep", self.backup_keep), ("dump_keep", self.dump_keep)] {
+            if value == Some(0) {
+                return Err(invalid(format!("{prefix}{key} = 0 would remove everything: keep at least 1")));
+            }
         }
         check_parameters(&format!("{prefix}postgresql.parameters"), &self.postgresql.parameters)
     }
@@ -869,7 +956,39 @@ failover_priority = 1
 # Repository directory (absolute, writable by the postgres OS user). When set, postgres runs
 # with archive_mode = on and archive_command = 'pgkeel wal push ...' (only the primary
 # archives), and restore_command = 'pgkeel wal fetch ...'. Default: none (no archiving).
+# Or an S3-compatible bucket: repo = "s3://BUCKET/PREFIX", with [backup.s3] below.
 # repo = "/var/lib/pgkeel/backups"
+
+# An S3-compatible service for repo = "s3://...". Keys not given come from the environment
+# (PGKEEL_S3_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). The agent hands
+# them to archive_command in a file only the postgres OS user can read.
+[backup.s3]
+# Service URL. Default: PGKEEL_S3_ENDPOINT.
+# endpoint = "https://s3.eu-west-1.amazonaws.com"
+# Signing region. Default: AWS_REGION, else "us-east-1".
+# region = "eu-west-1"
+# Credentials; both or neither. Default: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+# access_key_id = "AKIA..."
+# secret_access_key = "..."
+# CA certificates (PEM) for an https:// endpoint. Default: the system's bundle.
+# ca_file = "/etc/pgkeel/s3-ca.pem"
+
+# Bootstrap a new cluster from a backup instead of initdb: the member that bootstraps
+# restores it and promotes, the others clone from it. Ignored once the cluster exists.
+# Every key is optional (an empty table restores the newest backup of backup.repo); without a
+# target, recovery runs to the end of the archive. Uncomment the table header to use it.
+# [backup.bootstrap_from]
+# Repository holding the backup (directory or s3://...). Default: backup.repo.
+# repo = "/var/lib/pgkeel/old-backups"
+# Cluster name in that repository. Default: this cluster's name.
+# cluster = "main"
+# The backup's label. Default: the newest one that can reach the target.
+# backup = "20240501T023000Z"
+# At most one target. Time with a UTC offset, LSN, transaction id or restore point name.
+# target_time = "2024-05-01 12:30:00+00"
+# target_lsn = "0/3000148"
+# target_xid = 7421
+# target_name = "before-migration"
 
 # Cluster-wide settings the member that bootstraps the cluster writes to the DCS; ignored
 # afterwards. Every key is optional. loop_wait + 2 × retry_timeout must not exceed ttl.
@@ -905,10 +1024,31 @@ synchronous_node_count = 1
 # it over the REST API (POST /failsafe); otherwise it demotes when its lease runs out. Every
 # member must accept the same REST credentials. Default: false.
 failsafe_mode = false
+# In a switchover, how long the old leader waits for the running proxies (pgkeel proxy) to
+# hold new transactions and finish the ones in flight before it stops postgres, so their
+# clients see a pause instead of an error; then it switches anyway. 0 does not wait; at
+# most 1m. Default: "5s".
+switchover_drain_timeout = "5s"
 # When to take a base backup into the members' backup.repo: a cron expression in UTC
 # (minute hour day-of-month month day-of-week), e.g. "30 2 * * *" for 02:30 every day. One
 # member runs each scheduled backup, a replica when one is streaming. Default: none.
 # backup_schedule = "30 2 * * *"
+# When to take an incremental backup (only the files changed since the newest backup), cron
+# in UTC; a minute matching backup_schedule too takes a full one. Default: none.
+# backup_schedule_incremental = "30 */4 * * *"
+# After each scheduled backup, keep the newest N backups (and those they share files with)
+# and remove older ones and the WAL only they needed. Default: none (keep everything).
+# backup_keep = 7
+# After each scheduled backup, keep a recovery window this long (s, m, h, d or w); with
+# backup_keep, a backup is removed only when neither keeps it. Default: none.
+# backup_max_age = "14d"
+# When to take a logical dump (pg_dump) of every database into the repository, cron in UTC,
+# run by the member that runs the scheduled backups. Default: none.
+# dump_schedule = "0 3 * * 0"
+# After each scheduled dump, keep the newest N dumps. Default: none (keep everything).
+# dump_keep = 4
+# After each scheduled dump, keep the dumps of this long a window. Default: none.
+# dump_max_age = "60d"
 
 # Postgres parameters for every member; a node's own [postgres.parameters] win. Same rules
 # as [postgres.parameters]. Default: empty.
@@ -950,7 +1090,25 @@ mod tests {
                 password: Some("pw".into()),
             },
             tags: TagsConfig { nofailover: true, failover_priority: 3 },
-            backup: crate::BackupConfig { repo: Some("/srv/backups".into()) },
+            backup: crate::BackupConfig {
+                repo: Some("s3://backups/main".into()),
+                s3: Some(crate::S3Settings {
+                    endpoint: Some("https://s3.example.com".into()),
+                    region: Some("eu-west-1".into()),
+                    access_key_id: Some("AKIDEXAMPLE".into()),
+                    secret_access_key: Some("secret".into()),
+                    ca_file: Some("/etc/pgkeel/ca.pem".into()),
+                }),
+                bootstrap_from: Some(crate::BootstrapFrom {
+                    repo: Some("/srv/old".into()),
+                    cluster: Some("old".into()),
+                    backup: Some("20240501T023000Z".into()),
+                    target_time: None,
+                    target_lsn: Some("0/3000148".into()),
+                    target_xid: None,
+                    target_name: None,
+                }),
+            },
             bootstrap: DynamicConfig {
                 ttl: Duration::from_secs(30),
                 loop_wait: Duration::from_secs(10),
@@ -961,7 +1119,14 @@ mod tests {
                 synchronous_mode: crate::SyncMode::Strict,
                 synchronous_node_count: 2,
                 failsafe_mode: true,
+                switchover_drain_timeout: Duration::from_secs(9),
                 backup_schedule: Some("*/30 * * * *".into()),
+                backup_schedule_incremental: Some("*/5 * * * *".into()),
+                backup_keep: Some(3),
+                backup_max_age: Some("14d".into()),
+                dump_schedule: Some("0 3 * * 0".into()),
+                dump_keep: Some(2),
+                dump_max_age: Some("8w".into()),
                 postgresql: DynamicPostgres { parameters: params("hot_standby") },
             },
         }
@@ -1005,8 +1170,15 @@ mod tests {
     #[test]
     fn schema_matches_serde_structs() {
         // One config per dcs kind, so every kind's keys are serialized.
-        let etcd =
+        let mut etcd =
             NodeConfig { dcs: DcsConfig::Etcd { endpoints: vec!["http://10.0.0.1:2379".into()] }, ..full_config() };
+        // The targets are exclusive: the other config carries the others (serialization only).
+        etcd.backup.bootstrap_from = Some(crate::BootstrapFrom {
+            target_time: Some("2024-05-01 12:30:00+00".into()),
+            target_xid: Some(7),
+            target_name: Some("x".into()),
+            ..Default::default()
+        });
         let mut serialized = BTreeSet::new();
         for config in [full_config(), etcd] {
             let value = toml::Value::try_from(config).expect("serializes");
@@ -1076,13 +1248,39 @@ mod tests {
     }
 
     #[test]
+    fn s3_repository_settings() {
+        let base = "cluster = \"c\"\nname = \"n1\"\ndata_dir = \"/d\"\n[dcs]\nkind = \"local\"\npath = \"/p\"\n";
+        let good = format!(
+            "{base}[backup]\nrepo = \"s3://bucket/pre\"\n[backup.s3]\nendpoint = \"http://127.0.0.1:9000\"\n\
+             access_key_id = \"a\"\nsecret_access_key = \"s\"\n"
+        );
+        let c = check(&good).expect("valid");
+        assert!(c.backup.is_s3());
+        assert_eq!(c.backup.s3.as_ref().unwrap().access_key_id.as_deref(), Some("a"));
+        let round: crate::S3Settings = toml::from_str(&c.backup.s3.as_ref().unwrap().to_toml()).unwrap();
+        assert_eq!(&round, c.backup.s3.as_ref().unwrap());
+        let cases = [
+            ("[backup]\nrepo = \"/r\"\n[backup.s3]\nregion = \"x\"\n", "not an s3:// URL"),
+            ("[backup]\nrepo = \"s3://b/p\"\n[backup.s3]\nendpoint = \"127.0.0.1:9000\"\n", "backup.s3.endpoint"),
+            ("[backup]\nrepo = \"s3://b/p\"\n[backup.s3]\naccess_key_id = \"a\"\n", "go together"),
+            ("[backup]\nrepo = \"rel/dir\"\n", "s3://my-bucket"),
+            ("[backup]\nrepo = \"s3://b/p\"\n[backup.s3]\nendpont = \"x\"\n", "backup.s3.endpoint"),
+        ];
+        for (tail, want) in cases {
+            let err = check(&format!("{base}{tail}")).unwrap_err().to_string();
+            assert!(err.contains(want), "{tail}: {err}");
+        }
+    }
+
+    #[test]
     fn example_shows_every_key() {
         let params = params_paths();
         let mut seen = BTreeSet::new();
         let mut section = String::new();
         for line in example().lines() {
             let line = line.trim();
-            if let Some(header) = line.strip_prefix('[') {
+            // A commented-out table header ("# [table]") starts a section too.
+            if let Some(header) = line.strip_prefix('[').or_else(|| line.strip_prefix("# [")) {
                 section = header.trim_end_matches(']').to_string();
                 if params.contains(&section) {
                     seen.insert(section.clone());
@@ -1315,6 +1513,9 @@ mod tests {
             ("path = \"/var/lib/pgkeel/dcs\"", "path = \"dcs\"", "dcs.path"),
             ("cluster = \"main\"", "cluster = \"my cluster\"", "' ' is not allowed"),
             ("name = \"n1\"", "name = \"\"", "name is empty"),
+            ("# backup_max_age = \"14d\"", "backup_max_age = \"14 days\"", "bootstrap.backup_max_age: bad age"),
+            ("# dump_keep = 4", "dump_keep = 0", "bootstrap.dump_keep = 0 would remove everything"),
+            ("# dump_schedule = \"0 3 * * 0\"", "dump_schedule = \"0 3 * *\"", "bootstrap.dump_schedule"),
             ("os_user = \"postgres\"", "os_user = \"\"", "postgres.os_user"),
             ("username = \"postgres\"", "username = \"post gres\"", "postgres.superuser.username"),
             ("# connect_url = \"http://10.0.0.11:8008\"", "connect_url = \"10.0.0.11:8008\"", "rest.connect_url"),
@@ -1325,6 +1526,11 @@ mod tests {
             ("retry_timeout = \"1500ms\"", "retry_timeout = 0.1", "bootstrap.retry_timeout"),
             ("maximum_lag_on_failover = \"1MB\"", "maximum_lag_on_failover = 0", "bootstrap.maximum_lag_on_failover"),
             ("primary_start_timeout = \"10s\"", "primary_start_timeout = \"2h\"", "bootstrap.primary_start_timeout"),
+            (
+                "switchover_drain_timeout = \"5s\"",
+                "switchover_drain_timeout = \"2m\"",
+                "bootstrap.switchover_drain_timeout = \"120s\": must be at most \"1m\"",
+            ),
             ("shared_buffers = \"128MB\"", "port = 5433", "postgres.parameters.port: pgkeel sets port itself"),
             ("shared_buffers = \"128MB\"", "Port = 5433", "pgkeel sets port itself"),
             ("shared_buffers = \"128MB\"", "\"pgkeel.term\" = 1", "pgkeel sets pgkeel.term itself"),

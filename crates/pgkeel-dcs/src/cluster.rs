@@ -12,6 +12,8 @@
 //! | `sync` | [`SyncValue`] | synchronous standbys the leader confirmed (sync modes) |
 //! | `history/<term>` | [`HistoryEntry`] | permanent: one per promotion |
 //! | `backup` | [`BackupRunValue`] | the last scheduled backup: who claimed which slot, how it ended |
+//! | `switchover` | [`SwitchoverValue`] | short TTL: the leader is about to step down; proxies drain |
+//! | `proxies/<id>` | [`ProxyValue`] | TTL: a running `pgkeel proxy`, and the switchover it drained for |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,6 +90,10 @@ pub struct MemberValue {
     /// Replica: replay LSN.
     #[serde(default)]
     pub replayed_lsn: Option<u64>,
+    /// Replica: how far its replay is behind, in ms: 0 when it has replayed everything it
+    /// received, else the age of the last transaction it replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_lag_ms: Option<u64>,
     /// Replica: whether its WAL receiver is streaming.
     #[serde(default)]
     pub streaming: bool,
@@ -134,6 +140,40 @@ pub struct FailoverValue {
     pub candidate: Option<String>,
     /// When requested (unix ms).
     pub requested_at_ms: u64,
+}
+
+/// Value of `switchover`: the leader has taken up a switchover and waits (at most until
+/// `deadline_ms`) for every registered proxy to drain before it stops postgres. The new leader
+/// deletes it once promoted; the old one deletes it when it does not step down after all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverValue {
+    /// Names this switchover, for the proxies' acknowledgements: `<term>-<requested_at_ms>`.
+    pub id: String,
+    /// The leader stepping down.
+    pub leader: String,
+    /// The term it leads under: a proxy reopens once a newer term leads.
+    pub term: u64,
+    /// The member named to take over, if any.
+    #[serde(default)]
+    pub candidate: Option<String>,
+    /// When the leader stops waiting for the proxies (unix ms).
+    pub deadline_ms: u64,
+}
+
+/// Value of `proxies/<id>`: a running proxy, rewritten with a TTL while it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyValue {
+    /// The proxy's id (unique per process: host, pid and start time).
+    pub id: String,
+    /// Its client listener, `host:port`.
+    pub address: String,
+    /// The switchover ([`SwitchoverValue::id`]) it has drained for: it holds new
+    /// transactions and no client is inside a transaction on the old primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained: Option<String>,
+    /// pgkeel version of the proxy.
+    #[serde(default)]
+    pub version: String,
 }
 
 /// Value of `status`: the leader's last known LSN, used for lag checks.
@@ -260,6 +300,10 @@ pub struct ClusterSnapshot {
     pub sync: Option<Versioned<SyncValue>>,
     /// The last scheduled backup.
     pub backup: Option<Versioned<BackupRunValue>>,
+    /// A switchover whose leader waits for the proxies to drain.
+    pub switchover: Option<Versioned<SwitchoverValue>>,
+    /// Running proxies, sorted by id.
+    pub proxies: Vec<Versioned<ProxyValue>>,
     /// Promotions, oldest first.
     pub history: Vec<HistoryEntry>,
 }
@@ -337,6 +381,12 @@ impl ClusterStore {
                 "status" => snap.status = decode(kv).ok(),
                 "sync" => snap.sync = decode(kv).ok().map(|v| versioned(kv, v)),
                 "backup" => snap.backup = decode(kv).ok().map(|v| versioned(kv, v)),
+                "switchover" => snap.switchover = decode(kv).ok().map(|v| versioned(kv, v)),
+                p if p.starts_with("proxies/") => {
+                    if let Ok(v) = decode::<ProxyValue>(kv) {
+                        snap.proxies.push(versioned(kv, v));
+                    }
+                }
                 p if p.starts_with("members/") => {
                     if let Ok(m) = decode::<MemberValue>(kv) {
                         snap.members.push(versioned(kv, m));
@@ -352,6 +402,7 @@ impl ClusterStore {
         }
         snap.members.sort_by(|a, b| a.value.name.cmp(&b.value.name));
         snap.history.sort_by_key(|h| h.term);
+        snap.proxies.sort_by(|a, b| a.value.id.cmp(&b.value.id));
         Ok(snap)
     }
 
@@ -450,6 +501,14 @@ impl ClusterStore {
         }
     }
 
+    /// Read the dynamic config alone (raw JSON; `pgkeel-config` parses it).
+    pub async fn get_config(&self) -> DcsResult<Option<Versioned<serde_json::Value>>> {
+        match self.dcs.get(&self.key("config")).await? {
+            Some(kv) => Ok(Some(versioned(&kv, decode(&kv)?))),
+            None => Ok(None),
+        }
+    }
+
     /// Record a switchover/failover request; it expires after `ttl` if nobody acts on it.
     pub async fn set_failover(&self, value: &FailoverValue, ttl: Duration) -> DcsResult<()> {
         self.dcs.put(&self.key("failover"), &encode(value), Some(ttl)).await.map(|_| ())
@@ -458,6 +517,59 @@ impl ClusterStore {
     /// Remove the switchover/failover request.
     pub async fn clear_failover(&self) -> DcsResult<bool> {
         self.dcs.delete(&self.key("failover"), None).await
+    }
+
+    /// Announce a switchover to the proxies; it expires after `ttl` if nobody clears it.
+    pub async fn set_switchover(&self, value: &SwitchoverValue, ttl: Duration) -> DcsResult<()> {
+        self.dcs.put(&self.key("switchover"), &encode(value), Some(ttl)).await.map(|_| ())
+    }
+
+    /// Remove the switchover announcement.
+    pub async fn clear_switchover(&self) -> DcsResult<bool> {
+        self.dcs.delete(&self.key("switchover"), None).await
+    }
+
+    /// Read the switchover announcement.
+    pub async fn get_switchover(&self) -> DcsResult<Option<Versioned<SwitchoverValue>>> {
+        match self.dcs.get(&self.key("switchover")).await? {
+            Some(kv) => Ok(decode(&kv).ok().map(|v| versioned(&kv, v))),
+            None => Ok(None),
+        }
+    }
+
+    /// Wait until the switchover announcement changes from `known` (its revision, `None` =
+    /// absent), or `timeout` passes; returns it as it is then.
+    pub async fn watch_switchover(
+        &self,
+        known: Option<u64>,
+        timeout: Duration,
+    ) -> DcsResult<Option<Versioned<SwitchoverValue>>> {
+        match self.dcs.watch(&self.key("switchover"), known, timeout).await? {
+            Some(kv) => Ok(decode(&kv).ok().map(|v| versioned(&kv, v))),
+            None => Ok(None),
+        }
+    }
+
+    /// The registered proxies (live keys only), sorted by id.
+    pub async fn proxies(&self) -> DcsResult<Vec<Versioned<ProxyValue>>> {
+        let mut out: Vec<Versioned<ProxyValue>> = Vec::new();
+        for kv in self.dcs.list(&self.key("proxies/")).await? {
+            if let Ok(v) = decode::<ProxyValue>(&kv) {
+                out.push(versioned(&kv, v));
+            }
+        }
+        out.sort_by(|a, b| a.value.id.cmp(&b.value.id));
+        Ok(out)
+    }
+
+    /// Register (or refresh) a proxy; the key expires after `ttl` without a refresh.
+    pub async fn put_proxy(&self, value: &ProxyValue, ttl: Duration) -> DcsResult<()> {
+        self.dcs.put(&self.key(&format!("proxies/{}", value.id)), &encode(value), Some(ttl)).await.map(|_| ())
+    }
+
+    /// Remove a proxy's registration (clean shutdown).
+    pub async fn delete_proxy(&self, id: &str) -> DcsResult<bool> {
+        self.dcs.delete(&self.key(&format!("proxies/{id}")), None).await
     }
 
     /// Publish the leader's last LSN.

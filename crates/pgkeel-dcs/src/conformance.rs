@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Barrier;
 
 use crate::cluster::{
-    ClusterStore, FailoverValue, HistoryEntry, InitializeValue, MemberTags, MemberValue, Role, StatusValue,
+    ClusterStore, FailoverValue, HistoryEntry, InitializeValue, MemberTags, MemberValue, ProxyValue, Role, StatusValue,
+    SwitchoverValue,
 };
 use crate::{Dcs, DcsResult, KeyValue, TtlPrecision};
 
@@ -710,6 +711,7 @@ fn member(name: &str) -> MemberValue {
         timeline: Some(1),
         lsn: Some(100),
         replayed_lsn: Some(90),
+        replay_lag_ms: Some(7),
         streaming: true,
         following: Some("a".to_string()),
         term: 1,
@@ -804,6 +806,37 @@ pub async fn cluster_load(store: Arc<dyn Dcs>, prefix: &str) {
     assert_eq!(load().await.failover.map(|v| v.value), Some(failover));
     assert!(ok(s.as_ref(), "clear_failover", cs.clear_failover().await));
     assert!(load().await.failover.is_none());
+
+    // Switchover announcement and proxy registrations.
+    let sw = SwitchoverValue {
+        id: "3-42".to_string(),
+        leader: "a".to_string(),
+        term: 3,
+        candidate: Some("b".to_string()),
+        deadline_ms: 99,
+    };
+    ok(s.as_ref(), "set_switchover", cs.set_switchover(&sw, LONG_TTL).await);
+    let loaded = ok(s.as_ref(), "get_switchover", cs.get_switchover().await).expect("switchover");
+    assert_eq!(loaded.value, sw);
+    assert_eq!(load().await.switchover.map(|v| v.value), Some(sw.clone()));
+    let seen = ok(s.as_ref(), "watch_switchover", cs.watch_switchover(None, Duration::from_secs(2)).await);
+    assert_eq!(seen.map(|v| v.value), Some(sw), "[{d}] a watch from absent sees the announcement at once");
+    assert!(ok(s.as_ref(), "clear_switchover", cs.clear_switchover().await));
+    assert!(load().await.switchover.is_none());
+    let proxy = |id: &str, drained: Option<&str>| ProxyValue {
+        id: id.to_string(),
+        address: "127.0.0.1:6432".to_string(),
+        drained: drained.map(str::to_string),
+        version: "test".to_string(),
+    };
+    ok(s.as_ref(), "put_proxy", cs.put_proxy(&proxy("p2", None), LONG_TTL).await);
+    ok(s.as_ref(), "put_proxy", cs.put_proxy(&proxy("p1", Some("3-42")), LONG_TTL).await);
+    let ids: Vec<String> = ok(s.as_ref(), "proxies", cs.proxies().await).into_iter().map(|p| p.value.id).collect();
+    assert_eq!(ids, ["p1", "p2"], "[{d}] proxies are listed sorted by id");
+    assert_eq!(load().await.proxies.first().map(|p| p.value.clone()), Some(proxy("p1", Some("3-42"))));
+    assert!(ok(s.as_ref(), "delete_proxy", cs.delete_proxy("p1").await));
+    assert!(ok(s.as_ref(), "delete_proxy", cs.delete_proxy("p2").await));
+    assert!(ok(s.as_ref(), "proxies", cs.proxies().await).is_empty());
 
     // Status.
     let status = StatusValue { last_lsn: 1234, term: 3, timeline: 2, updated_ms: 99, last_archived_ms: Some(98) };

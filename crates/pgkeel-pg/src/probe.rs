@@ -34,6 +34,10 @@ pub struct Probe {
     pub replayed_lsn: Option<u64>,
     /// Replica: WAL replay is paused.
     pub replay_paused: bool,
+    /// Replica: how far replay is behind, in ms: 0 when everything received is replayed,
+    /// else the age of the last replayed transaction (`pg_last_xact_replay_timestamp()`);
+    /// unknown when it is behind and has replayed no transaction since it started.
+    pub replay_lag_ms: Option<u64>,
     /// Replica: the WAL receiver, when one runs.
     pub wal_receiver: Option<WalReceiver>,
     /// Connected standbys (`pg_stat_replication`).
@@ -119,7 +123,12 @@ SELECT r.rec,
        extract(epoch FROM pg_postmaster_start_time()),
        (SELECT timeline_id FROM pg_control_checkpoint()),
        current_setting('synchronous_standby_names'),
-       (SELECT (extract(epoch FROM last_archived_time) * 1000)::bigint FROM pg_stat_archiver)
+       (SELECT (extract(epoch FROM last_archived_time) * 1000)::bigint FROM pg_stat_archiver),
+       CASE WHEN NOT r.rec THEN NULL
+            WHEN COALESCE(pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn(), false) THEN 0
+            WHEN pg_last_xact_replay_timestamp() IS NULL THEN NULL
+            ELSE greatest(0, (extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000)::bigint)
+       END
   FROM (SELECT pg_is_in_recovery() AS rec) r;
 SELECT w.status, w.sender_host, w.sender_port, w.slot_name, w.received_tli,
        COALESCE(to_jsonb(w)->>'flushed_lsn', to_jsonb(w)->>'received_lsn')
@@ -162,6 +171,7 @@ pub async fn probe(client: &Client) -> Result<Probe, PgError> {
         postmaster_start_unix: parse_at(main, 8)?.unwrap_or(0.0),
         synchronous_standby_names: text_at(main, 10)?.unwrap_or_default().to_string(),
         last_archived_ms: parse_at(main, 11)?,
+        replay_lag_ms: parse_at(main, 12)?,
         ..Probe::default()
     };
     let checkpoint_tli: Option<u32> = parse_at(main, 9)?;

@@ -44,6 +44,27 @@ pub enum LoadBalance {
     /// The eligible replica with the fewest server connections in use for the client's
     /// (database, user).
     LeastConnections,
+    /// Eligible replicas in proportion to their `[weights]` (default 1; 0: never).
+    Weighted,
+}
+
+/// What a read does when no replica is eligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoReplica {
+    /// It runs on the primary. The default.
+    Primary,
+    /// The client gets an error (`57P03`) and is disconnected.
+    Error,
+}
+
+impl NoReplica {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoReplica::Primary => "primary",
+            NoReplica::Error => "error",
+        }
+    }
 }
 
 impl LoadBalance {
@@ -53,8 +74,95 @@ impl LoadBalance {
             LoadBalance::RoundRobin => "round_robin",
             LoadBalance::Random => "random",
             LoadBalance::LeastConnections => "least_connections",
+            LoadBalance::Weighted => "weighted",
         }
     }
+}
+
+/// `[tls] client_tls`: TLS between clients and the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientTlsMode {
+    /// SSLRequest is answered `N`. The default without `cert`.
+    Disable,
+    /// Clients choose: SSLRequest is answered `S`. The default with `cert`.
+    Allow,
+    /// A plaintext startup is refused (`FATAL 28000`).
+    Require,
+}
+
+impl ClientTlsMode {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientTlsMode::Disable => "disable",
+            ClientTlsMode::Allow => "allow",
+            ClientTlsMode::Require => "require",
+        }
+    }
+}
+
+/// `[tls] server_tls`: TLS between the proxy and postgres (libpq's `sslmode` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerTlsMode {
+    /// Plaintext.
+    Disable,
+    /// TLS when the server offers it (it answers the SSLRequest `S`), else plaintext. The
+    /// default.
+    Prefer,
+    /// TLS or no connection; the certificate is not checked.
+    Require,
+    /// TLS, with the certificate checked against `server_ca` and the member's host name or
+    /// IP address.
+    VerifyFull,
+}
+
+impl ServerTlsMode {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerTlsMode::Disable => "disable",
+            ServerTlsMode::Prefer => "prefer",
+            ServerTlsMode::Require => "require",
+            ServerTlsMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// The `[tls]` section. The files are read when the proxy starts (and by `--check`), see
+/// [`crate::tls::Tls::load`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    /// PEM certificate (chain) offered to clients.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// TLS to clients.
+    pub client_tls: ClientTlsMode,
+    /// TLS to servers.
+    pub server_tls: ServerTlsMode,
+    /// PEM CA certificate(s) for `server_tls = "verify-full"`.
+    pub server_ca: Option<PathBuf>,
+}
+
+impl Default for TlsSettings {
+    fn default() -> TlsSettings {
+        TlsSettings {
+            cert: None,
+            key: None,
+            client_tls: ClientTlsMode::Disable,
+            server_tls: ServerTlsMode::Prefer,
+            server_ca: None,
+        }
+    }
+}
+
+/// `[auth] query` and `auth_user`: PgBouncer's `auth_query`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthQuery {
+    /// The query, with `$1` for the user name; returns (user name, password or secret).
+    pub query: String,
+    /// The userlist user the proxy runs the query as, on the primary.
+    pub user: String,
 }
 
 /// The proxy's configuration.
@@ -73,8 +181,17 @@ pub struct ProxyConfig {
     pub listen_replica: Option<String>,
     /// How a replica is chosen.
     pub load_balance: LoadBalance,
-    /// A replica more than this many bytes of WAL behind the primary gets no reads.
+    /// A replica more than this many bytes of WAL behind the primary gets no reads
+    /// (`u64::MAX`: no byte limit, when `max_replica_lag` gives only a time).
     pub max_replica_lag: u64,
+    /// A replica whose replay is further behind than this gets no reads (`max_replica_lag`
+    /// given as a duration).
+    pub max_replica_lag_time: Option<Duration>,
+    /// `load_balance = "weighted"`: weight per member name (`[weights]`); absent members
+    /// weigh 1, and 0 means no reads.
+    pub weights: std::collections::BTreeMap<String, u32>,
+    /// What a read does when no replica is eligible.
+    pub no_replica: NoReplica,
     /// After a client's write, its reads go only to replicas that have replayed it.
     pub read_your_writes: bool,
     /// Functions whose calls send a statement to the primary, besides the built-in ones.
@@ -98,6 +215,17 @@ pub struct ProxyConfig {
     pub server_connect_timeout: Duration,
     /// The userlist file (see [`crate::userlist`]).
     pub userlist: PathBuf,
+    /// `[auth] query`: clients missing from the userlist are looked up on the primary.
+    pub auth_query: Option<AuthQuery>,
+    /// `[tls]`: TLS to clients and to servers.
+    pub tls: TlsSettings,
+    /// Userlist users who may use the admin console (the database `pgkeel`); empty: nobody.
+    pub admin_users: Vec<String>,
+    /// `host:port` of the HTTP `/metrics` endpoint (Prometheus text format); none: not served.
+    pub metrics_listen: Option<String>,
+    /// On SIGTERM/SIGINT, how long clients get to finish their transactions before every
+    /// connection is closed; also how long `PAUSE` waits for transactions in flight.
+    pub shutdown_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -117,6 +245,8 @@ impl ProxyConfig {
     pub const DEFAULT_MAX_REPLICA_LAG: u64 = 16 << 20;
     /// Default prepared statements per server connection (PgBouncer's default).
     pub const DEFAULT_MAX_PREPARED_STATEMENTS: u32 = 200;
+    /// Default drain deadline on shutdown.
+    pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
     /// Every listener: (address, what it is for).
     pub fn listeners(&self) -> Vec<(&str, crate::router::RouteMode)> {
@@ -158,6 +288,8 @@ const TOP: &[&str] = &[
     "listen_replica",
     "load_balance",
     "max_replica_lag",
+    "no_replica",
+    "weights",
     "read_your_writes",
     "primary_functions",
     "max_prepared_statements",
@@ -167,10 +299,15 @@ const TOP: &[&str] = &[
     "query_wait_timeout",
     "failover_hold_timeout",
     "server_connect_timeout",
+    "admin_users",
+    "metrics_listen",
+    "shutdown_timeout",
     "dcs",
     "auth",
+    "tls",
 ];
-const AUTH: &[&str] = &["userlist"];
+const AUTH: &[&str] = &["userlist", "query", "auth_user"];
+const TLS: &[&str] = &["cert", "key", "client_tls", "server_tls", "server_ca"];
 const DCS_LOCAL: &[&str] = &["kind", "path"];
 const DCS_ETCD: &[&str] = &["kind", "endpoints"];
 const DCS_KINDS_HELP: &str = r#"supported kinds: "local" (the embedded single-host store) and "etcd""#;
@@ -201,8 +338,10 @@ fn join(table: &str, key: &str) -> String {
 
 /// Every dotted key the file accepts, for suggestions across tables.
 fn all_paths() -> Vec<String> {
-    let mut v: Vec<String> = TOP.iter().filter(|k| !matches!(**k, "dcs" | "auth")).map(|k| k.to_string()).collect();
+    let mut v: Vec<String> =
+        TOP.iter().filter(|k| !matches!(**k, "dcs" | "auth" | "tls")).map(|k| k.to_string()).collect();
     v.extend(AUTH.iter().map(|k| join("auth", k)));
+    v.extend(TLS.iter().map(|k| join("tls", k)));
     v.extend(["dcs.kind", "dcs.path", "dcs.endpoints"].map(String::from));
     v
 }
@@ -346,6 +485,90 @@ fn bytes(table: &toml::Table, key: &str, default: u64) -> Result<u64, ConfigErro
     }
 }
 
+/// `max_replica_lag`: a size (bytes of WAL), a duration (replay lag), or an array with one
+/// of each. Returns (bytes, time); `u64::MAX` bytes when only a time is given.
+fn replica_lag(table: &toml::Table) -> Result<(u64, Option<Duration>), ConfigError> {
+    let help = "max_replica_lag takes a size of WAL (1048576, \"16MB\"), a replay delay (\"5s\", \"500ms\"), or \
+                both: [\"16MB\", \"5s\"]";
+    let one = |v: &toml::Value| -> Result<(Option<u64>, Option<Duration>), ConfigError> {
+        match v {
+            toml::Value::String(s) if is_duration(s) => {
+                let d = parse_duration(s).map_err(|e| invalid(format!("max_replica_lag = {s:?}: {e}; {help}")))?;
+                if d.is_zero() {
+                    return Err(invalid(format!("max_replica_lag = {s:?}: must be more than 0; {help}")));
+                }
+                Ok((None, Some(d)))
+            }
+            toml::Value::String(_) | toml::Value::Integer(_) => {
+                let mut t = toml::Table::new();
+                t.insert("max_replica_lag".into(), v.clone());
+                Ok((Some(bytes(&t, "max_replica_lag", 0)?), None))
+            }
+            other => {
+                Err(invalid(format!("max_replica_lag must be a size or a duration, not {}; {help}", a_type(other))))
+            }
+        }
+    };
+    match table.get("max_replica_lag") {
+        None => Ok((ProxyConfig::DEFAULT_MAX_REPLICA_LAG, None)),
+        Some(toml::Value::Array(items)) => {
+            let (mut b, mut t) = (None, None);
+            for item in items {
+                let (ib, it) = one(item)?;
+                if (ib.is_some() && b.is_some()) || (it.is_some() && t.is_some()) || items.len() > 2 {
+                    return Err(invalid(format!("max_replica_lag: give at most one size and one duration; {help}")));
+                }
+                b = b.or(ib);
+                t = t.or(it);
+            }
+            if b.is_none() && t.is_none() {
+                return Err(invalid(format!("max_replica_lag = []: give a limit; {help}")));
+            }
+            Ok((b.unwrap_or(u64::MAX), t))
+        }
+        Some(v) => {
+            let (b, t) = one(v)?;
+            Ok((b.unwrap_or(u64::MAX), t))
+        }
+    }
+}
+
+/// Whether a `max_replica_lag` string is a duration (its unit is one of time), not a size.
+fn is_duration(s: &str) -> bool {
+    let unit = s.trim().trim_start_matches(|c: char| c.is_ascii_digit() || c == '.' || c == ' ');
+    matches!(unit, "ms" | "s" | "sec" | "secs" | "min" | "mins" | "h")
+}
+
+/// `[weights]`: member name = weight (0 to 1000).
+fn weights(table: &toml::Table) -> Result<std::collections::BTreeMap<String, u32>, ConfigError> {
+    let help = "e.g. [weights] n1 = 2, n2 = 1 (member names; 0 sends a member no reads)";
+    let mut out = std::collections::BTreeMap::new();
+    match table.get("weights") {
+        None => {}
+        Some(toml::Value::Table(t)) => {
+            for (name, v) in t {
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                    return Err(invalid(format!(
+                        "weights: {name:?} is not a member name (letters, digits, \"-\" and \"_\"); {help}"
+                    )));
+                }
+                match v {
+                    toml::Value::Integer(i) if (0..=1000).contains(i) => {
+                        out.insert(name.clone(), *i as u32);
+                    }
+                    other => {
+                        return Err(invalid(format!(
+                            "weights.{name} = {other}: must be a whole number from 0 to 1000; {help}"
+                        )))
+                    }
+                }
+            }
+        }
+        Some(other) => return Err(invalid(format!("weights must be a table, not {}; {help}", a_type(other)))),
+    }
+    Ok(out)
+}
+
 fn functions(table: &toml::Table) -> Result<Vec<String>, ConfigError> {
     let help = "e.g. primary_functions = [\"app.next_id\", \"audit_log\"]";
     let list = match table.get("primary_functions") {
@@ -442,6 +665,9 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
     if let Some(toml::Value::Table(auth)) = table.get("auth") {
         check_keys(auth, AUTH, "auth")?;
     }
+    if let Some(toml::Value::Table(tls)) = table.get("tls") {
+        check_keys(tls, TLS, "tls")?;
+    }
     let cluster = string(&table, "", "cluster")?
         .ok_or_else(|| invalid("missing required key \"cluster\": add cluster = \"main\" (the agents' cluster name) at the top of the file"))?;
     check_name(&cluster)?;
@@ -466,13 +692,26 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         None | Some("round_robin") => LoadBalance::RoundRobin,
         Some("random") => LoadBalance::Random,
         Some("least_connections") => LoadBalance::LeastConnections,
+        Some("weighted") => LoadBalance::Weighted,
         Some(other) => {
             return Err(invalid(format!(
-                "load_balance = {other:?} is not a strategy; use \"round_robin\", \"random\" or \"least_connections\""
+                "load_balance = {other:?} is not a strategy; use \"round_robin\", \"random\", \"least_connections\" \
+                 or \"weighted\""
             )))
         }
     };
-    let max_replica_lag = bytes(&table, "max_replica_lag", ProxyConfig::DEFAULT_MAX_REPLICA_LAG)?;
+    let (max_replica_lag, max_replica_lag_time) = replica_lag(&table)?;
+    let weights = weights(&table)?;
+    let no_replica = match string(&table, "", "no_replica")?.as_deref() {
+        None | Some("primary") => NoReplica::Primary,
+        Some("error") => NoReplica::Error,
+        Some(other) => {
+            return Err(invalid(format!(
+                "no_replica = {other:?}: use \"primary\" (reads run on the primary when no replica is eligible) \
+                 or \"error\" (they fail with 57P03)"
+            )))
+        }
+    };
     let read_your_writes = boolean(&table, "read_your_writes", true)?;
     let primary_functions = functions(&table)?;
     let max_prepared_statements =
@@ -511,6 +750,19 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         invalid("missing required key \"auth.userlist\": add userlist = \"/etc/pgkeel/userlist.txt\" in [auth]")
     })?;
     let userlist = base.join(userlist);
+    let auth_query = auth_query(auth)?;
+    let tls = tls(&table, base)?;
+    let admin_users = admin_users(&table)?;
+    let metrics_listen = string(&table, "", "metrics_listen")?;
+    if let Some(m) = &metrics_listen {
+        check_listen("metrics_listen", m)?;
+        if let Some((other, _)) = seen.iter().find(|(_, a)| a == m) {
+            return Err(invalid(format!(
+                "metrics_listen = {m:?} is the address of {other} too; give /metrics its own port, e.g. \"127.0.0.1:9187\""
+            )));
+        }
+    }
+    let shutdown_timeout = duration(&table, "shutdown_timeout", ProxyConfig::DEFAULT_SHUTDOWN_TIMEOUT, ms(0))?;
     Ok(ProxyConfig {
         cluster,
         dcs,
@@ -519,6 +771,9 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         listen_replica,
         load_balance,
         max_replica_lag,
+        max_replica_lag_time,
+        weights,
+        no_replica,
         read_your_writes,
         primary_functions,
         max_prepared_statements,
@@ -529,7 +784,116 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         failover_hold_timeout,
         server_connect_timeout,
         userlist,
+        auth_query,
+        tls,
+        admin_users,
+        metrics_listen,
+        shutdown_timeout,
     })
+}
+
+fn admin_users(table: &toml::Table) -> Result<Vec<String>, ConfigError> {
+    let help = "e.g. admin_users = [\"postgres\"] (users of the userlist)";
+    let list = match table.get("admin_users") {
+        None => return Ok(Vec::new()),
+        Some(toml::Value::Array(a)) => a,
+        Some(other) => {
+            return Err(invalid(format!("admin_users must be an array of user names, not {}; {help}", a_type(other))))
+        }
+    };
+    let mut out = Vec::new();
+    for v in list {
+        match v {
+            toml::Value::String(name) if !name.is_empty() => out.push(name.clone()),
+            other => return Err(invalid(format!("admin_users: {other} is not a user name; {help}"))),
+        }
+    }
+    Ok(out)
+}
+
+fn auth_query(auth: &toml::Table) -> Result<Option<AuthQuery>, ConfigError> {
+    let query = string(auth, "auth", "query")?;
+    let user = string(auth, "auth", "auth_user")?;
+    match (query, user) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(invalid(
+            "auth.query needs auth.auth_user: the userlist user the proxy runs the query as, e.g. auth_user = \"pgkeel_auth\"",
+        )),
+        (None, Some(_)) => Err(invalid(
+            "auth.auth_user is set without auth.query; add query = \"SELECT usename, passwd FROM pg_shadow WHERE usename = $1\"",
+        )),
+        (Some(q), Some(u)) => {
+            if !q.contains("$1") {
+                return Err(invalid(format!(
+                    "auth.query = {q:?} has no $1 (the user name); e.g. \"SELECT usename, passwd FROM pg_shadow WHERE usename = $1\""
+                )));
+            }
+            if u.is_empty() {
+                return Err(invalid("auth.auth_user is empty: name a user of the userlist"));
+            }
+            Ok(Some(AuthQuery { query: q, user: u }))
+        }
+    }
+}
+
+fn tls(table: &toml::Table, base: &Path) -> Result<TlsSettings, ConfigError> {
+    let t = match table.get("tls") {
+        None => return Ok(TlsSettings::default()),
+        Some(toml::Value::Table(t)) => t,
+        Some(other) => return Err(invalid(format!("tls must be a table (a [tls] section), not {}", a_type(other)))),
+    };
+    let path = |key: &str| -> Result<Option<PathBuf>, ConfigError> { Ok(string(t, "tls", key)?.map(|p| base.join(p))) };
+    let (cert, key, server_ca) = (path("cert")?, path("key")?, path("server_ca")?);
+    match (&cert, &key) {
+        (Some(_), None) => return Err(invalid("tls.cert is set without tls.key: add key = \"/etc/pgkeel/proxy.key\"")),
+        (None, Some(_)) => {
+            return Err(invalid("tls.key is set without tls.cert: add cert = \"/etc/pgkeel/proxy.crt\""))
+        }
+        _ => {}
+    }
+    let client_tls = match string(t, "tls", "client_tls")?.as_deref() {
+        None if cert.is_some() => ClientTlsMode::Allow,
+        None | Some("disable") => ClientTlsMode::Disable,
+        Some("allow") => ClientTlsMode::Allow,
+        Some("require") => ClientTlsMode::Require,
+        Some(other) => {
+            return Err(invalid(format!(
+                "tls.client_tls = {other:?} is not a mode; use \"disable\", \"allow\" or \"require\""
+            )))
+        }
+    };
+    if client_tls != ClientTlsMode::Disable && cert.is_none() {
+        return Err(invalid(format!(
+            "tls.client_tls = \"{}\" needs tls.cert and tls.key (PEM files of the proxy's certificate and key)",
+            client_tls.as_str()
+        )));
+    }
+    let server_tls = match string(t, "tls", "server_tls")?.as_deref() {
+        None | Some("prefer") => ServerTlsMode::Prefer,
+        Some("disable") => ServerTlsMode::Disable,
+        Some("require") => ServerTlsMode::Require,
+        Some("verify-full") => ServerTlsMode::VerifyFull,
+        Some(other) => {
+            return Err(invalid(format!(
+                "tls.server_tls = {other:?} is not a mode; use \"disable\", \"prefer\", \"require\" or \"verify-full\""
+            )))
+        }
+    };
+    if server_tls == ServerTlsMode::VerifyFull && server_ca.is_none() {
+        return Err(invalid(
+            "tls.server_tls = \"verify-full\" needs tls.server_ca: the PEM file of the CA that signed the servers' certificates",
+        ));
+    }
+    Ok(TlsSettings { cert, key, client_tls, server_tls, server_ca })
+}
+
+/// Whether `text` is a `proxy.toml` rather than a `node.toml`: no `[postgres]` section (nor
+/// `[postgresql]`), and an `[auth]` section or a top-level `listen` (which only a proxy.toml
+/// has). `None` when it is not valid TOML.
+pub fn is_proxy_toml(text: &str) -> Option<bool> {
+    let t: toml::Table = text.parse().ok()?;
+    let node = t.contains_key("postgres") || t.contains_key("postgresql");
+    Some(!node && (t.contains_key("auth") || t.contains_key("listen")))
 }
 
 /// Reads and [`check`]s a `proxy.toml`. Errors other than [`ConfigError::Io`] do not repeat
@@ -557,11 +921,17 @@ listen = "127.0.0.1:6432"
 # when no replica is eligible).
 # listen_primary = "127.0.0.1:6433"
 # listen_replica = "127.0.0.1:6434"
-# How a replica is chosen for a read: "round_robin", "random" or "least_connections".
+# How a replica is chosen for a read: "round_robin", "random", "least_connections" or
+# "weighted" (in proportion to [weights] below).
 load_balance = "round_robin"
-# A replica more WAL than this behind the primary (per the agents' reports) gets no reads:
-# bytes, or a size such as "512kB", "16MB".
+# A replica further behind than this gets no reads: a size of WAL behind the primary's
+# position (bytes, "512kB", "16MB"), a replay delay ("5s", "500ms": 0 when it has replayed
+# everything it received, else the age of the last transaction it replayed), or both:
+# ["16MB", "5s"]. Both come from what the agents publish every loop_wait.
 max_replica_lag = "16MB"
+# When no replica is eligible for a read: "primary" (it runs there) or "error" (the client
+# gets FATAL 57P03 and is disconnected).
+no_replica = "primary"
 # After a client's write commits, its reads go only to replicas that have replayed it (or to
 # the primary).
 read_your_writes = true
@@ -586,6 +956,21 @@ query_wait_timeout = "120s"
 failover_hold_timeout = "30s"
 # Bound on opening one server connection (TCP connect and login).
 server_connect_timeout = "5s"
+# Users of the userlist who may connect to the admin console: the database "pgkeel" on any
+# listener (SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW CONFIG, PAUSE, RESUME,
+# RELOAD). Empty: nobody.
+admin_users = []
+# host:port of the HTTP /metrics endpoint (Prometheus text format). Not served when unset.
+# metrics_listen = "127.0.0.1:9187"
+# On SIGTERM or SIGINT: stop accepting, let clients finish their transactions, close every
+# connection after this long. PAUSE waits this long for transactions in flight.
+shutdown_timeout = "10s"
+
+# load_balance = "weighted": each member's share of the reads, by member name; a member not
+# listed weighs 1, and 0 sends it no reads (also on the replica listener). Default: empty.
+# [weights]
+# n2 = 3
+# n3 = 1
 
 # Where the cluster state lives: the same [dcs] section as the agents' node.toml. Required.
 [dcs]
@@ -599,6 +984,24 @@ path = "/var/lib/pgkeel/dcs"
 # pg_authid.rolpassword. Clients log in with SCRAM-SHA-256. A relative path is relative to
 # this file. Required.
 userlist = "/etc/pgkeel/userlist.txt"
+# Clients missing from the userlist are looked up on the primary with this query (PgBouncer's
+# auth_query), run as auth_user, who must be in the userlist. It returns the user name and its
+# SCRAM-SHA-256 secret or MD5 hash; answers are cached for 30 s.
+# query = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1"
+# auth_user = "pgkeel_auth"
+
+[tls]
+# PEM certificate (chain) and key offered to clients that ask for TLS. Relative paths are
+# relative to this file.
+# cert = "/etc/pgkeel/proxy.crt"
+# key = "/etc/pgkeel/proxy.key"
+# "disable" (SSLRequest answered N), "allow" (clients choose; the default with cert) or
+# "require" (a plaintext client is refused).
+# client_tls = "allow"
+# To postgres: "disable", "prefer" (TLS when the server offers it), "require" (TLS, the
+# certificate is not checked) or "verify-full" (checked against server_ca and the host name).
+server_tls = "prefer"
+# server_ca = "/etc/pgkeel/ca.crt"
 "##;
 
 #[cfg(test)]
@@ -615,6 +1018,54 @@ mod tests {
 
     const MINIMAL: &str = "cluster = \"main\"\n[dcs]\nkind = \"local\"\npath = \"/var/lib/pgkeel/dcs\"\n\
                            [auth]\nuserlist = \"users.txt\"\n";
+
+    #[test]
+    fn routing_keys() {
+        let with = |line: &str| ok(&MINIMAL.replace("cluster = \"main\"\n", &format!("cluster = \"main\"\n{line}\n")));
+        let d = ok(MINIMAL);
+        assert_eq!((d.max_replica_lag, d.max_replica_lag_time), (16 << 20, None));
+        assert_eq!((d.no_replica, d.load_balance), (NoReplica::Primary, LoadBalance::RoundRobin));
+        assert!(d.weights.is_empty());
+        let c = with("max_replica_lag = \"5s\"");
+        assert_eq!((c.max_replica_lag, c.max_replica_lag_time), (u64::MAX, Some(Duration::from_secs(5))));
+        let c = with("max_replica_lag = \"500ms\"");
+        assert_eq!(c.max_replica_lag_time, Some(Duration::from_millis(500)));
+        let c = with("max_replica_lag = [\"1MB\", \"2s\"]");
+        assert_eq!((c.max_replica_lag, c.max_replica_lag_time), (1 << 20, Some(Duration::from_secs(2))));
+        let c = with("max_replica_lag = [\"3s\", 4096]");
+        assert_eq!((c.max_replica_lag, c.max_replica_lag_time), (4096, Some(Duration::from_secs(3))));
+        assert_eq!(with("no_replica = \"error\"").no_replica, NoReplica::Error);
+        let c = ok(&format!("load_balance = \"weighted\"\n{MINIMAL}[weights]\nn1 = 3\n\"n-2\" = 0\n"));
+        assert_eq!(c.load_balance, LoadBalance::Weighted);
+        assert_eq!(c.weights.get("n1"), Some(&3));
+        assert_eq!(c.weights.get("n-2"), Some(&0));
+        let bad = |line: &str| err(&MINIMAL.replace("cluster = \"main\"\n", &format!("cluster = \"main\"\n{line}\n")));
+        for (line, want) in [
+            ("max_replica_lag = \"0s\"", "must be more than 0"),
+            ("max_replica_lag = \"5 fortnights\"", "unknown unit"),
+            ("max_replica_lag = [\"1s\", \"2s\"]", "at most one size and one duration"),
+            ("max_replica_lag = []", "give a limit"),
+            ("max_replica_lag = true", "must be a size or a duration, not a boolean"),
+            ("no_replica = \"replica\"", "no_replica = \"replica\": use \"primary\""),
+            ("weights = 3", "weights must be a table"),
+        ] {
+            let e = bad(line);
+            assert!(e.contains(want), "{line}: {e:?} should contain {want:?}");
+        }
+        let e = err(&format!("{MINIMAL}[weights]\nn1 = -1\n"));
+        assert!(e.contains("weights.n1 = -1: must be a whole number from 0 to 1000"), "{e}");
+        let e = err(&format!("{MINIMAL}[weights]\n\"a b\" = 1\n"));
+        assert!(e.contains("is not a member name"), "{e}");
+    }
+
+    #[test]
+    fn proxy_toml_is_told_from_node_toml() {
+        assert_eq!(is_proxy_toml(example()), Some(true));
+        assert_eq!(is_proxy_toml(MINIMAL), Some(true));
+        assert_eq!(is_proxy_toml(pgkeel_config::example()), Some(false));
+        assert_eq!(is_proxy_toml("listen = \"x\"\n[postgres]\nlisten = \"x\"\n"), Some(false));
+        assert_eq!(is_proxy_toml("cluster = "), None);
+    }
 
     #[test]
     fn example_is_valid_and_shows_the_defaults() {
@@ -636,6 +1087,9 @@ mod tests {
         assert_eq!((c.primary_functions.len(), d.primary_functions.len()), (0, 0));
         assert_eq!((c.max_prepared_statements, d.max_prepared_statements), (200, 200));
         assert_eq!(d.userlist, PathBuf::from("/etc/pgkeel/users.txt"), "relative to the file's directory");
+        assert_eq!((c.admin_users.len(), d.admin_users.len()), (0, 0));
+        assert_eq!((c.metrics_listen.clone(), d.metrics_listen.clone()), (None, None));
+        assert_eq!((c.shutdown_timeout, d.shutdown_timeout), (Duration::from_secs(10), Duration::from_secs(10)));
     }
 
     #[test]
@@ -666,6 +1120,14 @@ mod tests {
         assert_eq!(c.primary_functions, vec!["app.next_id".to_string(), "audit".to_string()]);
         assert_eq!(c.max_prepared_statements, 0);
         assert_eq!(c.listeners().len(), 3);
+        let c = ok(&MINIMAL.replace(
+            "cluster = \"main\"\n",
+            "cluster = \"main\"\nadmin_users = [\"ops\", \"postgres\"]\nmetrics_listen = \"127.0.0.1:9187\"\n\
+             shutdown_timeout = \"2500ms\"\n",
+        ));
+        assert_eq!(c.admin_users, vec!["ops".to_string(), "postgres".to_string()]);
+        assert_eq!(c.metrics_listen.as_deref(), Some("127.0.0.1:9187"));
+        assert_eq!(c.shutdown_timeout, Duration::from_millis(2500));
         assert_eq!(
             ok(&MINIMAL.replace("cluster = \"main\"\n", "cluster = \"main\"\nmax_replica_lag = 1000\n"))
                 .max_replica_lag,
@@ -674,6 +1136,59 @@ mod tests {
         let etcd =
             ok("cluster = \"c\"\n[dcs]\nkind = \"etcd\"\nendpoints = [\"http://h:2379\"]\n[auth]\nuserlist = \"/u\"\n");
         assert_eq!(etcd.dcs, DcsConfig::Etcd { endpoints: vec!["http://h:2379".into()] });
+    }
+
+    #[test]
+    fn tls_and_auth_query_keys() {
+        let d = ok(MINIMAL);
+        assert_eq!(d.tls, TlsSettings::default());
+        assert_eq!((d.tls.client_tls, d.tls.server_tls), (ClientTlsMode::Disable, ServerTlsMode::Prefer));
+        assert_eq!(d.auth_query, None);
+        let e = ok(example());
+        assert_eq!((e.tls.client_tls, e.tls.server_tls), (ClientTlsMode::Disable, ServerTlsMode::Prefer));
+        let c = ok(&format!("{MINIMAL}[tls]\ncert = \"proxy.crt\"\nkey = \"/k/proxy.key\"\n"));
+        assert_eq!(c.tls.cert, Some(PathBuf::from("/etc/pgkeel/proxy.crt")), "relative to the file");
+        assert_eq!(c.tls.key, Some(PathBuf::from("/k/proxy.key")));
+        assert_eq!(c.tls.client_tls, ClientTlsMode::Allow, "allow is the default with a certificate");
+        let c = ok(&format!(
+            "{MINIMAL}[tls]\ncert = \"c\"\nkey = \"k\"\nclient_tls = \"require\"\nserver_tls = \"verify-full\"\n\
+             server_ca = \"ca.crt\"\n"
+        ));
+        assert_eq!((c.tls.client_tls, c.tls.server_tls), (ClientTlsMode::Require, ServerTlsMode::VerifyFull));
+        assert_eq!(c.tls.server_ca, Some(PathBuf::from("/etc/pgkeel/ca.crt")));
+        for (mode, want) in [("disable", ServerTlsMode::Disable), ("require", ServerTlsMode::Require)] {
+            assert_eq!(ok(&format!("{MINIMAL}[tls]\nserver_tls = \"{mode}\"\n")).tls.server_tls, want);
+        }
+        let c = ok(&MINIMAL.replace(
+            "userlist = \"users.txt\"\n",
+            "userlist = \"users.txt\"\nquery = \"SELECT usename, passwd FROM pg_shadow WHERE usename = $1\"\n\
+             auth_user = \"pgkeel_auth\"\n",
+        ));
+        let aq = c.auth_query.expect("auth_query");
+        assert_eq!(
+            (aq.query.as_str(), aq.user.as_str()),
+            ("SELECT usename, passwd FROM pg_shadow WHERE usename = $1", "pgkeel_auth")
+        );
+        let auth = |lines: &str| {
+            MINIMAL.replace("userlist = \"users.txt\"\n", &format!("userlist = \"users.txt\"\n{lines}\n"))
+        };
+        for (text, want) in [
+            (format!("{MINIMAL}[tls]\ncert = \"c\"\n"), "tls.cert is set without tls.key"),
+            (format!("{MINIMAL}[tls]\nkey = \"k\"\n"), "tls.key is set without tls.cert"),
+            (format!("{MINIMAL}[tls]\nclient_tls = \"require\"\n"), "tls.client_tls = \"require\" needs tls.cert"),
+            (format!("{MINIMAL}[tls]\nclient_tls = \"on\"\n"), "tls.client_tls = \"on\" is not a mode"),
+            (format!("{MINIMAL}[tls]\nserver_tls = \"verify-ca\"\n"), "tls.server_tls = \"verify-ca\" is not a mode"),
+            (format!("{MINIMAL}[tls]\nserver_tls = \"verify-full\"\n"), "needs tls.server_ca"),
+            (format!("{MINIMAL}[tls]\ncrt = \"c\"\n"), "unknown key \"tls.crt\"; did you mean \"tls.cert\"?"),
+            (format!("tls = 1\n{MINIMAL}"), "tls must be a table"),
+            (auth("query = \"select 1\"\nauth_user = \"a\""), "auth.query = \"select 1\" has no $1"),
+            (auth("query = \"select $1\""), "auth.query needs auth.auth_user"),
+            (auth("auth_user = \"a\""), "auth.auth_user is set without auth.query"),
+            (auth("auth_usr = \"a\""), "did you mean \"auth.auth_user\"?"),
+        ] {
+            let e = err(&text);
+            assert!(e.contains(want), "{text}\n=> {e}\nwanted: {want}");
+        }
     }
 
     #[test]
@@ -706,7 +1221,7 @@ mod tests {
                 "listen_replica = \"127.0.0.1:6432\" is the address of listen too",
             ),
             (with("listen_primary = \"x\""), "listen_primary = \"x\" is not host:port"),
-            (with("load_balance = \"weighted\""), "load_balance = \"weighted\" is not a strategy"),
+            (with("load_balance = \"fastest\""), "load_balance = \"fastest\" is not a strategy"),
             (with("max_replica_lag = \"16 parsecs\""), "max_replica_lag = \"16 parsecs\": unknown unit"),
             (with("max_replica_lag = -1"), "a size cannot be negative"),
             (with("read_your_writes = \"yes\""), "read_your_writes must be true or false, not a string"),
@@ -714,6 +1229,15 @@ mod tests {
             (with("primary_functions = [\"f(int)\"]"), "\"f(int)\" is not a function name"),
             (with("max_prepared_statements = -1"), "max_prepared_statements = -1 is out of range"),
             (with("max_replica_lags = 1"), "did you mean \"max_replica_lag\"?"),
+            (with("admin_user = []"), "did you mean \"admin_users\"?"),
+            (with("admin_users = \"postgres\""), "admin_users must be an array of user names, not a string"),
+            (with("admin_users = [1]"), "admin_users: 1 is not a user name"),
+            (with("metrics_listen = \"9187\""), "metrics_listen = \"9187\" is not host:port"),
+            (
+                with("metrics_listen = \"127.0.0.1:6432\""),
+                "metrics_listen = \"127.0.0.1:6432\" is the address of listen too",
+            ),
+            (with("shutdown_timeout = \"soon\""), "shutdown_timeout: invalid duration"),
         ] {
             let e = err(&text);
             assert!(e.contains(want), "{text}\n=> {e}\nwanted: {want}");

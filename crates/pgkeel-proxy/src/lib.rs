@@ -12,11 +12,15 @@
 //! - `session`, one client connection (startup, authentication, routing, forwarding);
 //! - [`run`], the listeners.
 //!
-//! Not built yet: TLS, the admin console and metrics (see `docs/proxy.md`).
+//! - [`tls`], TLS to clients and to servers;
+//! - [`admin`], the admin console (database `pgkeel`) and reloading;
+//! - [`metrics`], `GET /metrics`; [`stats`], the counters both read.
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
+pub mod metrics;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
@@ -24,24 +28,79 @@ pub mod router;
 pub mod scram;
 pub mod server;
 mod session;
+pub mod stats;
+pub mod switchover;
+pub mod tls;
 pub mod topology;
 pub mod userlist;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 /// The `bytes` crate, whose `Bytes` and `BytesMut` the codec's API uses.
 pub use bytes;
 pub use config::{PoolMode, ProxyConfig};
 pub use userlist::Userlist;
 
-/// Runs the proxy until `shutdown` turns true: opens the DCS, starts the topology watch,
-/// binds the listener and serves clients. The userlist must have been loaded (and so
-/// checked) by the caller.
-pub async fn run(config: ProxyConfig, userlist: Userlist, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+/// Reads and checks a `proxy.toml` and its userlist: the userlist must have users, and every
+/// `admin_users` entry must be one of them. The error names the file and the fix.
+pub fn load(path: &Path) -> Result<(ProxyConfig, Userlist), String> {
+    let config = config::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let userlist = Userlist::load(&config.userlist).map_err(|e| format!("{}: auth.userlist: {e}", path.display()))?;
+    if userlist.is_empty() {
+        return Err(format!(
+            "{}: the userlist {} has no users; add lines of \"user\" \"password\"",
+            path.display(),
+            config.userlist.display()
+        ));
+    }
+    if let Some(u) = config.admin_users.iter().find(|u| userlist.get(u).is_none()) {
+        return Err(format!(
+            "{}: admin_users: {u:?} is not in the userlist {}; add a line \"{u}\" \"password\" there, or remove it \
+             from admin_users",
+            path.display(),
+            config.userlist.display()
+        ));
+    }
+    if let Some(aq) = &config.auth_query {
+        if userlist.get(&aq.user).and_then(|e| e.password.as_ref()).is_none() {
+            return Err(format!(
+                "{}: auth.auth_user = {:?} must be in the userlist {} with its plaintext password (the proxy logs in \
+                 as this user to run auth.query)",
+                path.display(),
+                aq.user,
+                config.userlist.display()
+            ));
+        }
+    }
+    tls::Tls::load(&config).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((config, userlist))
+}
+
+/// How the caller steers a running proxy.
+#[derive(Debug)]
+pub struct Control {
+    /// Turns true on SIGTERM/SIGINT: stop accepting, drain (at most `shutdown_timeout`),
+    /// return.
+    pub shutdown: watch::Receiver<bool>,
+    /// Each change asks for a reload (SIGHUP), as the console's `RELOAD` does.
+    pub reload: watch::Receiver<u64>,
+    /// The `proxy.toml` that reloads re-read (none: reloading is refused).
+    pub source: Option<PathBuf>,
+}
+
+/// Runs the proxy until `control.shutdown` turns true: opens the DCS, starts the topology
+/// watch, binds the listeners (and `/metrics`) and serves clients; on shutdown stops
+/// accepting and lets clients finish their transactions, at most `shutdown_timeout`. The
+/// configuration and userlist must have been checked by the caller ([`load`]).
+pub async fn run(config: ProxyConfig, userlist: Userlist, control: Control) -> anyhow::Result<()> {
+    let Control { mut shutdown, mut reload, source } = control;
     // Phase 1: everything that can fail on bad config, before binding.
+    let tls = tls::Tls::load(&config).map_err(anyhow::Error::msg)?;
     let dcs = topology::open_dcs(&config.dcs).await?;
     let store = pgkeel_dcs::cluster::ClusterStore::new(dcs.clone(), &config.cluster);
     // Phase 2: bind every listener.
@@ -58,32 +117,93 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, mut shutdown: watch::R
         tracing::info!(listen = %address, routing = mode.as_str(), "listening");
         listeners.push((listener, mode));
     }
+    let metrics_listener = match &config.metrics_listen {
+        Some(address) => {
+            let l = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("bind the metrics listener on {address} (metrics_listen)"))?;
+            tracing::info!(metrics_listen = %address, "serving /metrics");
+            Some(l)
+        }
+        None => None,
+    };
     tracing::info!(
         cluster = %config.cluster, dcs = %dcs.describe(), pool_mode = config.pool_mode.as_str(),
         pool_size = config.pool_size, users = userlist.len(), load_balance = config.load_balance.as_str(),
-        max_replica_lag = config.max_replica_lag, "proxy listening"
+        max_replica_lag = config.max_replica_lag, max_replica_lag_time = ?config.max_replica_lag_time,
+        no_replica = config.no_replica.as_str(), "proxy listening"
     );
     // Phase 3: serve.
     let (tx, rx) = watch::channel(topology::Topology::default());
-    let watcher = tokio::spawn(topology::watch(store, tx, shutdown.clone()));
-    let clients = Arc::new(Semaphore::new(config.max_client_conn as usize));
-    let shared = Arc::new(session::Shared::new(config, userlist, rx.clone()));
+    // The watch runs until the drain is over: sessions finishing a transaction still follow
+    // the topology (term fencing).
+    let (stop_watch, watch_stopped) = watch::channel(false);
+    let switch_store = store.clone();
+    let switch_stopped = watch_stopped.clone();
+    let watcher = tokio::spawn(topology::watch(store, tx, watch_stopped));
+    let clients = Arc::new(stats::Limit::new(config.max_client_conn));
+    let shared = Arc::new(session::Shared::new(config, userlist, rx.clone()).with_tls(tls));
+    if let Some(path) = source {
+        let _ = shared.admin.source.set(path);
+    }
+    let _ = shared.admin.clients.set(clients.clone());
     let closer = tokio::spawn(close_old_terms(shared.clone(), rx));
+    let switchover =
+        tokio::spawn(switchover::run(switch_store, shared.clone(), shared.config().listen.clone(), switch_stopped));
+    let metrics = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, shared.clone())));
+    // Every session holds a clone: the drain waits until only this one is left.
+    let live = Arc::new(());
     let acceptors: Vec<_> = listeners
         .into_iter()
-        .map(|(listener, mode)| tokio::spawn(accept(listener, mode, shared.clone(), clients.clone())))
+        .map(|(listener, mode)| tokio::spawn(accept(listener, mode, shared.clone(), clients.clone(), live.clone())))
         .collect();
+    reload.mark_unchanged();
     loop {
-        if shutdown.changed().await.is_err() || *shutdown.borrow() {
-            break;
+        tokio::select! {
+            r = shutdown.changed() => {
+                if r.is_err() || *shutdown.borrow() {
+                    break;
+                }
+            }
+            r = reload.changed() => {
+                if r.is_err() {
+                    // The caller cannot ask for reloads any more; keep serving.
+                    std::future::pending::<()>().await;
+                }
+                let shared = shared.clone();
+                // Reading files and deriving SCRAM secrets: off the async workers.
+                let _ = tokio::task::spawn_blocking(move || admin::reload(&shared)).await;
+            }
         }
     }
+    // Drain: stop accepting, close idle clients, let transactions in flight finish.
     for a in &acceptors {
         a.abort();
     }
-    tracing::info!("proxy stopping: no new clients");
+    for a in acceptors {
+        let _ = a.await;
+    }
+    shared.start_draining();
+    let timeout = shared.config().shutdown_timeout;
+    let deadline = Instant::now() + timeout;
+    let mut left = Arc::strong_count(&live) - 1;
+    tracing::info!(clients = left, shutdown_timeout = %pgkeel_config::format_duration(timeout), "proxy stopping: no new clients, draining");
+    while left > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = Arc::strong_count(&live) - 1;
+    }
+    if left > 0 {
+        tracing::warn!(clients = left, "shutdown_timeout passed; closing the remaining client connections");
+    } else {
+        tracing::info!("every client finished; proxy stopped");
+    }
+    if let Some(m) = metrics {
+        m.abort();
+    }
     closer.abort();
+    let _ = stop_watch.send(true);
     let _ = watcher.await;
+    let _ = switchover.await;
     Ok(())
 }
 
@@ -92,13 +212,19 @@ async fn accept(
     listener: tokio::net::TcpListener,
     mode: router::RouteMode,
     shared: Arc<session::Shared>,
-    clients: Arc<Semaphore>,
+    clients: Arc<stats::Limit>,
+    live: Arc<()>,
 ) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let admitted = clients.clone().try_acquire_owned().ok();
-                tokio::spawn(session::run(shared.clone(), stream, peer, admitted, mode));
+                let admitted = clients.try_acquire();
+                let live = live.clone();
+                let session = session::run(shared.clone(), stream, peer, admitted, mode);
+                tokio::spawn(async move {
+                    session.await;
+                    drop(live);
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: keep serving the clients we have.

@@ -7,11 +7,14 @@
 //! get a permit within `query_wait_timeout` gets an error instead of waiting forever.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
-use crate::server::ServerConn;
+use crate::server::{ServerConn, ServerRole};
+use crate::stats::PoolStats;
 
 /// Which server a pool's connections go to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -38,9 +41,17 @@ pub struct PoolKey {
 pub struct Pool {
     /// Its identity.
     pub key: PoolKey,
-    size: u32,
+    /// `pool_size`; changed by a reload ([`Pool::resize`]).
+    size: AtomicU32,
+    /// Permits still to be retired after the pool shrank while they were in use.
+    debt: AtomicU32,
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<ServerConn>>,
+    /// Counters for the admin console and `/metrics`.
+    pub stats: PoolStats,
+    /// Server connections attached to clients, for `SHOW SERVERS` (see [`Pool::track`]).
+    active: Mutex<HashMap<u64, ServerRow>>,
+    next_active: AtomicU64,
     /// The ParameterStatus values of the first server connection opened, sent to clients at
     /// login (server_version, server_encoding, ...).
     welcome: Mutex<Option<Vec<(String, String)>>>,
@@ -51,16 +62,81 @@ impl Pool {
     pub fn new(key: PoolKey, size: u32) -> Pool {
         Pool {
             key,
-            size,
+            size: AtomicU32::new(size),
+            debt: AtomicU32::new(0),
             permits: Arc::new(Semaphore::new(size as usize)),
             idle: Mutex::new(Vec::new()),
+            stats: PoolStats::default(),
+            active: Mutex::new(HashMap::new()),
+            next_active: AtomicU64::new(0),
             welcome: Mutex::new(None),
         }
     }
 
-    /// Waits for the right to use one server connection.
+    /// Waits for the right to use one server connection. A client that has to wait is
+    /// counted in [`PoolStats::waiters`] meanwhile.
     pub async fn permit(&self) -> Option<OwnedSemaphorePermit> {
-        self.permits.clone().acquire_owned().await.ok()
+        loop {
+            let permit = match self.permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(TryAcquireError::Closed) => return None,
+                Err(TryAcquireError::NoPermits) => {
+                    let _waiting = self.stats.waiting();
+                    self.permits.clone().acquire_owned().await.ok()?
+                }
+            };
+            // The pool shrank while this permit was in use: retire it and wait for another.
+            if self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok() {
+                permit.forget();
+                continue;
+            }
+            return Some(permit);
+        }
+    }
+
+    /// Changes the pool's size (a reload changed `pool_size`). Growing takes effect at once;
+    /// shrinking retires free permits now and busy ones as they come back, and closes idle
+    /// connections beyond the new size. Clients keep the connections they hold.
+    pub fn resize(&self, size: u32) {
+        let old = self.size.swap(size, Ordering::AcqRel);
+        if size > old {
+            let mut grow = size - old;
+            // Cancel retirements still owed first.
+            while grow > 0 && self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok()
+            {
+                grow -= 1;
+            }
+            self.permits.add_permits(grow as usize);
+        } else if size < old {
+            let shrink = old - size;
+            let now = self.permits.forget_permits(shrink as usize) as u32;
+            self.debt.fetch_add(shrink - now, Ordering::AcqRel);
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() > size as usize {
+                let extra = idle.len() - size as usize;
+                idle.drain(..extra);
+            }
+        }
+    }
+
+    /// Records `conn` as attached to a client until the returned guard is dropped.
+    pub fn track(self: &Arc<Self>, conn: &ServerConn) -> Tracked {
+        let id = self.next_active.fetch_add(1, Ordering::Relaxed);
+        self.active.lock().unwrap_or_else(PoisonError::into_inner).insert(id, ServerRow::of(conn, "active"));
+        Tracked { pool: self.clone(), id }
+    }
+
+    /// Every server connection of the pool, attached ones first.
+    pub fn servers(&self) -> Vec<ServerRow> {
+        let mut rows: Vec<ServerRow> =
+            self.active.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+        rows.extend(self.idle.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|c| ServerRow::of(c, "idle")));
+        rows
+    }
+
+    /// The current size.
+    pub fn size(&self) -> u32 {
+        self.size.load(Ordering::Acquire)
     }
 
     /// An idle connection opened under `term` or newer that still looks healthy; older or
@@ -108,7 +184,55 @@ impl Pool {
     /// (in use, idle, size) for logs.
     pub fn counts(&self) -> (usize, usize, u32) {
         let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).len();
-        (self.size as usize - self.permits.available_permits(), idle, self.size)
+        let size = self.size();
+        let existing = size as usize + self.debt.load(Ordering::Acquire) as usize;
+        (existing.saturating_sub(self.permits.available_permits()), idle, size)
+    }
+}
+
+/// A server connection, for `SHOW SERVERS`.
+#[derive(Debug, Clone)]
+pub struct ServerRow {
+    /// `host:port`.
+    pub address: String,
+    /// The member's name.
+    pub member: String,
+    /// `primary` or `replica`.
+    pub role: &'static str,
+    /// The term it was opened under.
+    pub term: u64,
+    /// The backend's process id.
+    pub pid: Option<i32>,
+    /// `active` (attached to a client) or `idle`.
+    pub state: &'static str,
+    /// When it was opened.
+    pub opened: Instant,
+}
+
+impl ServerRow {
+    fn of(conn: &ServerConn, state: &'static str) -> ServerRow {
+        ServerRow {
+            address: conn.address.clone(),
+            member: conn.member.clone(),
+            role: if conn.role == ServerRole::Primary { "primary" } else { "replica" },
+            term: conn.term,
+            pid: conn.key.as_ref().map(|k| k.0),
+            state,
+            opened: conn.opened,
+        }
+    }
+}
+
+/// An attached server connection's entry in its pool; removed when dropped.
+#[derive(Debug)]
+pub struct Tracked {
+    pool: Arc<Pool>,
+    id: u64,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.pool.active.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
     }
 }
 
@@ -129,6 +253,35 @@ impl Pools {
     pub fn in_use(&self, key: &PoolKey) -> usize {
         let pool = self.pools.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned();
         pool.map_or(0, |p| p.counts().0)
+    }
+
+    /// Every pool.
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<Arc<Pool>> =
+            self.pools.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+        v.sort_by(|a, b| {
+            let k = |p: &Pool| {
+                let t = match &p.key.target {
+                    PoolTarget::Primary => String::new(),
+                    PoolTarget::Replica(r) => r.clone(),
+                };
+                (p.key.database.clone(), p.key.user.clone(), t)
+            };
+            k(a).cmp(&k(b))
+        });
+        v
+    }
+
+    /// Applies a new `pool_size` to every pool.
+    pub fn resize(&self, size: u32) {
+        for p in self.all() {
+            p.resize(size);
+        }
+    }
+
+    /// Server connections attached to clients, over every pool.
+    pub fn busy(&self) -> usize {
+        self.all().iter().map(|p| p.counts().0).sum()
     }
 
     /// Closes idle connections older than `term` in every pool; returns how many.

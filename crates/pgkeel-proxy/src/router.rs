@@ -594,6 +594,69 @@ impl RouteMode {
     }
 }
 
+/// The lag limits of `max_replica_lag`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LagLimit {
+    /// Bytes of WAL behind the primary's reported position; `u64::MAX`: no limit.
+    pub bytes: u64,
+    /// Replay delay; `None`: no limit.
+    pub time: Option<std::time::Duration>,
+}
+
+impl LagLimit {
+    /// Whether `r` is within both limits. A limit whose measure the replica's agent has not
+    /// reported (yet) excludes it: an unknown lag is not a small one.
+    pub fn allows(&self, r: &crate::topology::Replica) -> bool {
+        let bytes_ok = self.bytes == u64::MAX || r.lag.is_some_and(|l| l <= self.bytes);
+        let time_ok = self.time.is_none_or(|t| r.lag_ms.is_some_and(|ms| u128::from(ms) <= t.as_millis()));
+        bytes_ok && time_ok
+    }
+}
+
+/// Picks one of `n` eligible replicas (index) by `strategy`.
+///
+/// - `turn`: a counter that grows by one per choice (round robin and weighted);
+/// - `random`: a random number (random);
+/// - `in_use(i)`: server connections in use on replica `i` (least connections: the first
+///   with the fewest);
+/// - `weight(i)`: its weight (weighted: replica `i` gets `weight(i)` of every
+///   `sum of weights` turns, in runs; a weight of 0 never).
+///
+/// `None` when `n` is 0 or every weight is 0 (weighted).
+pub fn choose_replica(
+    strategy: crate::config::LoadBalance,
+    n: usize,
+    turn: usize,
+    random: u64,
+    in_use: impl Fn(usize) -> usize,
+    weight: impl Fn(usize) -> u32,
+) -> Option<usize> {
+    use crate::config::LoadBalance;
+    if n == 0 {
+        return None;
+    }
+    match strategy {
+        LoadBalance::RoundRobin => Some(turn % n),
+        LoadBalance::Random => Some((random % n as u64) as usize),
+        LoadBalance::LeastConnections => (0..n).min_by_key(|i| in_use(*i)),
+        LoadBalance::Weighted => {
+            let total: u64 = (0..n).map(|i| u64::from(weight(i))).sum();
+            if total == 0 {
+                return None;
+            }
+            let mut at = turn as u64 % total;
+            for i in 0..n {
+                let w = u64::from(weight(i));
+                if at < w {
+                    return Some(i);
+                }
+                at -= w;
+            }
+            None
+        }
+    }
+}
+
 /// A command about `pgkeel.route` that the proxy answers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteCommand {
@@ -678,6 +741,65 @@ fn tokens(s: &str) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod replica_choice {
+        use super::super::*;
+        use crate::config::LoadBalance;
+        use crate::topology::Replica;
+        use std::time::Duration;
+
+        fn replica(lag: Option<u64>, lag_ms: Option<u64>) -> Replica {
+            Replica { name: "n2".into(), address: "n2:5432".into(), replayed_lsn: None, lag, lag_ms }
+        }
+
+        #[test]
+        fn lag_limits_in_bytes_and_time() {
+            let bytes = LagLimit { bytes: 1000, time: None };
+            assert!(bytes.allows(&replica(Some(1000), None)));
+            assert!(!bytes.allows(&replica(Some(1001), Some(0))));
+            assert!(!bytes.allows(&replica(None, Some(0))), "unknown byte lag");
+            let time = LagLimit { bytes: u64::MAX, time: Some(Duration::from_secs(5)) };
+            assert!(time.allows(&replica(None, Some(5000))), "no byte limit");
+            assert!(time.allows(&replica(Some(u64::MAX), Some(0))));
+            assert!(!time.allows(&replica(Some(0), Some(5001))));
+            assert!(!time.allows(&replica(Some(0), None)), "unknown replay lag");
+            let both = LagLimit { bytes: 1000, time: Some(Duration::from_millis(500)) };
+            assert!(both.allows(&replica(Some(10), Some(10))));
+            assert!(!both.allows(&replica(Some(10), Some(600))));
+            assert!(!both.allows(&replica(Some(2000), Some(10))));
+        }
+
+        #[test]
+        fn strategies() {
+            let none = |_| 0;
+            let one = |_| 1;
+            for s in
+                [LoadBalance::RoundRobin, LoadBalance::Random, LoadBalance::LeastConnections, LoadBalance::Weighted]
+            {
+                assert_eq!(choose_replica(s, 0, 7, 7, none, one), None, "{s:?} with no replica");
+            }
+            let rr: Vec<_> = (0..6).map(|t| choose_replica(LoadBalance::RoundRobin, 3, t, 0, none, one)).collect();
+            assert_eq!(rr, [Some(0), Some(1), Some(2), Some(0), Some(1), Some(2)]);
+            assert_eq!(choose_replica(LoadBalance::Random, 3, 0, 10, none, one), Some(1));
+            let in_use = [4, 1, 1];
+            assert_eq!(choose_replica(LoadBalance::LeastConnections, 3, 0, 0, |i| in_use[i], one), Some(1));
+        }
+
+        #[test]
+        fn weighted_shares_and_zero_weights() {
+            let weights = [3u32, 0, 1];
+            let mut counts = [0; 3];
+            for turn in 0..400 {
+                let i = choose_replica(LoadBalance::Weighted, 3, turn, 0, |_| 0, |i| weights[i]).expect("a replica");
+                counts[i] += 1;
+            }
+            assert_eq!(counts, [300, 0, 100], "3:0:1");
+            assert_eq!(choose_replica(LoadBalance::Weighted, 2, 5, 0, |_| 0, |_| 0), None, "all weights 0");
+            // Equal weights behave as round robin.
+            let eq: Vec<_> = (0..4).map(|t| choose_replica(LoadBalance::Weighted, 2, t, 0, |_| 0, |_| 1)).collect();
+            assert_eq!(eq, [Some(0), Some(1), Some(0), Some(1)]);
+        }
+    }
 
     const P: &str = "primary";
     const R: &str = "replica";

@@ -9,8 +9,8 @@
 //! - [`ClientExchange`]: the proxy logs in to a server, with the password or with a
 //!   `ClientKey` and the secret it was recovered for.
 //!
-//! Channel binding (`SCRAM-SHA-256-PLUS`) needs TLS, which the proxy does not offer yet: the
-//! server side advertises only `SCRAM-SHA-256` and refuses a client that insists on binding.
+//! Channel binding (`SCRAM-SHA-256-PLUS`) is not supported, with or without TLS: the server
+//! side advertises only `SCRAM-SHA-256` and refuses a client that insists on binding.
 //! Passwords are not SASLprep-normalised: ASCII passwords (and any password PostgreSQL's
 //! SASLprep leaves unchanged) work; a non-ASCII password that NFKC normalisation changes must
 //! be given in its normalised form.
@@ -266,8 +266,8 @@ impl ServerExchange {
             "n" | "y" => {}
             f if f.starts_with("p=") => {
                 return Err(ScramError::Unsupported(
-                    "the client requires channel binding (SCRAM-SHA-256-PLUS), which needs TLS; \
-                     the proxy does not offer TLS yet: connect with channel_binding=prefer or disable"
+                    "the client requires channel binding (SCRAM-SHA-256-PLUS), which the proxy does not \
+                     support: connect with channel_binding=prefer or disable"
                         .into(),
                 ))
             }
@@ -469,9 +469,24 @@ impl ClientExchange {
 
 /// The answer to AuthenticationMD5Password: `"md5" + md5(md5(password + user) + salt)` in hex.
 pub fn md5_password(user: &str, password: &str, salt: &[u8; 4]) -> String {
-    let inner = hex(&md5::Md5::digest([password.as_bytes(), user.as_bytes()].concat()));
-    let outer = hex(&md5::Md5::digest([inner.as_bytes(), &salt[..]].concat()));
-    format!("md5{outer}")
+    md5_response(&md5_hash(user, password), salt)
+}
+
+/// What `pg_authid.rolpassword` holds for an MD5 password: `md5` + hex(md5(password + user)).
+pub fn md5_hash(user: &str, password: &str) -> String {
+    format!("md5{}", hex(&md5::Md5::digest([password.as_bytes(), user.as_bytes()].concat())))
+}
+
+/// The answer to an MD5 challenge from the stored hash (`md5...`) alone: what a client sends,
+/// and what the proxy checks a client's answer against.
+pub fn md5_response(stored: &str, salt: &[u8; 4]) -> String {
+    let inner = stored.strip_prefix("md5").unwrap_or(stored);
+    format!("md5{}", hex(&md5::Md5::digest([inner.as_bytes(), &salt[..]].concat())))
+}
+
+/// Whether a client's answer to an MD5 challenge matches the stored hash (constant time).
+pub fn md5_verify(stored: &str, salt: &[u8; 4], answer: &[u8]) -> bool {
+    constant_time_eq(md5_response(stored, salt).as_bytes(), answer)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -481,6 +496,19 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn md5_from_the_stored_hash() {
+        // libpq: "md5" + md5(md5(password + user) + salt).
+        let salt = [1, 2, 3, 4];
+        let stored = md5_hash("alice", "secret");
+        assert_eq!(stored.len(), 35);
+        let answer = md5_password("alice", "secret", &salt);
+        assert_eq!(md5_response(&stored, &salt), answer);
+        assert!(md5_verify(&stored, &salt, answer.as_bytes()));
+        assert!(!md5_verify(&stored, &[1, 2, 3, 5], answer.as_bytes()));
+        assert!(!md5_verify(&md5_hash("alice", "other"), &salt, answer.as_bytes()));
+    }
 
     // RFC 7677, section 3.
     const CLIENT_NONCE: &str = "rOprNGfwEbeRWgbNEkqO";

@@ -10,13 +10,16 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::config::ServerTlsMode;
 use crate::prepared::ServerStatements;
 use crate::protocol::{
     sqlstate, Authentication, BackendDecoder, BackendMessage, ErrorFields, FrontendMessage, StartupMessage,
     StartupPacket, Text, TransactionStatus,
 };
 use crate::scram::{self, ClientCredential, ClientExchange};
+use crate::tls::Stream;
 use crate::topology::{Primary, Replica};
+use tokio_rustls::TlsConnector;
 
 /// What a server connection is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +39,70 @@ pub struct ServerAuth {
     pub password: Option<String>,
     /// What SCRAM uses: the password, or a client's recovered `ClientKey`.
     pub scram: ClientCredential,
+    /// An MD5 hash (`md5...`) from `auth_query`: answers MD5 requests without the password.
+    pub md5: Option<String>,
+    /// TLS to the server (`[tls] server_tls`).
+    pub tls: ServerTls,
+}
+
+/// TLS towards servers: the mode and, unless it is `disable`, the connector.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// `server_tls`.
+    pub mode: ServerTlsMode,
+    /// Set unless the mode is `disable`.
+    pub connector: Option<TlsConnector>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.mode.as_str())
+    }
+}
+
+impl ServerTls {
+    /// Plaintext.
+    pub fn disabled() -> ServerTls {
+        ServerTls { mode: ServerTlsMode::Disable, connector: None }
+    }
+}
+
+/// Sends SSLRequest and upgrades to TLS when the server answers `S`. `prefer` goes on in
+/// plaintext after `N`; `require` and `verify-full` fail.
+async fn negotiate_tls(mut tcp: TcpStream, tls: &ServerTls, address: &str, at: &str) -> Result<Stream, ConnectError> {
+    let Some(connector) = &tls.connector else { return Ok(Stream::Plain(tcp)) };
+    let io =
+        |e: std::io::Error| ConnectError::Retry(format!("lost the connection to {at} during the TLS request: {e}"));
+    let mut out = BytesMut::new();
+    StartupPacket::SslRequest.encode(&mut out);
+    tcp.write_all(&out).await.map_err(io)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(io)?;
+    match answer[0] {
+        b'S' => {
+            let name = crate::tls::server_name(address).map_err(ConnectError::Config)?;
+            let s = connector.connect(name, tcp).await.map_err(|e| {
+                let msg = format!("TLS handshake with {at} failed (server_tls = \"{}\"): {e}", tls.mode.as_str());
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    // A certificate problem: retrying will not help.
+                    ConnectError::Config(msg)
+                } else {
+                    ConnectError::Retry(msg)
+                }
+            })?;
+            Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(s))))
+        }
+        b'N' if tls.mode == ServerTlsMode::Prefer => Ok(Stream::Plain(tcp)),
+        b'N' => Err(ConnectError::Config(format!(
+            "{at} does not offer TLS (ssl = off), but server_tls = \"{}\"; turn ssl on in postgres or set \
+             server_tls = \"prefer\"",
+            tls.mode.as_str()
+        ))),
+        other => Err(ConnectError::Retry(format!(
+            "{at} answered the TLS request with {:?} instead of S or N: is it a PostgreSQL server?",
+            other as char
+        ))),
+    }
 }
 
 /// Why a server connection could not be opened.
@@ -67,8 +134,8 @@ impl std::fmt::Display for ConnectError {
 
 /// A server connection, logged in and idle.
 pub struct ServerConn {
-    /// The socket.
-    pub stream: TcpStream,
+    /// The socket (plain or TLS).
+    pub stream: Stream,
     /// Bytes read from the server and not yet consumed.
     pub rbuf: BytesMut,
     /// Run-time parameters as the server reported them (ParameterStatus), plus the ones the
@@ -166,6 +233,7 @@ impl ServerConn {
             .await
             .map_err(|e| ConnectError::Retry(format!("cannot connect to {at}: {e}")))?;
         let _ = stream.set_nodelay(true);
+        let stream = negotiate_tls(stream, &auth.tls, address, &at).await?;
         let mut conn = ServerConn {
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),
@@ -183,7 +251,7 @@ impl ServerConn {
         let mut out = BytesMut::new();
         StartupPacket::Startup(StartupMessage::new([("user", auth.user.as_str()), ("database", database)]))
             .encode(&mut out);
-        conn.stream.write_all(&out).await.map_err(io)?;
+        conn.stream.send(&out).await.map_err(io)?;
         let mut scram: Option<ClientExchange> = None;
         loop {
             let msg = conn.read_message().await.map_err(|e| ConnectError::Retry(format!("{at}: {e}")))?;
@@ -195,8 +263,20 @@ impl ServerConn {
                         Some(FrontendMessage::Password(Text::lossy(pw)))
                     }
                     Authentication::Md5Password { salt } => {
-                        let pw = auth.password.as_deref().ok_or_else(|| no_plaintext(&at, &auth.user, "md5"))?;
-                        Some(FrontendMessage::Password(Text::lossy(&scram::md5_password(&auth.user, pw, &salt))))
+                        let answer = match (&auth.password, &auth.md5) {
+                            (Some(pw), _) => scram::md5_password(&auth.user, pw, &salt),
+                            (None, Some(hash)) => scram::md5_response(hash, &salt),
+                            (None, None) => return Err(no_plaintext(&at, &auth.user, "md5")),
+                        };
+                        Some(FrontendMessage::Password(Text::lossy(&answer)))
+                    }
+                    Authentication::Sasl { .. } if auth.md5.is_some() => {
+                        return Err(ConnectError::Config(format!(
+                            "{at} asks for SCRAM for {:?}, whose password is stored as an MD5 hash: the proxy can only \
+                             log in with MD5 for this user; set its password again with password_encryption = \
+                             'scram-sha-256', or use md5 in pg_hba.conf",
+                            auth.user
+                        )))
                     }
                     Authentication::Sasl { mechanisms } => {
                         if !mechanisms.iter().any(|m| m == scram::MECHANISM) {
@@ -260,7 +340,7 @@ impl ServerConn {
             if let Some(reply) = reply {
                 out.clear();
                 reply.encode(&mut out);
-                conn.stream.write_all(&out).await.map_err(io)?;
+                conn.stream.send(&out).await.map_err(io)?;
             }
         }
         // Fencing: the server itself says it is a primary, and under which term.
@@ -312,7 +392,7 @@ impl ServerConn {
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
         let mut out = BytesMut::new();
         FrontendMessage::Query(Text::lossy(sql)).encode(&mut out);
-        self.stream.write_all(&out).await.map_err(|e| format!("write to the server: {e}"))?;
+        self.stream.send(&out).await.map_err(|e| format!("write to the server: {e}"))?;
         let mut rows = Vec::new();
         let mut error = None;
         loop {
@@ -340,11 +420,7 @@ impl ServerConn {
 
     /// Whether the connection still looks usable: no unread bytes and no EOF pending.
     pub fn looks_idle(&self) -> bool {
-        if !self.rbuf.is_empty() {
-            return false;
-        }
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.rbuf.is_empty() && self.stream.looks_idle()
     }
 }
 

@@ -27,26 +27,29 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
-use crate::config::{LoadBalance, PoolMode, ProxyConfig};
+use crate::config::{ClientTlsMode, LoadBalance, NoReplica, PoolMode, ProxyConfig};
 use crate::pool::{Pool, PoolKey, PoolTarget, Pools};
 use crate::prepared::{self, StmtDef};
 use crate::protocol::{
     sqlstate, AuthExpect, Authentication, BackendMessage, ErrorFields, FieldDescription, Frame, FrontendDecoder,
     FrontendMessage, Limits, ProtocolVersion, Severity, StartupMessage, StartupPacket, Text, TransactionStatus,
 };
-use crate::router::{Class, Classifier, RouteCommand, RouteMode};
+use crate::router::{choose_replica, Class, Classifier, LagLimit, RouteCommand, RouteMode};
 use crate::scram::{self, ClientCredential, ScramSecret, ServerExchange};
-use crate::server::{ConnectError, ServerAuth, ServerConn, ServerRole};
+use crate::server::{ConnectError, ServerAuth, ServerConn, ServerRole, ServerTls};
+use crate::stats::{ClientInfo, Gate};
+use crate::tls::{Stream, Tls};
 use crate::topology::{Replica, Topology};
 use crate::userlist::Userlist;
+use crate::userlist::{AuthCache, UserEntry};
 
 /// Stop reading from one side while this many bytes wait to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -87,22 +90,40 @@ struct CancelTarget {
     secret: Bytes,
 }
 
-/// A client's cancel key secret, and where its cancel requests go now.
-type CancelEntry = ([u8; 4], Option<CancelTarget>);
+/// The server connection a client holds: (`host:port`, backend pid).
+pub type ServerOf = (String, i32);
+
+/// A client's cancel key secret, where its cancel requests go now, and a lock a forwarded
+/// cancel holds (shared) until postgres has taken it, which releasing the server connection
+/// takes (exclusive) first: a late cancel never reaches the next client of that connection.
+type CancelEntry = ([u8; 4], Option<CancelTarget>, Arc<tokio::sync::RwLock<()>>);
 
 /// State shared by every session.
 #[derive(Debug)]
 pub struct Shared {
-    /// The configuration.
-    pub config: ProxyConfig,
-    /// Who may log in.
-    pub userlist: Userlist,
+    /// The configuration in force; a reload replaces it ([`Shared::config`]).
+    config: RwLock<Arc<ProxyConfig>>,
+    /// Who may log in; a reload replaces it.
+    userlist: RwLock<Arc<Userlist>>,
     /// The pools.
     pub pools: Pools,
     /// The cluster's primary and replicas.
     pub topology: watch::Receiver<Topology>,
-    /// Statement classification, cached.
-    pub classifier: Classifier,
+    /// Statement classification, cached; replaced when `primary_functions` change.
+    classifier: RwLock<Arc<Classifier>>,
+    /// New transactions wait here before they take a server connection: closed by the admin
+    /// console's PAUSE (and reusable for a planned switchover), see [`Gate`].
+    pub hold: Gate,
+    /// Units past the gate that may use the primary (zero-error switchover).
+    pub inflight: Arc<crate::switchover::Inflight>,
+    /// True once the proxy is shutting down: idle clients are closed between transactions.
+    draining: watch::Sender<bool>,
+    /// Logged-in clients by BackendKeyData pid, for `SHOW CLIENTS`.
+    clients: Mutex<HashMap<i32, Arc<ClientInfo>>>,
+    /// When the proxy started.
+    pub started: Instant,
+    /// The admin console's state (reload source, client limit, PAUSE).
+    pub admin: crate::admin::AdminState,
     cancel: Mutex<HashMap<i32, CancelEntry>>,
     next_pid: AtomicI32,
     /// Replicas that failed recently, until when.
@@ -112,6 +133,10 @@ pub struct Shared {
     replayed: Mutex<HashMap<String, (u64, u64)>>,
     /// Round-robin position.
     next_replica: AtomicUsize,
+    /// TLS to clients and servers (loaded at start, see [`Shared::with_tls`]).
+    pub tls: Tls,
+    /// `auth_query` answers.
+    pub auth_cache: AuthCache,
 }
 
 impl Shared {
@@ -120,17 +145,97 @@ impl Shared {
         let start = scram::random_bytes(2).map(|b| i32::from(u16::from_be_bytes([b[0], b[1]]))).unwrap_or(1);
         let classifier = Classifier::new(&config.primary_functions, CLASS_CACHE_SIZE);
         Shared {
-            config,
-            userlist,
+            config: RwLock::new(Arc::new(config)),
+            userlist: RwLock::new(Arc::new(userlist)),
             pools: Pools::default(),
             topology,
-            classifier,
+            classifier: RwLock::new(Arc::new(classifier)),
+            hold: Gate::default(),
+            inflight: Arc::default(),
+            draining: watch::channel(false).0,
+            clients: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            admin: Default::default(),
             cancel: Mutex::new(HashMap::new()),
             next_pid: AtomicI32::new(start.max(1)),
             bans: Mutex::new(HashMap::new()),
             replayed: Mutex::new(HashMap::new()),
             next_replica: AtomicUsize::new(0),
+            tls: Tls::disabled(),
+            auth_cache: AuthCache::default(),
         }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<ProxyConfig> {
+        self.config.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The userlist in force.
+    pub fn userlist(&self) -> Arc<Userlist> {
+        self.userlist.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn classifier(&self) -> Arc<Classifier> {
+        self.classifier.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Puts a reloaded configuration and userlist in force (the caller decided which keys may
+    /// change live): new pool sizes apply to every pool, a changed `primary_functions` gets a
+    /// new classifier. Clients and their server connections are kept.
+    pub fn replace(&self, config: ProxyConfig, userlist: Userlist) {
+        let old = self.config();
+        if old.primary_functions != config.primary_functions {
+            let c = Classifier::new(&config.primary_functions, CLASS_CACHE_SIZE);
+            *self.classifier.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(c);
+        }
+        if old.pool_size != config.pool_size {
+            self.pools.resize(config.pool_size);
+        }
+        *self.userlist.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(userlist);
+        *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
+    }
+
+    /// Starts the drain: idle clients are closed, the others after their transaction.
+    pub fn start_draining(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Whether the proxy is shutting down.
+    pub fn draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Turns true when the proxy starts shutting down.
+    pub fn draining_rx(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    /// The logged-in clients, with the server connection each holds now.
+    pub fn clients(&self) -> Vec<(Arc<ClientInfo>, Option<ServerOf>)> {
+        let clients: Vec<Arc<ClientInfo>> =
+            self.clients.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+        let cancel = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut rows: Vec<_> = clients
+            .into_iter()
+            .map(|c| {
+                let server = cancel.get(&c.pid).and_then(|e| e.1.as_ref()).map(|t| (t.address.clone(), t.pid));
+                (c, server)
+            })
+            .collect();
+        rows.sort_by_key(|r| r.0.pid);
+        rows
+    }
+
+    /// The same, with TLS material loaded by [`Tls::load`].
+    pub fn with_tls(mut self, tls: Tls) -> Shared {
+        self.tls = tls;
+        self
+    }
+
+    /// How the proxy connects to servers.
+    fn server_tls(&self) -> ServerTls {
+        ServerTls { mode: self.tls.server_mode, connector: self.tls.connector.clone() }
     }
 
     fn register(&self) -> (i32, [u8; 4]) {
@@ -142,7 +247,7 @@ impl Shared {
         loop {
             let pid = self.next_pid.fetch_add(1, Ordering::Relaxed).max(1);
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry(pid) {
-                e.insert((secret, None));
+                e.insert((secret, None, Arc::new(tokio::sync::RwLock::new(()))));
                 return (pid, secret);
             }
         }
@@ -156,12 +261,33 @@ impl Shared {
 
     fn unregister(&self, pid: i32) {
         self.cancel.lock().unwrap_or_else(PoisonError::into_inner).remove(&pid);
+        self.clients.lock().unwrap_or_else(PoisonError::into_inner).remove(&pid);
     }
 
-    fn cancel_target(&self, pid: i32, secret: &[u8]) -> Option<CancelTarget> {
+    /// Where a cancel request for client `pid` goes, with the shared lock to hold while
+    /// forwarding it; `None` for a wrong secret, an idle client, or a server connection being
+    /// released right now (its query is over).
+    fn cancel_target(&self, pid: i32, secret: &[u8]) -> Option<(CancelTarget, tokio::sync::OwnedRwLockReadGuard<()>)> {
         let map = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
-        let (s, target) = map.get(&pid)?;
-        (s.as_slice() == secret).then(|| target.clone()).flatten()
+        let (s, target, gate) = map.get(&pid)?;
+        if s.as_slice() != secret {
+            return None;
+        }
+        let target = target.clone()?;
+        let guard = gate.clone().try_read_owned().ok()?;
+        Some((target, guard))
+    }
+
+    /// Clears client `pid`'s cancel target, then waits until no cancel request forwarded to
+    /// it is still on its way to postgres (see [`CancelEntry`]).
+    async fn detach_cancel(&self, pid: i32) {
+        let gate = {
+            let mut map = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(e) = map.get_mut(&pid) else { return };
+            e.1 = None;
+            e.2.clone()
+        };
+        drop(gate.write().await);
     }
 
     fn ban(&self, replica: &str) {
@@ -293,11 +419,16 @@ struct Attached {
     wrote: bool,
     /// The WAL position read by the proxy's LSN query, once it is answered.
     lsn: Option<u64>,
+    /// Its entry in the pool's `SHOW SERVERS` list while attached.
+    _tracked: crate::pool::Tracked,
+    /// A transaction-mode primary connection counts as in flight for a switchover.
+    unit: Option<crate::switchover::Unit>,
 }
 
 impl Attached {
     fn new(conn: ServerConn, permit: OwnedSemaphorePermit, pool: Arc<Pool>) -> Attached {
         Attached {
+            _tracked: pool.track(&conn),
             conn,
             permit,
             pool,
@@ -307,6 +438,7 @@ impl Attached {
             out: BytesMut::with_capacity(8192),
             wrote: false,
             lsn: None,
+            unit: None,
         }
     }
 
@@ -415,6 +547,7 @@ pub async fn run(
     mode: RouteMode,
 ) {
     let _ = stream.set_nodelay(true);
+    let stream = Stream::Plain(stream);
     let mut s = Session {
         shared,
         stream,
@@ -438,6 +571,7 @@ pub async fn run(
         statements: HashMap::new(),
         unnamed_class: Class::Write,
         ryw_floor: 0,
+        info: None,
     };
     let result = s.serve(admitted.is_some()).await;
     if let Err(fail) = &result {
@@ -452,7 +586,7 @@ pub async fn run(
 
 struct Session {
     shared: Arc<Shared>,
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     rbuf: BytesMut,
     /// Bytes waiting to be written to the client.
@@ -466,7 +600,7 @@ struct Session {
     /// Tracked settings the client asked for (startup packet, then its own SETs), by
     /// canonical name.
     desired: Vec<(String, String)>,
-    /// The ParameterStatus values the client was told.
+    /// The ParameterStatus values the client was told, of the tracked settings.
     told: HashMap<String, String>,
     /// The BackendKeyData the client got.
     key: Option<(i32, [u8; 4])>,
@@ -486,6 +620,8 @@ struct Session {
     unnamed_class: Class,
     /// Read-your-writes: the primary's WAL position after the client's last write.
     ryw_floor: u64,
+    /// What `SHOW CLIENTS` shows about this client, once it is logged in.
+    info: Option<Arc<ClientInfo>>,
 }
 
 enum Event {
@@ -508,7 +644,10 @@ enum Step {
 
 impl Session {
     async fn serve(&mut self, admitted: bool) -> Result<(), Fail> {
-        let startup = match tokio::time::timeout(LOGIN_TIMEOUT, self.startup()).await {
+        // The login phases and server logins are boxed (`Box::pin`): a spawned future is as
+        // large as its largest state, and each idle client would otherwise keep room for the
+        // TLS handshake, SCRAM and a server login (docs/benchmarks.md, "Proxy").
+        let startup = match tokio::time::timeout(LOGIN_TIMEOUT, Box::pin(self.startup())).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, "the client did not finish its startup in 15s"))
@@ -520,11 +659,11 @@ impl Session {
                 sqlstate::TOO_MANY_CONNECTIONS,
                 format!(
                     "too many client connections to the proxy (max_client_conn = {})",
-                    self.shared.config.max_client_conn
+                    self.shared.config().max_client_conn
                 ),
             ));
         }
-        match tokio::time::timeout(LOGIN_TIMEOUT, self.authenticate(&startup)).await {
+        match tokio::time::timeout(LOGIN_TIMEOUT, Box::pin(self.authenticate(&startup))).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(Fail::new(
@@ -533,7 +672,19 @@ impl Session {
                 ))
             }
         }
-        self.welcome().await?;
+        if self.database == crate::admin::ADMIN_DATABASE {
+            return Box::pin(crate::admin::serve(
+                &self.shared,
+                &mut self.stream,
+                &mut self.rbuf,
+                &mut self.wbuf,
+                &self.user,
+                self.peer,
+            ))
+            .await
+            .map_err(|(sqlstate, message)| Fail::new(sqlstate, message));
+        }
+        Box::pin(self.welcome()).await?;
         self.forward().await
     }
 
@@ -565,22 +716,60 @@ impl Session {
             };
             match packet {
                 StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                    let ssl = matches!(packet, StartupPacket::SslRequest);
                     if !self.rbuf.is_empty() {
                         return Err(Fail::new(
                             sqlstate::PROTOCOL_VIOLATION,
-                            "the client sent data after SSLRequest before reading the answer",
+                            format!(
+                                "the client sent data after {} before reading the answer",
+                                if ssl { "SSLRequest" } else { "GSSENCRequest" }
+                            ),
                         ));
                     }
-                    let _ = self.stream.write_all(b"N").await;
+                    if self.stream.is_tls() {
+                        return Err(Fail::new(
+                            sqlstate::PROTOCOL_VIOLATION,
+                            "encryption request on a connection that is already encrypted",
+                        ));
+                    }
+                    let acceptor = if ssl { self.shared.tls.acceptor.clone() } else { None };
+                    let Some(acceptor) = acceptor else {
+                        if self.stream.send(b"N").await.is_err() {
+                            return Ok(None);
+                        }
+                        continue;
+                    };
+                    if self.stream.send(b"S").await.is_err() {
+                        return Ok(None);
+                    }
+                    let Some(tcp) = self.stream.take_plain() else { return Ok(None) };
+                    match acceptor.accept(tcp).await {
+                        Ok(tls) => self.stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
+                        Err(e) => {
+                            // Nothing can be said to the client: the channel is neither
+                            // plaintext nor TLS any more.
+                            tracing::info!(client = %self.peer, error = %e, "TLS handshake with a client failed");
+                            return Ok(None);
+                        }
+                    }
                 }
                 StartupPacket::CancelRequest(c) => {
-                    if let Some(t) = self.shared.cancel_target(c.pid, &c.secret_key) {
+                    if let Some((t, _in_flight)) = self.shared.cancel_target(c.pid, &c.secret_key) {
                         tracing::info!(client_pid = c.pid, server = %t.address, server_pid = t.pid, "forwarding a cancel request");
                         if let Err(e) = crate::server::send_cancel(&t.address, t.pid, t.secret).await {
                             tracing::warn!(server = %t.address, error = %e, "cannot forward a cancel request");
                         }
                     }
                     return Ok(None);
+                }
+                StartupPacket::Startup(_)
+                    if self.shared.tls.client_mode == ClientTlsMode::Require && !self.stream.is_tls() =>
+                {
+                    return Err(Fail::new(
+                        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                        "the proxy requires TLS (client_tls = \"require\"): connect with sslmode=require or \
+                         sslmode=verify-full",
+                    ));
                 }
                 StartupPacket::Startup(m) => return Ok(Some(m)),
             }
@@ -641,7 +830,13 @@ impl Session {
 
         // Unknown users go through the same exchange against a random secret, so the answer
         // does not tell whether the user exists.
-        let entry = self.shared.userlist.get(&self.user).cloned();
+        let mut entry = self.shared.userlist().get(&self.user).cloned();
+        if entry.is_none() && self.database != crate::admin::ADMIN_DATABASE {
+            entry = self.auth_query_lookup().await?;
+        }
+        if let Some(e) = entry.as_ref().filter(|e| e.md5.is_some()) {
+            return self.authenticate_md5(e.clone()).await;
+        }
         let secret = match &entry {
             Some(e) => e.secret.clone(),
             None => ScramSecret::from_password(
@@ -694,10 +889,114 @@ impl Session {
                 None => ClientCredential::Keys { client_key, secret: entry.secret.clone() },
             },
             password: entry.password.clone(),
+            md5: None,
+            tls: self.shared.server_tls(),
         });
-        let key = PoolKey { database: self.database.clone(), user: self.user.clone(), target: PoolTarget::Primary };
-        self.pool = Some(self.shared.pools.get(key, self.shared.config.pool_size));
+        self.logged_in();
         Ok(())
+    }
+
+    /// The client's pool, once it is authenticated.
+    fn logged_in(&mut self) {
+        if self.database == crate::admin::ADMIN_DATABASE {
+            return;
+        }
+        let key = PoolKey { database: self.database.clone(), user: self.user.clone(), target: PoolTarget::Primary };
+        self.pool = Some(self.shared.pools.get(key, self.shared.config().pool_size));
+    }
+
+    /// MD5 against a hash from `auth_query`; the proxy logs in to servers with the hash.
+    async fn authenticate_md5(&mut self, entry: crate::userlist::UserEntry) -> Result<(), Fail> {
+        let Some(hash) = entry.md5 else { return Err(Fail::new(sqlstate::INTERNAL_ERROR, "no MD5 hash")) };
+        let random = scram::random_bytes(4).map_err(|e| Fail::new(sqlstate::INTERNAL_ERROR, e.to_string()))?;
+        let salt = [random[0], random[1], random[2], random[3]];
+        let request = Authentication::Md5Password { salt };
+        self.decoder.auth = AuthExpect::after(&request);
+        BackendMessage::Authentication(request).encode(&mut self.wbuf);
+        self.flush().await?;
+        let FrontendMessage::Password(answer) = self.read_client_message().await? else {
+            return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, "expected a PasswordMessage"));
+        };
+        self.decoder.auth = AuthExpect::None;
+        if !scram::md5_verify(&hash, &salt, answer.as_bytes()) {
+            return Err(Fail::new(
+                sqlstate::INVALID_PASSWORD,
+                format!("password authentication failed for user {:?}", self.user),
+            ));
+        }
+        BackendMessage::Authentication(Authentication::Ok).encode(&mut self.wbuf);
+        self.server_auth = Some(ServerAuth {
+            user: self.user.clone(),
+            password: None,
+            // Unused: a server that asks for SCRAM gets a clear error (see server.rs).
+            scram: ClientCredential::Keys { client_key: [0; 32], secret: entry.secret },
+            md5: Some(hash),
+            tls: self.shared.server_tls(),
+        });
+        self.logged_in();
+        Ok(())
+    }
+
+    /// `auth_query` for a user missing from the userlist: run on the primary as `auth_user`,
+    /// cached by (database, user). Errors are not cached.
+    async fn auth_query_lookup(&self) -> Result<Option<crate::userlist::UserEntry>, Fail> {
+        let cfg = self.shared.config();
+        let Some(aq) = cfg.auth_query.clone() else { return Ok(None) };
+        if let Some(hit) = self.shared.auth_cache.get(&self.database, &self.user) {
+            return Ok(hit);
+        }
+        let userlist = self.shared.userlist();
+        let Some(password) = userlist.get(&aq.user).and_then(|e| e.password.clone()) else {
+            return Err(Fail::new(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!(
+                    "auth_query cannot run: auth_user {:?} is not in the userlist with a plaintext password",
+                    aq.user
+                ),
+            ));
+        };
+        let primary = self.shared.topology.borrow().primary.clone().ok_or_else(|| {
+            Fail::new(sqlstate::CANNOT_CONNECT_NOW, "auth_query: there is no primary to look the user up on; retry")
+        })?;
+        let auth = ServerAuth {
+            user: aq.user.clone(),
+            password: Some(password.clone()),
+            scram: ClientCredential::Password(password),
+            md5: None,
+            tls: self.shared.server_tls(),
+        };
+        let mut conn = match ServerConn::connect(&primary, &self.database, &auth, cfg.server_connect_timeout).await {
+            Ok(c) => c,
+            Err(ConnectError::Refused(fields)) => {
+                return Err(Fail {
+                    sqlstate: sqlstate::CONNECTION_FAILURE,
+                    message: describe(&fields),
+                    fields: Some(fields),
+                })
+            }
+            Err(e) => {
+                return Err(Fail::new(
+                    sqlstate::CANNOT_CONNECT_NOW,
+                    format!("auth_query: cannot connect to the primary as {:?}: {e}", aq.user),
+                ))
+            }
+        };
+        let sql = aq.query.replace("$1", &quote_literal(&self.user));
+        let rows = conn.simple_query(&sql).await.map_err(|e| {
+            Fail::new(sqlstate::CANNOT_CONNECT_NOW, format!("auth_query failed on {}: {e}", primary.name))
+        })?;
+        let entry = match rows.first() {
+            None => None,
+            Some(row) => UserEntry::from_stored(row.get(1).and_then(|v| v.as_deref())).map_err(|e| {
+                Fail::new(
+                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                    format!("auth_query returned an unusable password for {:?}: {e}", self.user),
+                )
+            })?,
+        };
+        tracing::debug!(user = %self.user, database = %self.database, found = entry.is_some(), "auth_query");
+        self.shared.auth_cache.put(&self.database, &self.user, entry.clone());
+        Ok(entry)
     }
 
     fn scram_fail(&self, e: scram::ScramError) -> Fail {
@@ -723,7 +1022,7 @@ impl Session {
     /// the client's server connection is attached here (a replica on the replica listener).
     async fn welcome(&mut self) -> Result<(), Fail> {
         let pool = self.pool.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "no pool"))?;
-        let session_mode = self.shared.config.pool_mode == PoolMode::Session;
+        let session_mode = self.shared.config().pool_mode == PoolMode::Session;
         if session_mode || pool.welcome().is_none() {
             self.flush().await?;
             let class = if self.mode == RouteMode::Replica { Class::Read } else { Class::Write };
@@ -746,9 +1045,23 @@ impl Session {
             BackendMessage::ParameterStatus { name: Text::lossy(name), value: Text::lossy(value) }
                 .encode(&mut self.wbuf);
         }
+        // Only tracked settings are compared later (sync_params): keep no others.
+        params.retain(|k, _| TRACKED.contains(&k.as_str()));
+        params.shrink_to_fit();
         self.told = params;
         let (pid, secret) = self.shared.register();
         self.key = Some((pid, secret));
+        let info = Arc::new(ClientInfo {
+            pid,
+            user: self.user.clone(),
+            database: self.database.clone(),
+            peer: self.peer,
+            listener: self.listener_mode.as_str(),
+            connected: SystemTime::now(),
+            waiting: Default::default(),
+        });
+        self.shared.clients.lock().unwrap_or_else(PoisonError::into_inner).insert(pid, info.clone());
+        self.info = Some(info);
         if let Some(att) = &self.attached {
             self.shared.set_cancel_target(pid, cancel_target(&att.conn));
         }
@@ -789,7 +1102,7 @@ impl Session {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let r = self.stream.write_all(&self.wbuf).await;
+        let r = self.stream.send(&self.wbuf).await;
         self.wbuf.clear();
         r.map_err(|e| Fail::new(sqlstate::CONNECTION_FAILURE, format!("write to the client: {e}")))
     }
@@ -800,17 +1113,18 @@ impl Session {
     /// more than one member (a single node has nowhere else to send reads).
     fn splitting(&self) -> bool {
         self.mode == RouteMode::Auto
-            && self.shared.config.pool_mode == PoolMode::Transaction
+            && self.shared.config().pool_mode == PoolMode::Transaction
             && self.shared.topology.borrow().members > 1
     }
 
     /// Whether named prepared statements are renamed and tracked.
     fn translating(&self) -> bool {
-        self.shared.config.pool_mode == PoolMode::Transaction && self.shared.config.max_prepared_statements > 0
+        let cfg = self.shared.config();
+        cfg.pool_mode == PoolMode::Transaction && cfg.max_prepared_statements > 0
     }
 
     fn classify(&self, text: &[u8]) -> Class {
-        self.shared.classifier.classify(text)
+        self.shared.classifier().classify(text)
     }
 
     /// The class of the client's statement `name` (the unnamed one when empty).
@@ -873,69 +1187,143 @@ impl Session {
     /// A server connection for a unit of `class`: a replica for reads (in the auto mode; for
     /// everything in the replica mode) when one is eligible, else the primary.
     async fn route(&mut self, class: Class) -> Result<Attached, Fail> {
+        let started = Instant::now();
+        self.hold().await?;
+        // Counted before the gate is checked again, so a switchover's drain sees this unit or
+        // this unit sees the closed gate.
+        let unit = loop {
+            let unit = self.shared.inflight.enter();
+            if !self.shared.hold.is_closed() {
+                break unit;
+            }
+            drop(unit);
+            self.hold().await?;
+        };
         let wants_replica = match self.mode {
             RouteMode::Primary => false,
             RouteMode::Replica => true,
             RouteMode::Auto => class == Class::Read,
         };
+        let mut att = None;
         if wants_replica {
-            if let Some(att) = self.attach_replica().await? {
-                return Ok(att);
+            att = self.attach_replica().await?;
+            if att.is_none()
+                && self.shared.config().no_replica == NoReplica::Error
+                && self.ryw_floor != UNKNOWN_LSN
+                && self.eligible_replicas().is_empty()
+            {
+                return Err(Fail::new(
+                    sqlstate::CANNOT_CONNECT_NOW,
+                    "no replica is eligible for reads (none streaming within max_replica_lag), and \
+                     no_replica = \"error\"",
+                ));
             }
         }
-        self.attach_primary().await
+        let mut att = match att {
+            Some(a) => a,
+            None => self.attach_primary().await?,
+        };
+        if att.conn.role == ServerRole::Primary && self.shared.config().pool_mode == PoolMode::Transaction {
+            att.unit = Some(unit);
+        }
+        att.pool.stats.observe_wait(started.elapsed());
+        Ok(att)
     }
 
-    /// An eligible replica: streaming, its lag within `max_replica_lag`, not failed recently;
-    /// preferably one known to have replayed the client's last write (`true`), else any (to
-    /// be asked).
+    /// Waits while new transactions are held (`PAUSE`, see [`Gate`]), at most
+    /// `query_wait_timeout`; refuses new transactions while the proxy shuts down.
+    async fn hold(&mut self) -> Result<(), Fail> {
+        if self.shared.hold.is_closed() {
+            self.flush().await?;
+            let timeout = self.shared.config().query_wait_timeout;
+            let waiting = self.info.clone();
+            if let Some(i) = &waiting {
+                i.waiting.store(true, Ordering::Relaxed);
+            }
+            let mut drain = self.shared.draining.subscribe();
+            let held = tokio::time::timeout(timeout, async {
+                tokio::select! {
+                    _ = self.shared.hold.wait_open() => {}
+                    _ = drain.wait_for(|d| *d) => {}
+                }
+            })
+            .await;
+            if let Some(i) = &waiting {
+                i.waiting.store(false, Ordering::Relaxed);
+            }
+            if held.is_err() {
+                return Err(Fail::new(
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    format!(
+                        "the proxy is paused (PAUSE on the admin console) and was not resumed within \
+                         query_wait_timeout ({})",
+                        pgkeel_config::format_duration(timeout)
+                    ),
+                ));
+            }
+        }
+        if self.shared.draining() {
+            return Err(Fail::new(sqlstate::ADMIN_SHUTDOWN, "the proxy is shutting down; reconnect"));
+        }
+        Ok(())
+    }
+
+    /// The replicas that may serve reads now: streaming (per the topology), within
+    /// `max_replica_lag`, weight above 0, not failed recently; each with whether it is known
+    /// to have replayed the client's last write.
+    fn eligible_replicas(&self) -> Vec<(Replica, bool)> {
+        let cfg = self.shared.config();
+        let limit = LagLimit { bytes: cfg.max_replica_lag, time: cfg.max_replica_lag_time };
+        let now = Instant::now();
+        let topo = self.shared.topology.borrow();
+        if topo.replicas.is_empty() {
+            return Vec::new();
+        }
+        let bans = self.shared.bans.lock().unwrap_or_else(PoisonError::into_inner);
+        let replayed = self.shared.replayed.lock().unwrap_or_else(PoisonError::into_inner);
+        topo.replicas
+            .iter()
+            .filter(|r| limit.allows(r))
+            .filter(|r| cfg.weights.get(&r.name).is_none_or(|w| *w > 0))
+            .filter(|r| bans.get(&r.name).is_none_or(|until| *until <= now))
+            .map(|r| {
+                let learned = replayed.get(&r.name).filter(|(t, _)| *t == topo.newest_term).map(|(_, l)| *l);
+                let known = r.replayed_lsn.unwrap_or(0).max(learned.unwrap_or(0));
+                (r.clone(), known >= self.ryw_floor)
+            })
+            .collect()
+    }
+
+    /// An eligible replica ([`Session::eligible_replicas`]), chosen by `load_balance`
+    /// ([`choose_replica`]); preferably one known to have replayed the client's last write
+    /// (`true`), else any (to be asked).
     fn pick_replica(&self) -> Option<(Replica, bool)> {
         if self.ryw_floor == UNKNOWN_LSN {
             return None;
         }
-        let cfg = &self.shared.config;
-        let now = Instant::now();
-        let candidates: Vec<(Replica, bool)> = {
-            let topo = self.shared.topology.borrow();
-            if topo.replicas.is_empty() {
-                return None;
-            }
-            let bans = self.shared.bans.lock().unwrap_or_else(PoisonError::into_inner);
-            let replayed = self.shared.replayed.lock().unwrap_or_else(PoisonError::into_inner);
-            topo.replicas
-                .iter()
-                .filter(|r| r.lag.is_some_and(|l| l <= cfg.max_replica_lag))
-                .filter(|r| bans.get(&r.name).is_none_or(|until| *until <= now))
-                .map(|r| {
-                    let learned = replayed.get(&r.name).filter(|(t, _)| *t == topo.newest_term).map(|(_, l)| *l);
-                    let known = r.replayed_lsn.unwrap_or(0).max(learned.unwrap_or(0));
-                    (r.clone(), known >= self.ryw_floor)
-                })
-                .collect()
-        };
+        let cfg = self.shared.config();
+        let candidates = self.eligible_replicas();
         let caught_up: Vec<&(Replica, bool)> = candidates.iter().filter(|c| c.1).collect();
         let pool: Vec<&(Replica, bool)> = if caught_up.is_empty() { candidates.iter().collect() } else { caught_up };
-        if pool.is_empty() {
-            return None;
-        }
-        let i = match cfg.load_balance {
-            LoadBalance::RoundRobin => self.shared.next_replica.fetch_add(1, Ordering::Relaxed) % pool.len(),
-            LoadBalance::Random => {
-                let b = scram::random_bytes(4).unwrap_or_default();
-                let r = b.iter().fold(0usize, |acc, x| (acc << 8) | usize::from(*x));
-                r % pool.len()
-            }
-            LoadBalance::LeastConnections => {
-                let in_use = |r: &Replica| {
-                    self.shared.pools.in_use(&PoolKey {
-                        database: self.database.clone(),
-                        user: self.user.clone(),
-                        target: PoolTarget::Replica(r.name.clone()),
-                    })
-                };
-                (0..pool.len()).min_by_key(|i| in_use(&pool[*i].0)).unwrap_or(0)
-            }
+        let turn = match cfg.load_balance {
+            LoadBalance::RoundRobin | LoadBalance::Weighted => self.shared.next_replica.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
         };
+        let random = match cfg.load_balance {
+            LoadBalance::Random => {
+                scram::random_bytes(8).unwrap_or_default().iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x))
+            }
+            _ => 0,
+        };
+        let in_use = |i: usize| {
+            self.shared.pools.in_use(&PoolKey {
+                database: self.database.clone(),
+                user: self.user.clone(),
+                target: PoolTarget::Replica(pool[i].0.name.clone()),
+            })
+        };
+        let weight = |i: usize| cfg.weights.get(&pool[i].0.name).copied().unwrap_or(1);
+        let i = choose_replica(cfg.load_balance, pool.len(), turn, random, in_use, weight)?;
         pool.get(i).map(|c| (*c).clone())
     }
 
@@ -967,7 +1355,7 @@ impl Session {
                     return Ok(Some(att));
                 }
                 tracing::debug!(replica = %replica.name, ?lsn, floor = self.ryw_floor, "replica behind the client's last write; reading on the primary");
-                self.put_back(att);
+                self.put_back(att).await;
                 Ok(None)
             }
             Err(e) => {
@@ -979,17 +1367,24 @@ impl Session {
     }
 
     /// Gives a clean attached connection back to its pool.
-    fn put_back(&mut self, att: Attached) {
+    async fn put_back(&mut self, att: Attached) {
         if let Some((pid, _)) = self.key {
-            self.shared.set_cancel_target(pid, None);
+            self.shared.detach_cancel(pid).await;
         }
         att.pool.put_back(att.conn, att.permit);
     }
 
     /// Waits for a slot in `pool` (at most `query_wait_timeout`).
     async fn permit(&self, pool: &Pool) -> Result<OwnedSemaphorePermit, Fail> {
-        let cfg = &self.shared.config;
-        match tokio::time::timeout(cfg.query_wait_timeout, pool.permit()).await {
+        let cfg = self.shared.config();
+        if let Some(i) = &self.info {
+            i.waiting.store(true, Ordering::Relaxed);
+        }
+        let permit = tokio::time::timeout(cfg.query_wait_timeout, pool.permit()).await;
+        if let Some(i) = &self.info {
+            i.waiting.store(false, Ordering::Relaxed);
+        }
+        match permit {
             Ok(Some(p)) => Ok(p),
             Ok(None) => Err(Fail::new(sqlstate::ADMIN_SHUTDOWN, "the proxy is shutting down")),
             Err(_) => {
@@ -1022,13 +1417,13 @@ impl Session {
             user: self.user.clone(),
             target: PoolTarget::Replica(replica.name.clone()),
         };
-        let pool = self.shared.pools.get(key, self.shared.config.pool_size);
+        let pool = self.shared.pools.get(key, self.shared.config().pool_size);
         let permit = self.permit(&pool).await?;
         let conn = match pool.take_idle(0) {
             Some(c) => c,
             None => {
-                let timeout = self.shared.config.server_connect_timeout;
-                match ServerConn::connect_replica(replica, &self.database, &auth, timeout).await {
+                let timeout = self.shared.config().server_connect_timeout;
+                match Box::pin(ServerConn::connect_replica(replica, &self.database, &auth, timeout)).await {
                     Ok(c) => {
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a replica connection");
                         if let Some(p) = &self.pool {
@@ -1065,7 +1460,7 @@ impl Session {
         let auth = self.server_auth.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"))?;
         let waited = Instant::now();
         let permit = self.permit(&pool).await?;
-        let cfg = &self.shared.config;
+        let cfg = self.shared.config();
         let hold_until = Instant::now() + cfg.failover_hold_timeout;
         let mut topo_rx = self.shared.topology.clone();
         let mut last_error: Option<String> = None;
@@ -1075,7 +1470,7 @@ impl Session {
                 if let Some(c) = pool.take_idle(topo.newest_term.max(primary.term)) {
                     break c;
                 }
-                match ServerConn::connect(primary, &self.database, &auth, cfg.server_connect_timeout).await {
+                match Box::pin(ServerConn::connect(primary, &self.database, &auth, cfg.server_connect_timeout)).await {
                     Ok(c) if c.term >= topo_rx.borrow().newest_term => {
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a server connection");
                         pool.set_welcome(&c);
@@ -1166,7 +1561,7 @@ impl Session {
     async fn release(&mut self) {
         let Some(mut att) = self.attached.take() else { return };
         if let Some((pid, _)) = self.key {
-            self.shared.set_cancel_target(pid, None);
+            self.shared.detach_cancel(pid).await;
         }
         let newest = self.shared.topology.borrow().newest_term;
         if att.fenced(newest) {
@@ -1177,7 +1572,7 @@ impl Session {
         if !att.queue.is_empty() && att.queue.iter().all(|e| matches!(e.expect, Expect::Lsn)) && !att.open_batch {
             let n = att.queue.len();
             let drained = tokio::time::timeout(CLEANUP_TIMEOUT, async {
-                att.conn.stream.write_all(&att.out).await.map_err(|e| e.to_string())?;
+                att.conn.stream.send(&att.out).await.map_err(|e| e.to_string())?;
                 let mut left = n;
                 while left > 0 {
                     if let BackendMessage::ReadyForQuery(s) = att.conn.read_message().await? {
@@ -1199,7 +1594,7 @@ impl Session {
             tracing::debug!(server = ?att.conn, "closing a server connection left mid-exchange");
             return;
         }
-        let session_mode = self.shared.config.pool_mode == PoolMode::Session;
+        let session_mode = self.shared.config().pool_mode == PoolMode::Session;
         let cleanup = match (att.status, session_mode) {
             (TransactionStatus::Idle, false) => None,
             (TransactionStatus::Idle, true) => Some("DISCARD ALL"),
@@ -1233,7 +1628,17 @@ impl Session {
     async fn forward(&mut self) -> Result<(), Fail> {
         let mut topo_rx = self.shared.topology.clone();
         topo_rx.mark_unchanged();
+        let mut drain_rx = self.shared.draining.subscribe();
         loop {
+            // Shutting down: a client between transactions (or, in session mode, outside one)
+            // is closed; one inside a transaction finishes it first.
+            if self.shared.draining()
+                && self.attached.as_ref().is_none_or(|a| {
+                    self.shared.config().pool_mode == PoolMode::Session && a.clean() && self.held.is_empty()
+                })
+            {
+                return Err(Fail::new(sqlstate::ADMIN_SHUTDOWN, "the proxy is shutting down; reconnect"));
+            }
             self.read_held()?;
             if self.pump_client().await? {
                 // Terminate: the client is leaving; the server connection stays open for the pool.
@@ -1250,7 +1655,7 @@ impl Session {
                     return Err(self.term_changed(newest));
                 }
             }
-            if let Some(e) = self.wait_event(&mut topo_rx).await {
+            if let Some(e) = self.wait_event(&mut topo_rx, &mut drain_rx).await {
                 match e {
                     Event::ClientRead(Ok(0))
                     | Event::ClientRead(Err(_))
@@ -1347,13 +1752,15 @@ impl Session {
             if self.attached.is_none() {
                 let Some(class) = self.held_unit() else { break };
                 self.flush().await?;
-                let att = self.route(class).await?;
+                // Boxed, as the release below: their futures (timeouts, server queries) would
+                // otherwise be part of every session's future, idle or not.
+                let att = Box::pin(self.route(class)).await?;
                 self.attached = Some(att);
                 continue;
             }
             match self.step() {
                 Step::Wait => break,
-                Step::Reroute => self.release().await,
+                Step::Reroute => Box::pin(self.release()).await,
                 Step::Dispatch(class) => {
                     if let Some(f) = self.pop_held() {
                         self.dispatch(f, class);
@@ -1397,11 +1804,14 @@ impl Session {
     /// in transaction mode, and queues what comes back for it.
     fn dispatch(&mut self, frame: Frame, class: Option<Class>) {
         let translate = self.translating();
-        let max = self.shared.config.max_prepared_statements as usize;
+        let max = self.shared.config().max_prepared_statements as usize;
         let Session { attached, statements, unnamed_class, skip_to_sync, .. } = self;
         let Some(att) = attached.as_mut() else { return };
         if class == Some(Class::Write) && att.conn.role == ServerRole::Primary {
             att.wrote = true;
+        }
+        if matches!(frame.tag(), b'Q' | b'E') {
+            att.pool.stats.queries.fetch_add(1, Ordering::Relaxed);
         }
         let body = frame.body();
         let forward = |att: &mut Attached, kind: Option<Kind>| {
@@ -1550,7 +1960,9 @@ impl Session {
                     }
                 }
                 att.conn.params.insert(name.clone(), value.clone());
-                told.insert(name, value);
+                if TRACKED.contains(&name.as_str()) {
+                    told.insert(name, value);
+                }
             }
             wbuf.extend_from_slice(frame.as_bytes());
             return;
@@ -1601,6 +2013,9 @@ impl Session {
                 if to_client || matches!(tag, b'E' | b'N' | b'A') {
                     wbuf.extend_from_slice(frame.as_bytes());
                 }
+                if tag == b'E' {
+                    att.pool.stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
                 if translate && tag == b'C' && to_client {
                     let body = frame.body();
                     if body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0") {
@@ -1649,10 +2064,11 @@ impl Session {
     /// wrote on the primary, reads the primary's WAL position for read-your-writes. `true`
     /// when the connection was released.
     async fn settle(&mut self) -> bool {
-        if self.shared.config.pool_mode == PoolMode::Session {
+        let cfg = self.shared.config();
+        if cfg.pool_mode == PoolMode::Session {
             return false;
         }
-        let ryw = self.shared.config.read_your_writes && self.shared.topology.borrow().members > 1;
+        let ryw = cfg.read_your_writes && self.shared.topology.borrow().members > 1;
         let Some(att) = self.attached.as_mut() else { return false };
         if !att.clean() {
             return false;
@@ -1663,7 +2079,7 @@ impl Session {
             att.push(Expect::Lsn, Undo::None);
             return false;
         }
-        self.release().await;
+        Box::pin(self.release()).await;
         true
     }
 
@@ -1742,30 +2158,54 @@ impl Session {
     /// practice: the client can always be read or written).
     /// Waits for the next I/O event. `None` when there was nothing to wait for (never in
     /// practice: the client can always be read or written).
-    async fn wait_event(&mut self, topo_rx: &mut watch::Receiver<Topology>) -> Option<Event> {
+    async fn wait_event(
+        &mut self,
+        topo_rx: &mut watch::Receiver<Topology>,
+        drain_rx: &mut watch::Receiver<bool>,
+    ) -> Option<Event> {
+        let drained = *drain_rx.borrow_and_update();
         let read_client = self.held_bytes < HIGH_WATER;
         let write_client = !self.wbuf.is_empty();
+        // An idle client (no server attached, nothing buffered either way) keeps no buffers:
+        // wait until its socket is readable before giving it a read buffer again. 16 KiB per
+        // idle client otherwise (docs/benchmarks.md, "Proxy": 2,000 idle clients).
+        if self.attached.is_none() && !write_client && self.rbuf.is_empty() && self.held.is_empty() {
+            if let Stream::Plain(tcp) = &self.stream {
+                self.rbuf = BytesMut::new();
+                self.wbuf = BytesMut::new();
+                tokio::select! {
+                    r = tcp.readable() => {
+                        if let Err(e) = r {
+                            return Some(Event::ClientRead(Err(e)));
+                        }
+                    }
+                    _ = drain_rx.changed(), if !drained => return Some(Event::Topology),
+                }
+                self.wbuf.reserve(8192);
+            }
+        }
         self.rbuf.reserve(8192);
-        let (mut cr, mut cw) = self.stream.split();
+        let client = pump(&mut self.stream, &mut self.rbuf, &self.wbuf, read_client, write_client);
         match self.attached.as_mut() {
             None => {
+                if !read_client && !write_client && drained {
+                    return None;
+                }
                 tokio::select! {
-                    r = cr.read_buf(&mut self.rbuf), if read_client => Some(Event::ClientRead(r)),
-                    r = cw.write(&self.wbuf), if write_client => Some(Event::ClientWrote(r)),
-                    else => None,
+                    (read, r) = client => Some(if read { Event::ClientRead(r) } else { Event::ClientWrote(r) }),
+                    _ = drain_rx.changed(), if !drained => Some(Event::Topology),
                 }
             }
             Some(att) => {
                 let read_server = self.wbuf.len() < HIGH_WATER;
                 let write_server = !att.out.is_empty();
                 att.conn.rbuf.reserve(8192);
-                let (mut sr, mut sw) = att.conn.stream.split();
+                let server = pump(&mut att.conn.stream, &mut att.conn.rbuf, &att.out, read_server, write_server);
                 tokio::select! {
-                    r = cr.read_buf(&mut self.rbuf), if read_client => Some(Event::ClientRead(r)),
-                    r = cw.write(&self.wbuf), if write_client => Some(Event::ClientWrote(r)),
-                    r = sr.read_buf(&mut att.conn.rbuf), if read_server => Some(Event::ServerRead(r)),
-                    r = sw.write(&att.out), if write_server => Some(Event::ServerWrote(r)),
+                    (read, r) = client => Some(if read { Event::ClientRead(r) } else { Event::ClientWrote(r) }),
+                    (read, r) = server => Some(if read { Event::ServerRead(r) } else { Event::ServerWrote(r) }),
                     _ = topo_rx.changed() => Some(Event::Topology),
+                    _ = drain_rx.changed(), if !drained => Some(Event::Topology),
                 }
             }
         }
@@ -1773,7 +2213,7 @@ impl Session {
 
     /// End of the session: give the server connection back (or close it), say goodbye.
     async fn finish(&mut self) {
-        self.release().await;
+        Box::pin(self.release()).await;
         if let Some((pid, _)) = self.key {
             self.shared.unregister(pid);
         }
@@ -1782,6 +2222,36 @@ impl Session {
         }
         let _ = self.stream.shutdown().await;
     }
+}
+
+/// Waits until `stream` can take some of `out` (when `write`) or gave bytes into `rbuf`
+/// (when `read`): `(true, result)` for a read, `(false, result)` for a write. One future
+/// polls both directions of one stream, which works for TLS streams as for sockets. Writes
+/// come first, so output drains before more input is taken; with nothing to write, data TLS
+/// still buffers is flushed.
+async fn pump(
+    stream: &mut Stream,
+    rbuf: &mut BytesMut,
+    out: &[u8],
+    read: bool,
+    write: bool,
+) -> (bool, std::io::Result<usize>) {
+    std::future::poll_fn(|cx| {
+        if write {
+            if let std::task::Poll::Ready(r) = stream.poll_write_bytes(cx, out) {
+                return std::task::Poll::Ready((false, r));
+            }
+        } else if let std::task::Poll::Ready(Err(e)) = stream.poll_flush_bytes(cx) {
+            return std::task::Poll::Ready((false, Err(e)));
+        }
+        if read {
+            if let std::task::Poll::Ready(r) = stream.poll_read_bytes(cx, rbuf) {
+                return std::task::Poll::Ready((true, r));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Sends the proxy's own answers that have reached the head of the queue.

@@ -36,6 +36,9 @@ pub struct Replica {
     /// Bytes of WAL it is behind the primary (the leader's reported LSN minus its replay
     /// LSN), when both are known.
     pub lag: Option<u64>,
+    /// How far its replay is behind, in ms, as its agent last reported it (0 when it has
+    /// replayed everything it received, else the age of the last transaction it replayed).
+    pub lag_ms: Option<u64>,
 }
 
 /// What the proxy knows about the cluster.
@@ -105,6 +108,7 @@ pub fn from_snapshot(snap: &ClusterSnapshot) -> Topology {
             address: m.pg_address.clone(),
             replayed_lsn: m.replayed_lsn,
             lag: leader_lsn.zip(m.replayed_lsn).map(|(p, r)| p.saturating_sub(r)),
+            lag_ms: m.replay_lag_ms,
         })
         .collect();
     Topology { newest_term, primary, why_none, dcs_ok: true, replicas, members }
@@ -206,6 +210,7 @@ mod tests {
                 timeline: None,
                 lsn: None,
                 replayed_lsn: None,
+                replay_lag_ms: None,
                 streaming: false,
                 following: None,
                 term,
@@ -246,6 +251,7 @@ mod tests {
         let mut r = member("n1", Role::Replica, "running", 3);
         r.value.streaming = true;
         r.value.replayed_lsn = Some(400);
+        r.value.replay_lag_ms = Some(250);
         snap.members[0] = r.clone();
         let mut stopped = member("n3", Role::Replica, "stopped", 3);
         stopped.value.streaming = true;
@@ -253,7 +259,13 @@ mod tests {
         let t = from_snapshot(&snap);
         assert_eq!(
             t.replicas,
-            vec![Replica { name: "n1".into(), address: "n1:5432".into(), replayed_lsn: Some(400), lag: Some(600) }]
+            vec![Replica {
+                name: "n1".into(),
+                address: "n1:5432".into(),
+                replayed_lsn: Some(400),
+                lag: Some(600),
+                lag_ms: Some(250)
+            }]
         );
         assert_eq!(t.members, 3);
         r.value.streaming = false;

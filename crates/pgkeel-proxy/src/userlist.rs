@@ -12,10 +12,14 @@
 //!   with the `ClientKey` recovered from the client's proof (pass-through). That works when
 //!   postgres holds the same secret (copy it from `pg_authid`), and only with SCRAM.
 //!
-//! MD5 hashes (`md5...`) are refused: the proxy authenticates clients with SCRAM only.
+//! MD5 hashes (`md5...`) are refused in the file. Users missing from the file may be looked up
+//! on the primary with `auth_query` ([`UserEntry::from_stored`], cached in [`AuthCache`]);
+//! there an MD5 hash is accepted and the client is checked with MD5.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::scram::{self, ScramSecret};
 
@@ -27,6 +31,9 @@ pub struct UserEntry {
     /// The plaintext password, when the file has it (needed for MD5 and cleartext logins to
     /// servers).
     pub password: Option<String>,
+    /// An MD5 hash (`md5...`), from `auth_query` only: the client is checked with MD5
+    /// against it (then `secret` is unused), and the proxy logs in to servers with it.
+    pub md5: Option<String>,
 }
 
 impl std::fmt::Debug for UserEntry {
@@ -72,7 +79,7 @@ impl Userlist {
             }
             let entry = if password.starts_with("SCRAM-SHA-256$") {
                 let secret = ScramSecret::parse(&password).map_err(|e| format!("line {n} (user {user:?}): {e}"))?;
-                UserEntry { secret, password: None }
+                UserEntry { secret, password: None, md5: None }
             } else if password.len() == 35 && password.starts_with("md5") {
                 return Err(format!(
                     "line {n} (user {user:?}): MD5 hashes are not supported; put the plaintext password or the \
@@ -85,6 +92,7 @@ impl Userlist {
                 UserEntry {
                     secret: ScramSecret::from_password(&password, &salt, scram::DEFAULT_ITERATIONS),
                     password: Some(password),
+                    md5: None,
                 }
             };
             if users.insert(user.clone(), entry).is_some() {
@@ -107,6 +115,67 @@ impl Userlist {
     /// Whether the list is empty.
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
+    }
+}
+
+/// How long an `auth_query` answer is reused: a user found, and a user not found.
+pub const AUTH_CACHE_FOUND: Duration = Duration::from_secs(30);
+/// See [`AUTH_CACHE_FOUND`]. Errors (no primary, a failed query) are not cached at all.
+pub const AUTH_CACHE_MISSING: Duration = Duration::from_secs(5);
+/// Entries kept at most; beyond it the expired ones are dropped, then everything.
+const AUTH_CACHE_MAX: usize = 10_000;
+
+impl UserEntry {
+    /// The entry for a password column returned by `auth_query`: a SCRAM-SHA-256 secret, an
+    /// MD5 hash, or (rarely) a plaintext password. `None` for NULL or empty (no password:
+    /// the user cannot log in through the proxy).
+    pub fn from_stored(stored: Option<&str>) -> Result<Option<UserEntry>, String> {
+        let Some(stored) = stored.filter(|s| !s.is_empty()) else { return Ok(None) };
+        if stored.starts_with("SCRAM-SHA-256$") {
+            let secret = ScramSecret::parse(stored)?;
+            return Ok(Some(UserEntry { secret, password: None, md5: None }));
+        }
+        // The SCRAM secret is not used for MD5 entries; a random one keeps the type simple.
+        let salt = scram::random_bytes(16).map_err(|e| e.to_string())?;
+        let filler = scram::new_nonce().map_err(|e| e.to_string())?;
+        if stored.len() == 35 && stored.starts_with("md5") && stored[3..].bytes().all(|b| b.is_ascii_hexdigit()) {
+            let secret = ScramSecret::from_password(&filler, &salt, scram::DEFAULT_ITERATIONS);
+            return Ok(Some(UserEntry { secret, password: None, md5: Some(stored.to_string()) }));
+        }
+        let secret = ScramSecret::from_password(stored, &salt, scram::DEFAULT_ITERATIONS);
+        Ok(Some(UserEntry { secret, password: Some(stored.to_string()), md5: None }))
+    }
+}
+
+/// `auth_query` answers by (database, user), each until it expires.
+#[derive(Debug, Default)]
+pub struct AuthCache {
+    entries: Mutex<HashMap<(String, String), CachedAnswer>>,
+}
+
+/// Until when, and the answer (`None`: no such user).
+type CachedAnswer = (Instant, Option<UserEntry>);
+
+impl AuthCache {
+    /// A fresh answer: `Some(None)` is "no such user".
+    pub fn get(&self, database: &str, user: &str) -> Option<Option<UserEntry>> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let (until, entry) = entries.get(&(database.to_string(), user.to_string()))?;
+        (Instant::now() < *until).then(|| entry.clone())
+    }
+
+    /// Keeps an answer for [`AUTH_CACHE_FOUND`] or [`AUTH_CACHE_MISSING`].
+    pub fn put(&self, database: &str, user: &str, entry: Option<UserEntry>) {
+        let ttl = if entry.is_some() { AUTH_CACHE_FOUND } else { AUTH_CACHE_MISSING };
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= AUTH_CACHE_MAX {
+            entries.retain(|_, (until, _)| *until > now);
+            if entries.len() >= AUTH_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert((database.to_string(), user.to_string()), (now + ttl, entry));
     }
 }
 
@@ -154,6 +223,29 @@ mod tests {
         assert!(bob.password.is_none());
         assert_eq!(bob.secret.to_string(), secret);
         assert!(u.get("carol").is_none());
+    }
+
+    #[test]
+    fn auth_query_answers_and_the_cache() {
+        let secret = ScramSecret::from_password("pencil", b"salt", 4096).to_string();
+        let e = UserEntry::from_stored(Some(&secret)).unwrap().unwrap();
+        assert_eq!((e.secret.to_string(), e.password.is_none(), e.md5.is_none()), (secret, true, true));
+        let md5 = scram::md5_hash("bob", "pw");
+        let e = UserEntry::from_stored(Some(&md5)).unwrap().unwrap();
+        assert_eq!(e.md5.as_deref(), Some(md5.as_str()));
+        let e = UserEntry::from_stored(Some("plain")).unwrap().unwrap();
+        assert_eq!(e.password.as_deref(), Some("plain"));
+        assert!(UserEntry::from_stored(None).unwrap().is_none());
+        assert!(UserEntry::from_stored(Some("")).unwrap().is_none());
+        assert!(UserEntry::from_stored(Some("SCRAM-SHA-256$x")).is_err());
+
+        let cache = AuthCache::default();
+        assert!(cache.get("db", "bob").is_none());
+        cache.put("db", "bob", UserEntry::from_stored(Some(&md5)).unwrap());
+        cache.put("db", "nobody", None);
+        assert!(cache.get("db", "bob").unwrap().is_some());
+        assert!(cache.get("db", "nobody").unwrap().is_none(), "a known miss");
+        assert!(cache.get("other", "bob").is_none(), "per database");
     }
 
     #[test]

@@ -67,6 +67,18 @@ enum Command {
         /// client URLs, e.g. http://127.0.0.1:2379.
         #[arg(long, value_name = "URLS")]
         etcd: Option<String>,
+        /// Start a new cluster from a backup instead of an empty database: the repository
+        /// (a directory or s3://...) holding it. The first node restores the newest backup
+        /// that reaches --target-time (default: replays the whole archive) and promotes; the
+        /// others clone from it.
+        #[arg(long, value_name = "DIR|URL")]
+        from_backup: Option<PathBuf>,
+        /// With --from-backup: the cluster name in that repository (default: --cluster).
+        #[arg(long, value_name = "NAME", requires = "from_backup")]
+        from_cluster: Option<String>,
+        /// With --from-backup: recover up to this time, e.g. "2024-05-01 12:30:00+00".
+        #[arg(long, value_name = "TIME", requires = "from_backup")]
+        target_time: Option<String>,
     },
     /// The fencing guard of one node (started by its agent; not for direct use).
     #[command(hide = true)]
@@ -161,10 +173,15 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum ConfigCommand {
-    /// Validate a node.toml without starting anything (exit 64 when it is bad).
+    /// Validate a node.toml or a proxy.toml (and its userlist) without starting anything
+    /// (exit 64 when it is bad). The kind is told from the contents: a file with an [auth]
+    /// section or a top-level `listen` and no [postgres] section is a proxy.toml.
     Check {
         /// The file to check.
         file: PathBuf,
+        /// Check it as this kind instead of guessing: `node` or `proxy`.
+        #[arg(long, value_parser = ["node", "proxy"])]
+        kind: Option<String>,
     },
     /// Print an annotated example node.toml.
     Example,
@@ -257,7 +274,12 @@ fn main() -> ExitCode {
             print!("{}", pgkeel_config::example());
             ExitCode::SUCCESS
         }
-        Command::Config { command: ConfigCommand::Check { file } } => match pgkeel_config::load(&file) {
+        Command::Config { command: ConfigCommand::Check { file, kind } }
+            if kind.as_deref() == Some("proxy") || (kind.is_none() && proxy_cli::looks_like_proxy_toml(&file)) =>
+        {
+            proxy_cli::check(&file)
+        }
+        Command::Config { command: ConfigCommand::Check { file, .. } } => match pgkeel_config::load(&file) {
             Ok(c) => {
                 println!("{}: OK (cluster {:?}, node {:?})", file.display(), c.cluster, c.name);
                 ExitCode::SUCCESS
@@ -287,10 +309,16 @@ fn main() -> ExitCode {
             });
             report(result)
         }
-        Command::Up { dir, nodes, cluster, detach, etcd } => {
+        Command::Up { dir, nodes, cluster, detach, etcd, from_backup, from_cluster, target_time } => {
             let etcd: Option<Vec<String>> =
                 etcd.map(|e| e.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect());
-            report(runtime().block_on(up::up(&dir, nodes, &cluster, detach, etcd)))
+            let from = from_backup.map(|repo| pgkeel_config::BootstrapFrom {
+                repo: Some(std::path::absolute(&repo).unwrap_or(repo)),
+                cluster: from_cluster,
+                target_time,
+                ..Default::default()
+            });
+            report(runtime().block_on(up::up(&dir, nodes, &cluster, detach, etcd, from)))
         }
         Command::Down { dir } => report(runtime().block_on(up::down(&dir))),
         Command::Guard { node_dir, data_dir } => report(pgkeel_agent::guard::run(&node_dir, &data_dir)),

@@ -3,6 +3,9 @@
 //! Layout of DIR:
 //! - `up.json`: endpoints (DSNs with the generated passwords, REST URLs) — written once;
 //! - `dcs/`: the local store shared by the agents;
+//! - `tls/`: a CA (`ca.crt`, `ca.key`) and the certificates it signed for postgres
+//!   (`server.crt`, `server.key`) and the proxy (`proxy.crt`, `proxy.key`);
+//! - `proxy.toml`, `userlist.txt`, `proxy.pid`, `proxy.log`: the proxy;
 //! - `nodes/<name>/node.toml`, `agent.pid`, `agent.log`, `postgres.log`, `run/` (socket),
 //!   `data/` (the postgres data directory), `guard.pid`, `guard.log`, `guard.lease` (the
 //!   fencing guard).
@@ -149,7 +152,13 @@ fn check_reachable(dir: &Path, os_user: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn create(dir: &Path, nodes: u16, cluster: &str, etcd: Option<Vec<String>>) -> anyhow::Result<UpInfo> {
+fn create(
+    dir: &Path,
+    nodes: u16,
+    cluster: &str,
+    etcd: Option<Vec<String>>,
+    from: Option<&pgkeel_config::BootstrapFrom>,
+) -> anyhow::Result<UpInfo> {
     let dcs = match etcd {
         Some(endpoints) => DcsConfig::Etcd { endpoints },
         None => DcsConfig::Local { path: dir.join("dcs") },
@@ -158,6 +167,7 @@ fn create(dir: &Path, nodes: u16, cluster: &str, etcd: Option<Vec<String>>) -> a
     let repl_pw = pgkeel_agent::random_password();
     let api_pw = pgkeel_agent::random_password();
     let ports = free_ports(nodes as usize * 2 + 1)?;
+    let tls = write_certificates(dir)?;
     let mut infos = Vec::new();
     for i in 0..nodes as usize {
         let name = format!("n{}", i + 1);
@@ -174,6 +184,7 @@ fn create(dir: &Path, nodes: u16, cluster: &str, etcd: Option<Vec<String>>) -> a
                 listen: format!("127.0.0.1:{pg_port}"),
                 superuser: Credentials { username: "postgres".into(), password: Some(su_pw.clone()) },
                 replication: Credentials { username: "pgkeel_replicator".into(), password: Some(repl_pw.clone()) },
+                parameters: tls.postgres_parameters(),
                 ..PostgresConfig::default()
             },
             rest: RestConfig {
@@ -182,7 +193,11 @@ fn create(dir: &Path, nodes: u16, cluster: &str, etcd: Option<Vec<String>>) -> a
                 ..RestConfig::default()
             },
             tags: Default::default(),
-            backup: BackupConfig { repo: Some(dir.join("backups")) },
+            backup: BackupConfig {
+                repo: Some(dir.join("backups")),
+                bootstrap_from: from.cloned(),
+                ..BackupConfig::default()
+            },
             bootstrap: Default::default(),
         };
         cfg.validate().map_err(|e| anyhow::anyhow!("generated config for {name} is invalid: {e}"))?;
@@ -211,7 +226,7 @@ fn create(dir: &Path, nodes: u16, cluster: &str, etcd: Option<Vec<String>>) -> a
         api: UpCredentials { username: "pgkeel".into(), password: api_pw },
         nodes: infos,
         backup_repo: Some(dir.join("backups")),
-        proxy: Some(write_proxy_config(dir, cluster, &dcs, ports[nodes as usize * 2], &su_pw)?),
+        proxy: Some(write_proxy_config(dir, cluster, &dcs, ports[nodes as usize * 2], &su_pw, &tls)?),
     };
     // Written aside and renamed, so a reader never sees it half-written.
     let path = dir.join("up.json");
@@ -224,7 +239,14 @@ fn create(dir: &Path, nodes: u16, cluster: &str, etcd: Option<Vec<String>>) -> a
 }
 
 /// `DIR/proxy.toml` and `DIR/userlist.txt` (the superuser, mode 0600) for a proxy on `port`.
-fn write_proxy_config(dir: &Path, cluster: &str, dcs: &DcsConfig, port: u16, su_pw: &str) -> anyhow::Result<UpProxy> {
+fn write_proxy_config(
+    dir: &Path,
+    cluster: &str,
+    dcs: &DcsConfig,
+    port: u16,
+    su_pw: &str,
+    tls: &UpTls,
+) -> anyhow::Result<UpProxy> {
     let dcs_toml = match dcs {
         DcsConfig::Local { path } => format!("kind = \"local\"\npath = {:?}\n", path.display().to_string()),
         DcsConfig::Etcd { endpoints } => format!("kind = \"etcd\"\nendpoints = {endpoints:?}\n"),
@@ -233,7 +255,12 @@ fn write_proxy_config(dir: &Path, cluster: &str, dcs: &DcsConfig, port: u16, su_
     let text = format!(
         "# Written by `pgkeel up`: the pooling proxy in front of this cluster (`pgkeel proxy --example`\n\
          # lists every setting).\ncluster = {cluster:?}\nlisten = \"127.0.0.1:{port}\"\n\n[dcs]\n{dcs_toml}\n\
-         [auth]\nuserlist = \"userlist.txt\"\n"
+         [auth]\nuserlist = \"userlist.txt\"\n\n\
+         # TLS: clients must use it; postgres is checked against the cluster's CA.\n[tls]\ncert = {:?}\n\
+         key = {:?}\nclient_tls = \"require\"\nserver_tls = \"verify-full\"\nserver_ca = {:?}\n",
+        tls.proxy_cert.display().to_string(),
+        tls.proxy_key.display().to_string(),
+        tls.ca.display().to_string(),
     );
     std::fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
     let userlist = dir.join("userlist.txt");
@@ -241,10 +268,83 @@ fn write_proxy_config(dir: &Path, cluster: &str, dcs: &DcsConfig, port: u16, su_
         .with_context(|| format!("write {}", userlist.display()))?;
     std::fs::set_permissions(&userlist, std::fs::Permissions::from_mode(0o600))?;
     Ok(UpProxy {
-        dsn: format!("postgresql://postgres:{su_pw}@127.0.0.1:{port}/postgres"),
+        dsn: format!(
+            "postgresql://postgres:{su_pw}@127.0.0.1:{port}/postgres?sslmode=verify-full&sslrootcert={}",
+            tls.ca.display()
+        ),
         config,
         pid_file: dir.join("proxy.pid"),
     })
+}
+
+/// The certificates `up` makes in `DIR/tls` (see [`write_certificates`]).
+struct UpTls {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    proxy_cert: PathBuf,
+    proxy_key: PathBuf,
+}
+
+impl UpTls {
+    /// `ssl = on` with the node certificate, for every node's `[postgres.parameters]`.
+    fn postgres_parameters(&self) -> std::collections::BTreeMap<String, pgkeel_config::ParamValue> {
+        use pgkeel_config::ParamValue;
+        let path = |p: &Path| ParamValue::Text(p.display().to_string());
+        [
+            ("ssl".to_string(), ParamValue::Bool(true)),
+            ("ssl_cert_file".to_string(), path(&self.server_cert)),
+            ("ssl_key_file".to_string(), path(&self.server_key)),
+        ]
+        .into_iter()
+        .collect()
+    }
+}
+
+/// A CA and two certificates signed by it in `DIR/tls`, each valid for `127.0.0.1` and
+/// `localhost` (so clients can use `sslmode=verify-full` with `sslrootcert=DIR/tls/ca.crt`):
+/// `server.crt`/`server.key` for postgres (the key owned by the OS user postgres runs as,
+/// mode 0600, as postgres demands) and `proxy.crt`/`proxy.key` for the proxy. The CA key is
+/// kept in `ca.key` (0600) to sign more.
+fn write_certificates(dir: &Path) -> anyhow::Result<UpTls> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let tls_dir = dir.join("tls");
+    std::fs::create_dir_all(&tls_dir).with_context(|| format!("create {}", tls_dir.display()))?;
+    std::fs::set_permissions(&tls_dir, std::fs::Permissions::from_mode(0o755))?;
+    let write = |name: &str, text: &str, mode: u32| -> anyhow::Result<PathBuf> {
+        let path = tls_dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        Ok(path)
+    };
+    let ca_key = KeyPair::generate().context("generate the CA key")?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).context("CA certificate parameters")?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "pgkeel up CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key).context("sign the CA certificate")?;
+    let ca = write("ca.crt", &ca_cert.pem(), 0o644)?;
+    write("ca.key", &ca_key.serialize_pem(), 0o600)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |name: &str| -> anyhow::Result<(PathBuf, PathBuf)> {
+        let key = KeyPair::generate().context("generate a key")?;
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .context("certificate parameters")?;
+        params.distinguished_name.push(DnType::CommonName, format!("pgkeel up {name}"));
+        let cert = params.signed_by(&key, &issuer).with_context(|| format!("sign the {name} certificate"))?;
+        Ok((
+            write(&format!("{name}.crt"), &cert.pem(), 0o644)?,
+            write(&format!("{name}.key"), &key.serialize_pem(), 0o600)?,
+        ))
+    };
+    let (server_cert, server_key) = leaf("server")?;
+    let (proxy_cert, proxy_key) = leaf("proxy")?;
+    // Postgres refuses a key file that is not its own (or root's with mode 0640 or less).
+    if let Some(run_as) = pgkeel_pg::user::run_as_for(&PostgresConfig::default().os_user)? {
+        std::os::unix::fs::chown(&server_key, Some(run_as.uid), Some(run_as.gid))
+            .with_context(|| format!("give {} to the OS user {}", server_key.display(), run_as.name))?;
+    }
+    Ok(UpTls { ca, server_cert, server_key, proxy_cert, proxy_key })
 }
 
 /// The proxy's pid, when it runs (the pid file is `up`'s, so check the process is a proxy:
@@ -295,7 +395,14 @@ fn spawn_agent(node: &UpNode) -> anyhow::Result<std::process::Child> {
 }
 
 /// `pgkeel up`.
-pub async fn up(dir: &Path, nodes: u16, cluster: &str, detach: bool, etcd: Option<Vec<String>>) -> anyhow::Result<()> {
+pub async fn up(
+    dir: &Path,
+    nodes: u16,
+    cluster: &str,
+    detach: bool,
+    etcd: Option<Vec<String>>,
+    from: Option<pgkeel_config::BootstrapFrom>,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     pgkeel_pg::binaries::PgBinaries::discover(None)?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -321,7 +428,7 @@ pub async fn up(dir: &Path, nodes: u16, cluster: &str, detach: bool, etcd: Optio
         eprintln!("resuming cluster {:?} in {}", info.cluster, dir.display());
         info
     } else {
-        let info = create(&dir, nodes, cluster, etcd)?;
+        let info = create(&dir, nodes, cluster, etcd, from.as_ref())?;
         eprintln!("created cluster {:?} with {} nodes in {}", info.cluster, info.nodes.len(), dir.display());
         info
     };

@@ -257,6 +257,25 @@ async fn proxy_pools_authenticates_and_refuses_bad_clients() {
     assert!(started.elapsed() < Duration::from_secs(10), "cancelled promptly");
     canceller.await.unwrap().unwrap();
 
+    // A cancel from a client with no query running reaches nobody, even while another
+    // client runs one (maybe on the server connection the first one used last).
+    let idle = connect(&p.dsn()).await.unwrap();
+    one(&idle, "select 1").await.unwrap();
+    let idle_token = idle.cancel_token();
+    let busy = connect(&p.dsn()).await.unwrap();
+    let sleeping = tokio::spawn(async move {
+        busy.simple_query("/* pgkeel:primary */ select pg_sleep(2), 'busy-sleeper'").await.map(|_| ())
+    });
+    wait_for("the other client's query to run", Duration::from_secs(10), || async {
+        let sql = "/* pgkeel:primary */ select count(*) from pg_stat_activity \
+                   where query like '%busy-sleeper%' and pid <> pg_backend_pid() and state = 'active'";
+        let n = one(&client, sql).await.ok()??;
+        (n != "0").then_some(())
+    })
+    .await;
+    idle_token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    sleeping.await.unwrap().expect("another client's cancel does not stop this query");
+
     // pgbench: initialise, then 4 clients for 5 s in simple and extended protocol.
     let t = Instant::now();
     pgbench(&p, &["-i", "-s", "1", "-q"]);

@@ -1,0 +1,641 @@
+//! The admin console: a client that logs in to the database [`ADMIN_DATABASE`] as one of
+//! `admin_users` gets this console instead of a server connection. It answers the simple
+//! query protocol with text columns, like PgBouncer's console: `SHOW POOLS`, `SHOW CLIENTS`,
+//! `SHOW SERVERS`, `SHOW STATS`, `SHOW CONFIG`, `PAUSE`, `RESUME` and `RELOAD`.
+//!
+//! It also owns reloading (`RELOAD`, SIGHUP): [`reload`] re-reads `proxy.toml` and the
+//! userlist, puts the keys that can change live in force and logs the others as needing a
+//! restart.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::config::ProxyConfig;
+use crate::pool::PoolTarget;
+use crate::protocol::{
+    sqlstate, BackendMessage, FieldDescription, FrontendDecoder, FrontendMessage, Limits, Severity, Text,
+    TransactionStatus,
+};
+use crate::session::Shared;
+use crate::stats::{unix_time, Limit};
+
+/// The database name that reaches the admin console.
+pub const ADMIN_DATABASE: &str = "pgkeel";
+
+/// SQLSTATE for an unknown console command.
+const SYNTAX_ERROR: &str = "42601";
+/// SQLSTATE for a refused admin login.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
+/// What the console needs besides [`Shared`]: the file to reload, the client limit to resize,
+/// and whether this proxy's console paused it.
+#[derive(Debug, Default)]
+pub struct AdminState {
+    /// The `proxy.toml` that `RELOAD` and SIGHUP re-read.
+    pub source: OnceLock<PathBuf>,
+    /// The `max_client_conn` limit of the listeners.
+    pub clients: OnceLock<Arc<Limit>>,
+    /// `PAUSE` closed [`Shared::hold`] and no `RESUME` opened it yet.
+    paused: AtomicBool,
+    /// One reload at a time.
+    reloading: Mutex<()>,
+}
+
+/// A console command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// `SHOW POOLS`.
+    ShowPools,
+    /// `SHOW CLIENTS`.
+    ShowClients,
+    /// `SHOW SERVERS`.
+    ShowServers,
+    /// `SHOW STATS`.
+    ShowStats,
+    /// `SHOW CONFIG`.
+    ShowConfig,
+    /// `PAUSE`.
+    Pause,
+    /// `RESUME`.
+    Resume,
+    /// `RELOAD`.
+    Reload,
+}
+
+/// The commands, for help and error messages.
+pub const COMMANDS: &str = "SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW CONFIG, PAUSE, RESUME, RELOAD";
+
+/// Parses one console command: case-insensitive, extra spaces and a trailing `;` allowed.
+/// `Ok(None)` for an empty query.
+pub fn parse(text: &str) -> Result<Option<Command>, String> {
+    let text = text.trim().trim_end_matches(';').trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let words: Vec<String> = text.split_whitespace().map(str::to_ascii_uppercase).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let c = match words.as_slice() {
+        ["SHOW", "POOLS"] => Command::ShowPools,
+        ["SHOW", "CLIENTS"] => Command::ShowClients,
+        ["SHOW", "SERVERS"] => Command::ShowServers,
+        ["SHOW", "STATS"] => Command::ShowStats,
+        ["SHOW", "CONFIG"] => Command::ShowConfig,
+        ["PAUSE"] => Command::Pause,
+        ["RESUME"] => Command::Resume,
+        ["RELOAD"] => Command::Reload,
+        _ => {
+            let shown: String = text.chars().take(80).collect();
+            return Err(format!("unknown admin console command {shown:?}; the console knows {COMMANDS}"));
+        }
+    };
+    Ok(Some(c))
+}
+
+/// A result set of text columns.
+#[derive(Debug, Default, PartialEq)]
+pub struct Table {
+    /// Column names.
+    pub columns: Vec<&'static str>,
+    /// Rows, one value per column.
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(columns: &[&'static str]) -> Table {
+        Table { columns: columns.to_vec(), rows: Vec::new() }
+    }
+
+    /// RowDescription, DataRows and CommandComplete `SHOW`.
+    fn encode(&self, out: &mut BytesMut) {
+        let fields = self
+            .columns
+            .iter()
+            .map(|c| FieldDescription {
+                name: Text::lossy(c),
+                table_oid: 0,
+                column_id: 0,
+                type_oid: 25, // text
+                type_size: -1,
+                type_modifier: -1,
+                format: 0,
+            })
+            .collect();
+        BackendMessage::RowDescription(fields).encode(out);
+        for row in &self.rows {
+            BackendMessage::DataRow(row.iter().map(|v| Some(Bytes::copy_from_slice(v.as_bytes()))).collect())
+                .encode(out);
+        }
+        BackendMessage::CommandComplete { tag: Text::lossy("SHOW") }.encode(out);
+    }
+}
+
+fn target_name(t: &PoolTarget) -> String {
+    match t {
+        PoolTarget::Primary => "primary".to_string(),
+        PoolTarget::Replica(name) => format!("replica:{name}"),
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64())
+}
+
+/// `YYYY-MM-DD HH:MM:SS` UTC.
+fn timestamp(t: SystemTime) -> String {
+    let s = unix_time(t);
+    let (days, rem) = (s / 86_400, s % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// `SHOW POOLS`.
+pub fn show_pools(shared: &Shared) -> Table {
+    let mode = shared.config().pool_mode.as_str();
+    let mut t = Table::new(&[
+        "database",
+        "user",
+        "target",
+        "mode",
+        "cl_active",
+        "cl_waiting",
+        "sv_active",
+        "sv_idle",
+        "pool_size",
+        "maxwait",
+    ]);
+    for p in shared.pools.all() {
+        let (in_use, idle, size) = p.counts();
+        let (waiting, longest) = p.stats.waiters();
+        t.rows.push(vec![
+            p.key.database.clone(),
+            p.key.user.clone(),
+            target_name(&p.key.target),
+            mode.to_string(),
+            in_use.to_string(),
+            waiting.to_string(),
+            in_use.to_string(),
+            idle.to_string(),
+            size.to_string(),
+            secs(longest),
+        ]);
+    }
+    t
+}
+
+/// `SHOW CLIENTS`.
+pub fn show_clients(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        "pid",
+        "user",
+        "database",
+        "state",
+        "addr",
+        "port",
+        "listener",
+        "connect_time",
+        "server",
+        "server_pid",
+    ]);
+    for (c, server) in shared.clients() {
+        let state = if server.is_some() {
+            "active"
+        } else if c.waiting.load(Ordering::Relaxed) {
+            "waiting"
+        } else {
+            "idle"
+        };
+        t.rows.push(vec![
+            c.pid.to_string(),
+            c.user.clone(),
+            c.database.clone(),
+            state.to_string(),
+            c.peer.ip().to_string(),
+            c.peer.port().to_string(),
+            c.listener.to_string(),
+            timestamp(c.connected),
+            server.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
+            server.map(|s| s.1.to_string()).unwrap_or_default(),
+        ]);
+    }
+    t
+}
+
+/// `SHOW SERVERS`.
+pub fn show_servers(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        "database",
+        "user",
+        "target",
+        "member",
+        "address",
+        "role",
+        "term",
+        "state",
+        "pid",
+        "connect_time",
+    ]);
+    let now = SystemTime::now();
+    for p in shared.pools.all() {
+        for s in p.servers() {
+            t.rows.push(vec![
+                p.key.database.clone(),
+                p.key.user.clone(),
+                target_name(&p.key.target),
+                s.member,
+                s.address,
+                s.role.to_string(),
+                s.term.to_string(),
+                s.state.to_string(),
+                s.pid.map(|p| p.to_string()).unwrap_or_default(),
+                timestamp(now.checked_sub(s.opened.elapsed()).unwrap_or(now)),
+            ]);
+        }
+    }
+    t
+}
+
+/// `SHOW STATS`.
+pub fn show_stats(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        "database",
+        "user",
+        "target",
+        "route",
+        "total_xact_count",
+        "total_query_count",
+        "total_errors",
+        "total_wait_time",
+        "avg_wait_time",
+    ]);
+    for p in shared.pools.all() {
+        let s = p.stats.snapshot();
+        let route = if p.key.target == PoolTarget::Primary { "primary" } else { "replica" };
+        let avg = s.wait_us.checked_div(s.transactions).unwrap_or(0);
+        t.rows.push(vec![
+            p.key.database.clone(),
+            p.key.user.clone(),
+            target_name(&p.key.target),
+            route.to_string(),
+            s.transactions.to_string(),
+            s.queries.to_string(),
+            s.errors.to_string(),
+            secs(Duration::from_micros(s.wait_us)),
+            secs(Duration::from_micros(avg)),
+        ]);
+    }
+    t
+}
+
+/// Keys a reload cannot change: they are logged as needing a restart and keep their value.
+pub const RESTART_KEYS: &[&str] = &[
+    "cluster",
+    "dcs",
+    "listen",
+    "listen_primary",
+    "listen_replica",
+    "metrics_listen",
+    "pool_mode",
+    "max_prepared_statements",
+];
+
+/// Every key of the configuration in force with its value, as `SHOW CONFIG` shows it.
+pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
+    let d = |d: Duration| pgkeel_config::format_duration(d);
+    let dcs = match &c.dcs {
+        pgkeel_config::DcsConfig::Local { path } => format!("local {}", path.display()),
+        pgkeel_config::DcsConfig::Etcd { endpoints } => format!("etcd {}", endpoints.join(",")),
+    };
+    vec![
+        ("cluster", c.cluster.clone()),
+        ("dcs", dcs),
+        ("listen", c.listen.clone()),
+        ("listen_primary", c.listen_primary.clone().unwrap_or_default()),
+        ("listen_replica", c.listen_replica.clone().unwrap_or_default()),
+        ("metrics_listen", c.metrics_listen.clone().unwrap_or_default()),
+        ("pool_mode", c.pool_mode.as_str().to_string()),
+        ("pool_size", c.pool_size.to_string()),
+        ("max_client_conn", c.max_client_conn.to_string()),
+        ("max_prepared_statements", c.max_prepared_statements.to_string()),
+        ("load_balance", c.load_balance.as_str().to_string()),
+        ("max_replica_lag", c.max_replica_lag.to_string()),
+        ("read_your_writes", c.read_your_writes.to_string()),
+        ("primary_functions", c.primary_functions.join(",")),
+        ("query_wait_timeout", d(c.query_wait_timeout)),
+        ("failover_hold_timeout", d(c.failover_hold_timeout)),
+        ("server_connect_timeout", d(c.server_connect_timeout)),
+        ("shutdown_timeout", d(c.shutdown_timeout)),
+        ("admin_users", c.admin_users.join(",")),
+        ("auth.userlist", c.userlist.display().to_string()),
+    ]
+}
+
+/// `SHOW CONFIG`.
+pub fn show_config(shared: &Shared) -> Table {
+    let mut t = Table::new(&["key", "value", "changeable"]);
+    for (k, v) in config_rows(&shared.config()) {
+        let changeable = if RESTART_KEYS.contains(&k) { "no" } else { "yes" };
+        t.rows.push(vec![k.to_string(), v, changeable.to_string()]);
+    }
+    t
+}
+
+/// What a reload did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Reloaded {
+    /// Keys whose new value is in force.
+    pub applied: Vec<&'static str>,
+    /// Keys whose new value needs a restart (the old one stays).
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// Merges a freshly loaded configuration into the one in force: keys of [`RESTART_KEYS`]
+/// keep their old values. Returns the configuration to put in force and what changed.
+pub fn merge(old: &ProxyConfig, mut new: ProxyConfig) -> (ProxyConfig, Reloaded) {
+    let before = config_rows(&new);
+    let now = config_rows(old);
+    let mut r = Reloaded::default();
+    for ((key, new_value), (_, old_value)) in before.iter().zip(&now) {
+        if new_value != old_value {
+            if RESTART_KEYS.contains(key) {
+                r.needs_restart.push(key);
+            } else {
+                r.applied.push(key);
+            }
+        }
+    }
+    new.cluster = old.cluster.clone();
+    new.dcs = old.dcs.clone();
+    new.listen = old.listen.clone();
+    new.listen_primary = old.listen_primary.clone();
+    new.listen_replica = old.listen_replica.clone();
+    new.metrics_listen = old.metrics_listen.clone();
+    new.pool_mode = old.pool_mode;
+    new.max_prepared_statements = old.max_prepared_statements;
+    (new, r)
+}
+
+/// Re-reads `proxy.toml` and the userlist and puts them in force (see [`merge`]). A bad file
+/// changes nothing: the error is returned (and logged) and the old configuration stays.
+pub fn reload(shared: &Shared) -> Result<Reloaded, String> {
+    let _one = shared.admin.reloading.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(path) = shared.admin.source.get() else {
+        return Err("the proxy was started without a configuration file; nothing to reload".into());
+    };
+    let (new, userlist) = match crate::load(path) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %e, "reload refused; the configuration in force is kept");
+            return Err(format!("reload refused, the configuration in force is kept: {e}"));
+        }
+    };
+    let old = shared.config();
+    let (new, r) = merge(&old, new);
+    for key in &r.needs_restart {
+        tracing::warn!(key, "reload: {key} changed; this needs a restart, the old value stays in force");
+    }
+    if old.max_client_conn != new.max_client_conn {
+        if let Some(l) = shared.admin.clients.get() {
+            l.resize(new.max_client_conn);
+        }
+    }
+    let users = userlist.len();
+    shared.replace(new, userlist);
+    tracing::info!(file = %path.display(), applied = ?r.applied, needs_restart = ?r.needs_restart, users, "configuration reloaded");
+    Ok(r)
+}
+
+/// `PAUSE`: holds new transactions, then waits (at most `shutdown_timeout`) until no server
+/// connection is attached to a client. `Ok` with a notice when some still are.
+async fn pause(shared: &Shared) -> Option<String> {
+    if !shared.admin.paused.swap(true, Ordering::AcqRel) {
+        shared.hold.close();
+        tracing::info!("paused: new transactions are held");
+    }
+    let timeout = shared.config().shutdown_timeout;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let busy = shared.pools.busy();
+        if busy == 0 {
+            return None;
+        }
+        if Instant::now() >= deadline {
+            return Some(format!(
+                "{busy} server connections are still in use after {} (shutdown_timeout); new transactions are \
+                 held all the same",
+                pgkeel_config::format_duration(timeout)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `RESUME`: lets new transactions through again. `false` when the proxy was not paused.
+fn resume(shared: &Shared) -> bool {
+    if shared.admin.paused.swap(false, Ordering::AcqRel) {
+        shared.hold.open();
+        tracing::info!("resumed");
+        true
+    } else {
+        false
+    }
+}
+
+fn error(out: &mut BytesMut, severity: Severity, code: &str, message: &str) {
+    BackendMessage::error(severity, code, message).encode(out);
+}
+
+/// Runs the console for an authenticated client until it leaves. The `Err` is the FATAL
+/// error that ends the connection (sent by the caller).
+pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    wbuf: &mut BytesMut,
+    user: &str,
+    peer: SocketAddr,
+) -> Result<(), (&'static str, String)> {
+    if !shared.config().admin_users.iter().any(|u| u == user) {
+        return Err((
+            INSUFFICIENT_PRIVILEGE,
+            format!(
+                "user {user:?} may not use the admin console (database {ADMIN_DATABASE:?}): list it in admin_users in \
+                 proxy.toml and RELOAD"
+            ),
+        ));
+    }
+    tracing::info!(client = %peer, user, "admin console session");
+    for (name, value) in [
+        ("server_version", "16.0 (pgkeel proxy)"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", ""),
+    ] {
+        BackendMessage::ParameterStatus { name: Text::lossy(name), value: Text::lossy(value) }.encode(wbuf);
+    }
+    BackendMessage::BackendKeyData { pid: 0, secret_key: Bytes::from_static(&[0; 4]) }.encode(wbuf);
+    BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(wbuf);
+    let decoder = FrontendDecoder::new(Limits::default());
+    let mut drain = shared.draining_rx();
+    loop {
+        if !wbuf.is_empty() {
+            stream.write_all(wbuf).await.map_err(|e| (sqlstate::CONNECTION_FAILURE, e.to_string()))?;
+            wbuf.clear();
+        }
+        let message = loop {
+            match decoder.decode(rbuf) {
+                Ok(Some(m)) => break m,
+                Ok(None) => {}
+                Err(e) => return Err((sqlstate::PROTOCOL_VIOLATION, e.to_string())),
+            }
+            rbuf.reserve(1024);
+            tokio::select! {
+                r = stream.read_buf(rbuf) => match r {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => {}
+                },
+                _ = drain.wait_for(|d| *d) => {
+                    return Err((sqlstate::ADMIN_SHUTDOWN, "the proxy is shutting down".into()));
+                }
+            }
+        };
+        let text = match message {
+            FrontendMessage::Terminate => return Ok(()),
+            FrontendMessage::Query(q) => q.to_string_lossy().into_owned(),
+            _ => {
+                return Err((
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "the admin console speaks the simple query protocol only (psql, or simple_query in a \
+                         driver); send one of {COMMANDS}"
+                    ),
+                ))
+            }
+        };
+        match parse(&text) {
+            Ok(None) => BackendMessage::EmptyQueryResponse.encode(wbuf),
+            Err(e) => error(wbuf, Severity::Error, SYNTAX_ERROR, &e),
+            Ok(Some(c)) => {
+                tracing::info!(client = %peer, user, command = ?c, "admin command");
+                match c {
+                    Command::ShowPools => show_pools(shared).encode(wbuf),
+                    Command::ShowClients => show_clients(shared).encode(wbuf),
+                    Command::ShowServers => show_servers(shared).encode(wbuf),
+                    Command::ShowStats => show_stats(shared).encode(wbuf),
+                    Command::ShowConfig => show_config(shared).encode(wbuf),
+                    Command::Pause => {
+                        if let Some(notice) = pause(shared).await {
+                            error(wbuf, Severity::Warning, "01000", &notice);
+                        }
+                        BackendMessage::CommandComplete { tag: Text::lossy("PAUSE") }.encode(wbuf);
+                    }
+                    Command::Resume => {
+                        if !resume(shared) {
+                            error(wbuf, Severity::Notice, "00000", "the proxy was not paused");
+                        }
+                        BackendMessage::CommandComplete { tag: Text::lossy("RESUME") }.encode(wbuf);
+                    }
+                    Command::Reload => match reload(shared) {
+                        Ok(r) => {
+                            if !r.needs_restart.is_empty() {
+                                let msg = format!(
+                                    "changed but not applied, they need a restart: {}",
+                                    r.needs_restart.join(", ")
+                                );
+                                error(wbuf, Severity::Warning, "01000", &msg);
+                            }
+                            BackendMessage::CommandComplete { tag: Text::lossy("RELOAD") }.encode(wbuf);
+                        }
+                        Err(e) => error(wbuf, Severity::Error, sqlstate::INVALID_PARAMETER_VALUE, &e),
+                    },
+                }
+            }
+        }
+        BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(wbuf);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_parsed() {
+        for (text, want) in [
+            ("SHOW POOLS", Command::ShowPools),
+            ("show pools;", Command::ShowPools),
+            ("  Show   Clients ; ", Command::ShowClients),
+            ("SHOW SERVERS", Command::ShowServers),
+            ("show stats", Command::ShowStats),
+            ("SHOW CONFIG;", Command::ShowConfig),
+            ("pause", Command::Pause),
+            ("RESUME;", Command::Resume),
+            ("reload", Command::Reload),
+        ] {
+            assert_eq!(parse(text), Ok(Some(want)), "{text}");
+        }
+        assert_eq!(parse(" ; "), Ok(None));
+        assert_eq!(parse(""), Ok(None));
+        for bad in ["SHOW", "SHOW POOL", "SELECT 1", "PAUSE db", "show pools extra"] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains("unknown admin console command") && e.contains(COMMANDS), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn tables_encode_as_text_columns() {
+        let t = Table { columns: vec!["key", "value"], rows: vec![vec!["a".into(), "1".into()]] };
+        let mut out = BytesMut::new();
+        t.encode(&mut out);
+        let decoder = crate::protocol::BackendDecoder::default();
+        let mut got = Vec::new();
+        while let Some(m) = decoder.decode(&mut out).expect("valid") {
+            got.push(m);
+        }
+        assert_eq!(got.len(), 3);
+        assert!(matches!(&got[0], BackendMessage::RowDescription(f) if f.len() == 2 && f[0].type_oid == 25));
+        assert!(matches!(&got[1], BackendMessage::DataRow(v) if v[1].as_deref() == Some(b"1".as_slice())));
+        assert!(matches!(&got[2], BackendMessage::CommandComplete { .. }));
+    }
+
+    #[test]
+    fn timestamps_are_utc() {
+        assert_eq!(timestamp(SystemTime::UNIX_EPOCH), "1970-01-01 00:00:00");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_709_210_096); // 2024-02-29 12:34:56
+        assert_eq!(timestamp(t), "2024-02-29 12:34:56");
+    }
+
+    #[test]
+    fn a_reload_keeps_restart_keys() {
+        let text = crate::config::example();
+        let old = crate::config::check(text, std::path::Path::new("/etc/pgkeel")).expect("example");
+        let changed = text
+            .replace("pool_size = 20", "pool_size = 7")
+            .replace("listen = \"127.0.0.1:6432\"", "listen = \"127.0.0.1:7432\"")
+            .replace("load_balance = \"round_robin\"", "load_balance = \"random\"");
+        let new = crate::config::check(&changed, std::path::Path::new("/etc/pgkeel")).expect("changed");
+        let (merged, r) = merge(&old, new);
+        assert_eq!(merged.pool_size, 7);
+        assert_eq!(merged.listen, old.listen, "listen needs a restart");
+        assert_eq!(r.applied, vec!["pool_size", "load_balance"]);
+        assert_eq!(r.needs_restart, vec!["listen"]);
+        assert_eq!(merge(&old, old.clone()).1, Reloaded::default());
+    }
+}

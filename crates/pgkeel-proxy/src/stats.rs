@@ -1,0 +1,285 @@
+//! What the admin console and `/metrics` report, kept cheap for the hot path: per-pool
+//! counters are atomics, a client waiting for a server connection is recorded only when it
+//! actually has to wait, and the admission [`Gate`] is a watch channel.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+/// Upper bounds (seconds) of the wait-time histogram buckets; `+Inf` is implied.
+pub const WAIT_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0];
+
+/// Counters of one pool. Every field is updated with one relaxed atomic add.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// Server connections handed to clients: one per transaction in transaction mode, one
+    /// per client in session mode.
+    pub transactions: AtomicU64,
+    /// Queries sent: simple-protocol Query and extended-protocol Execute messages.
+    pub queries: AtomicU64,
+    /// ErrorResponses the servers of this pool sent to clients.
+    pub errors: AtomicU64,
+    /// Total time clients waited for a server connection of this pool, in microseconds.
+    pub wait_us: AtomicU64,
+    /// Wait-time histogram: `wait_buckets[i]` counts waits of at most `WAIT_BUCKETS[i]`
+    /// seconds (not cumulative); the last one counts the longer waits.
+    pub wait_buckets: [AtomicU64; WAIT_BUCKETS.len() + 1],
+    /// Clients waiting for a permit of this pool right now, with when each started.
+    waiters: Mutex<HashMap<u64, Instant>>,
+    next_waiter: AtomicU64,
+}
+
+impl PoolStats {
+    /// Records one wait for a server connection (the time from needing one to having one).
+    pub fn observe_wait(&self, waited: Duration) {
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        self.wait_us.fetch_add(waited.as_micros().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+        let secs = waited.as_secs_f64();
+        let i = WAIT_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(WAIT_BUCKETS.len());
+        self.wait_buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Marks a client as waiting until the guard is dropped.
+    pub fn waiting(&self) -> Waiting<'_> {
+        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        self.waiters.lock().unwrap_or_else(PoisonError::into_inner).insert(id, Instant::now());
+        Waiting { stats: self, id }
+    }
+
+    /// (clients waiting, longest current wait).
+    pub fn waiters(&self) -> (usize, Duration) {
+        let w = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        let longest = w.values().min().map_or(Duration::ZERO, |t| t.elapsed());
+        (w.len(), longest)
+    }
+
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            transactions: get(&self.transactions),
+            queries: get(&self.queries),
+            errors: get(&self.errors),
+            wait_us: get(&self.wait_us),
+            wait_buckets: std::array::from_fn(|i| get(&self.wait_buckets[i])),
+        }
+    }
+}
+
+/// A plain copy of [`PoolStats`]' counters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StatsSnapshot {
+    /// See [`PoolStats::transactions`].
+    pub transactions: u64,
+    /// See [`PoolStats::queries`].
+    pub queries: u64,
+    /// See [`PoolStats::errors`].
+    pub errors: u64,
+    /// See [`PoolStats::wait_us`].
+    pub wait_us: u64,
+    /// See [`PoolStats::wait_buckets`].
+    pub wait_buckets: [u64; WAIT_BUCKETS.len() + 1],
+}
+
+/// A client waiting for a server connection; see [`PoolStats::waiting`].
+#[derive(Debug)]
+pub struct Waiting<'a> {
+    stats: &'a PoolStats,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.stats.waiters.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+    }
+}
+
+/// Whether new transactions may take a server connection.
+///
+/// Sessions call [`Gate::wait_open`] before they take a server connection for a new
+/// transaction (not while they hold one), so closing the gate holds new transactions and
+/// lets the ones in flight finish. The admin console's `PAUSE`/`RESUME` close and open
+/// `Shared::hold`; a planned switchover can close the same gate while the primary changes.
+/// The gate counts closers: it is open when every `close` was matched by an `open`, so a
+/// `PAUSE` and a switchover can overlap.
+#[derive(Debug)]
+pub struct Gate {
+    closed: watch::Sender<u32>,
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate { closed: watch::channel(0).0 }
+    }
+}
+
+impl Gate {
+    /// Holds new transactions until the matching [`Gate::open`].
+    pub fn close(&self) {
+        self.closed.send_modify(|n| *n += 1);
+    }
+
+    /// Undoes one [`Gate::close`]; `false` when the gate was open already.
+    pub fn open(&self) -> bool {
+        let mut was_closed = false;
+        self.closed.send_modify(|n| {
+            was_closed = *n > 0;
+            *n = n.saturating_sub(1);
+        });
+        was_closed
+    }
+
+    /// Whether new transactions are held now.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow() > 0
+    }
+
+    /// Returns at once when the gate is open, else when it opens. Cancel-safe: wrap it in a
+    /// timeout.
+    pub async fn wait_open(&self) {
+        if !self.is_closed() {
+            return;
+        }
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// A resizable limit on client connections (`max_client_conn`, changed by a reload).
+#[derive(Debug)]
+pub struct Limit {
+    permits: Arc<Semaphore>,
+    size: AtomicU32,
+    /// Permits to retire as they come back, after a shrink below the number in use.
+    debt: AtomicU32,
+}
+
+impl Limit {
+    /// A limit of `size`.
+    pub fn new(size: u32) -> Limit {
+        Limit { permits: Arc::new(Semaphore::new(size as usize)), size: AtomicU32::new(size), debt: AtomicU32::new(0) }
+    }
+
+    /// A permit if one is free now.
+    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let p = self.permits.clone().try_acquire_owned().ok()?;
+            if self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok() {
+                p.forget();
+                continue;
+            }
+            return Some(p);
+        }
+    }
+
+    /// Changes the limit; connections beyond a lower limit are kept, and new ones are refused
+    /// until enough have left.
+    pub fn resize(&self, size: u32) {
+        let old = self.size.swap(size, Ordering::AcqRel);
+        if size > old {
+            let mut grow = size - old;
+            while grow > 0 && self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok()
+            {
+                grow -= 1;
+            }
+            self.permits.add_permits(grow as usize);
+        } else if size < old {
+            let shrink = old - size;
+            let now = self.permits.forget_permits(shrink as usize) as u32;
+            self.debt.fetch_add(shrink - now, Ordering::AcqRel);
+        }
+    }
+}
+
+/// One client connection, for `SHOW CLIENTS`.
+#[derive(Debug)]
+pub struct ClientInfo {
+    /// The process id the client got in BackendKeyData.
+    pub pid: i32,
+    /// Role name.
+    pub user: String,
+    /// Database name.
+    pub database: String,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The listener's routing (`auto`, `primary`, `replica`).
+    pub listener: &'static str,
+    /// When it logged in.
+    pub connected: SystemTime,
+    /// Waiting for a server connection now.
+    pub waiting: AtomicBool,
+}
+
+/// Seconds since the Unix epoch, for tables.
+pub fn unix_time(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_land_in_their_bucket() {
+        let s = PoolStats::default();
+        s.observe_wait(Duration::from_micros(500));
+        s.observe_wait(Duration::from_millis(3));
+        s.observe_wait(Duration::from_secs(60));
+        let snap = s.snapshot();
+        assert_eq!(snap.transactions, 3);
+        assert_eq!(snap.wait_buckets[0], 1);
+        assert_eq!(snap.wait_buckets[1], 1);
+        assert_eq!(snap.wait_buckets[WAIT_BUCKETS.len()], 1);
+        assert_eq!(snap.wait_us, 500 + 3000 + 60_000_000);
+    }
+
+    #[test]
+    fn waiters_are_counted_while_waiting() {
+        let s = PoolStats::default();
+        let a = s.waiting();
+        let b = s.waiting();
+        assert_eq!(s.waiters().0, 2);
+        drop(a);
+        assert_eq!(s.waiters().0, 1);
+        drop(b);
+        assert_eq!(s.waiters(), (0, Duration::ZERO));
+    }
+
+    #[test]
+    fn a_limit_shrinks_as_permits_come_back() {
+        let l = Limit::new(2);
+        let a = l.try_acquire().expect("1");
+        let b = l.try_acquire().expect("2");
+        assert!(l.try_acquire().is_none());
+        l.resize(1);
+        drop(a);
+        assert!(l.try_acquire().is_none(), "the permit that came back was retired");
+        drop(b);
+        let c = l.try_acquire().expect("one again");
+        assert!(l.try_acquire().is_none());
+        l.resize(3);
+        assert!(l.try_acquire().is_some() && l.try_acquire().is_some());
+        drop(c);
+    }
+
+    #[tokio::test]
+    async fn the_gate_counts_closers() {
+        let g = std::sync::Arc::new(Gate::default());
+        g.wait_open().await;
+        g.close();
+        g.close();
+        let g2 = g.clone();
+        let waiter = tokio::spawn(async move { g2.wait_open().await });
+        assert!(g.open());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "still closed by the second closer");
+        assert!(g.open());
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("opened").expect("joined");
+        assert!(!g.open(), "already open");
+        assert!(!g.is_closed());
+    }
+}

@@ -1,0 +1,318 @@
+//! TLS on both sides of the proxy (rustls with the ring provider).
+//!
+//! - To clients: an SSLRequest is answered `S` when `[tls] cert` and `key` are set and
+//!   `client_tls` is not `disable`, and the connection is upgraded before the startup packet
+//!   (PostgreSQL's negotiation; direct TLS is refused by the codec). `client_tls = "require"`
+//!   refuses a plaintext startup with `FATAL 28000`.
+//! - To servers: `server_tls` decides whether an SSLRequest is sent before the startup packet
+//!   and what an `N` answer means: `prefer` goes on in plaintext, `require` and `verify-full`
+//!   fail. `require` encrypts without checking the certificate (as libpq's `sslmode=require`);
+//!   `verify-full` checks it against `server_ca` and the host name (or IP address) of the
+//!   member's address.
+//!
+//! [`Stream`] is what sessions and server connections read and write: a plain TCP socket or
+//! a TLS stream over one. The plaintext path costs one `match` per poll.
+
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::DigitallySignedStruct;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::{ClientTlsMode, ProxyConfig, ServerTlsMode};
+
+/// A connection's byte stream: plain TCP, or TLS over TCP (either side).
+pub enum Stream {
+    /// Plaintext.
+    Plain(TcpStream),
+    /// TLS (boxed: the TLS state is large and the plaintext path should stay small).
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    /// Taken away (during the TLS upgrade, or after a failed one): reads see EOF, writes fail.
+    Closed,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_tls() { "Stream::Tls" } else { "Stream::Plain" })
+    }
+}
+
+impl Stream {
+    /// Whether the stream is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// Reads into the spare capacity of `buf` (which must have some).
+    pub fn poll_read_bytes(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+        // `read_buf` keeps no state between polls, so a fresh future per poll is the same
+        // as polling one future.
+        let fut = self.read_buf(buf);
+        tokio::pin!(fut);
+        std::future::Future::poll(fut, cx)
+    }
+
+    /// Flushes what TLS still buffers (nothing to do for a plain socket).
+    pub fn poll_flush_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_flush(cx)
+    }
+
+    /// Writes some of `buf`.
+    pub fn poll_write_bytes(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(self).poll_write(cx, buf)
+    }
+
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Plain(s) => Some(s),
+            Stream::Tls(s) => Some(s.get_ref().0),
+            Stream::Closed => None,
+        }
+    }
+
+    /// Whether the socket has nothing to read (no data, no EOF) right now: an idle pooled
+    /// connection. Peeks at the TCP socket without consuming anything.
+    pub fn looks_idle(&self) -> bool {
+        let Some(tcp) = self.tcp() else { return false };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        matches!(tcp.poll_peek(&mut cx, &mut buf), Poll::Pending)
+    }
+
+    /// The plain TCP stream, leaving [`Stream::Closed`]; `None` (and the stream unchanged)
+    /// when it is already TLS.
+    pub fn take_plain(&mut self) -> Option<TcpStream> {
+        match std::mem::replace(self, Stream::Closed) {
+            Stream::Plain(s) => Some(s),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+
+    /// Writes all of `data` (for handshake answers before the session loop).
+    pub async fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        self.write_all(data).await?;
+        self.flush().await
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Closed => false,
+        }
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the connection was closed")
+}
+
+/// The proxy's TLS material, loaded once at start.
+#[derive(Clone)]
+pub struct Tls {
+    /// What clients may or must do.
+    pub client_mode: ClientTlsMode,
+    /// Present when clients are offered TLS.
+    pub acceptor: Option<TlsAcceptor>,
+    /// What the proxy does towards servers.
+    pub server_mode: ServerTlsMode,
+    /// Present unless `server_tls = "disable"`.
+    pub connector: Option<TlsConnector>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("client_tls", &self.client_mode.as_str())
+            .field("server_tls", &self.server_mode.as_str())
+            .finish()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Tls {
+    /// Loads the certificate, key and CA files the configuration names. Errors name the key,
+    /// the file and the problem.
+    pub fn load(config: &ProxyConfig) -> Result<Tls, String> {
+        let t = &config.tls;
+        let acceptor = match (&t.cert, &t.key) {
+            (Some(cert), Some(key)) if t.client_tls != ClientTlsMode::Disable => Some(acceptor(cert, key)?),
+            _ => None,
+        };
+        let connector = match t.server_tls {
+            ServerTlsMode::Disable => None,
+            mode => Some(connector(mode, t.server_ca.as_deref())?),
+        };
+        Ok(Tls { client_mode: t.client_tls, acceptor, server_mode: t.server_tls, connector })
+    }
+
+    /// No TLS on either side.
+    pub fn disabled() -> Tls {
+        Tls {
+            client_mode: ClientTlsMode::Disable,
+            acceptor: None,
+            server_mode: ServerTlsMode::Disable,
+            connector: None,
+        }
+    }
+}
+
+fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("tls.{key}: cannot read {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("tls.{key}: {} is not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("tls.{key}: {} has no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display()));
+    }
+    Ok(certs)
+}
+
+/// A TLS acceptor for clients with the certificate chain and key in PEM files.
+pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    let certs = read_certs("cert", cert)?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        format!("tls.key: cannot read a PEM private key (PKCS#8, PKCS#1 or SEC1) from {}: {e}", key.display())
+    })?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| {
+            format!("tls.cert / tls.key: {} and {} do not make a usable pair: {e}", cert.display(), key.display())
+        })?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A TLS connector for servers: `verify-full` checks the chain against `ca` and the name;
+/// `prefer` and `require` check only the handshake signatures.
+pub fn connector(mode: ServerTlsMode, ca: Option<&Path>) -> Result<TlsConnector, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    let config = if mode == ServerTlsMode::VerifyFull {
+        let ca = ca.ok_or("tls.server_tls = \"verify-full\" needs tls.server_ca, the PEM file of the CA that signed the servers' certificates")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in read_certs("server_ca", ca)? {
+            roots.add(c).map_err(|e| format!("tls.server_ca: {}: {e}", ca.display()))?;
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(NoCertCheck(provider()))).with_no_client_auth()
+    };
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// `sslmode=require`: encryption without checking who the server is. The handshake
+/// signatures are still verified.
+#[derive(Debug)]
+struct NoCertCheck(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoCertCheck {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The server name to check for `host:port` (a DNS name or an IP address).
+pub fn server_name(address: &str) -> Result<ServerName<'static>, String> {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string()).map_err(|e| format!("{host:?} is not a host name for TLS: {e}"))
+}

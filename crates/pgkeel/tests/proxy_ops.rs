@@ -1,0 +1,370 @@
+//! Operating `pgkeel proxy`: the admin console (database `pgkeel`), `/metrics`, RELOAD and
+//! SIGHUP, PAUSE/RESUME, the drain on SIGTERM, and `pgkeel config check` on a proxy.toml.
+//! A real one-node `pgkeel up` cluster, a real proxy process, tokio-postgres and psql.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgkeel_testkit::{psql, wait_for, Cluster};
+use tokio_postgres::SimpleQueryMessage;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_pgkeel"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// A proxy.toml: the ports, the admin user and the DCS stay; the rest can be rewritten.
+struct ConfigFile {
+    path: PathBuf,
+    port: u16,
+    metrics_port: u16,
+    dcs: String,
+}
+
+impl ConfigFile {
+    fn write(&self, extra: &str) {
+        std::fs::write(
+            &self.path,
+            format!(
+                "cluster = \"pgkeel\"\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n\
+                 admin_users = [\"postgres\"]\n{extra}\n[dcs]\n{}\n[auth]\nuserlist = \"userlist.txt\"\n",
+                self.port, self.metrics_port, self.dcs
+            ),
+        )
+        .expect("write proxy.toml");
+    }
+}
+
+/// A `pgkeel proxy` child process, killed on drop (its log is printed when the test fails).
+struct Proxy {
+    child: Child,
+    port: u16,
+    metrics_port: u16,
+    config: ConfigFile,
+    log: PathBuf,
+    password: String,
+}
+
+impl Proxy {
+    async fn start(c: &Cluster, extra: &str) -> Proxy {
+        let dir = c.dir().join("proxy-ops");
+        std::fs::create_dir_all(&dir).expect("create the proxy dir");
+        let password = c.info["superuser"]["password"].as_str().expect("superuser password").to_string();
+        std::fs::write(dir.join("userlist.txt"), format!("\"postgres\" \"{password}\"\n\"app\" \"app-secret\"\n"))
+            .expect("write the userlist");
+        let node = pgkeel_config::load(&c.dir().join("nodes/n1/node.toml")).expect("n1's node.toml");
+        let dcs = match node.dcs {
+            pgkeel_config::DcsConfig::Local { path } => {
+                format!("kind = \"local\"\npath = {}\n", serde_json::json!(path.display().to_string()))
+            }
+            pgkeel_config::DcsConfig::Etcd { endpoints } => {
+                format!("kind = \"etcd\"\nendpoints = {}\n", serde_json::json!(endpoints))
+            }
+        };
+        let (port, metrics_port) = (free_port(), free_port());
+        let config = ConfigFile { path: dir.join("proxy.toml"), port, metrics_port, dcs };
+        config.write(extra);
+        let log = dir.join("proxy.log");
+        let out = std::fs::File::create(&log).expect("create proxy.log");
+        let mut cmd = Command::new(bin());
+        cmd.args(["proxy", "--config"]).arg(&config.path).env("PGKEEL_LOG", "debug");
+        cmd.stdin(Stdio::null()).stdout(out.try_clone().expect("clone")).stderr(out);
+        // SAFETY: prctl is async-signal-safe; the kernel kills the proxy if the test dies.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start pgkeel proxy");
+        let p = Proxy { child, port, metrics_port, config, log, password };
+        wait_for("the proxy to listen", Duration::from_secs(20), || async {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+        })
+        .await;
+        p
+    }
+
+    fn dsn(&self, database: &str) -> String {
+        self.dsn_as("postgres", &self.password, database)
+    }
+
+    fn dsn_as(&self, user: &str, password: &str, database: &str) -> String {
+        format!("postgresql://{user}:{password}@127.0.0.1:{}/{database}?connect_timeout=5", self.port)
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(r, 0, "signal the proxy");
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- {} (last 80 lines) ---", self.log.display());
+            for l in &lines[lines.len().saturating_sub(80)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    pgkeel_testkit::connect(dsn).await
+}
+
+/// The rows of a console command, as maps of column name to value.
+async fn show(admin: &tokio_postgres::Client, cmd: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let msgs = admin.simple_query(cmd).await.unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    msgs.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_string(), r.get(i).unwrap_or("").to_string()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn config_value(admin: &tokio_postgres::Client, key: &str) -> String {
+    show(admin, "SHOW CONFIG").await.into_iter().find(|r| r["key"] == key).map(|r| r["value"].clone()).expect(key)
+}
+
+/// The primary pool's row of `postgres`/`postgres` in a console table.
+fn primary_row(
+    rows: &[std::collections::HashMap<String, String>],
+) -> Option<&std::collections::HashMap<String, String>> {
+    rows.iter().find(|r| r["database"] == "postgres" && r["user"] == "postgres" && r["target"] == "primary")
+}
+
+fn http_get(port: u16, path: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read the answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+}
+
+/// `name{labels} value` lines of the exposition, with every value checked to be a number.
+fn metric(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit_once(' '))
+        .map(|(_, v)| v.parse::<f64>().expect("a number"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_admin_console_metrics_reload_pause_and_drain() {
+    let c = Cluster::up(bin(), 1).await;
+    let (leader, term) = c.leader().await.expect("a leader");
+    let p = Proxy::start(&c, "pool_size = 4\nshutdown_timeout = \"20s\"").await;
+
+    // Traffic: queries, an error, a transaction.
+    let client = connect(&p.dsn("postgres")).await.expect("connect through the proxy");
+    client.simple_query("create table ops(id int primary key)").await.unwrap();
+    for i in 0..5 {
+        client.simple_query(&format!("insert into ops values ({i})")).await.unwrap();
+    }
+    assert!(client.simple_query("select 1/0").await.is_err());
+    client.simple_query("begin; select count(*) from ops; commit").await.unwrap();
+
+    // The console, with tokio-postgres.
+    let admin = connect(&p.dsn("pgkeel")).await.expect("connect to the admin console");
+    let pools = show(&admin, "SHOW POOLS").await;
+    let row = primary_row(&pools).unwrap_or_else(|| panic!("a primary pool row: {pools:?}"));
+    assert_eq!((row["mode"].as_str(), row["pool_size"].as_str()), ("transaction", "4"));
+    assert_eq!(row["cl_waiting"], "0");
+    assert!(row["sv_idle"].parse::<u32>().unwrap() >= 1, "{row:?}");
+    let stats = show(&admin, "show stats;").await;
+    let row = primary_row(&stats).expect("a stats row");
+    assert!(row["total_query_count"].parse::<u64>().unwrap() >= 8, "{row:?}");
+    assert!(row["total_errors"].parse::<u64>().unwrap() >= 1, "{row:?}");
+    assert_eq!(row["route"], "primary");
+    let servers = show(&admin, "SHOW SERVERS").await;
+    assert!(
+        servers.iter().any(|r| r["role"] == "primary" && r["term"] == term.to_string() && r["member"] == leader),
+        "{servers:?}"
+    );
+    let clients = show(&admin, "SHOW CLIENTS").await;
+    assert!(clients.iter().any(|r| r["database"] == "postgres" && r["state"] == "idle"), "{clients:?}");
+    assert_eq!(config_value(&admin, "pool_size").await, "4");
+    let e = admin.simple_query("SHOW FROBS").await.unwrap_err();
+    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(msg.contains("unknown admin console command") && msg.contains("SHOW POOLS"), "{msg}");
+    // With psql too.
+    let out = psql(&p.dsn("pgkeel"), "SHOW POOLS").expect("psql SHOW POOLS");
+    assert!(out.lines().any(|l| l.starts_with("postgres|postgres|primary|transaction|")), "{out}");
+
+    // A user who is not in admin_users gets a clear error.
+    let Err(e) = connect(&p.dsn_as("app", "app-secret", "pgkeel")).await else {
+        panic!("a user outside admin_users reached the console")
+    };
+    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+    assert!(msg.contains("may not use the admin console") && msg.contains("admin_users"), "{msg}");
+
+    // /metrics: served, parseable, non-zero counters.
+    let (status, body) = http_get(p.metrics_port, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (_, v) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        assert!(v.parse::<f64>().is_ok(), "not a number: {line}");
+    }
+    let labels = "{database=\"postgres\",user=\"postgres\",target=\"primary\"";
+    assert!(metric(&body, &format!("pgkeel_proxy_queries_total{labels},route=\"primary\"}}")).unwrap() >= 8.0);
+    assert!(metric(&body, &format!("pgkeel_proxy_errors_total{labels}}}")).unwrap() >= 1.0);
+    assert!(metric(&body, &format!("pgkeel_proxy_wait_seconds_count{labels}}}")).unwrap() >= 1.0);
+    assert_eq!(metric(&body, "pgkeel_proxy_term ").unwrap(), term as f64);
+    assert_eq!(http_get(p.metrics_port, "/").0, "HTTP/1.1 404 Not Found");
+
+    // PAUSE waits for the transaction in flight, which then commits.
+    let mut a = connect(&p.dsn("postgres")).await.unwrap();
+    let tx = a.transaction().await.unwrap();
+    tx.simple_query("insert into ops values (100)").await.unwrap();
+    let pause_dsn = p.dsn("pgkeel");
+    let pause = tokio::spawn(async move {
+        let admin2 = connect(&pause_dsn).await.expect("second console");
+        let started = Instant::now();
+        admin2.simple_query("PAUSE").await.expect("PAUSE");
+        started.elapsed()
+    });
+    wait_for("the console to show the proxy paused", Duration::from_secs(10), || async {
+        let (_, body) = http_get(p.metrics_port, "/metrics");
+        (metric(&body, "pgkeel_proxy_paused ") == Some(1.0)).then_some(())
+    })
+    .await;
+    assert!(!pause.is_finished(), "PAUSE waits for the transaction in flight");
+    tx.simple_query("insert into ops values (101)").await.expect("the transaction goes on while paused");
+    tx.commit().await.expect("the transaction in flight commits while paused");
+    let waited = tokio::time::timeout(Duration::from_secs(10), pause).await.expect("PAUSE returns").unwrap();
+    eprintln!("PAUSE returned after {waited:?}");
+    // A new transaction is held, then runs after RESUME, without an error.
+    let b = connect(&p.dsn("postgres")).await.unwrap();
+    let held = tokio::spawn(async move { b.simple_query("select count(*) from ops").await.map(|_| ()) });
+    wait_for("the held client to show as waiting", Duration::from_secs(10), || async {
+        show(&admin, "SHOW CLIENTS").await.iter().any(|r| r["state"] == "waiting").then_some(())
+    })
+    .await;
+    assert!(!held.is_finished());
+    admin.simple_query("RESUME").await.expect("RESUME");
+    tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("the held query runs after RESUME")
+        .unwrap()
+        .expect("no error");
+
+    // RELOAD: pool_size changes live; a connected client stays; a bad file changes nothing.
+    p.config.write("pool_size = 6\nshutdown_timeout = \"20s\"");
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    assert_eq!(config_value(&admin, "pool_size").await, "6");
+    assert_eq!(primary_row(&show(&admin, "SHOW POOLS").await).unwrap()["pool_size"], "6");
+    assert_eq!(client.simple_query("select 1").await.unwrap().len(), 3, "the connected client survives");
+    p.config.write("pool_size = 0");
+    let e = admin.simple_query("RELOAD").await.unwrap_err();
+    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(msg.contains("pool_size = 0 is out of range") && msg.contains("kept"), "{msg}");
+    assert_eq!(config_value(&admin, "pool_size").await, "6", "the old configuration stays");
+    // SIGHUP does the same.
+    p.config.write("pool_size = 8\nshutdown_timeout = \"20s\"");
+    p.signal(libc::SIGHUP);
+    wait_for("SIGHUP to apply pool_size = 8", Duration::from_secs(10), || async {
+        (config_value(&admin, "pool_size").await == "8").then_some(())
+    })
+    .await;
+    client.simple_query("select 1").await.expect("the client survives SIGHUP");
+
+    // SIGTERM: an idle client is closed, the one mid-transaction commits, then exit 0.
+    let mut d = connect(&p.dsn("postgres")).await.unwrap();
+    let tx = d.transaction().await.unwrap();
+    tx.simple_query("insert into ops values (200)").await.unwrap();
+    let mut p = p;
+    p.signal(libc::SIGTERM);
+    wait_for("the idle client to be closed", Duration::from_secs(10), || async {
+        client.simple_query("select 1").await.is_err().then_some(())
+    })
+    .await;
+    wait_for("the proxy to stop accepting", Duration::from_secs(10), || async {
+        std::net::TcpStream::connect(("127.0.0.1", p.port)).is_err().then_some(())
+    })
+    .await;
+    assert!(p.child.try_wait().unwrap().is_none(), "the proxy waits for the transaction in flight");
+    tx.simple_query("insert into ops values (201)").await.expect("the transaction goes on while draining");
+    tx.commit().await.expect("the transaction in flight commits");
+    let status = wait_for("the proxy to exit", Duration::from_secs(15), || {
+        let s = p.child.try_wait().unwrap();
+        async move { s }
+    })
+    .await;
+    assert!(status.success(), "the proxy exits 0 after the drain: {status:?}");
+    let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+    assert!(log.contains("every client finished"), "drained before exiting");
+    assert_eq!(
+        psql(&c.node_dsn(&leader), "select count(*) from ops where id in (100, 101, 200, 201)").unwrap(),
+        "4",
+        "the paused and the drained transactions committed"
+    );
+}
+
+#[test]
+fn config_check_recognises_a_proxy_toml() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(dir.path().join("users.txt"), "\"postgres\" \"pw\"\n").unwrap();
+    let good = "cluster = \"main\"\nlisten = \"127.0.0.1:6432\"\nadmin_users = [\"postgres\"]\n\
+                metrics_listen = \"127.0.0.1:9187\"\n[dcs]\nkind = \"local\"\npath = \"/tmp/dcs\"\n\
+                [auth]\nuserlist = \"users.txt\"\n";
+    let check = |name: &str, text: &str, args: &[&str]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(bin()).args(["config", "check"]).arg(&path).args(args).output().expect("run pgkeel");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = check("proxy.toml", good, &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("OK (proxy, cluster \"main\""), "{out}");
+    // Named anything: told by its contents.
+    assert_eq!(check("front.toml", good, &[]).0, Some(0));
+    let (code, _, err) =
+        check("bad.toml", &good.replace("cluster = \"main\"\n", "cluster = \"main\"\npool_size = 0\n"), &[]);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("pool_size = 0 is out of range"), "{err}");
+    let (code, _, err) = check("typo.toml", &good.replace("metrics_listen", "metric_listen"), &[]);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("did you mean \"metrics_listen\"?"), "{err}");
+    let (code, _, err) = check("admin.toml", &good.replace("[\"postgres\"]", "[\"ops\"]"), &[]);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("admin_users: \"ops\" is not in the userlist"), "{err}");
+    // A node.toml is still checked as one; --kind proxy forces the proxy check.
+    let node = pgkeel_config::example();
+    let (code, out, err) = check("node.toml", node, &[]);
+    assert!(!out.contains("proxy") && !err.contains("proxy"), "{out}{err}");
+    assert!(code == Some(0) || code == Some(64), "{code:?}");
+    let (code, _, err) = check("node2.toml", node, &["--kind", "proxy"]);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("unknown key"), "{err}");
+    // A file that is not TOML, named like a proxy.toml, gets the proxy checker's message.
+    let (code, _, err) = check("my-proxy.toml", "cluster = ", &[]);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("TOML parse error"), "{err}");
+}

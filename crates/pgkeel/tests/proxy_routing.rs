@@ -1,0 +1,78 @@
+//! Replica choice through `pgkeel proxy` on a real cluster: `max_replica_lag` as a replay
+//! delay (from the `replay_lag_ms` the agents publish), `no_replica = "error"`, and a member
+//! weighted 0.
+
+use std::time::{Duration, Instant};
+
+use pgkeel_testkit::{psql, wait_for, Cluster};
+
+mod proxy_support;
+
+use proxy_support::{bin, Proxy};
+
+/// The replay delay member `name` publishes in the DCS.
+async fn published_replay_lag(c: &Cluster, name: &str) -> Option<u64> {
+    let node = pgkeel_config::load(&c.dir().join("nodes/n1/node.toml")).expect("n1's node.toml");
+    let dcs = pgkeel_proxy::topology::open_dcs(&node.dcs).await.expect("open the DCS");
+    let snap = pgkeel_dcs::cluster::ClusterStore::new(dcs, "pgkeel").load().await.expect("load the cluster");
+    snap.member(name).and_then(|m| m.replay_lag_ms)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_by_replay_delay_weights_and_no_replica() {
+    let c = Cluster::up(bin(), 2).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let replica = c.nodes().into_iter().find(|n| *n != leader).expect("a replica");
+    c.wait_streaming(&leader, std::slice::from_ref(&replica), Duration::from_secs(60)).await;
+    let by_time = Proxy::start(&c, "by-time", "max_replica_lag = \"2s\"").await;
+    let strict = Proxy::start(&c, "strict", "max_replica_lag = \"2s\"\nno_replica = \"error\"").await;
+    let weighted =
+        Proxy::start(&c, "weighted", &format!("load_balance = \"weighted\"\n[weights]\n{replica} = 0")).await;
+    let read = |p: &Proxy| psql(&p.dsn(), "select pg_is_in_recovery()");
+
+    // A streaming, caught-up replica publishes a replay delay of 0 and gets the reads. (A
+    // commit first: the delay of a replica that has replayed none since it started is unknown
+    // while it is behind.)
+    psql(&by_time.dsn(), "create table seed(x int); insert into seed values (1)").unwrap();
+    wait_for("the replica's replay delay in the DCS", Duration::from_secs(10), || async {
+        (published_replay_lag(&c, &replica).await? < 2000).then_some(())
+    })
+    .await;
+    wait_for("reads on the replica", Duration::from_secs(20), || async {
+        (read(&by_time).ok()? == "t" && read(&strict).ok()? == "t").then_some(())
+    })
+    .await;
+    // Weight 0: never the replica.
+    for _ in 0..10 {
+        assert_eq!(read(&weighted).unwrap(), "f", "a read went to the replica weighted 0");
+    }
+
+    // Replay paused while the primary writes: the delay grows past 2 s and the replica is
+    // dropped; with no_replica = "error" the read fails instead of going to the primary.
+    psql(&c.node_dsn(&replica), "select pg_wal_replay_pause()").unwrap();
+    psql(&by_time.dsn(), "create table filler as select g from generate_series(1, 1000) g").unwrap();
+    let paused = Instant::now();
+    wait_for("the delayed replica to stop getting reads", Duration::from_secs(30), || async {
+        (read(&by_time).ok()? == "f").then_some(())
+    })
+    .await;
+    let published = published_replay_lag(&c, &replica).await;
+    eprintln!("replay paused: reads left the replica after {:?} (published delay {published:?} ms)", paused.elapsed());
+    assert!(published.is_some_and(|ms| ms > 2000), "published replay delay {published:?}");
+    for _ in 0..10 {
+        assert_eq!(read(&by_time).unwrap(), "f", "a read went to the delayed replica");
+    }
+    let err =
+        wait_for("a read through the strict proxy to fail", Duration::from_secs(10), || async { read(&strict).err() })
+            .await;
+    assert!(err.contains("no replica is eligible") && err.contains("no_replica"), "{err}");
+    assert!(err.contains("FATAL"), "{err}");
+    // Writes still work through the strict proxy.
+    psql(&strict.dsn(), "insert into filler values (0)").unwrap();
+
+    psql(&c.node_dsn(&replica), "select pg_wal_replay_resume()").unwrap();
+    wait_for("the resumed replica to get reads again", Duration::from_secs(30), || async {
+        (read(&by_time).ok()? == "t" && read(&strict).ok()? == "t").then_some(())
+    })
+    .await;
+}

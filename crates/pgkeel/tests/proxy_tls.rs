@@ -1,0 +1,349 @@
+//! TLS and `auth_query` in `pgkeel proxy`, against real `pgkeel up` clusters with real clients
+//! (psql, tokio-postgres, psycopg 3, and raw sockets for hostile bytes).
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use pgkeel_testkit::{psql, wait_for, Cluster};
+use tokio_postgres::error::SqlState;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_pgkeel"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+fn password(c: &Cluster) -> String {
+    c.info["superuser"]["password"].as_str().expect("superuser password").to_string()
+}
+
+/// A `pgkeel proxy` child process with its own proxy.toml, killed on drop (its log is printed
+/// when the test fails).
+struct Proxy {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Proxy {
+    /// A proxy for cluster `c` whose userlist holds the superuser, with `extra` lines at the
+    /// end of proxy.toml (after `[auth] userlist`, so they may add `[auth]` keys, then
+    /// `[tls]`).
+    async fn start(c: &Cluster, name: &str, extra: &str) -> Proxy {
+        let dir = c.dir().join(name);
+        std::fs::create_dir_all(&dir).expect("create the proxy dir");
+        std::fs::write(dir.join("userlist.txt"), format!("\"postgres\" \"{}\"\n", password(c))).expect("userlist");
+        let node = pgkeel_config::load(&c.dir().join("nodes/n1/node.toml")).expect("n1's node.toml");
+        let pgkeel_config::DcsConfig::Local { path } = node.dcs else { panic!("a local DCS") };
+        let port = free_port();
+        let config = dir.join("proxy.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "cluster = \"pgkeel\"\nlisten = \"127.0.0.1:{port}\"\n[dcs]\nkind = \"local\"\npath = {}\n\
+                 [auth]\nuserlist = \"userlist.txt\"\n{extra}\n",
+                serde_json::json!(path.display().to_string())
+            ),
+        )
+        .expect("write proxy.toml");
+        let check =
+            Command::new(bin()).args(["proxy", "--check", "--config"]).arg(&config).output().expect("run pgkeel");
+        assert!(check.status.success(), "proxy.toml is valid: {}", String::from_utf8_lossy(&check.stderr));
+        let log = dir.join("proxy.log");
+        let out = std::fs::File::create(&log).expect("create proxy.log");
+        let mut cmd = Command::new(bin());
+        cmd.args(["proxy", "--config"]).arg(&config).env("PGKEEL_LOG", "debug");
+        cmd.stdin(Stdio::null()).stdout(out.try_clone().expect("clone")).stderr(out);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the proxy when
+        // the test thread dies.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start pgkeel proxy");
+        let p = Proxy { child, port, log };
+        wait_for("the proxy to listen", Duration::from_secs(20), || async {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+        })
+        .await;
+        p
+    }
+
+    fn dsn(&self, user: &str, password: &str, params: &str) -> String {
+        format!("postgresql://{user}:{password}@127.0.0.1:{}/postgres?connect_timeout=5{params}", self.port)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- {} (last 60 lines) ---", self.log.display());
+            for l in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// The first byte the server answers to `packet`, on a fresh plain connection to `port`.
+fn answer_to(port: u16, packet: &[u8]) -> (std::net::TcpStream, u8) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(packet).unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).expect("an answer");
+    (s, b[0])
+}
+
+const SSL_REQUEST: &[u8] = b"\x00\x00\x00\x08\x04\xd2\x16\x2f";
+const GSSENC_REQUEST: &[u8] = b"\x00\x00\x00\x08\x04\xd2\x16\x30";
+
+/// `pgkeel up`: a CA and certificates in DIR/tls, postgres with `ssl = on`, a proxy that
+/// requires TLS from clients and checks postgres' certificate (`verify-full`), and DSNs with
+/// `sslmode=verify-full`. Hostile bytes get a clear error; psycopg 3 gets the same answers
+/// through the proxy as directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_cluster_uses_tls_on_both_sides() {
+    let c = Cluster::up(bin(), 2).await;
+    let ca = c.dir().join("tls/ca.crt");
+    assert!(ca.exists(), "up wrote the CA");
+    let dsn = c.info["proxy"]["dsn"].as_str().expect("up.json names the proxy's DSN").to_string();
+    assert!(dsn.contains("sslmode=verify-full") && dsn.contains(&format!("sslrootcert={}", ca.display())), "{dsn}");
+    let leader = c.leader().await.expect("a leader").0;
+
+    // Client side: psql checks the proxy's certificate against the CA and the name
+    // (127.0.0.1 and localhost are both in it).
+    let info = wait_for("psql through the proxy", Duration::from_secs(20), || {
+        let dsn = dsn.clone();
+        async move { psql(&dsn, "\\conninfo").ok() }
+    })
+    .await;
+    assert!(info.contains("SSL connection"), "{info}");
+    let localhost = dsn.replace("@127.0.0.1:", "@localhost:");
+    assert_eq!(psql(&localhost, "select 1").unwrap(), "1");
+    // Server side: the proxy's own connection to postgres is TLS too.
+    assert_eq!(psql(&dsn, "select ssl from pg_stat_ssl where pid = pg_backend_pid()").unwrap(), "t");
+    // Direct connections to a node can use the same CA.
+    let node = format!("{}?sslmode=verify-full&sslrootcert={}", c.node_dsn(&leader), ca.display());
+    assert_eq!(psql(&node, "select ssl from pg_stat_ssl where pid = pg_backend_pid()").unwrap(), "t");
+
+    // client_tls = "require": a plaintext client gets FATAL 28000 saying so.
+    let plain = format!("{}?sslmode=disable", dsn.split('?').next().unwrap());
+    let err = psql(&plain, "select 1").unwrap_err();
+    assert!(err.contains("the proxy requires TLS (client_tls = \"require\")"), "{err}");
+    let Err(e) = pgkeel_testkit::connect(&plain).await else { panic!("a plaintext client was accepted") };
+    assert_eq!(e.code(), Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION), "{e}");
+
+    let port: u16 = dsn.split(':').nth(3).and_then(|s| s.split('/').next()).and_then(|p| p.parse().ok()).unwrap();
+    // GSSENCRequest is answered N, SSLRequest S.
+    assert_eq!(answer_to(port, GSSENC_REQUEST).1, b'N');
+    let (mut s, b) = answer_to(port, SSL_REQUEST);
+    assert_eq!(b, b'S');
+    // Garbage instead of a TLS ClientHello: the connection is closed (nothing to say in
+    // plaintext on a channel that is now TLS).
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.len() < 64, "a TLS alert at most: {rest:?}");
+    // Garbage instead of a startup packet: FATAL 08P01 naming the problem, then closed.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).expect("the proxy closes the connection");
+    let text = String::from_utf8_lossy(&answer);
+    assert_eq!(answer.first(), Some(&b'E'), "{text:?}");
+    assert!(text.contains("08P01") && text.contains("startup packet: length"), "{text:?}");
+    // Still serving.
+    assert_eq!(psql(&dsn, "select 42").unwrap(), "42");
+
+    psycopg_through_the_proxy(&dsn, &node).await;
+}
+
+const PSYCOPG_SCRIPT: &str = r#"
+import json, sys
+import psycopg
+
+dsn, suffix = sys.argv[1], sys.argv[2]
+out = {}
+with psycopg.connect(dsn, autocommit=True) as conn:
+    out["tls"] = conn.info.pgconn.ssl_in_use
+    cur = conn.cursor()
+    cur.execute("select 1, 'x'::text, 2.5::numeric, array[1,2,3], null::int, '2024-01-02 03:04:05+00'::timestamptz at time zone 'UTC'")
+    out["simple"] = [str(v) for v in cur.fetchone()]
+    t = "psy_" + suffix
+    cur.execute(f"create table {t}(id int primary key, v text)")
+    with conn.transaction():
+        cur.execute(f"insert into {t} values (%s, %s), (%s, %s)", (1, "one", 2, "two"))
+    try:
+        with conn.transaction():
+            cur.execute(f"insert into {t} values (3, 'three')")
+            raise RuntimeError("roll back")
+    except RuntimeError:
+        pass
+    try:
+        with conn.transaction():
+            cur.execute(f"insert into {t} values (1, 'dup')")
+    except psycopg.errors.UniqueViolation as e:
+        out["dup"] = e.sqlstate
+    prepared = []
+    for i in range(8):
+        cur.execute(f"select v, %s::int * 10 from {t} where id = %s", (i, 1 + i % 2), prepare=True)
+        prepared.append(list(cur.fetchone()))
+    out["prepared"] = prepared
+    with cur.copy(f"copy {t} (id, v) from stdin") as copy:
+        for i in range(10, 1010):
+            copy.write_row((i, f"row {i}"))
+    rows = []
+    with cur.copy(f"copy (select id, v from {t} order by id) to stdout") as copy:
+        for row in copy.rows():
+            rows.append(list(row))
+    out["copy_count"] = len(rows)
+    out["copy_head"] = rows[:4]
+    out["copy_tail"] = rows[-2:]
+    cur.execute(f"select count(*), sum(id) from {t}")
+    out["after_copy"] = [int(v) for v in cur.fetchone()]
+    cur.execute(f"drop table {t}")
+print(json.dumps(out, sort_keys=True))
+"#;
+
+/// Runs the psycopg script against `dsn` (libpq conninfo URL), returning its JSON line.
+async fn run_psycopg(python: &Path, dsn: &str, suffix: &str) -> String {
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.args(["-c", PSYCOPG_SCRIPT, dsn, suffix]).kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("the psycopg script finishes within 60 s")
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "psycopg against {dsn}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// psycopg 3 (libpq underneath): queries, transactions, server-side prepared statements
+/// (`prepare=True`), COPY in and out, over TLS; the same answers through the proxy as
+/// directly. Needs /opt/pgkeel-test-venv with psycopg (`scripts/install-deps.sh --test`); skipped
+/// with a message without it, except under CI, where it must run.
+async fn psycopg_through_the_proxy(proxy_dsn: &str, node_dsn: &str) {
+    let python = Path::new("/opt/pgkeel-test-venv/bin/python");
+    let ok = python.exists()
+        && Command::new(python).args(["-c", "import psycopg"]).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "psycopg is missing from /opt/pgkeel-test-venv: run scripts/install-deps.sh --test"
+        );
+        eprintln!("SKIPPED the psycopg part: /opt/pgkeel-test-venv has no psycopg; run scripts/install-deps.sh --test");
+        return;
+    }
+    let via_proxy = run_psycopg(python, proxy_dsn, "proxy").await;
+    let direct = run_psycopg(python, node_dsn, "direct").await;
+    assert!(via_proxy.contains("\"tls\": true"), "{via_proxy}");
+    assert!(via_proxy.contains("\"copy_count\": 1002"), "{via_proxy}");
+    assert!(via_proxy.contains("\"dup\": \"23505\""), "{via_proxy}");
+    assert_eq!(via_proxy, direct, "psycopg gets the same answers through the proxy as directly");
+}
+
+/// A proxy with `client_tls = "allow"`, `server_tls = "require"` and `auth_query`: clients
+/// choose TLS or not; users missing from the userlist are looked up on the primary, SCRAM
+/// users log in to postgres with the ClientKey recovered from their proof; MD5 users are
+/// checked with MD5; wrong passwords get 28P01. A wrong `server_ca` fails with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_modes_and_auth_query() {
+    let c = Cluster::up(bin(), 1).await;
+    let leader = c.leader().await.expect("a leader").0;
+    let tls = c.dir().join("tls");
+    let p = Proxy::start(
+        &c,
+        "proxy-aq",
+        &format!(
+            "query = \"SELECT usename, passwd FROM pg_shadow WHERE usename = $1\"\nauth_user = \"postgres\"\n\
+             [tls]\ncert = {:?}\nkey = {:?}\nclient_tls = \"allow\"\nserver_tls = \"require\"\n",
+            tls.join("proxy.crt").display().to_string(),
+            tls.join("proxy.key").display().to_string()
+        ),
+    )
+    .await;
+    let su = password(&c);
+    let plain = p.dsn("postgres", &su, "&sslmode=disable");
+    let info = wait_for("psql through the proxy", Duration::from_secs(20), || {
+        let dsn = plain.clone();
+        async move { psql(&dsn, "\\conninfo").ok() }
+    })
+    .await;
+    assert!(!info.contains("SSL connection"), "{info}");
+    let info = psql(&p.dsn("postgres", &su, "&sslmode=require"), "\\conninfo").unwrap();
+    assert!(info.contains("SSL connection"), "{info}");
+    // server_tls = "require": TLS to postgres.
+    assert_eq!(psql(&plain, "select ssl from pg_stat_ssl where pid = pg_backend_pid()").unwrap(), "t");
+
+    // Users that exist only in postgres.
+    let node = c.node_dsn(&leader);
+    psql(&node, "create role scram_u login password 'scram pw'").unwrap();
+    psql(&node, "set password_encryption = 'md5'; create role md5_u login password 'md5 pw'").unwrap();
+    let stored = psql(&node, "select rolpassword from pg_authid where rolname = 'md5_u'").unwrap();
+    assert!(stored.starts_with("md5"), "{stored}");
+    for round in 0..2 {
+        // The second round is answered from the cache.
+        for sslmode in ["disable", "require"] {
+            let dsn = p.dsn("scram_u", "scram%20pw", &format!("&sslmode={sslmode}"));
+            assert_eq!(psql(&dsn, "select current_user").unwrap(), "scram_u", "round {round}, {sslmode}");
+        }
+    }
+    let client = pgkeel_testkit::connect(&p.dsn("scram_u", "scram%20pw", "&sslmode=disable")).await.unwrap();
+    let row = client.query_one("select current_user::text, $1::int + 1", &[&41i32]).await.unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, i32>(1)), ("scram_u".to_string(), 42));
+    drop(client);
+    let err = psql(&p.dsn("scram_u", "wrong", ""), "select 1").unwrap_err();
+    assert!(err.contains("password authentication failed for user \"scram_u\""), "{err}");
+    let Err(e) = pgkeel_testkit::connect(&p.dsn("scram_u", "wrong", "&sslmode=disable")).await else {
+        panic!("a wrong password was accepted")
+    };
+    assert_eq!(e.code(), Some(&SqlState::INVALID_PASSWORD), "{e}");
+    let err = psql(&p.dsn("nobody", "x", ""), "select 1").unwrap_err();
+    assert!(err.contains("password authentication failed for user \"nobody\""), "{err}");
+    // MD5: a wrong password is refused by the proxy's MD5 check; the right one passes it, and
+    // then postgres (pg_hba.conf: scram-sha-256, as pgkeel writes it) cannot take an MD5 login:
+    // the error says so and how to fix it.
+    let err = psql(&p.dsn("md5_u", "wrong", ""), "select 1").unwrap_err();
+    assert!(err.contains("password authentication failed for user \"md5_u\""), "{err}");
+    let err = psql(&p.dsn("md5_u", "md5%20pw", ""), "select 1").unwrap_err();
+    assert!(err.contains("stored as an MD5 hash") && err.contains("password_encryption"), "{err}");
+    // A user created after a failed lookup is found once the negative answer expires (5 s).
+    let err = psql(&p.dsn("late_u", "late", ""), "select 1").unwrap_err();
+    assert!(err.contains("password authentication failed"), "{err}");
+    psql(&node, "create role late_u login password 'late'").unwrap();
+    wait_for("late_u through the proxy", Duration::from_secs(15), || {
+        let dsn = p.dsn("late_u", "late", "");
+        async move { (psql(&dsn, "select current_user").ok()? == "late_u").then_some(()) }
+    })
+    .await;
+
+    // verify-full against a CA that did not sign postgres' certificate: a clear error.
+    let wrong = Proxy::start(
+        &c,
+        "proxy-wrong-ca",
+        &format!(
+            "[tls]\nserver_tls = \"verify-full\"\nserver_ca = {:?}\n",
+            tls.join("proxy.crt").display().to_string()
+        ),
+    )
+    .await;
+    let err = psql(&wrong.dsn("postgres", &su, ""), "select 1").unwrap_err();
+    assert!(err.contains("TLS handshake with") && err.contains("verify-full"), "{err}");
+}
