@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use pgkeel_config::DynamicConfig;
 use pgkeel_dcs::cluster::{
     ClusterSnapshot, HistoryEntry, InitializeValue, LeaderValue, MemberTags, MemberValue, QuorumValue, Role,
-    StatusValue, SyncValue,
+    StatusValue, SwitchoverValue, SyncValue,
 };
 use pgkeel_ha::{decide, Action, ClusterView, Decision, Observation, Peer, PgRole, PgState, PromoteReason};
 use pgkeel_pg::binaries::PgBinaries;
@@ -215,7 +215,18 @@ impl HaLoop {
             .with_context(|| format!("prepare node directory {}", node_dir.display()))?;
         pgkeel_pg::user::prepare_dir(&self.inst.socket_dir, 0o700, self.run_as.as_ref())
             .with_context(|| format!("prepare socket directory {}", self.inst.socket_dir.display()))?;
+        if let Some(path) = self.s3_config_path() {
+            let settings = self.shared.config.backup.s3.clone().unwrap_or_default();
+            write_private(&path, settings.to_toml().as_bytes(), self.run_as.as_ref())
+                .with_context(|| format!("write the S3 settings for archive_command to {}", path.display()))?;
+        }
         Ok(())
+    }
+
+    /// For an `s3://` repository, the file holding `[backup.s3]` for `pgkeel wal push|fetch`
+    /// (in the socket directory, readable by the postgres OS user only).
+    pub(crate) fn s3_config_path(&self) -> Option<std::path::PathBuf> {
+        self.shared.config.backup.is_s3().then(|| self.inst.socket_dir.join("s3.toml"))
     }
 
     fn settings(&self, d: &DynamicConfig) -> pgkeel_ha::Settings {
@@ -668,6 +679,7 @@ impl HaLoop {
                 _ => None,
             },
             replayed_lsn: p.and_then(|p| p.replayed_lsn),
+            replay_lag_ms: p.and_then(|p| p.replay_lag_ms),
             streaming: p.is_some_and(|p| p.wal_receiver.as_ref().is_some_and(|w| w.status == "streaming")),
             following: if role == Role::Replica { self.following.clone() } else { None },
             term: self.lease.as_ref().map(|l| l.value.term).unwrap_or(self.conf_term),
@@ -752,7 +764,7 @@ impl HaLoop {
                 self.demote().await;
                 Ok(true)
             }
-            Action::StepDown => self.step_down(d).await.map(|_| true),
+            Action::StepDown => self.step_down(snap, pg, d).await.map(|_| true),
             Action::Release => self.release().await.map(|_| true),
             Action::Reacquire => self.reacquire(d).await.map(|_| false),
             // Only decided without a snapshot; handled in `once`.
@@ -787,14 +799,18 @@ impl HaLoop {
         if let Some(repo) = &cfg.backup.repo {
             let exe = std::env::current_exe().context("find the pgkeel binary for archive_command")?;
             parameters.insert("archive_mode".to_string(), "on".to_string());
-            parameters.insert("archive_command".to_string(), pgkeel_backup::archive_command(&exe, repo, &cfg.cluster));
+            let s3 = self.s3_config_path();
+            parameters.insert(
+                "archive_command".to_string(),
+                pgkeel_backup::archive_command_with(&exe, repo, &cfg.cluster, s3.as_deref()),
+            );
             // A member only uses the archive to fill gaps streaming leaves: any failure (a
             // damaged file, an unreachable repository, the binary being replaced during an
             // upgrade: exit codes above 125) must read as "not there" so it keeps streaming.
             // Left as they are, postgres would take them as fatal and stop the replica.
             parameters.insert(
                 "restore_command".to_string(),
-                format!("{} || exit 1", pgkeel_backup::restore_command(&exe, repo, &cfg.cluster)),
+                format!("{} || exit 1", pgkeel_backup::restore_command_with(&exe, repo, &cfg.cluster, s3.as_deref())),
             );
         }
         for (k, v) in d.postgresql.parameters.iter().chain(cfg.postgres.parameters.iter()) {
@@ -889,12 +905,20 @@ impl HaLoop {
             .clone()
             .or(init.replication_password.clone())
             .context("no replication password")?;
+        let mut recovery = None;
         if !self.inst.is_initialized() {
-            tracing::info!("initializing a new cluster in {}", cfg.data_dir.display());
-            let su_pw = cfg.postgres.superuser.password.clone().unwrap_or_else(random_password);
-            self.inst.initdb(&su_pw).await.context("initdb")?;
+            if let Some(from) = &cfg.backup.bootstrap_from {
+                recovery = Some(self.restore_for_bootstrap(from).await?);
+            } else {
+                tracing::info!("initializing a new cluster in {}", cfg.data_dir.display());
+                let su_pw = cfg.postgres.superuser.password.clone().unwrap_or_else(random_password);
+                self.inst.initdb(&su_pw).await.context("initdb")?;
+            }
         }
-        let conf = self.managed_conf(None, 1, d)?;
+        let mut conf = self.managed_conf(None, 1, d)?;
+        if let Some(settings) = &recovery {
+            conf.parameters.extend(settings.clone());
+        }
         self.write_conf(&conf)?;
         self.inst.set_standby(false)?;
         if self.inst.postmaster_pid().is_none() {
@@ -902,6 +926,13 @@ impl HaLoop {
         }
         self.expect_running = true;
         let client = self.inst.connect(LONG_OP).await?;
+        if recovery.is_some() {
+            self.wait_restored_promotion(&client).await?;
+            // The recovery settings must not outlive the restore (a standby would obey them).
+            let conf = self.managed_conf(None, 1, d)?;
+            self.write_conf(&conf)?;
+            self.inst.reload().await?;
+        }
         pgkeel_pg::probe::ensure_replication_user(&client, &cfg.postgres.replication.username, &repl_pw).await?;
         if let Some(pw) = &cfg.postgres.superuser.password {
             pgkeel_pg::probe::set_superuser_password(&client, &cfg.postgres.superuser.username, pw).await?;
@@ -956,6 +987,92 @@ impl HaLoop {
         self.shared.store.set_initialize(&init).await?;
         tracing::info!(sysid = %control.system_identifier, term = value.term, "cluster bootstrapped; this member is the primary");
         Ok(())
+    }
+
+    /// Bootstrapping from a backup (`[backup.bootstrap_from]`): restores it into the empty
+    /// data directory and returns the recovery settings for postgresql.conf (postgres then
+    /// recovers from the backup's archive and promotes at the target or the end of it).
+    async fn restore_for_bootstrap(
+        &mut self,
+        from: &pgkeel_config::BootstrapFrom,
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        let cfg = &self.shared.config;
+        let location = from.repo.as_ref().or(cfg.backup.repo.as_ref()).context("no repository to bootstrap from")?;
+        let location = location.to_string_lossy().to_string();
+        let cluster = from.cluster.clone().unwrap_or_else(|| cfg.cluster.clone());
+        let repo = pgkeel_backup::Repo::open_with(&location, &cluster, &cfg.backup.s3.clone().unwrap_or_default())?;
+        use pgkeel_backup::restore::Target;
+        let target = if let Some(t) = &from.target_time {
+            Target::Time(
+                pgkeel_backup::timefmt::parse_timestamp(t)
+                    .map_err(|e| anyhow::anyhow!("backup.bootstrap_from.target_time: {e}"))?,
+            )
+        } else if let Some(l) = &from.target_lsn {
+            Target::Lsn(
+                pgkeel_pg::lsn::parse_lsn(l)
+                    .with_context(|| format!("backup.bootstrap_from.target_lsn = {l:?}: write it like 0/3000148"))?,
+            )
+        } else if let Some(x) = from.target_xid {
+            Target::Xid(x)
+        } else if let Some(n) = &from.target_name {
+            Target::Name(n.clone())
+        } else {
+            Target::Latest
+        };
+        let exe = std::env::current_exe().context("find the pgkeel binary for restore_command")?;
+        let s3 = if location.starts_with("s3://") { self.s3_config_path() } else { None };
+        let restore_command =
+            pgkeel_backup::restore_command_with(&exe, std::path::Path::new(&location), &cluster, s3.as_deref());
+        tracing::info!(repo = %location, cluster = %cluster, backup = ?from.backup, target = ?target.setting(),
+            "bootstrapping the cluster from a backup");
+        let opts = pgkeel_backup::RestoreOptions {
+            to: cfg.data_dir.clone(),
+            label: from.backup.clone(),
+            target: target.clone(),
+            restore_command: restore_command.clone(),
+            run_as: self.run_as.clone(),
+            jobs: 2,
+            progress: false,
+            configure_recovery: false,
+        };
+        let m = tokio::task::spawn_blocking(move || pgkeel_backup::restore(&repo, &opts))
+            .await
+            .context("the restore task panicked")?
+            .context("restore the backup to bootstrap from")?;
+        tracing::info!(backup = %m.label, "backup restored; recovering from its archive");
+        let mut settings = vec![
+            ("restore_command".to_string(), restore_command),
+            ("recovery_target_timeline".to_string(), "latest".to_string()),
+        ];
+        if let Some((name, value)) = target.setting() {
+            settings.push((name.to_string(), value));
+            settings.push(("recovery_target_action".to_string(), "promote".to_string()));
+        }
+        Ok(settings)
+    }
+
+    /// Waits (up to a day, logging every minute) until the restored server has recovered and
+    /// promoted itself.
+    async fn wait_restored_promotion(&self, client: &tokio_postgres::Client) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut logged = Instant::now();
+        loop {
+            let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await.context(
+                "the restored server stopped during recovery (its log says why; empty the data directory to retry)",
+            )?;
+            if !row.get::<_, bool>(0) {
+                tracing::info!(secs = started.elapsed().as_secs_f64(), "the restored server has promoted");
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(86_400) {
+                bail!("the restored server is still recovering after a day");
+            }
+            if logged.elapsed() > Duration::from_secs(60) {
+                tracing::info!(secs = started.elapsed().as_secs(), "the restored server is still recovering");
+                logged = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     async fn clone_from(&mut self, leader: &str, snap: &ClusterSnapshot) -> anyhow::Result<()> {
@@ -1336,6 +1453,11 @@ impl HaLoop {
         if snap.failover.is_some() {
             self.shared.store.clear_failover().await?;
         }
+        if snap.switchover.is_some() {
+            // The proxies reopen once they see this leader's term; the key only told them to
+            // hold new transactions while the old leader stepped down.
+            self.shared.store.clear_switchover().await?;
+        }
         self.ensure_slots(snap).await?;
         let pg =
             PgObservation { state: PgState::Running { role: PgRole::Primary, lsn, following: None }, probe: Some(p) };
@@ -1436,7 +1558,8 @@ impl HaLoop {
         }
     }
 
-    async fn step_down(&mut self, d: &DynamicConfig) -> anyhow::Result<()> {
+    async fn step_down(&mut self, snap: &ClusterSnapshot, pg: &PgObservation, d: &DynamicConfig) -> anyhow::Result<()> {
+        self.drain_proxies(snap, pg, d).await?;
         let lease = self.lease.clone().context("step down without a lease")?;
         if let Some(c) = &self.client {
             let _ = tokio::time::timeout(d.retry_timeout, c.batch_execute("CHECKPOINT")).await;
@@ -1463,6 +1586,102 @@ impl HaLoop {
         tracing::warn!("stepped down for a switchover at {}", pgkeel_pg::lsn::format_lsn(control.checkpoint_lsn));
         let snap = self.shared.store.load().await?;
         self.start_replica(None, &snap).await
+    }
+
+    /// Before a switchover stops postgres: announce it in the `switchover` key and wait, at
+    /// most `switchover_drain_timeout`, until every registered proxy reports that it holds new
+    /// transactions and none of its clients is inside one on this primary. Meanwhile the lease
+    /// and the member record are kept fresh. A proxy whose key expires (it died) stops
+    /// counting; when the wait runs out the switchover goes on regardless, and the clients of
+    /// the proxies that did not drain may see an error, as without this step.
+    async fn drain_proxies(
+        &mut self,
+        snap: &ClusterSnapshot,
+        pg: &PgObservation,
+        d: &DynamicConfig,
+    ) -> anyhow::Result<()> {
+        if d.switchover_drain_timeout.is_zero() || snap.proxies.is_empty() {
+            return Ok(());
+        }
+        let lease = self.lease.clone().context("step down without a lease")?;
+        let requested = snap.failover.as_ref().map_or(0, |f| f.value.requested_at_ms);
+        let started = Instant::now();
+        let value = SwitchoverValue {
+            id: format!("{}-{requested}", lease.value.term),
+            leader: self.me().to_string(),
+            term: lease.value.term,
+            candidate: snap.failover.as_ref().and_then(|f| f.value.candidate.clone()),
+            deadline_ms: unix_ms() + ms(d.switchover_drain_timeout),
+        };
+        // Outlives the step-down itself; the new leader deletes it once promoted.
+        let key_ttl = d.switchover_drain_timeout + (d.ttl * 4).max(Duration::from_secs(30));
+        self.shared.store.set_switchover(&value, key_ttl).await.context("announce the switchover to the proxies")?;
+        tracing::info!(id = %value.id, proxies = snap.proxies.len(), "switchover: waiting for the proxies to drain");
+        let deadline = started + d.switchover_drain_timeout;
+        let mut next_renewal = Instant::now() + d.loop_wait;
+        let mut waiting: Vec<String> = snap.proxies.iter().map(|p| p.value.id.clone()).collect();
+        loop {
+            match tokio::time::timeout(d.retry_timeout, self.shared.store.proxies()).await {
+                Ok(Ok(proxies)) => {
+                    waiting = proxies
+                        .into_iter()
+                        .filter(|p| p.value.drained.as_deref() != Some(value.id.as_str()))
+                        .map(|p| p.value.id)
+                        .collect();
+                }
+                Ok(Err(e)) => tracing::warn!("switchover: cannot read the proxies: {e}"),
+                Err(_) => tracing::warn!("switchover: cannot read the proxies within retry_timeout"),
+            }
+            if waiting.is_empty() {
+                tracing::info!(
+                    id = %value.id, waited_ms = ms(started.elapsed()),
+                    "switchover: every proxy holds new transactions and has none in flight"
+                );
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    id = %value.id, waiting = ?waiting,
+                    "switchover: not every proxy drained within switchover_drain_timeout ({}); switching anyway, \
+                     their clients inside a transaction get an error",
+                    pgkeel_config::format_duration(d.switchover_drain_timeout)
+                );
+                return Ok(());
+            }
+            if now >= next_renewal {
+                next_renewal = now + d.loop_wait;
+                if let Err(e) = self.renew_lease_only(d).await {
+                    // Without the lease this node must not stay primary: the next loop demotes.
+                    let _ = self.shared.store.clear_switchover().await;
+                    return Err(e.context("renew the lease while the proxies drain"));
+                }
+                self.publish_member(pg).await;
+            }
+            tokio::time::sleep(Duration::from_millis(20).min(deadline - now)).await;
+        }
+    }
+
+    /// Renews the leader key (and re-arms the guard) without the rest of a loop's work.
+    async fn renew_lease_only(&mut self, d: &DynamicConfig) -> anyhow::Result<()> {
+        let lease = self.lease.clone().context("no lease to renew")?;
+        let t0 = self.now_ms();
+        let r =
+            tokio::time::timeout(d.retry_timeout, self.shared.store.renew_leader(&lease.value, lease.revision, d.ttl))
+                .await;
+        match r {
+            Ok(Ok(Some(rev))) => {
+                self.lease = Some(Lease { revision: rev, deadline_ms: t0 + ms(d.ttl), ..lease });
+                self.sync_guard(d);
+                Ok(())
+            }
+            Ok(Ok(None)) => {
+                self.lease = None;
+                bail!("lost the leader key (it expired or was taken)")
+            }
+            Ok(Err(e)) => bail!("renew the leader lease: {e}"),
+            Err(_) => bail!("renew the leader lease: no answer within retry_timeout"),
+        }
     }
 
     async fn release(&mut self) -> anyhow::Result<()> {
@@ -1631,4 +1850,20 @@ fn cluster_view(s: &ClusterSnapshot) -> ClusterView {
             .map(|x| x.value.quorum.iter().map(|q| pgkeel_ha::QuorumSet { k: q.k, voters: q.voters.clone() }).collect())
             .unwrap_or_default(),
     }
+}
+
+/// Writes `content` to `path` with mode 0600, owned by `run_as` when given (replaced
+/// atomically, so a reader never sees half a file).
+fn write_private(path: &std::path::Path, content: &[u8], run_as: Option<&RunAs>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    f.write_all(content)?;
+    f.sync_all()?;
+    if let Some(r) = run_as {
+        std::os::unix::fs::chown(&tmp, Some(r.uid), Some(r.gid))?;
+    }
+    std::fs::rename(&tmp, path)
 }

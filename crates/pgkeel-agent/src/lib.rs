@@ -187,7 +187,7 @@ pub async fn run(config: NodeConfig, options: RunOptions, shutdown: watch::Recei
     let store = ClusterStore::new(dcs, &config.cluster);
     let bins = pgkeel_pg::binaries::PgBinaries::discover(config.postgres.bin_dir.as_deref())?;
     let run_as = pgkeel_pg::user::run_as_for(&config.postgres.os_user)?;
-    if let Some(repo) = &config.backup.repo {
+    if let Some(repo) = config.backup.repo.as_ref().filter(|_| !config.backup.is_s3()) {
         // archive_command runs as the postgres OS user: the repository must be its.
         pgkeel_pg::user::prepare_dir(repo, 0o700, run_as.as_ref())
             .with_context(|| format!("prepare the backup repository {} (backup.repo)", repo.display()))?;

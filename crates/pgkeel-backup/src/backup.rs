@@ -13,6 +13,17 @@
 //!    archive itself; its primary does): pgkeel waits for it up to `wal_wait`.
 //! 5. The manifest is written last. Until then the backup is incomplete and is never listed
 //!    as valid nor restored.
+//!
+//! Differential (`diff`, compared with the newest full backup) and incremental (`incr`,
+//! compared with the newest backup of any kind) backups work per file: a file whose size and
+//! modification time match the reference's entry (its size alone when the reference was
+//! taken from another copy of the data, e.g. another replica, where times differ) is re-read
+//! and hashed (not compressed nor stored); when its SHA-256 matches too, the new manifest points at the object the earlier
+//! backup stored ([`FileEntry::stored_in`]). Reading it after `pg_backup_start`'s checkpoint
+//! gives the same guarantee as copying it: the bytes are those the earlier backup stored, and
+//! WAL replay from the new start LSN repairs anything written after the read. Any other file
+//! is copied. With no usable reference (none of this system, or another major version) the
+//! backup is a full one, with a warning.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -24,7 +35,7 @@ use anyhow::{bail, Context};
 use tracing::{info, warn};
 
 use crate::codec::compress_stream;
-use crate::manifest::{parse_backup_label, DirEntry, FileEntry, Manifest, FORMAT};
+use crate::manifest::{parse_backup_label, BackupKind, DirEntry, FileEntry, Manifest, FORMAT};
 use crate::parallel;
 use crate::progress::{Progress, ProgressReader};
 use crate::repo::{check_label, Repo};
@@ -94,6 +105,8 @@ pub struct BackupOptions {
     pub wal_wait: Duration,
     /// Show progress while copying (a bar on a terminal, log lines otherwise).
     pub progress: bool,
+    /// Full, differential or incremental.
+    pub kind: BackupKind,
 }
 
 /// What happens to one entry of the data directory.
@@ -157,6 +170,7 @@ struct Job {
     rel: String,
     size: u64,
     mode: u32,
+    mtime_ns: i64,
 }
 
 /// Walks the data directory: the directories to recreate and the files to copy.
@@ -219,7 +233,8 @@ fn walk(pgdata: &Path) -> anyhow::Result<(Vec<DirEntry>, Vec<Job>)> {
                 }
             } else if ft.is_file() {
                 if classify(&rel, false) == Class::Copy {
-                    files.push(Job { rel, size: meta.size(), mode });
+                    let mtime_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
+                    files.push(Job { rel, size: meta.size(), mode, mtime_ns });
                 }
             } else {
                 warn!(path = %entry.path().display(), "skipping a special file");
@@ -230,16 +245,38 @@ fn walk(pgdata: &Path) -> anyhow::Result<(Vec<DirEntry>, Vec<Job>)> {
     Ok((dirs, files))
 }
 
-/// Copies one file into the backup; `None` when it vanished before it could be opened
-/// (WAL replay recreates or drops it).
+/// Copies one file into the backup, or points at an earlier backup's copy when `prior` (the
+/// reference backup's entry, with its holder resolved) has the same size, time and content;
+/// `None` when the file vanished before it could be opened (WAL replay recreates or drops it).
 fn copy_file(
     repo: &Repo,
     label: &str,
     pgdata: &Path,
     job: &Job,
+    prior: Option<&FileEntry>,
     progress: &Progress,
 ) -> anyhow::Result<Option<FileEntry>> {
     let src = pgdata.join(&job.rel);
+    if let Some(p) = prior.filter(|p| p.size == job.size && (p.mtime_ns == Some(job.mtime_ns) || p.mtime_ns.is_none()))
+    {
+        match File::open(&src) {
+            Ok(f) => {
+                let mut f = ProgressReader::new(f, progress);
+                let (size, sha256) = crate::codec::hash_stream(&mut f)
+                    .with_context(|| format!("reading {} (to compare it with the reference)", src.display()))?;
+                if size == p.size && sha256 == p.sha256 {
+                    return Ok(Some(FileEntry { mode: job.mode, ..p.clone() }));
+                }
+                // Changed after all: copied below (progress counts it twice; harmless).
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("opening {} (run the backup as root or as the user postgres runs as)", src.display())
+                })
+            }
+        }
+    }
     let f = match File::open(&src) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -257,7 +294,15 @@ fn copy_file(
         compress_stream(&mut f, &mut counting).with_context(|| format!("copying {} to {key}", src.display()))?;
     let stored_size = counting.count;
     counting.inner.commit(WriteMode::Overwrite).with_context(|| format!("storing {key}"))?;
-    Ok(Some(FileEntry { path: job.rel.clone(), size, stored_size, sha256, mode: job.mode }))
+    Ok(Some(FileEntry {
+        path: job.rel.clone(),
+        size,
+        stored_size,
+        sha256,
+        mode: job.mode,
+        mtime_ns: Some(job.mtime_ns),
+        stored_in: None,
+    }))
 }
 
 struct CountingWriter<W> {
@@ -370,6 +415,10 @@ async fn run_backup(
         );
     }
     let v15 = info.version_num >= 150000;
+    let reference = choose_reference(repo, opts.kind, &info)?;
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let source = format!("{}:{}", host.trim(), pgdata.display());
+    let kind = if reference.is_some() { opts.kind } else { BackupKind::Full };
 
     let row = client
         .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8", &[])
@@ -377,7 +426,10 @@ async fn run_backup(
         .map_err(sql_err("reading the server clock"))?;
     let label = free_label(repo, row.get(0))?;
     check_label(&label)?;
-    info!(label = %label, standby = info.in_recovery, jobs, "starting backup");
+    info!(
+        label = %label, kind = kind.as_str(), reference = reference.as_ref().map(|r| r.label.as_str()),
+        standby = info.in_recovery, jobs, "starting backup"
+    );
 
     let start_sql =
         if v15 { "SELECT pg_backup_start($1, true)::text" } else { "SELECT pg_start_backup($1, true, false)::text" };
@@ -401,9 +453,13 @@ async fn run_backup(
         let pgdata = pgdata.to_path_buf();
         let label = label.clone();
         let progress = opts.progress;
-        tokio::task::spawn_blocking(move || copy_all(&repo, &label, &pgdata, jobs, progress))
-            .await
-            .context("the copy task panicked")??
+        let reference = reference.clone();
+        let source = source.clone();
+        tokio::task::spawn_blocking(move || {
+            copy_all(&repo, &label, &pgdata, jobs, progress, reference.as_ref(), &source)
+        })
+        .await
+        .context("the copy task panicked")??
     };
 
     let stop_sql = if v15 {
@@ -438,6 +494,9 @@ async fn run_backup(
         system_identifier: info.system_identifier,
         server_version_num: info.version_num,
         from_standby: info.in_recovery,
+        kind,
+        reference: reference.as_ref().map(|r| r.label.clone()),
+        source: Some(source),
         pgkeel_version: env!("CARGO_PKG_VERSION").to_string(),
         start_time_us,
         stop_time_us,
@@ -452,6 +511,12 @@ async fn run_backup(
         files,
     };
     wait_for_wal(repo, &manifest, opts.wal_wait).await?;
+    // A backup expired meanwhile would leave this one pointing at removed files.
+    for dep in manifest.depends_on() {
+        if repo.read_manifest(&dep)?.is_none() {
+            bail!("backup {dep}, which stores files this backup shares, was removed while it ran: take it again");
+        }
+    }
 
     let key = repo.manifest_key(&label);
     let text = serde_json::to_vec_pretty(&manifest).context("serializing the manifest")?;
@@ -463,14 +528,56 @@ async fn run_backup(
     Ok(manifest)
 }
 
+/// The backup a differential or incremental one is compared with: the newest complete one
+/// of the same system and major version (a full one for `diff`). `None` for a full backup,
+/// or when there is none (the backup is then a full one).
+fn choose_reference(repo: &Repo, kind: BackupKind, info: &ServerInfo) -> anyhow::Result<Option<Manifest>> {
+    if kind == BackupKind::Full {
+        return Ok(None);
+    }
+    let found = repo
+        .complete_backups()?
+        .into_iter()
+        .filter(|m| m.system_identifier == info.system_identifier)
+        .filter(|m| m.server_version_num / 10000 == info.version_num / 10000)
+        .filter(|m| kind == BackupKind::Incr || m.kind == BackupKind::Full)
+        .max_by_key(|m| (m.stop_time_us, m.label.clone()));
+    if found.is_none() {
+        let (what, instead) =
+            if kind == BackupKind::Diff { ("full backup", "a differential") } else { ("backup", "an incremental") };
+        warn!(
+            "no complete {what} of this system in {} to compare with: taking a full backup instead of {instead} one",
+            repo.describe()
+        );
+    }
+    Ok(found)
+}
+
 fn copy_all(
     repo: &Repo,
     label: &str,
     pgdata: &Path,
     jobs: usize,
     show_progress: bool,
+    reference: Option<&Manifest>,
+    source: &str,
 ) -> anyhow::Result<(Vec<DirEntry>, Vec<FileEntry>)> {
     let (dirs, mut files) = walk(pgdata)?;
+    // The reference's entries, each pointing at the backup that stores it.
+    // The reference's entries, each pointing at the backup that stores it; without their
+    // times when the reference comes from another copy of the data (compared by content).
+    let same_source = reference.is_some_and(|m| m.source.as_deref() == Some(source));
+    let prior: std::collections::HashMap<&str, FileEntry> = reference
+        .map(|m| {
+            m.files
+                .iter()
+                .map(|f| {
+                    let mtime_ns = if same_source { f.mtime_ns } else { None };
+                    (f.path.as_str(), FileEntry { stored_in: Some(f.holder(m).to_string()), mtime_ns, ..f.clone() })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let control = "global/pg_control";
     let control_job = files.iter().position(|f| f.rel == control).map(|i| files.remove(i));
     let Some(control_job) = control_job else {
@@ -481,10 +588,16 @@ fn copy_all(
     let started = Instant::now();
     let total = files.iter().map(|f| f.size).sum::<u64>() + control_job.size;
     let progress = Progress::new(format!("backup {label}"), total, show_progress);
-    let copied = parallel::try_for_each(&files, jobs, |job| copy_file(repo, label, pgdata, job, &progress))?;
+    let copied = parallel::try_for_each(&files, jobs, |job| {
+        copy_file(repo, label, pgdata, job, prior.get(job.rel.as_str()), &progress)
+    })?;
     let mut entries: Vec<FileEntry> = copied.into_iter().flatten().collect();
-    // pg_control last (see the module doc).
-    let control_entry = copy_file(repo, label, pgdata, &control_job, &progress)?
+    if reference.is_some() {
+        let shared = entries.iter().filter(|e| e.stored_in.is_some()).count();
+        info!(shared, copied = entries.len() - shared, "files unchanged since the reference are not stored again");
+    }
+    // pg_control last (see the module doc), and always copied.
+    let control_entry = copy_file(repo, label, pgdata, &control_job, None, &progress)?
         .with_context(|| format!("{control} vanished during the backup"))?;
     progress.finish();
     entries.push(control_entry);

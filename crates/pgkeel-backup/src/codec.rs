@@ -137,6 +137,14 @@ pub fn compress_stream(src: &mut dyn Read, dst: &mut dyn Write) -> io::Result<(u
     Ok((size, sha))
 }
 
+/// Reads `src` to the end; returns its size and SHA-256.
+pub fn hash_stream(src: &mut dyn Read) -> io::Result<(u64, String)> {
+    let mut hashing = HashingWriter::new(io::sink());
+    io::copy(src, &mut hashing)?;
+    let (_, size, sha) = hashing.finish();
+    Ok((size, sha))
+}
+
 /// Streams a zstd frame from `src`, decompressed, into `dst`; returns size and SHA-256.
 pub fn decompress_stream(src: &mut dyn Read, dst: &mut dyn Write) -> io::Result<(u64, String)> {
     let mut dec = zstd::stream::read::Decoder::new(src)?;
@@ -187,8 +195,9 @@ mod tests {
         assert_eq!((n, sha.as_str()), (content.len() as u64, sha256_hex(&content).as_str()));
         let mut out = Vec::new();
         let (n2, sha2) = decompress_stream(&mut &compressed[..], &mut out).unwrap();
-        assert_eq!((n2, sha2), (n, sha));
+        assert_eq!((n2, sha2), (n, sha.clone()));
         assert_eq!(out, content);
+        assert_eq!(hash_stream(&mut &content[..]).unwrap(), (n, sha));
         assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
     }
 }

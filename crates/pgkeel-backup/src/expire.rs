@@ -4,6 +4,9 @@
 //!   (`max_age`: a recovery window: every backup that ended within it, plus the newest one
 //!   that ended before it, which restoring to the start of the window needs). A backup is
 //!   removed only when no given rule keeps it, and the newest complete one is always kept.
+//! - A kept differential or incremental backup keeps every backup that stores some of its
+//!   files (its full backup, and for an incremental the backups in between that it shares
+//!   files with), whatever the rules say.
 //! - Incomplete ones (no manifest) are removed when both their label and their newest stored
 //!   file are more than an hour old (a backup still being written is younger).
 //! - WAL: every archived segment, `.partial` and `.backup` file before the segment holding
@@ -123,11 +126,15 @@ fn usage(repo: &Repo, kind: &str) -> anyhow::Result<HashMap<String, (u64, i64)>>
     Ok(out)
 }
 
-/// Applies `r` to `items` (each with its `manifest.json`); removes (unless `dry_run`) and reports. Returns the labels kept.
+/// Applies `r` to `items` (each with its `manifest.json`); removes (unless `dry_run`) and
+/// reports. `deps` names, per label, the other items it needs (kept along with it). Returns
+/// the labels kept.
+#[allow(clippy::too_many_arguments)]
 fn expire_items(
     repo: &Repo,
     kind: &str,
     mut items: Vec<Item>,
+    deps: &HashMap<String, Vec<String>>,
     r: &Retention,
     now: i64,
     dry_run: bool,
@@ -137,7 +144,18 @@ fn expire_items(
     items.sort_by(|a, b| (a.end_us, &a.label).cmp(&(b.end_us, &b.label)));
     let complete: Vec<&Item> = items.iter().filter(|i| i.end_us.is_some()).collect();
     let times: Vec<i64> = complete.iter().map(|i| i.end_us.unwrap_or_default()).collect();
-    let keep = retained(&times, r, now);
+    let mut keep = retained(&times, r, now);
+    let needed: std::collections::HashSet<&str> = complete
+        .iter()
+        .zip(&keep)
+        .filter(|(_, k)| **k)
+        .flat_map(|(i, _)| deps.get(&i.label).into_iter().flatten().map(String::as_str))
+        .collect();
+    for (item, keep) in complete.iter().zip(keep.iter_mut()) {
+        if needed.contains(item.label.as_str()) {
+            *keep = true;
+        }
+    }
     let mut kept = Vec::new();
     let mut remove = Vec::new();
     for (item, keep) in complete.iter().zip(&keep) {
@@ -186,16 +204,18 @@ pub fn expire_backups(repo: &Repo, r: &Retention, dry_run: bool) -> anyhow::Resu
     let entries = repo.list_backups()?;
     let mut manifests = HashMap::new();
     let mut items = Vec::new();
+    let mut deps = HashMap::new();
     for e in entries {
         let prefix = repo.backup_prefix(&e.label);
         let damaged = e.manifest.is_none() && repo.storage().exists(&repo.manifest_key(&e.label))?;
         let end_us = e.manifest.as_ref().map(|m| m.stop_time_us);
         if let Some(m) = e.manifest {
+            deps.insert(e.label.clone(), m.depends_on());
             manifests.insert(e.label.clone(), m);
         }
         items.push(Item { label: e.label, prefix, end_us, damaged });
     }
-    let kept = expire_items(repo, "backups", items, r, now, dry_run, &mut report)?;
+    let kept = expire_items(repo, "backups", items, &deps, r, now, dry_run, &mut report)?;
 
     // WAL before the oldest retained backup's start segment.
     let mut first: Option<(u64, u64, SegmentName)> = None;
@@ -249,30 +269,15 @@ pub fn expire_dumps(repo: &Repo, r: &Retention, dry_run: bool) -> anyhow::Result
         let end_us = e.manifest.as_ref().map(|m| m.stop_time_us);
         items.push(Item { label: e.label, prefix, end_us, damaged });
     }
-    report.kept = expire_items(repo, "dumps", items, r, now, dry_run, &mut report)?;
+    report.kept = expire_items(repo, "dumps", items, &HashMap::new(), r, now, dry_run, &mut report)?;
     Ok(report)
 }
 
 /// Parses an age: a number followed by `s`, `m`, `h`, `d` or `w` (e.g. `14d`, `36h`);
 /// returns microseconds.
 pub fn parse_age(s: &str) -> Result<i64, String> {
-    let bad = || format!("bad age {s:?}: write a number and a unit, e.g. 14d, 36h, 90m or 2w");
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (num, unit) = s.split_at(split);
-    let n: i64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit.trim() {
-        "s" => 1,
-        "m" | "min" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        "w" => 7 * 86_400,
-        _ => return Err(bad()),
-    };
-    if n <= 0 {
-        return Err(format!("bad age {s:?}: it must be more than 0"));
-    }
-    n.checked_mul(secs * 1_000_000).ok_or_else(bad)
+    let secs = pgkeel_config::parse_age(s)?;
+    i64::try_from(secs).ok().and_then(|v| v.checked_mul(1_000_000)).ok_or_else(|| format!("age {s:?} is too large"))
 }
 
 #[cfg(test)]

@@ -57,16 +57,19 @@ pub fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', "'\\''"))
 }
 
-/// `EXE wal VERB --repo REPO --cluster CLUSTER`, shell-quoted, with `%` doubled (postgres
-/// reads `%p`, `%f` and `%%` in these commands).
-fn command_prefix(verb: &str, exe: &Path, repo: &Path, cluster: &str) -> String {
-    format!(
+/// `EXE wal VERB --repo REPO --cluster CLUSTER [--s3-config FILE]`, shell-quoted, with `%`
+/// doubled (postgres reads `%p`, `%f` and `%%` in these commands).
+fn command_prefix(verb: &str, exe: &Path, repo: &Path, cluster: &str, s3_config: Option<&Path>) -> String {
+    let mut cmd = format!(
         "{} wal {verb} --repo {} --cluster {}",
         shell_quote(&exe.to_string_lossy()),
         shell_quote(&repo.to_string_lossy()),
         shell_quote(cluster)
-    )
-    .replace('%', "%%")
+    );
+    if let Some(f) = s3_config {
+        cmd.push_str(&format!(" --s3-config {}", shell_quote(&f.to_string_lossy())));
+    }
+    cmd.replace('%', "%%")
 }
 
 /// The `archive_command` value (a shell command, not yet quoted for postgresql.conf) that
@@ -76,13 +79,24 @@ fn command_prefix(verb: &str, exe: &Path, repo: &Path, cluster: &str) -> String 
 /// The agent sets `archive_mode = on` and `archive_command = archive_command(...)` (postgres
 /// runs it as its own OS user, so `exe` must be executable and `repo` writable by that user).
 pub fn archive_command(exe: &Path, repo: &Path, cluster: &str) -> String {
-    command_prefix("push", exe, repo, cluster) + " %p"
+    archive_command_with(exe, repo, cluster, None)
+}
+
+/// [`archive_command`] for an S3 repository whose settings are in the file `s3_config`
+/// (the keys of node.toml's `[backup.s3]`, readable by the postgres OS user only).
+pub fn archive_command_with(exe: &Path, repo: &Path, cluster: &str, s3_config: Option<&Path>) -> String {
+    command_prefix("push", exe, repo, cluster, s3_config) + " %p"
 }
 
 /// The `restore_command` value matching [`archive_command`]:
 /// `EXE wal fetch --repo REPO --cluster CLUSTER %f %p`.
 pub fn restore_command(exe: &Path, repo: &Path, cluster: &str) -> String {
-    command_prefix("fetch", exe, repo, cluster) + " %f %p"
+    restore_command_with(exe, repo, cluster, None)
+}
+
+/// The `restore_command` value matching [`archive_command_with`].
+pub fn restore_command_with(exe: &Path, repo: &Path, cluster: &str, s3_config: Option<&Path>) -> String {
+    command_prefix("fetch", exe, repo, cluster, s3_config) + " %f %p"
 }
 
 #[cfg(test)]
@@ -102,6 +116,10 @@ mod tests {
         assert_eq!(
             archive_command(Path::new("/x/pgkeel"), Path::new("/r/100%"), "c"),
             "/x/pgkeel wal push --repo '/r/100%%' --cluster c %p"
+        );
+        assert_eq!(
+            archive_command_with(Path::new("/x/pgkeel"), Path::new("s3://b/p"), "c", Some(Path::new("/n/run/s3.toml"))),
+            "/x/pgkeel wal push --repo s3://b/p --cluster c --s3-config /n/run/s3.toml %p"
         );
         assert_eq!(shell_quote(""), "''");
         assert_eq!(shell_quote("a;b"), "'a;b'");

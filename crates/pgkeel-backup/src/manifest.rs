@@ -23,6 +23,18 @@ pub struct Manifest {
     pub server_version_num: u32,
     /// Whether it was taken on a standby.
     pub from_standby: bool,
+    /// Full, differential or incremental.
+    #[serde(default)]
+    pub kind: BackupKind,
+    /// For a differential or incremental backup, the backup it was compared with. Files that
+    /// did not change are not stored again: their [`FileEntry::stored_in`] names the backup
+    /// that holds them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Where it was taken: `HOST:DATA_DIRECTORY`. Modification times only mean something
+    /// on the same copy of the data, so a later backup elsewhere compares by content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// The pgkeel version that wrote it.
     pub pgkeel_version: String,
     /// Start, by the database server's clock, in microseconds since the epoch.
@@ -74,17 +86,75 @@ pub struct FileEntry {
     pub sha256: String,
     /// Permission bits.
     pub mode: u32,
+    /// Modification time when copied, in nanoseconds since the epoch: a later differential
+    /// or incremental backup re-reads a file only when its size and time are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime_ns: Option<i64>,
+    /// The backup whose `data/<path>.zst` holds this file, when it is not this backup (the
+    /// file was unchanged since an earlier backup). Always the backup that stores the object,
+    /// never an intermediate one, so restore reads it in one step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_in: Option<String>,
+}
+
+/// What a backup contains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupKind {
+    /// Every file.
+    #[default]
+    Full,
+    /// The files changed since the newest full backup.
+    Diff,
+    /// The files changed since the newest backup of any kind.
+    Incr,
+}
+
+impl BackupKind {
+    /// `full`, `diff` or `incr`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupKind::Full => "full",
+            BackupKind::Diff => "diff",
+            BackupKind::Incr => "incr",
+        }
+    }
+
+    /// Parses `full`, `diff`/`differential` or `incr`/`incremental`.
+    pub fn parse(s: &str) -> Result<BackupKind, String> {
+        match s {
+            "full" => Ok(BackupKind::Full),
+            "diff" | "differential" => Ok(BackupKind::Diff),
+            "incr" | "incremental" => Ok(BackupKind::Incr),
+            other => Err(format!("unknown backup type {other:?}: use full, diff or incr")),
+        }
+    }
+}
+
+impl FileEntry {
+    /// The label of the backup that stores this file's object, given the manifest listing it.
+    pub fn holder<'a>(&'a self, m: &'a Manifest) -> &'a str {
+        self.stored_in.as_deref().unwrap_or(&m.label)
+    }
 }
 
 impl Manifest {
+    /// The other backups this one needs (those storing some of its files), sorted.
+    pub fn depends_on(&self) -> Vec<String> {
+        let set: std::collections::BTreeSet<&str> =
+            self.files.iter().filter_map(|f| f.stored_in.as_deref()).filter(|l| *l != self.label).collect();
+        set.into_iter().map(str::to_string).collect()
+    }
+
     /// Total uncompressed size of the files.
     pub fn total_size(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
     }
 
-    /// Total stored size of the files.
+    /// Total stored size of the files this backup stores itself (not those it shares with an
+    /// earlier backup).
     pub fn stored_size(&self) -> u64 {
-        self.files.iter().map(|f| f.stored_size).sum()
+        self.files.iter().filter(|f| f.stored_in.is_none()).map(|f| f.stored_size).sum()
     }
 
     /// Start LSN as a number.
@@ -141,6 +211,9 @@ pub(crate) fn sample(label: &str, stop_time_us: i64, stop_lsn: &str) -> Manifest
         system_identifier: "7312345678901234567".into(),
         server_version_num: 150004,
         from_standby: false,
+        kind: BackupKind::Full,
+        reference: None,
+        source: None,
         pgkeel_version: "0.1.0".into(),
         start_time_us: stop_time_us - 1_000_000,
         stop_time_us,
@@ -158,6 +231,8 @@ pub(crate) fn sample(label: &str, stop_time_us: i64, stop_lsn: &str) -> Manifest
             stored_size: 12,
             sha256: "ab".into(),
             mode: 0o600,
+            mtime_ns: None,
+            stored_in: None,
         }],
     }
 }
@@ -175,6 +250,33 @@ mod tests {
         assert_eq!(back, m);
         assert_eq!(m.total_size(), 3);
         assert_eq!(m.stored_size(), 12);
+    }
+
+    #[test]
+    fn older_manifests_read_as_full_backups() {
+        let m = sample("20240501T123000Z", 1_714_566_600_000_000, "0/3000100");
+        let mut v = serde_json::to_value(&m).unwrap();
+        v.as_object_mut().unwrap().remove("kind");
+        let back: Manifest = serde_json::from_value(v).unwrap();
+        assert_eq!(back.kind, BackupKind::Full);
+        assert!(back.depends_on().is_empty());
+    }
+
+    #[test]
+    fn dependencies_and_stored_size() {
+        let mut m = sample("b2", 1, "0/3000100");
+        m.kind = BackupKind::Incr;
+        m.reference = Some("b1".into());
+        let shared = FileEntry { path: "base/1/1".into(), stored_in: Some("b0".into()), ..m.files[0].clone() };
+        let shared2 = FileEntry { path: "base/1/2".into(), stored_in: Some("b1".into()), ..m.files[0].clone() };
+        m.files.push(shared.clone());
+        m.files.push(shared2);
+        assert_eq!(m.depends_on(), vec!["b0".to_string(), "b1".to_string()]);
+        assert_eq!(m.stored_size(), 12, "shared files count where they are stored");
+        assert_eq!(shared.holder(&m), "b0");
+        assert_eq!(m.files[0].holder(&m), "b2");
+        assert_eq!(BackupKind::parse("incremental"), Ok(BackupKind::Incr));
+        assert!(BackupKind::parse("partial").is_err());
     }
 
     #[test]

@@ -93,8 +93,13 @@ impl Repo {
     /// The repository at `location`: an `s3://BUCKET/PREFIX` URL (see
     /// [`crate::s3::S3Config::from_url`]) or a directory.
     pub fn open(location: &str, cluster: &str) -> anyhow::Result<Repo> {
+        Repo::open_with(location, cluster, &pgkeel_config::S3Settings::default())
+    }
+
+    /// [`Repo::open`], with S3 settings that take precedence over the environment.
+    pub fn open_with(location: &str, cluster: &str, s3: &pgkeel_config::S3Settings) -> anyhow::Result<Repo> {
         if crate::s3::is_s3_url(location) {
-            return Repo::new(Arc::new(crate::s3::S3Storage::from_url(location)?), cluster);
+            return Repo::new(Arc::new(crate::s3::S3Storage::from_url_with(location, s3)?), cluster);
         }
         if location.is_empty() {
             bail!("the repository location is empty: give a directory or s3://BUCKET/PREFIX");

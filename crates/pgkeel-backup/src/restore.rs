@@ -138,6 +138,9 @@ pub struct RestoreOptions {
     pub jobs: usize,
     /// Show progress while unpacking (a bar on a terminal, log lines otherwise).
     pub progress: bool,
+    /// Append the recovery settings ([`recovery_settings`]) to `postgresql.auto.conf`. The
+    /// agent, bootstrapping a cluster from a backup, sets them itself instead.
+    pub configure_recovery: bool,
 }
 
 /// Restores a backup into `opts.to` and configures recovery. Returns the manifest of the
@@ -193,7 +196,9 @@ pub fn restore(repo: &Repo, opts: &RestoreOptions) -> anyhow::Result<Manifest> {
     if !m.tablespace_map.is_empty() {
         write_new(&to.join("tablespace_map"), m.tablespace_map.as_bytes())?;
     }
-    append_recovery_settings(&to, &m, opts)?;
+    if opts.configure_recovery {
+        append_recovery_settings(&to, &m, opts)?;
+    }
     write_new(&to.join("recovery.signal"), b"")?;
 
     // Directories last: their entries are all there now.
@@ -215,11 +220,10 @@ fn checked_rel(rel: &str) -> anyhow::Result<&str> {
 }
 
 fn restore_file(repo: &Repo, m: &Manifest, to: &Path, f: &FileEntry, progress: &Progress) -> anyhow::Result<()> {
-    let key = repo.backup_file_key(&m.label, &f.path);
-    let mut src = repo
-        .storage()
-        .open(&key)?
-        .with_context(|| format!("backup {}: file {} is missing from the repository ({key})", m.label, f.path))?;
+    let key = repo.backup_file_key(f.holder(m), &f.path);
+    let mut src = repo.storage().open(&key)?.with_context(|| {
+        format!("backup {}: file {} is missing from the repository ({key}{})", m.label, f.path, shared_note(m, f))
+    })?;
     let dest = to.join(checked_rel(&f.path)?);
     let mut out = OpenOptions::new()
         .write(true)
@@ -247,6 +251,14 @@ fn restore_file(repo: &Repo, m: &Manifest, to: &Path, f: &FileEntry, progress: &
     out.set_permissions(fs::Permissions::from_mode(f.mode & 0o777 | 0o600))?;
     out.sync_all().with_context(|| format!("fsync {}", dest.display()))?;
     Ok(())
+}
+
+/// For a file stored by an earlier backup: which one, to explain a missing object.
+pub(crate) fn shared_note(m: &Manifest, f: &FileEntry) -> String {
+    match &f.stored_in {
+        Some(l) if *l != m.label => format!("; it is unchanged since backup {l}, which stores it"),
+        _ => String::new(),
+    }
 }
 
 fn write_new(path: &Path, content: &[u8]) -> anyhow::Result<()> {

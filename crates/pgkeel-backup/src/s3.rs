@@ -51,8 +51,10 @@ pub struct S3Config {
     pub bucket: String,
     /// Key prefix inside the bucket (no leading or trailing `/`; empty for the whole bucket).
     pub prefix: String,
-    /// `host:port` of the plain-HTTP endpoint.
+    /// `host:port` of the endpoint.
     pub authority: String,
+    /// TLS settings for an `https://` endpoint (`None`: plain HTTP).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Region to sign for.
     pub region: String,
     /// Credentials.
@@ -74,6 +76,12 @@ impl S3Config {
     /// `AWS_DEFAULT_REGION`; default `us-east-1`), `AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`.
     pub fn from_url(url: &str) -> anyhow::Result<S3Config> {
+        S3Config::from_url_with(url, &pgkeel_config::S3Settings::default())
+    }
+
+    /// [`S3Config::from_url`], with `settings` (node.toml's `[backup.s3]`, or the file given
+    /// by `--s3-config`) taking precedence over the environment and the URL.
+    pub fn from_url_with(url: &str, settings: &pgkeel_config::S3Settings) -> anyhow::Result<S3Config> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let Some(rest) = url.strip_prefix("s3://") else {
             bail!("{url:?} is not an S3 repository URL: write s3://BUCKET/PREFIX");
@@ -103,27 +111,39 @@ impl S3Config {
                 _ => bail!("repository {url:?}: unknown option {pair:?} (known: endpoint=URL, region=NAME)"),
             }
         }
-        let endpoint = endpoint.or_else(|| env("PGKEEL_S3_ENDPOINT")).with_context(|| {
-            format!(
-                "repository {url}: say where the S3 service is: PGKEEL_S3_ENDPOINT=http://HOST:PORT (or \
+        let endpoint =
+            settings.endpoint.clone().or(endpoint).or_else(|| env("PGKEEL_S3_ENDPOINT")).with_context(|| {
+                format!(
+                    "repository {url}: say where the S3 service is: PGKEEL_S3_ENDPOINT=http://HOST:PORT (or \
                  ?endpoint=http://HOST:PORT in the URL)"
-            )
-        })?;
-        let authority = parse_endpoint(&endpoint)?;
-        let region =
-            region.or_else(|| env("AWS_REGION")).or_else(|| env("AWS_DEFAULT_REGION")).unwrap_or("us-east-1".into());
-        let (Some(access_key), Some(secret_key)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) else {
+                )
+            })?;
+        let (https, authority) = parse_endpoint(&endpoint)?;
+        let tls = if https { Some(tls_config(settings.ca_file.as_deref())?) } else { None };
+        let region = settings
+            .region
+            .clone()
+            .or(region)
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .unwrap_or("us-east-1".into());
+        let from_settings = settings.access_key_id.clone().zip(settings.secret_access_key.clone());
+        let session_token = if from_settings.is_some() { None } else { env("AWS_SESSION_TOKEN") };
+        let Some((access_key, secret_key)) =
+            from_settings.or_else(|| env("AWS_ACCESS_KEY_ID").zip(env("AWS_SECRET_ACCESS_KEY")))
+        else {
             bail!(
-                "repository {url}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (for \
-                 archive_command and restore_command, in the environment postgres runs with)"
+                "repository {url}: no S3 credentials: set access_key_id and secret_access_key in node.toml's \
+                 [backup.s3], or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment"
             );
         };
         Ok(S3Config {
             bucket: bucket.to_string(),
             prefix,
             authority,
+            tls,
             region,
-            credentials: Credentials { access_key, secret_key, session_token: env("AWS_SESSION_TOKEN") },
+            credentials: Credentials { access_key, secret_key, session_token },
             part_size: DEFAULT_PART_SIZE,
             list_page: 1000,
         })
@@ -147,6 +167,14 @@ impl S3Config {
         }
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// The repository key of a full key below the repository prefix.
     fn strip(&self, full: &str) -> Option<String> {
         if self.prefix.is_empty() {
@@ -157,7 +185,7 @@ impl S3Config {
 
     fn describe(&self) -> String {
         let prefix = if self.prefix.is_empty() { String::new() } else { format!("/{}", self.prefix) };
-        format!("s3://{}{prefix} at http://{}", self.bucket, self.authority)
+        format!("s3://{}{prefix} at {}://{}", self.bucket, self.scheme(), self.authority)
     }
 
     /// Part size for part number `n` (1-based): the base size, growing by the base size every
@@ -168,25 +196,60 @@ impl S3Config {
 }
 
 /// `http://HOST[:PORT][/]` to `HOST:PORT`.
-fn parse_endpoint(endpoint: &str) -> anyhow::Result<String> {
-    if endpoint.starts_with("https://") {
-        bail!(
-            "S3 endpoint {endpoint}: https is not supported yet; use a plain-HTTP endpoint (http://HOST:PORT), e.g. a \
-             gateway on this machine or in a trusted network"
-        );
-    }
-    let Some(rest) = endpoint.strip_prefix("http://") else {
-        bail!("S3 endpoint {endpoint:?}: write it as http://HOST:PORT");
+/// `(https, host:port)` of an endpoint URL.
+fn parse_endpoint(endpoint: &str) -> anyhow::Result<(bool, String)> {
+    let (https, rest) = if let Some(r) = endpoint.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = endpoint.strip_prefix("http://") {
+        (false, r)
+    } else {
+        bail!("S3 endpoint {endpoint:?}: write it as https://HOST[:PORT] or http://HOST:PORT");
     };
     let host = rest.trim_end_matches('/');
     if host.is_empty() || host.contains('/') || host.contains('@') {
-        bail!("S3 endpoint {endpoint:?}: write it as http://HOST:PORT (no path; the bucket goes in s3://BUCKET)");
+        bail!("S3 endpoint {endpoint:?}: write it as https://HOST[:PORT] (no path; the bucket goes in s3://BUCKET)");
     }
     let has_port = match host.rfind(':') {
         Some(i) => !host.ends_with(']') && host[i + 1..].parse::<u16>().is_ok(),
         None => false,
     };
-    Ok(if has_port { host.to_string() } else { format!("{host}:80") })
+    let default_port = if https { 443 } else { 80 };
+    Ok((https, if has_port { host.to_string() } else { format!("{host}:{default_port}") }))
+}
+
+/// The system's CA bundles, tried in order when no `ca_file` is given.
+const SYSTEM_CA_FILES: &[&str] = &["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"];
+
+/// A TLS client configuration trusting the CA certificates in `ca_file` (PEM), or the
+/// system's bundle.
+fn tls_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let path = match ca_file {
+        Some(p) => p.to_path_buf(),
+        None => SYSTEM_CA_FILES.iter().map(std::path::PathBuf::from).find(|p| p.exists()).with_context(|| {
+            format!(
+                "no CA certificates to check the S3 endpoint with: none of {} exists; install ca-certificates or set \
+                 ca_file in [backup.s3]",
+                SYSTEM_CA_FILES.join(", ")
+            )
+        })?,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&path)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| anyhow::anyhow!("reading CA certificates from {}: {e}", path.display()))?;
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        bail!("{} holds no usable CA certificate (PEM)", path.display());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// A response with its whole body.
@@ -228,7 +291,13 @@ impl Shared {
     }
 
     fn what(&self, method: &Method, full_key: Option<&str>) -> String {
-        format!("S3 {method} s3://{}/{} at http://{}", self.cfg.bucket, full_key.unwrap_or(""), self.cfg.authority)
+        format!(
+            "S3 {method} s3://{}/{} at {}://{}",
+            self.cfg.bucket,
+            full_key.unwrap_or(""),
+            self.cfg.scheme(),
+            self.cfg.authority
+        )
     }
 
     async fn connection(&self) -> io::Result<SendRequest<Full<Bytes>>> {
@@ -244,6 +313,22 @@ impl Shared {
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting timed out after 10s"))??;
         stream.set_nodelay(true)?;
+        let Some(tls) = &self.cfg.tls else {
+            let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(io::Error::other)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return Ok(sender);
+        };
+        let host = self.cfg.authority.rsplit_once(':').map_or(self.cfg.authority.as_str(), |(h, _)| h);
+        let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("S3 endpoint host {host:?}: {e}")))?;
+        let stream = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_rustls::TlsConnector::from(tls.clone()).connect(name, stream),
+        )
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the TLS handshake timed out after 10s"))??;
         let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(io::Error::other)?;
         tokio::spawn(async move {
             let _ = conn.await;
@@ -477,6 +562,11 @@ impl S3Storage {
     /// `s3://...` with settings from the URL and the environment (see [`S3Config::from_url`]).
     pub fn from_url(url: &str) -> anyhow::Result<S3Storage> {
         Ok(S3Storage::new(S3Config::from_url(url)?)?)
+    }
+
+    /// `s3://...` with `settings` first (see [`S3Config::from_url_with`]).
+    pub fn from_url_with(url: &str, settings: &pgkeel_config::S3Settings) -> anyhow::Result<S3Storage> {
+        Ok(S3Storage::new(S3Config::from_url_with(url, settings)?)?)
     }
 
     /// Creates the bucket (for tests and first setup); an existing one is fine.
@@ -991,10 +1081,11 @@ mod tests {
     #[test]
     fn urls_and_endpoints() {
         {
-            assert_eq!(parse_endpoint("http://127.0.0.1:9000").unwrap(), "127.0.0.1:9000");
-            assert_eq!(parse_endpoint("http://minio/").unwrap(), "minio:80");
-            assert_eq!(parse_endpoint("http://[::1]:9000").unwrap(), "[::1]:9000");
-            assert!(parse_endpoint("https://s3.amazonaws.com").unwrap_err().to_string().contains("https"));
+            assert_eq!(parse_endpoint("http://127.0.0.1:9000").unwrap(), (false, "127.0.0.1:9000".into()));
+            assert_eq!(parse_endpoint("http://minio/").unwrap(), (false, "minio:80".into()));
+            assert_eq!(parse_endpoint("http://[::1]:9000").unwrap(), (false, "[::1]:9000".into()));
+            assert_eq!(parse_endpoint("https://s3.amazonaws.com").unwrap(), (true, "s3.amazonaws.com:443".into()));
+            assert!(parse_endpoint("ftp://h").unwrap_err().to_string().contains("https://HOST"));
             assert!(parse_endpoint("127.0.0.1:9000").is_err());
             assert!(parse_endpoint("http://h:1/bucket").is_err());
             assert!(S3Config::from_url("s3://Bad_Bucket/x?endpoint=http://h:1").is_err());
@@ -1012,6 +1103,7 @@ mod tests {
             bucket: "b".into(),
             prefix: prefix.into(),
             authority: "h:1".into(),
+            tls: None,
             region: "r".into(),
             credentials: Credentials { access_key: "a".into(), secret_key: "s".into(), session_token: None },
             part_size: DEFAULT_PART_SIZE,

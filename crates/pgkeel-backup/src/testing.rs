@@ -106,6 +106,7 @@ impl Moto {
             bucket: bucket.into(),
             prefix: prefix.into(),
             authority: format!("127.0.0.1:{}", self.port),
+            tls: None,
             region: "us-east-1".into(),
             credentials: Credentials {
                 access_key: ACCESS_KEY.into(),

@@ -68,10 +68,16 @@ pub fn verify_backup(repo: &Repo, label: &str, jobs: usize) -> anyhow::Result<Ve
 }
 
 fn check_file(repo: &Repo, m: &Manifest, f: &FileEntry) -> Result<(), String> {
-    let key = repo.backup_file_key(&m.label, &f.path);
+    let key = repo.backup_file_key(f.holder(m), &f.path);
     let mut src = match repo.storage().open(&key) {
         Ok(Some(r)) => r,
-        Ok(None) => return Err(format!("file {}: missing from the repository ({key})", f.path)),
+        Ok(None) => {
+            return Err(format!(
+                "file {}: missing from the repository ({key}{})",
+                f.path,
+                crate::restore::shared_note(m, f)
+            ))
+        }
         Err(e) => return Err(format!("file {}: {e}", f.path)),
     };
     let (size, sha) = decompress_stream(&mut src, &mut io::sink())

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use pgkeel_backup::dump::{DumpFile, DumpManifest};
 use pgkeel_backup::expire::{expire_backups, expire_dumps, Retention};
-use pgkeel_backup::manifest::{FileEntry, Manifest, FORMAT};
+use pgkeel_backup::manifest::{BackupKind, FileEntry, Manifest, FORMAT};
 use pgkeel_backup::s3::S3Storage;
 use pgkeel_backup::storage::{LocalStorage, Storage, WriteMode};
 use pgkeel_backup::testing::Moto;
@@ -24,6 +24,9 @@ fn manifest(label: &str, tli: u32, start_lsn: &str, stop_time_us: i64) -> Manife
         system_identifier: "1".into(),
         server_version_num: 160000,
         from_standby: false,
+        kind: BackupKind::Full,
+        reference: None,
+        source: None,
         pgkeel_version: "test".into(),
         start_time_us: stop_time_us - 1_000_000,
         stop_time_us,
@@ -35,7 +38,15 @@ fn manifest(label: &str, tli: u32, start_lsn: &str, stop_time_us: i64) -> Manife
         backup_label: String::new(),
         tablespace_map: String::new(),
         directories: Vec::new(),
-        files: vec![FileEntry { path: "PG_VERSION".into(), size: 3, stored_size: 12, sha256: "x".into(), mode: 0o600 }],
+        files: vec![FileEntry {
+            path: "PG_VERSION".into(),
+            size: 3,
+            stored_size: 12,
+            sha256: "x".into(),
+            mode: 0o600,
+            mtime_ns: None,
+            stored_in: None,
+        }],
     }
 }
 

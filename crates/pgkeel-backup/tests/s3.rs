@@ -155,3 +155,70 @@ fn wal_archive_on_s3_handles_duplicates_and_corruption() {
     let err = format!("{:#}", repo.fetch_wal(name, &dest).unwrap_err());
     assert!(err.contains("corrupt"), "{err}");
 }
+
+/// A TLS front for moto on a free port, with a certificate for 127.0.0.1 from a throwaway CA;
+/// returns the port, the CA's PEM and the runtime serving it (dropped with the test).
+fn tls_front(moto_port: u16) -> (u16, String, tokio::runtime::Runtime) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::pem::PemObject;
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+    let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.pem().as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(client).await else { return };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(("127.0.0.1", moto_port)).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    });
+    (port, ca_pem, rt)
+}
+
+#[test]
+fn https_endpoint_checked_against_the_configured_ca() {
+    let m = moto();
+    let moto_port: u16 = m.endpoint().rsplit(':').next().unwrap().parse().unwrap();
+    let (port, ca_pem, _rt) = tls_front(moto_port);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let [(_, key), (_, secret), _] = Moto::env();
+    let settings = pgkeel_config::S3Settings {
+        endpoint: Some(format!("https://127.0.0.1:{port}")),
+        region: None,
+        access_key_id: Some(key.into()),
+        secret_access_key: Some(secret.into()),
+        ca_file: Some(ca_file.clone()),
+    };
+    let s = S3Storage::from_url_with("s3://pgkeel-tls/p", &settings).unwrap();
+    s.create_bucket().unwrap();
+    assert_eq!(s.write("k", b"over tls", WriteMode::NoClobber).unwrap(), WriteOutcome::Written);
+    assert_eq!(s.read("k").unwrap().unwrap(), b"over tls");
+    assert!(s.describe().contains("https://127.0.0.1"), "{}", s.describe());
+
+    // The system's CAs do not vouch for this certificate: refused, naming the endpoint.
+    let untrusted =
+        S3Storage::from_url_with("s3://pgkeel-tls/p", &pgkeel_config::S3Settings { ca_file: None, ..settings })
+            .unwrap();
+    let err = format!("{:#}", untrusted.read("k").unwrap_err());
+    assert!(err.contains("https://127.0.0.1") && err.to_lowercase().contains("certificate"), "{err}");
+}

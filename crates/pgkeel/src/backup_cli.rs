@@ -103,11 +103,17 @@ pub fn run(cmd: Commands) -> ExitCode {
 #[derive(Args, Debug, Clone)]
 pub struct RepoArgs {
     /// Repository: a directory, or an S3-compatible bucket as s3://BUCKET/PREFIX (endpoint,
-    /// region and credentials from PGKEEL_S3_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID and
-    /// AWS_SECRET_ACCESS_KEY). Default: `backup.repo` from --config. A directory must exist
-    /// and be writable by the OS user postgres runs as (archive_command runs as that user).
+    /// region and credentials from --s3-config, else node.toml's [backup.s3], else
+    /// PGKEEL_S3_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY). Default:
+    /// `backup.repo` from --config. A directory must exist and be writable by the OS user
+    /// postgres runs as (archive_command runs as that user).
     #[arg(long, env = "PGKEEL_REPO", value_name = "DIR|URL")]
     pub repo: Option<String>,
+    /// A TOML file with the keys of node.toml's [backup.s3] (endpoint, region,
+    /// access_key_id, secret_access_key) for an s3:// repository. The agent writes one for
+    /// archive_command.
+    #[arg(long, value_name = "FILE")]
+    pub s3_config: Option<PathBuf>,
     /// Cluster name in the repository (default: `cluster` from --config).
     #[arg(long, value_name = "NAME")]
     pub cluster: Option<String>,
@@ -167,13 +173,18 @@ pub struct ConnArgs {
 /// `pgkeel backup ...`
 #[derive(Subcommand, Debug)]
 pub enum BackupCommand {
-    /// Take a full base backup of a running server (a primary or a standby; a standby spares
+    /// Take a base backup of a running server (a primary or a standby; a standby spares
     /// the primary the reads). Password, if needed: PGPASSWORD.
     Create {
         #[command(flatten)]
         repo: RepoArgs,
         #[command(flatten)]
         conn: ConnArgs,
+        /// full: every file. diff: only the files changed since the newest full backup. incr:
+        /// only the files changed since the newest backup of any type. Unchanged files are
+        /// shared with the earlier backup; with no earlier backup, a full one is taken.
+        #[arg(long = "type", value_name = "TYPE", default_value = "full", value_parser = parse_kind)]
+        kind: pgkeel_backup::manifest::BackupKind,
         /// Parallel copy threads.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
         jobs: u16,
@@ -202,7 +213,8 @@ pub enum BackupCommand {
     },
     /// Remove old backups and the WAL only they needed: keep the newest N complete backups
     /// (--keep) and/or a recovery window (--max-age: every backup that ended within it and the
-    /// newest one before it). The newest complete backup is always kept; incomplete backups
+    /// newest one before it). A kept diff or incr backup keeps the backups it shares files
+    /// with. The newest complete backup is always kept; incomplete backups
     /// untouched for over an hour are removed; WAL before the oldest kept backup's start is
     /// removed (timeline history files are kept). With --dumps: the logical dumps instead.
     #[command(group(ArgGroup::new("rule").required(true).multiple(true).args(["keep", "max_age"])))]
@@ -285,7 +297,12 @@ fn open_repo(args: &RepoArgs) -> anyhow::Result<(Repo, String, Option<pgkeel_con
         let path = PathBuf::from(&location);
         std::path::absolute(&path).unwrap_or(path).display().to_string()
     };
-    Ok((Repo::open(&location, &cluster)?, location, config))
+    let s3 = match (&args.s3_config, &config) {
+        (Some(path), _) => pgkeel_config::S3Settings::load(path)?,
+        (None, Some(c)) => c.backup.s3.clone().unwrap_or_default(),
+        (None, None) => Default::default(),
+    };
+    Ok((Repo::open_with(&location, &cluster, &s3)?, location, config))
 }
 
 /// Runs `pgkeel wal push|fetch` and returns the exit code postgres expects.
@@ -325,13 +342,22 @@ pub fn wal(cmd: WalCommand) -> ExitCode {
 /// Runs `pgkeel backup ...`.
 pub fn backup(cmd: BackupCommand) -> anyhow::Result<()> {
     match cmd {
-        BackupCommand::Create { repo, conn, jobs, wal_wait } => {
+        BackupCommand::Create { repo, conn, kind, jobs, wal_wait } => {
             let (repo, _, config) = open_repo(&repo)?;
-            let opts = backup_options(&conn, config.as_ref(), jobs, wal_wait)?;
+            let mut opts = backup_options(&conn, config.as_ref(), jobs, wal_wait)?;
+            opts.kind = kind;
             let m = crate::runtime().block_on(pgkeel_backup::create_backup(&repo, &opts))?;
+            let shared = match &m.reference {
+                Some(r) => format!(
+                    ", {} of them unchanged since {r} and not stored again",
+                    m.files.iter().filter(|f| f.stored_in.is_some()).count()
+                ),
+                None => String::new(),
+            };
             println!(
-                "backup {} complete: {} files, {} ({} stored), WAL {} to {} on timeline {}{}",
+                "backup {} complete ({}): {} files{shared}, {} ({} stored), WAL {} to {} on timeline {}{}",
                 m.label,
+                m.kind.as_str(),
                 m.files.len(),
                 human_bytes(m.total_size()),
                 human_bytes(m.stored_size()),
@@ -522,7 +548,12 @@ fn backup_options(
         jobs: usize::from(jobs),
         wal_wait: Duration::from_secs(wal_wait.max(1)),
         progress: true,
+        kind: pgkeel_backup::manifest::BackupKind::Full,
     })
+}
+
+fn parse_kind(s: &str) -> Result<pgkeel_backup::manifest::BackupKind, String> {
+    pgkeel_backup::manifest::BackupKind::parse(s)
 }
 
 /// How to connect, from the arguments, the node's configuration and the PG* variables.
@@ -562,6 +593,9 @@ fn list(repo: &Repo, json: bool) -> anyhow::Result<()> {
                 Some(m) => json!({
                     "label": e.label,
                     "status": "complete",
+                    "type": m.kind.as_str(),
+                    "reference": m.reference,
+                    "depends_on": m.depends_on(),
                     "start_time": format_utc(m.start_time_us),
                     "stop_time": format_utc(m.stop_time_us),
                     "start_lsn": m.start_lsn,
@@ -586,6 +620,7 @@ fn list(repo: &Repo, json: bool) -> anyhow::Result<()> {
     }
     let mut rows = vec![[
         "Label".to_string(),
+        "Type".into(),
         "Status".into(),
         "Stop time (UTC)".into(),
         "Start LSN".into(),
@@ -599,6 +634,10 @@ fn list(repo: &Repo, json: bool) -> anyhow::Result<()> {
         rows.push(match &e.manifest {
             Some(m) => [
                 e.label.clone(),
+                match &m.reference {
+                    Some(r) => format!("{} of {r}", m.kind.as_str()),
+                    None => m.kind.as_str().into(),
+                },
                 "complete".into(),
                 format_utc(m.stop_time_us).trim_end_matches("+00").chars().take(19).collect(),
                 m.start_lsn.clone(),
@@ -610,6 +649,7 @@ fn list(repo: &Repo, json: bool) -> anyhow::Result<()> {
             ],
             None => [
                 e.label.clone(),
+                String::new(),
                 "incomplete".into(),
                 String::new(),
                 String::new(),
@@ -645,10 +685,16 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         to: args.to.clone(),
         label: args.backup.clone(),
         target: target.clone(),
-        restore_command: pgkeel_backup::restore_command(&exe, Path::new(&root), repo.cluster()),
+        restore_command: pgkeel_backup::restore_command_with(
+            &exe,
+            Path::new(&root),
+            repo.cluster(),
+            args.repo.s3_config.as_deref(),
+        ),
         run_as,
         jobs: usize::from(args.jobs),
         progress: true,
+        configure_recovery: true,
     };
     let m = pgkeel_backup::restore(&repo, &opts)?;
     let to = std::path::absolute(&args.to).unwrap_or(args.to.clone());

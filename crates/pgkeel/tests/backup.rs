@@ -732,3 +732,121 @@ async fn logical_dumps_round_trip() {
     assert_eq!(left[0].manifest.as_ref().unwrap().databases.len(), 1);
     drop(app);
 }
+
+/// `backup create --type TYPE` on `inst`; returns the new backup's manifest.
+fn create_typed(repo: &Repo, repo_s: &str, inst: &Instance, kind: &str) -> pgkeel_backup::Manifest {
+    let before: Vec<String> = repo.complete_backups().unwrap().into_iter().map(|m| m.label).collect();
+    let out = pgkeel(&[
+        "backup",
+        "create",
+        "--type",
+        kind,
+        "--repo",
+        repo_s,
+        "--cluster",
+        CLUSTER,
+        "--pgdata",
+        &inst.data_dir.display().to_string(),
+        "--host",
+        &inst.socket_dir.display().to_string(),
+        "--port",
+        &inst.port.to_string(),
+        "--wal-wait",
+        "60",
+    ]);
+    assert!(out.status.success(), "backup create --type {kind} failed: {}", text(&out));
+    let m = repo.complete_backups().unwrap().into_iter().find(|m| !before.contains(&m.label)).expect("a new backup");
+    assert!(text(&out).contains(&format!("backup {} complete ({})", m.label, m.kind.as_str())), "{}", text(&out));
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn differential_and_incremental_backups_share_unchanged_files() {
+    use pgkeel_backup::manifest::BackupKind;
+    let tmp = tempdir("pgkeel-backup-test-");
+    let repo_path = repo_dir(tmp.path());
+    let repo_s = repo_path.display().to_string();
+    let repo = Repo::local(&repo_path, CLUSTER).unwrap();
+    let primary = instance(tmp.path(), "primary");
+    let _g = start_archiving_primary(&primary, &repo_path).await;
+    let client = primary.connect(T).await.unwrap();
+    // `big` never changes after the full backup; `t` changes before every later one.
+    for sql in [
+        "CREATE TABLE big AS SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 20000) g",
+        "VACUUM FREEZE big",
+        "CREATE TABLE t (id int PRIMARY KEY)",
+        "INSERT INTO t VALUES (1)",
+        "CHECKPOINT",
+    ] {
+        client.simple_query(sql).await.unwrap();
+    }
+    let big: String = client.query_one("SELECT pg_relation_filepath('big')", &[]).await.unwrap().get(0);
+    let t_file: String = client.query_one("SELECT pg_relation_filepath('t')", &[]).await.unwrap().get(0);
+
+    // An incremental with no backup to compare with is a full one.
+    let full = create_typed(&repo, &repo_s, &primary, "incr");
+    assert_eq!((full.kind, full.reference.as_deref()), (BackupKind::Full, None));
+    let entry = |m: &pgkeel_backup::Manifest, path: &str| m.files.iter().find(|f| f.path == path).unwrap().clone();
+
+    client.batch_execute("INSERT INTO t VALUES (2); CHECKPOINT").await.unwrap();
+    let incr1 = create_typed(&repo, &repo_s, &primary, "incr");
+    assert_eq!((incr1.kind, incr1.reference.as_deref()), (BackupKind::Incr, Some(full.label.as_str())));
+    assert_eq!(entry(&incr1, &big).stored_in.as_deref(), Some(full.label.as_str()), "big is shared");
+    assert_eq!(entry(&incr1, &t_file).stored_in, None, "t changed, so it is stored again");
+    assert_eq!(entry(&incr1, "global/pg_control").stored_in, None, "pg_control is always copied");
+    assert!(
+        incr1.stored_size() * 2 < full.stored_size(),
+        "the incremental stores less: {} vs {}",
+        incr1.stored_size(),
+        full.stored_size()
+    );
+    assert!(!repo_path.join(repo.backup_file_key(&incr1.label, &big)).exists(), "no second copy of big");
+
+    client.batch_execute("INSERT INTO t VALUES (3); CHECKPOINT").await.unwrap();
+    let diff = create_typed(&repo, &repo_s, &primary, "diff");
+    assert_eq!(diff.reference.as_deref(), Some(full.label.as_str()), "a differential compares with the full one");
+    client.batch_execute("INSERT INTO t VALUES (4); CHECKPOINT").await.unwrap();
+    let incr2 = create_typed(&repo, &repo_s, &primary, "incr");
+    assert_eq!(incr2.reference.as_deref(), Some(diff.label.as_str()), "an incremental compares with the newest");
+    assert_eq!(entry(&incr2, &big).stored_in.as_deref(), Some(full.label.as_str()), "points at the holder");
+
+    // The table and JSON listings show types and references.
+    let out = pgkeel(&["backup", "list", "--repo", &repo_s, "--cluster", CLUSTER]);
+    assert!(text(&out).contains(&format!("incr of {}", diff.label)), "{}", text(&out));
+    let out = pgkeel(&["backup", "list", "--repo", &repo_s, "--cluster", CLUSTER, "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let last = list.as_array().unwrap().last().unwrap().clone();
+    assert_eq!((last["type"].as_str(), last["reference"].as_str()), (Some("incr"), Some(diff.label.as_str())));
+
+    for id in 5..=6 {
+        client.execute("INSERT INTO t VALUES ($1)", &[&id]).await.unwrap();
+    }
+    switch_and_wait_archived(&client, &repo).await;
+    let out = pgkeel(&["backup", "verify", "--repo", &repo_s, "--cluster", CLUSTER, &incr2.label]);
+    assert!(out.status.success(), "verify failed: {}", text(&out));
+    let (ids, g) = restore_and_read(tmp.path(), "from-incr", &repo_path, &["--backup", &incr2.label, "--latest"]).await;
+    assert_eq!(ids, (1..=6).collect::<Vec<i32>>(), "an incremental restores everything");
+    drop(g);
+
+    // Retention: keeping the newest one keeps what it shares files with, and nothing else.
+    let out = pgkeel(&["backup", "expire", "--repo", &repo_s, "--cluster", CLUSTER, "--keep", "1"]);
+    assert!(out.status.success(), "expire failed: {}", text(&out));
+    let left: Vec<String> = repo.complete_backups().unwrap().into_iter().map(|m| m.label).collect();
+    let mut needed = incr2.depends_on();
+    needed.push(incr2.label.clone());
+    needed.sort();
+    assert_eq!(left, needed, "kept: the newest and the backups it needs; {}", text(&out));
+    assert!(left.contains(&full.label) && !left.contains(&incr1.label), "{left:?}");
+    let out = pgkeel(&["backup", "verify", "--repo", &repo_s, "--cluster", CLUSTER, &incr2.label]);
+    assert!(out.status.success(), "verify after expire failed: {}", text(&out));
+
+    // A damaged file stored by the full backup makes the incremental's verify fail naming it.
+    let stored = repo_path.join(repo.backup_file_key(&full.label, &big));
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0xff;
+    std::fs::write(&stored, &bytes).unwrap();
+    let out = pgkeel(&["backup", "verify", "--repo", &repo_s, "--cluster", CLUSTER, &incr2.label]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains(&format!("file {big}")), "{}", text(&out));
+}
