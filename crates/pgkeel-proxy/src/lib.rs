@@ -220,9 +220,12 @@ async fn accept(
             Ok((stream, peer)) => {
                 let admitted = clients.try_acquire();
                 let live = live.clone();
-                let session = session::run(shared.clone(), stream, peer, admitted, mode);
+                let shared = shared.clone();
+                // The session future is created inside the task: an `async move` block that
+                // captured it and awaited it would hold it twice (upvar and awaited local),
+                // doubling each client's task (docs/benchmarks.md, "Proxy").
                 tokio::spawn(async move {
-                    session.await;
+                    session::run(shared, stream, peer, admitted, mode).await;
                     drop(live);
                 });
             }

@@ -68,8 +68,8 @@ pub fn run(args: ProxyArgs) -> ExitCode {
 
 /// The proxy's async runtime: one thread by default, as PgBouncer. On a machine whose cores also
 /// run postgres and the clients, a second worker thread mostly adds wake-ups between threads:
-/// `pgbench -S` through the proxy used about twice the CPU of PgBouncer with two workers, and
-/// less than PgBouncer with one (docs/benchmarks.md, "Proxy"). `PGKEEL_PROXY_THREADS=N` runs
+/// on 2 cores `pgbench -S -c 32` through the proxy ran 30-65 % more transactions per second
+/// with one thread than with two (docs/benchmarks.md, "Proxy"). `PGKEEL_PROXY_THREADS=N` runs
 /// N worker threads, for a proxy with cores of its own.
 fn proxy_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let threads = match std::env::var("PGKEEL_PROXY_THREADS") {

@@ -1,0 +1,277 @@
+#!/usr/bin/env bash
+# Proxy benchmark (issue 4's targets): in the same run and against the same postgres, compares
+#   - postgres directly,
+#   - PgBouncer (Debian's, transaction mode, SCRAM-SHA-256 from a userlist),
+#   - `pgkeel proxy` (transaction mode, SCRAM-SHA-256 from the same userlist),
+# both poolers with the same pool size (20) and max_client_conn (3000):
+#   1. 2,000 idle clients (logged in, one `select 1` each, then idle) per pooler: the pooler's
+#      RSS (/proc/PID/status VmRSS) before and with them (scripts/bench-proxy-idle.py);
+#   2. `pgbench -S` (select-only) for each protocol mode and client count, `-j 2`, printing
+#      tps (without connection time), average and p99 latency (from the per-transaction
+#      `-l` logs), failed transactions, and the pooler's CPU time during the run.
+# The three targets run one after the other for each (mode, clients), so load changes on the
+# machine hit them alike. Postgres is a 1-member `pgkeel up` cluster (the proxy follows the
+# cluster's DCS), max_connections = 600, pgbench scale 10.
+#
+#   scripts/bench-proxy.sh
+#
+# Settings (environment):
+#   PGKEEL_BENCH_SECONDS=20               seconds per pgbench run
+#   PGKEEL_BENCH_CLIENTS="32 256"         pgbench client counts
+#   PGKEEL_BENCH_MODES="simple extended prepared"
+#                                         pgbench -M modes (prepared: PgBouncer >= 1.21 only)
+#   PGKEEL_BENCH_IDLE=2000                idle clients per pooler (0: skip)
+#   PGKEEL_BENCH_POOL_SIZE=20             server connections per pool, both poolers
+#   PGKEEL_BENCH_SCALE=10                 pgbench -i scale
+#   PGKEEL_BENCH_JOBS=2                   pgbench -j
+#   PGKEEL_BENCH_TARGETS="direct pgbouncer pgkeel"
+#                                         which of the three pgbench runs
+#   PGKEEL_BIN=path                       use this pgkeel binary instead of building the release one
+#   PGKEEL_BENCH_KEEP=1                   keep the work directory (logs, configs) afterwards
+#
+# Runs as root (postgres and PgBouncer run as the postgres OS user).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${PGKEEL_BENCH_SECONDS:-20}
+CLIENTS=${PGKEEL_BENCH_CLIENTS:-"32 256"}
+MODES=${PGKEEL_BENCH_MODES:-"simple extended prepared"}
+IDLE=${PGKEEL_BENCH_IDLE:-2000}
+POOL=${PGKEEL_BENCH_POOL_SIZE:-20}
+SCALE=${PGKEEL_BENCH_SCALE:-10}
+JOBS=${PGKEEL_BENCH_JOBS:-2}
+TARGETS=${PGKEEL_BENCH_TARGETS:-"direct pgbouncer pgkeel"}
+MAX_CLIENT_CONN=3000
+[ "$(id -u)" = 0 ] || { echo "bench-proxy: run as root (postgres and PgBouncer run as the postgres OS user)" >&2; exit 1; }
+
+./scripts/install-deps.sh >/dev/null
+command -v pgbouncer >/dev/null || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
+}
+BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+if [ -n "${PGKEEL_BIN:-}" ]; then
+    PGKEEL=$(realpath "$PGKEEL_BIN")
+else
+    cargo build --release -p pgkeel --bin pgkeel
+    PGKEEL=$PWD/target/release/pgkeel
+fi
+# 2,000 clients need 2,000 descriptors in the client and in each pooler (which inherit this).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((IDLE + MAX_CLIENT_CONN / 2)) ]; then
+    echo "bench-proxy: the open-files limit ($(ulimit -n)) is too low for $IDLE idle clients; raise it (ulimit -Hn, /etc/security/limits.conf) or set PGKEEL_BENCH_IDLE lower" >&2
+    exit 1
+fi
+
+W=$(mktemp -d /var/tmp/pgkeel-bench-proxy.XXXXXX)
+chmod 755 "$W"
+PROXY_PID=
+cleanup() {
+    set +e
+    if [ -n "$PROXY_PID" ]; then
+        kill "$PROXY_PID" 2>/dev/null
+        for _ in $(seq 50); do kill -0 "$PROXY_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$PROXY_PID" 2>/dev/null
+    fi
+    if [ -f "$W/pgbouncer/pgbouncer.pid" ]; then
+        kill "$(cat "$W/pgbouncer/pgbouncer.pid")" 2>/dev/null
+    fi
+    [ -d "$W/cluster" ] && "$PGKEEL" down --dir "$W/cluster" >/dev/null 2>&1
+    if [ "${PGKEEL_BENCH_KEEP:-0}" = 1 ]; then
+        echo "bench-proxy: kept $W"
+    else
+        rm -rf "$W"
+    fi
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Waits (up to 20 s) until something accepts connections on 127.0.0.1:$1.
+wait_port() {
+    python3 - "$1" "$2" <<'EOF'
+import socket, sys, time
+port, what = int(sys.argv[1]), sys.argv[2]
+deadline = time.monotonic() + 20
+while True:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        break
+    except OSError as e:
+        if time.monotonic() > deadline:
+            sys.exit(f"bench-proxy: {what} does not accept connections on port {port} after 20 s: {e}")
+        time.sleep(0.1)
+EOF
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); exec("print(d" + sys.argv[2] + ")")' "$W/cluster/up.json" "$1"; }
+
+echo "== postgres: 1-member pgkeel cluster, pgbench scale $SCALE (work directory $W)"
+"$PGKEEL" up --dir "$W/cluster" --nodes 1 --detach >"$W/up.log" 2>&1 || { cat "$W/up.log" >&2; exit 1; }
+PW=$(json '["superuser"]["password"]')
+DSN=$(json '["nodes"][0]["dsn"]')
+PGPORT=$(python3 -c 'import sys,urllib.parse as u; print(u.urlparse(sys.argv[1]).port)' "$DSN")
+"$PGKEEL" config set --dir "$W/cluster" postgresql.parameters.max_connections=600 >/dev/null
+deadline=$((SECONDS + 60))
+until [ "$(psql "$DSN" -Atc 'show max_connections' 2>/dev/null)" = 600 ]; do
+    [ $SECONDS -lt $deadline ] || { echo "bench-proxy: max_connections did not become 600 within 60 s" >&2; exit 1; }
+    "$PGKEEL" restart --dir "$W/cluster" n1 >/dev/null 2>&1 || true
+    sleep 1
+done
+"$BIN/pgbench" -q -i -s "$SCALE" "$DSN" 2>&1 | tail -1
+
+B=$W/pgbouncer # PgBouncer's files, the postgres OS user's
+mkdir -p "$B"
+printf '"postgres" "%s"\n' "$PW" >"$W/userlist.txt"
+chmod 600 "$W/userlist.txt"
+cp "$W/userlist.txt" "$B/userlist.txt"
+
+BOUNCER_VERSION=$(pgbouncer --version | awk 'NR == 1 {print $2}')
+bouncer_prepared=0
+[ "$(printf '%s\n1.21.0\n' "$BOUNCER_VERSION" | sort -V | head -1)" = 1.21.0 ] && bouncer_prepared=1
+BPORT=$(free_port)
+cat >"$B/pgbouncer.ini" <<EOF
+[databases]
+postgres = host=127.0.0.1 port=$PGPORT dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BPORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $B/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+max_client_conn = $MAX_CLIENT_CONN
+logfile = $B/pgbouncer.log
+pidfile = $B/pgbouncer.pid
+log_connections = 0
+log_disconnections = 0
+EOF
+if [ $bouncer_prepared = 1 ]; then echo "max_prepared_statements = 200" >>"$B/pgbouncer.ini"; fi
+chown -R postgres: "$B"
+# Started as root and switching to postgres itself (-u): runuser/su would apply PAM's
+# open-files limit (1024), too low for the idle clients.
+pgbouncer -u postgres -d "$B/pgbouncer.ini"
+wait_port "$BPORT" PgBouncer || { tail -5 "$B/pgbouncer.log" >&2; exit 1; }
+BOUNCER_PID=$(cat "$B/pgbouncer.pid")
+bouncer_files=$(awk '/^Max open files/ {print $4}' "/proc/$BOUNCER_PID/limits")
+if [ "$bouncer_files" != unlimited ] && [ "$bouncer_files" -lt $((IDLE + 100)) ]; then
+    echo "bench-proxy: PgBouncer may open only $bouncer_files files, too few for $IDLE idle clients" >&2
+    exit 1
+fi
+
+KPORT=$(free_port)
+cat >"$W/proxy.toml" <<EOF
+cluster = "pgkeel"
+listen = "127.0.0.1:$KPORT"
+pool_mode = "transaction"
+pool_size = $POOL
+max_client_conn = $MAX_CLIENT_CONN
+[tls]
+# Plain TCP to postgres, as PgBouncer's default (server_tls_sslmode = disable).
+server_tls = "disable"
+[dcs]
+kind = "local"
+path = "$W/cluster/dcs"
+[auth]
+userlist = "userlist.txt"
+EOF
+"$PGKEEL" --log-level warn proxy --config "$W/proxy.toml" >"$W/proxy.log" 2>&1 &
+PROXY_PID=$!
+wait_port "$KPORT" "pgkeel proxy"
+for port in "$BPORT" "$KPORT"; do
+    PGPASSWORD=$PW psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atc 'select 1' >/dev/null
+done
+
+machine="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), PgBouncer $BOUNCER_VERSION, $("$BIN/postgres" --version)"
+echo "== $machine"
+echo "== load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+declare -A RSS_BEFORE RSS_WITH
+if [ "$IDLE" -gt 0 ]; then
+    echo "== $IDLE idle clients per pooler"
+    for target in pgbouncer pgkeel; do
+        if [ $target = pgbouncer ]; then port=$BPORT pid=$BOUNCER_PID; else port=$KPORT pid=$PROXY_PID; fi
+        read -r n before with took < <(python3 scripts/bench-proxy-idle.py --port "$port" --user postgres \
+            --password "$PW" --clients "$IDLE" --pid "$pid")
+        RSS_BEFORE[$target]=$before RSS_WITH[$target]=$with
+        awk -v t=$target -v n="$n" -v s="$took" -v b="$before" -v w="$with" \
+            'BEGIN {printf "  %-10s %d clients logged in in %s s; RSS %6.1f MB before, %6.1f MB with them\n", t, n, s, b / 1024, w / 1024}'
+    done
+fi
+
+# run_pgbench TARGET PORT MODE CLIENTS: one pgbench -S run; appends a result line to $W/results.
+run_pgbench() {
+    local target=$1 port=$2 mode=$3 clients=$4 pid=
+    local dir=$W/runs/$target-$mode-$clients
+    mkdir -p "$dir"
+    case $target in pgbouncer) pid=$BOUNCER_PID ;; pgkeel) pid=$PROXY_PID ;; esac
+    local t0=0 t1=0
+    case " $TARGETS " in *" $target "*) ;; *) return 0 ;; esac
+    [ -n "$pid" ] && t0=$(cpu_ticks "$pid")
+    if ! PGPASSWORD=$PW "$BIN/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -S -M "$mode" -c "$clients" -j "$JOBS" \
+        -T "$SECS" -l --log-prefix="$dir/tx" postgres >"$dir/out" 2>&1; then
+        echo "bench-proxy: pgbench failed against $target ($mode, $clients clients):" >&2
+        tail -5 "$dir/out" >&2
+        exit 1
+    fi
+    [ -n "$pid" ] && t1=$(cpu_ticks "$pid")
+    python3 - "$dir" "$target" "$mode" "$clients" "$((t1 - t0))" "$(getconf CLK_TCK)" >>"$W/results" <<'EOF'
+import glob, re, sys
+d, target, mode, clients, ticks, hz = sys.argv[1:]
+out = open(f"{d}/out").read()
+tps = float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out).group(1))
+failed = re.search(r"number of failed transactions: (\d+)", out)
+failed = int(failed.group(1)) if failed else 0
+lat = []
+for f in glob.glob(f"{d}/tx.*"):
+    with open(f) as fh:
+        lat.extend(int(line.split()[2]) for line in fh)
+lat.sort()
+p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000
+avg = sum(lat) / len(lat) / 1000
+cpu = int(ticks) / int(hz)
+print(f"{mode} {clients} {target} {tps:.0f} {avg:.3f} {p99:.3f} {failed} {cpu:.1f}")
+EOF
+    tail -1 "$W/results" | awk '{printf "  %-9s %4s clients  %-9s  tps %7s  avg %7s ms  p99 %7s ms  failed %s  pooler CPU %s s\n", $1, $2, $3, $4, $5, $6, $7, $8}'
+}
+
+echo "== pgbench -S, ${SECS} s per run, -j $JOBS, pool size $POOL"
+: >"$W/results"
+for mode in $MODES; do
+    for clients in $CLIENTS; do
+        run_pgbench direct "$PGPORT" "$mode" "$clients"
+        if [ "$mode" != prepared ] || [ $bouncer_prepared = 1 ]; then
+            run_pgbench pgbouncer "$BPORT" "$mode" "$clients"
+        else
+            echo "$mode $clients pgbouncer - - - - -" >>"$W/results"
+            echo "  $mode $clients clients  pgbouncer: skipped (PgBouncer $BOUNCER_VERSION has no prepared statements in transaction mode; 1.21+ has)"
+        fi
+        run_pgbench pgkeel "$KPORT" "$mode" "$clients"
+    done
+done
+echo "== load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+echo
+echo "proxy benchmark, $(date -u +%Y-%m-%d), $machine"
+python3 - "$W/results" <<'EOF'
+import sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+by = {(r[0], r[1], r[2]): r for r in rows}
+print(f"| mode | clients | direct tps | PgBouncer tps | pgkeel tps | direct p99 ms | PgBouncer p99 ms | pgkeel p99 ms | pgkeel/PgBouncer tps | CPU s PgBouncer / pgkeel |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+seen = []
+for r in rows:
+    if (r[0], r[1]) not in seen:
+        seen.append((r[0], r[1]))
+for mode, clients in seen:
+    d, b, k = (by.get((mode, clients, t), [mode, clients, t] + ["-"] * 5) for t in ("direct", "pgbouncer", "pgkeel"))
+    ratio = f"{float(k[3]) / float(b[3]):.2f}" if b[3] != "-" and k[3] != "-" else "-"
+    print(f"| {mode} | {clients} | {d[3]} | {b[3]} | {k[3]} | {d[5]} | {b[5]} | {k[5]} | {ratio} | {b[7]} / {k[7]} |")
+EOF
+if [ "$IDLE" -gt 0 ]; then
+    python3 - "$IDLE" "${RSS_BEFORE[pgbouncer]}" "${RSS_WITH[pgbouncer]}" "${RSS_BEFORE[pgkeel]}" "${RSS_WITH[pgkeel]}" <<'EOF'
+import sys
+n, bb, bw, kb, kw = map(int, sys.argv[1:])
+print(f"\n{n} idle clients: PgBouncer RSS {bb / 1024:.1f} -> {bw / 1024:.1f} MB, pgkeel proxy RSS {kb / 1024:.1f} -> {kw / 1024:.1f} MB; "
+      f"pgkeel / PgBouncer = {kw / bw:.2f} (target <= 2); per client {(bw - bb) / n:.1f} kB vs {(kw - kb) / n:.1f} kB")
+EOF
+fi
