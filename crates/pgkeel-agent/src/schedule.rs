@@ -7,7 +7,8 @@
 //! `backup_keep` / `backup_max_age` when set; a logical dump when `dump_schedule` matches,
 //! then `backup expire --dumps` with `dump_keep` / `dump_max_age` when set. Each step runs
 //! the pgkeel binary; a failed step fails the job (the key records which) but does not stop
-//! the later steps, except that no expire follows a failed backup or dump.
+//! the later steps, except that no expire follows a failed backup or dump. A slot that
+//! comes while the previous job still runs (on a member that is still there) is skipped.
 //!
 //! At a scheduled minute every streaming replica races for the DCS `backup` key with a
 //! compare-and-set naming the slot; the winner runs `pgkeel backup create` on its own
@@ -124,6 +125,16 @@ impl Scheduler {
             return;
         }
         let me = &shared.config.name;
+        // One job at a time: a slot that comes while the previous job still runs on a live
+        // member is skipped (two jobs at once would compete for the same postgres and repository).
+        if let Some(prev) = snap.backup.as_ref().map(|b| &b.value) {
+            if prev.finished_ms.is_none() && snap.member(&prev.runner).is_some() {
+                self.seen_slot = slot;
+                tracing::warn!(slot, runner = %prev.runner, previous_slot = prev.slot,
+                    "skipping a scheduled job: the previous one is still running");
+                return;
+            }
+        }
         let streaming_replica = |name: &str| {
             snap.member(name).is_some_and(|m| m.role == Role::Replica && m.streaming && !m.tags.nofailover)
         };

@@ -40,7 +40,6 @@ use crate::parallel;
 use crate::progress::{Progress, ProgressReader};
 use crate::repo::{check_label, Repo};
 use crate::storage::{WriteMode, WriteOutcome};
-use crate::timefmt::label_utc;
 use crate::walname::{valid_segment_size, SegmentName};
 
 /// How to reach the postgres server whose data directory is backed up.
@@ -358,18 +357,6 @@ fn sql_err(what: &str) -> impl Fn(tokio_postgres::Error) -> anyhow::Error + '_ {
     move |e| anyhow::anyhow!("{what}: {}", pgkeel_pg::describe_sql_error(&e))
 }
 
-/// A free label for a backup starting now: `YYYYMMDDTHHMMSSZ`, with `-2`, `-3`... when taken.
-fn free_label(repo: &Repo, now_us: i64) -> anyhow::Result<String> {
-    let base = label_utc(now_us);
-    for n in 1..1000 {
-        let label = if n == 1 { base.clone() } else { format!("{base}-{n}") };
-        if !repo.storage().exists(&repo.backup_prefix(&label))? {
-            return Ok(label);
-        }
-    }
-    bail!("no free backup label for {base}")
-}
-
 /// Takes a base backup of a running server into `repo`; returns its manifest.
 pub async fn create_backup(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<Manifest> {
     repo.check()?;
@@ -424,7 +411,7 @@ async fn run_backup(
         .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8", &[])
         .await
         .map_err(sql_err("reading the server clock"))?;
-    let label = free_label(repo, row.get(0))?;
+    let label = repo.claim_label(row.get(0), |l| repo.backup_prefix(l))?;
     check_label(&label)?;
     info!(
         label = %label, kind = kind.as_str(), reference = reference.as_ref().map(|r| r.label.as_str()),

@@ -23,7 +23,6 @@ use crate::backup::ConnectOptions;
 use crate::codec::HashingWriter;
 use crate::repo::{check_label, Repo};
 use crate::storage::{WriteMode, WriteOutcome};
-use crate::timefmt::label_utc;
 
 /// Current dump manifest format.
 pub const FORMAT: u32 = 1;
@@ -191,7 +190,7 @@ pub async fn create_dump(repo: &Repo, opts: &DumpOptions) -> anyhow::Result<Dump
         }
     };
 
-    let label = free_label(repo, start_time_us)?;
+    let label = repo.claim_label(start_time_us, |l| repo.dump_prefix(l))?;
     info!(label = %label, databases = databases.len(), "starting logical dump");
     let pg_dump_version = {
         let out = Command::new(bins.path("pg_dump")).arg("--version").output();
@@ -245,17 +244,6 @@ pub async fn create_dump(repo: &Repo, opts: &DumpOptions) -> anyhow::Result<Dump
         bail!("{key} already exists: another dump used the label {label}");
     }
     Ok(manifest)
-}
-
-fn free_label(repo: &Repo, now_us: i64) -> anyhow::Result<String> {
-    let base = label_utc(now_us);
-    for n in 1..1000 {
-        let label = if n == 1 { base.clone() } else { format!("{base}-{n}") };
-        if repo.storage().list(&repo.dump_prefix(&label))?.is_empty() {
-            return Ok(label);
-        }
-    }
-    bail!("no free dump label for {base}")
 }
 
 /// Runs `cmd` (pg_dump or pg_dumpall) and streams its standard output into

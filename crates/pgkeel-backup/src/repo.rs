@@ -283,6 +283,24 @@ impl Repo {
         Ok(out)
     }
 
+    /// Claims a free label for a backup or dump starting at `now_us` (`YYYYMMDDTHHMMSSZ`,
+    /// with `-2`, `-3`... when taken) by creating `<prefix>/label.claim` with no-clobber, so
+    /// two runs starting in the same second (a scheduled job on one member, a manual one on
+    /// another) never share a label. `prefix` gives the directory of a label.
+    pub fn claim_label(&self, now_us: i64, prefix: impl Fn(&str) -> String) -> anyhow::Result<String> {
+        let base = crate::timefmt::label_utc(now_us);
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let who = format!("{} pid {}\n", host.trim(), std::process::id());
+        for n in 1..1000 {
+            let label = if n == 1 { base.clone() } else { format!("{base}-{n}") };
+            let key = format!("{}/label.claim", prefix(&label));
+            if self.storage.write(&key, who.as_bytes(), WriteMode::NoClobber)? == WriteOutcome::Written {
+                return Ok(label);
+            }
+        }
+        bail!("no free label for {base}")
+    }
+
     /// The complete backups (those with a readable manifest), oldest first by stop time.
     pub fn complete_backups(&self) -> anyhow::Result<Vec<Manifest>> {
         let mut v: Vec<Manifest> = self.list_backups()?.into_iter().filter_map(|b| b.manifest).collect();
@@ -403,6 +421,20 @@ mod tests {
         assert!(gone.fetch_wal("00000002.history", &tmp.path().join("x")).is_err(), "a missing repo is not 'missing'");
         assert!(Repo::local(tmp.path(), "../x").is_err());
         assert!(Repo::local(tmp.path(), "").is_err());
+    }
+
+    #[test]
+    fn labels_are_claimed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo::local(dir.path(), "c").unwrap();
+        let t = 1_714_566_600_000_000;
+        let a = repo.claim_label(t, |l| repo.backup_prefix(l)).unwrap();
+        let b = repo.claim_label(t, |l| repo.backup_prefix(l)).unwrap();
+        let d = repo.claim_label(t, |l| repo.dump_prefix(l)).unwrap();
+        assert_eq!(a, "20240501T123000Z");
+        assert_eq!(b, "20240501T123000Z-2", "the same second gets the next label");
+        assert_eq!(d, a, "dumps have labels of their own");
+        assert!(repo.list_backups().unwrap().iter().all(|e| e.manifest.is_none()), "claimed, not complete");
     }
 
     #[test]
