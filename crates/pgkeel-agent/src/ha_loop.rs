@@ -27,6 +27,10 @@ use tokio::task::JoinHandle;
 use crate::guard::{monotonic_ms, GuardHandle, Order};
 use crate::{unix_ms, NodeRequest, Shared, LONG_OP};
 
+/// How long a member that left the DCS still counts for failsafe confirmations (at least
+/// 3 × ttl).
+const MEMBER_MEMORY: Duration = Duration::from_secs(30);
+
 /// The lease this agent holds on the leader key.
 #[derive(Debug, Clone)]
 struct Lease {
@@ -81,8 +85,13 @@ pub(crate) struct HaLoop {
     guc_value: String,
     /// Since when that value is known to be in force.
     guc_in_force: GucInForce,
-    /// Other members (name, REST URL) as last read from the DCS: whom to ask in failsafe.
+    /// Other members (name, REST URL) read from the DCS recently: whom to ask in failsafe.
+    /// A member stays for [`MEMBER_MEMORY`] after it was last seen, so a snapshot taken just
+    /// after a DCS outage (when every member key had expired and not been re-published yet)
+    /// cannot shrink the set a failsafe primary needs confirmations from.
     last_members: Vec<(String, String)>,
+    /// When each other member was last seen in a snapshot, and its REST URL.
+    members_seen: std::collections::HashMap<String, (String, Instant)>,
     /// Replica: since when its WAL receiver has not streamed from the running leader, and the
     /// replay position then (replay that moves on, e.g. from the archive, is no stall).
     stalled_since: Option<(Instant, Option<u64>)>,
@@ -154,6 +163,7 @@ impl HaLoop {
             guc_value: String::new(),
             guc_in_force: GucInForce::default(),
             last_members: Vec::new(),
+            members_seen: Default::default(),
             stalled_since: None,
             last_unstall: None,
             scheduler: Default::default(),
@@ -268,12 +278,16 @@ impl HaLoop {
             self.shared.counters.dcs_errors.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(snap) = &snapshot {
-            self.last_members = snap
-                .members
-                .iter()
-                .filter(|m| m.value.name != self.shared.config.name)
-                .map(|m| (m.value.name.clone(), m.value.api_url.clone()))
-                .collect();
+            let now = Instant::now();
+            for m in snap.members.iter().filter(|m| m.value.name != self.shared.config.name) {
+                self.members_seen.insert(m.value.name.clone(), (m.value.api_url.clone(), now));
+            }
+            let memory = MEMBER_MEMORY.max(self.shared.dynamic().ttl * 3);
+            self.members_seen.retain(|_, (_, seen)| now.duration_since(*seen) <= memory);
+            let mut members: Vec<(String, String)> =
+                self.members_seen.iter().map(|(n, (url, _))| (n.clone(), url.clone())).collect();
+            members.sort();
+            self.last_members = members;
             self.apply_dynamic_config(snap);
             self.leader_rev = snap.leader.as_ref().map(|l| l.revision);
             self.adopt_lease(snap).await;
@@ -1001,24 +1015,18 @@ impl HaLoop {
         let location = location.to_string_lossy().to_string();
         let cluster = from.cluster.clone().unwrap_or_else(|| cfg.cluster.clone());
         let repo = pgkeel_backup::Repo::open_with(&location, &cluster, &cfg.backup.s3.clone().unwrap_or_default())?;
-        use pgkeel_backup::restore::Target;
-        let target = if let Some(t) = &from.target_time {
-            Target::Time(
-                pgkeel_backup::timefmt::parse_timestamp(t)
-                    .map_err(|e| anyhow::anyhow!("backup.bootstrap_from.target_time: {e}"))?,
-            )
-        } else if let Some(l) = &from.target_lsn {
-            Target::Lsn(
-                pgkeel_pg::lsn::parse_lsn(l)
-                    .with_context(|| format!("backup.bootstrap_from.target_lsn = {l:?}: write it like 0/3000148"))?,
-            )
-        } else if let Some(x) = from.target_xid {
-            Target::Xid(x)
-        } else if let Some(n) = &from.target_name {
-            Target::Name(n.clone())
-        } else {
-            Target::Latest
-        };
+        let target = pgkeel_backup::restore::Target::from_options(
+            [
+                "backup.bootstrap_from.target_time",
+                "backup.bootstrap_from.target_lsn",
+                "backup.bootstrap_from.target_xid",
+                "backup.bootstrap_from.target_name",
+            ],
+            from.target_time.as_deref(),
+            from.target_lsn.as_deref(),
+            from.target_xid,
+            from.target_name.as_deref(),
+        )?;
         let exe = std::env::current_exe().context("find the pgkeel binary for restore_command")?;
         let s3 = if location.starts_with("s3://") { self.s3_config_path() } else { None };
         let restore_command =
@@ -1087,7 +1095,27 @@ impl HaLoop {
         };
         tracing::info!("cloning from {leader} ({})", m.pg_address);
         self.sysid = None;
-        self.inst.basebackup(&src, None, LONG_OP).await.context("clone the leader's data directory")?;
+        // The loop waits for the clone: keep this member's record alive meanwhile, or it
+        // expires after ttl and the leader drops the member's replication slot.
+        let own = snap.member(&self.shared.config.name).cloned();
+        let result = {
+            let clone = self.inst.basebackup(&src, None, LONG_OP);
+            tokio::pin!(clone);
+            loop {
+                let ttl = self.shared.dynamic().ttl;
+                tokio::select! {
+                    r = &mut clone => break r,
+                    _ = tokio::time::sleep(ttl / 3) => {
+                        if let Some(m) = &own {
+                            if let Err(e) = self.shared.store.put_member(m, ttl).await {
+                                tracing::warn!("failed to keep the member record alive during the clone: {e}");
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        result.context("clone the leader's data directory")?;
         self.start_replica(Some(leader), snap).await
     }
 
