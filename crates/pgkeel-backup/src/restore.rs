@@ -35,6 +35,37 @@ pub enum Target {
 }
 
 impl Target {
+    /// The target given by at most one of a time (with a UTC offset), an LSN, a transaction
+    /// id or a restore point name; none means [`Target::Latest`]. `names` are what the four
+    /// are called where they came from, for errors (e.g. `--target-time`, or
+    /// `backup.bootstrap_from.target_time`).
+    pub fn from_options(
+        names: [&str; 4],
+        time: Option<&str>,
+        lsn: Option<&str>,
+        xid: Option<u64>,
+        name: Option<&str>,
+    ) -> anyhow::Result<Target> {
+        let given = [time.is_some(), lsn.is_some(), xid.is_some(), name.is_some()].iter().filter(|g| **g).count();
+        let [n_time, n_lsn, n_xid, n_name] = names;
+        if given > 1 {
+            bail!("give at most one of {n_time}, {n_lsn}, {n_xid} and {n_name}");
+        }
+        Ok(if let Some(t) = time {
+            Target::Time(crate::timefmt::parse_timestamp(t).map_err(|e| anyhow::anyhow!("{n_time}: {e}"))?)
+        } else if let Some(l) = lsn {
+            Target::Lsn(
+                pgkeel_pg::lsn::parse_lsn(l).with_context(|| format!("{n_lsn} = {l:?}: write it like 0/3000148"))?,
+            )
+        } else if let Some(x) = xid {
+            Target::Xid(x)
+        } else if let Some(n) = name {
+            Target::Name(n.to_string())
+        } else {
+            Target::Latest
+        })
+    }
+
     /// The `recovery_target_*` setting, if any: `(name, value)`.
     pub fn setting(&self) -> Option<(&'static str, String)> {
         match self {
@@ -362,6 +393,19 @@ mod tests {
         let err = select_backup(&bs, Some("C"), &Target::Time(T0 + 1)).unwrap_err();
         assert!(err.contains("backup C ends at") && err.contains("not before the target time"), "{err}");
         assert!(select_backup(&bs, Some("Z"), &Target::Latest).unwrap_err().contains("no complete backup labelled"));
+    }
+
+    #[test]
+    fn targets_from_options() {
+        let names = ["--target-time", "--target-lsn", "--target-xid", "--target-name"];
+        assert_eq!(Target::from_options(names, None, None, None, None).unwrap(), Target::Latest);
+        assert_eq!(Target::from_options(names, None, Some("0/3000148"), None, None).unwrap(), Target::Lsn(0x3000148));
+        assert_eq!(Target::from_options(names, None, None, Some(7), None).unwrap(), Target::Xid(7));
+        let err = Target::from_options(names, None, Some("0/1"), Some(7), None).unwrap_err().to_string();
+        assert!(err.contains("at most one of --target-time"), "{err}");
+        let err = Target::from_options(names, None, Some("zz"), None, None).unwrap_err().to_string();
+        assert!(err.contains("--target-lsn = \"zz\""), "{err}");
+        assert!(Target::from_options(names, Some("yesterday"), None, None, None).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use units::{format_duration, parse_age, parse_bytes, parse_duration};
+pub use units::{format_duration, format_unix_utc, parse_age, parse_bytes, parse_duration};
 pub use validate::{check, example, load, ConfigError};
 
 /// Exit code for a bad configuration (EX_CONFIG from sysexits.h).

@@ -42,6 +42,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::new(secs, subsec))
 }
 
+/// `YYYY-MM-DD HH:MM:SS` for a unix time (civil-from-days, no time zone database needed).
+pub fn format_unix_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 /// Parses a retention age: a whole number and a unit, `s`, `m`, `h`, `d` or `w` (e.g. `14d`,
 /// `36h`, `2w`); returns seconds.
 pub fn parse_age(s: &str) -> Result<u64, String> {
@@ -274,6 +290,13 @@ pub(crate) mod bytes_serde {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc() {
+        assert_eq!(format_unix_utc(0), "1970-01-01 00:00:00");
+        assert_eq!(format_unix_utc(1_795_000_000), "2026-11-18 11:06:40");
+        assert_eq!(format_unix_utc(951_782_400), "2000-02-29 00:00:00");
+    }
 
     #[test]
     fn parse_duration_accepts() {

@@ -148,19 +148,7 @@ fn secs(d: Duration) -> String {
 
 /// `YYYY-MM-DD HH:MM:SS` UTC.
 fn timestamp(t: SystemTime) -> String {
-    let s = unix_time(t);
-    let (days, rem) = (s / 86_400, s % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    pgkeel_config::format_unix_utc(unix_time(t))
 }
 
 /// `SHOW POOLS`.

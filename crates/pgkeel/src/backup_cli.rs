@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use clap::{ArgGroup, Args, Subcommand};
 use pgkeel_backup::expire::{parse_age, Retention};
 use pgkeel_backup::restore::Target;
-use pgkeel_backup::timefmt::{format_utc, parse_timestamp};
+use pgkeel_backup::timefmt::format_utc;
 use pgkeel_backup::{FetchOutcome, PushOutcome, Repo};
 use serde_json::json;
 
@@ -668,17 +668,13 @@ fn list(repo: &Repo, json: bool) -> anyhow::Result<()> {
 /// Runs `pgkeel restore`.
 pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let (repo, root, _) = open_repo(&args.repo)?;
-    let target = if let Some(t) = &args.target_time {
-        Target::Time(parse_timestamp(t).map_err(anyhow::Error::msg)?)
-    } else if let Some(l) = &args.target_lsn {
-        Target::Lsn(pgkeel_pg::lsn::parse_lsn(l).with_context(|| format!("bad LSN {l:?}: write it like 0/3000148"))?)
-    } else if let Some(x) = args.target_xid {
-        Target::Xid(x)
-    } else if let Some(n) = &args.target_name {
-        Target::Name(n.clone())
-    } else {
-        Target::Latest
-    };
+    let target = Target::from_options(
+        ["--target-time", "--target-lsn", "--target-xid", "--target-name"],
+        args.target_time.as_deref(),
+        args.target_lsn.as_deref(),
+        args.target_xid,
+        args.target_name.as_deref(),
+    )?;
     let exe = std::env::current_exe().context("finding the path of this pgkeel binary for restore_command")?;
     let run_as = pgkeel_pg::user::run_as_for(&args.os_user)?;
     let opts = pgkeel_backup::RestoreOptions {

@@ -463,7 +463,7 @@ fn render_history(v: &Value) -> String {
                     vec![
                         text(&h["term"]),
                         text(&h["timeline"]),
-                        format_utc(secs),
+                        pgkeel_config::format_unix_utc(secs),
                         text(&h["reason"]),
                         text(&h["old_primary"]),
                         text(&h["new_primary"]),
@@ -475,22 +475,6 @@ fn render_history(v: &Value) -> String {
         })
         .unwrap_or_default();
     table(&["Term", "TL", "Time (UTC)", "Reason", "Old primary", "New primary", "Old LSN", "New timeline at"], &rows)
-}
-
-/// `YYYY-MM-DD HH:MM:SS` for a unix time (civil-from-days, no time zone database needed).
-fn format_utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]
@@ -516,13 +500,6 @@ mod tests {
         merge_into(&mut p, setting_patch("postgresql.parameters.a=1").unwrap());
         merge_into(&mut p, setting_patch("postgresql.parameters.b=x").unwrap());
         assert_eq!(p, json!({"postgresql": {"parameters": {"a": 1, "b": "x"}}}));
-    }
-
-    #[test]
-    fn utc() {
-        assert_eq!(format_utc(0), "1970-01-01 00:00:00");
-        assert_eq!(format_utc(1_795_000_000), "2026-11-18 11:06:40");
-        assert_eq!(format_utc(951_782_400), "2000-02-29 00:00:00");
     }
 
     #[test]

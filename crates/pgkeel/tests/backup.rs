@@ -215,26 +215,7 @@ async fn point_in_time_restore_end_to_end() {
     let stray = format!("{CLUSTER}/backups/20000101T000000Z/data/PG_VERSION.zst");
     repo.storage().write(&stray, b"x", pgkeel_backup::storage::WriteMode::Overwrite).unwrap();
 
-    let out = pgkeel(&[
-        "backup",
-        "create",
-        "--repo",
-        &repo_s,
-        "--cluster",
-        CLUSTER,
-        "--pgdata",
-        &primary.data_dir.display().to_string(),
-        "--host",
-        &primary.socket_dir.display().to_string(),
-        "--port",
-        &primary.port.to_string(),
-        "--user",
-        "postgres",
-        "--wal-wait",
-        "60",
-    ]);
-    assert!(out.status.success(), "backup create failed: {}", text(&out));
-    assert!(text(&out).contains("complete"), "{}", text(&out));
+    create_typed(&repo, &repo_s, &primary, "full");
     eprintln!("backup taken after {:?}", started.elapsed());
 
     let out = pgkeel(&["backup", "list", "--repo", &repo_s, "--cluster", CLUSTER, "--json"]);
@@ -751,6 +732,8 @@ fn create_typed(repo: &Repo, repo_s: &str, inst: &Instance, kind: &str) -> pgkee
         &inst.socket_dir.display().to_string(),
         "--port",
         &inst.port.to_string(),
+        "--user",
+        "postgres",
         "--wal-wait",
         "60",
     ]);

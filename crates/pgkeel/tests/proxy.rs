@@ -4,9 +4,9 @@
 //! read-your-writes, and following the primary through a node kill.
 
 use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,111 +22,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::SimpleQueryMessage;
 
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_pgkeel"))
-}
+mod proxy_support;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
-}
-
-/// A `pgkeel proxy` child process, killed on drop (its log is printed when the test fails).
-struct Proxy {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    password: String,
-}
-
-impl Proxy {
-    /// Starts a proxy for cluster `c` with `extra` lines of proxy.toml, and waits until it
-    /// accepts connections.
-    async fn start(c: &Cluster, name: &str, extra: &str) -> Proxy {
-        let password = c.info["superuser"]["password"].as_str().expect("superuser password").to_string();
-        Proxy::start_with_secret(c, name, extra, &password).await
-    }
-
-    /// [`Proxy::start`] with `secret` as postgres' entry in the userlist (the plaintext
-    /// password or a SCRAM secret).
-    async fn start_with_secret(c: &Cluster, name: &str, extra: &str, secret: &str) -> Proxy {
-        let dir = c.dir().join(name);
-        std::fs::create_dir_all(&dir).expect("create the proxy dir");
-        let password = c.info["superuser"]["password"].as_str().expect("superuser password").to_string();
-        std::fs::write(dir.join("userlist.txt"), format!("# test users\n\"postgres\" \"{secret}\"\n"))
-            .expect("write the userlist");
-        // The same [dcs] as the agents'.
-        let node = pgkeel_config::load(&c.dir().join("nodes/n1/node.toml")).expect("n1's node.toml");
-        let dcs = match node.dcs {
-            pgkeel_config::DcsConfig::Local { path } => {
-                format!("kind = \"local\"\npath = {}\n", serde_json::json!(path.display().to_string()))
-            }
-            pgkeel_config::DcsConfig::Etcd { endpoints } => {
-                format!("kind = \"etcd\"\nendpoints = {}\n", serde_json::json!(endpoints))
-            }
-        };
-        let port = free_port();
-        let config = dir.join("proxy.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "cluster = \"pgkeel\"\nlisten = \"127.0.0.1:{port}\"\n{extra}\n[dcs]\n{dcs}\n[auth]\nuserlist = \"userlist.txt\"\n"
-            ),
-        )
-        .expect("write proxy.toml");
-        let check =
-            Command::new(bin()).args(["proxy", "--check", "--config"]).arg(&config).output().expect("run pgkeel");
-        assert!(check.status.success(), "proxy.toml is valid: {}", String::from_utf8_lossy(&check.stderr));
-        let log = dir.join("proxy.log");
-        let out = std::fs::File::create(&log).expect("create proxy.log");
-        let mut cmd = Command::new(bin());
-        cmd.args(["proxy", "--config"]).arg(&config).env("PGKEEL_LOG", "debug");
-        cmd.stdin(Stdio::null()).stdout(out.try_clone().expect("clone")).stderr(out);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the proxy when
-        // the test thread dies, so a test killed hard leaves no proxy behind.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("start pgkeel proxy");
-        let p = Proxy { child, port, log, password };
-        wait_for("the proxy to listen", Duration::from_secs(20), || async {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
-        })
-        .await;
-        p
-    }
-
-    /// URL for psql and tokio-postgres.
-    fn dsn(&self) -> String {
-        self.dsn_with("postgres", &self.password, "")
-    }
-
-    fn dsn_with(&self, user: &str, password: &str, params: &str) -> String {
-        format!("postgresql://{user}:{password}@127.0.0.1:{}/postgres?connect_timeout=5{params}", self.port)
-    }
-
-    /// Key/value conninfo for pgbench (password in PGPASSWORD).
-    fn conninfo(&self) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            eprintln!("--- {} (last 60 lines) ---", self.log.display());
-            for l in &lines[lines.len().saturating_sub(60)..] {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
+use proxy_support::{bin, free_port, Proxy};
 
 async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     pgkeel_testkit::connect(dsn).await

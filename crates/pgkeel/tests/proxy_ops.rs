@@ -3,21 +3,16 @@
 //! A real one-node `pgkeel up` cluster, a real proxy process, tokio-postgres and psql.
 
 use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pgkeel_testkit::{psql, wait_for, Cluster};
 use tokio_postgres::SimpleQueryMessage;
 
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_pgkeel"))
-}
+mod proxy_support;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
-}
+use proxy_support::{bin, dcs_toml, free_port, proxy_dir, superuser_password, Proxy};
 
 /// A proxy.toml: the ports, the admin user and the DCS stay; the rest can be rewritten.
 struct ConfigFile {
@@ -41,83 +36,43 @@ impl ConfigFile {
     }
 }
 
-/// A `pgkeel proxy` child process, killed on drop (its log is printed when the test fails).
-struct Proxy {
-    child: Child,
-    port: u16,
+/// The proxy under test, with its rewritable proxy.toml and metrics port.
+struct OpsProxy {
+    p: Proxy,
     metrics_port: u16,
     config: ConfigFile,
-    log: PathBuf,
-    password: String,
 }
 
-impl Proxy {
-    async fn start(c: &Cluster, extra: &str) -> Proxy {
-        let dir = c.dir().join("proxy-ops");
-        std::fs::create_dir_all(&dir).expect("create the proxy dir");
-        let password = c.info["superuser"]["password"].as_str().expect("superuser password").to_string();
-        std::fs::write(dir.join("userlist.txt"), format!("\"postgres\" \"{password}\"\n\"app\" \"app-secret\"\n"))
-            .expect("write the userlist");
-        let node = pgkeel_config::load(&c.dir().join("nodes/n1/node.toml")).expect("n1's node.toml");
-        let dcs = match node.dcs {
-            pgkeel_config::DcsConfig::Local { path } => {
-                format!("kind = \"local\"\npath = {}\n", serde_json::json!(path.display().to_string()))
-            }
-            pgkeel_config::DcsConfig::Etcd { endpoints } => {
-                format!("kind = \"etcd\"\nendpoints = {}\n", serde_json::json!(endpoints))
-            }
-        };
+impl std::ops::Deref for OpsProxy {
+    type Target = Proxy;
+    fn deref(&self) -> &Proxy {
+        &self.p
+    }
+}
+
+impl std::ops::DerefMut for OpsProxy {
+    fn deref_mut(&mut self) -> &mut Proxy {
+        &mut self.p
+    }
+}
+
+impl OpsProxy {
+    async fn start(c: &Cluster, extra: &str) -> OpsProxy {
+        let password = superuser_password(c);
+        let dir = proxy_dir(c, "proxy-ops", &[("postgres", &password), ("app", "app-secret")]);
         let (port, metrics_port) = (free_port(), free_port());
-        let config = ConfigFile { path: dir.join("proxy.toml"), port, metrics_port, dcs };
+        let config = ConfigFile { path: dir.join("proxy.toml"), port, metrics_port, dcs: dcs_toml(c) };
         config.write(extra);
-        let log = dir.join("proxy.log");
-        let out = std::fs::File::create(&log).expect("create proxy.log");
-        let mut cmd = Command::new(bin());
-        cmd.args(["proxy", "--config"]).arg(&config.path).env("PGKEEL_LOG", "debug");
-        cmd.stdin(Stdio::null()).stdout(out.try_clone().expect("clone")).stderr(out);
-        // SAFETY: prctl is async-signal-safe; the kernel kills the proxy if the test dies.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("start pgkeel proxy");
-        let p = Proxy { child, port, metrics_port, config, log, password };
-        wait_for("the proxy to listen", Duration::from_secs(20), || async {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
-        })
-        .await;
-        p
+        let p = Proxy::launch(&config.path, port, password).await;
+        OpsProxy { p, metrics_port, config }
     }
 
     fn dsn(&self, database: &str) -> String {
-        self.dsn_as("postgres", &self.password, database)
+        self.p.url("postgres", &self.p.password, database, "")
     }
 
     fn dsn_as(&self, user: &str, password: &str, database: &str) -> String {
-        format!("postgresql://{user}:{password}@127.0.0.1:{}/{database}?connect_timeout=5", self.port)
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        let r = unsafe { libc::kill(self.child.id() as i32, sig) };
-        assert_eq!(r, 0, "signal the proxy");
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            eprintln!("--- {} (last 80 lines) ---", self.log.display());
-            for l in &lines[lines.len().saturating_sub(80)..] {
-                eprintln!("{l}");
-            }
-        }
+        self.p.url(user, password, database, "")
     }
 }
 
@@ -176,7 +131,7 @@ fn metric(body: &str, prefix: &str) -> Option<f64> {
 async fn proxy_admin_console_metrics_reload_pause_and_drain() {
     let c = Cluster::up(bin(), 1).await;
     let (leader, term) = c.leader().await.expect("a leader");
-    let p = Proxy::start(&c, "pool_size = 4\nshutdown_timeout = \"20s\"").await;
+    let p = OpsProxy::start(&c, "pool_size = 4\nshutdown_timeout = \"20s\"").await;
 
     // Traffic: queries, an error, a transaction.
     let client = connect(&p.dsn("postgres")).await.expect("connect through the proxy");

@@ -2,98 +2,36 @@
 //! (psql, tokio-postgres, psycopg 3, and raw sockets for hostile bytes).
 
 use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use pgkeel_testkit::{psql, wait_for, Cluster};
 use tokio_postgres::error::SqlState;
 
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_pgkeel"))
-}
+mod proxy_support;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
-}
+use proxy_support::{bin, dcs_toml, free_port, proxy_dir, superuser_password, Proxy};
 
 fn password(c: &Cluster) -> String {
-    c.info["superuser"]["password"].as_str().expect("superuser password").to_string()
+    superuser_password(c)
 }
 
-/// A `pgkeel proxy` child process with its own proxy.toml, killed on drop (its log is printed
-/// when the test fails).
-struct Proxy {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Proxy {
-    /// A proxy for cluster `c` whose userlist holds the superuser, with `extra` lines at the
-    /// end of proxy.toml (after `[auth] userlist`, so they may add `[auth]` keys, then
-    /// `[tls]`).
-    async fn start(c: &Cluster, name: &str, extra: &str) -> Proxy {
-        let dir = c.dir().join(name);
-        std::fs::create_dir_all(&dir).expect("create the proxy dir");
-        std::fs::write(dir.join("userlist.txt"), format!("\"postgres\" \"{}\"\n", password(c))).expect("userlist");
-        let node = pgkeel_config::load(&c.dir().join("nodes/n1/node.toml")).expect("n1's node.toml");
-        let pgkeel_config::DcsConfig::Local { path } = node.dcs else { panic!("a local DCS") };
-        let port = free_port();
-        let config = dir.join("proxy.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "cluster = \"pgkeel\"\nlisten = \"127.0.0.1:{port}\"\n[dcs]\nkind = \"local\"\npath = {}\n\
-                 [auth]\nuserlist = \"userlist.txt\"\n{extra}\n",
-                serde_json::json!(path.display().to_string())
-            ),
-        )
-        .expect("write proxy.toml");
-        let check =
-            Command::new(bin()).args(["proxy", "--check", "--config"]).arg(&config).output().expect("run pgkeel");
-        assert!(check.status.success(), "proxy.toml is valid: {}", String::from_utf8_lossy(&check.stderr));
-        let log = dir.join("proxy.log");
-        let out = std::fs::File::create(&log).expect("create proxy.log");
-        let mut cmd = Command::new(bin());
-        cmd.args(["proxy", "--config"]).arg(&config).env("PGKEEL_LOG", "debug");
-        cmd.stdin(Stdio::null()).stdout(out.try_clone().expect("clone")).stderr(out);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the proxy when
-        // the test thread dies.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("start pgkeel proxy");
-        let p = Proxy { child, port, log };
-        wait_for("the proxy to listen", Duration::from_secs(20), || async {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
-        })
-        .await;
-        p
-    }
-
-    fn dsn(&self, user: &str, password: &str, params: &str) -> String {
-        format!("postgresql://{user}:{password}@127.0.0.1:{}/postgres?connect_timeout=5{params}", self.port)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            eprintln!("--- {} (last 60 lines) ---", self.log.display());
-            for l in &lines[lines.len().saturating_sub(60)..] {
-                eprintln!("{l}");
-            }
-        }
-    }
+/// A proxy for cluster `c` whose userlist holds the superuser, with `extra` lines at the end
+/// of proxy.toml (after `[auth] userlist`, so they may add `[auth]` keys, then `[tls]`).
+async fn start_proxy(c: &Cluster, name: &str, extra: &str) -> Proxy {
+    let dir = proxy_dir(c, name, &[("postgres", &password(c))]);
+    let port = free_port();
+    let config = dir.join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cluster = \"pgkeel\"\nlisten = \"127.0.0.1:{port}\"\n[dcs]\n{}\n[auth]\nuserlist = \"userlist.txt\"\n{extra}\n",
+            dcs_toml(c)
+        ),
+    )
+    .expect("write proxy.toml");
+    Proxy::launch(&config, port, password(c)).await
 }
 
 /// The first byte the server answers to `packet`, on a fresh plain connection to `port`.
@@ -268,7 +206,7 @@ async fn tls_modes_and_auth_query() {
     let c = Cluster::up(bin(), 1).await;
     let leader = c.leader().await.expect("a leader").0;
     let tls = c.dir().join("tls");
-    let p = Proxy::start(
+    let p = start_proxy(
         &c,
         "proxy-aq",
         &format!(
@@ -280,14 +218,14 @@ async fn tls_modes_and_auth_query() {
     )
     .await;
     let su = password(&c);
-    let plain = p.dsn("postgres", &su, "&sslmode=disable");
+    let plain = p.dsn_with("postgres", &su, "&sslmode=disable");
     let info = wait_for("psql through the proxy", Duration::from_secs(20), || {
         let dsn = plain.clone();
         async move { psql(&dsn, "\\conninfo").ok() }
     })
     .await;
     assert!(!info.contains("SSL connection"), "{info}");
-    let info = psql(&p.dsn("postgres", &su, "&sslmode=require"), "\\conninfo").unwrap();
+    let info = psql(&p.dsn_with("postgres", &su, "&sslmode=require"), "\\conninfo").unwrap();
     assert!(info.contains("SSL connection"), "{info}");
     // server_tls = "require": TLS to postgres.
     assert_eq!(psql(&plain, "select ssl from pg_stat_ssl where pid = pg_backend_pid()").unwrap(), "t");
@@ -301,41 +239,41 @@ async fn tls_modes_and_auth_query() {
     for round in 0..2 {
         // The second round is answered from the cache.
         for sslmode in ["disable", "require"] {
-            let dsn = p.dsn("scram_u", "scram%20pw", &format!("&sslmode={sslmode}"));
+            let dsn = p.dsn_with("scram_u", "scram%20pw", &format!("&sslmode={sslmode}"));
             assert_eq!(psql(&dsn, "select current_user").unwrap(), "scram_u", "round {round}, {sslmode}");
         }
     }
-    let client = pgkeel_testkit::connect(&p.dsn("scram_u", "scram%20pw", "&sslmode=disable")).await.unwrap();
+    let client = pgkeel_testkit::connect(&p.dsn_with("scram_u", "scram%20pw", "&sslmode=disable")).await.unwrap();
     let row = client.query_one("select current_user::text, $1::int + 1", &[&41i32]).await.unwrap();
     assert_eq!((row.get::<_, String>(0), row.get::<_, i32>(1)), ("scram_u".to_string(), 42));
     drop(client);
-    let err = psql(&p.dsn("scram_u", "wrong", ""), "select 1").unwrap_err();
+    let err = psql(&p.dsn_with("scram_u", "wrong", ""), "select 1").unwrap_err();
     assert!(err.contains("password authentication failed for user \"scram_u\""), "{err}");
-    let Err(e) = pgkeel_testkit::connect(&p.dsn("scram_u", "wrong", "&sslmode=disable")).await else {
+    let Err(e) = pgkeel_testkit::connect(&p.dsn_with("scram_u", "wrong", "&sslmode=disable")).await else {
         panic!("a wrong password was accepted")
     };
     assert_eq!(e.code(), Some(&SqlState::INVALID_PASSWORD), "{e}");
-    let err = psql(&p.dsn("nobody", "x", ""), "select 1").unwrap_err();
+    let err = psql(&p.dsn_with("nobody", "x", ""), "select 1").unwrap_err();
     assert!(err.contains("password authentication failed for user \"nobody\""), "{err}");
     // MD5: a wrong password is refused by the proxy's MD5 check; the right one passes it, and
     // then postgres (pg_hba.conf: scram-sha-256, as pgkeel writes it) cannot take an MD5 login:
     // the error says so and how to fix it.
-    let err = psql(&p.dsn("md5_u", "wrong", ""), "select 1").unwrap_err();
+    let err = psql(&p.dsn_with("md5_u", "wrong", ""), "select 1").unwrap_err();
     assert!(err.contains("password authentication failed for user \"md5_u\""), "{err}");
-    let err = psql(&p.dsn("md5_u", "md5%20pw", ""), "select 1").unwrap_err();
+    let err = psql(&p.dsn_with("md5_u", "md5%20pw", ""), "select 1").unwrap_err();
     assert!(err.contains("stored as an MD5 hash") && err.contains("password_encryption"), "{err}");
     // A user created after a failed lookup is found once the negative answer expires (5 s).
-    let err = psql(&p.dsn("late_u", "late", ""), "select 1").unwrap_err();
+    let err = psql(&p.dsn_with("late_u", "late", ""), "select 1").unwrap_err();
     assert!(err.contains("password authentication failed"), "{err}");
     psql(&node, "create role late_u login password 'late'").unwrap();
     wait_for("late_u through the proxy", Duration::from_secs(15), || {
-        let dsn = p.dsn("late_u", "late", "");
+        let dsn = p.dsn_with("late_u", "late", "");
         async move { (psql(&dsn, "select current_user").ok()? == "late_u").then_some(()) }
     })
     .await;
 
     // verify-full against a CA that did not sign postgres' certificate: a clear error.
-    let wrong = Proxy::start(
+    let wrong = start_proxy(
         &c,
         "proxy-wrong-ca",
         &format!(
@@ -344,6 +282,6 @@ async fn tls_modes_and_auth_query() {
         ),
     )
     .await;
-    let err = psql(&wrong.dsn("postgres", &su, ""), "select 1").unwrap_err();
+    let err = psql(&wrong.dsn_with("postgres", &su, ""), "select 1").unwrap_err();
     assert!(err.contains("TLS handshake with") && err.contains("verify-full"), "{err}");
 }
