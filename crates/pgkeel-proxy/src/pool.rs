@@ -7,14 +7,14 @@
 //! get a permit within `query_wait_timeout` gets an error instead of waiting forever.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::server::{ServerConn, ServerRole};
-use crate::stats::PoolStats;
+use crate::stats::{Limit, PoolStats};
 
 /// Which server a pool's connections go to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -41,11 +41,8 @@ pub struct PoolKey {
 pub struct Pool {
     /// Its identity.
     pub key: PoolKey,
-    /// `pool_size`; changed by a reload ([`Pool::resize`]).
-    size: AtomicU32,
-    /// Permits still to be retired after the pool shrank while they were in use.
-    debt: AtomicU32,
-    permits: Arc<Semaphore>,
+    /// `pool_size` permits; changed by a reload ([`Pool::resize`]).
+    limit: Limit,
     idle: Mutex<Vec<ServerConn>>,
     /// Counters for the admin console and `/metrics`.
     pub stats: PoolStats,
@@ -62,9 +59,7 @@ impl Pool {
     pub fn new(key: PoolKey, size: u32) -> Pool {
         Pool {
             key,
-            size: AtomicU32::new(size),
-            debt: AtomicU32::new(0),
-            permits: Arc::new(Semaphore::new(size as usize)),
+            limit: Limit::new(size),
             idle: Mutex::new(Vec::new()),
             stats: PoolStats::default(),
             active: Mutex::new(HashMap::new()),
@@ -76,41 +71,16 @@ impl Pool {
     /// Waits for the right to use one server connection. A client that has to wait is
     /// counted in [`PoolStats::waiters`] meanwhile.
     pub async fn permit(&self) -> Option<OwnedSemaphorePermit> {
-        loop {
-            let permit = match self.permits.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(TryAcquireError::Closed) => return None,
-                Err(TryAcquireError::NoPermits) => {
-                    let _waiting = self.stats.waiting();
-                    self.permits.clone().acquire_owned().await.ok()?
-                }
-            };
-            // The pool shrank while this permit was in use: retire it and wait for another.
-            if self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok() {
-                permit.forget();
-                continue;
-            }
-            return Some(permit);
-        }
+        self.limit.acquire(|| self.stats.waiting()).await
     }
 
     /// Changes the pool's size (a reload changed `pool_size`). Growing takes effect at once;
     /// shrinking retires free permits now and busy ones as they come back, and closes idle
     /// connections beyond the new size. Clients keep the connections they hold.
     pub fn resize(&self, size: u32) {
-        let old = self.size.swap(size, Ordering::AcqRel);
-        if size > old {
-            let mut grow = size - old;
-            // Cancel retirements still owed first.
-            while grow > 0 && self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok()
-            {
-                grow -= 1;
-            }
-            self.permits.add_permits(grow as usize);
-        } else if size < old {
-            let shrink = old - size;
-            let now = self.permits.forget_permits(shrink as usize) as u32;
-            self.debt.fetch_add(shrink - now, Ordering::AcqRel);
+        let old = self.limit.size();
+        self.limit.resize(size);
+        if size < old {
             let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
             if idle.len() > size as usize {
                 let extra = idle.len() - size as usize;
@@ -136,7 +106,7 @@ impl Pool {
 
     /// The current size.
     pub fn size(&self) -> u32 {
-        self.size.load(Ordering::Acquire)
+        self.limit.size()
     }
 
     /// An idle connection opened under `term` or newer that still looks healthy; older or
@@ -184,9 +154,7 @@ impl Pool {
     /// (in use, idle, size) for logs.
     pub fn counts(&self) -> (usize, usize, u32) {
         let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).len();
-        let size = self.size();
-        let existing = size as usize + self.debt.load(Ordering::Acquire) as usize;
-        (existing.saturating_sub(self.permits.available_permits()), idle, size)
+        (self.limit.in_use(), idle, self.size())
     }
 }
 

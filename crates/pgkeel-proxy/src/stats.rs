@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 /// Upper bounds (seconds) of the wait-time histogram buckets; `+Inf` is implied.
 pub const WAIT_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0];
@@ -149,7 +149,8 @@ impl Gate {
     }
 }
 
-/// A resizable limit on client connections (`max_client_conn`, changed by a reload).
+/// A resizable count of permits: client connections (`max_client_conn`) and each pool's
+/// server connections (`pool_size`), both changed by a reload.
 #[derive(Debug)]
 pub struct Limit {
     permits: Arc<Semaphore>,
@@ -164,20 +165,56 @@ impl Limit {
         Limit { permits: Arc::new(Semaphore::new(size as usize)), size: AtomicU32::new(size), debt: AtomicU32::new(0) }
     }
 
+    /// The current size.
+    pub fn size(&self) -> u32 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Permits held now.
+    pub fn in_use(&self) -> usize {
+        (self.size() as usize + self.debt.load(Ordering::Acquire) as usize)
+            .saturating_sub(self.permits.available_permits())
+    }
+
+    /// `permit`, unless a shrink still owes a retirement: then the permit is retired.
+    fn keep(&self, permit: OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
+        if self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok() {
+            permit.forget();
+            return None;
+        }
+        Some(permit)
+    }
+
     /// A permit if one is free now.
     pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
         loop {
             let p = self.permits.clone().try_acquire_owned().ok()?;
-            if self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok() {
-                p.forget();
-                continue;
+            if let Some(p) = self.keep(p) {
+                return Some(p);
             }
-            return Some(p);
         }
     }
 
-    /// Changes the limit; connections beyond a lower limit are kept, and new ones are refused
-    /// until enough have left.
+    /// Waits for a permit; `waiting` is called, and its result held, while the caller has to
+    /// wait. `None` once the limit is closed.
+    pub async fn acquire<G>(&self, waiting: impl Fn() -> G) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let p = match self.permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(TryAcquireError::Closed) => return None,
+                Err(TryAcquireError::NoPermits) => {
+                    let _waiting = waiting();
+                    self.permits.clone().acquire_owned().await.ok()?
+                }
+            };
+            if let Some(p) = self.keep(p) {
+                return Some(p);
+            }
+        }
+    }
+
+    /// Changes the limit. Growing takes effect at once (cancelling retirements still owed
+    /// first); shrinking retires free permits now and busy ones as they come back.
     pub fn resize(&self, size: u32) {
         let old = self.size.swap(size, Ordering::AcqRel);
         if size > old {
