@@ -606,8 +606,12 @@ async fn proxy_prepared_statements_in_transaction_mode() {
 
     // pgbench in prepared mode through the small pool (statements evicted and prepared again)
     // and through a proxy with the default limits.
+    // One pgbench thread per client: pgbench prepares a statement with a blocking PQprepare
+    // (Parse, Sync) before its first use, and a thread blocked there waiting for a server
+    // connection cannot finish the transactions of its other clients, which hold both server
+    // connections. With `-j 1` that deadlocks the client every time (docs/proxy.md).
     pgbench(&p, &["-i", "-s", "1", "-q"]);
-    let out = pgbench(&p, &["-c", "4", "-j", "2", "-T", "5", "-M", "prepared"]);
+    let out = pgbench(&p, &["-c", "4", "-j", "4", "-T", "5", "-M", "prepared"]);
     assert_no_failed_transactions("prepared (pool_size 2, 3 statements per connection)", &out);
     let big = Proxy::start(&c, "prepared-default", "").await;
     let out = pgbench(&big, &["-c", "4", "-j", "2", "-T", "5", "-M", "prepared"]);
