@@ -47,7 +47,7 @@ pub struct Pool {
     /// Counters for the admin console and `/metrics`.
     pub stats: PoolStats,
     /// Server connections attached to clients, for `SHOW SERVERS` (see [`Pool::track`]).
-    active: Mutex<HashMap<u64, ServerRow>>,
+    active: Mutex<HashMap<u64, Arc<ServerRow>>>,
     next_active: AtomicU64,
     /// The ParameterStatus values of the first server connection opened, sent to clients at
     /// login (server_version, server_encoding, ...).
@@ -65,6 +65,19 @@ impl Pool {
             active: Mutex::new(HashMap::new()),
             next_active: AtomicU64::new(0),
             welcome: Mutex::new(None),
+        }
+    }
+
+    /// A permit if one is free right now, without waiting (see [`Pool::permit`]).
+    pub fn try_permit(&self) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let permit = self.permits.clone().try_acquire_owned().ok()?;
+            // The pool shrank while this permit was in use: retire it and try another.
+            if self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok() {
+                permit.forget();
+                continue;
+            }
+            return Some(permit);
         }
     }
 
@@ -90,16 +103,25 @@ impl Pool {
     }
 
     /// Records `conn` as attached to a client until the returned guard is dropped.
-    pub fn track(self: &Arc<Self>, conn: &ServerConn) -> Tracked {
+    pub fn track(self: &Arc<Self>, conn: &mut ServerConn) -> Tracked {
         let id = self.next_active.fetch_add(1, Ordering::Relaxed);
-        self.active.lock().unwrap_or_else(PoisonError::into_inner).insert(id, ServerRow::of(conn, "active"));
+        // The row is built once per connection and shared (no string copies per transaction).
+        let row = match &conn.active_row {
+            Some(r) if r.term == conn.term && r.pid == conn.key.as_ref().map(|k| k.0) => r.clone(),
+            _ => {
+                let r = Arc::new(ServerRow::of(conn, "active"));
+                conn.active_row = Some(r.clone());
+                r
+            }
+        };
+        self.active.lock().unwrap_or_else(PoisonError::into_inner).insert(id, row);
         Tracked { pool: self.clone(), id }
     }
 
     /// Every server connection of the pool, attached ones first.
     pub fn servers(&self) -> Vec<ServerRow> {
         let mut rows: Vec<ServerRow> =
-            self.active.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+            self.active.lock().unwrap_or_else(PoisonError::into_inner).values().map(|r| (**r).clone()).collect();
         rows.extend(self.idle.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|c| ServerRow::of(c, "idle")));
         rows
     }

@@ -156,6 +156,24 @@ pub struct ServerConn {
     /// The protocol-level prepared statements it has (see [`crate::prepared`]).
     pub statements: ServerStatements,
     decoder: BackendDecoder,
+    /// The write buffer of the client attached to it, kept between attachments so that a
+    /// transaction does not allocate one (see `session::Attached`).
+    pub spare_out: BytesMut,
+    /// Its `SHOW SERVERS` row while attached, built once (see [`crate::pool::Pool::track`]).
+    pub(crate) active_row: Option<std::sync::Arc<crate::pool::ServerRow>>,
+    /// Where cancel requests for it go, built once (see [`ServerConn::cancel_target`]).
+    cancel: Option<std::sync::Arc<CancelTarget>>,
+}
+
+/// Where a cancel request for a client goes: the server connection serving it now.
+#[derive(Debug)]
+pub struct CancelTarget {
+    /// `host:port`.
+    pub address: String,
+    /// The backend pid.
+    pub pid: i32,
+    /// The cancel key secret.
+    pub secret: Bytes,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -246,6 +264,9 @@ impl ServerConn {
             role: if term.is_some() { ServerRole::Primary } else { ServerRole::Replica },
             statements: ServerStatements::default(),
             decoder: BackendDecoder::default(),
+            spare_out: BytesMut::new(),
+            active_row: None,
+            cancel: None,
         };
         let io = |e: std::io::Error| ConnectError::Retry(format!("lost the connection to {at} during login: {e}"));
         let mut out = BytesMut::new();
@@ -414,6 +435,24 @@ impl ServerConn {
                     return Ok(rows);
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// Where cancel requests for this connection go (`None` before BackendKeyData), shared
+    /// rather than copied on every attachment.
+    pub fn cancel_target(&mut self) -> Option<std::sync::Arc<CancelTarget>> {
+        let (pid, secret) = self.key.as_ref()?;
+        match &self.cancel {
+            Some(c) if c.pid == *pid && c.secret == *secret && c.address == self.address => Some(c.clone()),
+            _ => {
+                let c = std::sync::Arc::new(CancelTarget {
+                    address: self.address.clone(),
+                    pid: *pid,
+                    secret: secret.clone(),
+                });
+                self.cancel = Some(c.clone());
+                Some(c)
             }
         }
     }

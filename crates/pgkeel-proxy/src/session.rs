@@ -82,13 +82,7 @@ const TRACKED: &[&str] = &[
 /// for search_path): after DISCARD ALL their value is unknown.
 const UNREPORTED: &[&str] = &["extra_float_digits", "search_path"];
 
-/// Where a cancel request for a client goes: the server connection serving it now.
-#[derive(Debug, Clone)]
-struct CancelTarget {
-    address: String,
-    pid: i32,
-    secret: Bytes,
-}
+use crate::server::CancelTarget;
 
 /// The server connection a client holds: (`host:port`, backend pid).
 pub type ServerOf = (String, i32);
@@ -96,7 +90,7 @@ pub type ServerOf = (String, i32);
 /// A client's cancel key secret, where its cancel requests go now, and a lock a forwarded
 /// cancel holds (shared) until postgres has taken it, which releasing the server connection
 /// takes (exclusive) first: a late cancel never reaches the next client of that connection.
-type CancelEntry = ([u8; 4], Option<CancelTarget>, Arc<tokio::sync::RwLock<()>>);
+type CancelEntry = ([u8; 4], Option<Arc<CancelTarget>>, Arc<tokio::sync::RwLock<()>>);
 
 /// State shared by every session.
 #[derive(Debug)]
@@ -253,7 +247,7 @@ impl Shared {
         }
     }
 
-    fn set_cancel_target(&self, pid: i32, target: Option<CancelTarget>) {
+    fn set_cancel_target(&self, pid: i32, target: Option<Arc<CancelTarget>>) {
         if let Some(e) = self.cancel.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&pid) {
             e.1 = target;
         }
@@ -267,7 +261,11 @@ impl Shared {
     /// Where a cancel request for client `pid` goes, with the shared lock to hold while
     /// forwarding it; `None` for a wrong secret, an idle client, or a server connection being
     /// released right now (its query is over).
-    fn cancel_target(&self, pid: i32, secret: &[u8]) -> Option<(CancelTarget, tokio::sync::OwnedRwLockReadGuard<()>)> {
+    fn cancel_target(
+        &self,
+        pid: i32,
+        secret: &[u8],
+    ) -> Option<(Arc<CancelTarget>, tokio::sync::OwnedRwLockReadGuard<()>)> {
         let map = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
         let (s, target, gate) = map.get(&pid)?;
         if s.as_slice() != secret {
@@ -281,13 +279,21 @@ impl Shared {
     /// Clears client `pid`'s cancel target, then waits until no cancel request forwarded to
     /// it is still on its way to postgres (see [`CancelEntry`]).
     async fn detach_cancel(&self, pid: i32) {
-        let gate = {
-            let mut map = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
-            let Some(e) = map.get_mut(&pid) else { return };
-            e.1 = None;
-            e.2.clone()
-        };
-        drop(gate.write().await);
+        if let Some(gate) = self.try_detach_cancel(pid) {
+            drop(gate.write().await);
+        }
+    }
+
+    /// [`Shared::detach_cancel`] without waiting: `None` when done, else the lock to wait for
+    /// (exclusively) because a cancel request is on its way.
+    fn try_detach_cancel(&self, pid: i32) -> Option<Arc<tokio::sync::RwLock<()>>> {
+        let mut map = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
+        let e = map.get_mut(&pid)?;
+        e.1 = None;
+        if e.2.try_write().is_ok() {
+            return None;
+        }
+        Some(e.2.clone())
     }
 
     fn ban(&self, replica: &str) {
@@ -426,16 +432,20 @@ struct Attached {
 }
 
 impl Attached {
-    fn new(conn: ServerConn, permit: OwnedSemaphorePermit, pool: Arc<Pool>) -> Attached {
+    fn new(mut conn: ServerConn, permit: OwnedSemaphorePermit, pool: Arc<Pool>) -> Attached {
+        let mut out = std::mem::take(&mut conn.spare_out);
+        if out.capacity() == 0 {
+            out.reserve(8192);
+        }
         Attached {
-            _tracked: pool.track(&conn),
+            _tracked: pool.track(&mut conn),
             conn,
             permit,
             pool,
             queue: VecDeque::new(),
             open_batch: false,
             status: TransactionStatus::Idle,
-            out: BytesMut::with_capacity(8192),
+            out,
             wrote: false,
             lsn: None,
             unit: None,
@@ -460,6 +470,14 @@ impl Attached {
 
     fn push(&mut self, expect: Expect, undo: Undo) {
         self.queue.push_back(Entry { expect, undo });
+    }
+
+    /// Back to its pool (the caller checked it is clean), with its (empty) write buffer, which
+    /// the next attachment reuses.
+    fn into_pool(mut self) {
+        self.out.clear();
+        self.conn.spare_out = std::mem::take(&mut self.out);
+        self.pool.put_back(self.conn, self.permit);
     }
 }
 
@@ -756,7 +774,7 @@ impl Session {
                 StartupPacket::CancelRequest(c) => {
                     if let Some((t, _in_flight)) = self.shared.cancel_target(c.pid, &c.secret_key) {
                         tracing::info!(client_pid = c.pid, server = %t.address, server_pid = t.pid, "forwarding a cancel request");
-                        if let Err(e) = crate::server::send_cancel(&t.address, t.pid, t.secret).await {
+                        if let Err(e) = crate::server::send_cancel(&t.address, t.pid, t.secret.clone()).await {
                             tracing::warn!(server = %t.address, error = %e, "cannot forward a cancel request");
                         }
                     }
@@ -1062,8 +1080,8 @@ impl Session {
         });
         self.shared.clients.lock().unwrap_or_else(PoisonError::into_inner).insert(pid, info.clone());
         self.info = Some(info);
-        if let Some(att) = &self.attached {
-            self.shared.set_cancel_target(pid, cancel_target(&att.conn));
+        if let Some(att) = &mut self.attached {
+            self.shared.set_cancel_target(pid, att.conn.cancel_target());
         }
         BackendMessage::BackendKeyData { pid, secret_key: Bytes::copy_from_slice(&secret) }.encode(&mut self.wbuf);
         BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut self.wbuf);
@@ -1371,11 +1389,15 @@ impl Session {
         if let Some((pid, _)) = self.key {
             self.shared.detach_cancel(pid).await;
         }
-        att.pool.put_back(att.conn, att.permit);
+        att.into_pool();
     }
 
     /// Waits for a slot in `pool` (at most `query_wait_timeout`).
     async fn permit(&self, pool: &Pool) -> Result<OwnedSemaphorePermit, Fail> {
+        // Usually a slot is free: take it without a timer.
+        if let Some(p) = pool.try_permit() {
+            return Ok(p);
+        }
         let cfg = self.shared.config();
         if let Some(i) = &self.info {
             i.waiting.store(true, Ordering::Relaxed);
@@ -1447,7 +1469,7 @@ impl Session {
             return Ok(Err(format!("cannot apply the session settings: {e}")));
         }
         if let Some((pid, _)) = self.key {
-            self.shared.set_cancel_target(pid, cancel_target(&att.conn));
+            self.shared.set_cancel_target(pid, att.conn.cancel_target());
         }
         Ok(Ok(att))
     }
@@ -1457,9 +1479,39 @@ impl Session {
     /// then replays the client's settings on it.
     async fn attach_primary(&mut self) -> Result<Attached, Fail> {
         let pool = self.pool.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "no pool"))?;
-        let auth = self.server_auth.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"))?;
+        if self.server_auth.is_none() {
+            return Err(Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"));
+        }
         let waited = Instant::now();
         let permit = self.permit(&pool).await?;
+        // Usually an idle connection to the current primary is there: take it without copying
+        // the topology.
+        let idle = {
+            let topo = self.shared.topology.borrow();
+            topo.primary.as_ref().and_then(|p| pool.take_idle(topo.newest_term.max(p.term)))
+        };
+        let conn = match idle {
+            Some(c) => c,
+            None => Box::pin(self.connect_primary(&pool)).await?,
+        };
+        let mut att = Attached::new(conn, permit, pool);
+        if let Err(e) = self.sync_params(&mut att).await {
+            return Err(Fail::new(sqlstate::CONNECTION_FAILURE, format!("cannot apply the session settings: {e}")));
+        }
+        if let Some((pid, _)) = self.key {
+            self.shared.set_cancel_target(pid, att.conn.cancel_target());
+        }
+        let waited = waited.elapsed();
+        if waited > Duration::from_millis(500) {
+            tracing::info!(client = %self.peer, waited_ms = waited.as_millis() as u64, server = ?att.conn, "attached after a wait");
+        }
+        Ok(att)
+    }
+
+    /// A primary connection once no idle one was at hand: an idle one or a new one, waiting
+    /// for a running primary (at most `failover_hold_timeout`).
+    async fn connect_primary(&self, pool: &Pool) -> Result<ServerConn, Fail> {
+        let auth = self.server_auth.as_ref().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"))?;
         let cfg = self.shared.config();
         let hold_until = Instant::now() + cfg.failover_hold_timeout;
         let mut topo_rx = self.shared.topology.clone();
@@ -1470,7 +1522,7 @@ impl Session {
                 if let Some(c) = pool.take_idle(topo.newest_term.max(primary.term)) {
                     break c;
                 }
-                match Box::pin(ServerConn::connect(primary, &self.database, &auth, cfg.server_connect_timeout)).await {
+                match Box::pin(ServerConn::connect(primary, &self.database, auth, cfg.server_connect_timeout)).await {
                     Ok(c) if c.term >= topo_rx.borrow().newest_term => {
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a server connection");
                         pool.set_welcome(&c);
@@ -1514,18 +1566,7 @@ impl Session {
                 _ = tokio::time::sleep(nap) => {}
             }
         };
-        let mut att = Attached::new(conn, permit, pool);
-        if let Err(e) = self.sync_params(&mut att).await {
-            return Err(Fail::new(sqlstate::CONNECTION_FAILURE, format!("cannot apply the session settings: {e}")));
-        }
-        if let Some((pid, _)) = self.key {
-            self.shared.set_cancel_target(pid, cancel_target(&att.conn));
-        }
-        let waited = waited.elapsed();
-        if waited > Duration::from_millis(500) {
-            tracing::info!(client = %self.peer, waited_ms = waited.as_millis() as u64, server = ?att.conn, "attached after a wait");
-        }
-        Ok(att)
+        Ok(conn)
     }
 
     /// Replays the client's tracked settings that differ on this server connection, in one
@@ -1621,7 +1662,7 @@ impl Session {
                 }
             }
         }
-        att.pool.put_back(att.conn, att.permit);
+        att.into_pool();
     }
 
     /// The forwarding loop, until the client leaves or an error ends the session.
@@ -1928,6 +1969,7 @@ impl Session {
     /// Reads whole server frames and handles them (see [`Session::on_server_frame`]).
     fn pump_server(&mut self) -> Result<(), Fail> {
         let decoder = crate::protocol::BackendDecoder::default();
+        let translate = self.attached.is_some() && self.translating();
         while self.wbuf.len() < HIGH_WATER {
             let Some(att) = self.attached.as_mut() else { break };
             let frame = match decoder.decode_frame(&mut att.conn.rbuf) {
@@ -1939,14 +1981,13 @@ impl Session {
                     return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, msg));
                 }
             };
-            self.on_server_frame(frame);
+            self.on_server_frame(frame, translate);
         }
         Ok(())
     }
 
     /// One server frame: forwarded or dropped as the queue says, with the bookkeeping.
-    fn on_server_frame(&mut self, frame: Frame) {
-        let translate = self.translating();
+    fn on_server_frame(&mut self, frame: Frame, translate: bool) {
         let Session { attached, statements, wbuf, desired, told, skip_to_sync, ryw_floor, .. } = self;
         let Some(att) = attached.as_mut() else { return };
         let tag = frame.tag();
@@ -2064,22 +2105,42 @@ impl Session {
     /// wrote on the primary, reads the primary's WAL position for read-your-writes. `true`
     /// when the connection was released.
     async fn settle(&mut self) -> bool {
+        if !self.attached.as_ref().is_some_and(Attached::clean) {
+            return false;
+        }
         let cfg = self.shared.config();
         if cfg.pool_mode == PoolMode::Session {
             return false;
         }
         let ryw = cfg.read_your_writes && self.shared.topology.borrow().members > 1;
         let Some(att) = self.attached.as_mut() else { return false };
-        if !att.clean() {
-            return false;
-        }
         if att.wrote && ryw {
             att.wrote = false;
             FrontendMessage::Query(Text::from_static("select pg_current_wal_lsn()::text")).encode(&mut att.out);
             att.push(Expect::Lsn, Undo::None);
             return false;
         }
-        Box::pin(self.release()).await;
+        if !self.release_now() {
+            Box::pin(self.release()).await;
+        }
+        true
+    }
+
+    /// [`Session::release`] of a clean transaction-mode connection when it needs no waiting
+    /// (no cleanup query, no cancel request in flight): `false` when the full release is needed.
+    fn release_now(&mut self) -> bool {
+        let Some(att) = self.attached.as_ref() else { return true };
+        if !att.clean() || !att.conn.rbuf.is_empty() || att.fenced(self.shared.topology.borrow().newest_term) {
+            return false;
+        }
+        if let Some((pid, _)) = self.key {
+            if self.shared.try_detach_cancel(pid).is_some() {
+                return false;
+            }
+        }
+        if let Some(att) = self.attached.take() {
+            att.into_pool();
+        }
         true
     }
 
@@ -2313,14 +2374,6 @@ fn ensure_prepared(att: &mut Attached, def: &Arc<StmtDef>, max: usize) {
     def.encode_parse(&mut att.out);
     att.conn.statements.insert(def.clone());
     att.push(Expect::Injected(Kind::Parse), Undo::Parse { client: None, server: Some(def.server_name.clone()) });
-}
-
-fn cancel_target(conn: &ServerConn) -> Option<CancelTarget> {
-    conn.key.as_ref().map(|(pid, secret)| CancelTarget {
-        address: conn.address.clone(),
-        pid: *pid,
-        secret: secret.clone(),
-    })
 }
 
 fn describe(e: &ErrorFields) -> String {
