@@ -43,7 +43,10 @@ pub struct Pool {
     pub key: PoolKey,
     /// `pool_size` permits; changed by a reload ([`Pool::resize`]).
     limit: Limit,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed although in a `Vec`: a connection moves between the pool and a client once per
+    /// transaction, and a box moves as a pointer.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     /// Counters for the admin console and `/metrics`.
     pub stats: PoolStats,
     /// Server connections attached to clients, for `SHOW SERVERS` (see [`Pool::track`]).
@@ -70,15 +73,7 @@ impl Pool {
 
     /// A permit if one is free right now, without waiting (see [`Pool::permit`]).
     pub fn try_permit(&self) -> Option<OwnedSemaphorePermit> {
-        loop {
-            let permit = self.permits.clone().try_acquire_owned().ok()?;
-            // The pool shrank while this permit was in use: retire it and try another.
-            if self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok() {
-                permit.forget();
-                continue;
-            }
-            return Some(permit);
-        }
+        self.limit.try_acquire()
     }
 
     /// Waits for the right to use one server connection. A client that has to wait is
@@ -133,7 +128,7 @@ impl Pool {
 
     /// An idle connection opened under `term` or newer that still looks healthy; older or
     /// broken ones are closed on the way.
-    pub fn take_idle(&self, min_term: u64) -> Option<ServerConn> {
+    pub fn take_idle(&self, min_term: u64) -> Option<Box<ServerConn>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(c) = idle.pop() {
             if c.term >= min_term && c.looks_idle() {
@@ -145,7 +140,7 @@ impl Pool {
     }
 
     /// Returns a clean connection to the pool, then releases the permit.
-    pub fn put_back(&self, conn: ServerConn, permit: OwnedSemaphorePermit) {
+    pub fn put_back(&self, conn: Box<ServerConn>, permit: OwnedSemaphorePermit) {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
         drop(permit);
     }

@@ -409,7 +409,8 @@ struct Entry {
 
 /// A server connection attached to a client.
 struct Attached {
-    conn: ServerConn,
+    /// Boxed, so that taking it from the pool and giving it back moves a pointer.
+    conn: Box<ServerConn>,
     permit: OwnedSemaphorePermit,
     /// The pool it goes back to.
     pool: Arc<Pool>,
@@ -432,7 +433,7 @@ struct Attached {
 }
 
 impl Attached {
-    fn new(mut conn: ServerConn, permit: OwnedSemaphorePermit, pool: Arc<Pool>) -> Attached {
+    fn new(mut conn: Box<ServerConn>, permit: OwnedSemaphorePermit, pool: Arc<Pool>) -> Attached {
         let mut out = std::mem::take(&mut conn.spare_out);
         if out.capacity() == 0 {
             out.reserve(8192);
@@ -614,7 +615,8 @@ struct Session {
     database: String,
     /// The client's primary pool.
     pool: Option<Arc<Pool>>,
-    server_auth: Option<ServerAuth>,
+    /// Boxed: it is large, and an idle client should cost little.
+    server_auth: Option<Box<ServerAuth>>,
     /// Tracked settings the client asked for (startup packet, then its own SETs), by
     /// canonical name.
     desired: Vec<(String, String)>,
@@ -900,7 +902,7 @@ impl Session {
         let Some(entry) = entry else { return Err(failed()) };
         BackendMessage::Authentication(Authentication::SaslFinal(Bytes::from(server_final))).encode(&mut self.wbuf);
         BackendMessage::Authentication(Authentication::Ok).encode(&mut self.wbuf);
-        self.server_auth = Some(ServerAuth {
+        self.server_auth = Some(Box::new(ServerAuth {
             user: self.user.clone(),
             scram: match &entry.password {
                 Some(p) => ClientCredential::Password(p.clone()),
@@ -909,7 +911,7 @@ impl Session {
             password: entry.password.clone(),
             md5: None,
             tls: self.shared.server_tls(),
-        });
+        }));
         self.logged_in();
         Ok(())
     }
@@ -943,14 +945,14 @@ impl Session {
             ));
         }
         BackendMessage::Authentication(Authentication::Ok).encode(&mut self.wbuf);
-        self.server_auth = Some(ServerAuth {
+        self.server_auth = Some(Box::new(ServerAuth {
             user: self.user.clone(),
             password: None,
             // Unused: a server that asks for SCRAM gets a clear error (see server.rs).
             scram: ClientCredential::Keys { client_key: [0; 32], secret: entry.secret },
             md5: Some(hash),
             tls: self.shared.server_tls(),
-        });
+        }));
         self.logged_in();
         Ok(())
     }
@@ -1433,7 +1435,9 @@ impl Session {
     /// A connection to `replica` from its pool, or a new one. The inner `Err` says why the
     /// replica cannot be used (then the read goes elsewhere); the outer one ends the session.
     async fn attach_replica_conn(&mut self, replica: &Replica) -> Result<Result<Attached, String>, Fail> {
-        let auth = self.server_auth.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"))?;
+        if self.server_auth.is_none() {
+            return Err(Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"));
+        }
         let key = PoolKey {
             database: self.database.clone(),
             user: self.user.clone(),
@@ -1445,13 +1449,15 @@ impl Session {
             Some(c) => c,
             None => {
                 let timeout = self.shared.config().server_connect_timeout;
-                match Box::pin(ServerConn::connect_replica(replica, &self.database, &auth, timeout)).await {
+                let auth =
+                    self.server_auth.as_deref().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"))?;
+                match Box::pin(ServerConn::connect_replica(replica, &self.database, auth, timeout)).await {
                     Ok(c) => {
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a replica connection");
                         if let Some(p) = &self.pool {
                             p.set_welcome(&c);
                         }
-                        c
+                        Box::new(c)
                     }
                     Err(ConnectError::Refused(fields)) => {
                         return Err(Fail {
@@ -1510,7 +1516,7 @@ impl Session {
 
     /// A primary connection once no idle one was at hand: an idle one or a new one, waiting
     /// for a running primary (at most `failover_hold_timeout`).
-    async fn connect_primary(&self, pool: &Pool) -> Result<ServerConn, Fail> {
+    async fn connect_primary(&self, pool: &Pool) -> Result<Box<ServerConn>, Fail> {
         let auth = self.server_auth.as_ref().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"))?;
         let cfg = self.shared.config();
         let hold_until = Instant::now() + cfg.failover_hold_timeout;
@@ -1526,7 +1532,7 @@ impl Session {
                     Ok(c) if c.term >= topo_rx.borrow().newest_term => {
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a server connection");
                         pool.set_welcome(&c);
-                        break c;
+                        break Box::new(c);
                     }
                     Ok(c) => {
                         last_error = Some(format!("{} runs under term {}, and a newer term exists", c.member, c.term))
@@ -1696,6 +1702,7 @@ impl Session {
                     return Err(self.term_changed(newest));
                 }
             }
+            self.write_now();
             if let Some(e) = self.wait_event(&mut topo_rx, &mut drain_rx).await {
                 match e {
                     Event::ClientRead(Ok(0))
@@ -2215,8 +2222,27 @@ impl Session {
         self.decoder.decode_frame(&mut self.rbuf).map_err(|e| Fail::new(sqlstate::PROTOCOL_VIOLATION, e.to_string()))
     }
 
-    /// Waits for the next I/O event. `None` when there was nothing to wait for (never in
-    /// practice: the client can always be read or written).
+    /// Writes what is buffered for the client and for the server now, as far as the sockets
+    /// take it without waiting (plain TCP; TLS streams go through [`pump`]). A transaction then
+    /// needs no extra round through [`Session::wait_event`] per write. An error is left for
+    /// `pump` to report: the next write attempt fails the same way.
+    fn write_now(&mut self) {
+        if !self.wbuf.is_empty() {
+            if let Stream::Plain(tcp) = &self.stream {
+                if let Ok(n) = tcp.try_write(&self.wbuf) {
+                    self.wbuf.advance(n);
+                }
+            }
+        }
+        if let Some(att) = self.attached.as_mut().filter(|a| !a.out.is_empty()) {
+            if let Stream::Plain(tcp) = &att.conn.stream {
+                if let Ok(n) = tcp.try_write(&att.out) {
+                    att.out.advance(n);
+                }
+            }
+        }
+    }
+
     /// Waits for the next I/O event. `None` when there was nothing to wait for (never in
     /// practice: the client can always be read or written).
     async fn wait_event(
@@ -2232,8 +2258,8 @@ impl Session {
         // idle client otherwise (docs/benchmarks.md, "Proxy": 2,000 idle clients).
         if self.attached.is_none() && !write_client && self.rbuf.is_empty() && self.held.is_empty() {
             if let Stream::Plain(tcp) = &self.stream {
-                self.rbuf = BytesMut::new();
-                self.wbuf = BytesMut::new();
+                spare_buffers::give(std::mem::take(&mut self.rbuf));
+                spare_buffers::give(std::mem::take(&mut self.wbuf));
                 tokio::select! {
                     r = tcp.readable() => {
                         if let Err(e) = r {
@@ -2242,7 +2268,8 @@ impl Session {
                     }
                     _ = drain_rx.changed(), if !drained => return Some(Event::Topology),
                 }
-                self.wbuf.reserve(8192);
+                self.wbuf = spare_buffers::take();
+                self.rbuf = spare_buffers::take();
             }
         }
         self.rbuf.reserve(8192);
@@ -2282,6 +2309,45 @@ impl Session {
             let _ = tokio::time::timeout(Duration::from_secs(5), self.stream.write_all(&self.wbuf)).await;
         }
         let _ = self.stream.shutdown().await;
+    }
+}
+
+/// Client buffers of sessions that went idle, for the next session that has work: a busy
+/// client goes idle between every two transactions, and taking a buffer from here is cheaper
+/// than allocating (and faulting in) a fresh one. Few are kept, so idle clients still cost
+/// no buffers (docs/benchmarks.md, "Proxy").
+mod spare_buffers {
+    use std::cell::RefCell;
+
+    use bytes::BytesMut;
+
+    /// Buffers kept per runtime thread.
+    const KEEP: usize = 64;
+    /// The size of a new buffer.
+    const SIZE: usize = 8192;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Keeps `buf` for reuse if there is room (an unallocated or very large buffer is
+    /// dropped; the taker's `reserve` gets a partly used one back to full size).
+    pub fn give(mut buf: BytesMut) {
+        if buf.capacity() == 0 || buf.capacity() > 4 * SIZE {
+            return;
+        }
+        buf.clear();
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < KEEP {
+                s.push(buf);
+            }
+        });
+    }
+
+    /// A kept buffer, or a new one.
+    pub fn take() -> BytesMut {
+        SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(SIZE))
     }
 }
 
@@ -2393,7 +2459,28 @@ fn quote_literal(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::quote_literal;
+    use super::*;
+
+    /// An idle client costs its session's future (plus its socket), so the future must stay
+    /// small: rarely taken paths (login, routing, release) are boxed when they are awaited.
+    #[tokio::test]
+    async fn a_session_future_stays_small() {
+        let config = crate::config::check(
+            "cluster = \"c\"\nlisten = \"127.0.0.1:1\"\n[dcs]\nkind = \"local\"\npath = \"/nonexistent\"\n[auth]\nuserlist = \"u.txt\"\n",
+            std::path::Path::new("/"),
+        )
+        .expect("config");
+        let (_tx, rx) = watch::channel(Topology::default());
+        let shared = Arc::new(Shared::new(config, crate::userlist::Userlist::parse("").expect("userlist"), rx));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let fut = run(shared, stream, peer, None, RouteMode::Auto);
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("session future: {size} bytes (Session {} bytes)", std::mem::size_of::<Session>());
+        assert!(size <= 2048, "the session future grew to {size} bytes");
+    }
 
     #[test]
     fn literals_are_quoted() {
