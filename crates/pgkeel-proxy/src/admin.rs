@@ -47,6 +47,13 @@ pub struct AdminState {
     reloading: Mutex<()>,
 }
 
+impl AdminState {
+    /// Whether `PAUSE` holds new transactions now (a switchover can hold them too).
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+}
+
 /// A console command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -320,7 +327,9 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("max_client_conn", c.max_client_conn.to_string()),
         ("max_prepared_statements", c.max_prepared_statements.to_string()),
         ("load_balance", c.load_balance.as_str().to_string()),
-        ("max_replica_lag", c.max_replica_lag.to_string()),
+        ("max_replica_lag", replica_lag(c)),
+        ("weights", c.weights.iter().map(|(m, w)| format!("{m}={w}")).collect::<Vec<_>>().join(",")),
+        ("no_replica", c.no_replica.as_str().to_string()),
         ("read_your_writes", c.read_your_writes.to_string()),
         ("primary_functions", c.primary_functions.join(",")),
         ("query_wait_timeout", d(c.query_wait_timeout)),
@@ -330,6 +339,18 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("admin_users", c.admin_users.join(",")),
         ("auth.userlist", c.userlist.display().to_string()),
     ]
+}
+
+/// `max_replica_lag` as configured: bytes, a replay delay, or both (empty: no limit).
+fn replica_lag(c: &ProxyConfig) -> String {
+    let mut parts = Vec::new();
+    if c.max_replica_lag != u64::MAX {
+        parts.push(c.max_replica_lag.to_string());
+    }
+    if let Some(t) = c.max_replica_lag_time {
+        parts.push(pgkeel_config::format_duration(t));
+    }
+    parts.join(", ")
 }
 
 /// `SHOW CONFIG`.
@@ -625,5 +646,32 @@ mod tests {
         assert_eq!(r.applied, vec!["pool_size", "load_balance"]);
         assert_eq!(r.needs_restart, vec!["listen"]);
         assert_eq!(merge(&old, old.clone()).1, Reloaded::default());
+    }
+
+    #[test]
+    fn routing_keys_show_and_reload() {
+        let text = crate::config::example();
+        let base = std::path::Path::new("/etc/pgkeel");
+        let old = crate::config::check(text, base).expect("example");
+        let rows = config_rows(&old);
+        let get = |rows: &[(&'static str, String)], k: &str| {
+            rows.iter().find(|(key, _)| *key == k).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no {k} row"))
+        };
+        assert_eq!(get(&rows, "max_replica_lag"), "16777216");
+        assert_eq!(get(&rows, "no_replica"), "primary");
+        assert_eq!(get(&rows, "weights"), "");
+        let changed = text
+            .replace("max_replica_lag = \"16MB\"", "max_replica_lag = [\"1MB\", \"5s\"]")
+            .replace("no_replica = \"primary\"", "no_replica = \"error\"")
+            .replace("# [weights]\n# n2 = 3\n# n3 = 1", "[weights]\nn2 = 3\nn3 = 0");
+        let new = crate::config::check(&changed, base).expect("changed");
+        let rows = config_rows(&new);
+        assert_eq!(get(&rows, "max_replica_lag"), "1048576, 5s");
+        assert_eq!(get(&rows, "no_replica"), "error");
+        assert_eq!(get(&rows, "weights"), "n2=3,n3=0");
+        let (_, r) = merge(&old, new);
+        assert_eq!(r.applied, vec!["max_replica_lag", "weights", "no_replica"]);
+        let time_only = crate::config::check(&text.replace("\"16MB\"", "\"250ms\""), base).expect("time only");
+        assert_eq!(get(&config_rows(&time_only), "max_replica_lag"), "250ms");
     }
 }

@@ -1272,13 +1272,15 @@ impl Session {
                 i.waiting.store(false, Ordering::Relaxed);
             }
             if held.is_err() {
+                let why = if self.shared.admin.is_paused() {
+                    "the proxy is paused (PAUSE on the admin console) and was not resumed"
+                } else {
+                    "new transactions are held while a planned switchover changes the primary, and it did not \
+                     finish"
+                };
                 return Err(Fail::new(
                     sqlstate::TOO_MANY_CONNECTIONS,
-                    format!(
-                        "the proxy is paused (PAUSE on the admin console) and was not resumed within \
-                         query_wait_timeout ({})",
-                        pgkeel_config::format_duration(timeout)
-                    ),
+                    format!("{why} within query_wait_timeout ({})", pgkeel_config::format_duration(timeout)),
                 ));
             }
         }
