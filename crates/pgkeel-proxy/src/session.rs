@@ -26,7 +26,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -97,6 +97,8 @@ type CancelEntry = ([u8; 4], Option<Arc<CancelTarget>>, Arc<tokio::sync::RwLock<
 pub struct Shared {
     /// The configuration in force; a reload replaces it ([`Shared::config`]).
     config: RwLock<Arc<ProxyConfig>>,
+    /// Bumped by every reload, so that a session re-reads `config` only when it changed.
+    config_version: AtomicU64,
     /// Who may log in; a reload replaces it.
     userlist: RwLock<Arc<Userlist>>,
     /// The pools.
@@ -140,6 +142,7 @@ impl Shared {
         let classifier = Classifier::new(&config.primary_functions, CLASS_CACHE_SIZE);
         Shared {
             config: RwLock::new(Arc::new(config)),
+            config_version: AtomicU64::new(0),
             userlist: RwLock::new(Arc::new(userlist)),
             pools: Pools::default(),
             topology,
@@ -188,6 +191,7 @@ impl Shared {
         }
         *self.userlist.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(userlist);
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
+        self.config_version.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Starts the drain: idle clients are closed, the others after their transaction.
@@ -568,6 +572,9 @@ pub async fn run(
     let _ = stream.set_nodelay(true);
     let stream = Stream::Plain(stream);
     let mut s = Session {
+        cfg: shared.config(),
+        cfg_version: shared.config_version.load(Ordering::Acquire),
+        multi: false,
         shared,
         stream,
         peer,
@@ -605,6 +612,12 @@ pub async fn run(
 
 struct Session {
     shared: Arc<Shared>,
+    /// The configuration in force as of this turn of the forwarding loop (see
+    /// [`Session::refresh`]): the hot path reads it many times per transaction.
+    cfg: Arc<ProxyConfig>,
+    cfg_version: u64,
+    /// The cluster has more than one member (reads can go to replicas), as of this turn.
+    multi: bool,
     stream: Stream,
     peer: SocketAddr,
     rbuf: BytesMut,
@@ -1132,14 +1145,23 @@ impl Session {
     /// Whether units are classified: the auto mode, in transaction mode, on a cluster with
     /// more than one member (a single node has nowhere else to send reads).
     fn splitting(&self) -> bool {
-        self.mode == RouteMode::Auto
-            && self.shared.config().pool_mode == PoolMode::Transaction
-            && self.shared.topology.borrow().members > 1
+        self.mode == RouteMode::Auto && self.cfg.pool_mode == PoolMode::Transaction && self.multi
+    }
+
+    /// Takes a reloaded configuration and the cluster's size; once per turn of the
+    /// forwarding loop.
+    fn refresh(&mut self) {
+        let version = self.shared.config_version.load(Ordering::Acquire);
+        if version != self.cfg_version {
+            self.cfg = self.shared.config();
+            self.cfg_version = version;
+        }
+        self.multi = self.shared.topology.borrow().members > 1;
     }
 
     /// Whether named prepared statements are renamed and tracked.
     fn translating(&self) -> bool {
-        let cfg = self.shared.config();
+        let cfg = &self.cfg;
         cfg.pool_mode == PoolMode::Transaction && cfg.max_prepared_statements > 0
     }
 
@@ -1243,11 +1265,52 @@ impl Session {
             Some(a) => a,
             None => self.attach_primary().await?,
         };
-        if att.conn.role == ServerRole::Primary && self.shared.config().pool_mode == PoolMode::Transaction {
+        if att.conn.role == ServerRole::Primary && self.cfg.pool_mode == PoolMode::Transaction {
             att.unit = Some(unit);
         }
         att.pool.stats.observe_wait(started.elapsed());
         Ok(att)
+    }
+
+    /// [`Session::route`]'s common case, without waiting (and without allocating its future):
+    /// new transactions are not held, the unit goes to the primary, a pool slot and an idle
+    /// connection to the current primary are free, and the client's settings are in force on
+    /// that connection. `None`: take the full path.
+    fn route_now(&mut self, class: Class) -> Option<Attached> {
+        let wants_replica = match self.mode {
+            RouteMode::Primary => false,
+            RouteMode::Replica => true,
+            RouteMode::Auto => class == Class::Read,
+        };
+        if wants_replica || self.shared.hold.is_closed() || self.shared.draining() || self.server_auth.is_none() {
+            return None;
+        }
+        let pool = self.pool.clone()?;
+        // As in `route`: counted before the gate is checked again.
+        let unit = self.shared.inflight.enter();
+        if self.shared.hold.is_closed() {
+            return None;
+        }
+        let permit = pool.try_permit()?;
+        let conn = {
+            let topo = self.shared.topology.borrow();
+            let primary = topo.primary.as_ref()?;
+            pool.take_idle(topo.newest_term.max(primary.term))?
+        };
+        if self.desired.iter().any(|(k, v)| conn.params.get(k) != Some(v)) {
+            // Settings to replay first: the full path does that.
+            pool.put_back(conn, permit);
+            return None;
+        }
+        let mut att = Attached::new(conn, permit, pool);
+        if let Some((pid, _)) = self.key {
+            self.shared.set_cancel_target(pid, att.conn.cancel_target());
+        }
+        if self.cfg.pool_mode == PoolMode::Transaction {
+            att.unit = Some(unit);
+        }
+        att.pool.stats.observe_wait(Duration::ZERO);
+        Some(att)
     }
 
     /// Waits while new transactions are held (`PAUSE`, see [`Gate`]), at most
@@ -1679,12 +1742,14 @@ impl Session {
         topo_rx.mark_unchanged();
         let mut drain_rx = self.shared.draining.subscribe();
         loop {
+            self.refresh();
             // Shutting down: a client between transactions (or, in session mode, outside one)
             // is closed; one inside a transaction finishes it first.
             if self.shared.draining()
-                && self.attached.as_ref().is_none_or(|a| {
-                    self.shared.config().pool_mode == PoolMode::Session && a.clean() && self.held.is_empty()
-                })
+                && self
+                    .attached
+                    .as_ref()
+                    .is_none_or(|a| self.cfg.pool_mode == PoolMode::Session && a.clean() && self.held.is_empty())
             {
                 return Err(Fail::new(sqlstate::ADMIN_SHUTDOWN, "the proxy is shutting down; reconnect"));
             }
@@ -1804,7 +1869,10 @@ impl Session {
                 self.flush().await?;
                 // Boxed, as the release below: their futures (timeouts, server queries) would
                 // otherwise be part of every session's future, idle or not.
-                let att = Box::pin(self.route(class)).await?;
+                let att = match self.route_now(class) {
+                    Some(att) => att,
+                    None => Box::pin(self.route(class)).await?,
+                };
                 self.attached = Some(att);
                 continue;
             }
@@ -1854,7 +1922,7 @@ impl Session {
     /// in transaction mode, and queues what comes back for it.
     fn dispatch(&mut self, frame: Frame, class: Option<Class>) {
         let translate = self.translating();
-        let max = self.shared.config().max_prepared_statements as usize;
+        let max = self.cfg.max_prepared_statements as usize;
         let Session { attached, statements, unnamed_class, skip_to_sync, .. } = self;
         let Some(att) = attached.as_mut() else { return };
         if class == Some(Class::Write) && att.conn.role == ServerRole::Primary {
@@ -2117,11 +2185,10 @@ impl Session {
         if !self.attached.as_ref().is_some_and(Attached::clean) {
             return false;
         }
-        let cfg = self.shared.config();
-        if cfg.pool_mode == PoolMode::Session {
+        if self.cfg.pool_mode == PoolMode::Session {
             return false;
         }
-        let ryw = cfg.read_your_writes && self.shared.topology.borrow().members > 1;
+        let ryw = self.cfg.read_your_writes && self.multi;
         let Some(att) = self.attached.as_mut() else { return false };
         if att.wrote && ryw {
             att.wrote = false;
