@@ -174,7 +174,12 @@ path = "$W/cluster/dcs"
 [auth]
 userlist = "userlist.txt"
 EOF
-"$PGKEEL" --log-level warn proxy --config "$W/proxy.toml" >"$W/proxy.log" 2>&1 &
+# In a session of its own (setsid), as PgBouncer (-d) and postgres are: with the kernel's
+# autogroup scheduling (/proc/sys/kernel/sched_autogroup_enabled) each session is one
+# scheduling group, and a proxy left in this script's session would share one group's CPU
+# share with pgbench's threads while PgBouncer has a group to itself. setsid execs without
+# forking here (a background job of a script is no process group leader), so $! is the proxy.
+setsid "$PGKEEL" --log-level warn proxy --config "$W/proxy.toml" >"$W/proxy.log" 2>&1 &
 PROXY_PID=$!
 wait_port "$KPORT" "pgkeel proxy"
 for port in "$BPORT" "$KPORT"; do

@@ -366,8 +366,12 @@ fn spawn_proxy(p: &UpProxy) -> anyhow::Result<std::process::Child> {
     Ok(child)
 }
 
-/// Run `pgkeel ARGS` in its own process group (Ctrl-C on the terminal reaches `up` only,
-/// which stops everything in order), appending its output to `log_path`.
+/// Run `pgkeel ARGS` in a session of its own (so in its own process group: Ctrl-C on the
+/// terminal reaches `up` only, which stops everything in order), appending its output to
+/// `log_path`. A session of its own also makes it a scheduling group of its own where the
+/// kernel groups by session (autogroup): the proxy then does not share one group's CPU share
+/// with a benchmark or application started from the same terminal (docs/benchmarks.md,
+/// "Proxy").
 fn spawn_logged(args: &[&std::ffi::OsStr], log_path: &Path) -> anyhow::Result<std::process::Child> {
     let exe = std::env::current_exe().context("find the pgkeel executable")?;
     let log = std::fs::OpenOptions::new()
@@ -378,7 +382,15 @@ fn spawn_logged(args: &[&std::ffi::OsStr], log_path: &Path) -> anyhow::Result<st
     let mut cmd = std::process::Command::new(exe);
     cmd.args(args);
     cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    cmd.process_group(0);
+    // SAFETY: setsid is async-signal-safe and touches no memory of this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     Ok(cmd.spawn()?)
 }
 
