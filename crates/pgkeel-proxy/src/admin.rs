@@ -337,8 +337,17 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("server_connect_timeout", d(c.server_connect_timeout)),
         ("shutdown_timeout", d(c.shutdown_timeout)),
         ("admin_users", c.admin_users.join(",")),
+        ("tls.cert", path_or_empty(c.tls.cert.as_deref())),
+        ("tls.key", path_or_empty(c.tls.key.as_deref())),
+        ("tls.client_tls", c.tls.client_tls.as_str().to_string()),
+        ("tls.server_tls", c.tls.server_tls.as_str().to_string()),
+        ("tls.server_ca", path_or_empty(c.tls.server_ca.as_deref())),
         ("auth.userlist", c.userlist.display().to_string()),
     ]
+}
+
+fn path_or_empty(p: Option<&std::path::Path>) -> String {
+    p.map(|p| p.display().to_string()).unwrap_or_default()
 }
 
 /// `max_replica_lag` as configured: bytes, a replay delay, or both (empty: no limit).
@@ -414,6 +423,15 @@ pub fn reload(shared: &Shared) -> Result<Reloaded, String> {
     };
     let old = shared.config();
     let (new, r) = merge(&old, new);
+    // The certificate files are read again even when no key changed: a rotated certificate
+    // under the same name takes effect.
+    let tls = match crate::tls::Tls::load(&new) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %e, "reload refused; the configuration in force is kept");
+            return Err(format!("reload refused, the configuration in force is kept: {e}"));
+        }
+    };
     for key in &r.needs_restart {
         tracing::warn!(key, "reload: {key} changed; this needs a restart, the old value stays in force");
     }
@@ -423,6 +441,7 @@ pub fn reload(shared: &Shared) -> Result<Reloaded, String> {
         }
     }
     let users = userlist.len();
+    shared.replace_tls(tls);
     shared.replace(new, userlist);
     tracing::info!(file = %path.display(), applied = ?r.applied, needs_restart = ?r.needs_restart, users, "configuration reloaded");
     Ok(r)

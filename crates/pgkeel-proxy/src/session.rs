@@ -129,8 +129,9 @@ pub struct Shared {
     replayed: Mutex<HashMap<String, (u64, u64)>>,
     /// Round-robin position.
     next_replica: AtomicUsize,
-    /// TLS to clients and servers (loaded at start, see [`Shared::with_tls`]).
-    pub tls: Tls,
+    /// TLS to clients and servers: loaded at start ([`Shared::with_tls`]) and again by every
+    /// reload ([`Shared::replace_tls`]); new connections use the newest.
+    tls: RwLock<Arc<Tls>>,
     /// `auth_query` answers.
     pub auth_cache: AuthCache,
 }
@@ -158,7 +159,7 @@ impl Shared {
             bans: Mutex::new(HashMap::new()),
             replayed: Mutex::new(HashMap::new()),
             next_replica: AtomicUsize::new(0),
-            tls: Tls::disabled(),
+            tls: RwLock::new(Arc::new(Tls::disabled())),
             auth_cache: AuthCache::default(),
         }
     }
@@ -226,14 +227,26 @@ impl Shared {
     }
 
     /// The same, with TLS material loaded by [`Tls::load`].
-    pub fn with_tls(mut self, tls: Tls) -> Shared {
-        self.tls = tls;
+    pub fn with_tls(self, tls: Tls) -> Shared {
+        self.replace_tls(tls);
         self
+    }
+
+    /// Puts freshly loaded TLS material in force (a reload: rotated certificates, changed
+    /// `[tls]` keys). Connections already open keep what they negotiated.
+    pub fn replace_tls(&self, tls: Tls) {
+        *self.tls.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(tls);
+    }
+
+    /// The TLS material in force.
+    pub fn tls(&self) -> Arc<Tls> {
+        self.tls.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// How the proxy connects to servers.
     fn server_tls(&self) -> ServerTls {
-        ServerTls { mode: self.tls.server_mode, connector: self.tls.connector.clone() }
+        let tls = self.tls();
+        ServerTls { mode: tls.server_mode, connector: tls.connector.clone() }
     }
 
     fn register(&self) -> (i32, [u8; 4]) {
@@ -765,7 +778,7 @@ impl Session {
                             "encryption request on a connection that is already encrypted",
                         ));
                     }
-                    let acceptor = if ssl { self.shared.tls.acceptor.clone() } else { None };
+                    let acceptor = if ssl { self.shared.tls().acceptor.clone() } else { None };
                     let Some(acceptor) = acceptor else {
                         if self.stream.send(b"N").await.is_err() {
                             return Ok(None);
@@ -796,7 +809,7 @@ impl Session {
                     return Ok(None);
                 }
                 StartupPacket::Startup(_)
-                    if self.shared.tls.client_mode == ClientTlsMode::Require && !self.stream.is_tls() =>
+                    if self.shared.tls().client_mode == ClientTlsMode::Require && !self.stream.is_tls() =>
                 {
                     return Err(Fail::new(
                         sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,

@@ -284,4 +284,48 @@ async fn tls_modes_and_auth_query() {
     .await;
     let err = psql(&wrong.dsn_with("postgres", &su, ""), "select 1").unwrap_err();
     assert!(err.contains("TLS handshake with") && err.contains("verify-full"), "{err}");
+
+    // A reload (SIGHUP) reads [tls] and the certificate files again: the right CA fixes the
+    // server side, and a certificate with client_tls = "require" changes what clients must do.
+    std::fs::write(
+        c.dir().join("proxy-wrong-ca").join("proxy.toml"),
+        format!(
+            "cluster = \"pgkeel\"\nlisten = \"127.0.0.1:{}\"\n[dcs]\n{}\n[auth]\nuserlist = \"userlist.txt\"\n\
+             [tls]\ncert = {:?}\nkey = {:?}\nclient_tls = \"require\"\nserver_tls = \"verify-full\"\nserver_ca = {:?}\n",
+            wrong.port,
+            dcs_toml(&c),
+            tls.join("proxy.crt").display().to_string(),
+            tls.join("proxy.key").display().to_string(),
+            tls.join("ca.crt").display().to_string()
+        ),
+    )
+    .expect("rewrite proxy.toml");
+    wrong.signal(libc::SIGHUP);
+    let verified =
+        wrong.dsn_with("postgres", &su, &format!("&sslmode=verify-ca&sslrootcert={}", tls.join("ca.crt").display()));
+    wait_for("the reloaded CA and certificate", Duration::from_secs(15), || {
+        let dsn = verified.clone();
+        async move { (psql(&dsn, "select ssl from pg_stat_ssl where pid = pg_backend_pid()").ok()? == "t").then_some(()) }
+    })
+    .await;
+    let err = psql(&wrong.dsn_with("postgres", &su, "&sslmode=disable"), "select 1").unwrap_err();
+    assert!(err.contains("the proxy requires TLS (client_tls = \"require\")"), "{err}");
+    // A [tls] file that cannot be read: the reload is refused and the TLS in force stays.
+    std::fs::write(
+        c.dir().join("proxy-wrong-ca").join("proxy.toml"),
+        format!(
+            "cluster = \"pgkeel\"\nlisten = \"127.0.0.1:{}\"\n[dcs]\n{}\n[auth]\nuserlist = \"userlist.txt\"\n\
+             [tls]\ncert = \"/nonexistent/proxy.crt\"\nkey = \"/nonexistent/proxy.key\"\n",
+            wrong.port,
+            dcs_toml(&c)
+        ),
+    )
+    .expect("rewrite proxy.toml");
+    wrong.signal(libc::SIGHUP);
+    wait_for("the refused reload in the log", Duration::from_secs(15), || {
+        let log = wrong.log_text();
+        async move { log.contains("reload refused").then_some(()) }
+    })
+    .await;
+    assert_eq!(psql(&verified, "select 1").unwrap(), "1", "the TLS in force stayed");
 }
