@@ -146,9 +146,18 @@ pub async fn watch(store: ClusterStore, tx: watch::Sender<Topology>, mut shutdow
                 Duration::from_millis(500)
             }
         };
-        tokio::select! {
+        let started = tokio::time::Instant::now();
+        let watched = tokio::select! {
             _ = shutdown.changed() => return,
-            _ = store.watch_leader(known_rev, wait) => {}
+            r = store.watch_leader(known_rev, wait) => r,
+        };
+        // A watch that fails at once (etcd refusing connections, the local store's directory
+        // gone) must not turn this loop into a busy one: wait out the interval.
+        if watched.is_err() {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep_until(started + wait) => {}
+            }
         }
         if *shutdown.borrow() {
             return;
@@ -198,6 +207,72 @@ pub async fn open_dcs(dcs: &pgkeel_config::DcsConfig) -> anyhow::Result<Arc<dyn 
 mod tests {
     use super::*;
     use pgkeel_dcs::cluster::{LeaderValue, MemberValue, Versioned};
+    use pgkeel_dcs::{DcsError, DcsResult, KeyValue};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A DCS that refuses every call at once, as etcd with nothing listening does.
+    #[derive(Debug, Default)]
+    struct Refusing {
+        calls: AtomicUsize,
+        many: tokio::sync::Notify,
+    }
+
+    impl Refusing {
+        async fn refuse<T>(&self) -> DcsResult<T> {
+            if self.calls.fetch_add(1, Ordering::Relaxed) + 1 == 10 {
+                self.many.notify_one();
+            }
+            tokio::task::yield_now().await;
+            Err(DcsError::Unavailable("connection refused".into()))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Dcs for Refusing {
+        async fn get(&self, _: &str) -> DcsResult<Option<KeyValue>> {
+            self.refuse().await
+        }
+        async fn list(&self, _: &str) -> DcsResult<Vec<KeyValue>> {
+            self.refuse().await
+        }
+        async fn put(&self, _: &str, _: &[u8], _: Option<Duration>) -> DcsResult<u64> {
+            self.refuse().await
+        }
+        async fn create(&self, _: &str, _: &[u8], _: Option<Duration>) -> DcsResult<Option<u64>> {
+            self.refuse().await
+        }
+        async fn compare_and_set(&self, _: &str, _: &[u8], _: u64, _: Option<Duration>) -> DcsResult<Option<u64>> {
+            self.refuse().await
+        }
+        async fn delete(&self, _: &str, _: Option<u64>) -> DcsResult<bool> {
+            self.refuse().await
+        }
+        async fn watch(&self, _: &str, _: Option<u64>, _: Duration) -> DcsResult<Option<KeyValue>> {
+            self.refuse().await
+        }
+        fn describe(&self) -> String {
+            "refusing".into()
+        }
+    }
+
+    /// A DCS that fails at once must not make the watcher a busy loop (it spun at 100 % CPU
+    /// once the local store's directory was gone): its attempts are spaced by the retry
+    /// interval (500 ms after an error), so 10 calls (two per attempt) take about 2 s, not
+    /// microseconds.
+    #[tokio::test]
+    async fn an_unreachable_dcs_is_retried_without_spinning() {
+        let dcs = Arc::new(Refusing::default());
+        let (tx, rx) = watch::channel(Topology::default());
+        let (stop, stopped) = watch::channel(false);
+        let started = std::time::Instant::now();
+        let task = tokio::spawn(super::watch(ClusterStore::new(dcs.clone(), "c"), tx, stopped));
+        tokio::time::timeout(Duration::from_secs(20), dcs.many.notified()).await.expect("10 attempts within 20 s");
+        let took = started.elapsed();
+        stop.send_replace(true);
+        task.await.expect("the watcher ends");
+        assert!(took >= Duration::from_millis(1500), "10 DCS calls took {took:?}: the watcher spins");
+        assert!(!rx.borrow().dcs_ok);
+    }
 
     fn member(name: &str, role: Role, state: &str, term: u64) -> Versioned<MemberValue> {
         Versioned {
