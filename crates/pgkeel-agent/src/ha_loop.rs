@@ -1186,29 +1186,18 @@ impl HaLoop {
 
     async fn renew(&mut self, snap: &ClusterSnapshot, pg: &PgObservation, d: &DynamicConfig) -> anyhow::Result<()> {
         let Some(lease) = self.lease.clone() else { bail!("no lease to renew") };
-        let t0 = self.now_ms();
-        let r =
-            tokio::time::timeout(d.retry_timeout, self.shared.store.renew_leader(&lease.value, lease.revision, d.ttl))
-                .await;
-        match r {
-            Ok(Ok(Some(rev))) => {
-                self.lease = Some(Lease { revision: rev, deadline_ms: t0 + ms(d.ttl), ..lease.clone() });
+        if !self.renew_leader_key(&lease, d).await? {
+            // Expired (e.g. the DCS was away, failsafe kept us primary) rather than taken:
+            // take it straight back while our own lease still holds; if another member has
+            // it, drop the lease and demote next loop.
+            let taken = self.shared.store.load().await.map(|s| s.leader.is_some()).unwrap_or(true);
+            if !taken && self.lease.as_ref().is_some_and(|l| self.now_ms() < l.deadline_ms) {
+                tracing::warn!("the leader key expired while this primary's lease held: taking it back");
+                return self.reacquire(d).await;
             }
-            Ok(Ok(None)) => {
-                // Expired (e.g. the DCS was away, failsafe kept us primary) rather than taken:
-                // take it straight back while our own lease still holds; if another member has
-                // it, drop the lease and demote next loop.
-                let taken = self.shared.store.load().await.map(|s| s.leader.is_some()).unwrap_or(true);
-                if !taken && self.lease.as_ref().is_some_and(|l| self.now_ms() < l.deadline_ms) {
-                    tracing::warn!("the leader key expired while this primary's lease held: taking it back");
-                    return self.reacquire(d).await;
-                }
-                tracing::warn!("lost the leader key (it expired or was taken)");
-                self.lease = None;
-                return Ok(());
-            }
-            Ok(Err(e)) => bail!("renew the leader lease: {e}"),
-            Err(_) => bail!("renew the leader lease: no answer within retry_timeout"),
+            tracing::warn!("lost the leader key (it expired or was taken)");
+            self.lease = None;
+            return Ok(());
         }
         let Some(p) = &pg.probe else { return Ok(()) };
         if p.in_recovery {
@@ -1693,20 +1682,27 @@ impl HaLoop {
     /// Renews the leader key (and re-arms the guard) without the rest of a loop's work.
     async fn renew_lease_only(&mut self, d: &DynamicConfig) -> anyhow::Result<()> {
         let lease = self.lease.clone().context("no lease to renew")?;
+        if !self.renew_leader_key(&lease, d).await? {
+            self.lease = None;
+            bail!("lost the leader key (it expired or was taken)")
+        }
+        self.sync_guard(d);
+        Ok(())
+    }
+
+    /// Renews the leader key of `lease` (within `retry_timeout`) and extends the lease by a
+    /// ttl from before the call: `false` when the key is gone (expired or taken).
+    async fn renew_leader_key(&mut self, lease: &Lease, d: &DynamicConfig) -> anyhow::Result<bool> {
         let t0 = self.now_ms();
         let r =
             tokio::time::timeout(d.retry_timeout, self.shared.store.renew_leader(&lease.value, lease.revision, d.ttl))
                 .await;
         match r {
             Ok(Ok(Some(rev))) => {
-                self.lease = Some(Lease { revision: rev, deadline_ms: t0 + ms(d.ttl), ..lease });
-                self.sync_guard(d);
-                Ok(())
+                self.lease = Some(Lease { revision: rev, deadline_ms: t0 + ms(d.ttl), ..lease.clone() });
+                Ok(true)
             }
-            Ok(Ok(None)) => {
-                self.lease = None;
-                bail!("lost the leader key (it expired or was taken)")
-            }
+            Ok(Ok(None)) => Ok(false),
             Ok(Err(e)) => bail!("renew the leader lease: {e}"),
             Err(_) => bail!("renew the leader lease: no answer within retry_timeout"),
         }

@@ -530,24 +530,7 @@ async fn s3_repository_end_to_end() {
         .unwrap();
     insert(&client, 1..=5).await;
 
-    let create = || {
-        pgkeel(&[
-            "backup",
-            "create",
-            "--repo",
-            &url,
-            "--cluster",
-            CLUSTER,
-            "--pgdata",
-            &primary.data_dir.display().to_string(),
-            "--host",
-            &primary.socket_dir.display().to_string(),
-            "--port",
-            &primary.port.to_string(),
-            "--wal-wait",
-            "60",
-        ])
-    };
+    let create = || pgkeel(&backup_create(&url, &primary, &[]).iter().map(String::as_str).collect::<Vec<_>>());
     let out = create();
     assert!(out.status.success(), "backup create failed: {}", text(&out));
     assert!(text(&out).contains("(100%)"), "progress is logged when stderr is not a terminal: {}", text(&out));
@@ -714,29 +697,22 @@ async fn logical_dumps_round_trip() {
     drop(app);
 }
 
+/// The arguments of `backup create` of `inst` into `repo` (waiting up to 60 s for WAL), then
+/// `extra`.
+fn backup_create(repo: &str, inst: &Instance, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["backup", "create", "--repo", repo, "--cluster", CLUSTER].map(String::from).into();
+    args.extend(["--pgdata".into(), inst.data_dir.display().to_string()]);
+    args.extend(["--host".into(), inst.socket_dir.display().to_string()]);
+    args.extend(["--port".into(), inst.port.to_string(), "--wal-wait".into(), "60".into()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 /// `backup create --type TYPE` on `inst`; returns the new backup's manifest.
 fn create_typed(repo: &Repo, repo_s: &str, inst: &Instance, kind: &str) -> pgkeel_backup::Manifest {
     let before: Vec<String> = repo.complete_backups().unwrap().into_iter().map(|m| m.label).collect();
-    let out = pgkeel(&[
-        "backup",
-        "create",
-        "--type",
-        kind,
-        "--repo",
-        repo_s,
-        "--cluster",
-        CLUSTER,
-        "--pgdata",
-        &inst.data_dir.display().to_string(),
-        "--host",
-        &inst.socket_dir.display().to_string(),
-        "--port",
-        &inst.port.to_string(),
-        "--user",
-        "postgres",
-        "--wal-wait",
-        "60",
-    ]);
+    let args = backup_create(repo_s, inst, &["--type", kind, "--user", "postgres"]);
+    let out = pgkeel(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(out.status.success(), "backup create --type {kind} failed: {}", text(&out));
     let m = repo.complete_backups().unwrap().into_iter().find(|m| !before.contains(&m.label)).expect("a new backup");
     assert!(text(&out).contains(&format!("backup {} complete ({})", m.label, m.kind.as_str())), "{}", text(&out));
