@@ -61,6 +61,8 @@ pub(crate) struct HaLoop {
     starting: Option<(u64, JoinHandle<Result<(), pgkeel_pg::PgError>>)>,
     /// When a running postmaster first failed to answer (starting up or crash recovery).
     unresponsive_since_ms: Option<u64>,
+    /// The last probe that found all received WAL replayed (bounds the published replay delay).
+    caught_up: Option<pgkeel_pg::probe::CaughtUp>,
     /// Upstream member our `primary_conninfo` points at.
     following: Option<String>,
     /// Term written in pgkeel.conf.
@@ -151,6 +153,7 @@ impl HaLoop {
             down_since_ms: None,
             starting: None,
             unresponsive_since_ms: None,
+            caught_up: None,
             following: None,
             conf_term: 0,
             leader_rev: None,
@@ -592,7 +595,9 @@ impl HaLoop {
             };
         }
         match self.probe().await {
-            Ok(p) => {
+            Ok(mut p) => {
+                let now = self.now_ms();
+                pgkeel_pg::probe::bound_replay_delay(&mut p, &mut self.caught_up, now);
                 self.down_since_ms = None;
                 self.unresponsive_since_ms = None;
                 self.expect_running = true;

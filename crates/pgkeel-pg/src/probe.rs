@@ -36,7 +36,8 @@ pub struct Probe {
     pub replay_paused: bool,
     /// Replica: how far replay is behind, in ms: 0 when everything received is replayed,
     /// else the age of the last replayed transaction (`pg_last_xact_replay_timestamp()`);
-    /// unknown when it is behind and has replayed no transaction since it started.
+    /// unknown when it is behind and has replayed no transaction since it started. The agent
+    /// tightens it with [`bound_replay_delay`].
     pub replay_lag_ms: Option<u64>,
     /// Replica: the WAL receiver, when one runs.
     pub wal_receiver: Option<WalReceiver>,
@@ -138,6 +139,40 @@ SELECT application_name, client_addr, state, sent_lsn, write_lsn, flush_lsn, rep
   FROM pg_stat_replication ORDER BY application_name;
 SELECT slot_name, active, restart_lsn FROM pg_replication_slots WHERE slot_type = 'physical' ORDER BY slot_name;
 SELECT name FROM pg_settings WHERE pending_restart ORDER BY name;";
+
+/// The last probe of a replica that found everything received replayed: the postmaster it
+/// ran in (start time) and when (ms). Kept across probes by [`bound_replay_delay`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CaughtUp {
+    /// `postmaster_start_unix` of that probe: a restart forgets it.
+    pub postmaster_start_unix: f64,
+    /// When that probe ran, ms on the caller's clock.
+    pub at_ms: u64,
+}
+
+/// Tightens `p.replay_lag_ms` with what earlier probes saw, and updates `caught_up`.
+///
+/// The age of the last replayed transaction overstates the delay when the primary was idle:
+/// a probe that lands between WAL arriving and its replay, after ten quiet seconds, would
+/// report ten seconds. A replica that had replayed everything it received at an earlier
+/// probe is behind by at most the time since then, so the delay is the smaller of the two
+/// (and known, where the transaction age is not). `now_ms` is on the same clock as
+/// [`CaughtUp::at_ms`].
+pub fn bound_replay_delay(p: &mut Probe, caught_up: &mut Option<CaughtUp>, now_ms: u64) {
+    if !p.in_recovery {
+        *caught_up = None;
+        return;
+    }
+    if caught_up.is_some_and(|c| c.postmaster_start_unix != p.postmaster_start_unix) {
+        *caught_up = None;
+    }
+    if p.replay_lag_ms == Some(0) {
+        *caught_up = Some(CaughtUp { postmaster_start_unix: p.postmaster_start_unix, at_ms: now_ms });
+    } else if let Some(c) = caught_up {
+        let bound = now_ms.saturating_sub(c.at_ms);
+        p.replay_lag_ms = Some(p.replay_lag_ms.map_or(bound, |ms| ms.min(bound)));
+    }
+}
 
 /// Reads the server's replication state in one round trip (see [`Probe`]).
 pub async fn probe(client: &Client) -> Result<Probe, PgError> {
@@ -370,6 +405,48 @@ fn parse_at<T: std::str::FromStr>(row: &SimpleQueryRow, i: usize) -> Result<Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replay_delay_is_bounded_by_the_last_caught_up_probe() {
+        let replica = |lag: Option<u64>, start: f64| Probe {
+            in_recovery: true,
+            replay_lag_ms: lag,
+            postmaster_start_unix: start,
+            ..Probe::default()
+        };
+        let mut seen = None;
+        // Behind with no earlier caught-up probe: the transaction age as reported.
+        let mut p = replica(Some(10_000), 1.0);
+        bound_replay_delay(&mut p, &mut seen, 1_000);
+        assert_eq!((p.replay_lag_ms, seen), (Some(10_000), None));
+        // Caught up at 2 s; behind at 2.3 s after a quiet primary: at most 300 ms.
+        let mut p = replica(Some(0), 1.0);
+        bound_replay_delay(&mut p, &mut seen, 2_000);
+        assert_eq!(seen, Some(CaughtUp { postmaster_start_unix: 1.0, at_ms: 2_000 }));
+        let mut p = replica(Some(10_000), 1.0);
+        bound_replay_delay(&mut p, &mut seen, 2_300);
+        assert_eq!(p.replay_lag_ms, Some(300));
+        // Replay stopped (paused): the bound grows with time; a younger transaction wins.
+        let mut p = replica(Some(10_000), 1.0);
+        bound_replay_delay(&mut p, &mut seen, 6_000);
+        assert_eq!(p.replay_lag_ms, Some(4_000));
+        let mut p = replica(Some(150), 1.0);
+        bound_replay_delay(&mut p, &mut seen, 6_000);
+        assert_eq!(p.replay_lag_ms, Some(150));
+        // Unknown transaction age: the bound makes it known.
+        let mut p = replica(None, 1.0);
+        bound_replay_delay(&mut p, &mut seen, 7_000);
+        assert_eq!(p.replay_lag_ms, Some(5_000));
+        // A restarted postmaster forgets the earlier probe.
+        let mut p = replica(Some(10_000), 9.0);
+        bound_replay_delay(&mut p, &mut seen, 7_100);
+        assert_eq!((p.replay_lag_ms, seen), (Some(10_000), None));
+        // A primary forgets it too, and its delay stays unset.
+        seen = Some(CaughtUp { postmaster_start_unix: 9.0, at_ms: 7_000 });
+        let mut p = Probe { in_recovery: false, ..Probe::default() };
+        bound_replay_delay(&mut p, &mut seen, 8_000);
+        assert_eq!((p.replay_lag_ms, seen), (None, None));
+    }
 
     #[test]
     fn slot_names() {
