@@ -32,6 +32,7 @@ pub mod stats;
 pub mod switchover;
 pub mod tls;
 pub mod topology;
+mod tracked;
 pub mod userlist;
 
 use std::path::{Path, PathBuf};

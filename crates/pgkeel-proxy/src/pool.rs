@@ -16,6 +16,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::server::{ServerConn, ServerRole};
 use crate::stats::{Limit, PoolStats};
 
+/// A pool's login parameters (name, value), sorted by name: what the server reported when
+/// the pool's first connection logged in, told to each client at its login. Shared, values
+/// included, by every client of the pool.
+pub type Welcome = Arc<[(String, Arc<str>)]>;
 /// Which server a pool's connections go to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PoolTarget {
@@ -54,7 +58,7 @@ pub struct Pool {
     next_active: AtomicU64,
     /// The ParameterStatus values of the first server connection opened, sent to clients at
     /// login (server_version, server_encoding, ...).
-    welcome: Mutex<Option<Vec<(String, String)>>>,
+    welcome: Mutex<Option<Welcome>>,
 }
 
 impl Pool {
@@ -154,7 +158,7 @@ impl Pool {
     }
 
     /// The login parameters, once a server connection was opened.
-    pub fn welcome(&self) -> Option<Vec<(String, String)>> {
+    pub fn welcome(&self) -> Option<Welcome> {
         self.welcome.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
@@ -162,9 +166,10 @@ impl Pool {
     pub fn set_welcome(&self, conn: &ServerConn) {
         let mut w = self.welcome.lock().unwrap_or_else(PoisonError::into_inner);
         if w.is_none() {
-            let mut params: Vec<(String, String)> = conn.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut params: Vec<(String, Arc<str>)> =
+                conn.params.iter().map(|(k, v)| (k.clone(), Arc::from(v.as_str()))).collect();
             params.sort();
-            *w = Some(params);
+            *w = Some(Arc::from(params));
         }
     }
 

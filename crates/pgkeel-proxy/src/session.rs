@@ -24,7 +24,7 @@
 //! Both directions are pumped at once with bounded buffers, so a server that writes while the
 //! client is still sending (a large COPY, a pipelining client) cannot deadlock the session.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -64,25 +64,8 @@ const UNKNOWN_LSN: u64 = u64::MAX;
 /// Statement texts whose classification is cached.
 const CLASS_CACHE_SIZE: usize = 16 * 1024;
 
-/// Session settings the proxy replays on each server connection a client uses, with their
-/// canonical spelling. Others in a startup packet are refused: they would silently apply to
-/// one server connection only.
-const TRACKED: &[&str] = &[
-    "application_name",
-    "client_encoding",
-    "DateStyle",
-    "IntervalStyle",
-    "TimeZone",
-    "extra_float_digits",
-    "search_path",
-    "standard_conforming_strings",
-];
-
-/// Tracked settings the server does not report with ParameterStatus (before PostgreSQL 18
-/// for search_path): after DISCARD ALL their value is unknown.
-const UNREPORTED: &[&str] = &["extra_float_digits", "search_path"];
-
 use crate::server::CancelTarget;
+use crate::tracked::{Tracked, TRACKED, UNREPORTED};
 
 /// The server connection a client holds: (`host:port`, backend pid).
 pub type ServerOf = (String, i32);
@@ -598,8 +581,8 @@ pub async fn run(
         database: String::new(),
         pool: None,
         server_auth: None,
-        desired: Vec::new(),
-        told: HashMap::new(),
+        desired: Tracked::default(),
+        told: Tracked::default(),
         key: None,
         attached: None,
         mode,
@@ -645,9 +628,9 @@ struct Session {
     server_auth: Option<Box<ServerAuth>>,
     /// Tracked settings the client asked for (startup packet, then its own SETs), by
     /// canonical name.
-    desired: Vec<(String, String)>,
+    desired: Tracked,
     /// The ParameterStatus values the client was told, of the tracked settings.
-    told: HashMap<String, String>,
+    told: Tracked,
     /// The BackendKeyData the client got.
     key: Option<(i32, [u8; 4])>,
     attached: Option<Attached>,
@@ -718,6 +701,8 @@ impl Session {
                 ))
             }
         }
+        // Not kept for the client's whole connection (its parameters are in `desired`).
+        drop(startup);
         if self.database == crate::admin::ADMIN_DATABASE {
             return Box::pin(crate::admin::serve(
                 &self.shared,
@@ -855,7 +840,9 @@ impl Session {
                 }
                 k if k.starts_with("_pq_.") => unrecognized.push(Text::lossy(k)),
                 k => match TRACKED.iter().find(|t| t.eq_ignore_ascii_case(k)) {
-                    Some(canon) => self.set_desired(canon, v),
+                    Some(canon) => {
+                        self.desired.set(canon, v);
+                    }
                     None => {
                         return Err(Fail::new(
                             sqlstate::FEATURE_NOT_SUPPORTED,
@@ -1056,11 +1043,27 @@ impl Session {
         }
     }
 
-    fn set_desired(&mut self, name: &str, value: &str) {
-        match self.desired.iter_mut().find(|(k, _)| k == name) {
-            Some(e) => e.1 = value.to_string(),
-            None => self.desired.push((name.to_string(), value.to_string())),
+    /// ParameterStatus at login: the pool's login parameters (`welcome`), with the attached
+    /// connection's and the client's own settings over them, in name order. Remembers what the
+    /// client was told of the tracked settings, sharing the pool's values.
+    fn tell_parameters(&mut self, welcome: &[(String, Arc<str>)]) {
+        let mut params: BTreeMap<&str, &str> = welcome.iter().map(|(k, v)| (k.as_str(), &**v)).collect();
+        if let Some(att) = &self.attached {
+            params.extend(att.conn.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         }
+        for (k, v) in self.desired.iter().filter(|(k, _)| !UNREPORTED.contains(k)) {
+            params.insert(k, v);
+        }
+        let mut told = Tracked::default();
+        for (name, value) in &params {
+            BackendMessage::ParameterStatus { name: Text::lossy(name), value: Text::lossy(value) }
+                .encode(&mut self.wbuf);
+            if let Some(canon) = Tracked::canonical(name) {
+                told.set_shared(canon, value, welcome.iter().find(|(k, _)| k == canon).map(|(_, v)| v));
+            }
+        }
+        told.shrink_to_fit();
+        self.told = told;
     }
 
     /// ParameterStatus, BackendKeyData and ReadyForQuery. The server parameters come from the
@@ -1075,26 +1078,7 @@ impl Session {
             let att = self.route(class).await?;
             self.attached = Some(att);
         }
-        let mut params: HashMap<String, String> = pool.welcome().unwrap_or_default().into_iter().collect();
-        if let Some(att) = &self.attached {
-            params.extend(att.conn.params.iter().map(|(k, v)| (k.clone(), v.clone())));
-        }
-        for (k, v) in &self.desired {
-            if !UNREPORTED.contains(&k.as_str()) {
-                params.insert(k.clone(), v.clone());
-            }
-        }
-        let mut names: Vec<&String> = params.keys().collect();
-        names.sort();
-        for name in names {
-            let value = &params[name];
-            BackendMessage::ParameterStatus { name: Text::lossy(name), value: Text::lossy(value) }
-                .encode(&mut self.wbuf);
-        }
-        // Only tracked settings are compared later (sync_params): keep no others.
-        params.retain(|k, _| TRACKED.contains(&k.as_str()));
-        params.shrink_to_fit();
-        self.told = params;
+        self.tell_parameters(pool.welcome().as_deref().unwrap_or_default());
         let (pid, secret) = self.shared.register();
         self.key = Some((pid, secret));
         let info = Arc::new(ClientInfo {
@@ -1310,7 +1294,7 @@ impl Session {
             let primary = topo.primary.as_ref()?;
             pool.take_idle(topo.newest_term.max(primary.term))?
         };
-        if self.desired.iter().any(|(k, v)| conn.params.get(k) != Some(v)) {
+        if self.desired.iter().any(|(k, v)| conn.params.get(k).map(String::as_str) != Some(v)) {
             // Settings to replay first: the full path does that.
             pool.put_back(conn, permit);
             return None;
@@ -1656,8 +1640,12 @@ impl Session {
     /// Replays the client's tracked settings that differ on this server connection, in one
     /// round trip, and tells the client the values the server normalised them to.
     async fn sync_params(&mut self, att: &mut Attached) -> Result<(), String> {
-        let changes: Vec<(String, String)> =
-            self.desired.iter().filter(|(k, v)| att.conn.params.get(k) != Some(v)).cloned().collect();
+        let changes: Vec<(&'static str, String)> = self
+            .desired
+            .iter()
+            .filter(|(k, v)| att.conn.params.get(*k).map(String::as_str) != Some(*v))
+            .map(|(k, v)| (k, v.to_string()))
+            .collect();
         if changes.is_empty() {
             return Ok(());
         }
@@ -1667,15 +1655,14 @@ impl Session {
             .collect();
         att.conn.simple_query(&format!("SELECT {}", calls.join(", "))).await?;
         for (k, v) in &changes {
-            if UNREPORTED.contains(&k.as_str()) || !att.conn.params.contains_key(k) {
-                att.conn.params.insert(k.clone(), v.clone());
+            if UNREPORTED.contains(k) || !att.conn.params.contains_key(*k) {
+                att.conn.params.insert(k.to_string(), v.clone());
             }
-            let normalised = att.conn.params.get(k).cloned().unwrap_or_else(|| v.clone());
-            self.set_desired(k, &normalised);
-            if !UNREPORTED.contains(&k.as_str()) && self.told.get(k) != Some(&normalised) {
+            let normalised = att.conn.params.get(*k).cloned().unwrap_or_else(|| v.clone());
+            self.desired.set(k, &normalised);
+            if !UNREPORTED.contains(k) && self.told.set(k, &normalised) {
                 BackendMessage::ParameterStatus { name: Text::lossy(k), value: Text::lossy(&normalised) }
                     .encode(&mut self.wbuf);
-                self.told.insert(k.clone(), normalised);
             }
         }
         Ok(())
@@ -2084,16 +2071,11 @@ impl Session {
         if tag == b'S' {
             if let Ok(BackendMessage::ParameterStatus { name, value }) = BackendMessage::parse(&frame) {
                 let (name, value) = (name.to_string_lossy().into_owned(), value.to_string_lossy().into_owned());
-                if let Some(canon) = TRACKED.iter().find(|t| **t == name) {
-                    match desired.iter_mut().find(|(k, _)| k == canon) {
-                        Some(e) => e.1 = value.clone(),
-                        None => desired.push((canon.to_string(), value.clone())),
-                    }
+                if let Some(canon) = Tracked::canonical(&name) {
+                    desired.set(canon, &value);
+                    told.set(canon, &value);
                 }
-                att.conn.params.insert(name.clone(), value.clone());
-                if TRACKED.contains(&name.as_str()) {
-                    told.insert(name, value);
-                }
+                att.conn.params.insert(name, value);
             }
             wbuf.extend_from_slice(frame.as_bytes());
             return;

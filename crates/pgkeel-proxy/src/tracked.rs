@@ -1,0 +1,120 @@
+//! The session settings the proxy carries for a client from one server connection to the
+//! next ([`TRACKED`]): what the client asked for and what it was told in ParameterStatus.
+//!
+//! Every client keeps two of these for as long as it is connected, so they are small: a list
+//! of (setting, value) with values shared (`Arc<str>`) with the pool's login parameters,
+//! which most clients never change. An idle client's settings then cost a few words each,
+//! not a map of strings (docs/benchmarks.md, "Proxy": 2,000 idle clients).
+
+use std::sync::Arc;
+
+/// Session settings the proxy replays on each server connection a client uses, with their
+/// canonical spelling. Others in a startup packet are refused: they would silently apply to
+/// one server connection only.
+pub const TRACKED: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "extra_float_digits",
+    "search_path",
+    "standard_conforming_strings",
+];
+
+/// Tracked settings the server does not report with ParameterStatus (before PostgreSQL 18
+/// for search_path): after DISCARD ALL their value is unknown.
+pub const UNREPORTED: &[&str] = &["extra_float_digits", "search_path"];
+
+/// Values of some of the [`TRACKED`] settings, at most one per setting.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tracked(Vec<(u8, Arc<str>)>);
+
+impl Tracked {
+    /// The canonical name of a tracked setting, `None` for any other name.
+    pub fn canonical(name: &str) -> Option<&'static str> {
+        TRACKED.iter().copied().find(|t| *t == name)
+    }
+
+    fn index(name: &str) -> Option<u8> {
+        TRACKED.iter().position(|t| *t == name).and_then(|i| u8::try_from(i).ok())
+    }
+
+    /// The value of `name`, if set.
+    #[cfg(test)]
+    pub fn get(&self, name: &str) -> Option<&str> {
+        let i = Self::index(name)?;
+        self.0.iter().find(|(k, _)| *k == i).map(|(_, v)| &**v)
+    }
+
+    /// Sets `name` (a tracked setting, else nothing happens) to `value`. Returns whether the
+    /// value changed.
+    pub fn set(&mut self, name: &str, value: &str) -> bool {
+        self.set_shared(name, value, None)
+    }
+
+    /// As [`Tracked::set`], reusing `shared` for the value when it holds the same text (one
+    /// allocation fewer per client for the common values).
+    pub fn set_shared(&mut self, name: &str, value: &str, shared: Option<&Arc<str>>) -> bool {
+        let Some(i) = Self::index(name) else { return false };
+        let make = || shared.filter(|s| ***s == *value).cloned().unwrap_or_else(|| Arc::from(value));
+        match self.0.iter_mut().find(|(k, _)| *k == i) {
+            Some((_, v)) if **v == *value => false,
+            Some((_, v)) => {
+                *v = make();
+                true
+            }
+            None => {
+                self.0.push((i, make()));
+                true
+            }
+        }
+    }
+
+    /// (canonical name, value) of every setting set.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> + '_ {
+        self.0.iter().map(|(k, v)| (TRACKED[usize::from(*k)], &**v))
+    }
+
+    /// Frees spare room (the list is kept for the client's whole connection).
+    pub fn shrink_to_fit(&mut self) {
+        self.0.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_get_remove_and_sharing() {
+        let mut t = Tracked::default();
+        assert!(t.set("TimeZone", "UTC"));
+        assert!(!t.set("TimeZone", "UTC"), "the same value is no change");
+        assert!(t.set("TimeZone", "Europe/Paris"));
+        assert_eq!(t.get("TimeZone"), Some("Europe/Paris"));
+        // Only tracked settings, in their canonical spelling.
+        assert!(!t.set("work_mem", "64MB"));
+        assert!(!t.set("timezone", "UTC"));
+        assert_eq!(
+            (t.get("work_mem"), Tracked::canonical("DateStyle"), Tracked::canonical("datestyle")),
+            (None, Some("DateStyle"), None)
+        );
+        // A shared value is reused when it is the same text, not otherwise.
+        let utf8: Arc<str> = Arc::from("UTF8");
+        t.set_shared("client_encoding", "UTF8", Some(&utf8));
+        assert_eq!(Arc::strong_count(&utf8), 2);
+        t.set_shared("application_name", "psql", Some(&utf8));
+        assert_eq!((Arc::strong_count(&utf8), t.get("application_name")), (2, Some("psql")));
+        let all: Vec<(&str, &str)> = t.iter().collect();
+        assert_eq!(all, [("TimeZone", "Europe/Paris"), ("client_encoding", "UTF8"), ("application_name", "psql")]);
+        t.set("client_encoding", "LATIN1");
+        assert_eq!((Arc::strong_count(&utf8), t.get("client_encoding")), (1, Some("LATIN1")));
+        assert_eq!(t.iter().count(), 3);
+        // Every tracked name fits the index.
+        for name in TRACKED {
+            assert!(t.set(name, "x") || t.get(name) == Some("x"), "{name}");
+        }
+        assert_eq!(t.iter().count(), TRACKED.len());
+    }
+}
