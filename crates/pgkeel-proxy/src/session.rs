@@ -673,36 +673,12 @@ enum Step {
 
 impl Session {
     async fn serve(&mut self, admitted: bool) -> Result<(), Fail> {
-        // The login phases and server logins are boxed (`Box::pin`): a spawned future is as
-        // large as its largest state, and each idle client would otherwise keep room for the
-        // TLS handshake, SCRAM and a server login (docs/benchmarks.md, "Proxy").
-        let startup = match tokio::time::timeout(LOGIN_TIMEOUT, Box::pin(self.startup())).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, "the client did not finish its startup in 15s"))
-            }
-        };
-        let Some(startup) = startup else { return Ok(()) };
-        if !admitted {
-            return Err(Fail::new(
-                sqlstate::TOO_MANY_CONNECTIONS,
-                format!(
-                    "too many client connections to the proxy (max_client_conn = {})",
-                    self.shared.config().max_client_conn
-                ),
-            ));
+        // The login and server logins are boxed (`Box::pin`): a spawned future is as large as
+        // its largest state, and each idle client would otherwise keep room for the TLS
+        // handshake, SCRAM, their timers and a server login (docs/benchmarks.md, "Proxy").
+        if !Box::pin(self.login(admitted)).await? {
+            return Ok(());
         }
-        match tokio::time::timeout(LOGIN_TIMEOUT, Box::pin(self.authenticate(&startup))).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(Fail::new(
-                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                    "the client did not finish authentication in 15s",
-                ))
-            }
-        }
-        // Not kept for the client's whole connection (its parameters are in `desired`).
-        drop(startup);
         if self.database == crate::admin::ADMIN_DATABASE {
             return Box::pin(crate::admin::serve(
                 &self.shared,
@@ -717,6 +693,37 @@ impl Session {
         }
         Box::pin(self.welcome()).await?;
         self.forward().await
+    }
+
+    /// The startup packet and the client's authentication, each within [`LOGIN_TIMEOUT`].
+    /// `false`: the connection was a cancel request, served.
+    async fn login(&mut self, admitted: bool) -> Result<bool, Fail> {
+        let startup = match tokio::time::timeout(LOGIN_TIMEOUT, self.startup()).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, "the client did not finish its startup in 15s"))
+            }
+        };
+        let Some(startup) = startup else { return Ok(false) };
+        if !admitted {
+            return Err(Fail::new(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "too many client connections to the proxy (max_client_conn = {})",
+                    self.shared.config().max_client_conn
+                ),
+            ));
+        }
+        match tokio::time::timeout(LOGIN_TIMEOUT, self.authenticate(&startup)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Fail::new(
+                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                    "the client did not finish authentication in 15s",
+                ))
+            }
+        }
+        Ok(true)
     }
 
     /// Reads the startup packet, answering SSLRequest and GSSENCRequest with 'N' and serving
@@ -1737,10 +1744,61 @@ impl Session {
     }
 
     /// The forwarding loop, until the client leaves or an error ends the session.
+    /// Forwards between the client and server connections until the client leaves.
+    ///
+    /// An idle client waits here, in a small future; the forwarding itself ([`Session::busy`])
+    /// is boxed for as long as the client has work. A spawned future is as large as its
+    /// largest state, so each idle client would otherwise keep room for the forwarding state
+    /// too (docs/benchmarks.md, "Proxy": 2,000 idle clients).
     async fn forward(&mut self) -> Result<(), Fail> {
         let mut topo_rx = self.shared.topology.clone();
         topo_rx.mark_unchanged();
         let mut drain_rx = self.shared.draining.subscribe();
+        let mut woken = false;
+        loop {
+            if !Box::pin(self.busy(&mut topo_rx, &mut drain_rx, woken)).await? {
+                return Ok(());
+            }
+            // Idle: no server attached, nothing buffered either way. The client keeps no
+            // buffers until its socket is readable (16 KiB per idle client otherwise).
+            let Stream::Plain(tcp) = &self.stream else { continue };
+            let drained = *drain_rx.borrow_and_update();
+            spare_buffers::give(std::mem::take(&mut self.rbuf));
+            spare_buffers::give(std::mem::take(&mut self.wbuf));
+            woken = tokio::select! {
+                r = tcp.readable() => {
+                    if r.is_err() {
+                        // The client is gone.
+                        return Ok(());
+                    }
+                    true
+                }
+                _ = drain_rx.changed(), if !drained => false,
+            };
+            self.wbuf = spare_buffers::take();
+            self.rbuf = spare_buffers::take();
+        }
+    }
+
+    /// Whether the client is idle on a plain socket: no server attached and nothing buffered
+    /// either way ([`Session::forward`] waits for it then).
+    fn idle_plain(&self) -> bool {
+        self.attached.is_none()
+            && self.wbuf.is_empty()
+            && self.rbuf.is_empty()
+            && self.held.is_empty()
+            && matches!(self.stream, Stream::Plain(_))
+    }
+
+    /// The forwarding loop. `Ok(true)`: the client went idle ([`Session::idle_plain`]);
+    /// `Ok(false)`: it left. `readable`: the client's socket was found readable, so it is read
+    /// before the client counts as idle again.
+    async fn busy(
+        &mut self,
+        topo_rx: &mut watch::Receiver<Topology>,
+        drain_rx: &mut watch::Receiver<bool>,
+        mut readable: bool,
+    ) -> Result<bool, Fail> {
         loop {
             self.refresh();
             // Shutting down: a client between transactions (or, in session mode, outside one)
@@ -1756,7 +1814,7 @@ impl Session {
             self.read_held()?;
             if self.pump_client().await? {
                 // Terminate: the client is leaving; the server connection stays open for the pool.
-                return Ok(());
+                return Ok(false);
             }
             self.pump_server()?;
             if self.settle().await {
@@ -1770,14 +1828,17 @@ impl Session {
                 }
             }
             self.write_now();
-            if let Some(e) = self.wait_event(&mut topo_rx, &mut drain_rx).await {
+            if !std::mem::take(&mut readable) && self.idle_plain() {
+                return Ok(true);
+            }
+            if let Some(e) = self.wait_event(topo_rx, drain_rx).await {
                 match e {
                     Event::ClientRead(Ok(0))
                     | Event::ClientRead(Err(_))
                     | Event::ClientWrote(Ok(0))
                     | Event::ClientWrote(Err(_)) => {
                         // The client is gone (or cannot be written to).
-                        return Ok(());
+                        return Ok(false);
                     }
                     Event::ClientRead(Ok(_)) => {}
                     Event::ClientWrote(Ok(n)) => self.wbuf.advance(n),
@@ -2317,25 +2378,6 @@ impl Session {
         let drained = *drain_rx.borrow_and_update();
         let read_client = self.held_bytes < HIGH_WATER;
         let write_client = !self.wbuf.is_empty();
-        // An idle client (no server attached, nothing buffered either way) keeps no buffers:
-        // wait until its socket is readable before giving it a read buffer again. 16 KiB per
-        // idle client otherwise (docs/benchmarks.md, "Proxy": 2,000 idle clients).
-        if self.attached.is_none() && !write_client && self.rbuf.is_empty() && self.held.is_empty() {
-            if let Stream::Plain(tcp) = &self.stream {
-                spare_buffers::give(std::mem::take(&mut self.rbuf));
-                spare_buffers::give(std::mem::take(&mut self.wbuf));
-                tokio::select! {
-                    r = tcp.readable() => {
-                        if let Err(e) = r {
-                            return Some(Event::ClientRead(Err(e)));
-                        }
-                    }
-                    _ = drain_rx.changed(), if !drained => return Some(Event::Topology),
-                }
-                self.wbuf = spare_buffers::take();
-                self.rbuf = spare_buffers::take();
-            }
-        }
         self.rbuf.reserve(8192);
         let client = pump(&mut self.stream, &mut self.rbuf, &self.wbuf, read_client, write_client);
         match self.attached.as_mut() {
