@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::server::{ServerConn, ServerRole};
+use crate::server::{ServerAuth, ServerConn, ServerRole};
 use crate::stats::{Limit, PoolStats};
 
 /// A pool's login parameters (name, value), sorted by name: what the server reported when
@@ -59,6 +59,8 @@ pub struct Pool {
     /// The ParameterStatus values of the first server connection opened, sent to clients at
     /// login (server_version, server_encoding, ...).
     welcome: Mutex<Option<Welcome>>,
+    /// The server login of the pool's last client (see [`Pool::share_auth`]).
+    auth: Mutex<Option<Arc<ServerAuth>>>,
 }
 
 impl Pool {
@@ -72,6 +74,7 @@ impl Pool {
             active: Mutex::new(HashMap::new()),
             next_active: AtomicU64::new(0),
             welcome: Mutex::new(None),
+            auth: Mutex::new(None),
         }
     }
 
@@ -170,6 +173,16 @@ impl Pool {
                 conn.params.iter().map(|(k, v)| (k.clone(), Arc::from(v.as_str()))).collect();
             params.sort();
             *w = Some(Arc::from(params));
+        }
+    }
+
+    /// `auth` as an `Arc` shared with the pool's other clients that logged in with the same
+    /// credentials (nearly all of them): one copy per pool, not per idle client.
+    pub fn share_auth(&self, auth: ServerAuth) -> Arc<ServerAuth> {
+        let mut kept = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
+        match kept.as_ref() {
+            Some(k) if k.same_as(&auth) => k.clone(),
+            _ => kept.insert(Arc::new(auth)).clone(),
         }
     }
 
@@ -279,5 +292,34 @@ impl Pools {
         let pools: Vec<Arc<Pool>> =
             self.pools.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
         pools.iter().map(|p| p.close_older_than(term)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scram::ClientCredential;
+    use crate::server::ServerTls;
+
+    #[test]
+    fn clients_with_the_same_login_share_one_server_auth() {
+        let pool = Pool::new(PoolKey { database: "db".into(), user: "app".into(), target: PoolTarget::Primary }, 2);
+        let auth = |password: &str| ServerAuth {
+            user: "app".into(),
+            password: Some(password.into()),
+            scram: ClientCredential::Password(password.into()),
+            md5: None,
+            tls: ServerTls::disabled(),
+        };
+        let a = pool.share_auth(auth("one"));
+        let b = pool.share_auth(auth("one"));
+        assert!(Arc::ptr_eq(&a, &b), "the same login is shared");
+        // A changed password (a reloaded userlist) gets its own, which later clients share.
+        let c = pool.share_auth(auth("two"));
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(c.password.as_deref(), Some("two"));
+        assert!(Arc::ptr_eq(&c, &pool.share_auth(auth("two"))));
+        // Clients that logged in before keep theirs.
+        assert_eq!(a.password.as_deref(), Some("one"));
     }
 }

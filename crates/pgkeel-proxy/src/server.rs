@@ -45,6 +45,27 @@ pub struct ServerAuth {
     pub tls: ServerTls,
 }
 
+impl ServerAuth {
+    /// The same credentials and the same TLS configuration (the connector's, by identity).
+    pub fn same_as(&self, other: &ServerAuth) -> bool {
+        let same_scram = match (&self.scram, &other.scram) {
+            (ClientCredential::Password(a), ClientCredential::Password(b)) => a == b,
+            (
+                ClientCredential::Keys { client_key: a, secret: sa },
+                ClientCredential::Keys { client_key: b, secret: sb },
+            ) => a == b && sa == sb,
+            _ => false,
+        };
+        let same_tls = self.tls.mode == other.tls.mode
+            && match (&self.tls.connector, &other.tls.connector) {
+                (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a.config(), b.config()),
+                (None, None) => true,
+                _ => false,
+            };
+        same_scram && same_tls && self.user == other.user && self.password == other.password && self.md5 == other.md5
+    }
+}
+
 /// TLS towards servers: the mode and, unless it is `disable`, the connector.
 #[derive(Clone)]
 pub struct ServerTls {

@@ -625,7 +625,8 @@ struct Session {
     /// The client's primary pool.
     pool: Option<Arc<Pool>>,
     /// Boxed: it is large, and an idle client should cost little.
-    server_auth: Option<Box<ServerAuth>>,
+    /// Shared with the pool's other clients when it is the same ([`Pool::share_auth`]).
+    server_auth: Option<Arc<ServerAuth>>,
     /// Tracked settings the client asked for (startup packet, then its own SETs), by
     /// canonical name.
     desired: Tracked,
@@ -922,7 +923,7 @@ impl Session {
         let Some(entry) = entry else { return Err(failed()) };
         BackendMessage::Authentication(Authentication::SaslFinal(Bytes::from(server_final))).encode(&mut self.wbuf);
         BackendMessage::Authentication(Authentication::Ok).encode(&mut self.wbuf);
-        self.server_auth = Some(Box::new(ServerAuth {
+        self.logged_in(ServerAuth {
             user: self.user.clone(),
             scram: match &entry.password {
                 Some(p) => ClientCredential::Password(p.clone()),
@@ -931,18 +932,20 @@ impl Session {
             password: entry.password.clone(),
             md5: None,
             tls: self.shared.server_tls(),
-        }));
-        self.logged_in();
+        });
         Ok(())
     }
 
-    /// The client's pool, once it is authenticated.
-    fn logged_in(&mut self) {
+    /// The client's pool and server login, once it is authenticated.
+    fn logged_in(&mut self, auth: ServerAuth) {
         if self.database == crate::admin::ADMIN_DATABASE {
+            self.server_auth = Some(Arc::new(auth));
             return;
         }
         let key = PoolKey { database: self.database.clone(), user: self.user.clone(), target: PoolTarget::Primary };
-        self.pool = Some(self.shared.pools.get(key, self.shared.config().pool_size));
+        let pool = self.shared.pools.get(key, self.shared.config().pool_size);
+        self.server_auth = Some(pool.share_auth(auth));
+        self.pool = Some(pool);
     }
 
     /// MD5 against a hash from `auth_query`; the proxy logs in to servers with the hash.
@@ -965,15 +968,14 @@ impl Session {
             ));
         }
         BackendMessage::Authentication(Authentication::Ok).encode(&mut self.wbuf);
-        self.server_auth = Some(Box::new(ServerAuth {
+        self.logged_in(ServerAuth {
             user: self.user.clone(),
             password: None,
             // Unused: a server that asks for SCRAM gets a clear error (see server.rs).
             scram: ClientCredential::Keys { client_key: [0; 32], secret: entry.secret },
             md5: Some(hash),
             tls: self.shared.server_tls(),
-        }));
-        self.logged_in();
+        });
         Ok(())
     }
 
