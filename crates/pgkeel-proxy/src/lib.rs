@@ -220,15 +220,10 @@ async fn accept(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let admitted = clients.try_acquire();
-                let live = live.clone();
-                let shared = shared.clone();
-                // The session future is created inside the task: an `async move` block that
-                // captured it and awaited it would hold it twice (upvar and awaited local),
-                // doubling each client's task (docs/benchmarks.md, "Proxy").
-                tokio::spawn(async move {
-                    session::run(shared, stream, peer, admitted, mode).await;
-                    drop(live);
-                });
+                // The session future itself is spawned, not an `async move` block around it:
+                // the block would keep its captures next to the session built from them
+                // (docs/benchmarks.md, "Proxy").
+                tokio::spawn(session::run(shared.clone(), stream, peer, admitted, live.clone(), mode));
             }
             Err(e) => {
                 // Out of file descriptors and the like: keep serving the clients we have.

@@ -433,12 +433,12 @@ struct Attached {
 }
 
 impl Attached {
-    fn new(mut conn: Box<ServerConn>, permit: OwnedSemaphorePermit, pool: Arc<Pool>) -> Attached {
+    fn new(mut conn: Box<ServerConn>, permit: OwnedSemaphorePermit, pool: Arc<Pool>) -> Box<Attached> {
         let mut out = std::mem::take(&mut conn.spare_out);
         if out.capacity() == 0 {
             out.reserve(8192);
         }
-        Attached {
+        Box::new(Attached {
             _tracked: pool.track(&mut conn),
             conn,
             permit,
@@ -450,7 +450,7 @@ impl Attached {
             wrote: false,
             lsn: None,
             unit: None,
-        }
+        })
     }
 
     /// Whether the server has answered everything and no transaction is open.
@@ -558,11 +558,17 @@ fn parse_lsn(s: &str) -> Option<u64> {
 }
 
 /// Runs one client connection to its end.
+///
+/// `admitted`: a `max_client_conn` slot, `None` when none was free (the client is refused
+/// after its startup packet); `live` counts running sessions for a graceful shutdown. The
+/// session is built here, not passed in: the arguments of an async fn stay in its future
+/// next to what is built from them, so they are kept small.
 pub async fn run(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     admitted: Option<OwnedSemaphorePermit>,
+    live: Arc<()>,
     mode: RouteMode,
 ) {
     let _ = stream.set_nodelay(true);
@@ -594,8 +600,9 @@ pub async fn run(
         unnamed_class: Class::Write,
         ryw_floor: 0,
         info: None,
+        slots: (admitted, live),
     };
-    let result = s.serve(admitted.is_some()).await;
+    let result = s.serve(s.slots.0.is_some()).await;
     if let Err(fail) = &result {
         tracing::info!(client = %peer, user = %s.user, database = %s.database, error = %fail.message, "closing client connection");
         let mut out = BytesMut::new();
@@ -603,7 +610,6 @@ pub async fn run(
         s.wbuf.extend_from_slice(&out);
     }
     s.finish().await;
-    drop(admitted);
 }
 
 struct Session {
@@ -634,7 +640,8 @@ struct Session {
     told: Tracked,
     /// The BackendKeyData the client got.
     key: Option<(i32, [u8; 4])>,
-    attached: Option<Attached>,
+    /// Boxed: 144 bytes an idle client need not keep.
+    attached: Option<Box<Attached>>,
     /// How the client's units are routed now (`SET pgkeel.route`).
     mode: RouteMode,
     /// The listener's routing (`RESET pgkeel.route`).
@@ -652,6 +659,9 @@ struct Session {
     ryw_floor: u64,
     /// What `SHOW CLIENTS` shows about this client, once it is logged in.
     info: Option<Arc<ClientInfo>>,
+    /// The client's `max_client_conn` slot and the count of live sessions, released when
+    /// the session ends (see [`run`]).
+    slots: (Option<OwnedSemaphorePermit>, Arc<()>),
 }
 
 enum Event {
@@ -1234,7 +1244,7 @@ impl Session {
 
     /// A server connection for a unit of `class`: a replica for reads (in the auto mode; for
     /// everything in the replica mode) when one is eligible, else the primary.
-    async fn route(&mut self, class: Class) -> Result<Attached, Fail> {
+    async fn route(&mut self, class: Class) -> Result<Box<Attached>, Fail> {
         let started = Instant::now();
         self.hold().await?;
         // Counted before the gate is checked again, so a switchover's drain sees this unit or
@@ -1282,7 +1292,7 @@ impl Session {
     /// new transactions are not held, the unit goes to the primary, a pool slot and an idle
     /// connection to the current primary are free, and the client's settings are in force on
     /// that connection. `None`: take the full path.
-    fn route_now(&mut self, class: Class) -> Option<Attached> {
+    fn route_now(&mut self, class: Class) -> Option<Box<Attached>> {
         let wants_replica = match self.mode {
             RouteMode::Primary => false,
             RouteMode::Replica => true,
@@ -1421,7 +1431,7 @@ impl Session {
     /// Attaches a replica for a read, when one is eligible. With read-your-writes and no
     /// replica known to have replayed the client's last write, the chosen one is asked
     /// (`pg_last_wal_replay_lsn()`, one round trip); if it is behind, `None` (the primary).
-    async fn attach_replica(&mut self) -> Result<Option<Attached>, Fail> {
+    async fn attach_replica(&mut self) -> Result<Option<Box<Attached>>, Fail> {
         let Some((replica, caught_up)) = self.pick_replica() else { return Ok(None) };
         let mut att = match self.attach_replica_conn(&replica).await? {
             Ok(a) => a,
@@ -1458,7 +1468,7 @@ impl Session {
     }
 
     /// Gives a clean attached connection back to its pool.
-    async fn put_back(&mut self, att: Attached) {
+    async fn put_back(&mut self, att: Box<Attached>) {
         if let Some((pid, _)) = self.key {
             self.shared.detach_cancel(pid).await;
         }
@@ -1505,7 +1515,7 @@ impl Session {
 
     /// A connection to `replica` from its pool, or a new one. The inner `Err` says why the
     /// replica cannot be used (then the read goes elsewhere); the outer one ends the session.
-    async fn attach_replica_conn(&mut self, replica: &Replica) -> Result<Result<Attached, String>, Fail> {
+    async fn attach_replica_conn(&mut self, replica: &Replica) -> Result<Result<Box<Attached>, String>, Fail> {
         if self.server_auth.is_none() {
             return Err(Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"));
         }
@@ -1554,7 +1564,7 @@ impl Session {
     /// Takes a primary connection for this client: waits for a pool slot (at most
     /// `query_wait_timeout`), then for a running primary (at most `failover_hold_timeout`),
     /// then replays the client's settings on it.
-    async fn attach_primary(&mut self) -> Result<Attached, Fail> {
+    async fn attach_primary(&mut self) -> Result<Box<Attached>, Fail> {
         let pool = self.pool.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "no pool"))?;
         if self.server_auth.is_none() {
             return Err(Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"));
@@ -2240,7 +2250,7 @@ impl Session {
     /// wrote on the primary, reads the primary's WAL position for read-your-writes. `true`
     /// when the connection was released.
     async fn settle(&mut self) -> bool {
-        if !self.attached.as_ref().is_some_and(Attached::clean) {
+        if !self.attached.as_ref().is_some_and(|a| a.clean()) {
             return false;
         }
         if self.cfg.pool_mode == PoolMode::Session {
@@ -2584,7 +2594,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (stream, peer) = listener.accept().await.expect("accept");
-        let fut = run(shared, stream, peer, None, RouteMode::Auto);
+        let fut = run(shared, stream, peer, None, Arc::new(()), RouteMode::Auto);
         let size = std::mem::size_of_val(&fut);
         eprintln!("session future: {size} bytes (Session {} bytes)", std::mem::size_of::<Session>());
         assert!(size <= 2048, "the session future grew to {size} bytes");
