@@ -15,11 +15,18 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::server::{ServerAuth, ServerConn, ServerRole};
 use crate::stats::{Limit, PoolStats};
+use crate::tracked::Tracked as TrackedSettings;
 
-/// A pool's login parameters (name, value), sorted by name: what the server reported when
-/// the pool's first connection logged in, told to each client at its login. Shared, values
-/// included, by every client of the pool.
-pub type Welcome = Arc<[(String, Arc<str>)]>;
+/// A pool's login parameters: what the server reported when the pool's first connection
+/// logged in, told to each client at its login. Shared, values included, by every client of
+/// the pool.
+#[derive(Debug)]
+pub(crate) struct Welcome {
+    /// (name, value), sorted by name.
+    pub params: Vec<(String, Arc<str>)>,
+    /// The tracked settings among them, sharing the values.
+    pub told: TrackedSettings,
+}
 /// Which server a pool's connections go to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PoolTarget {
@@ -58,7 +65,7 @@ pub struct Pool {
     next_active: AtomicU64,
     /// The ParameterStatus values of the first server connection opened, sent to clients at
     /// login (server_version, server_encoding, ...).
-    welcome: Mutex<Option<Welcome>>,
+    welcome: Mutex<Option<Arc<Welcome>>>,
     /// The server login of the pool's last client (see [`Pool::share_auth`]).
     auth: Mutex<Option<Arc<ServerAuth>>>,
 }
@@ -161,7 +168,7 @@ impl Pool {
     }
 
     /// The login parameters, once a server connection was opened.
-    pub fn welcome(&self) -> Option<Welcome> {
+    pub(crate) fn welcome(&self) -> Option<Arc<Welcome>> {
         self.welcome.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
@@ -172,7 +179,14 @@ impl Pool {
             let mut params: Vec<(String, Arc<str>)> =
                 conn.params.iter().map(|(k, v)| (k.clone(), Arc::from(v.as_str()))).collect();
             params.sort();
-            *w = Some(Arc::from(params));
+            let mut told = TrackedSettings::default();
+            for (k, v) in &params {
+                if let Some(canon) = TrackedSettings::canonical(k) {
+                    told.set_shared(canon, v, Some(v));
+                }
+            }
+            told.shrink_to_fit();
+            *w = Some(Arc::new(Welcome { params, told }));
         }
     }
 

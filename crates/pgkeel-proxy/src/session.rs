@@ -73,7 +73,10 @@ pub type ServerOf = (String, i32);
 /// A client's cancel key secret, where its cancel requests go now, and a lock a forwarded
 /// cancel holds (shared) until postgres has taken it, which releasing the server connection
 /// takes (exclusive) first: a late cancel never reaches the next client of that connection.
-type CancelEntry = ([u8; 4], Option<Arc<CancelTarget>>, Arc<tokio::sync::RwLock<()>>);
+/// The lock is made when the first cancel request for the client is forwarded and dropped
+/// when the client's server connection is detached with none in flight: idle clients keep
+/// none (64 bytes each otherwise).
+type CancelEntry = ([u8; 4], Option<Arc<CancelTarget>>, Option<Arc<tokio::sync::RwLock<()>>>);
 
 /// State shared by every session.
 #[derive(Debug)]
@@ -241,7 +244,7 @@ impl Shared {
         loop {
             let pid = self.next_pid.fetch_add(1, Ordering::Relaxed).max(1);
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry(pid) {
-                e.insert((secret, None, Arc::new(tokio::sync::RwLock::new(()))));
+                e.insert((secret, None, None));
                 return (pid, secret);
             }
         }
@@ -266,13 +269,13 @@ impl Shared {
         pid: i32,
         secret: &[u8],
     ) -> Option<(Arc<CancelTarget>, tokio::sync::OwnedRwLockReadGuard<()>)> {
-        let map = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
-        let (s, target, gate) = map.get(&pid)?;
+        let mut map = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
+        let (s, target, gate) = map.get_mut(&pid)?;
         if s.as_slice() != secret {
             return None;
         }
         let target = target.clone()?;
-        let guard = gate.clone().try_read_owned().ok()?;
+        let guard = gate.get_or_insert_with(Default::default).clone().try_read_owned().ok()?;
         Some((target, guard))
     }
 
@@ -290,10 +293,12 @@ impl Shared {
         let mut map = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
         let e = map.get_mut(&pid)?;
         e.1 = None;
-        if e.2.try_write().is_ok() {
+        // Read guards are only taken under the map's lock, so a free lock stays free here.
+        if e.2.as_ref()?.try_write().is_ok() {
+            e.2 = None;
             return None;
         }
-        Some(e.2.clone())
+        e.2.clone()
     }
 
     fn ban(&self, replica: &str) {
@@ -1068,8 +1073,8 @@ impl Session {
 
     /// ParameterStatus at login: the pool's login parameters (`welcome`), with the attached
     /// connection's and the client's own settings over them, in name order. Remembers what the
-    /// client was told of the tracked settings, sharing the pool's values.
-    fn tell_parameters(&mut self, welcome: &[(String, Arc<str>)]) {
+    /// client was told of the tracked settings: `told` (the pool's) with any differences.
+    fn tell_parameters(&mut self, welcome: &[(String, Arc<str>)], mut told: Tracked) {
         let mut params: BTreeMap<&str, &str> = welcome.iter().map(|(k, v)| (k.as_str(), &**v)).collect();
         if let Some(att) = &self.attached {
             params.extend(att.conn.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -1077,7 +1082,6 @@ impl Session {
         for (k, v) in self.desired.iter().filter(|(k, _)| !UNREPORTED.contains(k)) {
             params.insert(k, v);
         }
-        let mut told = Tracked::default();
         for (name, value) in &params {
             BackendMessage::ParameterStatus { name: Text::lossy(name), value: Text::lossy(value) }
                 .encode(&mut self.wbuf);
@@ -1101,7 +1105,10 @@ impl Session {
             let att = self.route(class).await?;
             self.attached = Some(att);
         }
-        self.tell_parameters(pool.welcome().as_deref().unwrap_or_default());
+        match pool.welcome() {
+            Some(w) => self.tell_parameters(&w.params, w.told.clone()),
+            None => self.tell_parameters(&[], Tracked::default()),
+        }
         let (pid, secret) = self.shared.register();
         self.key = Some((pid, secret));
         let info = Arc::new(ClientInfo {

@@ -2,9 +2,11 @@
 //! next ([`TRACKED`]): what the client asked for and what it was told in ParameterStatus.
 //!
 //! Every client keeps two of these for as long as it is connected, so they are small: a list
-//! of (setting, value) with values shared (`Arc<str>`) with the pool's login parameters,
-//! which most clients never change. An idle client's settings then cost a few words each,
-//! not a map of strings (docs/benchmarks.md, "Proxy": 2,000 idle clients).
+//! of (setting, value), shared copy-on-write. A client told exactly the pool's login
+//! parameters shares the pool's list; one that changed a setting has its own list whose
+//! values are still mostly the pool's (`Arc<str>`). An idle client's settings then cost a
+//! pointer or a few words each, not a map of strings (docs/benchmarks.md, "Proxy": 2,000
+//! idle clients).
 
 use std::sync::Arc;
 
@@ -26,9 +28,13 @@ pub const TRACKED: &[&str] = &[
 /// for search_path): after DISCARD ALL their value is unknown.
 pub const UNREPORTED: &[&str] = &["extra_float_digits", "search_path"];
 
-/// Values of some of the [`TRACKED`] settings, at most one per setting.
+/// (index in [`TRACKED`], value).
+type Entry = (u8, Arc<str>);
+
+/// Values of some of the [`TRACKED`] settings, at most one per setting. Cloning shares the
+/// list; the first change after a clone copies it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tracked(Vec<(u8, Arc<str>)>);
+pub struct Tracked(Option<Arc<Vec<Entry>>>);
 
 impl Tracked {
     /// The canonical name of a tracked setting, `None` for any other name.
@@ -44,7 +50,7 @@ impl Tracked {
     #[cfg(test)]
     pub fn get(&self, name: &str) -> Option<&str> {
         let i = Self::index(name)?;
-        self.0.iter().find(|(k, _)| *k == i).map(|(_, v)| &**v)
+        self.entries().iter().find(|(k, _)| *k == i).map(|(_, v)| &**v)
     }
 
     /// Sets `name` (a tracked setting, else nothing happens) to `value`. Returns whether the
@@ -58,27 +64,41 @@ impl Tracked {
     pub fn set_shared(&mut self, name: &str, value: &str, shared: Option<&Arc<str>>) -> bool {
         let Some(i) = Self::index(name) else { return false };
         let make = || shared.filter(|s| ***s == *value).cloned().unwrap_or_else(|| Arc::from(value));
-        match self.0.iter_mut().find(|(k, _)| *k == i) {
-            Some((_, v)) if **v == *value => false,
-            Some((_, v)) => {
-                *v = make();
-                true
-            }
-            None => {
-                self.0.push((i, make()));
-                true
-            }
+        let at = self.entries().iter().position(|(k, _)| *k == i);
+        if at.is_some_and(|at| *self.entries()[at].1 == *value) {
+            return false;
         }
+        let list = Arc::make_mut(self.0.get_or_insert_with(Default::default));
+        match at {
+            Some(at) => list[at].1 = make(),
+            None => list.push((i, make())),
+        }
+        true
     }
 
     /// (canonical name, value) of every setting set.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> + '_ {
-        self.0.iter().map(|(k, v)| (TRACKED[usize::from(*k)], &**v))
+        self.entries().iter().map(|(k, v)| (TRACKED[usize::from(*k)], &**v))
     }
 
-    /// Frees spare room (the list is kept for the client's whole connection).
+    fn entries(&self) -> &[Entry] {
+        self.0.as_deref().map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// Frees spare room in a list of its own (kept for the client's whole connection).
     pub fn shrink_to_fit(&mut self) {
-        self.0.shrink_to_fit();
+        if let Some(list) = self.0.as_mut().and_then(Arc::get_mut) {
+            list.shrink_to_fit();
+        }
+    }
+
+    /// Whether `self` and `other` share one list (tests).
+    #[cfg(test)]
+    fn shares_with(&self, other: &Tracked) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 }
 
@@ -111,6 +131,14 @@ mod tests {
         t.set("client_encoding", "LATIN1");
         assert_eq!((Arc::strong_count(&utf8), t.get("client_encoding")), (1, Some("LATIN1")));
         assert_eq!(t.iter().count(), 3);
+        // A clone shares the list until one of them changes a value.
+        let mut copy = t.clone();
+        assert!(copy.shares_with(&t));
+        assert!(!copy.set("TimeZone", "Europe/Paris"), "the same value");
+        assert!(copy.shares_with(&t));
+        assert!(copy.set("TimeZone", "UTC"));
+        assert!(!copy.shares_with(&t));
+        assert_eq!((t.get("TimeZone"), copy.get("TimeZone")), (Some("Europe/Paris"), Some("UTC")));
         // Every tracked name fits the index.
         for name in TRACKED {
             assert!(t.set(name, "x") || t.get(name) == Some("x"), "{name}");
