@@ -216,8 +216,8 @@ pub fn show_clients(shared: &Shared) -> Table {
         };
         t.rows.push(vec![
             c.pid.to_string(),
-            c.user.clone(),
-            c.database.clone(),
+            c.pool.key.user.clone(),
+            c.pool.key.database.clone(),
             state.to_string(),
             c.peer.ip().to_string(),
             c.peer.port().to_string(),

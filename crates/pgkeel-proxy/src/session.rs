@@ -1113,8 +1113,7 @@ impl Session {
         self.key = Some((pid, secret));
         let info = Arc::new(ClientInfo {
             pid,
-            user: self.user.clone(),
-            database: self.database.clone(),
+            pool: pool.clone(),
             peer: self.peer,
             listener: self.listener_mode.as_str(),
             connected: SystemTime::now(),
@@ -2595,7 +2594,8 @@ mod tests {
     use super::*;
 
     /// An idle client costs its session's future (plus its socket), so the future must stay
-    /// small: rarely taken paths (login, routing, release) are boxed when they are awaited.
+    /// small: the login, the forwarding loop and rarely taken paths (routing, release) are
+    /// boxed when they are awaited. 920 bytes in a debug build on 2026-11-21.
     #[tokio::test]
     async fn a_session_future_stays_small() {
         let config = crate::config::check(
@@ -2612,7 +2612,7 @@ mod tests {
         let fut = run(shared, stream, peer, None, Arc::new(()), RouteMode::Auto);
         let size = std::mem::size_of_val(&fut);
         eprintln!("session future: {size} bytes (Session {} bytes)", std::mem::size_of::<Session>());
-        assert!(size <= 2048, "the session future grew to {size} bytes");
+        assert!(size <= 1024, "the session future grew to {size} bytes");
     }
 
     #[test]

@@ -237,10 +237,9 @@ impl Limit {
 pub struct ClientInfo {
     /// The process id the client got in BackendKeyData.
     pub pid: i32,
-    /// Role name.
-    pub user: String,
-    /// Database name.
-    pub database: String,
+    /// The client's pool: its database and role name (`pool.key`), without copies of the
+    /// names in every client.
+    pub pool: std::sync::Arc<crate::pool::Pool>,
     /// The client's address.
     pub peer: SocketAddr,
     /// The listener's routing (`auto`, `primary`, `replica`).
