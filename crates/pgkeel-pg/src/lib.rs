@@ -18,6 +18,7 @@ pub mod conf;
 pub mod control;
 mod error;
 pub mod lsn;
+pub mod ports;
 pub mod probe;
 pub mod process;
 pub mod quote;

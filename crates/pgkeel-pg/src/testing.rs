@@ -19,9 +19,13 @@ pub fn tempdir(prefix: &str) -> tempfile::TempDir {
     tmp
 }
 
-/// A TCP port that was free a moment ago.
+/// A TCP port that was free a moment ago, below the ephemeral range ([`free_ports`]): a port
+/// from `bind(0)` could be taken as a source port by another test's connection before the
+/// server binds it (CI, 2026-11-22: "could not bind IPv4 address: Address already in use").
+///
+/// [`free_ports`]: crate::ports::free_ports
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind a free port").port()
+    crate::ports::free_ports(1).expect("bind a free port")[0]
 }
 
 /// An instance in `root/name` (data, log, socket directory) on a free port, run as the

@@ -98,34 +98,6 @@ impl UpInfo {
     }
 }
 
-/// Ports for a new cluster, each held open until all are chosen so none is handed out twice.
-/// They come from below the kernel's ephemeral range (`ip_local_port_range`, usually from
-/// 32768) when there is room: outgoing connections take their source ports from that range, so
-/// one of them (a replication connection, a client) could grab a port picked there before
-/// postgres binds it, and the node would never start.
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    use std::hash::BuildHasher;
-    let ephemeral_start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|t| t.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
-    let (lo, hi) = (10_000u16, ephemeral_start);
-    let random = std::collections::hash_map::RandomState::new();
-    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(n);
-    let mut attempt = 0u64;
-    while listeners.len() < n && hi > lo + 1000 && attempt < 500 {
-        attempt += 1;
-        let port = lo + (random.hash_one(attempt) % u64::from(hi - lo)) as u16;
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            listeners.push(l);
-        }
-    }
-    while listeners.len() < n {
-        listeners.push(std::net::TcpListener::bind("127.0.0.1:0").context("find free ports")?);
-    }
-    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
-}
-
 fn pid_alive(pid_file: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
     pgkeel_pg::process::alive(pid).then_some(pid)
@@ -166,7 +138,7 @@ fn create(
     let su_pw = pgkeel_agent::random_password();
     let repl_pw = pgkeel_agent::random_password();
     let api_pw = pgkeel_agent::random_password();
-    let ports = free_ports(nodes as usize * 2 + 1)?;
+    let ports = pgkeel_pg::ports::free_ports(nodes as usize * 2 + 1).context("find free ports")?;
     let tls = write_certificates(dir)?;
     let mut infos = Vec::new();
     for i in 0..nodes as usize {

@@ -14,9 +14,7 @@ pub fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_pgkeel"))
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
-}
+pub use pgkeel_pg::testing::free_port;
 
 /// The cluster's superuser password (from `up.json`).
 pub fn superuser_password(c: &Cluster) -> String {
