@@ -1073,7 +1073,8 @@ impl Session {
 
     /// ParameterStatus at login: the pool's login parameters (`welcome`), with the attached
     /// connection's and the client's own settings over them, in name order. Remembers what the
-    /// client was told of the tracked settings: `told` (the pool's) with any differences.
+    /// client was told of the tracked settings: `told` (the pool's, which shares the pool's
+    /// values) with any differences.
     fn tell_parameters(&mut self, welcome: &[(String, Arc<str>)], mut told: Tracked) {
         let mut params: BTreeMap<&str, &str> = welcome.iter().map(|(k, v)| (k.as_str(), &**v)).collect();
         if let Some(att) = &self.attached {
@@ -1086,7 +1087,7 @@ impl Session {
             BackendMessage::ParameterStatus { name: Text::lossy(name), value: Text::lossy(value) }
                 .encode(&mut self.wbuf);
             if let Some(canon) = Tracked::canonical(name) {
-                told.set_shared(canon, value, welcome.iter().find(|(k, _)| k == canon).map(|(_, v)| v));
+                told.set(canon, value);
             }
         }
         told.shrink_to_fit();
@@ -1323,7 +1324,7 @@ impl Session {
             let primary = topo.primary.as_ref()?;
             pool.take_idle(topo.newest_term.max(primary.term))?
         };
-        if self.desired.iter().any(|(k, v)| conn.params.get(k).map(String::as_str) != Some(v)) {
+        if self.desired.differing(&conn.params).next().is_some() {
             // Settings to replay first: the full path does that.
             pool.put_back(conn, permit);
             return None;
@@ -1669,12 +1670,8 @@ impl Session {
     /// Replays the client's tracked settings that differ on this server connection, in one
     /// round trip, and tells the client the values the server normalised them to.
     async fn sync_params(&mut self, att: &mut Attached) -> Result<(), String> {
-        let changes: Vec<(&'static str, String)> = self
-            .desired
-            .iter()
-            .filter(|(k, v)| att.conn.params.get(*k).map(String::as_str) != Some(*v))
-            .map(|(k, v)| (k, v.to_string()))
-            .collect();
+        let changes: Vec<(&'static str, String)> =
+            self.desired.differing(&att.conn.params).map(|(k, v)| (k, v.to_string())).collect();
         if changes.is_empty() {
             return Ok(());
         }

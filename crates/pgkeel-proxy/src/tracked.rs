@@ -81,6 +81,15 @@ impl Tracked {
         self.entries().iter().map(|(k, v)| (TRACKED[usize::from(*k)], &**v))
     }
 
+    /// The settings whose value in `params` (a server connection's) is another or missing:
+    /// what must be set on that connection before the client uses it.
+    pub fn differing<'a>(
+        &'a self,
+        params: &'a std::collections::HashMap<String, String>,
+    ) -> impl Iterator<Item = (&'static str, &'a str)> + 'a {
+        self.iter().filter(|(k, v)| params.get(*k).map(String::as_str) != Some(*v))
+    }
+
     fn entries(&self) -> &[Entry] {
         self.0.as_deref().map(Vec::as_slice).unwrap_or_default()
     }
@@ -131,6 +140,11 @@ mod tests {
         t.set("client_encoding", "LATIN1");
         assert_eq!((Arc::strong_count(&utf8), t.get("client_encoding")), (1, Some("LATIN1")));
         assert_eq!(t.iter().count(), 3);
+        // Differences from a server connection's settings.
+        let params: std::collections::HashMap<String, String> =
+            [("TimeZone".to_string(), "Europe/Paris".to_string()), ("DateStyle".into(), "ISO".into())].into();
+        let differing: Vec<(&str, &str)> = t.differing(&params).collect();
+        assert_eq!(differing, [("client_encoding", "LATIN1"), ("application_name", "psql")]);
         // A clone shares the list until one of them changes a value.
         let mut copy = t.clone();
         assert!(copy.shares_with(&t));
