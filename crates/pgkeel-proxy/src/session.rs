@@ -448,7 +448,7 @@ impl Attached {
             conn,
             permit,
             pool,
-            queue: VecDeque::new(),
+            queue: spares::take_queue(),
             open_batch: false,
             status: TransactionStatus::Idle,
             out,
@@ -483,6 +483,7 @@ impl Attached {
     fn into_pool(mut self) {
         self.out.clear();
         self.conn.spare_out = std::mem::take(&mut self.out);
+        spares::give_queue(std::mem::take(&mut self.queue));
         self.pool.put_back(self.conn, self.permit);
     }
 }
@@ -1782,10 +1783,10 @@ impl Session {
             // buffers until its socket is readable (16 KiB per idle client otherwise).
             let Stream::Plain(tcp) = &self.stream else { continue };
             let drained = *drain_rx.borrow_and_update();
-            spare_buffers::give(std::mem::take(&mut self.rbuf));
-            spare_buffers::give(std::mem::take(&mut self.wbuf));
+            spares::give_buffer(std::mem::take(&mut self.rbuf));
+            spares::give_buffer(std::mem::take(&mut self.wbuf));
             // Nor room for held frames (128 bytes once a transaction used it).
-            self.held = VecDeque::new();
+            spares::give_held(std::mem::take(&mut self.held));
             woken = tokio::select! {
                 r = tcp.readable() => {
                     if r.is_err() {
@@ -1796,8 +1797,9 @@ impl Session {
                 }
                 _ = drain_rx.changed(), if !drained => false,
             };
-            self.wbuf = spare_buffers::take();
-            self.rbuf = spare_buffers::take();
+            self.wbuf = spares::take_buffer();
+            self.rbuf = spares::take_buffer();
+            self.held = spares::take_held();
         }
     }
 
@@ -2439,44 +2441,84 @@ impl Session {
     }
 }
 
-/// Client buffers of sessions that went idle, for the next session that has work: a busy
-/// client goes idle between every two transactions, and taking a buffer from here is cheaper
-/// than allocating (and faulting in) a fresh one. Few are kept, so idle clients still cost
-/// no buffers (docs/benchmarks.md, "Proxy").
-mod spare_buffers {
+/// Allocations a busy client needs and an idle one gives up, kept per runtime thread for the
+/// next client that has work: a busy client goes idle between every two transactions, and
+/// taking one from here is cheaper than allocating (and faulting in) a fresh one. Few are
+/// kept, so idle clients still cost none of them (docs/benchmarks.md, "Proxy").
+mod spares {
     use std::cell::RefCell;
+    use std::collections::VecDeque;
 
     use bytes::BytesMut;
 
-    /// Buffers kept per runtime thread: two per client that is between two transactions at
-    /// the same moment, for 16 such clients. More would cost 8 KiB each whenever many
-    /// clients are idle (256 KiB at 64), which is when nobody needs them.
+    use super::Entry;
+    use crate::protocol::Frame;
+
+    /// Kept per runtime thread and kind: enough for 16 clients between two transactions at
+    /// the same moment (two buffers each). More would cost memory whenever many clients are
+    /// idle (8 KiB per buffer), which is when nobody needs them.
     const KEEP: usize = 32;
-    /// The size of a new buffer.
+    /// The size of a new client buffer.
     const SIZE: usize = 8192;
+    /// Queues longer than this are not kept (a client that sent a large batch once).
+    const QUEUE_KEEP: usize = 64;
 
     thread_local! {
-        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+        static BUFFERS: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+        static HELD: RefCell<Vec<VecDeque<Frame>>> = const { RefCell::new(Vec::new()) };
+        static QUEUES: RefCell<Vec<VecDeque<Entry>>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// Keeps `buf` for reuse if there is room (an unallocated or very large buffer is
-    /// dropped; the taker's `reserve` gets a partly used one back to full size).
-    pub fn give(mut buf: BytesMut) {
-        if buf.capacity() == 0 || buf.capacity() > 4 * SIZE {
-            return;
-        }
-        buf.clear();
-        SPARE.with(|s| {
+    fn keep<T>(list: &'static std::thread::LocalKey<RefCell<Vec<T>>>, v: T) {
+        list.with(|s| {
             let mut s = s.borrow_mut();
             if s.len() < KEEP {
-                s.push(buf);
+                s.push(v);
             }
         });
     }
 
-    /// A kept buffer, or a new one.
-    pub fn take() -> BytesMut {
-        SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(SIZE))
+    /// Keeps a client buffer for reuse if there is room (an unallocated or very large
+    /// buffer is dropped; the taker's `reserve` gets a partly used one back to full size).
+    pub fn give_buffer(mut buf: BytesMut) {
+        if buf.capacity() == 0 || buf.capacity() > 4 * SIZE {
+            return;
+        }
+        buf.clear();
+        keep(&BUFFERS, buf);
+    }
+
+    /// A kept client buffer, or a new one.
+    pub fn take_buffer() -> BytesMut {
+        BUFFERS.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(SIZE))
+    }
+
+    /// Keeps an (emptied) queue of held client frames.
+    pub fn give_held(mut q: VecDeque<Frame>) {
+        if q.capacity() == 0 || q.capacity() > QUEUE_KEEP {
+            return;
+        }
+        q.clear();
+        keep(&HELD, q);
+    }
+
+    /// A kept queue of held client frames, or an unallocated one.
+    pub fn take_held() -> VecDeque<Frame> {
+        HELD.with(|s| s.borrow_mut().pop()).unwrap_or_default()
+    }
+
+    /// Keeps an (emptied) queue of what a server owes.
+    pub fn give_queue(mut q: VecDeque<Entry>) {
+        if q.capacity() == 0 || q.capacity() > QUEUE_KEEP {
+            return;
+        }
+        q.clear();
+        keep(&QUEUES, q);
+    }
+
+    /// A kept queue of what a server owes, or an unallocated one.
+    pub fn take_queue() -> VecDeque<Entry> {
+        QUEUES.with(|s| s.borrow_mut().pop()).unwrap_or_default()
     }
 }
 
