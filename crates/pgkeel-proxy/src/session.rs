@@ -2493,13 +2493,18 @@ mod spares {
         BUFFERS.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(SIZE))
     }
 
-    /// Keeps an (emptied) queue of held client frames.
-    pub fn give_held(mut q: VecDeque<Frame>) {
+    /// Keeps an emptied queue, unless it is unallocated or grew large.
+    fn give_queue_to<T>(list: &'static std::thread::LocalKey<RefCell<Vec<VecDeque<T>>>>, mut q: VecDeque<T>) {
         if q.capacity() == 0 || q.capacity() > QUEUE_KEEP {
             return;
         }
         q.clear();
-        keep(&HELD, q);
+        keep(list, q);
+    }
+
+    /// Keeps an (emptied) queue of held client frames.
+    pub fn give_held(q: VecDeque<Frame>) {
+        give_queue_to(&HELD, q);
     }
 
     /// A kept queue of held client frames, or an unallocated one.
@@ -2508,12 +2513,8 @@ mod spares {
     }
 
     /// Keeps an (emptied) queue of what a server owes.
-    pub fn give_queue(mut q: VecDeque<Entry>) {
-        if q.capacity() == 0 || q.capacity() > QUEUE_KEEP {
-            return;
-        }
-        q.clear();
-        keep(&QUEUES, q);
+    pub fn give_queue(q: VecDeque<Entry>) {
+        give_queue_to(&QUEUES, q);
     }
 
     /// A kept queue of what a server owes, or an unallocated one.
