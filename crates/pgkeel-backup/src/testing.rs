@@ -54,10 +54,8 @@ impl Moto {
         let bin = find_moto()?;
         let dir = tempfile::Builder::new().prefix("pgkeel-moto-").tempdir().map_err(|e| e.to_string())?;
         let log = dir.path().join("moto.log");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("finding a free port: {e}"))?
-            .port();
+        // Below the ephemeral range, so no test's outgoing connection takes it first.
+        let port = pgkeel_pg::ports::free_ports(1).map_err(|e| format!("finding a free port: {e}"))?[0];
         let out = std::fs::File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
         let child = Command::new(&bin)

@@ -640,8 +640,8 @@ struct Session {
     database: String,
     /// The client's primary pool.
     pool: Option<Arc<Pool>>,
-    /// Boxed: it is large, and an idle client should cost little.
-    /// Shared with the pool's other clients when it is the same ([`Pool::share_auth`]).
+    /// Shared with the pool's other clients when it is the same ([`Pool::share_auth`]): it is
+    /// large, and an idle client should cost little.
     server_auth: Option<Arc<ServerAuth>>,
     /// Tracked settings the client asked for (startup packet, then its own SETs), by
     /// canonical name.
@@ -1763,8 +1763,8 @@ impl Session {
         att.into_pool();
     }
 
-    /// The forwarding loop, until the client leaves or an error ends the session.
-    /// Forwards between the client and server connections until the client leaves.
+    /// Forwards between the client and server connections until the client leaves or an
+    /// error ends the session.
     ///
     /// An idle client waits here, in a small future; the forwarding itself ([`Session::busy`])
     /// is boxed for as long as the client has work. A spawned future is as large as its
