@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod config;
+mod kick;
 pub mod metrics;
 pub mod pool;
 pub mod prepared;
@@ -148,7 +149,7 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, control: Control) -> a
         let _ = shared.admin.source.set(path);
     }
     let _ = shared.admin.clients.set(clients.clone());
-    let closer = tokio::spawn(close_old_terms(shared.clone(), rx));
+    let closer = tokio::spawn(follow_topology(shared.clone(), rx));
     let switchover =
         tokio::spawn(switchover::run(switch_store, shared.clone(), shared.config().listen.clone(), switch_stopped));
     let metrics = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, shared.clone())));
@@ -234,11 +235,14 @@ async fn accept(
     }
 }
 
-/// Closes idle server connections of older terms as soon as a newer term is seen.
-async fn close_old_terms(shared: Arc<session::Shared>, mut rx: watch::Receiver<topology::Topology>) {
+/// Follows the topology: wakes busy sessions on every change, and closes idle server
+/// connections of older terms as soon as a newer term is seen.
+async fn follow_topology(shared: Arc<session::Shared>, mut rx: watch::Receiver<topology::Topology>) {
     let mut last = 0;
     while rx.changed().await.is_ok() {
         let newest = rx.borrow_and_update().newest_term;
+        // Busy sessions look at the new topology now (term fencing, replicas for reads).
+        shared.kick.topology_changed();
         if newest > last {
             let closed = shared.pools.close_older_than(newest);
             if closed > 0 {

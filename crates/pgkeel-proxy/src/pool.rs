@@ -7,8 +7,8 @@
 //! get a permit within `query_wait_timeout` gets an error instead of waiting forever.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Instant;
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -60,9 +60,9 @@ pub struct Pool {
     idle: Mutex<Vec<Box<ServerConn>>>,
     /// Counters for the admin console and `/metrics`.
     pub stats: PoolStats,
-    /// Server connections attached to clients, for `SHOW SERVERS` (see [`Pool::track`]).
-    active: Mutex<HashMap<u64, Arc<ServerRow>>>,
-    next_active: AtomicU64,
+    /// The pool's server connections that were ever attached to a client, for `SHOW SERVERS`
+    /// (see [`Pool::track`]); entries of closed connections are dropped now and then.
+    attached: Mutex<Vec<Weak<Live>>>,
     /// The ParameterStatus values of the first server connection opened, sent to clients at
     /// login (server_version, server_encoding, ...).
     welcome: Mutex<Option<Arc<Welcome>>>,
@@ -78,8 +78,7 @@ impl Pool {
             limit: Limit::new(size),
             idle: Mutex::new(Vec::new()),
             stats: PoolStats::default(),
-            active: Mutex::new(HashMap::new()),
-            next_active: AtomicU64::new(0),
+            attached: Mutex::new(Vec::new()),
             welcome: Mutex::new(None),
             auth: Mutex::new(None),
         }
@@ -111,26 +110,38 @@ impl Pool {
         }
     }
 
-    /// Records `conn` as attached to a client until the returned guard is dropped.
-    pub fn track(self: &Arc<Self>, conn: &mut ServerConn) -> Tracked {
-        let id = self.next_active.fetch_add(1, Ordering::Relaxed);
-        // The row is built once per connection and shared (no string copies per transaction).
-        let row = match &conn.active_row {
-            Some(r) if r.term == conn.term && r.pid == conn.key.as_ref().map(|k| k.0) => r.clone(),
-            _ => {
-                let r = Arc::new(ServerRow::of(conn, "active"));
-                conn.active_row = Some(r.clone());
-                r
+    /// Records `conn` as attached to a client until the returned guard is dropped. The
+    /// connection's row is made and listed once; attaching and detaching it (twice per
+    /// transaction) only flips a flag.
+    pub fn track(&self, conn: &mut ServerConn) -> Tracked {
+        let live = match &conn.live {
+            Some(l) => l.clone(),
+            None => {
+                let l = Arc::new(Live { row: ServerRow::of(conn, "active"), attached: AtomicBool::new(false) });
+                let mut list = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+                if list.len() >= 2 * self.size() as usize + 16 {
+                    list.retain(|w| w.strong_count() > 0);
+                }
+                list.push(Arc::downgrade(&l));
+                conn.live = Some(l.clone());
+                l
             }
         };
-        self.active.lock().unwrap_or_else(PoisonError::into_inner).insert(id, row);
-        Tracked { pool: self.clone(), id }
+        live.attached.store(true, Ordering::Relaxed);
+        Tracked { live }
     }
 
     /// Every server connection of the pool, attached ones first.
     pub fn servers(&self) -> Vec<ServerRow> {
-        let mut rows: Vec<ServerRow> =
-            self.active.lock().unwrap_or_else(PoisonError::into_inner).values().map(|r| (**r).clone()).collect();
+        let mut rows: Vec<ServerRow> = self
+            .attached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|l| l.attached.load(Ordering::Relaxed))
+            .map(|l| l.row.clone())
+            .collect();
         rows.extend(self.idle.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|c| ServerRow::of(c, "idle")));
         rows
     }
@@ -240,16 +251,23 @@ impl ServerRow {
     }
 }
 
-/// An attached server connection's entry in its pool; removed when dropped.
+/// A server connection's `SHOW SERVERS` row while it is attached to a client (kept by the
+/// connection, listed by its pool).
+#[derive(Debug)]
+pub struct Live {
+    row: ServerRow,
+    attached: AtomicBool,
+}
+
+/// An attached server connection's mark in its pool; cleared when dropped.
 #[derive(Debug)]
 pub struct Tracked {
-    pool: Arc<Pool>,
-    id: u64,
+    live: Arc<Live>,
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.pool.active.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+        self.live.attached.store(false, Ordering::Relaxed);
     }
 }
 

@@ -3,7 +3,6 @@
 //! DISCARD ALL). Forwarding itself reads and writes [`ServerConn::stream`] and
 //! [`ServerConn::rbuf`] directly (see `session.rs`).
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -161,7 +160,7 @@ pub struct ServerConn {
     pub rbuf: BytesMut,
     /// Run-time parameters as the server reported them (ParameterStatus), plus the ones the
     /// proxy set itself that the server does not report.
-    pub params: HashMap<String, String>,
+    pub params: crate::tracked::Params,
     /// The server's cancel key: pid and secret.
     pub key: Option<(i32, Bytes)>,
     /// The term the server runs under (`pgkeel.term` when the connection was opened).
@@ -181,7 +180,7 @@ pub struct ServerConn {
     /// transaction does not allocate one (see `session::Attached`).
     pub spare_out: BytesMut,
     /// Its `SHOW SERVERS` row while attached, built once (see [`crate::pool::Pool::track`]).
-    pub(crate) active_row: Option<std::sync::Arc<crate::pool::ServerRow>>,
+    pub(crate) live: Option<std::sync::Arc<crate::pool::Live>>,
     /// Where cancel requests for it go, built once (see [`ServerConn::cancel_target`]).
     cancel: Option<std::sync::Arc<CancelTarget>>,
 }
@@ -276,7 +275,7 @@ impl ServerConn {
         let mut conn = ServerConn {
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),
-            params: HashMap::new(),
+            params: Default::default(),
             key: None,
             term: 0,
             member: name.to_string(),
@@ -286,7 +285,7 @@ impl ServerConn {
             statements: ServerStatements::default(),
             decoder: BackendDecoder::default(),
             spare_out: BytesMut::new(),
-            active_row: None,
+            live: None,
             cancel: None,
         };
         let io = |e: std::io::Error| ConnectError::Retry(format!("lost the connection to {at} during login: {e}"));
@@ -373,6 +372,7 @@ impl ServerConn {
                 }
                 BackendMessage::BackendKeyData { pid, secret_key } => {
                     conn.key = Some((pid, secret_key));
+                    conn.cancel = None;
                     None
                 }
                 BackendMessage::ReadyForQuery(_) => break,
@@ -464,9 +464,11 @@ impl ServerConn {
     /// rather than copied on every attachment.
     pub fn cancel_target(&mut self) -> Option<std::sync::Arc<CancelTarget>> {
         let (pid, secret) = self.key.as_ref()?;
+        // The key is set once, during login (which clears `cancel`), so a target made after
+        // it stays right for the connection's life.
         match &self.cancel {
-            Some(c) if c.pid == *pid && c.secret == *secret && c.address == self.address => Some(c.clone()),
-            _ => {
+            Some(c) => Some(c.clone()),
+            None => {
                 let c = std::sync::Arc::new(CancelTarget {
                     address: self.address.clone(),
                     pid: *pid,

@@ -76,7 +76,57 @@ pub type ServerOf = (String, i32);
 /// The lock is made when the first cancel request for the client is forwarded and dropped
 /// when the client's server connection is detached with none in flight: idle clients keep
 /// none (64 bytes each otherwise).
-type CancelEntry = ([u8; 4], Option<Arc<CancelTarget>>, Option<Arc<tokio::sync::RwLock<()>>>);
+///
+/// Kept in the client's [`ClientInfo`], so that attaching and detaching a server connection
+/// (twice per transaction) locks only the client's own slot, not a map of every client.
+#[derive(Debug, Default)]
+pub struct CancelSlot {
+    secret: [u8; 4],
+    state: Mutex<CancelState>,
+}
+
+/// Where the client's cancel requests go now, and the lock a forwarded one holds.
+type CancelState = (Option<Arc<CancelTarget>>, Option<Arc<tokio::sync::RwLock<()>>>);
+
+impl CancelSlot {
+    pub fn new(secret: [u8; 4]) -> CancelSlot {
+        CancelSlot { secret, state: Mutex::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CancelState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The server connection the client holds now.
+    pub fn target(&self) -> Option<Arc<CancelTarget>> {
+        self.lock().0.clone()
+    }
+
+    fn set(&self, target: Option<Arc<CancelTarget>>) {
+        self.lock().0 = target;
+    }
+
+    /// Clears the target without waiting: `None` when done, else the lock to wait for
+    /// (exclusively) because a cancel request is on its way.
+    fn try_detach(&self) -> Option<Arc<tokio::sync::RwLock<()>>> {
+        let mut state = self.lock();
+        state.0 = None;
+        // Read guards are only taken under this lock, so a free lock stays free here.
+        if state.1.as_ref()?.try_write().is_ok() {
+            state.1 = None;
+            return None;
+        }
+        state.1.clone()
+    }
+
+    /// Clears the target, then waits until no cancel request forwarded to it is still on
+    /// its way to postgres.
+    async fn detach(&self) {
+        if let Some(gate) = self.try_detach() {
+            drop(gate.write().await);
+        }
+    }
+}
 
 /// State shared by every session.
 #[derive(Debug)]
@@ -100,13 +150,14 @@ pub struct Shared {
     pub inflight: Arc<crate::switchover::Inflight>,
     /// True once the proxy is shutting down: idle clients are closed between transactions.
     draining: watch::Sender<bool>,
+    /// Wakes sessions for a new topology (busy ones) and for the shutdown (all).
+    pub kick: crate::kick::Kicker,
     /// Logged-in clients by BackendKeyData pid, for `SHOW CLIENTS`.
     clients: Mutex<HashMap<i32, Arc<ClientInfo>>>,
     /// When the proxy started.
     pub started: Instant,
     /// The admin console's state (reload source, client limit, PAUSE).
     pub admin: crate::admin::AdminState,
-    cancel: Mutex<HashMap<i32, CancelEntry>>,
     next_pid: AtomicI32,
     /// Replicas that failed recently, until when.
     bans: Mutex<HashMap<String, Instant>>,
@@ -137,10 +188,10 @@ impl Shared {
             hold: Gate::default(),
             inflight: Arc::default(),
             draining: watch::channel(false).0,
+            kick: Default::default(),
             clients: Mutex::new(HashMap::new()),
             started: Instant::now(),
             admin: Default::default(),
-            cancel: Mutex::new(HashMap::new()),
             next_pid: AtomicI32::new(start.max(1)),
             bans: Mutex::new(HashMap::new()),
             replayed: Mutex::new(HashMap::new()),
@@ -184,6 +235,7 @@ impl Shared {
     /// Starts the drain: idle clients are closed, the others after their transaction.
     pub fn start_draining(&self) {
         self.draining.send_replace(true);
+        self.kick.draining();
     }
 
     /// Whether the proxy is shutting down.
@@ -200,11 +252,10 @@ impl Shared {
     pub fn clients(&self) -> Vec<(Arc<ClientInfo>, Option<ServerOf>)> {
         let clients: Vec<Arc<ClientInfo>> =
             self.clients.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
-        let cancel = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
         let mut rows: Vec<_> = clients
             .into_iter()
             .map(|c| {
-                let server = cancel.get(&c.pid).and_then(|e| e.1.as_ref()).map(|t| (t.address.clone(), t.pid));
+                let server = c.cancel.target().map(|t| (t.address.clone(), t.pid));
                 (c, server)
             })
             .collect();
@@ -235,29 +286,23 @@ impl Shared {
         ServerTls { mode: tls.server_mode, connector: tls.connector.clone() }
     }
 
-    fn register(&self) -> (i32, [u8; 4]) {
+    /// Registers a logged-in client under a fresh BackendKeyData pid (and a random secret):
+    /// `info` makes its [`ClientInfo`] from them.
+    fn register(&self, info: impl Fn(i32, [u8; 4]) -> ClientInfo) -> Arc<ClientInfo> {
         let mut secret = [0u8; 4];
         if let Ok(b) = scram::random_bytes(4) {
             secret.copy_from_slice(&b);
         }
-        let mut map = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             let pid = self.next_pid.fetch_add(1, Ordering::Relaxed).max(1);
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry(pid) {
-                e.insert((secret, None, None));
-                return (pid, secret);
+                return e.insert(Arc::new(info(pid, secret))).clone();
             }
         }
     }
 
-    fn set_cancel_target(&self, pid: i32, target: Option<Arc<CancelTarget>>) {
-        if let Some(e) = self.cancel.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&pid) {
-            e.1 = target;
-        }
-    }
-
     fn unregister(&self, pid: i32) {
-        self.cancel.lock().unwrap_or_else(PoisonError::into_inner).remove(&pid);
         self.clients.lock().unwrap_or_else(PoisonError::into_inner).remove(&pid);
     }
 
@@ -269,36 +314,15 @@ impl Shared {
         pid: i32,
         secret: &[u8],
     ) -> Option<(Arc<CancelTarget>, tokio::sync::OwnedRwLockReadGuard<()>)> {
-        let mut map = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
-        let (s, target, gate) = map.get_mut(&pid)?;
-        if s.as_slice() != secret {
+        let client = self.clients.lock().unwrap_or_else(PoisonError::into_inner).get(&pid)?.clone();
+        let slot = &client.cancel;
+        if slot.secret.as_slice() != secret {
             return None;
         }
-        let target = target.clone()?;
-        let guard = gate.get_or_insert_with(Default::default).clone().try_read_owned().ok()?;
+        let mut state = slot.lock();
+        let target = state.0.clone()?;
+        let guard = state.1.get_or_insert_with(Default::default).clone().try_read_owned().ok()?;
         Some((target, guard))
-    }
-
-    /// Clears client `pid`'s cancel target, then waits until no cancel request forwarded to
-    /// it is still on its way to postgres (see [`CancelEntry`]).
-    async fn detach_cancel(&self, pid: i32) {
-        if let Some(gate) = self.try_detach_cancel(pid) {
-            drop(gate.write().await);
-        }
-    }
-
-    /// [`Shared::detach_cancel`] without waiting: `None` when done, else the lock to wait for
-    /// (exclusively) because a cancel request is on its way.
-    fn try_detach_cancel(&self, pid: i32) -> Option<Arc<tokio::sync::RwLock<()>>> {
-        let mut map = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
-        let e = map.get_mut(&pid)?;
-        e.1 = None;
-        // Read guards are only taken under the map's lock, so a free lock stays free here.
-        if e.2.as_ref()?.try_write().is_ok() {
-            e.2 = None;
-            return None;
-        }
-        e.2.clone()
     }
 
     fn ban(&self, replica: &str) {
@@ -597,7 +621,6 @@ pub fn run(
         server_auth: None,
         desired: Tracked::default(),
         told: Tracked::default(),
-        key: None,
         attached: None,
         mode,
         listener_mode: mode,
@@ -648,8 +671,6 @@ struct Session {
     desired: Tracked,
     /// The ParameterStatus values the client was told, of the tracked settings.
     told: Tracked,
-    /// The BackendKeyData the client got.
-    key: Option<(i32, [u8; 4])>,
     /// Boxed: 144 bytes an idle client need not keep.
     attached: Option<Box<Attached>>,
     /// How the client's units are routed now (`SET pgkeel.route`).
@@ -1111,20 +1132,20 @@ impl Session {
             Some(w) => self.tell_parameters(&w.params, w.told.clone()),
             None => self.tell_parameters(&[], Tracked::default()),
         }
-        let (pid, secret) = self.shared.register();
-        self.key = Some((pid, secret));
-        let info = Arc::new(ClientInfo {
+        let info = self.shared.register(|pid, secret| ClientInfo {
             pid,
             pool: pool.clone(),
             peer: self.peer,
             listener: self.listener_mode.as_str(),
             connected: SystemTime::now(),
             waiting: Default::default(),
+            cancel: CancelSlot::new(secret),
         });
-        self.shared.clients.lock().unwrap_or_else(PoisonError::into_inner).insert(pid, info.clone());
+        let (pid, secret) = (info.pid, info.cancel.secret);
         self.info = Some(info);
         if let Some(att) = &mut self.attached {
-            self.shared.set_cancel_target(pid, att.conn.cancel_target());
+            let target = att.conn.cancel_target();
+            self.set_cancel(target);
         }
         BackendMessage::BackendKeyData { pid, secret_key: Bytes::copy_from_slice(&secret) }.encode(&mut self.wbuf);
         BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut self.wbuf);
@@ -1172,19 +1193,28 @@ impl Session {
 
     /// Whether units are classified: the auto mode, in transaction mode, on a cluster with
     /// more than one member (a single node has nowhere else to send reads).
+    /// Where the client's cancel requests go from now on (the server connection it holds).
+    fn set_cancel(&self, target: Option<Arc<CancelTarget>>) {
+        if let Some(info) = &self.info {
+            info.cancel.set(target);
+        }
+    }
+
     fn splitting(&self) -> bool {
         self.mode == RouteMode::Auto && self.cfg.pool_mode == PoolMode::Transaction && self.multi
     }
 
-    /// Takes a reloaded configuration and the cluster's size; once per turn of the
-    /// forwarding loop.
-    fn refresh(&mut self) {
+    /// Takes a reloaded configuration and the cluster's size, when they changed; once per
+    /// turn of the forwarding loop.
+    fn refresh(&mut self, topo_rx: &mut watch::Receiver<Topology>) {
         let version = self.shared.config_version.load(Ordering::Acquire);
         if version != self.cfg_version {
             self.cfg = self.shared.config();
             self.cfg_version = version;
         }
-        self.multi = self.shared.topology.borrow().members > 1;
+        if topo_rx.has_changed().unwrap_or(false) {
+            self.multi = topo_rx.borrow_and_update().members > 1;
+        }
     }
 
     /// Whether named prepared statements are renamed and tracked.
@@ -1210,11 +1240,11 @@ impl Session {
 
     /// The class of what one client frame runs or prepares, if it is about a statement.
     fn frame_class(&self, frame: &Frame, unnamed: Class) -> Option<Class> {
-        let body = frame.body();
+        let body = frame.body_slice();
         match frame.tag() {
             b'Q' | b'P' => Some(query_text(frame).map_or(Class::Write, |t| self.classify(&t))),
-            b'B' => prepared::bind_statement(&body).map(|n| self.named_class(n, unnamed)),
-            b'D' => match prepared::target_and_name(&body) {
+            b'B' => prepared::bind_statement(body).map(|n| self.named_class(n, unnamed)),
+            b'D' => match prepared::target_and_name(body) {
                 Some((b'S', n)) => Some(self.named_class(n, unnamed)),
                 _ => None,
             },
@@ -1331,8 +1361,8 @@ impl Session {
             return None;
         }
         let mut att = Attached::new(conn, permit, pool);
-        if let Some((pid, _)) = self.key {
-            self.shared.set_cancel_target(pid, att.conn.cancel_target());
+        if let Some(info) = &self.info {
+            info.cancel.set(att.conn.cancel_target());
         }
         if self.cfg.pool_mode == PoolMode::Transaction {
             att.unit = Some(unit);
@@ -1481,8 +1511,8 @@ impl Session {
 
     /// Gives a clean attached connection back to its pool.
     async fn put_back(&mut self, att: Box<Attached>) {
-        if let Some((pid, _)) = self.key {
-            self.shared.detach_cancel(pid).await;
+        if let Some(info) = &self.info {
+            info.cancel.detach().await;
         }
         att.into_pool();
     }
@@ -1567,8 +1597,8 @@ impl Session {
         if let Err(e) = self.sync_params(&mut att).await {
             return Ok(Err(format!("cannot apply the session settings: {e}")));
         }
-        if let Some((pid, _)) = self.key {
-            self.shared.set_cancel_target(pid, att.conn.cancel_target());
+        if let Some(info) = &self.info {
+            info.cancel.set(att.conn.cancel_target());
         }
         Ok(Ok(att))
     }
@@ -1597,8 +1627,8 @@ impl Session {
         if let Err(e) = self.sync_params(&mut att).await {
             return Err(Fail::new(sqlstate::CONNECTION_FAILURE, format!("cannot apply the session settings: {e}")));
         }
-        if let Some((pid, _)) = self.key {
-            self.shared.set_cancel_target(pid, att.conn.cancel_target());
+        if let Some(info) = &self.info {
+            info.cancel.set(att.conn.cancel_target());
         }
         let waited = waited.elapsed();
         if waited > Duration::from_millis(500) {
@@ -1699,8 +1729,8 @@ impl Session {
     /// ROLLBACK in a transaction and DISCARD ALL in session mode), else it is closed.
     async fn release(&mut self) {
         let Some(mut att) = self.attached.take() else { return };
-        if let Some((pid, _)) = self.key {
-            self.shared.detach_cancel(pid).await;
+        if let Some(info) = &self.info {
+            info.cancel.detach().await;
         }
         let newest = self.shared.topology.borrow().newest_term;
         if att.fenced(newest) {
@@ -1745,7 +1775,7 @@ impl Session {
                 Ok(Ok(_)) => {
                     if session_mode {
                         for k in UNREPORTED {
-                            att.conn.params.remove(*k);
+                            att.conn.params.remove(k);
                         }
                         att.conn.statements.clear();
                     }
@@ -1772,17 +1802,19 @@ impl Session {
     /// too (docs/benchmarks.md, "Proxy": 2,000 idle clients).
     async fn forward(&mut self) -> Result<(), Fail> {
         let mut topo_rx = self.shared.topology.clone();
-        topo_rx.mark_unchanged();
-        let mut drain_rx = self.shared.draining.subscribe();
+        // Read by the first turn (`Session::refresh`).
+        topo_rx.mark_changed();
+        let mut kick = self.shared.kick.listen();
         let mut woken = false;
         loop {
-            if !Box::pin(self.busy(&mut topo_rx, &mut drain_rx, woken)).await? {
+            kick.set_busy(&self.shared.kick, true);
+            if !Box::pin(self.busy(&mut topo_rx, &mut kick, woken)).await? {
                 return Ok(());
             }
+            kick.set_busy(&self.shared.kick, false);
             // Idle: no server attached, nothing buffered either way. The client keeps no
             // buffers until its socket is readable (16 KiB per idle client otherwise).
             let Stream::Plain(tcp) = &self.stream else { continue };
-            let drained = *drain_rx.borrow_and_update();
             spares::give_buffer(std::mem::take(&mut self.rbuf));
             spares::give_buffer(std::mem::take(&mut self.wbuf));
             // Nor room for held frames (128 bytes once a transaction used it).
@@ -1795,7 +1827,8 @@ impl Session {
                     }
                     true
                 }
-                _ = drain_rx.changed(), if !drained => false,
+                // The shutdown (busy() closes the client).
+                _ = kick.kicked(&self.shared.kick) => false,
             };
             self.wbuf = spares::take_buffer();
             self.rbuf = spares::take_buffer();
@@ -1819,11 +1852,11 @@ impl Session {
     async fn busy(
         &mut self,
         topo_rx: &mut watch::Receiver<Topology>,
-        drain_rx: &mut watch::Receiver<bool>,
+        kick: &mut crate::kick::Listener,
         mut readable: bool,
     ) -> Result<bool, Fail> {
         loop {
-            self.refresh();
+            self.refresh(topo_rx);
             // Shutting down: a client between transactions (or, in session mode, outside one)
             // is closed; one inside a transaction finishes it first.
             if self.shared.draining()
@@ -1854,7 +1887,7 @@ impl Session {
             if !std::mem::take(&mut readable) && self.idle_plain() {
                 return Ok(true);
             }
-            if let Some(e) = self.wait_event(topo_rx, drain_rx).await {
+            if let Some(e) = self.wait_event(kick).await {
                 match e {
                     Event::ClientRead(Ok(0))
                     | Event::ClientRead(Err(_))
@@ -1892,7 +1925,7 @@ impl Session {
                         }
                     }
                     Event::Topology => {
-                        let newest = topo_rx.borrow_and_update().newest_term;
+                        let newest = self.shared.topology.borrow().newest_term;
                         if self.attached.as_ref().is_some_and(|a| a.fenced(newest)) && !self.abandon_lsn_fetch() {
                             return Err(self.term_changed(newest));
                         }
@@ -2015,7 +2048,7 @@ impl Session {
         if matches!(frame.tag(), b'Q' | b'E') {
             att.pool.stats.queries.fetch_add(1, Ordering::Relaxed);
         }
-        let body = frame.body();
+        let body = frame.body_slice();
         let forward = |att: &mut Attached, kind: Option<Kind>| {
             att.out.extend_from_slice(frame.as_bytes());
             if let Some(k) = kind {
@@ -2067,14 +2100,14 @@ impl Session {
             }
             b'B' => {
                 att.open_batch = true;
-                if let Some(name) = prepared::bind_statement(&body).filter(|n| translate && !n.is_empty()) {
+                if let Some(name) = prepared::bind_statement(body).filter(|n| translate && !n.is_empty()) {
                     let Some(def) = statements.get(name).cloned() else {
                         let msg = format!("prepared statement \"{}\" does not exist", String::from_utf8_lossy(name));
                         proxy_error(att, skip_to_sync, sqlstate::INVALID_SQL_STATEMENT_NAME, &msg);
                         return;
                     };
                     ensure_prepared(att, &def, max);
-                    if prepared::rewrite_bind(&body, &def.server_name, &mut att.out) {
+                    if prepared::rewrite_bind(body, &def.server_name, &mut att.out) {
                         att.push(Expect::Client(Kind::Bind), Undo::None);
                         return;
                     }
@@ -2085,7 +2118,7 @@ impl Session {
                 att.open_batch = true;
                 let is_close = frame.tag() == b'C';
                 let kind = if is_close { Kind::Close } else { Kind::Describe };
-                if let Some((b'S', name)) = prepared::target_and_name(&body).filter(|(_, n)| translate && !n.is_empty())
+                if let Some((b'S', name)) = prepared::target_and_name(body).filter(|(_, n)| translate && !n.is_empty())
                 {
                     if is_close {
                         // The statement stays on the server for the next client.
@@ -2127,33 +2160,46 @@ impl Session {
         }
     }
 
-    /// Reads whole server frames and handles them (see [`Session::on_server_frame`]).
+    /// Reads whole server frames and handles them (see [`Session::on_server_frame`]), in
+    /// place: they are copied once, into the client's buffer, or not at all.
     fn pump_server(&mut self) -> Result<(), Fail> {
         let decoder = crate::protocol::BackendDecoder::default();
         let translate = self.attached.is_some() && self.translating();
-        while self.wbuf.len() < HIGH_WATER {
-            let Some(att) = self.attached.as_mut() else { break };
-            let frame = match decoder.decode_frame(&mut att.conn.rbuf) {
-                Ok(Some(f)) => f,
+        let Some(att) = self.attached.as_mut() else { return Ok(()) };
+        let mut rbuf = std::mem::take(&mut att.conn.rbuf);
+        let mut at = 0;
+        while self.wbuf.len() < HIGH_WATER && self.attached.is_some() {
+            match decoder.frame_len(&rbuf[at..]) {
+                Ok(Some(n)) => {
+                    self.on_server_frame(&rbuf[at..at + n], translate);
+                    at += n;
+                }
                 Ok(None) => break,
                 Err(e) => {
-                    let msg = format!("protocol error from the server {}: {e}", att.conn.member);
-                    self.attached = None;
+                    let member = self.attached.take().map(|a| a.conn.member.clone()).unwrap_or_default();
+                    let msg = format!("protocol error from the server {member}: {e}");
                     return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, msg));
                 }
-            };
-            self.on_server_frame(frame, translate);
+            }
+        }
+        rbuf.advance(at);
+        if let Some(att) = self.attached.as_mut() {
+            att.conn.rbuf = rbuf;
         }
         Ok(())
     }
 
-    /// One server frame: forwarded or dropped as the queue says, with the bookkeeping.
-    fn on_server_frame(&mut self, frame: Frame, translate: bool) {
+    /// One whole server message: forwarded or dropped as the queue says, with the
+    /// bookkeeping.
+    fn on_server_frame(&mut self, frame: &[u8], translate: bool) {
         let Session { attached, statements, wbuf, desired, told, skip_to_sync, ryw_floor, .. } = self;
         let Some(att) = attached.as_mut() else { return };
-        let tag = frame.tag();
+        let tag = frame[0];
+        let body = &frame[5..];
         if tag == b'S' {
-            if let Ok(BackendMessage::ParameterStatus { name, value }) = BackendMessage::parse(&frame) {
+            if let Ok(BackendMessage::ParameterStatus { name, value }) =
+                BackendMessage::parse(&Frame::copy_from_slice(frame))
+            {
                 let (name, value) = (name.to_string_lossy().into_owned(), value.to_string_lossy().into_owned());
                 if let Some(canon) = Tracked::canonical(&name) {
                     desired.set(canon, &value);
@@ -2161,10 +2207,10 @@ impl Session {
                 }
                 att.conn.params.insert(name, value);
             }
-            wbuf.extend_from_slice(frame.as_bytes());
+            wbuf.extend_from_slice(frame);
             return;
         }
-        let status = |f: &Frame| match f.body().first() {
+        let status = match body.first() {
             Some(b'T') => TransactionStatus::InTransaction,
             Some(b'E') => TransactionStatus::Failed,
             _ => TransactionStatus::Idle,
@@ -2186,7 +2232,7 @@ impl Session {
             // The proxy's own LSN query: read the row, forward nothing.
             Head::Lsn => match tag {
                 b'D' => {
-                    if let Ok(BackendMessage::DataRow(values)) = BackendMessage::parse(&frame) {
+                    if let Ok(BackendMessage::DataRow(values)) = BackendMessage::parse(&Frame::copy_from_slice(frame)) {
                         att.lsn = values
                             .first()
                             .cloned()
@@ -2199,7 +2245,7 @@ impl Session {
                 }
                 b'Z' => {
                     att.queue.pop_front();
-                    att.status = status(&frame);
+                    att.status = status;
                     if let Some(l) = att.lsn.take() {
                         *ryw_floor = if *ryw_floor == UNKNOWN_LSN { l } else { (*ryw_floor).max(l) };
                     }
@@ -2208,17 +2254,18 @@ impl Session {
             },
             Head::Answer { to_client, kind } => {
                 if to_client || matches!(tag, b'E' | b'N' | b'A') {
-                    wbuf.extend_from_slice(frame.as_bytes());
+                    wbuf.extend_from_slice(frame);
                 }
                 if tag == b'E' {
                     att.pool.stats.errors.fetch_add(1, Ordering::Relaxed);
                 }
-                if translate && tag == b'C' && to_client {
-                    let body = frame.body();
-                    if body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0") {
-                        att.conn.statements.clear();
-                        statements.clear();
-                    }
+                if translate
+                    && tag == b'C'
+                    && to_client
+                    && (body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0"))
+                {
+                    att.conn.statements.clear();
+                    statements.clear();
                 }
                 if tag == b'E' && !kind.ends_with_ready() {
                     if let Some(failed) = att.queue.pop_front() {
@@ -2229,7 +2276,7 @@ impl Session {
                 } else if kind.done_by(tag) {
                     att.queue.pop_front();
                     if tag == b'Z' {
-                        att.status = status(&frame);
+                        att.status = status;
                     }
                 } else if tag == b'Z' {
                     // Out of step (should not happen): ReadyForQuery ends everything up to
@@ -2243,14 +2290,14 @@ impl Session {
                         }
                     }
                     undo_all(skipped, att, statements);
-                    att.status = status(&frame);
+                    att.status = status;
                 }
             }
             // Nothing expected: a notification or a notice between transactions.
             Head::Nothing => {
-                wbuf.extend_from_slice(frame.as_bytes());
+                wbuf.extend_from_slice(frame);
                 if tag == b'Z' {
-                    att.status = status(&frame);
+                    att.status = status;
                 }
             }
         }
@@ -2288,8 +2335,8 @@ impl Session {
         if !att.clean() || !att.conn.rbuf.is_empty() || att.fenced(self.shared.topology.borrow().newest_term) {
             return false;
         }
-        if let Some((pid, _)) = self.key {
-            if self.shared.try_detach_cancel(pid).is_some() {
+        if let Some(info) = &self.info {
+            if info.cancel.try_detach().is_some() {
                 return false;
             }
         }
@@ -2310,9 +2357,7 @@ impl Session {
         if let Some(att) = self.attached.take() {
             tracing::info!(server = ?att.conn, "lost the server connection during the read-your-writes query; this client reads on the primary until its next write");
         }
-        if let Some((pid, _)) = self.key {
-            self.shared.set_cancel_target(pid, None);
-        }
+        self.set_cancel(None);
         self.ryw_floor = UNKNOWN_LSN;
         true
     }
@@ -2393,12 +2438,8 @@ impl Session {
 
     /// Waits for the next I/O event. `None` when there was nothing to wait for (never in
     /// practice: the client can always be read or written).
-    async fn wait_event(
-        &mut self,
-        topo_rx: &mut watch::Receiver<Topology>,
-        drain_rx: &mut watch::Receiver<bool>,
-    ) -> Option<Event> {
-        let drained = *drain_rx.borrow_and_update();
+    async fn wait_event(&mut self, kick: &mut crate::kick::Listener) -> Option<Event> {
+        let drained = self.shared.draining();
         let read_client = self.held_bytes < HIGH_WATER;
         let write_client = !self.wbuf.is_empty();
         self.rbuf.reserve(8192);
@@ -2410,7 +2451,7 @@ impl Session {
                 }
                 tokio::select! {
                     (read, r) = client => Some(if read { Event::ClientRead(r) } else { Event::ClientWrote(r) }),
-                    _ = drain_rx.changed(), if !drained => Some(Event::Topology),
+                    _ = kick.kicked(&self.shared.kick) => Some(Event::Topology),
                 }
             }
             Some(att) => {
@@ -2421,8 +2462,7 @@ impl Session {
                 tokio::select! {
                     (read, r) = client => Some(if read { Event::ClientRead(r) } else { Event::ClientWrote(r) }),
                     (read, r) = server => Some(if read { Event::ServerRead(r) } else { Event::ServerWrote(r) }),
-                    _ = topo_rx.changed() => Some(Event::Topology),
-                    _ = drain_rx.changed(), if !drained => Some(Event::Topology),
+                    _ = kick.kicked(&self.shared.kick) => Some(Event::Topology),
                 }
             }
         }
@@ -2431,8 +2471,8 @@ impl Session {
     /// End of the session: give the server connection back (or close it), say goodbye.
     async fn finish(&mut self) {
         Box::pin(self.release()).await;
-        if let Some((pid, _)) = self.key {
-            self.shared.unregister(pid);
+        if let Some(info) = &self.info {
+            self.shared.unregister(info.pid);
         }
         if !self.wbuf.is_empty() {
             let _ = tokio::time::timeout(Duration::from_secs(5), self.stream.write_all(&self.wbuf)).await;

@@ -248,6 +248,8 @@ pub struct ClientInfo {
     pub connected: SystemTime,
     /// Waiting for a server connection now.
     pub waiting: AtomicBool,
+    /// Its BackendKeyData secret and where its cancel requests go.
+    pub cancel: crate::session::CancelSlot,
 }
 
 /// Seconds since the Unix epoch, for tables.

@@ -13,7 +13,7 @@
 //! 3. acknowledges in its DCS record (`drained` = the switchover's id), so the leader stops
 //!    postgres without cutting a transaction;
 //! 4. reopens the gate once a newer term leads (idle connections of the old term are closed
-//!    then, see `close_old_terms`), or when the announcement is withdrawn while the old
+//!    then, see `follow_topology`), or when the announcement is withdrawn while the old
 //!    leader still leads (cancelled), or after `failover_hold_timeout` at the latest.
 //!
 //! Session-mode clients are not counted (their server connection is theirs until they leave):

@@ -31,6 +31,39 @@ pub const UNREPORTED: &[&str] = &["extra_float_digits", "search_path"];
 /// (index in [`TRACKED`], value).
 type Entry = (u8, Arc<str>);
 
+/// A server connection's run-time parameters by name, with the [`TRACKED`] ones also by
+/// index: a client takes a connection in every transaction, and comparing its settings
+/// ([`Tracked::differing`]) then needs no hashing of names.
+#[derive(Debug, Default)]
+pub struct Params {
+    map: std::collections::HashMap<String, String>,
+    tracked: [Option<Box<str>>; TRACKED.len()],
+}
+
+impl Params {
+    pub fn insert(&mut self, name: String, value: String) {
+        if let Some(i) = Tracked::index(&name) {
+            self.tracked[usize::from(i)] = Some(value.as_str().into());
+        }
+        self.map.insert(name, value);
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        if let Some(i) = Tracked::index(name) {
+            self.tracked[usize::from(i)] = None;
+        }
+        self.map.remove(name);
+    }
+}
+
+impl std::ops::Deref for Params {
+    type Target = std::collections::HashMap<String, String>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
 /// Values of some of the [`TRACKED`] settings, at most one per setting. Cloning shares the
 /// list; the first change after a clone copies it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -83,11 +116,11 @@ impl Tracked {
 
     /// The settings whose value in `params` (a server connection's) is another or missing:
     /// what must be set on that connection before the client uses it.
-    pub fn differing<'a>(
-        &'a self,
-        params: &'a std::collections::HashMap<String, String>,
-    ) -> impl Iterator<Item = (&'static str, &'a str)> + 'a {
-        self.iter().filter(|(k, v)| params.get(*k).map(String::as_str) != Some(*v))
+    pub fn differing<'a>(&'a self, params: &'a Params) -> impl Iterator<Item = (&'static str, &'a str)> + 'a {
+        self.entries()
+            .iter()
+            .filter(|(k, v)| params.tracked[usize::from(*k)].as_deref() != Some(&**v))
+            .map(|(k, v)| (TRACKED[usize::from(*k)], &**v))
     }
 
     fn entries(&self) -> &[Entry] {
@@ -141,10 +174,18 @@ mod tests {
         assert_eq!((Arc::strong_count(&utf8), t.get("client_encoding")), (1, Some("LATIN1")));
         assert_eq!(t.iter().count(), 3);
         // Differences from a server connection's settings.
-        let params: std::collections::HashMap<String, String> =
-            [("TimeZone".to_string(), "Europe/Paris".to_string()), ("DateStyle".into(), "ISO".into())].into();
+        let mut params = Params::default();
+        params.insert("TimeZone".into(), "Europe/Paris".into());
+        params.insert("DateStyle".into(), "ISO".into());
+        params.insert("server_version".into(), "15.18".into());
+        params.insert("application_name".into(), "pgbench".into());
         let differing: Vec<(&str, &str)> = t.differing(&params).collect();
         assert_eq!(differing, [("client_encoding", "LATIN1"), ("application_name", "psql")]);
+        params.insert("application_name".into(), "psql".into());
+        params.remove("TimeZone");
+        let differing: Vec<(&str, &str)> = t.differing(&params).collect();
+        assert_eq!(differing, [("TimeZone", "Europe/Paris"), ("client_encoding", "LATIN1")]);
+        assert_eq!((params.get("server_version").map(String::as_str), params.len()), (Some("15.18"), 3));
         // A clone shares the list until one of them changes a value.
         let mut copy = t.clone();
         assert!(copy.shares_with(&t));

@@ -4,7 +4,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::fields::{ErrorFields, Severity};
 use super::read::Reader;
-use super::{split_frame, write, Direction, Frame, Limits, ProtocolError, Tag, Text};
+use super::{frame_len, split_frame, write, Direction, Frame, Limits, ProtocolError, Tag, Text};
 
 /// The longest cancel key: protocol 3.2 (PostgreSQL 18) made the key variable-length, up to
 /// 256 bytes; 3.0 keys are 4 bytes.
@@ -246,6 +246,14 @@ impl BackendDecoder {
     pub fn decode_frame(&self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
         let Some(&tag) = buf.first() else { return Ok(None) };
         split_frame(buf, name(tag).unwrap_or("backend message"), self.limits.max_message_len)
+    }
+
+    /// The size of the whole message at the start of `buf` once all of it is there, checking
+    /// only its length, as [`BackendDecoder::decode_frame`] does without taking it off: for
+    /// messages handled in place.
+    pub fn frame_len(&self, buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
+        let Some(&tag) = buf.first() else { return Ok(None) };
+        frame_len(buf, name(tag).unwrap_or("backend message"), self.limits.max_message_len)
     }
 }
 

@@ -111,9 +111,19 @@ impl Frame {
         self.bytes.slice(5.min(self.bytes.len())..)
     }
 
+    /// The body, borrowed (no reference count taken).
+    pub fn body_slice(&self) -> &[u8] {
+        self.bytes.get(5..).unwrap_or_default()
+    }
+
     /// The whole message, type byte and length included.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
+    }
+
+    /// A copy of one whole message measured by [`BackendDecoder::frame_len`].
+    pub fn copy_from_slice(whole: &[u8]) -> Frame {
+        Frame { bytes: Bytes::copy_from_slice(whole) }
     }
 
     /// The whole message as a cheap `Bytes` handle.
@@ -150,6 +160,13 @@ fn peek_len(buf: &[u8]) -> Option<i32> {
 /// Takes one tagged message off `buf` once it is complete, after checking its length
 /// against `limit`. `message` names it in errors.
 fn split_frame(buf: &mut BytesMut, message: &'static str, limit: usize) -> Result<Option<Frame>, ProtocolError> {
+    let Some(total) = frame_len(buf, message, limit)? else { return Ok(None) };
+    Ok(Some(Frame { bytes: buf.split_to(total).freeze() }))
+}
+
+/// The size of the whole message at the start of `buf` (type byte included) once all of it
+/// is there; an error for a length below 4 or above `limit`.
+fn frame_len(buf: &[u8], message: &'static str, limit: usize) -> Result<Option<usize>, ProtocolError> {
     let Some(len) = peek_len(buf) else { return Ok(None) };
     let Ok(len) = usize::try_from(len) else {
         return Err(ProtocolError::BadLength { message, len, min: 4 });
@@ -165,5 +182,5 @@ fn split_frame(buf: &mut BytesMut, message: &'static str, limit: usize) -> Resul
     if buf.len() < total {
         return Ok(None);
     }
-    Ok(Some(Frame { bytes: buf.split_to(total).freeze() }))
+    Ok(Some(total))
 }

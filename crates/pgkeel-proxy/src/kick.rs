@@ -1,0 +1,189 @@
+//! Waking sessions when the topology changes or the proxy starts draining.
+//!
+//! A busy session must notice a new term at once (fencing), and every session must notice
+//! the shutdown. Waiting on the `watch` channels for that costs a registration in the
+//! channel's waiter list and its removal (each under the channel's lock) every time a
+//! session waits for I/O, that is, several times per transaction. Here a session registers
+//! once, for as long as it lives, and a wait only stores its waker in its own slot.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
+
+/// Every session's wake-up slot, and how many kicks of each kind there were.
+#[derive(Debug, Default)]
+pub struct Kicker {
+    topology: AtomicU64,
+    drain: AtomicU64,
+    slots: Mutex<Slots>,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    list: Vec<Weak<Slot>>,
+    /// The length at which entries of ended sessions are dropped: twice what was left the
+    /// last time, so that dropping them costs O(1) per session.
+    prune_at: usize,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    waker: Mutex<Option<Waker>>,
+    /// The session has work (a server attached or bytes to move): topology changes wake it.
+    /// Idle sessions wake only for the shutdown (the topology changes every second while
+    /// replicas report their lag).
+    busy: AtomicBool,
+}
+
+impl Slot {
+    fn wake(&self) {
+        if let Some(w) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            w.wake();
+        }
+    }
+}
+
+impl Kicker {
+    /// Wakes the busy sessions: the topology changed.
+    pub fn topology_changed(&self) {
+        self.topology.fetch_add(1, Ordering::SeqCst);
+        self.wake(true);
+    }
+
+    /// Wakes every session: the proxy is shutting down.
+    pub fn draining(&self) {
+        self.drain.fetch_add(1, Ordering::SeqCst);
+        self.wake(false);
+    }
+
+    fn wake(&self, busy_only: bool) {
+        let slots: Vec<Arc<Slot>> =
+            self.slots.lock().unwrap_or_else(PoisonError::into_inner).list.iter().filter_map(Weak::upgrade).collect();
+        for s in slots {
+            if !busy_only || s.busy.load(Ordering::SeqCst) {
+                s.wake();
+            }
+        }
+    }
+
+    /// A listener for one session, registered until it is dropped.
+    pub fn listen(&self) -> Listener {
+        let slot = Arc::new(Slot::default());
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        if slots.list.len() >= slots.prune_at.max(64) {
+            slots.list.retain(|w| w.strong_count() > 0);
+            slots.prune_at = 2 * slots.list.len();
+        }
+        slots.list.push(Arc::downgrade(&slot));
+        Listener { slot, topology: self.topology.load(Ordering::SeqCst), drain: self.drain.load(Ordering::SeqCst) }
+    }
+}
+
+/// One session's registration with the [`Kicker`].
+#[derive(Debug)]
+pub struct Listener {
+    slot: Arc<Slot>,
+    topology: u64,
+    drain: u64,
+}
+
+impl Listener {
+    /// Marks the session busy (topology changes wake it) or idle (they do not). Turning busy
+    /// takes the topology as read: the session reads it afresh before it writes anything.
+    pub fn set_busy(&mut self, kicker: &Kicker, busy: bool) {
+        self.slot.busy.store(busy, Ordering::SeqCst);
+        if busy {
+            self.topology = kicker.topology.load(Ordering::SeqCst);
+        }
+    }
+
+    /// Ready once after each kick that concerns the session (a topology change only while
+    /// busy), else registers the waker.
+    pub fn poll_kicked(&mut self, kicker: &Kicker, cx: &mut Context<'_>) -> Poll<()> {
+        {
+            let mut w = self.slot.waker.lock().unwrap_or_else(PoisonError::into_inner);
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
+            }
+        }
+        // Read after the waker is stored: a kick after this read wakes it.
+        let drain = kicker.drain.load(Ordering::SeqCst);
+        let topology = kicker.topology.load(Ordering::SeqCst);
+        let mut kicked = drain != self.drain;
+        self.drain = drain;
+        if self.slot.busy.load(Ordering::Relaxed) {
+            kicked |= topology != self.topology;
+            self.topology = topology;
+        }
+        if kicked {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Waits for [`Listener::poll_kicked`].
+    pub async fn kicked(&mut self, kicker: &Kicker) {
+        std::future::poll_fn(|cx| self.poll_kicked(kicker, cx)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll(l: &mut Listener, k: &Kicker, count: &Arc<Count>) -> bool {
+        let waker = Waker::from(count.clone());
+        l.poll_kicked(k, &mut Context::from_waker(&waker)).is_ready()
+    }
+
+    #[test]
+    fn topology_wakes_busy_sessions_and_draining_wakes_all() {
+        let k = Kicker::default();
+        let (busy_n, idle_n) = (Arc::new(Count(AtomicUsize::new(0))), Arc::new(Count(AtomicUsize::new(0))));
+        let mut busy = k.listen();
+        busy.set_busy(&k, true);
+        let mut idle = k.listen();
+        assert!(!poll(&mut busy, &k, &busy_n));
+        assert!(!poll(&mut idle, &k, &idle_n));
+
+        k.topology_changed();
+        assert_eq!(busy_n.0.load(Ordering::SeqCst), 1, "a busy session is woken by a topology change");
+        assert_eq!(idle_n.0.load(Ordering::SeqCst), 0, "an idle one is not");
+        assert!(poll(&mut busy, &k, &busy_n));
+        assert!(!poll(&mut busy, &k, &busy_n), "one kick is seen once");
+        assert!(!poll(&mut idle, &k, &idle_n));
+
+        k.draining();
+        assert_eq!(idle_n.0.load(Ordering::SeqCst), 1, "draining wakes idle sessions");
+        assert!(poll(&mut idle, &k, &idle_n));
+        assert!(poll(&mut busy, &k, &busy_n));
+
+        // A session turning busy takes the topology as read.
+        k.topology_changed();
+        idle.set_busy(&k, true);
+        assert!(!poll(&mut idle, &k, &idle_n));
+    }
+
+    #[test]
+    fn ended_sessions_leave_the_list() {
+        let k = Kicker::default();
+        let keep: Vec<Listener> = (0..10).map(|_| k.listen()).collect();
+        for _ in 0..1000 {
+            drop(k.listen());
+        }
+        let slots = k.slots.lock().unwrap();
+        assert!(slots.list.len() <= 64, "{} entries for 10 sessions", slots.list.len());
+        let live = slots.list.iter().filter(|w| w.strong_count() > 0).count();
+        assert_eq!(live, keep.len());
+    }
+}
