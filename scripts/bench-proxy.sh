@@ -9,14 +9,18 @@
 #   2. `pgbench -S` (select-only) for each protocol mode and client count, `-j 2`, printing
 #      tps (without connection time), average and p99 latency (from the per-transaction
 #      `-l` logs), failed transactions, and the pooler's CPU time during the run.
-# The three targets run one after the other for each (mode, clients), so load changes on the
-# machine hit them alike. Postgres is a 1-member `pgkeel up` cluster (the proxy follows the
-# cluster's DCS), max_connections = 600, pgbench scale 10.
+# The three targets run one after the other for each (mode, clients), in several rounds
+# whose order alternates, so load changes on the machine hit them alike; a single run on a
+# busy 2-core machine varies by +-15 %. The table gives each target's mean tps over the
+# rounds and its p99 over all of their transactions, then each round's pgkeel/PgBouncer
+# ratio. Postgres is a 1-member `pgkeel up` cluster (the proxy follows the cluster's DCS),
+# max_connections = 600, pgbench scale 10.
 #
 #   scripts/bench-proxy.sh
 #
 # Settings (environment):
-#   PGKEEL_BENCH_SECONDS=20               seconds per pgbench run
+#   PGKEEL_BENCH_SECONDS=10               seconds per pgbench run
+#   PGKEEL_BENCH_ROUNDS=3                 runs per target and (mode, clients), interleaved
 #   PGKEEL_BENCH_CLIENTS="32 256"         pgbench client counts
 #   PGKEEL_BENCH_MODES="simple extended prepared"
 #                                         pgbench -M modes (prepared: PgBouncer >= 1.21 only)
@@ -32,7 +36,8 @@
 # Runs as root (postgres and PgBouncer run as the postgres OS user).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECS=${PGKEEL_BENCH_SECONDS:-20}
+SECS=${PGKEEL_BENCH_SECONDS:-10}
+ROUNDS=${PGKEEL_BENCH_ROUNDS:-3}
 CLIENTS=${PGKEEL_BENCH_CLIENTS:-"32 256"}
 MODES=${PGKEEL_BENCH_MODES:-"simple extended prepared"}
 IDLE=${PGKEEL_BENCH_IDLE:-2000}
@@ -203,10 +208,11 @@ if [ "$IDLE" -gt 0 ]; then
     done
 fi
 
-# run_pgbench TARGET PORT MODE CLIENTS: one pgbench -S run; appends a result line to $W/results.
+# run_pgbench TARGET PORT MODE CLIENTS ROUND: one pgbench -S run; appends a result line to
+# $W/results.
 run_pgbench() {
-    local target=$1 port=$2 mode=$3 clients=$4 pid=
-    local dir=$W/runs/$target-$mode-$clients
+    local target=$1 port=$2 mode=$3 clients=$4 round=$5 pid=
+    local dir=$W/runs/$target-$mode-$clients/$round
     mkdir -p "$dir"
     case $target in pgbouncer) pid=$BOUNCER_PID ;; pgkeel) pid=$PROXY_PID ;; esac
     local t0=0 t1=0
@@ -219,9 +225,9 @@ run_pgbench() {
         exit 1
     fi
     [ -n "$pid" ] && t1=$(cpu_ticks "$pid")
-    python3 - "$dir" "$target" "$mode" "$clients" "$((t1 - t0))" "$(getconf CLK_TCK)" >>"$W/results" <<'EOF'
+    python3 - "$dir" "$target" "$mode" "$clients" "$((t1 - t0))" "$(getconf CLK_TCK)" "$round" >>"$W/results" <<'EOF'
 import glob, re, sys
-d, target, mode, clients, ticks, hz = sys.argv[1:]
+d, target, mode, clients, ticks, hz, rnd = sys.argv[1:]
 out = open(f"{d}/out").read()
 tps = float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out).group(1))
 failed = re.search(r"number of failed transactions: (\d+)", out)
@@ -234,43 +240,86 @@ lat.sort()
 p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000
 avg = sum(lat) / len(lat) / 1000
 cpu = int(ticks) / int(hz)
-print(f"{mode} {clients} {target} {tps:.0f} {avg:.3f} {p99:.3f} {failed} {cpu:.1f}")
+print(f"{mode} {clients} {target} {tps:.0f} {avg:.3f} {p99:.3f} {failed} {cpu:.1f} {rnd}")
 EOF
-    tail -1 "$W/results" | awk '{printf "  %-9s %4s clients  %-9s  tps %7s  avg %7s ms  p99 %7s ms  failed %s  pooler CPU %s s\n", $1, $2, $3, $4, $5, $6, $7, $8}'
+    tail -1 "$W/results" | awk '{printf "  %-9s %4s clients  %-9s  tps %7s  avg %7s ms  p99 %7s ms  failed %s  pooler CPU %s s  (round %s)\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}'
 }
 
-echo "== pgbench -S, ${SECS} s per run, -j $JOBS, pool size $POOL"
+echo "== pgbench -S, ${SECS} s per run, $ROUNDS rounds, -j $JOBS, pool size $POOL"
 : >"$W/results"
 for mode in $MODES; do
     for clients in $CLIENTS; do
-        run_pgbench direct "$PGPORT" "$mode" "$clients"
-        if [ "$mode" != prepared ] || [ $bouncer_prepared = 1 ]; then
-            run_pgbench pgbouncer "$BPORT" "$mode" "$clients"
-        else
-            echo "$mode $clients pgbouncer - - - - -" >>"$W/results"
+        if [ "$mode" = prepared ] && [ $bouncer_prepared = 0 ]; then
             echo "  $mode $clients clients  pgbouncer: skipped (PgBouncer $BOUNCER_VERSION has no prepared statements in transaction mode; 1.21+ has)"
         fi
-        run_pgbench pgkeel "$KPORT" "$mode" "$clients"
+        for round in $(seq "$ROUNDS"); do
+            # Odd rounds direct, PgBouncer, pgkeel; even rounds the other way round.
+            order="direct pgbouncer pgkeel"
+            [ $((round % 2)) = 0 ] && order="pgkeel pgbouncer direct"
+            for target in $order; do
+                case $target in
+                    direct) run_pgbench direct "$PGPORT" "$mode" "$clients" "$round" ;;
+                    pgbouncer)
+                        if [ "$mode" != prepared ] || [ $bouncer_prepared = 1 ]; then
+                            run_pgbench pgbouncer "$BPORT" "$mode" "$clients" "$round"
+                        fi
+                        ;;
+                    pgkeel) run_pgbench pgkeel "$KPORT" "$mode" "$clients" "$round" ;;
+                esac
+            done
+        done
     done
 done
 echo "== load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 echo
 echo "proxy benchmark, $(date -u +%Y-%m-%d), $machine"
-python3 - "$W/results" <<'EOF'
-import sys
-rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
-by = {(r[0], r[1], r[2]): r for r in rows}
-print(f"| mode | clients | direct tps | PgBouncer tps | pgkeel tps | direct p99 ms | PgBouncer p99 ms | pgkeel p99 ms | pgkeel/PgBouncer tps | CPU s PgBouncer / pgkeel |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+python3 - "$W" <<'EOF'
+import glob, sys
+w = sys.argv[1]
+rows = [l.split() for l in open(f"{w}/results") if l.strip()]
+# (mode, clients, target) -> {round: tps}; CPU seconds summed over the rounds.
+tps, cpu = {}, {}
+for mode, clients, target, t, _avg, _p99, _failed, c, rnd in rows:
+    tps.setdefault((mode, clients, target), {})[rnd] = float(t)
+    cpu[(mode, clients, target)] = cpu.get((mode, clients, target), 0.0) + float(c)
+
+
+def p99(mode, clients, target):
+    lat = []
+    for f in glob.glob(f"{w}/runs/{target}-{mode}-{clients}/*/tx.*"):
+        with open(f) as fh:
+            lat.extend(int(line.split()[2]) for line in fh)
+    if not lat:
+        return "-"
+    lat.sort()
+    return f"{lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000:.1f}"
+
+
+def mean(key):
+    t = tps.get(key)
+    return sum(t.values()) / len(t) if t else None
+
+
+def show(v):
+    return f"{v:.0f}" if v else "-"
+
+
+print("| mode | clients | direct tps | PgBouncer tps | pgkeel tps | direct p99 ms | PgBouncer p99 ms | pgkeel p99 ms "
+      "| pgkeel/PgBouncer tps | per round | CPU s PgBouncer / pgkeel |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 seen = []
 for r in rows:
     if (r[0], r[1]) not in seen:
         seen.append((r[0], r[1]))
 for mode, clients in seen:
-    d, b, k = (by.get((mode, clients, t), [mode, clients, t] + ["-"] * 5) for t in ("direct", "pgbouncer", "pgkeel"))
-    ratio = f"{float(k[3]) / float(b[3]):.2f}" if b[3] != "-" and k[3] != "-" else "-"
-    print(f"| {mode} | {clients} | {d[3]} | {b[3]} | {k[3]} | {d[5]} | {b[5]} | {k[5]} | {ratio} | {b[7]} / {k[7]} |")
+    d, b, k = (mean((mode, clients, t)) for t in ("direct", "pgbouncer", "pgkeel"))
+    ratio = f"{k / b:.2f}" if b and k else "-"
+    bt, kt = tps.get((mode, clients, "pgbouncer"), {}), tps.get((mode, clients, "pgkeel"), {})
+    rounds = " ".join(f"{kt[r] / bt[r]:.2f}" for r in sorted(kt, key=int) if r in bt) or "-"
+    c = [f"{cpu[(mode, clients, t)]:.1f}" if (mode, clients, t) in cpu else "-" for t in ("pgbouncer", "pgkeel")]
+    print(f"| {mode} | {clients} | {show(d)} | {show(b)} | {show(k)} | {p99(mode, clients, 'direct')} "
+          f"| {p99(mode, clients, 'pgbouncer')} | {p99(mode, clients, 'pgkeel')} | {ratio} | {rounds} | {c[0]} / {c[1]} |")
 EOF
 if [ "$IDLE" -gt 0 ]; then
     python3 - "$IDLE" "${RSS_BEFORE[pgbouncer]}" "${RSS_WITH[pgbouncer]}" "${RSS_BEFORE[pgkeel]}" "${RSS_WITH[pgkeel]}" <<'EOF'
