@@ -57,9 +57,9 @@ impl Kicker {
     }
 
     fn wake(&self, busy_only: bool) {
-        let slots: Vec<Arc<Slot>> =
-            self.slots.lock().unwrap_or_else(PoisonError::into_inner).list.iter().filter_map(Weak::upgrade).collect();
-        for s in slots {
+        // Waking only schedules a session's task, so it is done under the lock.
+        let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        for s in slots.list.iter().filter_map(Weak::upgrade) {
             if !busy_only || s.busy.load(Ordering::SeqCst) {
                 s.wake();
             }
