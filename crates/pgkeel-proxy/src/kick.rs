@@ -7,23 +7,17 @@
 //! once, for as long as it lives, and a wait only stores its waker in its own slot.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
+
+use crate::weak_list::WeakList;
 
 /// Every session's wake-up slot, and how many kicks of each kind there were.
 #[derive(Debug, Default)]
 pub struct Kicker {
     topology: AtomicU64,
     drain: AtomicU64,
-    slots: Mutex<Slots>,
-}
-
-#[derive(Debug, Default)]
-struct Slots {
-    list: Vec<Weak<Slot>>,
-    /// The length at which entries of ended sessions are dropped: twice what was left the
-    /// last time, so that dropping them costs O(1) per session.
-    prune_at: usize,
+    slots: Mutex<WeakList<Slot>>,
 }
 
 #[derive(Debug, Default)]
@@ -59,7 +53,7 @@ impl Kicker {
     fn wake(&self, busy_only: bool) {
         // Waking only schedules a session's task, so it is done under the lock.
         let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        for s in slots.list.iter().filter_map(Weak::upgrade) {
+        for s in slots.live() {
             if !busy_only || s.busy.load(Ordering::SeqCst) {
                 s.wake();
             }
@@ -69,12 +63,7 @@ impl Kicker {
     /// A listener for one session, registered until it is dropped.
     pub fn listen(&self) -> Listener {
         let slot = Arc::new(Slot::default());
-        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        if slots.list.len() >= slots.prune_at.max(64) {
-            slots.list.retain(|w| w.strong_count() > 0);
-            slots.prune_at = 2 * slots.list.len();
-        }
-        slots.list.push(Arc::downgrade(&slot));
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner).push(&slot);
         Listener { slot, topology: self.topology.load(Ordering::SeqCst), drain: self.drain.load(Ordering::SeqCst) }
     }
 }
@@ -182,8 +171,8 @@ mod tests {
             drop(k.listen());
         }
         let slots = k.slots.lock().unwrap();
-        assert!(slots.list.len() <= 64, "{} entries for 10 sessions", slots.list.len());
-        let live = slots.list.iter().filter(|w| w.strong_count() > 0).count();
+        assert!(slots.len() <= 64, "{} entries for 10 sessions", slots.len());
+        let live = slots.live().count();
         assert_eq!(live, keep.len());
     }
 }

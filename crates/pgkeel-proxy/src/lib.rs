@@ -35,6 +35,7 @@ pub mod tls;
 pub mod topology;
 mod tracked;
 pub mod userlist;
+mod weak_list;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -16,6 +16,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::server::{ServerAuth, ServerConn, ServerRole};
 use crate::stats::{Limit, PoolStats};
 use crate::tracked::Tracked as TrackedSettings;
+use crate::weak_list::WeakList;
 
 /// A pool's login parameters: what the server reported when the pool's first connection
 /// logged in, told to each client at its login. Shared, values included, by every client of
@@ -62,7 +63,7 @@ pub struct Pool {
     pub stats: PoolStats,
     /// The pool's server connections that were ever attached to a client, for `SHOW SERVERS`
     /// (see [`Pool::track`]); entries of closed connections are dropped now and then.
-    attached: Mutex<Vec<Weak<Live>>>,
+    attached: Mutex<WeakList<Live>>,
     /// The ParameterStatus values of the first server connection opened, sent to clients at
     /// login (server_version, server_encoding, ...).
     welcome: Mutex<Option<Arc<Welcome>>>,
@@ -78,7 +79,7 @@ impl Pool {
             limit: Limit::new(size),
             idle: Mutex::new(Vec::new()),
             stats: PoolStats::default(),
-            attached: Mutex::new(Vec::new()),
+            attached: Mutex::default(),
             welcome: Mutex::new(None),
             auth: Mutex::new(None),
         }
@@ -118,11 +119,7 @@ impl Pool {
             Some(l) => l.clone(),
             None => {
                 let l = Arc::new(Live { row: ServerRow::of(conn, "active"), attached: AtomicBool::new(false) });
-                let mut list = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
-                if list.len() >= 2 * self.size() as usize + 16 {
-                    list.retain(|w| w.strong_count() > 0);
-                }
-                list.push(Arc::downgrade(&l));
+                self.attached.lock().unwrap_or_else(PoisonError::into_inner).push(&l);
                 conn.live = Some(l.clone());
                 l
             }
@@ -137,8 +134,7 @@ impl Pool {
             .attached
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter_map(Weak::upgrade)
+            .live()
             .filter(|l| l.attached.load(Ordering::Relaxed))
             .map(|l| l.row.clone())
             .collect();
