@@ -1571,6 +1571,9 @@ impl HaLoop {
 
     async fn demote(&mut self) {
         self.shared.counters.demotions.fetch_add(1, Ordering::Relaxed);
+        if let Some((_, h)) = self.starting.take() {
+            h.abort();
+        }
         self.lease = None;
         self.client = None;
         self.expect_running = false;
@@ -1714,9 +1717,6 @@ impl HaLoop {
     }
 
     async fn release(&mut self) -> anyhow::Result<()> {
-        if let Some((_, h)) = self.starting.take() {
-            h.abort();
-        }
         self.demote().await;
         if let Some(l) = self.lease.take() {
             self.shared.store.release_leader(l.revision).await?;

@@ -12,6 +12,9 @@
 //! 3. Data from another cluster (system identifier differs): refuse to act.
 //! 4. A running primary whose lease is about to run out demotes at once (fencing) — except in
 //!    pause, where nobody promotes automatically, so keeping the primary up is the safe choice.
+//!    Likewise a key holder whose lease is about to run out renews it before restarting or
+//!    promoting postgres, and stops a postgres that is starting as the primary: the DCS view
+//!    may predate the lease (an agent paused past the ttl still sees itself as the leader).
 //! 5. The leader key is mine: keep the lease, restart a crashed postgres in place within
 //!    `primary_start_timeout` (else release the key), promote if postgres is still a replica,
 //!    step down for a requested switchover.
@@ -368,6 +371,21 @@ pub fn decide(o: &Observation) -> Decision {
     // can expire for the others, whatever else is going on.
     if running_primary && !s.pause && lease_expiring {
         return d(Action::Demote, "the lease is about to expire without renewal: demoting before others may promote");
+    }
+    // The same holds before postgres is (re)started or promoted under the key: the view of
+    // the DCS may be older than the lease (the agent was paused, say), so only a lease that
+    // still holds by the local clock lets this member act as the leader.
+    if mine && !s.pause && lease_expiring {
+        return match (&o.pg, o.lease_deadline_ms) {
+            (PgState::Starting { .. }, _) => d(
+                Action::Demote,
+                "the lease is about to expire while postgres starts as the primary: stopping it before others may promote",
+            ),
+            (_, None) => d(Action::Idle, "named in the leader key but holding no lease: waiting to adopt it or see it expire"),
+            (_, Some(_)) => {
+                d(Action::Renew, "the lease is about to expire: renewing it before starting or promoting postgres")
+            }
+        };
     }
 
     match &c.leader {
