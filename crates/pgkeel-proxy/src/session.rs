@@ -695,6 +695,15 @@ struct Session {
     slots: (Option<OwnedSemaphorePermit>, Arc<()>),
 }
 
+/// What [`Session::route_now`] found.
+enum Now {
+    Attached(Box<Attached>),
+    /// Only a free slot in this pool is missing: wait for one ([`Session::queue`]).
+    Queue(Arc<Pool>),
+    /// Take the full path ([`Session::route`]).
+    Slow,
+}
+
 enum Event {
     ClientRead(std::io::Result<usize>),
     ClientWrote(std::io::Result<usize>),
@@ -1334,31 +1343,40 @@ impl Session {
     /// new transactions are not held, the unit goes to the primary, a pool slot and an idle
     /// connection to the current primary are free, and the client's settings are in force on
     /// that connection. `None`: take the full path.
-    fn route_now(&mut self, class: Class) -> Option<Box<Attached>> {
+    ///
+    /// `queued`: a permit the client already waited for ([`Session::queue`]) and since when.
+    fn route_now(&mut self, class: Class, queued: Option<(OwnedSemaphorePermit, Instant)>) -> Now {
         let wants_replica = match self.mode {
             RouteMode::Primary => false,
             RouteMode::Replica => true,
             RouteMode::Auto => class == Class::Read,
         };
         if wants_replica || self.shared.hold.is_closed() || self.shared.draining() || self.server_auth.is_none() {
-            return None;
+            return Now::Slow;
         }
-        let pool = self.pool.clone()?;
+        let Some(pool) = self.pool.clone() else { return Now::Slow };
         // As in `route`: counted before the gate is checked again.
         let unit = self.shared.inflight.enter();
         if self.shared.hold.is_closed() {
-            return None;
+            return Now::Slow;
         }
-        let permit = pool.try_permit()?;
+        let (permit, waited) = match queued {
+            Some((p, since)) => (p, since.elapsed()),
+            None => match pool.try_permit() {
+                Some(p) => (p, Duration::ZERO),
+                None => return Now::Queue(pool),
+            },
+        };
         let conn = {
             let topo = self.shared.topology.borrow();
-            let primary = topo.primary.as_ref()?;
-            pool.take_idle(topo.newest_term.max(primary.term))?
+            let Some(primary) = topo.primary.as_ref() else { return Now::Slow };
+            pool.take_idle(topo.newest_term.max(primary.term))
         };
+        let Some(conn) = conn else { return Now::Slow };
         if self.desired.differing(&conn.params).next().is_some() {
             // Settings to replay first: the full path does that.
             pool.put_back(conn, permit);
-            return None;
+            return Now::Slow;
         }
         let mut att = Attached::new(conn, permit, pool);
         if let Some(info) = &self.info {
@@ -1367,8 +1385,16 @@ impl Session {
         if self.cfg.pool_mode == PoolMode::Transaction {
             att.unit = Some(unit);
         }
-        att.pool.stats.observe_wait(Duration::ZERO);
-        Some(att)
+        att.pool.stats.observe_wait(waited);
+        Now::Attached(att)
+    }
+
+    /// [`Session::route_now`]'s case when every server connection of the pool is in use
+    /// (with more clients than `pool_size`, most transactions): waits in the pool's queue
+    /// ([`Session::permit`]) without the full path's other steps, and says since when.
+    async fn queue(&mut self, pool: &Pool) -> Result<(OwnedSemaphorePermit, Instant), Fail> {
+        let since = Instant::now();
+        Ok((self.permit(pool).await?, since))
     }
 
     /// Waits while new transactions are held (`PAUSE`, see [`Gate`]), at most
@@ -1986,9 +2012,17 @@ impl Session {
                 self.flush().await?;
                 // Boxed, as the release below: their futures (timeouts, server queries) would
                 // otherwise be part of every session's future, idle or not.
-                let att = match self.route_now(class) {
-                    Some(att) => att,
-                    None => Box::pin(self.route(class)).await?,
+                let att = match self.route_now(class, None) {
+                    Now::Attached(att) => att,
+                    Now::Queue(pool) => {
+                        let queued = self.queue(&pool).await?;
+                        match self.route_now(class, Some(queued)) {
+                            Now::Attached(att) => att,
+                            // Something changed while it waited (a new primary, a pause, ...).
+                            _ => Box::pin(self.route(class)).await?,
+                        }
+                    }
+                    Now::Slow => Box::pin(self.route(class)).await?,
                 };
                 self.attached = Some(att);
                 continue;

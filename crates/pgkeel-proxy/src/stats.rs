@@ -2,7 +2,7 @@
 //! counters are atomics, a client waiting for a server connection is recorded only when it
 //! actually has to wait, and the admission [`Gate`] is a watch channel.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,8 +28,9 @@ pub struct PoolStats {
     /// Wait-time histogram: `wait_buckets[i]` counts waits of at most `WAIT_BUCKETS[i]`
     /// seconds (not cumulative); the last one counts the longer waits.
     pub wait_buckets: [AtomicU64; WAIT_BUCKETS.len() + 1],
-    /// Clients waiting for a permit of this pool right now, with when each started.
-    waiters: Mutex<HashMap<u64, Instant>>,
+    /// Clients waiting for a permit of this pool right now, with when each started, oldest
+    /// first. Permits go to waiters in order, so a wait usually ends at the front.
+    waiters: Mutex<VecDeque<(u64, Instant)>>,
     next_waiter: AtomicU64,
 }
 
@@ -46,14 +47,14 @@ impl PoolStats {
     /// Marks a client as waiting until the guard is dropped.
     pub fn waiting(&self) -> Waiting<'_> {
         let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
-        self.waiters.lock().unwrap_or_else(PoisonError::into_inner).insert(id, Instant::now());
+        self.waiters.lock().unwrap_or_else(PoisonError::into_inner).push_back((id, Instant::now()));
         Waiting { stats: self, id }
     }
 
     /// (clients waiting, longest current wait).
     pub fn waiters(&self) -> (usize, Duration) {
         let w = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
-        let longest = w.values().min().map_or(Duration::ZERO, |t| t.elapsed());
+        let longest = w.front().map_or(Duration::ZERO, |(_, t)| t.elapsed());
         (w.len(), longest)
     }
 
@@ -94,7 +95,10 @@ pub struct Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.stats.waiters.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+        let mut w = self.stats.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = w.iter().position(|(id, _)| *id == self.id) {
+            w.remove(i);
+        }
     }
 }
 
