@@ -1342,7 +1342,8 @@ impl Session {
     /// [`Session::route`]'s common case, without waiting (and without allocating its future):
     /// new transactions are not held, the unit goes to the primary, a pool slot and an idle
     /// connection to the current primary are free, and the client's settings are in force on
-    /// that connection. `None`: take the full path.
+    /// that connection. Otherwise [`Now::Queue`] when only a pool slot is missing, else
+    /// [`Now::Slow`]: take the full path.
     ///
     /// `queued`: a permit the client already waited for ([`Session::queue`]) and since when.
     fn route_now(&mut self, class: Class, queued: Option<(OwnedSemaphorePermit, Instant)>) -> Now {
