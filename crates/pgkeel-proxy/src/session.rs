@@ -1368,21 +1368,14 @@ impl Session {
                 None => return Now::Queue(pool),
             },
         };
-        let conn = {
-            let topo = self.shared.topology.borrow();
-            let Some(primary) = topo.primary.as_ref() else { return Now::Slow };
-            pool.take_idle(topo.newest_term.max(primary.term))
-        };
-        let Some(conn) = conn else { return Now::Slow };
+        let Some(conn) = self.idle_primary_conn(&pool) else { return Now::Slow };
         if self.desired.differing(&conn.params).next().is_some() {
             // Settings to replay first: the full path does that.
             pool.put_back(conn, permit);
             return Now::Slow;
         }
         let mut att = Attached::new(conn, permit, pool);
-        if let Some(info) = &self.info {
-            info.cancel.set(att.conn.cancel_target());
-        }
+        self.set_cancel(att.conn.cancel_target());
         if self.cfg.pool_mode == PoolMode::Transaction {
             att.unit = Some(unit);
         }
@@ -1624,10 +1617,16 @@ impl Session {
         if let Err(e) = self.sync_params(&mut att).await {
             return Ok(Err(format!("cannot apply the session settings: {e}")));
         }
-        if let Some(info) = &self.info {
-            info.cancel.set(att.conn.cancel_target());
-        }
+        self.set_cancel(att.conn.cancel_target());
         Ok(Ok(att))
+    }
+
+    /// An idle connection of `pool` to the current primary, if there is one (usually): taken
+    /// without copying the topology.
+    fn idle_primary_conn(&self, pool: &Pool) -> Option<Box<ServerConn>> {
+        let topo = self.shared.topology.borrow();
+        let primary = topo.primary.as_ref()?;
+        pool.take_idle(topo.newest_term.max(primary.term))
     }
 
     /// Takes a primary connection for this client: waits for a pool slot (at most
@@ -1640,13 +1639,7 @@ impl Session {
         }
         let waited = Instant::now();
         let permit = self.permit(&pool).await?;
-        // Usually an idle connection to the current primary is there: take it without copying
-        // the topology.
-        let idle = {
-            let topo = self.shared.topology.borrow();
-            topo.primary.as_ref().and_then(|p| pool.take_idle(topo.newest_term.max(p.term)))
-        };
-        let conn = match idle {
+        let conn = match self.idle_primary_conn(&pool) {
             Some(c) => c,
             None => Box::pin(self.connect_primary(&pool)).await?,
         };
@@ -1654,9 +1647,7 @@ impl Session {
         if let Err(e) = self.sync_params(&mut att).await {
             return Err(Fail::new(sqlstate::CONNECTION_FAILURE, format!("cannot apply the session settings: {e}")));
         }
-        if let Some(info) = &self.info {
-            info.cancel.set(att.conn.cancel_target());
-        }
+        self.set_cancel(att.conn.cancel_target());
         let waited = waited.elapsed();
         if waited > Duration::from_millis(500) {
             tracing::info!(client = %self.peer, waited_ms = waited.as_millis() as u64, server = ?att.conn, "attached after a wait");
