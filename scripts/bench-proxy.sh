@@ -13,7 +13,8 @@
 # whose order alternates, so load changes on the machine hit them alike; a single run on a
 # busy 2-core machine varies by +-15 %. The table gives each target's mean tps over the
 # rounds and its p99 over all of their transactions, then each round's pgkeel/PgBouncer
-# ratio. Postgres is a 1-member `pgkeel up` cluster (the proxy follows the cluster's DCS),
+# ratio and a 95 % confidence interval of the typical ratio (from 2 rounds on; more rounds
+# narrow it). Postgres is a 1-member `pgkeel up` cluster (the proxy follows the cluster's DCS),
 # max_connections = 600, pgbench scale 10.
 #
 #   scripts/bench-proxy.sh
@@ -275,7 +276,7 @@ echo "== load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "proxy benchmark, $(date -u +%Y-%m-%d), $machine"
 python3 - "$W" <<'EOF'
-import glob, sys
+import glob, math, sys
 w = sys.argv[1]
 rows = [l.split() for l in open(f"{w}/results") if l.strip()]
 # (mode, clients, target) -> {round: tps}; CPU seconds summed over the rounds.
@@ -305,9 +306,26 @@ def show(v):
     return f"{v:.0f}" if v else "-"
 
 
+# Two-sided 95 % Student t quantiles by degrees of freedom (beyond 30: about 2.0).
+T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11,
+       2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]
+
+
+def interval(ratios):
+    """The 95 % confidence interval of the typical per-round ratio (geometric mean, t on the
+    logs): the rounds are paired, so load drifts on the machine cancel out of each ratio."""
+    if len(ratios) < 2:
+        return "-"
+    logs = [math.log(r) for r in ratios]
+    m = sum(logs) / len(logs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in logs) / (len(logs) - 1))
+    h = T95[min(len(logs) - 2, len(T95) - 1)] * sd / math.sqrt(len(logs))
+    return f"{math.exp(m - h):.2f}-{math.exp(m + h):.2f}"
+
+
 print("| mode | clients | direct tps | PgBouncer tps | pgkeel tps | direct p99 ms | PgBouncer p99 ms | pgkeel p99 ms "
-      "| pgkeel/PgBouncer tps | per round | CPU s PgBouncer / pgkeel |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+      "| pgkeel/PgBouncer tps | per round | 95 % CI | CPU s PgBouncer / pgkeel |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 seen = []
 for r in rows:
     if (r[0], r[1]) not in seen:
@@ -316,10 +334,12 @@ for mode, clients in seen:
     d, b, k = (mean((mode, clients, t)) for t in ("direct", "pgbouncer", "pgkeel"))
     ratio = f"{k / b:.2f}" if b and k else "-"
     bt, kt = tps.get((mode, clients, "pgbouncer"), {}), tps.get((mode, clients, "pgkeel"), {})
-    rounds = " ".join(f"{kt[r] / bt[r]:.2f}" for r in sorted(kt, key=int) if r in bt) or "-"
+    paired = [kt[r] / bt[r] for r in sorted(kt, key=int) if r in bt and bt[r] and kt[r]]
+    rounds = " ".join(f"{x:.2f}" for x in paired) or "-"
     c = [f"{cpu[(mode, clients, t)]:.1f}" if (mode, clients, t) in cpu else "-" for t in ("pgbouncer", "pgkeel")]
     print(f"| {mode} | {clients} | {show(d)} | {show(b)} | {show(k)} | {p99(mode, clients, 'direct')} "
-          f"| {p99(mode, clients, 'pgbouncer')} | {p99(mode, clients, 'pgkeel')} | {ratio} | {rounds} | {c[0]} / {c[1]} |")
+          f"| {p99(mode, clients, 'pgbouncer')} | {p99(mode, clients, 'pgkeel')} | {ratio} | {rounds} | {interval(paired)} "
+          f"| {c[0]} / {c[1]} |")
 EOF
 if [ "$IDLE" -gt 0 ]; then
     python3 - "$IDLE" "${RSS_BEFORE[pgbouncer]}" "${RSS_WITH[pgbouncer]}" "${RSS_BEFORE[pgkeel]}" "${RSS_WITH[pgkeel]}" <<'EOF'
