@@ -194,6 +194,8 @@ pub struct CancelTarget {
     pub pid: i32,
     /// The cancel key secret.
     pub secret: Bytes,
+    /// The connection uses TLS, so the cancel request (which carries the key) does too.
+    pub tls: bool,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -473,6 +475,7 @@ impl ServerConn {
                     address: self.address.clone(),
                     pid: *pid,
                     secret: secret.clone(),
+                    tls: self.stream.is_tls(),
                 });
                 self.cancel = Some(c.clone());
                 Some(c)
@@ -498,17 +501,120 @@ fn unexpected(at: &str, what: &str) -> ConnectError {
     ConnectError::Retry(format!("{at}: unexpected answer during login: {what}"))
 }
 
-/// Sends a CancelRequest for `pid`/`secret` to `address` (best effort).
-pub async fn send_cancel(address: &str, pid: i32, secret: Bytes) -> std::io::Result<()> {
-    let mut stream = TcpStream::connect(address).await?;
+/// Sends a CancelRequest for `target`'s backend (best effort). Over TLS (negotiated with
+/// `tls`, the `server_tls` in force) when the connection it cancels uses TLS, so the cancel key
+/// never crosses the network in plaintext where the session itself does not. Gives up after
+/// [`CANCEL_TIMEOUT`].
+pub async fn send_cancel(target: &CancelTarget, tls: &ServerTls) -> Result<(), String> {
+    match tokio::time::timeout(CANCEL_TIMEOUT, cancel_once(target, tls)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {CANCEL_TIMEOUT:?}")),
+    }
+}
+
+/// How long forwarding one cancel request may take (connect, TLS, send).
+pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn cancel_once(target: &CancelTarget, tls: &ServerTls) -> Result<(), String> {
+    let at = format!("the server {}", target.address);
+    let tcp = TcpStream::connect(&target.address).await.map_err(|e| format!("cannot connect to {at}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let mut stream = if target.tls {
+        negotiate_tls(tcp, tls, &target.address, &at).await.map_err(|e| e.to_string())?
+    } else {
+        Stream::Plain(tcp)
+    };
     let mut out = BytesMut::new();
-    StartupPacket::CancelRequest(crate::protocol::CancelRequest { pid, secret_key: secret }).encode(&mut out);
-    stream.write_all(&out).await?;
-    // The server closes the connection after reading the request.
-    let mut sink = [0u8; 16];
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
+    StartupPacket::CancelRequest(crate::protocol::CancelRequest { pid: target.pid, secret_key: target.secret.clone() })
+        .encode(&mut out);
+    stream.send(&out).await.map_err(|e| format!("cannot send the cancel request to {at}: {e}"))?;
+    // The server closes the connection after reading the request: wait for that, so the
+    // request is read before this returns.
+    let mut sink = BytesMut::with_capacity(64);
+    let _ = std::future::poll_fn(|cx| stream.poll_read_bytes(cx, &mut sink)).await;
     Ok(())
 }
 
 /// SQLSTATE of "the server connection is gone".
 pub const LOST: &str = sqlstate::CONNECTION_FAILURE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::net::TcpListener;
+
+    /// A server that accepts one connection, upgrades it to TLS when asked (with `acceptor`),
+    /// and returns the first 16 bytes after that and whether they came over TLS.
+    async fn one_cancel(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> (bool, [u8; 16]) {
+        let (mut tcp, _) = listener.accept().await.expect("accept");
+        let mut first = [0u8; 8];
+        tcp.read_exact(&mut first).await.expect("first 8 bytes");
+        let mut request = [0u8; 16];
+        if first == [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f] {
+            tcp.write_all(b"S").await.expect("answer S");
+            let mut tls = acceptor.accept(tcp).await.expect("TLS handshake");
+            tls.read_exact(&mut request).await.expect("cancel request over TLS");
+            (true, request)
+        } else {
+            request[..8].copy_from_slice(&first);
+            tcp.read_exact(&mut request[8..]).await.expect("rest of the cancel request");
+            (false, request)
+        }
+    }
+
+    #[tokio::test]
+    async fn cancel_requests_use_tls_when_the_connection_does() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let tls = ServerTls {
+            mode: ServerTlsMode::Require,
+            connector: Some(crate::tls::connector(ServerTlsMode::Require, None).expect("connector")),
+        };
+        let want = {
+            let mut b = BytesMut::new();
+            StartupPacket::CancelRequest(crate::protocol::CancelRequest {
+                pid: 4242,
+                secret_key: Bytes::from_static(&[1, 2, 3, 4]),
+            })
+            .encode(&mut b);
+            b
+        };
+        for over_tls in [true, false] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let address = listener.local_addr().expect("address").to_string();
+            let server = tokio::spawn(one_cancel(listener, acceptor.clone()));
+            let target = CancelTarget { address, pid: 4242, secret: Bytes::from_static(&[1, 2, 3, 4]), tls: over_tls };
+            send_cancel(&target, &tls).await.expect("sent");
+            let (used_tls, request) = tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .expect("the server got the request in time")
+                .expect("server task");
+            assert_eq!(used_tls, over_tls, "TLS exactly when the cancelled connection uses it");
+            assert_eq!(&request[..], &want[..], "the cancel request, key included");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancel_to_a_server_that_is_gone_is_an_error_naming_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        drop(listener);
+        let target = CancelTarget { address: address.clone(), pid: 1, secret: Bytes::from_static(&[0; 4]), tls: false };
+        let err = send_cancel(&target, &ServerTls::disabled()).await.expect_err("nothing listens");
+        assert!(err.contains(&address) && err.contains("cannot connect"), "{err}");
+    }
+}

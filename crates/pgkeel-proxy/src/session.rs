@@ -845,7 +845,7 @@ impl Session {
                 StartupPacket::CancelRequest(c) => {
                     if let Some((t, _in_flight)) = self.shared.cancel_target(c.pid, &c.secret_key) {
                         tracing::info!(client_pid = c.pid, server = %t.address, server_pid = t.pid, "forwarding a cancel request");
-                        if let Err(e) = crate::server::send_cancel(&t.address, t.pid, t.secret.clone()).await {
+                        if let Err(e) = crate::server::send_cancel(&t, &self.shared.server_tls()).await {
                             tracing::warn!(server = %t.address, error = %e, "cannot forward a cancel request");
                         }
                     }

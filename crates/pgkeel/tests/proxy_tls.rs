@@ -110,7 +110,7 @@ async fn up_cluster_uses_tls_on_both_sides() {
 }
 
 const PSYCOPG_SCRIPT: &str = r#"
-import json, sys
+import json, sys, threading, time
 import psycopg
 
 dsn, suffix = sys.argv[1], sys.argv[2]
@@ -153,6 +153,33 @@ with psycopg.connect(dsn, autocommit=True) as conn:
     cur.execute(f"select count(*), sum(id) from {t}")
     out["after_copy"] = [int(v) for v in cur.fetchone()]
     cur.execute(f"drop table {t}")
+
+# A cancel request (libpq's, plaintext to the proxy) stops this client's running query; the
+# proxy forwards it to the server over TLS, as the session itself.
+with psycopg.connect(dsn, autocommit=True) as sleeper:
+    def cancel_once_running():
+        with psycopg.connect(dsn, autocommit=True) as watcher:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                running = watcher.execute(
+                    "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'"
+                ).fetchone()[0]
+                if running:
+                    sleeper.cancel()
+                    return
+                time.sleep(0.05)
+
+    canceller = threading.Thread(target=cancel_once_running)
+    canceller.start()
+    started = time.monotonic()
+    try:
+        sleeper.execute("select pg_sleep(30)")
+        out["cancel"] = "not cancelled"
+    except psycopg.errors.QueryCanceled as e:
+        out["cancel"] = e.sqlstate
+    out["cancelled_in_time"] = time.monotonic() - started < 25
+    canceller.join()
+    out["after_cancel"] = sleeper.execute("select 7").fetchone()[0]
 print(json.dumps(out, sort_keys=True))
 "#;
 
@@ -174,7 +201,7 @@ async fn run_psycopg(python: &Path, dsn: &str, suffix: &str) -> String {
 }
 
 /// psycopg 3 (libpq underneath): queries, transactions, server-side prepared statements
-/// (`prepare=True`), COPY in and out, over TLS; the same answers through the proxy as
+/// (`prepare=True`), COPY in and out, a cancel request, over TLS; the same answers through the proxy as
 /// directly. Needs /opt/pgkeel-test-venv with psycopg (`scripts/install-deps.sh --test`); skipped
 /// with a message without it, except under CI, where it must run.
 async fn psycopg_through_the_proxy(proxy_dsn: &str, node_dsn: &str) {
@@ -194,6 +221,7 @@ async fn psycopg_through_the_proxy(proxy_dsn: &str, node_dsn: &str) {
     assert!(via_proxy.contains("\"tls\": true"), "{via_proxy}");
     assert!(via_proxy.contains("\"copy_count\": 1002"), "{via_proxy}");
     assert!(via_proxy.contains("\"dup\": \"23505\""), "{via_proxy}");
+    assert!(via_proxy.contains("\"cancel\": \"57014\""), "{via_proxy}");
     assert_eq!(via_proxy, direct, "psycopg gets the same answers through the proxy as directly");
 }
 
