@@ -162,8 +162,13 @@ impl Pool {
 
     /// Returns a clean connection to the pool, then releases the permit.
     pub fn put_back(&self, conn: Box<ServerConn>, permit: OwnedSemaphorePermit) {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
+        self.put_idle(conn);
         drop(permit);
+    }
+
+    /// Returns a clean connection to the pool; its permit stays with the caller.
+    pub fn put_idle(&self, conn: Box<ServerConn>) {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
     }
 
     /// Closes idle connections opened under a term older than `term`; returns how many.

@@ -700,8 +700,9 @@ enum Now {
     Attached(Box<Attached>),
     /// Only a free slot in this pool is missing: wait for one ([`Session::queue`]).
     Queue(Arc<Pool>),
-    /// Take the full path ([`Session::route`]).
-    Slow,
+    /// Take the full path ([`Session::route`]), with the pool slot already held, if any: a
+    /// client that waited for it keeps its turn.
+    Slow(Option<(OwnedSemaphorePermit, Instant)>),
 }
 
 enum Event {
@@ -1134,7 +1135,7 @@ impl Session {
         if session_mode || pool.welcome().is_none() {
             self.flush().await?;
             let class = if self.mode == RouteMode::Replica { Class::Read } else { Class::Write };
-            let att = self.route(class).await?;
+            let att = self.route(class, None).await?;
             self.attached = Some(att);
         }
         match pool.welcome() {
@@ -1295,8 +1296,19 @@ impl Session {
 
     /// A server connection for a unit of `class`: a replica for reads (in the auto mode; for
     /// everything in the replica mode) when one is eligible, else the primary.
-    async fn route(&mut self, class: Class) -> Result<Box<Attached>, Fail> {
-        let started = Instant::now();
+    ///
+    /// `slot`: a slot of the client's primary pool it already holds ([`Now::Slow`]) and since
+    /// when it waited for it; given up if new transactions are held meanwhile.
+    async fn route(
+        &mut self,
+        class: Class,
+        slot: Option<(OwnedSemaphorePermit, Instant)>,
+    ) -> Result<Box<Attached>, Fail> {
+        let started = slot.as_ref().map_or_else(Instant::now, |(_, since)| *since);
+        let mut slot = slot.map(|(p, _)| p);
+        if self.shared.hold.is_closed() {
+            slot = None;
+        }
         self.hold().await?;
         // Counted before the gate is checked again, so a switchover's drain sees this unit or
         // this unit sees the closed gate.
@@ -1330,7 +1342,7 @@ impl Session {
         }
         let mut att = match att {
             Some(a) => a,
-            None => self.attach_primary().await?,
+            None => self.attach_primary(slot).await?,
         };
         if att.conn.role == ServerRole::Primary && self.cfg.pool_mode == PoolMode::Transaction {
             att.unit = Some(unit);
@@ -1343,7 +1355,7 @@ impl Session {
     /// new transactions are not held, the unit goes to the primary, a pool slot and an idle
     /// connection to the current primary are free, and the client's settings are in force on
     /// that connection. Otherwise [`Now::Queue`] when only a pool slot is missing, else
-    /// [`Now::Slow`]: take the full path.
+    /// [`Now::Slow`]: take the full path (in the slot taken, if one was).
     ///
     /// `queued`: a permit the client already waited for ([`Session::queue`]) and since when.
     fn route_now(&mut self, class: Class, queued: Option<(OwnedSemaphorePermit, Instant)>) -> Now {
@@ -1353,33 +1365,33 @@ impl Session {
             RouteMode::Auto => class == Class::Read,
         };
         if wants_replica || self.shared.hold.is_closed() || self.shared.draining() || self.server_auth.is_none() {
-            return Now::Slow;
+            return Now::Slow(None);
         }
-        let Some(pool) = self.pool.clone() else { return Now::Slow };
+        let Some(pool) = self.pool.clone() else { return Now::Slow(None) };
         // As in `route`: counted before the gate is checked again.
         let unit = self.shared.inflight.enter();
         if self.shared.hold.is_closed() {
-            return Now::Slow;
+            return Now::Slow(None);
         }
-        let (permit, waited) = match queued {
-            Some((p, since)) => (p, since.elapsed()),
+        let (permit, since) = match queued {
+            Some(q) => q,
             None => match pool.try_permit() {
-                Some(p) => (p, Duration::ZERO),
+                Some(p) => (p, Instant::now()),
                 None => return Now::Queue(pool),
             },
         };
-        let Some(conn) = self.idle_primary_conn(&pool) else { return Now::Slow };
+        let Some(conn) = self.idle_primary_conn(&pool) else { return Now::Slow(Some((permit, since))) };
         if self.desired.differing(&conn.params).next().is_some() {
-            // Settings to replay first: the full path does that.
-            pool.put_back(conn, permit);
-            return Now::Slow;
+            // Settings to replay first: the full path does that, in the slot held.
+            pool.put_idle(conn);
+            return Now::Slow(Some((permit, since)));
         }
         let mut att = Attached::new(conn, permit, pool);
         self.set_cancel(att.conn.cancel_target());
         if self.cfg.pool_mode == PoolMode::Transaction {
             att.unit = Some(unit);
         }
-        att.pool.stats.observe_wait(waited);
+        att.pool.stats.observe_wait(since.elapsed());
         Now::Attached(att)
     }
 
@@ -1632,13 +1644,17 @@ impl Session {
     /// Takes a primary connection for this client: waits for a pool slot (at most
     /// `query_wait_timeout`), then for a running primary (at most `failover_hold_timeout`),
     /// then replays the client's settings on it.
-    async fn attach_primary(&mut self) -> Result<Box<Attached>, Fail> {
+    /// `slot`: a pool slot the client already holds.
+    async fn attach_primary(&mut self, slot: Option<OwnedSemaphorePermit>) -> Result<Box<Attached>, Fail> {
         let pool = self.pool.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "no pool"))?;
         if self.server_auth.is_none() {
             return Err(Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"));
         }
         let waited = Instant::now();
-        let permit = self.permit(&pool).await?;
+        let permit = match slot {
+            Some(p) => p,
+            None => self.permit(&pool).await?,
+        };
         let conn = match self.idle_primary_conn(&pool) {
             Some(c) => c,
             None => Box::pin(self.connect_primary(&pool)).await?,
@@ -2004,17 +2020,19 @@ impl Session {
                 self.flush().await?;
                 // Boxed, as the release below: their futures (timeouts, server queries) would
                 // otherwise be part of every session's future, idle or not.
-                let att = match self.route_now(class, None) {
-                    Now::Attached(att) => att,
+                let now = match self.route_now(class, None) {
                     Now::Queue(pool) => {
                         let queued = self.queue(&pool).await?;
-                        match self.route_now(class, Some(queued)) {
-                            Now::Attached(att) => att,
-                            // Something changed while it waited (a new primary, a pause, ...).
-                            _ => Box::pin(self.route(class)).await?,
-                        }
+                        self.route_now(class, Some(queued))
                     }
-                    Now::Slow => Box::pin(self.route(class)).await?,
+                    now => now,
+                };
+                let att = match now {
+                    Now::Attached(att) => att,
+                    // Something changed while it waited (a new primary, a pause, ...), or the
+                    // client's settings must be replayed first.
+                    Now::Slow(slot) => Box::pin(self.route(class, slot)).await?,
+                    Now::Queue(_) => Box::pin(self.route(class, None)).await?,
                 };
                 self.attached = Some(att);
                 continue;
