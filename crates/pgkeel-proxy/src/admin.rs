@@ -175,7 +175,7 @@ pub fn show_pools(shared: &Shared) -> Table {
     ]);
     for p in shared.pools.all() {
         let (in_use, idle, size) = p.counts();
-        let (waiting, longest) = p.stats.waiters();
+        let (waiting, longest) = p.waiters();
         t.rows.push(vec![
             p.key.database.clone(),
             p.key.user.clone(),

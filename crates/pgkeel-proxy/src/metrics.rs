@@ -80,7 +80,7 @@ pub fn sample(shared: &Shared) -> Sample {
                 target,
                 route,
                 clients_active: in_use,
-                clients_waiting: p.stats.waiters().0,
+                clients_waiting: p.waiters().0,
                 servers_active: in_use,
                 servers_idle: idle,
                 size,

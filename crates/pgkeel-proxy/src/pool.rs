@@ -1,20 +1,27 @@
 //! Server connections per (database, user).
 //!
-//! A pool holds at most `pool_size` server connections. A client takes a permit from the
-//! pool's semaphore (FIFO, so waiting clients are served in order) before it takes an idle
-//! connection or opens a new one, and the connection goes back to the idle list before the
-//! permit is released. So idle + in use never exceeds `pool_size`, and a client that cannot
-//! get a permit within `query_wait_timeout` gets an error instead of waiting forever.
+//! A pool holds at most `pool_size` server connections. A client takes one of the pool's
+//! slots ([`Slot`]) before it takes an idle connection or opens a new one, and the connection
+//! goes back to the idle list before the slot is given up. So idle + in use never exceeds
+//! `pool_size`.
+//!
+//! With more clients than `pool_size` (most transactions then wait), the slots are handed
+//! over directly: a slot given up goes to the client that has waited longest, under the one
+//! lock that also guards the idle list, and a newcomer never takes it first. A client that
+//! gets no slot within `query_wait_timeout` gets an error instead of waiting forever. The
+//! waits need no timer each: one watchdog task per pool sleeps until the earliest deadline
+//! of the clients waiting (see [`Pool::slot`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
-
-use tokio::sync::OwnedSemaphorePermit;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use crate::server::{ServerAuth, ServerConn, ServerRole};
-use crate::stats::{Limit, PoolStats};
+use crate::stats::PoolStats;
 use crate::tracked::Tracked as TrackedSettings;
 use crate::weak_list::WeakList;
 
@@ -53,12 +60,11 @@ pub struct PoolKey {
 pub struct Pool {
     /// Its identity.
     pub key: PoolKey,
-    /// `pool_size` permits; changed by a reload ([`Pool::resize`]).
-    limit: Limit,
-    /// Boxed although in a `Vec`: a connection moves between the pool and a client once per
-    /// transaction, and a box moves as a pointer.
-    #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<ServerConn>>>,
+    /// The slots, the clients waiting for one and the idle connections, under one lock.
+    state: Mutex<State>,
+    /// Wakes the watchdog ([`Pool::slot`]) when a client starts waiting with the earliest
+    /// deadline, or when the pool is dropped.
+    watchdog: Arc<tokio::sync::Notify>,
     /// Counters for the admin console and `/metrics`.
     pub stats: PoolStats,
     /// The pool's server connections that were ever attached to a client, for `SHOW SERVERS`
@@ -76,8 +82,14 @@ impl Pool {
     pub fn new(key: PoolKey, size: u32) -> Pool {
         Pool {
             key,
-            limit: Limit::new(size),
-            idle: Mutex::new(Vec::new()),
+            state: Mutex::new(State {
+                size,
+                held: 0,
+                idle: Vec::new(),
+                waiters: VecDeque::new(),
+                watchdog: Watchdog::None,
+            }),
+            watchdog: Arc::default(),
             stats: PoolStats::default(),
             attached: Mutex::default(),
             welcome: Mutex::new(None),
@@ -85,29 +97,122 @@ impl Pool {
         }
     }
 
-    /// A permit if one is free right now, without waiting (see [`Pool::permit`]).
-    pub fn try_permit(&self) -> Option<OwnedSemaphorePermit> {
-        self.limit.try_acquire()
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits for the right to use one server connection. A client that has to wait is
-    /// counted in [`PoolStats::waiters`] meanwhile.
-    pub async fn permit(&self) -> Option<OwnedSemaphorePermit> {
-        self.limit.acquire(|| self.stats.waiting()).await
+    /// A slot if one is free right now, without waiting (see [`Pool::slot`]).
+    pub fn try_slot(self: &Arc<Self>) -> Option<Slot> {
+        let mut s = self.lock();
+        if s.held < s.size {
+            s.held += 1;
+            return Some(Slot { pool: self.clone() });
+        }
+        None
     }
 
-    /// Changes the pool's size (a reload changed `pool_size`). Growing takes effect at once;
-    /// shrinking retires free permits now and busy ones as they come back, and closes idle
-    /// connections beyond the new size. Clients keep the connections they hold.
-    pub fn resize(&self, size: u32) {
-        let old = self.limit.size();
-        self.limit.resize(size);
-        if size < old {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            if idle.len() > size as usize {
-                let extra = idle.len() - size as usize;
-                idle.drain(..extra);
+    /// Waits for a slot, at most until `since + timeout`; `since` is when the client started
+    /// to need one (`SHOW POOLS` reports the longest current wait). Waiting clients are
+    /// served in order. Cancel-safe: a client that stops waiting leaves the queue, and a slot
+    /// handed to it meanwhile goes to the next one.
+    pub async fn slot(self: &Arc<Self>, since: Instant, timeout: Duration) -> Result<Slot, TimedOut> {
+        let waiter = {
+            let mut s = self.lock();
+            if s.held < s.size {
+                s.held += 1;
+                return Ok(Slot { pool: self.clone() });
             }
+            let deadline = since.checked_add(timeout).unwrap_or(since + Duration::from_secs(86_400 * 365));
+            let waiter = Arc::new(Waiter { since, deadline, state: Mutex::new(Wait::Queued(None)) });
+            s.waiters.push_back(waiter.clone());
+            match s.watchdog {
+                Watchdog::None => {
+                    s.watchdog = Watchdog::At(deadline);
+                    tokio::spawn(watchdog(Arc::downgrade(self), self.watchdog.clone()));
+                }
+                Watchdog::At(at) if at <= deadline => {}
+                // It sleeps until a later deadline, or until a client waits: wake it.
+                Watchdog::At(_) | Watchdog::Idle => {
+                    s.watchdog = Watchdog::At(deadline);
+                    self.watchdog.notify_one();
+                }
+            }
+            waiter
+        };
+        WaitSlot { pool: self, waiter, done: false }.await
+    }
+
+    /// Gives a slot up: to the client that has waited longest, if any.
+    fn release(self: &Arc<Self>) {
+        let mut s = self.lock();
+        if s.held <= s.size {
+            if let Some(w) = s.next_waiter() {
+                drop(s);
+                // The slot (s.held unchanged) is the waiter's now.
+                if let Some(waker) = w {
+                    waker.wake();
+                }
+                return;
+            }
+        }
+        s.held -= 1;
+    }
+
+    /// Times out the clients whose deadline passed; the earliest deadline of the others.
+    fn expire(&self, now: Instant) -> Option<Instant> {
+        let mut wake = Vec::new();
+        let mut s = self.lock();
+        s.waiters.retain(|w| {
+            if w.deadline > now {
+                return true;
+            }
+            let mut state = w.lock();
+            if let Wait::Queued(waker) = &mut *state {
+                wake.extend(waker.take());
+            }
+            *state = Wait::TimedOut;
+            false
+        });
+        let next = s.waiters.iter().map(|w| w.deadline).min();
+        s.watchdog = next.map_or(Watchdog::Idle, Watchdog::At);
+        drop(s);
+        for w in wake {
+            w.wake();
+        }
+        next
+    }
+
+    /// (clients waiting for a slot, the longest current wait).
+    pub fn waiters(&self) -> (usize, Duration) {
+        let s = self.lock();
+        let longest = s.waiters.front().map_or(Duration::ZERO, |w| w.since.elapsed());
+        (s.waiters.len(), longest)
+    }
+
+    /// Changes the pool's size (a reload changed `pool_size`). Growing takes effect at once
+    /// (waiting clients get the new slots); shrinking retires free slots now and busy ones
+    /// as they come back, and closes idle connections beyond the new size. Clients keep the
+    /// connections they hold.
+    pub fn resize(&self, size: u32) {
+        let mut wake = Vec::new();
+        let mut s = self.lock();
+        s.size = size;
+        while s.held < s.size {
+            match s.next_waiter() {
+                Some(w) => {
+                    s.held += 1;
+                    wake.extend(w);
+                }
+                None => break,
+            }
+        }
+        if s.idle.len() > size as usize {
+            let extra = s.idle.len() - size as usize;
+            s.idle.drain(..extra);
+        }
+        drop(s);
+        for w in wake {
+            w.wake();
         }
     }
 
@@ -138,20 +243,20 @@ impl Pool {
             .filter(|l| l.attached.load(Ordering::Relaxed))
             .map(|l| l.row.clone())
             .collect();
-        rows.extend(self.idle.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|c| ServerRow::of(c, "idle")));
+        rows.extend(self.lock().idle.iter().map(|c| ServerRow::of(c, "idle")));
         rows
     }
 
     /// The current size.
     pub fn size(&self) -> u32 {
-        self.limit.size()
+        self.lock().size
     }
 
     /// An idle connection opened under `term` or newer that still looks healthy; older or
     /// broken ones are closed on the way.
     pub fn take_idle(&self, min_term: u64) -> Option<Box<ServerConn>> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(c) = idle.pop() {
+        let mut s = self.lock();
+        while let Some(c) = s.idle.pop() {
             if c.term >= min_term && c.looks_idle() {
                 return Some(c);
             }
@@ -160,23 +265,17 @@ impl Pool {
         None
     }
 
-    /// Returns a clean connection to the pool, then releases the permit.
-    pub fn put_back(&self, conn: Box<ServerConn>, permit: OwnedSemaphorePermit) {
-        self.put_idle(conn);
-        drop(permit);
-    }
-
-    /// Returns a clean connection to the pool; its permit stays with the caller.
+    /// Returns a clean connection to the pool; its slot stays with the caller.
     pub fn put_idle(&self, conn: Box<ServerConn>) {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
+        self.lock().idle.push(conn);
     }
 
     /// Closes idle connections opened under a term older than `term`; returns how many.
     pub fn close_older_than(&self, term: u64) -> usize {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let before = idle.len();
-        idle.retain(|c| c.term >= term);
-        before - idle.len()
+        let mut s = self.lock();
+        let before = s.idle.len();
+        s.idle.retain(|c| c.term >= term);
+        before - s.idle.len()
     }
 
     /// The login parameters, once a server connection was opened.
@@ -214,8 +313,173 @@ impl Pool {
 
     /// (in use, idle, size) for logs.
     pub fn counts(&self) -> (usize, usize, u32) {
-        let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).len();
-        (self.limit.in_use(), idle, self.size())
+        let s = self.lock();
+        (s.held as usize, s.idle.len(), s.size)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Its watchdog ends.
+        self.watchdog.notify_one();
+    }
+}
+
+/// What a pool's watchdog ([`Pool::slot`]) does now.
+#[derive(Debug, Clone, Copy)]
+enum Watchdog {
+    /// Not started: no client has waited yet.
+    None,
+    /// Waits for a client to wait.
+    Idle,
+    /// Sleeps until then.
+    At(Instant),
+}
+
+/// A pool's slots, waiting clients and idle connections.
+#[derive(Debug)]
+struct State {
+    /// `pool_size`; changed by a reload ([`Pool::resize`]).
+    size: u32,
+    /// Slots held by clients. Above `size` after a shrink, until enough come back.
+    held: u32,
+    /// Boxed although in a `Vec`: a connection moves between the pool and a client once per
+    /// transaction, and a box moves as a pointer.
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<ServerConn>>,
+    /// The clients waiting for a slot, in order.
+    waiters: VecDeque<Arc<Waiter>>,
+    /// What the watchdog does.
+    watchdog: Watchdog,
+}
+
+impl State {
+    /// Hands a slot to the client that has waited longest: `Some` (its waker, if it has
+    /// polled yet) when there was one. The caller accounts for the slot.
+    fn next_waiter(&mut self) -> Option<Option<Waker>> {
+        let w = self.waiters.pop_front()?;
+        let mut state = w.lock();
+        let waker = match &mut *state {
+            Wait::Queued(waker) => waker.take(),
+            // Only queued waiters are in the list.
+            _ => None,
+        };
+        *state = Wait::Granted;
+        Some(waker)
+    }
+}
+
+/// One client waiting for a slot.
+#[derive(Debug)]
+struct Waiter {
+    since: Instant,
+    deadline: Instant,
+    state: Mutex<Wait>,
+}
+
+impl Waiter {
+    fn lock(&self) -> MutexGuard<'_, Wait> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[derive(Debug)]
+enum Wait {
+    /// In the pool's queue, with the waker to call.
+    Queued(Option<Waker>),
+    /// Handed a slot (out of the queue).
+    Granted,
+    /// Its deadline passed (out of the queue).
+    TimedOut,
+}
+
+/// No slot of the pool became free within the time allowed ([`Pool::slot`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimedOut;
+
+/// The right to use one of a pool's server connections; given up when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    pool: Arc<Pool>,
+}
+
+impl Slot {
+    /// The pool it is a slot of.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Returns a clean connection to the pool, then gives the slot up (to the client that
+    /// has waited longest, if any).
+    pub fn put_back(self, conn: Box<ServerConn>) {
+        self.pool.put_idle(conn);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.pool.release();
+    }
+}
+
+/// [`Pool::slot`]'s wait.
+struct WaitSlot<'a> {
+    pool: &'a Arc<Pool>,
+    waiter: Arc<Waiter>,
+    done: bool,
+}
+
+impl Future for WaitSlot<'_> {
+    type Output = Result<Slot, TimedOut>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let out = match &mut *self.waiter.lock() {
+            Wait::Queued(waker) => {
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+            Wait::Granted => Ok(Slot { pool: self.pool.clone() }),
+            Wait::TimedOut => Err(TimedOut),
+        };
+        self.done = true;
+        Poll::Ready(out)
+    }
+}
+
+impl Drop for WaitSlot<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut s = self.pool.lock();
+        let granted = matches!(*self.waiter.lock(), Wait::Granted);
+        if granted {
+            // Handed a slot it will not use: the next client's.
+            drop(s);
+            self.pool.release();
+        } else if let Some(i) = s.waiters.iter().position(|w| Arc::ptr_eq(w, &self.waiter)) {
+            s.waiters.remove(i);
+        }
+    }
+}
+
+/// Times out a pool's waiting clients ([`Pool::slot`]): sleeps until the earliest deadline
+/// among them, or until a client starts waiting with an earlier one. Ends with the pool.
+async fn watchdog(pool: Weak<Pool>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        let Some(next) = pool.upgrade().map(|p| p.expire(Instant::now())) else { return };
+        // A notification sent since `expire` looked is kept for `notified`.
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                    _ = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
     }
 }
 
@@ -333,6 +597,104 @@ mod tests {
     use super::*;
     use crate::scram::ClientCredential;
     use crate::server::ServerTls;
+
+    fn pool(size: u32) -> Arc<Pool> {
+        Arc::new(Pool::new(PoolKey { database: "db".into(), user: "app".into(), target: PoolTarget::Primary }, size))
+    }
+
+    type Waiting<'a> = Pin<Box<dyn Future<Output = Result<Slot, TimedOut>> + 'a>>;
+
+    fn wait(pool: &Arc<Pool>) -> Waiting<'_> {
+        Box::pin(pool.slot(Instant::now(), Duration::from_secs(60)))
+    }
+
+    /// Polls once: the slot if it was handed over.
+    fn poll(f: &mut Waiting<'_>) -> Option<Slot> {
+        match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(r) => Some(r.expect("no timeout here")),
+            Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn waiting_clients_get_slots_in_order_and_newcomers_do_not_jump_the_queue() {
+        let p = pool(1);
+        let a = p.try_slot().expect("a free slot");
+        let (mut w1, mut w2, mut w3) = (wait(&p), wait(&p), wait(&p));
+        for w in [&mut w1, &mut w2, &mut w3] {
+            assert!(poll(w).is_none());
+        }
+        assert_eq!(p.waiters().0, 3);
+        drop(a);
+        assert!(p.try_slot().is_none(), "the slot given up went to the first waiter, not to a newcomer");
+        assert!(poll(&mut w3).is_none() && poll(&mut w2).is_none());
+        let s1 = poll(&mut w1).expect("the longest waiter got it");
+        assert_eq!(p.waiters().0, 2);
+        assert_eq!(p.counts().0, 1, "one slot held all along");
+        drop(s1);
+        assert!(poll(&mut w3).is_none());
+        let s2 = poll(&mut w2).expect("then the second");
+        drop(s2);
+        let s3 = poll(&mut w3).expect("then the third");
+        drop(s3);
+        assert_eq!(p.counts().0, 0);
+        assert_eq!(p.waiters(), (0, Duration::ZERO));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_waiting_passes_its_slot_on() {
+        let p = pool(1);
+        let a = p.try_slot().expect("a free slot");
+        let (mut w1, mut w2, mut w3) = (wait(&p), wait(&p), wait(&p));
+        for w in [&mut w1, &mut w2, &mut w3] {
+            assert!(poll(w).is_none());
+        }
+        // The second leaves the queue (its client disconnected).
+        drop(w2);
+        assert_eq!(p.waiters().0, 2);
+        drop(a);
+        // The first was handed the slot but left before it looked: the third gets it.
+        drop(w1);
+        let s3 = poll(&mut w3).expect("the slot was passed on");
+        assert_eq!(p.counts().0, 1);
+        drop(s3);
+        assert_eq!(p.counts().0, 0);
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_with_an_error_at_its_deadline_even_behind_a_longer_one() {
+        let p = pool(1);
+        let a = p.try_slot().expect("a free slot");
+        let mut long = wait(&p);
+        assert!(poll(&mut long).is_none());
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), p.slot(started, Duration::from_millis(50))).await;
+        assert!(matches!(r, Ok(Err(TimedOut))), "the short wait timed out on its own: {r:?}");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(50), "not before its deadline: {took:?}");
+        assert_eq!(p.waiters().0, 1, "the timed-out client left the queue");
+        drop(a);
+        assert!(poll(&mut long).is_some(), "the longer wait still gets the slot");
+    }
+
+    #[tokio::test]
+    async fn resizing_hands_new_slots_to_waiters_and_retires_returned_ones() {
+        let p = pool(1);
+        let a = p.try_slot().expect("a free slot");
+        let mut w1 = wait(&p);
+        assert!(poll(&mut w1).is_none());
+        p.resize(2);
+        let b = poll(&mut w1).expect("growing served the waiter");
+        assert_eq!(p.counts(), (2, 0, 2));
+        p.resize(1);
+        let mut w2 = wait(&p);
+        assert!(poll(&mut w2).is_none());
+        drop(a);
+        assert!(poll(&mut w2).is_none(), "a slot coming back above the new size is retired");
+        assert_eq!(p.counts(), (1, 0, 1));
+        drop(b);
+        assert!(poll(&mut w2).is_some(), "the next one goes to the waiter");
+    }
 
     #[test]
     fn clients_with_the_same_login_share_one_server_auth() {

@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::config::{ClientTlsMode, LoadBalance, NoReplica, PoolMode, ProxyConfig};
-use crate::pool::{Pool, PoolKey, PoolTarget, Pools};
+use crate::pool::{Pool, PoolKey, PoolTarget, Pools, Slot, TimedOut};
 use crate::prepared::{self, StmtDef};
 use crate::protocol::{
     sqlstate, AuthExpect, Authentication, BackendMessage, ErrorFields, FieldDescription, Frame, FrontendDecoder,
@@ -440,9 +440,8 @@ struct Entry {
 struct Attached {
     /// Boxed, so that taking it from the pool and giving it back moves a pointer.
     conn: Box<ServerConn>,
-    permit: OwnedSemaphorePermit,
-    /// The pool it goes back to.
-    pool: Arc<Pool>,
+    /// Its pool slot, which knows the pool it goes back to.
+    slot: Slot,
     /// What the server still owes, in order.
     queue: VecDeque<Entry>,
     /// An extended-protocol batch was started and its Sync not sent yet.
@@ -462,16 +461,15 @@ struct Attached {
 }
 
 impl Attached {
-    fn new(mut conn: Box<ServerConn>, permit: OwnedSemaphorePermit, pool: Arc<Pool>) -> Box<Attached> {
+    fn new(mut conn: Box<ServerConn>, slot: Slot) -> Box<Attached> {
         let mut out = std::mem::take(&mut conn.spare_out);
         if out.capacity() == 0 {
             out.reserve(8192);
         }
         Box::new(Attached {
-            _tracked: pool.track(&mut conn),
+            _tracked: slot.pool().track(&mut conn),
             conn,
-            permit,
-            pool,
+            slot,
             queue: spares::take_queue(),
             open_batch: false,
             status: TransactionStatus::Idle,
@@ -508,7 +506,7 @@ impl Attached {
         self.out.clear();
         self.conn.spare_out = std::mem::take(&mut self.out);
         spares::give_queue(std::mem::take(&mut self.queue));
-        self.pool.put_back(self.conn, self.permit);
+        self.slot.put_back(self.conn);
     }
 }
 
@@ -702,7 +700,7 @@ enum Now {
     Queue(Arc<Pool>),
     /// Take the full path ([`Session::route`]), with the pool slot already held, if any: a
     /// client that waited for it keeps its turn.
-    Slow(Option<(OwnedSemaphorePermit, Instant)>),
+    Slow(Option<(Slot, Instant)>),
 }
 
 enum Event {
@@ -1299,11 +1297,7 @@ impl Session {
     ///
     /// `slot`: a slot of the client's primary pool it already holds ([`Now::Slow`]) and since
     /// when it waited for it; given up if new transactions are held meanwhile.
-    async fn route(
-        &mut self,
-        class: Class,
-        slot: Option<(OwnedSemaphorePermit, Instant)>,
-    ) -> Result<Box<Attached>, Fail> {
+    async fn route(&mut self, class: Class, slot: Option<(Slot, Instant)>) -> Result<Box<Attached>, Fail> {
         let started = slot.as_ref().map_or_else(Instant::now, |(_, since)| *since);
         let mut slot = slot.map(|(p, _)| p);
         if self.shared.hold.is_closed() {
@@ -1347,7 +1341,7 @@ impl Session {
         if att.conn.role == ServerRole::Primary && self.cfg.pool_mode == PoolMode::Transaction {
             att.unit = Some(unit);
         }
-        att.pool.stats.observe_wait(started.elapsed());
+        att.slot.pool().stats.observe_wait(started.elapsed());
         Ok(att)
     }
 
@@ -1357,8 +1351,8 @@ impl Session {
     /// that connection. Otherwise [`Now::Queue`] when only a pool slot is missing, else
     /// [`Now::Slow`]: take the full path (in the slot taken, if one was).
     ///
-    /// `queued`: a permit the client already waited for ([`Session::queue`]) and since when.
-    fn route_now(&mut self, class: Class, queued: Option<(OwnedSemaphorePermit, Instant)>) -> Now {
+    /// `queued`: a slot the client already waited for ([`Session::queue`]) and since when.
+    fn route_now(&mut self, class: Class, queued: Option<(Slot, Instant)>) -> Now {
         let wants_replica = match self.mode {
             RouteMode::Primary => false,
             RouteMode::Replica => true,
@@ -1367,40 +1361,40 @@ impl Session {
         if wants_replica || self.shared.hold.is_closed() || self.shared.draining() || self.server_auth.is_none() {
             return Now::Slow(None);
         }
-        let Some(pool) = self.pool.clone() else { return Now::Slow(None) };
+        let Some(pool) = self.pool.as_ref() else { return Now::Slow(None) };
         // As in `route`: counted before the gate is checked again.
         let unit = self.shared.inflight.enter();
         if self.shared.hold.is_closed() {
             return Now::Slow(None);
         }
-        let (permit, since) = match queued {
+        let (slot, since) = match queued {
             Some(q) => q,
-            None => match pool.try_permit() {
+            None => match pool.try_slot() {
                 Some(p) => (p, Instant::now()),
-                None => return Now::Queue(pool),
+                None => return Now::Queue(pool.clone()),
             },
         };
-        let Some(conn) = self.idle_primary_conn(&pool) else { return Now::Slow(Some((permit, since))) };
+        let Some(conn) = self.idle_primary_conn(pool) else { return Now::Slow(Some((slot, since))) };
         if self.desired.differing(&conn.params).next().is_some() {
             // Settings to replay first: the full path does that, in the slot held.
             pool.put_idle(conn);
-            return Now::Slow(Some((permit, since)));
+            return Now::Slow(Some((slot, since)));
         }
-        let mut att = Attached::new(conn, permit, pool);
+        let mut att = Attached::new(conn, slot);
         self.set_cancel(att.conn.cancel_target());
         if self.cfg.pool_mode == PoolMode::Transaction {
             att.unit = Some(unit);
         }
-        att.pool.stats.observe_wait(since.elapsed());
+        att.slot.pool().stats.observe_wait(since.elapsed());
         Now::Attached(att)
     }
 
     /// [`Session::route_now`]'s case when every server connection of the pool is in use
     /// (with more clients than `pool_size`, most transactions): waits in the pool's queue
-    /// ([`Session::permit`]) without the full path's other steps, and says since when.
-    async fn queue(&mut self, pool: &Pool) -> Result<(OwnedSemaphorePermit, Instant), Fail> {
+    /// ([`Session::slot`]) without the full path's other steps, and says since when.
+    async fn queue(&mut self, pool: &Arc<Pool>) -> Result<(Slot, Instant), Fail> {
         let since = Instant::now();
-        Ok((self.permit(pool).await?, since))
+        Ok((self.slot(pool, since).await?, since))
     }
 
     /// Waits while new transactions are held (`PAUSE`, see [`Gate`]), at most
@@ -1549,24 +1543,23 @@ impl Session {
         att.into_pool();
     }
 
-    /// Waits for a slot in `pool` (at most `query_wait_timeout`).
-    async fn permit(&self, pool: &Pool) -> Result<OwnedSemaphorePermit, Fail> {
-        // Usually a slot is free: take it without a timer.
-        if let Some(p) = pool.try_permit() {
+    /// Waits for a slot in `pool` (at most `query_wait_timeout` from `since`).
+    async fn slot(&self, pool: &Arc<Pool>, since: Instant) -> Result<Slot, Fail> {
+        // Usually a slot is free: take it without queueing.
+        if let Some(p) = pool.try_slot() {
             return Ok(p);
         }
         let cfg = self.shared.config();
         if let Some(i) = &self.info {
             i.waiting.store(true, Ordering::Relaxed);
         }
-        let permit = tokio::time::timeout(cfg.query_wait_timeout, pool.permit()).await;
+        let slot = pool.slot(since, cfg.query_wait_timeout).await;
         if let Some(i) = &self.info {
             i.waiting.store(false, Ordering::Relaxed);
         }
-        match permit {
-            Ok(Some(p)) => Ok(p),
-            Ok(None) => Err(Fail::new(sqlstate::ADMIN_SHUTDOWN, "the proxy is shutting down")),
-            Err(_) => {
+        match slot {
+            Ok(p) => Ok(p),
+            Err(TimedOut) => {
                 let (in_use, idle, size) = pool.counts();
                 let server = match &pool.key.target {
                     PoolTarget::Primary => String::new(),
@@ -1599,7 +1592,7 @@ impl Session {
             target: PoolTarget::Replica(replica.name.clone()),
         };
         let pool = self.shared.pools.get(key, self.shared.config().pool_size);
-        let permit = self.permit(&pool).await?;
+        let slot = self.slot(&pool, Instant::now()).await?;
         let conn = match pool.take_idle(0) {
             Some(c) => c,
             None => {
@@ -1625,7 +1618,7 @@ impl Session {
                 }
             }
         };
-        let mut att = Attached::new(conn, permit, pool);
+        let mut att = Attached::new(conn, slot);
         if let Err(e) = self.sync_params(&mut att).await {
             return Ok(Err(format!("cannot apply the session settings: {e}")));
         }
@@ -1645,21 +1638,21 @@ impl Session {
     /// `query_wait_timeout`), then for a running primary (at most `failover_hold_timeout`),
     /// then replays the client's settings on it.
     /// `slot`: a pool slot the client already holds.
-    async fn attach_primary(&mut self, slot: Option<OwnedSemaphorePermit>) -> Result<Box<Attached>, Fail> {
+    async fn attach_primary(&mut self, slot: Option<Slot>) -> Result<Box<Attached>, Fail> {
         let pool = self.pool.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "no pool"))?;
         if self.server_auth.is_none() {
             return Err(Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"));
         }
         let waited = Instant::now();
-        let permit = match slot {
+        let slot = match slot {
             Some(p) => p,
-            None => self.permit(&pool).await?,
+            None => self.slot(&pool, waited).await?,
         };
         let conn = match self.idle_primary_conn(&pool) {
             Some(c) => c,
             None => Box::pin(self.connect_primary(&pool)).await?,
         };
-        let mut att = Attached::new(conn, permit, pool);
+        let mut att = Attached::new(conn, slot);
         if let Err(e) = self.sync_params(&mut att).await {
             return Err(Fail::new(sqlstate::CONNECTION_FAILURE, format!("cannot apply the session settings: {e}")));
         }
@@ -2090,7 +2083,7 @@ impl Session {
             att.wrote = true;
         }
         if matches!(frame.tag(), b'Q' | b'E') {
-            att.pool.stats.queries.fetch_add(1, Ordering::Relaxed);
+            att.slot.pool().stats.queries.fetch_add(1, Ordering::Relaxed);
         }
         let body = frame.body_slice();
         let forward = |att: &mut Attached, kind: Option<Kind>| {
@@ -2301,7 +2294,7 @@ impl Session {
                     wbuf.extend_from_slice(frame);
                 }
                 if tag == b'E' {
-                    att.pool.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    att.slot.pool().stats.errors.fetch_add(1, Ordering::Relaxed);
                 }
                 if translate
                     && tag == b'C'

@@ -2,13 +2,12 @@
 //! counters are atomics, a client waiting for a server connection is recorded only when it
 //! actually has to wait, and the admission [`Gate`] is a watch channel.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 /// Upper bounds (seconds) of the wait-time histogram buckets; `+Inf` is implied.
 pub const WAIT_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0];
@@ -28,10 +27,6 @@ pub struct PoolStats {
     /// Wait-time histogram: `wait_buckets[i]` counts waits of at most `WAIT_BUCKETS[i]`
     /// seconds (not cumulative); the last one counts the longer waits.
     pub wait_buckets: [AtomicU64; WAIT_BUCKETS.len() + 1],
-    /// Clients waiting for a permit of this pool right now, with when each started, oldest
-    /// first. Permits go to waiters in order, so a wait usually ends at the front.
-    waiters: Mutex<VecDeque<(u64, Instant)>>,
-    next_waiter: AtomicU64,
 }
 
 impl PoolStats {
@@ -42,20 +37,6 @@ impl PoolStats {
         let secs = waited.as_secs_f64();
         let i = WAIT_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(WAIT_BUCKETS.len());
         self.wait_buckets[i].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Marks a client as waiting until the guard is dropped.
-    pub fn waiting(&self) -> Waiting<'_> {
-        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
-        self.waiters.lock().unwrap_or_else(PoisonError::into_inner).push_back((id, Instant::now()));
-        Waiting { stats: self, id }
-    }
-
-    /// (clients waiting, longest current wait).
-    pub fn waiters(&self) -> (usize, Duration) {
-        let w = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
-        let longest = w.front().map_or(Duration::ZERO, |(_, t)| t.elapsed());
-        (w.len(), longest)
     }
 
     /// A copy of the counters.
@@ -84,22 +65,6 @@ pub struct StatsSnapshot {
     pub wait_us: u64,
     /// See [`PoolStats::wait_buckets`].
     pub wait_buckets: [u64; WAIT_BUCKETS.len() + 1],
-}
-
-/// A client waiting for a server connection; see [`PoolStats::waiting`].
-#[derive(Debug)]
-pub struct Waiting<'a> {
-    stats: &'a PoolStats,
-    id: u64,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        let mut w = self.stats.waiters.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(i) = w.iter().position(|(id, _)| *id == self.id) {
-            w.remove(i);
-        }
-    }
 }
 
 /// Whether new transactions may take a server connection.
@@ -153,8 +118,8 @@ impl Gate {
     }
 }
 
-/// A resizable count of permits: client connections (`max_client_conn`) and each pool's
-/// server connections (`pool_size`), both changed by a reload.
+/// A resizable count of permits: client connections (`max_client_conn`), changed by a
+/// reload. (A pool's server connections have slots of their own, [`crate::pool::Slot`].)
 #[derive(Debug)]
 pub struct Limit {
     permits: Arc<Semaphore>,
@@ -193,24 +158,6 @@ impl Limit {
     pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
         loop {
             let p = self.permits.clone().try_acquire_owned().ok()?;
-            if let Some(p) = self.keep(p) {
-                return Some(p);
-            }
-        }
-    }
-
-    /// Waits for a permit; `waiting` is called, and its result held, while the caller has to
-    /// wait. `None` once the limit is closed.
-    pub async fn acquire<G>(&self, waiting: impl Fn() -> G) -> Option<OwnedSemaphorePermit> {
-        loop {
-            let p = match self.permits.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(TryAcquireError::Closed) => return None,
-                Err(TryAcquireError::NoPermits) => {
-                    let _waiting = waiting();
-                    self.permits.clone().acquire_owned().await.ok()?
-                }
-            };
             if let Some(p) = self.keep(p) {
                 return Some(p);
             }
@@ -277,18 +224,6 @@ mod tests {
         assert_eq!(snap.wait_buckets[1], 1);
         assert_eq!(snap.wait_buckets[WAIT_BUCKETS.len()], 1);
         assert_eq!(snap.wait_us, 500 + 3000 + 60_000_000);
-    }
-
-    #[test]
-    fn waiters_are_counted_while_waiting() {
-        let s = PoolStats::default();
-        let a = s.waiting();
-        let b = s.waiting();
-        assert_eq!(s.waiters().0, 2);
-        drop(a);
-        assert_eq!(s.waiters().0, 1);
-        drop(b);
-        assert_eq!(s.waiters(), (0, Duration::ZERO));
     }
 
     #[test]
