@@ -616,14 +616,20 @@ mod tests {
         }
     }
 
+    /// The only slot of `p` taken, and `N` clients queued for it, in order.
+    fn one_held<const N: usize>(p: &Arc<Pool>) -> (Slot, [Waiting<'_>; N]) {
+        let a = p.try_slot().expect("a free slot");
+        let mut w: [Waiting<'_>; N] = std::array::from_fn(|_| wait(p));
+        for f in &mut w {
+            assert!(poll(f).is_none());
+        }
+        (a, w)
+    }
+
     #[tokio::test]
     async fn waiting_clients_get_slots_in_order_and_newcomers_do_not_jump_the_queue() {
         let p = pool(1);
-        let a = p.try_slot().expect("a free slot");
-        let (mut w1, mut w2, mut w3) = (wait(&p), wait(&p), wait(&p));
-        for w in [&mut w1, &mut w2, &mut w3] {
-            assert!(poll(w).is_none());
-        }
+        let (a, [mut w1, mut w2, mut w3]) = one_held(&p);
         assert_eq!(p.waiters().0, 3);
         drop(a);
         assert!(p.try_slot().is_none(), "the slot given up went to the first waiter, not to a newcomer");
@@ -644,11 +650,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_stops_waiting_passes_its_slot_on() {
         let p = pool(1);
-        let a = p.try_slot().expect("a free slot");
-        let (mut w1, mut w2, mut w3) = (wait(&p), wait(&p), wait(&p));
-        for w in [&mut w1, &mut w2, &mut w3] {
-            assert!(poll(w).is_none());
-        }
+        let (a, [w1, w2, mut w3]) = one_held(&p);
         // The second leaves the queue (its client disconnected).
         drop(w2);
         assert_eq!(p.waiters().0, 2);
@@ -664,9 +666,7 @@ mod tests {
     #[tokio::test]
     async fn a_wait_ends_with_an_error_at_its_deadline_even_behind_a_longer_one() {
         let p = pool(1);
-        let a = p.try_slot().expect("a free slot");
-        let mut long = wait(&p);
-        assert!(poll(&mut long).is_none());
+        let (a, [mut long]) = one_held(&p);
         let started = Instant::now();
         let r = tokio::time::timeout(Duration::from_secs(10), p.slot(started, Duration::from_millis(50))).await;
         assert!(matches!(r, Ok(Err(TimedOut))), "the short wait timed out on its own: {r:?}");
@@ -680,9 +680,7 @@ mod tests {
     #[tokio::test]
     async fn resizing_hands_new_slots_to_waiters_and_retires_returned_ones() {
         let p = pool(1);
-        let a = p.try_slot().expect("a free slot");
-        let mut w1 = wait(&p);
-        assert!(poll(&mut w1).is_none());
+        let (a, [mut w1]) = one_held(&p);
         p.resize(2);
         let b = poll(&mut w1).expect("growing served the waiter");
         assert_eq!(p.counts(), (2, 0, 2));
