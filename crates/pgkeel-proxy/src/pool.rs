@@ -103,12 +103,7 @@ impl Pool {
 
     /// A slot if one is free right now, without waiting (see [`Pool::slot`]).
     pub fn try_slot(self: &Arc<Self>) -> Option<Slot> {
-        let mut s = self.lock();
-        if s.held < s.size {
-            s.held += 1;
-            return Some(Slot { pool: self.clone() });
-        }
-        None
+        self.lock().take_free().then(|| Slot { pool: self.clone() })
     }
 
     /// Waits for a slot, at most until `since + timeout`; `since` is when the client started
@@ -118,8 +113,7 @@ impl Pool {
     pub async fn slot(self: &Arc<Self>, since: Instant, timeout: Duration) -> Result<Slot, TimedOut> {
         let waiter = {
             let mut s = self.lock();
-            if s.held < s.size {
-                s.held += 1;
+            if s.take_free() {
                 return Ok(Slot { pool: self.clone() });
             }
             let deadline = since.checked_add(timeout).unwrap_or(since + Duration::from_secs(86_400 * 365));
@@ -247,11 +241,6 @@ impl Pool {
         rows
     }
 
-    /// The current size.
-    pub fn size(&self) -> u32 {
-        self.lock().size
-    }
-
     /// An idle connection opened under `term` or newer that still looks healthy; older or
     /// broken ones are closed on the way.
     pub fn take_idle(&self, min_term: u64) -> Option<Box<ServerConn>> {
@@ -354,6 +343,13 @@ struct State {
 }
 
 impl State {
+    /// Takes a free slot, if there is one.
+    fn take_free(&mut self) -> bool {
+        let free = self.held < self.size;
+        self.held += u32::from(free);
+        free
+    }
+
     /// Hands a slot to the client that has waited longest: `Some` (its waker, if it has
     /// polled yet) when there was one. The caller accounts for the slot.
     fn next_waiter(&mut self) -> Option<Option<Waker>> {

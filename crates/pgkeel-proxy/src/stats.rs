@@ -134,17 +134,6 @@ impl Limit {
         Limit { permits: Arc::new(Semaphore::new(size as usize)), size: AtomicU32::new(size), debt: AtomicU32::new(0) }
     }
 
-    /// The current size.
-    pub fn size(&self) -> u32 {
-        self.size.load(Ordering::Acquire)
-    }
-
-    /// Permits held now.
-    pub fn in_use(&self) -> usize {
-        (self.size() as usize + self.debt.load(Ordering::Acquire) as usize)
-            .saturating_sub(self.permits.available_permits())
-    }
-
     /// `permit`, unless a shrink still owes a retirement: then the permit is retired.
     fn keep(&self, permit: OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
         if self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok() {
