@@ -23,6 +23,9 @@ pub struct Kicker {
 #[derive(Debug, Default)]
 struct Slot {
     waker: Mutex<Option<Waker>>,
+    /// `waker` holds the session's waker (set and cleared under its lock), so a wait by the
+    /// same task need not take the lock again.
+    registered: AtomicBool,
     /// The session has work (a server attached or bytes to move): topology changes wake it.
     /// Idle sessions wake only for the shutdown (the topology changes every second while
     /// replicas report their lag).
@@ -31,7 +34,12 @@ struct Slot {
 
 impl Slot {
     fn wake(&self) {
-        if let Some(w) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        let taken = {
+            let mut w = self.waker.lock().unwrap_or_else(PoisonError::into_inner);
+            self.registered.store(false, Ordering::SeqCst);
+            w.take()
+        };
+        if let Some(w) = taken {
             w.wake();
         }
     }
@@ -64,7 +72,12 @@ impl Kicker {
     pub fn listen(&self) -> Listener {
         let slot = Arc::new(Slot::default());
         self.slots.lock().unwrap_or_else(PoisonError::into_inner).push(&slot);
-        Listener { slot, topology: self.topology.load(Ordering::SeqCst), drain: self.drain.load(Ordering::SeqCst) }
+        Listener {
+            slot,
+            topology: self.topology.load(Ordering::SeqCst),
+            drain: self.drain.load(Ordering::SeqCst),
+            stored: None,
+        }
     }
 }
 
@@ -74,6 +87,8 @@ pub struct Listener {
     slot: Arc<Slot>,
     topology: u64,
     drain: u64,
+    /// A copy of the waker last stored in the slot.
+    stored: Option<Waker>,
 }
 
 impl Listener {
@@ -89,10 +104,18 @@ impl Listener {
     /// Ready once after each kick that concerns the session (a topology change only while
     /// busy), else registers the waker.
     pub fn poll_kicked(&mut self, kicker: &Kicker, cx: &mut Context<'_>) -> Poll<()> {
-        {
+        // A session waits several times per transaction, always in the same task: its
+        // waker is still in the slot unless a kick took it.
+        let current = self.slot.registered.load(Ordering::SeqCst)
+            && self.stored.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if !current {
             let mut w = self.slot.waker.lock().unwrap_or_else(PoisonError::into_inner);
             if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 *w = Some(cx.waker().clone());
+            }
+            self.slot.registered.store(true, Ordering::SeqCst);
+            if !self.stored.as_ref().is_some_and(|s| s.will_wake(cx.waker())) {
+                self.stored = Some(cx.waker().clone());
             }
         }
         // Read after the waker is stored: a kick after this read wakes it.
@@ -154,6 +177,7 @@ mod tests {
 
         k.draining();
         assert_eq!(idle_n.0.load(Ordering::SeqCst), 1, "draining wakes idle sessions");
+        assert_eq!(busy_n.0.load(Ordering::SeqCst), 2, "a session waiting again after a kick is woken again");
         assert!(poll(&mut idle, &k, &idle_n));
         assert!(poll(&mut busy, &k, &busy_n));
 
@@ -161,6 +185,21 @@ mod tests {
         k.topology_changed();
         idle.set_busy(&k, true);
         assert!(!poll(&mut idle, &k, &idle_n));
+    }
+
+    #[test]
+    fn a_wait_in_another_task_moves_the_wake_up_there() {
+        let k = Kicker::default();
+        let (first, second) = (Arc::new(Count(AtomicUsize::new(0))), Arc::new(Count(AtomicUsize::new(0))));
+        let mut l = k.listen();
+        l.set_busy(&k, true);
+        assert!(!poll(&mut l, &k, &first));
+        assert!(!poll(&mut l, &k, &first));
+        assert!(!poll(&mut l, &k, &second));
+        k.topology_changed();
+        assert_eq!(first.0.load(Ordering::SeqCst), 0, "the earlier task is not woken");
+        assert_eq!(second.0.load(Ordering::SeqCst), 1, "the task that waited last is");
+        assert!(poll(&mut l, &k, &second));
     }
 
     #[test]

@@ -555,27 +555,29 @@ fn skip_batch(failed: Entry, att: &mut Attached, statements: &mut HashMap<Bytes,
 }
 
 /// The classification of a Query or Parse frame's text, or of a Bind/Describe's statement.
-fn query_text(frame: &Frame) -> Option<Bytes> {
-    let body = frame.body();
+fn query_text(frame: &Frame) -> Option<&[u8]> {
+    let body = frame.body_slice();
     match frame.tag() {
-        b'Q' => {
-            let end = body.iter().position(|b| *b == 0).unwrap_or(body.len());
-            Some(body.slice(..end))
-        }
+        b'Q' => Some(until_nul(body).unwrap_or(body)),
         b'P' => {
-            let name_end = body.iter().position(|b| *b == 0)?;
-            let rest = body.slice(name_end + 1..);
-            let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
-            Some(rest.slice(..end))
+            let name = until_nul(body)?;
+            let rest = &body[name.len() + 1..];
+            Some(until_nul(rest).unwrap_or(rest))
         }
         _ => None,
     }
 }
 
+/// The C string at the start of `b` (without its NUL), if it has one. `CStr`'s search reads
+/// a word at a time: this runs on every query the proxy routes.
+fn until_nul(b: &[u8]) -> Option<&[u8]> {
+    std::ffi::CStr::from_bytes_until_nul(b).ok().map(std::ffi::CStr::to_bytes)
+}
+
 /// The name of the statement a Parse prepares.
 fn parse_name(frame: &Frame) -> Option<Bytes> {
     let body = frame.body();
-    let end = body.iter().position(|b| *b == 0)?;
+    let end = until_nul(&body)?.len();
     Some(body.slice(..end))
 }
 
@@ -1250,7 +1252,7 @@ impl Session {
     fn frame_class(&self, frame: &Frame, unnamed: Class) -> Option<Class> {
         let body = frame.body_slice();
         match frame.tag() {
-            b'Q' | b'P' => Some(query_text(frame).map_or(Class::Write, |t| self.classify(&t))),
+            b'Q' | b'P' => Some(query_text(frame).map_or(Class::Write, |t| self.classify(t))),
             b'B' => prepared::bind_statement(body).map(|n| self.named_class(n, unnamed)),
             b'D' => match prepared::target_and_name(body) {
                 Some((b'S', n)) => Some(self.named_class(n, unnamed)),
@@ -1367,25 +1369,28 @@ impl Session {
         if self.shared.hold.is_closed() {
             return Now::Slow(None);
         }
+        // Since when the client waited for the slot; `None`: it did not (no clock read).
         let (slot, since) = match queued {
-            Some(q) => q,
+            Some((slot, since)) => (slot, Some(since)),
             None => match pool.try_slot() {
-                Some(p) => (p, Instant::now()),
+                Some(p) => (p, None),
                 None => return Now::Queue(pool.clone()),
             },
         };
-        let Some(conn) = self.idle_primary_conn(pool) else { return Now::Slow(Some((slot, since))) };
+        let Some(conn) = self.idle_primary_conn(pool) else {
+            return Now::Slow(Some((slot, since.unwrap_or_else(Instant::now))));
+        };
         if self.desired.differing(&conn.params).next().is_some() {
             // Settings to replay first: the full path does that, in the slot held.
             pool.put_idle(conn);
-            return Now::Slow(Some((slot, since)));
+            return Now::Slow(Some((slot, since.unwrap_or_else(Instant::now))));
         }
         let mut att = Attached::new(conn, slot);
         self.set_cancel(att.conn.cancel_target());
         if self.cfg.pool_mode == PoolMode::Transaction {
             att.unit = Some(unit);
         }
-        att.slot.pool().stats.observe_wait(since.elapsed());
+        att.slot.pool().stats.observe_wait(since.map_or(Duration::ZERO, |s| s.elapsed()));
         Now::Attached(att)
     }
 
@@ -1995,7 +2000,7 @@ impl Session {
                 continue;
             }
             if tag == b'Q' {
-                if let Some(cmd) = query_text(front).and_then(|t| crate::router::route_command(&t)) {
+                if let Some(cmd) = query_text(front).and_then(crate::router::route_command) {
                     let status = match &self.attached {
                         None => Some(TransactionStatus::Idle),
                         Some(a) if a.queue.is_empty() && !a.open_batch => Some(a.status),
@@ -2631,7 +2636,22 @@ async fn pump(
 }
 
 /// Sends the proxy's own answers that have reached the head of the queue.
+#[inline]
 fn drain_synthetic(
+    att: &mut Attached,
+    statements: &mut HashMap<Bytes, Arc<StmtDef>>,
+    wbuf: &mut BytesMut,
+    skip_to_sync: &mut bool,
+) {
+    // Checked here, inlined into every server reply and client frame handled: there is
+    // seldom an answer of the proxy's own to send.
+    if matches!(att.queue.front().map(|e| &e.expect), Some(Expect::Synthetic(_) | Expect::SyntheticError(_))) {
+        drain_synthetic_slow(att, statements, wbuf, skip_to_sync);
+    }
+}
+
+#[inline(never)]
+fn drain_synthetic_slow(
     att: &mut Attached,
     statements: &mut HashMap<Bytes, Arc<StmtDef>>,
     wbuf: &mut BytesMut,
@@ -2730,6 +2750,28 @@ mod tests {
         let size = std::mem::size_of_val(&fut);
         eprintln!("session future: {size} bytes (Session {} bytes)", std::mem::size_of::<Session>());
         assert!(size <= 1024, "the session future grew to {size} bytes");
+    }
+
+    #[test]
+    fn query_text_is_the_statement_up_to_its_nul() {
+        fn frame(tag: u8, body: &[u8]) -> Frame {
+            use bytes::BufMut;
+            let mut b = BytesMut::new();
+            b.put_u8(tag);
+            b.put_u32(u32::try_from(body.len() + 4).expect("small"));
+            b.extend_from_slice(body);
+            FrontendDecoder::new(Limits::default()).decode_frame(&mut b).expect("valid").expect("whole")
+        }
+        let text = |tag, body: &[u8]| query_text(&frame(tag, body)).map(<[u8]>::to_vec);
+        assert_eq!(text(b'Q', b"select 1\0"), Some(b"select 1".to_vec()));
+        // Postgres rejects what follows a NUL; it is not part of the statement.
+        assert_eq!(text(b'Q', b"select 1\0delete from t\0"), Some(b"select 1".to_vec()));
+        assert_eq!(text(b'Q', b"select 1"), Some(b"select 1".to_vec()), "no NUL: the whole body");
+        assert_eq!(text(b'Q', b"\0"), Some(Vec::new()));
+        assert_eq!(text(b'P', b"s1\0select $1\0\0\0"), Some(b"select $1".to_vec()));
+        assert_eq!(text(b'P', b"\0select 2\0\0\0"), Some(b"select 2".to_vec()), "the unnamed statement");
+        assert_eq!(text(b'P', b"no name end"), None);
+        assert_eq!(text(b'S', b""), None);
     }
 
     #[test]
