@@ -16,6 +16,15 @@
 # ratio and a 95 % confidence interval of the typical ratio (from 2 rounds on; more rounds
 # narrow it). Postgres is a 1-member `pgkeel up` cluster (the proxy follows the cluster's DCS),
 # max_connections = 600, pgbench scale 10.
+# With PGKEEL_BENCH_CONCURRENT=1, each round runs the two poolers at the same time instead
+# (each with the full client count; direct is skipped): both then see exactly the same
+# machine, so the per-round ratio carries far less of the machine's noise than runs one
+# after the other do (absolute tps are about half, as the poolers share the CPUs).
+# With PGKEEL_BENCH_INSTRUCTIONS=1, it first counts each pooler's user-space instructions per
+# transaction (valgrind's callgrind, a second instance of each pooler on its own port, the
+# first client count, every mode): a figure that does not depend on the machine's load, to
+# tell a change in the proxy's own cost from noise. The kernel's share (sending and
+# receiving, about 80 % of either pooler's CPU time here) is not in it.
 #
 #   scripts/bench-proxy.sh
 #
@@ -31,6 +40,8 @@
 #   PGKEEL_BENCH_JOBS=2                   pgbench -j
 #   PGKEEL_BENCH_TARGETS="direct pgbouncer pgkeel"
 #                                         which of the three pgbench runs
+#   PGKEEL_BENCH_CONCURRENT=0             1: PgBouncer and pgkeel runs at the same time
+#   PGKEEL_BENCH_INSTRUCTIONS=0           1: also instructions per transaction (callgrind)
 #   PGKEEL_BIN=path                       use this pgkeel binary instead of building the release one
 #   PGKEEL_BENCH_KEEP=1                   keep the work directory (logs, configs) afterwards
 #
@@ -46,6 +57,10 @@ POOL=${PGKEEL_BENCH_POOL_SIZE:-20}
 SCALE=${PGKEEL_BENCH_SCALE:-10}
 JOBS=${PGKEEL_BENCH_JOBS:-2}
 TARGETS=${PGKEEL_BENCH_TARGETS:-"direct pgbouncer pgkeel"}
+CONCURRENT=${PGKEEL_BENCH_CONCURRENT:-0}
+case $CONCURRENT in 0 | 1) ;; *) echo "bench-proxy: PGKEEL_BENCH_CONCURRENT must be 0 or 1, not '$CONCURRENT'" >&2; exit 1 ;; esac
+INSTRUCTIONS=${PGKEEL_BENCH_INSTRUCTIONS:-0}
+case $INSTRUCTIONS in 0 | 1) ;; *) echo "bench-proxy: PGKEEL_BENCH_INSTRUCTIONS must be 0 or 1, not '$INSTRUCTIONS'" >&2; exit 1 ;; esac
 MAX_CLIENT_CONN=3000
 [ "$(id -u)" = 0 ] || { echo "bench-proxy: run as root (postgres and PgBouncer run as the postgres OS user)" >&2; exit 1; }
 
@@ -54,6 +69,10 @@ command -v pgbouncer >/dev/null || {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
 }
+if [ "$INSTRUCTIONS" = 1 ] && ! command -v valgrind >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+fi
 BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 if [ -n "${PGKEEL_BIN:-}" ]; then
     PGKEEL=$(realpath "$PGKEEL_BIN")
@@ -71,8 +90,10 @@ fi
 W=$(mktemp -d /var/tmp/pgkeel-bench-proxy.XXXXXX)
 chmod 755 "$W"
 PROXY_PID=
+CALLGRIND_PID=
 cleanup() {
     set +e
+    [ -n "$CALLGRIND_PID" ] && kill "$CALLGRIND_PID" 2>/dev/null
     if [ -n "$PROXY_PID" ]; then
         kill "$PROXY_PID" 2>/dev/null
         for _ in $(seq 50); do kill -0 "$PROXY_PID" 2>/dev/null || break; sleep 0.1; done
@@ -91,19 +112,20 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# Waits (up to 20 s) until something accepts connections on 127.0.0.1:$1.
+# wait_port PORT WHAT [SECONDS]: waits (up to 20 s) until something accepts connections on
+# 127.0.0.1:PORT.
 wait_port() {
-    python3 - "$1" "$2" <<'EOF'
+    python3 - "$1" "$2" "${3:-20}" <<'EOF'
 import socket, sys, time
-port, what = int(sys.argv[1]), sys.argv[2]
-deadline = time.monotonic() + 20
+port, what, secs = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+deadline = time.monotonic() + secs
 while True:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
         break
     except OSError as e:
         if time.monotonic() > deadline:
-            sys.exit(f"bench-proxy: {what} does not accept connections on port {port} after 20 s: {e}")
+            sys.exit(f"bench-proxy: {what} does not accept connections on port {port} after {secs} s: {e}")
         time.sleep(0.1)
 EOF
 }
@@ -209,8 +231,82 @@ if [ "$IDLE" -gt 0 ]; then
     done
 fi
 
+# instructions TARGET MODE CLIENTS: runs a second instance of the pooler under callgrind on a
+# port of its own, `pgbench -S` through it, and counts the pooler's instructions over 20 s
+# once the clients are logged in (callgrind_control zeroes the counters, then dumps them),
+# divided by the transactions that completed in that window (from pgbench's -l log).
+instructions() {
+    local target=$1 mode=$2 clients=$3 port dir ctl vg bench t0 t1
+    dir=$W/instructions/$target-$mode-$clients
+    mkdir -p "$dir"
+    chmod 777 "$dir"
+    port=$(free_port)
+    if [ "$target" = pgbouncer ]; then
+        sed -e "s/^listen_port = .*/listen_port = $port/" -e "s|^logfile = .*|logfile = $dir/pgbouncer.log|" \
+            -e "s|^pidfile = .*|pidfile = $dir/pgbouncer.pid|" "$B/pgbouncer.ini" >"$dir/pgbouncer.ini"
+        chown postgres: "$dir/pgbouncer.ini"
+        runuser -u postgres -- valgrind --tool=callgrind --compress-strings=no \
+            --callgrind-out-file="$dir/callgrind.out" pgbouncer "$dir/pgbouncer.ini" >"$dir/valgrind.log" 2>&1 &
+        ctl="runuser -u postgres -- callgrind_control"
+    else
+        # In $W, as the userlist path is relative to the configuration file.
+        sed "s/^listen = .*/listen = \"127.0.0.1:$port\"/" "$W/proxy.toml" >"$W/proxy-$mode.toml"
+        valgrind --tool=callgrind --compress-strings=no --callgrind-out-file="$dir/callgrind.out" \
+            "$PGKEEL" --log-level warn proxy --config "$W/proxy-$mode.toml" >"$dir/valgrind.log" 2>&1 &
+        ctl=callgrind_control
+    fi
+    CALLGRIND_PID=$!
+    wait_port "$port" "$target under callgrind" 120 || { tail -5 "$dir/valgrind.log" >&2; exit 1; }
+    # The valgrind process itself (runuser's child for PgBouncer).
+    vg=$(pgrep -f -- "--callgrind-out-file=$dir/callgrind.out" | while read -r p; do
+        [ "$(readlink "/proc/$p/exe")" != "$(command -v runuser)" ] && echo "$p"; done | head -1)
+    PGPASSWORD=$PW "$BIN/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -S -M "$mode" -c "$clients" -j "$JOBS" \
+        -T 40 -l --log-prefix="$dir/tx" postgres >"$dir/out" 2>&1 &
+    bench=$!
+    # Logging in under callgrind takes a while (SCRAM); the window starts after it.
+    sleep 12
+    t0=$(date +%s%6N)
+    $ctl -z "$vg" >/dev/null 2>&1
+    sleep 20
+    $ctl -d "$vg" >/dev/null 2>&1
+    t1=$(date +%s%6N)
+    wait $bench || { echo "bench-proxy: pgbench failed against $target under callgrind:" >&2; tail -5 "$dir/out" >&2; exit 1; }
+    kill "$CALLGRIND_PID" "$vg" 2>/dev/null
+    wait "$CALLGRIND_PID" 2>/dev/null || true
+    CALLGRIND_PID=
+    python3 - "$dir" "$t0" "$t1" "$target" "$mode" "$clients" <<'EOF'
+import glob, sys
+d, t0, t1, target, mode, clients = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:]
+n = 0
+for f in glob.glob(f"{d}/tx.*"):
+    for line in open(f):
+        c = line.split()
+        n += t0 <= int(c[4]) * 1_000_000 + int(c[5]) < t1
+try:
+    ir = next(int(line.split()[1]) for line in open(f"{d}/callgrind.out.1") if line.startswith("summary:"))
+except (OSError, StopIteration) as e:
+    sys.exit(f"bench-proxy: callgrind wrote no counts for {target} ({d}/callgrind.out.1: {e}); see {d}/valgrind.log")
+if n == 0:
+    sys.exit(f"bench-proxy: no transaction completed through {target} under callgrind in the window")
+print(f"  {mode:9s} {clients:>4s} clients  {target:9s}  {ir / n:7.0f} instructions per transaction ({n} transactions)")
+EOF
+}
+
+if [ "$INSTRUCTIONS" = 1 ]; then
+    first_clients=${CLIENTS%% *}
+    echo "== user-space instructions per transaction, pgbench -S, $first_clients clients, under callgrind"
+    for mode in $MODES; do
+        for target in pgbouncer pgkeel; do
+            if [ "$target" = pgbouncer ] && [ "$mode" = prepared ] && [ $bouncer_prepared = 0 ]; then
+                continue
+            fi
+            instructions "$target" "$mode" "$first_clients"
+        done
+    done
+fi
+
 # run_pgbench TARGET PORT MODE CLIENTS ROUND: one pgbench -S run; appends a result line to
-# $W/results.
+# $W/results. Two may run at once (PGKEEL_BENCH_CONCURRENT): each writes its line once.
 run_pgbench() {
     local target=$1 port=$2 mode=$3 clients=$4 round=$5 pid=
     local dir=$W/runs/$target-$mode-$clients/$round
@@ -226,7 +322,7 @@ run_pgbench() {
         exit 1
     fi
     [ -n "$pid" ] && t1=$(cpu_ticks "$pid")
-    python3 - "$dir" "$target" "$mode" "$clients" "$((t1 - t0))" "$(getconf CLK_TCK)" "$round" >>"$W/results" <<'EOF'
+    python3 - "$dir" "$target" "$mode" "$clients" "$((t1 - t0))" "$(getconf CLK_TCK)" "$round" >"$dir/result" <<'EOF'
 import glob, re, sys
 d, target, mode, clients, ticks, hz, rnd = sys.argv[1:]
 out = open(f"{d}/out").read()
@@ -243,10 +339,13 @@ avg = sum(lat) / len(lat) / 1000
 cpu = int(ticks) / int(hz)
 print(f"{mode} {clients} {target} {tps:.0f} {avg:.3f} {p99:.3f} {failed} {cpu:.1f} {rnd}")
 EOF
-    tail -1 "$W/results" | awk '{printf "  %-9s %4s clients  %-9s  tps %7s  avg %7s ms  p99 %7s ms  failed %s  pooler CPU %s s  (round %s)\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}'
+    cat "$dir/result" >>"$W/results"
+    awk '{printf "  %-9s %4s clients  %-9s  tps %7s  avg %7s ms  p99 %7s ms  failed %s  pooler CPU %s s  (round %s)\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}' "$dir/result"
 }
 
-echo "== pgbench -S, ${SECS} s per run, $ROUNDS rounds, -j $JOBS, pool size $POOL"
+layout="one target after the other"
+[ "$CONCURRENT" = 1 ] && layout="PgBouncer and pgkeel at the same time"
+echo "== pgbench -S, ${SECS} s per run, $ROUNDS rounds, -j $JOBS, pool size $POOL, $layout"
 : >"$W/results"
 for mode in $MODES; do
     for clients in $CLIENTS; do
@@ -254,6 +353,18 @@ for mode in $MODES; do
             echo "  $mode $clients clients  pgbouncer: skipped (PgBouncer $BOUNCER_VERSION has no prepared statements in transaction mode; 1.21+ has)"
         fi
         for round in $(seq "$ROUNDS"); do
+            if [ "$CONCURRENT" = 1 ]; then
+                if [ "$mode" = prepared ] && [ $bouncer_prepared = 0 ]; then
+                    continue
+                fi
+                run_pgbench pgbouncer "$BPORT" "$mode" "$clients" "$round" &
+                bouncer_run=$!
+                run_pgbench pgkeel "$KPORT" "$mode" "$clients" "$round" &
+                keel_run=$!
+                wait $bouncer_run || exit 1
+                wait $keel_run || exit 1
+                continue
+            fi
             # Odd rounds direct, PgBouncer, pgkeel; even rounds the other way round.
             order="direct pgbouncer pgkeel"
             [ $((round % 2)) = 0 ] && order="pgkeel pgbouncer direct"
@@ -274,7 +385,7 @@ done
 echo "== load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 echo
-echo "proxy benchmark, $(date -u +%Y-%m-%d), $machine"
+echo "proxy benchmark, $(date -u +%Y-%m-%d), $machine, $layout"
 python3 - "$W" <<'EOF'
 import glob, math, sys
 w = sys.argv[1]
