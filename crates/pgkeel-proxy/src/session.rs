@@ -1847,12 +1847,17 @@ impl Session {
             // Idle: no server attached, nothing buffered either way. The client keeps no
             // buffers until its socket is readable (16 KiB per idle client otherwise).
             let Stream::Plain(tcp) = &self.stream else { continue };
-            spares::give_buffer(std::mem::take(&mut self.rbuf));
-            spares::give_buffer(std::mem::take(&mut self.wbuf));
             // Nor room for held frames (128 bytes once a transaction used it).
-            spares::give_held(std::mem::take(&mut self.held));
+            spares::give_kit(spares::Kit {
+                rbuf: std::mem::take(&mut self.rbuf),
+                wbuf: std::mem::take(&mut self.wbuf),
+                held: std::mem::take(&mut self.held),
+            });
+            // `poll_read_ready` keeps the waker in the socket's own slot, where `readable()`
+            // would queue and unqueue a waiter under the socket's lock.
             woken = tokio::select! {
-                r = tcp.readable() => {
+                biased;
+                r = std::future::poll_fn(|cx| tcp.poll_read_ready(cx)) => {
                     if r.is_err() {
                         // The client is gone.
                         return Ok(());
@@ -1862,9 +1867,8 @@ impl Session {
                 // The shutdown (busy() closes the client).
                 _ = kick.kicked(&self.shared.kick) => false,
             };
-            self.wbuf = spares::take_buffer();
-            self.rbuf = spares::take_buffer();
-            self.held = spares::take_held();
+            let kit = spares::take_kit();
+            (self.rbuf, self.wbuf, self.held) = (kit.rbuf, kit.wbuf, kit.held);
         }
     }
 
@@ -1887,6 +1891,19 @@ impl Session {
         kick: &mut crate::kick::Listener,
         mut readable: bool,
     ) -> Result<bool, Fail> {
+        if readable {
+            // Woken because the idle client's socket is readable: read it now, without a
+            // round through `wait_event`.
+            if let Stream::Plain(tcp) = &self.stream {
+                self.rbuf.reserve(8192);
+                match tcp.try_read_buf(&mut self.rbuf) {
+                    Ok(0) => return Ok(false),
+                    Ok(_) => readable = false,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Ok(false),
+                }
+            }
+        }
         loop {
             self.refresh(topo_rx);
             // Shutting down: a client between transactions (or, in session mode, outside one)
@@ -2492,6 +2509,7 @@ impl Session {
                     return None;
                 }
                 tokio::select! {
+                    biased;
                     (read, r) = client => Some(if read { Event::ClientRead(r) } else { Event::ClientWrote(r) }),
                     _ = kick.kicked(&self.shared.kick) => Some(Event::Topology),
                 }
@@ -2501,9 +2519,13 @@ impl Session {
                 let write_server = !att.out.is_empty();
                 att.conn.rbuf.reserve(8192);
                 let server = pump(&mut att.conn.stream, &mut att.conn.rbuf, &att.out, read_server, write_server);
+                // In this order, no random pick: the server first, as a client waits for its
+                // reply far more often than it sends while one is coming. Neither side can
+                // starve the other: reading stops at HIGH_WATER, and writing empties a buffer.
                 tokio::select! {
-                    (read, r) = client => Some(if read { Event::ClientRead(r) } else { Event::ClientWrote(r) }),
+                    biased;
                     (read, r) = server => Some(if read { Event::ServerRead(r) } else { Event::ServerWrote(r) }),
+                    (read, r) = client => Some(if read { Event::ClientRead(r) } else { Event::ClientWrote(r) }),
                     _ = kick.kicked(&self.shared.kick) => Some(Event::Topology),
                 }
             }
@@ -2537,18 +2559,25 @@ mod spares {
     use crate::protocol::Frame;
 
     /// Kept per runtime thread and kind: enough for 16 clients between two transactions at
-    /// the same moment (two buffers each). More would cost memory whenever many clients are
-    /// idle (8 KiB per buffer), which is when nobody needs them.
-    const KEEP: usize = 32;
+    /// the same moment. More would cost memory whenever many clients are idle (16 KiB per
+    /// kit), which is when nobody needs them.
+    const KEEP: usize = 16;
     /// The size of a new client buffer.
     const SIZE: usize = 8192;
     /// Queues longer than this are not kept (a client that sent a large batch once).
     const QUEUE_KEEP: usize = 64;
 
     thread_local! {
-        static BUFFERS: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
-        static HELD: RefCell<Vec<VecDeque<Frame>>> = const { RefCell::new(Vec::new()) };
+        static KITS: RefCell<Vec<Kit>> = const { RefCell::new(Vec::new()) };
         static QUEUES: RefCell<Vec<VecDeque<Entry>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// What a client needs while busy: its read and write buffers and its queue of held
+    /// frames, given up and taken back together (once per transaction).
+    pub struct Kit {
+        pub rbuf: BytesMut,
+        pub wbuf: BytesMut,
+        pub held: VecDeque<Frame>,
     }
 
     fn keep<T>(list: &'static std::thread::LocalKey<RefCell<Vec<T>>>, v: T) {
@@ -2560,43 +2589,53 @@ mod spares {
         });
     }
 
-    /// Keeps a client buffer for reuse if there is room (an unallocated or very large
-    /// buffer is dropped; the taker's `reserve` gets a partly used one back to full size).
-    pub fn give_buffer(mut buf: BytesMut) {
+    /// A client buffer worth keeping, emptied: not unallocated, not very large (the
+    /// taker's `reserve` gets a partly used one back to full size).
+    fn buffer(mut buf: BytesMut) -> BytesMut {
         if buf.capacity() == 0 || buf.capacity() > 4 * SIZE {
-            return;
+            return BytesMut::new();
         }
         buf.clear();
-        keep(&BUFFERS, buf);
+        buf
     }
 
-    /// A kept client buffer, or a new one.
-    pub fn take_buffer() -> BytesMut {
-        BUFFERS.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(SIZE))
-    }
-
-    /// Keeps an emptied queue, unless it is unallocated or grew large.
-    fn give_queue_to<T>(list: &'static std::thread::LocalKey<RefCell<Vec<VecDeque<T>>>>, mut q: VecDeque<T>) {
-        if q.capacity() == 0 || q.capacity() > QUEUE_KEEP {
-            return;
+    /// An emptied queue worth keeping: not one that grew large.
+    fn queue<T>(mut q: VecDeque<T>) -> VecDeque<T> {
+        if q.capacity() > QUEUE_KEEP {
+            return VecDeque::new();
         }
         q.clear();
-        keep(list, q);
+        q
     }
 
-    /// Keeps an (emptied) queue of held client frames.
-    pub fn give_held(q: VecDeque<Frame>) {
-        give_queue_to(&HELD, q);
+    /// Keeps a client's kit for reuse if there is room.
+    pub fn give_kit(kit: Kit) {
+        if kit.rbuf.capacity() == 0 && kit.wbuf.capacity() == 0 {
+            return;
+        }
+        keep(&KITS, Kit { rbuf: buffer(kit.rbuf), wbuf: buffer(kit.wbuf), held: queue(kit.held) });
     }
 
-    /// A kept queue of held client frames, or an unallocated one.
-    pub fn take_held() -> VecDeque<Frame> {
-        HELD.with(|s| s.borrow_mut().pop()).unwrap_or_default()
+    /// A kept kit, or new buffers (and an unallocated queue).
+    pub fn take_kit() -> Kit {
+        let mut kit = KITS.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| Kit {
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            held: VecDeque::new(),
+        });
+        for b in [&mut kit.rbuf, &mut kit.wbuf] {
+            if b.capacity() == 0 {
+                *b = BytesMut::with_capacity(SIZE);
+            }
+        }
+        kit
     }
 
-    /// Keeps an (emptied) queue of what a server owes.
+    /// Keeps an (emptied) queue of what a server owes, unless it is unallocated.
     pub fn give_queue(q: VecDeque<Entry>) {
-        give_queue_to(&QUEUES, q);
+        if q.capacity() != 0 {
+            keep(&QUEUES, queue(q));
+        }
     }
 
     /// A kept queue of what a server owes, or an unallocated one.
