@@ -153,6 +153,22 @@ mod tests {
         }
     }
 
+    /// A waker's wake-up counter.
+    fn count() -> Arc<Count> {
+        Arc::new(Count(AtomicUsize::new(0)))
+    }
+
+    fn wakes(c: &Count) -> usize {
+        c.0.load(Ordering::SeqCst)
+    }
+
+    /// A listener of a busy session.
+    fn busy_listener(k: &Kicker) -> Listener {
+        let mut l = k.listen();
+        l.set_busy(k, true);
+        l
+    }
+
     fn poll(l: &mut Listener, k: &Kicker, count: &Arc<Count>) -> bool {
         let waker = Waker::from(count.clone());
         l.poll_kicked(k, &mut Context::from_waker(&waker)).is_ready()
@@ -161,23 +177,22 @@ mod tests {
     #[test]
     fn topology_wakes_busy_sessions_and_draining_wakes_all() {
         let k = Kicker::default();
-        let (busy_n, idle_n) = (Arc::new(Count(AtomicUsize::new(0))), Arc::new(Count(AtomicUsize::new(0))));
-        let mut busy = k.listen();
-        busy.set_busy(&k, true);
+        let (busy_n, idle_n) = (count(), count());
+        let mut busy = busy_listener(&k);
         let mut idle = k.listen();
         assert!(!poll(&mut busy, &k, &busy_n));
         assert!(!poll(&mut idle, &k, &idle_n));
 
         k.topology_changed();
-        assert_eq!(busy_n.0.load(Ordering::SeqCst), 1, "a busy session is woken by a topology change");
-        assert_eq!(idle_n.0.load(Ordering::SeqCst), 0, "an idle one is not");
+        assert_eq!(wakes(&busy_n), 1, "a busy session is woken by a topology change");
+        assert_eq!(wakes(&idle_n), 0, "an idle one is not");
         assert!(poll(&mut busy, &k, &busy_n));
         assert!(!poll(&mut busy, &k, &busy_n), "one kick is seen once");
         assert!(!poll(&mut idle, &k, &idle_n));
 
         k.draining();
-        assert_eq!(idle_n.0.load(Ordering::SeqCst), 1, "draining wakes idle sessions");
-        assert_eq!(busy_n.0.load(Ordering::SeqCst), 2, "a session waiting again after a kick is woken again");
+        assert_eq!(wakes(&idle_n), 1, "draining wakes idle sessions");
+        assert_eq!(wakes(&busy_n), 2, "a session waiting again after a kick is woken again");
         assert!(poll(&mut idle, &k, &idle_n));
         assert!(poll(&mut busy, &k, &busy_n));
 
@@ -190,15 +205,14 @@ mod tests {
     #[test]
     fn a_wait_in_another_task_moves_the_wake_up_there() {
         let k = Kicker::default();
-        let (first, second) = (Arc::new(Count(AtomicUsize::new(0))), Arc::new(Count(AtomicUsize::new(0))));
-        let mut l = k.listen();
-        l.set_busy(&k, true);
+        let (first, second) = (count(), count());
+        let mut l = busy_listener(&k);
         assert!(!poll(&mut l, &k, &first));
         assert!(!poll(&mut l, &k, &first));
         assert!(!poll(&mut l, &k, &second));
         k.topology_changed();
-        assert_eq!(first.0.load(Ordering::SeqCst), 0, "the earlier task is not woken");
-        assert_eq!(second.0.load(Ordering::SeqCst), 1, "the task that waited last is");
+        assert_eq!(wakes(&first), 0, "the earlier task is not woken");
+        assert_eq!(wakes(&second), 1, "the task that waited last is");
         assert!(poll(&mut l, &k, &second));
     }
 
