@@ -673,19 +673,22 @@ pub enum RouteCommand {
 /// The setting the proxy handles itself.
 pub const ROUTE_SETTING: &str = "pgkeel.route";
 
+/// Whether `text` starts (after white space) with SET, RESET or SHOW: the first test of
+/// [`route_command`], which reads only the start, so it may be given a whole Query body
+/// (its NUL included) before the statement's end is looked for.
+pub fn may_be_route_command(text: &[u8]) -> bool {
+    let Some(first) = text.iter().position(|b| !b.is_ascii_whitespace()) else { return false };
+    let Some(head) = text.get(first..first + 5) else { return false };
+    head[..3].eq_ignore_ascii_case(b"set")
+        || head.eq_ignore_ascii_case(b"reset")
+        || head[..4].eq_ignore_ascii_case(b"show")
+}
+
 /// Recognises `SET [SESSION] pgkeel.route {=|TO} value`, `RESET pgkeel.route` and `SHOW
 /// pgkeel.route` (one statement, optionally ending with `;`, any case, the value bare or
 /// quoted). `None` for anything else. Cheap enough to run on every simple query.
 pub fn route_command(text: &[u8]) -> Option<RouteCommand> {
-    let first = text.iter().position(|b| !b.is_ascii_whitespace())?;
-    let head = text.get(first..first + 5)?;
-    if !(head[..3].eq_ignore_ascii_case(b"set")
-        || head.eq_ignore_ascii_case(b"reset")
-        || head[..4].eq_ignore_ascii_case(b"show"))
-    {
-        return None;
-    }
-    if !contains(text, ROUTE_SETTING.as_bytes()) {
+    if !may_be_route_command(text) || !contains(text, ROUTE_SETTING.as_bytes()) {
         return None;
     }
     let text = std::str::from_utf8(text).ok()?;
@@ -1010,7 +1013,12 @@ mod tests {
             ("set", None),
         ] {
             assert_eq!(route_command(sql.as_bytes()), want, "{sql}");
+            // As a Query body, NUL included, a command passes the first test.
+            let body = [sql.as_bytes(), b"\0"].concat();
+            assert!(want.is_none() || may_be_route_command(&body), "{sql}");
         }
+        assert!(!may_be_route_command(b"select 1\0"));
+        assert!(!may_be_route_command(b" \t\n"));
         for sql in ["set pgkeel.route = both", "set local pgkeel.route = primary", "set pgkeel.route = 1; select 1"] {
             assert!(matches!(route_command(sql.as_bytes()), Some(C::Invalid(_))), "{sql}");
         }

@@ -2016,7 +2016,8 @@ impl Session {
                 self.pop_held();
                 continue;
             }
-            if tag == b'Q' {
+            // The statement's end is looked for only when its start may be a route command.
+            if tag == b'Q' && crate::router::may_be_route_command(front.body_slice()) {
                 if let Some(cmd) = query_text(front).and_then(crate::router::route_command) {
                     let status = match &self.attached {
                         None => Some(TransactionStatus::Idle),
