@@ -33,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 
 use crate::config::{ClientTlsMode, LoadBalance, NoReplica, PoolMode, ProxyConfig};
 use crate::pool::{Pool, PoolKey, PoolTarget, Pools, Slot, TimedOut};
@@ -599,7 +599,7 @@ pub fn run(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
-    admitted: Option<OwnedSemaphorePermit>,
+    admitted: Option<crate::stats::Admitted>,
     live: Arc<()>,
     mode: RouteMode,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -692,7 +692,7 @@ struct Session {
     info: Option<Arc<ClientInfo>>,
     /// The client's `max_client_conn` slot and the count of live sessions, released when
     /// the session ends (see [`run`]).
-    slots: (Option<OwnedSemaphorePermit>, Arc<()>),
+    slots: (Option<crate::stats::Admitted>, Arc<()>),
 }
 
 /// What [`Session::route_now`] found.

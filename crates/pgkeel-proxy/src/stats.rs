@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 
 /// Upper bounds (seconds) of the wait-time histogram buckets; `+Inf` is implied.
 pub const WAIT_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0];
@@ -118,57 +118,50 @@ impl Gate {
     }
 }
 
-/// A resizable count of permits: client connections (`max_client_conn`), changed by a
-/// reload. (A pool's server connections have slots of their own, [`crate::pool::Slot`].)
+/// A resizable count of client connections (`max_client_conn`), changed by a reload. Never
+/// waited on: a client over the limit is refused at once. (A pool's server connections have
+/// slots of their own, [`crate::pool::Slot`].)
 #[derive(Debug)]
 pub struct Limit {
-    permits: Arc<Semaphore>,
+    counts: Arc<LimitCounts>,
+}
+
+#[derive(Debug)]
+struct LimitCounts {
     size: AtomicU32,
-    /// Permits to retire as they come back, after a shrink below the number in use.
-    debt: AtomicU32,
+    /// Admitted now; above `size` after a shrink, until enough clients leave.
+    held: AtomicU32,
+}
+
+/// One admission of a [`Limit`]; given back when dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    counts: Arc<LimitCounts>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.counts.held.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Limit {
     /// A limit of `size`.
     pub fn new(size: u32) -> Limit {
-        Limit { permits: Arc::new(Semaphore::new(size as usize)), size: AtomicU32::new(size), debt: AtomicU32::new(0) }
+        Limit { counts: Arc::new(LimitCounts { size: AtomicU32::new(size), held: AtomicU32::new(0) }) }
     }
 
-    /// `permit`, unless a shrink still owes a retirement: then the permit is retired.
-    fn keep(&self, permit: OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
-        if self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok() {
-            permit.forget();
-            return None;
-        }
-        Some(permit)
+    /// An admission if the limit is not reached.
+    pub fn try_acquire(&self) -> Option<Admitted> {
+        let size = self.counts.size.load(Ordering::Acquire);
+        self.counts.held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| (h < size).then_some(h + 1)).ok()?;
+        Some(Admitted { counts: self.counts.clone() })
     }
 
-    /// A permit if one is free now.
-    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
-        loop {
-            let p = self.permits.clone().try_acquire_owned().ok()?;
-            if let Some(p) = self.keep(p) {
-                return Some(p);
-            }
-        }
-    }
-
-    /// Changes the limit. Growing takes effect at once (cancelling retirements still owed
-    /// first); shrinking retires free permits now and busy ones as they come back.
+    /// Changes the limit. Growing takes effect at once; after shrinking below the number
+    /// admitted, admissions resume once enough have been given back.
     pub fn resize(&self, size: u32) {
-        let old = self.size.swap(size, Ordering::AcqRel);
-        if size > old {
-            let mut grow = size - old;
-            while grow > 0 && self.debt.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1)).is_ok()
-            {
-                grow -= 1;
-            }
-            self.permits.add_permits(grow as usize);
-        } else if size < old {
-            let shrink = old - size;
-            let now = self.permits.forget_permits(shrink as usize) as u32;
-            self.debt.fetch_add(shrink - now, Ordering::AcqRel);
-        }
+        self.counts.size.store(size, Ordering::Release);
     }
 }
 
