@@ -132,26 +132,33 @@ if [ "$want_test_tools" -eq 1 ]; then
         fi
     fi
 
-    # moto (PyPI, moto[server]): the S3-compatible server the S3 repository tests start on a
-    # free port. The tests use /opt/pgkeel-test-venv/bin/moto_server, else moto_server on PATH,
-    # and fail (naming this script) when neither exists. Debian's python refuses `pip install`
-    # into the system site-packages, hence a venv of its own.
+    # A venv of its own for the Python test tools: Debian's python refuses `pip install` into
+    # the system site-packages.
     venv=/opt/pgkeel-test-venv
-    if [ -x "$venv/bin/moto_server" ] && "$venv/bin/moto_server" --help >/dev/null 2>&1; then
-        say "moto: $venv/bin/moto_server"
-    elif [ ! -e "$venv" ] && command -v moto_server >/dev/null 2>&1 && moto_server --help >/dev/null 2>&1; then
-        say "moto: $(command -v moto_server) (on PATH)"
-    else
-        py=/usr/bin/python3
+    make_venv() {
+        [ -x "$venv/bin/python" ] && [ -x "$venv/bin/pip" ] && return 0
+        local py=/usr/bin/python3
         [ -x "$py" ] || py=$(command -v python3)
         if ! "$py" -c 'import venv, ensurepip' >/dev/null 2>&1; then
-            say "installing python3-venv (for the moto venv)"
+            say "installing python3-venv (for $venv)"
             as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
             as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv
         fi
-        say "moto is missing: installing moto[server] from PyPI into $venv"
+        say "creating the test tools' venv $venv"
         as_root rm -rf "$venv"
         as_root "$py" -m venv "$venv"
+    }
+
+    # moto (PyPI, moto[server]): the S3-compatible server the S3 repository tests start on a
+    # free port. The tests use /opt/pgkeel-test-venv/bin/moto_server, else moto_server on PATH,
+    # and fail (naming this script) when neither exists.
+    if [ -x "$venv/bin/moto_server" ] && "$venv/bin/moto_server" --help >/dev/null 2>&1; then
+        say "moto: $venv/bin/moto_server"
+    elif command -v moto_server >/dev/null 2>&1 && moto_server --help >/dev/null 2>&1; then
+        say "moto: $(command -v moto_server) (on PATH)"
+    else
+        make_venv
+        say "moto is missing: installing moto[server] from PyPI into $venv"
         as_root "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]'
         if ! "$venv/bin/moto_server" --help >/dev/null 2>&1; then
             say "moto_server does not run after installing moto[server] into $venv"
@@ -160,14 +167,19 @@ if [ "$want_test_tools" -eq 1 ]; then
         say "moto: $venv/bin/moto_server"
     fi
     # psycopg 3 (PyPI, psycopg[binary]): the Python client the proxy's TLS test drives
-    # (crates/pgkeel/tests/proxy_tls.rs), in the same venv.
-    if [ -x "$venv/bin/python" ]; then
-        if "$venv/bin/python" -c 'import psycopg' >/dev/null 2>&1; then
-            say "psycopg: $("$venv/bin/python" -c 'import psycopg; print(psycopg.__version__)')"
-        else
-            say "psycopg is missing: installing psycopg[binary] from PyPI into $venv"
-            as_root "$venv/bin/pip" install --quiet --disable-pip-version-check 'psycopg[binary]'
+    # (crates/pgkeel/tests/proxy_tls.rs), in the same venv, whether or not moto is there (a
+    # moto_server on PATH needs no venv; psycopg always does).
+    make_venv
+    if "$venv/bin/python" -c 'import psycopg' >/dev/null 2>&1; then
+        say "psycopg: $("$venv/bin/python" -c 'import psycopg; print(psycopg.__version__)')"
+    else
+        say "psycopg is missing: installing psycopg[binary] from PyPI into $venv"
+        as_root "$venv/bin/pip" install --quiet --disable-pip-version-check 'psycopg[binary]'
+        if ! "$venv/bin/python" -c 'import psycopg' >/dev/null 2>&1; then
+            say "psycopg does not import after installing psycopg[binary] into $venv"
+            exit 1
         fi
+        say "psycopg: $("$venv/bin/python" -c 'import psycopg; print(psycopg.__version__)')"
     fi
 fi
 
