@@ -170,17 +170,16 @@ if [ "$want_test_tools" -eq 1 ]; then
     # (crates/pgkeel/tests/proxy_tls.rs), in the same venv, whether or not moto is there (a
     # moto_server on PATH needs no venv; psycopg always does).
     make_venv
-    if "$venv/bin/python" -c 'import psycopg' >/dev/null 2>&1; then
-        say "psycopg: $("$venv/bin/python" -c 'import psycopg; print(psycopg.__version__)')"
-    else
+    psycopg_version() { "$venv/bin/python" -c 'import psycopg; print(psycopg.__version__)' 2>/dev/null; }
+    if ! psycopg_version >/dev/null; then
         say "psycopg is missing: installing psycopg[binary] from PyPI into $venv"
         as_root "$venv/bin/pip" install --quiet --disable-pip-version-check 'psycopg[binary]'
-        if ! "$venv/bin/python" -c 'import psycopg' >/dev/null 2>&1; then
+        if ! psycopg_version >/dev/null; then
             say "psycopg does not import after installing psycopg[binary] into $venv"
             exit 1
         fi
-        say "psycopg: $("$venv/bin/python" -c 'import psycopg; print(psycopg.__version__)')"
     fi
+    say "psycopg: $(psycopg_version)"
 fi
 
 say "done"
