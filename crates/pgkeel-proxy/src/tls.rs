@@ -41,6 +41,69 @@ pub enum Stream {
     Closed,
 }
 
+/// At most this much is read from a plain socket at once ([`poll_read_plain`]).
+const READ_CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    /// Where [`poll_read_plain`] receives into before copying to the caller's buffer: reading
+    /// into a `BytesMut`'s uninitialised spare room directly would take `unsafe` code.
+    static SCRATCH: std::cell::RefCell<Box<[u8; READ_CHUNK]>> =
+        std::cell::RefCell::new(Box::new([0; READ_CHUNK]));
+}
+
+/// Reads a plain socket into the spare capacity of `buf` (some of it), as tokio's
+/// `poll_read` does, for less: with tokio's `try_io` straight away when the socket is known
+/// readable, waiting (`poll_read_ready`) only when it is not. As `poll_read`, a read that
+/// returns less than asked clears the socket's readiness (the socket is drained, and epoll
+/// will report new data): the next read then waits instead of spending a `recv` on EAGAIN.
+/// Uses a unit of tokio's cooperative budget per read, as `poll_read` does, so a session
+/// whose sockets always have data still yields to others now and then.
+fn poll_read_plain(tcp: &TcpStream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+    use std::io::Read;
+    let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+    let want = (buf.capacity() - buf.len()).min(READ_CHUNK);
+    loop {
+        let mut drained = None;
+        let read = tcp.try_io(tokio::io::Interest::READABLE, || {
+            SCRATCH.with_borrow_mut(|scratch| {
+                let n = (&*socket2::SockRef::from(tcp)).read(&mut scratch[..want])?;
+                buf.extend_from_slice(&scratch[..n]);
+                if n < want {
+                    // Short: report WouldBlock to `try_io` so that it clears the readiness
+                    // (under the readiness tick it read before this `recv`, so an event that
+                    // came meanwhile is kept), and hand `n` over here.
+                    drained = Some(n);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            })
+        });
+        match read {
+            Ok(n) => {
+                coop.made_progress();
+                return Poll::Ready(Ok(n));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(n) = drained {
+                    coop.made_progress();
+                    return Poll::Ready(Ok(n));
+                }
+                // Not readable (as far as tokio knows, or the `recv` said EAGAIN): wait.
+                match tcp.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                coop.made_progress();
+                return Poll::Ready(Err(e));
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for Stream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.is_tls() { "Stream::Tls" } else { "Stream::Plain" })
@@ -55,6 +118,9 @@ impl Stream {
 
     /// Reads into the spare capacity of `buf` (which must have some).
     pub fn poll_read_bytes(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+        if let Stream::Plain(tcp) = self {
+            return poll_read_plain(tcp, cx, buf);
+        }
         // `read_buf` keeps no state between polls, so a fresh future per poll is the same
         // as polling one future.
         let fut = self.read_buf(buf);
@@ -315,4 +381,72 @@ pub fn server_name(address: &str) -> Result<ServerName<'static>, String> {
     let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     ServerName::try_from(host.to_string()).map_err(|e| format!("{host:?} is not a host name for TLS: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::Interest;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (Stream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Stream::Plain(server), client)
+    }
+
+    async fn read(stream: &mut Stream, buf: &mut BytesMut) -> usize {
+        buf.reserve(8192);
+        std::future::poll_fn(|cx| stream.poll_read_bytes(cx, buf)).await.unwrap()
+    }
+
+    /// Whether tokio still counts the socket readable: `try_io` runs its closure only then.
+    fn marked_readable(stream: &Stream) -> bool {
+        let mut ran = false;
+        let _ = stream.tcp().unwrap().try_io(Interest::READABLE, || {
+            ran = true;
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+        ran
+    }
+
+    #[tokio::test]
+    async fn plain_reads_clear_readiness_after_a_short_read() {
+        let (mut stream, mut peer) = pair().await;
+        let mut buf = BytesMut::new();
+        peer.write_all(b"abc").await.unwrap();
+        assert_eq!(read(&mut stream, &mut buf).await, 3);
+        assert_eq!(&buf[..], b"abc");
+        // Drained: the next read waits for epoll instead of trying a recv.
+        assert!(!marked_readable(&stream), "a short read leaves the socket marked readable");
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        buf.reserve(8192);
+        assert!(stream.poll_read_bytes(&mut cx, &mut buf).is_pending());
+
+        // More than the buffer has room for: full reads keep the readiness, the last short one
+        // clears it, and nothing is lost.
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let big = big.clone();
+            tokio::spawn(async move {
+                peer.write_all(&big).await.unwrap();
+                peer.shutdown().await.unwrap();
+                peer
+            })
+        };
+        buf.clear();
+        loop {
+            let n = read(&mut stream, &mut buf).await;
+            assert!(n <= READ_CHUNK);
+            if n == 0 {
+                break;
+            }
+        }
+        assert_eq!(buf.len(), big.len());
+        assert_eq!(&buf[..], &big[..]);
+        // EOF stays readable (it is sticky): another read returns 0 at once.
+        assert_eq!(read(&mut stream, &mut buf).await, 0);
+        drop(writer.await.unwrap());
+    }
 }
