@@ -1894,11 +1894,11 @@ impl Session {
     ) -> Result<bool, Fail> {
         if readable {
             // Woken because the idle client's socket is readable: read it now, without a
-            // round through `wait_event`. Through `poll_read` rather than `try_read_buf`: a
-            // read that leaves room in the buffer drained the socket, and `poll_read` then
-            // clears the socket's readiness, where `try_read_buf` keeps it and the next
-            // `wait_event` would spend a `recv` on EAGAIN (one per transaction, seen with
-            // `strace -c`).
+            // round through `wait_event`. Through `poll_read_bytes` rather than
+            // `try_read_buf`: a read that leaves room in the buffer drained the socket, and
+            // `poll_read_bytes` then clears the socket's readiness, where `try_read_buf` keeps
+            // it and the next `wait_event` would spend a `recv` on EAGAIN (one per
+            // transaction, seen with `strace -c`).
             self.rbuf.reserve(8192);
             let (stream, rbuf) = (&mut self.stream, &mut self.rbuf);
             match std::future::poll_fn(|cx| std::task::Poll::Ready(stream.poll_read_bytes(cx, rbuf))).await {
