@@ -1,28 +1,43 @@
 //! The embedded single-host store used by `pgkeel up`.
 //!
-//! This module owns [`LocalStore`]: a [`Dcs`] kept in one JSON file that several agent
-//! processes on the same machine share through a directory:
+//! This module owns [`LocalStore`]: a [`Dcs`] kept in JSON files that several agent processes
+//! on the same machine share through a directory. It takes no lock, so no process can hold
+//! the others up: an agent that is stopped (`SIGSTOP`, a debugger, a VM pause) or killed in
+//! the middle of a write leaves the store writable for everyone else. (It used to serialise
+//! writers with an `flock`; an agent frozen while holding it froze every write of the
+//! cluster, so no replica could take over from the frozen primary.)
 //!
-//! - `store.lock`: an empty file; every write holds an exclusive `flock` on it for the whole
-//!   read-modify-write, which serialises writers across processes and within one;
-//! - `store.json`: the whole store (`revision`, `machine_id`, `keys`). It is only ever replaced
-//!   by writing `store.json.tmp`, fsyncing it and renaming it over `store.json`, so a reader
-//!   always sees one complete version of the file. Reads therefore take no lock: each sees
-//!   the state after some completed write (the rename is a write's commit point), which keeps
-//!   them linearizable without waiting behind a writer's fsync.
+//! - `store.<generation, 20 digits>.json`: one complete version of the store each
+//!   (`revision`, `machine_id`, `keys`). The highest generation is the current state; the
+//!   [`KEEP_VERSIONS`] before it are kept so a reader that listed the directory can still
+//!   open what it found, older ones are removed.
+//! - A write reads the newest version (generation `g`), computes the new state, writes it to
+//!   a private file under `tmp/`, fsyncs it and publishes it with `link(2)` as generation
+//!   `g + 1`. `link` fails if that name exists, so it is an atomic compare-and-swap: of the
+//!   writers that read `g`, exactly one commits and the others start over from the version
+//!   that won. The link is each write's commit point and readers (which take no lock) see
+//!   the state after some completed write, so operations stay linearizable.
+//! - A write that took longer than [`MAX_WRITE_AGE`] from its read to its commit (its
+//!   process was stopped or starved) starts over instead of committing: which keys it saw
+//!   alive (TTLs are wall-clock deadlines) may no longer be true.
 //!
 //! TTLs are wall-clock deadlines (unix ms), because the processes sharing the store have no
 //! common monotonic clock. An expired key is absent for every operation and is dropped from
-//! the file by the next write.
+//! the store by the next write.
 //!
-//! `watch` sleeps on inotify events for the directory (falling back to polling the data
-//! file's metadata every 25 ms), re-parses the file only when it was replaced, and wakes
-//! exactly when the watched key's TTL runs out.
+//! `watch` sleeps on inotify events for the directory (falling back to polling the directory
+//! every 25 ms), re-parses only when a newer generation appeared, and wakes exactly when the
+//! watched key's TTL runs out.
 //!
-//! The store refuses to be shared between machines: `flock` and rename atomicity only hold on
-//! a local filesystem, and two machines each running "the" local store would each elect a
-//! leader. The creating machine's identity is recorded in the file and checked on every read,
+//! The store refuses to be shared between machines: `link` atomicity only holds on a local
+//! filesystem, and two machines each running "the" local store would each elect a leader.
+//! The creating machine's identity is recorded in every version and checked on every read,
 //! and network filesystems are rejected when the store is opened.
+//!
+//! Stores of the earlier layout (one `store.json` replaced by rename under `store.lock`) are
+//! adopted when opened: `store.json` becomes generation 1 and is removed, so an older pgkeel
+//! still running on the directory fails ("store.json is missing") instead of writing beside
+//! this one.
 
 use std::collections::BTreeMap;
 use std::fs::{DirBuilder, File, OpenOptions};
@@ -30,7 +45,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -38,35 +53,43 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Dcs, DcsError, DcsResult, KeyValue};
 
-/// Name of the lock file inside the store directory.
-const LOCK_FILE: &str = "store.lock";
-/// Name of the data file inside the store directory.
-const DATA_FILE: &str = "store.json";
-/// Name of the temporary file a write renames over [`DATA_FILE`].
-const TMP_FILE: &str = "store.json.tmp";
+/// Version files are named `store.<generation, 20 digits>.json`.
+const VERSION_PREFIX: &str = "store.";
+const VERSION_SUFFIX: &str = ".json";
+/// Subdirectory for files being written, so their creation wakes no watcher.
+const TMP_DIR: &str = "tmp";
+/// The data file of the earlier layout, adopted at open.
+const LEGACY_FILE: &str = "store.json";
+/// The lock file of the earlier layout, removed with it.
+const LEGACY_LOCK: &str = "store.lock";
+/// Versions kept behind the newest. A reader fails to open the newest version it listed only
+/// if this many writes committed in between, and then simply lists again.
+const KEEP_VERSIONS: u64 = 16;
+/// A write whose read is older than this when it is ready to commit starts over.
+const MAX_WRITE_AGE: Duration = Duration::from_secs(1);
+/// How many times a write starts over for being too slow before it reports the store
+/// unavailable (e.g. every fsync takes longer than [`MAX_WRITE_AGE`]).
+const MAX_SLOW_ATTEMPTS: u32 = 10;
+/// Temporary files older than this are left over from a crashed writer; `open` removes them.
+const ABANDONED_TMP_AGE: Duration = Duration::from_secs(600);
 
-/// How often `watch` looks at the data file's metadata when it cannot be notified of changes
-/// (inotify unavailable). Each look is one `stat`, but each wake-up of the sleeping thread
+/// How often `watch` lists the directory when it cannot be notified of changes (inotify
+/// unavailable). Each look is a few system calls, but each wake-up of the sleeping thread
 /// costs tens of microseconds on a VM: about 0.2-0.4% of a core per watcher at this rate.
 const WATCH_POLL: Duration = Duration::from_millis(25);
-/// How often `watch` looks at the data file's metadata when inotify tells it about changes:
-/// only a safety net (and the moment a dropped watch notices it was cancelled).
+/// How often `watch` looks at the directory when inotify tells it about changes: only a
+/// safety net (and the moment a dropped watch notices it was cancelled).
 const WATCH_NOTIFIED_RECHECK: Duration = Duration::from_millis(250);
-/// How often `watch` re-reads the data file even when its metadata looks unchanged. Writers
-/// give every version a distinct mtime, but a filesystem that stores mtimes with coarse
-/// precision (e.g. ext4 with 128-byte inodes: whole seconds) may round two versions to the
-/// same stamp; this bounds how long such a collision can hide a change.
-const WATCH_FORCED_REREAD: Duration = Duration::from_secs(1);
 
 /// Filesystem magic numbers (`statfs.f_type`) of network filesystems, on which neither
-/// `flock` nor rename atomicity can be trusted across machines.
+/// `link` nor rename atomicity can be trusted across machines.
 const NETWORK_FILESYSTEMS: &[(u32, &str)] =
     &[(0x6969, "NFS"), (0x517B, "SMB"), (0xFF53_4D42, "CIFS"), (0xFE53_4D42, "SMB2")];
 
-/// The embedded single-host DCS: one JSON file in a directory shared by the agent processes
-/// of one machine. See the [module documentation](self) for the design.
+/// The embedded single-host DCS: versioned JSON files in a directory shared by the agent
+/// processes of one machine. See the [module documentation](self) for the design.
 ///
-/// Cloning is cheap and clones share one lock-file handle and one watch cache.
+/// Cloning is cheap and clones share one watch cache.
 #[derive(Clone)]
 pub struct LocalStore {
     inner: Arc<Inner>,
@@ -75,44 +98,33 @@ pub struct LocalStore {
 /// State shared by the clones of one [`LocalStore`] and the blocking tasks it spawns.
 struct Inner {
     dir: PathBuf,
-    data_path: PathBuf,
-    tmp_path: PathBuf,
+    tmp_dir: PathBuf,
     /// Identity of this machine, compared with the one recorded in the store.
     machine_id: String,
-    /// The open lock file. The mutex is needed because `flock` locks belong to the open file
-    /// description: two threads locking the same descriptor would both "get" the lock.
-    lock_file: Mutex<File>,
-    /// Last parsed version of the data file, used only by `watch`.
+    /// Numbers this process's temporary files.
+    tmp_counter: AtomicU64,
+    /// Last parsed version, used only by `watch`.
     watch_cache: Mutex<Option<Cached>>,
 }
 
-/// A parsed version of the data file and the metadata that identifies it.
+/// A parsed version of the store and its generation.
 struct Cached {
-    stamp: Stamp,
+    generation: u64,
     data: Arc<Data>,
 }
 
-/// Identifies one version of the data file: every write creates a new file (new inode or at
-/// least a new, strictly later mtime), so an equal stamp means an unchanged file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    mtime_sec: i64,
-    mtime_nsec: i64,
-    size: u64,
+/// The file name of `generation`.
+fn version_name(generation: u64) -> String {
+    format!("{VERSION_PREFIX}{generation:020}{VERSION_SUFFIX}")
 }
 
-impl Stamp {
-    fn of(meta: &std::fs::Metadata) -> Stamp {
-        Stamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            mtime_sec: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec(),
-            size: meta.size(),
-        }
+/// The generation a file name stands for, if it names a version.
+fn parse_version(name: &[u8]) -> Option<u64> {
+    let digits = name.strip_prefix(VERSION_PREFIX.as_bytes())?.strip_suffix(VERSION_SUFFIX.as_bytes())?;
+    if digits.len() != 20 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
     }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// The whole store, as kept in `store.json`.
@@ -261,44 +273,59 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Releases the `flock` when dropped, so every exit path (including errors) unlocks.
-struct FlockGuard<'a>(&'a File);
-
-impl Drop for FlockGuard<'_> {
-    fn drop(&mut self) {
-        // Nothing useful can be done if unlocking fails; closing the descriptor (at the latest
-        // when the process exits) releases the lock anyway.
-        let _ = self.0.unlock();
-    }
-}
-
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> DcsError {
     DcsError::Unavailable(format!("local store: cannot {what} {}: {e}", path.display()))
 }
 
+/// What publishing a version found.
+enum Commit {
+    /// The version is published.
+    Done,
+    /// Another writer published that generation first (or the temporary file was removed as
+    /// abandoned while this process was stopped): start over from the newest version.
+    Lost,
+}
+
 impl Inner {
-    /// Read and parse the data file, checking it belongs to this machine. Returns the parsed
-    /// store, the stamp of the version read and its mtime.
-    fn read_data(&self) -> DcsResult<(Data, Stamp, SystemTime)> {
-        let mut file = File::open(&self.data_path).map_err(|e| {
-            if e.kind() == ErrorKind::NotFound {
-                // Recreating it silently would forget the cluster (its `initialize` key, its
-                // terms) and could let a second bootstrap happen.
-                DcsError::Corrupt(format!(
-                    "{} is missing; it is created when the local store is opened and must not be removed",
-                    self.data_path.display()
-                ))
-            } else {
-                io_error("open", &self.data_path, e)
-            }
-        })?;
-        // Stamp the descriptor we read from, so stamp and contents belong to the same version.
-        let meta = file.metadata().map_err(|e| io_error("stat", &self.data_path, e))?;
-        let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-        file.read_to_end(&mut buf).map_err(|e| io_error("read", &self.data_path, e))?;
-        let data: Data = serde_json::from_slice(&buf).map_err(|e| {
-            DcsError::Corrupt(format!("{}: not a valid local store file: {e}", self.data_path.display()))
-        })?;
+    fn version_path(&self, generation: u64) -> PathBuf {
+        self.dir.join(version_name(generation))
+    }
+
+    /// The error for a directory without any version.
+    fn missing(&self) -> DcsError {
+        // Recreating it silently would forget the cluster (its `initialize` key, its terms)
+        // and could let a second bootstrap happen.
+        DcsError::Corrupt(format!(
+            "the local store in {} is missing: it holds no {VERSION_PREFIX}<generation>{VERSION_SUFFIX} file; \
+             the store is created when it is opened and its files must not be removed",
+            self.dir.display()
+        ))
+    }
+
+    /// The newest generation in the directory, if any.
+    fn newest(&self) -> DcsResult<Option<u64>> {
+        use std::os::unix::ffi::OsStrExt;
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| io_error("list", &self.dir, e))?;
+        let mut newest = None;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error("list", &self.dir, e))?;
+            newest = newest.max(parse_version(entry.file_name().as_bytes()));
+        }
+        Ok(newest)
+    }
+
+    /// Parse the file at `path`, checking it belongs to this machine. `None` if it does not
+    /// exist.
+    fn read_file(&self, path: &Path) -> DcsResult<Option<Data>> {
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error("open", path, e)),
+        };
+        let mut buf = Vec::new();
+        file.read_to_end(&mut buf).map_err(|e| io_error("read", path, e))?;
+        let data: Data = serde_json::from_slice(&buf)
+            .map_err(|e| DcsError::Corrupt(format!("{}: not a valid local store file: {e}", path.display())))?;
         if data.machine_id != self.machine_id {
             return Err(DcsError::Misconfigured(format!(
                 "this local store at {} was created on machine {}, but this is machine {}; the local store \
@@ -307,85 +334,183 @@ impl Inner {
                 self.dir.display(),
                 data.machine_id,
                 self.machine_id,
-                self.data_path.display()
+                path.display()
             )));
         }
-        let mtime = meta.modified().unwrap_or(UNIX_EPOCH);
-        Ok((data, Stamp::of(&meta), mtime))
+        Ok(Some(data))
     }
 
-    /// Atomically replace the data file. Must be called with the lock held.
-    ///
-    /// The new file gets an mtime strictly later than `prev_mtime` (the version it replaces),
-    /// so watchers comparing stamps see a change even when the filesystem reuses the inode
-    /// number and the clock has not ticked since the previous write.
-    fn write_data(&self, data: &Data, prev_mtime: SystemTime) -> DcsResult<()> {
+    /// The newest version and its generation.
+    fn read_data(&self) -> DcsResult<(Data, u64)> {
+        // The newest version listed disappears only after KEEP_VERSIONS more writes; listing
+        // again finds a newer one. Bounded so a directory emptied meanwhile cannot spin.
+        for _ in 0..1000 {
+            let generation = self.newest()?.ok_or_else(|| self.missing())?;
+            if let Some(data) = self.read_file(&self.version_path(generation))? {
+                return Ok((data, generation));
+            }
+        }
+        Err(DcsError::Unavailable(format!(
+            "local store: the versions in {} keep disappearing while being read",
+            self.dir.display()
+        )))
+    }
+
+    /// Write `data` to a new private temporary file and fsync it.
+    fn write_tmp(&self, data: &Data) -> DcsResult<PathBuf> {
         let bytes = serde_json::to_vec_pretty(data)
             .map_err(|e| DcsError::Unavailable(format!("local store: cannot encode the store: {e}")))?;
-        let mut tmp = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&self.tmp_path)
-            .map_err(|e| io_error("create", &self.tmp_path, e))?;
-        tmp.write_all(&bytes).map_err(|e| io_error("write", &self.tmp_path, e))?;
-        let mtime = SystemTime::now().max(prev_mtime + Duration::from_micros(1));
-        tmp.set_modified(mtime).map_err(|e| io_error("set the mtime of", &self.tmp_path, e))?;
-        // Durability of the contents before the rename makes them visible; the directory
-        // entry itself is not fsynced (a crash may roll back the last write, never tear it).
-        tmp.sync_data().map_err(|e| io_error("fsync", &self.tmp_path, e))?;
-        drop(tmp);
-        std::fs::rename(&self.tmp_path, &self.data_path).map_err(|e| io_error("rename over", &self.data_path, e))
+        let (mut file, path) = loop {
+            let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+            let path = self.tmp_dir.join(format!("{}.{n}", std::process::id()));
+            match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+                Ok(f) => break (f, path),
+                // Left over by a crashed process that had this pid: take the next number.
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_error("create", &path, e)),
+            }
+        };
+        let written = file.write_all(&bytes).map_err(|e| io_error("write", &path, e));
+        // Durability of the contents before the link makes them visible; the directory entry
+        // itself is not fsynced (a crash may roll back the last write, never tear it).
+        let synced = written.and_then(|()| file.sync_data().map_err(|e| io_error("fsync", &path, e)));
+        if let Err(e) = synced {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(path)
     }
 
-    /// Run `f` with the exclusive lock held. Blocking: call from `spawn_blocking`.
-    fn with_lock<T>(&self, f: impl FnOnce(&Inner) -> DcsResult<T>) -> DcsResult<T> {
-        // The mutex only guards the descriptor; a panic while holding it leaves nothing broken.
-        let file = self.lock_file.lock().unwrap_or_else(PoisonError::into_inner);
-        file.lock().map_err(|e| io_error("lock", &self.dir.join(LOCK_FILE), e))?;
-        let _unlock = FlockGuard(&file);
-        f(self)
+    /// Publish the temporary file `tmp` as `generation` (and remove `tmp` either way).
+    fn commit(&self, tmp: &Path, generation: u64) -> DcsResult<Commit> {
+        let target = self.version_path(generation);
+        let linked = std::fs::hard_link(tmp, &target);
+        let _ = std::fs::remove_file(tmp);
+        match linked {
+            Ok(()) => {
+                // The version KEEP_VERSIONS behind is no longer needed; leftovers of crashed
+                // writers are swept at open.
+                if let Some(old) = generation.checked_sub(KEEP_VERSIONS).filter(|&g| g > 0) {
+                    let _ = std::fs::remove_file(self.version_path(old));
+                }
+                Ok(Commit::Done)
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::AlreadyExists | ErrorKind::NotFound) => Ok(Commit::Lost),
+            Err(e) => Err(io_error("publish", &target, e)),
+        }
     }
 
-    /// Read-modify-write under the lock. Expired keys are purged first, so `f` only sees live
-    /// keys; `f` returns its result and whether it changed the store. The file is rewritten
-    /// only on a change, so the purge is persisted by the next successful write.
-    fn modify<T>(&self, f: impl FnOnce(&mut Data, u64) -> (T, bool)) -> DcsResult<T> {
-        self.with_lock(|inner| {
-            let (mut data, _, mtime) = inner.read_data()?;
+    /// Read-modify-write. Expired keys are purged first, so `f` only sees live keys; `f`
+    /// returns its result and whether it changed the store. A version is published only on a
+    /// change, so the purge is persisted by the next successful write. `f` runs again on the
+    /// newer state whenever another writer committed first.
+    fn modify<T>(&self, mut f: impl FnMut(&mut Data, u64) -> (T, bool)) -> DcsResult<T> {
+        let mut slow = 0;
+        loop {
+            let (mut data, generation) = self.read_data()?;
+            let read_at = Instant::now();
             let now = now_ms();
             data.keys.retain(|_, e| e.live_at(now));
             let (result, changed) = f(&mut data, now);
-            if changed {
-                inner.write_data(&data, mtime)?;
+            if !changed {
+                return Ok(result);
             }
-            Ok(result)
-        })
+            let tmp = self.write_tmp(&data)?;
+            if read_at.elapsed() > MAX_WRITE_AGE {
+                let _ = std::fs::remove_file(&tmp);
+                slow += 1;
+                if slow >= MAX_SLOW_ATTEMPTS {
+                    return Err(DcsError::Unavailable(format!(
+                        "local store: {slow} writes in a row took longer than {MAX_WRITE_AGE:?} from read to \
+                         commit; is the disk under {} very slow?",
+                        self.dir.display()
+                    )));
+                }
+                continue;
+            }
+            match self.commit(&tmp, generation + 1)? {
+                Commit::Done => return Ok(result),
+                Commit::Lost => continue,
+            }
+        }
     }
 
-    /// The current version of the data file for `watch`: reuses the cached parse while the
-    /// file's stamp is unchanged (unless `force`), so an idle poll costs one `stat`.
-    fn watch_snapshot(&self, force: bool) -> DcsResult<Arc<Data>> {
-        if !force {
-            let meta = std::fs::metadata(&self.data_path).map_err(|e| {
-                if e.kind() == ErrorKind::NotFound {
-                    DcsError::Corrupt(format!("{} is missing", self.data_path.display()))
-                } else {
-                    io_error("stat", &self.data_path, e)
+    /// Make sure the directory holds a version (creating an empty store or adopting the
+    /// earlier layout's file), check it, and remove leftovers. Run once by `open`.
+    fn initialise(&self) -> DcsResult<()> {
+        let legacy = self.dir.join(LEGACY_FILE);
+        for _ in 0..3 {
+            if let Some(newest) = self.newest()? {
+                // Validates the newest version and that it was created on this machine.
+                self.read_data()?;
+                self.sweep(newest);
+                return Ok(());
+            }
+            let tmp = match self.read_file(&legacy)? {
+                // Adopt the earlier layout's file as generation 1 (validated by the read).
+                Some(_) => {
+                    let tmp = self.tmp_dir.join(format!("{}.legacy", std::process::id()));
+                    let _ = std::fs::remove_file(&tmp);
+                    std::fs::hard_link(&legacy, &tmp).map_err(|e| io_error("link", &legacy, e))?;
+                    tmp
                 }
-            })?;
-            let stamp = Stamp::of(&meta);
+                None => {
+                    self.write_tmp(&Data { revision: 0, machine_id: self.machine_id.clone(), keys: BTreeMap::new() })?
+                }
+            };
+            // Two processes opening a fresh directory: one link wins, the other reads it.
+            self.commit(&tmp, 1)?;
+        }
+        Err(self.missing())
+    }
+
+    /// Remove what is no longer needed: versions more than KEEP_VERSIONS behind `newest`,
+    /// temporary files abandoned by crashed writers and the earlier layout's files. Errors
+    /// are ignored: leftovers only take space.
+    fn sweep(&self, newest: u64) {
+        use std::os::unix::ffi::OsStrExt;
+        let legacy = self.dir.join(LEGACY_FILE);
+        if let (Ok(a), Ok(b)) = (std::fs::metadata(&legacy), std::fs::metadata(self.version_path(1))) {
+            // Adopted as generation 1 (the same file): remove it, so an older pgkeel fails.
+            if (a.dev(), a.ino()) == (b.dev(), b.ino()) {
+                let _ = std::fs::remove_file(&legacy);
+            }
+        }
+        if std::fs::metadata(&legacy).is_err() {
+            let _ = std::fs::remove_file(self.dir.join(LEGACY_LOCK));
+            let _ = std::fs::remove_file(self.dir.join(format!("{LEGACY_FILE}.tmp")));
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                if parse_version(entry.file_name().as_bytes()).is_some_and(|g| g + KEEP_VERSIONS < newest) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.tmp_dir) {
+            for entry in entries.flatten() {
+                let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|m| m.elapsed().ok());
+                if age.is_some_and(|a| a > ABANDONED_TMP_AGE) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+
+    /// The newest version for `watch`: reuses the cached parse while no newer generation
+    /// appeared, so an idle look costs one directory listing.
+    fn watch_snapshot(&self) -> DcsResult<Arc<Data>> {
+        let newest = self.newest()?.ok_or_else(|| self.missing())?;
+        {
             let cache = self.watch_cache.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(c) = cache.as_ref().filter(|c| c.stamp == stamp) {
+            if let Some(c) = cache.as_ref().filter(|c| c.generation == newest) {
                 return Ok(c.data.clone());
             }
         }
-        // No lock needed: the file is only ever replaced by rename, so this reads one complete
-        // version, and waiting behind a writer's fsync would only delay the watcher.
-        let (data, stamp, _) = self.read_data()?;
+        let (data, generation) = self.read_data()?;
         let data = Arc::new(data);
-        *self.watch_cache.lock().unwrap_or_else(PoisonError::into_inner) = Some(Cached { stamp, data: data.clone() });
+        *self.watch_cache.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(Cached { generation, data: data.clone() });
         Ok(data)
     }
 
@@ -407,13 +532,8 @@ impl Inner {
         // Subscribe before the first look, so a write in between cannot be missed.
         let notifier = if notify { DirNotifier::new(&self.dir).ok() } else { None };
         let idle_wait = if notifier.is_some() { WATCH_NOTIFIED_RECHECK } else { WATCH_POLL };
-        let mut last_read = Instant::now();
-        let mut force = false;
         loop {
-            let data = self.watch_snapshot(force)?;
-            if force {
-                last_read = Instant::now();
-            }
+            let data = self.watch_snapshot()?;
             let now_ms = now_ms();
             let entry = data.live(key, now_ms);
             let now = Instant::now();
@@ -426,21 +546,16 @@ impl Inner {
                 wait = wait.min(Duration::from_millis(expires_at.saturating_sub(now_ms)));
             }
             drop(data);
-            // A notified replacement of the file is re-read even if its stamp looks unchanged.
-            force = match &notifier {
+            match &notifier {
                 Some(n) => n.wait(wait),
-                None => {
-                    std::thread::sleep(wait);
-                    false
-                }
-            };
-            force |= last_read.elapsed() >= WATCH_FORCED_REREAD;
+                None => std::thread::sleep(wait),
+            }
         }
     }
 }
 
-/// Tells a waiting watch when the data file is replaced: an inotify instance watching the
-/// store directory for renames into it (how every write lands) and deletions.
+/// Wakes a waiting watch when a version is published: an inotify instance watching the store
+/// directory for new names (`link` creates one; `rename` for files an operator restores).
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 struct DirNotifier {
     fd: OwnedFd,
@@ -460,16 +575,16 @@ impl DirNotifier {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| ErrorKind::InvalidInput)?;
         // SAFETY: `fd` is a valid inotify descriptor and `path` is NUL-terminated.
-        let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), libc::IN_MOVED_TO | libc::IN_DELETE) };
+        let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), libc::IN_CREATE | libc::IN_MOVED_TO) };
         if wd < 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(DirNotifier { fd })
     }
 
-    /// Wait up to `timeout` for an event. Returns whether the data file was (or may have
-    /// been) replaced; `false` after a timeout or events about other files.
-    fn wait(&self, timeout: Duration) -> bool {
+    /// Wait up to `timeout` for an event, then consume every pending one. The caller looks
+    /// at the directory either way, so what the events say does not matter.
+    fn wait(&self, timeout: Duration) {
         let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // Round up, so a wait for an expiry never ends just before it.
         let ms = timeout.as_micros().div_ceil(1000);
@@ -477,35 +592,32 @@ impl DirNotifier {
         // SAFETY: `pfd` is one valid pollfd, matching the count passed.
         let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
         match rc {
-            0 => false,
+            0 => {}
             rc if rc > 0 => self.drain(),
-            _ => self.failed(),
+            _ => Self::failed(),
         }
     }
 
-    /// Read every pending event; whether one concerns the data file.
-    fn drain(&self) -> bool {
+    /// Read every pending event.
+    fn drain(&self) {
         let mut buf = [0u8; 4096];
-        let mut relevant = false;
         loop {
             // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
             let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            match usize::try_from(n) {
-                Ok(0) => return true,
-                Ok(n) => relevant |= events_mention_data_file(&buf[..n.min(buf.len())]),
-                Err(_) => match std::io::Error::last_os_error().kind() {
-                    ErrorKind::WouldBlock => return relevant,
-                    ErrorKind::Interrupted => {}
-                    _ => return self.failed(),
-                },
+            if n > 0 {
+                continue;
+            }
+            match std::io::Error::last_os_error().kind() {
+                ErrorKind::Interrupted if n < 0 => {}
+                ErrorKind::WouldBlock if n < 0 => return,
+                _ => return Self::failed(),
             }
         }
     }
 
-    /// inotify misbehaved: behave like one polling step (never spin) and assume a change.
-    fn failed(&self) -> bool {
+    /// inotify misbehaved: behave like one polling step, never spin.
+    fn failed() {
         std::thread::sleep(WATCH_POLL);
-        true
     }
 }
 
@@ -516,35 +628,9 @@ impl DirNotifier {
         Err(ErrorKind::Unsupported.into())
     }
 
-    fn wait(&self, timeout: Duration) -> bool {
+    fn wait(&self, timeout: Duration) {
         std::thread::sleep(timeout);
-        false
     }
-}
-
-/// Whether a buffer of `inotify_event`s names the data file, or reports lost events
-/// (queue overflow) or a removed watch, after which anything may have changed.
-#[cfg(target_os = "linux")]
-fn events_mention_data_file(buf: &[u8]) -> bool {
-    // struct inotify_event { int wd; uint32_t mask, cookie, len; char name[len]; }
-    const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
-    let u32_at = |at: usize| buf.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_ne_bytes);
-    let mut at = 0;
-    while let (Some(mask), Some(len)) = (u32_at(at + 4), u32_at(at + 12)) {
-        let len = usize::try_from(len).unwrap_or(usize::MAX);
-        if mask & (libc::IN_Q_OVERFLOW | libc::IN_IGNORED) != 0 {
-            return true;
-        }
-        let name = buf.get(at + HEADER..).unwrap_or_default();
-        let name = &name[..len.min(name.len())];
-        // The name is NUL-padded to an alignment boundary.
-        let name = name.split(|&b| b == 0).next().unwrap_or_default();
-        if name == DATA_FILE.as_bytes() {
-            return true;
-        }
-        at = at.saturating_add(HEADER).saturating_add(len);
-    }
-    false
 }
 
 /// Sets the flag when dropped: tells a watch's polling thread that nobody waits for it.
@@ -631,43 +717,28 @@ fn check_local_filesystem(_dir: &Path) -> DcsResult<()> {
 }
 
 impl LocalStore {
-    /// Open (creating if needed) the store in `dir`: creates the directory (mode 0700), the
-    /// lock file and an empty `store.json` recording this machine's identity.
+    /// Open (creating if needed) the store in `dir`: creates the directory (mode 0700) and,
+    /// for a new store, an empty first version recording this machine's identity.
     ///
     /// Fails with [`DcsError::Misconfigured`] when `dir` is on a network filesystem or the
-    /// store was created on another machine, and with [`DcsError::Corrupt`] when `store.json`
-    /// cannot be decoded. Does blocking file I/O (once, at startup).
+    /// store was created on another machine, and with [`DcsError::Corrupt`] when the newest
+    /// version cannot be decoded. Does blocking file I/O (once, at startup).
     pub fn open(dir: &Path) -> DcsResult<LocalStore> {
-        DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| io_error("create directory", dir, e))?;
+        let tmp_dir = dir.join(TMP_DIR);
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&tmp_dir)
+            .map_err(|e| io_error("create directory", &tmp_dir, e))?;
         check_local_filesystem(dir)?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|e| io_error("open", &lock_path, e))?;
         let inner = Inner {
             dir: dir.to_path_buf(),
-            data_path: dir.join(DATA_FILE),
-            tmp_path: dir.join(TMP_FILE),
+            tmp_dir,
             machine_id: machine_identity(),
-            lock_file: Mutex::new(lock_file),
+            tmp_counter: AtomicU64::new(0),
             watch_cache: Mutex::new(None),
         };
-        // Under the lock, so two processes opening a fresh directory create the file once.
-        inner.with_lock(|inner| {
-            let exists = inner.data_path.try_exists().map_err(|e| io_error("stat", &inner.data_path, e))?;
-            if exists {
-                // Validates the file and that it was created on this machine.
-                inner.read_data().map(|_| ())
-            } else {
-                let fresh = Data { revision: 0, machine_id: inner.machine_id.clone(), keys: BTreeMap::new() };
-                inner.write_data(&fresh, UNIX_EPOCH)
-            }
-        })?;
+        inner.initialise()?;
         Ok(LocalStore { inner: Arc::new(inner) })
     }
 
@@ -679,20 +750,19 @@ impl LocalStore {
     /// Run a read-modify-write on the blocking pool.
     async fn modify<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Data, u64) -> (T, bool) + Send + 'static,
+        f: impl FnMut(&mut Data, u64) -> (T, bool) + Send + 'static,
     ) -> DcsResult<T> {
         let inner = self.inner.clone();
         blocking(move || inner.modify(f)).await
     }
 
-    /// Run a read on the blocking pool. Reads take no lock: the file is only ever replaced by
-    /// an atomic rename, so a read sees exactly the state after some completed write (the
-    /// rename is each write's commit point), which keeps reads linearizable without waiting
-    /// behind a writer's fsync.
+    /// Run a read on the blocking pool. Reads take no lock: a version is published complete by
+    /// `link`, so a read sees exactly the state after some completed write (the link is each
+    /// write's commit point), which keeps reads linearizable.
     async fn read<T: Send + 'static>(&self, f: impl FnOnce(&Data, u64) -> T + Send + 'static) -> DcsResult<T> {
         let inner = self.inner.clone();
         blocking(move || {
-            let (data, _, _) = inner.read_data()?;
+            let (data, _) = inner.read_data()?;
             Ok(f(&data, now_ms()))
         })
         .await
@@ -830,27 +900,69 @@ mod tests {
         assert_eq!(network_filesystem(0xEF53), None); // ext4
     }
 
-    #[cfg(target_os = "linux")]
     #[test]
-    fn inotify_events_are_parsed() {
-        fn event(mask: u32, name: &str) -> Vec<u8> {
-            let mut padded = name.as_bytes().to_vec();
-            padded.resize(if name.is_empty() { 0 } else { (name.len() + 1).next_multiple_of(16) }, 0);
-            let mut e = Vec::new();
-            e.extend_from_slice(&1i32.to_ne_bytes());
-            e.extend_from_slice(&mask.to_ne_bytes());
-            e.extend_from_slice(&0u32.to_ne_bytes());
-            e.extend_from_slice(&u32::try_from(padded.len()).unwrap().to_ne_bytes());
-            e.extend_from_slice(&padded);
-            e
+    fn version_names_round_trip() {
+        assert_eq!(version_name(7), "store.00000000000000000007.json");
+        assert_eq!(parse_version(version_name(7).as_bytes()), Some(7));
+        assert_eq!(parse_version(version_name(u64::MAX).as_bytes()), Some(u64::MAX));
+        for other in ["store.json", "store.lock", "store.json.tmp", "store.7.json", "store.0000000000000000000x.json"] {
+            assert_eq!(parse_version(other.as_bytes()), None, "{other}");
         }
-        let other = event(libc::IN_MOVED_TO, "store.json.tmp");
-        assert!(!events_mention_data_file(&other));
-        assert!(events_mention_data_file(&[other.clone(), event(libc::IN_MOVED_TO, DATA_FILE)].concat()));
-        assert!(events_mention_data_file(&event(libc::IN_Q_OVERFLOW, "")));
-        assert!(!events_mention_data_file(&[]));
-        // A truncated buffer must not panic.
-        assert!(!events_mention_data_file(&other[..20]));
+    }
+
+    /// Two writers that read the same version: the first to publish wins, the other's link
+    /// fails and it starts over on the winner's state (no lost update, no lock).
+    #[test]
+    fn a_writer_that_lost_the_race_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let inner = &store.inner;
+        let (mut data, generation) = inner.read_data().unwrap();
+        data.write("/stale", b"1", None, now_ms());
+        let stale = inner.write_tmp(&data).unwrap();
+        // Meanwhile another writer commits the next generation.
+        inner.modify(|d, now| (d.write("/k", b"winner", None, now), true)).unwrap();
+        assert!(matches!(inner.commit(&stale, generation + 1).unwrap(), Commit::Lost));
+        assert!(!stale.exists(), "the loser's temporary file is removed");
+        let (now, _) = inner.read_data().unwrap();
+        assert!(now.keys.contains_key("/k") && !now.keys.contains_key("/stale"));
+        // A modify whose first attempt loses runs again on the newer state.
+        let mut attempts = 0;
+        let rev = inner
+            .modify(|d, now| {
+                attempts += 1;
+                if attempts == 1 {
+                    // Another writer slips in between this read and its commit.
+                    let other = store.inner.clone();
+                    std::thread::spawn(move || other.modify(|d, now| (d.write("/other", b"1", None, now), true)))
+                        .join()
+                        .unwrap()
+                        .unwrap();
+                }
+                (d.write("/k", b"second", None, now), true)
+            })
+            .unwrap();
+        assert_eq!(attempts, 2);
+        let (now, _) = inner.read_data().unwrap();
+        assert!(now.keys.contains_key("/other"));
+        assert_eq!(now.get("/k", now_ms()).unwrap().mod_revision, rev);
+    }
+
+    /// Old versions are removed as new ones are published; the newest KEEP_VERSIONS stay.
+    #[test]
+    fn old_versions_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        for i in 0..40 {
+            store.inner.modify(|d, now| (d.write("/k", i.to_string().as_bytes(), None, now), true)).unwrap();
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| parse_version(e.unwrap().file_name().as_encoded_bytes()))
+            .collect();
+        assert_eq!(names.len(), usize::try_from(KEEP_VERSIONS).unwrap(), "{names:?}");
+        assert_eq!(names.iter().max(), Some(&41));
+        assert_eq!(std::fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0, "no temporary file left");
     }
 
     /// The polling fallback (no inotify) notices changes and expiry too.

@@ -3,7 +3,7 @@
 //! machine-identity guard, corruption handling and persistence.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -176,6 +176,16 @@ async fn child_process_worker() {
             println!("CPU_US={}", (after.0 - before.0).as_micros());
             println!("WAKEUPS={}", after.1 - before.1);
         }
+        // Increment /counter as fast as possible until /stop appears; print how many times.
+        "hammer" => {
+            let store = open(dir);
+            let mut done = 0;
+            while store.get("/stop").await.unwrap().is_none() {
+                increment(store.as_ref(), "/counter", 1).await;
+                done += 1;
+            }
+            println!("DONE={done}");
+        }
         other => panic!("unknown child mode {other}"),
     }
 }
@@ -202,6 +212,48 @@ async fn separate_processes_race_safely() {
     assert_eq!(won, 20, "each of the 20 keys must be created by exactly one process");
     assert_eq!(store.get("/counter").await.unwrap().unwrap().text(), "120", "no increment may be lost");
     assert_eq!(store.list("/race/").await.unwrap().len(), 20);
+}
+
+/// An agent process stopped in the middle of a write (SIGSTOP, a debugger, a paused VM) must
+/// not stop the others from writing: with a lock held across the write, a frozen primary's
+/// agent froze the whole store and no replica could take over. A child process writes in a
+/// tight loop and is stopped at varying moments; each time, this process's write must go
+/// through while the child is stopped, and no increment of either may be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_writer_does_not_block_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.put("/counter", b"0", None).await.unwrap();
+    let child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["child_process_worker", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, format!("hammer:{}", dir.path().display()))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = libc::pid_t::try_from(child.id().unwrap()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.get("/counter").await.unwrap().unwrap().text() == "0" {
+        assert!(Instant::now() < deadline, "the child never wrote");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rounds = 25;
+    for round in 0..rounds {
+        // Let the child run for a varying while (fault timing, not synchronisation).
+        tokio::time::sleep(Duration::from_millis(2 + round % 7)).await;
+        // SAFETY: plain system calls on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        let wrote = tokio::time::timeout(Duration::from_secs(10), increment(store.as_ref(), "/counter", 1)).await;
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        assert!(wrote.is_ok(), "round {round}: a write waited for the stopped child");
+    }
+    store.put("/stop", b"1", None).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "child failed: {stdout}");
+    let total: u64 = store.get("/counter").await.unwrap().unwrap().text().parse().unwrap();
+    assert_eq!(total, rounds + child_number(&stdout, "DONE"), "no increment may be lost");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,19 +285,19 @@ async fn open_creates_a_private_directory_and_files() {
     assert_eq!(store.dir(), dir);
     assert_eq!(store.describe(), format!("local:{}", dir.display()));
     assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
-    assert!(dir.join("store.lock").exists());
-    let meta = std::fs::metadata(dir.join("store.json")).unwrap();
-    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let first = newest_version(&dir);
+    assert!(first.ends_with("store.00000000000000000001.json"), "{}", first.display());
+    assert_eq!(std::fs::metadata(&first).unwrap().permissions().mode() & 0o777, 0o600);
 
     store.put("/k", b"{\"a\":1}", Some(Duration::from_secs(60))).await.unwrap();
-    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("store.json")).unwrap()).unwrap();
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(newest_version(&dir)).unwrap()).unwrap();
     assert_eq!(file["revision"], 1);
     assert!(file["machine_id"].as_str().is_some_and(|m| !m.is_empty()));
     assert_eq!(file["keys"]["/k"]["value"], "{\"a\":1}", "UTF-8 values are stored as readable text");
     assert_eq!(file["keys"]["/k"]["create_revision"], 1);
     assert_eq!(file["keys"]["/k"]["mod_revision"], 1);
     assert!(file["keys"]["/k"]["expires_at_ms"].as_u64().is_some());
-    assert!(!dir.join("store.json.tmp").exists(), "the temporary file is renamed away");
+    assert_eq!(std::fs::read_dir(dir.join("tmp")).unwrap().count(), 0, "no temporary file is left behind");
 }
 
 #[tokio::test]
@@ -276,15 +328,34 @@ async fn expired_keys_are_purged_by_the_next_write() {
         assert!(Instant::now() < deadline, "key did not expire");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let file = std::fs::read_to_string(dir.path().join("store.json")).unwrap();
+    let file = std::fs::read_to_string(newest_version(dir.path())).unwrap();
     assert!(file.contains("/short"), "an expired key stays in the file until the next write");
     store.put("/other", b"1", None).await.unwrap();
-    let file = std::fs::read_to_string(dir.path().join("store.json")).unwrap();
+    let file = std::fs::read_to_string(newest_version(dir.path())).unwrap();
     assert!(!file.contains("/short"), "the next write purges expired keys: {file}");
 }
 
+/// The newest `store.<generation>.json` in `dir` (panics if there is none).
+fn newest_version(dir: &Path) -> PathBuf {
+    versions(dir).pop().unwrap_or_else(|| panic!("no store version in {}", dir.display()))
+}
+
+/// Every `store.<generation>.json` in `dir`, oldest first.
+fn versions(dir: &Path) -> Vec<PathBuf> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.len() == "store.00000000000000000001.json".len() && n.starts_with("store.0"))
+        .collect();
+    names.sort();
+    names.into_iter().map(|n| dir.join(n)).collect()
+}
+
+/// Publish `contents` as the next version of the store in `dir` (as generation 1 in an
+/// empty directory), the way an operator or another machine would replace it.
 fn write_store_file(dir: &Path, contents: &str) {
-    std::fs::write(dir.join("store.json"), contents).unwrap();
+    let next = versions(dir).len() + 1;
+    std::fs::write(dir.join(format!("store.{next:020}.json")), contents).unwrap();
 }
 
 fn expect_misconfigured_machine(err: DcsError) {
@@ -296,6 +367,37 @@ fn expect_misconfigured_machine(err: DcsError) {
         }
         other => panic!("expected Misconfigured, got {other:?}"),
     }
+}
+
+/// The machine identity recorded in the store in `dir`.
+fn machine_id(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(newest_version(dir)).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()["machine_id"].clone()
+}
+
+/// A store of the earlier layout (`store.json` replaced by rename under `store.lock`) is
+/// adopted: its data and revisions carry on, and its files are removed so an older pgkeel
+/// still pointed at the directory fails instead of writing beside this one.
+#[tokio::test]
+async fn a_store_of_the_earlier_layout_is_adopted() {
+    let machine = {
+        let fresh = tempfile::tempdir().unwrap();
+        LocalStore::open(fresh.path()).unwrap();
+        machine_id(fresh.path())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = serde_json::json!({"revision": 7, "machine_id": machine, "keys": {"/k": {
+        "value": "old", "create_revision": 3, "mod_revision": 7}}});
+    std::fs::write(dir.path().join("store.json"), legacy.to_string()).unwrap();
+    std::fs::write(dir.path().join("store.lock"), "").unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    let kv = store.get("/k").await.unwrap().unwrap();
+    assert_eq!((kv.text(), kv.create_revision, kv.mod_revision), ("old".to_string(), 3, 7));
+    assert!(store.put("/k", b"new", None).await.unwrap() > 7, "revisions carry on");
+    assert!(!dir.path().join("store.json").exists(), "the adopted file is removed");
+    assert!(!dir.path().join("store.lock").exists(), "the old lock file is removed");
+    // Reopening finds the adopted store, not the old file.
+    assert_eq!(LocalStore::open(dir.path()).unwrap().get("/k").await.unwrap().unwrap().text(), "new");
 }
 
 const OTHER_MACHINE: &str = r#"{"revision": 3, "machine_id": "some-other-machine", "keys": {}}"#;
@@ -319,12 +421,12 @@ async fn a_store_taken_over_by_another_machine_is_refused_by_operations() {
     expect_misconfigured_machine(store.get("/k").await.unwrap_err());
     expect_misconfigured_machine(store.put("/k", b"2", None).await.unwrap_err());
     expect_misconfigured_machine(store.watch("/k", None, Duration::from_secs(1)).await.unwrap_err());
-    assert_eq!(std::fs::read_to_string(dir.path().join("store.json")).unwrap(), OTHER_MACHINE, "must not overwrite");
+    assert_eq!(std::fs::read_to_string(newest_version(dir.path())).unwrap(), OTHER_MACHINE, "must not overwrite");
 }
 
 fn expect_corrupt(err: DcsError, what: &str) {
     match err {
-        DcsError::Corrupt(msg) => assert!(msg.contains("store.json") && msg.contains(what), "{msg}"),
+        DcsError::Corrupt(msg) => assert!(msg.contains("store.") && msg.contains(what), "{msg}"),
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
@@ -334,7 +436,7 @@ async fn a_corrupt_file_is_reported_at_open() {
     let dir = tempfile::tempdir().unwrap();
     write_store_file(dir.path(), "{\"revision\": 1, \"keys\": ");
     expect_corrupt(LocalStore::open(dir.path()).unwrap_err(), "not a valid local store file");
-    write_store_file(dir.path(), "");
+    std::fs::write(newest_version(dir.path()), "").unwrap();
     expect_corrupt(LocalStore::open(dir.path()).unwrap_err(), "not a valid local store file");
 }
 
@@ -342,10 +444,7 @@ async fn a_corrupt_file_is_reported_at_open() {
 async fn a_corrupt_file_is_reported_by_operations_and_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let store = LocalStore::open(dir.path()).unwrap();
-    let machine =
-        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(dir.path().join("store.json")).unwrap())
-            .unwrap()["machine_id"]
-            .clone();
+    let machine = machine_id(dir.path());
     // Valid JSON, undecodable value encoding.
     let bad_hex = serde_json::json!({"revision": 1, "machine_id": machine, "keys": {"/k": {
         "value": "zz", "hex": true, "create_revision": 1, "mod_revision": 1}}})
@@ -358,9 +457,11 @@ async fn a_corrupt_file_is_reported_by_operations_and_left_alone() {
     expect_corrupt(store.list("/").await.unwrap_err(), "not a valid local store file");
     expect_corrupt(store.create("/k", b"1", None).await.unwrap_err(), "not a valid local store file");
     expect_corrupt(store.watch("/k", None, Duration::from_secs(1)).await.unwrap_err(), "not a valid local store file");
-    assert_eq!(std::fs::read_to_string(dir.path().join("store.json")).unwrap(), "garbage", "must not overwrite");
+    assert_eq!(std::fs::read_to_string(newest_version(dir.path())).unwrap(), "garbage", "must not overwrite");
 
-    std::fs::remove_file(dir.path().join("store.json")).unwrap();
+    for version in versions(dir.path()) {
+        std::fs::remove_file(version).unwrap();
+    }
     expect_corrupt(store.put("/k", b"1", None).await.unwrap_err(), "missing");
-    assert!(!dir.path().join("store.json").exists(), "a removed store must not be silently recreated");
+    assert!(versions(dir.path()).is_empty(), "a removed store must not be silently recreated");
 }
