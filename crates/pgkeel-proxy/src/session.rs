@@ -1,8 +1,9 @@
 //! One client connection: startup, SCRAM authentication, then forwarding between the client
 //! and pooled server connections (the primary, or a replica for reads).
 //!
-//! Forwarding works on whole frames ([`crate::protocol::Frame`]). Client frames are read into
-//! `held` and handed to a server a unit at a time: a unit ends with a Query, FunctionCall,
+//! Forwarding works on whole frames. Client frames stay in the read buffer where they arrived
+//! (its first `held` bytes, checked whole by [`FrontendDecoder::frame_len`]) and are copied
+//! from there to a server a unit at a time: a unit ends with a Query, FunctionCall,
 //! Sync or Flush. A client without a server connection gets one for its next unit: in
 //! transaction mode on the auto listener the unit's statements are classified
 //! ([`crate::router`]) and a unit that only reads goes to a replica; everything else goes to
@@ -402,11 +403,12 @@ enum Expect {
     Client(Kind),
     /// The answer to a message the proxy added: dropped (an error is forwarded).
     Injected(Kind),
-    /// The proxy's own answer to a client message, sent when its turn comes.
-    Synthetic(Bytes),
+    /// The proxy's own answer to a client message, sent when its turn comes. (Boxed, as
+    /// `Entry::undo`: rare, and every entry is moved through the queue.)
+    Synthetic(Box<Bytes>),
     /// An error the proxy raises for a client message, sent when its turn comes; the rest of
     /// the batch is skipped as after a server error.
-    SyntheticError(Bytes),
+    SyntheticError(Box<Bytes>),
     /// The proxy's `pg_current_wal_lsn()` query: its row is read, nothing is forwarded.
     Lsn,
 }
@@ -430,11 +432,17 @@ enum Undo {
     Evict(Arc<StmtDef>),
 }
 
+/// One message the server owes an answer to. Kept small (16 bytes of `Expect`, a pointer):
+/// every message of every transaction is pushed and popped, and the bookkeeping to revert is
+/// rare (named prepared statements).
 #[derive(Debug)]
 struct Entry {
     expect: Expect,
-    undo: Undo,
+    /// `None` for `Undo::None`.
+    undo: Option<Box<Undo>>,
 }
+
+const _: () = assert!(std::mem::size_of::<Entry>() <= 24, "queue entries are moved per message: keep them small");
 
 /// A server connection attached to a client.
 struct Attached {
@@ -497,6 +505,10 @@ impl Attached {
     }
 
     fn push(&mut self, expect: Expect, undo: Undo) {
+        let undo = match undo {
+            Undo::None => None,
+            undo => Some(Box::new(undo)),
+        };
         self.queue.push_back(Entry { expect, undo });
     }
 
@@ -513,7 +525,8 @@ impl Attached {
 /// Reverts the bookkeeping of messages the server skipped or failed, newest first.
 fn undo_all(entries: Vec<Entry>, att: &mut Attached, statements: &mut HashMap<Bytes, Arc<StmtDef>>) {
     for e in entries.into_iter().rev() {
-        match e.undo {
+        let Some(undo) = e.undo else { continue };
+        match *undo {
             Undo::None => {}
             Undo::Parse { client, server } => {
                 if let Some(name) = server {
@@ -554,8 +567,37 @@ fn skip_batch(failed: Entry, att: &mut Attached, statements: &mut HashMap<Bytes,
     !sync_queued
 }
 
+/// A whole client frame (type byte, length, body), borrowed from where it was read.
+#[derive(Clone, Copy)]
+struct Msg<'a>(&'a [u8]);
+
+impl<'a> Msg<'a> {
+    /// The frame at the start of `buf`, if all of it is there. Only used on bytes whose
+    /// frame lengths were checked (`held`).
+    fn first(buf: &'a [u8]) -> Option<Msg<'a>> {
+        let len = u32::from_be_bytes(buf.get(1..5)?.try_into().ok()?);
+        buf.get(..usize::try_from(len).ok()?.checked_add(1)?).map(Msg)
+    }
+
+    fn tag(self) -> u8 {
+        self.0.first().copied().unwrap_or(0)
+    }
+
+    fn body_slice(self) -> &'a [u8] {
+        self.0.get(5..).unwrap_or_default()
+    }
+
+    fn as_bytes(self) -> &'a [u8] {
+        self.0
+    }
+
+    fn len(self) -> usize {
+        self.0.len()
+    }
+}
+
 /// The classification of a Query or Parse frame's text, or of a Bind/Describe's statement.
-fn query_text(frame: &Frame) -> Option<&[u8]> {
+fn query_text(frame: Msg<'_>) -> Option<&[u8]> {
     let body = frame.body_slice();
     match frame.tag() {
         b'Q' => Some(until_nul(body).unwrap_or(body)),
@@ -575,10 +617,8 @@ fn until_nul(b: &[u8]) -> Option<&[u8]> {
 }
 
 /// The name of the statement a Parse prepares.
-fn parse_name(frame: &Frame) -> Option<Bytes> {
-    let body = frame.body();
-    let end = until_nul(&body)?.len();
-    Some(body.slice(..end))
+fn parse_name(frame: Msg<'_>) -> Option<&[u8]> {
+    until_nul(frame.body_slice())
 }
 
 /// "0/16B3748" → 0x16B3748.
@@ -624,8 +664,7 @@ pub fn run(
         attached: None,
         mode,
         listener_mode: mode,
-        held: VecDeque::new(),
-        held_bytes: 0,
+        held: 0,
         skip_to_sync: false,
         statements: HashMap::new(),
         unnamed_class: Class::Write,
@@ -678,9 +717,10 @@ struct Session {
     mode: RouteMode,
     /// The listener's routing (`RESET pgkeel.route`).
     listener_mode: RouteMode,
-    /// Client frames read and not yet handed to a server.
-    held: VecDeque<Frame>,
-    held_bytes: usize,
+    /// Client frames read and not yet handed to a server: the first `held` bytes of `rbuf`,
+    /// whole frames whose lengths were checked (see [`Session::held_frames`]). Kept in place,
+    /// a frame costs no split of the buffer, no queue entry and no reference count.
+    held: usize,
     /// Drop client messages until the next Sync (after an error in an extended batch).
     skip_to_sync: bool,
     /// The client's named prepared statements, by the client's name (transaction mode).
@@ -1250,7 +1290,7 @@ impl Session {
     }
 
     /// The class of what one client frame runs or prepares, if it is about a statement.
-    fn frame_class(&self, frame: &Frame, unnamed: Class) -> Option<Class> {
+    fn frame_class(&self, frame: Msg<'_>, unnamed: Class) -> Option<Class> {
         let body = frame.body_slice();
         match frame.tag() {
             b'Q' | b'P' => Some(query_text(frame).map_or(Class::Write, |t| self.classify(t))),
@@ -1267,7 +1307,7 @@ impl Session {
     /// The class of the unit at the front of `held` once it is complete (`None`: wait for
     /// the rest). A unit too large to hold without its end goes to the primary.
     fn held_unit(&self) -> Option<Class> {
-        if self.held.is_empty() {
+        if self.held == 0 {
             return None;
         }
         if !self.splitting() {
@@ -1275,7 +1315,7 @@ impl Session {
         }
         let mut class = Class::Neutral;
         let mut unnamed = self.unnamed_class;
-        for f in &self.held {
+        for f in self.held_frames() {
             match f.tag() {
                 b'Q' => return Some(class.max(self.frame_class(f, unnamed).unwrap_or(Class::Write))),
                 b'P' => {
@@ -1292,7 +1332,7 @@ impl Session {
                 _ => return Some(Class::Write),
             }
         }
-        (self.held_bytes >= HIGH_WATER).then_some(Class::Write)
+        (self.held >= HIGH_WATER).then_some(Class::Write)
     }
 
     /// A server connection for a unit of `class`: a replica for reads (in the auto mode; for
@@ -1848,11 +1888,9 @@ impl Session {
             // Idle: no server attached, nothing buffered either way. The client keeps no
             // buffers until its socket is readable (16 KiB per idle client otherwise).
             let Stream::Plain(tcp) = &self.stream else { continue };
-            // Nor room for held frames (128 bytes once a transaction used it).
             spares::give_kit(spares::Kit {
                 rbuf: std::mem::take(&mut self.rbuf),
                 wbuf: std::mem::take(&mut self.wbuf),
-                held: std::mem::take(&mut self.held),
             });
             // `poll_read_ready` keeps the waker in the socket's own slot, where `readable()`
             // would queue and unqueue a waiter under the socket's lock.
@@ -1869,7 +1907,7 @@ impl Session {
                 _ = kick.kicked(&self.shared.kick) => false,
             };
             let kit = spares::take_kit();
-            (self.rbuf, self.wbuf, self.held) = (kit.rbuf, kit.wbuf, kit.held);
+            (self.rbuf, self.wbuf) = (kit.rbuf, kit.wbuf);
         }
     }
 
@@ -1879,7 +1917,6 @@ impl Session {
         self.attached.is_none()
             && self.wbuf.is_empty()
             && self.rbuf.is_empty()
-            && self.held.is_empty()
             && matches!(self.stream, Stream::Plain(_))
     }
 
@@ -1915,7 +1952,7 @@ impl Session {
                 && self
                     .attached
                     .as_ref()
-                    .is_none_or(|a| self.cfg.pool_mode == PoolMode::Session && a.clean() && self.held.is_empty())
+                    .is_none_or(|a| self.cfg.pool_mode == PoolMode::Session && a.clean() && self.held == 0)
             {
                 return Err(Fail::new(sqlstate::ADMIN_SHUTDOWN, "the proxy is shutting down; reconnect"));
             }
@@ -1987,24 +2024,41 @@ impl Session {
         }
     }
 
-    /// Moves whole client frames from the read buffer to `held`, up to the high-water mark.
+    /// Counts the whole client frames in the read buffer into `held`, up to the high-water
+    /// mark, checking each one's length.
     fn read_held(&mut self) -> Result<(), Fail> {
-        while self.held_bytes < HIGH_WATER {
-            match self.next_client_frame()? {
-                Some(f) => {
-                    self.held_bytes += f.len();
-                    self.held.push_back(f);
-                }
-                None => break,
+        while self.held < HIGH_WATER {
+            let rest = self.rbuf.get(self.held..).unwrap_or_default();
+            match self.decoder.frame_len(rest) {
+                Ok(Some(n)) => self.held += n,
+                Ok(None) => break,
+                Err(e) => return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
             }
         }
         Ok(())
     }
 
-    fn pop_held(&mut self) -> Option<Frame> {
-        let f = self.held.pop_front()?;
-        self.held_bytes = self.held_bytes.saturating_sub(f.len());
-        Some(f)
+    /// The held client frames, oldest first.
+    fn held_frames(&self) -> impl Iterator<Item = Msg<'_>> {
+        let mut rest = self.rbuf.get(..self.held).unwrap_or_default();
+        std::iter::from_fn(move || {
+            let f = Msg::first(rest)?;
+            rest = &rest[f.len()..];
+            Some(f)
+        })
+    }
+
+    /// The oldest held client frame.
+    fn held_front(&self) -> Option<Msg<'_>> {
+        Msg::first(self.rbuf.get(..self.held).unwrap_or_default())
+    }
+
+    /// Drops the oldest held client frame (handed on, answered or skipped).
+    fn pop_held(&mut self) {
+        if let Some(n) = self.held_front().map(Msg::len) {
+            self.rbuf.advance(n);
+            self.held -= n;
+        }
     }
 
     /// Hands held client frames to a server, attaching one for the next unit when needed.
@@ -2013,7 +2067,7 @@ impl Session {
         // The front frame was found not to be a route command (it stays in front while a
         // server is attached for it).
         let mut front_checked = false;
-        while let Some(front) = self.held.front() {
+        while let Some(front) = self.held_front() {
             let tag = front.tag();
             if tag == b'X' {
                 return Ok(true);
@@ -2065,10 +2119,15 @@ impl Session {
                 Step::Wait => break,
                 Step::Reroute => Box::pin(self.release()).await,
                 Step::Dispatch(class) => {
-                    if let Some(f) = self.pop_held() {
-                        front_checked = false;
+                    // Copied to the server from where it was read: the buffer is lent out
+                    // for the call (taking it leaves an unallocated one in its place).
+                    let rbuf = std::mem::take(&mut self.rbuf);
+                    if let Some(f) = Msg::first(rbuf.get(..self.held).unwrap_or_default()) {
                         self.dispatch(f, class);
                     }
+                    self.rbuf = rbuf;
+                    self.pop_held();
+                    front_checked = false;
                 }
             }
         }
@@ -2081,7 +2140,7 @@ impl Session {
 
     /// What to do with the next held frame while a server is attached.
     fn step(&self) -> Step {
-        let (Some(att), Some(front)) = (self.attached.as_ref(), self.held.front()) else { return Step::Wait };
+        let (Some(att), Some(front)) = (self.attached.as_ref(), self.held_front()) else { return Step::Wait };
         if att.fetching_lsn() || att.out.len() >= HIGH_WATER {
             return Step::Wait;
         }
@@ -2106,7 +2165,7 @@ impl Session {
 
     /// Sends one client frame to the attached server, translating prepared statement names
     /// in transaction mode, and queues what comes back for it.
-    fn dispatch(&mut self, frame: Frame, class: Option<Class>) {
+    fn dispatch(&mut self, frame: Msg<'_>, class: Option<Class>) {
         let translate = self.translating();
         let max = self.cfg.max_prepared_statements as usize;
         let Session { attached, statements, unnamed_class, skip_to_sync, .. } = self;
@@ -2127,15 +2186,18 @@ impl Session {
         match frame.tag() {
             b'P' => {
                 att.open_batch = true;
-                let name = parse_name(&frame);
+                let name = parse_name(frame);
                 match name {
                     Some(n) if !n.is_empty() && translate => {
-                        if statements.contains_key(&n) {
-                            let msg = format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(&n));
+                        if statements.contains_key(n) {
+                            let msg = format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(n));
                             proxy_error(att, skip_to_sync, sqlstate::DUPLICATE_PREPARED_STATEMENT, &msg);
                             return;
                         }
-                        let Ok(FrontendMessage::Parse(p)) = FrontendMessage::parse(&frame, AuthExpect::None) else {
+                        let n = Bytes::copy_from_slice(n);
+                        let parsed =
+                            FrontendMessage::parse(&Frame::copy_from_slice(frame.as_bytes()), AuthExpect::None);
+                        let Ok(FrontendMessage::Parse(p)) = parsed else {
                             // Malformed: the server says what is wrong.
                             forward(att, Some(Kind::Parse));
                             return;
@@ -2148,7 +2210,10 @@ impl Session {
                         if att.conn.statements.has(&def) {
                             let mut b = BytesMut::new();
                             BackendMessage::ParseComplete.encode(&mut b);
-                            att.push(Expect::Synthetic(b.freeze()), Undo::Parse { client: Some(n), server: None });
+                            att.push(
+                                Expect::Synthetic(Box::new(b.freeze())),
+                                Undo::Parse { client: Some(n), server: None },
+                            );
                         } else {
                             make_room(att, &def, max);
                             def.encode_parse(&mut att.out);
@@ -2198,7 +2263,7 @@ impl Session {
                         };
                         let mut b = BytesMut::new();
                         BackendMessage::CloseComplete.encode(&mut b);
-                        att.push(Expect::Synthetic(b.freeze()), undo);
+                        att.push(Expect::Synthetic(Box::new(b.freeze())), undo);
                         return;
                     }
                     let Some(def) = statements.get(name).cloned() else {
@@ -2480,10 +2545,6 @@ impl Session {
         )
     }
 
-    fn next_client_frame(&mut self) -> Result<Option<Frame>, Fail> {
-        self.decoder.decode_frame(&mut self.rbuf).map_err(|e| Fail::new(sqlstate::PROTOCOL_VIOLATION, e.to_string()))
-    }
-
     /// Writes what is buffered for the client and for the server now, as far as the sockets
     /// take it without waiting (plain TCP; TLS streams go through [`pump`]). A transaction then
     /// needs no extra round through [`Session::wait_event`] per write. An error is left for
@@ -2509,7 +2570,7 @@ impl Session {
     /// practice: the client can always be read or written).
     async fn wait_event(&mut self, kick: &mut crate::kick::Listener) -> Option<Event> {
         let drained = self.shared.draining();
-        let read_client = self.held_bytes < HIGH_WATER;
+        let read_client = self.held < HIGH_WATER;
         let write_client = !self.wbuf.is_empty();
         self.rbuf.reserve(8192);
         let client = pump(&mut self.stream, &mut self.rbuf, &self.wbuf, read_client, write_client);
@@ -2566,7 +2627,6 @@ mod spares {
     use bytes::BytesMut;
 
     use super::Entry;
-    use crate::protocol::Frame;
 
     /// Kept per runtime thread and kind: enough for 32 clients between two transactions at
     /// the same moment. With 16, `pgbench -S -c 32` allocated (and freed) an 8 KiB buffer
@@ -2584,12 +2644,11 @@ mod spares {
         static QUEUES: RefCell<Vec<VecDeque<Entry>>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// What a client needs while busy: its read and write buffers and its queue of held
-    /// frames, given up and taken back together (once per transaction).
+    /// What a client needs while busy: its read and write buffers, given up and taken back
+    /// together (once per transaction).
     pub struct Kit {
         pub rbuf: BytesMut,
         pub wbuf: BytesMut,
-        pub held: VecDeque<Frame>,
     }
 
     fn keep<T>(list: &'static std::thread::LocalKey<RefCell<Vec<T>>>, v: T) {
@@ -2625,16 +2684,13 @@ mod spares {
         if kit.rbuf.capacity() == 0 && kit.wbuf.capacity() == 0 {
             return;
         }
-        keep(&KITS, Kit { rbuf: buffer(kit.rbuf), wbuf: buffer(kit.wbuf), held: queue(kit.held) });
+        keep(&KITS, Kit { rbuf: buffer(kit.rbuf), wbuf: buffer(kit.wbuf) });
     }
 
     /// A kept kit, or new buffers (and an unallocated queue).
     pub fn take_kit() -> Kit {
-        let mut kit = KITS.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| Kit {
-            rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
-            held: VecDeque::new(),
-        });
+        let mut kit =
+            KITS.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| Kit { rbuf: BytesMut::new(), wbuf: BytesMut::new() });
         for b in [&mut kit.rbuf, &mut kit.wbuf] {
             if b.capacity() == 0 {
                 *b = BytesMut::with_capacity(SIZE);
@@ -2732,7 +2788,7 @@ fn drain_synthetic_slow(
 fn proxy_error(att: &mut Attached, skip_to_sync: &mut bool, code: &str, message: &str) {
     let mut b = BytesMut::new();
     BackendMessage::error(Severity::Error, code, message).encode(&mut b);
-    att.push(Expect::SyntheticError(b.freeze()), Undo::None);
+    att.push(Expect::SyntheticError(Box::new(b.freeze())), Undo::None);
     *skip_to_sync = true;
 }
 
@@ -2805,15 +2861,19 @@ mod tests {
 
     #[test]
     fn query_text_is_the_statement_up_to_its_nul() {
-        fn frame(tag: u8, body: &[u8]) -> Frame {
-            use bytes::BufMut;
-            let mut b = BytesMut::new();
-            b.put_u8(tag);
-            b.put_u32(u32::try_from(body.len() + 4).expect("small"));
+        fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+            let mut b = vec![tag];
+            b.extend_from_slice(&u32::try_from(body.len() + 4).expect("small").to_be_bytes());
             b.extend_from_slice(body);
-            FrontendDecoder::new(Limits::default()).decode_frame(&mut b).expect("valid").expect("whole")
+            assert_eq!(FrontendDecoder::new(Limits::default()).frame_len(&b).expect("valid"), Some(b.len()));
+            b
         }
-        let text = |tag, body: &[u8]| query_text(&frame(tag, body)).map(<[u8]>::to_vec);
+        let text = |tag, body: &[u8]| {
+            let b = frame(tag, body);
+            let f = Msg::first(&b).expect("whole");
+            assert_eq!((f.tag(), f.body_slice(), f.len()), (tag, body, b.len()));
+            query_text(f).map(<[u8]>::to_vec)
+        };
         assert_eq!(text(b'Q', b"select 1\0"), Some(b"select 1".to_vec()));
         // Postgres rejects what follows a NUL; it is not part of the statement.
         assert_eq!(text(b'Q', b"select 1\0delete from t\0"), Some(b"select 1".to_vec()));
@@ -2823,6 +2883,24 @@ mod tests {
         assert_eq!(text(b'P', b"\0select 2\0\0\0"), Some(b"select 2".to_vec()), "the unnamed statement");
         assert_eq!(text(b'P', b"no name end"), None);
         assert_eq!(text(b'S', b""), None);
+    }
+
+    /// Held frames are read in place: a cut-off or inconsistent frame is never sliced past its
+    /// end (nothing panics), and whole frames are found one after the other.
+    #[test]
+    fn held_frames_are_cut_at_their_lengths() {
+        let two = [b"Q\0\0\0\x06a\0".as_slice(), b"S\0\0\0\x04"].concat();
+        let first = Msg::first(&two).expect("whole");
+        assert_eq!((first.tag(), first.body_slice(), first.len()), (b'Q', b"a\0".as_slice(), 7));
+        let second = Msg::first(&two[first.len()..]).expect("whole");
+        assert_eq!((second.tag(), second.body_slice(), second.len()), (b'S', b"".as_slice(), 5));
+        for cut in 0..two.len() {
+            assert!(Msg::first(&two[..cut]).is_none_or(|f| f.len() <= cut), "{cut}");
+        }
+        assert!(Msg::first(b"Q\xff\xff\xff\xffabc").is_none(), "a length past the end");
+        assert!(Msg::first(b"").is_none());
+        // A length below 4 (refused by the decoder before it is held) still stays in bounds.
+        assert_eq!(Msg::first(b"Q\0\0\0\0rest").map(|f| (f.len(), f.body_slice().len())), Some((1, 0)));
     }
 
     #[test]

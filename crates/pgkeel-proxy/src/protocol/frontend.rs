@@ -3,7 +3,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::read::Reader;
-use super::{split_frame, write, Direction, Frame, Limits, ProtocolError, Tag, Text};
+use super::{frame_len, split_frame, write, Direction, Frame, Limits, ProtocolError, Tag, Text};
 
 /// What a 'p' message means, which depends on the authentication request the server sent
 /// last: the tag is shared by PasswordMessage, SASLInitialResponse, SASLResponse and
@@ -243,6 +243,14 @@ impl FrontendDecoder {
     pub fn decode_frame(&self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
         let Some(&tag) = buf.first() else { return Ok(None) };
         split_frame(buf, name(tag).unwrap_or("frontend message"), limit_for(tag, &self.limits))
+    }
+
+    /// The size of the whole message at the start of `buf` once all of it is there, checking
+    /// only its length, as [`FrontendDecoder::decode_frame`] does without taking it off: for
+    /// messages handled in place.
+    pub fn frame_len(&self, buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
+        let Some(&tag) = buf.first() else { return Ok(None) };
+        frame_len(buf, name(tag).unwrap_or("frontend message"), limit_for(tag, &self.limits))
     }
 }
 
