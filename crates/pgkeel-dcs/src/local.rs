@@ -507,7 +507,11 @@ impl Inner {
                 return Ok(c.data.clone());
             }
         }
-        let (data, generation) = self.read_data()?;
+        // The version just listed; listed again only if it was removed meanwhile.
+        let (data, generation) = match self.read_file(&self.version_path(newest))? {
+            Some(data) => (data, newest),
+            None => self.read_data()?,
+        };
         let data = Arc::new(data);
         *self.watch_cache.lock().unwrap_or_else(PoisonError::into_inner) =
             Some(Cached { generation, data: data.clone() });
