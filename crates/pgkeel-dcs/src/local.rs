@@ -356,6 +356,15 @@ impl Inner {
         )))
     }
 
+    /// The version `generation` found by a listing; the newest one if it was removed since
+    /// (after KEEP_VERSIONS more writes).
+    fn read_listed(&self, generation: u64) -> DcsResult<(Data, u64)> {
+        match self.read_file(&self.version_path(generation))? {
+            Some(data) => Ok((data, generation)),
+            None => self.read_data(),
+        }
+    }
+
     /// Write `data` to a new private temporary file and fsync it.
     fn write_tmp(&self, data: &Data) -> DcsResult<PathBuf> {
         let bytes = serde_json::to_vec_pretty(data)
@@ -442,7 +451,7 @@ impl Inner {
         for _ in 0..3 {
             if let Some(newest) = self.newest()? {
                 // Validates the newest version and that it was created on this machine.
-                self.read_data()?;
+                self.read_listed(newest)?;
                 self.sweep(newest);
                 return Ok(());
             }
@@ -507,11 +516,7 @@ impl Inner {
                 return Ok(c.data.clone());
             }
         }
-        // The version just listed; listed again only if it was removed meanwhile.
-        let (data, generation) = match self.read_file(&self.version_path(newest))? {
-            Some(data) => (data, newest),
-            None => self.read_data()?,
-        };
+        let (data, generation) = self.read_listed(newest)?;
         let data = Arc::new(data);
         *self.watch_cache.lock().unwrap_or_else(PoisonError::into_inner) =
             Some(Cached { generation, data: data.clone() });

@@ -2050,7 +2050,7 @@ impl Session {
 
     /// The oldest held client frame.
     fn held_front(&self) -> Option<Msg<'_>> {
-        Msg::first(self.rbuf.get(..self.held).unwrap_or_default())
+        self.held_frames().next()
     }
 
     /// Drops the oldest held client frame (handed on, answered or skipped).
