@@ -15,7 +15,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -75,7 +74,12 @@ pub struct Pool {
     welcome: Mutex<Option<Arc<Welcome>>>,
     /// The server login of the pool's last client (see [`Pool::share_auth`]).
     auth: Mutex<Option<Arc<ServerAuth>>>,
+    /// The distinct settings its clients logged in with (see [`Pool::share_settings`]).
+    settings: Mutex<Vec<crate::tracked::Tracked>>,
 }
+
+/// How many distinct lists of login settings a pool shares among its clients.
+const SHARED_SETTINGS: usize = 16;
 
 impl Pool {
     /// An empty pool of `size` connections.
@@ -94,6 +98,7 @@ impl Pool {
             attached: Mutex::default(),
             welcome: Mutex::new(None),
             auth: Mutex::new(None),
+            settings: Mutex::default(),
         }
     }
 
@@ -210,34 +215,32 @@ impl Pool {
         }
     }
 
-    /// Records `conn` as attached to a client until the returned guard is dropped. The
-    /// connection's row is made and listed once; attaching and detaching it (twice per
-    /// transaction) only flips a flag.
-    pub fn track(&self, conn: &mut ServerConn) -> Tracked {
-        let live = match &conn.live {
-            Some(l) => l.clone(),
-            None => {
-                let l = Arc::new(Live { row: ServerRow::of(conn, "active"), attached: AtomicBool::new(false) });
-                self.attached.lock().unwrap_or_else(PoisonError::into_inner).push(&l);
-                conn.live = Some(l.clone());
-                l
-            }
-        };
-        live.attached.store(true, Ordering::Relaxed);
-        Tracked { live }
+    /// Lists `conn` for `SHOW SERVERS` as a connection attached to a client, once: after
+    /// that, it counts as attached whenever it is not in the idle list ([`Pool::servers`]),
+    /// so attaching and detaching it (twice per transaction) costs nothing here.
+    pub fn track(&self, conn: &mut ServerConn) {
+        if conn.live.is_none() {
+            let l = Arc::new(Live { row: ServerRow::of(conn, "active") });
+            self.attached.lock().unwrap_or_else(PoisonError::into_inner).push(&l);
+            conn.live = Some(l);
+        }
     }
 
     /// Every server connection of the pool, attached ones first.
     pub fn servers(&self) -> Vec<ServerRow> {
+        // Under the pool's lock, which every move to or from the idle list takes: a listed
+        // connection is attached exactly when it is not idle.
+        let s = self.lock();
+        let idle: Vec<*const Live> = s.idle.iter().filter_map(|c| c.live.as_ref().map(Arc::as_ptr)).collect();
         let mut rows: Vec<ServerRow> = self
             .attached
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .live()
-            .filter(|l| l.attached.load(Ordering::Relaxed))
+            .filter(|l| !idle.contains(&Arc::as_ptr(l)))
             .map(|l| l.row.clone())
             .collect();
-        rows.extend(self.lock().idle.iter().map(|c| ServerRow::of(c, "idle")));
+        rows.extend(s.idle.iter().map(|c| ServerRow::of(c, "idle")));
         rows
     }
 
@@ -298,6 +301,13 @@ impl Pool {
             Some(k) if k.same_as(&auth) => k.clone(),
             _ => kept.insert(Arc::new(auth)).clone(),
         }
+    }
+
+    /// Makes `settings` (a client's, at login) share the list of the pool's clients that
+    /// logged in with the same ones (nearly all of them): a server connection that matched
+    /// one client's then matches the others' by pointer (`Tracked::matched_by`).
+    pub fn share_settings(&self, settings: &mut crate::tracked::Tracked) {
+        settings.share(&mut self.settings.lock().unwrap_or_else(PoisonError::into_inner), SHARED_SETTINGS);
     }
 
     /// (in use, idle, size) for logs.
@@ -517,19 +527,6 @@ impl ServerRow {
 #[derive(Debug)]
 pub struct Live {
     row: ServerRow,
-    attached: AtomicBool,
-}
-
-/// An attached server connection's mark in its pool; cleared when dropped.
-#[derive(Debug)]
-pub struct Tracked {
-    live: Arc<Live>,
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        self.live.attached.store(false, Ordering::Relaxed);
-    }
 }
 
 /// Every pool, created on first use.

@@ -181,8 +181,12 @@ pub struct ServerConn {
     pub spare_out: BytesMut,
     /// Its `SHOW SERVERS` row while attached, built once (see [`crate::pool::Pool::track`]).
     pub(crate) live: Option<std::sync::Arc<crate::pool::Live>>,
-    /// Where cancel requests for it go, built once (see [`ServerConn::cancel_target`]).
+    /// Where cancel requests for it go, built once (see [`ServerConn::lend_cancel_target`]);
+    /// `None` while lent to the client that holds the connection.
     cancel: Option<std::sync::Arc<CancelTarget>>,
+    /// The address of the target lent out, to know it when it comes back (compared, never
+    /// dereferenced).
+    cancel_lent: usize,
 }
 
 /// Where a cancel request for a client goes: the server connection serving it now.
@@ -289,6 +293,7 @@ impl ServerConn {
             spare_out: BytesMut::new(),
             live: None,
             cancel: None,
+            cancel_lent: 0,
         };
         let io = |e: std::io::Error| ConnectError::Retry(format!("lost the connection to {at} during login: {e}"));
         let mut out = BytesMut::new();
@@ -462,24 +467,32 @@ impl ServerConn {
         }
     }
 
-    /// Where cancel requests for this connection go (`None` before BackendKeyData), shared
-    /// rather than copied on every attachment.
-    pub fn cancel_target(&mut self) -> Option<std::sync::Arc<CancelTarget>> {
+    /// Where cancel requests for this connection go (`None` before BackendKeyData), for the
+    /// client attaching it. Moved out, not shared, and taken back when the client detaches
+    /// ([`ServerConn::return_cancel_target`]): attaching and detaching (twice per
+    /// transaction) then touch no reference count, whose cache line is seldom at hand.
+    pub fn lend_cancel_target(&mut self) -> Option<std::sync::Arc<CancelTarget>> {
         let (pid, secret) = self.key.as_ref()?;
         // The key is set once, during login (which clears `cancel`), so a target made after
         // it stays right for the connection's life.
-        match &self.cancel {
-            Some(c) => Some(c.clone()),
-            None => {
-                let c = std::sync::Arc::new(CancelTarget {
-                    address: self.address.clone(),
-                    pid: *pid,
-                    secret: secret.clone(),
-                    tls: self.stream.is_tls(),
-                });
-                self.cancel = Some(c.clone());
-                Some(c)
-            }
+        let c = match self.cancel.take() {
+            Some(c) => c,
+            None => std::sync::Arc::new(CancelTarget {
+                address: self.address.clone(),
+                pid: *pid,
+                secret: secret.clone(),
+                tls: self.stream.is_tls(),
+            }),
+        };
+        self.cancel_lent = std::sync::Arc::as_ptr(&c) as usize;
+        Some(c)
+    }
+
+    /// Takes back the target [`ServerConn::lend_cancel_target`] lent; another one is dropped
+    /// (the next attachment makes a new one).
+    pub fn return_cancel_target(&mut self, target: std::sync::Arc<CancelTarget>) {
+        if self.cancel.is_none() && std::sync::Arc::as_ptr(&target) as usize == self.cancel_lent {
+            self.cancel = Some(target);
         }
     }
 

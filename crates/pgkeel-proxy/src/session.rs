@@ -107,24 +107,31 @@ impl CancelSlot {
         self.lock().0 = target;
     }
 
-    /// Clears the target without waiting: `None` when done, else the lock to wait for
-    /// (exclusively) because a cancel request is on its way.
-    fn try_detach(&self) -> Option<Arc<tokio::sync::RwLock<()>>> {
+    /// Clears the target without waiting: `Ok(the target)` when done, for the server
+    /// connection to take back; else `Err(the lock to wait for)` (exclusively) because a
+    /// cancel request is on its way.
+    fn try_detach(&self) -> Result<Option<Arc<CancelTarget>>, Arc<tokio::sync::RwLock<()>>> {
         let mut state = self.lock();
-        state.0 = None;
+        let target = state.0.take();
         // Read guards are only taken under this lock, so a free lock stays free here.
-        if state.1.as_ref()?.try_write().is_ok() {
-            state.1 = None;
-            return None;
+        match &state.1 {
+            Some(gate) if gate.try_write().is_err() => Err(gate.clone()),
+            _ => {
+                state.1 = None;
+                Ok(target)
+            }
         }
-        state.1.clone()
     }
 
     /// Clears the target, then waits until no cancel request forwarded to it is still on
-    /// its way to postgres.
-    async fn detach(&self) {
-        if let Some(gate) = self.try_detach() {
-            drop(gate.write().await);
+    /// its way to postgres. The target, when there was no waiting.
+    async fn detach(&self) -> Option<Arc<CancelTarget>> {
+        match self.try_detach() {
+            Ok(target) => target,
+            Err(gate) => {
+                drop(gate.write().await);
+                None
+            }
         }
     }
 }
@@ -136,6 +143,9 @@ pub struct Shared {
     config: RwLock<Arc<ProxyConfig>>,
     /// Bumped by every reload, so that a session re-reads `config` only when it changed.
     config_version: AtomicU64,
+    /// [`Shared::draining`], read by every turn of every session's forwarding loop: next to
+    /// `config_version`, read by the same turns, rather than behind the watch's lock.
+    draining_now: std::sync::atomic::AtomicBool,
     /// Who may log in; a reload replaces it.
     userlist: RwLock<Arc<Userlist>>,
     /// The pools.
@@ -182,6 +192,7 @@ impl Shared {
         Shared {
             config: RwLock::new(Arc::new(config)),
             config_version: AtomicU64::new(0),
+            draining_now: Default::default(),
             userlist: RwLock::new(Arc::new(userlist)),
             pools: Pools::default(),
             topology,
@@ -235,13 +246,14 @@ impl Shared {
 
     /// Starts the drain: idle clients are closed, the others after their transaction.
     pub fn start_draining(&self) {
+        self.draining_now.store(true, Ordering::Release);
         self.draining.send_replace(true);
         self.kick.draining();
     }
 
     /// Whether the proxy is shutting down.
     pub fn draining(&self) -> bool {
-        *self.draining.borrow()
+        self.draining_now.load(Ordering::Acquire)
     }
 
     /// Turns true when the proxy starts shutting down.
@@ -462,20 +474,18 @@ struct Attached {
     wrote: bool,
     /// The WAL position read by the proxy's LSN query, once it is answered.
     lsn: Option<u64>,
-    /// Its entry in the pool's `SHOW SERVERS` list while attached.
-    _tracked: crate::pool::Tracked,
     /// A transaction-mode primary connection counts as in flight for a switchover.
     unit: Option<crate::switchover::Unit>,
 }
 
 impl Attached {
     fn new(mut conn: Box<ServerConn>, slot: Slot) -> Attached {
+        slot.pool().track(&mut conn);
         let mut out = std::mem::take(&mut conn.spare_out);
         if out.capacity() == 0 {
             out.reserve(8192);
         }
         Attached {
-            _tracked: slot.pool().track(&mut conn),
             conn,
             slot,
             queue: spares::take_queue(),
@@ -648,6 +658,7 @@ pub fn run(
     let mut s = Session {
         cfg: shared.config(),
         cfg_version: shared.config_version.load(Ordering::Acquire),
+        newest_term: 0,
         multi: false,
         shared,
         stream,
@@ -692,6 +703,9 @@ struct Session {
     cfg_version: u64,
     /// The cluster has more than one member (reads can go to replicas), as of this turn.
     multi: bool,
+    /// The newest term seen, as of [`Session::refresh`]: taken from the watch only when it
+    /// changed, not under its lock on every check.
+    newest_term: u64,
     stream: Stream,
     peer: SocketAddr,
     rbuf: BytesMut,
@@ -1037,6 +1051,7 @@ impl Session {
         let key = PoolKey { database: self.database.clone(), user: self.user.clone(), target: PoolTarget::Primary };
         let pool = self.shared.pools.get(key, self.shared.config().pool_size);
         self.server_auth = Some(pool.share_auth(auth));
+        pool.share_settings(&mut self.desired);
         self.pool = Some(pool);
     }
 
@@ -1195,7 +1210,7 @@ impl Session {
         let (pid, secret) = (info.pid, info.cancel.secret);
         self.info = Some(info);
         if let Some(att) = &mut self.attached {
-            let target = att.conn.cancel_target();
+            let target = att.conn.lend_cancel_target();
             self.set_cancel(target);
         }
         BackendMessage::BackendKeyData { pid, secret_key: Bytes::copy_from_slice(&secret) }.encode(&mut self.wbuf);
@@ -1263,8 +1278,15 @@ impl Session {
             self.cfg = self.shared.config();
             self.cfg_version = version;
         }
+        self.refresh_topology(topo_rx);
+    }
+
+    /// The topology part of [`Session::refresh`]: the cluster's size and the newest term.
+    fn refresh_topology(&mut self, topo_rx: &mut watch::Receiver<Topology>) {
         if topo_rx.has_changed().unwrap_or(false) {
-            self.multi = topo_rx.borrow_and_update().members > 1;
+            let topo = topo_rx.borrow_and_update();
+            self.multi = topo.members > 1;
+            self.newest_term = topo.newest_term;
         }
     }
 
@@ -1418,16 +1440,16 @@ impl Session {
                 None => return Now::Queue(pool.clone()),
             },
         };
-        let Some(conn) = self.idle_primary_conn(pool) else {
+        let Some(mut conn) = self.idle_primary_conn(pool) else {
             return Now::Slow(Some((slot, since.unwrap_or_else(Instant::now))));
         };
-        if self.desired.differing(&conn.params).next().is_some() {
+        if !self.desired.matched_by(&mut conn.params) {
             // Settings to replay first: the full path does that, in the slot held.
             pool.put_idle(conn);
             return Now::Slow(Some((slot, since.unwrap_or_else(Instant::now))));
         }
         let mut att = Attached::new(conn, slot);
-        self.set_cancel(att.conn.cancel_target());
+        self.set_cancel(att.conn.lend_cancel_target());
         if self.cfg.pool_mode == PoolMode::Transaction {
             att.unit = Some(unit);
         }
@@ -1582,9 +1604,11 @@ impl Session {
     }
 
     /// Gives a clean attached connection back to its pool.
-    async fn put_back(&mut self, att: Attached) {
+    async fn put_back(&mut self, mut att: Attached) {
         if let Some(info) = &self.info {
-            info.cancel.detach().await;
+            if let Some(target) = info.cancel.detach().await {
+                att.conn.return_cancel_target(target);
+            }
         }
         att.into_pool();
     }
@@ -1668,7 +1692,7 @@ impl Session {
         if let Err(e) = self.sync_params(&mut att).await {
             return Ok(Err(format!("cannot apply the session settings: {e}")));
         }
-        self.set_cancel(att.conn.cancel_target());
+        self.set_cancel(att.conn.lend_cancel_target());
         Ok(Ok(att))
     }
 
@@ -1702,7 +1726,7 @@ impl Session {
         if let Err(e) = self.sync_params(&mut att).await {
             return Err(Fail::new(sqlstate::CONNECTION_FAILURE, format!("cannot apply the session settings: {e}")));
         }
-        self.set_cancel(att.conn.cancel_target());
+        self.set_cancel(att.conn.lend_cancel_target());
         let waited = waited.elapsed();
         if waited > Duration::from_millis(500) {
             tracing::info!(client = %self.peer, waited_ms = waited.as_millis() as u64, server = ?att.conn, "attached after a wait");
@@ -1803,7 +1827,9 @@ impl Session {
     async fn release(&mut self) {
         let Some(mut att) = self.attached.take() else { return };
         if let Some(info) = &self.info {
-            info.cancel.detach().await;
+            if let Some(target) = info.cancel.detach().await {
+                att.conn.return_cancel_target(target);
+            }
         }
         let newest = self.shared.topology.borrow().newest_term;
         if att.fenced(newest) {
@@ -1962,12 +1988,15 @@ impl Session {
                 return Ok(false);
             }
             self.pump_server()?;
+            // The newest term, for the release and the fencing below (the client's turn may
+            // have waited for a server connection since the top of the loop).
+            self.refresh_topology(topo_rx);
             if self.settle().await {
                 continue;
             }
             // Fencing: nothing more goes to a primary of an older term than the newest seen.
             if let Some(att) = self.attached.as_ref().filter(|a| !a.out.is_empty()) {
-                let newest = self.shared.topology.borrow().newest_term;
+                let newest = self.newest_term;
                 if att.fenced(newest) && !self.abandon_lsn_fetch() {
                     return Err(self.term_changed(newest));
                 }
@@ -2014,7 +2043,8 @@ impl Session {
                         }
                     }
                     Event::Topology => {
-                        let newest = self.shared.topology.borrow().newest_term;
+                        self.refresh_topology(topo_rx);
+                        let newest = self.newest_term;
                         if self.attached.as_ref().is_some_and(|a| a.fenced(newest)) && !self.abandon_lsn_fetch() {
                             return Err(self.term_changed(newest));
                         }
@@ -2466,15 +2496,21 @@ impl Session {
     /// (no cleanup query, no cancel request in flight): `false` when the full release is needed.
     fn release_now(&mut self) -> bool {
         let Some(att) = self.attached.as_ref() else { return true };
-        if !att.clean() || !att.conn.rbuf.is_empty() || att.fenced(self.shared.topology.borrow().newest_term) {
+        // `newest_term` is as of this turn's refresh (the caller's, in the forwarding loop).
+        if !att.clean() || !att.conn.rbuf.is_empty() || att.fenced(self.newest_term) {
             return false;
         }
-        if let Some(info) = &self.info {
-            if info.cancel.try_detach().is_some() {
-                return false;
+        let target = match &self.info {
+            Some(info) => match info.cancel.try_detach() {
+                Ok(target) => target,
+                Err(_) => return false,
+            },
+            None => None,
+        };
+        if let Some(mut att) = self.attached.take() {
+            if let Some(target) = target {
+                att.conn.return_cancel_target(target);
             }
-        }
-        if let Some(att) = self.attached.take() {
             att.into_pool();
         }
         true

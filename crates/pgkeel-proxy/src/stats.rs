@@ -78,18 +78,24 @@ pub struct StatsSnapshot {
 #[derive(Debug)]
 pub struct Gate {
     closed: watch::Sender<u32>,
+    /// The same count, set under the watch's lock: [`Gate::is_closed`] is asked by every
+    /// transaction and reads it without taking the lock.
+    closed_now: AtomicU32,
 }
 
 impl Default for Gate {
     fn default() -> Gate {
-        Gate { closed: watch::channel(0).0 }
+        Gate { closed: watch::channel(0).0, closed_now: AtomicU32::new(0) }
     }
 }
 
 impl Gate {
     /// Holds new transactions until the matching [`Gate::open`].
     pub fn close(&self) {
-        self.closed.send_modify(|n| *n += 1);
+        self.closed.send_modify(|n| {
+            *n += 1;
+            self.closed_now.store(*n, Ordering::SeqCst);
+        });
     }
 
     /// Undoes one [`Gate::close`]; `false` when the gate was open already.
@@ -98,13 +104,16 @@ impl Gate {
         self.closed.send_modify(|n| {
             was_closed = *n > 0;
             *n = n.saturating_sub(1);
+            self.closed_now.store(*n, Ordering::SeqCst);
         });
         was_closed
     }
 
     /// Whether new transactions are held now.
     pub fn is_closed(&self) -> bool {
-        *self.closed.borrow() > 0
+        // SeqCst, as the store: a session counts itself in flight, then asks; a switchover
+        // closes, then counts (switchover.rs). One of the two sees the other.
+        self.closed_now.load(Ordering::SeqCst) > 0
     }
 
     /// Returns at once when the gate is open, else when it opens. Cancel-safe: wrap it in a

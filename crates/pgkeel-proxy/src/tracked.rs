@@ -38,12 +38,16 @@ type Entry = (u8, Arc<str>);
 pub struct Params {
     map: std::collections::HashMap<String, String>,
     tracked: [Option<Box<str>>; TRACKED.len()],
+    /// A list of settings these were found to have, all of them ([`Tracked::matched_by`]),
+    /// until one of the tracked settings changes.
+    matched: Tracked,
 }
 
 impl Params {
     pub fn insert(&mut self, name: String, value: String) {
         if let Some(i) = Tracked::index(&name) {
             self.tracked[usize::from(i)] = Some(value.as_str().into());
+            self.matched = Tracked::default();
         }
         self.map.insert(name, value);
     }
@@ -51,6 +55,7 @@ impl Params {
     pub fn remove(&mut self, name: &str) {
         if let Some(i) = Tracked::index(name) {
             self.tracked[usize::from(i)] = None;
+            self.matched = Tracked::default();
         }
         self.map.remove(name);
     }
@@ -121,6 +126,37 @@ impl Tracked {
             .iter()
             .filter(|(k, v)| params.tracked[usize::from(*k)].as_deref() != Some(&**v))
             .map(|(k, v)| (TRACKED[usize::from(*k)], &**v))
+    }
+
+    /// Whether `params` has every one of these settings ([`Tracked::differing`] finds
+    /// none). A match is remembered in `params` until one of its tracked settings changes:
+    /// a client takes a server connection in every transaction, and one whose list is
+    /// shared with the pool's other clients ([`Tracked::share`]) then checks a connection
+    /// by pointer, without reading the values (each its own allocation, seldom in the
+    /// cache by then).
+    pub fn matched_by(&self, params: &mut Params) -> bool {
+        let Some(list) = &self.0 else { return true };
+        if params.matched.0.as_ref().is_some_and(|m| Arc::ptr_eq(m, list)) {
+            return true;
+        }
+        if self.differing(params).next().is_some() {
+            return false;
+        }
+        params.matched = self.clone();
+        true
+    }
+
+    /// Takes the list of one of `kept` with the same settings, or adds this one to them
+    /// (up to `max` lists): clients that logged in with the same settings share one.
+    pub fn share(&mut self, kept: &mut Vec<Tracked>, max: usize) {
+        if self.0.is_none() {
+            return;
+        }
+        match kept.iter().find(|k| *k == self) {
+            Some(k) => *self = k.clone(),
+            None if kept.len() < max => kept.push(self.clone()),
+            None => {}
+        }
     }
 
     fn entries(&self) -> &[Entry] {
@@ -199,5 +235,58 @@ mod tests {
             assert!(t.set(name, "x") || t.get(name) == Some("x"), "{name}");
         }
         assert_eq!(t.iter().count(), TRACKED.len());
+    }
+
+    #[test]
+    fn a_match_is_remembered_until_a_tracked_setting_changes() {
+        let mut params = Params::default();
+        params.insert("application_name".into(), "pgbench".into());
+        params.insert("TimeZone".into(), "UTC".into());
+        let mut client = Tracked::default();
+        assert!(client.matched_by(&mut params), "no settings: any connection");
+        client.set("application_name", "pgbench");
+        assert!(client.matched_by(&mut params));
+        assert!(params.matched.shares_with(&client), "remembered");
+        assert!(client.matched_by(&mut params));
+        // A setting that is not tracked changes nothing; a tracked one forgets the match.
+        params.insert("server_version".into(), "15.18".into());
+        assert!(params.matched.shares_with(&client));
+        params.insert("application_name".into(), "psql".into());
+        assert!(params.matched.0.is_none());
+        assert!(!client.matched_by(&mut params));
+        assert!(params.matched.0.is_none(), "a mismatch is not remembered");
+        params.insert("application_name".into(), "pgbench".into());
+        assert!(client.matched_by(&mut params));
+        params.remove("application_name");
+        assert!(!client.matched_by(&mut params));
+        // The client's list changed (copied, as the connection kept the old one): checked
+        // again, not taken as matched.
+        params.insert("application_name".into(), "pgbench".into());
+        assert!(client.matched_by(&mut params));
+        client.set("TimeZone", "Europe/Paris");
+        assert!(!client.matched_by(&mut params));
+    }
+
+    #[test]
+    fn clients_with_the_same_settings_share_one_list() {
+        let mut kept = Vec::new();
+        let mut a = Tracked::default();
+        a.set("application_name", "pgbench");
+        let mut b = Tracked::default();
+        b.set("application_name", "pgbench");
+        let mut c = Tracked::default();
+        c.set("application_name", "psql");
+        let mut none = Tracked::default();
+        for t in [&mut a, &mut b, &mut c, &mut none] {
+            t.share(&mut kept, 2);
+        }
+        assert!(a.shares_with(&b));
+        assert!(!a.shares_with(&c));
+        assert_eq!(kept.len(), 2, "one list per distinct settings, none for no settings");
+        let mut d = Tracked::default();
+        d.set("application_name", "other");
+        d.share(&mut kept, 2);
+        assert_eq!(kept.len(), 2, "at most max lists are kept");
+        assert_eq!(d.get("application_name"), Some("other"));
     }
 }

@@ -159,6 +159,17 @@ async fn proxy_admin_console_metrics_reload_pause_and_drain() {
         servers.iter().any(|r| r["role"] == "primary" && r["term"] == term.to_string() && r["member"] == leader),
         "{servers:?}"
     );
+    // A connection in a client's open transaction is active; given back, idle again.
+    let state_of = |servers: &[std::collections::HashMap<String, String>], state: &str| {
+        servers.iter().filter(|r| r["state"] == state).count()
+    };
+    assert_eq!(state_of(&servers, "active"), 0, "{servers:?}");
+    client.simple_query("begin; select 1").await.unwrap();
+    let servers = show(&admin, "SHOW SERVERS").await;
+    assert_eq!(state_of(&servers, "active"), 1, "{servers:?}");
+    client.simple_query("commit").await.unwrap();
+    let servers = show(&admin, "SHOW SERVERS").await;
+    assert_eq!((state_of(&servers, "active"), state_of(&servers, "idle") >= 1), (0, true), "{servers:?}");
     let clients = show(&admin, "SHOW CLIENTS").await;
     assert!(clients.iter().any(|r| r["database"] == "postgres" && r["state"] == "idle"), "{clients:?}");
     assert_eq!(config_value(&admin, "pool_size").await, "4");
