@@ -145,8 +145,8 @@ pub struct Shared {
     config: RwLock<Arc<ProxyConfig>>,
     /// Bumped by every reload, so that a session re-reads `config` only when it changed.
     config_version: AtomicU64,
-    /// [`Shared::draining`], read by every turn of every session's forwarding loop: next to
-    /// `config_version`, read by the same turns, rather than behind the watch's lock.
+    /// [`Shared::draining`], read by every turn of every session's forwarding loop: an
+    /// atomic load rather than the watch's lock.
     draining_now: std::sync::atomic::AtomicBool,
     /// Who may log in; a reload replaces it.
     userlist: RwLock<Arc<Userlist>>,
