@@ -27,6 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -768,6 +769,16 @@ enum Event {
     ServerRead(std::io::Result<usize>),
     ServerWrote(std::io::Result<usize>),
     Topology,
+}
+
+/// How [`Session::pump_client`] stopped.
+enum Pumped {
+    /// Every held frame it could hand on is handed on.
+    Done,
+    /// The server's buffer reached the high-water mark with frames still held.
+    Full,
+    /// The client said goodbye (Terminate).
+    Terminate,
 }
 
 /// What to do with the next held client frame.
@@ -1985,11 +1996,13 @@ impl Session {
                 return Err(Fail::new(sqlstate::ADMIN_SHUTDOWN, "the proxy is shutting down; reconnect"));
             }
             self.read_held()?;
-            if self.pump_client().await? {
+            let out_full = match self.pump_client().await? {
                 // Terminate: the client is leaving; the server connection stays open for the pool.
-                return Ok(false);
-            }
-            self.pump_server()?;
+                Pumped::Terminate => return Ok(false),
+                Pumped::Full => true,
+                Pumped::Done => false,
+            };
+            let wbuf_full = self.pump_server()?;
             // The newest term, for the release and the fencing below (the client's turn may
             // have waited for a server connection since the top of the loop).
             self.refresh_topology(topo_rx);
@@ -2004,6 +2017,14 @@ impl Session {
                 }
             }
             self.write_now();
+            // Frames held back while the other side's buffer was full, which `write_now` just
+            // emptied: handed on now, as no socket event may come for them (the peer may have
+            // sent all it had, and waits for them to be answered).
+            if (out_full && self.attached.as_ref().is_some_and(|a| a.out.len() < HIGH_WATER))
+                || (wbuf_full && self.wbuf.len() < HIGH_WATER)
+            {
+                continue;
+            }
             if !std::mem::take(&mut readable) && self.idle_plain() {
                 return Ok(true);
             }
@@ -2094,15 +2115,15 @@ impl Session {
     }
 
     /// Hands held client frames to a server, attaching one for the next unit when needed.
-    /// `true` when the client said goodbye (Terminate).
-    async fn pump_client(&mut self) -> Result<bool, Fail> {
+    async fn pump_client(&mut self) -> Result<Pumped, Fail> {
         // The front frame was found not to be a route command (it stays in front while a
         // server is attached for it).
         let mut front_checked = false;
+        let mut full = false;
         while let Some(front) = self.held_front() {
             let tag = front.tag();
             if tag == b'X' {
-                return Ok(true);
+                return Ok(Pumped::Terminate);
             }
             if self.skip_to_sync && tag != b'S' {
                 self.pop_held();
@@ -2148,7 +2169,10 @@ impl Session {
                 continue;
             }
             match self.step() {
-                Step::Wait => break,
+                Step::Wait => {
+                    full = self.attached.as_ref().is_some_and(|a| a.out.len() >= HIGH_WATER);
+                    break;
+                }
                 Step::Reroute => Box::pin(self.release()).await,
                 Step::Dispatch(class) => {
                     // Copied to the server from where it was read: the buffer is lent out
@@ -2167,7 +2191,7 @@ impl Session {
         if let Some(att) = attached.as_mut() {
             drain_synthetic(att, statements, wbuf, skip_to_sync);
         }
-        Ok(false)
+        Ok(if full { Pumped::Full } else { Pumped::Done })
     }
 
     /// What to do with the next held frame while a server is attached.
@@ -2327,39 +2351,62 @@ impl Session {
     }
 
     /// Reads whole server frames and handles them (see [`Session::on_server_frame`]), in
-    /// place: they are copied once, into the client's buffer, or not at all.
-    fn pump_server(&mut self) -> Result<(), Fail> {
+    /// place: forwarded ones are written to the client from the server's buffer when nothing
+    /// else waits for the client, and copied once, into the client's buffer, otherwise.
+    /// `true` when it stopped at the client's high-water mark.
+    fn pump_server(&mut self) -> Result<bool, Fail> {
         let decoder = crate::protocol::BackendDecoder::default();
         let translate = self.attached.is_some() && self.translating();
-        let Some(att) = self.attached.as_mut() else { return Ok(()) };
+        let Some(att) = self.attached.as_mut() else { return Ok(false) };
         let mut rbuf = std::mem::take(&mut att.conn.rbuf);
         let mut at = 0;
-        while self.wbuf.len() < HIGH_WATER && self.attached.is_some() {
+        let mut pass = None;
+        let mut full = false;
+        while self.attached.is_some() {
+            if self.wbuf.len() + pass.as_ref().map_or(0, Range::len) >= HIGH_WATER {
+                full = true;
+                break;
+            }
             match decoder.frame_len(&rbuf[at..]) {
                 Ok(Some(n)) => {
-                    self.on_server_frame(&rbuf[at..at + n], translate);
+                    self.on_server_frame(&rbuf, at..at + n, &mut pass, translate);
                     at += n;
                 }
                 Ok(None) => break,
                 Err(e) => {
+                    if let Some(r) = pass {
+                        self.wbuf.extend_from_slice(&rbuf[r]);
+                    }
                     let member = self.attached.take().map(|a| a.conn.member.clone()).unwrap_or_default();
                     let msg = format!("protocol error from the server {member}: {e}");
                     return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, msg));
                 }
             }
         }
+        if let Some(r) = pass {
+            // Straight from the server's buffer: what the socket does not take now is copied.
+            let sent = match &self.stream {
+                Stream::Plain(tcp) => tcp.try_write(&rbuf[r.clone()]).unwrap_or(0),
+                // TLS streams are written by `pump`; an error is left for the next write.
+                _ => 0,
+            };
+            self.wbuf.extend_from_slice(&rbuf[r.start + sent..r.end]);
+        }
         rbuf.advance(at);
         if let Some(att) = self.attached.as_mut() {
             att.conn.rbuf = rbuf;
         }
-        Ok(())
+        Ok(full)
     }
 
-    /// One whole server message: forwarded or dropped as the queue says, with the
-    /// bookkeeping.
-    fn on_server_frame(&mut self, frame: &[u8], translate: bool) {
+    /// One whole server message, `rbuf[range]`: forwarded or dropped as the queue says, with
+    /// the bookkeeping. Forwarded messages go to the client as they are: while nothing else
+    /// is waiting for the client, they are only noted in `pass` (a range of `rbuf`, written
+    /// from there by [`Session::pump_server`]), and copied otherwise (see [`pass_on`]).
+    fn on_server_frame(&mut self, rbuf: &[u8], range: Range<usize>, pass: &mut Option<Range<usize>>, translate: bool) {
         let Session { attached, statements, wbuf, desired, told, skip_to_sync, ryw_floor, .. } = self;
         let Some(att) = attached.as_mut() else { return };
+        let frame = &rbuf[range.clone()];
         let tag = frame[0];
         let body = &frame[5..];
         if tag == b'S' {
@@ -2373,7 +2420,7 @@ impl Session {
                 }
                 att.conn.params.insert(name, value);
             }
-            wbuf.extend_from_slice(frame);
+            pass_on(wbuf, rbuf, range, pass);
             return;
         }
         let status = match body.first() {
@@ -2420,7 +2467,7 @@ impl Session {
             },
             Head::Answer { to_client, kind } => {
                 if to_client || matches!(tag, b'E' | b'N' | b'A') {
-                    wbuf.extend_from_slice(frame);
+                    pass_on(wbuf, rbuf, range, pass);
                 }
                 if tag == b'E' {
                     att.slot.pool().stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -2461,13 +2508,19 @@ impl Session {
             }
             // Nothing expected: a notification or a notice between transactions.
             Head::Nothing => {
-                wbuf.extend_from_slice(frame);
+                pass_on(wbuf, rbuf, range, pass);
                 if tag == b'Z' {
                     att.status = status;
                 }
             }
         }
-        drain_synthetic(att, statements, wbuf, skip_to_sync);
+        if synthetic_next(att) {
+            // The proxy's own answers come after what was forwarded.
+            if let Some(r) = pass.take() {
+                wbuf.extend_from_slice(&rbuf[r]);
+            }
+            drain_synthetic_slow(att, statements, wbuf, skip_to_sync);
+        }
     }
 
     /// In transaction mode, gives a clean server connection back; first, when the client
@@ -2798,10 +2851,32 @@ fn drain_synthetic(
     wbuf: &mut BytesMut,
     skip_to_sync: &mut bool,
 ) {
-    // Checked here, inlined into every server reply and client frame handled: there is
-    // seldom an answer of the proxy's own to send.
-    if matches!(att.queue.front().map(|e| &e.expect), Some(Expect::Synthetic(_) | Expect::SyntheticError(_))) {
+    if synthetic_next(att) {
         drain_synthetic_slow(att, statements, wbuf, skip_to_sync);
+    }
+}
+
+/// Whether one of the proxy's own answers is next in the queue. Checked inline for every
+/// server reply and client frame handled: there is seldom one to send.
+#[inline]
+fn synthetic_next(att: &Attached) -> bool {
+    matches!(att.queue.front().map(|e| &e.expect), Some(Expect::Synthetic(_) | Expect::SyntheticError(_)))
+}
+
+/// Forwards the server message `rbuf[range]` to the client: while nothing else waits for the
+/// client, by extending `pass`, the run of forwarded messages in `rbuf` written from there
+/// (no copy); otherwise `pass` and the message are copied into `wbuf`, in order.
+#[inline]
+fn pass_on(wbuf: &mut BytesMut, rbuf: &[u8], range: Range<usize>, pass: &mut Option<Range<usize>>) {
+    match pass {
+        Some(r) if r.end == range.start => r.end = range.end,
+        None if wbuf.is_empty() => *pass = Some(range),
+        _ => {
+            if let Some(r) = pass.take() {
+                wbuf.extend_from_slice(&rbuf[r]);
+            }
+            wbuf.extend_from_slice(&rbuf[range]);
+        }
     }
 }
 

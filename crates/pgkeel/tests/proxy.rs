@@ -123,6 +123,95 @@ async fn proxy_pools_authenticates_and_refuses_bad_clients() {
     client.simple_query("rollback").await.unwrap();
     assert_eq!(one(&client, "select 2").await.unwrap().as_deref(), Some("2"));
 
+    // A large result (about 6 MB, many reads on the way) arrives as it does
+    // directly, byte for byte, in both protocols; the session goes on afterwards.
+    let big = "select g, md5(g::text) || repeat('-', g % 50) from generate_series(1, 100000) g";
+    let direct = connect(&c.node_dsn(&leader)).await.unwrap();
+    let rows = |m: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<String> {
+        m.into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(format!("{}|{}", r.get(0)?, r.get(1)?)),
+                _ => None,
+            })
+            .collect()
+    };
+    let want = rows(direct.simple_query(big).await.unwrap());
+    assert_eq!(want.len(), 100_000);
+    assert!(rows(client.simple_query(big).await.unwrap()) == want, "simple protocol: the large result differs");
+    let extended: Vec<String> = client
+        .query(big, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| format!("{}|{}", r.get::<_, i32>(0), r.get::<_, String>(1)))
+        .collect();
+    assert!(extended == want, "extended protocol: the large result differs");
+    // A client that stops reading: once its socket is full the proxy keeps the rest (and
+    // stops reading from the server, which then waits to write), and sends it on in order
+    // when the client reads again. About 30 MB, more than the sockets' buffers hold.
+    let mut slow = Raw::connect(&p).await;
+    let rows_n = 400_000;
+    slow.send(&[query(&format!(
+        "select g, repeat(chr(65 + g % 26), 40 + g % 50) from generate_series(1, {rows_n}) g"
+    ))])
+    .await;
+    wait_for("the server to wait on the proxy, which waits on the stalled client", Duration::from_secs(30), || async {
+        let waiting = one(
+            &direct,
+            "select count(*)::text from pg_stat_activity where wait_event = 'ClientWrite' and query like 'select g, repeat%'",
+        )
+        .await
+        .ok()??;
+        (waiting != "0").then_some(())
+    })
+    .await;
+    let mut next = 1;
+    loop {
+        match slow.recv().await {
+            BackendMessage::DataRow(v) => {
+                let col = |i: usize| String::from_utf8_lossy(v[i].as_deref().unwrap_or_default()).into_owned();
+                let pad = char::from(b'A' + (next % 26) as u8).to_string().repeat(40 + next % 50);
+                assert_eq!((col(0), col(1)), (next.to_string(), pad), "stalled client: row {next}");
+                next += 1;
+            }
+            BackendMessage::ReadyForQuery(_) => break,
+            BackendMessage::RowDescription(_) | BackendMessage::CommandComplete { .. } => {}
+            other => panic!("unexpected answer to the large query: {other:?}"),
+        }
+    }
+    assert_eq!(next, rows_n + 1, "stalled client: every row arrived");
+    // A large COPY FROM STDIN (about 20 MB) sent in one burst while the table is locked: the
+    // proxy's buffer for the server fills up while the client's data waits in it and in the
+    // sockets; once the lock is gone all of it reaches the server, its end too, which comes
+    // when that buffer is full and the client has nothing more to send.
+    psql(&p.dsn(), "create table copied(id int, v text)").unwrap();
+    let locker = connect(&c.node_dsn(&leader)).await.unwrap();
+    locker.batch_execute("begin; lock table copied in access exclusive mode").await.unwrap();
+    let mut copier = Raw::connect(&p).await;
+    let copy_n = 200_000;
+    let mut data = vec![query("copy copied from stdin")];
+    data.extend((0..copy_n).map(|i| FrontendMessage::CopyData(Bytes::from(format!("{i}\t{}\n", "x".repeat(90))))));
+    data.push(FrontendMessage::CopyDone);
+    let sending = tokio::spawn(async move {
+        copier.send(&data).await;
+        copier
+    });
+    wait_for("the COPY to wait for the lock", Duration::from_secs(30), || async {
+        let waiting = one(
+            &direct,
+            "select count(*)::text from pg_stat_activity where wait_event_type = 'Lock' and query like 'copy copied%'",
+        )
+        .await
+        .ok()??;
+        (waiting != "0").then_some(())
+    })
+    .await;
+    locker.batch_execute("commit").await.unwrap();
+    let mut copier = sending.await.unwrap();
+    assert_eq!(copier.answers(1).await, "G C ZI");
+    assert_eq!(one(&client, "select count(*) from copied").await.unwrap(), Some(copy_n.to_string()));
+    assert_eq!(one(&client, "select 3").await.unwrap().as_deref(), Some("3"));
+
     // A client that vanishes mid-transaction: its transaction is rolled back, and the pool
     // does not lose the connection (4 times with a pool of 4).
     for i in 10..14 {
