@@ -30,6 +30,11 @@ async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Er
     pgkeel_testkit::connect(dsn).await
 }
 
+/// How many sessions `pg_stat_activity` shows that match `filter` (an SQL condition).
+async fn sessions(client: &tokio_postgres::Client, filter: &str) -> Option<u64> {
+    one(client, &format!("select count(*)::text from pg_stat_activity where {filter}")).await.ok()??.parse().ok()
+}
+
 /// The first column of the first row of a simple query.
 async fn one(client: &tokio_postgres::Client, sql: &str) -> Result<Option<String>, tokio_postgres::Error> {
     let msgs = client.simple_query(sql).await?;
@@ -156,13 +161,7 @@ async fn proxy_pools_authenticates_and_refuses_bad_clients() {
     ))])
     .await;
     wait_for("the server to wait on the proxy, which waits on the stalled client", Duration::from_secs(30), || async {
-        let waiting = one(
-            &direct,
-            "select count(*)::text from pg_stat_activity where wait_event = 'ClientWrite' and query like 'select g, repeat%'",
-        )
-        .await
-        .ok()??;
-        (waiting != "0").then_some(())
+        (sessions(&direct, "wait_event = 'ClientWrite' and query like 'select g, repeat%'").await? > 0).then_some(())
     })
     .await;
     let mut next = 1;
@@ -197,13 +196,7 @@ async fn proxy_pools_authenticates_and_refuses_bad_clients() {
         copier
     });
     wait_for("the COPY to wait for the lock", Duration::from_secs(30), || async {
-        let waiting = one(
-            &direct,
-            "select count(*)::text from pg_stat_activity where wait_event_type = 'Lock' and query like 'copy copied%'",
-        )
-        .await
-        .ok()??;
-        (waiting != "0").then_some(())
+        (sessions(&direct, "wait_event_type = 'Lock' and query like 'copy copied%'").await? > 0).then_some(())
     })
     .await;
     locker.batch_execute("commit").await.unwrap();
