@@ -2374,9 +2374,7 @@ impl Session {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    if let Some(r) = pass {
-                        self.wbuf.extend_from_slice(&rbuf[r]);
-                    }
+                    copy_pass(&mut self.wbuf, &rbuf, &mut pass);
                     let member = self.attached.take().map(|a| a.conn.member.clone()).unwrap_or_default();
                     let msg = format!("protocol error from the server {member}: {e}");
                     return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, msg));
@@ -2516,9 +2514,7 @@ impl Session {
         }
         if synthetic_next(att) {
             // The proxy's own answers come after what was forwarded.
-            if let Some(r) = pass.take() {
-                wbuf.extend_from_slice(&rbuf[r]);
-            }
+            copy_pass(wbuf, rbuf, pass);
             drain_synthetic_slow(att, statements, wbuf, skip_to_sync);
         }
     }
@@ -2872,11 +2868,17 @@ fn pass_on(wbuf: &mut BytesMut, rbuf: &[u8], range: Range<usize>, pass: &mut Opt
         Some(r) if r.end == range.start => r.end = range.end,
         None if wbuf.is_empty() => *pass = Some(range),
         _ => {
-            if let Some(r) = pass.take() {
-                wbuf.extend_from_slice(&rbuf[r]);
-            }
+            copy_pass(wbuf, rbuf, pass);
             wbuf.extend_from_slice(&rbuf[range]);
         }
+    }
+}
+
+/// Copies the run of forwarded messages `pass` (a range of `rbuf`) into `wbuf` and clears it:
+/// what comes next for the client goes after it.
+fn copy_pass(wbuf: &mut BytesMut, rbuf: &[u8], pass: &mut Option<Range<usize>>) {
+    if let Some(r) = pass.take() {
+        wbuf.extend_from_slice(&rbuf[r]);
     }
 }
 
