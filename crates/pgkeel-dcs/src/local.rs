@@ -20,6 +20,19 @@
 //! - A write that took longer than [`MAX_WRITE_AGE`] from its read to its commit (its
 //!   process was stopped or starved) starts over instead of committing: which keys it saw
 //!   alive (TTLs are wall-clock deadlines) may no longer be true.
+//! - Old versions are removed, oldest first, once [`KEEP_VERSIONS`] newer ones exist and the
+//!   next-but-[`KEEP_VERSIONS`] was computed [`REMOVE_AFTER`] ago. Removal frees names, so a
+//!   successful `link` alone does not prove the compare-and-swap: a writer stopped between
+//!   its read of `g` and its link while `g + 1` was published *and removed* would find the
+//!   name free again, and its write would be lost behind the newer versions while it reported
+//!   success. So after linking, a writer confirms: the version it read still exists (checked
+//!   by inode, on the file it keeps open; removal is oldest first, so nothing after it was
+//!   removed and the name it linked had never been used); or it is the newest version; or the
+//!   version after it names it as parent (each version records its own unique `id` and its
+//!   `parent`'s). A version after it that names another parent means the write lost and
+//!   starts over; with no version after it left either (a stall longer than
+//!   [`REMOVE_AFTER`] plus [`KEEP_VERSIONS`] more writes) the outcome cannot be told and the
+//!   write fails as unavailable, like an etcd request that timed out.
 //!
 //! TTLs are wall-clock deadlines (unix ms), because the processes sharing the store have no
 //! common monotonic clock. An expired key is absent for every operation and is dropped from
@@ -67,6 +80,12 @@ const LEGACY_LOCK: &str = "store.lock";
 const KEEP_VERSIONS: u64 = 16;
 /// A write whose read is older than this when it is ready to commit starts over.
 const MAX_WRITE_AGE: Duration = Duration::from_secs(1);
+/// A version is removed only once the version [`KEEP_VERSIONS`] - 1 after it was computed at
+/// least this long ago (on the machine's boot clock), so a writer has to be held up for about
+/// this long to meet a freed name (see the module documentation); the number of versions kept
+/// grows with the write rate (about rate x this) but stays [`KEEP_VERSIONS`] when writes are
+/// slower than one per [`REMOVE_AFTER`] / [`KEEP_VERSIONS`].
+const REMOVE_AFTER: Duration = Duration::from_secs(2);
 /// How many times a write starts over for being too slow before it reports the store
 /// unavailable (e.g. every fsync takes longer than [`MAX_WRITE_AGE`]).
 const MAX_SLOW_ATTEMPTS: u32 = 10;
@@ -101,8 +120,10 @@ struct Inner {
     tmp_dir: PathBuf,
     /// Identity of this machine, compared with the one recorded in the store.
     machine_id: String,
-    /// Numbers this process's temporary files.
+    /// Numbers this process's temporary files and writes.
     tmp_counter: AtomicU64,
+    /// [`REMOVE_AFTER`], shorter in tests.
+    remove_after: Duration,
     /// Last parsed version, used only by `watch`.
     watch_cache: Mutex<Option<Cached>>,
 }
@@ -136,6 +157,18 @@ struct Data {
     machine_id: String,
     /// Every key, including expired ones not yet purged.
     keys: BTreeMap<String, Entry>,
+    /// Unique name of the write that produced this version (empty in versions written by an
+    /// earlier pgkeel).
+    #[serde(default)]
+    id: String,
+    /// `id` of the version this one was computed from.
+    #[serde(default)]
+    parent: String,
+    /// When this version and the ones before it were computed, newest first, at most
+    /// [`KEEP_VERSIONS`] (milliseconds of the machine's boot clock): decides when old versions
+    /// may be removed.
+    #[serde(default)]
+    computed_ms: Vec<u64>,
 }
 
 /// One key in memory.
@@ -286,6 +319,34 @@ enum Commit {
     Lost,
 }
 
+/// Where a read-modify-write read its state from.
+struct ReadFrom {
+    /// Generation of the version read (the newest when listed).
+    generation: u64,
+    /// The oldest generation the same listing found: removal starts there.
+    oldest: u64,
+    /// The version's file, kept open so its inode number cannot be reused while the write
+    /// confirms, by inode, that this version still exists.
+    file: File,
+}
+
+/// Milliseconds of the machine's boot clock: shared by every process of the machine and
+/// never stepped (unlike the wall clock). `None` if it cannot be read.
+fn boot_ms() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    const CLOCK: libc::clockid_t = libc::CLOCK_BOOTTIME;
+    #[cfg(not(target_os = "linux"))]
+    const CLOCK: libc::clockid_t = libc::CLOCK_MONOTONIC;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    if unsafe { libc::clock_gettime(CLOCK, &mut ts) } != 0 {
+        return None;
+    }
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let ms = u64::try_from(ts.tv_nsec / 1_000_000).ok()?;
+    secs.checked_mul(1000)?.checked_add(ms)
+}
+
 impl Inner {
     fn version_path(&self, generation: u64) -> PathBuf {
         self.dir.join(version_name(generation))
@@ -302,21 +363,32 @@ impl Inner {
         ))
     }
 
-    /// The newest generation in the directory, if any.
-    fn newest(&self) -> DcsResult<Option<u64>> {
+    /// Every generation in the directory, in no particular order.
+    fn generations(&self) -> DcsResult<Vec<u64>> {
         use std::os::unix::ffi::OsStrExt;
         let entries = std::fs::read_dir(&self.dir).map_err(|e| io_error("list", &self.dir, e))?;
-        let mut newest = None;
+        let mut found = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| io_error("list", &self.dir, e))?;
-            newest = newest.max(parse_version(entry.file_name().as_bytes()));
+            found.extend(parse_version(entry.file_name().as_bytes()));
         }
-        Ok(newest)
+        Ok(found)
     }
 
-    /// Parse the file at `path`, checking it belongs to this machine. `None` if it does not
-    /// exist.
-    fn read_file(&self, path: &Path) -> DcsResult<Option<Data>> {
+    /// The newest and the oldest generation in the directory, if any.
+    fn listing(&self) -> DcsResult<Option<(u64, u64)>> {
+        let found = self.generations()?;
+        Ok(found.iter().max().zip(found.iter().min()).map(|(&newest, &oldest)| (newest, oldest)))
+    }
+
+    /// The newest generation in the directory, if any.
+    fn newest(&self) -> DcsResult<Option<u64>> {
+        Ok(self.listing()?.map(|(newest, _)| newest))
+    }
+
+    /// Parse the file at `path`, checking it belongs to this machine; returns it still open.
+    /// `None` if it does not exist.
+    fn read_file(&self, path: &Path) -> DcsResult<Option<(Data, File)>> {
         let mut file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
@@ -337,17 +409,17 @@ impl Inner {
                 path.display()
             )));
         }
-        Ok(Some(data))
+        Ok(Some((data, file)))
     }
 
-    /// The newest version and its generation.
-    fn read_data(&self) -> DcsResult<(Data, u64)> {
+    /// The newest version, and where it was read from.
+    fn read_data(&self) -> DcsResult<(Data, ReadFrom)> {
         // The newest version listed disappears only after KEEP_VERSIONS more writes; listing
         // again finds a newer one. Bounded so a directory emptied meanwhile cannot spin.
         for _ in 0..1000 {
-            let generation = self.newest()?.ok_or_else(|| self.missing())?;
-            if let Some(data) = self.read_file(&self.version_path(generation))? {
-                return Ok((data, generation));
+            let (generation, oldest) = self.listing()?.ok_or_else(|| self.missing())?;
+            if let Some((data, file)) = self.read_file(&self.version_path(generation))? {
+                return Ok((data, ReadFrom { generation, oldest, file }));
             }
         }
         Err(DcsError::Unavailable(format!(
@@ -360,9 +432,21 @@ impl Inner {
     /// (after KEEP_VERSIONS more writes).
     fn read_listed(&self, generation: u64) -> DcsResult<(Data, u64)> {
         match self.read_file(&self.version_path(generation))? {
-            Some(data) => Ok((data, generation)),
-            None => self.read_data(),
+            Some((data, _)) => Ok((data, generation)),
+            None => self.read_data().map(|(data, read)| (data, read.generation)),
         }
+    }
+
+    /// Mark `data`, computed from a version whose id is `data.id`, as a new version: a fresh
+    /// id, that version as parent, and the time it was computed.
+    fn stamp(&self, data: &mut Data) {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        // Unique: no two writes of one process share a counter, no two processes a pid at once.
+        let id = format!("{}-{n}-{nanos}", std::process::id());
+        data.parent = std::mem::replace(&mut data.id, id);
+        data.computed_ms.insert(0, boot_ms().unwrap_or(u64::MAX));
+        data.computed_ms.truncate(usize::try_from(KEEP_VERSIONS).unwrap_or(usize::MAX));
     }
 
     /// Write `data` to a new private temporary file and fsync it.
@@ -390,22 +474,81 @@ impl Inner {
         Ok(path)
     }
 
-    /// Publish the temporary file `tmp` as `generation` (and remove `tmp` either way).
-    fn commit(&self, tmp: &Path, generation: u64) -> DcsResult<Commit> {
+    /// Link the temporary file `tmp` as `generation` (and remove `tmp` either way): false if
+    /// that name exists (or `tmp` was removed as abandoned while this process was stopped).
+    fn link(&self, tmp: &Path, generation: u64) -> DcsResult<bool> {
         let target = self.version_path(generation);
         let linked = std::fs::hard_link(tmp, &target);
         let _ = std::fs::remove_file(tmp);
         match linked {
-            Ok(()) => {
-                // The version KEEP_VERSIONS behind is no longer needed; leftovers of crashed
-                // writers are swept at open.
-                if let Some(old) = generation.checked_sub(KEEP_VERSIONS).filter(|&g| g > 0) {
-                    let _ = std::fs::remove_file(self.version_path(old));
-                }
-                Ok(Commit::Done)
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::AlreadyExists | ErrorKind::NotFound) => Ok(Commit::Lost),
+            Ok(()) => Ok(true),
+            Err(e) if matches!(e.kind(), ErrorKind::AlreadyExists | ErrorKind::NotFound) => Ok(false),
             Err(e) => Err(io_error("publish", &target, e)),
+        }
+    }
+
+    /// Publish the temporary file `tmp` holding `ours`, computed from `read`, as the next
+    /// generation, and remove what that makes old.
+    fn commit(&self, tmp: &Path, read: &ReadFrom, ours: &Data) -> DcsResult<Commit> {
+        let generation = read.generation + 1;
+        if !self.link(tmp, generation)? {
+            return Ok(Commit::Lost);
+        }
+        let commit = self.confirm(read, ours)?;
+        if let Commit::Done = commit {
+            self.remove_old(read.oldest, generation, ours);
+        }
+        Ok(commit)
+    }
+
+    /// After `ours` was linked as `read.generation + 1`: whether that name was still unused,
+    /// i.e. whether the link really was the compare-and-swap it stands for (see the module
+    /// documentation).
+    fn confirm(&self, read: &ReadFrom, ours: &Data) -> DcsResult<Commit> {
+        let generation = read.generation + 1;
+        // Removal goes oldest first: while the version read is there, no later one was removed.
+        let read_is_there = match (read.file.metadata(), std::fs::metadata(self.version_path(read.generation))) {
+            (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+            _ => false,
+        };
+        // A name is freed only after KEEP_VERSIONS later versions existed, and the newest
+        // version is never removed.
+        if read_is_there || self.newest()? == Some(generation) {
+            return Ok(Commit::Done);
+        }
+        match self.read_file(&self.version_path(generation + 1))? {
+            Some((next, _)) if next.parent == ours.id => Ok(Commit::Done),
+            // The name had been used and freed: the version there now is not in the history.
+            Some(_) => Ok(Commit::Lost),
+            None => Err(DcsError::Unavailable(format!(
+                "local store: a write to {} was held up (its process stopped or starved) for so long that \
+                 whether it took effect can no longer be told; read the store again before retrying",
+                self.dir.display()
+            ))),
+        }
+    }
+
+    /// The newest generation that may be removed once `newest`, holding `data`, exists: the
+    /// versions KEEP_VERSIONS behind it, once the one after them is REMOVE_AFTER old.
+    fn removable(&self, newest: u64, data: &Data) -> Option<u64> {
+        let keep = usize::try_from(KEEP_VERSIONS).ok()?;
+        let computed = *data.computed_ms.get(keep - 1)?;
+        let remove_after = u64::try_from(self.remove_after.as_millis()).ok()?;
+        let old_enough = computed.checked_add(remove_after)? <= boot_ms()?;
+        newest.checked_sub(KEEP_VERSIONS).filter(|&g| g > 0 && old_enough)
+    }
+
+    /// Remove the versions from `oldest` up to what [`Inner::removable`] allows, oldest first
+    /// and stopping at the first that cannot be removed, so that a version still there means
+    /// none after it was removed (what [`Inner::confirm`] relies on).
+    fn remove_old(&self, oldest: u64, newest: u64, data: &Data) {
+        let Some(last) = self.removable(newest, data) else { return };
+        for generation in oldest..=last {
+            match std::fs::remove_file(self.version_path(generation)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(_) => return,
+            }
         }
     }
 
@@ -416,7 +559,7 @@ impl Inner {
     fn modify<T>(&self, mut f: impl FnMut(&mut Data, u64) -> (T, bool)) -> DcsResult<T> {
         let mut slow = 0;
         loop {
-            let (mut data, generation) = self.read_data()?;
+            let (mut data, read) = self.read_data()?;
             let read_at = Instant::now();
             let now = now_ms();
             data.keys.retain(|_, e| e.live_at(now));
@@ -424,6 +567,7 @@ impl Inner {
             if !changed {
                 return Ok(result);
             }
+            self.stamp(&mut data);
             let tmp = self.write_tmp(&data)?;
             if read_at.elapsed() > MAX_WRITE_AGE {
                 let _ = std::fs::remove_file(&tmp);
@@ -437,7 +581,7 @@ impl Inner {
                 }
                 continue;
             }
-            match self.commit(&tmp, generation + 1)? {
+            match self.commit(&tmp, &read, &data)? {
                 Commit::Done => return Ok(result),
                 Commit::Lost => continue,
             }
@@ -451,8 +595,8 @@ impl Inner {
         for _ in 0..3 {
             if let Some(newest) = self.newest()? {
                 // Validates the newest version and that it was created on this machine.
-                self.read_listed(newest)?;
-                self.sweep(newest);
+                let (data, newest) = self.read_listed(newest)?;
+                self.sweep(newest, &data);
                 return Ok(());
             }
             let tmp = match self.read_file(&legacy)? {
@@ -464,20 +608,28 @@ impl Inner {
                     tmp
                 }
                 None => {
-                    self.write_tmp(&Data { revision: 0, machine_id: self.machine_id.clone(), keys: BTreeMap::new() })?
+                    let mut data = Data {
+                        revision: 0,
+                        machine_id: self.machine_id.clone(),
+                        keys: BTreeMap::new(),
+                        id: String::new(),
+                        parent: String::new(),
+                        computed_ms: Vec::new(),
+                    };
+                    self.stamp(&mut data);
+                    self.write_tmp(&data)?
                 }
             };
             // Two processes opening a fresh directory: one link wins, the other reads it.
-            self.commit(&tmp, 1)?;
+            self.link(&tmp, 1)?;
         }
         Err(self.missing())
     }
 
-    /// Remove what is no longer needed: versions more than KEEP_VERSIONS behind `newest`,
-    /// temporary files abandoned by crashed writers and the earlier layout's files. Errors
-    /// are ignored: leftovers only take space.
-    fn sweep(&self, newest: u64) {
-        use std::os::unix::ffi::OsStrExt;
+    /// Remove what is no longer needed: old versions (by the same rule as writes, `newest`
+    /// holding `data`), temporary files abandoned by crashed writers and the earlier layout's
+    /// files. Errors are ignored: leftovers only take space.
+    fn sweep(&self, newest: u64, data: &Data) {
         let legacy = self.dir.join(LEGACY_FILE);
         if let (Ok(a), Ok(b)) = (std::fs::metadata(&legacy), std::fs::metadata(self.version_path(1))) {
             // Adopted as generation 1 (the same file): remove it, so an older pgkeel fails.
@@ -489,12 +641,8 @@ impl Inner {
             let _ = std::fs::remove_file(self.dir.join(LEGACY_LOCK));
             let _ = std::fs::remove_file(self.dir.join(format!("{LEGACY_FILE}.tmp")));
         }
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            for entry in entries.flatten() {
-                if parse_version(entry.file_name().as_bytes()).is_some_and(|g| g + KEEP_VERSIONS < newest) {
-                    let _ = std::fs::remove_file(entry.path());
-                }
-            }
+        if let Some(oldest) = self.generations().ok().and_then(|found| found.into_iter().min()) {
+            self.remove_old(oldest, newest, data);
         }
         if let Ok(entries) = std::fs::read_dir(&self.tmp_dir) {
             for entry in entries.flatten() {
@@ -733,6 +881,10 @@ impl LocalStore {
     /// store was created on another machine, and with [`DcsError::Corrupt`] when the newest
     /// version cannot be decoded. Does blocking file I/O (once, at startup).
     pub fn open(dir: &Path) -> DcsResult<LocalStore> {
+        LocalStore::open_with(dir, REMOVE_AFTER)
+    }
+
+    fn open_with(dir: &Path, remove_after: Duration) -> DcsResult<LocalStore> {
         let tmp_dir = dir.join(TMP_DIR);
         DirBuilder::new()
             .recursive(true)
@@ -745,6 +897,7 @@ impl LocalStore {
             tmp_dir,
             machine_id: machine_identity(),
             tmp_counter: AtomicU64::new(0),
+            remove_after,
             watch_cache: Mutex::new(None),
         };
         inner.initialise()?;
@@ -926,12 +1079,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
         let inner = &store.inner;
-        let (mut data, generation) = inner.read_data().unwrap();
+        let (mut data, read) = inner.read_data().unwrap();
         data.write("/stale", b"1", None, now_ms());
+        inner.stamp(&mut data);
         let stale = inner.write_tmp(&data).unwrap();
         // Meanwhile another writer commits the next generation.
         inner.modify(|d, now| (d.write("/k", b"winner", None, now), true)).unwrap();
-        assert!(matches!(inner.commit(&stale, generation + 1).unwrap(), Commit::Lost));
+        assert!(matches!(inner.commit(&stale, &read, &data).unwrap(), Commit::Lost));
         assert!(!stale.exists(), "the loser's temporary file is removed");
         let (now, _) = inner.read_data().unwrap();
         assert!(now.keys.contains_key("/k") && !now.keys.contains_key("/stale"));
@@ -957,21 +1111,122 @@ mod tests {
         assert_eq!(now.get("/k", now_ms()).unwrap().mod_revision, rev);
     }
 
-    /// Old versions are removed as new ones are published; the newest KEEP_VERSIONS stay.
-    #[test]
-    fn old_versions_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(dir.path()).unwrap();
-        for i in 0..40 {
-            store.inner.modify(|d, now| (d.write("/k", i.to_string().as_bytes(), None, now), true)).unwrap();
-        }
-        let names: Vec<_> = std::fs::read_dir(dir.path())
+    /// The version files in `dir`, oldest first.
+    fn versions(dir: &Path) -> Vec<u64> {
+        let mut found: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
             .filter_map(|e| parse_version(e.unwrap().file_name().as_encoded_bytes()))
             .collect();
-        assert_eq!(names.len(), usize::try_from(KEEP_VERSIONS).unwrap(), "{names:?}");
-        assert_eq!(names.iter().max(), Some(&41));
+        found.sort_unstable();
+        found
+    }
+
+    /// Write `/k` = `i` through `inner`.
+    fn put(inner: &Inner, i: usize) {
+        inner.modify(|d, now| (d.write("/k", i.to_string().as_bytes(), None, now), true)).unwrap();
+    }
+
+    /// Old versions are removed as new ones are published, oldest first; the newest
+    /// KEEP_VERSIONS stay. Removal waits until the version KEEP_VERSIONS - 1 after them is
+    /// REMOVE_AFTER old.
+    #[test]
+    fn old_versions_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_with(dir.path(), Duration::ZERO).unwrap();
+        (0..40).for_each(|i| put(&store.inner, i));
+        assert_eq!(versions(dir.path()), (26..=41).collect::<Vec<_>>());
         assert_eq!(std::fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0, "no temporary file left");
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_with(dir.path(), Duration::from_millis(300)).unwrap();
+        let started = Instant::now();
+        (0..40).for_each(|i| put(&store.inner, i));
+        let kept = versions(dir.path());
+        if started.elapsed() < Duration::from_millis(300) {
+            assert_eq!(kept, (1..=41).collect::<Vec<_>>(), "versions written within REMOVE_AFTER stay");
+        }
+        // Once they are old enough, the next write removes all that are KEEP_VERSIONS behind.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut i = 40;
+        while versions(dir.path()).len() > usize::try_from(KEEP_VERSIONS).unwrap() {
+            assert!(Instant::now() < deadline, "old versions never removed: {:?}", versions(dir.path()));
+            std::thread::sleep(Duration::from_millis(20));
+            put(&store.inner, i);
+            i += 1;
+        }
+        let newest = *versions(dir.path()).last().unwrap();
+        assert_eq!(versions(dir.path()), (newest - KEEP_VERSIONS + 1..=newest).collect::<Vec<_>>());
+        // Opening the store removes what is old enough too.
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_with(dir.path(), Duration::from_millis(300)).unwrap();
+        (0..40).for_each(|i| put(&store.inner, i));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            LocalStore::open_with(dir.path(), Duration::from_millis(300)).unwrap();
+            if versions(dir.path()) == (26..=41).collect::<Vec<_>>() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "open never removed old versions: {:?}", versions(dir.path()));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A writer that read generation `g` and, with its process stalled, links `g + 1` only
+    /// after `g + 1` was published and removed again (the name is free) must not report
+    /// success: its write is not in the newest version. Each case runs on a store that removes
+    /// versions as soon as KEEP_VERSIONS newer ones exist, which is what a long enough stall
+    /// amounts to.
+    #[test]
+    fn a_stalled_writer_that_finds_its_name_freed_does_not_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_with(dir.path(), Duration::ZERO).unwrap();
+        let inner = &store.inner;
+        let stall = |others: usize| {
+            let (mut data, read) = inner.read_data().unwrap();
+            data.write("/stale", b"1", None, now_ms());
+            inner.stamp(&mut data);
+            let tmp = inner.write_tmp(&data).unwrap();
+            (0..others).for_each(|i| put(inner, i));
+            assert!(!inner.version_path(read.generation + 1).exists(), "the name {} is free", read.generation + 1);
+            let commit = inner.commit(&tmp, &read, &data);
+            let (now, _) = inner.read_data().unwrap();
+            assert!(!now.keys.contains_key("/stale"));
+            commit
+        };
+        // 17 more writes freed the name; the version after it shows another parent.
+        assert!(matches!(stall(usize::try_from(KEEP_VERSIONS).unwrap() + 1), Ok(Commit::Lost)));
+        // 18 more freed the one after it as well: the outcome cannot be told, so it is an error.
+        match stall(usize::try_from(KEEP_VERSIONS).unwrap() + 2) {
+            Err(DcsError::Unavailable(m)) => assert!(m.contains("can no longer be told"), "{m}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a write lost behind newer versions reported success"),
+        }
+        // Through modify, the write starts over and lands.
+        put(inner, 0);
+        assert!(inner.modify(|d, now| (d.write("/after", b"1", None, now), true)).is_ok());
+        assert!(inner.read_data().unwrap().0.keys.contains_key("/after"));
+    }
+
+    /// A write that linked its version while the name was free, then stalled while later
+    /// writes built on it and removed the version it read, still learns that it committed.
+    #[test]
+    fn a_stalled_writer_that_committed_learns_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open_with(dir.path(), Duration::ZERO).unwrap();
+        let inner = &store.inner;
+        for later in [0, 1, KEEP_VERSIONS] {
+            let (mut data, read) = inner.read_data().unwrap();
+            data.write("/ours", later.to_string().as_bytes(), None, now_ms());
+            inner.stamp(&mut data);
+            let tmp = inner.write_tmp(&data).unwrap();
+            assert!(inner.link(&tmp, read.generation + 1).unwrap());
+            (0..usize::try_from(later).unwrap()).for_each(|i| put(inner, i));
+            if later == KEEP_VERSIONS {
+                assert!(!inner.version_path(read.generation).exists(), "the version read was removed");
+            }
+            assert!(matches!(inner.confirm(&read, &data), Ok(Commit::Done)), "{later} later writes");
+            assert_eq!(inner.read_data().unwrap().0.get("/ours", now_ms()).unwrap().text(), later.to_string());
+        }
     }
 
     /// The polling fallback (no inotify) notices changes and expiry too.
