@@ -1,7 +1,9 @@
 //! Several "machines" on one: network namespaces on a private bridge, for partition tests.
 //!
-//! [`Net`] makes a bridge with its own /24 (10.251.S.0/24, S random per network so tests can
-//! run side by side) and one namespace per host, each with a veth on the bridge. The test
+//! [`Net`] makes a bridge with its own /24 (10.251.S.0/24) and one namespace per host, each
+//! with a veth on the bridge. S is claimed by creating the bridge `pkbS` (names are unique in
+//! the kernel), so tests running side by side never share a subnet: with two bridges on one
+//! subnet, the test process's connections could reach the other test's cluster. The test
 //! process itself (the root namespace) reaches every host through the bridge's address.
 //! [`Net::cut`] drops traffic between two hosts in both directions with blackhole routes (a
 //! real partition: packets vanish, connections time out); [`Net::isolate`] takes a host's
@@ -58,19 +60,34 @@ pub struct Net {
 impl Net {
     /// A bridge with `n` hosts.
     pub fn new(n: usize) -> Result<Net, String> {
-        let id = random_u16();
-        let subnet = 1 + id % 250;
-        let mut net = Net { bridge: format!("pkb{id:04x}"), hosts: Vec::new() };
-        ip(&["link", "add", &net.bridge, "type", "bridge"])?;
+        let start = random_u16();
+        let mut claimed = None;
+        for k in 0..250 {
+            let subnet = 1 + (start.wrapping_add(k)) % 250;
+            match ip(&["link", "add", &format!("pkb{subnet}"), "type", "bridge"]) {
+                Ok(()) => {
+                    claimed = Some(subnet);
+                    break;
+                }
+                // Another network (of a test running now, or left by a killed one) has it.
+                Err(e) if e.contains("File exists") => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let subnet = claimed.ok_or("every subnet 10.251.1-250.0/24 is in use (bridges pkb1..pkb250)")?;
+        let mut net = Net { bridge: format!("pkb{subnet}"), hosts: Vec::new() };
         ip(&["addr", "add", &format!("10.251.{subnet}.1/24"), "dev", &net.bridge])?;
         ip(&["link", "set", &net.bridge, "up"])?;
         for i in 0..n {
             let host = Host {
-                ns: format!("pk{id:04x}n{i}"),
+                ns: format!("pk{subnet}n{i}"),
                 addr: format!("10.251.{subnet}.{}", 10 + i),
-                veth: format!("pk{id:04x}v{i}"),
+                veth: format!("pk{subnet}v{i}"),
             };
-            let peer = format!("pk{id:04x}p{i}");
+            let peer = format!("pk{subnet}p{i}");
+            // Names under a bridge this network claimed can only be left over by a killed run.
+            let _ = ip(&["netns", "del", &host.ns]);
+            let _ = ip(&["link", "del", &host.veth]);
             ip(&["netns", "add", &host.ns])?;
             net.hosts.push(host.clone());
             ip(&["link", "add", &host.veth, "type", "veth", "peer", "name", &peer])?;
