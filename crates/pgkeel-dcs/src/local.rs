@@ -38,9 +38,10 @@
 //! common monotonic clock. An expired key is absent for every operation and is dropped from
 //! the store by the next write.
 //!
-//! `watch` sleeps on inotify events for the directory (falling back to polling the directory
-//! every 25 ms), re-parses only when a newer generation appeared, and wakes exactly when the
-//! watched key's TTL runs out.
+//! `watch` waits for inotify events on the directory in the caller's runtime (falling back to
+//! polling the directory every 25 ms on a thread of its own), re-parses only when a newer
+//! generation appeared, and wakes exactly when the watched key's TTL runs out. Reads run in
+//! place on a single-threaded runtime (the proxy's) and on the blocking pool otherwise.
 //!
 //! The store refuses to be shared between machines: `link` atomicity only holds on a local
 //! filesystem, and two machines each running "the" local store would each elect a leader.
@@ -97,8 +98,8 @@ const ABANDONED_TMP_AGE: Duration = Duration::from_secs(600);
 /// costs tens of microseconds on a VM: about 0.2-0.4% of a core per watcher at this rate.
 const WATCH_POLL: Duration = Duration::from_millis(25);
 /// How often `watch` looks at the directory when inotify tells it about changes: only a
-/// safety net (and the moment a dropped watch notices it was cancelled).
-const WATCH_NOTIFIED_RECHECK: Duration = Duration::from_millis(250);
+/// safety net.
+const WATCH_NOTIFIED_RECHECK: Duration = Duration::from_secs(5);
 
 /// Filesystem magic numbers (`statfs.f_type`) of network filesystems, on which neither
 /// `link` nor rename atomicity can be trusted across machines.
@@ -671,44 +672,87 @@ impl Inner {
         Ok(data)
     }
 
-    /// The body of `watch`, run on a blocking thread: waits until `key` differs from `known`,
-    /// `deadline` passes or `cancelled` is set (the caller dropped the watch).
-    ///
-    /// Waiting happens on a plain thread (inotify + `poll`, or `thread::sleep` when polling)
-    /// rather than with tokio timers: on a multi-threaded runtime each timer wake-up also wakes
-    /// sibling workers, which made a 25 ms poll cost ~0.6% of a core per idle watcher. With
-    /// inotify an idle watcher wakes four times a second; `notify: false` forces polling.
-    fn watch_blocking(
+    /// One look for `watch`: the answer once `key` differs from `known` or `deadline` has
+    /// passed, else how long to wait at most before looking again (until the deadline, or
+    /// until the known key expires).
+    fn watch_look(&self, key: &str, known: Option<u64>, deadline: Instant) -> DcsResult<Look> {
+        let data = self.watch_snapshot()?;
+        let now_ms = now_ms();
+        let entry = data.live(key, now_ms);
+        let now = Instant::now();
+        if entry.map(|e| e.mod_revision) != known || now >= deadline {
+            return Ok(Look::Done(data.get(key, now_ms)));
+        }
+        let mut wait = deadline - now;
+        // Wake right when the known key expires instead of up to a poll interval later.
+        if let Some(expires_at) = entry.and_then(|e| e.expires_at_ms) {
+            wait = wait.min(Duration::from_millis(expires_at.saturating_sub(now_ms)));
+        }
+        Ok(Look::Wait(wait))
+    }
+
+    /// `watch` where the directory cannot be watched with inotify: looks every
+    /// [`WATCH_POLL`], on a blocking thread, until `cancelled` is set (the caller dropped the
+    /// watch). A plain thread rather than tokio timers: on a multi-threaded runtime each timer
+    /// wake-up also wakes sibling workers, which made a 25 ms poll cost ~0.6% of a core.
+    fn watch_polling(
         &self,
         key: &str,
         known: Option<u64>,
         deadline: Instant,
         cancelled: &AtomicBool,
-        notify: bool,
     ) -> DcsResult<Option<KeyValue>> {
-        // Subscribe before the first look, so a write in between cannot be missed.
-        let notifier = if notify { DirNotifier::new(&self.dir).ok() } else { None };
-        let idle_wait = if notifier.is_some() { WATCH_NOTIFIED_RECHECK } else { WATCH_POLL };
         loop {
-            let data = self.watch_snapshot()?;
-            let now_ms = now_ms();
-            let entry = data.live(key, now_ms);
-            let now = Instant::now();
-            if entry.map(|e| e.mod_revision) != known || now >= deadline || cancelled.load(Ordering::Relaxed) {
-                return Ok(data.get(key, now_ms));
-            }
-            let mut wait = idle_wait.min(deadline - now);
-            // Wake right when the known key expires instead of up to a poll interval later.
-            if let Some(expires_at) = entry.and_then(|e| e.expires_at_ms) {
-                wait = wait.min(Duration::from_millis(expires_at.saturating_sub(now_ms)));
-            }
-            drop(data);
-            match &notifier {
-                Some(n) => n.wait(wait),
-                None => std::thread::sleep(wait),
+            match self.watch_look(key, known, deadline)? {
+                Look::Done(answer) => return Ok(answer),
+                _ if cancelled.load(Ordering::Relaxed) => return Ok(None),
+                Look::Wait(wait) => std::thread::sleep(wait.min(WATCH_POLL)),
             }
         }
     }
+
+    /// `watch` with inotify, in the caller's runtime: each new version wakes it through the
+    /// runtime's own event loop, and an idle watch does not wake at all (but every
+    /// [`WATCH_NOTIFIED_RECHECK`]). No thread of its own: a thread that wakes up on a busy
+    /// machine waits for a CPU, and while it waits it counts in its process's load on that
+    /// CPU, which took ~15 % of the proxy's CPU weight (docs/benchmarks.md, "Proxy").
+    async fn watch_notified(
+        &self,
+        key: &str,
+        known: Option<u64>,
+        deadline: Instant,
+        notifier: tokio::io::unix::AsyncFd<DirNotifier>,
+    ) -> DcsResult<Option<KeyValue>> {
+        loop {
+            let wait = match self.watch_look(key, known, deadline)? {
+                Look::Done(answer) => return Ok(answer),
+                Look::Wait(wait) => wait.min(WATCH_NOTIFIED_RECHECK),
+            };
+            match tokio::time::timeout(wait, notifier.readable()).await {
+                // Time to look again.
+                Err(_) => {}
+                Ok(Ok(mut ready)) => {
+                    // Every pending event is consumed; the look that follows sees what they
+                    // announced.
+                    if ready.get_inner().drain() {
+                        ready.clear_ready();
+                    } else {
+                        tokio::time::sleep(WATCH_POLL).await;
+                    }
+                }
+                // inotify misbehaved: behave like one polling step, never spin.
+                Ok(Err(_)) => tokio::time::sleep(WATCH_POLL).await,
+            }
+        }
+    }
+}
+
+/// What one look of `watch` found.
+enum Look {
+    /// The answer.
+    Done(Option<KeyValue>),
+    /// Nothing yet: look again within this long.
+    Wait(Duration),
 }
 
 /// Wakes a waiting watch when a version is published: an inotify instance watching the store
@@ -739,24 +783,9 @@ impl DirNotifier {
         Ok(DirNotifier { fd })
     }
 
-    /// Wait up to `timeout` for an event, then consume every pending one. The caller looks
-    /// at the directory either way, so what the events say does not matter.
-    fn wait(&self, timeout: Duration) {
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // Round up, so a wait for an expiry never ends just before it.
-        let ms = timeout.as_micros().div_ceil(1000);
-        let ms = libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX);
-        // SAFETY: `pfd` is one valid pollfd, matching the count passed.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        match rc {
-            0 => {}
-            rc if rc > 0 => self.drain(),
-            _ => Self::failed(),
-        }
-    }
-
-    /// Read every pending event.
-    fn drain(&self) {
+    /// Read every pending event (the caller looks at the directory either way, so what they
+    /// say does not matter): true once none is left, false if inotify misbehaved.
+    fn drain(&self) -> bool {
         let mut buf = [0u8; 4096];
         loop {
             // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
@@ -766,15 +795,16 @@ impl DirNotifier {
             }
             match std::io::Error::last_os_error().kind() {
                 ErrorKind::Interrupted if n < 0 => {}
-                ErrorKind::WouldBlock if n < 0 => return,
-                _ => return Self::failed(),
+                ErrorKind::WouldBlock if n < 0 => return true,
+                _ => return false,
             }
         }
     }
+}
 
-    /// inotify misbehaved: behave like one polling step, never spin.
-    fn failed() {
-        std::thread::sleep(WATCH_POLL);
+impl AsRawFd for DirNotifier {
+    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.fd.as_raw_fd()
     }
 }
 
@@ -785,8 +815,8 @@ impl DirNotifier {
         Err(ErrorKind::Unsupported.into())
     }
 
-    fn wait(&self, timeout: Duration) {
-        std::thread::sleep(timeout);
+    fn drain(&self) -> bool {
+        false
     }
 }
 
@@ -918,16 +948,25 @@ impl LocalStore {
         blocking(move || inner.modify(f)).await
     }
 
-    /// Run a read on the blocking pool. Reads take no lock: a version is published complete by
-    /// `link`, so a read sees exactly the state after some completed write (the link is each
-    /// write's commit point), which keeps reads linearizable.
+    /// Run a read. Reads take no lock: a version is published complete by `link`, so a read
+    /// sees exactly the state after some completed write (the link is each write's commit
+    /// point), which keeps reads linearizable.
+    ///
+    /// A read lists the directory and parses one small file (tens of microseconds). On a
+    /// single-threaded runtime (the proxy's) it runs in place: handing it to the blocking pool
+    /// would cost more than the read, and a pool thread woken on a busy machine waits for a
+    /// CPU while counting in the process's load there (see [`Inner::watch_notified`]).
+    /// Elsewhere it runs on the blocking pool.
     async fn read<T: Send + 'static>(&self, f: impl FnOnce(&Data, u64) -> T + Send + 'static) -> DcsResult<T> {
         let inner = self.inner.clone();
-        blocking(move || {
+        let read = move || {
             let (data, _) = inner.read_data()?;
             Ok(f(&data, now_ms()))
-        })
-        .await
+        };
+        if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+            return read();
+        }
+        blocking(read).await
     }
 }
 
@@ -1004,12 +1043,22 @@ impl Dcs for LocalStore {
 
     async fn watch(&self, key: &str, known: Option<u64>, timeout: Duration) -> DcsResult<Option<KeyValue>> {
         let deadline = Instant::now() + timeout;
+        // Subscribe before the first look, so a write in between cannot be missed.
+        let notifier = DirNotifier::new(&self.inner.dir).and_then(|n| {
+            // SAFETY: a DirNotifier owns its descriptor (an OwnedFd it never replaces), so the
+            // descriptor stays open and the same for as long as the AsyncFd owns it.
+            unsafe { tokio::io::unix::AsyncFd::register_with_interest(n, tokio::io::Interest::READABLE) }
+                .map_err(std::io::Error::from)
+        });
+        if let Ok(notifier) = notifier {
+            return self.inner.watch_notified(key, known, deadline, notifier).await;
+        }
         let cancelled = Arc::new(AtomicBool::new(false));
         // Dropping the watch future (e.g. in a `select!`) stops the polling thread within one
         // poll interval.
         let _cancel = CancelOnDrop(cancelled.clone());
         let (inner, key) = (self.inner.clone(), key.to_string());
-        blocking(move || inner.watch_blocking(&key, known, deadline, &cancelled, true)).await
+        blocking(move || inner.watch_polling(&key, known, deadline, &cancelled)).await
     }
 
     fn describe(&self) -> String {
@@ -1239,7 +1288,7 @@ mod tests {
             let deadline = Instant::now() + Duration::from_secs(5);
             tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
-                let got = inner.watch_blocking(key, known, deadline, &AtomicBool::new(false), false).unwrap();
+                let got = inner.watch_polling(key, known, deadline, &AtomicBool::new(false)).unwrap();
                 (got, t.elapsed())
             })
         };
@@ -1257,7 +1306,7 @@ mod tests {
         assert!(took < Duration::from_secs(2), "{took:?}");
     }
 
-    /// A dropped watch stops its thread soon, instead of running until its timeout.
+    /// A dropped polling watch stops its thread soon, instead of running until its timeout.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cancelled_watch_stops() {
         let dir = tempfile::tempdir().unwrap();
@@ -1266,7 +1315,7 @@ mod tests {
         let (inner, flag) = (store.inner.clone(), cancelled.clone());
         let deadline = Instant::now() + Duration::from_secs(30);
         let t = Instant::now();
-        let task = tokio::task::spawn_blocking(move || inner.watch_blocking("/k", None, deadline, &flag, true));
+        let task = tokio::task::spawn_blocking(move || inner.watch_polling("/k", None, deadline, &flag));
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(CancelOnDrop(cancelled));
         assert_eq!(task.await.unwrap().unwrap(), None);

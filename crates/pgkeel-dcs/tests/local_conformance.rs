@@ -170,7 +170,7 @@ async fn child_process_worker() {
                 None => store.put("/idle", b"1", Some(Duration::from_secs(60))).await.unwrap(),
             };
             let before = usage();
-            let got = store.watch("/idle", Some(rev), Duration::from_secs(1)).await.unwrap();
+            let got = store.watch("/idle", Some(rev), Duration::from_secs(3)).await.unwrap();
             let after = usage();
             assert_eq!(got.unwrap().mod_revision, rev);
             println!("CPU_US={}", (after.0 - before.0).as_micros());
@@ -260,20 +260,21 @@ async fn a_stopped_writer_does_not_block_the_others() {
 async fn idle_watchers_use_little_cpu() {
     let dir = tempfile::tempdir().unwrap();
     open(dir.path()).put("/idle", b"1", None).await.unwrap();
-    // Three agent processes, each watching an unchanging key for 1 s.
+    // Three agent processes, each watching an unchanging key for 3 s.
     let spec = format!("idle:{}", dir.path().display());
     let outputs = tokio::join!(run_child(&spec), run_child(&spec), run_child(&spec));
     for out in [outputs.0, outputs.1, outputs.2] {
         let used = Duration::from_micros(child_number(&out, "CPU_US"));
         let wakeups = child_number(&out, "WAKEUPS");
-        println!("an idle watcher used {used:?} of CPU and slept {wakeups} times in 1 s");
-        // What makes an idle watcher costly is waking up: with inotify it looks at the file
-        // four times a second (plus a few switches to start the watch), where a 25 ms poll
-        // would wake 40 times. Wake-ups do not depend on how loaded the machine is; CPU time
-        // does (CI, 2026-11-22: over 5 ms while parallel tests ran), so it is held only to
-        // the budget itself, 1% of one core (about 0.5 ms is typical).
-        assert!(wakeups < 20, "an idle watcher woke {wakeups} times in 1 s (CPU {used:?})");
-        assert!(used < Duration::from_millis(10), "an idle watcher used {used:?} of CPU in 1 s");
+        println!("an idle watcher used {used:?} of CPU and slept {wakeups} times in 3 s");
+        // What makes an idle watcher costly is waking up: with inotify in the runtime's own
+        // event loop it only wakes to start the watch (a few switches), where a watch thread
+        // looking four times a second made 14-16 and a 25 ms poll would make 120. Wake-ups do
+        // not depend on how loaded the machine is; CPU time does (CI, 2026-11-22: over 5 ms
+        // in 1 s while parallel tests ran), so it is held only to the budget itself, 1% of
+        // one core (about 0.5 ms is typical).
+        assert!(wakeups < 10, "an idle watcher woke {wakeups} times in 3 s (CPU {used:?})");
+        assert!(used < Duration::from_millis(30), "an idle watcher used {used:?} of CPU in 3 s");
     }
 }
 
