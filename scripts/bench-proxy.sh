@@ -8,8 +8,10 @@
 #      RSS (/proc/PID/status VmRSS) before and with them (scripts/bench-proxy-idle.py);
 #   2. `pgbench -S` (select-only) for each protocol mode and client count, `-j 2`, printing
 #      tps (without connection time), average and p99 latency (from the per-transaction
-#      `-l` logs), failed transactions, the pooler's CPU time per transaction and the share
-#      of its runnable time it spent waiting for a CPU (/proc/PID/task/*/schedstat).
+#      `-l` logs), failed transactions, the pooler's CPU time per transaction (and how much
+#      of it in user space, the rest being the kernel's sending and receiving) and the share
+#      of its runnable time it spent waiting for a CPU (/proc/PID/task/*/schedstat, and
+#      /proc/PID/stat's utime and stime for the split, sampled at the clock tick).
 # The three targets run one after the other for each (mode, clients), in several rounds
 # whose order alternates, so load changes on the machine hit them alike; a single run on a
 # busy 2-core machine varies by +-15 %. The table gives each target's mean tps over the
@@ -131,9 +133,14 @@ while True:
 EOF
 }
 # cpu_sched PID: the pooler's CPU time and its time runnable but waiting for a CPU, in ns,
-# summed over its threads (/proc/PID/task/*/schedstat); "- -" when the kernel keeps no
-# schedstat.
-cpu_sched() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{r += $1; w += $2; n++} END {if (n) printf "%.0f %.0f\n", r, w; else print "- -"}'; }
+# summed over its threads (/proc/PID/task/*/schedstat), then its user-space CPU time in clock
+# ticks (/proc/PID/stat utime, all threads); "- - -" when the kernel keeps no schedstat.
+cpu_sched() {
+    local user
+    user=$(awk '{print $14}' /proc/"$1"/stat 2>/dev/null) || user=-
+    cat /proc/"$1"/task/*/schedstat 2>/dev/null |
+        awk -v user="$user" '{r += $1; w += $2; n++} END {if (n && user != "") printf "%.0f %.0f %s\n", r, w, user; else print "- - -"}'
+}
 json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); exec("print(d" + sys.argv[2] + ")")' "$W/cluster/up.json" "$1"; }
 
 echo "== postgres: 1-member pgkeel cluster, pgbench scale $SCALE (work directory $W)"
@@ -316,7 +323,7 @@ run_pgbench() {
     local dir=$W/runs/$target-$mode-$clients/$round
     mkdir -p "$dir"
     case $target in pgbouncer) pid=$BOUNCER_PID ;; pgkeel) pid=$PROXY_PID ;; esac
-    local s0="- -" s1="- -"
+    local s0="- - -" s1="- - -"
     case " $TARGETS " in *" $target "*) ;; *) return 0 ;; esac
     [ -n "$pid" ] && s0=$(cpu_sched "$pid")
     if ! PGPASSWORD=$PW "$BIN/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -S -M "$mode" -c "$clients" -j "$JOBS" \
@@ -327,7 +334,7 @@ run_pgbench() {
     fi
     [ -n "$pid" ] && s1=$(cpu_sched "$pid")
     python3 - "$dir" "$target" "$mode" "$clients" "$s0" "$s1" "$round" >"$dir/result" <<'EOF'
-import glob, re, sys
+import glob, os, re, sys
 d, target, mode, clients, s0, s1, rnd = sys.argv[1:]
 out = open(f"{d}/out").read()
 tps = float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out).group(1))
@@ -343,17 +350,19 @@ avg = sum(lat) / len(lat) / 1000
 # The pooler's CPU time per transaction, and the share of its runnable time it spent waiting
 # for a CPU (a pooler that is runnable nearly all the time on busy cores gets its fair share
 # of CPU time, and its tps is that share divided by its CPU per transaction:
-# docs/benchmarks.md, "Proxy").
+# docs/benchmarks.md, "Proxy"). The user-space part comes from clock-tick samples (utime).
 if "-" in (s0 + s1):
-    cpu_us = wait = "-"
+    cpu_us = wait = user_us = "-"
 else:
-    (r0, w0), (r1, w1) = map(int, s0.split()), map(int, s1.split())
+    (r0, w0, u0), (r1, w1, u1) = map(int, s0.split()), map(int, s1.split())
     cpu_us = f"{(r1 - r0) / 1000 / max(len(lat), 1):.1f}"
     wait = f"{100 * (w1 - w0) / max(r1 - r0 + w1 - w0, 1):.0f}"
-print(f"{mode} {clients} {target} {tps:.0f} {avg:.3f} {p99:.3f} {failed} {cpu_us} {wait} {rnd}")
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    user_us = f"{(u1 - u0) * tick_us / max(len(lat), 1):.1f}"
+print(f"{mode} {clients} {target} {tps:.0f} {avg:.3f} {p99:.3f} {failed} {cpu_us} {wait} {rnd} {user_us}")
 EOF
     cat "$dir/result" >>"$W/results"
-    awk '{printf "  %-9s %4s clients  %-9s  tps %7s  avg %7s ms  p99 %7s ms  failed %s  pooler CPU %s us per transaction, waiting for a CPU %s %%  (round %s)\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10}' "$dir/result"
+    awk '{printf "  %-9s %4s clients  %-9s  tps %7s  avg %7s ms  p99 %7s ms  failed %s  pooler CPU %s us per transaction (%s in user space), waiting for a CPU %s %%  (round %s)\n", $1, $2, $3, $4, $5, $6, $7, $8, $11, $9, $10}' "$dir/result"
 }
 
 layout="one target after the other"
@@ -405,12 +414,13 @@ w = sys.argv[1]
 rows = [l.split() for l in open(f"{w}/results") if l.strip()]
 # (mode, clients, target) -> {round: tps}; the pooler's CPU us per transaction and % of its
 # runnable time waiting for a CPU, per round.
-tps, cpu, wait = {}, {}, {}
-for mode, clients, target, t, _avg, _p99, _failed, c, wt, rnd in rows:
+tps, cpu, wait, user = {}, {}, {}, {}
+for mode, clients, target, t, _avg, _p99, _failed, c, wt, rnd, u in rows:
     tps.setdefault((mode, clients, target), {})[rnd] = float(t)
     if c != "-":
         cpu.setdefault((mode, clients, target), []).append(float(c))
         wait.setdefault((mode, clients, target), []).append(float(wt))
+        user.setdefault((mode, clients, target), []).append(float(u))
 
 
 def p99(mode, clients, target):
@@ -451,8 +461,9 @@ def interval(ratios):
 
 
 print("| mode | clients | direct tps | PgBouncer tps | pgkeel tps | direct p99 ms | PgBouncer p99 ms | pgkeel p99 ms "
-      "| pgkeel/PgBouncer tps | per round | 95 % CI | CPU us/txn PgBouncer / pgkeel | waiting for a CPU % |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+      "| pgkeel/PgBouncer tps | per round | 95 % CI | CPU us/txn PgBouncer / pgkeel | of which user space "
+      "| waiting for a CPU % |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 seen = []
 for r in rows:
     if (r[0], r[1]) not in seen:
@@ -469,9 +480,10 @@ for mode, clients in seen:
 
     c = [avg(cpu, t, ".1f") for t in ("pgbouncer", "pgkeel")]
     waits = [avg(wait, t, ".0f") for t in ("pgbouncer", "pgkeel")]
+    users = [avg(user, t, ".1f") for t in ("pgbouncer", "pgkeel")]
     print(f"| {mode} | {clients} | {show(d)} | {show(b)} | {show(k)} | {p99(mode, clients, 'direct')} "
           f"| {p99(mode, clients, 'pgbouncer')} | {p99(mode, clients, 'pgkeel')} | {ratio} | {rounds} | {interval(paired)} "
-          f"| {c[0]} / {c[1]} | {waits[0]} / {waits[1]} |")
+          f"| {c[0]} / {c[1]} | {users[0]} / {users[1]} | {waits[0]} / {waits[1]} |")
 EOF
 if [ "$IDLE" -gt 0 ]; then
     python3 - "$IDLE" "${RSS_BEFORE[pgbouncer]}" "${RSS_WITH[pgbouncer]}" "${RSS_BEFORE[pgkeel]}" "${RSS_WITH[pgkeel]}" <<'EOF'
