@@ -712,8 +712,8 @@ impl Inner {
     }
 
     /// `watch` with inotify, in the caller's runtime: each new version wakes it through the
-    /// runtime's own event loop, and an idle watch does not wake at all (but every
-    /// [`WATCH_NOTIFIED_RECHECK`]). No thread of its own: a thread that wakes up on a busy
+    /// runtime's own event loop, and an idle watch wakes only every [`WATCH_NOTIFIED_RECHECK`]
+    /// (a safety net) or at its deadline. No thread of its own: a thread that wakes up on a busy
     /// machine waits for a CPU, and while it waits it counts in its process's load on that
     /// CPU, which took ~15 % of the proxy's CPU weight (docs/benchmarks.md, "Proxy").
     async fn watch_notified(
