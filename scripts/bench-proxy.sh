@@ -11,7 +11,7 @@
 #      `-l` logs), failed transactions, the pooler's CPU time per transaction (and how much
 #      of it in user space, the rest being the kernel's sending and receiving) and the share
 #      of its runnable time it spent waiting for a CPU (/proc/PID/task/*/schedstat, and
-#      /proc/PID/stat's utime and stime for the split, sampled at the clock tick).
+#      /proc/PID/stat's utime for the split, sampled at the clock tick).
 # The three targets run one after the other for each (mode, clients), in several rounds
 # whose order alternates, so load changes on the machine hit them alike; a single run on a
 # busy 2-core machine varies by +-15 %. The table gives each target's mean tps over the

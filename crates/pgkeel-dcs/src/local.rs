@@ -364,22 +364,18 @@ impl Inner {
         ))
     }
 
-    /// Every generation in the directory, in no particular order.
-    fn generations(&self) -> DcsResult<Vec<u64>> {
-        use std::os::unix::ffi::OsStrExt;
-        let entries = std::fs::read_dir(&self.dir).map_err(|e| io_error("list", &self.dir, e))?;
-        let mut found = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| io_error("list", &self.dir, e))?;
-            found.extend(parse_version(entry.file_name().as_bytes()));
-        }
-        Ok(found)
-    }
-
     /// The newest and the oldest generation in the directory, if any.
     fn listing(&self) -> DcsResult<Option<(u64, u64)>> {
-        let found = self.generations()?;
-        Ok(found.iter().max().zip(found.iter().min()).map(|(&newest, &oldest)| (newest, oldest)))
+        use std::os::unix::ffi::OsStrExt;
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| io_error("list", &self.dir, e))?;
+        let mut found: Option<(u64, u64)> = None;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error("list", &self.dir, e))?;
+            if let Some(g) = parse_version(entry.file_name().as_bytes()) {
+                found = Some(found.map_or((g, g), |(newest, oldest)| (newest.max(g), oldest.min(g))));
+            }
+        }
+        Ok(found)
     }
 
     /// The newest generation in the directory, if any.
@@ -594,10 +590,10 @@ impl Inner {
     fn initialise(&self) -> DcsResult<()> {
         let legacy = self.dir.join(LEGACY_FILE);
         for _ in 0..3 {
-            if let Some(newest) = self.newest()? {
+            if let Some((newest, oldest)) = self.listing()? {
                 // Validates the newest version and that it was created on this machine.
                 let (data, newest) = self.read_listed(newest)?;
-                self.sweep(newest, &data);
+                self.sweep(newest, oldest, &data);
                 return Ok(());
             }
             let tmp = match self.read_file(&legacy)? {
@@ -627,10 +623,10 @@ impl Inner {
         Err(self.missing())
     }
 
-    /// Remove what is no longer needed: old versions (by the same rule as writes, `newest`
-    /// holding `data`), temporary files abandoned by crashed writers and the earlier layout's
-    /// files. Errors are ignored: leftovers only take space.
-    fn sweep(&self, newest: u64, data: &Data) {
+    /// Remove what is no longer needed: old versions from `oldest` on (by the same rule as
+    /// writes, `newest` holding `data`), temporary files abandoned by crashed writers and the
+    /// earlier layout's files. Errors are ignored: leftovers only take space.
+    fn sweep(&self, newest: u64, oldest: u64, data: &Data) {
         let legacy = self.dir.join(LEGACY_FILE);
         if let (Ok(a), Ok(b)) = (std::fs::metadata(&legacy), std::fs::metadata(self.version_path(1))) {
             // Adopted as generation 1 (the same file): remove it, so an older pgkeel fails.
@@ -642,9 +638,7 @@ impl Inner {
             let _ = std::fs::remove_file(self.dir.join(LEGACY_LOCK));
             let _ = std::fs::remove_file(self.dir.join(format!("{LEGACY_FILE}.tmp")));
         }
-        if let Some(oldest) = self.generations().ok().and_then(|found| found.into_iter().min()) {
-            self.remove_old(oldest, newest, data);
-        }
+        self.remove_old(oldest, newest, data);
         if let Ok(entries) = std::fs::read_dir(&self.tmp_dir) {
             for entry in entries.flatten() {
                 let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|m| m.elapsed().ok());
