@@ -2175,14 +2175,18 @@ impl Session {
                 }
                 Step::Reroute => Box::pin(self.release()).await,
                 Step::Dispatch(class) => {
-                    // Copied to the server from where it was read: the buffer is lent out
-                    // for the call (taking it leaves an unallocated one in its place).
-                    let rbuf = std::mem::take(&mut self.rbuf);
-                    if let Some(f) = Msg::first(rbuf.get(..self.held).unwrap_or_default()) {
-                        self.dispatch(f, class);
+                    if let Some(n) = self.plain_unit_len() {
+                        self.dispatch_unit(n, class);
+                    } else {
+                        // Copied to the server from where it was read: the buffer is lent
+                        // out for the call (taking it leaves an unallocated one in its place).
+                        let rbuf = std::mem::take(&mut self.rbuf);
+                        if let Some(f) = Msg::first(rbuf.get(..self.held).unwrap_or_default()) {
+                            self.dispatch(f, class);
+                        }
+                        self.rbuf = rbuf;
+                        self.pop_held();
                     }
-                    self.rbuf = rbuf;
-                    self.pop_held();
                     front_checked = false;
                 }
             }
@@ -2217,6 +2221,86 @@ impl Session {
             }
         }
         Step::Dispatch(class)
+    }
+
+    /// The length of the extended-protocol unit at the front of `held` when it can go to the
+    /// attached server as it is, in one piece: Parse, Bind, Describe and Execute messages
+    /// that name no statement the proxy translates, then their Sync, all held, with no batch
+    /// open before them. Everything the server answers to such a unit goes to the client and
+    /// ends with the Sync's ReadyForQuery (after an error too: the server skips to the Sync),
+    /// so one queue entry, the Sync's, tracks the whole unit. It is what drivers send for
+    /// each statement in the extended protocol (pgbench's `extended` mode, JDBC, psycopg,
+    /// tokio-postgres), and it costs one copy and one entry instead of one of each per
+    /// message.
+    fn plain_unit_len(&self) -> Option<usize> {
+        let att = self.attached.as_ref()?;
+        if att.open_batch {
+            return None;
+        }
+        let translate = self.translating();
+        let held = self.rbuf.get(..self.held)?;
+        let mut at = 0;
+        while let Some(f) = held.get(at..).and_then(Msg::first) {
+            let body = f.body_slice();
+            let plain = match f.tag() {
+                b'P' => parse_name(f).is_some_and(|n| n.is_empty() || !translate),
+                b'B' => prepared::bind_statement(body).is_some_and(|n| n.is_empty() || !translate),
+                b'D' => prepared::target_and_name(body).is_some_and(|(t, n)| t == b'P' || n.is_empty() || !translate),
+                b'E' => true,
+                b'S' => {
+                    let n = at + f.len();
+                    return (at > 0 && att.out.len() + n <= HIGH_WATER).then_some(n);
+                }
+                _ => false,
+            };
+            if !plain {
+                return None;
+            }
+            at += f.len();
+        }
+        None
+    }
+
+    /// Sends the unit of the first `n` held bytes (see [`Session::plain_unit_len`]) with the
+    /// bookkeeping [`Session::dispatch`] does for each of its messages; `class` is its first
+    /// message's.
+    fn dispatch_unit(&mut self, n: usize, class: Option<Class>) {
+        let splitting = self.splitting();
+        let mut unnamed = self.unnamed_class;
+        let mut write = class == Some(Class::Write);
+        let mut executes = 0;
+        let mut rest = self.rbuf.get(..n).unwrap_or_default();
+        let mut first = true;
+        while let Some(f) = Msg::first(rest) {
+            rest = &rest[f.len()..];
+            let class = if std::mem::take(&mut first) {
+                class
+            } else if splitting {
+                self.frame_class(f, unnamed)
+            } else {
+                None
+            };
+            match (f.tag(), class) {
+                (b'P', Some(c)) if parse_name(f).is_some_and(<[u8]>::is_empty) => unnamed = c,
+                (b'E', _) => executes += 1,
+                _ => {}
+            }
+            write |= class == Some(Class::Write);
+        }
+        let Session { attached, rbuf, held, unnamed_class, skip_to_sync, .. } = self;
+        let Some(att) = attached.as_mut() else { return };
+        if write && att.conn.role == ServerRole::Primary {
+            att.wrote = true;
+        }
+        if executes > 0 {
+            att.slot.pool().stats.queries.fetch_add(executes, Ordering::Relaxed);
+        }
+        att.out.extend_from_slice(&rbuf[..n]);
+        att.push(Expect::Client(Kind::Sync), Undo::None);
+        *unnamed_class = unnamed;
+        *skip_to_sync = false;
+        rbuf.advance(n);
+        *held -= n;
     }
 
     /// Sends one client frame to the attached server, translating prepared statement names

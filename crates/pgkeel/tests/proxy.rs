@@ -690,6 +690,35 @@ async fn proxy_prepared_statements_in_transaction_mode() {
     // The proxy still answers plain queries.
     r.send(&[query("select 5")]).await;
     assert_eq!(r.answers(1).await, "T D5 C ZI");
+    // Unnamed statements, as pgbench's `extended` mode and most drivers send them: each unit
+    // whole, several in one write, an error in one, a Describe of the portal, a unit mixing
+    // in a named statement, and a unit whose Sync comes in a later write.
+    let unnamed = |sql: &str, param: &str| [parse("", sql), bind("", &[param]), execute(), FrontendMessage::Sync];
+    r.send(&unnamed("select $1::int + 1", "1")).await;
+    assert_eq!(r.answers(1).await, "1 2 D2 C ZI");
+    let mut batch = unnamed("select $1::int * 10", "2").to_vec();
+    batch.extend(unnamed("select 1 / $1::int", "0"));
+    batch.extend(unnamed("select $1::text", "after"));
+    r.send(&batch).await;
+    // (The division by a constant zero fails at Bind, where the statement is planned.)
+    assert_eq!(r.answers(3).await, "1 2 D20 C ZI 1 E22012 ZI 1 2 Dafter C ZI");
+    // An answer in many reads (postgres flushes every 8 kB): the unit ends with its Sync's
+    // ReadyForQuery, not before.
+    r.send(&unnamed("select repeat('x', $1::int)", "300000")).await;
+    assert_eq!(r.answers(1).await, format!("1 2 D{} C ZI", "x".repeat(300_000)));
+    let portal = FrontendMessage::Describe { target: Target::Portal, name: Text::lossy("") };
+    r.send(&[parse("", "select 7 as seven"), bind("", &[]), portal, execute(), FrontendMessage::Sync]).await;
+    assert_eq!(r.answers(1).await, "1 2 T D7 C ZI");
+    r.send(&[parse("", "select 8"), bind("", &[]), execute(), bind("s3", &[]), execute(), FrontendMessage::Sync]).await;
+    assert_eq!(r.answers(1).await, "1 2 D8 C 2 D3 C ZI");
+    r.send(&[parse("", "select 9"), bind("", &[]), execute()]).await;
+    r.send(&[FrontendMessage::Sync]).await;
+    assert_eq!(r.answers(1).await, "1 2 D9 C ZI");
+    let fails = parse("", "select 1 / (random() * 0)::int");
+    r.send(&[query("begin"), fails, bind("", &[]), execute(), FrontendMessage::Sync]).await;
+    assert_eq!(r.answers(2).await, "C ZT 1 2 E22012 ZE");
+    r.send(&[query("rollback")]).await;
+    assert_eq!(r.answers(1).await, "C ZI");
 
     // pgbench in prepared mode through the small pool (statements evicted and prepared again)
     // and through a proxy with the default limits.
@@ -778,6 +807,19 @@ async fn proxy_splits_reads_and_writes() {
         let n: i64 = c2.query_one("select nextval('s')", &[]).await.unwrap().get(0);
         assert!(n > 0);
     }
+    // Unnamed statements in whole units (pgbench's `extended` mode, most drivers): the same
+    // routing. A client that only reads, and one that writes.
+    let unit = |sql: &str| [parse("", sql), bind("", &[]), execute(), FrontendMessage::Sync];
+    let mut reader = Raw::connect(&p).await;
+    reader.send(&unit("select pg_is_in_recovery()")).await;
+    assert_eq!(reader.answers(1).await, "1 2 Dt C ZI", "an unnamed read on a replica");
+    let mut raw_writer = Raw::connect(&p).await;
+    raw_writer.send(&unit("select pg_is_in_recovery() from (select nextval('s')) n")).await;
+    assert_eq!(raw_writer.answers(1).await, "1 2 Df C ZI", "an unnamed nextval on the primary");
+    let mut two = unit("select pg_is_in_recovery()").to_vec();
+    two.extend(unit("select pg_is_in_recovery(), app_bump()"));
+    reader.send(&two).await;
+    assert_eq!(reader.answers(2).await, "1 2 Dt C ZI 1 2 Df C ZI", "a read and a write in one write");
     // SET pgkeel.route, answered by the proxy.
     client.simple_query("set pgkeel.route = primary").await.unwrap();
     assert_eq!(in_recovery("show pgkeel.route").await, "primary");
