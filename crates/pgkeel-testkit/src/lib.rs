@@ -16,6 +16,7 @@ use pgkeel_agent::http::{request, Auth, Response};
 use serde_json::Value;
 
 pub mod netns;
+mod reaper;
 
 /// Poll `f` every 100 ms until it returns `Some`, or panic after `timeout` naming `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
@@ -47,6 +48,32 @@ fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.lines().next()?.trim().parse().ok()
 }
 
+/// SIGKILLs the processes of the cluster in `dir` that are still alive, from their pid files:
+/// each node's agent, postmaster and guard, and the proxy `pgkeel up` started.
+fn kill_cluster_processes(dir: &Path) {
+    let mut pids = Vec::new();
+    for node in std::fs::read_dir(dir.join("nodes")).into_iter().flatten().flatten() {
+        let n = node.path();
+        pids.extend(read_pid(&n.join("agent.pid")));
+        pids.extend(pgkeel_pg::process::postmaster_pid(&n.join("data")));
+        pids.extend(read_pid(&n.join("guard.pid")));
+    }
+    pids.extend(read_pid(&dir.join("proxy.pid")));
+    for p in pids.into_iter().filter(|p| *p > 1 && alive(*p)) {
+        signal(p, libc::SIGKILL);
+    }
+}
+
+/// What to do for a cluster in `dir` when the test process is ended by a signal (see
+/// [`reaper`]): kill its processes and remove the directory.
+fn reap_cluster(dir: &Path) -> reaper::Registration {
+    let dir = dir.to_path_buf();
+    reaper::register(move || {
+        kill_cluster_processes(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+}
+
 /// A cluster started with `pgkeel up --detach`.
 pub struct Cluster {
     dir: tempfile::TempDir,
@@ -62,6 +89,8 @@ pub struct Cluster {
     netns: std::collections::HashMap<String, String>,
     /// The last `/cluster` answer seen, printed last when a test fails.
     last_seen: std::sync::Mutex<Option<(Instant, String)>>,
+    /// Kills the processes if the test process is ended by a signal (no `Drop` then).
+    _reaper: reaper::Registration,
 }
 
 impl Cluster {
@@ -86,6 +115,7 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("pgkeel-test-").tempdir().expect("create a temp dir");
         // postgres runs as the `postgres` OS user when tests run as root: it must enter the dir.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod the temp dir");
+        let reaper = reap_cluster(dir.path());
         let mut c = Cluster {
             dir,
             bin: bin.to_path_buf(),
@@ -95,6 +125,7 @@ impl Cluster {
             etcd: None,
             netns: Default::default(),
             last_seen: Default::default(),
+            _reaper: reaper,
         };
         let mut args = vec!["up", "--detach", "--dir"];
         let dir = c.dir_str();
@@ -126,6 +157,7 @@ impl Cluster {
             .stderr(out)
             .spawn()
             .expect("start pgkeel up");
+        let reaper = reap_cluster(dir.path());
         let mut c = Cluster {
             dir,
             bin: bin.to_path_buf(),
@@ -135,6 +167,7 @@ impl Cluster {
             etcd: None,
             netns: Default::default(),
             last_seen: Default::default(),
+            _reaper: reaper,
         };
         let path = c.dir().join("up.json");
         c.info = wait_for("up.json", Duration::from_secs(30), || {
@@ -173,6 +206,7 @@ impl Cluster {
         info: Value,
         netns: std::collections::HashMap<String, String>,
     ) -> Cluster {
+        let reaper = reap_cluster(dir.path());
         Cluster {
             dir,
             bin: bin.to_path_buf(),
@@ -182,6 +216,7 @@ impl Cluster {
             etcd: None,
             netns,
             last_seen: Default::default(),
+            _reaper: reaper,
         }
     }
 
@@ -502,17 +537,7 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for n in self.nodes() {
-            if let Some(p) = self.agent_pid(&n) {
-                signal(p, libc::SIGKILL);
-            }
-            if let Some(p) = self.postmaster_pid(&n) {
-                signal(p, libc::SIGKILL);
-            }
-            if let Some(p) = read_pid(&self.dir().join("nodes").join(&n).join("guard.pid")).filter(|p| alive(*p)) {
-                signal(p, libc::SIGKILL);
-            }
-        }
+        kill_cluster_processes(self.dir());
     }
 }
 

@@ -55,6 +55,8 @@ pub struct Net {
     bridge: String,
     /// The hosts, in creation order.
     pub hosts: Vec<Host>,
+    /// Removes the network if the test process is ended by a signal (no `Drop` then).
+    _reaper: crate::reaper::Registration,
 }
 
 impl Net {
@@ -75,15 +77,22 @@ impl Net {
             }
         }
         let subnet = claimed.ok_or("every subnet 10.251.1-250.0/24 is in use (bridges pkb1..pkb250)")?;
-        let mut net = Net { bridge: format!("pkb{subnet}"), hosts: Vec::new() };
-        ip(&["addr", "add", &format!("10.251.{subnet}.1/24"), "dev", &net.bridge])?;
-        ip(&["link", "set", &net.bridge, "up"])?;
-        for i in 0..n {
-            let host = Host {
+        let bridge = format!("pkb{subnet}");
+        let planned: Vec<Host> = (0..n)
+            .map(|i| Host {
                 ns: format!("pk{subnet}n{i}"),
                 addr: format!("10.251.{subnet}.{}", 10 + i),
                 veth: format!("pk{subnet}v{i}"),
-            };
+            })
+            .collect();
+        let _reaper = crate::reaper::register({
+            let (bridge, hosts) = (bridge.clone(), planned.clone());
+            move || remove_net(&bridge, &hosts)
+        });
+        let mut net = Net { bridge, hosts: Vec::new(), _reaper };
+        ip(&["addr", "add", &format!("10.251.{subnet}.1/24"), "dev", &net.bridge])?;
+        ip(&["link", "set", &net.bridge, "up"])?;
+        for (i, host) in planned.into_iter().enumerate() {
             let peer = format!("pk{subnet}p{i}");
             // Names under a bridge this network claimed can only be left over by a killed run.
             let _ = ip(&["netns", "del", &host.ns]);
@@ -136,12 +145,17 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        for h in &self.hosts {
-            let _ = ip(&["link", "del", &h.veth]);
-            let _ = ip(&["netns", "del", &h.ns]);
-        }
-        let _ = ip(&["link", "del", &self.bridge]);
+        remove_net(&self.bridge, &self.hosts);
     }
+}
+
+/// Deletes each host's veth and namespace, then the bridge (best effort: some may not exist).
+fn remove_net(bridge: &str, hosts: &[Host]) {
+    for h in hosts {
+        let _ = ip(&["link", "del", &h.veth]);
+        let _ = ip(&["netns", "del", &h.ns]);
+    }
+    let _ = ip(&["link", "del", bridge]);
 }
 
 /// etcd members started in namespaces, killed on drop.

@@ -1,11 +1,14 @@
 //! Bad input gets clear errors (config files, CLI arguments, REST requests), and the health
-//! endpoints follow Patroni's status semantics.
+//! endpoints follow Patroni's status semantics. Also the test harness's own promise: a test
+//! ended by a signal (a timeout, Ctrl-C) leaves no cluster behind.
 
-use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use pgkeel_testkit::{wait_for, Cluster};
+use pgkeel_testkit::{alive, signal, wait_for, Cluster};
 use serde_json::json;
 
 fn bin() -> &'static Path {
@@ -321,4 +324,83 @@ async fn raw_http(addr: &str, req: &str) -> String {
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap_or(0);
     String::from_utf8_lossy(&buf[..n]).into()
+}
+
+/// Not a test by itself: brings a cluster up, prints its directory and waits to be ended
+/// (run by `a_test_ended_by_sigterm_leaves_no_cluster_behind`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a helper: run by a_test_ended_by_sigterm_leaves_no_cluster_behind"]
+async fn cluster_until_ended() {
+    let c = Cluster::up(bin(), 1).await;
+    c.leader().await.expect("a leader");
+    println!("cluster dir: {}", c.dir().display());
+    std::future::pending::<()>().await;
+}
+
+/// A test the runner ends with SIGTERM (nextest does at its timeout) never unwinds, so no
+/// `Drop` runs; `pgkeel up` detached the cluster's processes, which would outlive it. The
+/// testkit kills them and removes the directory on the signal.
+#[test]
+fn a_test_ended_by_sigterm_leaves_no_cluster_behind() {
+    let mut child = Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", "cluster_until_ended", "--ignored", "--nocapture", "--test-threads", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run the helper test");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let dir = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            // After libtest's "test cluster_until_ended ... " on the same line.
+            .find_map(|l| l.split_once("cluster dir: ").map(|(_, d)| PathBuf::from(d.trim())));
+        let _ = tx.send(dir);
+    });
+    let dir = match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(Some(dir)) => dir,
+        other => {
+            // SIGTERM: the helper's cluster goes with it (what this test checks).
+            signal(child.id() as i32, libc::SIGTERM);
+            let _ = child.wait();
+            panic!("the helper test printed no cluster directory within 120 s: {other:?}");
+        }
+    };
+    let pid_in = |p: PathBuf| -> i32 {
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+        text.lines().next().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("no pid in {}", p.display()))
+    };
+    let node = dir.join("nodes/n1");
+    let pids = [
+        ("agent", pid_in(node.join("agent.pid"))),
+        ("postmaster", pid_in(node.join("data/postmaster.pid"))),
+        ("guard", pid_in(node.join("guard.pid"))),
+        ("proxy", pid_in(dir.join("proxy.pid"))),
+    ];
+    for (what, pid) in pids {
+        assert!(alive(pid), "the {what} ({pid}) runs before the signal");
+    }
+    signal(child.id() as i32, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the helper test") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the helper test did not end within 30 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "the helper ends as SIGTERM ends a process: {status:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|(_, p)| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (what, pid) in pids {
+        assert!(!alive(pid), "the {what} ({pid}) outlived the test ended by SIGTERM");
+    }
+    assert!(!dir.exists(), "{} was not removed", dir.display());
 }
