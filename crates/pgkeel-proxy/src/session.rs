@@ -2228,10 +2228,10 @@ impl Session {
     /// that name no statement the proxy translates, then their Sync, all held, with no batch
     /// open before them. Everything the server answers to such a unit goes to the client and
     /// ends with the Sync's ReadyForQuery (after an error too: the server skips to the Sync),
-    /// so one queue entry, the Sync's, tracks the whole unit. It is what drivers send for
-    /// each statement in the extended protocol (pgbench's `extended` mode, JDBC, psycopg,
-    /// tokio-postgres), and it costs one copy and one entry instead of one of each per
-    /// message.
+    /// so one queue entry, the Sync's, tracks the whole unit. It is what pgbench's `extended`
+    /// mode sends, and JDBC and psycopg for a statement not prepared yet (tokio-postgres
+    /// names its statements, which the proxy translates in transaction mode), and it costs
+    /// one copy and one entry instead of one of each per message.
     fn plain_unit_len(&self) -> Option<usize> {
         let att = self.attached.as_ref()?;
         if att.open_batch {

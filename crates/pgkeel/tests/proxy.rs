@@ -690,7 +690,7 @@ async fn proxy_prepared_statements_in_transaction_mode() {
     // The proxy still answers plain queries.
     r.send(&[query("select 5")]).await;
     assert_eq!(r.answers(1).await, "T D5 C ZI");
-    // Unnamed statements, as pgbench's `extended` mode and most drivers send them: each unit
+    // Unnamed statements, as pgbench's `extended` mode, JDBC and psycopg send them: each unit
     // whole, several in one write, an error in one, a Describe of the portal, a unit mixing
     // in a named statement, and a unit whose Sync comes in a later write.
     let unnamed = |sql: &str, param: &str| [parse("", sql), bind("", &[param]), execute(), FrontendMessage::Sync];
@@ -807,7 +807,7 @@ async fn proxy_splits_reads_and_writes() {
         let n: i64 = c2.query_one("select nextval('s')", &[]).await.unwrap().get(0);
         assert!(n > 0);
     }
-    // Unnamed statements in whole units (pgbench's `extended` mode, most drivers): the same
+    // Unnamed statements in whole units (pgbench's `extended` mode, JDBC, psycopg): the same
     // routing. A client that only reads, and one that writes.
     let unit = |sql: &str| [parse("", sql), bind("", &[]), execute(), FrontendMessage::Sync];
     let mut reader = Raw::connect(&p).await;
