@@ -45,6 +45,10 @@
 #                                         which of the three pgbench runs
 #   PGKEEL_BENCH_CONCURRENT=0             1: PgBouncer and pgkeel runs at the same time
 #   PGKEEL_BENCH_INSTRUCTIONS=0           1: also instructions per transaction (callgrind)
+#   PGKEEL_BENCH_SAME=                    pgbouncer or pgkeel: a second instance of that pooler
+#                                         takes the other's slot in the pgbench runs (the
+#                                         table's labels stay), to check that the harness
+#                                         favours neither slot; needs PGKEEL_BENCH_IDLE=0
 #   PGKEEL_BIN=path                       use this pgkeel binary instead of building the release one
 #   PGKEEL_BENCH_KEEP=1                   keep the work directory (logs, configs) afterwards
 #
@@ -64,6 +68,12 @@ CONCURRENT=${PGKEEL_BENCH_CONCURRENT:-0}
 case $CONCURRENT in 0 | 1) ;; *) echo "bench-proxy: PGKEEL_BENCH_CONCURRENT must be 0 or 1, not '$CONCURRENT'" >&2; exit 1 ;; esac
 INSTRUCTIONS=${PGKEEL_BENCH_INSTRUCTIONS:-0}
 case $INSTRUCTIONS in 0 | 1) ;; *) echo "bench-proxy: PGKEEL_BENCH_INSTRUCTIONS must be 0 or 1, not '$INSTRUCTIONS'" >&2; exit 1 ;; esac
+SAME=${PGKEEL_BENCH_SAME:-}
+case $SAME in "" | pgbouncer | pgkeel) ;; *) echo "bench-proxy: PGKEEL_BENCH_SAME must be pgbouncer or pgkeel, not '$SAME'" >&2; exit 1 ;; esac
+if [ -n "$SAME" ] && { [ "$IDLE" != 0 ] || [ "$INSTRUCTIONS" != 0 ]; }; then
+    echo "bench-proxy: PGKEEL_BENCH_SAME compares pgbench runs only: set PGKEEL_BENCH_IDLE=0 and PGKEEL_BENCH_INSTRUCTIONS=0" >&2
+    exit 1
+fi
 MAX_CLIENT_CONN=3000
 [ "$(id -u)" = 0 ] || { echo "bench-proxy: run as root (postgres and PgBouncer run as the postgres OS user)" >&2; exit 1; }
 
@@ -93,6 +103,7 @@ fi
 W=$(mktemp -d /var/tmp/pgkeel-bench-proxy.XXXXXX)
 chmod 755 "$W"
 PROXY_PID=
+SECOND_PID= # PGKEEL_BENCH_SAME=pgkeel's second proxy
 CALLGRIND_PID=
 cleanup() {
     set +e
@@ -102,9 +113,10 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$PROXY_PID" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$PROXY_PID" 2>/dev/null
     fi
-    if [ -f "$W/pgbouncer/pgbouncer.pid" ]; then
-        kill "$(cat "$W/pgbouncer/pgbouncer.pid")" 2>/dev/null
-    fi
+    [ -n "$SECOND_PID" ] && kill "$SECOND_PID" 2>/dev/null
+    for f in "$W/pgbouncer/pgbouncer.pid" "$W/pgbouncer2/pgbouncer.pid"; do
+        [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null
+    done
     [ -d "$W/cluster" ] && "$PGKEEL" down --dir "$W/cluster" >/dev/null 2>&1
     if [ "${PGKEEL_BENCH_KEEP:-0}" = 1 ]; then
         echo "bench-proxy: kept $W"
@@ -221,6 +233,32 @@ EOF
 setsid "$PGKEEL" --log-level warn proxy --config "$W/proxy.toml" >"$W/proxy.log" 2>&1 &
 PROXY_PID=$!
 wait_port "$KPORT" "pgkeel proxy"
+# The pooler each pgbench run measures: PgBouncer's slot and pgkeel's.
+BOUNCER_SLOT_PID=$BOUNCER_PID KEEL_SLOT_PID=$PROXY_PID
+case $SAME in
+pgbouncer)
+    B2=$W/pgbouncer2
+    mkdir -p "$B2"
+    cp "$B/userlist.txt" "$B2/userlist.txt"
+    KPORT=$(free_port)
+    sed -e "s/^listen_port = .*/listen_port = $KPORT/" -e "s|^logfile = .*|logfile = $B2/pgbouncer.log|" \
+        -e "s|^pidfile = .*|pidfile = $B2/pgbouncer.pid|" -e "s|^auth_file = .*|auth_file = $B2/userlist.txt|" \
+        "$B/pgbouncer.ini" >"$B2/pgbouncer.ini"
+    chown -R postgres: "$B2"
+    pgbouncer -u postgres -d "$B2/pgbouncer.ini"
+    wait_port "$KPORT" "the second PgBouncer" || { tail -5 "$B2/pgbouncer.log" >&2; exit 1; }
+    KEEL_SLOT_PID=$(cat "$B2/pgbouncer.pid")
+    ;;
+pgkeel)
+    BPORT=$(free_port)
+    sed "s/^listen = .*/listen = \"127.0.0.1:$BPORT\"/" "$W/proxy.toml" >"$W/proxy-second.toml"
+    setsid "$PGKEEL" --log-level warn proxy --config "$W/proxy-second.toml" >"$W/proxy-second.log" 2>&1 &
+    SECOND_PID=$!
+    wait_port "$BPORT" "the second pgkeel proxy"
+    BOUNCER_SLOT_PID=$SECOND_PID
+    ;;
+esac
+[ -n "$SAME" ] && echo "== PGKEEL_BENCH_SAME=$SAME: both slots run $SAME (PgBouncer's slot on port $BPORT, pgkeel's on $KPORT)"
 for port in "$BPORT" "$KPORT"; do
     PGPASSWORD=$PW psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atc 'select 1' >/dev/null
 done
@@ -322,7 +360,7 @@ run_pgbench() {
     local target=$1 port=$2 mode=$3 clients=$4 round=$5 pid=
     local dir=$W/runs/$target-$mode-$clients/$round
     mkdir -p "$dir"
-    case $target in pgbouncer) pid=$BOUNCER_PID ;; pgkeel) pid=$PROXY_PID ;; esac
+    case $target in pgbouncer) pid=$BOUNCER_SLOT_PID ;; pgkeel) pid=$KEEL_SLOT_PID ;; esac
     local s0="- - -" s1="- - -"
     case " $TARGETS " in *" $target "*) ;; *) return 0 ;; esac
     [ -n "$pid" ] && s0=$(cpu_sched "$pid")
