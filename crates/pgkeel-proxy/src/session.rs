@@ -2175,8 +2175,8 @@ impl Session {
                 }
                 Step::Reroute => Box::pin(self.release()).await,
                 Step::Dispatch(class) => {
-                    if let Some(n) = self.plain_unit_len() {
-                        self.dispatch_unit(n, class);
+                    if let Some((n, executes)) = self.plain_unit() {
+                        self.dispatch_unit(n, executes, class);
                     } else {
                         // Copied to the server from where it was read: the buffer is lent
                         // out for the call (taking it leaves an unallocated one in its place).
@@ -2223,7 +2223,8 @@ impl Session {
         Step::Dispatch(class)
     }
 
-    /// The length of the extended-protocol unit at the front of `held` when it can go to the
+    /// The length and the Execute count of the extended-protocol unit at the front of `held`
+    /// when it can go to the
     /// attached server as it is, in one piece: Parse, Bind, Describe and Execute messages
     /// that name no statement the proxy translates, then their Sync, all held, with no batch
     /// open before them. Everything the server answers to such a unit goes to the client and
@@ -2232,24 +2233,27 @@ impl Session {
     /// mode sends, and JDBC and psycopg for a statement not prepared yet (tokio-postgres
     /// names its statements, which the proxy translates in transaction mode), and it costs
     /// one copy and one entry instead of one of each per message.
-    fn plain_unit_len(&self) -> Option<usize> {
+    fn plain_unit(&self) -> Option<(usize, u64)> {
         let att = self.attached.as_ref()?;
         if att.open_batch {
             return None;
         }
         let translate = self.translating();
         let held = self.rbuf.get(..self.held)?;
-        let mut at = 0;
+        let (mut at, mut executes) = (0, 0);
         while let Some(f) = held.get(at..).and_then(Msg::first) {
             let body = f.body_slice();
             let plain = match f.tag() {
                 b'P' => parse_name(f).is_some_and(|n| n.is_empty() || !translate),
                 b'B' => prepared::bind_statement(body).is_some_and(|n| n.is_empty() || !translate),
                 b'D' => prepared::target_and_name(body).is_some_and(|(t, n)| t == b'P' || n.is_empty() || !translate),
-                b'E' => true,
+                b'E' => {
+                    executes += 1;
+                    true
+                }
                 b'S' => {
                     let n = at + f.len();
-                    return (at > 0 && att.out.len() + n <= HIGH_WATER).then_some(n);
+                    return (at > 0 && att.out.len() + n <= HIGH_WATER).then_some((n, executes));
                 }
                 _ => false,
             };
@@ -2261,31 +2265,26 @@ impl Session {
         None
     }
 
-    /// Sends the unit of the first `n` held bytes (see [`Session::plain_unit_len`]) with the
-    /// bookkeeping [`Session::dispatch`] does for each of its messages; `class` is its first
-    /// message's.
-    fn dispatch_unit(&mut self, n: usize, class: Option<Class>) {
-        let splitting = self.splitting();
+    /// Sends the unit of the first `n` held bytes, with `executes` Execute messages (see
+    /// [`Session::plain_unit`]), with the bookkeeping [`Session::dispatch`] does for each of
+    /// its messages; `class` is its first message's.
+    fn dispatch_unit(&mut self, n: usize, executes: u64, class: Option<Class>) {
         let mut unnamed = self.unnamed_class;
         let mut write = class == Some(Class::Write);
-        let mut executes = 0;
-        let mut rest = self.rbuf.get(..n).unwrap_or_default();
-        let mut first = true;
-        while let Some(f) = Msg::first(rest) {
-            rest = &rest[f.len()..];
-            let class = if std::mem::take(&mut first) {
-                class
-            } else if splitting {
-                self.frame_class(f, unnamed)
-            } else {
-                None
-            };
-            match (f.tag(), class) {
-                (b'P', Some(c)) if parse_name(f).is_some_and(<[u8]>::is_empty) => unnamed = c,
-                (b'E', _) => executes += 1,
-                _ => {}
+        // Messages have classes only when splitting (`step`): then, as each one's would be.
+        if self.splitting() {
+            let mut rest = self.rbuf.get(..n).unwrap_or_default();
+            let mut first = true;
+            while let Some(f) = Msg::first(rest) {
+                rest = &rest[f.len()..];
+                let class = if std::mem::take(&mut first) { class } else { self.frame_class(f, unnamed) };
+                if let (b'P', Some(c)) = (f.tag(), class) {
+                    if parse_name(f).is_some_and(<[u8]>::is_empty) {
+                        unnamed = c;
+                    }
+                }
+                write |= class == Some(Class::Write);
             }
-            write |= class == Some(Class::Write);
         }
         let Session { attached, rbuf, held, unnamed_class, skip_to_sync, .. } = self;
         let Some(att) = attached.as_mut() else { return };
