@@ -28,6 +28,13 @@
 # first client count, every mode): a figure that does not depend on the machine's load, to
 # tell a change in the proxy's own cost from noise. The kernel's share (sending and
 # receiving, about 80 % of either pooler's CPU time here) is not in it.
+# With PGKEEL_BENCH_CACHE=1 (and PGKEEL_BENCH_INSTRUCTIONS=1), callgrind also simulates small
+# caches (32 KiB instruction and last-level, 8 KiB data) and prints each pooler's misses per
+# transaction: roughly the code and data lines a transaction touches that do not stay cached
+# across the other clients' turns, the cost that instruction counts miss on a machine whose
+# caches postgres and the clients keep taking (docs/benchmarks.md). Cache simulation slows the
+# pooler some 50-fold, so the window starts later and lasts longer (about 2.5 min per pooler
+# and mode).
 #
 #   scripts/bench-proxy.sh
 #
@@ -45,6 +52,7 @@
 #                                         which of the three pgbench runs
 #   PGKEEL_BENCH_CONCURRENT=0             1: PgBouncer and pgkeel runs at the same time
 #   PGKEEL_BENCH_INSTRUCTIONS=0           1: also instructions per transaction (callgrind)
+#   PGKEEL_BENCH_CACHE=0                  1: with INSTRUCTIONS=1, also simulated cache misses
 #   PGKEEL_BENCH_SAME=                    pgbouncer or pgkeel: a second instance of that pooler
 #                                         takes the other's slot in the pgbench runs (the
 #                                         table's labels stay), to check that the harness
@@ -68,6 +76,12 @@ CONCURRENT=${PGKEEL_BENCH_CONCURRENT:-0}
 case $CONCURRENT in 0 | 1) ;; *) echo "bench-proxy: PGKEEL_BENCH_CONCURRENT must be 0 or 1, not '$CONCURRENT'" >&2; exit 1 ;; esac
 INSTRUCTIONS=${PGKEEL_BENCH_INSTRUCTIONS:-0}
 case $INSTRUCTIONS in 0 | 1) ;; *) echo "bench-proxy: PGKEEL_BENCH_INSTRUCTIONS must be 0 or 1, not '$INSTRUCTIONS'" >&2; exit 1 ;; esac
+CACHE=${PGKEEL_BENCH_CACHE:-0}
+case $CACHE in 0 | 1) ;; *) echo "bench-proxy: PGKEEL_BENCH_CACHE must be 0 or 1, not '$CACHE'" >&2; exit 1 ;; esac
+if [ "$CACHE" = 1 ] && [ "$INSTRUCTIONS" != 1 ]; then
+    echo "bench-proxy: PGKEEL_BENCH_CACHE=1 simulates caches under callgrind: set PGKEEL_BENCH_INSTRUCTIONS=1 too" >&2
+    exit 1
+fi
 SAME=${PGKEEL_BENCH_SAME:-}
 case $SAME in "" | pgbouncer | pgkeel) ;; *) echo "bench-proxy: PGKEEL_BENCH_SAME must be pgbouncer or pgkeel, not '$SAME'" >&2; exit 1 ;; esac
 if [ -n "$SAME" ] && { [ "$IDLE" != 0 ] || [ "$INSTRUCTIONS" != 0 ]; }; then
@@ -286,6 +300,12 @@ fi
 # divided by the transactions that completed in that window (from pgbench's -l log).
 instructions() {
     local target=$1 mode=$2 clients=$3 port dir ctl vg bench t0 t1
+    # Login under callgrind takes a while (SCRAM), ~50 times longer with cache simulation.
+    local vgopts=(--tool=callgrind --compress-strings=no) warmup=12 window=20 length=40
+    if [ "$CACHE" = 1 ]; then
+        vgopts+=(--cache-sim=yes --I1=32768,8,64 --D1=8192,2,64 --LL=32768,8,64)
+        warmup=70 window=50 length=150
+    fi
     dir=$W/instructions/$target-$mode-$clients
     mkdir -p "$dir"
     chmod 777 "$dir"
@@ -294,13 +314,14 @@ instructions() {
         sed -e "s/^listen_port = .*/listen_port = $port/" -e "s|^logfile = .*|logfile = $dir/pgbouncer.log|" \
             -e "s|^pidfile = .*|pidfile = $dir/pgbouncer.pid|" "$B/pgbouncer.ini" >"$dir/pgbouncer.ini"
         chown postgres: "$dir/pgbouncer.ini"
-        runuser -u postgres -- valgrind --tool=callgrind --compress-strings=no \
+        runuser -u postgres -- valgrind "${vgopts[@]}" \
             --callgrind-out-file="$dir/callgrind.out" pgbouncer "$dir/pgbouncer.ini" >"$dir/valgrind.log" 2>&1 &
         ctl="runuser -u postgres -- callgrind_control"
     else
-        # In $W, as the userlist path is relative to the configuration file.
-        sed "s/^listen = .*/listen = \"127.0.0.1:$port\"/" "$W/proxy.toml" >"$W/proxy-$mode.toml"
-        valgrind --tool=callgrind --compress-strings=no --callgrind-out-file="$dir/callgrind.out" \
+        # In $W, as the userlist path is relative to the configuration file. Under callgrind
+        # a server login (SCRAM) among 32 busy clients can take longer than the default 5 s.
+        sed "s/^listen = .*/listen = \"127.0.0.1:$port\"\nserver_connect_timeout = \"120s\"\nfailover_hold_timeout = \"120s\"/" "$W/proxy.toml" >"$W/proxy-$mode.toml"
+        valgrind "${vgopts[@]}" --callgrind-out-file="$dir/callgrind.out" \
             "$PGKEEL" --log-level warn proxy --config "$W/proxy-$mode.toml" >"$dir/valgrind.log" 2>&1 &
         ctl=callgrind_control
     fi
@@ -310,13 +331,13 @@ instructions() {
     vg=$(pgrep -f -- "--callgrind-out-file=$dir/callgrind.out" | while read -r p; do
         [ "$(readlink "/proc/$p/exe")" != "$(command -v runuser)" ] && echo "$p"; done | head -1)
     PGPASSWORD=$PW "$BIN/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -S -M "$mode" -c "$clients" -j "$JOBS" \
-        -T 40 -l --log-prefix="$dir/tx" postgres >"$dir/out" 2>&1 &
+        -T $length -l --log-prefix="$dir/tx" postgres >"$dir/out" 2>&1 &
     bench=$!
-    # Logging in under callgrind takes a while (SCRAM); the window starts after it.
-    sleep 12
+    # The window starts once the clients are logged in.
+    sleep $warmup
     t0=$(date +%s%6N)
     $ctl -z "$vg" >/dev/null 2>&1
-    sleep 20
+    sleep $window
     $ctl -d "$vg" >/dev/null 2>&1
     t1=$(date +%s%6N)
     wait $bench || { echo "bench-proxy: pgbench failed against $target under callgrind:" >&2; tail -5 "$dir/out" >&2; exit 1; }
@@ -332,18 +353,25 @@ for f in glob.glob(f"{d}/tx.*"):
         c = line.split()
         n += t0 <= int(c[4]) * 1_000_000 + int(c[5]) < t1
 try:
-    ir = next(int(line.split()[1]) for line in open(f"{d}/callgrind.out.1") if line.startswith("summary:"))
+    lines = open(f"{d}/callgrind.out.1").read().splitlines()
+    events = next(line.split()[1:] for line in lines if line.startswith("events:"))
+    counts = dict(zip(events, map(int, next(line.split()[1:] for line in lines if line.startswith("summary:")))))
 except (OSError, StopIteration) as e:
     sys.exit(f"bench-proxy: callgrind wrote no counts for {target} ({d}/callgrind.out.1: {e}); see {d}/valgrind.log")
 if n == 0:
     sys.exit(f"bench-proxy: no transaction completed through {target} under callgrind in the window")
-print(f"  {mode:9s} {clients:>4s} clients  {target:9s}  {ir / n:7.0f} instructions per transaction ({n} transactions)")
+print(f"  {mode:9s} {clients:>4s} clients  {target:9s}  {counts['Ir'] / n:7.0f} instructions per transaction ({n} transactions)")
+if "ILmr" in counts:
+    # Simulated caches (PGKEEL_BENCH_CACHE=1): misses per transaction.
+    per = {k: v / n for k, v in counts.items()}
+    print(f"  {mode:9s} {clients:>4s} clients  {target:9s}  {per['ILmr']:7.1f} code and {per['DLmr'] + per['DLmw']:.1f} data "
+          f"last-level misses per transaction (first level: {per['I1mr']:.1f} code, {per['D1mr'] + per['D1mw']:.1f} data)")
 EOF
 }
 
 if [ "$INSTRUCTIONS" = 1 ]; then
     first_clients=${CLIENTS%% *}
-    echo "== user-space instructions per transaction, pgbench -S, $first_clients clients, under callgrind"
+    echo "== user-space instructions per transaction, pgbench -S, $first_clients clients, under callgrind$([ "$CACHE" = 1 ] && echo " (simulated caches: 32 KiB code and last level, 8 KiB data)")"
     for mode in $MODES; do
         for target in pgbouncer pgkeel; do
             if [ "$target" = pgbouncer ] && [ "$mode" = prepared ] && [ $bouncer_prepared = 0 ]; then
