@@ -32,9 +32,9 @@
 # caches (32 KiB instruction and last-level, 8 KiB data) and prints each pooler's misses per
 # transaction: roughly the code and data lines a transaction touches that do not stay cached
 # across the other clients' turns, the cost that instruction counts miss on a machine whose
-# caches postgres and the clients keep taking (docs/benchmarks.md). Cache simulation slows the
-# pooler some 50-fold, so the window starts later and lasts longer (about 2.5 min per pooler
-# and mode).
+# caches postgres and the clients keep taking (docs/benchmarks.md). The logins (SCRAM) take
+# much longer with cache simulation, so the window starts later and lasts longer (about
+# 2.5 min per pooler and mode).
 #
 #   scripts/bench-proxy.sh
 #
@@ -300,7 +300,7 @@ fi
 # divided by the transactions that completed in that window (from pgbench's -l log).
 instructions() {
     local target=$1 mode=$2 clients=$3 port dir ctl vg bench t0 t1
-    # Login under callgrind takes a while (SCRAM), ~50 times longer with cache simulation.
+    # Logging in under callgrind takes a while (SCRAM), far longer with cache simulation.
     local vgopts=(--tool=callgrind --compress-strings=no) warmup=12 window=20 length=40
     if [ "$CACHE" = 1 ]; then
         vgopts+=(--cache-sim=yes --I1=32768,8,64 --D1=8192,2,64 --LL=32768,8,64)
