@@ -1154,6 +1154,11 @@ impl HaLoop {
         Instance::checkpoint_source(&src, LONG_OP).await?;
         self.inst.rewind(&src, LONG_OP).await?;
         tracing::warn!("rewound onto {leader}'s timeline");
+        // Without it, an idle leader can leave this member short of a consistent state (see
+        // `advance_source_wal`). The rewind itself worked: a failure here is only reported.
+        if let Err(e) = Instance::advance_source_wal(&src, LONG_OP).await {
+            tracing::warn!("could not write WAL on {leader} after pg_rewind ({e}); this member becomes consistent (and readable) with the leader's next write");
+        }
         Ok(())
     }
 

@@ -138,6 +138,22 @@ impl SourceConn {
     }
 }
 
+/// Runs `sql` (simple protocol, several statements allowed) on `source`, database
+/// `postgres`, within `timeout`; `what` names it in errors.
+async fn run_on_source(source: &SourceConn, sql: &str, what: &str, timeout: Duration) -> Result<(), PgError> {
+    let conninfo = format!("{} dbname=postgres", source.conninfo("pgkeel_rewind"));
+    let work = async {
+        let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| PgError::sql(format!("connecting to the new primary for {what}"), e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client.batch_execute(sql).await.map_err(|e| PgError::sql(what, e))
+    };
+    tokio::time::timeout(timeout, work).await.map_err(|_| PgError::Timeout { what: what.into(), after: timeout })?
+}
+
 impl Instance {
     /// Whether the data directory holds a cluster (`PG_VERSION` exists).
     pub fn is_initialized(&self) -> bool {
@@ -456,19 +472,20 @@ impl Instance {
     /// completes, and pg_rewind would then conclude "no rewind required" and leave the
     /// diverged WAL in place.
     pub async fn checkpoint_source(source: &SourceConn, timeout: Duration) -> Result<(), PgError> {
-        let conninfo = format!("{} dbname=postgres", source.conninfo("pgkeel_rewind"));
-        let work = async {
-            let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
-                .await
-                .map_err(|e| PgError::sql("connecting to the new primary for CHECKPOINT", e))?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            client.batch_execute("CHECKPOINT").await.map_err(|e| PgError::sql("CHECKPOINT on the new primary", e))
-        };
-        tokio::time::timeout(timeout, work)
-            .await
-            .map_err(|_| PgError::Timeout { what: "CHECKPOINT on the new primary".into(), after: timeout })?
+        run_on_source(source, "CHECKPOINT", "CHECKPOINT on the new primary", timeout).await
+    }
+
+    /// Writes a little WAL on `source` (any role that can log in will do), to run right after
+    /// `pg_rewind` from it. pg_rewind sets the rewound directory's minimum recovery point to
+    /// the source's WAL insert position, and when that position is at a page boundary it lies
+    /// past the page header, beyond everything the source has flushed. The standby then
+    /// cannot reach a consistent state (nor accept connections) until the source writes
+    /// again, which on an idle primary may be never. The write is the commit record of a
+    /// transaction that only took an xid: postgres commits it asynchronously (no wait for
+    /// synchronous standbys) and the WAL writer flushes it within `wal_writer_delay`.
+    pub async fn advance_source_wal(source: &SourceConn, timeout: Duration) -> Result<(), PgError> {
+        let sql = "SELECT txid_current()";
+        run_on_source(source, sql, "a WAL write on the new primary after pg_rewind", timeout).await
     }
 
     /// Rewinds this (stopped, cleanly shut down) data directory onto `source`'s timeline with

@@ -236,6 +236,23 @@ async fn replica_streams_then_promotes() {
     assert!(p.current_lsn.is_some());
     rc.execute("INSERT INTO t VALUES (43)", &[]).await.unwrap();
 
+    // After pg_rewind from it, the new primary writes WAL past the insert position pg_rewind
+    // read (the rewound standby's minimum recovery point), even when nothing else writes.
+    let insert: String = rc.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
+    let su = SourceConn { port: replica.port, ..other.clone() };
+    Instance::advance_source_wal(&su, T).await.unwrap();
+    let q = "SELECT pg_current_wal_insert_lsn() > $1::text::pg_lsn";
+    let inserted: bool = rc.query_one(q, &[&insert]).await.unwrap().get(0);
+    assert!(inserted, "a WAL record inserted after {insert}");
+    wait_for(&format!("WAL flushed past {insert}"), T, || async {
+        let q = "SELECT pg_current_wal_flush_lsn() > $1::text::pg_lsn";
+        rc.query_one(q, &[&insert]).await.ok()?.get::<_, bool>(0).then_some(())
+    })
+    .await;
+    let bad = SourceConn { password: Some("wrong".into()), ..su };
+    let e = Instance::advance_source_wal(&bad, T).await.unwrap_err().to_string();
+    assert!(e.contains("WAL write on the new primary after pg_rewind"), "{e}");
+
     let history = replica.read_timeline_history(2).expect("00000002.history");
     let entries = parse_history(&history);
     assert_eq!(entries.len(), 1);
