@@ -239,7 +239,7 @@ async fn replica_streams_then_promotes() {
     // After pg_rewind from it, the new primary writes WAL past the insert position pg_rewind
     // read (the rewound standby's minimum recovery point), even when nothing else writes.
     let insert: String = rc.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
-    let su = SourceConn { port: replica.port, ..other.clone() };
+    let su = SourceConn { port: replica.port, ..other };
     Instance::advance_source_wal(&su, T).await.unwrap();
     let q = "SELECT pg_current_wal_insert_lsn() > $1::text::pg_lsn";
     let inserted: bool = rc.query_one(q, &[&insert]).await.unwrap().get(0);

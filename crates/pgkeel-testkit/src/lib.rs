@@ -44,7 +44,8 @@ pub fn signal(pid: i32, sig: i32) {
     }
 }
 
-fn read_pid(path: &Path) -> Option<i32> {
+/// The pid on the first line of a pid file (`agent.pid`, `postmaster.pid`, ...).
+pub fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.lines().next()?.trim().parse().ok()
 }
 

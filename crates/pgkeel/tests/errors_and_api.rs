@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pgkeel_testkit::{alive, signal, wait_for, Cluster};
+use pgkeel_testkit::{alive, read_pid, signal, wait_for, Cluster};
 use serde_json::json;
 
 fn bin() -> &'static Path {
@@ -367,10 +367,7 @@ fn a_test_ended_by_sigterm_leaves_no_cluster_behind() {
             panic!("the helper test printed no cluster directory within 120 s: {other:?}");
         }
     };
-    let pid_in = |p: PathBuf| -> i32 {
-        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
-        text.lines().next().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("no pid in {}", p.display()))
-    };
+    let pid_in = |p: PathBuf| read_pid(&p).unwrap_or_else(|| panic!("no pid in {}", p.display()));
     let node = dir.join("nodes/n1");
     let pids = [
         ("agent", pid_in(node.join("agent.pid"))),
