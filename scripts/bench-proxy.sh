@@ -11,7 +11,8 @@
 #      `-l` logs), failed transactions, the pooler's CPU time per transaction (and how much
 #      of it in user space, the rest being the kernel's sending and receiving) and the share
 #      of its runnable time it spent waiting for a CPU (/proc/PID/task/*/schedstat, and
-#      /proc/PID/stat's utime for the split, sampled at the clock tick).
+#      /proc/PID/stat's utime for the split, sampled at the clock tick), these three over the
+#      run's steady part (after the logins) and the transactions that ended in it.
 # The three targets run one after the other for each (mode, clients), in several rounds
 # whose order alternates, so load changes on the machine hit them alike; a single run on a
 # busy 2-core machine varies by +-15 %. The table gives each target's mean tps over the
@@ -39,7 +40,7 @@
 #   scripts/bench-proxy.sh
 #
 # Settings (environment):
-#   PGKEEL_BENCH_SECONDS=10               seconds per pgbench run
+#   PGKEEL_BENCH_SECONDS=10               seconds per pgbench run (at least 3)
 #   PGKEEL_BENCH_ROUNDS=3                 runs per target and (mode, clients), interleaved
 #   PGKEEL_BENCH_CLIENTS="32 256"         pgbench client counts
 #   PGKEEL_BENCH_MODES="simple extended prepared"
@@ -64,6 +65,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${PGKEEL_BENCH_SECONDS:-10}
+case $SECS in *[!0-9]* | "" | [0-2]) echo "bench-proxy: PGKEEL_BENCH_SECONDS must be a whole number of seconds, at least 3, not '$SECS'" >&2; exit 1 ;; esac
+# The pooler's CPU is measured over the steady part of each pgbench run: from a fifth of the
+# run (the clients have logged in; SCRAM logins cost either pooler far more than a
+# transaction) to a second before its end, against the transactions that ended in it.
+LEAD=$((SECS / 5 > 0 ? SECS / 5 : 1))
+SPAN=$((SECS - LEAD - 1))
 ROUNDS=${PGKEEL_BENCH_ROUNDS:-3}
 CLIENTS=${PGKEEL_BENCH_CLIENTS:-"32 256"}
 MODES=${PGKEEL_BENCH_MODES:-"simple extended prepared"}
@@ -389,27 +396,39 @@ run_pgbench() {
     local dir=$W/runs/$target-$mode-$clients/$round
     mkdir -p "$dir"
     case $target in pgbouncer) pid=$BOUNCER_SLOT_PID ;; pgkeel) pid=$KEEL_SLOT_PID ;; esac
-    local s0="- - -" s1="- - -"
+    local s0="- - -" s1="- - -" t0=0 t1=0 bench
     case " $TARGETS " in *" $target "*) ;; *) return 0 ;; esac
-    [ -n "$pid" ] && s0=$(cpu_sched "$pid")
-    if ! PGPASSWORD=$PW "$BIN/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -S -M "$mode" -c "$clients" -j "$JOBS" \
-        -T "$SECS" -l --log-prefix="$dir/tx" postgres >"$dir/out" 2>&1; then
+    PGPASSWORD=$PW "$BIN/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -S -M "$mode" -c "$clients" -j "$JOBS" \
+        -T "$SECS" -l --log-prefix="$dir/tx" postgres >"$dir/out" 2>&1 &
+    bench=$!
+    if [ -n "$pid" ]; then
+        sleep "$LEAD"
+        t0=$(date +%s.%N) && s0=$(cpu_sched "$pid")
+        sleep "$SPAN"
+        t1=$(date +%s.%N) && s1=$(cpu_sched "$pid")
+    fi
+    if ! wait "$bench"; then
         echo "bench-proxy: pgbench failed against $target ($mode, $clients clients):" >&2
         tail -5 "$dir/out" >&2
         exit 1
     fi
-    [ -n "$pid" ] && s1=$(cpu_sched "$pid")
-    python3 - "$dir" "$target" "$mode" "$clients" "$s0" "$s1" "$round" >"$dir/result" <<'EOF'
+    python3 - "$dir" "$target" "$mode" "$clients" "$s0" "$s1" "$round" "$t0" "$t1" >"$dir/result" <<'EOF'
 import glob, os, re, sys
-d, target, mode, clients, s0, s1, rnd = sys.argv[1:]
+d, target, mode, clients, s0, s1, rnd, t0, t1 = sys.argv[1:]
+t0, t1 = float(t0), float(t1)
 out = open(f"{d}/out").read()
 tps = float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out).group(1))
 failed = re.search(r"number of failed transactions: (\d+)", out)
 failed = int(failed.group(1)) if failed else 0
 lat = []
+# Transactions that ended within the CPU window (columns 5 and 6: the end, epoch s and us).
+steady = 0
 for f in glob.glob(f"{d}/tx.*"):
     with open(f) as fh:
-        lat.extend(int(line.split()[2]) for line in fh)
+        for line in fh:
+            cols = line.split()
+            lat.append(int(cols[2]))
+            steady += t0 <= int(cols[4]) + int(cols[5]) / 1e6 < t1
 lat.sort()
 p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000
 avg = sum(lat) / len(lat) / 1000
@@ -421,10 +440,10 @@ if "-" in (s0 + s1):
     cpu_us = wait = user_us = "-"
 else:
     (r0, w0, u0), (r1, w1, u1) = map(int, s0.split()), map(int, s1.split())
-    cpu_us = f"{(r1 - r0) / 1000 / max(len(lat), 1):.1f}"
+    cpu_us = f"{(r1 - r0) / 1000 / max(steady, 1):.1f}"
     wait = f"{100 * (w1 - w0) / max(r1 - r0 + w1 - w0, 1):.0f}"
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
-    user_us = f"{(u1 - u0) * tick_us / max(len(lat), 1):.1f}"
+    user_us = f"{(u1 - u0) * tick_us / max(steady, 1):.1f}"
 print(f"{mode} {clients} {target} {tps:.0f} {avg:.3f} {p99:.3f} {failed} {cpu_us} {wait} {rnd} {user_us}")
 EOF
     cat "$dir/result" >>"$W/results"
