@@ -12,7 +12,8 @@
 #      of it in user space, the rest being the kernel's sending and receiving) and the share
 #      of its runnable time it spent waiting for a CPU (/proc/PID/task/*/schedstat, and
 #      /proc/PID/stat's utime for the split, sampled at the clock tick), these three over the
-#      run's steady part (after the logins) and the transactions that ended in it.
+#      run's steady part (from pgbench's first progress report, after the logins, to a second
+#      before the end) and the transactions that ended in it.
 # The three targets run one after the other for each (mode, clients), in several rounds
 # whose order alternates, so load changes on the machine hit them alike; a single run on a
 # busy 2-core machine varies by +-15 %. The table gives each target's mean tps over the
@@ -66,11 +67,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${PGKEEL_BENCH_SECONDS:-10}
 case $SECS in *[!0-9]* | "" | [0-2]) echo "bench-proxy: PGKEEL_BENCH_SECONDS must be a whole number of seconds, at least 3, not '$SECS'" >&2; exit 1 ;; esac
-# The pooler's CPU is measured over the steady part of each pgbench run: from a fifth of the
-# run (the clients have logged in; SCRAM logins cost either pooler far more than a
-# transaction) to a second before its end, against the transactions that ended in it.
-LEAD=$((SECS / 5 > 0 ? SECS / 5 : 1))
-SPAN=$((SECS - LEAD - 1))
 ROUNDS=${PGKEEL_BENCH_ROUNDS:-3}
 CLIENTS=${PGKEEL_BENCH_CLIENTS:-"32 256"}
 MODES=${PGKEEL_BENCH_MODES:-"simple extended prepared"}
@@ -396,16 +392,27 @@ run_pgbench() {
     local dir=$W/runs/$target-$mode-$clients/$round
     mkdir -p "$dir"
     case $target in pgbouncer) pid=$BOUNCER_SLOT_PID ;; pgkeel) pid=$KEEL_SLOT_PID ;; esac
-    local s0="- - -" s1="- - -" t0=0 t1=0 bench
+    local s0="- - -" s1="- - -" t0=0 t1=0 bench end left
     case " $TARGETS " in *" $target "*) ;; *) return 0 ;; esac
+    # -T counts from before the logins: the run ends SECS after its start.
+    end=$(($(date +%s%3N) + SECS * 1000))
     PGPASSWORD=$PW "$BIN/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -S -M "$mode" -c "$clients" -j "$JOBS" \
-        -T "$SECS" -l --log-prefix="$dir/tx" postgres >"$dir/out" 2>&1 &
+        -T "$SECS" -P 1 -l --log-prefix="$dir/tx" postgres >"$dir/out" 2>&1 &
     bench=$!
+    # The pooler's CPU is measured over the run's steady part, against the transactions that
+    # ended in it: from pgbench's first progress report, which comes once every client has
+    # logged in (a SCRAM login costs a pooler far more than a transaction), to a second before
+    # the run's end. None when the logins leave less than a second.
     if [ -n "$pid" ]; then
-        sleep "$LEAD"
+        while kill -0 "$bench" 2>/dev/null && ! grep -q '^progress:' "$dir/out"; do sleep 0.1; done
         t0=$(date +%s.%N) && s0=$(cpu_sched "$pid")
-        sleep "$SPAN"
-        t1=$(date +%s.%N) && s1=$(cpu_sched "$pid")
+        left=$((end - 1000 - $(date +%s%3N)))
+        if [ "$left" -ge 1000 ]; then
+            sleep "$((left / 1000)).$(printf %03d $((left % 1000)))"
+            t1=$(date +%s.%N) && s1=$(cpu_sched "$pid")
+        else
+            s0="- - -"
+        fi
     fi
     if ! wait "$bench"; then
         echo "bench-proxy: pgbench failed against $target ($mode, $clients clients):" >&2
