@@ -402,12 +402,12 @@ run_pgbench() {
     # The pooler's CPU is measured over the run's steady part, against the transactions that
     # ended in it: from pgbench's first progress report, which comes once every client has
     # logged in (a SCRAM login costs a pooler far more than a transaction), to a second before
-    # the run's end. None when the logins leave less than a second.
+    # the run's end. None when the logins leave less than a second, or pgbench ended (failed).
     if [ -n "$pid" ]; then
         while kill -0 "$bench" 2>/dev/null && ! grep -q '^progress:' "$dir/out"; do sleep 0.1; done
         t0=$(date +%s.%N) && s0=$(cpu_sched "$pid")
         left=$((end - 1000 - $(date +%s%3N)))
-        if [ "$left" -ge 1000 ]; then
+        if [ "$left" -ge 1000 ] && kill -0 "$bench" 2>/dev/null; then
             sleep "$((left / 1000)).$(printf %03d $((left % 1000)))"
             t1=$(date +%s.%N) && s1=$(cpu_sched "$pid")
         else
