@@ -59,6 +59,11 @@
 #                                         takes the other's slot in the pgbench runs (the
 #                                         table's labels stay), to check that the harness
 #                                         favours neither slot; needs PGKEEL_BENCH_IDLE=0
+#   PGKEEL_BENCH_BARE=0                   1: pgkeel's slot runs examples/bare_pooler.rs instead of
+#                                         the proxy: a bare transaction pooler on one event
+#                                         loop, what a minimal forwarding core costs against
+#                                         PgBouncer (docs/benchmarks.md); needs
+#                                         PGKEEL_BENCH_IDLE=0, PGKEEL_BENCH_INSTRUCTIONS=0, no SAME
 #   PGKEEL_BIN=path                       use this pgkeel binary instead of building the release one
 #   PGKEEL_BENCH_KEEP=1                   keep the work directory (logs, configs) afterwards
 #
@@ -91,6 +96,12 @@ if [ -n "$SAME" ] && { [ "$IDLE" != 0 ] || [ "$INSTRUCTIONS" != 0 ]; }; then
     echo "bench-proxy: PGKEEL_BENCH_SAME compares pgbench runs only: set PGKEEL_BENCH_IDLE=0 and PGKEEL_BENCH_INSTRUCTIONS=0" >&2
     exit 1
 fi
+BARE=${PGKEEL_BENCH_BARE:-0}
+case $BARE in 0 | 1) ;; *) echo "bench-proxy: PGKEEL_BENCH_BARE must be 0 or 1, not '$BARE'" >&2; exit 1 ;; esac
+if [ "$BARE" = 1 ] && { [ "$IDLE" != 0 ] || [ "$INSTRUCTIONS" != 0 ] || [ -n "$SAME" ]; }; then
+    echo "bench-proxy: PGKEEL_BENCH_BARE=1 compares pgbench runs only: set PGKEEL_BENCH_IDLE=0 and PGKEEL_BENCH_INSTRUCTIONS=0, and no PGKEEL_BENCH_SAME" >&2
+    exit 1
+fi
 MAX_CLIENT_CONN=3000
 [ "$(id -u)" = 0 ] || { echo "bench-proxy: run as root (postgres and PgBouncer run as the postgres OS user)" >&2; exit 1; }
 
@@ -110,6 +121,9 @@ else
     cargo build --release -p pgkeel --bin pgkeel
     PGKEEL=$PWD/target/release/pgkeel
 fi
+if [ "$BARE" = 1 ]; then
+    cargo build --release -p pgkeel-proxy --example bare_pooler
+fi
 # 2,000 clients need 2,000 descriptors in the client and in each pooler (which inherit this).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((IDLE + MAX_CLIENT_CONN / 2)) ]; then
@@ -120,7 +134,7 @@ fi
 W=$(mktemp -d /var/tmp/pgkeel-bench-proxy.XXXXXX)
 chmod 755 "$W"
 PROXY_PID=
-SECOND_PID= # PGKEEL_BENCH_SAME=pgkeel's second proxy
+SECOND_PID= # PGKEEL_BENCH_SAME=pgkeel's second proxy, or PGKEEL_BENCH_BARE=1's pooler
 CALLGRIND_PID=
 cleanup() {
     set +e
@@ -275,6 +289,15 @@ pgkeel)
     BOUNCER_SLOT_PID=$SECOND_PID
     ;;
 esac
+if [ "$BARE" = 1 ]; then
+    KPORT=$(free_port)
+    setsid target/release/examples/bare_pooler "$KPORT" "127.0.0.1:$PGPORT" postgres "$PW" postgres "$POOL" \
+        >"$W/bare.log" 2>&1 &
+    SECOND_PID=$!
+    wait_port "$KPORT" "the bare pooler" || { tail -5 "$W/bare.log" >&2; exit 1; }
+    KEEL_SLOT_PID=$SECOND_PID
+    echo "== PGKEEL_BENCH_BARE=1: pgkeel's slot runs the bare event-loop pooler (examples/bare_pooler.rs, port $KPORT)"
+fi
 [ -n "$SAME" ] && echo "== PGKEEL_BENCH_SAME=$SAME: both slots run $SAME (PgBouncer's slot on port $BPORT, pgkeel's on $KPORT)"
 for port in "$BPORT" "$KPORT"; do
     PGPASSWORD=$PW psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atc 'select 1' >/dev/null
@@ -424,7 +447,14 @@ import glob, os, re, sys
 d, target, mode, clients, s0, s1, rnd, t0, t1 = sys.argv[1:]
 t0, t1 = float(t0), float(t1)
 out = open(f"{d}/out").read()
-tps = float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out).group(1))
+tps = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
+done = re.search(r"number of transactions actually processed: (\d+)", out)
+if not tps or not done or int(done.group(1)) == 0:
+    # pgbench -T counts the logins: with many clients on a busy machine (side by side, the
+    # other pooler taking the CPUs) they can take the whole run.
+    sys.exit(f"bench-proxy: no transaction completed through {target} ({mode}, {clients} clients) in the run; "
+             f"the logins may have taken all of it: raise PGKEEL_BENCH_SECONDS (pgbench's output: {d}/out, kept with PGKEEL_BENCH_KEEP=1)")
+tps = float(tps.group(1))
 failed = re.search(r"number of failed transactions: (\d+)", out)
 failed = int(failed.group(1)) if failed else 0
 lat = []

@@ -1,0 +1,463 @@
+//! A bare transaction pooler on one `mio` event loop, for `scripts/bench-proxy.sh`
+//! (`PGKEEL_BENCH_BARE=1`): what a forwarding core with no per-session task, future or waker
+//! costs per transaction on this machine, against PgBouncer in the same run. It is a
+//! measuring probe, not a pooler to use: no client authentication (every client is let in),
+//! no TLS, one pool of server connections opened at start, a client that leaves in the middle
+//! of a transaction takes its server connection with it, no cancel requests, and no
+//! protocol-level prepared statements across transactions (`pgbench -M prepared` fails).
+//!
+//! What it does per transaction is what any transaction pooler has to: read the client's
+//! frames and check their lengths, attach a free server connection (or queue the client),
+//! write the frames to it, read the reply, check each frame's length, pass the whole frames
+//! on, and give the server connection back at a ReadyForQuery that says idle, handing it at
+//! once to the longest-waiting client.
+//!
+//! `bare_pooler LISTEN_PORT PG_HOST:PG_PORT USER PASSWORD DATABASE POOL_SIZE`
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+
+const LISTENER: Token = Token(usize::MAX);
+/// Each connection's read buffer.
+const BUF: usize = 16 * 1024;
+const SSL_REQUEST: u32 = 80877103;
+const PROTOCOL_3: u32 = 196608;
+
+fn die(what: impl std::fmt::Display) -> ! {
+    eprintln!("bare_pooler: {what}");
+    std::process::exit(1)
+}
+
+fn be32(b: &[u8]) -> usize {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
+}
+
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// One socket with its read buffer and the bytes it has not taken yet.
+struct Side {
+    sock: TcpStream,
+    rbuf: Box<[u8]>,
+    rlen: usize,
+    unsent: Vec<u8>,
+    /// The client's server connection, or the server connection's client.
+    peer: Option<usize>,
+}
+
+impl Side {
+    fn new(sock: TcpStream) -> Side {
+        Side { sock, rbuf: vec![0; BUF].into_boxed_slice(), rlen: 0, unsent: Vec::new(), peer: None }
+    }
+
+    /// Reads what the socket has (a short read drained it: the next arrival is a new edge).
+    /// `false`: closed or failed.
+    fn fill(&mut self) -> bool {
+        while self.rlen < BUF {
+            let room = BUF - self.rlen;
+            match self.sock.read(&mut self.rbuf[self.rlen..]) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.rlen += n;
+                    if n < room {
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Writes `data`, keeping what the socket does not take for its next writable edge.
+    fn send(&mut self, data: &[u8]) -> bool {
+        if !self.unsent.is_empty() {
+            self.unsent.extend_from_slice(data);
+            return true;
+        }
+        let mut off = 0;
+        while off < data.len() {
+            match self.sock.write(&data[off..]) {
+                Ok(0) => return false,
+                Ok(n) => off += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.unsent.extend_from_slice(&data[off..]);
+                    return true;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    fn flush(&mut self) -> bool {
+        while !self.unsent.is_empty() {
+            match self.sock.write(&self.unsent) {
+                Ok(0) => return false,
+                Ok(n) => drop(self.unsent.drain(..n)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Drops the first `n` bytes read.
+    fn consume(&mut self, n: usize) {
+        self.rbuf.copy_within(n..self.rlen, 0);
+        self.rlen -= n;
+    }
+
+    /// The length of the whole frames at the start of the read buffer, whether the last of
+    /// them is `tag` (with `status` as its first body byte, if given), and whether a frame is
+    /// longer than the buffer.
+    fn whole_frames(&self, tag: u8, status: Option<u8>) -> (usize, bool, bool) {
+        let (mut off, mut last) = (0, false);
+        while self.rlen - off >= 5 {
+            let len = be32(&self.rbuf[off + 1..]) + 1;
+            if !(5..=BUF).contains(&len) {
+                return (off, last, true);
+            }
+            if self.rlen - off < len {
+                break;
+            }
+            last = self.rbuf[off] == tag && status.is_none_or(|s| len > 5 && self.rbuf[off + 5] == s);
+            off += len;
+        }
+        (off, last, false)
+    }
+}
+
+enum Conn {
+    Client { side: Side, started: bool, queued: bool },
+    Server(Side),
+    Free,
+}
+
+struct Pooler {
+    poll: Poll,
+    conns: Vec<Conn>,
+    free: Vec<usize>,
+    idle_servers: Vec<usize>,
+    waiting: VecDeque<usize>,
+    servers: usize,
+    /// AuthenticationOk, the first server's ParameterStatus messages, BackendKeyData and
+    /// ReadyForQuery: what every client is told at login.
+    greeting: Vec<u8>,
+}
+
+/// Two distinct entries of `conns`, mutably.
+fn pair(conns: &mut [Conn], a: usize, b: usize) -> (&mut Conn, &mut Conn) {
+    if a < b {
+        let (l, r) = conns.split_at_mut(b);
+        (&mut l[a], &mut r[0])
+    } else {
+        let (l, r) = conns.split_at_mut(a);
+        (&mut r[0], &mut l[b])
+    }
+}
+
+impl Pooler {
+    fn close_client(&mut self, c: usize) {
+        let Conn::Client { mut side, queued, .. } = std::mem::replace(&mut self.conns[c], Conn::Free) else { return };
+        let _ = self.poll.registry().deregister(&mut side.sock);
+        if queued {
+            self.waiting.retain(|&w| w != c);
+        }
+        if let Some(s) = side.peer {
+            // Its transaction may be open: the server connection goes too.
+            if let Conn::Server(mut server) = std::mem::replace(&mut self.conns[s], Conn::Free) {
+                let _ = self.poll.registry().deregister(&mut server.sock);
+            }
+            self.free.push(s);
+            self.servers -= 1;
+            eprintln!("bare_pooler: a client left in a transaction; {} server connections left", self.servers);
+        }
+        self.free.push(c);
+    }
+
+    fn client_event(&mut self, c: usize, readable: bool, writable: bool) {
+        let Conn::Client { side, started, queued } = &mut self.conns[c] else { return };
+        if (writable && !side.flush()) || (readable && !side.fill()) {
+            return self.close_client(c);
+        }
+        if !*started {
+            // The startup packet (after an SSLRequest, answered with N): let the client in.
+            while side.rlen >= 8 {
+                let len = be32(&side.rbuf);
+                if !(8..=BUF).contains(&len) {
+                    return self.close_client(c);
+                }
+                if side.rlen < len {
+                    return;
+                }
+                let code = be32(&side.rbuf[4..]) as u32;
+                side.consume(len);
+                let answer: &[u8] = match code {
+                    SSL_REQUEST => b"N",
+                    PROTOCOL_3 => {
+                        *started = true;
+                        &self.greeting
+                    }
+                    _ => return self.close_client(c),
+                };
+                if !side.send(answer) {
+                    return self.close_client(c);
+                }
+                if *started {
+                    break;
+                }
+            }
+            return;
+        }
+        if *queued || side.rlen == 0 {
+            return;
+        }
+        if side.peer.is_none() {
+            if side.rbuf[0] == b'X' {
+                return self.close_client(c);
+            }
+            match self.idle_servers.pop() {
+                Some(s) => self.attach(c, s),
+                None => {
+                    *queued = true;
+                    self.waiting.push_back(c);
+                    return;
+                }
+            }
+        }
+        self.hand_to_server(c);
+    }
+
+    fn attach(&mut self, c: usize, s: usize) {
+        let (Conn::Client { side: client, queued, .. }, Conn::Server(server)) = pair(&mut self.conns, c, s) else {
+            die("attach: not a client and a server")
+        };
+        *queued = false;
+        client.peer = Some(s);
+        server.peer = Some(c);
+    }
+
+    /// Hands the client's whole frames to its server connection.
+    fn hand_to_server(&mut self, c: usize) {
+        let Conn::Client { side, .. } = &self.conns[c] else { return };
+        let Some(s) = side.peer else { return };
+        let (n, terminate, bad) = side.whole_frames(b'X', None);
+        if bad || terminate {
+            return self.close_client(c);
+        }
+        let (Conn::Client { side: client, .. }, Conn::Server(server)) = pair(&mut self.conns, c, s) else { return };
+        if n > 0 {
+            if !server.send(&client.rbuf[..n]) {
+                die("a server connection failed");
+            }
+            client.consume(n);
+        }
+    }
+
+    fn server_event(&mut self, s: usize, readable: bool, writable: bool) {
+        let Conn::Server(server) = &mut self.conns[s] else { return };
+        if (writable && !server.flush()) || (readable && !server.fill()) {
+            die("a server connection closed");
+        }
+        let (n, idle, bad) = server.whole_frames(b'Z', Some(b'I'));
+        if bad {
+            die("a server sent a frame longer than the buffer");
+        }
+        let Some(c) = server.peer else {
+            // Nothing is expected from a free server connection (a notice): dropped.
+            return server.consume(n);
+        };
+        if n == 0 {
+            return;
+        }
+        let release = idle && n == server.rlen;
+        let (Conn::Server(server), Conn::Client { side: client, .. }) = pair(&mut self.conns, s, c) else { return };
+        let sent = client.send(&server.rbuf[..n]);
+        server.consume(n);
+        if release {
+            server.peer = None;
+            client.peer = None;
+        }
+        if !sent {
+            self.close_client(c);
+        }
+        if release {
+            match self.waiting.pop_front() {
+                Some(w) => {
+                    self.attach(w, s);
+                    self.hand_to_server(w);
+                }
+                None => self.idle_servers.push(s),
+            }
+            // A client that sent its next transaction before this one ended.
+            if let Conn::Client { side, queued: false, started: true } = &self.conns[c] {
+                if side.peer.is_none() && side.rlen > 0 {
+                    self.client_event(c, false, false);
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, listener: &TcpListener) {
+        loop {
+            let mut sock = match listener.accept() {
+                Ok((sock, _)) => sock,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => return eprintln!("bare_pooler: accept: {e}"),
+            };
+            let _ = sock.set_nodelay(true);
+            let c = self.free.pop().unwrap_or_else(|| {
+                self.conns.push(Conn::Free);
+                self.conns.len() - 1
+            });
+            if let Err(e) = self.poll.registry().register(&mut sock, Token(c), Interest::READABLE | Interest::WRITABLE)
+            {
+                eprintln!("bare_pooler: register a client: {e}");
+                self.free.push(c);
+                continue;
+            }
+            self.conns[c] = Conn::Client { side: Side::new(sock), started: false, queued: false };
+        }
+    }
+
+    fn run(&mut self, listener: &mut TcpListener) -> std::io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, None) {
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for ev in events.iter() {
+                if ev.token() == LISTENER {
+                    self.accept(listener);
+                    continue;
+                }
+                let (i, r, w) = (ev.token().0, ev.is_readable() || ev.is_read_closed(), ev.is_writable());
+                match self.conns.get(i) {
+                    Some(Conn::Client { .. }) => self.client_event(i, r, w),
+                    Some(Conn::Server(_)) => self.server_event(i, r, w),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Logs in to postgres (SCRAM-SHA-256, md5 or trust) and returns the connection, adding the
+/// server's ParameterStatus messages to `params`.
+fn login(addr: &str, user: &str, password: &str, database: &str, params: &mut Vec<u8>) -> Result<TcpStream, String> {
+    use pgkeel_proxy::scram;
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;
+    let io = |e: std::io::Error| format!("talking to {addr}: {e}");
+    s.set_nodelay(true).map_err(io)?;
+    let mut body = PROTOCOL_3.to_be_bytes().to_vec();
+    for v in ["user", user, "database", database] {
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut startup = (body.len() as u32 + 4).to_be_bytes().to_vec();
+    startup.extend_from_slice(&body);
+    s.write_all(&startup).map_err(io)?;
+    let mut exchange = None;
+    loop {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).map_err(io)?;
+        let len = be32(&head[1..]).checked_sub(4).filter(|&n| n <= 1 << 20).ok_or("a bad frame length")?;
+        let mut b = vec![0u8; len];
+        s.read_exact(&mut b).map_err(io)?;
+        let code = if head[0] == b'R' && len >= 4 { be32(&b) } else { usize::MAX };
+        match (head[0], code) {
+            (b'R', 0) => {}
+            (b'R', 10) => {
+                let ex = scram::ClientExchange::new(scram::ClientCredential::Password(password.into()))
+                    .map_err(|e| e.to_string())?;
+                let first = ex.client_first();
+                let mut m = b"SCRAM-SHA-256\0".to_vec();
+                m.extend_from_slice(&(first.len() as u32).to_be_bytes());
+                m.extend_from_slice(&first);
+                s.write_all(&message(b'p', &m)).map_err(io)?;
+                exchange = Some(ex);
+            }
+            (b'R', 11) => {
+                let ex = exchange.as_mut().ok_or("SASLContinue before SASL")?;
+                let last = ex.server_first(&b[4..]).map_err(|e| e.to_string())?;
+                s.write_all(&message(b'p', &last)).map_err(io)?;
+            }
+            (b'R', 12) => {
+                exchange.as_ref().ok_or("SASLFinal before SASL")?.server_final(&b[4..]).map_err(|e| e.to_string())?
+            }
+            (b'R', 5) if len >= 8 => {
+                let mut p = scram::md5_password(user, password, &[b[4], b[5], b[6], b[7]]).into_bytes();
+                p.push(0);
+                s.write_all(&message(b'p', &p)).map_err(io)?;
+            }
+            (b'R', other) => return Err(format!("authentication request {other} is not supported")),
+            (b'S', _) => params.extend_from_slice(&message(b'S', &b)),
+            (b'E', _) => return Err(format!("postgres: {}", String::from_utf8_lossy(&b).replace('\0', " "))),
+            (b'Z', _) => break,
+            _ => {}
+        }
+    }
+    s.set_nonblocking(true).map_err(io)?;
+    Ok(TcpStream::from_std(s))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [port, addr, user, password, database, pool] = args.as_slice() else {
+        die("usage: bare_pooler LISTEN_PORT PG_HOST:PG_PORT USER PASSWORD DATABASE POOL_SIZE")
+    };
+    let port: u16 = port.parse().unwrap_or_else(|_| die(format!("LISTEN_PORT {port:?} is not a port number")));
+    let pool: usize = pool
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| die(format!("POOL_SIZE {pool:?} is not a positive whole number")));
+    let poll = Poll::new().unwrap_or_else(|e| die(format!("epoll: {e}")));
+    let mut p = Pooler {
+        poll,
+        conns: Vec::new(),
+        free: Vec::new(),
+        idle_servers: Vec::new(),
+        waiting: VecDeque::new(),
+        servers: pool,
+        greeting: message(b'R', &0u32.to_be_bytes()),
+    };
+    let mut params = Vec::new();
+    for s in 0..pool {
+        let mut sock = login(addr, user, password, database, &mut params).unwrap_or_else(|e| die(e));
+        if let Err(e) = p.poll.registry().register(&mut sock, Token(s), Interest::READABLE | Interest::WRITABLE) {
+            die(format!("register a server connection: {e}"));
+        }
+        p.conns.push(Conn::Server(Side::new(sock)));
+        p.idle_servers.push(s);
+        if s == 0 {
+            p.greeting.extend_from_slice(&params);
+        }
+    }
+    p.greeting.extend_from_slice(&message(b'K', &[0, 0, 0, 1, 0, 0, 0, 2]));
+    p.greeting.extend_from_slice(&message(b'Z', b"I"));
+    let mut listener = TcpListener::bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .unwrap_or_else(|e| die(format!("listen on 127.0.0.1:{port}: {e}")));
+    if let Err(e) = p.poll.registry().register(&mut listener, LISTENER, Interest::READABLE) {
+        die(format!("register the listener: {e}"));
+    }
+    eprintln!("bare_pooler: listening on 127.0.0.1:{port} with {pool} server connections to {addr}");
+    if let Err(e) = p.run(&mut listener) {
+        die(format!("epoll: {e}"));
+    }
+}
