@@ -62,7 +62,8 @@
 #   PGKEEL_BENCH_BARE=0                   1: pgkeel's slot runs examples/bare_pooler.rs instead of
 #                                         the proxy: a bare transaction pooler on one event
 #                                         loop, what a minimal forwarding core costs against
-#                                         PgBouncer (docs/benchmarks.md); needs
+#                                         PgBouncer (docs/benchmarks.md); tokio: the same
+#                                         pooler as a tokio task per client; needs
 #                                         PGKEEL_BENCH_IDLE=0, PGKEEL_BENCH_INSTRUCTIONS=0, no SAME
 #   PGKEEL_BIN=path                       use this pgkeel binary instead of building the release one
 #   PGKEEL_BENCH_KEEP=1                   keep the work directory (logs, configs) afterwards
@@ -97,9 +98,9 @@ if [ -n "$SAME" ] && { [ "$IDLE" != 0 ] || [ "$INSTRUCTIONS" != 0 ]; }; then
     exit 1
 fi
 BARE=${PGKEEL_BENCH_BARE:-0}
-case $BARE in 0 | 1) ;; *) echo "bench-proxy: PGKEEL_BENCH_BARE must be 0 or 1, not '$BARE'" >&2; exit 1 ;; esac
-if [ "$BARE" = 1 ] && { [ "$IDLE" != 0 ] || [ "$INSTRUCTIONS" != 0 ] || [ -n "$SAME" ]; }; then
-    echo "bench-proxy: PGKEEL_BENCH_BARE=1 compares pgbench runs only: set PGKEEL_BENCH_IDLE=0 and PGKEEL_BENCH_INSTRUCTIONS=0, and no PGKEEL_BENCH_SAME" >&2
+case $BARE in 0 | 1 | tokio) ;; *) echo "bench-proxy: PGKEEL_BENCH_BARE must be 0, 1 or tokio, not '$BARE'" >&2; exit 1 ;; esac
+if [ "$BARE" != 0 ] && { [ "$IDLE" != 0 ] || [ "$INSTRUCTIONS" != 0 ] || [ -n "$SAME" ]; }; then
+    echo "bench-proxy: PGKEEL_BENCH_BARE compares pgbench runs only: set PGKEEL_BENCH_IDLE=0 and PGKEEL_BENCH_INSTRUCTIONS=0, and no PGKEEL_BENCH_SAME" >&2
     exit 1
 fi
 MAX_CLIENT_CONN=3000
@@ -121,7 +122,7 @@ else
     cargo build --release -p pgkeel --bin pgkeel
     PGKEEL=$PWD/target/release/pgkeel
 fi
-if [ "$BARE" = 1 ]; then
+if [ "$BARE" != 0 ]; then
     cargo build --release -p pgkeel-proxy --example bare_pooler
 fi
 # 2,000 clients need 2,000 descriptors in the client and in each pooler (which inherit this).
@@ -134,7 +135,7 @@ fi
 W=$(mktemp -d /var/tmp/pgkeel-bench-proxy.XXXXXX)
 chmod 755 "$W"
 PROXY_PID=
-SECOND_PID= # PGKEEL_BENCH_SAME=pgkeel's second proxy, or PGKEEL_BENCH_BARE=1's pooler
+SECOND_PID= # PGKEEL_BENCH_SAME=pgkeel's second proxy, or PGKEEL_BENCH_BARE's pooler
 CALLGRIND_PID=
 cleanup() {
     set +e
@@ -289,14 +290,16 @@ pgkeel)
     BOUNCER_SLOT_PID=$SECOND_PID
     ;;
 esac
-if [ "$BARE" = 1 ]; then
+if [ "$BARE" != 0 ]; then
     KPORT=$(free_port)
-    setsid target/release/examples/bare_pooler "$KPORT" "127.0.0.1:$PGPORT" postgres "$PW" postgres "$POOL" \
+    core=()
+    if [ "$BARE" = tokio ]; then core=(--tokio); fi
+    setsid target/release/examples/bare_pooler "${core[@]}" "$KPORT" "127.0.0.1:$PGPORT" postgres "$PW" postgres "$POOL" \
         >"$W/bare.log" 2>&1 &
     SECOND_PID=$!
     wait_port "$KPORT" "the bare pooler" || { tail -5 "$W/bare.log" >&2; exit 1; }
     KEEL_SLOT_PID=$SECOND_PID
-    echo "== PGKEEL_BENCH_BARE=1: pgkeel's slot runs the bare event-loop pooler (examples/bare_pooler.rs, port $KPORT)"
+    echo "== PGKEEL_BENCH_BARE=$BARE: pgkeel's slot runs the bare pooler (examples/bare_pooler.rs ${core[*]}, port $KPORT)"
 fi
 [ -n "$SAME" ] && echo "== PGKEEL_BENCH_SAME=$SAME: both slots run $SAME (PgBouncer's slot on port $BPORT, pgkeel's on $KPORT)"
 for port in "$BPORT" "$KPORT"; do

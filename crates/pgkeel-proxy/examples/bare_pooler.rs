@@ -12,7 +12,12 @@
 //! on, and give the server connection back at a ReadyForQuery that says idle, handing it at
 //! once to the longest-waiting client.
 //!
-//! `bare_pooler LISTEN_PORT PG_HOST:PG_PORT USER PASSWORD DATABASE POOL_SIZE`
+//! With `--tokio` it runs the same logic as a tokio task per client instead (a
+//! current-thread runtime, as the proxy's): straight-line async code, one transaction at a
+//! time. The two together tell what the event loop itself costs from what a session's state
+//! machine costs on top of a task (docs/benchmarks.md, "Proxy").
+//!
+//! `bare_pooler [--tokio] LISTEN_PORT PG_HOST:PG_PORT USER PASSWORD DATABASE POOL_SIZE`
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
@@ -118,24 +123,29 @@ impl Side {
         self.rlen -= n;
     }
 
-    /// The length of the whole frames at the start of the read buffer, whether the last of
-    /// them is `tag` (with `status` as its first body byte, if given), and whether a frame is
-    /// longer than the buffer.
+    /// [`frames`] of what was read.
     fn whole_frames(&self, tag: u8, status: Option<u8>) -> (usize, bool, bool) {
-        let (mut off, mut last) = (0, false);
-        while self.rlen - off >= 5 {
-            let len = be32(&self.rbuf[off + 1..]) + 1;
-            if !(5..=BUF).contains(&len) {
-                return (off, last, true);
-            }
-            if self.rlen - off < len {
-                break;
-            }
-            last = self.rbuf[off] == tag && status.is_none_or(|s| len > 5 && self.rbuf[off + 5] == s);
-            off += len;
-        }
-        (off, last, false)
+        frames(&self.rbuf[..self.rlen], tag, status)
     }
+}
+
+/// The length of the whole frames at the start of `buf`, whether the last of them is `tag`
+/// (with `status` as its first body byte, if given), and whether a frame is longer than a
+/// read buffer.
+fn frames(buf: &[u8], tag: u8, status: Option<u8>) -> (usize, bool, bool) {
+    let (mut off, mut last) = (0, false);
+    while buf.len() - off >= 5 {
+        let len = be32(&buf[off + 1..]) + 1;
+        if !(5..=BUF).contains(&len) {
+            return (off, last, true);
+        }
+        if buf.len() - off < len {
+            break;
+        }
+        last = buf[off] == tag && status.is_none_or(|s| len > 5 && buf[off + 5] == s);
+        off += len;
+    }
+    (off, last, false)
 }
 
 enum Conn {
@@ -358,7 +368,13 @@ impl Pooler {
 
 /// Logs in to postgres (SCRAM-SHA-256, md5 or trust) and returns the connection, adding the
 /// server's ParameterStatus messages to `params`.
-fn login(addr: &str, user: &str, password: &str, database: &str, params: &mut Vec<u8>) -> Result<TcpStream, String> {
+fn login(
+    addr: &str,
+    user: &str,
+    password: &str,
+    database: &str,
+    params: &mut Vec<u8>,
+) -> Result<std::net::TcpStream, String> {
     use pgkeel_proxy::scram;
     let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;
     let io = |e: std::io::Error| format!("talking to {addr}: {e}");
@@ -413,20 +429,11 @@ fn login(addr: &str, user: &str, password: &str, database: &str, params: &mut Ve
         }
     }
     s.set_nonblocking(true).map_err(io)?;
-    Ok(TcpStream::from_std(s))
+    Ok(s)
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let [port, addr, user, password, database, pool] = args.as_slice() else {
-        die("usage: bare_pooler LISTEN_PORT PG_HOST:PG_PORT USER PASSWORD DATABASE POOL_SIZE")
-    };
-    let port: u16 = port.parse().unwrap_or_else(|_| die(format!("LISTEN_PORT {port:?} is not a port number")));
-    let pool: usize = pool
-        .parse()
-        .ok()
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| die(format!("POOL_SIZE {pool:?} is not a positive whole number")));
+/// The mio event loop over `servers`.
+fn run_mio(port: u16, servers: Vec<std::net::TcpStream>, greeting: Vec<u8>) {
     let poll = Poll::new().unwrap_or_else(|e| die(format!("epoll: {e}")));
     let mut p = Pooler {
         poll,
@@ -434,30 +441,209 @@ fn main() {
         free: Vec::new(),
         idle_servers: Vec::new(),
         waiting: VecDeque::new(),
-        servers: pool,
-        greeting: message(b'R', &0u32.to_be_bytes()),
+        servers: servers.len(),
+        greeting,
     };
-    let mut params = Vec::new();
-    for s in 0..pool {
-        let mut sock = login(addr, user, password, database, &mut params).unwrap_or_else(|e| die(e));
+    for (s, sock) in servers.into_iter().enumerate() {
+        let mut sock = TcpStream::from_std(sock);
         if let Err(e) = p.poll.registry().register(&mut sock, Token(s), Interest::READABLE | Interest::WRITABLE) {
             die(format!("register a server connection: {e}"));
         }
         p.conns.push(Conn::Server(Side::new(sock)));
         p.idle_servers.push(s);
-        if s == 0 {
-            p.greeting.extend_from_slice(&params);
-        }
     }
-    p.greeting.extend_from_slice(&message(b'K', &[0, 0, 0, 1, 0, 0, 0, 2]));
-    p.greeting.extend_from_slice(&message(b'Z', b"I"));
     let mut listener = TcpListener::bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
         .unwrap_or_else(|e| die(format!("listen on 127.0.0.1:{port}: {e}")));
     if let Err(e) = p.poll.registry().register(&mut listener, LISTENER, Interest::READABLE) {
         die(format!("register the listener: {e}"));
     }
-    eprintln!("bare_pooler: listening on 127.0.0.1:{port} with {pool} server connections to {addr}");
     if let Err(e) = p.run(&mut listener) {
         die(format!("epoll: {e}"));
+    }
+}
+
+/// The same pooler as a tokio task per client.
+mod tasks {
+    use super::{be32, die, frames, BUF, PROTOCOL_3, SSL_REQUEST};
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::rc::Rc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::oneshot;
+
+    #[derive(Default)]
+    struct Pool {
+        idle: Vec<TcpStream>,
+        waiting: VecDeque<oneshot::Sender<TcpStream>>,
+    }
+
+    /// Hands a server connection to the longest-waiting client, or keeps it.
+    fn give_back(pool: &RefCell<Pool>, mut server: TcpStream) {
+        let mut p = pool.borrow_mut();
+        while let Some(w) = p.waiting.pop_front() {
+            match w.send(server) {
+                Ok(()) => return,
+                Err(back) => server = back,
+            }
+        }
+        p.idle.push(server);
+    }
+
+    /// Reads more into `buf[*len..]`; `false`: closed or failed.
+    async fn more(sock: &mut TcpStream, buf: &mut [u8], len: &mut usize) -> bool {
+        match sock.read(&mut buf[*len..]).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                *len += n;
+                true
+            }
+        }
+    }
+
+    async fn client(mut c: TcpStream, pool: Rc<RefCell<Pool>>, greeting: Rc<Vec<u8>>) {
+        let (mut cbuf, mut clen) = (vec![0u8; BUF], 0);
+        // The startup packet (after an SSLRequest, answered with N): let the client in.
+        loop {
+            if clen < 8 || clen < be32(&cbuf) {
+                if !more(&mut c, &mut cbuf, &mut clen).await {
+                    return;
+                }
+                continue;
+            }
+            let len = be32(&cbuf);
+            if !(8..=BUF).contains(&len) {
+                return;
+            }
+            let code = be32(&cbuf[4..]) as u32;
+            cbuf.copy_within(len..clen, 0);
+            clen -= len;
+            let answer: &[u8] = match code {
+                SSL_REQUEST => b"N",
+                PROTOCOL_3 => &greeting,
+                _ => return,
+            };
+            if c.write_all(answer).await.is_err() {
+                return;
+            }
+            if code == PROTOCOL_3 {
+                break;
+            }
+        }
+        let (mut sbuf, mut slen) = (vec![0u8; BUF], 0);
+        loop {
+            // The client's next whole frames.
+            let (n, terminate, bad) = frames(&cbuf[..clen], b'X', None);
+            if terminate || bad {
+                return;
+            }
+            if n == 0 {
+                if clen == BUF || !more(&mut c, &mut cbuf, &mut clen).await {
+                    return;
+                }
+                continue;
+            }
+            let taken = pool.borrow_mut().idle.pop();
+            let mut server = match taken {
+                Some(s) => s,
+                None => {
+                    let (tx, rx) = oneshot::channel();
+                    pool.borrow_mut().waiting.push_back(tx);
+                    rx.await.unwrap_or_else(|_| die("the pool is gone"))
+                }
+            };
+            if server.write_all(&cbuf[..n]).await.is_err() {
+                die("a server connection failed");
+            }
+            cbuf.copy_within(n..clen, 0);
+            clen -= n;
+            // The reply, up to a ReadyForQuery that says idle with nothing after it. A client
+            // that fails meanwhile takes the server connection with it (its transaction may
+            // be open).
+            loop {
+                if !more(&mut server, &mut sbuf, &mut slen).await {
+                    die("a server connection closed");
+                }
+                let (k, idle, bad) = frames(&sbuf[..slen], b'Z', Some(b'I'));
+                if bad {
+                    die("a server sent a frame longer than the buffer");
+                }
+                if k == 0 {
+                    continue;
+                }
+                if c.write_all(&sbuf[..k]).await.is_err() {
+                    return;
+                }
+                sbuf.copy_within(k..slen, 0);
+                slen -= k;
+                if idle && slen == 0 {
+                    break;
+                }
+            }
+            give_back(&pool, server);
+        }
+    }
+
+    pub fn run(port: u16, servers: Vec<std::net::TcpStream>, greeting: Vec<u8>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap_or_else(|e| die(format!("tokio: {e}")));
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let pool = Rc::new(RefCell::new(Pool::default()));
+            for s in servers {
+                let s = TcpStream::from_std(s).unwrap_or_else(|e| die(format!("register a server connection: {e}")));
+                pool.borrow_mut().idle.push(s);
+            }
+            let greeting = Rc::new(greeting);
+            let listener = TcpListener::bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                .await
+                .unwrap_or_else(|e| die(format!("listen on 127.0.0.1:{port}: {e}")));
+            loop {
+                match listener.accept().await {
+                    Ok((c, _)) => {
+                        let _ = c.set_nodelay(true);
+                        tokio::task::spawn_local(client(c, pool.clone(), greeting.clone()));
+                    }
+                    Err(e) => eprintln!("bare_pooler: accept: {e}"),
+                }
+            }
+        });
+    }
+}
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let tokio = args.first().is_some_and(|a| a == "--tokio");
+    if tokio {
+        args.remove(0);
+    }
+    let [port, addr, user, password, database, pool] = args.as_slice() else {
+        die("usage: bare_pooler [--tokio] LISTEN_PORT PG_HOST:PG_PORT USER PASSWORD DATABASE POOL_SIZE")
+    };
+    let port: u16 = port.parse().unwrap_or_else(|_| die(format!("LISTEN_PORT {port:?} is not a port number")));
+    let pool: usize = pool
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| die(format!("POOL_SIZE {pool:?} is not a positive whole number")));
+    let mut greeting = message(b'R', &0u32.to_be_bytes());
+    let mut servers = Vec::new();
+    for s in 0..pool {
+        let mut params = Vec::new();
+        servers.push(login(addr, user, password, database, &mut params).unwrap_or_else(|e| die(e)));
+        if s == 0 {
+            greeting.extend_from_slice(&params);
+        }
+    }
+    greeting.extend_from_slice(&message(b'K', &[0, 0, 0, 1, 0, 0, 0, 2]));
+    greeting.extend_from_slice(&message(b'Z', b"I"));
+    let core = if tokio { "a tokio task per client" } else { "one mio event loop" };
+    eprintln!("bare_pooler: listening on 127.0.0.1:{port} with {pool} server connections to {addr}, {core}");
+    if tokio {
+        tasks::run(port, servers, greeting)
+    } else {
+        run_mio(port, servers, greeting)
     }
 }
