@@ -63,8 +63,9 @@
 #                                         the proxy: a bare transaction pooler on one event
 #                                         loop, what a minimal forwarding core costs against
 #                                         PgBouncer (docs/benchmarks.md); tokio: the same
-#                                         pooler as a tokio task per client; needs
-#                                         PGKEEL_BENCH_IDLE=0, PGKEEL_BENCH_INSTRUCTIONS=0, no SAME
+#                                         pooler as a tokio task per client (also under
+#                                         callgrind with PGKEEL_BENCH_INSTRUCTIONS=1); needs
+#                                         PGKEEL_BENCH_IDLE=0 and no SAME
 #   PGKEEL_BIN=path                       use this pgkeel binary instead of building the release one
 #   PGKEEL_BENCH_KEEP=1                   keep the work directory (logs, configs) afterwards
 #
@@ -99,8 +100,8 @@ if [ -n "$SAME" ] && { [ "$IDLE" != 0 ] || [ "$INSTRUCTIONS" != 0 ]; }; then
 fi
 BARE=${PGKEEL_BENCH_BARE:-0}
 case $BARE in 0 | 1 | tokio) ;; *) echo "bench-proxy: PGKEEL_BENCH_BARE must be 0, 1 or tokio, not '$BARE'" >&2; exit 1 ;; esac
-if [ "$BARE" != 0 ] && { [ "$IDLE" != 0 ] || [ "$INSTRUCTIONS" != 0 ] || [ -n "$SAME" ]; }; then
-    echo "bench-proxy: PGKEEL_BENCH_BARE compares pgbench runs only: set PGKEEL_BENCH_IDLE=0 and PGKEEL_BENCH_INSTRUCTIONS=0, and no PGKEEL_BENCH_SAME" >&2
+if [ "$BARE" != 0 ] && { [ "$IDLE" != 0 ] || [ -n "$SAME" ]; }; then
+    echo "bench-proxy: PGKEEL_BENCH_BARE compares pgbench runs only: set PGKEEL_BENCH_IDLE=0, and no PGKEEL_BENCH_SAME" >&2
     exit 1
 fi
 MAX_CLIENT_CONN=3000
@@ -346,6 +347,10 @@ instructions() {
         runuser -u postgres -- valgrind "${vgopts[@]}" \
             --callgrind-out-file="$dir/callgrind.out" pgbouncer "$dir/pgbouncer.ini" >"$dir/valgrind.log" 2>&1 &
         ctl="runuser -u postgres -- callgrind_control"
+    elif [ "$BARE" != 0 ]; then
+        valgrind "${vgopts[@]}" --callgrind-out-file="$dir/callgrind.out" target/release/examples/bare_pooler \
+            "${core[@]}" "$port" "127.0.0.1:$PGPORT" postgres "$PW" postgres "$POOL" >"$dir/valgrind.log" 2>&1 &
+        ctl=callgrind_control
     else
         # In $W, as the userlist path is relative to the configuration file. Under callgrind
         # a server login (SCRAM) among 32 busy clients can take longer than the default 5 s.
@@ -373,7 +378,9 @@ instructions() {
     kill "$CALLGRIND_PID" "$vg" 2>/dev/null
     wait "$CALLGRIND_PID" 2>/dev/null || true
     CALLGRIND_PID=
-    python3 - "$dir" "$t0" "$t1" "$target" "$mode" "$clients" <<'EOF'
+    local label=$target
+    if [ "$target" = pgkeel ] && [ "$BARE" != 0 ]; then label="bare($BARE)"; fi
+    python3 - "$dir" "$t0" "$t1" "$label" "$mode" "$clients" <<'EOF'
 import glob, sys
 d, t0, t1, target, mode, clients = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:]
 n = 0
