@@ -659,8 +659,11 @@ pub fn run(
     let _ = stream.set_nodelay(true);
     let stream = Stream::Plain(stream);
     let mut s = Session {
-        cfg: shared.config(),
+        // The version first: a reload between the two reads then leaves an older version
+        // with the newer configuration (read again at the first turn), never the reverse,
+        // which would keep the older configuration until the next reload.
         cfg_version: shared.config_version.load(Ordering::Acquire),
+        cfg: shared.config(),
         newest_term: 0,
         multi: false,
         shared,
@@ -1522,7 +1525,7 @@ impl Session {
     /// `max_replica_lag`, weight above 0, not failed recently; each with whether it is known
     /// to have replayed the client's last write.
     fn eligible_replicas(&self) -> Vec<(Replica, bool)> {
-        let cfg = self.shared.config();
+        let cfg = &self.cfg;
         let limit = LagLimit { bytes: cfg.max_replica_lag, time: cfg.max_replica_lag_time };
         let now = Instant::now();
         let topo = self.shared.topology.borrow();
@@ -1551,7 +1554,7 @@ impl Session {
         if self.ryw_floor == UNKNOWN_LSN {
             return None;
         }
-        let cfg = self.shared.config();
+        let cfg = &self.cfg;
         let candidates = self.eligible_replicas();
         let caught_up: Vec<&(Replica, bool)> = candidates.iter().filter(|c| c.1).collect();
         let pool: Vec<&(Replica, bool)> = if caught_up.is_empty() { candidates.iter().collect() } else { caught_up };
@@ -1632,7 +1635,8 @@ impl Session {
         if let Some(p) = pool.try_slot() {
             return Ok(p);
         }
-        let cfg = self.shared.config();
+        // The turn's configuration (see `Session::refresh`), not a fresh copy under the lock.
+        let cfg = &self.cfg;
         if let Some(i) = &self.info {
             i.waiting.store(true, Ordering::Relaxed);
         }
