@@ -366,70 +366,43 @@ impl Pooler {
     }
 }
 
-/// Logs in to postgres (SCRAM-SHA-256, md5 or trust) and returns the connection, adding the
-/// server's ParameterStatus messages to `params`.
+/// Opens `n` server connections with the proxy's own login (`ServerConn::connect`: SCRAM,
+/// md5 or trust, plain TCP, and the check that the server is a primary), and returns them
+/// with the first one's ParameterStatus messages.
 fn login(
     addr: &str,
     user: &str,
     password: &str,
     database: &str,
-    params: &mut Vec<u8>,
-) -> Result<std::net::TcpStream, String> {
-    use pgkeel_proxy::scram;
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;
-    let io = |e: std::io::Error| format!("talking to {addr}: {e}");
-    s.set_nodelay(true).map_err(io)?;
-    let mut body = PROTOCOL_3.to_be_bytes().to_vec();
-    for v in ["user", user, "database", database] {
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut startup = (body.len() as u32 + 4).to_be_bytes().to_vec();
-    startup.extend_from_slice(&body);
-    s.write_all(&startup).map_err(io)?;
-    let mut exchange = None;
-    loop {
-        let mut head = [0u8; 5];
-        s.read_exact(&mut head).map_err(io)?;
-        let len = be32(&head[1..]).checked_sub(4).filter(|&n| n <= 1 << 20).ok_or("a bad frame length")?;
-        let mut b = vec![0u8; len];
-        s.read_exact(&mut b).map_err(io)?;
-        let code = if head[0] == b'R' && len >= 4 { be32(&b) } else { usize::MAX };
-        match (head[0], code) {
-            (b'R', 0) => {}
-            (b'R', 10) => {
-                let ex = scram::ClientExchange::new(scram::ClientCredential::Password(password.into()))
-                    .map_err(|e| e.to_string())?;
-                let first = ex.client_first();
-                let mut m = b"SCRAM-SHA-256\0".to_vec();
-                m.extend_from_slice(&(first.len() as u32).to_be_bytes());
-                m.extend_from_slice(&first);
-                s.write_all(&message(b'p', &m)).map_err(io)?;
-                exchange = Some(ex);
+    n: usize,
+) -> Result<(Vec<std::net::TcpStream>, Vec<u8>), String> {
+    use pgkeel_proxy::server::{ServerAuth, ServerConn, ServerTls};
+    use pgkeel_proxy::tls::Stream;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let primary = pgkeel_proxy::topology::Primary { name: "postgres".into(), address: addr.into(), term: 0 };
+        let auth = ServerAuth {
+            user: user.into(),
+            password: Some(password.into()),
+            scram: pgkeel_proxy::scram::ClientCredential::Password(password.into()),
+            md5: None,
+            tls: ServerTls::disabled(),
+        };
+        let (mut servers, mut params) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let conn = ServerConn::connect(&primary, database, &auth, std::time::Duration::from_secs(30))
+                .await
+                .map_err(|e| e.to_string())?;
+            if servers.is_empty() {
+                for (name, value) in conn.params.iter() {
+                    params.extend_from_slice(&message(b'S', format!("{name}\0{value}\0").as_bytes()));
+                }
             }
-            (b'R', 11) => {
-                let ex = exchange.as_mut().ok_or("SASLContinue before SASL")?;
-                let last = ex.server_first(&b[4..]).map_err(|e| e.to_string())?;
-                s.write_all(&message(b'p', &last)).map_err(io)?;
-            }
-            (b'R', 12) => {
-                exchange.as_ref().ok_or("SASLFinal before SASL")?.server_final(&b[4..]).map_err(|e| e.to_string())?
-            }
-            (b'R', 5) if len >= 8 => {
-                let mut p = scram::md5_password(user, password, &[b[4], b[5], b[6], b[7]]).into_bytes();
-                p.push(0);
-                s.write_all(&message(b'p', &p)).map_err(io)?;
-            }
-            (b'R', other) => return Err(format!("authentication request {other} is not supported")),
-            (b'S', _) => params.extend_from_slice(&message(b'S', &b)),
-            (b'E', _) => return Err(format!("postgres: {}", String::from_utf8_lossy(&b).replace('\0', " "))),
-            (b'Z', _) => break,
-            _ => {}
+            let Stream::Plain(tcp) = conn.stream else { return Err("the server connection is not plain TCP".into()) };
+            servers.push(tcp.into_std().map_err(|e| e.to_string())?);
         }
-    }
-    s.set_nonblocking(true).map_err(io)?;
-    Ok(s)
+        Ok((servers, params))
+    })
 }
 
 /// The mio event loop over `servers`.
@@ -628,15 +601,9 @@ fn main() {
         .ok()
         .filter(|&n| n > 0)
         .unwrap_or_else(|| die(format!("POOL_SIZE {pool:?} is not a positive whole number")));
+    let (servers, params) = login(addr, user, password, database, pool).unwrap_or_else(|e| die(e));
     let mut greeting = message(b'R', &0u32.to_be_bytes());
-    let mut servers = Vec::new();
-    for s in 0..pool {
-        let mut params = Vec::new();
-        servers.push(login(addr, user, password, database, &mut params).unwrap_or_else(|e| die(e)));
-        if s == 0 {
-            greeting.extend_from_slice(&params);
-        }
-    }
+    greeting.extend_from_slice(&params);
     greeting.extend_from_slice(&message(b'K', &[0, 0, 0, 1, 0, 0, 0, 2]));
     greeting.extend_from_slice(&message(b'Z', b"I"));
     let core = if tokio { "a tokio task per client" } else { "one mio event loop" };
