@@ -300,7 +300,7 @@ if [ "$BARE" != 0 ]; then
     SECOND_PID=$!
     wait_port "$KPORT" "the bare pooler" || { tail -5 "$W/bare.log" >&2; exit 1; }
     KEEL_SLOT_PID=$SECOND_PID
-    echo "== PGKEEL_BENCH_BARE=$BARE: pgkeel's slot runs the bare pooler (examples/bare_pooler.rs ${core[*]}, port $KPORT)"
+    echo "== PGKEEL_BENCH_BARE=$BARE: pgkeel's slot runs the bare pooler (examples/bare_pooler.rs${core[*]:+ ${core[*]}}, port $KPORT)"
 fi
 [ -n "$SAME" ] && echo "== PGKEEL_BENCH_SAME=$SAME: both slots run $SAME (PgBouncer's slot on port $BPORT, pgkeel's on $KPORT)"
 for port in "$BPORT" "$KPORT"; do
