@@ -291,16 +291,21 @@ pgkeel)
     BOUNCER_SLOT_PID=$SECOND_PID
     ;;
 esac
+# bare_pooler PORT [COMMAND...]: the bare pooler (PGKEEL_BENCH_BARE) on PORT, run by COMMAND.
+# Only as a background job (`&`): it execs, so $! is COMMAND's (or the pooler's) pid.
+bare_pooler() {
+    local port=$1 core=()
+    shift
+    if [ "$BARE" = tokio ]; then core=(--tokio); fi
+    exec "$@" target/release/examples/bare_pooler "${core[@]}" "$port" "127.0.0.1:$PGPORT" postgres "$PW" postgres "$POOL"
+}
 if [ "$BARE" != 0 ]; then
     KPORT=$(free_port)
-    core=()
-    if [ "$BARE" = tokio ]; then core=(--tokio); fi
-    setsid target/release/examples/bare_pooler "${core[@]}" "$KPORT" "127.0.0.1:$PGPORT" postgres "$PW" postgres "$POOL" \
-        >"$W/bare.log" 2>&1 &
+    bare_pooler "$KPORT" setsid >"$W/bare.log" 2>&1 &
     SECOND_PID=$!
     wait_port "$KPORT" "the bare pooler" || { tail -5 "$W/bare.log" >&2; exit 1; }
     KEEL_SLOT_PID=$SECOND_PID
-    echo "== PGKEEL_BENCH_BARE=$BARE: pgkeel's slot runs the bare pooler (examples/bare_pooler.rs${core[*]:+ ${core[*]}}, port $KPORT)"
+    echo "== PGKEEL_BENCH_BARE=$BARE: pgkeel's slot runs the bare pooler (examples/bare_pooler.rs, port $KPORT)"
 fi
 [ -n "$SAME" ] && echo "== PGKEEL_BENCH_SAME=$SAME: both slots run $SAME (PgBouncer's slot on port $BPORT, pgkeel's on $KPORT)"
 for port in "$BPORT" "$KPORT"; do
@@ -348,8 +353,7 @@ instructions() {
             --callgrind-out-file="$dir/callgrind.out" pgbouncer "$dir/pgbouncer.ini" >"$dir/valgrind.log" 2>&1 &
         ctl="runuser -u postgres -- callgrind_control"
     elif [ "$BARE" != 0 ]; then
-        valgrind "${vgopts[@]}" --callgrind-out-file="$dir/callgrind.out" target/release/examples/bare_pooler \
-            "${core[@]}" "$port" "127.0.0.1:$PGPORT" postgres "$PW" postgres "$POOL" >"$dir/valgrind.log" 2>&1 &
+        bare_pooler "$port" valgrind "${vgopts[@]}" --callgrind-out-file="$dir/callgrind.out" >"$dir/valgrind.log" 2>&1 &
         ctl=callgrind_control
     else
         # In $W, as the userlist path is relative to the configuration file. Under callgrind

@@ -148,6 +148,33 @@ fn frames(buf: &[u8], tag: u8, status: Option<u8>) -> (usize, bool, bool) {
     (off, last, false)
 }
 
+/// What the client's opening packet at the front of `buf` is (an SSLRequest is answered with
+/// N, a startup packet lets the client in), with its length.
+enum Opening {
+    More,
+    SslRequest(usize),
+    Startup(usize),
+    Bad,
+}
+
+fn opening(buf: &[u8]) -> Opening {
+    if buf.len() < 8 {
+        return Opening::More;
+    }
+    let len = be32(buf);
+    if !(8..=BUF).contains(&len) {
+        return Opening::Bad;
+    }
+    if buf.len() < len {
+        return Opening::More;
+    }
+    match be32(&buf[4..]) as u32 {
+        SSL_REQUEST => Opening::SslRequest(len),
+        PROTOCOL_3 => Opening::Startup(len),
+        _ => Opening::Bad,
+    }
+}
+
 enum Conn {
     Client { side: Side, started: bool, queued: bool },
     Server(Side),
@@ -202,30 +229,19 @@ impl Pooler {
             return self.close_client(c);
         }
         if !*started {
-            // The startup packet (after an SSLRequest, answered with N): let the client in.
-            while side.rlen >= 8 {
-                let len = be32(&side.rbuf);
-                if !(8..=BUF).contains(&len) {
-                    return self.close_client(c);
-                }
-                if side.rlen < len {
-                    return;
-                }
-                let code = be32(&side.rbuf[4..]) as u32;
-                side.consume(len);
-                let answer: &[u8] = match code {
-                    SSL_REQUEST => b"N",
-                    PROTOCOL_3 => {
+            while !*started {
+                let (len, answer): (usize, &[u8]) = match opening(&side.rbuf[..side.rlen]) {
+                    Opening::More => return,
+                    Opening::Bad => return self.close_client(c),
+                    Opening::SslRequest(len) => (len, b"N"),
+                    Opening::Startup(len) => {
                         *started = true;
-                        &self.greeting
+                        (len, &self.greeting)
                     }
-                    _ => return self.close_client(c),
                 };
+                side.consume(len);
                 if !side.send(answer) {
                     return self.close_client(c);
-                }
-                if *started {
-                    break;
                 }
             }
             return;
@@ -437,7 +453,7 @@ fn run_mio(port: u16, servers: Vec<std::net::TcpStream>, greeting: Vec<u8>) {
 
 /// The same pooler as a tokio task per client.
 mod tasks {
-    use super::{be32, die, frames, BUF, PROTOCOL_3, SSL_REQUEST};
+    use super::{die, frames, opening, Opening, BUF};
     use std::cell::RefCell;
     use std::collections::VecDeque;
     use std::rc::Rc;
@@ -476,31 +492,21 @@ mod tasks {
 
     async fn client(mut c: TcpStream, pool: Rc<RefCell<Pool>>, greeting: Rc<Vec<u8>>) {
         let (mut cbuf, mut clen) = (vec![0u8; BUF], 0);
-        // The startup packet (after an SSLRequest, answered with N): let the client in.
-        loop {
-            if clen < 8 || clen < be32(&cbuf) {
-                if !more(&mut c, &mut cbuf, &mut clen).await {
-                    return;
+        let mut started = false;
+        while !started {
+            let (len, answer): (usize, &[u8]) = match opening(&cbuf[..clen]) {
+                Opening::More if clen < BUF && more(&mut c, &mut cbuf, &mut clen).await => continue,
+                Opening::More | Opening::Bad => return,
+                Opening::SslRequest(len) => (len, b"N"),
+                Opening::Startup(len) => {
+                    started = true;
+                    (len, &greeting)
                 }
-                continue;
-            }
-            let len = be32(&cbuf);
-            if !(8..=BUF).contains(&len) {
-                return;
-            }
-            let code = be32(&cbuf[4..]) as u32;
+            };
             cbuf.copy_within(len..clen, 0);
             clen -= len;
-            let answer: &[u8] = match code {
-                SSL_REQUEST => b"N",
-                PROTOCOL_3 => &greeting,
-                _ => return,
-            };
             if c.write_all(answer).await.is_err() {
                 return;
-            }
-            if code == PROTOCOL_3 {
-                break;
             }
         }
         let (mut sbuf, mut slen) = (vec![0u8; BUF], 0);
