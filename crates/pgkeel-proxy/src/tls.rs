@@ -148,13 +148,17 @@ impl Stream {
     }
 
     /// Whether the socket has nothing to read (no data, no EOF) right now: an idle pooled
-    /// connection. Peeks at the TCP socket without consuming anything.
+    /// connection. Peeks at the TCP socket without consuming anything, and only when tokio saw
+    /// it readable since the read that drained it (a pooled connection's last read usually
+    /// did): no system call then, and no waker stored under the socket's lock (`poll_peek`
+    /// stores one), once per transaction.
     pub fn looks_idle(&self) -> bool {
         let Some(tcp) = self.tcp() else { return false };
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut probe = [0u8; 1];
-        let mut buf = ReadBuf::new(&mut probe);
-        matches!(tcp.poll_peek(&mut cx, &mut buf), Poll::Pending)
+        let peeked = tcp.try_io(tokio::io::Interest::READABLE, || {
+            let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+            socket2::SockRef::from(tcp).peek(&mut probe)
+        });
+        matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// The plain TCP stream, leaving [`Stream::Closed`]; `None` (and the stream unchanged)
@@ -448,5 +452,28 @@ mod tests {
         // EOF stays readable (it is sticky): another read returns 0 at once.
         assert_eq!(read(&mut stream, &mut buf).await, 0);
         drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_idle_socket_looks_idle_until_bytes_or_the_end_arrive() {
+        let (stream, mut peer) = pair().await;
+        assert!(stream.looks_idle(), "a fresh socket with nothing sent");
+        let mut stream = stream;
+        peer.write_all(b"x").await.unwrap();
+        let mut buf = BytesMut::new();
+        assert_eq!(read(&mut stream, &mut buf).await, 1);
+        assert!(stream.looks_idle(), "after its bytes were read");
+
+        peer.write_all(b"late").await.unwrap();
+        stream.tcp().unwrap().readable().await.unwrap();
+        assert!(!stream.looks_idle(), "bytes nobody asked for");
+        assert!(!stream.looks_idle(), "peeking consumed nothing");
+        buf.clear();
+        assert_eq!(read(&mut stream, &mut buf).await, 4);
+        assert!(stream.looks_idle());
+
+        drop(peer);
+        stream.tcp().unwrap().readable().await.unwrap();
+        assert!(!stream.looks_idle(), "the peer closed the connection");
     }
 }
