@@ -774,6 +774,44 @@ enum Event {
     Topology,
 }
 
+/// What woke a quiet client ([`Session::poll_quiet`]).
+enum Quiet {
+    /// The idle client sent something, now in its read buffer.
+    Read,
+    /// The client sent more while its quick transaction runs (not read yet).
+    More,
+    /// The client is gone.
+    Left,
+    /// The server of the quick transaction: bytes read into its buffer, or the end.
+    Server(std::io::Result<usize>),
+    /// A kick: the topology changed, or the proxy shuts down.
+    Kick,
+}
+
+/// How a quick transaction started ([`Session::quick_start`]).
+enum Start {
+    /// Its unit is sent: the server's answer is awaited in [`Session::poll_quiet`].
+    Sent,
+    /// Every slot of this pool is in use: wait for one ([`Session::queue`]), then
+    /// [`Session::quick_queued`].
+    Queue(Arc<Pool>),
+    /// The full path ([`Session::route`]) attaches a connection (in the slot held, if any),
+    /// then the forwarding loop sends the unit.
+    Route(Option<(Slot, Instant)>),
+    /// The forwarding loop ([`Session::busy`]) takes over from here.
+    Loop,
+}
+
+/// Where a quick transaction is after a server read ([`Session::quick_answer`]).
+enum Answer {
+    /// Done: the connection is released and the client idle.
+    Idle,
+    /// More of the answer is to come.
+    Wait,
+    /// The forwarding loop carries on from here.
+    Loop,
+}
+
 /// How [`Session::pump_client`] stopped.
 enum Pumped {
     /// Every held frame it could hand on is handed on.
@@ -1473,6 +1511,28 @@ impl Session {
         Now::Attached(att)
     }
 
+    /// A server connection for the next unit, of `class`: [`Session::route_now`], after a
+    /// wait in the pool's queue when only a slot is missing, else the full path
+    /// ([`Session::route`]).
+    async fn attach(&mut self, class: Class) -> Result<Attached, Fail> {
+        let now = match self.route_now(class, None) {
+            Now::Queue(pool) => {
+                let queued = self.queue(&pool).await?;
+                self.route_now(class, Some(queued))
+            }
+            now => now,
+        };
+        // Boxed, as the release: their futures (timeouts, server queries) would otherwise be
+        // part of every session's future, idle or not.
+        match now {
+            Now::Attached(att) => Ok(att),
+            // Something changed while it waited (a new primary, a pause, ...), or the client's
+            // settings must be replayed first.
+            Now::Slow(slot) => Box::pin(self.route(class, slot)).await,
+            Now::Queue(_) => Box::pin(self.route(class, None)).await,
+        }
+    }
+
     /// [`Session::route_now`]'s case when every server connection of the pool is in use
     /// (with more clients than `pool_size`, most transactions): waits in the pool's queue
     /// ([`Session::slot`]) without the full path's other steps, and says since when.
@@ -1915,42 +1975,82 @@ impl Session {
     /// An idle client waits here, in a small future; the forwarding itself ([`Session::busy`])
     /// is boxed for as long as the client has work. A spawned future is as large as its
     /// largest state, so each idle client would otherwise keep room for the forwarding state
-    /// too (docs/benchmarks.md, "Proxy": 2,000 idle clients).
+    /// too (docs/benchmarks.md, "Proxy": 2,000 idle clients). The common short transaction
+    /// runs here too, without the loop and its box ([`Session::quick_start`]), waiting where
+    /// an idle client waits ([`Session::poll_quiet`]).
     async fn forward(&mut self) -> Result<(), Fail> {
         let mut topo_rx = self.shared.topology.clone();
         // Read by the first turn (`Session::refresh`).
         topo_rx.mark_changed();
         let mut kick = self.shared.kick.listen();
-        let mut woken = false;
+        // The forwarding loop runs next, and whether the client's socket was found readable
+        // for it.
+        let mut next = Some(false);
         loop {
-            kick.set_busy(&self.shared.kick, true);
-            if !Box::pin(self.busy(&mut topo_rx, &mut kick, woken)).await? {
-                return Ok(());
-            }
-            kick.set_busy(&self.shared.kick, false);
-            // Idle: no server attached, nothing buffered either way. The client keeps no
-            // buffers until its socket is readable (16 KiB per idle client otherwise).
-            let Stream::Plain(tcp) = &self.stream else { continue };
-            spares::give_kit(spares::Kit {
-                rbuf: std::mem::take(&mut self.rbuf),
-                wbuf: std::mem::take(&mut self.wbuf),
-            });
-            // `poll_read_ready` keeps the waker in the socket's own slot, where `readable()`
-            // would queue and unqueue a waiter under the socket's lock.
-            woken = tokio::select! {
-                biased;
-                r = std::future::poll_fn(|cx| tcp.poll_read_ready(cx)) => {
-                    if r.is_err() {
-                        // The client is gone.
-                        return Ok(());
-                    }
-                    true
+            if let Some(readable) = next.take() {
+                kick.set_busy(&self.shared.kick, true);
+                if !Box::pin(self.busy(&mut topo_rx, &mut kick, readable)).await? {
+                    return Ok(());
                 }
-                // The shutdown (busy() closes the client).
-                _ = kick.kicked(&self.shared.kick) => false,
-            };
-            let kit = spares::take_kit();
-            (self.rbuf, self.wbuf) = (kit.rbuf, kit.wbuf);
+                kick.set_busy(&self.shared.kick, false);
+            }
+            // Quiet: idle (no server attached, nothing buffered either way), or a quick
+            // transaction waits for its server. TLS clients stay in the loop.
+            if !matches!(self.stream, Stream::Plain(_)) {
+                next = Some(false);
+                continue;
+            }
+            if self.attached.is_none() {
+                // The client keeps no buffers until its socket is readable (16 KiB per idle
+                // client otherwise).
+                spares::give_kit(spares::Kit {
+                    rbuf: std::mem::take(&mut self.rbuf),
+                    wbuf: std::mem::take(&mut self.wbuf),
+                });
+            } else if let Some(att) = self.attached.as_mut() {
+                room_to_read(&mut att.conn.rbuf);
+            }
+            match std::future::poll_fn(|cx| self.poll_quiet(&mut kick, cx)).await {
+                Quiet::Left => return Ok(()),
+                Quiet::Read => {
+                    // Busy: a topology change wakes it from here on.
+                    kick.set_busy(&self.shared.kick, true);
+                    let mut start = self.quick_start(&mut topo_rx)?;
+                    if let Start::Queue(pool) = &start {
+                        // Boxed, as the loop: the wait would otherwise be part of every
+                        // session's future, idle or not.
+                        let queued = Box::pin(self.queue(pool)).await?;
+                        start = self.quick_queued(queued, &mut topo_rx)?;
+                    }
+                    match start {
+                        Start::Sent => {}
+                        Start::Route(slot) => {
+                            self.attached = Some(Box::pin(self.route(Class::Write, slot)).await?);
+                            next = Some(false);
+                        }
+                        Start::Loop | Start::Queue(_) => next = Some(false),
+                    }
+                }
+                Quiet::More => next = Some(true),
+                Quiet::Server(Ok(n)) if n > 0 => match self.quick_answer(&mut topo_rx)? {
+                    Answer::Idle => kick.set_busy(&self.shared.kick, false),
+                    Answer::Wait => {}
+                    Answer::Loop => next = Some(false),
+                },
+                // The server connection failed: the loop reads that again and says so.
+                Quiet::Server(_) => next = Some(false),
+                Quiet::Kick => {
+                    // A new primary: nothing more goes to one of an older term, as in the
+                    // loop. Then the loop, which also closes an idle client when the proxy
+                    // shuts down.
+                    self.refresh_topology(&mut topo_rx);
+                    let newest = self.newest_term;
+                    if self.attached.as_ref().is_some_and(|a| a.fenced(newest)) {
+                        return Err(self.term_changed(newest));
+                    }
+                    next = Some(false);
+                }
+            }
         }
     }
 
@@ -1961,6 +2061,160 @@ impl Session {
             && self.wbuf.is_empty()
             && self.rbuf.is_empty()
             && matches!(self.stream, Stream::Plain(_))
+    }
+
+    /// What a quiet client ([`Session::forward`]) waits for: the answer of the server while a
+    /// quick transaction runs ([`Session::quick_start`]), the client's socket, the kick. An
+    /// idle client's socket is read here once it is readable, into the buffers it takes back
+    /// for that.
+    fn poll_quiet(
+        &mut self,
+        kick: &mut crate::kick::Listener,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Quiet> {
+        let Session { attached, stream, rbuf, wbuf, shared, .. } = self;
+        let Stream::Plain(client) = &*stream else { return std::task::Poll::Ready(Quiet::Kick) };
+        // The server first, as in `wait_event`.
+        if let Some(att) = attached.as_mut() {
+            if let std::task::Poll::Ready(r) = att.conn.stream.poll_read_bytes(cx, &mut att.conn.rbuf) {
+                return std::task::Poll::Ready(Quiet::Server(r));
+            }
+        }
+        // `poll_read_ready` keeps the waker in the socket's own slot, where `readable()` would
+        // queue and unqueue a waiter under the socket's lock.
+        match client.poll_read_ready(cx) {
+            std::task::Poll::Ready(Err(_)) => return std::task::Poll::Ready(Quiet::Left),
+            // More from the client while its transaction runs: the forwarding loop reads it.
+            std::task::Poll::Ready(Ok(())) if attached.is_some() => return std::task::Poll::Ready(Quiet::More),
+            std::task::Poll::Ready(Ok(())) => {
+                let kit = spares::take_kit();
+                (*rbuf, *wbuf) = (kit.rbuf, kit.wbuf);
+                // Through `poll_read_bytes` rather than `try_read_buf`: a read that leaves room
+                // in the buffer drained the socket, and `poll_read_bytes` then clears the
+                // socket's readiness, where `try_read_buf` keeps it and the next wait would
+                // spend a `recv` on EAGAIN (one per transaction, seen with `strace -c`).
+                match stream.poll_read_bytes(cx, rbuf) {
+                    std::task::Poll::Ready(Ok(0)) | std::task::Poll::Ready(Err(_)) => {
+                        return std::task::Poll::Ready(Quiet::Left)
+                    }
+                    std::task::Poll::Ready(Ok(_)) => return std::task::Poll::Ready(Quiet::Read),
+                    // Not readable after all (and the waker is registered): idle again.
+                    std::task::Poll::Pending => {
+                        spares::give_kit(spares::Kit { rbuf: std::mem::take(rbuf), wbuf: std::mem::take(wbuf) })
+                    }
+                }
+            }
+            std::task::Poll::Pending => {}
+        }
+        kick.poll_kicked(&shared.kick, cx).map(|()| Quiet::Kick)
+    }
+
+    /// Starts the unit an idle client just sent ([`Quiet::Read`]) as a quick transaction
+    /// ([`Start`]).
+    ///
+    /// Quick: the client sent one whole unit (a simple Query, or a plain extended-protocol
+    /// unit up to its Sync, see [`Session::front_unit`]) and nothing after it, on a plain
+    /// socket, in transaction mode, not split, and a pool slot and an idle connection to the
+    /// current primary are at hand ([`Session::route_now`]). The loop would do the same for
+    /// it, in turns that each read the configuration and the topology, look at the held frames,
+    /// both buffers and the release, and wait on the client, the server and the kick at once,
+    /// in a future boxed per transaction: most of the proxy's own cost of a short transaction
+    /// (docs/benchmarks.md, "Proxy").
+    fn quick_start(&mut self, topo_rx: &mut watch::Receiver<Topology>) -> Result<Start, Fail> {
+        self.refresh(topo_rx);
+        if self.attached.is_some()
+            || !self.wbuf.is_empty()
+            || self.skip_to_sync
+            || self.cfg.pool_mode != PoolMode::Transaction
+            || self.splitting()
+            || self.shared.draining()
+            || !matches!(self.stream, Stream::Plain(_))
+        {
+            return Ok(Start::Loop);
+        }
+        self.read_held()?;
+        if self.quick_unit().is_none() {
+            return Ok(Start::Loop);
+        }
+        Ok(match self.route_now(Class::Write, None) {
+            Now::Attached(att) => self.quick_send(att, topo_rx)?,
+            Now::Queue(pool) => Start::Queue(pool),
+            // Anything else is the loop's, which routes again (a slot taken here is given back:
+            // to a client waiting for one, if any, which waited longer).
+            Now::Slow(_) => Start::Loop,
+        })
+    }
+
+    /// [`Session::quick_start`] once the client waited for a pool slot, `queued`.
+    fn quick_queued(
+        &mut self,
+        queued: (Slot, Instant),
+        topo_rx: &mut watch::Receiver<Topology>,
+    ) -> Result<Start, Fail> {
+        // As in `pump_client`, which would have waited the same way.
+        Ok(match self.route_now(Class::Write, Some(queued)) {
+            Now::Attached(att) => self.quick_send(att, topo_rx)?,
+            // Something changed while it waited (a new primary, a pause, ...), or the client's
+            // settings must be replayed first: the full path, in the slot held.
+            Now::Slow(slot) => Start::Route(slot),
+            Now::Queue(_) => Start::Route(None),
+        })
+    }
+
+    /// Sends the quick transaction's unit ([`Session::quick_unit`]) to `att`.
+    fn quick_send(&mut self, att: Attached, topo_rx: &mut watch::Receiver<Topology>) -> Result<Start, Fail> {
+        let Some((n, executes, kind)) = self.quick_unit() else {
+            // Not reached: the unit was checked before routing. The loop sends what is held.
+            self.attached = Some(att);
+            return Ok(Start::Loop);
+        };
+        self.attached = Some(att);
+        self.dispatch_unit(n, executes, None, kind);
+        // The newest term, as the loop reads it before it writes: nothing goes to a primary of
+        // an older term.
+        self.refresh_topology(topo_rx);
+        let newest = self.newest_term;
+        if self.attached.as_ref().is_some_and(|a| a.fenced(newest)) {
+            return Err(self.term_changed(newest));
+        }
+        self.write_now();
+        // What the socket did not take, the loop writes.
+        Ok(if self.attached.as_ref().is_some_and(|a| a.out.is_empty()) { Start::Sent } else { Start::Loop })
+    }
+
+    /// The server answered some of a quick transaction ([`Session::quick_start`]): forwards it
+    /// and, once the transaction is over, releases the connection as [`Session::settle`] would.
+    fn quick_answer(&mut self, topo_rx: &mut watch::Receiver<Topology>) -> Result<Answer, Fail> {
+        let full = self.pump_server()?;
+        // The newest term, for the release.
+        self.refresh_topology(topo_rx);
+        let Some(att) = self.attached.as_ref() else { return Ok(Answer::Loop) };
+        if att.clean() {
+            // The read-your-writes query, or a cancel request on its way: the loop's.
+            let ryw = att.wrote && self.cfg.read_your_writes && self.multi;
+            return Ok(if !ryw && self.release_now() && self.idle_plain() { Answer::Idle } else { Answer::Loop });
+        }
+        // The client's socket is full, or it has more to read: the loop's.
+        Ok(if full || !self.wbuf.is_empty() { Answer::Loop } else { Answer::Wait })
+    }
+
+    /// The unit [`Session::quick_start`] takes: all the client sent, as `(length, Execute count,
+    /// what ends it)`.
+    fn quick_unit(&self) -> Option<(usize, u64, Kind)> {
+        if self.held == 0 || self.held != self.rbuf.len() {
+            return None;
+        }
+        let front = self.held_front()?;
+        let (n, executes, kind) = match front.tag() {
+            // Not a route command (`SET pgkeel.route`), which the proxy answers itself.
+            b'Q' if !crate::router::may_be_route_command(front.body_slice()) => (front.len(), 1, Kind::Query),
+            b'P' | b'B' => {
+                let (n, executes) = self.front_unit()?;
+                (n, executes, Kind::Sync)
+            }
+            _ => return None,
+        };
+        (n == self.held).then_some((n, executes, kind))
     }
 
     /// The forwarding loop. `Ok(true)`: the client went idle ([`Session::idle_plain`]);
@@ -2153,23 +2407,7 @@ impl Session {
             if self.attached.is_none() {
                 let Some(class) = self.held_unit() else { break };
                 self.flush().await?;
-                // Boxed, as the release below: their futures (timeouts, server queries) would
-                // otherwise be part of every session's future, idle or not.
-                let now = match self.route_now(class, None) {
-                    Now::Queue(pool) => {
-                        let queued = self.queue(&pool).await?;
-                        self.route_now(class, Some(queued))
-                    }
-                    now => now,
-                };
-                let att = match now {
-                    Now::Attached(att) => att,
-                    // Something changed while it waited (a new primary, a pause, ...), or the
-                    // client's settings must be replayed first.
-                    Now::Slow(slot) => Box::pin(self.route(class, slot)).await?,
-                    Now::Queue(_) => Box::pin(self.route(class, None)).await?,
-                };
-                self.attached = Some(att);
+                self.attached = Some(self.attach(class).await?);
                 continue;
             }
             match self.step() {
@@ -2180,7 +2418,7 @@ impl Session {
                 Step::Reroute => Box::pin(self.release()).await,
                 Step::Dispatch(class) => {
                     if let Some((n, executes)) = self.plain_unit() {
-                        self.dispatch_unit(n, executes, class);
+                        self.dispatch_unit(n, executes, class, Kind::Sync);
                     } else {
                         // Copied to the server from where it was read: the buffer is lent
                         // out for the call (taking it leaves an unallocated one in its place).
@@ -2242,6 +2480,13 @@ impl Session {
         if att.open_batch {
             return None;
         }
+        let (n, executes) = self.front_unit()?;
+        (att.out.len() + n <= HIGH_WATER).then_some((n, executes))
+    }
+
+    /// [`Session::plain_unit`]'s frames, whatever is attached: the length and the Execute
+    /// count of the plain extended-protocol unit at the front of `held`, if there is one.
+    fn front_unit(&self) -> Option<(usize, u64)> {
         let translate = self.translating();
         let held = self.rbuf.get(..self.held)?;
         let (mut at, mut executes) = (0, 0);
@@ -2255,10 +2500,7 @@ impl Session {
                     executes += 1;
                     true
                 }
-                b'S' => {
-                    let n = at + f.len();
-                    return (at > 0 && att.out.len() + n <= HIGH_WATER).then_some((n, executes));
-                }
+                b'S' => return (at > 0).then_some((at + f.len(), executes)),
                 _ => false,
             };
             if !plain {
@@ -2271,8 +2513,9 @@ impl Session {
 
     /// Sends the unit of the first `n` held bytes, with `executes` Execute messages (see
     /// [`Session::plain_unit`]), with the bookkeeping [`Session::dispatch`] does for each of
-    /// its messages; `class` is its first message's.
-    fn dispatch_unit(&mut self, n: usize, executes: u64, class: Option<Class>) {
+    /// its messages; `class` is its first message's. `kind`: what ends it, a Sync or (one
+    /// simple Query, from [`Session::quick_start`]) the Query itself.
+    fn dispatch_unit(&mut self, n: usize, executes: u64, class: Option<Class>, kind: Kind) {
         let mut unnamed = self.unnamed_class;
         let mut write = class == Some(Class::Write);
         // Messages have classes only when splitting (`step`): then, as each one's would be.
@@ -2299,7 +2542,7 @@ impl Session {
             att.slot.pool().stats.queries.fetch_add(executes, Ordering::Relaxed);
         }
         att.out.extend_from_slice(&rbuf[..n]);
-        att.push(Expect::Client(Kind::Sync), Undo::None);
+        att.push(Expect::Client(kind), Undo::None);
         *unnamed_class = unnamed;
         *skip_to_sync = false;
         rbuf.advance(n);

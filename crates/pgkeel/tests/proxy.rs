@@ -337,6 +337,21 @@ async fn proxy_pool_limits_wait_queue_and_session_mode() {
     holder.simple_query("commit").await.unwrap();
     assert_eq!(queued.await.unwrap().as_deref(), Some("served"));
 
+    // A client that leaves while its one statement runs gives the connection up at once (it
+    // is closed, as it owes an answer), not when the statement ends: the next client is
+    // served within query_wait_timeout.
+    let leader = c.leader().await.expect("a leader");
+    let direct = connect(&c.node_dsn(&leader.0)).await.unwrap();
+    let mut leaver = Raw::connect(&p).await;
+    leaver.send(&[query("select pg_sleep(60) /* leaver */")]).await;
+    wait_for("the leaver's statement to run", Duration::from_secs(30), || async {
+        (sessions(&direct, "query like 'select pg_sleep(60) /* leaver */%'").await? > 0).then_some(())
+    })
+    .await;
+    drop(leaver);
+    let next = connect(&p.dsn()).await.unwrap();
+    assert_eq!(one(&next, "select 'after the leaver'").await.unwrap().as_deref(), Some("after the leaver"));
+
     // Session mode: the connection is the client's until it leaves, then DISCARD ALL.
     let s = Proxy::start(&c, "session", "pool_mode = \"session\"\npool_size = 1\nquery_wait_timeout = \"500ms\"").await;
     let first = connect(&s.dsn()).await.unwrap();
