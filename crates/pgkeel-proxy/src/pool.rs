@@ -108,7 +108,19 @@ impl Pool {
 
     /// A slot if one is free right now, without waiting (see [`Pool::slot`]).
     pub fn try_slot(self: &Arc<Self>) -> Option<Slot> {
-        self.lock().take_free().then(|| Slot { pool: self.clone() })
+        self.lock().take_free().then(|| Slot::new(self))
+    }
+
+    /// [`Pool::try_slot`], and with the slot an idle connection opened under `min_term` or
+    /// newer ([`Pool::take_idle`]; none when `min_term` is `None`), under one lock.
+    pub fn try_slot_idle(self: &Arc<Self>, min_term: Option<u64>) -> Option<(Slot, Option<Box<ServerConn>>)> {
+        let mut s = self.lock();
+        if !s.take_free() {
+            return None;
+        }
+        let conn = min_term.and_then(|t| s.take_idle(t));
+        drop(s);
+        Some((Slot::new(self), conn))
     }
 
     /// Waits for a slot, at most until `since + timeout`; `since` is when the client started
@@ -119,7 +131,7 @@ impl Pool {
         let waiter = {
             let mut s = self.lock();
             if s.take_free() {
-                return Ok(Slot { pool: self.clone() });
+                return Ok(Slot::new(self));
             }
             let deadline = since.checked_add(timeout).unwrap_or(since + Duration::from_secs(86_400 * 365));
             let waiter = Arc::new(Waiter { since, deadline, state: Mutex::new(Wait::Queued(None)) });
@@ -141,9 +153,11 @@ impl Pool {
         WaitSlot { pool: self, waiter, done: false }.await
     }
 
-    /// Gives a slot up: to the client that has waited longest, if any.
-    fn release(self: &Arc<Self>) {
+    /// Gives a slot up: to the client that has waited longest, if any. `conn`: a clean
+    /// connection going back to the idle list first, under the same lock.
+    fn release(self: &Arc<Self>, conn: Option<Box<ServerConn>>) {
         let mut s = self.lock();
+        s.idle.extend(conn);
         if s.held <= s.size {
             if let Some(w) = s.next_waiter() {
                 drop(s);
@@ -247,14 +261,7 @@ impl Pool {
     /// An idle connection opened under `term` or newer that still looks healthy; older or
     /// broken ones are closed on the way.
     pub fn take_idle(&self, min_term: u64) -> Option<Box<ServerConn>> {
-        let mut s = self.lock();
-        while let Some(c) = s.idle.pop() {
-            if c.term >= min_term && c.looks_idle() {
-                return Some(c);
-            }
-            tracing::debug!(server = ?c, "closing a stale idle server connection");
-        }
-        None
+        self.lock().take_idle(min_term)
     }
 
     /// Returns a clean connection to the pool; its slot stays with the caller.
@@ -353,6 +360,17 @@ struct State {
 }
 
 impl State {
+    /// [`Pool::take_idle`] under the pool's lock.
+    fn take_idle(&mut self, min_term: u64) -> Option<Box<ServerConn>> {
+        while let Some(c) = self.idle.pop() {
+            if c.term >= min_term && c.looks_idle() {
+                return Some(c);
+            }
+            tracing::debug!(server = ?c, "closing a stale idle server connection");
+        }
+        None
+    }
+
     /// Takes a free slot, if there is one.
     fn take_free(&mut self) -> bool {
         let free = self.held < self.size;
@@ -407,24 +425,30 @@ pub struct TimedOut;
 #[derive(Debug)]
 pub struct Slot {
     pool: Arc<Pool>,
+    /// The connection [`Slot::put_back`] returns with the slot.
+    back: Option<Box<ServerConn>>,
 }
 
 impl Slot {
+    fn new(pool: &Arc<Pool>) -> Slot {
+        Slot { pool: pool.clone(), back: None }
+    }
+
     /// The pool it is a slot of.
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
     }
 
     /// Returns a clean connection to the pool, then gives the slot up (to the client that
-    /// has waited longest, if any).
-    pub fn put_back(self, conn: Box<ServerConn>) {
-        self.pool.put_idle(conn);
+    /// has waited longest, if any), under one lock of the pool.
+    pub fn put_back(mut self, conn: Box<ServerConn>) {
+        self.back = Some(conn);
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.pool.release();
+        self.pool.release(self.back.take());
     }
 }
 
@@ -446,7 +470,7 @@ impl Future for WaitSlot<'_> {
                 }
                 return Poll::Pending;
             }
-            Wait::Granted => Ok(Slot { pool: self.pool.clone() }),
+            Wait::Granted => Ok(Slot::new(self.pool)),
             Wait::TimedOut => Err(TimedOut),
         };
         self.done = true;
@@ -464,7 +488,7 @@ impl Drop for WaitSlot<'_> {
         if granted {
             // Handed a slot it will not use: the next client's.
             drop(s);
-            self.pool.release();
+            self.pool.release(None);
         } else if let Some(i) = s.waiters.iter().position(|w| Arc::ptr_eq(w, &self.waiter)) {
             s.waiters.remove(i);
         }

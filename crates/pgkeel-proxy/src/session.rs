@@ -793,14 +793,18 @@ enum Start {
     /// Its unit is sent: the server's answer is awaited in [`Session::poll_quiet`].
     Sent,
     /// Every slot of this pool is in use: wait for one ([`Session::queue`]), then
-    /// [`Session::quick_queued`].
-    Queue(Arc<Pool>),
+    /// [`Session::quick_queued`] with the unit.
+    Queue(Arc<Pool>, QuickUnit),
     /// The full path ([`Session::route`]) attaches a connection (in the slot held, if any),
     /// then the forwarding loop sends the unit.
     Route(Option<(Slot, Instant)>),
     /// The forwarding loop ([`Session::busy`]) takes over from here.
     Loop,
 }
+
+/// A quick transaction's unit ([`Session::quick_unit`]): its length, its Execute count and
+/// what ends it.
+type QuickUnit = (usize, u64, Kind);
 
 /// Where a quick transaction is after a server read ([`Session::quick_answer`]).
 enum Answer {
@@ -1487,14 +1491,16 @@ impl Session {
             return Now::Slow(None);
         }
         // Since when the client waited for the slot; `None`: it did not (no clock read).
-        let (slot, since) = match queued {
-            Some((slot, since)) => (slot, Some(since)),
-            None => match pool.try_slot() {
-                Some(p) => (p, None),
+        // Without waiting, the slot and the idle connection are taken under one lock.
+        let min_term = self.idle_primary_term();
+        let (slot, since, conn) = match queued {
+            Some((slot, since)) => (slot, Some(since), min_term.and_then(|t| pool.take_idle(t))),
+            None => match pool.try_slot_idle(min_term) {
+                Some((p, conn)) => (p, None, conn),
                 None => return Now::Queue(pool.clone()),
             },
         };
-        let Some(mut conn) = self.idle_primary_conn(pool) else {
+        let Some(mut conn) = conn else {
             return Now::Slow(Some((slot, since.unwrap_or_else(Instant::now))));
         };
         if !self.desired.matched_by(&mut conn.params) {
@@ -1776,9 +1782,15 @@ impl Session {
     /// An idle connection of `pool` to the current primary, if there is one (usually): taken
     /// without copying the topology.
     fn idle_primary_conn(&self, pool: &Pool) -> Option<Box<ServerConn>> {
+        pool.take_idle(self.idle_primary_term()?)
+    }
+
+    /// The oldest term an idle primary connection may have been opened under to be reused;
+    /// `None` while no primary is known.
+    fn idle_primary_term(&self) -> Option<u64> {
         let topo = self.shared.topology.borrow();
         let primary = topo.primary.as_ref()?;
-        pool.take_idle(topo.newest_term.max(primary.term))
+        Some(topo.newest_term.max(primary.term))
     }
 
     /// Takes a primary connection for this client: waits for a pool slot (at most
@@ -2016,11 +2028,11 @@ impl Session {
                     // Busy: a topology change wakes it from here on.
                     kick.set_busy(&self.shared.kick, true);
                     let mut start = self.quick_start(&mut topo_rx)?;
-                    if let Start::Queue(pool) = &start {
+                    if let Start::Queue(pool, unit) = &start {
                         // Boxed, as the loop: the wait would otherwise be part of every
                         // session's future, idle or not.
                         let queued = Box::pin(self.queue(pool)).await?;
-                        start = self.quick_queued(queued, &mut topo_rx)?;
+                        start = self.quick_queued(queued, *unit, &mut topo_rx)?;
                     }
                     match start {
                         Start::Sent => {}
@@ -2028,7 +2040,7 @@ impl Session {
                             self.attached = Some(Box::pin(self.route(Class::Write, slot)).await?);
                             next = Some(false);
                         }
-                        Start::Loop | Start::Queue(_) => next = Some(false),
+                        Start::Loop | Start::Queue(..) => next = Some(false),
                     }
                 }
                 Quiet::More => next = Some(true),
@@ -2133,12 +2145,10 @@ impl Session {
             return Ok(Start::Loop);
         }
         self.read_held()?;
-        if self.quick_unit().is_none() {
-            return Ok(Start::Loop);
-        }
+        let Some(unit) = self.quick_unit() else { return Ok(Start::Loop) };
         Ok(match self.route_now(Class::Write, None) {
-            Now::Attached(att) => self.quick_send(att, topo_rx)?,
-            Now::Queue(pool) => Start::Queue(pool),
+            Now::Attached(att) => self.quick_send(att, unit, topo_rx)?,
+            Now::Queue(pool) => Start::Queue(pool, unit),
             // Anything else is the loop's, which routes again (a slot taken here is given back:
             // to a client waiting for one, if any, which waited longer).
             Now::Slow(_) => Start::Loop,
@@ -2149,11 +2159,12 @@ impl Session {
     fn quick_queued(
         &mut self,
         queued: (Slot, Instant),
+        unit: QuickUnit,
         topo_rx: &mut watch::Receiver<Topology>,
     ) -> Result<Start, Fail> {
         // As in `pump_client`, which would have waited the same way.
         Ok(match self.route_now(Class::Write, Some(queued)) {
-            Now::Attached(att) => self.quick_send(att, topo_rx)?,
+            Now::Attached(att) => self.quick_send(att, unit, topo_rx)?,
             // Something changed while it waited (a new primary, a pause, ...), or the client's
             // settings must be replayed first: the full path, in the slot held.
             Now::Slow(slot) => Start::Route(slot),
@@ -2161,13 +2172,13 @@ impl Session {
         })
     }
 
-    /// Sends the quick transaction's unit ([`Session::quick_unit`]) to `att`.
-    fn quick_send(&mut self, att: Attached, topo_rx: &mut watch::Receiver<Topology>) -> Result<Start, Fail> {
-        let Some((n, executes, kind)) = self.quick_unit() else {
-            // Not reached: the unit was checked before routing. The loop sends what is held.
-            self.attached = Some(att);
-            return Ok(Start::Loop);
-        };
+    /// Sends the quick transaction's unit ([`Session::quick_unit`], all that is held) to `att`.
+    fn quick_send(
+        &mut self,
+        att: Attached,
+        (n, executes, kind): QuickUnit,
+        topo_rx: &mut watch::Receiver<Topology>,
+    ) -> Result<Start, Fail> {
         self.attached = Some(att);
         self.dispatch_unit(n, executes, None, kind);
         // The newest term, as the loop reads it before it writes: nothing goes to a primary of
@@ -2200,7 +2211,7 @@ impl Session {
 
     /// The unit [`Session::quick_start`] takes: all the client sent, as `(length, Execute count,
     /// what ends it)`.
-    fn quick_unit(&self) -> Option<(usize, u64, Kind)> {
+    fn quick_unit(&self) -> Option<QuickUnit> {
         if self.held == 0 || self.held != self.rbuf.len() {
             return None;
         }
@@ -2699,7 +2710,11 @@ impl Session {
             }
             match decoder.frame_len(&rbuf[at..]) {
                 Ok(Some(n)) => {
-                    self.on_server_frame(&rbuf, at..at + n, &mut pass, translate);
+                    if self.attached.as_ref().is_some_and(|a| passes_through(a, rbuf[at])) {
+                        pass_on(&mut self.wbuf, &rbuf, at..at + n, &mut pass);
+                    } else {
+                        self.on_server_frame(&rbuf, at..at + n, &mut pass, translate);
+                    }
                     at += n;
                 }
                 Ok(None) => break,
@@ -3179,6 +3194,18 @@ fn drain_synthetic(
 ) {
     if synthetic_next(att) {
         drain_synthetic_slow(att, statements, wbuf, skip_to_sync);
+    }
+}
+
+/// Whether a server message with `tag` only goes on to the client, as
+/// [`Session::on_server_frame`] would forward it with nothing to note: a DataRow, or a
+/// RowDescription that does not answer a Describe, for a client's message. Checked for every
+/// server message: most of a result is these.
+#[inline]
+fn passes_through(att: &Attached, tag: u8) -> bool {
+    match att.queue.front().map(|e| &e.expect) {
+        Some(Expect::Client(kind)) => tag == b'D' || (tag == b'T' && *kind != Kind::Describe),
+        _ => false,
     }
 }
 
