@@ -759,8 +759,9 @@ struct Session {
 /// What [`Session::route_now`] found.
 enum Now {
     Attached(Attached),
-    /// Only a free slot in this pool is missing: wait for one ([`Session::queue`]).
-    Queue(Arc<Pool>),
+    /// Only a free slot in the client's pool is missing: wait for one
+    /// ([`Session::attach_queued`]).
+    Queue,
     /// Take the full path ([`Session::route`]), with the pool slot already held, if any: a
     /// client that waited for it keeps its turn.
     Slow(Option<(Slot, Instant)>),
@@ -792,12 +793,9 @@ enum Quiet {
 enum Start {
     /// Its unit is sent: the server's answer is awaited in [`Session::poll_quiet`].
     Sent,
-    /// Every slot of this pool is in use: wait for one ([`Session::queue`]), then
-    /// [`Session::quick_queued`] with the unit.
-    Queue(Arc<Pool>, QuickUnit),
-    /// The full path ([`Session::route`]) attaches a connection (in the slot held, if any),
-    /// then the forwarding loop sends the unit.
-    Route(Option<(Slot, Instant)>),
+    /// Every slot of the client's pool is in use: wait for one ([`Session::attach_queued`]),
+    /// then send the unit ([`Session::quick_send`]).
+    Queue,
     /// The forwarding loop ([`Session::busy`]) takes over from here.
     Loop,
 }
@@ -1497,7 +1495,7 @@ impl Session {
             Some((slot, since)) => (slot, Some(since), min_term.and_then(|t| pool.take_idle(t))),
             None => match pool.try_slot_idle(min_term) {
                 Some((p, conn)) => (p, None, conn),
-                None => return Now::Queue(pool.clone()),
+                None => return Now::Queue,
             },
         };
         let Some(mut conn) = conn else {
@@ -1521,21 +1519,26 @@ impl Session {
     /// wait in the pool's queue when only a slot is missing, else the full path
     /// ([`Session::route`]).
     async fn attach(&mut self, class: Class) -> Result<Attached, Fail> {
-        let now = match self.route_now(class, None) {
-            Now::Queue(pool) => {
-                let queued = self.queue(&pool).await?;
-                self.route_now(class, Some(queued))
-            }
-            now => now,
-        };
-        // Boxed, as the release: their futures (timeouts, server queries) would otherwise be
-        // part of every session's future, idle or not.
-        match now {
+        match self.route_now(class, None) {
+            Now::Attached(att) => Ok(att),
+            Now::Queue => self.attach_queued(class).await,
+            // Boxed, as the release: their futures (timeouts, server queries) would otherwise
+            // be part of every session's future, idle or not.
+            Now::Slow(slot) => Box::pin(self.route(class, slot)).await,
+        }
+    }
+
+    /// [`Session::attach`] once [`Session::route_now`] found every slot of the client's pool
+    /// in use: waits for one ([`Session::queue`]), then routes in it.
+    async fn attach_queued(&mut self, class: Class) -> Result<Attached, Fail> {
+        let pool = self.pool.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "no pool"))?;
+        let queued = self.queue(&pool).await?;
+        match self.route_now(class, Some(queued)) {
             Now::Attached(att) => Ok(att),
             // Something changed while it waited (a new primary, a pause, ...), or the client's
             // settings must be replayed first.
             Now::Slow(slot) => Box::pin(self.route(class, slot)).await,
-            Now::Queue(_) => Box::pin(self.route(class, None)).await,
+            Now::Queue => Box::pin(self.route(class, None)).await,
         }
     }
 
@@ -2028,19 +2031,21 @@ impl Session {
                     // Busy: a topology change wakes it from here on.
                     kick.set_busy(&self.shared.kick, true);
                     let mut start = self.quick_start(&mut topo_rx)?;
-                    if let Start::Queue(pool, unit) = &start {
-                        // Boxed, as the loop: the wait would otherwise be part of every
-                        // session's future, idle or not.
-                        let queued = Box::pin(self.queue(pool)).await?;
-                        start = self.quick_queued(queued, *unit, &mut topo_rx)?;
+                    if matches!(start, Start::Queue) {
+                        // Boxed: the wait would otherwise be part of every session's future,
+                        // idle or not.
+                        let att = Box::pin(self.attach_queued(Class::Write)).await?;
+                        start = match self.quick_unit() {
+                            Some(unit) => self.quick_send(att, unit, &mut topo_rx)?,
+                            // Not reached: what is held did not change. The loop sends it.
+                            None => {
+                                self.attached = Some(att);
+                                Start::Loop
+                            }
+                        };
                     }
-                    match start {
-                        Start::Sent => {}
-                        Start::Route(slot) => {
-                            self.attached = Some(Box::pin(self.route(Class::Write, slot)).await?);
-                            next = Some(false);
-                        }
-                        Start::Loop | Start::Queue(..) => next = Some(false),
+                    if !matches!(start, Start::Sent) {
+                        next = Some(false);
                     }
                 }
                 Quiet::More => next = Some(true),
@@ -2085,7 +2090,8 @@ impl Session {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Quiet> {
         let Session { attached, stream, rbuf, wbuf, shared, .. } = self;
-        let Stream::Plain(client) = &*stream else { return std::task::Poll::Ready(Quiet::Kick) };
+        // Not reached (`forward` waits here for plain sockets only): the loop takes the others.
+        let Stream::Plain(client) = &*stream else { return std::task::Poll::Ready(Quiet::More) };
         // The server first, as in `wait_event`.
         if let Some(att) = attached.as_mut() {
             if let std::task::Poll::Ready(r) = att.conn.stream.poll_read_bytes(cx, &mut att.conn.rbuf) {
@@ -2148,27 +2154,10 @@ impl Session {
         let Some(unit) = self.quick_unit() else { return Ok(Start::Loop) };
         Ok(match self.route_now(Class::Write, None) {
             Now::Attached(att) => self.quick_send(att, unit, topo_rx)?,
-            Now::Queue(pool) => Start::Queue(pool, unit),
+            Now::Queue => Start::Queue,
             // Anything else is the loop's, which routes again (a slot taken here is given back:
             // to a client waiting for one, if any, which waited longer).
             Now::Slow(_) => Start::Loop,
-        })
-    }
-
-    /// [`Session::quick_start`] once the client waited for a pool slot, `queued`.
-    fn quick_queued(
-        &mut self,
-        queued: (Slot, Instant),
-        unit: QuickUnit,
-        topo_rx: &mut watch::Receiver<Topology>,
-    ) -> Result<Start, Fail> {
-        // As in `pump_client`, which would have waited the same way.
-        Ok(match self.route_now(Class::Write, Some(queued)) {
-            Now::Attached(att) => self.quick_send(att, unit, topo_rx)?,
-            // Something changed while it waited (a new primary, a pause, ...), or the client's
-            // settings must be replayed first: the full path, in the slot held.
-            Now::Slow(slot) => Start::Route(slot),
-            Now::Queue(_) => Start::Route(None),
         })
     }
 
