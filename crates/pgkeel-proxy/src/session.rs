@@ -1998,13 +1998,12 @@ impl Session {
         // Read by the first turn (`Session::refresh`).
         topo_rx.mark_changed();
         let mut kick = self.shared.kick.listen();
-        // The forwarding loop runs next, and whether the client's socket was found readable
-        // for it.
-        let mut next = Some(false);
+        // The forwarding loop runs next (first, for what the client sent with its login).
+        let mut to_loop = true;
         loop {
-            if let Some(readable) = next.take() {
+            if std::mem::take(&mut to_loop) {
                 kick.set_busy(&self.shared.kick, true);
-                if !Box::pin(self.busy(&mut topo_rx, &mut kick, readable)).await? {
+                if !Box::pin(self.busy(&mut topo_rx, &mut kick)).await? {
                     return Ok(());
                 }
                 kick.set_busy(&self.shared.kick, false);
@@ -2012,18 +2011,17 @@ impl Session {
             // Quiet: idle (no server attached, nothing buffered either way), or a quick
             // transaction waits for its server. TLS clients stay in the loop.
             if !matches!(self.stream, Stream::Plain(_)) {
-                next = Some(false);
+                to_loop = true;
                 continue;
             }
-            if self.attached.is_none() {
+            match self.attached.as_mut() {
                 // The client keeps no buffers until its socket is readable (16 KiB per idle
                 // client otherwise).
-                spares::give_kit(spares::Kit {
+                None => spares::give_kit(spares::Kit {
                     rbuf: std::mem::take(&mut self.rbuf),
                     wbuf: std::mem::take(&mut self.wbuf),
-                });
-            } else if let Some(att) = self.attached.as_mut() {
-                room_to_read(&mut att.conn.rbuf);
+                }),
+                Some(att) => room_to_read(&mut att.conn.rbuf),
             }
             match std::future::poll_fn(|cx| self.poll_quiet(&mut kick, cx)).await {
                 Quiet::Left => return Ok(()),
@@ -2044,18 +2042,17 @@ impl Session {
                             }
                         };
                     }
-                    if !matches!(start, Start::Sent) {
-                        next = Some(false);
-                    }
+                    to_loop = !matches!(start, Start::Sent);
                 }
-                Quiet::More => next = Some(true),
+                // The loop reads it.
+                Quiet::More => to_loop = true,
                 Quiet::Server(Ok(n)) if n > 0 => match self.quick_answer(&mut topo_rx)? {
                     Answer::Idle => kick.set_busy(&self.shared.kick, false),
                     Answer::Wait => {}
-                    Answer::Loop => next = Some(false),
+                    Answer::Loop => to_loop = true,
                 },
                 // The server connection failed: the loop reads that again and says so.
-                Quiet::Server(_) => next = Some(false),
+                Quiet::Server(_) => to_loop = true,
                 Quiet::Kick => {
                     // A new primary: nothing more goes to one of an older term, as in the
                     // loop. Then the loop, which also closes an idle client when the proxy
@@ -2065,7 +2062,7 @@ impl Session {
                     if self.attached.as_ref().is_some_and(|a| a.fenced(newest)) {
                         return Err(self.term_changed(newest));
                     }
-                    next = Some(false);
+                    to_loop = true;
                 }
             }
         }
@@ -2139,14 +2136,13 @@ impl Session {
     /// in a future boxed per transaction: most of the proxy's own cost of a short transaction
     /// (docs/benchmarks.md, "Proxy").
     fn quick_start(&mut self, topo_rx: &mut watch::Receiver<Topology>) -> Result<Start, Fail> {
+        // No server is attached and nothing is buffered for the client here: it was idle on
+        // a plain socket.
         self.refresh(topo_rx);
-        if self.attached.is_some()
-            || !self.wbuf.is_empty()
-            || self.skip_to_sync
+        if self.skip_to_sync
             || self.cfg.pool_mode != PoolMode::Transaction
             || self.splitting()
             || self.shared.draining()
-            || !matches!(self.stream, Stream::Plain(_))
         {
             return Ok(Start::Loop);
         }
@@ -2218,29 +2214,13 @@ impl Session {
     }
 
     /// The forwarding loop. `Ok(true)`: the client went idle ([`Session::idle_plain`]);
-    /// `Ok(false)`: it left. `readable`: the client's socket was found readable, so it is read
-    /// before the client counts as idle again.
+    /// `Ok(false)`: it left. An idle client's socket is read where it waits
+    /// ([`Session::poll_quiet`]), so the loop is entered with what it read, if anything.
     async fn busy(
         &mut self,
         topo_rx: &mut watch::Receiver<Topology>,
         kick: &mut crate::kick::Listener,
-        mut readable: bool,
     ) -> Result<bool, Fail> {
-        if readable {
-            // Woken because the idle client's socket is readable: read it now, without a
-            // round through `wait_event`. Through `poll_read_bytes` rather than
-            // `try_read_buf`: a read that leaves room in the buffer drained the socket, and
-            // `poll_read_bytes` then clears the socket's readiness, where `try_read_buf` keeps
-            // it and the next `wait_event` would spend a `recv` on EAGAIN (one per
-            // transaction, seen with `strace -c`).
-            room_to_read(&mut self.rbuf);
-            let (stream, rbuf) = (&mut self.stream, &mut self.rbuf);
-            match std::future::poll_fn(|cx| std::task::Poll::Ready(stream.poll_read_bytes(cx, rbuf))).await {
-                std::task::Poll::Ready(Ok(0)) | std::task::Poll::Ready(Err(_)) => return Ok(false),
-                std::task::Poll::Ready(Ok(_)) => readable = false,
-                std::task::Poll::Pending => {}
-            }
-        }
         loop {
             self.refresh(topo_rx);
             // Shutting down: a client between transactions (or, in session mode, outside one)
@@ -2283,7 +2263,7 @@ impl Session {
             {
                 continue;
             }
-            if !std::mem::take(&mut readable) && self.idle_plain() {
+            if self.idle_plain() {
                 return Ok(true);
             }
             if let Some(e) = self.wait_event(kick).await {

@@ -456,9 +456,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_socket_looks_idle_until_bytes_or_the_end_arrive() {
-        let (stream, mut peer) = pair().await;
+        let (mut stream, mut peer) = pair().await;
         assert!(stream.looks_idle(), "a fresh socket with nothing sent");
-        let mut stream = stream;
         peer.write_all(b"x").await.unwrap();
         let mut buf = BytesMut::new();
         assert_eq!(read(&mut stream, &mut buf).await, 1);
