@@ -2698,7 +2698,7 @@ impl Session {
         if let Some(r) = pass {
             // Straight from the server's buffer: what the socket does not take now is copied.
             let sent = match &self.stream {
-                Stream::Plain(tcp) => tcp.try_write(&rbuf[r.clone()]).unwrap_or(0),
+                Stream::Plain(tcp) => crate::tls::try_send(tcp, &rbuf[r.clone()]).unwrap_or(0),
                 // TLS streams are written by `pump`; an error is left for the next write.
                 _ => 0,
             };
@@ -2953,14 +2953,14 @@ impl Session {
     fn write_now(&mut self) {
         if !self.wbuf.is_empty() {
             if let Stream::Plain(tcp) = &self.stream {
-                if let Ok(n) = tcp.try_write(&self.wbuf) {
+                if let Ok(n) = crate::tls::try_send(tcp, &self.wbuf) {
                     self.wbuf.advance(n);
                 }
             }
         }
         if let Some(att) = self.attached.as_mut().filter(|a| !a.out.is_empty()) {
             if let Stream::Plain(tcp) = &att.conn.stream {
-                if let Ok(n) = tcp.try_write(&att.out) {
+                if let Ok(n) = crate::tls::try_send(tcp, &att.out) {
                     att.out.advance(n);
                 }
             }

@@ -44,13 +44,6 @@ pub enum Stream {
 /// At most this much is read from a plain socket at once ([`poll_read_plain`]).
 const READ_CHUNK: usize = 16 * 1024;
 
-thread_local! {
-    /// Where [`poll_read_plain`] receives into before copying to the caller's buffer: reading
-    /// into a `BytesMut`'s uninitialised spare room directly would take `unsafe` code.
-    static SCRATCH: std::cell::RefCell<Box<[u8; READ_CHUNK]>> =
-        std::cell::RefCell::new(Box::new([0; READ_CHUNK]));
-}
-
 /// Reads a plain socket into the spare capacity of `buf` (some of it), as tokio's
 /// `poll_read` does, for less: with tokio's `try_io` straight away when the socket is known
 /// readable, waiting (`poll_read_ready`) only when it is not. As `poll_read`, a read that
@@ -59,35 +52,24 @@ thread_local! {
 /// Uses a unit of tokio's cooperative budget per read, as `poll_read` does, so a session
 /// whose sockets always have data still yields to others now and then.
 fn poll_read_plain(tcp: &TcpStream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
-    use std::io::Read;
     let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
     let want = (buf.capacity() - buf.len()).min(READ_CHUNK);
     loop {
         let mut drained = None;
         let read = tcp.try_io(tokio::io::Interest::READABLE, || {
-            SCRATCH.with_borrow_mut(|scratch| {
-                let n = (&*socket2::SockRef::from(tcp)).read(&mut scratch[..want])?;
-                buf.extend_from_slice(&scratch[..n]);
-                if n < want {
-                    // Short: report WouldBlock to `try_io` so that it clears the readiness
-                    // (under the readiness tick it read before this `recv`, so an event that
-                    // came meanwhile is kept), and hand `n` over here.
-                    drained = Some(n);
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(n)
-            })
-        });
-        match read {
-            Ok(n) => {
-                coop.made_progress();
-                return Poll::Ready(Ok(n));
+            let n = recv_spare(tcp, buf, want)?;
+            if n < want {
+                // Short: report WouldBlock to `try_io` so that it clears the readiness
+                // (under the readiness tick it read before this `recv`, so an event that
+                // came meanwhile is kept), and hand `n` over here.
+                drained = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Some(n) = drained {
-                    coop.made_progress();
-                    return Poll::Ready(Ok(n));
-                }
+            Ok(n)
+        });
+        let n = match (read, drained) {
+            (_, Some(n)) | (Ok(n), None) => n,
+            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Not readable (as far as tokio knows, or the `recv` said EAGAIN): wait.
                 match tcp.poll_read_ready(cx) {
                     Poll::Ready(Ok(())) => continue,
@@ -95,13 +77,41 @@ fn poll_read_plain(tcp: &TcpStream, cx: &mut Context<'_>, buf: &mut BytesMut) ->
                     Poll::Pending => return Poll::Pending,
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
+            (Err(e), None) if e.kind() == io::ErrorKind::Interrupted => continue,
+            (Err(e), None) => {
                 coop.made_progress();
                 return Poll::Ready(Err(e));
             }
-        }
+        };
+        coop.made_progress();
+        return Poll::Ready(Ok(n));
     }
+}
+
+/// One `recv` of at most `want` bytes into the spare capacity of `buf` (which has that
+/// much), appended to it: the byte count.
+///
+/// rustix makes the system call itself. The C library's `recv` and `send` are cancellation
+/// points, and in a process with more than one thread (the local DCS store's file operations
+/// run on tokio's blocking threads) each call switches the thread's cancellation type on and
+/// off around the system call: about 60 instructions of the proxy's own per call, four calls
+/// per transaction (docs/benchmarks.md, "Proxy").
+fn recv_spare(tcp: &TcpStream, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    let want = want.min(spare.len());
+    let ((filled, _), _) = rustix::net::recv(tcp, &mut spare[..want], rustix::net::RecvFlags::empty())?;
+    let n = filled.len();
+    // SAFETY: `recv` initialised the first `n` bytes of the spare capacity (`filled`), and
+    // `n <= want <= spare.len()`, so the new length stays within the capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// Writes some of `data` to a plain socket without waiting (as tokio's `try_write`): the
+/// byte count, `WouldBlock` when the socket takes nothing now. See [`recv_spare`] for why
+/// rustix.
+pub fn try_send(tcp: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    tcp.try_io(tokio::io::Interest::WRITABLE, || Ok(rustix::net::send(tcp, data, rustix::net::SendFlags::NOSIGNAL)?))
 }
 
 impl std::fmt::Debug for Stream {
@@ -452,6 +462,55 @@ mod tests {
         // EOF stays readable (it is sticky): another read returns 0 at once.
         assert_eq!(read(&mut stream, &mut buf).await, 0);
         drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn try_send_writes_what_the_socket_takes_and_reports_a_full_one() {
+        let (stream, mut peer) = pair().await;
+        let tcp = stream.tcp().unwrap();
+        assert_eq!(try_send(tcp, b"hello").unwrap(), 5);
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+
+        // Nobody reads: the socket fills up, then takes nothing and says so.
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0;
+        let full = (0..1024)
+            .find_map(|_| match try_send(tcp, &chunk) {
+                Ok(n) => {
+                    sent += n;
+                    None
+                }
+                Err(e) => Some(e),
+            })
+            .expect("an unread socket fills up (64 MiB went in)");
+        assert_eq!(full.kind(), io::ErrorKind::WouldBlock);
+        // Everything it said it took arrives.
+        let mut received = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        while received < sent {
+            received += peer.read(&mut buf).await.unwrap();
+        }
+        assert_eq!(received, sent);
+
+        // A peer that is gone: an error, not a signal.
+        drop(peer);
+        let mut failed = None;
+        for _ in 0..100 {
+            tcp.writable().await.unwrap();
+            if let Err(e) = try_send(tcp, b"x") {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let e = failed.expect("sending to a closed peer fails");
+        assert!(
+            matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset),
+            "unexpected error: {e}"
+        );
     }
 
     #[tokio::test]
