@@ -179,6 +179,8 @@ pub struct ServerConn {
     /// The write buffer of the client attached to it, kept between attachments so that a
     /// transaction does not allocate one (see `session::Attached`).
     pub spare_out: BytesMut,
+    /// The (empty) queue of what it owes, kept between attachments likewise.
+    pub(crate) spare_queue: std::collections::VecDeque<crate::session::Entry>,
     /// Its `SHOW SERVERS` row while attached, built once (see [`crate::pool::Pool::track`]).
     pub(crate) live: Option<std::sync::Arc<crate::pool::Live>>,
     /// Where cancel requests for it go, built once (see [`ServerConn::lend_cancel_target`]);
@@ -291,6 +293,7 @@ impl ServerConn {
             statements: ServerStatements::default(),
             decoder: BackendDecoder::default(),
             spare_out: BytesMut::new(),
+            spare_queue: std::collections::VecDeque::new(),
             live: None,
             cancel: None,
             cancel_lent: 0,

@@ -451,13 +451,17 @@ enum Undo {
 /// every message of every transaction is pushed and popped, and the bookkeeping to revert is
 /// rare (named prepared statements).
 #[derive(Debug)]
-struct Entry {
+pub(crate) struct Entry {
     expect: Expect,
     /// `None` for `Undo::None`.
     undo: Option<Box<Undo>>,
 }
 
 const _: () = assert!(std::mem::size_of::<Entry>() <= 24, "queue entries are moved per message: keep them small");
+
+/// The longest queue of what a server owes that an idle connection keeps for its next
+/// attachment (longer: a client sent a large batch once).
+const QUEUE_KEEP: usize = 64;
 
 /// A server connection attached to a client.
 struct Attached {
@@ -488,10 +492,11 @@ impl Attached {
         if out.capacity() == 0 {
             out.reserve(8192);
         }
+        let queue = std::mem::take(&mut conn.spare_queue);
         Attached {
             conn,
             slot,
-            queue: spares::take_queue(),
+            queue,
             open_batch: false,
             status: TransactionStatus::Idle,
             out,
@@ -525,12 +530,21 @@ impl Attached {
         self.queue.push_back(Entry { expect, undo });
     }
 
-    /// Back to its pool (the caller checked it is clean), with its (empty) write buffer, which
-    /// the next attachment reuses.
+    /// [`Attached::push`] with nothing to revert (most messages).
+    fn push_plain(&mut self, expect: Expect) {
+        self.queue.push_back(Entry { expect, undo: None });
+    }
+
+    /// Back to its pool (the caller checked it is clean), with its (empty) write buffer and
+    /// queue, which the next attachment reuses.
     fn into_pool(mut self) {
         self.out.clear();
         self.conn.spare_out = std::mem::take(&mut self.out);
-        spares::give_queue(std::mem::take(&mut self.queue));
+        // Empty: the connection is clean. One that grew large (a long pipeline once) is not
+        // kept.
+        if self.queue.capacity() <= QUEUE_KEEP {
+            self.conn.spare_queue = std::mem::take(&mut self.queue);
+        }
         self.slot.put_back(self.conn);
     }
 }
@@ -2522,7 +2536,7 @@ impl Session {
             att.slot.pool().stats.queries.fetch_add(executes, Ordering::Relaxed);
         }
         att.out.extend_from_slice(&rbuf[..n]);
-        att.push(Expect::Client(kind), Undo::None);
+        att.push_plain(Expect::Client(kind));
         *unnamed_class = unnamed;
         *skip_to_sync = false;
         rbuf.advance(n);
@@ -2546,7 +2560,7 @@ impl Session {
         let forward = |att: &mut Attached, kind: Option<Kind>| {
             att.out.extend_from_slice(frame.as_bytes());
             if let Some(k) = kind {
-                att.push(Expect::Client(k), Undo::None);
+                att.push_plain(Expect::Client(k));
             }
         };
         match frame.tag() {
@@ -2608,7 +2622,7 @@ impl Session {
                     };
                     ensure_prepared(att, &def, max);
                     if prepared::rewrite_bind(body, &def.server_name, &mut att.out) {
-                        att.push(Expect::Client(Kind::Bind), Undo::None);
+                        att.push_plain(Expect::Client(Kind::Bind));
                         return;
                     }
                 }
@@ -2639,7 +2653,7 @@ impl Session {
                     };
                     ensure_prepared(att, &def, max);
                     prepared::encode_describe(&def.server_name, &mut att.out);
-                    att.push(Expect::Client(kind), Undo::None);
+                    att.push_plain(Expect::Client(kind));
                     return;
                 }
                 forward(att, Some(kind));
@@ -2848,7 +2862,7 @@ impl Session {
         if att.wrote && ryw {
             att.wrote = false;
             FrontendMessage::Query(Text::from_static("select pg_current_wal_lsn()::text")).encode(&mut att.out);
-            att.push(Expect::Lsn, Undo::None);
+            att.push_plain(Expect::Lsn);
             return false;
         }
         if !self.release_now() {
@@ -3023,13 +3037,10 @@ impl Session {
 /// kept, so idle clients still cost none of them (docs/benchmarks.md, "Proxy").
 mod spares {
     use std::cell::RefCell;
-    use std::collections::VecDeque;
 
     use bytes::BytesMut;
 
-    use super::Entry;
-
-    /// Kept per runtime thread and kind: enough for 32 clients between two transactions at
+    /// Kept per runtime thread: enough for 32 clients between two transactions at
     /// the same moment. With 16, `pgbench -S -c 32` allocated (and freed) an 8 KiB buffer
     /// every 3-4 transactions, as more clients than that went idle at once (counted with a
     /// `perf probe` on malloc). More would cost memory whenever many clients are idle
@@ -3037,12 +3048,9 @@ mod spares {
     const KEEP: usize = 32;
     /// The size of a new client buffer.
     const SIZE: usize = 8192;
-    /// Queues longer than this are not kept (a client that sent a large batch once).
-    const QUEUE_KEEP: usize = 64;
 
     thread_local! {
         static KITS: RefCell<Vec<Kit>> = const { RefCell::new(Vec::new()) };
-        static QUEUES: RefCell<Vec<VecDeque<Entry>>> = const { RefCell::new(Vec::new()) };
     }
 
     /// What a client needs while busy: its read and write buffers, given up and taken back
@@ -3071,15 +3079,6 @@ mod spares {
         buf
     }
 
-    /// An emptied queue worth keeping: not one that grew large.
-    fn queue<T>(mut q: VecDeque<T>) -> VecDeque<T> {
-        if q.capacity() > QUEUE_KEEP {
-            return VecDeque::new();
-        }
-        q.clear();
-        q
-    }
-
     /// Keeps a client's kit for reuse if there is room.
     pub fn give_kit(kit: Kit) {
         if kit.rbuf.capacity() == 0 && kit.wbuf.capacity() == 0 {
@@ -3088,7 +3087,7 @@ mod spares {
         keep(&KITS, Kit { rbuf: buffer(kit.rbuf), wbuf: buffer(kit.wbuf) });
     }
 
-    /// A kept kit, or new buffers (and an unallocated queue).
+    /// A kept kit, or new buffers.
     pub fn take_kit() -> Kit {
         let mut kit =
             KITS.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| Kit { rbuf: BytesMut::new(), wbuf: BytesMut::new() });
@@ -3098,18 +3097,6 @@ mod spares {
             }
         }
         kit
-    }
-
-    /// Keeps an (emptied) queue of what a server owes, unless it is unallocated.
-    pub fn give_queue(q: VecDeque<Entry>) {
-        if q.capacity() != 0 {
-            keep(&QUEUES, queue(q));
-        }
-    }
-
-    /// A kept queue of what a server owes, or an unallocated one.
-    pub fn take_queue() -> VecDeque<Entry> {
-        QUEUES.with(|s| s.borrow_mut().pop()).unwrap_or_default()
     }
 }
 
@@ -3239,7 +3226,7 @@ fn drain_synthetic_slow(
 fn proxy_error(att: &mut Attached, skip_to_sync: &mut bool, code: &str, message: &str) {
     let mut b = BytesMut::new();
     BackendMessage::error(Severity::Error, code, message).encode(&mut b);
-    att.push(Expect::SyntheticError(Box::new(b.freeze())), Undo::None);
+    att.push_plain(Expect::SyntheticError(Box::new(b.freeze())));
     *skip_to_sync = true;
 }
 
