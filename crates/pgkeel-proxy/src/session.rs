@@ -2682,6 +2682,25 @@ impl Session {
         let decoder = crate::protocol::BackendDecoder::default();
         let translate = self.attached.is_some() && self.translating();
         let Some(att) = self.attached.as_mut() else { return Ok(false) };
+        if self.wbuf.is_empty() && att.queue.len() == 1 {
+            if let Some(Expect::Client(kind)) = att.queue.front().map(|e| &e.expect) {
+                if kind.ends_with_ready() {
+                    if let Some(status) = whole_answer(&att.conn.rbuf, translate, decoder.limits.max_message_len) {
+                        // What the loop below would do with it, message by message: forward
+                        // everything, end the entry at the ReadyForQuery.
+                        let sent = match &self.stream {
+                            Stream::Plain(tcp) => crate::tls::try_send(tcp, &att.conn.rbuf).unwrap_or(0),
+                            _ => 0,
+                        };
+                        self.wbuf.extend_from_slice(&att.conn.rbuf[sent..]);
+                        att.conn.rbuf.clear();
+                        att.queue.pop_front();
+                        att.status = status;
+                        return Ok(false);
+                    }
+                }
+            }
+        }
         let mut rbuf = std::mem::take(&mut att.conn.rbuf);
         let mut at = 0;
         let mut pass = None;
@@ -3165,6 +3184,43 @@ fn passes_through(att: &Attached, tag: u8) -> bool {
     }
 }
 
+/// The common answer to a unit that ends with ReadyForQuery (a simple Query, or an
+/// extended-protocol unit up to its Sync), whole in `rbuf`: whole messages, each one that
+/// [`Session::on_server_frame`] would only forward (rows, their description, completions,
+/// ParseComplete, BindComplete, NoData, EmptyQueryResponse, PortalSuspended), and a
+/// ReadyForQuery last, the only one. Its transaction status; `None` for anything else
+/// (a ParameterStatus, an error or notice, COPY, a length the decoder would refuse, a
+/// `DISCARD ALL` or `DEALLOCATE ALL` while statement names are translated, more than one
+/// answer), which [`Session::pump_server`] handles message by message.
+fn whole_answer(rbuf: &[u8], translate: bool, max_len: usize) -> Option<TransactionStatus> {
+    let mut at = 0;
+    loop {
+        let head = rbuf.get(at..at + 5)?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if !(4..=max_len).contains(&len) {
+            return None;
+        }
+        let end = at + 1 + len;
+        let body = rbuf.get(at + 5..end)?;
+        match head[0] {
+            b'Z' if end == rbuf.len() => {
+                return Some(match body {
+                    [b'I'] => TransactionStatus::Idle,
+                    [b'T'] => TransactionStatus::InTransaction,
+                    [b'E'] => TransactionStatus::Failed,
+                    _ => return None,
+                })
+            }
+            b'C' if translate && (body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0")) => {
+                return None
+            }
+            b'T' | b'D' | b'C' | b'1' | b'2' | b'n' | b'I' | b's' => {}
+            _ => return None,
+        }
+        at = end;
+    }
+}
+
 /// Whether one of the proxy's own answers is next in the queue. Checked inline for every
 /// server reply and client frame handled: there is seldom one to send.
 #[inline]
@@ -3325,6 +3381,49 @@ mod tests {
 
     /// Held frames are read in place: a cut-off or inconsistent frame is never sliced past its
     /// end (nothing panics), and whole frames are found one after the other.
+    #[test]
+    fn a_whole_answer_is_forwarded_in_one_piece_only_when_nothing_in_it_needs_a_look() {
+        fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+            let mut b = vec![tag];
+            b.extend_from_slice(&u32::try_from(body.len() + 4).expect("small").to_be_bytes());
+            b.extend_from_slice(body);
+            b
+        }
+        let answer = |frames: &[(u8, &[u8])]| frames.iter().flat_map(|(t, b)| frame(*t, b)).collect::<Vec<u8>>();
+        let whole = |frames: &[(u8, &[u8])], translate| whole_answer(&answer(frames), translate, 1 << 30);
+        let row: &[(u8, &[u8])] = &[(b'T', b"\0\x01a\0..."), (b'D', b"\0\x01\0\0\0\x011"), (b'C', b"SELECT 1\0")];
+        let with = |more: &[(u8, &'static [u8])]| [row, more].concat();
+        assert_eq!(whole(&with(&[(b'Z', b"I")]), false), Some(TransactionStatus::Idle));
+        assert_eq!(whole(&with(&[(b'Z', b"T")]), false), Some(TransactionStatus::InTransaction));
+        assert_eq!(whole(&with(&[(b'Z', b"E")]), false), Some(TransactionStatus::Failed));
+        let extended = [(b'1', &b""[..]), (b'2', b""), (b'n', b""), (b'C', b"SELECT 0\0"), (b'Z', b"I")];
+        assert_eq!(whole(&extended, false), Some(TransactionStatus::Idle), "an extended-protocol unit");
+        assert_eq!(whole(&[(b'I', b""), (b'Z', b"I")], false), Some(TransactionStatus::Idle), "an empty query");
+
+        // Not whole, or not the end of the answer: message by message.
+        let done = answer(&with(&[(b'Z', b"I")]));
+        assert_eq!(whole_answer(&done[..done.len() - 1], false, 1 << 30), None, "the ReadyForQuery not all read");
+        assert_eq!(whole_answer(&done[..3], false, 1 << 30), None);
+        assert_eq!(whole_answer(b"", false, 1 << 30), None);
+        assert_eq!(whole(&with(&[]), false), None, "no ReadyForQuery yet");
+        assert_eq!(whole(&with(&[(b'Z', b"I"), (b'A', b"\0\0\0\x01c\0\0")]), false), None, "something after it");
+        assert_eq!(whole(&with(&[(b'Z', b"I"), (b'Z', b"I")]), false), None, "two answers");
+        assert_eq!(whole(&with(&[(b'Z', b"X")]), false), None, "an unknown status");
+        assert_eq!(whole(&with(&[(b'Z', b"")]), false), None);
+        // What the bookkeeping looks at.
+        for tag in [b'S', b'E', b'N', b'A', b'G', b'H', b'd', b'c', b'3', b't', b'V', b'K'] {
+            assert_eq!(whole(&[(tag, b"x\0"), (b'Z', b"I")], false), None, "tag {}", tag as char);
+        }
+        assert_eq!(whole(&[(b'C', b"DISCARD ALL\0"), (b'Z', b"I")], true), None, "translated names are dropped");
+        assert_eq!(whole(&[(b'C', b"DEALLOCATE ALL\0"), (b'Z', b"I")], true), None);
+        assert_eq!(whole(&[(b'C', b"DISCARD ALL\0"), (b'Z', b"I")], false), Some(TransactionStatus::Idle));
+        // Lengths the decoder refuses.
+        let mut bad = done.clone();
+        bad[1..5].copy_from_slice(&3u32.to_be_bytes());
+        assert_eq!(whole_answer(&bad, false, 1 << 30), None, "a length below 4");
+        assert_eq!(whole_answer(&done, false, 8), None, "longer than the limit");
+    }
+
     #[test]
     fn held_frames_are_cut_at_their_lengths() {
         let two = [b"Q\0\0\0\x06a\0".as_slice(), b"S\0\0\0\x04"].concat();
