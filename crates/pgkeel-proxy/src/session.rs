@@ -542,8 +542,10 @@ impl Attached {
         self.conn.spare_out = std::mem::take(&mut self.out);
         // Empty: the connection is clean. One that grew large (a long pipeline once) is not
         // kept.
+        // A swap: the connection's spare is the unallocated queue `Attached::new` left there,
+        // and an assignment would drop it first.
         if self.queue.capacity() <= QUEUE_KEEP {
-            self.conn.spare_queue = std::mem::take(&mut self.queue);
+            std::mem::swap(&mut self.conn.spare_queue, &mut self.queue);
         }
         self.slot.put_back(self.conn);
     }
@@ -3193,23 +3195,22 @@ fn passes_through(att: &Attached, tag: u8) -> bool {
 /// `DISCARD ALL` or `DEALLOCATE ALL` while statement names are translated, more than one
 /// answer), which [`Session::pump_server`] handles message by message.
 fn whole_answer(rbuf: &[u8], translate: bool, max_len: usize) -> Option<TransactionStatus> {
-    let mut at = 0;
-    loop {
-        let head = rbuf.get(at..at + 5)?;
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        if !(4..=max_len).contains(&len) {
+    let mut rest = rbuf;
+    while let [tag, a, b, c, d, ..] = *rest {
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        if len < 4 || len > max_len || len >= rest.len() {
             return None;
         }
-        let end = at + 1 + len;
-        let body = rbuf.get(at + 5..end)?;
-        match head[0] {
-            b'Z' if end == rbuf.len() => {
-                return Some(match body {
-                    [b'I'] => TransactionStatus::Idle,
-                    [b'T'] => TransactionStatus::InTransaction,
-                    [b'E'] => TransactionStatus::Failed,
-                    _ => return None,
-                })
+        let (frame, after) = rest.split_at(len + 1);
+        let body = &frame[5..];
+        match tag {
+            b'Z' if after.is_empty() => {
+                return match body {
+                    [b'I'] => Some(TransactionStatus::Idle),
+                    [b'T'] => Some(TransactionStatus::InTransaction),
+                    [b'E'] => Some(TransactionStatus::Failed),
+                    _ => None,
+                }
             }
             b'C' if translate && (body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0")) => {
                 return None
@@ -3217,8 +3218,9 @@ fn whole_answer(rbuf: &[u8], translate: bool, max_len: usize) -> Option<Transact
             b'T' | b'D' | b'C' | b'1' | b'2' | b'n' | b'I' | b's' => {}
             _ => return None,
         }
-        at = end;
+        rest = after;
     }
+    None
 }
 
 /// Whether one of the proxy's own answers is next in the queue. Checked inline for every
