@@ -2488,10 +2488,19 @@ impl Session {
         let (mut at, mut executes) = (0, 0);
         while let Some(f) = held.get(at..).and_then(Msg::first) {
             let body = f.body_slice();
+            // Each first as the unnamed statement (and portal) looks, which is what they mostly
+            // are: a Parse whose name ends at once, a Bind of two empty names, a Describe of
+            // nothing but an empty name.
             let plain = match f.tag() {
-                b'P' => parse_name(f).is_some_and(|n| n.is_empty() || !translate),
-                b'B' => prepared::bind_statement(body).is_some_and(|n| n.is_empty() || !translate),
-                b'D' => prepared::target_and_name(body).is_some_and(|(t, n)| t == b'P' || n.is_empty() || !translate),
+                b'P' => body.first() == Some(&0) || parse_name(f).is_some_and(|n| n.is_empty() || !translate),
+                b'B' => {
+                    body.starts_with(&[0, 0])
+                        || prepared::bind_statement(body).is_some_and(|n| n.is_empty() || !translate)
+                }
+                b'D' => {
+                    matches!(body, [b'P' | b'S', 0])
+                        || prepared::target_and_name(body).is_some_and(|(t, n)| t == b'P' || n.is_empty() || !translate)
+                }
                 b'E' => {
                     executes += 1;
                     true
