@@ -3364,17 +3364,19 @@ mod tests {
         assert!(size <= 1024, "the session future grew to {size} bytes");
     }
 
+    /// A protocol message: `tag`, its length, `body`.
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut b = vec![tag];
+        b.extend_from_slice(&u32::try_from(body.len() + 4).expect("small").to_be_bytes());
+        b.extend_from_slice(body);
+        b
+    }
+
     #[test]
     fn query_text_is_the_statement_up_to_its_nul() {
-        fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-            let mut b = vec![tag];
-            b.extend_from_slice(&u32::try_from(body.len() + 4).expect("small").to_be_bytes());
-            b.extend_from_slice(body);
-            assert_eq!(FrontendDecoder::new(Limits::default()).frame_len(&b).expect("valid"), Some(b.len()));
-            b
-        }
         let text = |tag, body: &[u8]| {
             let b = frame(tag, body);
+            assert_eq!(FrontendDecoder::new(Limits::default()).frame_len(&b).expect("valid"), Some(b.len()));
             let f = Msg::first(&b).expect("whole");
             assert_eq!((f.tag(), f.body_slice(), f.len()), (tag, body, b.len()));
             query_text(f).map(<[u8]>::to_vec)
@@ -3390,16 +3392,8 @@ mod tests {
         assert_eq!(text(b'S', b""), None);
     }
 
-    /// Held frames are read in place: a cut-off or inconsistent frame is never sliced past its
-    /// end (nothing panics), and whole frames are found one after the other.
     #[test]
     fn a_whole_answer_is_forwarded_in_one_piece_only_when_nothing_in_it_needs_a_look() {
-        fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-            let mut b = vec![tag];
-            b.extend_from_slice(&u32::try_from(body.len() + 4).expect("small").to_be_bytes());
-            b.extend_from_slice(body);
-            b
-        }
         let answer = |frames: &[(u8, &[u8])]| frames.iter().flat_map(|(t, b)| frame(*t, b)).collect::<Vec<u8>>();
         let whole = |frames: &[(u8, &[u8])], translate| whole_answer(&answer(frames), translate, 1 << 30);
         let row: &[(u8, &[u8])] = &[(b'T', b"\0\x01a\0..."), (b'D', b"\0\x01\0\0\0\x011"), (b'C', b"SELECT 1\0")];
@@ -3435,6 +3429,8 @@ mod tests {
         assert_eq!(whole_answer(&done, false, 8), None, "longer than the limit");
     }
 
+    /// Held frames are read in place: a cut-off or inconsistent frame is never sliced past its
+    /// end (nothing panics), and whole frames are found one after the other.
     #[test]
     fn held_frames_are_cut_at_their_lengths() {
         let two = [b"Q\0\0\0\x06a\0".as_slice(), b"S\0\0\0\x04"].concat();
