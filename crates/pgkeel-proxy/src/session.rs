@@ -540,10 +540,9 @@ impl Attached {
     fn into_pool(mut self) {
         self.out.clear();
         self.conn.spare_out = std::mem::take(&mut self.out);
-        // Empty: the connection is clean. One that grew large (a long pipeline once) is not
-        // kept.
-        // A swap: the connection's spare is the unallocated queue `Attached::new` left there,
-        // and an assignment would drop it first.
+        // The queue is empty (the connection is clean); one that grew large (a long pipeline
+        // once) is not kept. Swapped: the connection's spare is the unallocated queue
+        // `Attached::new` left there, which an assignment would drop first.
         if self.queue.capacity() <= QUEUE_KEEP {
             std::mem::swap(&mut self.conn.spare_queue, &mut self.queue);
         }
@@ -2699,11 +2698,7 @@ impl Session {
                     if let Some(status) = whole_answer(&att.conn.rbuf, translate, decoder.limits.max_message_len) {
                         // What the loop below would do with it, message by message: forward
                         // everything, end the entry at the ReadyForQuery.
-                        let sent = match &self.stream {
-                            Stream::Plain(tcp) => crate::tls::try_send(tcp, &att.conn.rbuf).unwrap_or(0),
-                            _ => 0,
-                        };
-                        self.wbuf.extend_from_slice(&att.conn.rbuf[sent..]);
+                        send_or_keep(&self.stream, &mut self.wbuf, &att.conn.rbuf);
                         att.conn.rbuf.clear();
                         att.queue.pop_front();
                         att.status = status;
@@ -2740,13 +2735,8 @@ impl Session {
             }
         }
         if let Some(r) = pass {
-            // Straight from the server's buffer: what the socket does not take now is copied.
-            let sent = match &self.stream {
-                Stream::Plain(tcp) => crate::tls::try_send(tcp, &rbuf[r.clone()]).unwrap_or(0),
-                // TLS streams are written by `pump`; an error is left for the next write.
-                _ => 0,
-            };
-            self.wbuf.extend_from_slice(&rbuf[r.start + sent..r.end]);
+            // Straight from the server's buffer.
+            send_or_keep(&self.stream, &mut self.wbuf, &rbuf[r]);
         }
         rbuf.advance(at);
         if let Some(att) = self.attached.as_mut() {
@@ -3252,6 +3242,18 @@ fn pass_on(wbuf: &mut BytesMut, rbuf: &[u8], range: Range<usize>, pass: &mut Opt
             wbuf.extend_from_slice(&rbuf[range]);
         }
     }
+}
+
+/// Writes `data` (for the client, nothing else waiting for it: `wbuf` is empty) to the client's
+/// plain socket as far as it takes it now, and copies the rest into `wbuf`. TLS streams are
+/// written by [`pump`], so all of it is copied for them; a write error is left for the next
+/// write to report.
+fn send_or_keep(stream: &Stream, wbuf: &mut BytesMut, data: &[u8]) {
+    let sent = match stream {
+        Stream::Plain(tcp) => crate::tls::try_send(tcp, data).unwrap_or(0),
+        _ => 0,
+    };
+    wbuf.extend_from_slice(&data[sent..]);
 }
 
 /// Copies the run of forwarded messages `pass` (a range of `rbuf`) into `wbuf` and clears it:
