@@ -92,8 +92,8 @@ fn poll_read_plain(tcp: &TcpStream, cx: &mut Context<'_>, buf: &mut BytesMut) ->
 /// much), appended to it: the byte count.
 ///
 /// rustix makes the system call itself. The C library's `recv` and `send` are cancellation
-/// points, and in a process with more than one thread (the local DCS store's file operations
-/// run on tokio's blocking threads) each call switches the thread's cancellation type on and
+/// points, and in a process with more than one thread (tokio's blocking threads, which run the
+/// local DCS store's writes) each call switches the thread's cancellation type on and
 /// off around the system call: about 60 instructions of the proxy's own per call, four calls
 /// per transaction (docs/benchmarks.md, "Proxy").
 fn recv_spare(tcp: &TcpStream, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
