@@ -1806,9 +1806,7 @@ impl Session {
     /// The oldest term an idle primary connection may have been opened under to be reused;
     /// `None` while no primary is known.
     fn idle_primary_term(&self) -> Option<u64> {
-        let topo = self.shared.topology.borrow();
-        let primary = topo.primary.as_ref()?;
-        Some(topo.newest_term.max(primary.term))
+        self.shared.topology.borrow().reusable_term()
     }
 
     /// Takes a primary connection for this client: waits for a pool slot (at most
@@ -1851,8 +1849,8 @@ impl Session {
         let mut last_error: Option<String> = None;
         let conn = loop {
             let topo = topo_rx.borrow_and_update().clone();
-            if let Some(primary) = &topo.primary {
-                if let Some(c) = pool.take_idle(topo.newest_term.max(primary.term)) {
+            if let (Some(primary), Some(term)) = (&topo.primary, topo.reusable_term()) {
+                if let Some(c) = pool.take_idle(term) {
                     break c;
                 }
                 match Box::pin(ServerConn::connect(primary, &self.database, auth, cfg.server_connect_timeout)).await {
@@ -2692,19 +2690,17 @@ impl Session {
         let decoder = crate::protocol::BackendDecoder::default();
         let translate = self.attached.is_some() && self.translating();
         let Some(att) = self.attached.as_mut() else { return Ok(false) };
-        if self.wbuf.is_empty() && att.queue.len() == 1 {
-            if let Some(Expect::Client(kind)) = att.queue.front().map(|e| &e.expect) {
-                if kind.ends_with_ready() {
-                    if let Some(status) = whole_answer(&att.conn.rbuf, translate, decoder.limits.max_message_len) {
-                        // What the loop below would do with it, message by message: forward
-                        // everything, end the entry at the ReadyForQuery.
-                        send_or_keep(&self.stream, &mut self.wbuf, &att.conn.rbuf);
-                        att.conn.rbuf.clear();
-                        att.queue.pop_front();
-                        att.status = status;
-                        return Ok(false);
-                    }
-                }
+        let one_unit = att.queue.len() == 1
+            && matches!(att.queue.front().map(|e| &e.expect), Some(Expect::Client(k)) if k.ends_with_ready());
+        if one_unit && self.wbuf.is_empty() {
+            if let Some(status) = whole_answer(&att.conn.rbuf, translate, decoder.limits.max_message_len) {
+                // What the loop below would do with it, message by message: forward
+                // everything, end the entry at the ReadyForQuery.
+                send_or_keep(&self.stream, &mut self.wbuf, &att.conn.rbuf);
+                att.conn.rbuf.clear();
+                att.queue.pop_front();
+                att.status = status;
+                return Ok(false);
             }
         }
         let mut rbuf = std::mem::take(&mut att.conn.rbuf);
@@ -2818,11 +2814,7 @@ impl Session {
                 if tag == b'E' {
                     att.slot.pool().stats.errors.fetch_add(1, Ordering::Relaxed);
                 }
-                if translate
-                    && tag == b'C'
-                    && to_client
-                    && (body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0"))
-                {
+                if translate && tag == b'C' && to_client && drops_statements(body) {
                     att.conn.statements.clear();
                     statements.clear();
                 }
@@ -3211,15 +3203,19 @@ fn whole_answer(rbuf: &[u8], translate: bool, max_len: usize) -> Option<Transact
                     _ => None,
                 }
             }
-            b'C' if translate && (body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0")) => {
-                return None
-            }
+            b'C' if translate && drops_statements(body) => return None,
             b'T' | b'D' | b'C' | b'1' | b'2' | b'n' | b'I' | b's' => {}
             _ => return None,
         }
         rest = after;
     }
     None
+}
+
+/// Whether a CommandComplete's `body` says the server dropped every prepared statement
+/// (`DISCARD ALL`, `DEALLOCATE ALL`): translated statement names are forgotten then.
+fn drops_statements(body: &[u8]) -> bool {
+    body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0")
 }
 
 /// Whether one of the proxy's own answers is next in the queue. Checked inline for every

@@ -59,6 +59,15 @@ pub struct Topology {
     pub members: usize,
 }
 
+impl Topology {
+    /// The oldest term an idle connection to the current primary may have been opened under
+    /// to be used again (the newest term, or the primary's own if newer); `None` while no
+    /// primary is known.
+    pub fn reusable_term(&self) -> Option<u64> {
+        self.primary.as_ref().map(|p| self.newest_term.max(p.term))
+    }
+}
+
 /// The primary of a snapshot: the leader key's holder, once its member record says it runs as
 /// primary under the leader's term.
 pub fn from_snapshot(snap: &ClusterSnapshot) -> Topology {
