@@ -40,7 +40,8 @@
 //!
 //! `watch` waits for inotify events on the directory in the caller's runtime (falling back to
 //! polling the directory every 25 ms on a thread of its own), re-parses only when a newer
-//! generation appeared, and wakes exactly when the watched key's TTL runs out. Reads run in
+//! generation appeared, and then builds only the watched key (the other keys' JSON is checked
+//! and skipped), and wakes exactly when the watched key's TTL runs out. Reads run in
 //! place on a single-threaded runtime (the proxy's) and on the blocking pool otherwise.
 //!
 //! The store refuses to be shared between machines: `link` atomicity only holds on a local
@@ -53,7 +54,7 @@
 //! still running on the directory fails ("store.json is missing") instead of writing beside
 //! this one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
@@ -125,14 +126,115 @@ struct Inner {
     tmp_counter: AtomicU64,
     /// [`REMOVE_AFTER`], shorter in tests.
     remove_after: Duration,
-    /// Last parsed version, used only by `watch`.
-    watch_cache: Mutex<Option<Cached>>,
+    /// Last parsed version per watched key, holding that key only, used only by `watch`.
+    watch_cache: Mutex<HashMap<String, Cached>>,
 }
+
+/// The most keys [`Inner::watch_cache`] holds a version for.
+const WATCH_CACHE_KEYS: usize = 16;
 
 /// A parsed version of the store and its generation.
 struct Cached {
     generation: u64,
     data: Arc<Data>,
+}
+
+/// Parses a version of the store keeping only one key's entry ([`Inner::read_file_of`]): the
+/// other keys' entries are checked as JSON and skipped without being built. The result has
+/// the version's `revision` and `machine_id`, and none of the fields only writes use.
+struct OnlyKey<'k>(&'k str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for OnlyKey<'_> {
+    type Value = Data;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Data, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for OnlyKey<'_> {
+    type Value = Data;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a local store version (an object with revision, machine_id and keys)")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Data, A::Error> {
+        use serde::de::{Error, IgnoredAny};
+        let (mut revision, mut machine_id, mut keys) = (None, None, None);
+        while let Some(field) = map.next_key::<String>()? {
+            match field.as_str() {
+                "revision" => revision = Some(map.next_value()?),
+                "machine_id" => machine_id = Some(map.next_value()?),
+                "keys" => keys = Some(map.next_value_seed(OnlyKeyEntries(self.0))?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Data {
+            revision: revision.ok_or_else(|| A::Error::missing_field("revision"))?,
+            machine_id: machine_id.ok_or_else(|| A::Error::missing_field("machine_id"))?,
+            keys: keys.ok_or_else(|| A::Error::missing_field("keys"))?,
+            id: String::new(),
+            parent: String::new(),
+            computed_ms: Vec::new(),
+        })
+    }
+}
+
+/// The `keys` object of a version, with only one key's entry built ([`OnlyKey`]).
+struct OnlyKeyEntries<'k>(&'k str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for OnlyKeyEntries<'_> {
+    type Value = BTreeMap<String, Entry>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for OnlyKeyEntries<'_> {
+    type Value = BTreeMap<String, Entry>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object of keys")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut keys = BTreeMap::new();
+        while let Some(is_it) = map.next_key_seed(IsKey(self.0))? {
+            if is_it {
+                keys.insert(self.0.to_string(), map.next_value::<Entry>()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(keys)
+    }
+}
+
+/// Whether a key in `keys` is the one wanted, compared where it was read (not copied).
+struct IsKey<'k>(&'k str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for IsKey<'_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for IsKey<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a key name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
 }
 
 /// The file name of `generation`.
@@ -386,6 +488,12 @@ impl Inner {
     /// Parse the file at `path`, checking it belongs to this machine; returns it still open.
     /// `None` if it does not exist.
     fn read_file(&self, path: &Path) -> DcsResult<Option<(Data, File)>> {
+        self.read_file_of(path, None)
+    }
+
+    /// [`Inner::read_file`], with only the key `only` (if given) of the version's keys: the
+    /// others are checked as JSON but not built (see [`OnlyKey`]).
+    fn read_file_of(&self, path: &Path, only: Option<&str>) -> DcsResult<Option<(Data, File)>> {
         let mut file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
@@ -393,8 +501,16 @@ impl Inner {
         };
         let mut buf = Vec::new();
         file.read_to_end(&mut buf).map_err(|e| io_error("read", path, e))?;
-        let data: Data = serde_json::from_slice(&buf)
-            .map_err(|e| DcsError::Corrupt(format!("{}: not a valid local store file: {e}", path.display())))?;
+        let parsed = match only {
+            None => serde_json::from_slice(&buf),
+            Some(key) => {
+                use serde::de::DeserializeSeed;
+                let mut de = serde_json::Deserializer::from_slice(&buf);
+                OnlyKey(key).deserialize(&mut de).and_then(|data| de.end().map(|()| data))
+            }
+        };
+        let data: Data =
+            parsed.map_err(|e| DcsError::Corrupt(format!("{}: not a valid local store file: {e}", path.display())))?;
         if data.machine_id != self.machine_id {
             return Err(DcsError::Misconfigured(format!(
                 "this local store at {} was created on machine {}, but this is machine {}; the local store \
@@ -411,11 +527,16 @@ impl Inner {
 
     /// The newest version, and where it was read from.
     fn read_data(&self) -> DcsResult<(Data, ReadFrom)> {
+        self.read_data_of(None)
+    }
+
+    /// [`Inner::read_data`], with only the key `only` (if given), as [`Inner::read_file_of`].
+    fn read_data_of(&self, only: Option<&str>) -> DcsResult<(Data, ReadFrom)> {
         // The newest version listed disappears only after KEEP_VERSIONS more writes; listing
         // again finds a newer one. Bounded so a directory emptied meanwhile cannot spin.
         for _ in 0..1000 {
             let (generation, oldest) = self.listing()?.ok_or_else(|| self.missing())?;
-            if let Some((data, file)) = self.read_file(&self.version_path(generation))? {
+            if let Some((data, file)) = self.read_file_of(&self.version_path(generation), only)? {
                 return Ok((data, ReadFrom { generation, oldest, file }));
             }
         }
@@ -426,11 +547,12 @@ impl Inner {
     }
 
     /// The version `generation` found by a listing; the newest one if it was removed since
-    /// (after KEEP_VERSIONS more writes).
-    fn read_listed(&self, generation: u64) -> DcsResult<(Data, u64)> {
-        match self.read_file(&self.version_path(generation))? {
+    /// (after KEEP_VERSIONS more writes). With only the key `only`, if given, as
+    /// [`Inner::read_file_of`].
+    fn read_listed(&self, generation: u64, only: Option<&str>) -> DcsResult<(Data, u64)> {
+        match self.read_file_of(&self.version_path(generation), only)? {
             Some((data, _)) => Ok((data, generation)),
-            None => self.read_data().map(|(data, read)| (data, read.generation)),
+            None => self.read_data_of(only).map(|(data, read)| (data, read.generation)),
         }
     }
 
@@ -592,7 +714,7 @@ impl Inner {
         for _ in 0..3 {
             if let Some((newest, oldest)) = self.listing()? {
                 // Validates the newest version and that it was created on this machine.
-                let (data, newest) = self.read_listed(newest)?;
+                let (data, newest) = self.read_listed(newest, None)?;
                 self.sweep(newest, oldest, &data);
                 return Ok(());
             }
@@ -649,20 +771,27 @@ impl Inner {
         }
     }
 
-    /// The newest version for `watch`: reuses the cached parse while no newer generation
-    /// appeared, so an idle look costs one directory listing.
-    fn watch_snapshot(&self) -> DcsResult<Arc<Data>> {
+    /// The newest version for a `watch` of `key`, holding that key only: reuses the cached
+    /// parse while no newer generation appeared, so an idle look costs one directory listing.
+    /// A new version is parsed for `key` alone ([`OnlyKey`]): the store also holds every
+    /// member's status, and building all of it at each write (the agents' and each proxy's,
+    /// several a second) cost a proxy's topology watch ~3 % of the proxy's own work.
+    fn watch_snapshot(&self, key: &str) -> DcsResult<Arc<Data>> {
         let newest = self.newest()?.ok_or_else(|| self.missing())?;
         {
             let cache = self.watch_cache.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(c) = cache.as_ref().filter(|c| c.generation == newest) {
+            if let Some(c) = cache.get(key).filter(|c| c.generation == newest) {
                 return Ok(c.data.clone());
             }
         }
-        let (data, generation) = self.read_listed(newest)?;
+        let (data, generation) = self.read_listed(newest, Some(key))?;
         let data = Arc::new(data);
-        *self.watch_cache.lock().unwrap_or_else(PoisonError::into_inner) =
-            Some(Cached { generation, data: data.clone() });
+        let mut cache = self.watch_cache.lock().unwrap_or_else(PoisonError::into_inner);
+        // A handful of keys are watched (the leader, the switchover); more were watched once.
+        if cache.len() >= WATCH_CACHE_KEYS && !cache.contains_key(key) {
+            cache.clear();
+        }
+        cache.insert(key.to_string(), Cached { generation, data: data.clone() });
         Ok(data)
     }
 
@@ -670,7 +799,7 @@ impl Inner {
     /// passed, else how long to wait at most before looking again (until the deadline, or
     /// until the known key expires).
     fn watch_look(&self, key: &str, known: Option<u64>, deadline: Instant) -> DcsResult<Look> {
-        let data = self.watch_snapshot()?;
+        let data = self.watch_snapshot(key)?;
         let now_ms = now_ms();
         let entry = data.live(key, now_ms);
         let now = Instant::now();
@@ -922,7 +1051,7 @@ impl LocalStore {
             machine_id: machine_identity(),
             tmp_counter: AtomicU64::new(0),
             remove_after,
-            watch_cache: Mutex::new(None),
+            watch_cache: Mutex::new(HashMap::new()),
         };
         inner.initialise()?;
         Ok(LocalStore { inner: Arc::new(inner) })
@@ -1086,6 +1215,55 @@ mod tests {
         let back: Entry = serde_json::from_value(json).unwrap();
         assert_eq!(back.value, binary.value);
         assert_eq!(back.expires_at_ms, Some(5));
+    }
+
+    /// A watch parses a version for its key alone: that key's entry comes out as the whole
+    /// parse gives it, the others are skipped, and what the whole parse refuses is refused.
+    #[test]
+    fn a_version_parsed_for_one_key_has_that_key_as_the_whole_parse_does() {
+        use serde::de::DeserializeSeed;
+        let only = |json: &str, key: &str| {
+            let mut de = serde_json::Deserializer::from_str(json);
+            OnlyKey(key).deserialize(&mut de).and_then(|d| de.end().map(|()| d))
+        };
+        let mut data = Data {
+            revision: 9,
+            machine_id: "m1".into(),
+            keys: BTreeMap::new(),
+            id: "w9".into(),
+            parent: "w8".into(),
+            computed_ms: vec![3, 2],
+        };
+        data.write("/c/members/a", "{\"note\":\"caf\u{e9} \\\"x\\\"\"}".as_bytes(), None, 1);
+        data.write("/c/leader", b"a", Some(Duration::from_secs(10)), 1);
+        data.write("/c/bin", &[0xff, 0x00], None, 1);
+        data.write("/c/leaderx", b"not this one", None, 1);
+        let json = serde_json::to_string_pretty(&data).unwrap();
+        for key in ["/c/leader", "/c/members/a", "/c/bin", "/c/absent"] {
+            let one = only(&json, key).unwrap();
+            assert_eq!((one.revision, one.machine_id.as_str()), (data.revision, "m1"));
+            assert_eq!(one.keys.len(), usize::from(data.keys.contains_key(key)), "{key}");
+            assert_eq!(one.get(key, 2), data.get(key, 2), "{key}");
+        }
+        // What the whole parse refuses.
+        for bad in [
+            "",
+            "[]",
+            r#"{"revision": 1, "keys": {}}"#,
+            r#"{"revision": 1, "machine_id": "m1"}"#,
+            r#"{"revision": 1, "machine_id": "m1", "keys": {"/c/leader": {"value": "a"}}}"#,
+            r#"{"revision": 1, "machine_id": "m1", "keys": {}} trailing"#,
+            r#"{"revision": 1, "machine_id": "m1", "keys": {"/c/x": [}}"#,
+        ] {
+            assert!(serde_json::from_str::<Data>(bad).is_err(), "{bad}");
+            assert!(only(bad, "/c/leader").is_err(), "{bad}");
+        }
+        // Another key's entry is checked as JSON only (writes read versions whole, and refuse
+        // it there).
+        let other_wrong = r#"{"revision": 1, "machine_id": "m1", "keys": {"/c/x": {"value": 1}}}"#;
+        assert!(serde_json::from_str::<Data>(other_wrong).is_err());
+        assert!(only(other_wrong, "/c/leader").unwrap().keys.is_empty());
+        assert!(only(other_wrong, "/c/x").is_err());
     }
 
     #[test]
