@@ -40,7 +40,7 @@
 //!
 //! `watch` waits for inotify events on the directory in the caller's runtime (falling back to
 //! polling the directory every 25 ms on a thread of its own), re-parses only when a newer
-//! generation appeared, and then builds only the watched key (the other keys' JSON is checked
+//! generation appeared, and then builds only the watched keys (the other keys' JSON is checked
 //! and skipped), and wakes exactly when the watched key's TTL runs out. Reads run in
 //! place on a single-threaded runtime (the proxy's) and on the blocking pool otherwise.
 //!
@@ -54,7 +54,7 @@
 //! still running on the directory fails ("store.json is missing") instead of writing beside
 //! this one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
@@ -126,12 +126,19 @@ struct Inner {
     tmp_counter: AtomicU64,
     /// [`REMOVE_AFTER`], shorter in tests.
     remove_after: Duration,
-    /// Last parsed version per watched key, holding that key only, used only by `watch`.
-    watch_cache: Mutex<HashMap<String, Cached>>,
+    /// The keys watched and the last version parsed for them, used only by `watch`.
+    watch_cache: Mutex<WatchCache>,
 }
 
-/// The most keys [`Inner::watch_cache`] holds a version for.
+/// The most keys [`WatchCache`] parses versions for; more were watched once (it starts over).
 const WATCH_CACHE_KEYS: usize = 16;
+
+/// What `watch` parsed last: the newest version for the keys watched, holding those only.
+#[derive(Default)]
+struct WatchCache {
+    keys: Vec<String>,
+    version: Option<Cached>,
+}
 
 /// A parsed version of the store and its generation.
 struct Cached {
@@ -139,12 +146,13 @@ struct Cached {
     data: Arc<Data>,
 }
 
-/// Parses a version of the store keeping only one key's entry ([`Inner::read_file_of`]): the
-/// other keys' entries are checked as JSON and skipped without being built. The result has
-/// the version's `revision` and `machine_id`, and none of the fields only writes use.
-struct OnlyKey<'k>(&'k str);
+/// Parses a version of the store keeping only the entries of some keys
+/// ([`Inner::read_file_of`]): the other keys' entries are checked as JSON and skipped without
+/// being built. The result has the version's `revision` and `machine_id`, and none of the
+/// fields only writes use.
+struct OnlyKeys<'k>(&'k [String]);
 
-impl<'de> serde::de::DeserializeSeed<'de> for OnlyKey<'_> {
+impl<'de> serde::de::DeserializeSeed<'de> for OnlyKeys<'_> {
     type Value = Data;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Data, D::Error> {
@@ -152,7 +160,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for OnlyKey<'_> {
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for OnlyKey<'_> {
+impl<'de> serde::de::Visitor<'de> for OnlyKeys<'_> {
     type Value = Data;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -166,7 +174,7 @@ impl<'de> serde::de::Visitor<'de> for OnlyKey<'_> {
             match field.as_str() {
                 "revision" => revision = Some(map.next_value()?),
                 "machine_id" => machine_id = Some(map.next_value()?),
-                "keys" => keys = Some(map.next_value_seed(OnlyKeyEntries(self.0))?),
+                "keys" => keys = Some(map.next_value_seed(OnlyKeysEntries(self.0))?),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -183,10 +191,10 @@ impl<'de> serde::de::Visitor<'de> for OnlyKey<'_> {
     }
 }
 
-/// The `keys` object of a version, with only one key's entry built ([`OnlyKey`]).
-struct OnlyKeyEntries<'k>(&'k str);
+/// The `keys` object of a version, with only some keys' entries built ([`OnlyKeys`]).
+struct OnlyKeysEntries<'k>(&'k [String]);
 
-impl<'de> serde::de::DeserializeSeed<'de> for OnlyKeyEntries<'_> {
+impl<'de> serde::de::DeserializeSeed<'de> for OnlyKeysEntries<'_> {
     type Value = BTreeMap<String, Entry>;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
@@ -194,7 +202,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for OnlyKeyEntries<'_> {
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for OnlyKeyEntries<'_> {
+impl<'de> serde::de::Visitor<'de> for OnlyKeysEntries<'_> {
     type Value = BTreeMap<String, Entry>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -203,9 +211,9 @@ impl<'de> serde::de::Visitor<'de> for OnlyKeyEntries<'_> {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut keys = BTreeMap::new();
-        while let Some(is_it) = map.next_key_seed(IsKey(self.0))? {
-            if is_it {
-                keys.insert(self.0.to_string(), map.next_value::<Entry>()?);
+        while let Some(wanted) = map.next_key_seed(WantedKey(self.0))? {
+            if let Some(key) = wanted {
+                keys.insert(key.clone(), map.next_value::<Entry>()?);
             } else {
                 map.next_value::<serde::de::IgnoredAny>()?;
             }
@@ -214,26 +222,27 @@ impl<'de> serde::de::Visitor<'de> for OnlyKeyEntries<'_> {
     }
 }
 
-/// Whether a key in `keys` is the one wanted, compared where it was read (not copied).
-struct IsKey<'k>(&'k str);
+/// Which of the wanted keys a key in `keys` is, if any, compared where it was read (not
+/// copied).
+struct WantedKey<'k>(&'k [String]);
 
-impl<'de> serde::de::DeserializeSeed<'de> for IsKey<'_> {
-    type Value = bool;
+impl<'de, 'k> serde::de::DeserializeSeed<'de> for WantedKey<'k> {
+    type Value = Option<&'k String>;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
         deserializer.deserialize_str(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for IsKey<'_> {
-    type Value = bool;
+impl<'de, 'k> serde::de::Visitor<'de> for WantedKey<'k> {
+    type Value = Option<&'k String>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a key name")
     }
 
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<bool, E> {
-        Ok(v == self.0)
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().find(|k| *k == v))
     }
 }
 
@@ -491,9 +500,9 @@ impl Inner {
         self.read_file_of(path, None)
     }
 
-    /// [`Inner::read_file`], with only the key `only` (if given) of the version's keys: the
-    /// others are checked as JSON but not built (see [`OnlyKey`]).
-    fn read_file_of(&self, path: &Path, only: Option<&str>) -> DcsResult<Option<(Data, File)>> {
+    /// [`Inner::read_file`], with only the keys `only` (if given) of the version's keys: the
+    /// others are checked as JSON but not built (see [`OnlyKeys`]).
+    fn read_file_of(&self, path: &Path, only: Option<&[String]>) -> DcsResult<Option<(Data, File)>> {
         let mut file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
@@ -503,10 +512,10 @@ impl Inner {
         file.read_to_end(&mut buf).map_err(|e| io_error("read", path, e))?;
         let parsed = match only {
             None => serde_json::from_slice(&buf),
-            Some(key) => {
+            Some(keys) => {
                 use serde::de::DeserializeSeed;
                 let mut de = serde_json::Deserializer::from_slice(&buf);
-                OnlyKey(key).deserialize(&mut de).and_then(|data| de.end().map(|()| data))
+                OnlyKeys(keys).deserialize(&mut de).and_then(|data| de.end().map(|()| data))
             }
         };
         let data: Data =
@@ -530,8 +539,8 @@ impl Inner {
         self.read_data_of(None)
     }
 
-    /// [`Inner::read_data`], with only the key `only` (if given), as [`Inner::read_file_of`].
-    fn read_data_of(&self, only: Option<&str>) -> DcsResult<(Data, ReadFrom)> {
+    /// [`Inner::read_data`], with only the keys `only` (if given), as [`Inner::read_file_of`].
+    fn read_data_of(&self, only: Option<&[String]>) -> DcsResult<(Data, ReadFrom)> {
         // The newest version listed disappears only after KEEP_VERSIONS more writes; listing
         // again finds a newer one. Bounded so a directory emptied meanwhile cannot spin.
         for _ in 0..1000 {
@@ -547,9 +556,9 @@ impl Inner {
     }
 
     /// The version `generation` found by a listing; the newest one if it was removed since
-    /// (after KEEP_VERSIONS more writes). With only the key `only`, if given, as
+    /// (after KEEP_VERSIONS more writes). With only the keys `only`, if given, as
     /// [`Inner::read_file_of`].
-    fn read_listed(&self, generation: u64, only: Option<&str>) -> DcsResult<(Data, u64)> {
+    fn read_listed(&self, generation: u64, only: Option<&[String]>) -> DcsResult<(Data, u64)> {
         match self.read_file_of(&self.version_path(generation), only)? {
             Some((data, _)) => Ok((data, generation)),
             None => self.read_data_of(only).map(|(data, read)| (data, read.generation)),
@@ -771,27 +780,34 @@ impl Inner {
         }
     }
 
-    /// The newest version for a `watch` of `key`, holding that key only: reuses the cached
-    /// parse while no newer generation appeared, so an idle look costs one directory listing.
-    /// A new version is parsed for `key` alone ([`OnlyKey`]): the store also holds every
-    /// member's status, and building all of it at each write (the agents' and each proxy's,
-    /// several a second) cost a proxy's topology watch ~3 % of the proxy's own work.
+    /// The newest version for a `watch` of `key`, holding only the keys watched: reuses the
+    /// cached parse while no newer generation appeared, so an idle look costs one directory
+    /// listing. A new version is parsed once for every key watched ([`OnlyKeys`]), and only
+    /// those are built: the store also holds every member's status, and building all of it at
+    /// each write (the agents' and each proxy's, several a second) cost a proxy's topology
+    /// watch ~3 % of the proxy's own work.
     fn watch_snapshot(&self, key: &str) -> DcsResult<Arc<Data>> {
         let newest = self.newest()?.ok_or_else(|| self.missing())?;
-        {
-            let cache = self.watch_cache.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(c) = cache.get(key).filter(|c| c.generation == newest) {
+        let keys = {
+            let mut cache = self.watch_cache.lock().unwrap_or_else(PoisonError::into_inner);
+            if !cache.keys.iter().any(|k| k == key) {
+                if cache.keys.len() >= WATCH_CACHE_KEYS {
+                    cache.keys.clear();
+                }
+                cache.keys.push(key.to_string());
+                cache.version = None;
+            }
+            if let Some(c) = cache.version.as_ref().filter(|c| c.generation == newest) {
                 return Ok(c.data.clone());
             }
-        }
-        let (data, generation) = self.read_listed(newest, Some(key))?;
+            cache.keys.clone()
+        };
+        let (data, generation) = self.read_listed(newest, Some(&keys))?;
         let data = Arc::new(data);
         let mut cache = self.watch_cache.lock().unwrap_or_else(PoisonError::into_inner);
-        // A handful of keys are watched (the leader, the switchover); more were watched once.
-        if cache.len() >= WATCH_CACHE_KEYS && !cache.contains_key(key) {
-            cache.clear();
+        if cache.keys == keys {
+            cache.version = Some(Cached { generation, data: data.clone() });
         }
-        cache.insert(key.to_string(), Cached { generation, data: data.clone() });
         Ok(data)
     }
 
@@ -1051,7 +1067,7 @@ impl LocalStore {
             machine_id: machine_identity(),
             tmp_counter: AtomicU64::new(0),
             remove_after,
-            watch_cache: Mutex::new(HashMap::new()),
+            watch_cache: Mutex::default(),
         };
         inner.initialise()?;
         Ok(LocalStore { inner: Arc::new(inner) })
@@ -1217,14 +1233,14 @@ mod tests {
         assert_eq!(back.expires_at_ms, Some(5));
     }
 
-    /// A watch parses a version for its key alone: that key's entry comes out as the whole
-    /// parse gives it, the others are skipped, and what the whole parse refuses is refused.
+    /// A watch parses a version for the watched keys alone: their entries come out as the whole
+    /// parse gives them, the others are skipped, and what the whole parse refuses is refused.
     #[test]
-    fn a_version_parsed_for_one_key_has_that_key_as_the_whole_parse_does() {
+    fn a_version_parsed_for_some_keys_has_them_as_the_whole_parse_does() {
         use serde::de::DeserializeSeed;
         let only = |json: &str, key: &str| {
             let mut de = serde_json::Deserializer::from_str(json);
-            OnlyKey(key).deserialize(&mut de).and_then(|d| de.end().map(|()| d))
+            OnlyKeys(&[key.to_string()]).deserialize(&mut de).and_then(|d| de.end().map(|()| d))
         };
         let mut data = Data {
             revision: 9,
@@ -1244,6 +1260,14 @@ mod tests {
             assert_eq!((one.revision, one.machine_id.as_str()), (data.revision, "m1"));
             assert_eq!(one.keys.len(), usize::from(data.keys.contains_key(key)), "{key}");
             assert_eq!(one.get(key, 2), data.get(key, 2), "{key}");
+        }
+        // Several keys in one parse.
+        let keys = ["/c/leader".to_string(), "/c/bin".to_string(), "/c/absent".to_string()];
+        let mut de = serde_json::Deserializer::from_str(&json);
+        let some = OnlyKeys(&keys).deserialize(&mut de).unwrap();
+        assert_eq!(some.keys.keys().collect::<Vec<_>>(), ["/c/bin", "/c/leader"]);
+        for key in &keys {
+            assert_eq!(some.get(key, 2), data.get(key, 2), "{key}");
         }
         // What the whole parse refuses.
         for bad in [
