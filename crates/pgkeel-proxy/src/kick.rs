@@ -13,7 +13,10 @@ use std::task::{Context, Poll, Waker};
 use crate::weak_list::WeakList;
 
 /// Every session's wake-up slot, and how many kicks of each kind there were.
+///
+/// `repr(C)`: the counts, which every transaction reads, come first (see `session::Shared`).
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct Kicker {
     topology: AtomicU64,
     drain: AtomicU64,

@@ -153,29 +153,20 @@ impl std::fmt::Display for ConnectError {
 }
 
 /// A server connection, logged in and idle.
+///
+/// `repr(C)`: what a transaction touches (the fencing check, the socket, the buffers, the
+/// cancel target, the settings it was last matched with) comes first, in as few cache lines as
+/// the fields allow; what logins, prepared statements and `SHOW SERVERS` touch comes last.
+#[repr(C)]
 pub struct ServerConn {
+    /// The term the server runs under (`pgkeel.term` when the connection was opened).
+    pub term: u64,
+    /// Primary or replica.
+    pub role: ServerRole,
     /// The socket (plain or TLS).
     pub stream: Stream,
     /// Bytes read from the server and not yet consumed.
     pub rbuf: BytesMut,
-    /// Run-time parameters as the server reported them (ParameterStatus), plus the ones the
-    /// proxy set itself that the server does not report.
-    pub params: crate::tracked::Params,
-    /// The server's cancel key: pid and secret.
-    pub key: Option<(i32, Bytes)>,
-    /// The term the server runs under (`pgkeel.term` when the connection was opened).
-    pub term: u64,
-    /// The member's name.
-    pub member: String,
-    /// `host:port`.
-    pub address: String,
-    /// When the connection was opened.
-    pub opened: Instant,
-    /// Primary or replica.
-    pub role: ServerRole,
-    /// The protocol-level prepared statements it has (see [`crate::prepared`]).
-    pub statements: ServerStatements,
-    decoder: BackendDecoder,
     /// The write buffer of the client attached to it, kept between attachments so that a
     /// transaction does not allocate one (see `session::Attached`).
     pub spare_out: BytesMut,
@@ -189,6 +180,20 @@ pub struct ServerConn {
     /// The address of the target lent out, to know it when it comes back (compared, never
     /// dereferenced).
     cancel_lent: usize,
+    /// Run-time parameters as the server reported them (ParameterStatus), plus the ones the
+    /// proxy set itself that the server does not report.
+    pub params: crate::tracked::Params,
+    /// The server's cancel key: pid and secret.
+    pub key: Option<(i32, Bytes)>,
+    /// The member's name.
+    pub member: String,
+    /// `host:port`.
+    pub address: String,
+    /// When the connection was opened.
+    pub opened: Instant,
+    /// The protocol-level prepared statements it has (see [`crate::prepared`]).
+    pub statements: ServerStatements,
+    decoder: BackendDecoder,
 }
 
 /// Where a cancel request for a client goes: the server connection serving it now.

@@ -140,15 +140,28 @@ impl CancelSlot {
 }
 
 /// State shared by every session.
+///
+/// `repr(C)`, aligned to a cache line, with what every transaction reads first: the reload
+/// count, the drain flag, the pause gate's count, the in-flight counter's address and the
+/// kick counts share one cache line (56 bytes) instead of spreading over the struct, where
+/// each was a line to fetch per transaction (docs/proxy.md, "Hot-path cost").
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub struct Shared {
-    /// The configuration in force; a reload replaces it ([`Shared::config`]).
-    config: RwLock<Arc<ProxyConfig>>,
     /// Bumped by every reload, so that a session re-reads `config` only when it changed.
     config_version: AtomicU64,
     /// [`Shared::draining`], read by every turn of every session's forwarding loop: an
     /// atomic load rather than the watch's lock.
     draining_now: std::sync::atomic::AtomicBool,
+    /// New transactions wait here before they take a server connection: closed by the admin
+    /// console's PAUSE (and reusable for a planned switchover), see [`Gate`].
+    pub hold: Gate,
+    /// Units past the gate that may use the primary (zero-error switchover).
+    pub inflight: Arc<crate::switchover::Inflight>,
+    /// Wakes sessions for a new topology (busy ones) and for the shutdown (all).
+    pub kick: crate::kick::Kicker,
+    /// The configuration in force; a reload replaces it ([`Shared::config`]).
+    config: RwLock<Arc<ProxyConfig>>,
     /// Who may log in; a reload replaces it.
     userlist: RwLock<Arc<Userlist>>,
     /// The pools.
@@ -157,15 +170,8 @@ pub struct Shared {
     pub topology: watch::Receiver<Topology>,
     /// Statement classification, cached; replaced when `primary_functions` change.
     classifier: RwLock<Arc<Classifier>>,
-    /// New transactions wait here before they take a server connection: closed by the admin
-    /// console's PAUSE (and reusable for a planned switchover), see [`Gate`].
-    pub hold: Gate,
-    /// Units past the gate that may use the primary (zero-error switchover).
-    pub inflight: Arc<crate::switchover::Inflight>,
     /// True once the proxy is shutting down: idle clients are closed between transactions.
     draining: watch::Sender<bool>,
-    /// Wakes sessions for a new topology (busy ones) and for the shutdown (all).
-    pub kick: crate::kick::Kicker,
     /// Logged-in clients by BackendKeyData pid, for `SHOW CLIENTS`.
     clients: Mutex<HashMap<i32, Arc<ClientInfo>>>,
     /// When the proxy started.
@@ -187,23 +193,26 @@ pub struct Shared {
     pub auth_cache: AuthCache,
 }
 
+// The kick counts are the first 16 bytes of `Kicker`: they must end within the first line.
+const _: () = assert!(std::mem::offset_of!(Shared, kick) + 16 <= 64, "keep Shared's hot fields in one cache line");
+
 impl Shared {
     /// Shared state for a proxy.
     pub fn new(config: ProxyConfig, userlist: Userlist, topology: watch::Receiver<Topology>) -> Shared {
         let start = scram::random_bytes(2).map(|b| i32::from(u16::from_be_bytes([b[0], b[1]]))).unwrap_or(1);
         let classifier = Classifier::new(&config.primary_functions, CLASS_CACHE_SIZE);
         Shared {
-            config: RwLock::new(Arc::new(config)),
             config_version: AtomicU64::new(0),
             draining_now: Default::default(),
+            hold: Gate::default(),
+            inflight: Arc::default(),
+            kick: Default::default(),
+            config: RwLock::new(Arc::new(config)),
             userlist: RwLock::new(Arc::new(userlist)),
             pools: Pools::default(),
             topology,
             classifier: RwLock::new(Arc::new(classifier)),
-            hold: Gate::default(),
-            inflight: Arc::default(),
             draining: watch::channel(false).0,
-            kick: Default::default(),
             clients: Mutex::new(HashMap::new()),
             started: Instant::now(),
             admin: Default::default(),
@@ -463,7 +472,9 @@ const _: () = assert!(std::mem::size_of::<Entry>() <= 24, "queue entries are mov
 /// attachment (longer: a client sent a large batch once).
 const QUEUE_KEEP: usize = 64;
 
-/// A server connection attached to a client.
+/// A server connection attached to a client. `repr(C)`, what every transaction touches
+/// first, as [`Session`].
+#[repr(C)]
 struct Attached {
     /// Boxed, so that taking it from the pool and giving it back moves a pointer.
     conn: Box<ServerConn>,
@@ -471,18 +482,18 @@ struct Attached {
     slot: Slot,
     /// What the server still owes, in order.
     queue: VecDeque<Entry>,
+    /// Bytes waiting to be written to the server.
+    out: BytesMut,
+    /// A transaction-mode primary connection counts as in flight for a switchover.
+    unit: Option<crate::switchover::Unit>,
     /// An extended-protocol batch was started and its Sync not sent yet.
     open_batch: bool,
     /// The last transaction status the server reported.
     status: TransactionStatus,
-    /// Bytes waiting to be written to the server.
-    out: BytesMut,
     /// A statement classified as a write was sent (read-your-writes).
     wrote: bool,
     /// The WAL position read by the proxy's LSN query, once it is answered.
     lsn: Option<u64>,
-    /// A transaction-mode primary connection counts as in flight for a switchover.
-    unit: Option<crate::switchover::Unit>,
 }
 
 impl Attached {
@@ -716,25 +727,26 @@ pub fn run(
     }
 }
 
+/// `repr(C)`, with what a transaction touches first and what only logins, routing commands,
+/// prepared statements and `SHOW CLIENTS` touch last: the default layout, ordered by
+/// alignment, spread the hot fields over more cache lines (docs/proxy.md, "Hot-path cost").
+#[repr(C)]
 struct Session {
+    /// Not boxed: an idle client keeps its ~140 bytes (~0.3 MB for 2,000 idle clients), where
+    /// a box cost a `malloc` and a `free` per transaction (~150 instructions of ~7,400).
+    attached: Option<Attached>,
+    rbuf: BytesMut,
+    /// Bytes waiting to be written to the client.
+    wbuf: BytesMut,
+    stream: Stream,
     shared: Arc<Shared>,
     /// The configuration in force as of this turn of the forwarding loop (see
     /// [`Session::refresh`]): the hot path reads it many times per transaction.
     cfg: Arc<ProxyConfig>,
     cfg_version: u64,
-    /// The cluster has more than one member (reads can go to replicas), as of this turn.
-    multi: bool,
     /// The newest term seen, as of [`Session::refresh`]: taken from the watch only when it
     /// changed, not under its lock on every check.
     newest_term: u64,
-    stream: Stream,
-    peer: SocketAddr,
-    rbuf: BytesMut,
-    /// Bytes waiting to be written to the client.
-    wbuf: BytesMut,
-    decoder: FrontendDecoder,
-    user: String,
-    database: String,
     /// The client's primary pool.
     pool: Option<Arc<Pool>>,
     /// Shared with the pool's other clients when it is the same ([`Pool::share_auth`]): it is
@@ -743,32 +755,36 @@ struct Session {
     /// Tracked settings the client asked for (startup packet, then its own SETs), by
     /// canonical name.
     desired: Tracked,
-    /// The ParameterStatus values the client was told, of the tracked settings.
-    told: Tracked,
-    /// Not boxed: an idle client keeps its ~140 bytes (~0.3 MB for 2,000 idle clients), where
-    /// a box cost a `malloc` and a `free` per transaction (~150 instructions of ~7,400).
-    attached: Option<Attached>,
-    /// How the client's units are routed now (`SET pgkeel.route`).
-    mode: RouteMode,
-    /// The listener's routing (`RESET pgkeel.route`).
-    listener_mode: RouteMode,
+    /// What `SHOW CLIENTS` shows about this client, once it is logged in.
+    info: Option<Arc<ClientInfo>>,
     /// Client frames read and not yet handed to a server: the first `held` bytes of `rbuf`,
     /// whole frames whose lengths were checked (see [`Session::held_frames`]). Kept in place,
     /// a frame costs no split of the buffer, no queue entry and no reference count.
     held: usize,
+    decoder: FrontendDecoder,
+    /// The cluster has more than one member (reads can go to replicas), as of this turn.
+    multi: bool,
+    /// How the client's units are routed now (`SET pgkeel.route`).
+    mode: RouteMode,
     /// Drop client messages until the next Sync (after an error in an extended batch).
     skip_to_sync: bool,
-    /// The client's named prepared statements, by the client's name (transaction mode).
-    statements: HashMap<Bytes, Arc<StmtDef>>,
     /// The class of the last unnamed statement parsed.
     unnamed_class: Class,
+    // Touched off the common transaction's path.
+    peer: SocketAddr,
+    user: String,
+    database: String,
+    /// The ParameterStatus values the client was told, of the tracked settings.
+    told: Tracked,
+    /// The client's named prepared statements, by the client's name (transaction mode).
+    statements: HashMap<Bytes, Arc<StmtDef>>,
     /// Read-your-writes: the primary's WAL position after the client's last write.
     ryw_floor: u64,
-    /// What `SHOW CLIENTS` shows about this client, once it is logged in.
-    info: Option<Arc<ClientInfo>>,
     /// The client's `max_client_conn` slot and the count of live sessions, released when
     /// the session ends (see [`run`]).
     slots: (Option<crate::stats::Admitted>, Arc<()>),
+    /// The listener's routing (`RESET pgkeel.route`).
+    listener_mode: RouteMode,
 }
 
 /// What [`Session::route_now`] found.

@@ -75,12 +75,15 @@ pub struct StatsSnapshot {
 /// `Shared::hold`; a planned switchover can close the same gate while the primary changes.
 /// The gate counts closers: it is open when every `close` was matched by an `open`, so a
 /// `PAUSE` and a switchover can overlap.
+///
+/// `repr(C)`: the count every transaction reads comes first (see `session::Shared`).
 #[derive(Debug)]
+#[repr(C)]
 pub struct Gate {
-    closed: watch::Sender<u32>,
-    /// The same count, set under the watch's lock: [`Gate::is_closed`] is asked by every
-    /// transaction and reads it without taking the lock.
+    /// The same count as `closed`, set under the watch's lock: [`Gate::is_closed`] is asked by
+    /// every transaction and reads it without taking the lock.
     closed_now: AtomicU32,
+    closed: watch::Sender<u32>,
 }
 
 impl Default for Gate {

@@ -34,13 +34,17 @@ type Entry = (u8, Arc<str>);
 /// A server connection's run-time parameters by name, with the [`TRACKED`] ones also by
 /// index: a client takes a connection in every transaction, and comparing its settings
 /// ([`Tracked::differing`]) then needs no hashing of names.
+///
+/// `repr(C)`: `matched`, which every transaction reads, comes first (see
+/// [`crate::server::ServerConn`]).
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct Params {
-    map: std::collections::HashMap<String, String>,
-    tracked: [Option<Box<str>>; TRACKED.len()],
     /// A list of settings these were found to have, all of them ([`Tracked::matched_by`]),
     /// until one of the tracked settings changes.
     matched: Tracked,
+    map: std::collections::HashMap<String, String>,
+    tracked: [Option<Box<str>>; TRACKED.len()],
 }
 
 impl Params {
