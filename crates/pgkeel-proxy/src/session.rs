@@ -2193,17 +2193,19 @@ impl Session {
         (n, executes, kind): QuickUnit,
         topo_rx: &mut watch::Receiver<Topology>,
     ) -> Result<Start, Fail> {
-        self.attached = Some(att);
-        self.dispatch_unit(n, executes, None, kind);
         // The newest term, as the loop reads it before it writes: nothing goes to a primary of
         // an older term.
         self.refresh_topology(topo_rx);
         let newest = self.newest_term;
-        if self.attached.as_ref().is_some_and(|a| a.fenced(newest)) {
+        let fenced = att.fenced(newest);
+        self.attached = Some(att);
+        if fenced {
             return Err(self.term_changed(newest));
         }
+        // Sent from the client's buffer: the connection's write buffer is touched only for
+        // what the socket does not take, which the loop writes.
+        self.dispatch_unit(n, executes, None, kind, true);
         self.write_now();
-        // What the socket did not take, the loop writes.
         Ok(if self.attached.as_ref().is_some_and(|a| a.out.is_empty()) { Start::Sent } else { Start::Loop })
     }
 
@@ -2427,7 +2429,7 @@ impl Session {
                 Step::Reroute => Box::pin(self.release()).await,
                 Step::Dispatch(class) => {
                     if let Some((n, executes)) = self.plain_unit() {
-                        self.dispatch_unit(n, executes, class, Kind::Sync);
+                        self.dispatch_unit(n, executes, class, Kind::Sync, false);
                     } else {
                         // Copied to the server from where it was read: the buffer is lent
                         // out for the call (taking it leaves an unallocated one in its place).
@@ -2532,8 +2534,10 @@ impl Session {
     /// Sends the unit of the first `n` held bytes, with `executes` Execute messages (see
     /// [`Session::plain_unit`]), with the bookkeeping [`Session::dispatch`] does for each of
     /// its messages; `class` is its first message's. `kind`: what ends it, a Sync or (one
-    /// simple Query, from [`Session::quick_start`]) the Query itself.
-    fn dispatch_unit(&mut self, n: usize, executes: u64, class: Option<Class>, kind: Kind) {
+    /// simple Query, from [`Session::quick_start`]) the Query itself. `send`: the caller
+    /// checked the fencing, so the unit may go to the server socket at once, straight from the
+    /// client's buffer, when nothing is queued for the server before it.
+    fn dispatch_unit(&mut self, n: usize, executes: u64, class: Option<Class>, kind: Kind, send: bool) {
         let mut unnamed = self.unnamed_class;
         let mut write = class == Some(Class::Write);
         // Messages have classes only when splitting (`step`): then, as each one's would be.
@@ -2559,7 +2563,11 @@ impl Session {
         if executes > 0 {
             att.slot.pool().stats.queries.fetch_add(executes, Ordering::Relaxed);
         }
-        att.out.extend_from_slice(&rbuf[..n]);
+        if send && att.out.is_empty() {
+            send_or_keep(&att.conn.stream, &mut att.out, &rbuf[..n]);
+        } else {
+            att.out.extend_from_slice(&rbuf[..n]);
+        }
         att.push_plain(Expect::Client(kind));
         *unnamed_class = unnamed;
         *skip_to_sync = false;
@@ -3256,10 +3264,10 @@ fn pass_on(wbuf: &mut BytesMut, rbuf: &[u8], range: Range<usize>, pass: &mut Opt
     }
 }
 
-/// Writes `data` (for the client, nothing else waiting for it: `wbuf` is empty) to the client's
-/// plain socket as far as it takes it now, and copies the rest into `wbuf`. TLS streams are
-/// written by [`pump`], so all of it is copied for them; a write error is left for the next
-/// write to report.
+/// Writes `data` (nothing else waiting for that peer: `wbuf`, its write buffer, is empty) to
+/// the peer's plain socket as far as it takes it now, and copies the rest into `wbuf`. TLS
+/// streams are written by [`pump`], so all of it is copied for them; a write error is left for
+/// the next write to report.
 fn send_or_keep(stream: &Stream, wbuf: &mut BytesMut, data: &[u8]) {
     let sent = match stream {
         Stream::Plain(tcp) => crate::tls::try_send(tcp, data).unwrap_or(0),
