@@ -170,7 +170,8 @@ pub struct ServerConn {
     /// The write buffer of the client attached to it, kept between attachments so that a
     /// transaction does not allocate one (see `session::Attached`).
     pub spare_out: BytesMut,
-    /// The (empty) queue of what it owes, kept between attachments likewise.
+    /// The (empty) heap part of the queue of what it owes (see `session::Owed`), kept between
+    /// attachments likewise.
     pub(crate) spare_queue: std::collections::VecDeque<crate::session::Entry>,
     /// Its `SHOW SERVERS` row while attached, built once (see [`crate::pool::Pool::track`]).
     pub(crate) live: Option<std::sync::Arc<crate::pool::Live>>,

@@ -468,6 +468,54 @@ pub(crate) struct Entry {
 
 const _: () = assert!(std::mem::size_of::<Entry>() <= 24, "queue entries are moved per message: keep them small");
 
+/// What a server owes, in order. The oldest entry is kept inline, in the session: a
+/// transaction mostly owes one answer at a time (its Query's, or its unit's Sync's), and a
+/// queue on the heap cost a cache line to fetch (the connection's, cold) each time one was
+/// pushed and looked at. The others, of a pipeline or a batch, follow in `rest`.
+#[derive(Debug, Default)]
+struct Owed {
+    /// `None` only when `rest` is empty too.
+    head: Option<Entry>,
+    rest: VecDeque<Entry>,
+}
+
+impl Owed {
+    fn front(&self) -> Option<&Entry> {
+        self.head.as_ref()
+    }
+
+    fn push_back(&mut self, e: Entry) {
+        if self.head.is_none() {
+            self.head = Some(e);
+        } else {
+            self.rest.push_back(e);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Entry> {
+        let e = self.head.take()?;
+        self.head = self.rest.pop_front();
+        Some(e)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head.is_none()
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.head.is_some()) + self.rest.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.head.iter().chain(self.rest.iter())
+    }
+
+    fn clear(&mut self) {
+        self.head = None;
+        self.rest.clear();
+    }
+}
+
 /// The longest queue of what a server owes that an idle connection keeps for its next
 /// attachment (longer: a client sent a large batch once).
 const QUEUE_KEEP: usize = 64;
@@ -481,7 +529,7 @@ struct Attached {
     /// Its pool slot, which knows the pool it goes back to.
     slot: Slot,
     /// What the server still owes, in order.
-    queue: VecDeque<Entry>,
+    queue: Owed,
     /// Bytes waiting to be written to the server.
     out: BytesMut,
     /// A transaction-mode primary connection counts as in flight for a switchover.
@@ -503,7 +551,7 @@ impl Attached {
         if out.capacity() == 0 {
             out.reserve(8192);
         }
-        let queue = std::mem::take(&mut conn.spare_queue);
+        let queue = Owed { head: None, rest: std::mem::take(&mut conn.spare_queue) };
         Attached {
             conn,
             slot,
@@ -554,8 +602,8 @@ impl Attached {
         // The queue is empty (the connection is clean); one that grew large (a long pipeline
         // once) is not kept. Swapped: the connection's spare is the unallocated queue
         // `Attached::new` left there, which an assignment would drop first.
-        if self.queue.capacity() <= QUEUE_KEEP {
-            std::mem::swap(&mut self.conn.spare_queue, &mut self.queue);
+        if self.queue.rest.capacity() <= QUEUE_KEEP {
+            std::mem::swap(&mut self.conn.spare_queue, &mut self.queue.rest);
         }
         self.slot.put_back(self.conn);
     }
