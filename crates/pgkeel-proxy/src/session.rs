@@ -764,7 +764,13 @@ pub fn run(
         slots: (admitted, live),
     };
     async move {
-        let result = s.serve(s.slots.0.is_some()).await;
+        // The forwarding is awaited here rather than inside `serve`: one async state machine
+        // less between the task and the session's wait, whose states each transaction's two
+        // polls read (each a cache line to fetch, docs/proxy.md, "Hot-path cost").
+        let result = match Box::pin(s.serve(s.slots.0.is_some())).await {
+            Ok(true) => s.forward().await,
+            other => other.map(drop),
+        };
         if let Err(fail) = &result {
             tracing::info!(client = %s.peer, user = %s.user, database = %s.database, error = %fail.message, "closing client connection");
             let mut out = BytesMut::new();
@@ -914,27 +920,30 @@ enum Step {
 }
 
 impl Session {
-    async fn serve(&mut self, admitted: bool) -> Result<(), Fail> {
-        // The login and server logins are boxed (`Box::pin`): a spawned future is as large as
-        // its largest state, and each idle client would otherwise keep room for the TLS
-        // handshake, SCRAM, their timers and a server login (docs/benchmarks.md, "Proxy").
-        if !Box::pin(self.login(admitted)).await? {
-            return Ok(());
+    /// Everything before the forwarding: the login, then either the admin console (served
+    /// here) or the welcome. `Ok(true)`: forward the client's traffic ([`Session::forward`]).
+    /// Awaited boxed ([`run`]): a spawned future is as large as its largest state, and each
+    /// idle client would otherwise keep room for the TLS handshake, SCRAM, their timers and a
+    /// server login (docs/benchmarks.md, "Proxy").
+    async fn serve(&mut self, admitted: bool) -> Result<bool, Fail> {
+        if !self.login(admitted).await? {
+            return Ok(false);
         }
         if self.database == crate::admin::ADMIN_DATABASE {
-            return Box::pin(crate::admin::serve(
+            return crate::admin::serve(
                 &self.shared,
                 &mut self.stream,
                 &mut self.rbuf,
                 &mut self.wbuf,
                 &self.user,
                 self.peer,
-            ))
+            )
             .await
+            .map(|()| false)
             .map_err(|(sqlstate, message)| Fail::new(sqlstate, message));
         }
-        Box::pin(self.welcome()).await?;
-        self.forward().await
+        self.welcome().await?;
+        Ok(true)
     }
 
     /// The startup packet and the client's authentication, each within [`LOGIN_TIMEOUT`].
