@@ -472,7 +472,7 @@ const _: () = assert!(std::mem::size_of::<Entry>() <= 24, "queue entries are mov
 /// transaction mostly owes one answer at a time (its Query's, or its unit's Sync's), and a
 /// queue on the heap cost a cache line to fetch (the connection's, cold) each time one was
 /// pushed and looked at. The others, of a pipeline or a batch, follow in `rest`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Owed {
     /// `None` only when `rest` is empty too.
     head: Option<Entry>,
@@ -767,15 +767,19 @@ pub fn run(
         // The forwarding is awaited here rather than inside `serve`: one async state machine
         // less between the task and the session's wait, whose states each transaction's two
         // polls read (each a cache line to fetch, docs/proxy.md, "Hot-path cost").
-        let result = match Box::pin(s.serve(s.slots.0.is_some())).await {
-            Ok(true) => s.forward().await,
-            other => other.map(drop),
+        // Only a flag crosses the forwarding's await (a result held across it would be part
+        // of every session's future).
+        let forward = match Box::pin(s.serve(s.slots.0.is_some())).await {
+            Ok(forward) => forward,
+            Err(fail) => {
+                s.closing(&fail);
+                false
+            }
         };
-        if let Err(fail) = &result {
-            tracing::info!(client = %s.peer, user = %s.user, database = %s.database, error = %fail.message, "closing client connection");
-            let mut out = BytesMut::new();
-            fail.encode(&mut out);
-            s.wbuf.extend_from_slice(&out);
+        if forward {
+            if let Err(fail) = s.forward().await {
+                s.closing(&fail);
+            }
         }
         s.finish().await;
     }
@@ -920,6 +924,15 @@ enum Step {
 }
 
 impl Session {
+    /// The session ends with `fail`: logged, and told to the client (sent by
+    /// [`Session::finish`]).
+    fn closing(&mut self, fail: &Fail) {
+        tracing::info!(client = %self.peer, user = %self.user, database = %self.database, error = %fail.message, "closing client connection");
+        let mut out = BytesMut::new();
+        fail.encode(&mut out);
+        self.wbuf.extend_from_slice(&out);
+    }
+
     /// Everything before the forwarding: the login, then either the admin console (served
     /// here) or the welcome. `Ok(true)`: forward the client's traffic ([`Session::forward`]).
     /// Awaited boxed ([`run`]): a spawned future is as large as its largest state, and each
@@ -3439,7 +3452,11 @@ mod tests {
         let (stream, peer) = listener.accept().await.expect("accept");
         let fut = run(shared, stream, peer, None, Arc::new(()), RouteMode::Auto);
         let size = std::mem::size_of_val(&fut);
-        eprintln!("session future: {size} bytes (Session {} bytes)", std::mem::size_of::<Session>());
+        eprintln!(
+            "session future: {size} bytes (Session {} bytes, Attached {} bytes)",
+            std::mem::size_of::<Session>(),
+            std::mem::size_of::<Attached>()
+        );
         assert!(size <= 1024, "the session future grew to {size} bytes");
     }
 
