@@ -784,8 +784,8 @@ impl Inner {
     /// cached parse while no newer generation appeared, so an idle look costs one directory
     /// listing. A new version is parsed once for every key watched ([`OnlyKeys`]), and only
     /// those are built: the store also holds every member's status, and building all of it at
-    /// each write (the agents' and each proxy's, several a second) cost a proxy's topology
-    /// watch ~3 % of the proxy's own work.
+    /// each write (the agents' and each proxy's, several a second) was most of a watch's cost
+    /// (76k instructions a version against 48k now; docs/benchmarks.md, "Proxy").
     fn watch_snapshot(&self, key: &str) -> DcsResult<Arc<Data>> {
         let newest = self.newest()?.ok_or_else(|| self.missing())?;
         let keys = {
