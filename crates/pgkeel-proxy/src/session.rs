@@ -766,9 +766,9 @@ pub fn run(
     async move {
         // The forwarding is awaited here rather than inside `serve`: one async state machine
         // less between the task and the session's wait, whose states each transaction's two
-        // polls read (each a cache line to fetch, docs/proxy.md, "Hot-path cost").
-        // Only a flag crosses the forwarding's await (a result held across it would be part
-        // of every session's future).
+        // polls read (each a cache line to fetch, docs/proxy.md, "Hot-path cost"). Only a
+        // flag crosses that await: a result held across it would be part of every session's
+        // future.
         let forward = match Box::pin(s.serve(s.slots.0.is_some())).await {
             Ok(forward) => forward,
             Err(fail) => {
@@ -928,9 +928,7 @@ impl Session {
     /// [`Session::finish`]).
     fn closing(&mut self, fail: &Fail) {
         tracing::info!(client = %self.peer, user = %self.user, database = %self.database, error = %fail.message, "closing client connection");
-        let mut out = BytesMut::new();
-        fail.encode(&mut out);
-        self.wbuf.extend_from_slice(&out);
+        fail.encode(&mut self.wbuf);
     }
 
     /// Everything before the forwarding: the login, then either the admin console (served
