@@ -10,6 +10,7 @@
 //! - [`pool`], server connections per (database, user, server);
 //! - [`server`], one server connection;
 //! - `session`, one client connection (startup, authentication, routing, forwarding);
+//! - `sessions`, the task that runs them;
 //! - [`run`], the listeners.
 //!
 //! - [`tls`], TLS to clients and to servers;
@@ -29,6 +30,7 @@ pub mod router;
 pub mod scram;
 pub mod server;
 mod session;
+mod sessions;
 pub mod stats;
 pub mod switchover;
 pub mod tls;
@@ -156,10 +158,13 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, control: Control) -> a
     let metrics = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, shared.clone())));
     // Every session holds a clone: the drain waits until only this one is left.
     let live = Arc::new(());
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let (spawner, session_tasks) = sessions::Spawner::start(&shared, workers);
     let acceptors: Vec<_> = listeners
         .into_iter()
-        .map(|(listener, mode)| tokio::spawn(accept(listener, mode, shared.clone(), clients.clone(), live.clone())))
+        .map(|(listener, mode)| tokio::spawn(accept(listener, mode, spawner.clone(), clients.clone(), live.clone())))
         .collect();
+    drop(spawner);
     reload.mark_unchanged();
     loop {
         tokio::select! {
@@ -204,6 +209,10 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, control: Control) -> a
         m.abort();
     }
     closer.abort();
+    // The sessions left after `shutdown_timeout` are dropped with their tasks.
+    for t in session_tasks {
+        t.abort();
+    }
     let _ = stop_watch.send(true);
     let _ = watcher.await;
     let _ = switchover.await;
@@ -214,7 +223,7 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, control: Control) -> a
 async fn accept(
     listener: tokio::net::TcpListener,
     mode: router::RouteMode,
-    shared: Arc<session::Shared>,
+    spawner: sessions::Spawner,
     clients: Arc<stats::Limit>,
     live: Arc<()>,
 ) {
@@ -222,10 +231,7 @@ async fn accept(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let admitted = clients.try_acquire();
-                // The session future itself is spawned, not an `async move` block around it:
-                // the block would keep its captures next to the session built from them
-                // (docs/benchmarks.md, "Proxy").
-                tokio::spawn(session::run(shared.clone(), stream, peer, admitted, live.clone(), mode));
+                spawner.spawn(sessions::Accepted { stream, peer, admitted, live: live.clone(), mode });
             }
             Err(e) => {
                 // Out of file descriptors and the like: keep serving the clients we have.
