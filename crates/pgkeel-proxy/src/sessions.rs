@@ -1,18 +1,18 @@
 //! The task that runs client sessions.
 //!
-//! Every client session of a runtime thread runs inside one tokio task, as a
-//! `FuturesUnordered` entry, instead of as a task of its own. A session still waits on its
-//! sockets, timers and locks through tokio, with a waker of its own, but waking it puts it on
-//! this task's queue and polling it is a call. A tokio task costs two atomic state changes
-//! per poll, a reference count per wake and a trip through the runtime's queue; about 230
-//! user-space instructions per `pgbench -S` transaction, of about 4,400 (docs/benchmarks.md,
+//! Every client session of a runtime thread runs inside one tokio task, in a [`Set`],
+//! instead of as a task of its own. A session still waits on its sockets, timers and locks
+//! through tokio, with a waker of its own, but waking it puts its number on the set's queue
+//! and polling it is a call. A tokio task costs two atomic state changes per poll, a
+//! reference count per wake and a trip through the runtime's queue (docs/benchmarks.md,
 //! "Proxy").
 //!
 //! What a task gave for free is kept:
 //! - a session that panics is dropped alone, with its sockets, and logged ([`Isolated`]);
-//! - tokio's cooperative budget still applies: once the task has used it, the sessions it
-//!   polls are put back on the queue and the task yields to the runtime, so a session
-//!   pumping a large COPY cannot keep the others or the runtime's timers waiting;
+//! - tokio's cooperative budget still applies: the set polls one batch of woken sessions per
+//!   poll of its task, and once the task has used its budget, the sessions it polls wake
+//!   themselves into the next batch; so a session pumping a large COPY cannot keep the
+//!   others or the runtime's timers waiting;
 //! - on a runtime with several worker threads there is one such task per worker, and new
 //!   clients are handed to them in turn.
 
@@ -20,10 +20,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
 
-use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -73,28 +73,145 @@ impl Spawner {
 /// Runs the sessions of the clients `rx` hands over, until every sender is gone and every
 /// session has ended.
 async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Accepted>) {
-    let mut set = FuturesUnordered::new();
+    let mut set = Set::default();
     let mut open = true;
     std::future::poll_fn(|cx| {
         while open {
             match rx.poll_recv(cx) {
                 Poll::Ready(Some(a)) => {
-                    set.push(Isolated(session::run(shared.clone(), a.stream, a.peer, a.admitted, a.live, a.mode)))
+                    set.push(Isolated(session::run(shared.clone(), a.stream, a.peer, a.admitted, a.live, a.mode)));
                 }
                 Poll::Ready(None) => open = false,
                 Poll::Pending => break,
             }
         }
-        // Polls every session that was woken; stops at the first that ends (`Some`), at
-        // none left to poll (`Pending`; the set yields by itself after a round, waking this
-        // task again when sessions are still ready) or an empty set (`None`).
-        while let Poll::Ready(Some(())) = set.poll_next_unpin(cx) {}
+        set.poll(cx);
         if !open && set.is_empty() {
             return Poll::Ready(());
         }
         Poll::Pending
     })
     .await
+}
+
+/// Futures polled by one task, each when its own waker was woken: the sessions of a runtime
+/// thread.
+///
+/// The futures are kept in a slab; a waker is its future's [`Entry::cell`], and waking it
+/// queues the future's slot number once (until it is polled) and wakes the task. Each
+/// [`Set::poll`] takes the queue as it is and polls those futures once each. A future that
+/// ends leaves its cell marked queued for good, so its wakers, wherever they were kept, do
+/// nothing (a later future in the same slot has a cell of its own).
+pub(crate) struct Set<F> {
+    entries: Vec<Option<Entry<F>>>,
+    /// Free slots of `entries`.
+    free: Vec<usize>,
+    /// How many futures have not ended.
+    len: usize,
+    queue: Arc<Queue>,
+    /// The batch being polled; its allocation is swapped with the queue's at each poll.
+    batch: Vec<usize>,
+}
+
+struct Entry<F> {
+    future: Pin<Box<F>>,
+    cell: Arc<Cell>,
+    /// `cell` as a waker, made once: tokio keeps a waker only when it is not this one
+    /// (`will_wake`), so a session that waits again and again clones nothing.
+    waker: Waker,
+}
+
+/// A future's waker.
+struct Cell {
+    /// Queued (or ended): a wake has nothing to do.
+    queued: AtomicBool,
+    slot: usize,
+    queue: Arc<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    inner: Mutex<Woken>,
+}
+
+#[derive(Default)]
+struct Woken {
+    slots: Vec<usize>,
+    /// The set's task, taken by the first wake after it was last polled.
+    task: Option<Waker>,
+}
+
+impl Wake for Cell {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let task = {
+            let mut w = self.queue.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            w.slots.push(self.slot);
+            w.task.take()
+        };
+        if let Some(task) = task {
+            task.wake();
+        }
+    }
+}
+
+impl<F> Default for Set<F> {
+    fn default() -> Self {
+        Set { entries: Vec::new(), free: Vec::new(), len: 0, queue: Arc::default(), batch: Vec::new() }
+    }
+}
+
+impl<F: Future<Output = ()>> Set<F> {
+    /// Adds a future, to be polled at the next [`Set::poll`].
+    pub fn push(&mut self, future: F) {
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.entries.push(None);
+            self.entries.len() - 1
+        });
+        let cell = Arc::new(Cell { queued: AtomicBool::new(false), slot, queue: self.queue.clone() });
+        // Polled first at the next poll.
+        Wake::wake_by_ref(&cell);
+        let waker = Waker::from(cell.clone());
+        self.entries[slot] = Some(Entry { future: Box::pin(future), cell, waker });
+        self.len += 1;
+    }
+
+    /// Whether every future has ended.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Polls the futures woken since the last poll, once each, and drops those that end.
+    /// `cx`'s waker is woken at the next wake of any of them (also one during this poll,
+    /// which then waits for the next).
+    pub fn poll(&mut self, cx: &mut Context<'_>) {
+        {
+            let mut w = self.queue.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            std::mem::swap(&mut w.slots, &mut self.batch);
+            if !w.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+                w.task = Some(cx.waker().clone());
+            }
+        }
+        for &slot in &self.batch {
+            let Some(entry) = self.entries.get_mut(slot).and_then(Option::as_mut) else { continue };
+            // From here a wake queues it again, for the next batch.
+            entry.cell.queued.store(false, Ordering::Release);
+            let mut fcx = Context::from_waker(&entry.waker);
+            if entry.future.as_mut().poll(&mut fcx).is_ready() {
+                entry.cell.queued.store(true, Ordering::Release);
+                self.entries[slot] = None;
+                self.free.push(slot);
+                self.len -= 1;
+            }
+        }
+        self.batch.clear();
+    }
 }
 
 /// A session whose panic ends only itself: its future is dropped (closing its client and
@@ -120,25 +237,87 @@ impl<F: Future<Output = ()>> Future for Isolated<F> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
 
-    /// A panicking future ends alone, as `Ready`, and the set goes on polling the others.
+    type Boxed = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    /// Polls `set` (as its task does) until `done` says so.
+    async fn drive(set: &mut Set<Boxed>, done: impl Fn(&Set<Boxed>) -> bool) {
+        std::future::poll_fn(|cx| {
+            set.poll(cx);
+            if done(set) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// A panicking future ends alone, and the set goes on polling the others.
     #[tokio::test]
     async fn a_panicking_session_ends_alone() {
-        let mut set = FuturesUnordered::new();
+        let mut set = Set::default();
         let (tx, rx) = tokio::sync::oneshot::channel::<u8>();
+        let got = Arc::new(AtomicUsize::new(0));
         set.push(Box::pin(Isolated(async {
             tokio::task::yield_now().await;
             panic!("test: a session panics");
-        })) as Pin<Box<dyn Future<Output = ()> + Send>>);
+        })) as Boxed);
+        let g = got.clone();
         set.push(Box::pin(Isolated(async move {
-            assert_eq!(rx.await.unwrap(), 7);
+            g.store(rx.await.unwrap().into(), Ordering::SeqCst);
         })));
-        // The panicking one ends first; the other is still waiting for its value.
-        assert_eq!(set.next().await, Some(()));
-        assert_eq!(set.len(), 1);
+        drive(&mut set, |s| s.len == 1).await;
         tx.send(7).unwrap();
-        assert_eq!(set.next().await, Some(()));
-        assert!(set.is_empty());
+        drive(&mut set, Set::is_empty).await;
+        assert_eq!(got.load(Ordering::SeqCst), 7);
+    }
+
+    /// Futures woken from other threads run, and each ends once; a slot freed by an ended
+    /// future is reused, and the ended future's waker does not poll its successor.
+    #[tokio::test]
+    async fn wakes_from_other_threads_run_the_futures_and_stale_wakers_do_nothing() {
+        let mut set = Set::default();
+        let ended = Arc::new(AtomicUsize::new(0));
+        let mut senders = Vec::new();
+        for _ in 0..50 {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            senders.push(tx);
+            let e = ended.clone();
+            set.push(Box::pin(async move {
+                rx.await.unwrap();
+                e.fetch_add(1, Ordering::SeqCst);
+            }) as Boxed);
+        }
+        drive(&mut set, |_| true).await;
+        assert_eq!(set.len, 50);
+        let thread = std::thread::spawn(move || senders.into_iter().for_each(|tx| tx.send(()).unwrap()));
+        drive(&mut set, Set::is_empty).await;
+        thread.join().unwrap();
+        assert_eq!(ended.load(Ordering::SeqCst), 50);
+
+        // A future that keeps its waker and ends, then one in its slot that counts its polls.
+        let stale: Arc<Mutex<Option<Waker>>> = Arc::default();
+        let s = stale.clone();
+        set.push(Box::pin(std::future::poll_fn(move |cx| {
+            *s.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Ready(())
+        })) as Boxed);
+        drive(&mut set, Set::is_empty).await;
+        let polls = Arc::new(AtomicUsize::new(0));
+        let p = polls.clone();
+        set.push(Box::pin(std::future::poll_fn(move |_| {
+            p.fetch_add(1, Ordering::SeqCst);
+            Poll::Pending
+        })) as Boxed);
+        assert_eq!(set.entries.len(), 50, "the slot is reused");
+        drive(&mut set, |_| true).await;
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        stale.lock().unwrap().take().unwrap().wake();
+        drive(&mut set, |_| true).await;
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "a stale waker polled another future");
     }
 }
