@@ -9,18 +9,18 @@
 //!
 //! What a task gave for free is kept:
 //! - a session that panics is dropped alone, with its sockets, and logged ([`Isolated`]);
-//! - tokio's cooperative budget still applies: the set polls one batch of woken sessions per
-//!   poll of its task, and once the task has used its budget, the sessions it polls wake
-//!   themselves into the next batch; so a session pumping a large COPY cannot keep the
-//!   others or the runtime's timers waiting;
-//! - on a runtime with several worker threads there is one such task per worker, and new
-//!   clients are handed to them in turn.
+//! - tokio's cooperative budget still applies: the set polls at most one batch of woken
+//!   sessions per poll of its task, and once the task has used its budget, it leaves the rest
+//!   of the batch for its next poll; so a session pumping a large COPY cannot keep the others
+//!   or the runtime's timers waiting;
+//! - on a runtime with several worker threads there are as many such tasks as workers, and
+//!   new clients are handed to them in turn.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -42,11 +42,12 @@ pub(crate) struct Accepted {
     pub mode: RouteMode,
 }
 
-/// Where acceptors send new clients: one sessions task per runtime worker, in turn.
+/// Where acceptors send new clients: to the sessions tasks (as many as the runtime has
+/// workers), in turn.
 #[derive(Clone)]
 pub(crate) struct Spawner {
     tasks: Arc<[mpsc::UnboundedSender<Accepted>]>,
-    next: Arc<std::sync::atomic::AtomicUsize>,
+    next: Arc<AtomicUsize>,
 }
 
 impl Spawner {
@@ -65,7 +66,7 @@ impl Spawner {
     /// Hands a client to the next sessions task. Once the tasks have stopped (the proxy is
     /// shutting down) the client is dropped, which closes its connection.
     pub fn spawn(&self, client: Accepted) {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.tasks.len();
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.tasks.len();
         let _ = self.tasks[i].send(client);
     }
 }
@@ -79,6 +80,9 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Accepted>) {
         while open {
             match rx.poll_recv(cx) {
                 Poll::Ready(Some(a)) => {
+                    // The session's own future, not an `async move` block around it: the
+                    // block would keep its captures next to the session built from them
+                    // (docs/benchmarks.md, "Proxy").
                     set.push(Isolated(session::run(shared.clone(), a.stream, a.peer, a.admitted, a.live, a.mode)));
                 }
                 Poll::Ready(None) => open = false,
@@ -255,8 +259,6 @@ impl<F: Future<Output = ()>> Future for Isolated<F> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
-
     use super::*;
 
     type Boxed = Pin<Box<dyn Future<Output = ()> + Send>>;
