@@ -110,10 +110,9 @@ pub(crate) struct Set<F> {
     entries: Vec<Option<Entry<F>>>,
     /// Free slots of `entries`.
     free: Vec<usize>,
-    /// How many futures have not ended.
-    len: usize,
     queue: Arc<Queue>,
-    /// The batch being polled; its allocation is swapped with the queue's at each poll.
+    /// The batch being polled (and what a spent budget left of it); when it is empty, its
+    /// allocation is swapped with the queue's at the next poll.
     batch: Vec<usize>,
 }
 
@@ -167,7 +166,7 @@ impl Wake for Cell {
 
 impl<F> Default for Set<F> {
     fn default() -> Self {
-        Set { entries: Vec::new(), free: Vec::new(), len: 0, queue: Arc::default(), batch: Vec::new() }
+        Set { entries: Vec::new(), free: Vec::new(), queue: Arc::default(), batch: Vec::new() }
     }
 }
 
@@ -183,12 +182,16 @@ impl<F: Future<Output = ()>> Set<F> {
         Wake::wake_by_ref(&cell);
         let waker = Waker::from(cell.clone());
         self.entries[slot] = Some(Entry { future: Box::pin(future), cell, waker });
-        self.len += 1;
+    }
+
+    /// How many futures have not ended.
+    fn len(&self) -> usize {
+        self.entries.len() - self.free.len()
     }
 
     /// Whether every future has ended.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// Polls the futures woken since the last poll, once each, and drops those that end.
@@ -226,7 +229,6 @@ impl<F: Future<Output = ()>> Set<F> {
                 entry.cell.queued.store(true, Ordering::Release);
                 self.entries[slot] = None;
                 self.free.push(slot);
-                self.len -= 1;
             }
         }
         self.batch.drain(..polled);
@@ -290,7 +292,7 @@ mod tests {
         set.push(Box::pin(Isolated(async move {
             g.store(rx.await.unwrap().into(), Ordering::SeqCst);
         })));
-        drive(&mut set, |s| s.len == 1).await;
+        drive(&mut set, |s| s.len() == 1).await;
         tx.send(7).unwrap();
         drive(&mut set, Set::is_empty).await;
         assert_eq!(got.load(Ordering::SeqCst), 7);
@@ -313,7 +315,7 @@ mod tests {
             }) as Boxed);
         }
         drive(&mut set, |_| true).await;
-        assert_eq!(set.len, 50);
+        assert_eq!(set.len(), 50);
         let thread = std::thread::spawn(move || senders.into_iter().for_each(|tx| tx.send(()).unwrap()));
         drive(&mut set, Set::is_empty).await;
         thread.join().unwrap();
