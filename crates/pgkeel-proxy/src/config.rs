@@ -156,6 +156,29 @@ impl Default for TlsSettings {
     }
 }
 
+/// `[auth] auth_type`: how clients prove their password (PgBouncer's `auth_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthType {
+    /// SCRAM-SHA-256 for every user, except users `auth_query` finds with an MD5 hash (MD5).
+    /// The default.
+    ScramSha256,
+    /// MD5 for users with a plaintext password (in the userlist or from `auth_query`) and
+    /// with an MD5 hash; SCRAM-SHA-256 still for users whose entry is a SCRAM secret, which
+    /// MD5 cannot be checked against. For clients too old for SCRAM (libpq before 10, JDBC
+    /// before 42.2).
+    Md5,
+}
+
+impl AuthType {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthType::ScramSha256 => "scram-sha-256",
+            AuthType::Md5 => "md5",
+        }
+    }
+}
+
 /// `[auth] query` and `auth_user`: PgBouncer's `auth_query`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthQuery {
@@ -217,6 +240,8 @@ pub struct ProxyConfig {
     pub userlist: PathBuf,
     /// `[auth] query`: clients missing from the userlist are looked up on the primary.
     pub auth_query: Option<AuthQuery>,
+    /// `[auth] auth_type`: SCRAM-SHA-256 or MD5 for clients.
+    pub auth_type: AuthType,
     /// `[tls]`: TLS to clients and to servers.
     pub tls: TlsSettings,
     /// Userlist users who may use the admin console (the database `pgkeel`); empty: nobody.
@@ -306,7 +331,7 @@ const TOP: &[&str] = &[
     "auth",
     "tls",
 ];
-const AUTH: &[&str] = &["userlist", "query", "auth_user"];
+const AUTH: &[&str] = &["userlist", "auth_type", "query", "auth_user"];
 const TLS: &[&str] = &["cert", "key", "client_tls", "server_tls", "server_ca"];
 const DCS_LOCAL: &[&str] = &["kind", "path"];
 const DCS_ETCD: &[&str] = &["kind", "endpoints"];
@@ -751,6 +776,14 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
     })?;
     let userlist = base.join(userlist);
     let auth_query = auth_query(auth)?;
+    let auth_type = match string(auth, "auth", "auth_type")?.as_deref() {
+        None | Some("scram-sha-256") => AuthType::ScramSha256,
+        Some("md5") => AuthType::Md5,
+        Some(other) => return Err(invalid(format!(
+            "auth.auth_type = {other:?} is not a client authentication method the proxy offers; use \"scram-sha-256\" \
+                 (the default) or \"md5\" (for clients too old for SCRAM)"
+        ))),
+    };
     let tls = tls(&table, base)?;
     let admin_users = admin_users(&table)?;
     let metrics_listen = string(&table, "", "metrics_listen")?;
@@ -785,6 +818,7 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         server_connect_timeout,
         userlist,
         auth_query,
+        auth_type,
         tls,
         admin_users,
         metrics_listen,
@@ -981,9 +1015,11 @@ path = "/var/lib/pgkeel/dcs"
 
 [auth]
 # Lines of "user" "password": a plaintext password, or the SCRAM-SHA-256 secret copied from
-# pg_authid.rolpassword. Clients log in with SCRAM-SHA-256. A relative path is relative to
-# this file. Required.
+# pg_authid.rolpassword. A relative path is relative to this file. Required.
 userlist = "/etc/pgkeel/userlist.txt"
+# How clients prove their password: "scram-sha-256", or "md5" for clients too old for SCRAM
+# (users whose entry is a SCRAM secret still use SCRAM, which is all it can check).
+auth_type = "scram-sha-256"
 # Clients missing from the userlist are looked up on the primary with this query (PgBouncer's
 # auth_query), run as auth_user, who must be in the userlist. It returns the user name and its
 # SCRAM-SHA-256 secret or MD5 hash; answers are cached for 30 s.
@@ -1172,6 +1208,9 @@ mod tests {
         let auth = |lines: &str| {
             MINIMAL.replace("userlist = \"users.txt\"\n", &format!("userlist = \"users.txt\"\n{lines}\n"))
         };
+        assert_eq!((d.auth_type, e.auth_type), (AuthType::ScramSha256, AuthType::ScramSha256));
+        assert_eq!(ok(&auth("auth_type = \"md5\"")).auth_type, AuthType::Md5);
+        assert_eq!(ok(&auth("auth_type = \"scram-sha-256\"")).auth_type, AuthType::ScramSha256);
         for (text, want) in [
             (format!("{MINIMAL}[tls]\ncert = \"c\"\n"), "tls.cert is set without tls.key"),
             (format!("{MINIMAL}[tls]\nkey = \"k\"\n"), "tls.key is set without tls.cert"),
@@ -1185,6 +1224,8 @@ mod tests {
             (auth("query = \"select $1\""), "auth.query needs auth.auth_user"),
             (auth("auth_user = \"a\""), "auth.auth_user is set without auth.query"),
             (auth("auth_usr = \"a\""), "did you mean \"auth.auth_user\"?"),
+            (auth("auth_type = \"trust\""), "auth.auth_type = \"trust\" is not a client authentication method"),
+            (auth("auth_type = \"scram\""), "use \"scram-sha-256\" (the default) or \"md5\""),
         ] {
             let e = err(&text);
             assert!(e.contains(want), "{text}\n=> {e}\nwanted: {want}");

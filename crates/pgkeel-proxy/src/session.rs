@@ -37,7 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::config::{ClientTlsMode, LoadBalance, NoReplica, PoolMode, ProxyConfig};
+use crate::config::{AuthType, ClientTlsMode, LoadBalance, NoReplica, PoolMode, ProxyConfig};
 use crate::pool::{Pool, PoolKey, PoolTarget, Pools, Slot, TimedOut};
 use crate::prepared::{self, StmtDef};
 use crate::protocol::{
@@ -1136,8 +1136,15 @@ impl Session {
         if entry.is_none() && self.database != crate::admin::ADMIN_DATABASE {
             entry = self.auth_query_lookup().await?;
         }
-        if let Some(e) = entry.as_ref().filter(|e| e.md5.is_some()) {
-            return self.authenticate_md5(e.clone()).await;
+        // MD5 where it can be checked: against an MD5 hash, and with auth_type = "md5" against
+        // a plaintext password (and for unknown users, who must not be told apart).
+        let md5 = self.shared.config().auth_type == AuthType::Md5;
+        match &entry {
+            Some(e) if e.md5.is_some() || (md5 && e.password.is_some()) => {
+                return self.authenticate_md5(Some(e.clone())).await
+            }
+            None if md5 => return self.authenticate_md5(None).await,
+            _ => {}
         }
         let secret = match &entry {
             Some(e) => e.secret.clone(),
@@ -1210,9 +1217,16 @@ impl Session {
         self.pool = Some(pool);
     }
 
-    /// MD5 against a hash from `auth_query`; the proxy logs in to servers with the hash.
-    async fn authenticate_md5(&mut self, entry: crate::userlist::UserEntry) -> Result<(), Fail> {
-        let Some(hash) = entry.md5 else { return Err(Fail::new(sqlstate::INTERNAL_ERROR, "no MD5 hash")) };
+    /// MD5 against `entry`'s hash (from `auth_query`), or against its plaintext password with
+    /// `auth_type = "md5"`; `None`: an unknown user, refused after the same exchange. The
+    /// proxy logs in to servers with the password when it has it, else with the hash.
+    async fn authenticate_md5(&mut self, entry: Option<crate::userlist::UserEntry>) -> Result<(), Fail> {
+        let hash = match &entry {
+            Some(crate::userlist::UserEntry { md5: Some(hash), .. }) => hash.clone(),
+            Some(crate::userlist::UserEntry { password: Some(p), .. }) => scram::md5_hash(&self.user, p),
+            // Checked all the same, against a hash nobody knows.
+            _ => scram::md5_hash(&self.user, &scram::new_nonce().unwrap_or_default()),
+        };
         let random = scram::random_bytes(4).map_err(|e| Fail::new(sqlstate::INTERNAL_ERROR, e.to_string()))?;
         let salt = [random[0], random[1], random[2], random[3]];
         let request = Authentication::Md5Password { salt };
@@ -1223,19 +1237,24 @@ impl Session {
             return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, "expected a PasswordMessage"));
         };
         self.decoder.auth = AuthExpect::None;
-        if !scram::md5_verify(&hash, &salt, answer.as_bytes()) {
+        let right = scram::md5_verify(&hash, &salt, answer.as_bytes());
+        let Some(entry) = entry.filter(|_| right) else {
             return Err(Fail::new(
                 sqlstate::INVALID_PASSWORD,
                 format!("password authentication failed for user {:?}", self.user),
             ));
-        }
+        };
         BackendMessage::Authentication(Authentication::Ok).encode(&mut self.wbuf);
+        let scram = match &entry.password {
+            Some(p) => ClientCredential::Password(p.clone()),
+            // Unused: a server that asks for SCRAM gets a clear error (see server.rs).
+            None => ClientCredential::Keys { client_key: [0; 32], secret: entry.secret },
+        };
         self.logged_in(ServerAuth {
             user: self.user.clone(),
-            password: None,
-            // Unused: a server that asks for SCRAM gets a clear error (see server.rs).
-            scram: ClientCredential::Keys { client_key: [0; 32], secret: entry.secret },
-            md5: Some(hash),
+            md5: entry.password.is_none().then_some(hash),
+            password: entry.password,
+            scram,
             tls: self.shared.server_tls(),
         });
         Ok(())

@@ -5,9 +5,10 @@
 //! ignored. The password is either plaintext or a SCRAM-SHA-256 secret as stored in
 //! `pg_authid.rolpassword` (`SCRAM-SHA-256$4096:...`):
 //!
-//! - plaintext: clients log in with SCRAM against a secret the proxy derives at load time,
-//!   and the proxy logs in to postgres with the password (SCRAM, MD5 or cleartext, whichever
-//!   the server asks for);
+//! - plaintext: clients log in with SCRAM against a secret the proxy derives at load time
+//!   (with `auth_type = "md5"`: with MD5 against the password's MD5 hash), and the proxy logs
+//!   in to postgres with the password (SCRAM, MD5 or cleartext, whichever the server asks
+//!   for);
 //! - a SCRAM secret: clients log in with SCRAM against it, and the proxy logs in to postgres
 //!   with the `ClientKey` recovered from the client's proof (pass-through). That works when
 //!   postgres holds the same secret (copy it from `pg_authid`), and only with SCRAM.
@@ -83,7 +84,8 @@ impl Userlist {
             } else if password.len() == 35 && password.starts_with("md5") {
                 return Err(format!(
                     "line {n} (user {user:?}): MD5 hashes are not supported; put the plaintext password or the \
-                     SCRAM-SHA-256 secret from pg_authid.rolpassword there"
+                     SCRAM-SHA-256 secret from pg_authid.rolpassword there (for clients that can only do MD5: the \
+                     plaintext password, with auth_type = \"md5\" in [auth])"
                 ));
             } else if password.is_empty() {
                 return Err(format!("line {n} (user {user:?}): the password is empty"));

@@ -44,6 +44,66 @@ fn answer_to(port: u16, packet: &[u8]) -> (std::net::TcpStream, u8) {
     (s, b[0])
 }
 
+/// A login to the proxy at `port` as a client that knows only MD5: the authentication
+/// request's code (5: MD5, 10: SASL), and then, when it was MD5, the result of
+/// `select current_user` or the error (`SQLSTATE: message`).
+fn md5_login(port: u16, user: &str, password: &str) -> (u32, Result<String, String>) {
+    fn message(s: &mut std::net::TcpStream) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).expect("a message");
+        let mut body = vec![0u8; u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4];
+        s.read_exact(&mut body).expect("a message body");
+        (head[0], body)
+    }
+    fn send(s: &mut std::net::TcpStream, tag: u8, body: &[u8]) {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        s.write_all(&m).unwrap();
+    }
+    /// Messages up to ReadyForQuery: the first column of the first DataRow, or the error.
+    fn until_ready(s: &mut std::net::TcpStream) -> Result<String, String> {
+        let mut value = String::new();
+        loop {
+            match message(s) {
+                (b'E', body) => {
+                    let fields: Vec<&[u8]> = body.split(|b| *b == 0).collect();
+                    let field =
+                        |c: u8| fields.iter().find(|f| f.first() == Some(&c)).map(|f| String::from_utf8_lossy(&f[1..]));
+                    return Err(format!("{}: {}", field(b'C').unwrap_or_default(), field(b'M').unwrap_or_default()));
+                }
+                (b'D', body) => {
+                    let n = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
+                    value = String::from_utf8_lossy(&body[6..6 + n as usize]).into_owned();
+                }
+                (b'Z', _) => return Ok(value),
+                _ => {}
+            }
+        }
+    }
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let params = format!("user\0{user}\0database\0postgres\0\0");
+    let mut startup = ((8 + params.len()) as u32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&196_608u32.to_be_bytes());
+    startup.extend_from_slice(params.as_bytes());
+    s.write_all(&startup).unwrap();
+    let (tag, body) = message(&mut s);
+    assert_eq!(tag, b'R', "an authentication request");
+    let method = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    if method != 5 {
+        return (method, Err(format!("asked for authentication method {method}")));
+    }
+    let salt = [body[4], body[5], body[6], body[7]];
+    let answer = pgkeel_proxy::scram::md5_password(user, password, &salt);
+    send(&mut s, b'p', format!("{answer}\0").as_bytes());
+    if let Err(e) = until_ready(&mut s) {
+        return (method, Err(e));
+    }
+    send(&mut s, b'Q', b"select current_user\0");
+    (method, until_ready(&mut s))
+}
+
 const SSL_REQUEST: &[u8] = b"\x00\x00\x00\x08\x04\xd2\x16\x2f";
 const GSSENC_REQUEST: &[u8] = b"\x00\x00\x00\x08\x04\xd2\x16\x30";
 
@@ -290,6 +350,28 @@ async fn tls_modes_and_auth_query() {
     assert!(err.contains("password authentication failed for user \"md5_u\""), "{err}");
     let err = psql(&p.dsn_with("md5_u", "md5%20pw", ""), "select 1").unwrap_err();
     assert!(err.contains("stored as an MD5 hash") && err.contains("password_encryption"), "{err}");
+    // auth_type = "md5": a client that can only do MD5 logs in as a userlist user with a
+    // plaintext password (and the proxy logs in to postgres with SCRAM); a SCRAM-secret
+    // user of auth_query still gets SCRAM; an unknown user gets the same MD5 exchange.
+    let md5 = start_proxy(
+        &c,
+        "proxy-md5",
+        "auth_type = \"md5\"\nquery = \"SELECT usename, passwd FROM pg_shadow WHERE usename = $1\"\n\
+         auth_user = \"postgres\"\n",
+    )
+    .await;
+    let (method, r) = md5_login(md5.port, "postgres", &su);
+    assert_eq!((method, r.as_deref()), (5, Ok("postgres")), "MD5 login of a userlist user, query answered");
+    let (method, r) = md5_login(md5.port, "postgres", "wrong");
+    assert_eq!(method, 5);
+    assert!(r.as_ref().is_err_and(|e| e.contains("28P01") && e.contains("password authentication failed")), "{r:?}");
+    let (method, r) = md5_login(md5.port, "nobody", "x");
+    assert_eq!(method, 5, "an unknown user is asked for MD5 as a known one is");
+    assert!(r.as_ref().is_err_and(|e| e.contains("28P01")), "{r:?}");
+    assert_eq!(md5_login(md5.port, "scram_u", "scram pw").0, 10, "a SCRAM secret can only be checked with SCRAM");
+    assert_eq!(psql(&md5.dsn_with("postgres", &su, ""), "select current_user").unwrap(), "postgres");
+    assert_eq!(psql(&md5.dsn_with("scram_u", "scram%20pw", ""), "select current_user").unwrap(), "scram_u");
+
     // A user created after a failed lookup is found once the negative answer expires (5 s).
     let err = psql(&p.dsn_with("late_u", "late", ""), "select 1").unwrap_err();
     assert!(err.contains("password authentication failed"), "{err}");
