@@ -779,10 +779,12 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
     let auth_type = match string(auth, "auth", "auth_type")?.as_deref() {
         None | Some("scram-sha-256") => AuthType::ScramSha256,
         Some("md5") => AuthType::Md5,
-        Some(other) => return Err(invalid(format!(
+        Some(other) => {
+            return Err(invalid(format!(
             "auth.auth_type = {other:?} is not a client authentication method the proxy offers; use \"scram-sha-256\" \
                  (the default) or \"md5\" (for clients too old for SCRAM)"
-        ))),
+        )))
+        }
     };
     let tls = tls(&table, base)?;
     let admin_users = admin_users(&table)?;

@@ -708,6 +708,33 @@ fn parse_name(frame: Msg<'_>) -> Option<&[u8]> {
     until_nul(frame.body_slice())
 }
 
+/// Why a route command in the extended protocol was refused.
+const ROUTE_UNIT_ALONE: &str = "SET, RESET and SHOW pgkeel.route through the extended protocol must be an unnamed \
+                                statement in a unit of its own (Parse, Bind, Describe, Execute, Sync); send it \
+                                that way, or as a simple query";
+
+/// Whether a Parse message's statement is a route command (`SET pgkeel.route`, ...): cheap
+/// for everything else, as the front of a `SELECT`, `INSERT`, ... tells at once.
+fn is_route_parse(frame: Msg<'_>) -> bool {
+    let body = frame.body_slice();
+    // The statement usually starts at once (unnamed); else after the name.
+    let start = if body.first() == Some(&0) { &body[1..] } else { query_text(frame).unwrap_or_default() };
+    crate::router::may_be_route_command(start) && query_text(frame).and_then(crate::router::route_command).is_some()
+}
+
+/// The RowDescription of `SHOW pgkeel.route`.
+fn route_row_description() -> BackendMessage {
+    BackendMessage::RowDescription(vec![FieldDescription {
+        name: Text::from_static(crate::router::ROUTE_SETTING),
+        table_oid: 0,
+        column_id: 0,
+        type_oid: 25,
+        type_size: -1,
+        type_modifier: -1,
+        format: 0,
+    }])
+}
+
 /// "0/16B3748" → 0x16B3748.
 fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.trim().split_once('/')?;
@@ -2501,6 +2528,28 @@ impl Session {
                     continue;
                 }
             }
+            // The same commands through the extended protocol (JDBC and Npgsql send everything
+            // that way): a unit of their own is answered by the proxy, anything else refused.
+            if tag == b'P' && !front_checked {
+                if let Some(cmd) = query_text(front).and_then(crate::router::route_command) {
+                    let Some(att) = self.attached.as_mut().filter(|a| a.open_batch) else {
+                        if self.attached.as_ref().is_some_and(|a| !a.queue.is_empty()) {
+                            // Answer after what was sent before.
+                            break;
+                        }
+                        let status = self.attached.as_ref().map_or(TransactionStatus::Idle, |a| a.status);
+                        let Some(n) = self.route_unit(cmd, status) else { break };
+                        self.rbuf.advance(n);
+                        self.held -= n;
+                        continue;
+                    };
+                    // Inside a batch the server has started: an error in its place, and the
+                    // rest of the batch skipped up to its Sync, as postgres does.
+                    proxy_error(att, &mut self.skip_to_sync, sqlstate::FEATURE_NOT_SUPPORTED, ROUTE_UNIT_ALONE);
+                    self.pop_held();
+                    continue;
+                }
+            }
             front_checked = true;
             if self.attached.is_none() {
                 let Some(class) = self.held_unit() else { break };
@@ -2594,6 +2643,8 @@ impl Session {
             // are: a Parse whose name ends at once, a Bind of two empty names, a Describe of
             // nothing but an empty name.
             let plain = match f.tag() {
+                // Not a route command, which the proxy answers or refuses (`pump_client`).
+                b'P' if is_route_parse(f) => false,
                 b'P' => body.first() == Some(&0) || parse_name(f).is_some_and(|n| n.is_empty() || !translate),
                 b'B' => {
                     body.starts_with(&[0, 0])
@@ -3034,8 +3085,85 @@ impl Session {
         true
     }
 
-    /// Answers a `SET`/`RESET`/`SHOW pgkeel.route` itself.
-    fn route_reply(&mut self, cmd: RouteCommand, status: TransactionStatus) {
+    /// Answers an extended-protocol unit whose Parse carries `cmd` (a `SET`/`RESET`/`SHOW
+    /// pgkeel.route`, see [`Session::pump_client`]) itself, as postgres would answer the
+    /// statement, when the unit is whole: its bytes, `None` while its Sync is not held yet. A
+    /// named statement, or any message but Bind, Describe, Execute and Flush before the Sync,
+    /// gets an error instead (the statement would otherwise reach postgres later, where
+    /// `pgkeel.route` means nothing).
+    fn route_unit(&mut self, cmd: RouteCommand, status: TransactionStatus) -> Option<usize> {
+        let mut frames = self.held_frames();
+        let parse = frames.next()?;
+        let mut n = parse.len();
+        let mut unit = vec![parse];
+        for f in frames {
+            n += f.len();
+            unit.push(f);
+            if f.tag() == b'S' {
+                break;
+            }
+        }
+        if unit.last().map(|f| f.tag()) != Some(b'S') {
+            if self.held < HIGH_WATER {
+                return None;
+            }
+            // No Sync within the high-water mark: refuse what is held, and skip to the Sync
+            // (a server answers it).
+            self.skip_to_sync = true;
+            self.route_unit_refused(status);
+            return Some(self.held);
+        }
+        let alone = parse_name(parse).is_some_and(<[u8]>::is_empty)
+            && unit[1..].iter().all(|f| match f.tag() {
+                // The unnamed statement into the unnamed portal.
+                b'B' => f.body_slice().starts_with(&[0, 0]),
+                b'D' => matches!(f.body_slice(), [b'S' | b'P', 0]),
+                b'E' | b'H' | b'S' => true,
+                _ => false,
+            });
+        if !alone {
+            self.route_unit_refused(status);
+            return Some(n);
+        }
+        let show = matches!(cmd, RouteCommand::Show);
+        let tags: Vec<(u8, bool)> = unit.iter().map(|f| (f.tag(), f.body_slice().first() == Some(&b'S'))).collect();
+        let mut failed = false;
+        for (tag, statement) in tags {
+            match tag {
+                _ if failed && tag != b'S' => {}
+                b'P' => BackendMessage::ParseComplete.encode(&mut self.wbuf),
+                b'B' => BackendMessage::BindComplete.encode(&mut self.wbuf),
+                b'D' => {
+                    if statement {
+                        BackendMessage::ParameterDescription(Vec::new()).encode(&mut self.wbuf);
+                    }
+                    if show {
+                        route_row_description().encode(&mut self.wbuf);
+                    } else {
+                        BackendMessage::NoData.encode(&mut self.wbuf);
+                    }
+                }
+                b'E' => failed = !self.route_execute(cmd.clone()),
+                b'S' => BackendMessage::ReadyForQuery(status).encode(&mut self.wbuf),
+                _ => {}
+            }
+        }
+        Some(n)
+    }
+
+    /// The error for a route command in an extended-protocol unit it does not have to itself,
+    /// and the ReadyForQuery of the unit.
+    fn route_unit_refused(&mut self, status: TransactionStatus) {
+        BackendMessage::error(Severity::Error, sqlstate::FEATURE_NOT_SUPPORTED, ROUTE_UNIT_ALONE)
+            .encode(&mut self.wbuf);
+        if !self.skip_to_sync {
+            BackendMessage::ReadyForQuery(status).encode(&mut self.wbuf);
+        }
+    }
+
+    /// Runs a route command: its result rows and CommandComplete, or its error; `false` for
+    /// an error.
+    fn route_execute(&mut self, cmd: RouteCommand) -> bool {
         let tag = match cmd {
             RouteCommand::Set(m) => {
                 self.mode = m;
@@ -3046,28 +3174,26 @@ impl Session {
                 "RESET"
             }
             RouteCommand::Show => {
-                BackendMessage::RowDescription(vec![FieldDescription {
-                    name: Text::from_static(crate::router::ROUTE_SETTING),
-                    table_oid: 0,
-                    column_id: 0,
-                    type_oid: 25,
-                    type_size: -1,
-                    type_modifier: -1,
-                    format: 0,
-                }])
-                .encode(&mut self.wbuf);
                 BackendMessage::DataRow(vec![Some(Bytes::from_static(self.mode.as_str().as_bytes()))])
                     .encode(&mut self.wbuf);
                 "SHOW"
             }
             RouteCommand::Invalid(msg) => {
                 BackendMessage::error(Severity::Error, sqlstate::INVALID_PARAMETER_VALUE, &msg).encode(&mut self.wbuf);
-                BackendMessage::ReadyForQuery(status).encode(&mut self.wbuf);
-                return;
+                return false;
             }
         };
         tracing::debug!(client = %self.peer, route = self.mode.as_str(), "pgkeel.route");
         BackendMessage::CommandComplete { tag: Text::from_static(tag) }.encode(&mut self.wbuf);
+        true
+    }
+
+    /// Answers a `SET`/`RESET`/`SHOW pgkeel.route` itself.
+    fn route_reply(&mut self, cmd: RouteCommand, status: TransactionStatus) {
+        if matches!(cmd, RouteCommand::Show) {
+            route_row_description().encode(&mut self.wbuf);
+        }
+        self.route_execute(cmd);
         BackendMessage::ReadyForQuery(status).encode(&mut self.wbuf);
     }
 

@@ -845,6 +845,41 @@ async fn proxy_splits_reads_and_writes() {
     assert_eq!(in_recovery("show pgkeel.route").await, "auto");
     let e = client.simple_query("set pgkeel.route = sideways").await.unwrap_err();
     assert!(text(&e).contains("invalid value for pgkeel.route"), "{}", text(&e));
+    // The same through the extended protocol (JDBC, Npgsql): a unit of its own is answered by
+    // the proxy; a named statement, or the command inside another batch, gets an error.
+    // A client of its own: one that wrote would read on the primary until the replicas
+    // replayed its write (read-your-writes).
+    let mut ext = Raw::connect(&p).await;
+    let describe = || FrontendMessage::Describe { target: Target::Portal, name: Text::lossy("") };
+    let route = |sql: &str| [parse("", sql), bind("", &[]), describe(), execute(), FrontendMessage::Sync];
+    ext.send(&route("SET pgkeel.route = primary")).await;
+    assert_eq!(ext.answers(1).await, "1 2 n C ZI", "SET pgkeel.route, extended");
+    ext.send(&unit("select pg_is_in_recovery()")).await;
+    assert_eq!(ext.answers(1).await, "1 2 Df C ZI", "a read after the extended SET: the primary");
+    ext.send(&route("show pgkeel.route")).await;
+    assert_eq!(ext.answers(1).await, "1 2 T Dprimary C ZI", "SHOW pgkeel.route, extended");
+    ext.send(&[
+        parse("", "show pgkeel.route"),
+        FrontendMessage::Describe { target: Target::Statement, name: Text::lossy("") },
+        FrontendMessage::Sync,
+    ])
+    .await;
+    assert_eq!(ext.answers(1).await, "1 t T ZI", "Describe of the statement");
+    ext.send(&route("set pgkeel.route = sideways")).await;
+    assert_eq!(ext.answers(1).await, "1 2 n E22023 ZI", "a bad value: the statement's error");
+    ext.send(&[parse("s1", "reset pgkeel.route"), FrontendMessage::Sync]).await;
+    assert_eq!(ext.answers(1).await, "E0A000 ZI", "a named statement is refused");
+    let mut batch = unit("select 1").to_vec();
+    batch.pop();
+    batch.extend(route("reset pgkeel.route"));
+    ext.send(&batch).await;
+    assert_eq!(ext.answers(1).await, "1 2 D1 C E0A000 ZI", "inside a batch: refused, the batch skipped");
+    ext.send(&unit("select pg_is_in_recovery()")).await;
+    assert_eq!(ext.answers(1).await, "1 2 Df C ZI", "still primary: nothing reset it");
+    ext.send(&route("reset pgkeel.route")).await;
+    assert_eq!(ext.answers(1).await, "1 2 n C ZI");
+    ext.send(&unit("select pg_is_in_recovery()")).await;
+    assert_eq!(ext.answers(1).await, "1 2 Dt C ZI", "after the extended RESET: a replica");
     // Writes work through the auto listener (they go to the primary).
     client.simple_query("insert into t values (1, 'a')").await.unwrap();
     // The replica and primary listeners.
