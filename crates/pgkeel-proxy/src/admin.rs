@@ -332,6 +332,7 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("no_replica", c.no_replica.as_str().to_string()),
         ("read_your_writes", c.read_your_writes.to_string()),
         ("primary_functions", c.primary_functions.join(",")),
+        ("replica_functions", c.replica_functions.join(",")),
         ("query_wait_timeout", d(c.query_wait_timeout)),
         ("failover_hold_timeout", d(c.failover_hold_timeout)),
         ("server_connect_timeout", d(c.server_connect_timeout)),

@@ -219,6 +219,9 @@ pub struct ProxyConfig {
     pub read_your_writes: bool,
     /// Functions whose calls send a statement to the primary, besides the built-in ones.
     pub primary_functions: Vec<String>,
+    /// Volatile functions that only read: their calls do not send a statement to the primary
+    /// (by default every volatile function in the catalog does).
+    pub replica_functions: Vec<String>,
     /// Protocol-level prepared statements kept per server connection (least recently used
     /// ones are closed beyond it); 0 passes statement names through unchanged.
     pub max_prepared_statements: u32,
@@ -317,6 +320,7 @@ const TOP: &[&str] = &[
     "weights",
     "read_your_writes",
     "primary_functions",
+    "replica_functions",
     "max_prepared_statements",
     "pool_mode",
     "pool_size",
@@ -594,29 +598,27 @@ fn weights(table: &toml::Table) -> Result<std::collections::BTreeMap<String, u32
     Ok(out)
 }
 
-fn functions(table: &toml::Table) -> Result<Vec<String>, ConfigError> {
-    let help = "e.g. primary_functions = [\"app.next_id\", \"audit_log\"]";
-    let list = match table.get("primary_functions") {
+/// `primary_functions` or `replica_functions`: function names or `schema.name`s.
+fn functions(table: &toml::Table, key: &str) -> Result<Vec<String>, ConfigError> {
+    let help = format!("e.g. {key} = [\"app.next_id\", \"audit_log\"]");
+    let list = match table.get(key) {
         None => return Ok(Vec::new()),
         Some(toml::Value::Array(a)) => a,
         Some(other) => {
-            return Err(invalid(format!(
-                "primary_functions must be an array of function names, not {}; {help}",
-                a_type(other)
-            )))
+            return Err(invalid(format!("{key} must be an array of function names, not {}; {help}", a_type(other))))
         }
     };
     let mut out = Vec::new();
     for v in list {
         let toml::Value::String(name) = v else {
-            return Err(invalid(format!("primary_functions: {v} is not a string; {help}")));
+            return Err(invalid(format!("{key}: {v} is not a string; {help}")));
         };
         let ok = !name.is_empty()
             && name.split('.').count() <= 2
             && name.split('.').all(|p| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '$'));
         if !ok {
             return Err(invalid(format!(
-                "primary_functions: {name:?} is not a function name (name or schema.name, without arguments); {help}"
+                "{key}: {name:?} is not a function name (name or schema.name, without arguments); {help}"
             )));
         }
         out.push(name.clone());
@@ -738,7 +740,8 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         }
     };
     let read_your_writes = boolean(&table, "read_your_writes", true)?;
-    let primary_functions = functions(&table)?;
+    let primary_functions = functions(&table, "primary_functions")?;
+    let replica_functions = functions(&table, "replica_functions")?;
     let max_prepared_statements =
         count(&table, "max_prepared_statements", ProxyConfig::DEFAULT_MAX_PREPARED_STATEMENTS, 0, 100_000)?;
     let pool_mode = match string(&table, "", "pool_mode")?.as_deref() {
@@ -811,6 +814,7 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         no_replica,
         read_your_writes,
         primary_functions,
+        replica_functions,
         max_prepared_statements,
         pool_mode,
         pool_size,
@@ -972,8 +976,12 @@ no_replica = "primary"
 # the primary).
 read_your_writes = true
 # Functions whose calls send a statement to the primary, besides the built-in ones (nextval,
-# setval, advisory locks, ...): name or schema.name.
+# setval, advisory locks, ...) and the volatile functions the proxy finds in each database's
+# catalog: name or schema.name.
 primary_functions = []
+# Volatile functions that only read (e.g. ones that use random() or clock_timestamp()): their
+# calls may go to replicas.
+replica_functions = []
 # Protocol-level prepared statements kept per server connection; beyond it the least recently
 # used one is closed. 0 passes statement names through unchanged (then named statements only
 # work in session mode).
@@ -1148,7 +1156,8 @@ mod tests {
             "cluster = \"main\"\n",
             "cluster = \"main\"\nlisten_primary = \"127.0.0.1:7001\"\nlisten_replica = \"127.0.0.1:7002\"\n\
              load_balance = \"least_connections\"\nmax_replica_lag = \"512kB\"\nread_your_writes = false\n\
-             primary_functions = [\"app.next_id\", \"audit\"]\nmax_prepared_statements = 0\n",
+             primary_functions = [\"app.next_id\", \"audit\"]\nmax_prepared_statements = 0\n\
+             replica_functions = [\"app.pick\"]\n",
         ));
         assert_eq!(c.listen_primary.as_deref(), Some("127.0.0.1:7001"));
         assert_eq!(c.listen_replica.as_deref(), Some("127.0.0.1:7002"));
@@ -1156,6 +1165,7 @@ mod tests {
         assert_eq!(c.max_replica_lag, 512 << 10);
         assert!(!c.read_your_writes);
         assert_eq!(c.primary_functions, vec!["app.next_id".to_string(), "audit".to_string()]);
+        assert_eq!(c.replica_functions, vec!["app.pick".to_string()]);
         assert_eq!(c.max_prepared_statements, 0);
         assert_eq!(c.listeners().len(), 3);
         let c = ok(&MINIMAL.replace(
@@ -1270,6 +1280,8 @@ mod tests {
             (with("read_your_writes = \"yes\""), "read_your_writes must be true or false, not a string"),
             (with("primary_functions = \"f\""), "primary_functions must be an array of function names"),
             (with("primary_functions = [\"f(int)\"]"), "\"f(int)\" is not a function name"),
+            (with("replica_functions = [\"a.b.c\"]"), "replica_functions: \"a.b.c\" is not a function name"),
+            (with("replica_functions = [1]"), "replica_functions: 1 is not a string"),
             (with("max_prepared_statements = -1"), "max_prepared_statements = -1 is out of range"),
             (with("max_replica_lags = 1"), "did you mean \"max_replica_lag\"?"),
             (with("admin_user = []"), "did you mean \"admin_users\"?"),

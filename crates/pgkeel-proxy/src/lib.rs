@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod config;
+mod functions;
 mod kick;
 pub mod metrics;
 pub mod pool;
@@ -153,6 +154,7 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, control: Control) -> a
     }
     let _ = shared.admin.clients.set(clients.clone());
     let closer = tokio::spawn(follow_topology(shared.clone(), rx));
+    let functions = tokio::spawn(functions::watch(shared.clone()));
     let switchover =
         tokio::spawn(switchover::run(switch_store, shared.clone(), shared.config().listen.clone(), switch_stopped));
     let metrics = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, shared.clone())));
@@ -209,6 +211,7 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, control: Control) -> a
         m.abort();
     }
     closer.abort();
+    functions.abort();
     // The sessions left after `shutdown_timeout` are dropped with their tasks.
     for t in session_tasks {
         t.abort();

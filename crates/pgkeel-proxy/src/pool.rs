@@ -76,6 +76,9 @@ pub struct Pool {
     auth: Mutex<Option<Arc<ServerAuth>>>,
     /// The distinct settings its clients logged in with (see [`Pool::share_settings`]).
     settings: Mutex<Vec<crate::tracked::Tracked>>,
+    /// The volatile functions of the pool's database have been read
+    /// ([`crate::functions`]): until then its reads go to the primary.
+    functions_known: std::sync::atomic::AtomicBool,
 }
 
 /// How many distinct lists of login settings a pool shares among its clients.
@@ -99,6 +102,7 @@ impl Pool {
             welcome: Mutex::new(None),
             auth: Mutex::new(None),
             settings: Mutex::default(),
+            functions_known: Default::default(),
         }
     }
 
@@ -308,6 +312,22 @@ impl Pool {
             Some(k) if k.same_as(&auth) => k.clone(),
             _ => kept.insert(Arc::new(auth)).clone(),
         }
+    }
+
+    /// The server login of the pool's last client, if one logged in.
+    pub fn auth(&self) -> Option<Arc<ServerAuth>> {
+        self.auth.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Whether the volatile functions of the pool's database have been read, so that its
+    /// reads may go to replicas.
+    pub fn functions_known(&self) -> bool {
+        self.functions_known.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// See [`Pool::functions_known`].
+    pub fn set_functions_known(&self) {
+        self.functions_known.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Makes `settings` (a client's, at login) share the list of the pool's clients that

@@ -18,7 +18,7 @@
 //! statement text in a bounded cache ([`Classifier`]).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
 
 use serde::ser::{self, Serialize};
@@ -70,8 +70,9 @@ const MAX_CACHED_LEN: usize = 16 * 1024;
 /// Classifies statements and caches the results per statement text.
 #[derive(Debug)]
 pub struct Classifier {
-    /// Extra primary-only functions from the configuration (`primary_functions`), lowercase.
-    functions: Vec<String>,
+    /// Extra primary-only functions (`primary_functions`, and the volatile functions found in
+    /// the catalog), lowercase names and `schema.name`s.
+    functions: HashSet<String>,
     cache: Mutex<Cache>,
 }
 
@@ -237,7 +238,7 @@ impl Cache {
 
 /// Classifies `sql` with the PostgreSQL grammar. `extra` are more primary-only functions
 /// (lowercase names or `schema.name`).
-pub fn classify_text(sql: &str, extra: &[String]) -> Class {
+pub fn classify_text(sql: &str, extra: &HashSet<String>) -> Class {
     let parsed = match pg_query::parse(sql, 0) {
         Ok(p) => p,
         // A syntax error (or a tree too deep to decode): the primary reports it.
@@ -323,7 +324,7 @@ struct Walker<'a> {
     stack: Vec<&'static str>,
     /// While inside `FuncCall.funcname`: the name parts seen so far.
     capture: Option<Vec<String>>,
-    extra: &'a [String],
+    extra: &'a HashSet<String>,
 }
 
 impl Walker<'_> {
@@ -333,7 +334,7 @@ impl Walker<'_> {
         let qualified = parts.join(".").to_lowercase();
         let builtin =
             PRIMARY_FUNCTIONS.contains(&name.as_str()) || PRIMARY_FUNCTION_PREFIXES.iter().any(|p| name.starts_with(p));
-        let configured = self.extra.iter().any(|f| *f == name || *f == qualified);
+        let configured = self.extra.contains(&name) || self.extra.contains(&qualified);
         if builtin || configured {
             self.found.write = true;
         }

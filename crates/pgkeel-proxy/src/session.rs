@@ -191,6 +191,8 @@ pub struct Shared {
     tls: RwLock<Arc<Tls>>,
     /// `auth_query` answers.
     pub auth_cache: AuthCache,
+    /// Each database's volatile functions, as last read ([`crate::functions`]).
+    volatile: Mutex<HashMap<String, crate::functions::Volatile>>,
 }
 
 // The kick counts are the first 16 bytes of `Kicker`: they must end within the first line.
@@ -202,6 +204,7 @@ impl Shared {
         let start = scram::random_bytes(2).map(|b| i32::from(u16::from_be_bytes([b[0], b[1]]))).unwrap_or(1);
         let classifier = Classifier::new(&config.primary_functions, CLASS_CACHE_SIZE);
         Shared {
+            volatile: Mutex::default(),
             config_version: AtomicU64::new(0),
             draining_now: Default::default(),
             hold: Gate::default(),
@@ -244,9 +247,8 @@ impl Shared {
     /// new classifier. Clients and their server connections are kept.
     pub fn replace(&self, config: ProxyConfig, userlist: Userlist) {
         let old = self.config();
-        if old.primary_functions != config.primary_functions {
-            let c = Classifier::new(&config.primary_functions, CLASS_CACHE_SIZE);
-            *self.classifier.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(c);
+        if old.primary_functions != config.primary_functions || old.replica_functions != config.replica_functions {
+            self.new_classifier(&config);
         }
         if old.pool_size != config.pool_size {
             self.pools.resize(config.pool_size);
@@ -254,6 +256,31 @@ impl Shared {
         *self.userlist.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(userlist);
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
         self.config_version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Puts a database's volatile functions in force (a new classifier when they changed).
+    pub fn set_volatile(&self, database: &str, list: crate::functions::Volatile) {
+        {
+            let mut v = self.volatile.lock().unwrap_or_else(PoisonError::into_inner);
+            if v.get(database) == Some(&list) {
+                return;
+            }
+            v.insert(database.to_string(), list);
+        }
+        self.new_classifier(&self.config());
+    }
+
+    /// A classifier (with an empty cache) for `config`'s function lists and the volatile
+    /// functions of every database: one list for all of them, so a function volatile in one
+    /// database sends its calls to the primary in all (a safe mistake).
+    fn new_classifier(&self, config: &ProxyConfig) {
+        let functions = {
+            let v = self.volatile.lock().unwrap_or_else(PoisonError::into_inner);
+            let all: std::collections::BTreeSet<&(String, String)> = v.values().flatten().collect();
+            crate::functions::primary_only(&config.primary_functions, &config.replica_functions, all)
+        };
+        let c = Classifier::new(&functions, CLASS_CACHE_SIZE);
+        *self.classifier.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(c);
     }
 
     /// Starts the drain: idle clients are closed, the others after their transaction.
@@ -1580,11 +1607,7 @@ impl Session {
             drop(unit);
             self.hold().await?;
         };
-        let wants_replica = match self.mode {
-            RouteMode::Primary => false,
-            RouteMode::Replica => true,
-            RouteMode::Auto => class == Class::Read,
-        };
+        let wants_replica = self.wants_replica(class);
         let mut att = None;
         if wants_replica {
             att = self.attach_replica().await?;
@@ -1611,6 +1634,17 @@ impl Session {
         Ok(att)
     }
 
+    /// Whether a unit of `class` goes to a replica when one is eligible: as the client's
+    /// routing mode says; in the auto mode, reads, once the volatile functions of the
+    /// client's database are known ([`crate::functions`]).
+    fn wants_replica(&self, class: Class) -> bool {
+        match self.mode {
+            RouteMode::Primary => false,
+            RouteMode::Replica => true,
+            RouteMode::Auto => class == Class::Read && self.pool.as_ref().is_some_and(|p| p.functions_known()),
+        }
+    }
+
     /// [`Session::route`]'s common case, without waiting (and without allocating its future):
     /// new transactions are not held, the unit goes to the primary, a pool slot and an idle
     /// connection to the current primary are free, and the client's settings are in force on
@@ -1619,11 +1653,7 @@ impl Session {
     ///
     /// `queued`: a slot the client already waited for ([`Session::queue`]) and since when.
     fn route_now(&mut self, class: Class, queued: Option<(Slot, Instant)>) -> Now {
-        let wants_replica = match self.mode {
-            RouteMode::Primary => false,
-            RouteMode::Replica => true,
-            RouteMode::Auto => class == Class::Read,
-        };
+        let wants_replica = self.wants_replica(class);
         if wants_replica || self.shared.hold.is_closed() || self.shared.draining() || self.server_auth.is_none() {
             return Now::Slow(None);
         }
