@@ -26,7 +26,10 @@ use crate::session::Shared;
 pub const REFRESH: Duration = Duration::from_secs(30);
 /// How often the watch looks for pools of databases it has not read yet.
 const LOOK: Duration = Duration::from_secs(1);
-/// How often a failure to read a database's list is logged (it is retried every [`LOOK`]).
+/// How long after a failure to read a database's list it is tried again (not every [`LOOK`]:
+/// each try may be a login to postgres).
+const RETRY: Duration = Duration::from_secs(10);
+/// How often a failure to read a database's list is logged.
 const COMPLAIN: Duration = Duration::from_secs(60);
 
 /// The volatile functions outside the system schemas, as (schema, name), both as postgres
@@ -63,6 +66,8 @@ pub fn primary_only<'a>(
 pub async fn watch(shared: Arc<Shared>) {
     let mut read_at: HashMap<String, Instant> = HashMap::new();
     let mut complained: HashMap<String, Instant> = HashMap::new();
+    // By (database, user): another user's pool of the database may work.
+    let mut failed_at: HashMap<(String, String), Instant> = HashMap::new();
     let mut tick = tokio::time::interval(LOOK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -77,12 +82,17 @@ pub async fn watch(shared: Arc<Shared>) {
                 pool.set_functions_known();
                 continue;
             }
+            let key = (db.clone(), pool.key.user.clone());
+            if failed_at.get(&key).is_some_and(|at| at.elapsed() < RETRY) {
+                continue;
+            }
             match read(&shared, pool).await {
                 Ok(Some(list)) => {
                     tracing::debug!(database = %db, volatile = list.len(), "read the volatile functions");
                     shared.set_volatile(db, list);
                     read_at.insert(db.clone(), Instant::now());
                     complained.remove(db);
+                    failed_at.retain(|(d, _), _| d != db);
                     for p in pools.iter().filter(|p| p.key.database == *db) {
                         p.set_functions_known();
                     }
@@ -91,6 +101,7 @@ pub async fn watch(shared: Arc<Shared>) {
                 // next look.
                 Ok(None) => {}
                 Err(e) => {
+                    failed_at.insert(key, Instant::now());
                     if complained.get(db).is_none_or(|at| at.elapsed() >= COMPLAIN) {
                         tracing::warn!(database = %db, error = %e,
                             "cannot read the volatile functions; until it works, the database's reads stay on the primary");
