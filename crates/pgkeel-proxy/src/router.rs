@@ -678,11 +678,23 @@ pub const ROUTE_SETTING: &str = "pgkeel.route";
 /// [`route_command`], which reads only the start, so it may be given a whole Query body
 /// (its NUL included) before the statement's end is looked for.
 pub fn may_be_route_command(text: &[u8]) -> bool {
-    let Some(first) = text.iter().position(|b| !b.is_ascii_whitespace()) else { return false };
+    // Run on every simple Query and every Parse: the usual statement starts at once, and its
+    // first two or three letters tell.
+    let first = match text.first() {
+        Some(b) if !b.is_ascii_whitespace() => 0,
+        _ => match text.iter().position(|b| !b.is_ascii_whitespace()) {
+            Some(i) => i,
+            None => return false,
+        },
+    };
     let Some(head) = text.get(first..first + 5) else { return false };
-    head[..3].eq_ignore_ascii_case(b"set")
-        || head.eq_ignore_ascii_case(b"reset")
-        || head[..4].eq_ignore_ascii_case(b"show")
+    // ASCII letters compared case-insensitively: only `X` and `x` give `x` here.
+    let l = |i: usize| head[i] | 0x20;
+    match l(0) {
+        b's' => (l(1) == b'e' && l(2) == b't') || (l(1) == b'h' && l(2) == b'o' && l(3) == b'w'),
+        b'r' => l(1) == b'e' && l(2) == b's' && l(3) == b'e' && l(4) == b't',
+        _ => false,
+    }
 }
 
 /// Recognises `SET [SESSION] pgkeel.route {=|TO} value`, `RESET pgkeel.route` and `SHOW
@@ -1020,6 +1032,21 @@ mod tests {
         }
         assert!(!may_be_route_command(b"select 1\0"));
         assert!(!may_be_route_command(b" \t\n"));
+        for (text, want) in [
+            (&b"SeT x"[..], true),
+            (b"\n  ShOw all", true),
+            (b"Reset all", true),
+            (b"settings", true),
+            (b"SELECT 1", false),
+            (b"sHOx 1", false),
+            (b"rollback", false),
+            (b"resex", false),
+            (b"show", false),
+            (b"\x13et x", false),
+            (b"", false),
+        ] {
+            assert_eq!(may_be_route_command(text), want, "{:?}", String::from_utf8_lossy(text));
+        }
         for sql in ["set pgkeel.route = both", "set local pgkeel.route = primary", "set pgkeel.route = 1; select 1"] {
             assert!(matches!(route_command(sql.as_bytes()), Some(C::Invalid(_))), "{sql}");
         }

@@ -740,15 +740,6 @@ const ROUTE_UNIT_ALONE: &str = "SET, RESET and SHOW pgkeel.route through the ext
                                 statement in a unit of its own (Parse, Bind, Describe, Execute, Sync); send it \
                                 that way, or as a simple query";
 
-/// Whether a Parse message's statement is a route command (`SET pgkeel.route`, ...): cheap
-/// for everything else, as the front of a `SELECT`, `INSERT`, ... tells at once.
-fn is_route_parse(frame: Msg<'_>) -> bool {
-    let body = frame.body_slice();
-    // The statement usually starts at once (unnamed); else after the name.
-    let start = if body.first() == Some(&0) { &body[1..] } else { query_text(frame).unwrap_or_default() };
-    crate::router::may_be_route_command(start) && query_text(frame).and_then(crate::router::route_command).is_some()
-}
-
 /// The RowDescription of `SHOW pgkeel.route`.
 fn route_row_description() -> BackendMessage {
     BackendMessage::RowDescription(vec![FieldDescription {
@@ -2673,8 +2664,15 @@ impl Session {
             // are: a Parse whose name ends at once, a Bind of two empty names, a Describe of
             // nothing but an empty name.
             let plain = match f.tag() {
-                // Not a route command, which the proxy answers or refuses (`pump_client`).
-                b'P' if is_route_parse(f) => false,
+                // Not what may be a route command, which the proxy answers or refuses
+                // (`pump_client`, message by message): a statement that starts with SET, SHOW or
+                // RESET.
+                b'P' if crate::router::may_be_route_command(
+                    body.get(parse_name(f).map_or(0, |n| n.len() + 1)..).unwrap_or_default(),
+                ) =>
+                {
+                    false
+                }
                 b'P' => body.first() == Some(&0) || parse_name(f).is_some_and(|n| n.is_empty() || !translate),
                 b'B' => {
                     body.starts_with(&[0, 0])

@@ -771,6 +771,19 @@ async fn proxy_splits_reads_and_writes() {
     c.wait_streaming(&leader, &replicas, Duration::from_secs(60)).await;
     let port_of = |n: &str| dsn_port(&c.node_dsn(n));
     let primary_port = port_of(&leader);
+    // Functions for the catalog check below, made before the proxy starts (it reads a
+    // database's list when its first pool appears, and again every 30 s).
+    psql(
+        &c.node_dsn(&leader),
+        "create table ft(i int); \
+         create function vol_read() returns bool language sql as 'select pg_is_in_recovery()'; \
+         create function stable_read() returns bool stable language sql as 'select pg_is_in_recovery()'; \
+         create function add_row(n int) returns bool language sql as \
+           'insert into ft values (n); select pg_is_in_recovery()'; \
+         create schema app2; \
+         create function app2.pick() returns bool language sql as 'select pg_is_in_recovery()'",
+    )
+    .unwrap();
     let p = Proxy::start(
         &c,
         "split",
@@ -788,31 +801,16 @@ async fn proxy_splits_reads_and_writes() {
     .await;
     psql(&p.dsn(), "create table t(id int primary key, v text); create sequence s").unwrap();
     psql(&p.dsn(), "create function app_bump() returns int language sql as 'select 1'").unwrap();
-    // Functions for the catalog check below, in a database no client of the proxy used yet
-    // (made directly on the primary: the proxy reads a database's list when its first pool
-    // appears, and again every 30 s).
-    let node = c.node_dsn(&leader);
-    psql(&node, "create database fdb").unwrap();
-    let fdb_node = match node.rfind("/postgres") {
-        Some(i) => format!("{}/fdb{}", &node[..i], &node[i + "/postgres".len()..]),
-        None => panic!("no database in {node}"),
-    };
-    psql(
-        &fdb_node,
-        "create table ft(i int); \
-         create function vol_read() returns bool language sql as 'select pg_is_in_recovery()'; \
-         create function stable_read() returns bool stable language sql as 'select pg_is_in_recovery()'; \
-         create function add_row(n int) returns bool language sql as \
-           'insert into ft values (n); select pg_is_in_recovery()'; \
-         create schema app2; \
-         create function app2.pick() returns bool language sql as 'select pg_is_in_recovery()'",
-    )
-    .unwrap();
-
-    // Reads reach replicas once the proxy has seen them streaming.
+    // Reads reach replicas once the proxy has seen them streaming (six in a row: both
+    // replicas, round robin).
     let client = connect(&p.dsn()).await.unwrap();
-    wait_for("reads on a replica through the auto listener", Duration::from_secs(20), || async {
-        (one(&client, "select pg_is_in_recovery()").await.ok()?.as_deref() == Some("t")).then_some(())
+    wait_for("reads on both replicas through the auto listener", Duration::from_secs(30), || async {
+        for _ in 0..6 {
+            if one(&client, "select pg_is_in_recovery()").await.ok()?.as_deref() != Some("t") {
+                return None;
+            }
+        }
+        Some(())
     })
     .await;
     let in_recovery = |sql: &'static str| answer(&client, sql);
@@ -906,18 +904,14 @@ async fn proxy_splits_reads_and_writes() {
     ext.send(&unit("select pg_is_in_recovery()")).await;
     assert_eq!(ext.answers(1).await, "1 2 Dt C ZI", "after the extended RESET: a replica");
     // Volatile functions from the catalog go to the primary (a writing one works), stable
-    // ones and those in replica_functions to replicas.
-    let fdb = connect(&p.url("postgres", &p.password, "fdb", "")).await.unwrap();
-    wait_for("reads on a replica in fdb", Duration::from_secs(20), || async {
-        (one(&fdb, "select pg_is_in_recovery()").await.ok()?.as_deref() == Some("t")).then_some(())
-    })
-    .await;
-    assert_eq!(answer(&fdb, "select vol_read()").await, "f", "a volatile function: the primary");
-    assert_eq!(answer(&fdb, "select stable_read()").await, "t", "a stable function: a replica");
-    assert_eq!(answer(&fdb, "select app2.pick()").await, "t", "a volatile function in replica_functions");
-    assert_eq!(answer(&fdb, "select x from (select public.vol_read() x) s").await, "f", "qualified, in a subquery");
-    assert_eq!(answer(&fdb, "select add_row(1)").await, "f", "a volatile function that writes runs");
-    assert_eq!(answer(&fdb, "select count(*)::text from ft").await, "1");
+    // ones and those in replica_functions to replicas. A client that has not written.
+    let funcs = connect(&p.dsn()).await.unwrap();
+    assert_eq!(answer(&funcs, "select vol_read()").await, "f", "a volatile function: the primary");
+    assert_eq!(answer(&funcs, "select stable_read()").await, "t", "a stable function: a replica");
+    assert_eq!(answer(&funcs, "select app2.pick()").await, "t", "a volatile function in replica_functions");
+    assert_eq!(answer(&funcs, "select x from (select public.vol_read() x) s").await, "f", "qualified, in a subquery");
+    assert_eq!(answer(&funcs, "select add_row(1)").await, "f", "a volatile function that writes runs");
+    assert_eq!(answer(&funcs, "select count(*)::text from ft").await, "1");
     // Writes work through the auto listener (they go to the primary).
     client.simple_query("insert into t values (1, 'a')").await.unwrap();
     // The replica and primary listeners.
