@@ -783,10 +783,10 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         None | Some("scram-sha-256") => AuthType::ScramSha256,
         Some("md5") => AuthType::Md5,
         Some(other) => {
+            let fix = "use \"scram-sha-256\" (the default) or \"md5\" (for clients too old for SCRAM)";
             return Err(invalid(format!(
-            "auth.auth_type = {other:?} is not a client authentication method the proxy offers; use \"scram-sha-256\" \
-                 (the default) or \"md5\" (for clients too old for SCRAM)"
-        )))
+                "auth.auth_type = {other:?} is not a client authentication method the proxy offers; {fix}"
+            )));
         }
     };
     let tls = tls(&table, base)?;
