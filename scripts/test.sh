@@ -38,6 +38,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
     step "test (cargo nextest run --workspace --profile ci)"
     cargo nextest run --workspace --profile ci
+    # The proxy runs one thread unless PGKEEL_PROXY_THREADS says otherwise; its end-to-end
+    # tests again on a multi-threaded runtime, where sessions, pools and server connections
+    # move between threads (the proxies the tests start inherit the variable).
+    step "test the proxy on two threads (PGKEEL_PROXY_THREADS=2, binaries proxy and proxy_switchover)"
+    PGKEEL_PROXY_THREADS=2 cargo nextest run -p pgkeel --profile ci -E 'binary(proxy) or binary(proxy_switchover)'
 else
     step "test (cargo test --workspace; cargo-nextest is not installed)"
     cargo test --workspace
