@@ -2518,6 +2518,16 @@ impl Session {
         }
     }
 
+    /// The transaction status a reply of the proxy's own ends with (ReadyForQuery), when
+    /// nothing sent to the attached server is still unanswered: idle without one.
+    fn settled_status(&self) -> Option<TransactionStatus> {
+        match &self.attached {
+            None => Some(TransactionStatus::Idle),
+            Some(a) if a.queue.is_empty() && !a.open_batch => Some(a.status),
+            Some(_) => None,
+        }
+    }
+
     /// Hands held client frames to a server, attaching one for the next unit when needed.
     async fn pump_client(&mut self) -> Result<Pumped, Fail> {
         // The front frame was found not to be a route command (it stays in front while a
@@ -2537,13 +2547,8 @@ impl Session {
             // The statement's end is looked for only when its start may be a route command.
             if tag == b'Q' && !front_checked && crate::router::may_be_route_command(front.body_slice()) {
                 if let Some(cmd) = query_text(front).and_then(crate::router::route_command) {
-                    let status = match &self.attached {
-                        None => Some(TransactionStatus::Idle),
-                        Some(a) if a.queue.is_empty() && !a.open_batch => Some(a.status),
-                        // Answer after what was sent before.
-                        Some(_) => None,
-                    };
-                    let Some(status) = status else { break };
+                    // Answer after what was sent before.
+                    let Some(status) = self.settled_status() else { break };
                     self.pop_held();
                     self.route_reply(cmd, status);
                     continue;
@@ -2553,21 +2558,18 @@ impl Session {
             // that way): a unit of their own is answered by the proxy, anything else refused.
             if tag == b'P' && !front_checked {
                 if let Some(cmd) = query_text(front).and_then(crate::router::route_command) {
-                    let Some(att) = self.attached.as_mut().filter(|a| a.open_batch) else {
-                        if self.attached.as_ref().is_some_and(|a| !a.queue.is_empty()) {
-                            // Answer after what was sent before.
-                            break;
-                        }
-                        let status = self.attached.as_ref().map_or(TransactionStatus::Idle, |a| a.status);
-                        let Some(n) = self.route_unit(cmd, status) else { break };
-                        self.rbuf.advance(n);
-                        self.held -= n;
+                    if let Some(att) = self.attached.as_mut().filter(|a| a.open_batch) {
+                        // Inside a batch the server has started: an error in its place, and the
+                        // rest of the batch skipped up to its Sync, as postgres does.
+                        proxy_error(att, &mut self.skip_to_sync, sqlstate::FEATURE_NOT_SUPPORTED, ROUTE_UNIT_ALONE);
+                        self.pop_held();
                         continue;
-                    };
-                    // Inside a batch the server has started: an error in its place, and the
-                    // rest of the batch skipped up to its Sync, as postgres does.
-                    proxy_error(att, &mut self.skip_to_sync, sqlstate::FEATURE_NOT_SUPPORTED, ROUTE_UNIT_ALONE);
-                    self.pop_held();
+                    }
+                    // Answer after what was sent before.
+                    let Some(status) = self.settled_status() else { break };
+                    let Some(n) = self.route_unit(cmd, status) else { break };
+                    self.rbuf.advance(n);
+                    self.held -= n;
                     continue;
                 }
             }
@@ -3120,41 +3122,40 @@ impl Session {
     /// gets an error instead (the statement would otherwise reach postgres later, where
     /// `pgkeel.route` means nothing).
     fn route_unit(&mut self, cmd: RouteCommand, status: TransactionStatus) -> Option<usize> {
-        let mut frames = self.held_frames();
-        let parse = frames.next()?;
-        let mut n = parse.len();
-        let mut unit = vec![parse];
-        for f in frames {
+        // Each message's tag, and whether a Describe is of the statement; the unit's length;
+        // whether it is an unnamed statement into the unnamed portal; whether its Sync is held.
+        let (mut tags, mut n, mut alone, mut whole) = (Vec::new(), 0, true, false);
+        for f in self.held_frames() {
+            let body = f.body_slice();
+            alone &= match f.tag() {
+                b'P' => tags.is_empty() && body.first() == Some(&0),
+                b'B' => body.starts_with(&[0, 0]),
+                b'D' => matches!(body, [b'S' | b'P', 0]),
+                b'E' | b'H' | b'S' => true,
+                _ => false,
+            };
+            tags.push((f.tag(), body.first() == Some(&b'S')));
             n += f.len();
-            unit.push(f);
             if f.tag() == b'S' {
+                whole = true;
                 break;
             }
         }
-        if unit.last().map(|f| f.tag()) != Some(b'S') {
+        if !whole {
             if self.held < HIGH_WATER {
                 return None;
             }
             // No Sync within the high-water mark: refuse what is held, and skip to the Sync
             // (a server answers it).
             self.skip_to_sync = true;
-            self.route_unit_refused(status);
+            self.route_unit_refused(None);
             return Some(self.held);
         }
-        let alone = parse_name(parse).is_some_and(<[u8]>::is_empty)
-            && unit[1..].iter().all(|f| match f.tag() {
-                // The unnamed statement into the unnamed portal.
-                b'B' => f.body_slice().starts_with(&[0, 0]),
-                b'D' => matches!(f.body_slice(), [b'S' | b'P', 0]),
-                b'E' | b'H' | b'S' => true,
-                _ => false,
-            });
         if !alone {
-            self.route_unit_refused(status);
+            self.route_unit_refused(Some(status));
             return Some(n);
         }
         let show = matches!(cmd, RouteCommand::Show);
-        let tags: Vec<(u8, bool)> = unit.iter().map(|f| (f.tag(), f.body_slice().first() == Some(&b'S'))).collect();
         let mut failed = false;
         for (tag, statement) in tags {
             match tag {
@@ -3180,11 +3181,11 @@ impl Session {
     }
 
     /// The error for a route command in an extended-protocol unit it does not have to itself,
-    /// and the ReadyForQuery of the unit.
-    fn route_unit_refused(&mut self, status: TransactionStatus) {
+    /// and the unit's ReadyForQuery with `status` (`None`: a server answers the Sync).
+    fn route_unit_refused(&mut self, status: Option<TransactionStatus>) {
         BackendMessage::error(Severity::Error, sqlstate::FEATURE_NOT_SUPPORTED, ROUTE_UNIT_ALONE)
             .encode(&mut self.wbuf);
-        if !self.skip_to_sync {
+        if let Some(status) = status {
             BackendMessage::ReadyForQuery(status).encode(&mut self.wbuf);
         }
     }

@@ -48,60 +48,64 @@ fn answer_to(port: u16, packet: &[u8]) -> (std::net::TcpStream, u8) {
 /// request's code (5: MD5, 10: SASL), and then, when it was MD5, the result of
 /// `select current_user` or the error (`SQLSTATE: message`).
 fn md5_login(port: u16, user: &str, password: &str) -> (u32, Result<String, String>) {
-    fn message(s: &mut std::net::TcpStream) -> (u8, Vec<u8>) {
-        let mut head = [0u8; 5];
-        s.read_exact(&mut head).expect("a message");
-        let mut body = vec![0u8; u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4];
-        s.read_exact(&mut body).expect("a message body");
-        (head[0], body)
-    }
-    fn send(s: &mut std::net::TcpStream, tag: u8, body: &[u8]) {
-        let mut m = vec![tag];
-        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        m.extend_from_slice(body);
-        s.write_all(&m).unwrap();
-    }
-    /// Messages up to ReadyForQuery: the first column of the first DataRow, or the error.
-    fn until_ready(s: &mut std::net::TcpStream) -> Result<String, String> {
+    use pgkeel_proxy::bytes::BytesMut;
+    use pgkeel_proxy::protocol::{
+        Authentication, BackendDecoder, BackendMessage, FrontendMessage, StartupMessage, StartupPacket, Text,
+    };
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = BytesMut::new();
+    let mut recv = |s: &mut std::net::TcpStream| loop {
+        if let Some(m) = BackendDecoder::default().decode(&mut buf).expect("a valid message from the proxy") {
+            return m;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).expect("an answer within 10 s");
+        assert!(n > 0, "the proxy closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let send = |s: &mut std::net::TcpStream, m: FrontendMessage| {
+        let mut out = BytesMut::new();
+        m.encode(&mut out);
+        s.write_all(&out).unwrap();
+    };
+    let mut out = BytesMut::new();
+    StartupPacket::Startup(StartupMessage::new([("user", user), ("database", "postgres")])).encode(&mut out);
+    s.write_all(&out).unwrap();
+    let salt = match recv(&mut s) {
+        BackendMessage::Authentication(Authentication::Md5Password { salt }) => salt,
+        BackendMessage::Authentication(Authentication::Sasl { .. }) => return (10, Err("asked for SASL".into())),
+        other => panic!("expected an authentication request, got {other:?}"),
+    };
+    let answer = pgkeel_proxy::scram::md5_password(user, password, &salt);
+    send(&mut s, FrontendMessage::Password(Text::lossy(&answer)));
+    // Messages up to ReadyForQuery: the first column of the last DataRow, or the error.
+    let mut until_ready = |s: &mut std::net::TcpStream| {
         let mut value = String::new();
         loop {
-            match message(s) {
-                (b'E', body) => {
-                    let fields: Vec<&[u8]> = body.split(|b| *b == 0).collect();
-                    let field =
-                        |c: u8| fields.iter().find(|f| f.first() == Some(&c)).map(|f| String::from_utf8_lossy(&f[1..]));
-                    return Err(format!("{}: {}", field(b'C').unwrap_or_default(), field(b'M').unwrap_or_default()));
+            match recv(s) {
+                BackendMessage::ErrorResponse(e) => {
+                    let field = |f: Option<&Text>| f.map(|t| t.to_string_lossy().into_owned()).unwrap_or_default();
+                    return Err(format!("{}: {}", field(e.code()), field(e.message())));
                 }
-                (b'D', body) => {
-                    let n = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
-                    value = String::from_utf8_lossy(&body[6..6 + n as usize]).into_owned();
+                BackendMessage::DataRow(v) => {
+                    value = v
+                        .first()
+                        .cloned()
+                        .flatten()
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default()
                 }
-                (b'Z', _) => return Ok(value),
+                BackendMessage::ReadyForQuery(_) => return Ok(value),
                 _ => {}
             }
         }
-    }
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let params = format!("user\0{user}\0database\0postgres\0\0");
-    let mut startup = ((8 + params.len()) as u32).to_be_bytes().to_vec();
-    startup.extend_from_slice(&196_608u32.to_be_bytes());
-    startup.extend_from_slice(params.as_bytes());
-    s.write_all(&startup).unwrap();
-    let (tag, body) = message(&mut s);
-    assert_eq!(tag, b'R', "an authentication request");
-    let method = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-    if method != 5 {
-        return (method, Err(format!("asked for authentication method {method}")));
-    }
-    let salt = [body[4], body[5], body[6], body[7]];
-    let answer = pgkeel_proxy::scram::md5_password(user, password, &salt);
-    send(&mut s, b'p', format!("{answer}\0").as_bytes());
+    };
     if let Err(e) = until_ready(&mut s) {
-        return (method, Err(e));
+        return (5, Err(e));
     }
-    send(&mut s, b'Q', b"select current_user\0");
-    (method, until_ready(&mut s))
+    send(&mut s, FrontendMessage::Query(Text::lossy("select current_user")));
+    (5, until_ready(&mut s))
 }
 
 const SSL_REQUEST: &[u8] = b"\x00\x00\x00\x08\x04\xd2\x16\x2f";
