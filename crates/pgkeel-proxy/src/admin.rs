@@ -1,7 +1,9 @@
 //! The admin console: a client that logs in to the database [`ADMIN_DATABASE`] as one of
 //! `admin_users` gets this console instead of a server connection. It answers the simple
 //! query protocol with text columns, like PgBouncer's console: `SHOW POOLS`, `SHOW CLIENTS`,
-//! `SHOW SERVERS`, `SHOW STATS`, `SHOW CONFIG`, `PAUSE`, `RESUME` and `RELOAD`.
+//! `SHOW SERVERS`, `SHOW STATS`, `SHOW TOTALS`, `SHOW DATABASES`, `SHOW CONFIG`, `SHOW
+//! VERSION`, `PAUSE`, `RESUME`, `RELOAD`, and per database `DISABLE`, `ENABLE`, `KILL` and
+//! `RECONNECT`.
 //!
 //! It also owns reloading (`RELOAD`, SIGHUP): [`reload`] re-reads `proxy.toml` and the
 //! userlist, puts the keys that can change live in force and logs the others as needing a
@@ -55,7 +57,7 @@ impl AdminState {
 }
 
 /// A console command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// `SHOW POOLS`.
     ShowPools,
@@ -67,6 +69,20 @@ pub enum Command {
     ShowStats,
     /// `SHOW CONFIG`.
     ShowConfig,
+    /// `SHOW TOTALS`.
+    ShowTotals,
+    /// `SHOW DATABASES`.
+    ShowDatabases,
+    /// `SHOW VERSION`.
+    ShowVersion,
+    /// `DISABLE db`: new logins to the database are refused.
+    Disable(String),
+    /// `ENABLE db`: undoes `DISABLE`.
+    Enable(String),
+    /// `KILL db`: its clients and server connections are closed now.
+    Kill(String),
+    /// `RECONNECT [db]`: server connections are replaced, each after its transaction.
+    Reconnect(Option<String>),
     /// `PAUSE`.
     Pause,
     /// `RESUME`.
@@ -76,7 +92,9 @@ pub enum Command {
 }
 
 /// The commands, for help and error messages.
-pub const COMMANDS: &str = "SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW CONFIG, PAUSE, RESUME, RELOAD";
+pub const COMMANDS: &str = "SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW TOTALS, SHOW DATABASES, \
+                            SHOW CONFIG, SHOW VERSION, PAUSE, RESUME, RELOAD, DISABLE db, ENABLE db, KILL db, \
+                            RECONNECT [db]";
 
 /// Parses one console command: case-insensitive, extra spaces and a trailing `;` allowed.
 /// `Ok(None)` for an empty query.
@@ -84,6 +102,17 @@ pub fn parse(text: &str) -> Result<Option<Command>, String> {
     let text = text.trim().trim_end_matches(';').trim();
     if text.is_empty() {
         return Ok(None);
+    }
+    // A command with a database name: the name as written (or as a quoted identifier).
+    let (verb, rest) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
+    let named = |make: fn(String) -> Command| database_arg(verb, rest.trim()).map(make);
+    match verb.to_ascii_uppercase().as_str() {
+        "DISABLE" => return named(Command::Disable).map(Some),
+        "ENABLE" => return named(Command::Enable).map(Some),
+        "KILL" => return named(Command::Kill).map(Some),
+        "RECONNECT" if rest.trim().is_empty() => return Ok(Some(Command::Reconnect(None))),
+        "RECONNECT" => return named(|d| Command::Reconnect(Some(d))).map(Some),
+        _ => {}
     }
     let words: Vec<String> = text.split_whitespace().map(str::to_ascii_uppercase).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
@@ -93,6 +122,9 @@ pub fn parse(text: &str) -> Result<Option<Command>, String> {
         ["SHOW", "SERVERS"] => Command::ShowServers,
         ["SHOW", "STATS"] => Command::ShowStats,
         ["SHOW", "CONFIG"] => Command::ShowConfig,
+        ["SHOW", "TOTALS"] => Command::ShowTotals,
+        ["SHOW", "DATABASES"] => Command::ShowDatabases,
+        ["SHOW", "VERSION"] => Command::ShowVersion,
         ["PAUSE"] => Command::Pause,
         ["RESUME"] => Command::Resume,
         ["RELOAD"] => Command::Reload,
@@ -102,6 +134,48 @@ pub fn parse(text: &str) -> Result<Option<Command>, String> {
         }
     };
     Ok(Some(c))
+}
+
+/// The database name after `verb`: one word as written (names are case-sensitive, as in
+/// PgBouncer's console), or a double-quoted identifier (`""` for a quote in it).
+fn database_arg(verb: &str, rest: &str) -> Result<String, String> {
+    let verb = verb.to_ascii_uppercase();
+    let usage = || format!("{verb} takes one database name, e.g. {verb} appdb (a name with spaces in double quotes)");
+    if rest.is_empty() {
+        return Err(usage());
+    }
+    let name = match rest.strip_prefix('"') {
+        Some(quoted) => {
+            let mut name = String::new();
+            let mut chars = quoted.chars();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.as_str().starts_with('"') => {
+                        chars.next();
+                        name.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => name.push(c),
+                    None => return Err(format!("{verb}: the quoted database name {rest} has no closing quote")),
+                }
+            }
+            if !chars.as_str().trim().is_empty() {
+                return Err(usage());
+            }
+            name
+        }
+        None if rest.contains(char::is_whitespace) => return Err(usage()),
+        None => rest.to_string(),
+    };
+    if name.is_empty() {
+        return Err(usage());
+    }
+    if name == ADMIN_DATABASE {
+        return Err(format!(
+            "{verb} {ADMIN_DATABASE}: the admin console's own database has no pools or clients to act on"
+        ));
+    }
+    Ok(name)
 }
 
 /// A result set of text columns.
@@ -294,6 +368,94 @@ pub fn show_stats(shared: &Shared) -> Table {
         ]);
     }
     t
+}
+
+/// `SHOW TOTALS`: `SHOW STATS` summed over every pool, and how many clients, pools and server
+/// connections there are now; one `name`, `value` row each, as PgBouncer's.
+pub fn show_totals(shared: &Shared) -> Table {
+    let pools = shared.pools.all();
+    let (mut xacts, mut queries, mut errors, mut wait_us, mut active, mut idle) = (0, 0, 0, 0, 0, 0);
+    for p in &pools {
+        let s = p.stats.snapshot();
+        (xacts, queries, errors, wait_us) =
+            (xacts + s.transactions, queries + s.queries, errors + s.errors, wait_us + s.wait_us);
+        let (in_use, idle_now, _) = p.counts();
+        (active, idle) = (active + in_use, idle + idle_now);
+    }
+    let mut t = Table::new(&["name", "value"]);
+    for (name, value) in [
+        ("clients", shared.clients().len().to_string()),
+        ("pools", pools.len().to_string()),
+        ("sv_active", active.to_string()),
+        ("sv_idle", idle.to_string()),
+        ("total_xact_count", xacts.to_string()),
+        ("total_query_count", queries.to_string()),
+        ("total_errors", errors.to_string()),
+        ("total_wait_time", secs(Duration::from_micros(wait_us))),
+        ("avg_wait_time", secs(Duration::from_micros(wait_us.checked_div(xacts).unwrap_or(0)))),
+    ] {
+        t.rows.push(vec![name.to_string(), value]);
+    }
+    t
+}
+
+/// `SHOW DATABASES`: one row per database with a pool or disabled: its pools, clients and
+/// server connections, and whether it is disabled.
+pub fn show_databases(shared: &Shared) -> Table {
+    #[derive(Default)]
+    struct Row {
+        pools: usize,
+        clients: usize,
+        waiting: usize,
+        active: usize,
+        idle: usize,
+    }
+    let mut rows: std::collections::BTreeMap<String, Row> = Default::default();
+    for p in shared.pools.all() {
+        let r = rows.entry(p.key.database.clone()).or_default();
+        let (in_use, idle, _) = p.counts();
+        (r.pools, r.active, r.idle) = (r.pools + 1, r.active + in_use, r.idle + idle);
+    }
+    for (c, _) in shared.clients() {
+        let r = rows.entry(c.pool.key.database.clone()).or_default();
+        r.clients += 1;
+        r.waiting += usize::from(c.waiting.load(Ordering::Relaxed));
+    }
+    let disabled = shared.disabled();
+    for d in &disabled {
+        rows.entry(d.clone()).or_default();
+    }
+    let mut t = Table::new(&["database", "pools", "clients", "cl_waiting", "sv_active", "sv_idle", "disabled"]);
+    for (name, r) in rows {
+        let off = if disabled.contains(&name) { "yes" } else { "no" };
+        t.rows.push(vec![
+            name,
+            r.pools.to_string(),
+            r.clients.to_string(),
+            r.waiting.to_string(),
+            r.active.to_string(),
+            r.idle.to_string(),
+            off.to_string(),
+        ]);
+    }
+    t
+}
+
+/// `RECONNECT [db]`: every pool (of `database`) replaces its server connections, the idle
+/// ones now and the others after their transaction. What the console says about it.
+fn reconnect(shared: &Shared, database: Option<&str>) -> String {
+    let pools: Vec<_> =
+        shared.pools.all().into_iter().filter(|p| database.is_none_or(|d| p.key.database == d)).collect();
+    let in_use: usize = pools.iter().map(|p| p.counts().0).sum();
+    let closed: usize = pools.iter().map(|p| p.reconnect()).sum();
+    let which = database.map_or("every pool".to_string(), |d| format!("the pools of database {d:?}"));
+    if pools.is_empty() {
+        return format!("{which}: none yet; nothing to reconnect");
+    }
+    format!(
+        "{which}: closed {closed} idle server connections; the {in_use} in use are closed when their clients' \
+         transactions end, and new ones are opened as needed"
+    )
 }
 
 /// Keys a reload cannot change: they are logged as needing a restart and keep their value.
@@ -564,7 +726,52 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             Err(e) => error(wbuf, Severity::Error, SYNTAX_ERROR, &e),
             Ok(Some(c)) => {
                 tracing::info!(client = %peer, user, command = ?c, "admin command");
+                let tag = |name: &str, out: &mut BytesMut| {
+                    BackendMessage::CommandComplete { tag: Text::lossy(name) }.encode(out);
+                };
                 match c {
+                    Command::ShowTotals => show_totals(shared).encode(wbuf),
+                    Command::ShowDatabases => show_databases(shared).encode(wbuf),
+                    Command::ShowVersion => {
+                        let mut t = Table::new(&["version"]);
+                        t.rows.push(vec![format!("pgkeel proxy {}", env!("CARGO_PKG_VERSION"))]);
+                        t.encode(wbuf);
+                    }
+                    Command::Disable(db) => {
+                        if !shared.disable(&db) {
+                            error(wbuf, Severity::Notice, "00000", &format!("database {db:?} was disabled already"));
+                        }
+                        tracing::info!(database = %db, "disabled: new logins to the database are refused");
+                        tag("DISABLE", wbuf);
+                    }
+                    Command::Enable(db) => {
+                        if !shared.enable(&db) {
+                            error(wbuf, Severity::Notice, "00000", &format!("database {db:?} was not disabled"));
+                        }
+                        tracing::info!(database = %db, "enabled: new logins to the database are accepted");
+                        tag("ENABLE", wbuf);
+                    }
+                    Command::Kill(db) => {
+                        let (clients, servers) = shared.kill(&db);
+                        let then = if shared.is_disabled(&db) {
+                            "it stays disabled (ENABLE lets clients in again)".to_string()
+                        } else {
+                            format!("new logins are still accepted (DISABLE {db} keeps them out)")
+                        };
+                        let msg = format!(
+                            "closed {clients} clients of database {db:?} and {servers} idle server connections (the \
+                             ones clients held close with them); {then}"
+                        );
+                        tracing::info!(database = %db, clients, servers, "killed the database's clients");
+                        error(wbuf, Severity::Notice, "00000", &msg);
+                        tag("KILL", wbuf);
+                    }
+                    Command::Reconnect(db) => {
+                        let msg = reconnect(shared, db.as_deref());
+                        tracing::info!("{msg}");
+                        error(wbuf, Severity::Notice, "00000", &msg);
+                        tag("RECONNECT", wbuf);
+                    }
                     Command::ShowPools => show_pools(shared).encode(wbuf),
                     Command::ShowClients => show_clients(shared).encode(wbuf),
                     Command::ShowServers => show_servers(shared).encode(wbuf),
@@ -618,6 +825,16 @@ mod tests {
             ("pause", Command::Pause),
             ("RESUME;", Command::Resume),
             ("reload", Command::Reload),
+            ("SHOW TOTALS", Command::ShowTotals),
+            ("show databases;", Command::ShowDatabases),
+            ("SHOW VERSION", Command::ShowVersion),
+            ("DISABLE appdb", Command::Disable("appdb".into())),
+            ("disable AppDB ;", Command::Disable("AppDB".into())),
+            ("ENABLE appdb", Command::Enable("appdb".into())),
+            ("KILL appdb", Command::Kill("appdb".into())),
+            ("kill \"my \"\"db\"\"\"", Command::Kill("my \"db\"".into())),
+            ("RECONNECT", Command::Reconnect(None)),
+            ("reconnect appdb;", Command::Reconnect(Some("appdb".into()))),
         ] {
             assert_eq!(parse(text), Ok(Some(want)), "{text}");
         }
@@ -626,6 +843,18 @@ mod tests {
         for bad in ["SHOW", "SHOW POOL", "SELECT 1", "PAUSE db", "show pools extra"] {
             let e = parse(bad).unwrap_err();
             assert!(e.contains("unknown admin console command") && e.contains(COMMANDS), "{bad}: {e}");
+        }
+        for (bad, says) in [
+            ("KILL", "KILL takes one database name"),
+            ("disable a b", "DISABLE takes one database name"),
+            ("ENABLE \"open", "has no closing quote"),
+            ("KILL \"a\" b", "KILL takes one database name"),
+            ("KILL \"\"", "KILL takes one database name"),
+            ("KILL pgkeel", "the admin console's own database"),
+            ("reconnect pgkeel", "the admin console's own database"),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
         }
     }
 

@@ -1,7 +1,8 @@
-//! Waking sessions when the topology changes or the proxy starts draining.
+//! Waking sessions when the topology changes, the proxy starts draining, or the admin
+//! console kills a database's clients.
 //!
 //! A busy session must notice a new term at once (fencing), and every session must notice
-//! the shutdown. Waiting on the `watch` channels for that costs a registration in the
+//! the shutdown and a `KILL`. Waiting on the `watch` channels for that costs a registration in the
 //! channel's waiter list and its removal (each under the channel's lock) every time a
 //! session waits for I/O, that is, several times per transaction. Here a session registers
 //! once, for as long as it lives, and a wait only stores its waker in its own slot.
@@ -19,7 +20,8 @@ use crate::weak_list::WeakList;
 #[repr(C)]
 pub struct Kicker {
     topology: AtomicU64,
-    drain: AtomicU64,
+    /// Kicks for every session, busy or idle: the drain, `KILL`.
+    everyone: AtomicU64,
     slots: Mutex<WeakList<Slot>>,
 }
 
@@ -55,9 +57,10 @@ impl Kicker {
         self.wake(true);
     }
 
-    /// Wakes every session: the proxy is shutting down.
-    pub fn draining(&self) {
-        self.drain.fetch_add(1, Ordering::SeqCst);
+    /// Wakes every session: the proxy is shutting down, or clients were killed (each session
+    /// then looks whether it is one of them).
+    pub fn everyone(&self) {
+        self.everyone.fetch_add(1, Ordering::SeqCst);
         self.wake(false);
     }
 
@@ -78,7 +81,7 @@ impl Kicker {
         Listener {
             slot,
             topology: self.topology.load(Ordering::SeqCst),
-            drain: self.drain.load(Ordering::SeqCst),
+            everyone: self.everyone.load(Ordering::SeqCst),
             stored: None,
         }
     }
@@ -89,7 +92,7 @@ impl Kicker {
 pub struct Listener {
     slot: Arc<Slot>,
     topology: u64,
-    drain: u64,
+    everyone: u64,
     /// A copy of the waker last stored in the slot.
     stored: Option<Waker>,
 }
@@ -122,10 +125,10 @@ impl Listener {
             }
         }
         // Read after the waker is stored: a kick after this read wakes it.
-        let drain = kicker.drain.load(Ordering::SeqCst);
+        let everyone = kicker.everyone.load(Ordering::SeqCst);
         let topology = kicker.topology.load(Ordering::SeqCst);
-        let mut kicked = drain != self.drain;
-        self.drain = drain;
+        let mut kicked = everyone != self.everyone;
+        self.everyone = everyone;
         if self.slot.busy.load(Ordering::Relaxed) {
             kicked |= topology != self.topology;
             self.topology = topology;
@@ -178,7 +181,7 @@ mod tests {
     }
 
     #[test]
-    fn topology_wakes_busy_sessions_and_draining_wakes_all() {
+    fn topology_wakes_busy_sessions_and_a_kick_for_everyone_wakes_all() {
         let k = Kicker::default();
         let (busy_n, idle_n) = (count(), count());
         let mut busy = busy_listener(&k);
@@ -193,8 +196,8 @@ mod tests {
         assert!(!poll(&mut busy, &k, &busy_n), "one kick is seen once");
         assert!(!poll(&mut idle, &k, &idle_n));
 
-        k.draining();
-        assert_eq!(wakes(&idle_n), 1, "draining wakes idle sessions");
+        k.everyone();
+        assert_eq!(wakes(&idle_n), 1, "draining (or KILL) wakes idle sessions");
         assert_eq!(wakes(&busy_n), 2, "a session waiting again after a kick is woken again");
         assert!(poll(&mut idle, &k, &idle_n));
         assert!(poll(&mut busy, &k, &busy_n));

@@ -95,6 +95,7 @@ impl Pool {
                 idle: Vec::new(),
                 waiters: VecDeque::new(),
                 watchdog: Watchdog::None,
+                close_opened_before: None,
             }),
             watchdog: Arc::default(),
             stats: PoolStats::default(),
@@ -131,7 +132,7 @@ impl Pool {
     /// to need one (`SHOW POOLS` reports the longest current wait). Waiting clients are
     /// served in order. Cancel-safe: a client that stops waiting leaves the queue, and a slot
     /// handed to it meanwhile goes to the next one.
-    pub async fn slot(self: &Arc<Self>, since: Instant, timeout: Duration) -> Result<Slot, TimedOut> {
+    pub async fn slot(self: &Arc<Self>, since: Instant, timeout: Duration) -> Result<Slot, NoSlot> {
         let waiter = {
             let mut s = self.lock();
             if s.take_free() {
@@ -161,7 +162,7 @@ impl Pool {
     /// connection going back to the idle list first, under the same lock.
     fn release(self: &Arc<Self>, conn: Option<Box<ServerConn>>) {
         let mut s = self.lock();
-        s.idle.extend(conn);
+        s.keep(conn);
         if s.held <= s.size {
             if let Some(w) = s.next_waiter() {
                 drop(s);
@@ -270,7 +271,37 @@ impl Pool {
 
     /// Returns a clean connection to the pool; its slot stays with the caller.
     pub fn put_idle(&self, conn: Box<ServerConn>) {
-        self.lock().idle.push(conn);
+        self.lock().keep(Some(conn));
+    }
+
+    /// `RECONNECT` on the admin console: closes the idle connections now and the others as
+    /// they come back, so that every transaction from now on runs on a connection opened
+    /// after this call. Returns how many idle connections it closed.
+    pub fn reconnect(&self) -> usize {
+        let mut s = self.lock();
+        s.close_opened_before = Some(crate::server::opened_mark());
+        std::mem::take(&mut s.idle).len()
+    }
+
+    /// `KILL` on the admin console: every client waiting for a slot now stops waiting
+    /// ([`NoSlot::Killed`]). Returns how many there were.
+    pub fn kill_waiters(&self) -> usize {
+        let mut wake = Vec::new();
+        let mut s = self.lock();
+        for w in s.waiters.drain(..) {
+            let mut state = w.lock();
+            if let Wait::Queued(waker) = &mut *state {
+                wake.extend(waker.take());
+            }
+            *state = Wait::Killed;
+        }
+        // The watchdog finds no one when it wakes.
+        drop(s);
+        let n = wake.len();
+        for w in wake {
+            w.wake();
+        }
+        n
     }
 
     /// Closes idle connections opened under a term older than `term`; returns how many.
@@ -377,9 +408,23 @@ struct State {
     waiters: VecDeque<Arc<Waiter>>,
     /// What the watchdog does.
     watchdog: Watchdog,
+    /// Connections opened before this mark are closed when they come back (`RECONNECT`,
+    /// `KILL`; see [`crate::server::opened_mark`]).
+    close_opened_before: Option<u32>,
 }
 
 impl State {
+    /// Puts a connection coming back into the idle list, unless `RECONNECT` or `KILL` said to
+    /// close it.
+    fn keep(&mut self, conn: Option<Box<ServerConn>>) {
+        let Some(conn) = conn else { return };
+        if self.close_opened_before.is_some_and(|mark| conn.opened_before(mark)) {
+            tracing::debug!(server = ?conn, "closing a server connection opened before RECONNECT or KILL");
+            return;
+        }
+        self.idle.push(conn);
+    }
+
     /// [`Pool::take_idle`] under the pool's lock.
     fn take_idle(&mut self, min_term: u64) -> Option<Box<ServerConn>> {
         while let Some(c) = self.idle.pop() {
@@ -435,11 +480,18 @@ enum Wait {
     Granted,
     /// Its deadline passed (out of the queue).
     TimedOut,
+    /// `KILL` of its database (out of the queue).
+    Killed,
 }
 
-/// No slot of the pool became free within the time allowed ([`Pool::slot`]).
+/// Why [`Pool::slot`] gave no slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TimedOut;
+pub enum NoSlot {
+    /// No slot of the pool became free within the time allowed.
+    TimedOut,
+    /// The client's database was killed on the admin console while it waited.
+    Killed,
+}
 
 /// The right to use one of a pool's server connections; given up when dropped.
 #[derive(Debug)]
@@ -480,7 +532,7 @@ struct WaitSlot<'a> {
 }
 
 impl Future for WaitSlot<'_> {
-    type Output = Result<Slot, TimedOut>;
+    type Output = Result<Slot, NoSlot>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let out = match &mut *self.waiter.lock() {
@@ -491,7 +543,8 @@ impl Future for WaitSlot<'_> {
                 return Poll::Pending;
             }
             Wait::Granted => Ok(Slot::new(self.pool)),
-            Wait::TimedOut => Err(TimedOut),
+            Wait::TimedOut => Err(NoSlot::TimedOut),
+            Wait::Killed => Err(NoSlot::Killed),
         };
         self.done = true;
         Poll::Ready(out)
@@ -639,7 +692,7 @@ mod tests {
         Arc::new(Pool::new(PoolKey { database: "db".into(), user: "app".into(), target: PoolTarget::Primary }, size))
     }
 
-    type Waiting<'a> = Pin<Box<dyn Future<Output = Result<Slot, TimedOut>> + 'a>>;
+    type Waiting<'a> = Pin<Box<dyn Future<Output = Result<Slot, NoSlot>> + 'a>>;
 
     fn wait(pool: &Arc<Pool>) -> Waiting<'_> {
         Box::pin(pool.slot(Instant::now(), Duration::from_secs(60)))
@@ -706,7 +759,7 @@ mod tests {
         let (a, [mut long]) = one_held(&p);
         let started = Instant::now();
         let r = tokio::time::timeout(Duration::from_secs(10), p.slot(started, Duration::from_millis(50))).await;
-        assert!(matches!(r, Ok(Err(TimedOut))), "the short wait timed out on its own: {r:?}");
+        assert!(matches!(r, Ok(Err(NoSlot::TimedOut))), "the short wait timed out on its own: {r:?}");
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(50), "not before its deadline: {took:?}");
         assert_eq!(p.waiters().0, 1, "the timed-out client left the queue");
@@ -729,6 +782,25 @@ mod tests {
         assert_eq!(p.counts(), (1, 0, 1));
         drop(b);
         assert!(poll(&mut w2).is_some(), "the next one goes to the waiter");
+    }
+
+    #[tokio::test]
+    async fn a_kill_ends_every_wait_and_later_clients_wait_as_usual() {
+        let p = pool(1);
+        let (a, [mut w1, mut w2]) = one_held(&p);
+        assert_eq!(p.kill_waiters(), 2);
+        for w in [&mut w1, &mut w2] {
+            let r = w.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+            assert!(matches!(r, Poll::Ready(Err(NoSlot::Killed))), "{r:?}");
+        }
+        assert_eq!(p.waiters().0, 0);
+        drop((w1, w2));
+        // A client that comes after the kill waits for the slot and gets it.
+        let mut w3 = wait(&p);
+        assert!(poll(&mut w3).is_none());
+        drop(a);
+        assert!(poll(&mut w3).is_some());
+        assert_eq!(p.kill_waiters(), 0);
     }
 
     #[test]

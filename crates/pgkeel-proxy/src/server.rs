@@ -163,6 +163,9 @@ pub struct ServerConn {
     pub term: u64,
     /// Primary or replica.
     pub role: ServerRole,
+    /// Its place in the order connections were opened in (see [`ServerConn::opened_before`]);
+    /// in the padding after `role`.
+    serial: u32,
     /// The socket (plain or TLS).
     pub stream: Stream,
     /// Bytes read from the server and not yet consumed.
@@ -295,6 +298,7 @@ impl ServerConn {
             member: name.to_string(),
             address: address.to_string(),
             opened: Instant::now(),
+            serial: OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             role: if term.is_some() { ServerRole::Primary } else { ServerRole::Replica },
             statements: ServerStatements::default(),
             decoder: BackendDecoder::default(),
@@ -509,6 +513,30 @@ impl ServerConn {
     pub fn looks_idle(&self) -> bool {
         self.rbuf.is_empty() && self.stream.looks_idle()
     }
+
+    /// Whether it was opened before `mark` ([`opened_mark`]). Wraps around safely: a
+    /// connection is compared with marks taken within 2^31 openings of it.
+    pub fn opened_before(&self, mark: u32) -> bool {
+        serial_before(self.serial, mark)
+    }
+}
+
+/// Whether the connection numbered `serial` was opened before `mark`, across a wrap of the
+/// counter.
+fn serial_before(serial: u32, mark: u32) -> bool {
+    (mark.wrapping_sub(serial) as i32) > 0
+}
+
+// `serial` sits in the padding between `role` and `stream`: the first line stays as it was.
+const _: () = assert!(std::mem::offset_of!(ServerConn, stream) == 16, "keep ServerConn's serial in the padding");
+
+/// Counts the server connections opened by the process ([`ServerConn::opened_before`]).
+static OPENED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A mark that every server connection opened so far is [`ServerConn::opened_before`], and
+/// none opened later.
+pub fn opened_mark() -> u32 {
+    OPENED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn no_plaintext(at: &str, user: &str, method: &str) -> ConnectError {
@@ -565,6 +593,15 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use tokio::net::TcpListener;
+
+    #[test]
+    fn connections_are_ordered_by_opening_across_the_counters_wrap() {
+        assert!(serial_before(5, 6) && !serial_before(6, 6) && !serial_before(7, 6));
+        assert!(!serial_before(0, 0), "no connection is before the first mark");
+        // Near the wrap: u32::MAX was opened before 2 (the counter went on past 0).
+        assert!(serial_before(u32::MAX, 2) && !serial_before(2, u32::MAX));
+        assert!(serial_before(u32::MAX - 10, u32::MAX));
+    }
 
     /// A server that accepts one connection, upgrades it to TLS when asked (with `acceptor`),
     /// and returns the first 16 bytes after that and whether they came over TLS.

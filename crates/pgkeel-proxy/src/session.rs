@@ -38,7 +38,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::{AuthType, ClientTlsMode, LoadBalance, NoReplica, PoolMode, ProxyConfig};
-use crate::pool::{Pool, PoolKey, PoolTarget, Pools, Slot, TimedOut};
+use crate::pool::{NoSlot, Pool, PoolKey, PoolTarget, Pools, Slot};
 use crate::prepared::{self, StmtDef};
 use crate::protocol::{
     sqlstate, AuthExpect, Authentication, BackendMessage, ErrorFields, FieldDescription, Frame, FrontendDecoder,
@@ -193,6 +193,10 @@ pub struct Shared {
     pub auth_cache: AuthCache,
     /// Each database's volatile functions, as last read ([`crate::functions`]).
     volatile: Mutex<HashMap<String, crate::functions::Volatile>>,
+    /// Databases `DISABLE`d on the admin console: new logins to them are refused.
+    disabled: Mutex<std::collections::BTreeSet<String>>,
+    /// Notified by `KILL`, for clients held by `PAUSE` (the kick wakes the others).
+    kills: tokio::sync::Notify,
 }
 
 // The kick counts are the first 16 bytes of `Kicker`: they must end within the first line.
@@ -205,6 +209,8 @@ impl Shared {
         let classifier = Classifier::new(&config.primary_functions, CLASS_CACHE_SIZE);
         Shared {
             volatile: Mutex::default(),
+            disabled: Mutex::default(),
+            kills: Default::default(),
             config_version: AtomicU64::new(0),
             draining_now: Default::default(),
             hold: Gate::default(),
@@ -287,7 +293,50 @@ impl Shared {
     pub fn start_draining(&self) {
         self.draining_now.store(true, Ordering::Release);
         self.draining.send_replace(true);
-        self.kick.draining();
+        self.kick.everyone();
+    }
+
+    /// `DISABLE`: new logins to `database` are refused. `false` when it already was.
+    pub fn disable(&self, database: &str) -> bool {
+        self.disabled.lock().unwrap_or_else(PoisonError::into_inner).insert(database.to_string())
+    }
+
+    /// `ENABLE`: undoes [`Shared::disable`]. `false` when it was not disabled.
+    pub fn enable(&self, database: &str) -> bool {
+        self.disabled.lock().unwrap_or_else(PoisonError::into_inner).remove(database)
+    }
+
+    /// Whether new logins to `database` are refused.
+    pub fn is_disabled(&self, database: &str) -> bool {
+        self.disabled.lock().unwrap_or_else(PoisonError::into_inner).contains(database)
+    }
+
+    /// The disabled databases, sorted.
+    pub fn disabled(&self) -> Vec<String> {
+        self.disabled.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
+    }
+
+    /// `KILL`: ends every client of `database` at once (each gets `FATAL 57P01`), including
+    /// those waiting for a server connection or held by `PAUSE`, and closes the server
+    /// connections of its pools (the idle ones now, the others as their clients end).
+    /// Returns (clients, idle server connections closed now). New logins are still let in:
+    /// `DISABLE` keeps them out.
+    pub fn kill(&self, database: &str) -> (usize, usize) {
+        let mut clients = 0;
+        for (c, _) in self.clients() {
+            if c.pool.key.database == database {
+                c.killed.store(true, Ordering::Release);
+                clients += 1;
+            }
+        }
+        let mut servers = 0;
+        for p in self.pools.all().into_iter().filter(|p| p.key.database == database) {
+            servers += p.reconnect();
+            p.kill_waiters();
+        }
+        self.kick.everyone();
+        self.kills.notify_waiters();
+        (clients, servers)
     }
 
     /// Whether the proxy is shutting down.
@@ -976,6 +1025,19 @@ impl Session {
         fail.encode(&mut self.wbuf);
     }
 
+    /// Whether `KILL` on the admin console ended the clients of this one's database.
+    fn killed(&self) -> bool {
+        self.info.as_ref().is_some_and(|i| i.killed.load(Ordering::Acquire))
+    }
+
+    /// What a killed client ([`Session::killed`]) is told.
+    fn kill_fail(&self) -> Fail {
+        Fail::new(
+            sqlstate::ADMIN_SHUTDOWN,
+            format!("terminating connection: KILL {} on the proxy's admin console", self.database),
+        )
+    }
+
     /// Everything before the forwarding: the login, then either the admin console (served
     /// here) or the welcome. `Ok(true)`: forward the client's traffic ([`Session::forward`]).
     /// Awaited boxed ([`run`]): a spawned future is as large as its largest state, and each
@@ -984,6 +1046,16 @@ impl Session {
     async fn serve(&mut self, admitted: bool) -> Result<bool, Fail> {
         if !self.login(admitted).await? {
             return Ok(false);
+        }
+        if self.shared.is_disabled(&self.database) {
+            return Err(Fail::new(
+                sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "database {:?} is not currently accepting connections through the proxy: it was disabled \
+                     with DISABLE on the admin console (ENABLE {} there lets clients in again)",
+                    self.database, self.database
+                ),
+            ));
         }
         if self.database == crate::admin::ADMIN_DATABASE {
             return crate::admin::serve(
@@ -1425,6 +1497,7 @@ impl Session {
             connected: SystemTime::now(),
             waiting: Default::default(),
             cancel: CancelSlot::new(secret),
+            killed: Default::default(),
         });
         let (pid, secret) = (info.pid, info.cancel.secret);
         self.info = Some(info);
@@ -1728,14 +1801,25 @@ impl Session {
             }
             let mut drain = self.shared.draining.subscribe();
             let held = tokio::time::timeout(timeout, async {
-                tokio::select! {
-                    _ = self.shared.hold.wait_open() => {}
-                    _ = drain.wait_for(|d| *d) => {}
+                loop {
+                    // Made before the look: a `KILL` after the look wakes it.
+                    let kill = self.shared.kills.notified();
+                    if self.killed() {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = self.shared.hold.wait_open() => break,
+                        _ = drain.wait_for(|d| *d) => break,
+                        _ = kill => {}
+                    }
                 }
             })
             .await;
             if let Some(i) = &waiting {
                 i.waiting.store(false, Ordering::Relaxed);
+            }
+            if self.killed() {
+                return Err(self.kill_fail());
             }
             if held.is_err() {
                 let why = if self.shared.admin.is_paused() {
@@ -1881,7 +1965,8 @@ impl Session {
         }
         match slot {
             Ok(p) => Ok(p),
-            Err(TimedOut) => {
+            Err(NoSlot::Killed) => Err(self.kill_fail()),
+            Err(NoSlot::TimedOut) => {
                 let (in_use, idle, size) = pool.counts();
                 let server = match &pool.key.target {
                     PoolTarget::Primary => String::new(),
@@ -2092,6 +2177,21 @@ impl Session {
             tracing::info!(server = ?att.conn, newest_term = newest, "closing a server connection of an older term");
             return;
         }
+        if self.killed() {
+            // Closed, not cleaned: the server rolls back whatever the client left open. A
+            // query still running is cancelled first: postgres would not notice the closed
+            // socket before the query ends.
+            tracing::debug!(server = ?att.conn, "closing the server connection of a killed client");
+            if let Some(target) = att.conn.lend_cancel_target().filter(|_| !att.queue.is_empty()) {
+                let tls = self.shared.server_tls();
+                tokio::spawn(async move {
+                    if let Err(e) = crate::server::send_cancel(&target, &tls).await {
+                        tracing::warn!(error = %e, "could not cancel the query of a killed client");
+                    }
+                });
+            }
+            return;
+        }
         // The client left while the proxy's LSN query was in flight: finish it.
         if !att.queue.is_empty() && att.queue.iter().all(|e| matches!(e.expect, Expect::Lsn)) && !att.open_batch {
             let n = att.queue.len();
@@ -2218,6 +2318,9 @@ impl Session {
                 // The server connection failed: the loop reads that again and says so.
                 Quiet::Server(_) => to_loop = true,
                 Quiet::Kick => {
+                    if self.killed() {
+                        return Err(self.kill_fail());
+                    }
                     // A new primary: nothing more goes to one of an older term, as in the
                     // loop. Then the loop, which also closes an idle client when the proxy
                     // shuts down.
@@ -2307,6 +2410,7 @@ impl Session {
             || self.cfg.pool_mode != PoolMode::Transaction
             || self.splitting()
             || self.shared.draining()
+            || self.killed()
         {
             return Ok(Start::Loop);
         }
@@ -2398,6 +2502,9 @@ impl Session {
                     .is_none_or(|a| self.cfg.pool_mode == PoolMode::Session && a.clean() && self.held == 0)
             {
                 return Err(Fail::new(sqlstate::ADMIN_SHUTDOWN, "the proxy is shutting down; reconnect"));
+            }
+            if self.killed() {
+                return Err(self.kill_fail());
             }
             self.read_held()?;
             let out_full = match self.pump_client().await? {

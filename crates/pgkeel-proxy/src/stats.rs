@@ -195,6 +195,8 @@ pub struct ClientInfo {
     pub waiting: AtomicBool,
     /// Its BackendKeyData secret and where its cancel requests go.
     pub cancel: crate::session::CancelSlot,
+    /// `KILL` of its database on the admin console: the session ends at its next turn.
+    pub killed: AtomicBool,
 }
 
 /// Seconds since the Unix epoch, for tables.

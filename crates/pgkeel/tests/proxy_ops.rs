@@ -1,5 +1,6 @@
 //! Operating `pgkeel proxy`: the admin console (database `pgkeel`), `/metrics`, RELOAD and
-//! SIGHUP, PAUSE/RESUME, the drain on SIGTERM, and `pgkeel config check` on a proxy.toml.
+//! SIGHUP, PAUSE/RESUME, the drain on SIGTERM, DISABLE/ENABLE/KILL/RECONNECT of a database,
+//! and `pgkeel config check` on a proxy.toml.
 //! A real one-node `pgkeel up` cluster, a real proxy process, tokio-postgres and psql.
 
 use std::io::{Read, Write};
@@ -287,6 +288,152 @@ async fn proxy_admin_console_metrics_reload_pause_and_drain() {
         "4",
         "the paused and the drained transactions committed"
     );
+}
+
+/// The message of a failed query or login.
+fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map(|d| format!("{} {}", d.code().code(), d.message())).unwrap_or_else(|| e.to_string())
+}
+
+/// The first column of the first row of a simple query's answer.
+fn first_value(rows: &[SimpleQueryMessage]) -> String {
+    rows.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no row in {rows:?}"))
+}
+
+/// The backend pids of `database`'s server connections in `SHOW SERVERS`.
+async fn server_pids(admin: &tokio_postgres::Client, database: &str) -> Vec<String> {
+    show(admin, "SHOW SERVERS")
+        .await
+        .into_iter()
+        .filter(|r| r["database"] == database)
+        .map(|r| r["pid"].clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_admin_disable_kill_and_reconnect() {
+    let c = Cluster::up(bin(), 1).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let direct = c.node_dsn(&leader);
+    psql(&direct, "create database maint").expect("create database maint");
+    let backends = |db: &str| {
+        psql(
+            &direct,
+            &format!(
+                "select count(*) from pg_stat_activity where datname = '{db}' and backend_type = 'client backend'"
+            ),
+        )
+        .expect("count backends")
+    };
+    let p = OpsProxy::start(&c, "pool_size = 2\nquery_wait_timeout = \"60s\"").await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    let row_of =
+        |rows: Vec<std::collections::HashMap<String, String>>, db: &str| rows.into_iter().find(|r| r["database"] == db);
+
+    // Clients of maint: one idle, one in an open transaction and one running a long query
+    // (both of the pool's slots), one waiting for a slot. A client of postgres, which nothing
+    // here may touch.
+    let idle = connect(&p.dsn("maint")).await.expect("connect to maint");
+    idle.simple_query("select 1").await.unwrap();
+    let t1 = connect(&p.dsn("maint")).await.unwrap();
+    t1.simple_query("begin; create table killed_tx(i int)").await.unwrap();
+    let t2 = connect(&p.dsn("maint")).await.unwrap();
+    let t2 = std::sync::Arc::new(t2);
+    let sleeper = t2.clone();
+    let sleeping = tokio::spawn(async move { sleeper.simple_query("select pg_sleep(120)").await.map(|_| ()) });
+    wait_for("the long query to run", Duration::from_secs(10), || async {
+        (psql(&direct, "select count(*) from pg_stat_activity where query = 'select pg_sleep(120)'").unwrap() == "1")
+            .then_some(())
+    })
+    .await;
+    let waiter = connect(&p.dsn("maint")).await.unwrap();
+    let waiting = tokio::spawn(async move { waiter.simple_query("select 1").await.map(|_| ()) });
+    let other = connect(&p.dsn("postgres")).await.unwrap();
+    other.simple_query("select 1").await.unwrap();
+    wait_for("the fourth maint client to wait for a slot", Duration::from_secs(10), || async {
+        row_of(show(&admin, "SHOW DATABASES").await, "maint").filter(|r| r["cl_waiting"] == "1").map(|_| ())
+    })
+    .await;
+    let row = row_of(show(&admin, "SHOW DATABASES").await, "maint").expect("a maint row");
+    assert_eq!((row["clients"].as_str(), row["sv_active"].as_str(), row["disabled"].as_str()), ("4", "2", "no"));
+
+    // DISABLE: a new login is refused, saying how to undo it; the clients already in stay.
+    admin.simple_query("DISABLE maint").await.expect("DISABLE");
+    let e = connect(&p.dsn("maint")).await.expect_err("a login to a disabled database is refused");
+    let msg = message(&e);
+    assert!(msg.starts_with("55000") && msg.contains("ENABLE maint"), "{msg}");
+    let row = row_of(show(&admin, "SHOW DATABASES").await, "maint").unwrap();
+    assert_eq!((row["disabled"].as_str(), row["clients"].as_str()), ("yes", "4"), "the clients already in stay");
+
+    // KILL: every client of maint ends at once, the waiting one with the reason; the server
+    // connections close (postgres rolls the open transactions back); postgres's client stays.
+    let started = Instant::now();
+    admin.simple_query("KILL maint").await.expect("KILL");
+    let r = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("the waiting client ends").unwrap();
+    let msg = message(&r.expect_err("the waiting client gets an error"));
+    assert!(msg.starts_with("57P01") && msg.contains("KILL maint"), "{msg}");
+    let r = tokio::time::timeout(Duration::from_secs(10), sleeping).await.expect("the long query ends").unwrap();
+    let msg = message(&r.expect_err("the client of the long query gets an error"));
+    assert!(msg.starts_with("57P01") && msg.contains("KILL maint"), "{msg}");
+    for (name, client) in [("idle", &idle), ("in a transaction", &t1)] {
+        wait_for(&format!("the {name} client of maint to be closed"), Duration::from_secs(10), || async {
+            client.simple_query("select 1").await.is_err().then_some(())
+        })
+        .await;
+    }
+    // The long query was cancelled: its backend is gone too, long before the query's end.
+    wait_for("maint's backends to end", Duration::from_secs(10), || async { (backends("maint") == "0").then_some(()) })
+        .await;
+    eprintln!("KILL: clients and backends gone after {:?}", started.elapsed());
+    assert!(show(&admin, "SHOW CLIENTS").await.iter().all(|r| r["database"] != "maint"));
+    assert!(server_pids(&admin, "maint").await.is_empty());
+    other.simple_query("select 1").await.expect("a client of another database is untouched");
+    assert!(connect(&p.dsn("maint")).await.is_err(), "still disabled after KILL");
+
+    // ENABLE lets clients in again; the killed transaction was rolled back.
+    admin.simple_query("ENABLE maint").await.expect("ENABLE");
+    let back = connect(&p.dsn("maint")).await.expect("connect after ENABLE");
+    let rows = back.simple_query("select count(*) from pg_class where relname = 'killed_tx'").await.unwrap();
+    assert_eq!(first_value(&rows), "0", "the killed transaction was rolled back");
+
+    // RECONNECT: idle server connections close now, one in a transaction after it; then
+    // every transaction runs on a connection opened since.
+    let mut tx_client = connect(&p.dsn("maint")).await.unwrap();
+    let tx = tx_client.transaction().await.unwrap();
+    let pid_of = |rows: Vec<SimpleQueryMessage>| first_value(&rows);
+    let in_tx = pid_of(tx.simple_query("select pg_backend_pid()").await.unwrap());
+    back.simple_query("select 1").await.unwrap();
+    let before = server_pids(&admin, "maint").await;
+    assert!(before.len() == 2 && before.contains(&in_tx), "{before:?}");
+    admin.simple_query("RECONNECT maint").await.expect("RECONNECT");
+    assert_eq!(server_pids(&admin, "maint").await, vec![in_tx.clone()], "the idle one closed at once");
+    assert_eq!(pid_of(tx.simple_query("select pg_backend_pid()").await.unwrap()), in_tx, "the transaction goes on");
+    tx.commit().await.expect("the transaction commits");
+    wait_for("the connection of the transaction to close", Duration::from_secs(10), || async {
+        (psql(&direct, &format!("select count(*) from pg_stat_activity where pid = {in_tx}")).unwrap() == "0")
+            .then_some(())
+    })
+    .await;
+    let now = pid_of(back.simple_query("select pg_backend_pid()").await.unwrap());
+    assert!(!before.contains(&now), "a new connection after RECONNECT: {now} in {before:?}");
+    other.simple_query("select 1").await.expect("RECONNECT maint leaves postgres's pool alone");
+
+    // SHOW TOTALS and SHOW VERSION; bad commands get the usage.
+    let totals: std::collections::HashMap<String, String> =
+        show(&admin, "SHOW TOTALS").await.into_iter().map(|r| (r["name"].clone(), r["value"].clone())).collect();
+    assert!(totals["total_xact_count"].parse::<u64>().unwrap() >= 6, "{totals:?}");
+    assert!(totals["clients"].parse::<u64>().unwrap() >= 3, "{totals:?}");
+    let version = show(&admin, "SHOW VERSION").await;
+    assert!(version[0]["version"].starts_with("pgkeel proxy "), "{version:?}");
+    for (bad, says) in [("KILL", "KILL takes one database name"), ("DISABLE pgkeel", "admin console's own database")] {
+        let msg = message(&admin.simple_query(bad).await.unwrap_err());
+        assert!(msg.contains(says), "{bad}: {msg}");
+    }
 }
 
 #[test]

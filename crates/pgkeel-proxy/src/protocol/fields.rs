@@ -73,6 +73,9 @@ pub mod sqlstate {
     pub const INVALID_CATALOG_NAME: &str = "3D000";
     /// 53300 too_many_connections.
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    /// 55000 object_not_in_prerequisite_state (postgres's for a database that accepts no
+    /// connections).
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
     /// 57014 query_canceled.
     pub const QUERY_CANCELED: &str = "57014";
     /// 57P01 admin_shutdown.
