@@ -83,18 +83,18 @@ pub enum Command {
     Kill(String),
     /// `RECONNECT [db]`: server connections are replaced, each after its transaction.
     Reconnect(Option<String>),
-    /// `PAUSE`.
-    Pause,
-    /// `RESUME`.
-    Resume,
+    /// `PAUSE [db]`: new transactions (of one database's clients) are held.
+    Pause(Option<String>),
+    /// `RESUME [db]`: undoes `PAUSE` (without a name: every pause).
+    Resume(Option<String>),
     /// `RELOAD`.
     Reload,
 }
 
 /// The commands, for help and error messages.
 pub const COMMANDS: &str = "SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW TOTALS, SHOW DATABASES, \
-                            SHOW CONFIG, SHOW VERSION, PAUSE, RESUME, RELOAD, DISABLE db, ENABLE db, KILL db, \
-                            RECONNECT [db]";
+                            SHOW CONFIG, SHOW VERSION, PAUSE [db], RESUME [db], RELOAD, DISABLE db, ENABLE db, \
+                            KILL db, RECONNECT [db]";
 
 /// Parses one console command: case-insensitive, extra spaces and a trailing `;` allowed.
 /// `Ok(None)` for an empty query.
@@ -112,6 +112,8 @@ pub fn parse(text: &str) -> Result<Option<Command>, String> {
         "KILL" => return named(Command::Kill).map(Some),
         "RECONNECT" if rest.trim().is_empty() => return Ok(Some(Command::Reconnect(None))),
         "RECONNECT" => return named(|d| Command::Reconnect(Some(d))).map(Some),
+        "PAUSE" if !rest.trim().is_empty() => return named(|d| Command::Pause(Some(d))).map(Some),
+        "RESUME" if !rest.trim().is_empty() => return named(|d| Command::Resume(Some(d))).map(Some),
         _ => {}
     }
     let words: Vec<String> = text.split_whitespace().map(str::to_ascii_uppercase).collect();
@@ -125,8 +127,8 @@ pub fn parse(text: &str) -> Result<Option<Command>, String> {
         ["SHOW", "TOTALS"] => Command::ShowTotals,
         ["SHOW", "DATABASES"] => Command::ShowDatabases,
         ["SHOW", "VERSION"] => Command::ShowVersion,
-        ["PAUSE"] => Command::Pause,
-        ["RESUME"] => Command::Resume,
+        ["PAUSE"] => Command::Pause(None),
+        ["RESUME"] => Command::Resume(None),
         ["RELOAD"] => Command::Reload,
         _ => {
             let shown: String = text.chars().take(80).collect();
@@ -399,8 +401,8 @@ pub fn show_totals(shared: &Shared) -> Table {
     t
 }
 
-/// `SHOW DATABASES`: one row per database with a pool or disabled: its pools, clients and
-/// server connections, and whether it is disabled.
+/// `SHOW DATABASES`: one row per database with a pool, disabled or paused: its pools, clients
+/// and server connections, and whether it is paused (`PAUSE db`) or disabled.
 pub fn show_databases(shared: &Shared) -> Table {
     #[derive(Default)]
     struct Row {
@@ -421,13 +423,15 @@ pub fn show_databases(shared: &Shared) -> Table {
         r.clients += 1;
         r.waiting += usize::from(c.waiting.load(Ordering::Relaxed));
     }
-    let disabled = shared.disabled();
-    for d in &disabled {
+    let (disabled, paused) = (shared.disabled(), shared.hold.paused_databases());
+    for d in disabled.iter().chain(&paused) {
         rows.entry(d.clone()).or_default();
     }
-    let mut t = Table::new(&["database", "pools", "clients", "cl_waiting", "sv_active", "sv_idle", "disabled"]);
+    let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
+    let mut t =
+        Table::new(&["database", "pools", "clients", "cl_waiting", "sv_active", "sv_idle", "paused", "disabled"]);
     for (name, r) in rows {
-        let off = if disabled.contains(&name) { "yes" } else { "no" };
+        let (p, d) = (yes_no(paused.contains(&name)), yes_no(disabled.contains(&name)));
         t.rows.push(vec![
             name,
             r.pools.to_string(),
@@ -435,7 +439,8 @@ pub fn show_databases(shared: &Shared) -> Table {
             r.waiting.to_string(),
             r.active.to_string(),
             r.idle.to_string(),
-            off.to_string(),
+            p,
+            d,
         ]);
     }
     t
@@ -611,17 +616,30 @@ pub fn reload(shared: &Shared) -> Result<Reloaded, String> {
     Ok(r)
 }
 
-/// `PAUSE`: holds new transactions, then waits (at most `shutdown_timeout`) until no server
-/// connection is attached to a client. `Ok` with a notice when some still are.
-async fn pause(shared: &Shared) -> Option<String> {
-    if !shared.admin.paused.swap(true, Ordering::AcqRel) {
-        shared.hold.close();
-        tracing::info!("paused: new transactions are held");
+/// `PAUSE [db]`: holds new transactions (of `database`'s clients), then waits (at most
+/// `shutdown_timeout`) until no server connection (of its pools) is attached to a client.
+/// `Some` warning when some still are.
+async fn pause(shared: &Shared, database: Option<&str>) -> Option<String> {
+    match database {
+        None if !shared.admin.paused.swap(true, Ordering::AcqRel) => {
+            shared.hold.close();
+            tracing::info!("paused: new transactions are held");
+        }
+        Some(db) if shared.hold.pause_database(db) => {
+            tracing::info!(database = db, "paused: the database's new transactions are held");
+        }
+        _ => {}
     }
     let timeout = shared.config().shutdown_timeout;
     let deadline = Instant::now() + timeout;
     loop {
-        let busy = shared.pools.busy();
+        let busy: usize = shared
+            .pools
+            .all()
+            .iter()
+            .filter(|p| database.is_none_or(|d| p.key.database == d))
+            .map(|p| p.counts().0)
+            .sum();
         if busy == 0 {
             return None;
         }
@@ -636,15 +654,29 @@ async fn pause(shared: &Shared) -> Option<String> {
     }
 }
 
-/// `RESUME`: lets new transactions through again. `false` when the proxy was not paused.
-fn resume(shared: &Shared) -> bool {
+/// `RESUME [db]`: lets new transactions through again; without a name, every pause (the
+/// proxy's and each database's). `Some` notice when nothing was paused.
+fn resume(shared: &Shared, database: Option<&str>) -> Option<String> {
+    if let Some(db) = database {
+        if !shared.hold.resume_database(db) {
+            return Some(format!("database {db:?} was not paused"));
+        }
+        tracing::info!(database = db, "resumed the database");
+        return None;
+    }
+    let mut resumed = false;
     if shared.admin.paused.swap(false, Ordering::AcqRel) {
         shared.hold.open();
-        tracing::info!("resumed");
-        true
-    } else {
-        false
+        resumed = true;
     }
+    for db in shared.hold.paused_databases() {
+        resumed |= shared.hold.resume_database(&db);
+    }
+    if !resumed {
+        return Some("the proxy was not paused".to_string());
+    }
+    tracing::info!("resumed");
+    None
 }
 
 fn error(out: &mut BytesMut, severity: Severity, code: &str, message: &str) {
@@ -777,17 +809,17 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     Command::ShowServers => show_servers(shared).encode(wbuf),
                     Command::ShowStats => show_stats(shared).encode(wbuf),
                     Command::ShowConfig => show_config(shared).encode(wbuf),
-                    Command::Pause => {
-                        if let Some(notice) = pause(shared).await {
-                            error(wbuf, Severity::Warning, "01000", &notice);
+                    Command::Pause(db) => {
+                        if let Some(warning) = pause(shared, db.as_deref()).await {
+                            error(wbuf, Severity::Warning, "01000", &warning);
                         }
-                        BackendMessage::CommandComplete { tag: Text::lossy("PAUSE") }.encode(wbuf);
+                        tag("PAUSE", wbuf);
                     }
-                    Command::Resume => {
-                        if !resume(shared) {
-                            error(wbuf, Severity::Notice, "00000", "the proxy was not paused");
+                    Command::Resume(db) => {
+                        if let Some(notice) = resume(shared, db.as_deref()) {
+                            error(wbuf, Severity::Notice, "00000", &notice);
                         }
-                        BackendMessage::CommandComplete { tag: Text::lossy("RESUME") }.encode(wbuf);
+                        tag("RESUME", wbuf);
                     }
                     Command::Reload => match reload(shared) {
                         Ok(r) => {
@@ -822,8 +854,10 @@ mod tests {
             ("SHOW SERVERS", Command::ShowServers),
             ("show stats", Command::ShowStats),
             ("SHOW CONFIG;", Command::ShowConfig),
-            ("pause", Command::Pause),
-            ("RESUME;", Command::Resume),
+            ("pause", Command::Pause(None)),
+            ("RESUME;", Command::Resume(None)),
+            ("PAUSE appdb", Command::Pause(Some("appdb".into()))),
+            ("resume appdb;", Command::Resume(Some("appdb".into()))),
             ("reload", Command::Reload),
             ("SHOW TOTALS", Command::ShowTotals),
             ("show databases;", Command::ShowDatabases),
@@ -840,7 +874,7 @@ mod tests {
         }
         assert_eq!(parse(" ; "), Ok(None));
         assert_eq!(parse(""), Ok(None));
-        for bad in ["SHOW", "SHOW POOL", "SELECT 1", "PAUSE db", "show pools extra"] {
+        for bad in ["SHOW", "SHOW POOL", "SELECT 1", "show pools extra"] {
             let e = parse(bad).unwrap_err();
             assert!(e.contains("unknown admin console command") && e.contains(COMMANDS), "{bad}: {e}");
         }

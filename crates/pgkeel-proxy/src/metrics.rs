@@ -94,7 +94,7 @@ pub fn sample(shared: &Shared) -> Sample {
         clients: shared.clients().len(),
         term: topo.newest_term,
         primary_known: topo.primary.is_some(),
-        paused: shared.hold.is_closed(),
+        paused: shared.hold.holds_everyone(),
         uptime: shared.started.elapsed().as_secs_f64(),
     }
 }

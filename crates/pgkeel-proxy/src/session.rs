@@ -1657,7 +1657,7 @@ impl Session {
     async fn route(&mut self, class: Class, slot: Option<(Slot, Instant)>) -> Result<Attached, Fail> {
         let started = slot.as_ref().map_or_else(Instant::now, |(_, since)| *since);
         let mut slot = slot.map(|(p, _)| p);
-        if self.shared.hold.is_closed() {
+        if self.shared.hold.holds(&self.database) {
             slot = None;
         }
         self.hold().await?;
@@ -1665,7 +1665,7 @@ impl Session {
         // this unit sees the closed gate.
         let unit = loop {
             let unit = self.shared.inflight.enter();
-            if !self.shared.hold.is_closed() {
+            if !self.shared.hold.holds(&self.database) {
                 break unit;
             }
             drop(unit);
@@ -1789,10 +1789,11 @@ impl Session {
         Ok((self.slot(pool, since).await?, since))
     }
 
-    /// Waits while new transactions are held (`PAUSE`, see [`Gate`]), at most
-    /// `query_wait_timeout`; refuses new transactions while the proxy shuts down.
+    /// Waits while the client's new transactions are held (`PAUSE`, `PAUSE db`, a switchover,
+    /// see [`Gate`]), at most `query_wait_timeout`; refuses new transactions while the proxy
+    /// shuts down.
     async fn hold(&mut self) -> Result<(), Fail> {
-        if self.shared.hold.is_closed() {
+        if self.shared.hold.holds(&self.database) {
             self.flush().await?;
             let timeout = self.shared.config().query_wait_timeout;
             let waiting = self.info.clone();
@@ -1808,7 +1809,7 @@ impl Session {
                         break;
                     }
                     tokio::select! {
-                        _ = self.shared.hold.wait_open() => break,
+                        _ = self.shared.hold.wait_released(&self.database) => break,
                         _ = drain.wait_for(|d| *d) => break,
                         _ = kill => {}
                     }
@@ -1823,10 +1824,16 @@ impl Session {
             }
             if held.is_err() {
                 let why = if self.shared.admin.is_paused() {
-                    "the proxy is paused (PAUSE on the admin console) and was not resumed"
+                    "the proxy is paused (PAUSE on the admin console) and was not resumed".to_string()
+                } else if !self.shared.hold.holds_everyone() {
+                    format!(
+                        "database {:?} is paused (PAUSE {} on the admin console) and was not resumed",
+                        self.database, self.database
+                    )
                 } else {
                     "new transactions are held while a planned switchover changes the primary, and it did not \
                      finish"
+                        .to_string()
                 };
                 return Err(Fail::new(
                     sqlstate::TOO_MANY_CONNECTIONS,

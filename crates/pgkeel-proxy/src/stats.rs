@@ -74,7 +74,8 @@ pub struct StatsSnapshot {
 /// lets the ones in flight finish. The admin console's `PAUSE`/`RESUME` close and open
 /// `Shared::hold`; a planned switchover can close the same gate while the primary changes.
 /// The gate counts closers: it is open when every `close` was matched by an `open`, so a
-/// `PAUSE` and a switchover can overlap.
+/// `PAUSE` and a switchover can overlap. `PAUSE db` closes it for one database's clients
+/// ([`Gate::pause_database`]).
 ///
 /// `repr(C)`: the count every transaction reads comes first (see `session::Shared`).
 #[derive(Debug)]
@@ -83,12 +84,23 @@ pub struct Gate {
     /// The same count as `closed`, set under the watch's lock: [`Gate::is_closed`] is asked by
     /// every transaction and reads it without taking the lock.
     closed_now: AtomicU32,
+    /// Closes for everyone (`PAUSE`, a switchover), among `closed`.
+    everyone: AtomicU32,
+    /// Closes for everyone plus paused databases.
     closed: watch::Sender<u32>,
+    /// Databases paused alone (`PAUSE db`), each counted once in `closed`. Boxed: the gate
+    /// sits in `Shared`'s first cache line.
+    databases: Box<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl Default for Gate {
     fn default() -> Gate {
-        Gate { closed: watch::channel(0).0, closed_now: AtomicU32::new(0) }
+        Gate {
+            closed: watch::channel(0).0,
+            closed_now: AtomicU32::new(0),
+            everyone: AtomicU32::new(0),
+            databases: Default::default(),
+        }
     }
 }
 
@@ -96,6 +108,7 @@ impl Gate {
     /// Holds new transactions until the matching [`Gate::open`].
     pub fn close(&self) {
         self.closed.send_modify(|n| {
+            self.everyone.fetch_add(1, Ordering::SeqCst);
             *n += 1;
             self.closed_now.store(*n, Ordering::SeqCst);
         });
@@ -105,28 +118,77 @@ impl Gate {
     pub fn open(&self) -> bool {
         let mut was_closed = false;
         self.closed.send_modify(|n| {
-            was_closed = *n > 0;
-            *n = n.saturating_sub(1);
+            was_closed = self.everyone.load(Ordering::SeqCst) > 0;
+            if was_closed {
+                self.everyone.fetch_sub(1, Ordering::SeqCst);
+                *n -= 1;
+            }
             self.closed_now.store(*n, Ordering::SeqCst);
         });
         was_closed
     }
 
-    /// Whether new transactions are held now.
+    fn databases(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.databases.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Holds the new transactions of `database`'s clients until [`Gate::resume_database`];
+    /// `false` when it was paused already.
+    pub fn pause_database(&self, database: &str) -> bool {
+        // The set changes before the count: a waiter woken by the count sees the new set.
+        if !self.databases().insert(database.to_string()) {
+            return false;
+        }
+        self.closed.send_modify(|n| {
+            *n += 1;
+            self.closed_now.store(*n, Ordering::SeqCst);
+        });
+        true
+    }
+
+    /// Undoes [`Gate::pause_database`]; `false` when it was not paused.
+    pub fn resume_database(&self, database: &str) -> bool {
+        if !self.databases().remove(database) {
+            return false;
+        }
+        self.closed.send_modify(|n| {
+            *n = n.saturating_sub(1);
+            self.closed_now.store(*n, Ordering::SeqCst);
+        });
+        true
+    }
+
+    /// The databases paused alone, sorted.
+    pub fn paused_databases(&self) -> Vec<String> {
+        self.databases().iter().cloned().collect()
+    }
+
+    /// Whether anything is held now (everyone's or some database's transactions): one load,
+    /// asked by every transaction; [`Gate::holds`] tells whose.
     pub fn is_closed(&self) -> bool {
         // SeqCst, as the store: a session counts itself in flight, then asks; a switchover
         // closes, then counts (switchover.rs). One of the two sees the other.
         self.closed_now.load(Ordering::SeqCst) > 0
     }
 
-    /// Returns at once when the gate is open, else when it opens. Cancel-safe: wrap it in a
-    /// timeout.
-    pub async fn wait_open(&self) {
-        if !self.is_closed() {
+    /// Whether every database's new transactions are held (`PAUSE`, a switchover).
+    pub fn holds_everyone(&self) -> bool {
+        self.everyone.load(Ordering::SeqCst) > 0
+    }
+
+    /// Whether the new transactions of `database`'s clients are held now.
+    pub fn holds(&self, database: &str) -> bool {
+        self.is_closed() && (self.holds_everyone() || self.databases().contains(database))
+    }
+
+    /// Returns at once when `database`'s transactions are not held, else when they no longer
+    /// are. Cancel-safe: wrap it in a timeout.
+    pub async fn wait_released(&self, database: &str) {
+        if !self.holds(database) {
             return;
         }
         let mut rx = self.closed.subscribe();
-        let _ = rx.wait_for(|n| *n == 0).await;
+        let _ = rx.wait_for(|_| !self.holds(database)).await;
     }
 }
 
@@ -242,11 +304,11 @@ mod tests {
     #[tokio::test]
     async fn the_gate_counts_closers() {
         let g = std::sync::Arc::new(Gate::default());
-        g.wait_open().await;
+        g.wait_released("db").await;
         g.close();
         g.close();
         let g2 = g.clone();
-        let waiter = tokio::spawn(async move { g2.wait_open().await });
+        let waiter = tokio::spawn(async move { g2.wait_released("db").await });
         assert!(g.open());
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "still closed by the second closer");
@@ -254,5 +316,28 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("opened").expect("joined");
         assert!(!g.open(), "already open");
         assert!(!g.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_paused_database_holds_its_clients_only() {
+        let g = std::sync::Arc::new(Gate::default());
+        assert!(g.pause_database("a"));
+        assert!(!g.pause_database("a"), "paused already");
+        assert!(g.is_closed() && g.holds("a") && !g.holds("b") && !g.holds_everyone());
+        g.wait_released("b").await;
+        let g2 = g.clone();
+        let waiter = tokio::spawn(async move { g2.wait_released("a").await });
+        // A PAUSE for everyone on top: resuming the database alone does not release it.
+        g.close();
+        assert!(g.holds("b"));
+        assert!(g.resume_database("a"));
+        assert!(!g.resume_database("a"), "not paused any more");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "still held by the PAUSE for everyone");
+        assert!(g.open());
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("released").expect("joined");
+        assert!(!g.is_closed() && !g.holds("a"));
+        assert_eq!(g.paused_databases(), Vec::<String>::new());
+        assert!(!g.open(), "a database's pause is not an open's to undo");
     }
 }
