@@ -319,10 +319,21 @@ pub fn show_servers(shared: &Shared) -> Table {
         "state",
         "pid",
         "connect_time",
+        "client_pid",
     ]);
     let now = SystemTime::now();
+    // Who holds each attached connection: a client's cancel target is the connection it
+    // holds (read here, so attaching one records nothing more).
+    let held_by: std::collections::HashMap<(String, i32), i32> =
+        shared.clients().into_iter().filter_map(|(c, server)| server.map(|s| (s, c.pid))).collect();
     for p in shared.pools.all() {
         for s in p.servers() {
+            let client = s
+                .pid
+                .filter(|_| s.state == "active")
+                .and_then(|pid| held_by.get(&(s.address.clone(), pid)))
+                .map(|c| c.to_string())
+                .unwrap_or_default();
             t.rows.push(vec![
                 p.key.database.clone(),
                 p.key.user.clone(),
@@ -334,6 +345,7 @@ pub fn show_servers(shared: &Shared) -> Table {
                 s.state.to_string(),
                 s.pid.map(|p| p.to_string()).unwrap_or_default(),
                 timestamp(now.checked_sub(s.opened.elapsed()).unwrap_or(now)),
+                client,
             ]);
         }
     }

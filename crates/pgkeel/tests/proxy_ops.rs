@@ -168,6 +168,16 @@ async fn proxy_admin_console_metrics_reload_pause_and_drain() {
     client.simple_query("begin; select 1").await.unwrap();
     let servers = show(&admin, "SHOW SERVERS").await;
     assert_eq!(state_of(&servers, "active"), 1, "{servers:?}");
+    // Linked both ways: the client holding it, and the connection the client holds.
+    let active = servers.iter().find(|r| r["state"] == "active").unwrap();
+    let holder =
+        show(&admin, "SHOW CLIENTS").await.into_iter().find(|r| r["state"] == "active").expect("an active client");
+    assert_eq!(
+        (&active["client_pid"], &active["pid"]),
+        (&holder["pid"], &holder["server_pid"]),
+        "{active:?} {holder:?}"
+    );
+    assert!(servers.iter().filter(|r| r["state"] == "idle").all(|r| r["client_pid"].is_empty()), "{servers:?}");
     client.simple_query("commit").await.unwrap();
     let servers = show(&admin, "SHOW SERVERS").await;
     assert_eq!((state_of(&servers, "active"), state_of(&servers, "idle") >= 1), (0, true), "{servers:?}");
