@@ -515,6 +515,8 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("query_wait_timeout", d(c.query_wait_timeout)),
         ("failover_hold_timeout", d(c.failover_hold_timeout)),
         ("server_connect_timeout", d(c.server_connect_timeout)),
+        ("server_idle_timeout", c.server_idle_timeout.map_or("0".to_string(), d)),
+        ("server_lifetime", c.server_lifetime.map_or("0".to_string(), d)),
         ("shutdown_timeout", d(c.shutdown_timeout)),
         ("admin_users", c.admin_users.join(",")),
         ("tls.cert", path_or_empty(c.tls.cert.as_deref())),

@@ -239,6 +239,12 @@ pub struct ProxyConfig {
     pub failover_hold_timeout: Duration,
     /// Bound on opening one server connection (TCP connect plus login).
     pub server_connect_timeout: Duration,
+    /// A pooled server connection unused this long is closed (between once and twice this);
+    /// `None`: never.
+    pub server_idle_timeout: Option<Duration>,
+    /// A server connection older than this is closed when its client gives it back (an idle
+    /// one at once); `None`: never.
+    pub server_lifetime: Option<Duration>,
     /// The userlist file (see [`crate::userlist`]).
     pub userlist: PathBuf,
     /// `[auth] query`: clients missing from the userlist are looked up on the primary.
@@ -269,6 +275,10 @@ impl ProxyConfig {
     pub const DEFAULT_FAILOVER_HOLD_TIMEOUT: Duration = Duration::from_secs(30);
     /// Default server connect bound.
     pub const DEFAULT_SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default idle time before a pooled connection is closed (PgBouncer's).
+    pub const DEFAULT_SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+    /// Default age at which a server connection is replaced (PgBouncer's).
+    pub const DEFAULT_SERVER_LIFETIME: Duration = Duration::from_secs(3600);
     /// Default replica lag limit: 16 MiB of WAL.
     pub const DEFAULT_MAX_REPLICA_LAG: u64 = 16 << 20;
     /// Default prepared statements per server connection (PgBouncer's default).
@@ -328,6 +338,8 @@ const TOP: &[&str] = &[
     "query_wait_timeout",
     "failover_hold_timeout",
     "server_connect_timeout",
+    "server_idle_timeout",
+    "server_lifetime",
     "admin_users",
     "metrics_listen",
     "shutdown_timeout",
@@ -764,6 +776,12 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         duration(&table, "failover_hold_timeout", ProxyConfig::DEFAULT_FAILOVER_HOLD_TIMEOUT, ms(0))?;
     let server_connect_timeout =
         duration(&table, "server_connect_timeout", ProxyConfig::DEFAULT_SERVER_CONNECT_TIMEOUT, ms(100))?;
+    // 0 turns them off.
+    let off_if_zero = |d: Duration| (!d.is_zero()).then_some(d);
+    let server_idle_timeout =
+        off_if_zero(duration(&table, "server_idle_timeout", ProxyConfig::DEFAULT_SERVER_IDLE_TIMEOUT, ms(0))?);
+    let server_lifetime =
+        off_if_zero(duration(&table, "server_lifetime", ProxyConfig::DEFAULT_SERVER_LIFETIME, ms(0))?);
     let auth = match table.get("auth") {
         Some(toml::Value::Table(t)) => t,
         Some(other) => return Err(invalid(format!("auth must be a table (an [auth] section), not {}", a_type(other)))),
@@ -822,6 +840,8 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         query_wait_timeout,
         failover_hold_timeout,
         server_connect_timeout,
+        server_idle_timeout,
+        server_lifetime,
         userlist,
         auth_query,
         auth_type,
@@ -1000,9 +1020,15 @@ query_wait_timeout = "120s"
 failover_hold_timeout = "30s"
 # Bound on opening one server connection (TCP connect and login).
 server_connect_timeout = "5s"
+# A pooled server connection nobody used for this long is closed (checked every this long, so
+# it goes after once to twice this). 0: never.
+server_idle_timeout = "600s"
+# A server connection older than this is closed and replaced when its client gives it back (one
+# in a transaction is never cut). 0: never.
+server_lifetime = "3600s"
 # Users of the userlist who may connect to the admin console: the database "pgkeel" on any
-# listener (SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW CONFIG, PAUSE, RESUME,
-# RELOAD). Empty: nobody.
+# listener (SHOW POOLS/CLIENTS/SERVERS/STATS/TOTALS/DATABASES/CONFIG/VERSION, PAUSE [db],
+# RESUME [db], RELOAD, DISABLE db, ENABLE db, KILL db, RECONNECT [db]). Empty: nobody.
 admin_users = []
 # host:port of the HTTP /metrics endpoint (Prometheus text format). Not served when unset.
 # metrics_listen = "127.0.0.1:9187"
@@ -1136,6 +1162,9 @@ mod tests {
         assert_eq!((c.admin_users.len(), d.admin_users.len()), (0, 0));
         assert_eq!((c.metrics_listen.clone(), d.metrics_listen.clone()), (None, None));
         assert_eq!((c.shutdown_timeout, d.shutdown_timeout), (Duration::from_secs(10), Duration::from_secs(10)));
+        let (idle, life) = (Some(Duration::from_secs(600)), Some(Duration::from_secs(3600)));
+        assert_eq!((c.server_idle_timeout, c.server_lifetime), (idle, life));
+        assert_eq!((d.server_idle_timeout, d.server_lifetime), (idle, life));
     }
 
     #[test]
@@ -1144,8 +1173,9 @@ mod tests {
             "cluster = \"main\"\n",
             "cluster = \"main\"\nlisten = \"0.0.0.0:7000\"\npool_mode = \"session\"\npool_size = 3\n\
              max_client_conn = 10\nquery_wait_timeout = \"1500ms\"\nfailover_hold_timeout = 12\n\
-             server_connect_timeout = 0.5\n",
+             server_connect_timeout = 0.5\nserver_idle_timeout = \"1m\"\nserver_lifetime = 0\n",
         ));
+        assert_eq!((c.server_idle_timeout, c.server_lifetime), (Some(Duration::from_secs(60)), None));
         assert_eq!(c.listen, "0.0.0.0:7000");
         assert_eq!(c.pool_mode, PoolMode::Session);
         assert_eq!((c.pool_size, c.max_client_conn), (3, 10));

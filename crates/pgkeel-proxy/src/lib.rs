@@ -155,6 +155,7 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, control: Control) -> a
     let _ = shared.admin.clients.set(clients.clone());
     let closer = tokio::spawn(follow_topology(shared.clone(), rx));
     let functions = tokio::spawn(functions::watch(shared.clone()));
+    let expiry = tokio::spawn(expire_server_connections(shared.clone()));
     let switchover =
         tokio::spawn(switchover::run(switch_store, shared.clone(), shared.config().listen.clone(), switch_stopped));
     let metrics = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, shared.clone())));
@@ -212,6 +213,7 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, control: Control) -> a
     }
     closer.abort();
     functions.abort();
+    expiry.abort();
     // The sessions left after `shutdown_timeout` are dropped with their tasks.
     for t in session_tasks {
         t.abort();
@@ -259,6 +261,57 @@ async fn follow_topology(shared: Arc<session::Shared>, mut rx: watch::Receiver<t
                 tracing::info!(term = newest, closed, "closed idle server connections of older terms");
             }
             last = newest;
+        }
+    }
+}
+
+/// Closes pooled server connections by `server_idle_timeout` and `server_lifetime`, read
+/// afresh every second (a reload changes them). Neither costs a transaction anything: unused
+/// connections are told by the idle list's low-water mark ([`pool::Pool::close_unused`]), old
+/// ones by the order connections were opened in, sampled here over time
+/// ([`pool::Pool::retire_opened_before`]).
+async fn expire_server_connections(shared: Arc<session::Shared>) {
+    let mut last_unused_check = Instant::now();
+    // (when, how many server connections had been opened by then), oldest first.
+    let mut opened: std::collections::VecDeque<(Instant, u32)> = Default::default();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let cfg = shared.config();
+        let now = Instant::now();
+        match cfg.server_idle_timeout {
+            Some(idle) if now.duration_since(last_unused_check) >= idle => {
+                last_unused_check = now;
+                let closed: usize = shared.pools.all().iter().map(|p| p.close_unused()).sum();
+                if closed > 0 {
+                    tracing::info!(closed, server_idle_timeout = %pgkeel_config::format_duration(idle), "closed unused server connections");
+                }
+            }
+            Some(_) => {}
+            None => last_unused_check = now,
+        }
+        let Some(life) = cfg.server_lifetime else {
+            opened.clear();
+            continue;
+        };
+        // A sample at most every 1/32 of the lifetime keeps the list short; a connection is
+        // retired at most that much (or a second) after it reaches the lifetime.
+        if opened.back().is_none_or(|(t, _)| now.duration_since(*t) >= life / 32) {
+            opened.push_back((now, server::opened_mark()));
+        }
+        // The newest sample at least `life` old: every connection opened before it is older.
+        let mut mark = None;
+        while let Some(&(t, m)) = opened.front() {
+            if now.duration_since(t) < life {
+                break;
+            }
+            mark = Some(m);
+            opened.pop_front();
+        }
+        if let Some(mark) = mark {
+            let closed: usize = shared.pools.all().iter().map(|p| p.retire_opened_before(mark)).sum();
+            if closed > 0 {
+                tracing::info!(closed, server_lifetime = %pgkeel_config::format_duration(life), "closed idle server connections that reached server_lifetime");
+            }
         }
     }
 }

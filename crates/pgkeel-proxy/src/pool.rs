@@ -96,6 +96,7 @@ impl Pool {
                 waiters: VecDeque::new(),
                 watchdog: Watchdog::None,
                 close_opened_before: None,
+                low_water: 0,
             }),
             watchdog: Arc::default(),
             stats: PoolStats::default(),
@@ -227,6 +228,7 @@ impl Pool {
         if s.idle.len() > size as usize {
             let extra = s.idle.len() - size as usize;
             s.idle.drain(..extra);
+            s.low_water = s.low_water.min(s.idle.len());
         }
         drop(s);
         for w in wake {
@@ -280,6 +282,7 @@ impl Pool {
     pub fn reconnect(&self) -> usize {
         let mut s = self.lock();
         s.close_opened_before = Some(crate::server::opened_mark());
+        s.low_water = 0;
         std::mem::take(&mut s.idle).len()
     }
 
@@ -309,6 +312,34 @@ impl Pool {
         let mut s = self.lock();
         let before = s.idle.len();
         s.idle.retain(|c| c.term >= term);
+        s.low_water = s.low_water.min(s.idle.len());
+        before - s.idle.len()
+    }
+
+    /// `server_idle_timeout`: closes the idle connections nobody took since the last call
+    /// (the bottom of the idle list, which is taken from its end), returns how many. Called
+    /// once per timeout, so a connection goes after once to twice the timeout unused, and
+    /// taking one costs no clock read.
+    pub fn close_unused(&self) -> usize {
+        let mut s = self.lock();
+        let unused = s.low_water.min(s.idle.len());
+        s.idle.drain(..unused);
+        s.low_water = s.idle.len();
+        unused
+    }
+
+    /// `server_lifetime`: connections opened before `mark` are closed, the idle ones now and
+    /// the others when they come back (as after `RECONNECT`). Returns how many idle ones it
+    /// closed.
+    pub fn retire_opened_before(&self, mark: u32) -> usize {
+        let mut s = self.lock();
+        // The later of this mark and a RECONNECT's.
+        if !s.close_opened_before.is_some_and(|m| crate::server::serial_before(mark, m)) {
+            s.close_opened_before = Some(mark);
+        }
+        let before = s.idle.len();
+        s.idle.retain(|c| !c.opened_before(mark));
+        s.low_water = s.low_water.min(s.idle.len());
         before - s.idle.len()
     }
 
@@ -409,8 +440,11 @@ struct State {
     /// What the watchdog does.
     watchdog: Watchdog,
     /// Connections opened before this mark are closed when they come back (`RECONNECT`,
-    /// `KILL`; see [`crate::server::opened_mark`]).
+    /// `KILL`, `server_lifetime`; see [`crate::server::opened_mark`]).
     close_opened_before: Option<u32>,
+    /// The fewest idle connections since the last [`Pool::close_unused`]: the ones below it
+    /// in `idle` (taken from the end) were not used since.
+    low_water: usize,
 }
 
 impl State {
@@ -427,13 +461,16 @@ impl State {
 
     /// [`Pool::take_idle`] under the pool's lock.
     fn take_idle(&mut self, min_term: u64) -> Option<Box<ServerConn>> {
+        let mut taken = None;
         while let Some(c) = self.idle.pop() {
             if c.term >= min_term && c.looks_idle() {
-                return Some(c);
+                taken = Some(c);
+                break;
             }
             tracing::debug!(server = ?c, "closing a stale idle server connection");
         }
-        None
+        self.low_water = self.low_water.min(self.idle.len());
+        taken
     }
 
     /// Takes a free slot, if there is one.

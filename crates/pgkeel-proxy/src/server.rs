@@ -523,7 +523,7 @@ impl ServerConn {
 
 /// Whether the connection numbered `serial` was opened before `mark`, across a wrap of the
 /// counter.
-fn serial_before(serial: u32, mark: u32) -> bool {
+pub(crate) fn serial_before(serial: u32, mark: u32) -> bool {
     (mark.wrapping_sub(serial) as i32) > 0
 }
 

@@ -478,6 +478,80 @@ async fn proxy_admin_commands_for_one_database() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_closes_unused_and_old_server_connections() {
+    let c = Cluster::up(bin(), 1).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let direct = c.node_dsn(&leader);
+    let alive = |pid: &str| {
+        psql(&direct, &format!("select count(*) from pg_stat_activity where pid = {pid}")).expect("pg_stat_activity")
+            == "1"
+    };
+    let p = OpsProxy::start(&c, "pool_size = 4\nserver_idle_timeout = \"1s\"\nserver_lifetime = 0").await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    assert_eq!(config_value(&admin, "server_idle_timeout").await, "1s");
+    assert_eq!(config_value(&admin, "server_lifetime").await, "0");
+
+    // server_idle_timeout: three connections used at once, then none. A client inside a
+    // transaction keeps its connection however long it takes.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(connect(&p.dsn("postgres")).await.unwrap());
+    }
+    let mut long = connect(&p.dsn("postgres")).await.unwrap();
+    let tx = long.transaction().await.unwrap();
+    let long_pid = first_value(&tx.simple_query("select pg_backend_pid()").await.unwrap());
+    let mut open = Vec::new();
+    for client in clients.iter_mut() {
+        let t = client.transaction().await.unwrap();
+        t.simple_query("select 1").await.unwrap();
+        open.push(t);
+    }
+    assert_eq!(server_pids(&admin, "postgres").await.len(), 4, "four connections in use at once");
+    for t in open {
+        t.commit().await.unwrap();
+    }
+    let started = Instant::now();
+    wait_for("the unused connections to close", Duration::from_secs(10), || async {
+        (server_pids(&admin, "postgres").await == vec![long_pid.clone()]).then_some(())
+    })
+    .await;
+    eprintln!("unused connections closed after {:?}", started.elapsed());
+    // The sweep that closed them left the connection of the transaction, idle in it all along.
+    assert_eq!(first_value(&tx.simple_query("select pg_backend_pid()").await.unwrap()), long_pid);
+    tx.commit().await.expect("the long transaction commits");
+    wait_for("its connection to close once unused", Duration::from_secs(10), || async {
+        (!alive(&long_pid)).then_some(())
+    })
+    .await;
+
+    // server_lifetime (RELOAD): a busy client's connection is replaced when it is given back
+    // after its lifetime, without an error; one inside a transaction is not cut.
+    p.config.write("pool_size = 4\nserver_idle_timeout = 0\nserver_lifetime = \"2s\"");
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    assert_eq!(config_value(&admin, "server_lifetime").await, "2s");
+    let busy = &clients[0];
+    let first = first_value(&busy.simple_query("select pg_backend_pid()").await.unwrap());
+    let started = Instant::now();
+    wait_for("the busy client's connection to be replaced", Duration::from_secs(15), || async {
+        let now = first_value(&busy.simple_query("select pg_backend_pid()").await.expect("no error"));
+        (now != first).then_some(now)
+    })
+    .await;
+    eprintln!("replaced after {:?}", started.elapsed());
+    assert!(!alive(&first), "the old connection was closed");
+    let mut in_tx = connect(&p.dsn("postgres")).await.unwrap();
+    let tx = in_tx.transaction().await.unwrap();
+    let pid = first_value(&tx.simple_query("select pg_backend_pid()").await.unwrap());
+    tx.simple_query("select pg_sleep(3)").await.unwrap();
+    assert_eq!(first_value(&tx.simple_query("select pg_backend_pid()").await.unwrap()), pid);
+    tx.commit().await.expect("a transaction longer than the lifetime commits");
+    wait_for("the connection past its lifetime to close after the commit", Duration::from_secs(10), || async {
+        (!alive(&pid)).then_some(())
+    })
+    .await;
+}
+
 #[test]
 fn config_check_recognises_a_proxy_toml() {
     let dir = tempfile::tempdir().expect("a temp dir");
