@@ -392,7 +392,7 @@ fn login(
     database: &str,
     n: usize,
 ) -> Result<(Vec<std::net::TcpStream>, Vec<u8>), String> {
-    use pgkeel_proxy::server::{ServerAuth, ServerConn, ServerTls};
+    use pgkeel_proxy::server::{Dial, ServerAuth, ServerConn, ServerTls};
     use pgkeel_proxy::tls::Stream;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
@@ -406,9 +406,14 @@ fn login(
         };
         let (mut servers, mut params) = (Vec::new(), Vec::new());
         for _ in 0..n {
-            let conn = ServerConn::connect(&primary, database, &auth, std::time::Duration::from_secs(30))
-                .await
-                .map_err(|e| e.to_string())?;
+            let conn = ServerConn::connect(
+                &primary,
+                database,
+                &auth,
+                Dial { timeout: std::time::Duration::from_secs(30), tcp: Default::default() },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             if servers.is_empty() {
                 for (name, value) in conn.params.iter() {
                     params.extend_from_slice(&message(b'S', format!("{name}\0{value}\0").as_bytes()));

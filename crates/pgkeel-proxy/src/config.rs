@@ -245,6 +245,8 @@ pub struct ProxyConfig {
     /// A server connection older than this is closed when its client gives it back (an idle
     /// one at once); `None`: never.
     pub server_lifetime: Option<Duration>,
+    /// TCP keepalive and user timeout of client and server sockets.
+    pub tcp: TcpOptions,
     /// The userlist file (see [`crate::userlist`]).
     pub userlist: PathBuf,
     /// `[auth] query`: clients missing from the userlist are looked up on the primary.
@@ -260,6 +262,37 @@ pub struct ProxyConfig {
     /// On SIGTERM/SIGINT, how long clients get to finish their transactions before every
     /// connection is closed; also how long `PAUSE` waits for transactions in flight.
     pub shutdown_timeout: Duration,
+}
+
+/// TCP keepalive and user timeout for the proxy's sockets, to clients and to servers
+/// (PgBouncer's `tcp_*` settings): a peer that vanished without a word (a host powered off, a
+/// cable pulled, a partition) is noticed within `keepidle + keepintvl * keepcnt` of silence,
+/// and its session ends, giving back a server connection it may hold inside a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpOptions {
+    /// Keepalive probes at all.
+    pub keepalive: bool,
+    /// Silence before the first probe.
+    pub keepidle: Duration,
+    /// Between probes.
+    pub keepintvl: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub keepcnt: u32,
+    /// `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged; `None`: the kernel's
+    /// (about 15 minutes of retransmissions).
+    pub user_timeout: Option<Duration>,
+}
+
+impl Default for TcpOptions {
+    fn default() -> TcpOptions {
+        TcpOptions {
+            keepalive: true,
+            keepidle: Duration::from_secs(60),
+            keepintvl: Duration::from_secs(10),
+            keepcnt: 6,
+            user_timeout: None,
+        }
+    }
 }
 
 impl ProxyConfig {
@@ -340,6 +373,11 @@ const TOP: &[&str] = &[
     "server_connect_timeout",
     "server_idle_timeout",
     "server_lifetime",
+    "tcp_keepalive",
+    "tcp_keepidle",
+    "tcp_keepintvl",
+    "tcp_keepcnt",
+    "tcp_user_timeout",
     "admin_users",
     "metrics_listen",
     "shutdown_timeout",
@@ -782,6 +820,14 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         off_if_zero(duration(&table, "server_idle_timeout", ProxyConfig::DEFAULT_SERVER_IDLE_TIMEOUT, ms(0))?);
     let server_lifetime =
         off_if_zero(duration(&table, "server_lifetime", ProxyConfig::DEFAULT_SERVER_LIFETIME, ms(0))?);
+    let t = TcpOptions::default();
+    let tcp = TcpOptions {
+        keepalive: boolean(&table, "tcp_keepalive", t.keepalive)?,
+        keepidle: duration(&table, "tcp_keepidle", t.keepidle, ms(1000))?,
+        keepintvl: duration(&table, "tcp_keepintvl", t.keepintvl, ms(1000))?,
+        keepcnt: count(&table, "tcp_keepcnt", t.keepcnt, 1, 127)?,
+        user_timeout: off_if_zero(duration(&table, "tcp_user_timeout", Duration::ZERO, ms(0))?),
+    };
     let auth = match table.get("auth") {
         Some(toml::Value::Table(t)) => t,
         Some(other) => return Err(invalid(format!("auth must be a table (an [auth] section), not {}", a_type(other)))),
@@ -842,6 +888,7 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         server_connect_timeout,
         server_idle_timeout,
         server_lifetime,
+        tcp,
         userlist,
         auth_query,
         auth_type,
@@ -1026,6 +1073,16 @@ server_idle_timeout = "600s"
 # A server connection older than this is closed and replaced when its client gives it back (one
 # in a transaction is never cut). 0: never.
 server_lifetime = "3600s"
+# TCP keepalive on client and server sockets: a peer that vanished without closing (a host
+# powered off, a partition) is noticed after tcp_keepidle + tcp_keepintvl * tcp_keepcnt of
+# silence (2 minutes here), and a server connection its transaction held is given back.
+tcp_keepalive = true
+tcp_keepidle = "60s"
+tcp_keepintvl = "10s"
+tcp_keepcnt = 6
+# How long sent data may stay unacknowledged before the connection is dropped. 0: the kernel's
+# (about 15 minutes).
+tcp_user_timeout = 0
 # Users of the userlist who may connect to the admin console: the database "pgkeel" on any
 # listener (SHOW POOLS/CLIENTS/SERVERS/STATS/TOTALS/DATABASES/CONFIG/VERSION, PAUSE [db],
 # RESUME [db], RELOAD, DISABLE db, ENABLE db, KILL db, RECONNECT [db]). Empty: nobody.
@@ -1165,6 +1222,7 @@ mod tests {
         let (idle, life) = (Some(Duration::from_secs(600)), Some(Duration::from_secs(3600)));
         assert_eq!((c.server_idle_timeout, c.server_lifetime), (idle, life));
         assert_eq!((d.server_idle_timeout, d.server_lifetime), (idle, life));
+        assert_eq!((c.tcp, d.tcp), (TcpOptions::default(), TcpOptions::default()));
     }
 
     #[test]
@@ -1173,8 +1231,17 @@ mod tests {
             "cluster = \"main\"\n",
             "cluster = \"main\"\nlisten = \"0.0.0.0:7000\"\npool_mode = \"session\"\npool_size = 3\n\
              max_client_conn = 10\nquery_wait_timeout = \"1500ms\"\nfailover_hold_timeout = 12\n\
-             server_connect_timeout = 0.5\nserver_idle_timeout = \"1m\"\nserver_lifetime = 0\n",
+             server_connect_timeout = 0.5\nserver_idle_timeout = \"1m\"\nserver_lifetime = 0\n\
+             tcp_keepidle = \"5s\"\ntcp_keepintvl = 2\ntcp_keepcnt = 3\ntcp_user_timeout = \"30s\"\n",
         ));
+        let tcp = TcpOptions {
+            keepalive: true,
+            keepidle: Duration::from_secs(5),
+            keepintvl: Duration::from_secs(2),
+            keepcnt: 3,
+            user_timeout: Some(Duration::from_secs(30)),
+        };
+        assert_eq!(c.tcp, tcp);
         assert_eq!((c.server_idle_timeout, c.server_lifetime), (Some(Duration::from_secs(60)), None));
         assert_eq!(c.listen, "0.0.0.0:7000");
         assert_eq!(c.pool_mode, PoolMode::Session);
@@ -1293,6 +1360,10 @@ mod tests {
             (with("pool_mode = \"statement\""), "pool_mode = \"statement\" is not supported"),
             (with("pool_mode = \"tx\""), "pool_mode = \"tx\" is not a pool mode"),
             (with("pool_size = 0"), "pool_size = 0 is out of range: use 1 to 10000"),
+            (with("tcp_keepcnt = 0"), "tcp_keepcnt = 0 is out of range: use 1 to 127"),
+            (with("tcp_keepidle = \"100ms\""), "tcp_keepidle = \"100ms\" is out of range: use 1s to 24h"),
+            (with("tcp_keepalive = \"yes\""), "tcp_keepalive must be true or false"),
+            (with("tcp_keepintval = 5"), "did you mean \"tcp_keepintvl\"?"),
             (with("pool_size = \"5\""), "pool_size must be an integer, not a string"),
             (with("query_wait_timeout = \"5 parsecs\""), "query_wait_timeout: invalid duration"),
             (with("query_wait_timeout = -1"), "a duration cannot be negative"),

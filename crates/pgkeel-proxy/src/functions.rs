@@ -125,9 +125,9 @@ async fn read(shared: &Shared, pool: &Arc<Pool>) -> Result<Option<Volatile>, Str
     let mut conn = match pool.take_idle(term) {
         Some(c) => c,
         None => {
-            let timeout = shared.config().server_connect_timeout;
-            let c =
-                ServerConn::connect(primary, &pool.key.database, &auth, timeout).await.map_err(|e| e.to_string())?;
+            let c = ServerConn::connect(primary, &pool.key.database, &auth, crate::server::Dial::of(&shared.config()))
+                .await
+                .map_err(|e| e.to_string())?;
             pool.set_welcome(&c);
             Box::new(c)
         }

@@ -238,15 +238,34 @@ fn describe(e: &ErrorFields) -> String {
     }
 }
 
+/// How server connections are opened: the bound on the TCP connect plus login, and the
+/// socket options.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial {
+    /// `server_connect_timeout`.
+    pub timeout: Duration,
+    /// `tcp_*`.
+    pub tcp: crate::config::TcpOptions,
+}
+
+impl Dial {
+    /// As `config` says.
+    pub fn of(config: &crate::config::ProxyConfig) -> Dial {
+        Dial { timeout: config.server_connect_timeout, tcp: config.tcp }
+    }
+}
+
 impl ServerConn {
-    /// Opens a connection to `primary` as `auth.user` on `database`, within `timeout`.
+    /// Opens a connection to `primary` as `auth.user` on `database`, as `dial` says.
     pub async fn connect(
         primary: &Primary,
         database: &str,
         auth: &ServerAuth,
-        timeout: Duration,
+        dial: Dial,
     ) -> Result<ServerConn, ConnectError> {
-        let login = ServerConn::connect_inner(&primary.name, &primary.address, Some(primary.term), database, auth);
+        let timeout = dial.timeout;
+        let login =
+            ServerConn::connect_inner(&primary.name, &primary.address, Some(primary.term), database, auth, &dial.tcp);
         match tokio::time::timeout(timeout, login).await {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Retry(format!(
@@ -256,15 +275,16 @@ impl ServerConn {
         }
     }
 
-    /// Opens a connection to `replica` as `auth.user` on `database`, within `timeout`. The
-    /// server must be in recovery.
+    /// Opens a connection to `replica` as `auth.user` on `database`, as [`ServerConn::connect`].
+    /// The server must be in recovery.
     pub async fn connect_replica(
         replica: &Replica,
         database: &str,
         auth: &ServerAuth,
-        timeout: Duration,
+        dial: Dial,
     ) -> Result<ServerConn, ConnectError> {
-        let login = ServerConn::connect_inner(&replica.name, &replica.address, None, database, auth);
+        let timeout = dial.timeout;
+        let login = ServerConn::connect_inner(&replica.name, &replica.address, None, database, auth, &dial.tcp);
         match tokio::time::timeout(timeout, login).await {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Retry(format!(
@@ -282,12 +302,13 @@ impl ServerConn {
         term: Option<u64>,
         database: &str,
         auth: &ServerAuth,
+        tcp: &crate::config::TcpOptions,
     ) -> Result<ServerConn, ConnectError> {
         let at = format!("{name} ({address})");
         let stream = TcpStream::connect(address)
             .await
             .map_err(|e| ConnectError::Retry(format!("cannot connect to {at}: {e}")))?;
-        let _ = stream.set_nodelay(true);
+        crate::tls::tune(&stream, tcp);
         let stream = negotiate_tls(stream, &auth.tls, address, &at).await?;
         let mut conn = ServerConn {
             stream,

@@ -46,7 +46,7 @@ use crate::protocol::{
 };
 use crate::router::{choose_replica, Class, Classifier, LagLimit, RouteCommand, RouteMode};
 use crate::scram::{self, ClientCredential, ScramSecret, ServerExchange};
-use crate::server::{ConnectError, ServerAuth, ServerConn, ServerRole, ServerTls};
+use crate::server::{ConnectError, Dial, ServerAuth, ServerConn, ServerRole, ServerTls};
 use crate::stats::{ClientInfo, Gate};
 use crate::tls::{Stream, Tls};
 use crate::topology::{Replica, Topology};
@@ -824,7 +824,6 @@ pub fn run(
     live: Arc<()>,
     mode: RouteMode,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let _ = stream.set_nodelay(true);
     let stream = Stream::Plain(stream);
     let mut s = Session {
         // The version first: a reload between the two reads then leaves an older version
@@ -857,6 +856,9 @@ pub fn run(
         info: None,
         slots: (admitted, live),
     };
+    if let Stream::Plain(tcp) = &s.stream {
+        crate::tls::tune(tcp, &s.cfg.tcp);
+    }
     async move {
         // The forwarding is awaited here rather than inside `serve`: one async state machine
         // less between the task and the session's wait, whose states each transaction's two
@@ -1405,7 +1407,7 @@ impl Session {
             md5: None,
             tls: self.shared.server_tls(),
         };
-        let mut conn = match ServerConn::connect(&primary, &self.database, &auth, cfg.server_connect_timeout).await {
+        let mut conn = match ServerConn::connect(&primary, &self.database, &auth, Dial::of(&cfg)).await {
             Ok(c) => c,
             Err(ConnectError::Refused(fields)) => {
                 return Err(Fail {
@@ -2010,10 +2012,10 @@ impl Session {
         let conn = match pool.take_idle(0) {
             Some(c) => c,
             None => {
-                let timeout = self.shared.config().server_connect_timeout;
+                let cfg = self.shared.config();
                 let auth =
                     self.server_auth.as_deref().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"))?;
-                match Box::pin(ServerConn::connect_replica(replica, &self.database, auth, timeout)).await {
+                match Box::pin(ServerConn::connect_replica(replica, &self.database, auth, Dial::of(&cfg))).await {
                     Ok(c) => {
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a replica connection");
                         if let Some(p) = &self.pool {
@@ -2096,7 +2098,7 @@ impl Session {
                 if let Some(c) = pool.take_idle(term) {
                     break c;
                 }
-                match Box::pin(ServerConn::connect(primary, &self.database, auth, cfg.server_connect_timeout)).await {
+                match Box::pin(ServerConn::connect(primary, &self.database, auth, Dial::of(&cfg))).await {
                     Ok(c) if c.term >= topo_rx.borrow().newest_term => {
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a server connection");
                         pool.set_welcome(&c);

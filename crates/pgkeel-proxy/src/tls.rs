@@ -107,6 +107,27 @@ fn recv_spare(tcp: &TcpStream, buf: &mut BytesMut, want: usize) -> io::Result<us
     Ok(n)
 }
 
+/// Sets `TCP_NODELAY` and the keepalive and user timeout of `options` on a client or server
+/// socket. Failures are logged, not fatal: the connection works without them.
+pub fn tune(tcp: &TcpStream, options: &crate::config::TcpOptions) {
+    let sock = socket2::SockRef::from(tcp);
+    let _ = sock.set_tcp_nodelay(true);
+    if options.keepalive {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(options.keepidle)
+            .with_interval(options.keepintvl)
+            .with_retries(options.keepcnt);
+        if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+            tracing::debug!(error = %e, "cannot set TCP keepalive");
+        }
+    }
+    if let Some(t) = options.user_timeout {
+        if let Err(e) = sock.set_tcp_user_timeout(Some(t)) {
+            tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+        }
+    }
+}
+
 /// Writes some of `data` to a plain socket without waiting (as tokio's `try_write`): the
 /// byte count, `WouldBlock` when the socket takes nothing now. See [`recv_spare`] for why
 /// rustix.

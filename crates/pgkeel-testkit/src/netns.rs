@@ -135,6 +135,12 @@ impl Net {
         ip(&["link", "set", &self.hosts[a].veth, "up"]).expect("reconnect");
     }
 
+    /// The test process's address on the bridge (the root namespace), which every host
+    /// reaches: where a server the test process runs listens for the hosts.
+    pub fn gateway(&self) -> String {
+        format!("10.251.{}.1", self.bridge.trim_start_matches("pkb"))
+    }
+
     /// A command run inside host `a`'s namespace.
     pub fn command(&self, a: usize, program: &Path) -> Command {
         let mut cmd = Command::new("ip");

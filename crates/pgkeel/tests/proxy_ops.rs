@@ -552,6 +552,83 @@ async fn proxy_closes_unused_and_old_server_connections() {
     .await;
 }
 
+/// A process killed (and reaped) on drop.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_ends_the_session_of_a_client_host_that_vanished() {
+    // The client runs on a host of its own (a network namespace), whose link is then taken
+    // down: no FIN, no RST, its packets just stop, as when a machine loses power.
+    let net = pgkeel_testkit::netns::Net::new(1).expect("a network namespace (needs root)");
+    let c = Cluster::up(bin(), 1).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let direct = c.node_dsn(&leader);
+    psql(&direct, "create table vanished(id int primary key)").expect("create table");
+    let outside = free_port();
+    let p = OpsProxy::start(
+        &c,
+        &format!(
+            "listen_primary = \"{}:{outside}\"\ntcp_keepidle = \"1s\"\ntcp_keepintvl = \"1s\"\ntcp_keepcnt = 2",
+            net.gateway()
+        ),
+    )
+    .await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    assert_eq!(config_value(&admin, "tcp_keepidle").await, "1s");
+
+    // psql on the host opens a transaction, writes, and stays in it.
+    let dsn = format!("postgresql://postgres:{}@{}:{outside}/postgres?connect_timeout=5", p.password, net.gateway());
+    let mut client = Reaped(
+        net.command(0, std::path::Path::new("psql"))
+            .args([dsn.as_str(), "-X", "-q", "-v", "ON_ERROR_STOP=1"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run psql on the host"),
+    );
+    let mut stdin = client.0.stdin.take().expect("psql's stdin");
+    stdin.write_all(b"begin;\ninsert into vanished values (1);\n").expect("write to psql");
+    stdin.flush().unwrap();
+    let held = || async {
+        let servers = show(&admin, "SHOW SERVERS").await;
+        servers.iter().any(|r| r["state"] == "active").then_some(())
+    };
+    wait_for("the host's transaction to hold a server connection", Duration::from_secs(20), held).await;
+    wait_for("its insert to be done", Duration::from_secs(20), || async {
+        let locks = psql(
+            &direct,
+            "select count(*) from pg_locks l join pg_class c on c.oid = l.relation where c.relname = 'vanished'",
+        )
+        .unwrap();
+        (locks != "0").then_some(())
+    })
+    .await;
+
+    net.isolate(0);
+    let started = Instant::now();
+    // Silence for tcp_keepidle, then tcp_keepcnt unanswered probes tcp_keepintvl apart: the
+    // proxy drops the client and rolls its transaction back (the kernel's default, two hours
+    // of silence, would leave the row locked that long).
+    wait_for("the proxy to drop the vanished client", Duration::from_secs(30), || async {
+        let gone = show(&admin, "SHOW CLIENTS").await.iter().all(|r| r["addr"] != net.hosts[0].addr);
+        let free = show(&admin, "SHOW SERVERS").await.iter().all(|r| r["state"] != "active");
+        (gone && free).then_some(())
+    })
+    .await;
+    eprintln!("vanished client dropped {:?} after its link went down", started.elapsed());
+    assert_eq!(psql(&direct, "select count(*) from vanished").unwrap(), "0", "its transaction was rolled back");
+    let through = connect(&p.dsn("postgres")).await.unwrap();
+    through.simple_query("insert into vanished values (1)").await.expect("the row is free again");
+    drop(stdin);
+}
+
 #[test]
 fn config_check_recognises_a_proxy_toml() {
     let dir = tempfile::tempdir().expect("a temp dir");
