@@ -441,7 +441,8 @@ run_pgbench() {
     # logged in (a SCRAM login costs a pooler far more than a transaction), to a second before
     # the run's end. None when the logins leave less than a second, or pgbench ended (failed).
     if [ -n "$pid" ]; then
-        while kill -0 "$bench" 2>/dev/null && ! grep -q '^progress:' "$dir/out"; do sleep 0.1; done
+        # -s: the background shell may not have made the file yet.
+        while kill -0 "$bench" 2>/dev/null && ! grep -qs '^progress:' "$dir/out"; do sleep 0.1; done
         t0=$(date +%s.%N) && s0=$(cpu_sched "$pid")
         left=$((end - 1000 - $(date +%s%3N)))
         if [ "$left" -ge 1000 ] && kill -0 "$bench" 2>/dev/null; then

@@ -291,6 +291,7 @@ impl Pool {
     pub fn kill_waiters(&self) -> usize {
         let mut wake = Vec::new();
         let mut s = self.lock();
+        let n = s.waiters.len();
         for w in s.waiters.drain(..) {
             let mut state = w.lock();
             if let Wait::Queued(waker) = &mut *state {
@@ -300,7 +301,6 @@ impl Pool {
         }
         // The watchdog finds no one when it wakes.
         drop(s);
-        let n = wake.len();
         for w in wake {
             w.wake();
         }
@@ -448,12 +448,12 @@ struct State {
 }
 
 impl State {
-    /// Puts a connection coming back into the idle list, unless `RECONNECT` or `KILL` said to
-    /// close it.
+    /// Puts a connection coming back into the idle list, unless `RECONNECT`, `KILL` or
+    /// `server_lifetime` said to close it.
     fn keep(&mut self, conn: Option<Box<ServerConn>>) {
         let Some(conn) = conn else { return };
         if self.close_opened_before.is_some_and(|mark| conn.opened_before(mark)) {
-            tracing::debug!(server = ?conn, "closing a server connection opened before RECONNECT or KILL");
+            tracing::debug!(server = ?conn, "closing a server connection opened before RECONNECT, KILL or its server_lifetime");
             return;
         }
         self.idle.push(conn);
