@@ -435,7 +435,7 @@ pub fn show_databases(shared: &Shared) -> Table {
         r.clients += 1;
         r.waiting += usize::from(c.waiting.load(Ordering::Relaxed));
     }
-    let (disabled, paused) = (shared.disabled(), shared.hold.paused_databases());
+    let (disabled, paused) = (shared.disabled.names(), shared.hold.paused_databases());
     for d in disabled.iter().chain(&paused) {
         rows.entry(d.clone()).or_default();
     }
@@ -789,14 +789,14 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         t.encode(wbuf);
                     }
                     Command::Disable(db) => {
-                        if !shared.disable(&db) {
+                        if !shared.disabled.insert(&db) {
                             error(wbuf, Severity::Notice, "00000", &format!("database {db:?} was disabled already"));
                         }
                         tracing::info!(database = %db, "disabled: new logins to the database are refused");
                         tag("DISABLE", wbuf);
                     }
                     Command::Enable(db) => {
-                        if !shared.enable(&db) {
+                        if !shared.disabled.remove(&db) {
                             error(wbuf, Severity::Notice, "00000", &format!("database {db:?} was not disabled"));
                         }
                         tracing::info!(database = %db, "enabled: new logins to the database are accepted");
@@ -804,7 +804,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     Command::Kill(db) => {
                         let (clients, servers) = shared.kill(&db);
-                        let then = if shared.is_disabled(&db) {
+                        let then = if shared.disabled.contains(&db) {
                             "it stays disabled (ENABLE lets clients in again)".to_string()
                         } else {
                             format!("new logins are still accepted (DISABLE {db} keeps them out)")

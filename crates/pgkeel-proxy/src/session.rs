@@ -194,7 +194,7 @@ pub struct Shared {
     /// Each database's volatile functions, as last read ([`crate::functions`]).
     volatile: Mutex<HashMap<String, crate::functions::Volatile>>,
     /// Databases `DISABLE`d on the admin console: new logins to them are refused.
-    disabled: Mutex<std::collections::BTreeSet<String>>,
+    pub disabled: crate::stats::Databases,
     /// Notified by `KILL`, for clients held by `PAUSE` (the kick wakes the others).
     kills: tokio::sync::Notify,
 }
@@ -209,7 +209,7 @@ impl Shared {
         let classifier = Classifier::new(&config.primary_functions, CLASS_CACHE_SIZE);
         Shared {
             volatile: Mutex::default(),
-            disabled: Mutex::default(),
+            disabled: Default::default(),
             kills: Default::default(),
             config_version: AtomicU64::new(0),
             draining_now: Default::default(),
@@ -294,26 +294,6 @@ impl Shared {
         self.draining_now.store(true, Ordering::Release);
         self.draining.send_replace(true);
         self.kick.everyone();
-    }
-
-    /// `DISABLE`: new logins to `database` are refused. `false` when it already was.
-    pub fn disable(&self, database: &str) -> bool {
-        self.disabled.lock().unwrap_or_else(PoisonError::into_inner).insert(database.to_string())
-    }
-
-    /// `ENABLE`: undoes [`Shared::disable`]. `false` when it was not disabled.
-    pub fn enable(&self, database: &str) -> bool {
-        self.disabled.lock().unwrap_or_else(PoisonError::into_inner).remove(database)
-    }
-
-    /// Whether new logins to `database` are refused.
-    pub fn is_disabled(&self, database: &str) -> bool {
-        self.disabled.lock().unwrap_or_else(PoisonError::into_inner).contains(database)
-    }
-
-    /// The disabled databases, sorted.
-    pub fn disabled(&self) -> Vec<String> {
-        self.disabled.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
     }
 
     /// `KILL`: ends every client of `database` at once (each gets `FATAL 57P01`), including
@@ -1049,7 +1029,7 @@ impl Session {
         if !self.login(admitted).await? {
             return Ok(false);
         }
-        if self.shared.is_disabled(&self.database) {
+        if self.shared.disabled.contains(&self.database) {
             return Err(Fail::new(
                 sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!(

@@ -90,7 +90,37 @@ pub struct Gate {
     closed: watch::Sender<u32>,
     /// Databases paused alone (`PAUSE db`), each counted once in `closed`. Boxed: the gate
     /// sits in `Shared`'s first cache line.
-    databases: Box<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    databases: Box<Databases>,
+}
+
+/// A set of database names the admin console changes (paused, disabled) and sessions look up.
+#[derive(Debug, Default)]
+pub struct Databases(std::sync::Mutex<std::collections::BTreeSet<String>>);
+
+impl Databases {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds `name`; `false` when it was in already.
+    pub fn insert(&self, name: &str) -> bool {
+        self.lock().insert(name.to_string())
+    }
+
+    /// Removes `name`; `false` when it was not in.
+    pub fn remove(&self, name: &str) -> bool {
+        self.lock().remove(name)
+    }
+
+    /// Whether `name` is in.
+    pub fn contains(&self, name: &str) -> bool {
+        self.lock().contains(name)
+    }
+
+    /// The names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().iter().cloned().collect()
+    }
 }
 
 impl Default for Gate {
@@ -128,15 +158,11 @@ impl Gate {
         was_closed
     }
 
-    fn databases(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
-        self.databases.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Holds the new transactions of `database`'s clients until [`Gate::resume_database`];
     /// `false` when it was paused already.
     pub fn pause_database(&self, database: &str) -> bool {
         // The set changes before the count: a waiter woken by the count sees the new set.
-        if !self.databases().insert(database.to_string()) {
+        if !self.databases.insert(database) {
             return false;
         }
         self.closed.send_modify(|n| {
@@ -148,7 +174,7 @@ impl Gate {
 
     /// Undoes [`Gate::pause_database`]; `false` when it was not paused.
     pub fn resume_database(&self, database: &str) -> bool {
-        if !self.databases().remove(database) {
+        if !self.databases.remove(database) {
             return false;
         }
         self.closed.send_modify(|n| {
@@ -160,7 +186,7 @@ impl Gate {
 
     /// The databases paused alone, sorted.
     pub fn paused_databases(&self) -> Vec<String> {
-        self.databases().iter().cloned().collect()
+        self.databases.names()
     }
 
     /// Whether anything is held now (everyone's or some database's transactions): one load,
@@ -178,7 +204,7 @@ impl Gate {
 
     /// Whether the new transactions of `database`'s clients are held now.
     pub fn holds(&self, database: &str) -> bool {
-        self.is_closed() && (self.holds_everyone() || self.databases().contains(database))
+        self.is_closed() && (self.holds_everyone() || self.databases.contains(database))
     }
 
     /// Returns at once when `database`'s transactions are not held, else when they no longer
