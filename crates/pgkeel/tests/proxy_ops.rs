@@ -552,6 +552,40 @@ async fn proxy_closes_unused_and_old_server_connections() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_in_transaction_timeout_through_the_proxy_frees_the_connection() {
+    // PgBouncer's idle_transaction_timeout, done by postgres: a client idle inside a
+    // transaction holds a pool slot until postgres ends its backend; then the slot is free.
+    let c = Cluster::up(bin(), 1).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let direct = c.node_dsn(&leader);
+    psql(&direct, "create database itx").expect("create database");
+    psql(&direct, "alter database itx set idle_in_transaction_session_timeout = '1s'").expect("alter database");
+    let p = OpsProxy::start(&c, "pool_size = 1").await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    // Its connection task is kept: what postgres says when it ends the backend arrives there.
+    let (mut idle, idle_conn) = tokio_postgres::connect(&p.dsn("itx"), tokio_postgres::NoTls).await.unwrap();
+    let idle_conn = tokio::spawn(idle_conn);
+    let tx = idle.transaction().await.unwrap();
+    tx.simple_query("select 1").await.unwrap();
+    // The only connection is held: the next client waits for it, until postgres ends the
+    // idle transaction's backend.
+    let other = connect(&p.dsn("itx")).await.unwrap();
+    let started = Instant::now();
+    let rows = tokio::time::timeout(Duration::from_secs(20), other.simple_query("select 2"))
+        .await
+        .expect("the waiting client gets the connection once postgres ended the idle transaction")
+        .expect("without an error");
+    assert_eq!(first_value(&rows), "2");
+    eprintln!("the waiting client ran after {:?}", started.elapsed());
+    // postgres's own FATAL reached the client, which the proxy then closed.
+    let ended = tokio::time::timeout(Duration::from_secs(10), idle_conn).await.expect("the connection ends").unwrap();
+    let msg = message(&ended.expect_err("with postgres's error"));
+    assert!(msg.starts_with("25P03") && msg.contains("idle-in-transaction timeout"), "{msg}");
+    assert!(tx.simple_query("select 3").await.is_err());
+    assert!(show(&admin, "SHOW SERVERS").await.iter().all(|r| r["state"] != "active"));
+}
+
 /// A process killed (and reaped) on drop.
 struct Reaped(std::process::Child);
 
