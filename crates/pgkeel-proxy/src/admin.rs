@@ -522,6 +522,7 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("tcp_keepintvl", d(c.tcp.keepintvl)),
         ("tcp_keepcnt", c.tcp.keepcnt.to_string()),
         ("tcp_user_timeout", c.tcp.user_timeout.map_or("0".to_string(), d)),
+        ("client_idle_timeout", c.client_idle_timeout.map_or("0".to_string(), d)),
         ("shutdown_timeout", d(c.shutdown_timeout)),
         ("admin_users", c.admin_users.join(",")),
         ("tls.cert", path_or_empty(c.tls.cert.as_deref())),

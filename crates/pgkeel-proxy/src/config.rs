@@ -247,6 +247,9 @@ pub struct ProxyConfig {
     pub server_lifetime: Option<Duration>,
     /// TCP keepalive and user timeout of client and server sockets.
     pub tcp: TcpOptions,
+    /// A client that sends nothing this long between transactions is disconnected (between
+    /// once and twice this); `None`: never. Transaction mode only.
+    pub client_idle_timeout: Option<Duration>,
     /// The userlist file (see [`crate::userlist`]).
     pub userlist: PathBuf,
     /// `[auth] query`: clients missing from the userlist are looked up on the primary.
@@ -378,6 +381,7 @@ const TOP: &[&str] = &[
     "tcp_keepintvl",
     "tcp_keepcnt",
     "tcp_user_timeout",
+    "client_idle_timeout",
     "admin_users",
     "metrics_listen",
     "shutdown_timeout",
@@ -820,6 +824,7 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         off_if_zero(duration(&table, "server_idle_timeout", ProxyConfig::DEFAULT_SERVER_IDLE_TIMEOUT, ms(0))?);
     let server_lifetime =
         off_if_zero(duration(&table, "server_lifetime", ProxyConfig::DEFAULT_SERVER_LIFETIME, ms(0))?);
+    let client_idle_timeout = off_if_zero(duration(&table, "client_idle_timeout", Duration::ZERO, ms(0))?);
     let t = TcpOptions::default();
     let tcp = TcpOptions {
         keepalive: boolean(&table, "tcp_keepalive", t.keepalive)?,
@@ -889,6 +894,7 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         server_idle_timeout,
         server_lifetime,
         tcp,
+        client_idle_timeout,
         userlist,
         auth_query,
         auth_type,
@@ -1083,6 +1089,9 @@ tcp_keepcnt = 6
 # How long sent data may stay unacknowledged before the connection is dropped. 0: the kernel's
 # (about 15 minutes).
 tcp_user_timeout = 0
+# A client that sends nothing this long between transactions is disconnected (checked every
+# this long, so after once to twice this). Transaction mode only. 0: never.
+client_idle_timeout = 0
 # Users of the userlist who may connect to the admin console: the database "pgkeel" on any
 # listener (SHOW POOLS/CLIENTS/SERVERS/STATS/TOTALS/DATABASES/CONFIG/VERSION, PAUSE [db],
 # RESUME [db], RELOAD, DISABLE db, ENABLE db, KILL db, RECONNECT [db]). Empty: nobody.
@@ -1223,6 +1232,7 @@ mod tests {
         assert_eq!((c.server_idle_timeout, c.server_lifetime), (idle, life));
         assert_eq!((d.server_idle_timeout, d.server_lifetime), (idle, life));
         assert_eq!((c.tcp, d.tcp), (TcpOptions::default(), TcpOptions::default()));
+        assert_eq!((c.client_idle_timeout, d.client_idle_timeout), (None, None));
     }
 
     #[test]
@@ -1232,8 +1242,10 @@ mod tests {
             "cluster = \"main\"\nlisten = \"0.0.0.0:7000\"\npool_mode = \"session\"\npool_size = 3\n\
              max_client_conn = 10\nquery_wait_timeout = \"1500ms\"\nfailover_hold_timeout = 12\n\
              server_connect_timeout = 0.5\nserver_idle_timeout = \"1m\"\nserver_lifetime = 0\n\
-             tcp_keepidle = \"5s\"\ntcp_keepintvl = 2\ntcp_keepcnt = 3\ntcp_user_timeout = \"30s\"\n",
+             tcp_keepidle = \"5s\"\ntcp_keepintvl = 2\ntcp_keepcnt = 3\ntcp_user_timeout = \"30s\"\n\
+             client_idle_timeout = \"10m\"\n",
         ));
+        assert_eq!(c.client_idle_timeout, Some(Duration::from_secs(600)));
         let tcp = TcpOptions {
             keepalive: true,
             keepidle: Duration::from_secs(5),

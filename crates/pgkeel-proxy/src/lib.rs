@@ -155,7 +155,7 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, control: Control) -> a
     let _ = shared.admin.clients.set(clients.clone());
     let closer = tokio::spawn(follow_topology(shared.clone(), rx));
     let functions = tokio::spawn(functions::watch(shared.clone()));
-    let expiry = tokio::spawn(expire_server_connections(shared.clone()));
+    let expiry = tokio::spawn(expire_connections(shared.clone()));
     let switchover =
         tokio::spawn(switchover::run(switch_store, shared.clone(), shared.config().listen.clone(), switch_stopped));
     let metrics = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, shared.clone())));
@@ -265,13 +265,14 @@ async fn follow_topology(shared: Arc<session::Shared>, mut rx: watch::Receiver<t
     }
 }
 
-/// Closes pooled server connections by `server_idle_timeout` and `server_lifetime`, read
-/// afresh every second (a reload changes them). Neither costs a transaction anything: unused
+/// Closes pooled server connections by `server_idle_timeout` and `server_lifetime`, and idle
+/// clients by `client_idle_timeout`, all read afresh every second (a reload changes them). Neither costs a transaction anything: unused
 /// connections are told by the idle list's low-water mark ([`pool::Pool::close_unused`]), old
 /// ones by the order connections were opened in, sampled here over time
 /// ([`pool::Pool::retire_opened_before`]).
-async fn expire_server_connections(shared: Arc<session::Shared>) {
+async fn expire_connections(shared: Arc<session::Shared>) {
     let mut last_unused_check = Instant::now();
+    let mut last_client_check = Instant::now();
     // (when, how many server connections had been opened by then), oldest first.
     let mut opened: std::collections::VecDeque<(Instant, u32)> = Default::default();
     loop {
@@ -288,6 +289,14 @@ async fn expire_server_connections(shared: Arc<session::Shared>) {
             }
             Some(_) => {}
             None => last_unused_check = now,
+        }
+        match cfg.client_idle_timeout {
+            Some(idle) if now.duration_since(last_client_check) >= idle => {
+                last_client_check = now;
+                expire_idle_clients(&shared, idle);
+            }
+            Some(_) => {}
+            None => last_client_check = now,
         }
         let Some(life) = cfg.server_lifetime else {
             opened.clear();
@@ -313,5 +322,25 @@ async fn expire_server_connections(shared: Arc<session::Shared>) {
                 tracing::info!(closed, server_lifetime = %pgkeel_config::format_duration(life), "closed idle server connections that reached server_lifetime");
             }
         }
+    }
+}
+
+/// `client_idle_timeout`: marks the clients that sent nothing since the last check and hold
+/// no server connection (so not inside a transaction, and not waiting for one), and wakes
+/// the sessions; each marked one that is still idle ends itself. No clock read per
+/// transaction: a session sets its `active` flag when the client sends something.
+fn expire_idle_clients(shared: &session::Shared, idle: Duration) {
+    use std::sync::atomic::Ordering;
+    let mut expired = 0;
+    for (c, server) in shared.clients() {
+        let busy = server.is_some() || c.waiting.load(Ordering::Relaxed);
+        if !c.active.swap(false, Ordering::AcqRel) && !busy {
+            c.idle_expired.store(true, Ordering::Release);
+            expired += 1;
+        }
+    }
+    if expired > 0 {
+        tracing::info!(clients = expired, client_idle_timeout = %pgkeel_config::format_duration(idle), "closing idle clients");
+        shared.kick.everyone();
     }
 }

@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -1012,6 +1012,36 @@ impl Session {
         self.info.as_ref().is_some_and(|i| i.killed.load(Ordering::Acquire))
     }
 
+    /// Why the session must end now, if it must: `KILL`, or `client_idle_timeout` while it is
+    /// still idle (a client that started a transaction since is kept, and the mark cleared).
+    fn must_close(&self) -> Option<Fail> {
+        let info = self.info.as_ref()?;
+        if info.killed.load(Ordering::Acquire) {
+            return Some(self.kill_fail());
+        }
+        if info.idle_expired.load(Ordering::Acquire) {
+            if self.attached.is_none() && self.rbuf.is_empty() && self.held == 0 {
+                let after = self.cfg.client_idle_timeout.map(pgkeel_config::format_duration).unwrap_or_default();
+                return Some(Fail::new(
+                    sqlstate::IDLE_SESSION_TIMEOUT,
+                    format!("terminating connection: the client was idle longer than client_idle_timeout ({after})"),
+                ));
+            }
+            info.idle_expired.store(false, Ordering::Relaxed);
+        }
+        None
+    }
+
+    /// The client sent something ([`Session::must_close`]): one store when a check cleared
+    /// the mark, none otherwise.
+    fn mark_active(&self) {
+        if let Some(i) = &self.info {
+            if !i.active.load(Ordering::Relaxed) {
+                i.active.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// What a killed client ([`Session::killed`]) is told.
     fn kill_fail(&self) -> Fail {
         Fail::new(
@@ -1480,6 +1510,9 @@ impl Session {
             waiting: Default::default(),
             cancel: CancelSlot::new(secret),
             killed: Default::default(),
+            // A client that just logged in counts as active until the next check.
+            active: AtomicBool::new(true),
+            idle_expired: Default::default(),
         });
         let (pid, secret) = (info.pid, info.cancel.secret);
         self.info = Some(info);
@@ -2279,6 +2312,7 @@ impl Session {
             match std::future::poll_fn(|cx| self.poll_quiet(&mut kick, cx)).await {
                 Quiet::Left => return Ok(()),
                 Quiet::Read => {
+                    self.mark_active();
                     // Busy: a topology change wakes it from here on.
                     kick.set_busy(&self.shared.kick, true);
                     let mut start = self.quick_start(&mut topo_rx)?;
@@ -2307,8 +2341,8 @@ impl Session {
                 // The server connection failed: the loop reads that again and says so.
                 Quiet::Server(_) => to_loop = true,
                 Quiet::Kick => {
-                    if self.killed() {
-                        return Err(self.kill_fail());
+                    if let Some(fail) = self.must_close() {
+                        return Err(fail);
                     }
                     // A new primary: nothing more goes to one of an older term, as in the
                     // loop. Then the loop, which also closes an idle client when the proxy
@@ -2492,8 +2526,8 @@ impl Session {
             {
                 return Err(Fail::new(sqlstate::ADMIN_SHUTDOWN, "the proxy is shutting down; reconnect"));
             }
-            if self.killed() {
-                return Err(self.kill_fail());
+            if let Some(fail) = self.must_close() {
+                return Err(fail);
             }
             self.read_held()?;
             let out_full = match self.pump_client().await? {
@@ -2537,7 +2571,7 @@ impl Session {
                         // The client is gone (or cannot be written to).
                         return Ok(false);
                     }
-                    Event::ClientRead(Ok(_)) => {}
+                    Event::ClientRead(Ok(_)) => self.mark_active(),
                     Event::ClientWrote(Ok(n)) => self.wbuf.advance(n),
                     Event::ServerRead(Ok(0))
                     | Event::ServerRead(Err(_))

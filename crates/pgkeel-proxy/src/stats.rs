@@ -285,6 +285,11 @@ pub struct ClientInfo {
     pub cancel: crate::session::CancelSlot,
     /// `KILL` of its database on the admin console: the session ends at its next turn.
     pub killed: AtomicBool,
+    /// Sent something since the last `client_idle_timeout` check.
+    pub active: AtomicBool,
+    /// Idle through a whole `client_idle_timeout`: the session ends at its next turn if it
+    /// is still idle.
+    pub idle_expired: AtomicBool,
 }
 
 /// Seconds since the Unix epoch, for tables.

@@ -586,6 +586,36 @@ async fn idle_in_transaction_timeout_through_the_proxy_frees_the_connection() {
     assert!(show(&admin, "SHOW SERVERS").await.iter().all(|r| r["state"] != "active"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_closes_clients_idle_longer_than_client_idle_timeout() {
+    let c = Cluster::up(bin(), 1).await;
+    let p = OpsProxy::start(&c, "client_idle_timeout = \"1s\"").await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    assert_eq!(config_value(&admin, "client_idle_timeout").await, "1s");
+    // Its connection task is kept: the proxy's FATAL arrives there.
+    let (idle, idle_conn) = tokio_postgres::connect(&p.dsn("postgres"), tokio_postgres::NoTls).await.unwrap();
+    let idle_conn = tokio::spawn(idle_conn);
+    idle.simple_query("select 1").await.unwrap();
+    let busy = connect(&p.dsn("postgres")).await.unwrap();
+    let mut in_tx = connect(&p.dsn("postgres")).await.unwrap();
+    let tx = in_tx.transaction().await.unwrap();
+    tx.simple_query("select 1").await.unwrap();
+    // The busy client queries on every look; the idle one is closed; the one inside a
+    // transaction (it holds a server connection) is not.
+    let started = Instant::now();
+    wait_for("the idle client to be closed", Duration::from_secs(15), || async {
+        busy.simple_query("select 1").await.expect("a client that keeps querying stays");
+        idle_conn.is_finished().then_some(())
+    })
+    .await;
+    eprintln!("idle client closed after {:?}", started.elapsed());
+    let msg = message(&idle_conn.await.unwrap().expect_err("with the proxy's error"));
+    assert!(msg.starts_with("57P05") && msg.contains("client_idle_timeout (1s)"), "{msg}");
+    tx.simple_query("select 2").await.expect("a client inside a transaction is not idle");
+    tx.commit().await.expect("and commits");
+    busy.simple_query("select 1").await.expect("the busy client is still connected");
+}
+
 /// A process killed (and reaped) on drop.
 struct Reaped(std::process::Child);
 

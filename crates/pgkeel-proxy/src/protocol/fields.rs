@@ -80,6 +80,8 @@ pub mod sqlstate {
     pub const QUERY_CANCELED: &str = "57014";
     /// 57P01 admin_shutdown.
     pub const ADMIN_SHUTDOWN: &str = "57P01";
+    /// 57P05 idle_session_timeout.
+    pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
     /// 57P03 cannot_connect_now.
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
     /// 58000 system_error.
