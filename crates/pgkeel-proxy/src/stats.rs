@@ -135,25 +135,32 @@ impl Default for Gate {
 }
 
 impl Gate {
+    /// Changes the count under the watch's lock, mirrors it in `closed_now` and wakes the
+    /// waiters.
+    fn count(&self, change: impl FnOnce(&mut u32)) {
+        self.closed.send_modify(|n| {
+            change(n);
+            self.closed_now.store(*n, Ordering::SeqCst);
+        });
+    }
+
     /// Holds new transactions until the matching [`Gate::open`].
     pub fn close(&self) {
-        self.closed.send_modify(|n| {
+        self.count(|n| {
             self.everyone.fetch_add(1, Ordering::SeqCst);
             *n += 1;
-            self.closed_now.store(*n, Ordering::SeqCst);
         });
     }
 
     /// Undoes one [`Gate::close`]; `false` when the gate was open already.
     pub fn open(&self) -> bool {
         let mut was_closed = false;
-        self.closed.send_modify(|n| {
+        self.count(|n| {
             was_closed = self.everyone.load(Ordering::SeqCst) > 0;
             if was_closed {
                 self.everyone.fetch_sub(1, Ordering::SeqCst);
                 *n -= 1;
             }
-            self.closed_now.store(*n, Ordering::SeqCst);
         });
         was_closed
     }
@@ -165,10 +172,7 @@ impl Gate {
         if !self.databases.insert(database) {
             return false;
         }
-        self.closed.send_modify(|n| {
-            *n += 1;
-            self.closed_now.store(*n, Ordering::SeqCst);
-        });
+        self.count(|n| *n += 1);
         true
     }
 
@@ -177,10 +181,7 @@ impl Gate {
         if !self.databases.remove(database) {
             return false;
         }
-        self.closed.send_modify(|n| {
-            *n = n.saturating_sub(1);
-            self.closed_now.store(*n, Ordering::SeqCst);
-        });
+        self.count(|n| *n = n.saturating_sub(1));
         true
     }
 
