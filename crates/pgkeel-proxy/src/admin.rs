@@ -461,8 +461,7 @@ pub fn show_databases(shared: &Shared) -> Table {
 /// `RECONNECT [db]`: every pool (of `database`) replaces its server connections, the idle
 /// ones now and the others after their transaction. What the console says about it.
 fn reconnect(shared: &Shared, database: Option<&str>) -> String {
-    let pools: Vec<_> =
-        shared.pools.all().into_iter().filter(|p| database.is_none_or(|d| p.key.database == d)).collect();
+    let pools = shared.pools.of_database(database);
     let in_use: usize = pools.iter().map(|p| p.counts().0).sum();
     let closed: usize = pools.iter().map(|p| p.reconnect()).sum();
     let which = database.map_or("every pool".to_string(), |d| format!("the pools of database {d:?}"));
@@ -490,6 +489,8 @@ pub const RESTART_KEYS: &[&str] = &[
 /// Every key of the configuration in force with its value, as `SHOW CONFIG` shows it.
 pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
     let d = |d: Duration| pgkeel_config::format_duration(d);
+    // A duration that 0 turns off, written as in proxy.toml.
+    let or_off = |o: Option<Duration>| o.map_or("0".to_string(), d);
     let dcs = match &c.dcs {
         pgkeel_config::DcsConfig::Local { path } => format!("local {}", path.display()),
         pgkeel_config::DcsConfig::Etcd { endpoints } => format!("etcd {}", endpoints.join(",")),
@@ -515,14 +516,14 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("query_wait_timeout", d(c.query_wait_timeout)),
         ("failover_hold_timeout", d(c.failover_hold_timeout)),
         ("server_connect_timeout", d(c.server_connect_timeout)),
-        ("server_idle_timeout", c.server_idle_timeout.map_or("0".to_string(), d)),
-        ("server_lifetime", c.server_lifetime.map_or("0".to_string(), d)),
+        ("server_idle_timeout", or_off(c.server_idle_timeout)),
+        ("server_lifetime", or_off(c.server_lifetime)),
         ("tcp_keepalive", c.tcp.keepalive.to_string()),
         ("tcp_keepidle", d(c.tcp.keepidle)),
         ("tcp_keepintvl", d(c.tcp.keepintvl)),
         ("tcp_keepcnt", c.tcp.keepcnt.to_string()),
-        ("tcp_user_timeout", c.tcp.user_timeout.map_or("0".to_string(), d)),
-        ("client_idle_timeout", c.client_idle_timeout.map_or("0".to_string(), d)),
+        ("tcp_user_timeout", or_off(c.tcp.user_timeout)),
+        ("client_idle_timeout", or_off(c.client_idle_timeout)),
         ("shutdown_timeout", d(c.shutdown_timeout)),
         ("admin_users", c.admin_users.join(",")),
         ("tls.cert", path_or_empty(c.tls.cert.as_deref())),
@@ -653,13 +654,7 @@ async fn pause(shared: &Shared, database: Option<&str>) -> Option<String> {
     let timeout = shared.config().shutdown_timeout;
     let deadline = Instant::now() + timeout;
     loop {
-        let busy: usize = shared
-            .pools
-            .all()
-            .iter()
-            .filter(|p| database.is_none_or(|d| p.key.database == d))
-            .map(|p| p.counts().0)
-            .sum();
+        let busy = shared.pools.busy(database);
         if busy == 0 {
             return None;
         }

@@ -492,6 +492,12 @@ fn count(table: &toml::Table, key: &str, default: u32, min: u32, max: u32) -> Re
     }
 }
 
+/// A duration where `0` turns the feature off (`None`); `default` when the key is absent.
+fn duration_or_off(table: &toml::Table, key: &str, default: Option<Duration>) -> Result<Option<Duration>, ConfigError> {
+    let d = duration(table, key, default.unwrap_or(Duration::ZERO), Duration::ZERO)?;
+    Ok((!d.is_zero()).then_some(d))
+}
+
 fn duration(table: &toml::Table, key: &str, default: Duration, min: Duration) -> Result<Duration, ConfigError> {
     let d = match table.get(key) {
         None => return Ok(default),
@@ -818,20 +824,17 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         duration(&table, "failover_hold_timeout", ProxyConfig::DEFAULT_FAILOVER_HOLD_TIMEOUT, ms(0))?;
     let server_connect_timeout =
         duration(&table, "server_connect_timeout", ProxyConfig::DEFAULT_SERVER_CONNECT_TIMEOUT, ms(100))?;
-    // 0 turns them off.
-    let off_if_zero = |d: Duration| (!d.is_zero()).then_some(d);
     let server_idle_timeout =
-        off_if_zero(duration(&table, "server_idle_timeout", ProxyConfig::DEFAULT_SERVER_IDLE_TIMEOUT, ms(0))?);
-    let server_lifetime =
-        off_if_zero(duration(&table, "server_lifetime", ProxyConfig::DEFAULT_SERVER_LIFETIME, ms(0))?);
-    let client_idle_timeout = off_if_zero(duration(&table, "client_idle_timeout", Duration::ZERO, ms(0))?);
+        duration_or_off(&table, "server_idle_timeout", Some(ProxyConfig::DEFAULT_SERVER_IDLE_TIMEOUT))?;
+    let server_lifetime = duration_or_off(&table, "server_lifetime", Some(ProxyConfig::DEFAULT_SERVER_LIFETIME))?;
+    let client_idle_timeout = duration_or_off(&table, "client_idle_timeout", None)?;
     let t = TcpOptions::default();
     let tcp = TcpOptions {
         keepalive: boolean(&table, "tcp_keepalive", t.keepalive)?,
         keepidle: duration(&table, "tcp_keepidle", t.keepidle, ms(1000))?,
         keepintvl: duration(&table, "tcp_keepintvl", t.keepintvl, ms(1000))?,
         keepcnt: count(&table, "tcp_keepcnt", t.keepcnt, 1, 127)?,
-        user_timeout: off_if_zero(duration(&table, "tcp_user_timeout", Duration::ZERO, ms(0))?),
+        user_timeout: duration_or_off(&table, "tcp_user_timeout", t.user_timeout)?,
     };
     let auth = match table.get("auth") {
         Some(toml::Value::Table(t)) => t,

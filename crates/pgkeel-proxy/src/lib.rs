@@ -266,10 +266,11 @@ async fn follow_topology(shared: Arc<session::Shared>, mut rx: watch::Receiver<t
 }
 
 /// Closes pooled server connections by `server_idle_timeout` and `server_lifetime`, and idle
-/// clients by `client_idle_timeout`, all read afresh every second (a reload changes them). Neither costs a transaction anything: unused
-/// connections are told by the idle list's low-water mark ([`pool::Pool::close_unused`]), old
-/// ones by the order connections were opened in, sampled here over time
-/// ([`pool::Pool::retire_opened_before`]).
+/// clients by `client_idle_timeout`, all read afresh every second (a reload changes them).
+/// None costs a transaction a clock read: unused connections are told by the idle list's
+/// low-water mark ([`pool::Pool::close_unused`]), old ones by the order connections were
+/// opened in, sampled here over time ([`pool::Pool::retire_opened_before`]), idle clients by
+/// a flag their sessions set ([`expire_idle_clients`]).
 async fn expire_connections(shared: Arc<session::Shared>) {
     let mut last_unused_check = Instant::now();
     let mut last_client_check = Instant::now();
@@ -279,24 +280,14 @@ async fn expire_connections(shared: Arc<session::Shared>) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let cfg = shared.config();
         let now = Instant::now();
-        match cfg.server_idle_timeout {
-            Some(idle) if now.duration_since(last_unused_check) >= idle => {
-                last_unused_check = now;
-                let closed: usize = shared.pools.all().iter().map(|p| p.close_unused()).sum();
-                if closed > 0 {
-                    tracing::info!(closed, server_idle_timeout = %pgkeel_config::format_duration(idle), "closed unused server connections");
-                }
+        if let Some(idle) = due(&mut last_unused_check, cfg.server_idle_timeout, now) {
+            let closed: usize = shared.pools.all().iter().map(|p| p.close_unused()).sum();
+            if closed > 0 {
+                tracing::info!(closed, server_idle_timeout = %pgkeel_config::format_duration(idle), "closed unused server connections");
             }
-            Some(_) => {}
-            None => last_unused_check = now,
         }
-        match cfg.client_idle_timeout {
-            Some(idle) if now.duration_since(last_client_check) >= idle => {
-                last_client_check = now;
-                expire_idle_clients(&shared, idle);
-            }
-            Some(_) => {}
-            None => last_client_check = now,
+        if let Some(idle) = due(&mut last_client_check, cfg.client_idle_timeout, now) {
+            expire_idle_clients(&shared, idle);
         }
         let Some(life) = cfg.server_lifetime else {
             opened.clear();
@@ -321,6 +312,23 @@ async fn expire_connections(shared: Arc<session::Shared>) {
             if closed > 0 {
                 tracing::info!(closed, server_lifetime = %pgkeel_config::format_duration(life), "closed idle server connections that reached server_lifetime");
             }
+        }
+    }
+}
+
+/// `period` when a whole one has passed since `*last` (which then becomes `now`); `None` when
+/// not, or when the check is off (then `*last` follows `now`, so turning it on by a reload
+/// starts a whole period).
+fn due(last: &mut Instant, period: Option<Duration>, now: Instant) -> Option<Duration> {
+    match period {
+        Some(p) if now.duration_since(*last) >= p => {
+            *last = now;
+            Some(p)
+        }
+        Some(_) => None,
+        None => {
+            *last = now;
+            None
         }
     }
 }

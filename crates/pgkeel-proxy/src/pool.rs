@@ -706,9 +706,17 @@ impl Pools {
         }
     }
 
-    /// Server connections attached to clients, over every pool.
-    pub fn busy(&self) -> usize {
-        self.all().iter().map(|p| p.counts().0).sum()
+    /// The pools of `database` (every pool for `None`), as [`Pools::all`].
+    pub fn of_database(&self, database: Option<&str>) -> Vec<Arc<Pool>> {
+        let mut v = self.all();
+        v.retain(|p| database.is_none_or(|d| p.key.database == d));
+        v
+    }
+
+    /// Server connections attached to clients, over the pools of `database` (every pool for
+    /// `None`).
+    pub fn busy(&self, database: Option<&str>) -> usize {
+        self.of_database(database).iter().map(|p| p.counts().0).sum()
     }
 
     /// Closes idle connections older than `term` in every pool; returns how many.

@@ -310,7 +310,7 @@ impl Shared {
             }
         }
         let mut servers = 0;
-        for p in self.pools.all().into_iter().filter(|p| p.key.database == database) {
+        for p in self.pools.of_database(Some(database)) {
             servers += p.reconnect();
             p.kill_waiters();
         }
