@@ -414,7 +414,8 @@ pub fn show_totals(shared: &Shared) -> Table {
 }
 
 /// `SHOW DATABASES`: one row per database with a pool, disabled or paused: its pools, clients
-/// and server connections, and whether it is paused (`PAUSE db`) or disabled.
+/// and server connections, whether it is paused (`PAUSE db`) or disabled, and its server
+/// connections open against `max_db_connections` (per server; summed over them).
 pub fn show_databases(shared: &Shared) -> Table {
     #[derive(Default)]
     struct Row {
@@ -440,10 +441,22 @@ pub fn show_databases(shared: &Shared) -> Table {
         rows.entry(d.clone()).or_default();
     }
     let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
-    let mut t =
-        Table::new(&["database", "pools", "clients", "cl_waiting", "sv_active", "sv_idle", "paused", "disabled"]);
+    let max_db = shared.config().max_db_connections;
+    let mut t = Table::new(&[
+        "database",
+        "pools",
+        "clients",
+        "cl_waiting",
+        "sv_active",
+        "sv_idle",
+        "paused",
+        "disabled",
+        "current_connections",
+        "max_connections",
+    ]);
     for (name, r) in rows {
         let (p, d) = (yes_no(paused.contains(&name)), yes_no(disabled.contains(&name)));
+        let open = shared.pools.database_connections(&name);
         t.rows.push(vec![
             name,
             r.pools.to_string(),
@@ -453,6 +466,8 @@ pub fn show_databases(shared: &Shared) -> Table {
             r.idle.to_string(),
             p,
             d,
+            open.to_string(),
+            max_db.to_string(),
         ]);
     }
     t
@@ -504,6 +519,8 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("metrics_listen", c.metrics_listen.clone().unwrap_or_default()),
         ("pool_mode", c.pool_mode.as_str().to_string()),
         ("pool_size", c.pool_size.to_string()),
+        ("max_db_connections", c.max_db_connections.to_string()),
+        ("max_user_connections", c.max_user_connections.to_string()),
         ("max_client_conn", c.max_client_conn.to_string()),
         ("max_prepared_statements", c.max_prepared_statements.to_string()),
         ("load_balance", c.load_balance.as_str().to_string()),

@@ -229,6 +229,10 @@ pub struct ProxyConfig {
     pub pool_mode: PoolMode,
     /// Server connections per (database, user).
     pub pool_size: u32,
+    /// Server connections of one database on one server, over its users' pools; 0: no cap.
+    pub max_db_connections: u32,
+    /// Server connections of one user on one server, over its databases' pools; 0: no cap.
+    pub max_user_connections: u32,
     /// Client connections accepted at once; more are refused with SQLSTATE 53300.
     pub max_client_conn: u32,
     /// How long a client waits for a server connection of a full pool before it gets an
@@ -370,6 +374,8 @@ const TOP: &[&str] = &[
     "max_prepared_statements",
     "pool_mode",
     "pool_size",
+    "max_db_connections",
+    "max_user_connections",
     "max_client_conn",
     "query_wait_timeout",
     "failover_hold_timeout",
@@ -817,6 +823,8 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         }
     };
     let pool_size = count(&table, "pool_size", ProxyConfig::DEFAULT_POOL_SIZE, 1, 10_000)?;
+    let max_db_connections = count(&table, "max_db_connections", 0, 0, 100_000)?;
+    let max_user_connections = count(&table, "max_user_connections", 0, 0, 100_000)?;
     let max_client_conn = count(&table, "max_client_conn", ProxyConfig::DEFAULT_MAX_CLIENT_CONN, 1, 1_000_000)?;
     let ms = Duration::from_millis;
     let query_wait_timeout = duration(&table, "query_wait_timeout", ProxyConfig::DEFAULT_QUERY_WAIT_TIMEOUT, ms(10))?;
@@ -890,6 +898,8 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         max_prepared_statements,
         pool_mode,
         pool_size,
+        max_db_connections,
+        max_user_connections,
         max_client_conn,
         query_wait_timeout,
         failover_hold_timeout,
@@ -1066,6 +1076,12 @@ max_prepared_statements = 200
 pool_mode = "transaction"
 # Server connections per (database, user).
 pool_size = 20
+# Caps over pools, per server: the connections of one database (all its users), and of one user
+# (all its databases). When a cap is reached, a pool needing a new connection closes another
+# pool's idle one, or waits (at most query_wait_timeout) for one to come back. Keep
+# max_db_connections times the databases below postgres's max_connections. 0: no cap.
+max_db_connections = 0
+max_user_connections = 0
 # Client connections accepted at once; more are refused (SQLSTATE 53300).
 max_client_conn = 1000
 # How long a client waits for a connection of a full pool before it gets SQLSTATE 53300 and is
@@ -1217,6 +1233,8 @@ mod tests {
         assert_eq!(c.userlist, PathBuf::from("/etc/pgkeel/userlist.txt"));
         assert_eq!((c.listen.as_str(), c.pool_mode, c.pool_size), (d.listen.as_str(), d.pool_mode, d.pool_size));
         assert_eq!(c.max_client_conn, d.max_client_conn);
+        assert_eq!((c.max_db_connections, c.max_user_connections), (0, 0));
+        assert_eq!((d.max_db_connections, d.max_user_connections), (0, 0));
         assert_eq!(c.query_wait_timeout, d.query_wait_timeout);
         assert_eq!(c.failover_hold_timeout, d.failover_hold_timeout);
         assert_eq!(c.server_connect_timeout, d.server_connect_timeout);
@@ -1246,7 +1264,7 @@ mod tests {
              max_client_conn = 10\nquery_wait_timeout = \"1500ms\"\nfailover_hold_timeout = 12\n\
              server_connect_timeout = 0.5\nserver_idle_timeout = \"1m\"\nserver_lifetime = 0\n\
              tcp_keepidle = \"5s\"\ntcp_keepintvl = 2\ntcp_keepcnt = 3\ntcp_user_timeout = \"30s\"\n\
-             client_idle_timeout = \"10m\"\n",
+             client_idle_timeout = \"10m\"\nmax_db_connections = 40\nmax_user_connections = 25\n",
         ));
         assert_eq!(c.client_idle_timeout, Some(Duration::from_secs(600)));
         let tcp = TcpOptions {
@@ -1261,6 +1279,7 @@ mod tests {
         assert_eq!(c.listen, "0.0.0.0:7000");
         assert_eq!(c.pool_mode, PoolMode::Session);
         assert_eq!((c.pool_size, c.max_client_conn), (3, 10));
+        assert_eq!((c.max_db_connections, c.max_user_connections), (40, 25));
         assert_eq!(c.query_wait_timeout, Duration::from_millis(1500));
         assert_eq!(c.failover_hold_timeout, Duration::from_secs(12));
         assert_eq!(c.server_connect_timeout, Duration::from_millis(500));
@@ -1375,6 +1394,8 @@ mod tests {
             (with("pool_mode = \"statement\""), "pool_mode = \"statement\" is not supported"),
             (with("pool_mode = \"tx\""), "pool_mode = \"tx\" is not a pool mode"),
             (with("pool_size = 0"), "pool_size = 0 is out of range: use 1 to 10000"),
+            (with("max_db_connections = -1"), "max_db_connections = -1 is out of range: use 0 to 100000"),
+            (with("max_user_connections = 1.5"), "max_user_connections must be an integer"),
             (with("tcp_keepcnt = 0"), "tcp_keepcnt = 0 is out of range: use 1 to 127"),
             (with("tcp_keepidle = \"100ms\""), "tcp_keepidle = \"100ms\" is out of range: use 1s to 24h"),
             (with("tcp_keepalive = \"yes\""), "tcp_keepalive must be true or false"),

@@ -11,6 +11,14 @@
 //! gets no slot within `query_wait_timeout` gets an error instead of waiting forever. The
 //! waits need no timer each: one watchdog task per pool sleeps until the earliest deadline
 //! of the clients waiting (see [`Pool::slot`]).
+//!
+//! Above the pools, `max_db_connections` and `max_user_connections` cap the connections of
+//! one database (over its users' pools) and of one user (over its databases' pools) on one
+//! server ([`Cap`]). Every pooled connection holds a [`Permit`] under both caps of its pool
+//! while it is open. A pool that needs a new connection when a cap is reached closes an idle
+//! connection of another pool under it, or else waits until a connection under it closes, and
+//! meanwhile those pools close connections coming back instead of keeping them idle
+//! ([`Pool::permit`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -79,6 +87,9 @@ pub struct Pool {
     /// The volatile functions of the pool's database have been read
     /// ([`crate::functions`]): until then its reads go to the primary.
     functions_known: std::sync::atomic::AtomicBool,
+    /// `max_db_connections` and `max_user_connections` of its database and user on its
+    /// server (see [`Pool::permit`]); none for a pool made outside [`Pools`].
+    caps: Vec<Arc<Cap>>,
 }
 
 /// How many distinct lists of login settings a pool shares among its clients.
@@ -97,6 +108,7 @@ impl Pool {
                 watchdog: Watchdog::None,
                 close_opened_before: None,
                 low_water: 0,
+                squeeze: 0,
             }),
             watchdog: Arc::default(),
             stats: PoolStats::default(),
@@ -105,6 +117,7 @@ impl Pool {
             auth: Mutex::new(None),
             settings: Mutex::default(),
             functions_known: Default::default(),
+            caps: Vec::new(),
         }
     }
 
@@ -343,6 +356,76 @@ impl Pool {
         before - s.idle.len()
     }
 
+    /// The right to open one more server connection under the pool's caps
+    /// (`max_db_connections`, `max_user_connections`), to keep in the connection
+    /// ([`crate::server::ServerConn::permit`]): at once while both caps have room; else after
+    /// closing an idle connection of another pool under the full cap; else as soon as a
+    /// connection under it closes. While it waits, the pools under the full cap close
+    /// connections coming back instead of keeping them idle. `Err`: the full cap, at
+    /// `deadline`. Cancel-safe.
+    pub async fn permit(&self, pools: &Pools, deadline: Instant) -> Result<Permit, Arc<Cap>> {
+        let mut squeezed = Squeezed(Vec::new());
+        loop {
+            // Registered before the look, so that a connection closed after it wakes us.
+            let mut freed: Vec<_> = self.caps.iter().map(|c| Box::pin(c.freed.notified())).collect();
+            for f in &mut freed {
+                f.as_mut().enable();
+            }
+            let full = match self.try_permit() {
+                Ok(p) => return Ok(p),
+                Err(full) => full,
+            };
+            if pools.close_idle_under(&full) {
+                continue;
+            }
+            if squeezed.0.is_empty() {
+                squeezed.0 = pools.under(&full);
+                for p in &squeezed.0 {
+                    p.lock().squeeze += 1;
+                }
+            }
+            let any_freed = std::future::poll_fn(|cx| {
+                if freed.iter_mut().any(|f| f.as_mut().poll(cx).is_ready()) {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            });
+            tokio::select! {
+                _ = any_freed => {}
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => return Err(full),
+            }
+        }
+    }
+
+    /// [`Pool::permit`] without waiting: `Err` names the cap that is full. The caps are
+    /// locked together (always the database's first), so that a look that finds one full
+    /// takes nothing from the others.
+    fn try_permit(&self) -> Result<Permit, Arc<Cap>> {
+        let mut counts: Vec<_> = self.caps.iter().map(|c| c.lock()).collect();
+        if let Some(i) = counts.iter().position(|c| c.1 != 0 && c.0 >= c.1) {
+            return Err(self.caps[i].clone());
+        }
+        for c in &mut counts {
+            c.0 += 1;
+        }
+        drop(counts);
+        Ok(Permit { caps: self.caps.clone() })
+    }
+
+    /// Closes the least recently used idle connection, if there is one.
+    fn close_one_idle(&self) -> bool {
+        let mut s = self.lock();
+        if s.idle.is_empty() {
+            return false;
+        }
+        let c = s.idle.remove(0);
+        s.low_water = s.low_water.saturating_sub(1);
+        drop(s);
+        tracing::debug!(server = ?c, "closing an idle server connection to make room under max_db_connections or max_user_connections");
+        true
+    }
+
     /// The login parameters, once a server connection was opened.
     pub(crate) fn welcome(&self) -> Option<Arc<Welcome>> {
         self.welcome.lock().unwrap_or_else(PoisonError::into_inner).clone()
@@ -445,6 +528,9 @@ struct State {
     /// The fewest idle connections since the last [`Pool::close_unused`]: the ones below it
     /// in `idle` (taken from the end) were not used since.
     low_water: usize,
+    /// Clients of other pools (or of this one) waiting for room under a cap of this pool
+    /// ([`Pool::permit`]): while above 0, connections coming back are closed, not kept.
+    squeeze: u32,
 }
 
 impl State {
@@ -452,6 +538,10 @@ impl State {
     /// `server_lifetime` said to close it.
     fn keep(&mut self, conn: Option<Box<ServerConn>>) {
         let Some(conn) = conn else { return };
+        if self.squeeze > 0 {
+            tracing::debug!(server = ?conn, "closing a server connection coming back: a client waits for room under max_db_connections or max_user_connections");
+            return;
+        }
         if self.close_opened_before.is_some_and(|mark| conn.opened_before(mark)) {
             tracing::debug!(server = ?conn, "closing a server connection opened before RECONNECT, KILL or its server_lifetime");
             return;
@@ -623,6 +713,99 @@ async fn watchdog(pool: Weak<Pool>, wake: Arc<tokio::sync::Notify>) {
     }
 }
 
+/// What a [`Cap`] counts: the connections of a database or of a user, on one server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum CapKey {
+    Database(String, PoolTarget),
+    User(String, PoolTarget),
+}
+
+/// `max_db_connections` or `max_user_connections` of one database or user on one server:
+/// how many pooled connections under it are open (or being opened), and the cap.
+#[derive(Debug)]
+pub struct Cap {
+    key: CapKey,
+    /// (open, the cap; 0: none). Counted with no cap too, so that one set by a reload starts
+    /// from the truth. Locked only when a connection opens or closes.
+    count: Mutex<(u32, u32)>,
+    /// Woken when a connection under it closes or the cap is raised.
+    freed: tokio::sync::Notify,
+}
+
+impl Cap {
+    fn new(key: CapKey, max: u32) -> Cap {
+        Cap { key, count: Mutex::new((0, max)), freed: tokio::sync::Notify::new() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (u32, u32)> {
+        self.count.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn give_back(&self) {
+        let mut c = self.lock();
+        c.0 = c.0.saturating_sub(1);
+        drop(c);
+        self.freed.notify_waiters();
+    }
+
+    fn set_max(&self, max: u32) {
+        let mut c = self.lock();
+        let raised = c.1 != 0 && (max == 0 || max > c.1);
+        c.1 = max;
+        drop(c);
+        if raised {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// (connections open under it, the cap; 0: none).
+    pub fn counts(&self) -> (u32, u32) {
+        *self.lock()
+    }
+
+    /// The cap, for an error message: `max_db_connections (5) of database "app" on the
+    /// primary`.
+    pub fn describe(&self) -> String {
+        let (setting, what, name, target) = match &self.key {
+            CapKey::Database(d, t) => ("max_db_connections", "database", d, t),
+            CapKey::User(u, t) => ("max_user_connections", "user", u, t),
+        };
+        let on = match target {
+            PoolTarget::Primary => "the primary".to_string(),
+            PoolTarget::Replica(r) => format!("the replica {r}"),
+        };
+        format!("{setting} ({}) of {what} {name:?} on {on}", self.counts().1)
+    }
+}
+
+/// A server connection's place under its pool's caps ([`Pool::permit`]), given back when the
+/// connection closes (is dropped).
+#[derive(Debug, Default)]
+pub struct Permit {
+    caps: Vec<Arc<Cap>>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        for c in &self.caps {
+            c.give_back();
+        }
+    }
+}
+
+/// The pools told to close connections coming back while a client waits in
+/// [`Pool::permit`]; told to stop when it stops waiting.
+struct Squeezed(Vec<Arc<Pool>>);
+
+impl Drop for Squeezed {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let mut s = p.lock();
+            s.squeeze = s.squeeze.saturating_sub(1);
+        }
+    }
+}
+
 /// A server connection, for `SHOW SERVERS`.
 #[derive(Debug, Clone)]
 pub struct ServerRow {
@@ -663,17 +846,81 @@ pub struct Live {
     row: ServerRow,
 }
 
-/// Every pool, created on first use.
+/// Every pool, created on first use, and the caps over them.
 #[derive(Debug, Default)]
 pub struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    caps: Mutex<HashMap<CapKey, Arc<Cap>>>,
+}
+
+/// What a new pool is made with, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    /// `pool_size`.
+    pub pool: u32,
+    /// `max_db_connections`.
+    pub db: u32,
+    /// `max_user_connections`.
+    pub user: u32,
+}
+
+impl Sizes {
+    /// The sizes `cfg` sets.
+    pub fn of(cfg: &crate::config::ProxyConfig) -> Sizes {
+        Sizes { pool: cfg.pool_size, db: cfg.max_db_connections, user: cfg.max_user_connections }
+    }
 }
 
 impl Pools {
-    /// The pool for `key`, created with `size` if new.
-    pub fn get(&self, key: PoolKey, size: u32) -> Arc<Pool> {
+    /// The pool for `key`, created with `sizes` if new.
+    pub fn get(&self, key: PoolKey, sizes: Sizes) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        pools.entry(key.clone()).or_insert_with(|| Arc::new(Pool::new(key, size))).clone()
+        if let Some(p) = pools.get(&key) {
+            return p.clone();
+        }
+        let mut pool = Pool::new(key.clone(), sizes.pool);
+        let mut caps = self.caps.lock().unwrap_or_else(PoisonError::into_inner);
+        for (k, max) in [
+            (CapKey::Database(key.database.clone(), key.target.clone()), sizes.db),
+            (CapKey::User(key.user.clone(), key.target.clone()), sizes.user),
+        ] {
+            pool.caps.push(caps.entry(k.clone()).or_insert_with(|| Arc::new(Cap::new(k, max))).clone());
+        }
+        drop(caps);
+        pools.entry(key).or_insert(Arc::new(pool)).clone()
+    }
+
+    /// Applies reloaded sizes to every pool and cap.
+    pub fn resize(&self, sizes: Sizes) {
+        for p in self.all() {
+            p.resize(sizes.pool);
+        }
+        for c in self.caps.lock().unwrap_or_else(PoisonError::into_inner).values() {
+            c.set_max(match c.key {
+                CapKey::Database(..) => sizes.db,
+                CapKey::User(..) => sizes.user,
+            });
+        }
+    }
+
+    /// The pools under `cap`.
+    fn under(&self, cap: &Arc<Cap>) -> Vec<Arc<Pool>> {
+        let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        pools.values().filter(|p| p.caps.iter().any(|c| Arc::ptr_eq(c, cap))).cloned().collect()
+    }
+
+    /// Closes one idle connection under `cap` (of the pool with the most idle ones); whether
+    /// there was one.
+    fn close_idle_under(&self, cap: &Arc<Cap>) -> bool {
+        let mut pools = self.under(cap);
+        pools.sort_by_key(|p| std::cmp::Reverse(p.counts().1));
+        pools.iter().any(|p| p.close_one_idle())
+    }
+
+    /// The pooled connections of `database` open (or being opened), over its servers.
+    pub fn database_connections(&self, database: &str) -> u32 {
+        let caps = self.caps.lock().unwrap_or_else(PoisonError::into_inner);
+        caps.values().filter(|c| matches!(&c.key, CapKey::Database(d, _) if d == database)).map(|c| c.counts().0).sum()
     }
 
     /// Server connections in use in the pool `key` (0 when it does not exist yet).
@@ -697,13 +944,6 @@ impl Pools {
             k(a).cmp(&k(b))
         });
         v
-    }
-
-    /// Applies a new `pool_size` to every pool.
-    pub fn resize(&self, size: u32) {
-        for p in self.all() {
-            p.resize(size);
-        }
     }
 
     /// The pools of `database` (every pool for `None`), as [`Pools::all`].
@@ -868,5 +1108,69 @@ mod tests {
         assert!(Arc::ptr_eq(&c, &pool.share_auth(auth("two"))));
         // Clients that logged in before keep theirs.
         assert_eq!(a.password.as_deref(), Some("one"));
+    }
+
+    fn key(database: &str, user: &str) -> PoolKey {
+        PoolKey { database: database.into(), user: user.into(), target: PoolTarget::Primary }
+    }
+
+    #[tokio::test]
+    async fn a_database_cap_spans_its_users_pools_and_a_closed_connection_makes_room() {
+        let pools = Pools::default();
+        let sizes = Sizes { pool: 10, db: 2, user: 0 };
+        let (a, b) = (pools.get(key("db", "a"), sizes), pools.get(key("db", "b"), sizes));
+        let other = pools.get(key("other", "b"), sizes);
+        let soon = || Instant::now() + Duration::from_secs(5);
+        let p1 = a.permit(&pools, soon()).await.expect("room");
+        let p2 = a.permit(&pools, soon()).await.expect("room");
+        assert_eq!(pools.database_connections("db"), 2);
+        // Another database, and another server of the same database, are not under it.
+        let _o = other.permit(&pools, soon()).await.expect("another database's cap");
+        let replica = pools.get(PoolKey { target: PoolTarget::Replica("n2".into()), ..key("db", "a") }, sizes);
+        let _r = replica.permit(&pools, soon()).await.expect("another server's cap");
+        // b's pool has slots, but the database has no room: it waits, and its wait tells
+        // the pools under the cap to close connections coming back.
+        let mut waiting = Box::pin(b.permit(&pools, soon()));
+        assert!(futures_poll(&mut waiting).is_none());
+        assert_eq!((a.lock().squeeze, b.lock().squeeze, other.lock().squeeze), (1, 1, 0));
+        drop(p1);
+        let p3 = waiting.await.expect("the room a closed connection left");
+        assert_eq!((a.lock().squeeze, b.lock().squeeze), (0, 0), "told to stop when the wait ended");
+        // Two on the primary, one on the replica.
+        assert_eq!(pools.database_connections("db"), 3);
+        // At its deadline the wait ends with the cap that was full, named in full.
+        let err = b.permit(&pools, Instant::now() + Duration::from_millis(100)).await.expect_err("no room");
+        assert_eq!(err.describe(), "max_db_connections (2) of database \"db\" on the primary");
+        assert_eq!(a.lock().squeeze, 0);
+        drop((p2, p3));
+        assert_eq!(pools.database_connections("db"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_user_cap_raised_or_lifted_by_a_reload_lets_waiting_pools_open() {
+        let pools = Pools::default();
+        let sizes = Sizes { pool: 10, db: 0, user: 1 };
+        let (x, y) = (pools.get(key("x", "app"), sizes), pools.get(key("y", "app"), sizes));
+        let soon = || Instant::now() + Duration::from_secs(5);
+        let _held = x.permit(&pools, soon()).await.expect("room");
+        let mut waiting = Box::pin(y.permit(&pools, soon()));
+        assert!(futures_poll(&mut waiting).is_none());
+        pools.resize(Sizes { user: 0, ..sizes });
+        let _second = waiting.await.expect("no cap any more");
+        // Counted without a cap too: a cap set again starts from the connections open.
+        pools.resize(Sizes { user: 2, ..sizes });
+        let err = x.permit(&pools, Instant::now() + Duration::from_millis(100)).await.expect_err("full");
+        assert_eq!(err.describe(), "max_user_connections (2) of user \"app\" on the primary");
+        // A pool made outside `Pools` has no caps.
+        let alone = pool(1);
+        drop(alone.permit(&pools, Instant::now()).await.expect("no caps"));
+    }
+
+    /// Polls once.
+    fn futures_poll<T>(f: &mut Pin<Box<impl Future<Output = T>>>) -> Option<T> {
+        match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(r) => Some(r),
+            Poll::Pending => None,
+        }
     }
 }

@@ -198,6 +198,9 @@ pub struct ServerConn {
     /// The protocol-level prepared statements it has (see [`crate::prepared`]).
     pub statements: ServerStatements,
     decoder: BackendDecoder,
+    /// Its place under `max_db_connections` and `max_user_connections`, given back when it
+    /// closes (none for a connection outside the pools).
+    pub permit: crate::pool::Permit,
 }
 
 /// Where a cancel request for a client goes: the server connection serving it now.
@@ -328,6 +331,7 @@ impl ServerConn {
             live: None,
             cancel: None,
             cancel_lent: 0,
+            permit: Default::default(),
         };
         let io = |e: std::io::Error| ConnectError::Retry(format!("lost the connection to {at} during login: {e}"));
         let mut out = BytesMut::new();

@@ -38,7 +38,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::{AuthType, ClientTlsMode, LoadBalance, NoReplica, PoolMode, ProxyConfig};
-use crate::pool::{NoSlot, Pool, PoolKey, PoolTarget, Pools, Slot};
+use crate::pool::{Cap, NoSlot, Pool, PoolKey, PoolTarget, Pools, Sizes, Slot};
 use crate::prepared::{self, StmtDef};
 use crate::protocol::{
     sqlstate, AuthExpect, Authentication, BackendMessage, ErrorFields, FieldDescription, Frame, FrontendDecoder,
@@ -256,8 +256,10 @@ impl Shared {
         if old.primary_functions != config.primary_functions || old.replica_functions != config.replica_functions {
             self.new_classifier(&config);
         }
-        if old.pool_size != config.pool_size {
-            self.pools.resize(config.pool_size);
+        if (old.pool_size, old.max_db_connections, old.max_user_connections)
+            != (config.pool_size, config.max_db_connections, config.max_user_connections)
+        {
+            self.pools.resize(crate::pool::Sizes::of(&config));
         }
         *self.userlist.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(userlist);
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
@@ -1340,7 +1342,7 @@ impl Session {
             return;
         }
         let key = PoolKey { database: self.database.clone(), user: self.user.clone(), target: PoolTarget::Primary };
-        let pool = self.shared.pools.get(key, self.shared.config().pool_size);
+        let pool = self.shared.pools.get(key, Sizes::of(&self.shared.config()));
         self.server_auth = Some(pool.share_auth(auth));
         pool.share_settings(&mut self.desired);
         self.pool = Some(pool);
@@ -2009,6 +2011,34 @@ impl Session {
         }
     }
 
+    /// The right to open a server connection for `pool` under `max_db_connections` and
+    /// `max_user_connections` ([`Pool::permit`]), waiting at most `query_wait_timeout`.
+    async fn permit(&self, pool: &Pool, cfg: &ProxyConfig) -> Result<crate::pool::Permit, Fail> {
+        let deadline = Instant::now() + cfg.query_wait_timeout;
+        if let Some(i) = &self.info {
+            i.waiting.store(true, Ordering::Relaxed);
+        }
+        let permit = pool.permit(&self.shared.pools, deadline).await;
+        if let Some(i) = &self.info {
+            i.waiting.store(false, Ordering::Relaxed);
+        }
+        permit.map_err(|cap: Arc<Cap>| {
+            let (open, _) = cap.counts();
+            Fail::new(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "no server connection for database {:?} user {:?} could be opened within query_wait_timeout \
+                     ({}): {} is reached ({open} open, all in use); raise it or shorten the transactions that \
+                     hold them",
+                    self.database,
+                    self.user,
+                    pgkeel_config::format_duration(cfg.query_wait_timeout),
+                    cap.describe()
+                ),
+            )
+        })
+    }
+
     /// A connection to `replica` from its pool, or a new one. The inner `Err` says why the
     /// replica cannot be used (then the read goes elsewhere); the outer one ends the session.
     async fn attach_replica_conn(&mut self, replica: &Replica) -> Result<Result<Attached, String>, Fail> {
@@ -2020,7 +2050,7 @@ impl Session {
             user: self.user.clone(),
             target: PoolTarget::Replica(replica.name.clone()),
         };
-        let pool = self.shared.pools.get(key, self.shared.config().pool_size);
+        let pool = self.shared.pools.get(key, Sizes::of(&self.shared.config()));
         let slot = self.slot(&pool, Instant::now()).await?;
         let conn = match pool.take_idle(0) {
             Some(c) => c,
@@ -2028,8 +2058,10 @@ impl Session {
                 let cfg = self.shared.config();
                 let auth =
                     self.server_auth.as_deref().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"))?;
+                let permit = self.permit(&pool, &cfg).await?;
                 match Box::pin(ServerConn::connect_replica(replica, &self.database, auth, Dial::of(&cfg))).await {
-                    Ok(c) => {
+                    Ok(mut c) => {
+                        c.permit = permit;
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a replica connection");
                         if let Some(p) = &self.pool {
                             p.set_welcome(&c);
@@ -2111,8 +2143,10 @@ impl Session {
                 if let Some(c) = pool.take_idle(term) {
                     break c;
                 }
+                let permit = self.permit(pool, &cfg).await?;
                 match Box::pin(ServerConn::connect(primary, &self.database, auth, Dial::of(&cfg))).await {
-                    Ok(c) if c.term >= topo_rx.borrow().newest_term => {
+                    Ok(mut c) if c.term >= topo_rx.borrow().newest_term => {
+                        c.permit = permit;
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a server connection");
                         pool.set_welcome(&c);
                         break Box::new(c);

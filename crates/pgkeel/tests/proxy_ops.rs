@@ -616,6 +616,112 @@ async fn proxy_closes_clients_idle_longer_than_client_idle_timeout() {
     busy.simple_query("select 1").await.expect("the busy client is still connected");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_caps_server_connections_per_database_and_user() {
+    let c = Cluster::up(bin(), 1).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let direct = c.node_dsn(&leader);
+    psql(&direct, "create database capped").expect("create database");
+    psql(&direct, "create role app login password 'app-secret'").expect("create role");
+    let backends = || {
+        psql(
+            &direct,
+            "select count(*) from pg_stat_activity where datname = 'capped' and backend_type = 'client backend'",
+        )
+        .expect("count backends")
+        .parse::<u32>()
+        .expect("a count")
+    };
+    let alive = |pid: &str| {
+        psql(&direct, &format!("select count(*) from pg_stat_activity where pid = {pid}")).expect("pg_stat_activity")
+            == "1"
+    };
+    let p = OpsProxy::start(&c, "pool_size = 5\nmax_db_connections = 2\nquery_wait_timeout = \"2s\"").await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    assert_eq!(config_value(&admin, "max_db_connections").await, "2");
+    let (app_dsn, pg_dsn) = (p.dsn_as("app", "app-secret", "capped"), p.dsn("capped"));
+    let app = || connect(&app_dsn);
+    let pg = || connect(&pg_dsn);
+
+    // Two users' pools of one database fill its cap between them.
+    let mut a1 = pg().await.unwrap();
+    let a1_tx = a1.transaction().await.unwrap();
+    let a1_pid = first_value(&a1_tx.simple_query("select pg_backend_pid()").await.unwrap());
+    let mut b1 = app().await.unwrap();
+    let b1_tx = b1.transaction().await.unwrap();
+    b1_tx.simple_query("select 1").await.unwrap();
+    let db_row = |rows: Vec<std::collections::HashMap<String, String>>| {
+        rows.into_iter().find(|r| r["database"] == "capped").expect("a row of capped")
+    };
+    let row = db_row(show(&admin, "SHOW DATABASES").await);
+    assert_eq!((row["current_connections"].as_str(), row["max_connections"].as_str()), ("2", "2"));
+
+    // Both in use: the app pool has free slots but the database has no room. The wait ends at
+    // query_wait_timeout with an error naming the cap.
+    let b2 = app().await.unwrap();
+    let e = b2.simple_query("select 2").await.expect_err("no room under the cap");
+    let msg = message(&e);
+    assert!(
+        msg.starts_with("53300")
+            && msg.contains("max_db_connections (2) of database \"capped\" on the primary")
+            && msg.contains("query_wait_timeout (2s)"),
+        "{msg}"
+    );
+    assert_eq!(backends(), 2);
+
+    // A waiting client gets the room of a connection another user's pool gives back: that
+    // pool closes it instead of keeping it idle.
+    let b3 = app().await.unwrap();
+    let waiting = tokio::spawn(async move {
+        let pid = first_value(&b3.simple_query("select pg_backend_pid()").await.expect("no error"));
+        (b3, pid)
+    });
+    wait_for("the client to wait for room", Duration::from_secs(10), || async {
+        (db_row(show(&admin, "SHOW DATABASES").await)["cl_waiting"] == "1").then_some(())
+    })
+    .await;
+    a1_tx.commit().await.unwrap();
+    let (b3, b3_pid) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting client runs once a connection came back")
+        .unwrap();
+    assert!(!alive(&a1_pid), "the connection given back was closed");
+    assert_eq!(backends(), 2);
+
+    // An idle connection of another pool is closed to make room at once (without it the
+    // query would wait out query_wait_timeout and fail).
+    let a2 = pg().await.unwrap();
+    a2.simple_query("select 4").await.expect("room made by closing the app pool's idle connection");
+    assert!(!alive(&b3_pid), "the idle connection was closed for it");
+    assert_eq!(backends(), 2);
+    let row = db_row(show(&admin, "SHOW DATABASES").await);
+    assert_eq!(row["current_connections"], "2");
+
+    // max_user_connections, set by RELOAD: one connection for app over every database. b1
+    // holds it (in capped); app's first login to another database needs a connection (for
+    // the server's parameters), waits for room, then fails.
+    p.config.write("pool_size = 5\nmax_user_connections = 1\nquery_wait_timeout = \"2s\"");
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    assert_eq!(config_value(&admin, "max_user_connections").await, "1");
+    let Err(e) = connect(&p.dsn_as("app", "app-secret", "postgres")).await else {
+        panic!("app logged in to a second database past max_user_connections")
+    };
+    let msg = message(&e);
+    assert!(msg.starts_with("53300") && msg.contains("max_user_connections (1) of user \"app\""), "{msg}");
+    // Lifted by another RELOAD while a client of app waits: it runs at once.
+    let waiting = tokio::spawn(async move { b3.simple_query("select 6").await.map(|r| first_value(&r)) });
+    wait_for("app's client to wait for room", Duration::from_secs(10), || async {
+        (db_row(show(&admin, "SHOW DATABASES").await)["cl_waiting"] == "1").then_some(())
+    })
+    .await;
+    p.config.write("pool_size = 5\nquery_wait_timeout = \"2s\"");
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    let v = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("it runs after the reload").unwrap();
+    assert_eq!(v.expect("without an error"), "6");
+    b1_tx.commit().await.expect("the transaction held all along commits");
+    drop((b2, a2));
+}
+
 /// A process killed (and reaped) on drop.
 struct Reaped(std::process::Child);
 
