@@ -233,6 +233,11 @@ pub struct ProxyConfig {
     pub max_db_connections: u32,
     /// Server connections of one user on one server, over its databases' pools; 0: no cap.
     pub max_user_connections: u32,
+    /// Server connections a pool may open beyond `pool_size` for clients that waited
+    /// `reserve_pool_timeout`; 0: none.
+    pub reserve_pool_size: u32,
+    /// See `reserve_pool_size`.
+    pub reserve_pool_timeout: Duration,
     /// Client connections accepted at once; more are refused with SQLSTATE 53300.
     pub max_client_conn: u32,
     /// How long a client waits for a server connection of a full pool before it gets an
@@ -319,6 +324,8 @@ impl ProxyConfig {
     pub const DEFAULT_SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
     /// Default age at which a server connection is replaced (PgBouncer's).
     pub const DEFAULT_SERVER_LIFETIME: Duration = Duration::from_secs(3600);
+    /// `reserve_pool_timeout`, as PgBouncer's.
+    pub const DEFAULT_RESERVE_POOL_TIMEOUT: Duration = Duration::from_secs(5);
     /// Default replica lag limit: 16 MiB of WAL.
     pub const DEFAULT_MAX_REPLICA_LAG: u64 = 16 << 20;
     /// Default prepared statements per server connection (PgBouncer's default).
@@ -376,6 +383,8 @@ const TOP: &[&str] = &[
     "pool_size",
     "max_db_connections",
     "max_user_connections",
+    "reserve_pool_size",
+    "reserve_pool_timeout",
     "max_client_conn",
     "query_wait_timeout",
     "failover_hold_timeout",
@@ -825,9 +834,12 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
     let pool_size = count(&table, "pool_size", ProxyConfig::DEFAULT_POOL_SIZE, 1, 10_000)?;
     let max_db_connections = count(&table, "max_db_connections", 0, 0, 100_000)?;
     let max_user_connections = count(&table, "max_user_connections", 0, 0, 100_000)?;
+    let reserve_pool_size = count(&table, "reserve_pool_size", 0, 0, 10_000)?;
     let max_client_conn = count(&table, "max_client_conn", ProxyConfig::DEFAULT_MAX_CLIENT_CONN, 1, 1_000_000)?;
     let ms = Duration::from_millis;
     let query_wait_timeout = duration(&table, "query_wait_timeout", ProxyConfig::DEFAULT_QUERY_WAIT_TIMEOUT, ms(10))?;
+    let reserve_pool_timeout =
+        duration(&table, "reserve_pool_timeout", ProxyConfig::DEFAULT_RESERVE_POOL_TIMEOUT, ms(0))?;
     let failover_hold_timeout =
         duration(&table, "failover_hold_timeout", ProxyConfig::DEFAULT_FAILOVER_HOLD_TIMEOUT, ms(0))?;
     let server_connect_timeout =
@@ -900,6 +912,8 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         pool_size,
         max_db_connections,
         max_user_connections,
+        reserve_pool_size,
+        reserve_pool_timeout,
         max_client_conn,
         query_wait_timeout,
         failover_hold_timeout,
@@ -1082,6 +1096,11 @@ pool_size = 20
 # max_db_connections times the databases below postgres's max_connections. 0: no cap.
 max_db_connections = 0
 max_user_connections = 0
+# Connections a pool may open beyond pool_size when a client waited reserve_pool_timeout for a
+# full pool (a burst, a few slow transactions); they close as they come back once nobody waits
+# that long. 0: none.
+reserve_pool_size = 0
+reserve_pool_timeout = "5s"
 # Client connections accepted at once; more are refused (SQLSTATE 53300).
 max_client_conn = 1000
 # How long a client waits for a connection of a full pool before it gets SQLSTATE 53300 and is
@@ -1235,6 +1254,8 @@ mod tests {
         assert_eq!(c.max_client_conn, d.max_client_conn);
         assert_eq!((c.max_db_connections, c.max_user_connections), (0, 0));
         assert_eq!((d.max_db_connections, d.max_user_connections), (0, 0));
+        assert_eq!((c.reserve_pool_size, c.reserve_pool_timeout), (d.reserve_pool_size, d.reserve_pool_timeout));
+        assert_eq!((d.reserve_pool_size, d.reserve_pool_timeout), (0, Duration::from_secs(5)));
         assert_eq!(c.query_wait_timeout, d.query_wait_timeout);
         assert_eq!(c.failover_hold_timeout, d.failover_hold_timeout);
         assert_eq!(c.server_connect_timeout, d.server_connect_timeout);
@@ -1264,7 +1285,8 @@ mod tests {
              max_client_conn = 10\nquery_wait_timeout = \"1500ms\"\nfailover_hold_timeout = 12\n\
              server_connect_timeout = 0.5\nserver_idle_timeout = \"1m\"\nserver_lifetime = 0\n\
              tcp_keepidle = \"5s\"\ntcp_keepintvl = 2\ntcp_keepcnt = 3\ntcp_user_timeout = \"30s\"\n\
-             client_idle_timeout = \"10m\"\nmax_db_connections = 40\nmax_user_connections = 25\n",
+             client_idle_timeout = \"10m\"\nmax_db_connections = 40\nmax_user_connections = 25\n\
+             reserve_pool_size = 3\nreserve_pool_timeout = \"250ms\"\n",
         ));
         assert_eq!(c.client_idle_timeout, Some(Duration::from_secs(600)));
         let tcp = TcpOptions {
@@ -1280,6 +1302,7 @@ mod tests {
         assert_eq!(c.pool_mode, PoolMode::Session);
         assert_eq!((c.pool_size, c.max_client_conn), (3, 10));
         assert_eq!((c.max_db_connections, c.max_user_connections), (40, 25));
+        assert_eq!((c.reserve_pool_size, c.reserve_pool_timeout), (3, Duration::from_millis(250)));
         assert_eq!(c.query_wait_timeout, Duration::from_millis(1500));
         assert_eq!(c.failover_hold_timeout, Duration::from_secs(12));
         assert_eq!(c.server_connect_timeout, Duration::from_millis(500));

@@ -109,6 +109,8 @@ impl Pool {
                 close_opened_before: None,
                 low_water: 0,
                 squeeze: 0,
+                reserve: 0,
+                reserve_timeout: Duration::ZERO,
             }),
             watchdog: Arc::default(),
             stats: PoolStats::default(),
@@ -154,16 +156,18 @@ impl Pool {
             }
             let deadline = since.checked_add(timeout).unwrap_or(since + Duration::from_secs(86_400 * 365));
             let waiter = Arc::new(Waiter { since, deadline, state: Mutex::new(Wait::Queued(None)) });
+            // The watchdog also hands out reserve slots, after reserve_pool_timeout.
+            let due = s.reserve_due(&waiter).map_or(deadline, |r| r.min(deadline));
             s.waiters.push_back(waiter.clone());
             match s.watchdog {
                 Watchdog::None => {
-                    s.watchdog = Watchdog::At(deadline);
+                    s.watchdog = Watchdog::At(due);
                     tokio::spawn(watchdog(Arc::downgrade(self), self.watchdog.clone()));
                 }
-                Watchdog::At(at) if at <= deadline => {}
+                Watchdog::At(at) if at <= due => {}
                 // It sleeps until a later deadline, or until a client waits: wake it.
                 Watchdog::At(_) | Watchdog::Idle => {
-                    s.watchdog = Watchdog::At(deadline);
+                    s.watchdog = Watchdog::At(due);
                     self.watchdog.notify_one();
                 }
             }
@@ -174,26 +178,56 @@ impl Pool {
 
     /// Gives a slot up: to the client that has waited longest, if any. `conn`: a clean
     /// connection going back to the idle list first, under the same lock.
+    ///
+    /// A slot above `pool_size` (a reserve slot, or one a shrink retired) goes on only to a
+    /// client that waited `reserve_pool_timeout`, within `reserve_pool_size`; otherwise it
+    /// retires, and its connection is closed, so that the pool comes back to its size.
     fn release(self: &Arc<Self>, conn: Option<Box<ServerConn>>) {
         let mut s = self.lock();
-        s.keep(conn);
-        if s.held <= s.size {
-            if let Some(w) = s.next_waiter() {
-                drop(s);
-                // The slot (s.held unchanged) is the waiter's now.
-                if let Some(waker) = w {
-                    waker.wake();
-                }
-                return;
+        if s.held > s.size && !(s.held <= s.size + s.reserve && s.overdue(Instant::now())) {
+            s.held -= 1;
+            drop(s);
+            if let Some(c) = conn {
+                tracing::debug!(server = ?c, "closing a server connection above pool_size (reserve_pool_size or a smaller pool_size)");
             }
+            return;
+        }
+        s.keep(conn);
+        if let Some(w) = s.next_waiter() {
+            drop(s);
+            // The slot (s.held unchanged) is the waiter's now.
+            if let Some(waker) = w {
+                waker.wake();
+            }
+            return;
         }
         s.held -= 1;
     }
 
-    /// Times out the clients whose deadline passed; the earliest deadline of the others.
+    /// Hands reserve slots to the clients that waited `reserve_pool_timeout` (oldest first,
+    /// within `reserve_pool_size`), times out the clients whose deadline passed; when to look
+    /// again: the earliest deadline or reserve time of the others.
     fn expire(&self, now: Instant) -> Option<Instant> {
         let mut wake = Vec::new();
         let mut s = self.lock();
+        let mut reserved = 0;
+        while s.reserve_wanted(now) {
+            let Some(w) = s.next_waiter() else { break };
+            s.held += 1;
+            reserved += 1;
+            wake.extend(w);
+        }
+        if reserved > 0 {
+            let (in_use, size) = (s.held - s.size.min(s.held), s.reserve);
+            tracing::info!(
+                database = %self.key.database,
+                user = %self.key.user,
+                target = ?self.key.target,
+                reserve_in_use = in_use,
+                reserve_pool_size = size,
+                "clients waited longer than reserve_pool_timeout for a full pool: it opens reserve connections"
+            );
+        }
         s.waiters.retain(|w| {
             if w.deadline > now {
                 return true;
@@ -205,7 +239,7 @@ impl Pool {
             *state = Wait::TimedOut;
             false
         });
-        let next = s.waiters.iter().map(|w| w.deadline).min();
+        let next = s.waiters.iter().map(|w| s.reserve_due(w).map_or(w.deadline, |r| r.min(w.deadline))).min();
         s.watchdog = next.map_or(Watchdog::Idle, Watchdog::At);
         drop(s);
         for w in wake {
@@ -221,14 +255,17 @@ impl Pool {
         (s.waiters.len(), longest)
     }
 
-    /// Changes the pool's size (a reload changed `pool_size`). Growing takes effect at once
-    /// (waiting clients get the new slots); shrinking retires free slots now and busy ones
-    /// as they come back, and closes idle connections beyond the new size. Clients keep the
-    /// connections they hold.
-    pub fn resize(&self, size: u32) {
+    /// Changes the pool's size (a reload changed `pool_size` or the reserve). Growing takes
+    /// effect at once (waiting clients get the new slots); shrinking retires free slots now and
+    /// busy ones as they come back, and closes idle connections beyond the new size. Clients
+    /// keep the connections they hold.
+    pub fn resize(&self, sizes: Sizes) {
         let mut wake = Vec::new();
         let mut s = self.lock();
-        s.size = size;
+        let size = sizes.pool;
+        (s.size, s.reserve, s.reserve_timeout) = (size, sizes.reserve, sizes.reserve_timeout);
+        // It looks again at the reserve.
+        self.watchdog.notify_one();
         while s.held < s.size {
             match s.next_waiter() {
                 Some(w) => {
@@ -512,6 +549,10 @@ enum Watchdog {
 struct State {
     /// `pool_size`; changed by a reload ([`Pool::resize`]).
     size: u32,
+    /// `reserve_pool_size`: slots beyond `size` for clients that waited `reserve_timeout`.
+    reserve: u32,
+    /// `reserve_pool_timeout`.
+    reserve_timeout: Duration,
     /// Slots held by clients. Above `size` after a shrink, until enough come back.
     held: u32,
     /// Boxed although in a `Vec`: a connection moves between the pool and a client once per
@@ -561,6 +602,21 @@ impl State {
         }
         self.low_water = self.low_water.min(self.idle.len());
         taken
+    }
+
+    /// When `w` may get a reserve slot; `None`: the pool has no reserve.
+    fn reserve_due(&self, w: &Waiter) -> Option<Instant> {
+        (self.reserve > 0).then(|| w.since + self.reserve_timeout)
+    }
+
+    /// The client that waited longest waited long enough for a reserve slot.
+    fn overdue(&self, now: Instant) -> bool {
+        self.waiters.front().and_then(|w| self.reserve_due(w)).is_some_and(|due| due <= now)
+    }
+
+    /// A reserve slot is free, and a client waited long enough for it.
+    fn reserve_wanted(&self, now: Instant) -> bool {
+        self.held < self.size + self.reserve && self.overdue(now)
     }
 
     /// Takes a free slot, if there is one.
@@ -854,7 +910,7 @@ pub struct Pools {
 }
 
 /// What a new pool is made with, from the configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sizes {
     /// `pool_size`.
     pub pool: u32,
@@ -862,12 +918,22 @@ pub struct Sizes {
     pub db: u32,
     /// `max_user_connections`.
     pub user: u32,
+    /// `reserve_pool_size`.
+    pub reserve: u32,
+    /// `reserve_pool_timeout`.
+    pub reserve_timeout: Duration,
 }
 
 impl Sizes {
     /// The sizes `cfg` sets.
     pub fn of(cfg: &crate::config::ProxyConfig) -> Sizes {
-        Sizes { pool: cfg.pool_size, db: cfg.max_db_connections, user: cfg.max_user_connections }
+        Sizes {
+            pool: cfg.pool_size,
+            db: cfg.max_db_connections,
+            user: cfg.max_user_connections,
+            reserve: cfg.reserve_pool_size,
+            reserve_timeout: cfg.reserve_pool_timeout,
+        }
     }
 }
 
@@ -879,6 +945,8 @@ impl Pools {
             return p.clone();
         }
         let mut pool = Pool::new(key.clone(), sizes.pool);
+        let s = pool.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        (s.reserve, s.reserve_timeout) = (sizes.reserve, sizes.reserve_timeout);
         let mut caps = self.caps.lock().unwrap_or_else(PoisonError::into_inner);
         for (k, max) in [
             (CapKey::Database(key.database.clone(), key.target.clone()), sizes.db),
@@ -893,7 +961,7 @@ impl Pools {
     /// Applies reloaded sizes to every pool and cap.
     pub fn resize(&self, sizes: Sizes) {
         for p in self.all() {
-            p.resize(sizes.pool);
+            p.resize(sizes);
         }
         for c in self.caps.lock().unwrap_or_else(PoisonError::into_inner).values() {
             c.set_max(match c.key {
@@ -1056,10 +1124,10 @@ mod tests {
     async fn resizing_hands_new_slots_to_waiters_and_retires_returned_ones() {
         let p = pool(1);
         let (a, [mut w1]) = one_held(&p);
-        p.resize(2);
+        p.resize(sized(2));
         let b = poll(&mut w1).expect("growing served the waiter");
         assert_eq!(p.counts(), (2, 0, 2));
-        p.resize(1);
+        p.resize(sized(1));
         let mut w2 = wait(&p);
         assert!(poll(&mut w2).is_none());
         drop(a);
@@ -1110,6 +1178,10 @@ mod tests {
         assert_eq!(a.password.as_deref(), Some("one"));
     }
 
+    fn sized(pool: u32) -> Sizes {
+        Sizes { pool, db: 0, user: 0, reserve: 0, reserve_timeout: Duration::ZERO }
+    }
+
     fn key(database: &str, user: &str) -> PoolKey {
         PoolKey { database: database.into(), user: user.into(), target: PoolTarget::Primary }
     }
@@ -1117,7 +1189,7 @@ mod tests {
     #[tokio::test]
     async fn a_database_cap_spans_its_users_pools_and_a_closed_connection_makes_room() {
         let pools = Pools::default();
-        let sizes = Sizes { pool: 10, db: 2, user: 0 };
+        let sizes = Sizes { db: 2, ..sized(10) };
         let (a, b) = (pools.get(key("db", "a"), sizes), pools.get(key("db", "b"), sizes));
         let other = pools.get(key("other", "b"), sizes);
         let soon = || Instant::now() + Duration::from_secs(5);
@@ -1149,7 +1221,7 @@ mod tests {
     #[tokio::test]
     async fn a_user_cap_raised_or_lifted_by_a_reload_lets_waiting_pools_open() {
         let pools = Pools::default();
-        let sizes = Sizes { pool: 10, db: 0, user: 1 };
+        let sizes = Sizes { user: 1, ..sized(10) };
         let (x, y) = (pools.get(key("x", "app"), sizes), pools.get(key("y", "app"), sizes));
         let soon = || Instant::now() + Duration::from_secs(5);
         let _held = x.permit(&pools, soon()).await.expect("room");
@@ -1171,6 +1243,42 @@ mod tests {
         match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(r) => Some(r),
             Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn reserve_slots_go_to_clients_that_waited_reserve_pool_timeout_and_retire_after() {
+        let p = pool(1);
+        p.resize(Sizes { reserve: 1, reserve_timeout: Duration::from_millis(50), ..sized(1) });
+        let held = p.try_slot().expect("a free slot");
+        let started = Instant::now();
+        let w1 = p.slot(Instant::now(), Duration::from_secs(30)).await.expect("a reserve slot");
+        assert!(started.elapsed() >= Duration::from_millis(50), "not before reserve_pool_timeout");
+        assert_eq!(p.counts().0, 2, "one slot beyond pool_size");
+        // The reserve is in use: the next client waits for a slot given back.
+        let mut w2 = Box::pin(p.slot(Instant::now(), Duration::from_secs(30)));
+        assert!(futures_poll(&mut w2).is_none());
+        // A slot given back above pool_size goes on to a client that waited long enough...
+        wait_until(|| p.lock().overdue(Instant::now())).await;
+        drop(w1);
+        let w2 = w2.await.expect("the reserve slot handed over");
+        assert_eq!(p.counts().0, 2);
+        // ...and retires when nobody did: the pool is back to pool_size.
+        drop(w2);
+        assert_eq!(p.counts().0, 1);
+        assert!(p.try_slot().is_none(), "the retired slot is not free to newcomers");
+        // With no reserve, a waiting client gets nothing before its deadline.
+        p.resize(sized(1));
+        let e = p.slot(Instant::now(), Duration::from_millis(150)).await.expect_err("no reserve");
+        assert_eq!(e, NoSlot::TimedOut);
+        drop(held);
+    }
+
+    async fn wait_until(f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "condition not met within 10 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }

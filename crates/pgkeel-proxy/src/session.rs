@@ -256,9 +256,7 @@ impl Shared {
         if old.primary_functions != config.primary_functions || old.replica_functions != config.replica_functions {
             self.new_classifier(&config);
         }
-        if (old.pool_size, old.max_db_connections, old.max_user_connections)
-            != (config.pool_size, config.max_db_connections, config.max_user_connections)
-        {
+        if crate::pool::Sizes::of(&old) != crate::pool::Sizes::of(&config) {
             self.pools.resize(crate::pool::Sizes::of(&config));
         }
         *self.userlist.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(userlist);
@@ -1996,12 +1994,16 @@ impl Session {
                     PoolTarget::Primary => String::new(),
                     PoolTarget::Replica(name) => format!(" on the replica {name}"),
                 };
+                let reserve = match cfg.reserve_pool_size {
+                    0 => String::new(),
+                    r => format!(" and reserve_pool_size ({r})"),
+                };
                 Err(Fail::new(
                     sqlstate::TOO_MANY_CONNECTIONS,
                     format!(
                         "no server connection for database {:?} user {:?}{server} became free within \
-                         query_wait_timeout ({}): all {size} of pool_size are in use ({in_use} busy, {idle} idle); \
-                         raise pool_size or shorten the transactions that hold them",
+                         query_wait_timeout ({}): all {size} of pool_size{reserve} are in use ({in_use} busy, {idle} \
+                         idle); raise pool_size or shorten the transactions that hold them",
                         self.database,
                         self.user,
                         pgkeel_config::format_duration(cfg.query_wait_timeout)

@@ -722,6 +722,64 @@ async fn proxy_caps_server_connections_per_database_and_user() {
     drop((b2, a2));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_opens_reserve_connections_for_clients_that_waited_too_long() {
+    let c = Cluster::up(bin(), 1).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let direct = c.node_dsn(&leader);
+    psql(&direct, "create database burst").expect("create database");
+    let backends = || {
+        psql(
+            &direct,
+            "select count(*) from pg_stat_activity where datname = 'burst' and backend_type = 'client backend'",
+        )
+        .expect("count backends")
+    };
+    let p = OpsProxy::start(
+        &c,
+        "pool_size = 1\nreserve_pool_size = 1\nreserve_pool_timeout = \"500ms\"\nquery_wait_timeout = \"3s\"",
+    )
+    .await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    assert_eq!(config_value(&admin, "reserve_pool_timeout").await, "500ms");
+    let dsn = p.dsn("burst");
+    // A holds the pool's one connection in a transaction.
+    let mut a = connect(&dsn).await.unwrap();
+    let a_tx = a.transaction().await.unwrap();
+    a_tx.simple_query("select 1").await.unwrap();
+    // B waits, and after reserve_pool_timeout runs on a reserve connection while A's
+    // transaction is still open.
+    let b = connect(&dsn).await.unwrap();
+    let started = Instant::now();
+    let b_pid = first_value(&b.simple_query("select pg_backend_pid()").await.expect("a reserve connection"));
+    let waited = started.elapsed();
+    eprintln!("B ran after {waited:?}");
+    assert!(waited >= Duration::from_millis(500), "B ran before reserve_pool_timeout ({waited:?})");
+    // Given back with nobody waiting that long, the reserve connection closes: the pool is back
+    // to pool_size.
+    wait_for("the reserve connection to close", Duration::from_secs(10), || async {
+        (backends() == "1").then_some(())
+    })
+    .await;
+    assert!(server_pids(&admin, "burst").await.iter().all(|pid| *pid != b_pid));
+    // The reserve is free again: C gets it the same way, and holds it in a transaction.
+    let mut c2 = connect(&dsn).await.unwrap();
+    let c_tx = c2.transaction().await.unwrap();
+    c_tx.simple_query("select 3").await.expect("the reserve again");
+    assert_eq!(backends(), "2");
+    // pool_size and reserve_pool_size in use: D waits out query_wait_timeout.
+    let d = connect(&dsn).await.unwrap();
+    let msg = message(&d.simple_query("select 4").await.expect_err("nothing left"));
+    assert!(
+        msg.starts_with("53300")
+            && msg.contains("query_wait_timeout (3s): all 1 of pool_size and reserve_pool_size (1)"),
+        "{msg}"
+    );
+    a_tx.commit().await.unwrap();
+    c_tx.commit().await.unwrap();
+    assert_eq!(first_value(&b.simple_query("select 5").await.unwrap()), "5");
+}
+
 /// A process killed (and reaped) on drop.
 struct Reaped(std::process::Child);
 
