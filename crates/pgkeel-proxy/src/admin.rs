@@ -521,6 +521,7 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("pool_size", c.pool_size.to_string()),
         ("max_db_connections", c.max_db_connections.to_string()),
         ("max_user_connections", c.max_user_connections.to_string()),
+        ("min_pool_size", c.min_pool_size.to_string()),
         ("reserve_pool_size", c.reserve_pool_size.to_string()),
         ("reserve_pool_timeout", d(c.reserve_pool_timeout)),
         ("max_client_conn", c.max_client_conn.to_string()),

@@ -233,6 +233,9 @@ pub struct ProxyConfig {
     pub max_db_connections: u32,
     /// Server connections of one user on one server, over its databases' pools; 0: no cap.
     pub max_user_connections: u32,
+    /// Server connections each pool keeps open (at most `pool_size`), opened in the
+    /// background once a client logged in to it; 0: none.
+    pub min_pool_size: u32,
     /// Server connections a pool may open beyond `pool_size` for clients that waited
     /// `reserve_pool_timeout`; 0: none.
     pub reserve_pool_size: u32,
@@ -383,6 +386,7 @@ const TOP: &[&str] = &[
     "pool_size",
     "max_db_connections",
     "max_user_connections",
+    "min_pool_size",
     "reserve_pool_size",
     "reserve_pool_timeout",
     "max_client_conn",
@@ -834,6 +838,7 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
     let pool_size = count(&table, "pool_size", ProxyConfig::DEFAULT_POOL_SIZE, 1, 10_000)?;
     let max_db_connections = count(&table, "max_db_connections", 0, 0, 100_000)?;
     let max_user_connections = count(&table, "max_user_connections", 0, 0, 100_000)?;
+    let min_pool_size = count(&table, "min_pool_size", 0, 0, 10_000)?;
     let reserve_pool_size = count(&table, "reserve_pool_size", 0, 0, 10_000)?;
     let max_client_conn = count(&table, "max_client_conn", ProxyConfig::DEFAULT_MAX_CLIENT_CONN, 1, 1_000_000)?;
     let ms = Duration::from_millis;
@@ -912,6 +917,7 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         pool_size,
         max_db_connections,
         max_user_connections,
+        min_pool_size,
         reserve_pool_size,
         reserve_pool_timeout,
         max_client_conn,
@@ -1096,6 +1102,9 @@ pool_size = 20
 # max_db_connections times the databases below postgres's max_connections. 0: no cap.
 max_db_connections = 0
 max_user_connections = 0
+# Server connections each pool keeps open (at most pool_size), opened in the background once
+# a client logged in to it: load after a quiet spell or a failover finds them ready. 0: none.
+min_pool_size = 0
 # Connections a pool may open beyond pool_size when a client waited reserve_pool_timeout for a
 # full pool (a burst, a few slow transactions); they close as they come back once nobody waits
 # that long. 0: none.
@@ -1256,6 +1265,7 @@ mod tests {
         assert_eq!((d.max_db_connections, d.max_user_connections), (0, 0));
         assert_eq!((c.reserve_pool_size, c.reserve_pool_timeout), (d.reserve_pool_size, d.reserve_pool_timeout));
         assert_eq!((d.reserve_pool_size, d.reserve_pool_timeout), (0, Duration::from_secs(5)));
+        assert_eq!((c.min_pool_size, d.min_pool_size), (0, 0));
         assert_eq!(c.query_wait_timeout, d.query_wait_timeout);
         assert_eq!(c.failover_hold_timeout, d.failover_hold_timeout);
         assert_eq!(c.server_connect_timeout, d.server_connect_timeout);
@@ -1286,7 +1296,7 @@ mod tests {
              server_connect_timeout = 0.5\nserver_idle_timeout = \"1m\"\nserver_lifetime = 0\n\
              tcp_keepidle = \"5s\"\ntcp_keepintvl = 2\ntcp_keepcnt = 3\ntcp_user_timeout = \"30s\"\n\
              client_idle_timeout = \"10m\"\nmax_db_connections = 40\nmax_user_connections = 25\n\
-             reserve_pool_size = 3\nreserve_pool_timeout = \"250ms\"\n",
+             reserve_pool_size = 3\nmin_pool_size = 2\nreserve_pool_timeout = \"250ms\"\n",
         ));
         assert_eq!(c.client_idle_timeout, Some(Duration::from_secs(600)));
         let tcp = TcpOptions {
@@ -1303,6 +1313,7 @@ mod tests {
         assert_eq!((c.pool_size, c.max_client_conn), (3, 10));
         assert_eq!((c.max_db_connections, c.max_user_connections), (40, 25));
         assert_eq!((c.reserve_pool_size, c.reserve_pool_timeout), (3, Duration::from_millis(250)));
+        assert_eq!(c.min_pool_size, 2);
         assert_eq!(c.query_wait_timeout, Duration::from_millis(1500));
         assert_eq!(c.failover_hold_timeout, Duration::from_secs(12));
         assert_eq!(c.server_connect_timeout, Duration::from_millis(500));

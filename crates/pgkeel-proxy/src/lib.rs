@@ -265,8 +265,9 @@ async fn follow_topology(shared: Arc<session::Shared>, mut rx: watch::Receiver<t
     }
 }
 
-/// Closes pooled server connections by `server_idle_timeout` and `server_lifetime`, and idle
-/// clients by `client_idle_timeout`, all read afresh every second (a reload changes them).
+/// Closes pooled server connections by `server_idle_timeout` and `server_lifetime`, opens
+/// them for `min_pool_size` ([`fill_pools`]), and closes idle clients by
+/// `client_idle_timeout`, all read afresh every second (a reload changes them).
 /// None costs a transaction a clock read: unused connections are told by the idle list's
 /// low-water mark ([`pool::Pool::close_unused`]), old ones by the order connections were
 /// opened in, sampled here over time ([`pool::Pool::retire_opened_before`]), idle clients by
@@ -281,13 +282,16 @@ async fn expire_connections(shared: Arc<session::Shared>) {
         let cfg = shared.config();
         let now = Instant::now();
         if let Some(idle) = due(&mut last_unused_check, cfg.server_idle_timeout, now) {
-            let closed: usize = shared.pools.all().iter().map(|p| p.close_unused()).sum();
+            let closed: usize = shared.pools.all().iter().map(|p| p.close_unused(cfg.min_pool_size)).sum();
             if closed > 0 {
                 tracing::info!(closed, server_idle_timeout = %pgkeel_config::format_duration(idle), "closed unused server connections");
             }
         }
         if let Some(idle) = due(&mut last_client_check, cfg.client_idle_timeout, now) {
             expire_idle_clients(&shared, idle);
+        }
+        if cfg.min_pool_size > 0 {
+            fill_pools(&shared, cfg.min_pool_size);
         }
         let Some(life) = cfg.server_lifetime else {
             opened.clear();
@@ -314,6 +318,79 @@ async fn expire_connections(shared: Arc<session::Shared>) {
             }
         }
     }
+}
+
+/// `min_pool_size`: opens connections in the background for every pool (that a client logged
+/// in to, so that its login is known) with fewer than `min(min_pool_size, pool_size)` open,
+/// so that load coming back after a quiet spell, or after a failover closed the old
+/// primary's connections, finds them ready. One fill per pool at a time; a connection that a
+/// cap (`max_db_connections`, `max_user_connections`) has no room for is not opened. None
+/// while the proxy shuts down, nor for a database held by `PAUSE`.
+fn fill_pools(shared: &Arc<session::Shared>, min: u32) {
+    if shared.draining() {
+        return;
+    }
+    for pool in shared.pools.all() {
+        let missing = pool.missing(min);
+        if missing == 0 || pool.auth().is_none() || shared.hold.holds(&pool.key.database) || !pool.start_filling() {
+            continue;
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            match fill_pool(&shared, &pool, missing, min).await {
+                Ok(0) => {}
+                Ok(opened) => {
+                    tracing::debug!(database = %pool.key.database, user = %pool.key.user, target = ?pool.key.target, opened, "opened server connections for min_pool_size")
+                }
+                // Usually a server starting or a failover: tried again every second.
+                Err(e @ server::ConnectError::Retry(_)) => {
+                    tracing::debug!(database = %pool.key.database, user = %pool.key.user, target = ?pool.key.target, error = %e, "min_pool_size: cannot open a server connection yet")
+                }
+                Err(e) => {
+                    tracing::warn!(database = %pool.key.database, user = %pool.key.user, target = ?pool.key.target, error = %e, "min_pool_size: cannot open a server connection")
+                }
+            }
+            pool.stop_filling();
+        });
+    }
+}
+
+/// [`fill_pools`] for one pool: opens up to `missing` connections, one after another; how many
+/// it added.
+async fn fill_pool(
+    shared: &session::Shared,
+    pool: &pool::Pool,
+    missing: usize,
+    min: u32,
+) -> Result<usize, server::ConnectError> {
+    let Some(auth) = pool.auth() else { return Ok(0) };
+    let dial = server::Dial::of(&shared.config());
+    let database = &pool.key.database;
+    for added in 0..missing {
+        let Ok(permit) = pool.try_permit() else { return Ok(added) };
+        let topology = shared.topology.borrow().clone();
+        let conn = match &pool.key.target {
+            pool::PoolTarget::Primary => {
+                let Some(primary) = &topology.primary else { return Ok(added) };
+                server::ServerConn::connect(primary, database, &auth, dial).await
+            }
+            pool::PoolTarget::Replica(name) => {
+                let Some(replica) = topology.replicas.iter().find(|r| &r.name == name) else { return Ok(added) };
+                server::ServerConn::connect_replica(replica, database, &auth, dial).await
+            }
+        };
+        let mut conn = conn?;
+        // Never one of an older term than the newest seen (term fencing, as for clients).
+        if conn.role == server::ServerRole::Primary && conn.term < shared.topology.borrow().newest_term {
+            return Ok(added);
+        }
+        conn.permit = permit;
+        pool.set_welcome(&conn);
+        if !pool.add_idle(Box::new(conn), min) {
+            return Ok(added);
+        }
+    }
+    Ok(missing)
 }
 
 /// `period` when a whole one has passed since `*last` (which then becomes `now`); `None` when

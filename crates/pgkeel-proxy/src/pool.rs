@@ -90,6 +90,8 @@ pub struct Pool {
     /// `max_db_connections` and `max_user_connections` of its database and user on its
     /// server (see [`Pool::permit`]); none for a pool made outside [`Pools`].
     caps: Vec<Arc<Cap>>,
+    /// A `min_pool_size` fill runs (see [`Pool::start_filling`]).
+    filling: std::sync::atomic::AtomicBool,
 }
 
 /// How many distinct lists of login settings a pool shares among its clients.
@@ -120,6 +122,7 @@ impl Pool {
             settings: Mutex::default(),
             functions_known: Default::default(),
             caps: Vec::new(),
+            filling: Default::default(),
         }
     }
 
@@ -369,10 +372,11 @@ impl Pool {
     /// `server_idle_timeout`: closes the idle connections nobody took since the last call
     /// (the bottom of the idle list, which is taken from its end), returns how many. Called
     /// once per timeout, so a connection goes after once to twice the timeout unused, and
-    /// taking one costs no clock read.
-    pub fn close_unused(&self) -> usize {
+    /// taking one costs no clock read. It keeps `min` (`min_pool_size`) connections open.
+    pub fn close_unused(&self, min: u32) -> usize {
         let mut s = self.lock();
-        let unused = s.low_water.min(s.idle.len());
+        let open = s.idle.len() + s.held as usize;
+        let unused = s.low_water.min(s.idle.len()).min(open.saturating_sub(min.min(s.size) as usize));
         s.idle.drain(..unused);
         s.low_water = s.idle.len();
         unused
@@ -435,10 +439,39 @@ impl Pool {
         }
     }
 
+    /// How many connections the pool lacks to have `min` (`min_pool_size`, at most
+    /// `pool_size`) open, counting those its clients hold or are opening.
+    pub fn missing(&self, min: u32) -> usize {
+        let s = self.lock();
+        (min.min(s.size) as usize).saturating_sub(s.idle.len() + s.held as usize)
+    }
+
+    /// Adds a connection opened for `min_pool_size` to the idle list, if the pool still lacks
+    /// one; whether it did (else the connection is closed).
+    pub fn add_idle(&self, conn: Box<ServerConn>, min: u32) -> bool {
+        let mut s = self.lock();
+        if (min.min(s.size) as usize) <= s.idle.len() + s.held as usize {
+            return false;
+        }
+        let before = s.idle.len();
+        s.keep(Some(conn));
+        s.idle.len() > before
+    }
+
+    /// Marks a `min_pool_size` fill of the pool as running; `false` when one already is.
+    pub fn start_filling(&self) -> bool {
+        !self.filling.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// The fill started by [`Pool::start_filling`] ended.
+    pub fn stop_filling(&self) {
+        self.filling.store(false, std::sync::atomic::Ordering::Release);
+    }
+
     /// [`Pool::permit`] without waiting: `Err` names the cap that is full. The caps are
     /// locked together (always the database's first), so that a look that finds one full
     /// takes nothing from the others.
-    fn try_permit(&self) -> Result<Permit, Arc<Cap>> {
+    pub fn try_permit(&self) -> Result<Permit, Arc<Cap>> {
         let mut counts: Vec<_> = self.caps.iter().map(|c| c.lock()).collect();
         if let Some(i) = counts.iter().position(|c| c.1 != 0 && c.0 >= c.1) {
             return Err(self.caps[i].clone());

@@ -780,6 +780,85 @@ async fn proxy_opens_reserve_connections_for_clients_that_waited_too_long() {
     assert_eq!(first_value(&b.simple_query("select 5").await.unwrap()), "5");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_keeps_min_pool_size_connections_open() {
+    let c = Cluster::up(bin(), 1).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let direct = c.node_dsn(&leader);
+    psql(&direct, "create database warm").expect("create database");
+    psql(&direct, "create database other").expect("create database");
+    let p = OpsProxy::start(&c, "pool_size = 4\nmin_pool_size = 2\nserver_idle_timeout = \"1s\"").await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    assert_eq!(config_value(&admin, "min_pool_size").await, "2");
+    let pids = |db: &'static str| {
+        let admin = &admin;
+        async move {
+            let mut v = server_pids(admin, db).await;
+            v.sort();
+            v
+        }
+    };
+    // A client's first query leaves one connection; the pool opens the second itself.
+    let client = connect(&p.dsn("warm")).await.unwrap();
+    client.simple_query("select 1").await.unwrap();
+    wait_for("the pool to open min_pool_size connections", Duration::from_secs(10), || async {
+        (pids("warm").await.len() == 2).then_some(())
+    })
+    .await;
+
+    // Four used at once; server_idle_timeout closes the unused ones down to min_pool_size,
+    // not below.
+    let (dsn, mut clients) = (p.dsn("warm"), Vec::new());
+    for _ in 0..4 {
+        clients.push(connect(&dsn).await.unwrap());
+    }
+    let mut open = Vec::new();
+    for cl in clients.iter_mut() {
+        let t = cl.transaction().await.unwrap();
+        t.simple_query("select 1").await.unwrap();
+        open.push(t);
+    }
+    assert_eq!(pids("warm").await.len(), 4);
+    for t in open {
+        t.commit().await.unwrap();
+    }
+    wait_for("the unused connections beyond min_pool_size to close", Duration::from_secs(15), || async {
+        (pids("warm").await.len() == 2).then_some(())
+    })
+    .await;
+    let kept = pids("warm").await;
+    // More sweeps pass (another pool's three unused connections come down to two, which
+    // takes one to two of them), and the two are still the same backends: kept, not closed
+    // and opened again.
+    let other_dsn = p.dsn("other");
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        others.push(connect(&other_dsn).await.unwrap());
+    }
+    let mut open = Vec::new();
+    for cl in others.iter_mut() {
+        let t = cl.transaction().await.unwrap();
+        t.simple_query("select 1").await.unwrap();
+        open.push(t);
+    }
+    for t in open {
+        t.commit().await.unwrap();
+    }
+    wait_for("the other pool's sweep", Duration::from_secs(15), || async {
+        (pids("other").await.len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(pids("warm").await, kept, "min_pool_size connections were closed by server_idle_timeout");
+    // Closed by RECONNECT (as by a failover), they are opened again.
+    admin.simple_query("RECONNECT warm").await.expect("RECONNECT");
+    wait_for("min_pool_size connections to be opened again", Duration::from_secs(10), || async {
+        let now = pids("warm").await;
+        (now.len() == 2 && now.iter().all(|p| !kept.contains(p))).then_some(())
+    })
+    .await;
+    client.simple_query("select 2").await.expect("the client runs on them");
+}
+
 /// A process killed (and reaped) on drop.
 struct Reaped(std::process::Child);
 
