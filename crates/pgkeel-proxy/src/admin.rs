@@ -441,7 +441,7 @@ pub fn show_databases(shared: &Shared) -> Table {
         rows.entry(d.clone()).or_default();
     }
     let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
-    let max_db = shared.config().max_db_connections;
+    let cfg = shared.config();
     let mut t = Table::new(&[
         "database",
         "pools",
@@ -457,6 +457,7 @@ pub fn show_databases(shared: &Shared) -> Table {
     for (name, r) in rows {
         let (p, d) = (yes_no(paused.contains(&name)), yes_no(disabled.contains(&name)));
         let open = shared.pools.database_connections(&name);
+        let max = cfg.max_db_connections_for(&name);
         t.rows.push(vec![
             name,
             r.pools.to_string(),
@@ -467,7 +468,7 @@ pub fn show_databases(shared: &Shared) -> Table {
             p,
             d,
             open.to_string(),
-            max_db.to_string(),
+            max.to_string(),
         ]);
     }
     t
@@ -501,6 +502,16 @@ pub const RESTART_KEYS: &[&str] = &[
     "max_prepared_statements",
 ];
 
+/// `[databases.NAME]` or `[users.NAME]` in one line: `reporting: pool_size=40
+/// max_db_connections=60; other: pool_size=5`.
+fn overrides<'a>(sections: impl Iterator<Item = (&'a String, Vec<(&'static str, Option<u32>)>)>) -> String {
+    let one = |(name, keys): (&String, Vec<(&str, Option<u32>)>)| {
+        let set: Vec<String> = keys.into_iter().filter_map(|(k, v)| v.map(|v| format!("{k}={v}"))).collect();
+        format!("{name}: {}", set.join(" "))
+    };
+    sections.map(one).collect::<Vec<_>>().join("; ")
+}
+
 /// Every key of the configuration in force with its value, as `SHOW CONFIG` shows it.
 pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
     let d = |d: Duration| pgkeel_config::format_duration(d);
@@ -524,6 +535,24 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("min_pool_size", c.min_pool_size.to_string()),
         ("reserve_pool_size", c.reserve_pool_size.to_string()),
         ("reserve_pool_timeout", d(c.reserve_pool_timeout)),
+        (
+            "databases",
+            overrides(c.databases.iter().map(|(name, s)| {
+                let keys = [
+                    ("pool_size", s.pool_size),
+                    ("min_pool_size", s.min_pool_size),
+                    ("reserve_pool_size", s.reserve_pool_size),
+                    ("max_db_connections", s.max_db_connections),
+                ];
+                (name, keys.to_vec())
+            })),
+        ),
+        (
+            "users",
+            overrides(c.users.iter().map(|(name, s)| {
+                (name, vec![("pool_size", s.pool_size), ("max_user_connections", s.max_user_connections)])
+            })),
+        ),
         ("max_client_conn", c.max_client_conn.to_string()),
         ("max_prepared_statements", c.max_prepared_statements.to_string()),
         ("load_balance", c.load_balance.as_str().to_string()),

@@ -241,6 +241,10 @@ pub struct ProxyConfig {
     pub reserve_pool_size: u32,
     /// See `reserve_pool_size`.
     pub reserve_pool_timeout: Duration,
+    /// `[databases.NAME]`: settings of one database's pools over the ones above.
+    pub databases: std::collections::BTreeMap<String, DatabaseSettings>,
+    /// `[users.NAME]`: settings of one user's pools over the ones above (and a database's).
+    pub users: std::collections::BTreeMap<String, UserSettings>,
     /// Client connections accepted at once; more are refused with SQLSTATE 53300.
     pub max_client_conn: u32,
     /// How long a client waits for a server connection of a full pool before it gets an
@@ -277,6 +281,65 @@ pub struct ProxyConfig {
     /// On SIGTERM/SIGINT, how long clients get to finish their transactions before every
     /// connection is closed; also how long `PAUSE` waits for transactions in flight.
     pub shutdown_timeout: Duration,
+}
+
+/// `[databases.NAME]`: one database's pool settings; `None` keeps the top-level value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatabaseSettings {
+    /// `pool_size` of its pools (a user's own `pool_size` wins).
+    pub pool_size: Option<u32>,
+    /// `min_pool_size` of its pools.
+    pub min_pool_size: Option<u32>,
+    /// `reserve_pool_size` of its pools.
+    pub reserve_pool_size: Option<u32>,
+    /// `max_db_connections` of the database.
+    pub max_db_connections: Option<u32>,
+}
+
+/// `[users.NAME]`: one user's pool settings; `None` keeps the database's or top-level value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserSettings {
+    /// `pool_size` of its pools, over the database's.
+    pub pool_size: Option<u32>,
+    /// `max_user_connections` of the user.
+    pub max_user_connections: Option<u32>,
+}
+
+impl ProxyConfig {
+    /// `pool_size` of the pools of `database` and `user`: the user's, else the database's,
+    /// else the top-level one.
+    pub fn pool_size_for(&self, database: &str, user: &str) -> u32 {
+        self.users
+            .get(user)
+            .and_then(|u| u.pool_size)
+            .or_else(|| self.databases.get(database).and_then(|d| d.pool_size))
+            .unwrap_or(self.pool_size)
+    }
+
+    /// `min_pool_size` of `database`'s pools.
+    pub fn min_pool_size_for(&self, database: &str) -> u32 {
+        self.databases.get(database).and_then(|d| d.min_pool_size).unwrap_or(self.min_pool_size)
+    }
+
+    /// `reserve_pool_size` of `database`'s pools.
+    pub fn reserve_pool_size_for(&self, database: &str) -> u32 {
+        self.databases.get(database).and_then(|d| d.reserve_pool_size).unwrap_or(self.reserve_pool_size)
+    }
+
+    /// `max_db_connections` of `database`.
+    pub fn max_db_connections_for(&self, database: &str) -> u32 {
+        self.databases.get(database).and_then(|d| d.max_db_connections).unwrap_or(self.max_db_connections)
+    }
+
+    /// `max_user_connections` of `user`.
+    pub fn max_user_connections_for(&self, user: &str) -> u32 {
+        self.users.get(user).and_then(|u| u.max_user_connections).unwrap_or(self.max_user_connections)
+    }
+
+    /// Some pool keeps `min_pool_size` connections.
+    pub fn any_min_pool_size(&self) -> bool {
+        self.min_pool_size > 0 || self.databases.values().any(|d| d.min_pool_size.is_some_and(|m| m > 0))
+    }
 }
 
 /// TCP keepalive and user timeout for the proxy's sockets, to clients and to servers
@@ -407,7 +470,11 @@ const TOP: &[&str] = &[
     "dcs",
     "auth",
     "tls",
+    "databases",
+    "users",
 ];
+const DATABASE: &[&str] = &["pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"];
+const USER: &[&str] = &["pool_size", "max_user_connections"];
 const AUTH: &[&str] = &["userlist", "auth_type", "query", "auth_user"];
 const TLS: &[&str] = &["cert", "key", "client_tls", "server_tls", "server_ca"];
 const DCS_LOCAL: &[&str] = &["kind", "path"];
@@ -440,8 +507,11 @@ fn join(table: &str, key: &str) -> String {
 
 /// Every dotted key the file accepts, for suggestions across tables.
 fn all_paths() -> Vec<String> {
-    let mut v: Vec<String> =
-        TOP.iter().filter(|k| !matches!(**k, "dcs" | "auth" | "tls")).map(|k| k.to_string()).collect();
+    let mut v: Vec<String> = TOP
+        .iter()
+        .filter(|k| !matches!(**k, "dcs" | "auth" | "tls" | "databases" | "users"))
+        .map(|k| k.to_string())
+        .collect();
     v.extend(AUTH.iter().map(|k| join("auth", k)));
     v.extend(TLS.iter().map(|k| join("tls", k)));
     v.extend(["dcs.kind", "dcs.path", "dcs.endpoints"].map(String::from));
@@ -501,14 +571,99 @@ fn string(table: &toml::Table, path: &str, key: &str) -> Result<Option<String>, 
 }
 
 fn count(table: &toml::Table, key: &str, default: u32, min: u32, max: u32) -> Result<u32, ConfigError> {
+    Ok(count_in(table, "", key, (min, max), default)?.unwrap_or(default))
+}
+
+/// An integer `key` of the table at `path` (for messages), from `min` to `max`; `example`
+/// for the message when it is not an integer.
+fn count_in(
+    table: &toml::Table,
+    path: &str,
+    key: &str,
+    (min, max): (u32, u32),
+    example: u32,
+) -> Result<Option<u32>, ConfigError> {
+    let full = join(path, key);
     match table.get(key) {
-        None => Ok(default),
+        None => Ok(None),
         Some(toml::Value::Integer(i)) => u32::try_from(*i)
             .ok()
             .filter(|v| (min..=max).contains(v))
-            .ok_or_else(|| invalid(format!("{key} = {i} is out of range: use {min} to {max}"))),
-        Some(other) => Err(invalid(format!("{key} must be an integer, not {}; e.g. {key} = {default}", a_type(other)))),
+            .map(Some)
+            .ok_or_else(|| invalid(format!("{full} = {i} is out of range: use {min} to {max}"))),
+        Some(other) => {
+            Err(invalid(format!("{full} must be an integer, not {}; e.g. {full} = {example}", a_type(other))))
+        }
     }
+}
+
+/// `[databases.NAME]` or `[users.NAME]` (`section`): a table of tables, each checked
+/// against `valid`; (name, its table, its path for messages).
+fn sections<'a>(
+    table: &'a toml::Table,
+    section: &str,
+    valid: &[&str],
+) -> Result<Vec<(&'a String, &'a toml::Table, String)>, ConfigError> {
+    let help = match section {
+        "databases" => "e.g. [databases.reporting] with pool_size = 40 (keys: pool_size, min_pool_size, reserve_pool_size, max_db_connections)",
+        _ => "e.g. [users.batch] with pool_size = 5 (keys: pool_size, max_user_connections)",
+    };
+    let t = match table.get(section) {
+        None => return Ok(Vec::new()),
+        Some(toml::Value::Table(t)) => t,
+        Some(other) => {
+            return Err(invalid(format!("{section} must be a table of tables, not {}; {help}", a_type(other))))
+        }
+    };
+    let mut out = Vec::new();
+    for (name, v) in t {
+        let path = format!("{section}.{name}");
+        let toml::Value::Table(settings) = v else {
+            return Err(invalid(format!("{path} must be a table, not {}; {help}", a_type(v))));
+        };
+        if name.is_empty() || name.len() > 63 {
+            return Err(invalid(format!("{section}: {name:?} is not a name postgres allows (1 to 63 bytes)")));
+        }
+        // A key of the other kind of section (`max_user_connections` for a database).
+        let (other, other_valid) = if section == "databases" { ("users", USER) } else { ("databases", DATABASE) };
+        if let Some(key) = settings.keys().find(|k| !valid.contains(&k.as_str()) && other_valid.contains(&k.as_str())) {
+            return Err(invalid(format!(
+                "{path}.{key}: {key} cannot be set for one {}; set it in [{other}.NAME], or at the top for all",
+                if section == "databases" { "database" } else { "user" }
+            )));
+        }
+        check_keys(settings, valid, &path)?;
+        out.push((name, settings, path));
+    }
+    Ok(out)
+}
+
+/// `[databases.NAME]`.
+fn databases(table: &toml::Table) -> Result<std::collections::BTreeMap<String, DatabaseSettings>, ConfigError> {
+    let mut out = std::collections::BTreeMap::new();
+    for (name, t, path) in sections(table, "databases", DATABASE)? {
+        let settings = DatabaseSettings {
+            pool_size: count_in(t, &path, "pool_size", (1, 10_000), 40)?,
+            min_pool_size: count_in(t, &path, "min_pool_size", (0, 10_000), 5)?,
+            reserve_pool_size: count_in(t, &path, "reserve_pool_size", (0, 10_000), 5)?,
+            max_db_connections: count_in(t, &path, "max_db_connections", (0, 100_000), 100)?,
+        };
+        out.insert(name.clone(), settings);
+    }
+    Ok(out)
+}
+
+/// `[users.NAME]`.
+fn users(table: &toml::Table) -> Result<std::collections::BTreeMap<String, UserSettings>, ConfigError> {
+    let mut out = std::collections::BTreeMap::new();
+    for (name, t, path) in sections(table, "users", USER)? {
+        let settings = UserSettings {
+            pool_size: count_in(t, &path, "pool_size", (1, 10_000), 40)?,
+            max_user_connections: count_in(t, &path, "max_user_connections", (0, 100_000), 100)?,
+        };
+        out.insert(name.clone(), settings);
+    }
+    Ok(out)
 }
 
 /// A duration where `0` turns the feature off (`None`); `default` when the key is absent.
@@ -920,6 +1075,8 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         min_pool_size,
         reserve_pool_size,
         reserve_pool_timeout,
+        databases: databases(&table)?,
+        users: users(&table)?,
         max_client_conn,
         query_wait_timeout,
         failover_hold_timeout,
@@ -1154,6 +1311,15 @@ shutdown_timeout = "10s"
 # [weights]
 # n2 = 3
 # n3 = 1
+
+# One database's pools (all its users'), or one user's pools (all its databases'), with their
+# own sizes. Keys for a database: pool_size, min_pool_size, reserve_pool_size,
+# max_db_connections; for a user: pool_size (over the database's), max_user_connections.
+# [databases.reporting]
+# pool_size = 40
+# max_db_connections = 60
+# [users.batch]
+# pool_size = 5
 
 # Where the cluster state lives: the same [dcs] section as the agents' node.toml. Required.
 [dcs]
@@ -1410,6 +1576,26 @@ mod tests {
     }
 
     #[test]
+    fn a_database_or_a_user_has_sizes_of_its_own() {
+        let c = ok(&format!(
+            "pool_size = 10\nmax_db_connections = 50\nmin_pool_size = 1\n{MINIMAL}\
+             [databases.reporting]\npool_size = 40\nmax_db_connections = 60\nreserve_pool_size = 4\n\
+             [databases.\"odd db\"]\nmin_pool_size = 3\n[users.batch]\npool_size = 5\nmax_user_connections = 8\n"
+        ));
+        assert_eq!(c.pool_size_for("app", "web"), 10);
+        assert_eq!(c.pool_size_for("reporting", "web"), 40);
+        assert_eq!(c.pool_size_for("reporting", "batch"), 5, "the user's pool_size wins");
+        assert_eq!(c.pool_size_for("app", "batch"), 5);
+        assert_eq!((c.max_db_connections_for("reporting"), c.max_db_connections_for("app")), (60, 50));
+        assert_eq!((c.max_user_connections_for("batch"), c.max_user_connections_for("web")), (8, 0));
+        assert_eq!((c.reserve_pool_size_for("reporting"), c.reserve_pool_size_for("app")), (4, 0));
+        assert_eq!((c.min_pool_size_for("odd db"), c.min_pool_size_for("reporting")), (3, 1));
+        assert!(c.any_min_pool_size());
+        assert!(!ok(MINIMAL).any_min_pool_size());
+        assert!(ok(&format!("{MINIMAL}[databases.x]\nmin_pool_size = 2\n")).any_min_pool_size());
+    }
+
+    #[test]
     fn errors_name_the_key_and_the_fix() {
         let with = |line: &str| format!("{line}\n{MINIMAL}");
         for (text, want) in [
@@ -1428,6 +1614,32 @@ mod tests {
             (with("pool_mode = \"statement\""), "pool_mode = \"statement\" is not supported"),
             (with("pool_mode = \"tx\""), "pool_mode = \"tx\" is not a pool mode"),
             (with("pool_size = 0"), "pool_size = 0 is out of range: use 1 to 10000"),
+            (
+                format!("{MINIMAL}[databases.app]\npool_sise = 3\n"),
+                "unknown key \"databases.app.pool_sise\"; did you mean \"databases.app.pool_size\"?",
+            ),
+            (
+                format!("{MINIMAL}[databases.app]\nmax_user_connections = 3\n"),
+                "databases.app.max_user_connections: max_user_connections cannot be set for one database; set it in [users.NAME]",
+            ),
+            (
+                format!("{MINIMAL}[databases.app]\npool_size = 0\n"),
+                "databases.app.pool_size = 0 is out of range: use 1 to 10000",
+            ),
+            (
+                format!("{MINIMAL}[users.batch]\nmax_user_connections = \"5\"\n"),
+                "users.batch.max_user_connections must be an integer, not a string; e.g. users.batch.max_user_connections = 100",
+            ),
+            (format!("{MINIMAL}[databases]\napp = 3\n"), "databases.app must be a table, not an integer"),
+            (with("users = 3"), "users must be a table of tables, not an integer"),
+            (
+                format!("{MINIMAL}[users.batch]\nmin_pool_size = 3\n"),
+                "users.batch.min_pool_size: min_pool_size cannot be set for one user; set it in [databases.NAME]",
+            ),
+            (
+                format!("{MINIMAL}[users.batch]\nfrob = 3\n"),
+                "unknown key \"users.batch.frob\"; valid keys in [users.batch]: pool_size, max_user_connections",
+            ),
             (with("max_db_connections = -1"), "max_db_connections = -1 is out of range: use 0 to 100000"),
             (with("max_user_connections = 1.5"), "max_user_connections must be an integer"),
             (with("tcp_keepcnt = 0"), "tcp_keepcnt = 0 is out of range: use 1 to 127"),

@@ -282,7 +282,8 @@ async fn expire_connections(shared: Arc<session::Shared>) {
         let cfg = shared.config();
         let now = Instant::now();
         if let Some(idle) = due(&mut last_unused_check, cfg.server_idle_timeout, now) {
-            let closed: usize = shared.pools.all().iter().map(|p| p.close_unused(cfg.min_pool_size)).sum();
+            let closed: usize =
+                shared.pools.all().iter().map(|p| p.close_unused(cfg.min_pool_size_for(&p.key.database))).sum();
             if closed > 0 {
                 tracing::info!(closed, server_idle_timeout = %pgkeel_config::format_duration(idle), "closed unused server connections");
             }
@@ -290,8 +291,8 @@ async fn expire_connections(shared: Arc<session::Shared>) {
         if let Some(idle) = due(&mut last_client_check, cfg.client_idle_timeout, now) {
             expire_idle_clients(&shared, idle);
         }
-        if cfg.min_pool_size > 0 {
-            fill_pools(&shared, cfg.min_pool_size);
+        if cfg.any_min_pool_size() {
+            fill_pools(&shared, &cfg);
         }
         let Some(life) = cfg.server_lifetime else {
             opened.clear();
@@ -326,11 +327,12 @@ async fn expire_connections(shared: Arc<session::Shared>) {
 /// primary's connections, finds them ready. One fill per pool at a time; a connection that a
 /// cap (`max_db_connections`, `max_user_connections`) has no room for is not opened. None
 /// while the proxy shuts down, nor for a database held by `PAUSE`.
-fn fill_pools(shared: &Arc<session::Shared>, min: u32) {
+fn fill_pools(shared: &Arc<session::Shared>, cfg: &config::ProxyConfig) {
     if shared.draining() {
         return;
     }
     for pool in shared.pools.all() {
+        let min = cfg.min_pool_size_for(&pool.key.database);
         let missing = pool.missing(min);
         if missing == 0 || pool.auth().is_none() || shared.hold.holds(&pool.key.database) || !pool.start_filling() {
             continue;

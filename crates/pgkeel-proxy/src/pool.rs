@@ -958,13 +958,14 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    /// The sizes `cfg` sets.
-    pub fn of(cfg: &crate::config::ProxyConfig) -> Sizes {
+    /// The sizes `cfg` sets for the pools of `database` and `user` (see
+    /// [`crate::config::DatabaseSettings`]).
+    pub fn of(cfg: &crate::config::ProxyConfig, database: &str, user: &str) -> Sizes {
         Sizes {
-            pool: cfg.pool_size,
-            db: cfg.max_db_connections,
-            user: cfg.max_user_connections,
-            reserve: cfg.reserve_pool_size,
+            pool: cfg.pool_size_for(database, user),
+            db: cfg.max_db_connections_for(database),
+            user: cfg.max_user_connections_for(user),
+            reserve: cfg.reserve_pool_size_for(database),
             reserve_timeout: cfg.reserve_pool_timeout,
         }
     }
@@ -991,15 +992,16 @@ impl Pools {
         pools.entry(key).or_insert(Arc::new(pool)).clone()
     }
 
-    /// Applies reloaded sizes to every pool and cap.
-    pub fn resize(&self, sizes: Sizes) {
+    /// Applies reloaded sizes to every pool and cap: `sizes(database, user)`; a database's
+    /// cap is its `db` (for any user), a user's its `user` (for any database).
+    pub fn resize(&self, sizes: impl Fn(&str, &str) -> Sizes) {
         for p in self.all() {
-            p.resize(sizes);
+            p.resize(sizes(&p.key.database, &p.key.user));
         }
         for c in self.caps.lock().unwrap_or_else(PoisonError::into_inner).values() {
-            c.set_max(match c.key {
-                CapKey::Database(..) => sizes.db,
-                CapKey::User(..) => sizes.user,
+            c.set_max(match &c.key {
+                CapKey::Database(d, _) => sizes(d, "").db,
+                CapKey::User(u, _) => sizes("", u).user,
             });
         }
     }
@@ -1260,10 +1262,10 @@ mod tests {
         let _held = x.permit(&pools, soon()).await.expect("room");
         let mut waiting = Box::pin(y.permit(&pools, soon()));
         assert!(futures_poll(&mut waiting).is_none());
-        pools.resize(Sizes { user: 0, ..sizes });
+        pools.resize(|_, _| Sizes { user: 0, ..sizes });
         let _second = waiting.await.expect("no cap any more");
         // Counted without a cap too: a cap set again starts from the connections open.
-        pools.resize(Sizes { user: 2, ..sizes });
+        pools.resize(|_, _| Sizes { user: 2, ..sizes });
         let err = x.permit(&pools, Instant::now() + Duration::from_millis(100)).await.expect_err("full");
         assert_eq!(err.describe(), "max_user_connections (2) of user \"app\" on the primary");
         // A pool made outside `Pools` has no caps.

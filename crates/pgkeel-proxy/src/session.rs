@@ -256,8 +256,14 @@ impl Shared {
         if old.primary_functions != config.primary_functions || old.replica_functions != config.replica_functions {
             self.new_classifier(&config);
         }
-        if crate::pool::Sizes::of(&old) != crate::pool::Sizes::of(&config) {
-            self.pools.resize(crate::pool::Sizes::of(&config));
+        if old.pool_size != config.pool_size
+            || (old.max_db_connections, old.max_user_connections)
+                != (config.max_db_connections, config.max_user_connections)
+            || (old.reserve_pool_size, old.reserve_pool_timeout)
+                != (config.reserve_pool_size, config.reserve_pool_timeout)
+            || (&old.databases, &old.users) != (&config.databases, &config.users)
+        {
+            self.pools.resize(|database, user| crate::pool::Sizes::of(&config, database, user));
         }
         *self.userlist.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(userlist);
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
@@ -1340,7 +1346,7 @@ impl Session {
             return;
         }
         let key = PoolKey { database: self.database.clone(), user: self.user.clone(), target: PoolTarget::Primary };
-        let pool = self.shared.pools.get(key, Sizes::of(&self.shared.config()));
+        let pool = self.shared.pools.get(key, Sizes::of(&self.shared.config(), &self.database, &self.user));
         self.server_auth = Some(pool.share_auth(auth));
         pool.share_settings(&mut self.desired);
         self.pool = Some(pool);
@@ -1994,7 +2000,7 @@ impl Session {
                     PoolTarget::Primary => String::new(),
                     PoolTarget::Replica(name) => format!(" on the replica {name}"),
                 };
-                let reserve = match cfg.reserve_pool_size {
+                let reserve = match cfg.reserve_pool_size_for(&self.database) {
                     0 => String::new(),
                     r => format!(" and reserve_pool_size ({r})"),
                 };
@@ -2052,7 +2058,7 @@ impl Session {
             user: self.user.clone(),
             target: PoolTarget::Replica(replica.name.clone()),
         };
-        let pool = self.shared.pools.get(key, Sizes::of(&self.shared.config()));
+        let pool = self.shared.pools.get(key, Sizes::of(&self.shared.config(), &self.database, &self.user));
         let slot = self.slot(&pool, Instant::now()).await?;
         let conn = match pool.take_idle(0) {
             Some(c) => c,

@@ -859,6 +859,49 @@ async fn proxy_keeps_min_pool_size_connections_open() {
     client.simple_query("select 2").await.expect("the client runs on them");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_sizes_pools_per_database_and_per_user() {
+    let c = Cluster::up(bin(), 1).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let direct = c.node_dsn(&leader);
+    psql(&direct, "create database small").expect("create database");
+    psql(&direct, "create role app login password 'app-secret'").expect("create role");
+    let p = OpsProxy::start(
+        &c,
+        "pool_size = 5\nquery_wait_timeout = \"1s\"\n[databases.small]\npool_size = 1\n[users.app]\npool_size = 2",
+    )
+    .await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    assert_eq!(config_value(&admin, "databases").await, "small: pool_size=1");
+    assert_eq!(config_value(&admin, "users").await, "app: pool_size=2");
+    for (user, password, db) in [("postgres", p.password.as_str(), "small"), ("app", "app-secret", "small")] {
+        connect(&p.dsn_as(user, password, db)).await.unwrap().simple_query("select 1").await.unwrap();
+    }
+    connect(&p.dsn("postgres")).await.unwrap().simple_query("select 1").await.unwrap();
+    let size_of = |rows: &[std::collections::HashMap<String, String>], db: &str, user: &str| {
+        rows.iter().find(|r| r["database"] == db && r["user"] == user).map(|r| r["pool_size"].clone())
+    };
+    let rows = show(&admin, "SHOW POOLS").await;
+    assert_eq!(size_of(&rows, "small", "postgres").as_deref(), Some("1"), "the database's pool_size");
+    assert_eq!(size_of(&rows, "small", "app").as_deref(), Some("2"), "the user's, over the database's");
+    assert_eq!(size_of(&rows, "postgres", "postgres").as_deref(), Some("5"), "the top-level one");
+    // small's one connection held: the next client of small waits and fails with its size.
+    let mut holder = connect(&p.dsn("small")).await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    tx.simple_query("select 1").await.unwrap();
+    let waiter = connect(&p.dsn("small")).await.unwrap();
+    let msg = message(&waiter.simple_query("select 2").await.expect_err("small is full"));
+    assert!(msg.starts_with("53300") && msg.contains("all 1 of pool_size are in use"), "{msg}");
+    // RELOAD without the section: small's pool grows to the top-level size at once, live.
+    p.config.write("pool_size = 5\nquery_wait_timeout = \"1s\"\n[users.app]\npool_size = 2");
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    assert_eq!(config_value(&admin, "databases").await, "");
+    assert_eq!(size_of(&show(&admin, "SHOW POOLS").await, "small", "postgres").as_deref(), Some("5"));
+    let other = connect(&p.dsn("small")).await.unwrap();
+    assert_eq!(first_value(&other.simple_query("select 3").await.expect("room now")), "3");
+    tx.commit().await.unwrap();
+}
+
 /// A process killed (and reaped) on drop.
 struct Reaped(std::process::Child);
 
