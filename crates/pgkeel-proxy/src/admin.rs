@@ -498,6 +498,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "listen_primary",
     "listen_replica",
     "metrics_listen",
+    "connect_address",
     "pool_mode",
     "max_prepared_statements",
 ];
@@ -528,6 +529,7 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("listen_primary", c.listen_primary.clone().unwrap_or_default()),
         ("listen_replica", c.listen_replica.clone().unwrap_or_default()),
         ("metrics_listen", c.metrics_listen.clone().unwrap_or_default()),
+        ("connect_address", c.connect_address.clone().unwrap_or_default()),
         ("pool_mode", c.pool_mode.as_str().to_string()),
         ("pool_size", c.pool_size.to_string()),
         ("max_db_connections", c.max_db_connections.to_string()),
@@ -641,6 +643,7 @@ pub fn merge(old: &ProxyConfig, mut new: ProxyConfig) -> (ProxyConfig, Reloaded)
     new.listen_primary = old.listen_primary.clone();
     new.listen_replica = old.listen_replica.clone();
     new.metrics_listen = old.metrics_listen.clone();
+    new.connect_address = old.connect_address.clone();
     new.pool_mode = old.pool_mode;
     new.max_prepared_statements = old.max_prepared_statements;
     (new, r)

@@ -278,6 +278,10 @@ pub struct ProxyConfig {
     pub admin_users: Vec<String>,
     /// `host:port` of the HTTP `/metrics` endpoint (Prometheus text format); none: not served.
     pub metrics_listen: Option<String>,
+    /// `host:port` at which the other proxies of the cluster reach this one's `listen`, to
+    /// pass on cancel requests for its clients; none: `listen` (see
+    /// [`ProxyConfig::connect_address_or_listen`]).
+    pub connect_address: Option<String>,
     /// On SIGTERM/SIGINT, how long clients get to finish their transactions before every
     /// connection is closed; also how long `PAUSE` waits for transactions in flight.
     pub shutdown_timeout: Duration,
@@ -334,6 +338,30 @@ impl ProxyConfig {
     /// `max_user_connections` of `user`.
     pub fn max_user_connections_for(&self, user: &str) -> u32 {
         self.users.get(user).and_then(|u| u.max_user_connections).unwrap_or(self.max_user_connections)
+    }
+
+    /// Where the other proxies reach this one (published in its DCS record): `connect_address`,
+    /// else `listen`, where an address for every interface (`0.0.0.0`, `::`) becomes the
+    /// loopback with the local DCS (every proxy is on this host) and stays as it is with etcd
+    /// (the others then pass nothing on to this proxy; `false` says so).
+    pub fn connect_address_or_listen(&self) -> (String, bool) {
+        if let Some(a) = &self.connect_address {
+            return (a.clone(), true);
+        }
+        match self.listen.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => match self.dcs {
+                DcsConfig::Local { .. } => {
+                    let ip: std::net::IpAddr = if a.is_ipv4() {
+                        std::net::Ipv4Addr::LOCALHOST.into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    };
+                    (std::net::SocketAddr::new(ip, a.port()).to_string(), true)
+                }
+                DcsConfig::Etcd { .. } => (self.listen.clone(), false),
+            },
+            _ => (self.listen.clone(), true),
+        }
     }
 
     /// Some pool keeps `min_pool_size` connections.
@@ -466,6 +494,7 @@ const TOP: &[&str] = &[
     "client_idle_timeout",
     "admin_users",
     "metrics_listen",
+    "connect_address",
     "shutdown_timeout",
     "dcs",
     "auth",
@@ -1043,6 +1072,16 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
     };
     let tls = tls(&table, base)?;
     let admin_users = admin_users(&table)?;
+    let connect_address = string(&table, "", "connect_address")?;
+    if let Some(a) = &connect_address {
+        check_listen("connect_address", a)?;
+        if a.parse::<std::net::SocketAddr>().is_ok_and(|s| s.ip().is_unspecified()) {
+            return Err(invalid(format!(
+                "connect_address = {a:?} is every interface, not one the other proxies can connect to; give this \
+                 host's address, e.g. \"10.0.0.5:6432\""
+            )));
+        }
+    }
     let metrics_listen = string(&table, "", "metrics_listen")?;
     if let Some(m) = &metrics_listen {
         check_listen("metrics_listen", m)?;
@@ -1091,6 +1130,7 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         tls,
         admin_users,
         metrics_listen,
+        connect_address,
         shutdown_timeout,
     })
 }
@@ -1302,6 +1342,10 @@ client_idle_timeout = 0
 admin_users = []
 # host:port of the HTTP /metrics endpoint (Prometheus text format). Not served when unset.
 # metrics_listen = "127.0.0.1:9187"
+# host:port at which the cluster's other proxies reach this one's listen address: behind one
+# load balancer a client's cancel request may reach another proxy, which passes it on to every
+# proxy registered in the DCS. Default: listen (with 0.0.0.0 and the local DCS: 127.0.0.1).
+# connect_address = "10.0.0.5:6432"
 # On SIGTERM or SIGINT: stop accepting, let clients finish their transactions, close every
 # connection after this long. PAUSE waits this long for transactions in flight.
 shutdown_timeout = "10s"
@@ -1573,6 +1617,28 @@ mod tests {
             let e = err(&text);
             assert!(e.contains(want), "{text}\n=> {e}\nwanted: {want}");
         }
+    }
+
+    #[test]
+    fn where_the_other_proxies_reach_this_one() {
+        let with = |lines: &str, dcs: &str| {
+            ok(&format!("{lines}\n{MINIMAL}").replace("kind = \"local\"\npath = \"/var/lib/pgkeel/dcs\"", dcs))
+        };
+        let local = "kind = \"local\"\npath = \"/var/lib/pgkeel/dcs\"";
+        let etcd = "kind = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\"]";
+        let cases = [
+            ("listen = \"10.0.0.5:6432\"", etcd, ("10.0.0.5:6432", true)),
+            ("listen = \"0.0.0.0:6432\"", local, ("127.0.0.1:6432", true)),
+            ("listen = \"[::]:6432\"", local, ("[::1]:6432", true)),
+            ("listen = \"0.0.0.0:6432\"", etcd, ("0.0.0.0:6432", false)),
+            ("listen = \"0.0.0.0:6432\"\nconnect_address = \"db-proxy-1:6432\"", etcd, ("db-proxy-1:6432", true)),
+        ];
+        for (lines, dcs, (address, reachable)) in cases {
+            let (a, r) = with(lines, dcs).connect_address_or_listen();
+            assert_eq!((a.as_str(), r), (address, reachable), "{lines}");
+        }
+        assert!(err(&format!("connect_address = \"0.0.0.0:6432\"\n{MINIMAL}")).contains("is every interface"));
+        assert!(err(&format!("connect_address = \"nohost\"\n{MINIMAL}")).contains("is not host:port"));
     }
 
     #[test]

@@ -156,8 +156,11 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, control: Control) -> a
     let closer = tokio::spawn(follow_topology(shared.clone(), rx));
     let functions = tokio::spawn(functions::watch(shared.clone()));
     let expiry = tokio::spawn(expire_connections(shared.clone()));
-    let switchover =
-        tokio::spawn(switchover::run(switch_store, shared.clone(), shared.config().listen.clone(), switch_stopped));
+    let (address, reachable) = shared.config().connect_address_or_listen();
+    if !reachable {
+        tracing::warn!(listen = %address, "the other proxies cannot pass cancel requests on to this one (listen is every interface and the DCS is etcd): set connect_address to this host's address");
+    }
+    let switchover = tokio::spawn(switchover::run(switch_store, shared.clone(), address, switch_stopped));
     let metrics = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, shared.clone())));
     // Every session holds a clone: the drain waits until only this one is left.
     let live = Arc::new(());

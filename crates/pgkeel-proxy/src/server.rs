@@ -590,6 +590,25 @@ pub async fn send_cancel(target: &CancelTarget, tls: &ServerTls) -> Result<(), S
 /// How long forwarding one cancel request may take (connect, TLS, send).
 pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Passes a client's cancel request on to the proxy at `peer` (`host:port`), as a
+/// [`StartupPacket::ForwardedCancel`], which it applies to its own clients only. Plaintext,
+/// as libpq sends cancel requests without `sslmode`; gives up after [`CANCEL_TIMEOUT`].
+pub async fn pass_cancel_on(peer: &str, request: &crate::protocol::CancelRequest) -> Result<(), String> {
+    let send = async {
+        let mut tcp = TcpStream::connect(peer).await.map_err(|e| format!("cannot connect: {e}"))?;
+        let mut out = BytesMut::new();
+        StartupPacket::ForwardedCancel(request.clone()).encode(&mut out);
+        tcp.write_all(&out).await.map_err(|e| format!("cannot send: {e}"))?;
+        // The proxy closes the connection once it has read the request.
+        let mut sink = [0u8; 64];
+        let _ = tcp.read(&mut sink).await;
+        Ok(())
+    };
+    tokio::time::timeout(CANCEL_TIMEOUT, send)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {CANCEL_TIMEOUT:?}")))
+}
+
 async fn cancel_once(target: &CancelTarget, tls: &ServerTls) -> Result<(), String> {
     let at = format!("the server {}", target.address);
     let tcp = TcpStream::connect(&target.address).await.map_err(|e| format!("cannot connect to {at}: {e}"))?;

@@ -197,6 +197,9 @@ pub struct Shared {
     pub disabled: crate::stats::Databases,
     /// Notified by `KILL`, for clients held by `PAUSE` (the kick wakes the others).
     kills: tokio::sync::Notify,
+    /// The other proxies of the cluster (`host:port`, from their DCS records), to pass a
+    /// cancel request on to when none of this proxy's clients has its key.
+    peers: Mutex<Vec<String>>,
 }
 
 // The kick counts are the first 16 bytes of `Kicker`: they must end within the first line.
@@ -231,7 +234,18 @@ impl Shared {
             next_replica: AtomicUsize::new(0),
             tls: RwLock::new(Arc::new(Tls::disabled())),
             auth_cache: AuthCache::default(),
+            peers: Mutex::default(),
         }
+    }
+
+    /// The other proxies' addresses (see [`crate::switchover`]).
+    pub fn set_peers(&self, peers: Vec<String>) {
+        *self.peers.lock().unwrap_or_else(PoisonError::into_inner) = peers;
+    }
+
+    /// The other proxies a cancel request for none of this proxy's clients goes to.
+    pub fn peers(&self) -> Vec<String> {
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// The configuration in force.
@@ -394,22 +408,19 @@ impl Shared {
     }
 
     /// Where a cancel request for client `pid` goes, with the shared lock to hold while
-    /// forwarding it; `None` for a wrong secret, an idle client, or a server connection being
-    /// released right now (its query is over).
-    fn cancel_target(
-        &self,
-        pid: i32,
-        secret: &[u8],
-    ) -> Option<(Arc<CancelTarget>, tokio::sync::OwnedRwLockReadGuard<()>)> {
-        let client = self.clients.lock().unwrap_or_else(PoisonError::into_inner).get(&pid)?.clone();
+    /// forwarding it: `Err` when no client of this proxy has that key (pid and secret);
+    /// `Ok(None)` for an idle client, or a server connection being released right now (its
+    /// query is over).
+    fn cancel_target(&self, pid: i32, secret: &[u8]) -> Result<Option<CancelTo>, NotOurs> {
+        let client = self.clients.lock().unwrap_or_else(PoisonError::into_inner).get(&pid).cloned().ok_or(NotOurs)?;
         let slot = &client.cancel;
         if slot.secret.as_slice() != secret {
-            return None;
+            return Err(NotOurs);
         }
         let mut state = slot.lock();
-        let target = state.0.clone()?;
-        let guard = state.1.get_or_insert_with(Default::default).clone().try_read_owned().ok()?;
-        Some((target, guard))
+        let Some(target) = state.0.clone() else { return Ok(None) };
+        let guard = state.1.get_or_insert_with(Default::default).clone().try_read_owned().ok();
+        Ok(guard.map(|g| (target, g)))
     }
 
     fn ban(&self, replica: &str) {
@@ -427,6 +438,14 @@ impl Shared {
         }
     }
 }
+
+/// A cancel request's server connection, with the lock that keeps it attached while the
+/// request is passed on.
+type CancelTo = (Arc<CancelTarget>, tokio::sync::OwnedRwLockReadGuard<()>);
+
+/// No client of this proxy has a cancel request's key.
+#[derive(Debug)]
+struct NotOurs;
 
 /// An error the proxy reports to a client before closing its connection.
 #[derive(Debug)]
@@ -1188,12 +1207,32 @@ impl Session {
                         }
                     }
                 }
-                StartupPacket::CancelRequest(c) => {
-                    if let Some((t, _in_flight)) = self.shared.cancel_target(c.pid, &c.secret_key) {
-                        tracing::info!(client_pid = c.pid, server = %t.address, server_pid = t.pid, "forwarding a cancel request");
-                        if let Err(e) = crate::server::send_cancel(&t, &self.shared.server_tls()).await {
-                            tracing::warn!(server = %t.address, error = %e, "cannot forward a cancel request");
+                StartupPacket::CancelRequest(ref c) | StartupPacket::ForwardedCancel(ref c) => {
+                    match self.shared.cancel_target(c.pid, &c.secret_key) {
+                        Ok(Some((t, _in_flight))) => {
+                            tracing::info!(client_pid = c.pid, server = %t.address, server_pid = t.pid, "forwarding a cancel request");
+                            if let Err(e) = crate::server::send_cancel(&t, &self.shared.server_tls()).await {
+                                tracing::warn!(server = %t.address, error = %e, "cannot forward a cancel request");
+                            }
                         }
+                        Ok(None) => {}
+                        // Perhaps a client of another proxy (behind one load balancer, a
+                        // cancel's new connection may reach any of them): passed on to each,
+                        // once; a passed-on request is never passed on again.
+                        Err(NotOurs) if matches!(packet, StartupPacket::CancelRequest(_)) => {
+                            for peer in self.shared.peers() {
+                                let c = c.clone();
+                                tokio::spawn(async move {
+                                    if let Err(e) = crate::server::pass_cancel_on(&peer, &c).await {
+                                        tracing::info!(proxy = %peer, error = %e, "cannot pass a cancel request on to another proxy");
+                                    }
+                                });
+                            }
+                        }
+                        Err(NotOurs) => tracing::debug!(
+                            client_pid = c.pid,
+                            "a cancel request passed on by another proxy is not for a client here"
+                        ),
                     }
                     return Ok(None);
                 }

@@ -82,7 +82,14 @@ fn unix_ms() -> u64 {
 /// Keeps `proxies/<id>` alive, in its own task so that a slow DCS write (an fsync under load)
 /// never delays noticing the new primary: rewrites it every `ttl / 4` (the cluster's `ttl`,
 /// re-read each time) and at once when `drained` changes; deletes it when `drained` closes.
-async fn register(store: ClusterStore, mut value: ProxyValue, mut drained: watch::Receiver<Option<String>>) {
+/// Each time it also reads the other proxies' records, for cancel requests to pass on
+/// ([`Shared::set_peers`]).
+async fn register(
+    store: ClusterStore,
+    shared: Arc<Shared>,
+    mut value: ProxyValue,
+    mut drained: watch::Receiver<Option<String>>,
+) {
     let mut ttl = Duration::from_secs(4);
     let mut failing = false;
     let mut first = true;
@@ -95,6 +102,9 @@ async fn register(store: ClusterStore, mut value: ProxyValue, mut drained: watch
         }
         let next = match store.put_proxy(&value, ttl).await {
             Ok(()) => {
+                if let Ok(all) = store.proxies().await {
+                    shared.set_peers(peers(&value.id, all.into_iter().map(|p| p.value)));
+                }
                 if std::mem::take(&mut failing) {
                     tracing::info!(id = %value.id, "registered in the DCS again");
                 } else if first {
@@ -124,13 +134,22 @@ async fn register(store: ClusterStore, mut value: ProxyValue, mut drained: watch
     }
 }
 
-/// Registers the proxy and follows switchover announcements until `shutdown` turns true; then
-/// removes the registration.
+/// The addresses of the proxies in `all` other than `me` that can be connected to (not an
+/// address for every interface, which a proxy publishes when it has no `connect_address`).
+fn peers(me: &str, all: impl Iterator<Item = ProxyValue>) -> Vec<String> {
+    all.filter(|p| p.id != me)
+        .map(|p| p.address)
+        .filter(|a| !a.parse::<std::net::SocketAddr>().is_ok_and(|s| s.ip().is_unspecified()))
+        .collect()
+}
+
+/// Registers the proxy (at `address`, where the other proxies reach it) and follows switchover
+/// announcements until `shutdown` turns true; then removes the registration.
 pub async fn run(store: ClusterStore, shared: Arc<Shared>, address: String, mut shutdown: watch::Receiver<bool>) {
     let id = proxy_id(&address);
     let value = ProxyValue { id, address, drained: None, version: env!("CARGO_PKG_VERSION").into() };
     let (drained, drained_rx) = watch::channel(None::<String>);
-    let registration = tokio::spawn(register(store.clone(), value, drained_rx));
+    let registration = tokio::spawn(register(store.clone(), shared.clone(), value, drained_rx));
     let mut known: Option<u64> = None;
     let mut handled: Option<String> = None;
     let mut watch_failing = false;
@@ -266,6 +285,18 @@ async fn hold(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cancel_requests_go_to_the_other_proxies_that_can_be_reached() {
+        let p = |id: &str, address: &str| ProxyValue {
+            id: id.into(),
+            address: address.into(),
+            drained: None,
+            version: String::new(),
+        };
+        let all = [p("me", "10.0.0.1:6432"), p("b", "10.0.0.2:6432"), p("c", "0.0.0.0:6432"), p("d", "px-4:6432")];
+        assert_eq!(peers("me", all.into_iter()), vec!["10.0.0.2:6432".to_string(), "px-4:6432".to_string()]);
+    }
 
     #[test]
     fn units_are_counted_until_dropped() {

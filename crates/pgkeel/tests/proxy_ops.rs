@@ -902,6 +902,45 @@ async fn proxy_sizes_pools_per_database_and_per_user() {
     tx.commit().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_that_reaches_another_proxy_is_passed_on() {
+    // Behind one load balancer, the new connection of a cancel request may reach any proxy.
+    let c = Cluster::up(bin(), 1).await;
+    let a = Proxy::start(&c, "proxy-a", "").await;
+    let b = Proxy::start(&c, "proxy-b", "").await;
+    let admin_b = connect(&b.url("postgres", &b.password, "pgkeel", "")).await;
+    // Not an admin user on this proxy: the console refuses; the proxy itself is up.
+    assert!(admin_b.is_err());
+    let sleeper = connect(&a.url("postgres", &a.password, "postgres", "")).await.unwrap();
+    let token = sleeper.cancel_token();
+    let started = Instant::now();
+    let running = tokio::spawn(async move { sleeper.simple_query("select pg_sleep(60)").await.map(|_| ()) });
+    // Sent to b until b knows a (each proxy reads the others' DCS records every ttl / 4).
+    wait_for("the cancel sent to the other proxy to stop the query", Duration::from_secs(30), || async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", b.port)).await.expect("connect to b");
+        token.cancel_query_raw(tcp, tokio_postgres::NoTls).await.expect("b takes the cancel request");
+        running.is_finished().then_some(())
+    })
+    .await;
+    let e = running.await.unwrap().expect_err("cancelled");
+    assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{e}");
+    eprintln!("cancelled through the other proxy after {:?}", started.elapsed());
+    assert!(a.log_text().contains("forwarding a cancel request"));
+    // A key no proxy has cancels nothing: b passes it on, a finds no client with it, and a's
+    // query runs to its end.
+    let other = connect(&a.url("postgres", &a.password, "postgres", "")).await.unwrap();
+    let running = tokio::spawn(async move { other.simple_query("select pg_sleep(1), 'kept'").await.map(|_| ()) });
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", b.port)).await.expect("connect to b");
+    let mut out = pgkeel_proxy::bytes::BytesMut::new();
+    let stranger = pgkeel_proxy::protocol::CancelRequest {
+        pid: 1_000_000,
+        secret_key: pgkeel_proxy::bytes::Bytes::from_static(b"nope"),
+    };
+    pgkeel_proxy::protocol::StartupPacket::CancelRequest(stranger).encode(&mut out);
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, &out).await.expect("send");
+    running.await.unwrap().expect("another client's cancel does not stop this query");
+}
+
 /// A process killed (and reaped) on drop.
 struct Reaped(std::process::Child);
 

@@ -47,8 +47,8 @@ pub use error::{Direction, ProtocolError, Tag};
 pub use fields::{field, sqlstate, ErrorFields, Severity};
 pub use frontend::{AuthExpect, Bind, FrontendDecoder, FrontendMessage, FunctionCall, Parse, Target};
 pub use startup::{
-    CancelRequest, ProtocolVersion, StartupMessage, StartupPacket, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE,
-    SSL_REQUEST_CODE,
+    CancelRequest, ProtocolVersion, StartupMessage, StartupPacket, CANCEL_REQUEST_CODE, FORWARDED_CANCEL_CODE,
+    GSSENC_REQUEST_CODE, SSL_REQUEST_CODE,
 };
 pub use text::Text;
 

@@ -1,5 +1,6 @@
 //! The first packet of a connection, which has no type byte: Int32 length, Int32 code, body.
-//! The code is a protocol version (StartupMessage) or one of three magic numbers.
+//! The code is a protocol version (StartupMessage) or one of three magic numbers (and a
+//! fourth that only pgkeel proxies send each other).
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -13,6 +14,9 @@ pub const SSL_REQUEST_CODE: i32 = (1234 << 16) | 5679;
 pub const GSSENC_REQUEST_CODE: i32 = (1234 << 16) | 5680;
 /// CancelRequest code (1234.5678).
 pub const CANCEL_REQUEST_CODE: i32 = (1234 << 16) | 5678;
+/// A CancelRequest one pgkeel proxy passes on to the others (1234.5699, not a PostgreSQL
+/// code): the same body, for the receiving proxy's own clients only, never passed on again.
+pub const FORWARDED_CANCEL_CODE: i32 = (1234 << 16) | 5699;
 
 /// First byte of a TLS handshake record: what a client using `sslnegotiation=direct`
 /// (PostgreSQL 17) sends instead of a length.
@@ -102,6 +106,8 @@ pub enum StartupPacket {
     GssEncRequest,
     /// Cancel a running query of another connection.
     CancelRequest(CancelRequest),
+    /// A CancelRequest another pgkeel proxy passed on ([`FORWARDED_CANCEL_CODE`]).
+    ForwardedCancel(CancelRequest),
 }
 
 impl StartupPacket {
@@ -157,7 +163,7 @@ impl StartupPacket {
                 }
                 Ok(packet)
             }
-            CANCEL_REQUEST_CODE => {
+            CANCEL_REQUEST_CODE | FORWARDED_CANCEL_CODE => {
                 let mut r = Reader::new("CancelRequest", r.rest());
                 let pid = r.i32("process id")?;
                 let secret_key = r.rest();
@@ -166,7 +172,12 @@ impl StartupPacket {
                         r.err(format!("secret key of {} bytes (must be 4 to {MAX_CANCEL_KEY_LEN})", secret_key.len()))
                     );
                 }
-                Ok(StartupPacket::CancelRequest(CancelRequest { pid, secret_key }))
+                let c = CancelRequest { pid, secret_key };
+                Ok(if code == CANCEL_REQUEST_CODE {
+                    StartupPacket::CancelRequest(c)
+                } else {
+                    StartupPacket::ForwardedCancel(c)
+                })
             }
             _ => {
                 let version = ProtocolVersion { major: (code as u32 >> 16) as u16, minor: code as u16 };
@@ -213,8 +224,9 @@ impl StartupPacket {
             }
             StartupPacket::SslRequest => buf.put_i32(SSL_REQUEST_CODE),
             StartupPacket::GssEncRequest => buf.put_i32(GSSENC_REQUEST_CODE),
-            StartupPacket::CancelRequest(c) => {
-                buf.put_i32(CANCEL_REQUEST_CODE);
+            StartupPacket::CancelRequest(c) | StartupPacket::ForwardedCancel(c) => {
+                let forwarded = matches!(self, StartupPacket::ForwardedCancel(_));
+                buf.put_i32(if forwarded { FORWARDED_CANCEL_CODE } else { CANCEL_REQUEST_CODE });
                 buf.put_i32(c.pid);
                 buf.put_slice(&c.secret_key);
             }

@@ -149,6 +149,7 @@ pub(super) fn startup_packets() -> Vec<StartupPacket> {
         StartupPacket::GssEncRequest,
         StartupPacket::CancelRequest(CancelRequest { pid: 1234, secret_key: b(b"\xde\xad\xbe\xef") }),
         StartupPacket::CancelRequest(CancelRequest { pid: 1, secret_key: Bytes::from(vec![7u8; 256]) }),
+        StartupPacket::ForwardedCancel(CancelRequest { pid: 77, secret_key: b(b"\x01\x02\x03\x04") }),
         StartupPacket::Startup(StartupMessage::new([("user", "postgres"), ("database", "app")])),
         StartupPacket::Startup(StartupMessage::new(Vec::<(String, String)>::new())),
         StartupPacket::Startup(StartupMessage {
