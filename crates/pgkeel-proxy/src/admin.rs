@@ -236,7 +236,7 @@ fn timestamp(t: SystemTime) -> String {
 
 /// `SHOW POOLS`.
 pub fn show_pools(shared: &Shared) -> Table {
-    let mode = shared.config().pool_mode.as_str();
+    let cfg = shared.config();
     let mut t = Table::new(&[
         "database",
         "user",
@@ -256,7 +256,7 @@ pub fn show_pools(shared: &Shared) -> Table {
             p.key.database.clone(),
             p.key.user.clone(),
             target_name(&p.key.target),
-            mode.to_string(),
+            cfg.pool_mode_for(&p.key.database, &p.key.user).as_str().to_string(),
             in_use.to_string(),
             waiting.to_string(),
             in_use.to_string(),
@@ -505,8 +505,8 @@ pub const RESTART_KEYS: &[&str] = &[
 
 /// `[databases.NAME]` or `[users.NAME]` in one line: `reporting: pool_size=40
 /// max_db_connections=60; other: pool_size=5`.
-fn overrides<'a>(sections: impl Iterator<Item = (&'a String, Vec<(&'static str, Option<u32>)>)>) -> String {
-    let one = |(name, keys): (&String, Vec<(&str, Option<u32>)>)| {
+fn overrides<'a>(sections: impl Iterator<Item = (&'a String, Vec<(&'static str, Option<String>)>)>) -> String {
+    let one = |(name, keys): (&String, Vec<(&str, Option<String>)>)| {
         let set: Vec<String> = keys.into_iter().filter_map(|(k, v)| v.map(|v| format!("{k}={v}"))).collect();
         format!("{name}: {}", set.join(" "))
     };
@@ -540,19 +540,27 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         (
             "databases",
             overrides(c.databases.iter().map(|(name, s)| {
-                let keys = [
-                    ("pool_size", s.pool_size),
-                    ("min_pool_size", s.min_pool_size),
-                    ("reserve_pool_size", s.reserve_pool_size),
-                    ("max_db_connections", s.max_db_connections),
+                let n = |v: Option<u32>| v.map(|v| v.to_string());
+                let keys = vec![
+                    ("pool_mode", s.pool_mode.map(|m| m.as_str().to_string())),
+                    ("pool_size", n(s.pool_size)),
+                    ("min_pool_size", n(s.min_pool_size)),
+                    ("reserve_pool_size", n(s.reserve_pool_size)),
+                    ("max_db_connections", n(s.max_db_connections)),
                 ];
-                (name, keys.to_vec())
+                (name, keys)
             })),
         ),
         (
             "users",
             overrides(c.users.iter().map(|(name, s)| {
-                (name, vec![("pool_size", s.pool_size), ("max_user_connections", s.max_user_connections)])
+                let n = |v: Option<u32>| v.map(|v| v.to_string());
+                let keys = vec![
+                    ("pool_mode", s.pool_mode.map(|m| m.as_str().to_string())),
+                    ("pool_size", n(s.pool_size)),
+                    ("max_user_connections", n(s.max_user_connections)),
+                ];
+                (name, keys)
             })),
         ),
         ("max_client_conn", c.max_client_conn.to_string()),
@@ -613,6 +621,27 @@ pub fn show_config(shared: &Shared) -> Table {
     t
 }
 
+/// Gives the sections of `new` the `pool_mode` they have in `old` (a section dropped or added
+/// keeps its old one, or none); whether one differed.
+fn keep_pool_modes<T: Default + Clone + PartialEq>(
+    old: &std::collections::BTreeMap<String, T>,
+    new: &mut std::collections::BTreeMap<String, T>,
+    mode: impl Fn(&mut T) -> &mut Option<crate::config::PoolMode>,
+) -> bool {
+    let mut changed = false;
+    let names: std::collections::BTreeSet<String> = old.keys().chain(new.keys()).cloned().collect();
+    for name in names {
+        let was = old.get(&name).cloned().and_then(|mut o| *mode(&mut o));
+        let entry = new.entry(name).or_default();
+        let now = mode(entry);
+        changed |= *now != was;
+        *now = was;
+    }
+    // A section added above with nothing set is no section.
+    new.retain(|_, v| *v != T::default());
+    changed
+}
+
 /// What a reload did.
 #[derive(Debug, Default, PartialEq)]
 pub struct Reloaded {
@@ -625,9 +654,16 @@ pub struct Reloaded {
 /// Merges a freshly loaded configuration into the one in force: keys of [`RESTART_KEYS`]
 /// keep their old values. Returns the configuration to put in force and what changed.
 pub fn merge(old: &ProxyConfig, mut new: ProxyConfig) -> (ProxyConfig, Reloaded) {
+    let mut r = Reloaded::default();
+    // A database's or a user's pool_mode needs a restart too: its pools would otherwise mix
+    // clients of both modes.
+    if keep_pool_modes(&old.databases, &mut new.databases, |d| &mut d.pool_mode)
+        | keep_pool_modes(&old.users, &mut new.users, |u| &mut u.pool_mode)
+    {
+        r.needs_restart.push("pool_mode");
+    }
     let before = config_rows(&new);
     let now = config_rows(old);
-    let mut r = Reloaded::default();
     for ((key, new_value), (_, old_value)) in before.iter().zip(&now) {
         if new_value != old_value {
             if RESTART_KEYS.contains(key) {
@@ -996,6 +1032,36 @@ mod tests {
         assert_eq!(merged.listen, old.listen, "listen needs a restart");
         assert_eq!(r.applied, vec!["pool_size", "load_balance"]);
         assert_eq!(r.needs_restart, vec!["listen"]);
+        assert_eq!(merge(&old, old.clone()).1, Reloaded::default());
+    }
+
+    #[test]
+    fn a_reload_keeps_the_pool_mode_of_a_database_or_a_user() {
+        let base = std::path::Path::new("/etc/pgkeel");
+        let with = |sections: &str| {
+            crate::config::check(&format!("{}\n{sections}", crate::config::example()), base).expect("valid")
+        };
+        let old = with("[databases.legacy]\npool_mode = \"session\"\npool_size = 4\n[users.batch]\npool_size = 2\n");
+        let get = |c: &ProxyConfig, k: &str| config_rows(c).into_iter().find(|(key, _)| *key == k).map(|(_, v)| v);
+        assert_eq!(get(&old, "databases").as_deref(), Some("legacy: pool_mode=session pool_size=4"));
+        // pool_mode dropped from legacy, added for batch and for a new database: all need a
+        // restart, and the old modes stay; the sizes apply.
+        let new = with(
+            "[databases.legacy]\npool_size = 6\n[databases.fresh]\npool_mode = \"session\"\n\
+             [users.batch]\npool_mode = \"session\"\npool_size = 3\n",
+        );
+        let (merged, r) = merge(&old, new);
+        assert_eq!(r.needs_restart, vec!["pool_mode"]);
+        assert_eq!(r.applied, vec!["databases", "users"]);
+        assert_eq!(get(&merged, "databases").as_deref(), Some("legacy: pool_mode=session pool_size=6"));
+        assert_eq!(get(&merged, "users").as_deref(), Some("batch: pool_size=3"));
+        assert_eq!(merged.pool_mode_for("legacy", "app"), crate::config::PoolMode::Session);
+        assert_eq!(merged.pool_mode_for("fresh", "batch"), crate::config::PoolMode::Transaction);
+        // A section removed whole keeps its pool_mode (and nothing else) until a restart.
+        let (merged, r) = merge(&old, with(""));
+        assert_eq!(r.needs_restart, vec!["pool_mode"]);
+        assert_eq!(get(&merged, "databases").as_deref(), Some("legacy: pool_mode=session"));
+        assert_eq!(get(&merged, "users").as_deref(), Some(""));
         assert_eq!(merge(&old, old.clone()).1, Reloaded::default());
     }
 

@@ -290,6 +290,8 @@ pub struct ProxyConfig {
 /// `[databases.NAME]`: one database's pool settings; `None` keeps the top-level value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DatabaseSettings {
+    /// `pool_mode` of its pools (a user's own wins).
+    pub pool_mode: Option<PoolMode>,
     /// `pool_size` of its pools (a user's own `pool_size` wins).
     pub pool_size: Option<u32>,
     /// `min_pool_size` of its pools.
@@ -303,6 +305,8 @@ pub struct DatabaseSettings {
 /// `[users.NAME]`: one user's pool settings; `None` keeps the database's or top-level value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserSettings {
+    /// `pool_mode` of its pools, over the database's.
+    pub pool_mode: Option<PoolMode>,
     /// `pool_size` of its pools, over the database's.
     pub pool_size: Option<u32>,
     /// `max_user_connections` of the user.
@@ -310,6 +314,16 @@ pub struct UserSettings {
 }
 
 impl ProxyConfig {
+    /// `pool_mode` of the pools of `database` and `user`: the user's, else the database's,
+    /// else the top-level one.
+    pub fn pool_mode_for(&self, database: &str, user: &str) -> PoolMode {
+        self.users
+            .get(user)
+            .and_then(|u| u.pool_mode)
+            .or_else(|| self.databases.get(database).and_then(|d| d.pool_mode))
+            .unwrap_or(self.pool_mode)
+    }
+
     /// `pool_size` of the pools of `database` and `user`: the user's, else the database's,
     /// else the top-level one.
     pub fn pool_size_for(&self, database: &str, user: &str) -> u32 {
@@ -502,8 +516,8 @@ const TOP: &[&str] = &[
     "databases",
     "users",
 ];
-const DATABASE: &[&str] = &["pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"];
-const USER: &[&str] = &["pool_size", "max_user_connections"];
+const DATABASE: &[&str] = &["pool_mode", "pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"];
+const USER: &[&str] = &["pool_mode", "pool_size", "max_user_connections"];
 const AUTH: &[&str] = &["userlist", "auth_type", "query", "auth_user"];
 const TLS: &[&str] = &["cert", "key", "client_tls", "server_tls", "server_ca"];
 const DCS_LOCAL: &[&str] = &["kind", "path"];
@@ -626,6 +640,22 @@ fn count_in(
     }
 }
 
+/// `pool_mode` of the table at `path`.
+fn pool_mode(table: &toml::Table, path: &str) -> Result<Option<PoolMode>, ConfigError> {
+    let key = join(path, "pool_mode");
+    match string(table, path, "pool_mode")?.as_deref() {
+        None => Ok(None),
+        Some("transaction") => Ok(Some(PoolMode::Transaction)),
+        Some("session") => Ok(Some(PoolMode::Session)),
+        Some("statement") => {
+            Err(invalid(format!("{key} = \"statement\" is not supported; use \"transaction\" or \"session\"")))
+        }
+        Some(other) => {
+            Err(invalid(format!("{key} = {other:?} is not a pool mode; use \"transaction\" or \"session\"")))
+        }
+    }
+}
+
 /// `[databases.NAME]` or `[users.NAME]` (`section`): a table of tables, each checked
 /// against `valid`; (name, its table, its path for messages).
 fn sections<'a>(
@@ -634,8 +664,8 @@ fn sections<'a>(
     valid: &[&str],
 ) -> Result<Vec<(&'a String, &'a toml::Table, String)>, ConfigError> {
     let help = match section {
-        "databases" => "e.g. [databases.reporting] with pool_size = 40 (keys: pool_size, min_pool_size, reserve_pool_size, max_db_connections)",
-        _ => "e.g. [users.batch] with pool_size = 5 (keys: pool_size, max_user_connections)",
+        "databases" => "e.g. [databases.reporting] with pool_size = 40 (keys: pool_mode, pool_size, min_pool_size, reserve_pool_size, max_db_connections)",
+        _ => "e.g. [users.batch] with pool_size = 5 (keys: pool_mode, pool_size, max_user_connections)",
     };
     let t = match table.get(section) {
         None => return Ok(Vec::new()),
@@ -672,6 +702,7 @@ fn databases(table: &toml::Table) -> Result<std::collections::BTreeMap<String, D
     let mut out = std::collections::BTreeMap::new();
     for (name, t, path) in sections(table, "databases", DATABASE)? {
         let settings = DatabaseSettings {
+            pool_mode: pool_mode(t, &path)?,
             pool_size: count_in(t, &path, "pool_size", (1, 10_000), 40)?,
             min_pool_size: count_in(t, &path, "min_pool_size", (0, 10_000), 5)?,
             reserve_pool_size: count_in(t, &path, "reserve_pool_size", (0, 10_000), 5)?,
@@ -687,6 +718,7 @@ fn users(table: &toml::Table) -> Result<std::collections::BTreeMap<String, UserS
     let mut out = std::collections::BTreeMap::new();
     for (name, t, path) in sections(table, "users", USER)? {
         let settings = UserSettings {
+            pool_mode: pool_mode(t, &path)?,
             pool_size: count_in(t, &path, "pool_size", (1, 10_000), 40)?,
             max_user_connections: count_in(t, &path, "max_user_connections", (0, 100_000), 100)?,
         };
@@ -1007,18 +1039,7 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
     let replica_functions = functions(&table, "replica_functions")?;
     let max_prepared_statements =
         count(&table, "max_prepared_statements", ProxyConfig::DEFAULT_MAX_PREPARED_STATEMENTS, 0, 100_000)?;
-    let pool_mode = match string(&table, "", "pool_mode")?.as_deref() {
-        None | Some("transaction") => PoolMode::Transaction,
-        Some("session") => PoolMode::Session,
-        Some("statement") => {
-            return Err(invalid("pool_mode = \"statement\" is not supported; use \"transaction\" or \"session\""))
-        }
-        Some(other) => {
-            return Err(invalid(format!(
-                "pool_mode = {other:?} is not a pool mode; use \"transaction\" or \"session\""
-            )))
-        }
-    };
+    let pool_mode = pool_mode(&table, "")?.unwrap_or(PoolMode::Transaction);
     let pool_size = count(&table, "pool_size", ProxyConfig::DEFAULT_POOL_SIZE, 1, 10_000)?;
     let max_db_connections = count(&table, "max_db_connections", 0, 0, 100_000)?;
     let max_user_connections = count(&table, "max_user_connections", 0, 0, 100_000)?;
@@ -1357,8 +1378,9 @@ shutdown_timeout = "10s"
 # n3 = 1
 
 # One database's pools (all its users'), or one user's pools (all its databases'), with their
-# own sizes. Keys for a database: pool_size, min_pool_size, reserve_pool_size,
-# max_db_connections; for a user: pool_size (over the database's), max_user_connections.
+# own settings. Keys for a database: pool_mode, pool_size, min_pool_size, reserve_pool_size,
+# max_db_connections; for a user: pool_mode and pool_size (over the database's),
+# max_user_connections. pool_mode needs a restart; the others reload live.
 # [databases.reporting]
 # pool_size = 40
 # max_db_connections = 60
@@ -1657,6 +1679,14 @@ mod tests {
         assert_eq!((c.reserve_pool_size_for("reporting"), c.reserve_pool_size_for("app")), (4, 0));
         assert_eq!((c.min_pool_size_for("odd db"), c.min_pool_size_for("reporting")), (3, 1));
         assert!(c.any_min_pool_size());
+        let modes = ok(&format!(
+            "{MINIMAL}[databases.legacy]\npool_mode = \"session\"\n[users.batch]\npool_mode = \"transaction\"\n"
+        ));
+        assert_eq!(modes.pool_mode_for("legacy", "web"), PoolMode::Session);
+        assert_eq!(modes.pool_mode_for("legacy", "batch"), PoolMode::Transaction, "the user's pool_mode wins");
+        assert_eq!(modes.pool_mode_for("app", "web"), PoolMode::Transaction);
+        assert!(err(&format!("{MINIMAL}[databases.x]\npool_mode = \"statement\"\n"))
+            .contains("databases.x.pool_mode = \"statement\" is not supported"));
         assert!(!ok(MINIMAL).any_min_pool_size());
         assert!(ok(&format!("{MINIMAL}[databases.x]\nmin_pool_size = 2\n")).any_min_pool_size());
     }
@@ -1704,7 +1734,7 @@ mod tests {
             ),
             (
                 format!("{MINIMAL}[users.batch]\nfrob = 3\n"),
-                "unknown key \"users.batch.frob\"; valid keys in [users.batch]: pool_size, max_user_connections",
+                "unknown key \"users.batch.frob\"; valid keys in [users.batch]: pool_mode, pool_size, max_user_connections",
             ),
             (with("max_db_connections = -1"), "max_db_connections = -1 is out of range: use 0 to 100000"),
             (with("max_user_connections = 1.5"), "max_user_connections must be an integer"),

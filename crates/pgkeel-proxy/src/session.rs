@@ -855,6 +855,7 @@ pub fn run(
         listener_mode: mode,
         held: 0,
         skip_to_sync: false,
+        pool_mode: PoolMode::Transaction,
         statements: HashMap::new(),
         unnamed_class: Class::Write,
         ryw_floor: 0,
@@ -927,6 +928,9 @@ struct Session {
     mode: RouteMode,
     /// Drop client messages until the next Sync (after an error in an extended batch).
     skip_to_sync: bool,
+    /// The pool mode of the client's pools (`pool_mode`, or its database's or user's), set at
+    /// login.
+    pool_mode: PoolMode,
     /// The class of the last unnamed statement parsed.
     unnamed_class: Class,
     // Touched off the common transaction's path.
@@ -1385,7 +1389,9 @@ impl Session {
             return;
         }
         let key = PoolKey { database: self.database.clone(), user: self.user.clone(), target: PoolTarget::Primary };
-        let pool = self.shared.pools.get(key, Sizes::of(&self.shared.config(), &self.database, &self.user));
+        let cfg = self.shared.config();
+        self.pool_mode = cfg.pool_mode_for(&self.database, &self.user);
+        let pool = self.shared.pools.get(key, Sizes::of(&cfg, &self.database, &self.user));
         self.server_auth = Some(pool.share_auth(auth));
         pool.share_settings(&mut self.desired);
         self.pool = Some(pool);
@@ -1535,7 +1541,7 @@ impl Session {
     /// the client's server connection is attached here (a replica on the replica listener).
     async fn welcome(&mut self) -> Result<(), Fail> {
         let pool = self.pool.clone().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "no pool"))?;
-        let session_mode = self.shared.config().pool_mode == PoolMode::Session;
+        let session_mode = self.pool_mode == PoolMode::Session;
         if session_mode || pool.welcome().is_none() {
             self.flush().await?;
             let class = if self.mode == RouteMode::Replica { Class::Read } else { Class::Write };
@@ -1619,7 +1625,7 @@ impl Session {
     }
 
     fn splitting(&self) -> bool {
-        self.mode == RouteMode::Auto && self.cfg.pool_mode == PoolMode::Transaction && self.multi
+        self.mode == RouteMode::Auto && self.pool_mode == PoolMode::Transaction && self.multi
     }
 
     /// Takes a reloaded configuration and the cluster's size, when they changed; once per
@@ -1644,8 +1650,7 @@ impl Session {
 
     /// Whether named prepared statements are renamed and tracked.
     fn translating(&self) -> bool {
-        let cfg = &self.cfg;
-        cfg.pool_mode == PoolMode::Transaction && cfg.max_prepared_statements > 0
+        self.pool_mode == PoolMode::Transaction && self.cfg.max_prepared_statements > 0
     }
 
     fn classify(&self, text: &[u8]) -> Class {
@@ -1751,7 +1756,7 @@ impl Session {
             Some(a) => a,
             None => self.attach_primary(slot).await?,
         };
-        if att.conn.role == ServerRole::Primary && self.cfg.pool_mode == PoolMode::Transaction {
+        if att.conn.role == ServerRole::Primary && self.pool_mode == PoolMode::Transaction {
             att.unit = Some(unit);
         }
         att.slot.pool().stats.observe_wait(started.elapsed());
@@ -1807,7 +1812,7 @@ impl Session {
         }
         let mut att = Attached::new(conn, slot);
         self.set_cancel(att.conn.lend_cancel_target());
-        if self.cfg.pool_mode == PoolMode::Transaction {
+        if self.pool_mode == PoolMode::Transaction {
             att.unit = Some(unit);
         }
         att.slot.pool().stats.observe_wait(since.map_or(Duration::ZERO, |s| s.elapsed()));
@@ -2321,7 +2326,7 @@ impl Session {
             tracing::debug!(server = ?att.conn, "closing a server connection left mid-exchange");
             return;
         }
-        let session_mode = self.shared.config().pool_mode == PoolMode::Session;
+        let session_mode = self.pool_mode == PoolMode::Session;
         let cleanup = match (att.status, session_mode) {
             (TransactionStatus::Idle, false) => None,
             (TransactionStatus::Idle, true) => Some("DISCARD ALL"),
@@ -2511,7 +2516,7 @@ impl Session {
         // a plain socket.
         self.refresh(topo_rx);
         if self.skip_to_sync
-            || self.cfg.pool_mode != PoolMode::Transaction
+            || self.pool_mode != PoolMode::Transaction
             || self.splitting()
             || self.shared.draining()
             || self.killed()
@@ -2603,7 +2608,7 @@ impl Session {
                 && self
                     .attached
                     .as_ref()
-                    .is_none_or(|a| self.cfg.pool_mode == PoolMode::Session && a.clean() && self.held == 0)
+                    .is_none_or(|a| self.pool_mode == PoolMode::Session && a.clean() && self.held == 0)
             {
                 return Err(Fail::new(sqlstate::ADMIN_SHUTDOWN, "the proxy is shutting down; reconnect"));
             }
@@ -3269,7 +3274,7 @@ impl Session {
         if !self.attached.as_ref().is_some_and(|a| a.clean()) {
             return false;
         }
-        if self.cfg.pool_mode == PoolMode::Session {
+        if self.pool_mode == PoolMode::Session {
             return false;
         }
         let ryw = self.cfg.read_your_writes && self.multi;

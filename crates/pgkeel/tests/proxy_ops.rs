@@ -903,6 +903,40 @@ async fn proxy_sizes_pools_per_database_and_per_user() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_pools_one_database_in_session_mode() {
+    let c = Cluster::up(bin(), 1).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    psql(&c.node_dsn(&leader), "create database legacy").expect("create database");
+    let p = OpsProxy::start(&c, "pool_size = 5\n[databases.legacy]\npool_mode = \"session\"").await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    let (a, b) = (connect(&p.dsn("legacy")).await.unwrap(), connect(&p.dsn("legacy")).await.unwrap());
+    let t = connect(&p.dsn("postgres")).await.unwrap();
+    // Session state lives between a legacy client's statements: its own backend throughout.
+    a.simple_query("create temp table mine (v int)").await.unwrap();
+    let pid = first_value(&a.simple_query("select pg_backend_pid()").await.unwrap());
+    for i in 0..3 {
+        b.simple_query("select 1").await.unwrap();
+        t.simple_query("select 1").await.unwrap();
+        a.simple_query(&format!("insert into mine values ({i})")).await.expect("the temp table is still there");
+        assert_eq!(first_value(&a.simple_query("select pg_backend_pid()").await.unwrap()), pid);
+    }
+    // Between statements, each legacy client holds its connection; the postgres database's
+    // transaction-mode client holds none.
+    let pools = show(&admin, "SHOW POOLS").await;
+    let legacy = pools.iter().find(|r| r["database"] == "legacy").expect("legacy's pool");
+    let other = primary_row(&pools).expect("postgres's pool");
+    assert_eq!((legacy["mode"].as_str(), legacy["sv_active"].as_str()), ("session", "2"));
+    assert_eq!((other["mode"].as_str(), other["sv_active"].as_str()), ("transaction", "0"));
+    assert_eq!(config_value(&admin, "databases").await, "legacy: pool_mode=session");
+    drop(a);
+    wait_for("the departed session's connection to go back", Duration::from_secs(10), || async {
+        let pools = show(&admin, "SHOW POOLS").await;
+        (pools.iter().find(|r| r["database"] == "legacy")?["sv_active"] == "1").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_request_that_reaches_another_proxy_is_passed_on() {
     // Behind one load balancer, the new connection of a cancel request may reach any proxy.
     let c = Cluster::up(bin(), 1).await;
