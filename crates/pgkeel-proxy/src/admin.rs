@@ -542,6 +542,7 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
             overrides(c.databases.iter().map(|(name, s)| {
                 let n = |v: Option<u32>| v.map(|v| v.to_string());
                 let keys = vec![
+                    ("dbname", s.dbname.clone()),
                     ("pool_mode", s.pool_mode.map(|m| m.as_str().to_string())),
                     ("pool_size", n(s.pool_size)),
                     ("min_pool_size", n(s.min_pool_size)),
@@ -621,19 +622,19 @@ pub fn show_config(shared: &Shared) -> Table {
     t
 }
 
-/// Gives the sections of `new` the `pool_mode` they have in `old` (a section dropped or added
-/// keeps its old one, or none); whether one differed.
-fn keep_pool_modes<T: Default + Clone + PartialEq>(
+/// Gives the sections of `new` the value of `field` they have in `old` (a section dropped or
+/// added keeps its old one, or none): for the keys that need a restart. Whether one differed.
+fn keep_old<T: Default + Clone + PartialEq, V: Clone + PartialEq>(
     old: &std::collections::BTreeMap<String, T>,
     new: &mut std::collections::BTreeMap<String, T>,
-    mode: impl Fn(&mut T) -> &mut Option<crate::config::PoolMode>,
+    field: impl Fn(&mut T) -> &mut Option<V>,
 ) -> bool {
     let mut changed = false;
     let names: std::collections::BTreeSet<String> = old.keys().chain(new.keys()).cloned().collect();
     for name in names {
-        let was = old.get(&name).cloned().and_then(|mut o| *mode(&mut o));
+        let was = old.get(&name).cloned().and_then(|mut o| field(&mut o).clone());
         let entry = new.entry(name).or_default();
-        let now = mode(entry);
+        let now = field(entry);
         changed |= *now != was;
         *now = was;
     }
@@ -657,10 +658,14 @@ pub fn merge(old: &ProxyConfig, mut new: ProxyConfig) -> (ProxyConfig, Reloaded)
     let mut r = Reloaded::default();
     // A database's or a user's pool_mode needs a restart too: its pools would otherwise mix
     // clients of both modes.
-    if keep_pool_modes(&old.databases, &mut new.databases, |d| &mut d.pool_mode)
-        | keep_pool_modes(&old.users, &mut new.users, |u| &mut u.pool_mode)
+    if keep_old(&old.databases, &mut new.databases, |d| &mut d.pool_mode)
+        | keep_old(&old.users, &mut new.users, |u| &mut u.pool_mode)
     {
         r.needs_restart.push("pool_mode");
+    }
+    // And its dbname: the pooled connections are to the old database.
+    if keep_old(&old.databases, &mut new.databases, |d| &mut d.dbname) {
+        r.needs_restart.push("dbname");
     }
     let before = config_rows(&new);
     let now = config_rows(old);
@@ -1063,6 +1068,12 @@ mod tests {
         assert_eq!(get(&merged, "databases").as_deref(), Some("legacy: pool_mode=session"));
         assert_eq!(get(&merged, "users").as_deref(), Some(""));
         assert_eq!(merge(&old, old.clone()).1, Reloaded::default());
+        // So does a database's dbname.
+        let aliased = with("[databases.shop]\ndbname = \"shop_2026\"\n");
+        let (merged, r) = merge(&aliased, with("[databases.shop]\ndbname = \"shop_2027\"\npool_size = 3\n"));
+        assert_eq!((r.needs_restart, r.applied), (vec!["dbname"], vec!["databases"]));
+        assert_eq!(merged.dbname_for("shop"), "shop_2026");
+        assert_eq!(get(&merged, "databases").as_deref(), Some("shop: dbname=shop_2026 pool_size=3"));
     }
 
     #[test]

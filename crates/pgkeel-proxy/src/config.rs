@@ -290,6 +290,8 @@ pub struct ProxyConfig {
 /// `[databases.NAME]`: one database's pool settings; `None` keeps the top-level value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DatabaseSettings {
+    /// The database's name on the servers, when clients use another (an alias).
+    pub dbname: Option<String>,
     /// `pool_mode` of its pools (a user's own wins).
     pub pool_mode: Option<PoolMode>,
     /// `pool_size` of its pools (a user's own `pool_size` wins).
@@ -332,6 +334,12 @@ impl ProxyConfig {
             .and_then(|u| u.pool_size)
             .or_else(|| self.databases.get(database).and_then(|d| d.pool_size))
             .unwrap_or(self.pool_size)
+    }
+
+    /// The name on the servers of the database clients call `database`: its `dbname`, else
+    /// the same.
+    pub fn dbname_for<'a>(&'a self, database: &'a str) -> &'a str {
+        self.databases.get(database).and_then(|d| d.dbname.as_deref()).unwrap_or(database)
     }
 
     /// `min_pool_size` of `database`'s pools.
@@ -516,7 +524,8 @@ const TOP: &[&str] = &[
     "databases",
     "users",
 ];
-const DATABASE: &[&str] = &["pool_mode", "pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"];
+const DATABASE: &[&str] =
+    &["dbname", "pool_mode", "pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"];
 const USER: &[&str] = &["pool_mode", "pool_size", "max_user_connections"];
 const AUTH: &[&str] = &["userlist", "auth_type", "query", "auth_user"];
 const TLS: &[&str] = &["cert", "key", "client_tls", "server_tls", "server_ca"];
@@ -664,7 +673,7 @@ fn sections<'a>(
     valid: &[&str],
 ) -> Result<Vec<(&'a String, &'a toml::Table, String)>, ConfigError> {
     let help = match section {
-        "databases" => "e.g. [databases.reporting] with pool_size = 40 (keys: pool_mode, pool_size, min_pool_size, reserve_pool_size, max_db_connections)",
+        "databases" => "e.g. [databases.reporting] with pool_size = 40 (keys: dbname, pool_mode, pool_size, min_pool_size, reserve_pool_size, max_db_connections)",
         _ => "e.g. [users.batch] with pool_size = 5 (keys: pool_mode, pool_size, max_user_connections)",
     };
     let t = match table.get(section) {
@@ -701,7 +710,16 @@ fn sections<'a>(
 fn databases(table: &toml::Table) -> Result<std::collections::BTreeMap<String, DatabaseSettings>, ConfigError> {
     let mut out = std::collections::BTreeMap::new();
     for (name, t, path) in sections(table, "databases", DATABASE)? {
+        let dbname = string(t, &path, "dbname")?;
+        if let Some(d) = &dbname {
+            if d.is_empty() || d.len() > 63 {
+                return Err(invalid(format!(
+                    "{path}.dbname = {d:?} is not a database name postgres allows (1 to 63 bytes)"
+                )));
+            }
+        }
         let settings = DatabaseSettings {
+            dbname,
             pool_mode: pool_mode(t, &path)?,
             pool_size: count_in(t, &path, "pool_size", (1, 10_000), 40)?,
             min_pool_size: count_in(t, &path, "min_pool_size", (0, 10_000), 5)?,
@@ -1378,9 +1396,10 @@ shutdown_timeout = "10s"
 # n3 = 1
 
 # One database's pools (all its users'), or one user's pools (all its databases'), with their
-# own settings. Keys for a database: pool_mode, pool_size, min_pool_size, reserve_pool_size,
-# max_db_connections; for a user: pool_mode and pool_size (over the database's),
-# max_user_connections. pool_mode needs a restart; the others reload live.
+# own settings. Keys for a database: dbname (its name on the servers, when clients use another),
+# pool_mode, pool_size, min_pool_size, reserve_pool_size, max_db_connections; for a user:
+# pool_mode and pool_size (over the database's), max_user_connections. dbname and pool_mode
+# need a restart; the others reload live.
 # [databases.reporting]
 # pool_size = 40
 # max_db_connections = 60
@@ -1685,6 +1704,10 @@ mod tests {
         assert_eq!(modes.pool_mode_for("legacy", "web"), PoolMode::Session);
         assert_eq!(modes.pool_mode_for("legacy", "batch"), PoolMode::Transaction, "the user's pool_mode wins");
         assert_eq!(modes.pool_mode_for("app", "web"), PoolMode::Transaction);
+        let alias = ok(&format!("{MINIMAL}[databases.shop]\ndbname = \"shop_2026\"\n"));
+        assert_eq!((alias.dbname_for("shop"), alias.dbname_for("other")), ("shop_2026", "other"));
+        assert!(err(&format!("{MINIMAL}[databases.shop]\ndbname = \"\"\n"))
+            .contains("databases.shop.dbname = \"\" is not a database name postgres allows"));
         assert!(err(&format!("{MINIMAL}[databases.x]\npool_mode = \"statement\"\n"))
             .contains("databases.x.pool_mode = \"statement\" is not supported"));
         assert!(!ok(MINIMAL).any_min_pool_size());

@@ -125,9 +125,14 @@ async fn read(shared: &Shared, pool: &Arc<Pool>) -> Result<Option<Volatile>, Str
     let mut conn = match pool.take_idle(term) {
         Some(c) => c,
         None => {
-            let c = ServerConn::connect(primary, &pool.key.database, &auth, crate::server::Dial::of(&shared.config()))
+            // It joins the pool afterwards: under the caps like any other (none: later).
+            let Ok(permit) = pool.try_permit() else { return Ok(None) };
+            let cfg = shared.config();
+            let database = cfg.dbname_for(&pool.key.database);
+            let mut c = ServerConn::connect(primary, database, &auth, crate::server::Dial::of(&cfg))
                 .await
                 .map_err(|e| e.to_string())?;
+            c.permit = permit;
             pool.set_welcome(&c);
             Box::new(c)
         }

@@ -369,8 +369,9 @@ async fn fill_pool(
     min: u32,
 ) -> Result<usize, server::ConnectError> {
     let Some(auth) = pool.auth() else { return Ok(0) };
-    let dial = server::Dial::of(&shared.config());
-    let database = &pool.key.database;
+    let cfg = shared.config();
+    let dial = server::Dial::of(&cfg);
+    let database = cfg.dbname_for(&pool.key.database);
     for added in 0..missing {
         let Ok(permit) = pool.try_permit() else { return Ok(added) };
         let topology = shared.topology.borrow().clone();

@@ -1468,7 +1468,8 @@ impl Session {
             md5: None,
             tls: self.shared.server_tls(),
         };
-        let mut conn = match ServerConn::connect(&primary, &self.database, &auth, Dial::of(&cfg)).await {
+        let mut conn = match ServerConn::connect(&primary, cfg.dbname_for(&self.database), &auth, Dial::of(&cfg)).await
+        {
             Ok(c) => c,
             Err(ConnectError::Refused(fields)) => {
                 return Err(Fail {
@@ -2111,7 +2112,8 @@ impl Session {
                 let auth =
                     self.server_auth.as_deref().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"))?;
                 let permit = self.permit(&pool, &cfg).await?;
-                match Box::pin(ServerConn::connect_replica(replica, &self.database, auth, Dial::of(&cfg))).await {
+                let database = cfg.dbname_for(&self.database);
+                match Box::pin(ServerConn::connect_replica(replica, database, auth, Dial::of(&cfg))).await {
                     Ok(mut c) => {
                         c.permit = permit;
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a replica connection");
@@ -2196,7 +2198,8 @@ impl Session {
                     break c;
                 }
                 let permit = self.permit(pool, &cfg).await?;
-                match Box::pin(ServerConn::connect(primary, &self.database, auth, Dial::of(&cfg))).await {
+                let database = cfg.dbname_for(&self.database);
+                match Box::pin(ServerConn::connect(primary, database, auth, Dial::of(&cfg))).await {
                     Ok(mut c) if c.term >= topo_rx.borrow().newest_term => {
                         c.permit = permit;
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a server connection");

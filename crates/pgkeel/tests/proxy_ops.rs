@@ -868,11 +868,15 @@ async fn proxy_sizes_pools_per_database_and_per_user() {
     psql(&direct, "create role app login password 'app-secret'").expect("create role");
     let p = OpsProxy::start(
         &c,
-        "pool_size = 5\nquery_wait_timeout = \"1s\"\n[databases.small]\npool_size = 1\n[users.app]\npool_size = 2",
+        "pool_size = 5\nquery_wait_timeout = \"1s\"\n[databases.small]\npool_size = 1\n[databases.tiny]\n\
+         dbname = \"small\"\n[users.app]\npool_size = 2",
     )
     .await;
     let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
-    assert_eq!(config_value(&admin, "databases").await, "small: pool_size=1");
+    assert_eq!(config_value(&admin, "databases").await, "small: pool_size=1; tiny: dbname=small");
+    // An alias: clients say tiny, the server's database is small, in a pool of its own.
+    let aliased = connect(&p.dsn("tiny")).await.unwrap();
+    assert_eq!(first_value(&aliased.simple_query("select current_database()").await.unwrap()), "small");
     assert_eq!(config_value(&admin, "users").await, "app: pool_size=2");
     for (user, password, db) in [("postgres", p.password.as_str(), "small"), ("app", "app-secret", "small")] {
         connect(&p.dsn_as(user, password, db)).await.unwrap().simple_query("select 1").await.unwrap();
@@ -885,6 +889,7 @@ async fn proxy_sizes_pools_per_database_and_per_user() {
     assert_eq!(size_of(&rows, "small", "postgres").as_deref(), Some("1"), "the database's pool_size");
     assert_eq!(size_of(&rows, "small", "app").as_deref(), Some("2"), "the user's, over the database's");
     assert_eq!(size_of(&rows, "postgres", "postgres").as_deref(), Some("5"), "the top-level one");
+    assert_eq!(size_of(&rows, "tiny", "postgres").as_deref(), Some("5"), "the alias's pool, sized on its own");
     // small's one connection held: the next client of small waits and fails with its size.
     let mut holder = connect(&p.dsn("small")).await.unwrap();
     let tx = holder.transaction().await.unwrap();
@@ -893,9 +898,11 @@ async fn proxy_sizes_pools_per_database_and_per_user() {
     let msg = message(&waiter.simple_query("select 2").await.expect_err("small is full"));
     assert!(msg.starts_with("53300") && msg.contains("all 1 of pool_size are in use"), "{msg}");
     // RELOAD without the section: small's pool grows to the top-level size at once, live.
-    p.config.write("pool_size = 5\nquery_wait_timeout = \"1s\"\n[users.app]\npool_size = 2");
+    p.config.write(
+        "pool_size = 5\nquery_wait_timeout = \"1s\"\n[databases.tiny]\ndbname = \"small\"\n[users.app]\npool_size = 2",
+    );
     admin.simple_query("RELOAD").await.expect("RELOAD");
-    assert_eq!(config_value(&admin, "databases").await, "");
+    assert_eq!(config_value(&admin, "databases").await, "tiny: dbname=small");
     assert_eq!(size_of(&show(&admin, "SHOW POOLS").await, "small", "postgres").as_deref(), Some("5"));
     let other = connect(&p.dsn("small")).await.unwrap();
     assert_eq!(first_value(&other.simple_query("select 3").await.expect("room now")), "3");
