@@ -315,6 +315,49 @@ fn first_value(rows: &[SimpleQueryMessage]) -> String {
         .unwrap_or_else(|| panic!("no row in {rows:?}"))
 }
 
+/// A one-node cluster and its primary's DSN, after running `setup` there (one statement each).
+async fn cluster_with(setup: &[&str]) -> (Cluster, String) {
+    let c = Cluster::up(bin(), 1).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let direct = c.node_dsn(&leader);
+    for sql in setup {
+        psql(&direct, sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    (c, direct)
+}
+
+/// `n` clients of `dsn`, each inside a transaction that ran a query, so each holds a server
+/// connection (until [`commit_all`]).
+async fn in_transactions(dsn: &str, n: usize) -> Vec<tokio_postgres::Client> {
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let c = connect(dsn).await.unwrap();
+        c.simple_query("begin").await.unwrap();
+        c.simple_query("select 1").await.unwrap();
+        clients.push(c);
+    }
+    clients
+}
+
+async fn commit_all(clients: &[tokio_postgres::Client]) {
+    for c in clients {
+        c.simple_query("commit").await.expect("commit");
+    }
+}
+
+/// How many client backends `database` has, asked of postgres at `direct`.
+fn backends_of(direct: &str, database: &str) -> String {
+    let sql = format!(
+        "select count(*) from pg_stat_activity where datname = '{database}' and backend_type = 'client backend'"
+    );
+    psql(direct, &sql).expect("count backends")
+}
+
+/// Whether the backend `pid` still runs, asked of postgres at `direct`.
+fn backend_alive(direct: &str, pid: &str) -> bool {
+    psql(direct, &format!("select count(*) from pg_stat_activity where pid = {pid}")).expect("pg_stat_activity") == "1"
+}
+
 /// The backend pids of `database`'s server connections in `SHOW SERVERS`.
 async fn server_pids(admin: &tokio_postgres::Client, database: &str) -> Vec<String> {
     show(admin, "SHOW SERVERS")
@@ -327,19 +370,8 @@ async fn server_pids(admin: &tokio_postgres::Client, database: &str) -> Vec<Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_admin_commands_for_one_database() {
-    let c = Cluster::up(bin(), 1).await;
-    let (leader, _) = c.leader().await.expect("a leader");
-    let direct = c.node_dsn(&leader);
-    psql(&direct, "create database maint").expect("create database maint");
-    let backends = |db: &str| {
-        psql(
-            &direct,
-            &format!(
-                "select count(*) from pg_stat_activity where datname = '{db}' and backend_type = 'client backend'"
-            ),
-        )
-        .expect("count backends")
-    };
+    let (c, direct) = cluster_with(&["create database maint"]).await;
+    let backends = |db: &str| backends_of(&direct, db);
     let p = OpsProxy::start(&c, "pool_size = 2\nquery_wait_timeout = \"60s\"").await;
     let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
     let row_of =
@@ -480,13 +512,8 @@ async fn proxy_admin_commands_for_one_database() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_closes_unused_and_old_server_connections() {
-    let c = Cluster::up(bin(), 1).await;
-    let (leader, _) = c.leader().await.expect("a leader");
-    let direct = c.node_dsn(&leader);
-    let alive = |pid: &str| {
-        psql(&direct, &format!("select count(*) from pg_stat_activity where pid = {pid}")).expect("pg_stat_activity")
-            == "1"
-    };
+    let (c, direct) = cluster_with(&[]).await;
+    let alive = |pid: &str| backend_alive(&direct, pid);
     let p = OpsProxy::start(&c, "pool_size = 4\nserver_idle_timeout = \"1s\"\nserver_lifetime = 0").await;
     let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
     assert_eq!(config_value(&admin, "server_idle_timeout").await, "1s");
@@ -556,11 +583,9 @@ async fn proxy_closes_unused_and_old_server_connections() {
 async fn idle_in_transaction_timeout_through_the_proxy_frees_the_connection() {
     // PgBouncer's idle_transaction_timeout, done by postgres: a client idle inside a
     // transaction holds a pool slot until postgres ends its backend; then the slot is free.
-    let c = Cluster::up(bin(), 1).await;
-    let (leader, _) = c.leader().await.expect("a leader");
-    let direct = c.node_dsn(&leader);
-    psql(&direct, "create database itx").expect("create database");
-    psql(&direct, "alter database itx set idle_in_transaction_session_timeout = '1s'").expect("alter database");
+    let (c, _) =
+        cluster_with(&["create database itx", "alter database itx set idle_in_transaction_session_timeout = '1s'"])
+            .await;
     let p = OpsProxy::start(&c, "pool_size = 1").await;
     let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
     // Its connection task is kept: what postgres says when it ends the backend arrives there.
@@ -618,24 +643,9 @@ async fn proxy_closes_clients_idle_longer_than_client_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_caps_server_connections_per_database_and_user() {
-    let c = Cluster::up(bin(), 1).await;
-    let (leader, _) = c.leader().await.expect("a leader");
-    let direct = c.node_dsn(&leader);
-    psql(&direct, "create database capped").expect("create database");
-    psql(&direct, "create role app login password 'app-secret'").expect("create role");
-    let backends = || {
-        psql(
-            &direct,
-            "select count(*) from pg_stat_activity where datname = 'capped' and backend_type = 'client backend'",
-        )
-        .expect("count backends")
-        .parse::<u32>()
-        .expect("a count")
-    };
-    let alive = |pid: &str| {
-        psql(&direct, &format!("select count(*) from pg_stat_activity where pid = {pid}")).expect("pg_stat_activity")
-            == "1"
-    };
+    let (c, direct) = cluster_with(&["create database capped", "create role app login password 'app-secret'"]).await;
+    let backends = || backends_of(&direct, "capped");
+    let alive = |pid: &str| backend_alive(&direct, pid);
     let p = OpsProxy::start(&c, "pool_size = 5\nmax_db_connections = 2\nquery_wait_timeout = \"2s\"").await;
     let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
     assert_eq!(config_value(&admin, "max_db_connections").await, "2");
@@ -667,7 +677,7 @@ async fn proxy_caps_server_connections_per_database_and_user() {
             && msg.contains("query_wait_timeout (2s)"),
         "{msg}"
     );
-    assert_eq!(backends(), 2);
+    assert_eq!(backends(), "2");
 
     // A waiting client gets the room of a connection another user's pool gives back: that
     // pool closes it instead of keeping it idle.
@@ -686,14 +696,14 @@ async fn proxy_caps_server_connections_per_database_and_user() {
         .expect("the waiting client runs once a connection came back")
         .unwrap();
     assert!(!alive(&a1_pid), "the connection given back was closed");
-    assert_eq!(backends(), 2);
+    assert_eq!(backends(), "2");
 
     // An idle connection of another pool is closed to make room at once (without it the
     // query would wait out query_wait_timeout and fail).
     let a2 = pg().await.unwrap();
     a2.simple_query("select 4").await.expect("room made by closing the app pool's idle connection");
     assert!(!alive(&b3_pid), "the idle connection was closed for it");
-    assert_eq!(backends(), 2);
+    assert_eq!(backends(), "2");
     let row = db_row(show(&admin, "SHOW DATABASES").await);
     assert_eq!(row["current_connections"], "2");
 
@@ -724,17 +734,8 @@ async fn proxy_caps_server_connections_per_database_and_user() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_opens_reserve_connections_for_clients_that_waited_too_long() {
-    let c = Cluster::up(bin(), 1).await;
-    let (leader, _) = c.leader().await.expect("a leader");
-    let direct = c.node_dsn(&leader);
-    psql(&direct, "create database burst").expect("create database");
-    let backends = || {
-        psql(
-            &direct,
-            "select count(*) from pg_stat_activity where datname = 'burst' and backend_type = 'client backend'",
-        )
-        .expect("count backends")
-    };
+    let (c, direct) = cluster_with(&["create database burst"]).await;
+    let backends = || backends_of(&direct, "burst");
     let p = OpsProxy::start(
         &c,
         "pool_size = 1\nreserve_pool_size = 1\nreserve_pool_timeout = \"500ms\"\nquery_wait_timeout = \"3s\"",
@@ -782,11 +783,7 @@ async fn proxy_opens_reserve_connections_for_clients_that_waited_too_long() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_keeps_min_pool_size_connections_open() {
-    let c = Cluster::up(bin(), 1).await;
-    let (leader, _) = c.leader().await.expect("a leader");
-    let direct = c.node_dsn(&leader);
-    psql(&direct, "create database warm").expect("create database");
-    psql(&direct, "create database other").expect("create database");
+    let (c, _) = cluster_with(&["create database warm", "create database other"]).await;
     let p = OpsProxy::start(&c, "pool_size = 4\nmin_pool_size = 2\nserver_idle_timeout = \"1s\"").await;
     let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
     assert_eq!(config_value(&admin, "min_pool_size").await, "2");
@@ -808,20 +805,9 @@ async fn proxy_keeps_min_pool_size_connections_open() {
 
     // Four used at once; server_idle_timeout closes the unused ones down to min_pool_size,
     // not below.
-    let (dsn, mut clients) = (p.dsn("warm"), Vec::new());
-    for _ in 0..4 {
-        clients.push(connect(&dsn).await.unwrap());
-    }
-    let mut open = Vec::new();
-    for cl in clients.iter_mut() {
-        let t = cl.transaction().await.unwrap();
-        t.simple_query("select 1").await.unwrap();
-        open.push(t);
-    }
+    let clients = in_transactions(&p.dsn("warm"), 4).await;
     assert_eq!(pids("warm").await.len(), 4);
-    for t in open {
-        t.commit().await.unwrap();
-    }
+    commit_all(&clients).await;
     wait_for("the unused connections beyond min_pool_size to close", Duration::from_secs(15), || async {
         (pids("warm").await.len() == 2).then_some(())
     })
@@ -830,20 +816,7 @@ async fn proxy_keeps_min_pool_size_connections_open() {
     // More sweeps pass (another pool's three unused connections come down to two, which
     // takes one to two of them), and the two are still the same backends: kept, not closed
     // and opened again.
-    let other_dsn = p.dsn("other");
-    let mut others = Vec::new();
-    for _ in 0..3 {
-        others.push(connect(&other_dsn).await.unwrap());
-    }
-    let mut open = Vec::new();
-    for cl in others.iter_mut() {
-        let t = cl.transaction().await.unwrap();
-        t.simple_query("select 1").await.unwrap();
-        open.push(t);
-    }
-    for t in open {
-        t.commit().await.unwrap();
-    }
+    commit_all(&in_transactions(&p.dsn("other"), 3).await).await;
     wait_for("the other pool's sweep", Duration::from_secs(15), || async {
         (pids("other").await.len() == 2).then_some(())
     })
@@ -861,11 +834,7 @@ async fn proxy_keeps_min_pool_size_connections_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_sizes_pools_per_database_and_per_user() {
-    let c = Cluster::up(bin(), 1).await;
-    let (leader, _) = c.leader().await.expect("a leader");
-    let direct = c.node_dsn(&leader);
-    psql(&direct, "create database small").expect("create database");
-    psql(&direct, "create role app login password 'app-secret'").expect("create role");
+    let (c, _) = cluster_with(&["create database small", "create role app login password 'app-secret'"]).await;
     let p = OpsProxy::start(
         &c,
         "pool_size = 5\nquery_wait_timeout = \"1s\"\n[databases.small]\npool_size = 1\n[databases.tiny]\n\
@@ -911,9 +880,7 @@ async fn proxy_sizes_pools_per_database_and_per_user() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_pools_one_database_in_session_mode() {
-    let c = Cluster::up(bin(), 1).await;
-    let (leader, _) = c.leader().await.expect("a leader");
-    psql(&c.node_dsn(&leader), "create database legacy").expect("create database");
+    let (c, _) = cluster_with(&["create database legacy"]).await;
     let p = OpsProxy::start(&c, "pool_size = 5\n[databases.legacy]\npool_mode = \"session\"").await;
     let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
     let (a, b) = (connect(&p.dsn("legacy")).await.unwrap(), connect(&p.dsn("legacy")).await.unwrap());
@@ -997,10 +964,7 @@ async fn proxy_ends_the_session_of_a_client_host_that_vanished() {
     // The client runs on a host of its own (a network namespace), whose link is then taken
     // down: no FIN, no RST, its packets just stop, as when a machine loses power.
     let net = pgkeel_testkit::netns::Net::new(1).expect("a network namespace (needs root)");
-    let c = Cluster::up(bin(), 1).await;
-    let (leader, _) = c.leader().await.expect("a leader");
-    let direct = c.node_dsn(&leader);
-    psql(&direct, "create table vanished(id int primary key)").expect("create table");
+    let (c, direct) = cluster_with(&["create table vanished(id int primary key)"]).await;
     let outside = free_port();
     let p = OpsProxy::start(
         &c,
