@@ -225,8 +225,11 @@ with psycopg.connect(dsn, autocommit=True) as sleeper:
         with psycopg.connect(dsn, autocommit=True) as watcher:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
+                # On the primary, where the sleeper runs: through the proxy a read may go to a
+                # replica, whose pg_stat_activity never shows it.
                 running = watcher.execute(
-                    "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'"
+                    "/* pgkeel:primary */ select count(*) from pg_stat_activity "
+                    "where query = 'select pg_sleep(30)' and state = 'active'"
                 ).fetchone()[0]
                 if running:
                     sleeper.cancel()
