@@ -225,11 +225,12 @@ with psycopg.connect(dsn, autocommit=True) as sleeper:
         with psycopg.connect(dsn, autocommit=True) as watcher:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                # On the primary, where the sleeper runs: through the proxy a read may go to a
-                # replica, whose pg_stat_activity never shows it.
+                # Both on the primary: through the proxy, once the database's volatile
+                # functions are known, a read (pg_sleep's too) may go to a replica, and one
+                # node's pg_stat_activity never shows another's query.
                 running = watcher.execute(
                     "/* pgkeel:primary */ select count(*) from pg_stat_activity "
-                    "where query = 'select pg_sleep(30)' and state = 'active'"
+                    "where query = '/* pgkeel:primary */ select pg_sleep(30)' and state = 'active'"
                 ).fetchone()[0]
                 if running:
                     sleeper.cancel()
@@ -240,7 +241,7 @@ with psycopg.connect(dsn, autocommit=True) as sleeper:
     canceller.start()
     started = time.monotonic()
     try:
-        sleeper.execute("select pg_sleep(30)")
+        sleeper.execute("/* pgkeel:primary */ select pg_sleep(30)")
         out["cancel"] = "not cancelled"
     except psycopg.errors.QueryCanceled as e:
         out["cancel"] = e.sqlstate
