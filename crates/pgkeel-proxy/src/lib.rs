@@ -329,7 +329,11 @@ async fn expire_connections(shared: Arc<session::Shared>) {
 /// so that load coming back after a quiet spell, or after a failover closed the old
 /// primary's connections, finds them ready. One fill per pool at a time; a connection that a
 /// cap (`max_db_connections`, `max_user_connections`) has no room for is not opened. None
-/// while the proxy shuts down, nor for a database held by `PAUSE`.
+/// while the proxy shuts down, nor for a database held by `PAUSE`; a refused login is tried
+/// again after [`FILL_BACKOFF`].
+/// How long [`fill_pools`] leaves a pool alone after the server refused a connection for it.
+const FILL_BACKOFF: Duration = Duration::from_secs(60);
+
 fn fill_pools(shared: &Arc<session::Shared>, cfg: &config::ProxyConfig) {
     if shared.draining() {
         return;
@@ -351,8 +355,11 @@ fn fill_pools(shared: &Arc<session::Shared>, cfg: &config::ProxyConfig) {
                 Err(e @ server::ConnectError::Retry(_)) => {
                     tracing::debug!(database = %pool.key.database, user = %pool.key.user, target = ?pool.key.target, error = %e, "min_pool_size: cannot open a server connection yet")
                 }
+                // Refused (a password that no longer matches, ...): no login attempt per second
+                // filling postgres's log; the pool stays marked as filling for a while.
                 Err(e) => {
-                    tracing::warn!(database = %pool.key.database, user = %pool.key.user, target = ?pool.key.target, error = %e, "min_pool_size: cannot open a server connection")
+                    tracing::warn!(database = %pool.key.database, user = %pool.key.user, target = ?pool.key.target, error = %e, retry_in_s = FILL_BACKOFF.as_secs(), "min_pool_size: cannot open a server connection");
+                    tokio::time::sleep(FILL_BACKOFF).await;
                 }
             }
             pool.stop_filling();
