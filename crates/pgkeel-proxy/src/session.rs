@@ -2111,7 +2111,12 @@ impl Session {
                 let cfg = self.shared.config();
                 let auth =
                     self.server_auth.as_deref().ok_or_else(|| Fail::new(sqlstate::INTERNAL_ERROR, "not logged in"))?;
-                let permit = self.permit(&pool, &cfg).await?;
+                // A replica's cap reached: the read goes elsewhere rather than waiting (after
+                // the replica's idle connections of other pools were closed to make room).
+                let permit = match pool.permit(&self.shared.pools, Instant::now()).await {
+                    Ok(p) => p,
+                    Err(cap) => return Ok(Err(format!("{} is reached", cap.describe()))),
+                };
                 let database = cfg.dbname_for(&self.database);
                 match Box::pin(ServerConn::connect_replica(replica, database, auth, Dial::of(&cfg))).await {
                     Ok(mut c) => {

@@ -733,6 +733,37 @@ async fn proxy_caps_server_connections_per_database_and_user() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_finds_the_replicas_cap_reached_runs_on_the_primary() {
+    let c = Cluster::up(bin(), 2).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let replica = c.nodes().into_iter().find(|n| *n != leader).expect("a replica");
+    c.wait_streaming(&leader, std::slice::from_ref(&replica), Duration::from_secs(30)).await;
+    let port_of = |node: &str| psql(&c.node_dsn(node), "show port").expect("show port");
+    let (primary_port, replica_port) = (port_of(&leader), port_of(&replica));
+    let p = OpsProxy::start(&c, "max_db_connections = 1\nquery_wait_timeout = \"3s\"").await;
+    async fn port(client: &tokio_postgres::Client) -> String {
+        first_value(&client.simple_query("select inet_server_port()").await.expect("a read"))
+    }
+    // A read-only transaction holds the replica's one connection.
+    let a = connect(&p.dsn("postgres")).await.unwrap();
+    wait_for("reads to reach the replica", Duration::from_secs(30), || async {
+        (port(&a).await == replica_port).then_some(())
+    })
+    .await;
+    a.simple_query("begin read only").await.unwrap();
+    assert_eq!(port(&a).await, replica_port, "the read-only transaction runs on the replica");
+    // Another client's read does not wait for it: it runs on the primary at once (waiting
+    // would end in 53300 after query_wait_timeout).
+    let b = connect(&p.dsn("postgres")).await.unwrap();
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(port(&b).await, primary_port, "the replica's cap is reached: the primary");
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "no wait for the replica");
+    a.simple_query("commit").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_opens_reserve_connections_for_clients_that_waited_too_long() {
     let (c, direct) = cluster_with(&["create database burst"]).await;
     let backends = || backends_of(&direct, "burst");
