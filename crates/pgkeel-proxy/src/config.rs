@@ -672,10 +672,8 @@ fn sections<'a>(
     section: &str,
     valid: &[&str],
 ) -> Result<Vec<(&'a String, &'a toml::Table, String)>, ConfigError> {
-    let help = match section {
-        "databases" => "e.g. [databases.reporting] with pool_size = 40 (keys: dbname, pool_mode, pool_size, min_pool_size, reserve_pool_size, max_db_connections)",
-        _ => "e.g. [users.batch] with pool_size = 5 (keys: pool_mode, pool_size, max_user_connections)",
-    };
+    let example = if section == "databases" { "databases.reporting" } else { "users.batch" };
+    let help = format!("e.g. [{example}] with pool_size = 5 (keys: {})", valid.join(", "));
     let t = match table.get(section) {
         None => return Ok(Vec::new()),
         Some(toml::Value::Table(t)) => t,

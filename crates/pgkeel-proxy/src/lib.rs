@@ -324,21 +324,21 @@ async fn expire_connections(shared: Arc<session::Shared>) {
     }
 }
 
-/// `min_pool_size`: opens connections in the background for every pool (that a client logged
-/// in to, so that its login is known) with fewer than `min(min_pool_size, pool_size)` open,
-/// so that load coming back after a quiet spell, or after a failover closed the old
-/// primary's connections, finds them ready. One fill per pool at a time; a connection that a
-/// cap (`max_db_connections`, `max_user_connections`) has no room for is not opened. None
-/// while the proxy shuts down, nor for a database held by `PAUSE`; a refused login is tried
-/// again after [`FILL_BACKOFF`].
 /// How long [`fill_pools`] leaves a pool alone after the server refused a connection for it.
 const FILL_BACKOFF: Duration = Duration::from_secs(60);
 
+/// `min_pool_size`: opens connections in the background for every pool of the primary (that
+/// a client logged in to, so that its login is known; replica pools keep none) with fewer
+/// than `min(min_pool_size, pool_size)` open, so that load coming back after a quiet spell,
+/// or after a failover closed the old primary's connections, finds them ready. One fill per
+/// pool at a time; a connection that a cap (`max_db_connections`, `max_user_connections`)
+/// has no room for is not opened. None while the proxy shuts down, nor for a database held
+/// by `PAUSE`; a refused login is tried again after [`FILL_BACKOFF`].
 fn fill_pools(shared: &Arc<session::Shared>, cfg: &config::ProxyConfig) {
     if shared.draining() {
         return;
     }
-    for pool in shared.pools.all() {
+    for pool in shared.pools.all().into_iter().filter(|p| p.key.target == pool::PoolTarget::Primary) {
         let min = cfg.min_pool_size_for(&pool.key.database);
         let missing = pool.missing(min);
         if missing == 0 || pool.auth().is_none() || shared.hold.holds(&pool.key.database) || !pool.start_filling() {
@@ -381,20 +381,10 @@ async fn fill_pool(
     let database = cfg.dbname_for(&pool.key.database);
     for added in 0..missing {
         let Ok(permit) = pool.try_permit() else { return Ok(added) };
-        let topology = shared.topology.borrow().clone();
-        let conn = match &pool.key.target {
-            pool::PoolTarget::Primary => {
-                let Some(primary) = &topology.primary else { return Ok(added) };
-                server::ServerConn::connect(primary, database, &auth, dial).await
-            }
-            pool::PoolTarget::Replica(name) => {
-                let Some(replica) = topology.replicas.iter().find(|r| &r.name == name) else { return Ok(added) };
-                server::ServerConn::connect_replica(replica, database, &auth, dial).await
-            }
-        };
-        let mut conn = conn?;
+        let Some(primary) = shared.topology.borrow().primary.clone() else { return Ok(added) };
+        let mut conn = server::ServerConn::connect(&primary, database, &auth, dial).await?;
         // Never one of an older term than the newest seen (term fencing, as for clients).
-        if conn.role == server::ServerRole::Primary && conn.term < shared.topology.borrow().newest_term {
+        if conn.term < shared.topology.borrow().newest_term {
             return Ok(added);
         }
         conn.permit = permit;

@@ -266,9 +266,12 @@ impl Pool {
         let mut wake = Vec::new();
         let mut s = self.lock();
         let size = sizes.pool;
-        (s.size, s.reserve, s.reserve_timeout) = (size, sizes.reserve, sizes.reserve_timeout);
-        // It looks again at the reserve.
-        self.watchdog.notify_one();
+        if (s.reserve, s.reserve_timeout) != (sizes.reserve, sizes.reserve_timeout) {
+            (s.reserve, s.reserve_timeout) = (sizes.reserve, sizes.reserve_timeout);
+            // It looks again at the reserve.
+            self.watchdog.notify_one();
+        }
+        s.size = size;
         while s.held < s.size {
             match s.next_waiter() {
                 Some(w) => {
@@ -442,15 +445,14 @@ impl Pool {
     /// How many connections the pool lacks to have `min` (`min_pool_size`, at most
     /// `pool_size`) open, counting those its clients hold or are opening.
     pub fn missing(&self, min: u32) -> usize {
-        let s = self.lock();
-        (min.min(s.size) as usize).saturating_sub(s.idle.len() + s.held as usize)
+        self.lock().missing(min)
     }
 
     /// Adds a connection opened for `min_pool_size` to the idle list, if the pool still lacks
     /// one; whether it did (else the connection is closed).
     pub fn add_idle(&self, conn: Box<ServerConn>, min: u32) -> bool {
         let mut s = self.lock();
-        if (min.min(s.size) as usize) <= s.idle.len() + s.held as usize {
+        if s.missing(min) == 0 {
             return false;
         }
         let before = s.idle.len();
@@ -635,6 +637,11 @@ impl State {
         }
         self.low_water = self.low_water.min(self.idle.len());
         taken
+    }
+
+    /// [`Pool::missing`] under the pool's lock.
+    fn missing(&self, min: u32) -> usize {
+        (min.min(self.size) as usize).saturating_sub(self.idle.len() + self.held as usize)
     }
 
     /// When `w` may get a reserve slot; `None`: the pool has no reserve.

@@ -581,10 +581,19 @@ fn unexpected(at: &str, what: &str) -> ConnectError {
 /// never crosses the network in plaintext where the session itself does not. Gives up after
 /// [`CANCEL_TIMEOUT`].
 pub async fn send_cancel(target: &CancelTarget, tls: &ServerTls) -> Result<(), String> {
-    match tokio::time::timeout(CANCEL_TIMEOUT, cancel_once(target, tls)).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {CANCEL_TIMEOUT:?}")),
-    }
+    in_time(async {
+        let at = format!("the server {}", target.address);
+        let tcp = TcpStream::connect(&target.address).await.map_err(|e| format!("cannot connect to {at}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let stream = if target.tls {
+            negotiate_tls(tcp, tls, &target.address, &at).await.map_err(|e| e.to_string())?
+        } else {
+            Stream::Plain(tcp)
+        };
+        let request = crate::protocol::CancelRequest { pid: target.pid, secret_key: target.secret.clone() };
+        deliver(stream, StartupPacket::CancelRequest(request), &at).await
+    })
+    .await
 }
 
 /// How long forwarding one cancel request may take (connect, TLS, send).
@@ -594,36 +603,27 @@ pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`StartupPacket::ForwardedCancel`], which it applies to its own clients only. Plaintext,
 /// as libpq sends cancel requests without `sslmode`; gives up after [`CANCEL_TIMEOUT`].
 pub async fn pass_cancel_on(peer: &str, request: &crate::protocol::CancelRequest) -> Result<(), String> {
-    let send = async {
-        let mut tcp = TcpStream::connect(peer).await.map_err(|e| format!("cannot connect: {e}"))?;
-        let mut out = BytesMut::new();
-        StartupPacket::ForwardedCancel(request.clone()).encode(&mut out);
-        tcp.write_all(&out).await.map_err(|e| format!("cannot send: {e}"))?;
-        // The proxy closes the connection once it has read the request.
-        let mut sink = [0u8; 64];
-        let _ = tcp.read(&mut sink).await;
-        Ok(())
-    };
-    tokio::time::timeout(CANCEL_TIMEOUT, send)
+    in_time(async {
+        let at = format!("the proxy {peer}");
+        let tcp = TcpStream::connect(peer).await.map_err(|e| format!("cannot connect to {at}: {e}"))?;
+        deliver(Stream::Plain(tcp), StartupPacket::ForwardedCancel(request.clone()), &at).await
+    })
+    .await
+}
+
+/// `f`, given up after [`CANCEL_TIMEOUT`].
+async fn in_time(f: impl std::future::Future<Output = Result<(), String>>) -> Result<(), String> {
+    tokio::time::timeout(CANCEL_TIMEOUT, f)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {CANCEL_TIMEOUT:?}")))
 }
 
-async fn cancel_once(target: &CancelTarget, tls: &ServerTls) -> Result<(), String> {
-    let at = format!("the server {}", target.address);
-    let tcp = TcpStream::connect(&target.address).await.map_err(|e| format!("cannot connect to {at}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let mut stream = if target.tls {
-        negotiate_tls(tcp, tls, &target.address, &at).await.map_err(|e| e.to_string())?
-    } else {
-        Stream::Plain(tcp)
-    };
+/// Sends a cancel request (`packet`) to `at` on `stream`, then waits until `at` closes the
+/// connection, which it does once it has read the request: so it was read before this returns.
+async fn deliver(mut stream: Stream, packet: StartupPacket, at: &str) -> Result<(), String> {
     let mut out = BytesMut::new();
-    StartupPacket::CancelRequest(crate::protocol::CancelRequest { pid: target.pid, secret_key: target.secret.clone() })
-        .encode(&mut out);
+    packet.encode(&mut out);
     stream.send(&out).await.map_err(|e| format!("cannot send the cancel request to {at}: {e}"))?;
-    // The server closes the connection after reading the request: wait for that, so the
-    // request is read before this returns.
     let mut sink = BytesMut::with_capacity(64);
     let _ = std::future::poll_fn(|cx| stream.poll_read_bytes(cx, &mut sink)).await;
     Ok(())

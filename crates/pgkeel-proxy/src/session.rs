@@ -270,15 +270,9 @@ impl Shared {
         if old.primary_functions != config.primary_functions || old.replica_functions != config.replica_functions {
             self.new_classifier(&config);
         }
-        if old.pool_size != config.pool_size
-            || (old.max_db_connections, old.max_user_connections)
-                != (config.max_db_connections, config.max_user_connections)
-            || (old.reserve_pool_size, old.reserve_pool_timeout)
-                != (config.reserve_pool_size, config.reserve_pool_timeout)
-            || (&old.databases, &old.users) != (&config.databases, &config.users)
-        {
-            self.pools.resize(|database, user| crate::pool::Sizes::of(&config, database, user));
-        }
+        // Every pool's sizes and caps, from whichever keys changed (a pool whose sizes did
+        // not is left as it is).
+        self.pools.resize(|database, user| crate::pool::Sizes::of(&config, database, user));
         *self.userlist.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(userlist);
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
         self.config_version.fetch_add(1, Ordering::AcqRel);
@@ -1862,10 +1856,7 @@ impl Session {
         if self.shared.hold.holds(&self.database) {
             self.flush().await?;
             let timeout = self.shared.config().query_wait_timeout;
-            let waiting = self.info.clone();
-            if let Some(i) = &waiting {
-                i.waiting.store(true, Ordering::Relaxed);
-            }
+            self.set_waiting(true);
             let mut drain = self.shared.draining.subscribe();
             let held = tokio::time::timeout(timeout, async {
                 loop {
@@ -1882,9 +1873,7 @@ impl Session {
                 }
             })
             .await;
-            if let Some(i) = &waiting {
-                i.waiting.store(false, Ordering::Relaxed);
-            }
+            self.set_waiting(false);
             if self.killed() {
                 return Err(self.kill_fail());
             }
@@ -2021,6 +2010,14 @@ impl Session {
         att.into_pool();
     }
 
+    /// Shows the client as waiting (`SHOW CLIENTS`, `cl_waiting`) or not: for a pool slot, for
+    /// room under a cap, or while its transactions are held.
+    fn set_waiting(&self, waiting: bool) {
+        if let Some(i) = &self.info {
+            i.waiting.store(waiting, Ordering::Relaxed);
+        }
+    }
+
     /// Waits for a slot in `pool` (at most `query_wait_timeout` from `since`).
     async fn slot(&self, pool: &Arc<Pool>, since: Instant) -> Result<Slot, Fail> {
         // Usually a slot is free: take it without queueing.
@@ -2029,13 +2026,9 @@ impl Session {
         }
         // The turn's configuration (see `Session::refresh`), not a fresh copy under the lock.
         let cfg = &self.cfg;
-        if let Some(i) = &self.info {
-            i.waiting.store(true, Ordering::Relaxed);
-        }
+        self.set_waiting(true);
         let slot = pool.slot(since, cfg.query_wait_timeout).await;
-        if let Some(i) = &self.info {
-            i.waiting.store(false, Ordering::Relaxed);
-        }
+        self.set_waiting(false);
         match slot {
             Ok(p) => Ok(p),
             Err(NoSlot::Killed) => Err(self.kill_fail()),
@@ -2068,13 +2061,9 @@ impl Session {
     /// `max_user_connections` ([`Pool::permit`]), waiting at most `query_wait_timeout`.
     async fn permit(&self, pool: &Pool, cfg: &ProxyConfig) -> Result<crate::pool::Permit, Fail> {
         let deadline = Instant::now() + cfg.query_wait_timeout;
-        if let Some(i) = &self.info {
-            i.waiting.store(true, Ordering::Relaxed);
-        }
+        self.set_waiting(true);
         let permit = pool.permit(&self.shared.pools, deadline).await;
-        if let Some(i) = &self.info {
-            i.waiting.store(false, Ordering::Relaxed);
-        }
+        self.set_waiting(false);
         permit.map_err(|cap: Arc<Cap>| {
             let (open, _) = cap.counts();
             Fail::new(

@@ -331,6 +331,15 @@ impl Cluster {
         .await
     }
 
+    /// The leader and the first other member, once that one streams from the leader (at most
+    /// `timeout`): for tests of a two-node cluster.
+    pub async fn leader_and_replica(&self, timeout: Duration) -> (String, String) {
+        let (leader, _) = self.leader().await.expect("a leader");
+        let replica = self.nodes().into_iter().find(|n| *n != leader).expect("a member besides the leader");
+        self.wait_streaming(&leader, std::slice::from_ref(&replica), timeout).await;
+        (leader, replica)
+    }
+
     /// Pid of a member's agent.
     pub fn agent_pid(&self, name: &str) -> Option<i32> {
         read_pid(&self.dir().join("nodes").join(name).join("agent.pid")).filter(|p| alive(*p))

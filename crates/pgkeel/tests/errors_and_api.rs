@@ -113,9 +113,7 @@ fn bad_cli_arguments_get_clear_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_api_health_semantics_and_bad_requests() {
     let c = Cluster::up(bin(), 2).await;
-    let (leader, _) = c.leader().await.expect("leader");
-    let replica = c.nodes().into_iter().find(|n| *n != leader).unwrap();
-    c.wait_streaming(&leader, std::slice::from_ref(&replica), Duration::from_secs(20)).await;
+    let (leader, replica) = c.leader_and_replica(Duration::from_secs(20)).await;
     // Let the replica see the leader's status key so its lag is known.
     wait_for("replica lag known", Duration::from_secs(10), || async {
         c.api(&replica, "GET", "/node", None, false).await.json().ok()?["lag_bytes"].as_u64()

@@ -264,9 +264,7 @@ async fn up_in_the_foreground_shows_status_and_ctrl_c_stops_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_applies_pending_parameters_and_reinit_replaces_a_replica() {
     let c = Cluster::up(bin(), 2).await;
-    let (leader, _) = c.leader().await.expect("leader");
-    let replica = c.nodes().into_iter().find(|n| *n != leader).unwrap();
-    c.wait_streaming(&leader, std::slice::from_ref(&replica), Duration::from_secs(20)).await;
+    let (leader, replica) = c.leader_and_replica(Duration::from_secs(20)).await;
     // max_connections needs a restart: every member flags it as pending.
     let out = c.ctl(&["config", "set", "postgresql.parameters.max_connections=120"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

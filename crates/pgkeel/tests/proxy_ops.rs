@@ -735,9 +735,7 @@ async fn proxy_caps_server_connections_per_database_and_user() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_that_finds_the_replicas_cap_reached_runs_on_the_primary() {
     let c = Cluster::up(bin(), 2).await;
-    let (leader, _) = c.leader().await.expect("a leader");
-    let replica = c.nodes().into_iter().find(|n| *n != leader).expect("a replica");
-    c.wait_streaming(&leader, std::slice::from_ref(&replica), Duration::from_secs(30)).await;
+    let (leader, replica) = c.leader_and_replica(Duration::from_secs(30)).await;
     let port_of = |node: &str| psql(&c.node_dsn(node), "show port").expect("show port");
     let (primary_port, replica_port) = (port_of(&leader), port_of(&replica));
     let p = OpsProxy::start(&c, "max_db_connections = 1\nquery_wait_timeout = \"3s\"").await;

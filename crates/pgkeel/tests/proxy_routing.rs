@@ -21,9 +21,7 @@ async fn published_replay_lag(c: &Cluster, name: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_by_replay_delay_weights_and_no_replica() {
     let c = Cluster::up(bin(), 2).await;
-    let (leader, _) = c.leader().await.expect("a leader");
-    let replica = c.nodes().into_iter().find(|n| *n != leader).expect("a replica");
-    c.wait_streaming(&leader, std::slice::from_ref(&replica), Duration::from_secs(60)).await;
+    let (_, replica) = c.leader_and_replica(Duration::from_secs(60)).await;
     let by_time = Proxy::start(&c, "by-time", "max_replica_lag = \"2s\"").await;
     let strict = Proxy::start(&c, "strict", "max_replica_lag = \"2s\"\nno_replica = \"error\"").await;
     let weighted =
