@@ -74,11 +74,14 @@ pub(crate) struct GuardHandle {
     node_dir: PathBuf,
     data_dir: PathBuf,
     last: Option<Order>,
+    /// The guard this agent started: it counts as running before it has written its pid file
+    /// (two calls a few ms apart started two guards, and one then had to give way).
+    child: Option<std::process::Child>,
 }
 
 impl GuardHandle {
     pub(crate) fn new(node_dir: &Path, data_dir: &Path) -> Self {
-        GuardHandle { node_dir: node_dir.to_path_buf(), data_dir: data_dir.to_path_buf(), last: None }
+        GuardHandle { node_dir: node_dir.to_path_buf(), data_dir: data_dir.to_path_buf(), last: None, child: None }
     }
 
     fn guard_pid(&self) -> Option<i32> {
@@ -89,6 +92,13 @@ impl GuardHandle {
     /// Start the guard unless one runs for this node. It lives in its own process group so it
     /// survives the agent and a Ctrl-C aimed at the agent's terminal.
     pub(crate) fn ensure_running(&mut self) -> anyhow::Result<()> {
+        // `try_wait` also reaps a guard that exited, so it does not linger as a zombie.
+        if let Some(child) = &mut self.child {
+            if matches!(child.try_wait(), Ok(None)) {
+                return Ok(());
+            }
+            self.child = None;
+        }
         if self.guard_pid().is_some() {
             return Ok(());
         }
@@ -113,7 +123,7 @@ impl GuardHandle {
             .spawn()
             .context("start the fencing guard")?;
         tracing::info!(pid = child.id(), "started the fencing guard");
-        // The guard writes its own pid file; do not wait for it here (the next loop checks).
+        self.child = Some(child);
         Ok(())
     }
 

@@ -113,6 +113,7 @@ impl Cluster {
 
     /// [`Cluster::up`] with extra `pgkeel up` arguments.
     pub async fn up_with(bin: &Path, nodes: u16, extra: &[&str]) -> Cluster {
+        record_panics();
         let dir = tempfile::Builder::new().prefix("pgkeel-test-").tempdir().expect("create a temp dir");
         // postgres runs as the `postgres` OS user when tests run as root: it must enter the dir.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod the temp dir");
@@ -147,6 +148,7 @@ impl Cluster {
     /// Start `pgkeel up` in the foreground (as a user would, status line on stdout) and wait
     /// until every member streams.
     pub async fn up_foreground(bin: &Path, nodes: u16) -> Cluster {
+        record_panics();
         let dir = tempfile::Builder::new().prefix("pgkeel-test-").tempdir().expect("create a temp dir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod the temp dir");
         let out = std::fs::File::create(dir.path().join("up.out")).expect("create up.out");
@@ -207,6 +209,7 @@ impl Cluster {
         info: Value,
         netns: std::collections::HashMap<String, String>,
     ) -> Cluster {
+        record_panics();
         let reaper = reap_cluster(dir.path());
         Cluster {
             dir,
@@ -506,9 +509,12 @@ impl Cluster {
                 }
             }
         }
-        // Last, so that it survives when only the end of the output is kept.
+        // Last, so that they survive when only the end of the output is kept.
         if let Some((at, json)) = self.last_seen.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             eprintln!("==== last /cluster answer ({:?} before this dump): {json}", at.elapsed());
+        }
+        if let Some(p) = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            eprintln!("==== the test failed: {p}");
         }
     }
 
@@ -559,6 +565,31 @@ impl Drop for Cluster {
         }
         self.teardown();
     }
+}
+
+/// The last panic's message and place, repeated at the end of a failing test's log dump:
+/// CI keeps only the end of a failing test's output, and the panic is printed at its start
+/// (2026-11-24: a failure whose cause could not be told from what CI kept).
+static LAST_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Install (once per process) a panic hook that records into [`LAST_PANIC`] and then prints
+/// as before.
+fn record_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let place = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+            let msg = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{msg}{place}"));
+            previous(info);
+        }));
+    });
 }
 
 /// Connect with tokio-postgres (no TLS); the connection task is spawned.

@@ -44,15 +44,16 @@ async fn scheduled_backup_runs_once_on_a_replica() {
     let runner = run["runner"].as_str().unwrap().to_string();
     assert_ne!(runner, leader, "a streaming replica takes the backup, not the primary");
     let slot = run["slot"].as_u64().unwrap();
-    let mut claims = 0;
+    let mut claims = Vec::new();
     for n in c.nodes() {
         let log = std::fs::read_to_string(c.dir().join("nodes").join(&n).join("agent.log")).unwrap();
-        claims += log
-            .lines()
-            .filter(|l| l.contains("running the scheduled job") && l.contains(&format!("slot={slot}")))
-            .count();
+        claims.extend(
+            log.lines()
+                .filter(|l| l.contains("running the scheduled job") && l.contains(&format!(" slot={slot}")))
+                .map(|l| format!("{n}: {l}")),
+        );
     }
-    assert_eq!(claims, 1, "exactly one member ran the backup of slot {slot}");
+    assert_eq!(claims.len(), 1, "exactly one member ran the backup of slot {slot} (runner {runner}): {claims:#?}");
 
     // The backup is in the repository and verifies; the dump ran in the same job.
     let label = run["last_ok"][0].as_str().unwrap().to_string();
