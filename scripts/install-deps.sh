@@ -2,8 +2,9 @@
 # Install what pgkeel needs to build, run `pgkeel up` and run its tests on Debian 12.
 #
 #   scripts/install-deps.sh          build and run: PostgreSQL server, etcd, C toolchain, tools
-#   scripts/install-deps.sh --test   the same, plus test-only tools (cargo-nextest, and moto, a
-#                                    local S3-compatible server, and psycopg, in /opt/pgkeel-test-venv)
+#   scripts/install-deps.sh --test   the same, plus test-only tools (cargo-nextest; promtool, from
+#                                    Debian's prometheus package, to check the alert rules; and moto,
+#                                    a local S3-compatible server, and psycopg, in /opt/pgkeel-test-venv)
 #
 # Idempotent: it checks first and calls apt-get only when a package is missing. Runs as root
 # without prompts; as another user it uses sudo when sudo exists.
@@ -14,7 +15,7 @@ for arg in "$@"; do
     case "$arg" in
         --test) want_test_tools=1 ;;
         -h | --help)
-            sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -129,6 +130,21 @@ if [ "$want_test_tools" -eq 1 ]; then
         say "this compiles it from source and takes a few minutes the first time"
         if ! cargo install cargo-nextest --locked; then
             say "could not install cargo-nextest; scripts/test.sh falls back to cargo test"
+        fi
+    fi
+
+    # promtool checks and unit-tests the shipped alert rules (deploy/prometheus). Debian ships
+    # it in the prometheus package; where systemd runs, that package also starts a Prometheus
+    # service on :9090, which nothing in pgkeel's tests uses (`systemctl disable --now prometheus`).
+    if command -v promtool >/dev/null 2>&1; then
+        say "promtool: $(promtool --version 2>&1 | head -n1)"
+    else
+        say "promtool is missing: installing Debian's prometheus package"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+        if ! command -v promtool >/dev/null 2>&1; then
+            say "no promtool after installing prometheus; something is wrong with apt"
+            exit 1
         fi
     fi
 

@@ -1097,3 +1097,89 @@ fn config_check_recognises_a_proxy_toml() {
     assert_eq!(code, Some(64));
     assert!(err.contains("TOML parse error"), "{err}");
 }
+
+/// The shipped alert rules (deploy/prometheus): promtool accepts them and their unit tests
+/// pass, and every metric they name is one a real agent or proxy exports, so a renamed metric
+/// cannot leave an alert that never fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_alert_rules_pass_promtool_and_name_exported_metrics() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/prometheus");
+    let promtool = std::env::var("PGKEEL_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    for args in [["check", "rules", "pgkeel-alerts.yml"], ["test", "rules", "pgkeel-alerts.test.yml"]] {
+        let out = Command::new(&promtool).args(args).current_dir(&dir).output().unwrap_or_else(|e| {
+            panic!(
+                "cannot run {promtool} ({e}): install it with scripts/install-deps.sh --test (Debian's \
+                 prometheus package), or point PGKEEL_PROMTOOL at it"
+            )
+        });
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // The metric names of every `expr:` (one line or a block), without histogram suffixes.
+    let rules = std::fs::read_to_string(dir.join("pgkeel-alerts.yml")).expect("read the rules");
+    let mut names = std::collections::BTreeSet::new();
+    // The indentation of an `expr: |` whose block is being read.
+    let mut block: Option<usize> = None;
+    for line in rules.lines() {
+        let t = line.trim_start();
+        let indent = line.len() - t.len();
+        if let Some(rest) = t.strip_prefix("expr:") {
+            block = (rest.trim() == "|").then_some(indent);
+            names.extend(metric_names(rest));
+        } else if block.is_some_and(|b| indent > b) && !t.starts_with('#') {
+            names.extend(metric_names(t));
+        } else {
+            block = None;
+        }
+    }
+    assert!(names.len() > 15, "the rules name the metrics they watch: {names:?}");
+
+    // A primary with a streaming replica (so the primary reports its replication), and a
+    // proxy that has served a query.
+    let c = Cluster::up(bin(), 2).await;
+    let (leader, replica) = c.leader_and_replica(Duration::from_secs(30)).await;
+    let p = OpsProxy::start(&c, "").await;
+    let client = connect(&p.dsn("postgres")).await.unwrap();
+    client.simple_query("select 1").await.unwrap();
+    let mut exported = http_get(p.metrics_port, "/metrics").1;
+    // The primary lists its replicas from pg_stat_replication on its next loop.
+    let primary = wait_for("the primary to report its replica in /metrics", Duration::from_secs(30), || async {
+        let text = c.api(&leader, "GET", "/metrics", None, false).await.text();
+        text.contains("pgkeel_replication_lag_bytes{").then_some(text)
+    })
+    .await;
+    exported.push_str(&primary);
+    exported.push_str(&c.api(&replica, "GET", "/metrics", None, false).await.text());
+    let families: std::collections::BTreeSet<&str> =
+        exported.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split_whitespace().next()).collect();
+    // Exported once a scheduled backup has run and the primary has archived WAL, which
+    // scheduled_backup.rs waits for and checks in /metrics.
+    let after_a_backup = include_str!("scheduled_backup.rs");
+    for name in &names {
+        if name == "up" {
+            continue; // Prometheus's own, per scrape target
+        }
+        assert!(
+            families.contains(name.as_str()) || after_a_backup.contains(&format!("\"{name}\"")),
+            "the alert rules use {name}, which neither the agents nor the proxy export: {families:?}"
+        );
+    }
+}
+
+/// Names in a PromQL expression that look like pgkeel's metrics (or `up`), with a histogram's
+/// `_bucket`, `_sum` or `_count` removed.
+fn metric_names(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|w| w.starts_with("pgkeel_") || *w == "up")
+        .map(|w| {
+            let w = ["_bucket", "_sum", "_count"].iter().find_map(|s| w.strip_suffix(s)).unwrap_or(w);
+            w.to_string()
+        })
+        .collect()
+}
