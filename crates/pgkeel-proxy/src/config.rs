@@ -234,7 +234,8 @@ pub struct ProxyConfig {
     /// Server connections of one user on one server, over its databases' pools; 0: no cap.
     pub max_user_connections: u32,
     /// Server connections each pool keeps open (at most `pool_size`), opened in the
-    /// background once a client logged in to it; 0: none.
+    /// background once a client logged in to it (a replica's pool: once a read went there);
+    /// 0: none.
     pub min_pool_size: u32,
     /// Server connections a pool may open beyond `pool_size` for clients that waited
     /// `reserve_pool_timeout`; 0: none.
@@ -1337,7 +1338,8 @@ pool_size = 20
 max_db_connections = 0
 max_user_connections = 0
 # Server connections each pool keeps open (at most pool_size), opened in the background once
-# a client logged in to it: load after a quiet spell or a failover finds them ready. 0: none.
+# a client logged in to it (a replica's pool: once a read went there): load after a quiet
+# spell or a failover finds them ready. 0: none.
 min_pool_size = 0
 # Connections a pool may open beyond pool_size when a client waited reserve_pool_timeout for a
 # full pool (a burst, a few slow transactions); they close as they come back once nobody waits

@@ -327,10 +327,12 @@ async fn expire_connections(shared: Arc<session::Shared>) {
 /// How long [`fill_pools`] leaves a pool alone after the server refused a connection for it.
 const FILL_BACKOFF: Duration = Duration::from_secs(60);
 
-/// `min_pool_size`: opens connections in the background for every pool of the primary (that
-/// a client logged in to, so that its login is known; replica pools keep none) with fewer
-/// than `min(min_pool_size, pool_size)` open, so that load coming back after a quiet spell,
-/// or after a failover closed the old primary's connections, finds them ready. One fill per
+/// `min_pool_size`: opens connections in the background for every pool with fewer than
+/// `min(min_pool_size, pool_size)` open, so that load coming back after a quiet spell, or
+/// after a failover closed the old primary's connections, finds them ready. A pool of the
+/// primary once a client logged in to it (so that its login is known); a pool of a replica
+/// once a read went there, with the login of the primary pool of the same database and user,
+/// while the replica is one reads may use (running, streaming, following the leader). One fill per
 /// pool at a time; a connection that a cap (`max_db_connections`, `max_user_connections`)
 /// has no room for is not opened. None while the proxy shuts down, nor for a database held
 /// by `PAUSE`; a refused login is tried again after [`FILL_BACKOFF`].
@@ -338,15 +340,31 @@ fn fill_pools(shared: &Arc<session::Shared>, cfg: &config::ProxyConfig) {
     if shared.draining() {
         return;
     }
-    for pool in shared.pools.all().into_iter().filter(|p| p.key.target == pool::PoolTarget::Primary) {
+    for pool in shared.pools.all() {
         let min = cfg.min_pool_size_for(&pool.key.database);
         let missing = pool.missing(min);
-        if missing == 0 || pool.auth().is_none() || shared.hold.holds(&pool.key.database) || !pool.start_filling() {
+        if missing == 0 || shared.hold.holds(&pool.key.database) {
+            continue;
+        }
+        // A replica pool's connections log in as the primary pool's clients did.
+        let primary_pool = match &pool.key.target {
+            pool::PoolTarget::Primary => None,
+            pool::PoolTarget::Replica(_) => {
+                let key = pool::PoolKey { target: pool::PoolTarget::Primary, ..pool.key.clone() };
+                match shared.pools.existing(&key) {
+                    Some(p) => Some(p),
+                    None => continue,
+                }
+            }
+        };
+        let Some(auth) = primary_pool.as_ref().unwrap_or(&pool).auth() else { continue };
+        if !pool.start_filling() {
             continue;
         }
         let shared = shared.clone();
         tokio::spawn(async move {
-            match fill_pool(&shared, &pool, missing, min).await {
+            let welcome = primary_pool.as_ref().unwrap_or(&pool);
+            match fill_pool(&shared, &pool, welcome, &auth, missing, min).await {
                 Ok(0) => {}
                 Ok(opened) => {
                     tracing::debug!(database = %pool.key.database, user = %pool.key.user, target = ?pool.key.target, opened, "opened server connections for min_pool_size")
@@ -367,28 +385,40 @@ fn fill_pools(shared: &Arc<session::Shared>, cfg: &config::ProxyConfig) {
     }
 }
 
-/// [`fill_pools`] for one pool: opens up to `missing` connections, one after another; how many
-/// it added.
+/// [`fill_pools`] for one pool: opens up to `missing` connections, one after another, as
+/// `auth`; how many it added. `welcome` is the pool whose clients see the server's
+/// parameters at login (the primary pool of the same database and user).
 async fn fill_pool(
     shared: &session::Shared,
     pool: &pool::Pool,
+    welcome: &pool::Pool,
+    auth: &server::ServerAuth,
     missing: usize,
     min: u32,
 ) -> Result<usize, server::ConnectError> {
-    let Some(auth) = pool.auth() else { return Ok(0) };
     let cfg = shared.config();
     let dial = server::Dial::of(&cfg);
     let database = cfg.dbname_for(&pool.key.database);
     for added in 0..missing {
         let Ok(permit) = pool.try_permit() else { return Ok(added) };
-        let Some(primary) = shared.topology.borrow().primary.clone() else { return Ok(added) };
-        let mut conn = server::ServerConn::connect(&primary, database, &auth, dial).await?;
-        // Never one of an older term than the newest seen (term fencing, as for clients).
-        if conn.term < shared.topology.borrow().newest_term {
-            return Ok(added);
-        }
+        let mut conn = match &pool.key.target {
+            pool::PoolTarget::Primary => {
+                let Some(primary) = shared.topology.borrow().primary.clone() else { return Ok(added) };
+                let conn = server::ServerConn::connect(&primary, database, auth, dial).await?;
+                // Never one of an older term than the newest seen (term fencing, as for clients).
+                if conn.term < shared.topology.borrow().newest_term {
+                    return Ok(added);
+                }
+                conn
+            }
+            pool::PoolTarget::Replica(name) => {
+                let replica = shared.topology.borrow().replicas.iter().find(|r| &r.name == name).cloned();
+                let Some(replica) = replica else { return Ok(added) };
+                server::ServerConn::connect_replica(&replica, database, auth, dial).await?
+            }
+        };
         conn.permit = permit;
-        pool.set_welcome(&conn);
+        welcome.set_welcome(&conn);
         if !pool.add_idle(Box::new(conn), min) {
             return Ok(added);
         }

@@ -1033,10 +1033,14 @@ impl Pools {
         caps.values().filter(|c| matches!(&c.key, CapKey::Database(d, _) if d == database)).map(|c| c.counts().0).sum()
     }
 
+    /// The pool for `key`, if it exists.
+    pub fn existing(&self, key: &PoolKey) -> Option<Arc<Pool>> {
+        self.pools.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned()
+    }
+
     /// Server connections in use in the pool `key` (0 when it does not exist yet).
     pub fn in_use(&self, key: &PoolKey) -> usize {
-        let pool = self.pools.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned();
-        pool.map_or(0, |p| p.counts().0)
+        self.existing(key).map_or(0, |p| p.counts().0)
     }
 
     /// Every pool.

@@ -861,6 +861,41 @@ async fn proxy_keeps_min_pool_size_connections_open() {
     client.simple_query("select 2").await.expect("the client runs on them");
 }
 
+/// `min_pool_size` also keeps a replica's pool warm, once a read went there, with the login
+/// of the primary pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_pool_keeps_min_pool_size_connections_open() {
+    let c = Cluster::up(bin(), 2).await;
+    let (leader, replica) = c.leader_and_replica(Duration::from_secs(30)).await;
+    psql(&c.node_dsn(&leader), "create database warm").expect("create database warm");
+    let replica_dsn = c.node_dsn(&replica);
+    wait_for("the replica to replay the new database", Duration::from_secs(30), || async {
+        (psql(&replica_dsn, "select count(*) from pg_database where datname = 'warm'").ok()? == "1").then_some(())
+    })
+    .await;
+    let replica_port = psql(&replica_dsn, "show port").expect("show port");
+    let p = OpsProxy::start(&c, "pool_size = 4\nmin_pool_size = 2").await;
+    let client = connect(&p.dsn("warm")).await.unwrap();
+    wait_for("a read to reach the replica", Duration::from_secs(30), || async {
+        let rows = client.simple_query("select inet_server_port()").await.ok()?;
+        (first_value(&rows) == replica_port).then_some(())
+    })
+    .await;
+    // One connection served the reads; the pool opens the second itself.
+    wait_for("the replica's pool to open min_pool_size connections", Duration::from_secs(10), || async {
+        (backends_of(&replica_dsn, "warm") == "2").then_some(())
+    })
+    .await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    let pools = show(&admin, "SHOW POOLS").await;
+    let row = pools
+        .iter()
+        .find(|r| r["database"] == "warm" && r["target"] == format!("replica:{replica}"))
+        .unwrap_or_else(|| panic!("the replica's pool in SHOW POOLS: {pools:?}"));
+    assert_eq!(row["sv_idle"], "2", "{row:?}");
+    assert_eq!(backends_of(&c.node_dsn(&leader), "warm"), "2", "the primary's pool is kept warm too");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_sizes_pools_per_database_and_per_user() {
     let (c, _) = cluster_with(&["create database small", "create role app login password 'app-secret'"]).await;
