@@ -1383,7 +1383,9 @@ admin_users = []
 # metrics_listen = "127.0.0.1:9187"
 # host:port at which the cluster's other proxies reach this one's listen address: behind one
 # load balancer a client's cancel request may reach another proxy, which passes it on to every
-# proxy registered in the DCS. Default: listen (with 0.0.0.0 and the local DCS: 127.0.0.1).
+# proxy registered in the DCS, as server connections go out ([tls] server_tls and server_ca;
+# with verify-full the other proxies' certificates must come from server_ca). Default: listen
+# (with 0.0.0.0 and the local DCS: 127.0.0.1).
 # connect_address = "10.0.0.5:6432"
 # On SIGTERM or SIGINT: stop accepting, let clients finish their transactions, close every
 # connection after this long. PAUSE waits this long for transactions in flight.

@@ -600,13 +600,21 @@ pub async fn send_cancel(target: &CancelTarget, tls: &ServerTls) -> Result<(), S
 pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Passes a client's cancel request on to the proxy at `peer` (`host:port`), as a
-/// [`StartupPacket::ForwardedCancel`], which it applies to its own clients only. Plaintext,
-/// as libpq sends cancel requests without `sslmode`; gives up after [`CANCEL_TIMEOUT`].
-pub async fn pass_cancel_on(peer: &str, request: &crate::protocol::CancelRequest) -> Result<(), String> {
+/// [`StartupPacket::ForwardedCancel`], which it applies to its own clients only. The
+/// connection goes out as server connections do, with `tls` (the `server_tls` in force, its
+/// mode and CA): so under `pgkeel up`, whose proxies' certificates come from the cluster's CA,
+/// the key crosses the network over verified TLS. Gives up after [`CANCEL_TIMEOUT`].
+pub async fn pass_cancel_on(
+    peer: &str,
+    request: &crate::protocol::CancelRequest,
+    tls: &ServerTls,
+) -> Result<(), String> {
     in_time(async {
         let at = format!("the proxy {peer}");
         let tcp = TcpStream::connect(peer).await.map_err(|e| format!("cannot connect to {at}: {e}"))?;
-        deliver(Stream::Plain(tcp), StartupPacket::ForwardedCancel(request.clone()), &at).await
+        let _ = tcp.set_nodelay(true);
+        let stream = negotiate_tls(tcp, tls, peer, &at).await.map_err(|e| e.to_string())?;
+        deliver(stream, StartupPacket::ForwardedCancel(request.clone()), &at).await
     })
     .await
 }
@@ -708,6 +716,25 @@ mod tests {
                 .expect("server task");
             assert_eq!(used_tls, over_tls, "TLS exactly when the cancelled connection uses it");
             assert_eq!(&request[..], &want[..], "the cancel request, key included");
+        }
+        // Passed on to another proxy: over TLS as `server_tls` says, as a forwarded cancel.
+        let request = crate::protocol::CancelRequest { pid: 4242, secret_key: Bytes::from_static(&[1, 2, 3, 4]) };
+        let want = {
+            let mut b = BytesMut::new();
+            StartupPacket::ForwardedCancel(request.clone()).encode(&mut b);
+            b
+        };
+        for (tls, over_tls) in [(tls.clone(), true), (ServerTls::disabled(), false)] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let address = listener.local_addr().expect("address").to_string();
+            let server = tokio::spawn(one_cancel(listener, acceptor.clone()));
+            pass_cancel_on(&address, &request, &tls).await.expect("passed on");
+            let (used_tls, got) = tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .expect("the proxy got the request in time")
+                .expect("server task");
+            assert_eq!(used_tls, over_tls, "TLS exactly when server_tls asks for it ({tls:?})");
+            assert_eq!(&got[..], &want[..], "the forwarded cancel request, key included");
         }
     }
 

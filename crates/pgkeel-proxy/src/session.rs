@@ -1208,7 +1208,8 @@ impl Session {
                 StartupPacket::CancelRequest(ref c) | StartupPacket::ForwardedCancel(ref c) => {
                     match self.shared.cancel_target(c.pid, &c.secret_key) {
                         Ok(Some((t, _in_flight))) => {
-                            tracing::info!(client_pid = c.pid, server = %t.address, server_pid = t.pid, "forwarding a cancel request");
+                            let passed_on = matches!(packet, StartupPacket::ForwardedCancel(_));
+                            tracing::info!(client_pid = c.pid, server = %t.address, server_pid = t.pid, passed_on, tls = self.stream.is_tls(), "forwarding a cancel request");
                             if let Err(e) = crate::server::send_cancel(&t, &self.shared.server_tls()).await {
                                 tracing::warn!(server = %t.address, error = %e, "cannot forward a cancel request");
                             }
@@ -1218,10 +1219,11 @@ impl Session {
                         // cancel's new connection may reach any of them): passed on to each,
                         // once; a passed-on request is never passed on again.
                         Err(NotOurs) if matches!(packet, StartupPacket::CancelRequest(_)) => {
+                            let tls = self.shared.server_tls();
                             for peer in self.shared.peers() {
-                                let c = c.clone();
+                                let (c, tls) = (c.clone(), tls.clone());
                                 tokio::spawn(async move {
-                                    if let Err(e) = crate::server::pass_cancel_on(&peer, &c).await {
+                                    if let Err(e) = crate::server::pass_cancel_on(&peer, &c, &tls).await {
                                         tracing::info!(proxy = %peer, error = %e, "cannot pass a cancel request on to another proxy");
                                     }
                                 });

@@ -978,8 +978,24 @@ async fn proxy_pools_one_database_in_session_mode() {
 async fn a_cancel_request_that_reaches_another_proxy_is_passed_on() {
     // Behind one load balancer, the new connection of a cancel request may reach any proxy.
     let c = Cluster::up(bin(), 1).await;
-    let a = Proxy::start(&c, "proxy-a", "").await;
-    let b = Proxy::start(&c, "proxy-b", "").await;
+    cancel_through_another_proxy(&c, "", "").await;
+    // Proxies with `pgkeel up`'s certificates pass it on over TLS checked against the
+    // cluster's CA (server_tls = "verify-full" fails on a peer that answers without TLS).
+    let tls = c.dir().join("tls");
+    let with_tls = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\nclient_tls = \"allow\"\nserver_tls = \"verify-full\"\nserver_ca = {:?}\n",
+        tls.join("proxy.crt").display().to_string(),
+        tls.join("proxy.key").display().to_string(),
+        tls.join("ca.crt").display().to_string()
+    );
+    cancel_through_another_proxy(&c, &with_tls, "-tls").await;
+}
+
+/// A client of one proxy runs `pg_sleep(60)`; its cancel key, sent to a second proxy (both
+/// with `extra` in their proxy.toml), stops the query; a key no proxy has stops nothing.
+async fn cancel_through_another_proxy(c: &Cluster, extra: &str, suffix: &str) {
+    let a = Proxy::start(c, &format!("proxy-a{suffix}"), extra).await;
+    let b = Proxy::start(c, &format!("proxy-b{suffix}"), extra).await;
     let admin_b = connect(&b.url("postgres", &b.password, "pgkeel", "")).await;
     // Not an admin user on this proxy: the console refuses; the proxy itself is up.
     assert!(admin_b.is_err());
@@ -997,7 +1013,13 @@ async fn a_cancel_request_that_reaches_another_proxy_is_passed_on() {
     let e = running.await.unwrap().expect_err("cancelled");
     assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{e}");
     eprintln!("cancelled through the other proxy after {:?}", started.elapsed());
-    assert!(a.log_text().contains("forwarding a cancel request"));
+    let tls = if extra.is_empty() { "tls=false" } else { "tls=true" };
+    let log = a.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("forwarding a cancel request") && l.contains("passed_on=true") && l.contains(tls)),
+        "the first proxy got the request from the second, {tls}:\n{log}"
+    );
     // A key no proxy has cancels nothing: b passes it on, a finds no client with it, and a's
     // query runs to its end.
     let other = connect(&a.url("postgres", &a.password, "postgres", "")).await.unwrap();
