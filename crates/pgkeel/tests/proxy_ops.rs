@@ -893,7 +893,11 @@ async fn a_replica_pool_keeps_min_pool_size_connections_open() {
         .find(|r| r["database"] == "warm" && r["target"] == format!("replica:{replica}"))
         .unwrap_or_else(|| panic!("the replica's pool in SHOW POOLS: {pools:?}"));
     assert_eq!(row["sv_idle"], "2", "{row:?}");
-    assert_eq!(backends_of(&c.node_dsn(&leader), "warm"), "2", "the primary's pool is kept warm too");
+    let primary_dsn = c.node_dsn(&leader);
+    wait_for("the primary's pool to be kept at min_pool_size too", Duration::from_secs(10), || async {
+        (backends_of(&primary_dsn, "warm") == "2").then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
