@@ -674,6 +674,21 @@ mod tests {
         }
     }
 
+    /// What [`one_cancel`] on a fresh port got from `send(its address)`.
+    async fn received<F: std::future::Future<Output = Result<(), String>>>(
+        acceptor: &tokio_rustls::TlsAcceptor,
+        send: impl FnOnce(String) -> F,
+    ) -> (bool, [u8; 16]) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let server = tokio::spawn(one_cancel(listener, acceptor.clone()));
+        send(address).await.expect("sent");
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the request arrived in time")
+            .expect("server task")
+    }
+
     #[tokio::test]
     async fn cancel_requests_use_tls_when_the_connection_does() {
         let key = rcgen::KeyPair::generate().expect("key");
@@ -705,15 +720,13 @@ mod tests {
             b
         };
         for over_tls in [true, false] {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let address = listener.local_addr().expect("address").to_string();
-            let server = tokio::spawn(one_cancel(listener, acceptor.clone()));
-            let target = CancelTarget { address, pid: 4242, secret: Bytes::from_static(&[1, 2, 3, 4]), tls: over_tls };
-            send_cancel(&target, &tls).await.expect("sent");
-            let (used_tls, request) = tokio::time::timeout(Duration::from_secs(10), server)
-                .await
-                .expect("the server got the request in time")
-                .expect("server task");
+            let tls = &tls;
+            let (used_tls, request) = received(&acceptor, |address| async move {
+                let target =
+                    CancelTarget { address, pid: 4242, secret: Bytes::from_static(&[1, 2, 3, 4]), tls: over_tls };
+                send_cancel(&target, tls).await
+            })
+            .await;
             assert_eq!(used_tls, over_tls, "TLS exactly when the cancelled connection uses it");
             assert_eq!(&request[..], &want[..], "the cancel request, key included");
         }
@@ -725,14 +738,11 @@ mod tests {
             b
         };
         for (tls, over_tls) in [(tls.clone(), true), (ServerTls::disabled(), false)] {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let address = listener.local_addr().expect("address").to_string();
-            let server = tokio::spawn(one_cancel(listener, acceptor.clone()));
-            pass_cancel_on(&address, &request, &tls).await.expect("passed on");
-            let (used_tls, got) = tokio::time::timeout(Duration::from_secs(10), server)
-                .await
-                .expect("the proxy got the request in time")
-                .expect("server task");
+            let (used_tls, got) = received(&acceptor, |address| {
+                let (request, tls) = (&request, &tls);
+                async move { pass_cancel_on(&address, request, tls).await }
+            })
+            .await;
             assert_eq!(used_tls, over_tls, "TLS exactly when server_tls asks for it ({tls:?})");
             assert_eq!(&got[..], &want[..], "the forwarded cancel request, key included");
         }
