@@ -87,9 +87,24 @@ impl ServerTls {
     }
 }
 
+/// What answers a connection [`negotiate_tls`] opens: the errors say how to fix each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// A cluster member's postgres.
+    Postgres,
+    /// Another proxy (a cancel request passed on).
+    Proxy,
+}
+
 /// Sends SSLRequest and upgrades to TLS when the server answers `S`. `prefer` goes on in
 /// plaintext after `N`; `require` and `verify-full` fail.
-async fn negotiate_tls(mut tcp: TcpStream, tls: &ServerTls, address: &str, at: &str) -> Result<Stream, ConnectError> {
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    tls: &ServerTls,
+    address: &str,
+    at: &str,
+    peer: Peer,
+) -> Result<Stream, ConnectError> {
     let Some(connector) = &tls.connector else { return Ok(Stream::Plain(tcp)) };
     let io =
         |e: std::io::Error| ConnectError::Retry(format!("lost the connection to {at} during the TLS request: {e}"));
@@ -113,14 +128,22 @@ async fn negotiate_tls(mut tcp: TcpStream, tls: &ServerTls, address: &str, at: &
             Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(s))))
         }
         b'N' if tls.mode == ServerTlsMode::Prefer => Ok(Stream::Plain(tcp)),
-        b'N' => Err(ConnectError::Config(format!(
-            "{at} does not offer TLS (ssl = off), but server_tls = \"{}\"; turn ssl on in postgres or set \
-             server_tls = \"prefer\"",
-            tls.mode.as_str()
-        ))),
+        b'N' => Err(ConnectError::Config(match peer {
+            Peer::Postgres => format!(
+                "{at} does not offer TLS (ssl = off), but server_tls = \"{}\"; turn ssl on in postgres or set \
+                 server_tls = \"prefer\"",
+                tls.mode.as_str()
+            ),
+            Peer::Proxy => format!(
+                "{at} does not offer TLS (no [tls] cert and key), but server_tls = \"{}\"; give that proxy a \
+                 certificate signed by server_ca, or set server_tls = \"prefer\"",
+                tls.mode.as_str()
+            ),
+        })),
         other => Err(ConnectError::Retry(format!(
-            "{at} answered the TLS request with {:?} instead of S or N: is it a PostgreSQL server?",
-            other as char
+            "{at} answered the TLS request with {:?} instead of S or N: is it {}?",
+            other as char,
+            if peer == Peer::Postgres { "a PostgreSQL server" } else { "a pgkeel proxy" }
         ))),
     }
 }
@@ -312,7 +335,7 @@ impl ServerConn {
             .await
             .map_err(|e| ConnectError::Retry(format!("cannot connect to {at}: {e}")))?;
         crate::tls::tune(&stream, tcp);
-        let stream = negotiate_tls(stream, &auth.tls, address, &at).await?;
+        let stream = negotiate_tls(stream, &auth.tls, address, &at, Peer::Postgres).await?;
         let mut conn = ServerConn {
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),
@@ -586,7 +609,7 @@ pub async fn send_cancel(target: &CancelTarget, tls: &ServerTls) -> Result<(), S
         let tcp = TcpStream::connect(&target.address).await.map_err(|e| format!("cannot connect to {at}: {e}"))?;
         let _ = tcp.set_nodelay(true);
         let stream = if target.tls {
-            negotiate_tls(tcp, tls, &target.address, &at).await.map_err(|e| e.to_string())?
+            negotiate_tls(tcp, tls, &target.address, &at, Peer::Postgres).await.map_err(|e| e.to_string())?
         } else {
             Stream::Plain(tcp)
         };
@@ -613,7 +636,7 @@ pub async fn pass_cancel_on(
         let at = format!("the proxy {peer}");
         let tcp = TcpStream::connect(peer).await.map_err(|e| format!("cannot connect to {at}: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        let stream = negotiate_tls(tcp, tls, peer, &at).await.map_err(|e| e.to_string())?;
+        let stream = negotiate_tls(tcp, tls, peer, &at, Peer::Proxy).await.map_err(|e| e.to_string())?;
         deliver(stream, StartupPacket::ForwardedCancel(request.clone()), &at).await
     })
     .await
@@ -746,6 +769,35 @@ mod tests {
             assert_eq!(used_tls, over_tls, "TLS exactly when server_tls asks for it ({tls:?})");
             assert_eq!(&got[..], &want[..], "the forwarded cancel request, key included");
         }
+    }
+
+    #[tokio::test]
+    async fn a_peer_proxy_without_tls_gets_no_passed_on_cancel_and_the_error_says_why() {
+        // A proxy without a certificate answers the TLS request with N.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut request = [0u8; 8];
+            s.read_exact(&mut request).await.expect("the TLS request");
+            s.write_all(b"N").await.expect("answer N");
+            // Whatever comes next, if anything.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            rest
+        });
+        let tls = ServerTls {
+            mode: ServerTlsMode::Require,
+            connector: Some(crate::tls::connector(ServerTlsMode::Require, None).expect("connector")),
+        };
+        let request = crate::protocol::CancelRequest { pid: 7, secret_key: Bytes::from_static(&[9, 9, 9, 9]) };
+        let err = pass_cancel_on(&address, &request, &tls).await.expect_err("no TLS, and server_tls requires it");
+        assert!(
+            err.contains(&format!("the proxy {address}")) && err.contains("give that proxy a certificate"),
+            "{err}"
+        );
+        assert!(!err.contains("postgres"), "worded for a proxy, not for postgres: {err}");
+        assert!(peer.await.expect("peer").is_empty(), "the key never went out in plaintext");
     }
 
     #[tokio::test]

@@ -198,8 +198,12 @@ pub struct Shared {
     /// Notified by `KILL`, for clients held by `PAUSE` (the kick wakes the others).
     kills: tokio::sync::Notify,
     /// The other proxies of the cluster (`host:port`, from their DCS records), to pass a
-    /// cancel request on to when none of this proxy's clients has its key.
-    peers: Mutex<Vec<String>>,
+    /// cancel request on to when none of this proxy's clients has its key, and when they were
+    /// read ([`crate::switchover::peers_now`]).
+    peers: Mutex<crate::switchover::Peers>,
+    /// Where the other proxies are read from: the DCS and this proxy's own id (set by
+    /// [`crate::switchover::run`]).
+    pub peer_source: std::sync::OnceLock<(pgkeel_dcs::cluster::ClusterStore, String)>,
 }
 
 // The kick counts are the first 16 bytes of `Kicker`: they must end within the first line.
@@ -235,16 +239,23 @@ impl Shared {
             tls: RwLock::new(Arc::new(Tls::disabled())),
             auth_cache: AuthCache::default(),
             peers: Mutex::default(),
+            peer_source: std::sync::OnceLock::new(),
         }
     }
 
-    /// The other proxies' addresses (see [`crate::switchover`]).
-    pub fn set_peers(&self, peers: Vec<String>) {
-        *self.peers.lock().unwrap_or_else(PoisonError::into_inner) = peers;
+    /// The other proxies' addresses, just read from the DCS; `for_cancel`: by a cancel
+    /// request (see [`crate::switchover::peers_now`]).
+    pub fn set_peers(&self, addresses: Vec<String>, for_cancel: bool) {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        peers.addresses = addresses;
+        if for_cancel {
+            peers.reread_at = Some(Instant::now());
+        }
     }
 
-    /// The other proxies a cancel request for none of this proxy's clients goes to.
-    pub fn peers(&self) -> Vec<String> {
+    /// The other proxies a cancel request for none of this proxy's clients goes to, as last
+    /// read.
+    pub fn peers(&self) -> crate::switchover::Peers {
         self.peers.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
@@ -1218,16 +1229,22 @@ impl Session {
                         // Perhaps a client of another proxy (behind one load balancer, a
                         // cancel's new connection may reach any of them): passed on to each,
                         // once; a passed-on request is never passed on again.
+                        // The other proxies are read from the DCS again unless they were in the
+                        // last second, so one started since the last registration round (every
+                        // ttl / 4) gets it too.
                         Err(NotOurs) if matches!(packet, StartupPacket::CancelRequest(_)) => {
-                            let tls = self.shared.server_tls();
-                            for peer in self.shared.peers() {
-                                let (c, tls) = (c.clone(), tls.clone());
-                                tokio::spawn(async move {
-                                    if let Err(e) = crate::server::pass_cancel_on(&peer, &c, &tls).await {
-                                        tracing::info!(proxy = %peer, error = %e, "cannot pass a cancel request on to another proxy");
-                                    }
-                                });
-                            }
+                            let (shared, c) = (self.shared.clone(), c.clone());
+                            tokio::spawn(async move {
+                                let tls = shared.server_tls();
+                                for peer in crate::switchover::peers_now(&shared).await {
+                                    let (c, tls) = (c.clone(), tls.clone());
+                                    tokio::spawn(async move {
+                                        if let Err(e) = crate::server::pass_cancel_on(&peer, &c, &tls).await {
+                                            tracing::info!(proxy = %peer, error = %e, "cannot pass a cancel request on to another proxy");
+                                        }
+                                    });
+                                }
+                            });
                         }
                         Err(NotOurs) => tracing::debug!(
                             client_pid = c.pid,

@@ -103,7 +103,7 @@ async fn register(
         let next = match store.put_proxy(&value, ttl).await {
             Ok(()) => {
                 if let Ok(all) = store.proxies().await {
-                    shared.set_peers(peers(&value.id, all.into_iter().map(|p| p.value)));
+                    shared.set_peers(peers(&value.id, all.into_iter().map(|p| p.value)), false);
                 }
                 if std::mem::take(&mut failing) {
                     tracing::info!(id = %value.id, "registered in the DCS again");
@@ -134,6 +134,49 @@ async fn register(
     }
 }
 
+/// The other proxies, as last read from the DCS ([`Shared::peers`]).
+#[derive(Debug, Clone, Default)]
+pub struct Peers {
+    /// Their addresses (`host:port`).
+    pub addresses: Vec<String>,
+    /// When a cancel request last read them ([`peers_now`]).
+    pub reread_at: Option<Instant>,
+}
+
+/// A cancel request for none of this proxy's clients reads the other proxies from the DCS
+/// again unless another did within this long.
+const PEERS_REREAD_EVERY: Duration = Duration::from_millis(200);
+/// How long [`peers_now`] waits for the DCS before it takes the list it has.
+const PEERS_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The other proxies a cancel request for none of this proxy's clients is passed on to: read
+/// from the DCS now, so a proxy that registered since the last registration round
+/// ([`register`], every `ttl / 4`) is on it. A burst of such requests reads the DCS once per
+/// [`PEERS_REREAD_EVERY`] at most (each is a connection anyone can open). When the DCS does
+/// not answer within [`PEERS_READ_TIMEOUT`], the list of the last read.
+pub async fn peers_now(shared: &Shared) -> Vec<String> {
+    let known = shared.peers();
+    if known.reread_at.is_some_and(|t| t.elapsed() < PEERS_REREAD_EVERY) {
+        return known.addresses;
+    }
+    let Some((store, me)) = shared.peer_source.get() else { return known.addresses };
+    match tokio::time::timeout(PEERS_READ_TIMEOUT, store.proxies()).await {
+        Ok(Ok(all)) => {
+            let fresh = peers(me, all.into_iter().map(|p| p.value));
+            shared.set_peers(fresh.clone(), true);
+            fresh
+        }
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "cannot read the other proxies from the DCS; a cancel request goes to those read last");
+            known.addresses
+        }
+        Err(_) => {
+            tracing::info!(timeout = ?PEERS_READ_TIMEOUT, "the DCS did not list the other proxies in time; a cancel request goes to those read last");
+            known.addresses
+        }
+    }
+}
+
 /// The addresses of the proxies in `all` other than `me` that can be connected to (not an
 /// address for every interface, which a proxy publishes when it has no `connect_address`).
 fn peers(me: &str, all: impl Iterator<Item = ProxyValue>) -> Vec<String> {
@@ -147,6 +190,7 @@ fn peers(me: &str, all: impl Iterator<Item = ProxyValue>) -> Vec<String> {
 /// announcements until `shutdown` turns true; then removes the registration.
 pub async fn run(store: ClusterStore, shared: Arc<Shared>, address: String, mut shutdown: watch::Receiver<bool>) {
     let id = proxy_id(&address);
+    let _ = shared.peer_source.set((store.clone(), id.clone()));
     let value = ProxyValue { id, address, drained: None, version: env!("CARGO_PKG_VERSION").into() };
     let (drained, drained_rx) = watch::channel(None::<String>);
     let registration = tokio::spawn(register(store.clone(), shared.clone(), value, drained_rx));

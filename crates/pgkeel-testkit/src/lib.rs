@@ -18,19 +18,26 @@ use serde_json::Value;
 pub mod netns;
 mod reaper;
 
-/// Poll `f` every 100 ms until it returns `Some`, or panic after `timeout` naming `what`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+/// Poll `f` every 100 ms until it returns `Some`, or panic after `timeout` naming `what` and
+/// the line of the test that waited (a plain function returning the wait, so that
+/// `#[track_caller]` sees the caller: the panic itself is raised here).
+#[track_caller]
+pub fn wait_for<'a, T, F, Fut>(what: &'a str, timeout: Duration, mut f: F) -> impl Future<Output = T> + 'a
 where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
+    F: FnMut() -> Fut + 'a,
+    Fut: Future<Output = Option<T>> + 'a,
+    T: 'a,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
+    let caller = std::panic::Location::caller();
+    async move {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what} (the wait at {caller})");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -1039,6 +1039,46 @@ async fn cancel_through_another_proxy(c: &Cluster, extra: &str, suffix: &str) {
     running.await.unwrap().expect("another client's cancel does not stop this query");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_a_proxy_that_started_after_the_one_it_was_sent_to() {
+    // Each proxy rereads the others' DCS records every ttl / 4: 15 s here. A proxy started
+    // since then must still get a cancel request for its client at once.
+    let (c, direct) = cluster_with(&[]).await;
+    let out = c.ctl(&["config", "set", "ttl=60s"]);
+    assert!(out.status.success(), "config set ttl: {}", String::from_utf8_lossy(&out.stderr));
+    let registered = |p: &Proxy| p.log_text().contains("registered in the DCS for switchovers").then_some(());
+    let b = Proxy::start(&c, "proxy-b-first", "").await;
+    wait_for("the first proxy to register", Duration::from_secs(20), || async { registered(&b) }).await;
+    assert!(b.log_text().contains("ttl=60s"), "the first proxy's rounds are 15 s apart:\n{}", b.log_text());
+    let a = Proxy::start(&c, "proxy-a-later", "").await;
+    wait_for("the later proxy to register", Duration::from_secs(20), || async { registered(&a) }).await;
+
+    let sleeper = connect(&a.url("postgres", &a.password, "postgres", "")).await.unwrap();
+    let token = sleeper.cancel_token();
+    let running = tokio::spawn(async move { sleeper.simple_query("select pg_sleep(60)").await.map(|_| ()) });
+    wait_for("the query to run", Duration::from_secs(10), || async {
+        let n = psql(&direct, "select count(*) from pg_stat_activity where query = 'select pg_sleep(60)'").ok()?;
+        (n == "1").then_some(())
+    })
+    .await;
+    // Once, to the proxy that started first.
+    let started = Instant::now();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", b.port)).await.expect("connect to the first proxy");
+    token.cancel_query_raw(tcp, tokio_postgres::NoTls).await.expect("it takes the cancel request");
+    let e = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the query is cancelled well before the first proxy's next round")
+        .unwrap()
+        .expect_err("cancelled");
+    assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{e}");
+    eprintln!("cancelled through the proxy started first after {:?}", started.elapsed());
+    assert!(
+        a.log_text().lines().any(|l| l.contains("forwarding a cancel request") && l.contains("passed_on=true")),
+        "the later proxy got it from the first:\n{}",
+        a.log_text()
+    );
+}
+
 /// A process killed (and reaped) on drop.
 struct Reaped(std::process::Child);
 
