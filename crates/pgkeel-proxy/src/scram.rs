@@ -9,8 +9,11 @@
 //! - [`ClientExchange`]: the proxy logs in to a server, with the password or with a
 //!   `ClientKey` and the secret it was recovered for.
 //!
-//! Channel binding (`SCRAM-SHA-256-PLUS`) is not supported, with or without TLS: the server
-//! side advertises only `SCRAM-SHA-256` and refuses a client that insists on binding.
+//! Channel binding: the server side takes `SCRAM-SHA-256-PLUS` with `tls-server-end-point`
+//! (RFC 5929, as PostgreSQL) where the session offers it, over TLS ([`Binding`]); it refuses a
+//! client that says it supports binding but thinks the proxy does not (`y`) when the proxy
+//! offered it, which is what a downgrade by someone in between looks like. The client side
+//! (the proxy's logins to servers) does not bind.
 //! Passwords are not SASLprep-normalised: ASCII passwords (and any password PostgreSQL's
 //! SASLprep leaves unchanged) work; a non-ASCII password that NFKC normalisation changes must
 //! be given in its normalised form.
@@ -22,6 +25,24 @@ use sha2::{Digest as _, Sha256};
 
 /// The mechanism name.
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+/// The mechanism with channel binding.
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// The channel binding type, the only one PostgreSQL and the proxy take.
+const BINDING_TYPE: &str = "tls-server-end-point";
+
+/// Channel binding in one [`ServerExchange`], from the mechanisms offered and the one the
+/// client chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// `SCRAM-SHA-256-PLUS` was not offered (no TLS, or a certificate whose signature has no
+    /// single hash function).
+    NotOffered,
+    /// Offered; the client chose `SCRAM-SHA-256`.
+    Declined,
+    /// The client chose `SCRAM-SHA-256-PLUS`: the `tls-server-end-point` data of the
+    /// proxy's certificate on this connection.
+    Chosen(Vec<u8>),
+}
 /// PostgreSQL's default iteration count (`scram_iterations`).
 pub const DEFAULT_ITERATIONS: u32 = 4096;
 /// Random bytes in a nonce (as PostgreSQL: 18, 24 characters of base64).
@@ -225,7 +246,7 @@ enum ServerState {
     Initial,
     /// server-first sent; waiting for client-final-message.
     SentFirst {
-        /// base64 of the GS2 header the client sent (expected in `c=`).
+        /// base64 of the GS2 header the client sent and the binding data (expected in `c=`).
         cbind: String,
         /// client nonce + server nonce.
         nonce: String,
@@ -239,18 +260,50 @@ enum ServerState {
 pub struct ServerExchange {
     secret: ScramSecret,
     server_nonce: String,
+    binding: Binding,
     state: ServerState,
 }
 
 impl ServerExchange {
     /// An exchange against `secret` with a fresh server nonce.
-    pub fn new(secret: ScramSecret) -> Result<ServerExchange, ScramError> {
-        Ok(ServerExchange::with_nonce(secret, new_nonce()?))
+    pub fn new(secret: ScramSecret, binding: Binding) -> Result<ServerExchange, ScramError> {
+        Ok(ServerExchange::with_nonce(secret, binding, new_nonce()?))
     }
 
     /// An exchange with a given server nonce (tests).
-    pub fn with_nonce(secret: ScramSecret, server_nonce: String) -> ServerExchange {
-        ServerExchange { secret, server_nonce, state: ServerState::Initial }
+    pub fn with_nonce(secret: ScramSecret, binding: Binding, server_nonce: String) -> ServerExchange {
+        ServerExchange { secret, server_nonce, binding, state: ServerState::Initial }
+    }
+
+    /// Checks the client's channel binding flag (the GS2 header's first field) against what
+    /// was offered and chosen, as PostgreSQL does.
+    fn check_binding_flag(&self, flag: &str) -> Result<(), ScramError> {
+        match (flag, &self.binding) {
+            ("n" | "y", Binding::Chosen(_)) => {
+                Err(malformed("the client chose SCRAM-SHA-256-PLUS but sent no channel binding (GS2 flag p=)"))
+            }
+            ("n", _) | ("y", Binding::NotOffered) => Ok(()),
+            ("y", Binding::Declined) => Err(ScramError::Unsupported(
+                "the client supports channel binding but thinks the proxy does not, and the proxy offered it \
+                 (SCRAM-SHA-256-PLUS): something between them removed it from the offer"
+                    .into(),
+            )),
+            (f, Binding::Chosen(_)) if f.strip_prefix("p=") == Some(BINDING_TYPE) => Ok(()),
+            (f, Binding::Chosen(_)) if f.starts_with("p=") => Err(ScramError::Unsupported(format!(
+                "channel binding type {:?} is not supported; the proxy takes {BINDING_TYPE}",
+                truncate(&f[2..])
+            ))),
+            (f, Binding::NotOffered) if f.starts_with("p=") => Err(ScramError::Unsupported(
+                "the client requires channel binding (SCRAM-SHA-256-PLUS), which the proxy offers only over \
+                 TLS with a certificate signed with RSA or ECDSA: connect with sslmode=require (or \
+                 verify-full), or with channel_binding=prefer"
+                    .into(),
+            )),
+            (f, Binding::Declined) if f.starts_with("p=") => {
+                Err(malformed("channel binding data (GS2 flag p=) with SCRAM-SHA-256: choose SCRAM-SHA-256-PLUS"))
+            }
+            (other, _) => Err(malformed(format!("invalid channel binding flag {:?}", truncate(other)))),
+        }
     }
 
     /// Takes the client-first-message (the data of SASLInitialResponse) and returns the
@@ -262,17 +315,7 @@ impl ServerExchange {
         let text = utf8(data, "client-first-message")?;
         // gs2-header: cbind-flag "," [authzid] ","
         let (flag, rest) = text.split_once(',').ok_or_else(|| malformed("missing the GS2 header"))?;
-        match flag {
-            "n" | "y" => {}
-            f if f.starts_with("p=") => {
-                return Err(ScramError::Unsupported(
-                    "the client requires channel binding (SCRAM-SHA-256-PLUS), which the proxy does not \
-                     support: connect with channel_binding=prefer or disable"
-                        .into(),
-                ))
-            }
-            other => return Err(malformed(format!("invalid channel binding flag {:?}", truncate(other)))),
-        }
+        self.check_binding_flag(flag)?;
         let (authzid, bare) = rest.split_once(',').ok_or_else(|| malformed("GS2 header is not terminated"))?;
         if !authzid.is_empty() {
             return Err(ScramError::Unsupported("SCRAM authorization identities (a=) are not supported".into()));
@@ -295,8 +338,13 @@ impl ServerExchange {
         }
         let nonce = format!("{client_nonce}{}", self.server_nonce);
         let server_first = format!("r={nonce},s={},i={}", B64.encode(&self.secret.salt), self.secret.iterations);
+        // `c=` carries the GS2 header, followed by the binding data when there is one.
+        let mut cbind = gs2_header.as_bytes().to_vec();
+        if let Binding::Chosen(data) = &self.binding {
+            cbind.extend_from_slice(data);
+        }
         self.state = ServerState::SentFirst {
-            cbind: B64.encode(gs2_header),
+            cbind: B64.encode(cbind),
             nonce,
             client_first_bare: bare.to_string(),
             server_first: server_first.clone(),
@@ -368,15 +416,19 @@ impl std::fmt::Debug for ClientCredential {
     }
 }
 
-/// The client side of one SCRAM-SHA-256 exchange, without channel binding.
+/// The client side of one SCRAM-SHA-256 exchange, without channel binding unless
+/// [`ClientExchange::bound_to`] says otherwise.
 pub struct ClientExchange {
     credential: ClientCredential,
     nonce: String,
+    /// `tls-server-end-point` data (SCRAM-SHA-256-PLUS), if binding.
+    binding: Option<Vec<u8>>,
     /// Set after server-first: the ServerSignature to expect.
     expected_server_signature: Option<[u8; 32]>,
 }
 
 const CLIENT_GS2_HEADER: &str = "n,,";
+const CLIENT_GS2_HEADER_PLUS: &str = "p=tls-server-end-point,,";
 
 impl ClientExchange {
     /// An exchange with a fresh nonce.
@@ -386,7 +438,22 @@ impl ClientExchange {
 
     /// An exchange with a given client nonce (tests).
     pub fn with_nonce(credential: ClientCredential, nonce: String) -> ClientExchange {
-        ClientExchange { credential, nonce, expected_server_signature: None }
+        ClientExchange { credential, nonce, binding: None, expected_server_signature: None }
+    }
+
+    /// The same exchange as SCRAM-SHA-256-PLUS, bound to the TLS channel whose server
+    /// certificate has the `tls-server-end-point` data `data` ([`crate::tls::endpoint_hash`]).
+    pub fn bound_to(mut self, data: Vec<u8>) -> ClientExchange {
+        self.binding = Some(data);
+        self
+    }
+
+    fn gs2_header(&self) -> &'static str {
+        if self.binding.is_some() {
+            CLIENT_GS2_HEADER_PLUS
+        } else {
+            CLIENT_GS2_HEADER
+        }
     }
 
     /// The client-first-message. The user name is left empty, as libpq does: PostgreSQL
@@ -396,7 +463,7 @@ impl ClientExchange {
     }
 
     fn client_first_with_user(&self, user: &str) -> Vec<u8> {
-        format!("{CLIENT_GS2_HEADER}n={user},r={}", self.nonce).into_bytes()
+        format!("{}n={user},r={}", self.gs2_header(), self.nonce).into_bytes()
     }
 
     fn client_first_bare(&self, user: &str) -> String {
@@ -442,7 +509,9 @@ impl ClientExchange {
                 (*client_key, secret.server_key)
             }
         };
-        let without_proof = format!("c={},r={nonce}", B64.encode(CLIENT_GS2_HEADER));
+        let mut cbind = self.gs2_header().as_bytes().to_vec();
+        cbind.extend_from_slice(self.binding.as_deref().unwrap_or_default());
+        let without_proof = format!("c={},r={nonce}", B64.encode(cbind));
         let auth_message = format!("{},{text},{without_proof}", self.client_first_bare(user));
         let stored_key = sha256(&client_key);
         let client_signature = hmac(&stored_key, &[auth_message.as_bytes()]);
@@ -526,7 +595,7 @@ mod tests {
 
     #[test]
     fn rfc7677_server_side() {
-        let mut ex = ServerExchange::with_nonce(rfc_secret(), SERVER_NONCE.into());
+        let mut ex = ServerExchange::with_nonce(rfc_secret(), Binding::NotOffered, SERVER_NONCE.into());
         assert_eq!(ex.client_first(CLIENT_FIRST.as_bytes()).unwrap(), SERVER_FIRST.as_bytes());
         let (server_final, client_key) = ex.client_final(CLIENT_FINAL.as_bytes()).unwrap();
         assert_eq!(server_final, SERVER_FINAL.as_bytes());
@@ -561,7 +630,11 @@ mod tests {
 
     #[test]
     fn wrong_password_is_refused() {
-        let mut ex = ServerExchange::with_nonce(ScramSecret::from_password("other", b"salt", 4096), "xyz".into());
+        let mut ex = ServerExchange::with_nonce(
+            ScramSecret::from_password("other", b"salt", 4096),
+            Binding::NotOffered,
+            "xyz".into(),
+        );
         let mut client = ClientExchange::with_nonce(ClientCredential::Password("pencil".into()), "abc".into());
         let first = ex.client_first(&client.client_first()).unwrap();
         let fin = client.server_first(&first).unwrap();
@@ -571,13 +644,13 @@ mod tests {
     #[test]
     fn round_trip_with_random_nonces() {
         let secret = ScramSecret::from_password("s3cret", &random_bytes(16).unwrap(), 4096);
-        let mut server = ServerExchange::new(secret.clone()).unwrap();
+        let mut server = ServerExchange::new(secret.clone(), Binding::NotOffered).unwrap();
         let mut client = ClientExchange::new(ClientCredential::Password("s3cret".into())).unwrap();
         let first = server.client_first(&client.client_first()).unwrap();
         let (fin, key) = server.client_final(&client.server_first(&first).unwrap()).unwrap();
         client.server_final(&fin).unwrap();
         // The recovered key logs in to a server holding the same secret.
-        let mut server2 = ServerExchange::new(secret.clone()).unwrap();
+        let mut server2 = ServerExchange::new(secret.clone(), Binding::NotOffered).unwrap();
         let mut client2 = ClientExchange::new(ClientCredential::Keys { client_key: key, secret }).unwrap();
         let first = server2.client_first(&client2.client_first()).unwrap();
         let (fin, _) = server2.client_final(&client2.server_first(&first).unwrap()).unwrap();
@@ -619,7 +692,7 @@ mod tests {
             b"\xff\xfe",
         ];
         for f in firsts {
-            let mut ex = ServerExchange::with_nonce(rfc_secret(), "srv".into());
+            let mut ex = ServerExchange::with_nonce(rfc_secret(), Binding::NotOffered, "srv".into());
             assert!(ex.client_first(f).is_err(), "{:?} must be refused", String::from_utf8_lossy(f));
         }
         let finals: &[&[u8]] = &[
@@ -631,12 +704,56 @@ mod tests {
             b"r=abcsrv,c=biws,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=",
         ];
         for f in finals {
-            let mut ex = ServerExchange::with_nonce(rfc_secret(), "srv".into());
+            let mut ex = ServerExchange::with_nonce(rfc_secret(), Binding::NotOffered, "srv".into());
             ex.client_first(b"n,,n=,r=abc").unwrap();
             assert!(ex.client_final(f).is_err(), "{:?} must be refused", String::from_utf8_lossy(f));
         }
-        let mut ex = ServerExchange::with_nonce(rfc_secret(), "srv".into());
+        let mut ex = ServerExchange::with_nonce(rfc_secret(), Binding::NotOffered, "srv".into());
         assert!(ex.client_final(b"c=biws,r=x,p=AAAA").is_err(), "final before first");
+    }
+
+    /// One exchange between `client` and a server with `binding`: the server's verdict.
+    fn exchange(client: ClientExchange, binding: Binding) -> Result<(), ScramError> {
+        let mut client = client;
+        let mut server = ServerExchange::new(rfc_secret(), binding).unwrap();
+        let first = server.client_first(&client.client_first())?;
+        let (fin, _) = server.client_final(&client.server_first(&first)?)?;
+        client.server_final(&fin)
+    }
+
+    #[test]
+    fn channel_binding_is_checked_and_a_downgrade_refused() {
+        let pencil = || ClientExchange::new(ClientCredential::Password("pencil".into())).unwrap();
+        let data = vec![7u8; 32];
+        // SCRAM-SHA-256-PLUS with the proxy's certificate's data.
+        exchange(pencil().bound_to(data.clone()), Binding::Chosen(data.clone())).expect("bound to the same channel");
+        // Another channel's data (a relay in between, with a certificate of its own).
+        let err = exchange(pencil().bound_to(vec![8u8; 32]), Binding::Chosen(data.clone())).unwrap_err();
+        assert!(err.to_string().contains("channel binding data (c=) does not match"), "{err}");
+        // PLUS chosen, but the client does not bind.
+        let err = exchange(pencil(), Binding::Chosen(data.clone())).unwrap_err();
+        assert!(err.to_string().contains("sent no channel binding"), "{err}");
+        // SCRAM-SHA-256 with binding data.
+        let err = exchange(pencil().bound_to(data.clone()), Binding::Declined).unwrap_err();
+        assert!(err.to_string().contains("choose SCRAM-SHA-256-PLUS"), "{err}");
+        // Binding required by the client where the proxy offers none (no TLS).
+        let err = exchange(pencil().bound_to(data.clone()), Binding::NotOffered).unwrap_err();
+        assert!(err.to_string().contains("offers only over TLS"), "{err}");
+        // Plain SCRAM either way.
+        exchange(pencil(), Binding::Declined).expect("declined");
+        exchange(pencil(), Binding::NotOffered).expect("not offered");
+        // `y`: the client could bind but saw no offer. Fine without one; with one, the offer
+        // was tampered with.
+        let y_first = |server: &mut ServerExchange| server.client_first(b"y,,n=,r=abc");
+        let mut server = ServerExchange::new(rfc_secret(), Binding::NotOffered).unwrap();
+        y_first(&mut server).expect("no offer: y is fine");
+        let mut server = ServerExchange::new(rfc_secret(), Binding::Declined).unwrap();
+        let err = y_first(&mut server).unwrap_err();
+        assert!(err.to_string().contains("removed it from the offer"), "{err}");
+        // Another binding type.
+        let mut server = ServerExchange::new(rfc_secret(), Binding::Chosen(data)).unwrap();
+        let err = server.client_first(b"p=tls-unique,,n=,r=abc").unwrap_err();
+        assert!(err.to_string().contains("\"tls-unique\" is not supported"), "{err}");
     }
 
     #[test]

@@ -394,12 +394,24 @@ impl ServerConn {
                                 scram::MECHANISM
                             )));
                         }
-                        let ex =
+                        let mut ex =
                             ClientExchange::new(auth.scram.clone()).map_err(|e| ConnectError::Config(e.to_string()))?;
+                        // Bound to the TLS channel where postgres offers it and the certificate
+                        // has binding data: a relay in between, even one whose certificate
+                        // `server_tls = "require"` would take, then cannot log in as the proxy.
+                        let binding = match conn.stream.peer_endpoint() {
+                            Some(data) if mechanisms.iter().any(|m| m == scram::MECHANISM_PLUS) => Some(data),
+                            _ => None,
+                        };
+                        let mechanism = if binding.is_some() { scram::MECHANISM_PLUS } else { scram::MECHANISM };
+                        if let Some(data) = binding {
+                            ex = ex.bound_to(data);
+                        }
+                        tracing::debug!(server = %at, mechanism, "logging in with SCRAM");
                         let first = ex.client_first();
                         scram = Some(ex);
                         Some(FrontendMessage::SaslInitialResponse {
-                            mechanism: scram::MECHANISM.into(),
+                            mechanism: mechanism.into(),
                             data: Some(Bytes::from(first)),
                         })
                     }

@@ -45,7 +45,7 @@ use crate::protocol::{
     FrontendMessage, Limits, ProtocolVersion, Severity, StartupMessage, StartupPacket, Text, TransactionStatus,
 };
 use crate::router::{choose_replica, Class, Classifier, LagLimit, RouteCommand, RouteMode};
-use crate::scram::{self, ClientCredential, ScramSecret, ServerExchange};
+use crate::scram::{self, Binding, ClientCredential, ScramSecret, ServerExchange};
 use crate::server::{ConnectError, Dial, ServerAuth, ServerConn, ServerRole, ServerTls};
 use crate::stats::{ClientInfo, Gate};
 use crate::tls::{Stream, Tls};
@@ -1129,7 +1129,7 @@ impl Session {
                 return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, "the client did not finish its startup in 15s"))
             }
         };
-        let Some(startup) = startup else { return Ok(false) };
+        let Some((startup, endpoint)) = startup else { return Ok(false) };
         if !admitted {
             return Err(Fail::new(
                 sqlstate::TOO_MANY_CONNECTIONS,
@@ -1139,7 +1139,7 @@ impl Session {
                 ),
             ));
         }
-        match tokio::time::timeout(LOGIN_TIMEOUT, self.authenticate(&startup)).await {
+        match tokio::time::timeout(LOGIN_TIMEOUT, self.authenticate(&startup, endpoint)).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(Fail::new(
@@ -1152,9 +1152,12 @@ impl Session {
     }
 
     /// Reads the startup packet, answering SSLRequest and GSSENCRequest with 'N' and serving
-    /// a CancelRequest. `None` when the connection was a cancel request.
-    async fn startup(&mut self) -> Result<Option<StartupMessage>, Fail> {
+    /// a CancelRequest. `None` when the connection was a cancel request; else the startup
+    /// packet and, over TLS, the channel binding data of the certificate the client got
+    /// ([`Tls::endpoint`]).
+    async fn startup(&mut self) -> Result<Option<(StartupMessage, Option<Arc<[u8]>>)>, Fail> {
         let limits = Limits::default();
+        let mut endpoint = None;
         loop {
             let packet = loop {
                 match StartupPacket::decode(&mut self.rbuf, &limits) {
@@ -1195,7 +1198,10 @@ impl Session {
                             "encryption request on a connection that is already encrypted",
                         ));
                     }
-                    let acceptor = if ssl { self.shared.tls().acceptor.clone() } else { None };
+                    // The acceptor and its certificate's binding data from one snapshot: a
+                    // reload in between must not pair them wrong.
+                    let tls = self.shared.tls();
+                    let acceptor = if ssl { tls.acceptor.clone() } else { None };
                     let Some(acceptor) = acceptor else {
                         if self.stream.send(b"N").await.is_err() {
                             return Ok(None);
@@ -1207,7 +1213,10 @@ impl Session {
                     }
                     let Some(tcp) = self.stream.take_plain() else { return Ok(None) };
                     match acceptor.accept(tcp).await {
-                        Ok(tls) => self.stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
+                        Ok(conn) => {
+                            self.stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(conn)));
+                            endpoint = tls.endpoint.clone();
+                        }
                         Err(e) => {
                             // Nothing can be said to the client: the channel is neither
                             // plaintext nor TLS any more.
@@ -1262,13 +1271,13 @@ impl Session {
                          sslmode=verify-full",
                     ));
                 }
-                StartupPacket::Startup(m) => return Ok(Some(m)),
+                StartupPacket::Startup(m) => return Ok(Some((m, endpoint))),
             }
         }
     }
 
     /// SCRAM-SHA-256 against the userlist, then the server credentials for this user.
-    async fn authenticate(&mut self, startup: &StartupMessage) -> Result<(), Fail> {
+    async fn authenticate(&mut self, startup: &StartupMessage, endpoint: Option<Arc<[u8]>>) -> Result<(), Fail> {
         let Some(user) = startup.user().filter(|u| !u.is_empty()) else {
             return Err(Fail::new(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -1345,27 +1354,41 @@ impl Session {
                 scram::DEFAULT_ITERATIONS,
             ),
         };
-        BackendMessage::Authentication(Authentication::Sasl { mechanisms: vec![scram::MECHANISM.into()] })
-            .encode(&mut self.wbuf);
+        // SCRAM-SHA-256-PLUS first where it is offered (over TLS), as postgres lists them.
+        let mechanisms = match endpoint {
+            Some(_) => vec![scram::MECHANISM_PLUS.into(), scram::MECHANISM.into()],
+            None => vec![scram::MECHANISM.into()],
+        };
+        BackendMessage::Authentication(Authentication::Sasl { mechanisms }).encode(&mut self.wbuf);
         self.flush().await?;
         let user = self.user.clone();
         let failed =
             move || Fail::new(sqlstate::INVALID_PASSWORD, format!("password authentication failed for user {user:?}"));
         self.decoder.auth = AuthExpect::SaslInitial;
-        let mut exchange =
-            ServerExchange::new(secret).map_err(|e| Fail::new(sqlstate::INTERNAL_ERROR, e.to_string()))?;
-        let first = match self.read_client_message().await? {
+        let (binding, first) = match self.read_client_message().await? {
             FrontendMessage::SaslInitialResponse { mechanism, data } if mechanism == scram::MECHANISM => {
-                data.unwrap_or_default()
+                (if endpoint.is_some() { Binding::Declined } else { Binding::NotOffered }, data.unwrap_or_default())
+            }
+            FrontendMessage::SaslInitialResponse { mechanism, data }
+                if mechanism == scram::MECHANISM_PLUS && endpoint.is_some() =>
+            {
+                (Binding::Chosen(endpoint.as_deref().unwrap_or_default().to_vec()), data.unwrap_or_default())
             }
             FrontendMessage::SaslInitialResponse { mechanism, .. } => {
+                let offered = if endpoint.is_some() {
+                    format!("{} and {}", scram::MECHANISM_PLUS, scram::MECHANISM)
+                } else {
+                    format!("{} (SCRAM-SHA-256-PLUS only over TLS)", scram::MECHANISM)
+                };
                 return Err(Fail::new(
                     sqlstate::PROTOCOL_VIOLATION,
-                    format!("SASL mechanism {mechanism:?} is not offered; the proxy supports {}", scram::MECHANISM),
-                ))
+                    format!("SASL mechanism {mechanism:?} is not offered; the proxy offers {offered}"),
+                ));
             }
             _ => return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, "expected SASLInitialResponse")),
         };
+        let mut exchange =
+            ServerExchange::new(secret, binding).map_err(|e| Fail::new(sqlstate::INTERNAL_ERROR, e.to_string()))?;
         let server_first = exchange.client_first(&first).map_err(|e| self.scram_fail(e))?;
         BackendMessage::Authentication(Authentication::SaslContinue(Bytes::from(server_first))).encode(&mut self.wbuf);
         self.flush().await?;

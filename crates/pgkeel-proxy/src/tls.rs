@@ -178,6 +178,15 @@ impl Stream {
         }
     }
 
+    /// The channel binding data ([`endpoint_hash`]) of the certificate the server presented
+    /// on this TLS connection; `None` in plaintext, as a TLS server, or for a certificate
+    /// without them.
+    pub fn peer_endpoint(&self) -> Option<Vec<u8>> {
+        let Stream::Tls(tls) = self else { return None };
+        let tokio_rustls::TlsStream::Client(c) = &**tls else { return None };
+        endpoint_hash(c.get_ref().1.peer_certificates()?.first()?)
+    }
+
     /// Whether the socket has nothing to read (no data, no EOF) right now: an idle pooled
     /// connection. Peeks at the TCP socket without consuming anything, and only when tokio saw
     /// it readable since the read that drained it (a pooled connection's last read usually
@@ -278,6 +287,9 @@ pub struct Tls {
     pub client_mode: ClientTlsMode,
     /// Present when clients are offered TLS.
     pub acceptor: Option<TlsAcceptor>,
+    /// The `tls-server-end-point` channel binding data of the acceptor's certificate
+    /// ([`endpoint_hash`]): SCRAM-SHA-256-PLUS is offered to TLS clients when present.
+    pub endpoint: Option<Arc<[u8]>>,
     /// What the proxy does towards servers.
     pub server_mode: ServerTlsMode,
     /// Present unless `server_tls = "disable"`.
@@ -302,15 +314,21 @@ impl Tls {
     /// the file and the problem.
     pub fn load(config: &ProxyConfig) -> Result<Tls, String> {
         let t = &config.tls;
-        let acceptor = match (&t.cert, &t.key) {
-            (Some(cert), Some(key)) if t.client_tls != ClientTlsMode::Disable => Some(acceptor(cert, key)?),
-            _ => None,
+        let (acceptor, endpoint) = match (&t.cert, &t.key) {
+            (Some(cert), Some(key)) if t.client_tls != ClientTlsMode::Disable => {
+                let (acceptor, endpoint) = acceptor(cert, key)?;
+                if endpoint.is_none() {
+                    tracing::info!(cert = %cert.display(), "the certificate's signature algorithm has no single hash function (RSA or ECDSA with SHA-1 or SHA-2 have): clients get no channel binding (SCRAM-SHA-256-PLUS)");
+                }
+                (Some(acceptor), endpoint.map(Arc::from))
+            }
+            _ => (None, None),
         };
         let connector = match t.server_tls {
             ServerTlsMode::Disable => None,
             mode => Some(connector(mode, t.server_ca.as_deref())?),
         };
-        Ok(Tls { client_mode: t.client_tls, acceptor, server_mode: t.server_tls, connector })
+        Ok(Tls { client_mode: t.client_tls, acceptor, endpoint, server_mode: t.server_tls, connector })
     }
 
     /// No TLS on either side.
@@ -318,6 +336,7 @@ impl Tls {
         Tls {
             client_mode: ClientTlsMode::Disable,
             acceptor: None,
+            endpoint: None,
             server_mode: ServerTlsMode::Disable,
             connector: None,
         }
@@ -335,9 +354,11 @@ fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, St
     Ok(certs)
 }
 
-/// A TLS acceptor for clients with the certificate chain and key in PEM files.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+/// A TLS acceptor for clients with the certificate chain and key in PEM files, and the
+/// channel binding data of the certificate ([`endpoint_hash`]).
+pub fn acceptor(cert: &Path, key: &Path) -> Result<(TlsAcceptor, Option<Vec<u8>>), String> {
     let certs = read_certs("cert", cert)?;
+    let endpoint = endpoint_hash(&certs[0]);
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
         format!("tls.key: cannot read a PEM private key (PKCS#8, PKCS#1 or SEC1) from {}: {e}", key.display())
     })?;
@@ -349,7 +370,69 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
         .map_err(|e| {
             format!("tls.cert / tls.key: {} and {} do not make a usable pair: {e}", cert.display(), key.display())
         })?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok((TlsAcceptor::from(Arc::new(config)), endpoint))
+}
+
+/// The `tls-server-end-point` channel binding data of a DER certificate (RFC 5929), as
+/// PostgreSQL computes it: the certificate's hash with the hash function of its signature
+/// algorithm, SHA-256 where that is MD5 or SHA-1. `None` for a signature without one such
+/// function (Ed25519, RSA-PSS, anything unknown): no channel binding then.
+pub fn endpoint_hash(cert: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest as _;
+    // 1.2.840.113549.1.1.x (PKCS #1) and 1.2.840.10045.4.x (ECDSA), DER-encoded.
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04];
+    let oid = signature_algorithm(cert)?;
+    let bits = if let Some(rest) = oid.strip_prefix(RSA) {
+        match rest {
+            // md5WithRSAEncryption, sha1WithRSAEncryption, sha256WithRSAEncryption
+            [4] | [5] | [11] => 256,
+            [12] => 384,
+            [13] => 512,
+            _ => return None,
+        }
+    } else if let Some(rest) = oid.strip_prefix(ECDSA) {
+        match rest {
+            // ecdsa-with-SHA1, ecdsa-with-SHA256
+            [1] | [3, 2] => 256,
+            [3, 3] => 384,
+            [3, 4] => 512,
+            _ => return None,
+        }
+    } else {
+        return None;
+    };
+    Some(match bits {
+        256 => sha2::Sha256::digest(cert).to_vec(),
+        384 => sha2::Sha384::digest(cert).to_vec(),
+        _ => sha2::Sha512::digest(cert).to_vec(),
+    })
+}
+
+/// The OID of a DER certificate's `signatureAlgorithm` (Certificate ::= SEQUENCE {
+/// tbsCertificate, signatureAlgorithm AlgorithmIdentifier, signatureValue }).
+fn signature_algorithm(cert: &[u8]) -> Option<&[u8]> {
+    let (0x30, certificate, _) = der_element(cert)? else { return None };
+    let (0x30, _tbs, rest) = der_element(certificate)? else { return None };
+    let (0x30, algorithm, _) = der_element(rest)? else { return None };
+    let (0x06, oid, _) = der_element(algorithm)? else { return None };
+    Some(oid)
+}
+
+/// The DER element at the start of `der`: its tag, its contents and what follows it.
+fn der_element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        (rest[..n].iter().fold(0usize, |len, &b| (len << 8) | usize::from(b)), &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
 /// A TLS connector for servers: `verify-full` checks the chain against `ca` and the name;
@@ -554,5 +637,54 @@ mod tests {
         drop(peer);
         stream.tcp().unwrap().readable().await.unwrap();
         assert!(!stream.looks_idle(), "the peer closed the connection");
+    }
+
+    /// Made with `openssl req -x509 -newkey rsa:1024 -sha512` (and `-sha1`); the expected
+    /// data are `openssl x509 -noout -fingerprint -sha512` (and `-sha256`) of them.
+    const RSA_SHA512_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIICADCCAWmgAwIBAgIUP+Dq8GMisbItjrHJH4jT18Uhkx0wDQYJKoZIhvcNAQEN\nBQAwETEPMA0GA1UEAwwGcnNhNTEyMCAXDTI2MTEyNDEzMzIxNloYDzIxMjYxMDMx\nMTMzMjE2WjARMQ8wDQYDVQQDDAZyc2E1MTIwgZ8wDQYJKoZIhvcNAQEBBQADgY0A\nMIGJAoGBAPOmqqxGhHMRH9sYKejrVmW3TSX3rBOXgenmMUhjnw2myw0JBDKuJq+y\n5aYidUaP0PzrgB3AmMjF6pJ+NQ/xPcAQFpQ1BmJLNfflbxG5WgYntgIfkcdhb914\n0xKmJgZoXY3Pb9+SoS1J9VWms6vy/S4Z/Jxbifj8vCWdWe3RvfS9AgMBAAGjUzBR\nMB0GA1UdDgQWBBRS8E4WBlVFLKKKvtVw+NsdMeEYhjAfBgNVHSMEGDAWgBRS8E4W\nBlVFLKKKvtVw+NsdMeEYhjAPBgNVHRMBAf8EBTADAQH/MA0GCSqGSIb3DQEBDQUA\nA4GBAMv5Pj9S+wgCz5JZ1D1FV6Bv54W0IUp9/3yY6LoAkW+VtY3de3QyCydNrj5f\nb/j+txRLcFXKUUBE+PPuK1pRS7ji5y+NXzhOpqhppZjs2IGubN7YNFctEcP5GwTU\nCw+/CeIXGC/WhMpN7ywlXjm7dR8wZ9AtlK610Cr8XNQGTYaN\n-----END CERTIFICATE-----";
+    const RSA_SHA512_FINGERPRINT_SHA512: &str = "bd131951f149fdcce208bf0338da827f34cadb47ded0065de42140c8d95821d81f11dfe935f2b24c3b385d26c400c0596a09a5315625f6c7fa59bb692e375bb2";
+    const RSA_SHA1_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB/DCCAWWgAwIBAgIULxmXrmrphpI2iaG8mMKVrt/PRlAwDQYJKoZIhvcNAQEF\nBQAwDzENMAsGA1UEAwwEcnNhMTAgFw0yNjExMjQxMzMyMTZaGA8yMTI2MTAzMTEz\nMzIxNlowDzENMAsGA1UEAwwEcnNhMTCBnzANBgkqhkiG9w0BAQEFAAOBjQAwgYkC\ngYEA86aqrEaEcxEf2xgp6OtWZbdNJfesE5eB6eYxSGOfDabLDQkEMq4mr7LlpiJ1\nRo/Q/OuAHcCYyMXqkn41D/E9wBAWlDUGYks19+VvEblaBie2Ah+Rx2Fv3XjTEqYm\nBmhdjc9v35KhLUn1Vaazq/L9Lhn8nFuJ+Py8JZ1Z7dG99L0CAwEAAaNTMFEwHQYD\nVR0OBBYEFFLwThYGVUUsooq+1XD42x0x4RiGMB8GA1UdIwQYMBaAFFLwThYGVUUs\nooq+1XD42x0x4RiGMA8GA1UdEwEB/wQFMAMBAf8wDQYJKoZIhvcNAQEFBQADgYEA\nu9WahyeAnYOWULVrEUVAUeFDbSkxSia2kj3zrnknbQ17Z7/WlHsTbZ/BCQ02kSKu\nLXvYuiC4TlpVOTghIZV2Vdf9PhjiCBd+LalKlqqftnRYkpMm8KrluhVKWGsseLqM\n4Cz/WnjqdwbcGr8lgxfwWtnL4SmbOCkI60F7E4LAtRQ=\n-----END CERTIFICATE-----";
+    const RSA_SHA1_FINGERPRINT_SHA256: &str = "0edb3145a3520fbc63638327082441ef2d28402d182860b4068572dbc6f06cf3";
+
+    fn der_of(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).expect("a PEM certificate").to_vec()
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn channel_binding_data_use_the_signature_hash_as_postgres_does() {
+        use sha2::Digest as _;
+        // RSA with SHA-512: SHA-512; with SHA-1: SHA-256 (RFC 5929).
+        let rsa512 = endpoint_hash(&der_of(RSA_SHA512_CERT)).expect("RSA with SHA-512");
+        assert_eq!(hex(&rsa512), RSA_SHA512_FINGERPRINT_SHA512);
+        let rsa1 = endpoint_hash(&der_of(RSA_SHA1_CERT)).expect("RSA with SHA-1");
+        assert_eq!(hex(&rsa1), RSA_SHA1_FINGERPRINT_SHA256);
+        // ECDSA as `pgkeel up` makes them (P-256 with SHA-256), and P-384 with SHA-384.
+        for (alg, len) in [(&rcgen::PKCS_ECDSA_P256_SHA256, 32), (&rcgen::PKCS_ECDSA_P384_SHA384, 48)] {
+            let key = rcgen::KeyPair::generate_for(alg).expect("key");
+            let cert = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
+            let data = endpoint_hash(cert.der()).expect("ECDSA");
+            assert_eq!(data.len(), len);
+            let want = if len == 32 {
+                sha2::Sha256::digest(cert.der()).to_vec()
+            } else {
+                sha2::Sha384::digest(cert.der()).to_vec()
+            };
+            assert_eq!(data, want);
+        }
+        // Ed25519 signs without a separate hash: no binding.
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
+        assert_eq!(endpoint_hash(cert.der()), None);
+        // Not a certificate, or cut short: none, and no panic.
+        let der = der_of(RSA_SHA1_CERT);
+        for cut in [0, 1, 2, 4, 10, der.len() / 2, der.len() - 1] {
+            assert_eq!(endpoint_hash(&der[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(endpoint_hash(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+        assert_eq!(endpoint_hash(b"not DER"), None);
     }
 }

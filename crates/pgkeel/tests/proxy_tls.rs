@@ -134,6 +134,13 @@ async fn up_cluster_uses_tls_on_both_sides() {
     assert!(info.contains("SSL connection"), "{info}");
     let localhost = dsn.replace("@127.0.0.1:", "@localhost:");
     assert_eq!(psql(&localhost, "select 1").unwrap(), "1");
+    // SCRAM-SHA-256-PLUS: libpq binds the login to the TLS channel (the proxy's certificate,
+    // ECDSA with SHA-256 as up makes it) and insists on it; a wrong password still fails.
+    assert_eq!(psql(&format!("{dsn}&channel_binding=require"), "select 'bound'").unwrap(), "bound");
+    let wrong = dsn.replacen(&format!(":{}@", password(&c)), ":wrong@", 1);
+    assert_ne!(wrong, dsn, "the DSN carries the password");
+    let err = psql(&format!("{wrong}&channel_binding=require"), "select 1").unwrap_err();
+    assert!(err.contains("password authentication failed for user \"postgres\""), "{err}");
     // Server side: the proxy's own connection to postgres is TLS too.
     assert_eq!(psql(&dsn, "select ssl from pg_stat_ssl where pid = pg_backend_pid()").unwrap(), "t");
     // Direct connections to a node can use the same CA.
@@ -323,8 +330,23 @@ async fn tls_modes_and_auth_query() {
     assert!(!info.contains("SSL connection"), "{info}");
     let info = psql(&p.dsn_with("postgres", &su, "&sslmode=require"), "\\conninfo").unwrap();
     assert!(info.contains("SSL connection"), "{info}");
-    // server_tls = "require": TLS to postgres.
+    // Channel binding over TLS only: libpq refuses to go on without it.
+    for (params, works) in [
+        ("&sslmode=require&channel_binding=require", true),
+        ("&sslmode=require&channel_binding=disable", true),
+        ("&sslmode=disable&channel_binding=require", false),
+    ] {
+        let r = psql(&p.dsn_with("postgres", &su, params), "select current_user");
+        assert_eq!(r.is_ok(), works, "{params}: {r:?}");
+    }
+    // server_tls = "require": TLS to postgres, and the proxy's SCRAM login bound to it
+    // (postgres offers SCRAM-SHA-256-PLUS over TLS and checks the binding data itself).
     assert_eq!(psql(&plain, "select ssl from pg_stat_ssl where pid = pg_backend_pid()").unwrap(), "t");
+    let log = p.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("logging in with SCRAM") && l.contains("mechanism=\"SCRAM-SHA-256-PLUS\"")),
+        "{log}"
+    );
 
     // Users that exist only in postgres.
     let node = c.node_dsn(&leader);
@@ -334,7 +356,7 @@ async fn tls_modes_and_auth_query() {
     assert!(stored.starts_with("md5"), "{stored}");
     for round in 0..2 {
         // The second round is answered from the cache.
-        for sslmode in ["disable", "require"] {
+        for sslmode in ["disable", "require", "require&channel_binding=require"] {
             let dsn = p.dsn_with("scram_u", "scram%20pw", &format!("&sslmode={sslmode}"));
             assert_eq!(psql(&dsn, "select current_user").unwrap(), "scram_u", "round {round}, {sslmode}");
         }
