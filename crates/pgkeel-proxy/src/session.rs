@@ -1238,9 +1238,9 @@ impl Session {
                         // Perhaps a client of another proxy (behind one load balancer, a
                         // cancel's new connection may reach any of them): passed on to each,
                         // once; a passed-on request is never passed on again.
-                        // The other proxies are read from the DCS again unless they were in the
-                        // last second, so one started since the last registration round (every
-                        // ttl / 4) gets it too.
+                        // The other proxies are read from the DCS again (unless another such
+                        // request did in the last 200 ms), so one started since the last
+                        // registration round (every ttl / 4) gets it too.
                         Err(NotOurs) if matches!(packet, StartupPacket::CancelRequest(_)) => {
                             let (shared, c) = (self.shared.clone(), c.clone());
                             tokio::spawn(async move {
