@@ -13,7 +13,7 @@
 //! (RFC 5929, as PostgreSQL) where the session offers it, over TLS ([`Binding`]); it refuses a
 //! client that says it supports binding but thinks the proxy does not (`y`) when the proxy
 //! offered it, which is what a downgrade by someone in between looks like. The client side
-//! (the proxy's logins to servers) does not bind.
+//! (the proxy's logins to servers) binds when told to ([`ClientExchange::bound_to`]).
 //! Passwords are not SASLprep-normalised: ASCII passwords (and any password PostgreSQL's
 //! SASLprep leaves unchanged) work; a non-ASCII password that NFKC normalisation changes must
 //! be given in its normalised form.
@@ -73,6 +73,14 @@ pub enum ScramError {
     /// The system random number generator failed.
     #[error("cannot get random bytes: {0}")]
     Random(String),
+}
+
+/// The value of `c=` in a client-final-message: base64 of the GS2 header, followed by the
+/// channel binding data when there are some.
+fn cbind_attribute(gs2_header: &str, data: Option<&[u8]>) -> String {
+    let mut cbind = gs2_header.as_bytes().to_vec();
+    cbind.extend_from_slice(data.unwrap_or_default());
+    B64.encode(cbind)
 }
 
 fn malformed(s: impl Into<String>) -> ScramError {
@@ -338,13 +346,12 @@ impl ServerExchange {
         }
         let nonce = format!("{client_nonce}{}", self.server_nonce);
         let server_first = format!("r={nonce},s={},i={}", B64.encode(&self.secret.salt), self.secret.iterations);
-        // `c=` carries the GS2 header, followed by the binding data when there is one.
-        let mut cbind = gs2_header.as_bytes().to_vec();
-        if let Binding::Chosen(data) = &self.binding {
-            cbind.extend_from_slice(data);
-        }
+        let data = match &self.binding {
+            Binding::Chosen(data) => Some(data.as_slice()),
+            _ => None,
+        };
         self.state = ServerState::SentFirst {
-            cbind: B64.encode(cbind),
+            cbind: cbind_attribute(gs2_header, data),
             nonce,
             client_first_bare: bare.to_string(),
             server_first: server_first.clone(),
@@ -509,9 +516,7 @@ impl ClientExchange {
                 (*client_key, secret.server_key)
             }
         };
-        let mut cbind = self.gs2_header().as_bytes().to_vec();
-        cbind.extend_from_slice(self.binding.as_deref().unwrap_or_default());
-        let without_proof = format!("c={},r={nonce}", B64.encode(cbind));
+        let without_proof = format!("c={},r={nonce}", cbind_attribute(self.gs2_header(), self.binding.as_deref()));
         let auth_message = format!("{},{text},{without_proof}", self.client_first_bare(user));
         let stored_key = sha256(&client_key);
         let client_signature = hmac(&stored_key, &[auth_message.as_bytes()]);

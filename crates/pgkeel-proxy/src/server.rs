@@ -399,10 +399,11 @@ impl ServerConn {
                         // Bound to the TLS channel where postgres offers it and the certificate
                         // has binding data: a relay in between, even one whose certificate
                         // `server_tls = "require"` would take, then cannot log in as the proxy.
-                        let binding = match conn.stream.peer_endpoint() {
-                            Some(data) if mechanisms.iter().any(|m| m == scram::MECHANISM_PLUS) => Some(data),
-                            _ => None,
-                        };
+                        let binding = mechanisms
+                            .iter()
+                            .any(|m| m == scram::MECHANISM_PLUS)
+                            .then(|| conn.stream.peer_endpoint())
+                            .flatten();
                         let mechanism = if binding.is_some() { scram::MECHANISM_PLUS } else { scram::MECHANISM };
                         if let Some(data) = binding {
                             ex = ex.bound_to(data);

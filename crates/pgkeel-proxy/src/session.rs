@@ -1365,16 +1365,14 @@ impl Session {
         let failed =
             move || Fail::new(sqlstate::INVALID_PASSWORD, format!("password authentication failed for user {user:?}"));
         self.decoder.auth = AuthExpect::SaslInitial;
-        let (binding, first) = match self.read_client_message().await? {
-            FrontendMessage::SaslInitialResponse { mechanism, data } if mechanism == scram::MECHANISM => {
-                (if endpoint.is_some() { Binding::Declined } else { Binding::NotOffered }, data.unwrap_or_default())
-            }
-            FrontendMessage::SaslInitialResponse { mechanism, data }
-                if mechanism == scram::MECHANISM_PLUS && endpoint.is_some() =>
-            {
-                (Binding::Chosen(endpoint.as_deref().unwrap_or_default().to_vec()), data.unwrap_or_default())
-            }
-            FrontendMessage::SaslInitialResponse { mechanism, .. } => {
+        let FrontendMessage::SaslInitialResponse { mechanism, data } = self.read_client_message().await? else {
+            return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, "expected SASLInitialResponse"));
+        };
+        let binding = match (mechanism.as_str(), &endpoint) {
+            (scram::MECHANISM, None) => Binding::NotOffered,
+            (scram::MECHANISM, Some(_)) => Binding::Declined,
+            (scram::MECHANISM_PLUS, Some(data)) => Binding::Chosen(data.to_vec()),
+            _ => {
                 let offered = if endpoint.is_some() {
                     format!("{} and {}", scram::MECHANISM_PLUS, scram::MECHANISM)
                 } else {
@@ -1385,8 +1383,8 @@ impl Session {
                     format!("SASL mechanism {mechanism:?} is not offered; the proxy offers {offered}"),
                 ));
             }
-            _ => return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, "expected SASLInitialResponse")),
         };
+        let first = data.unwrap_or_default();
         let mut exchange =
             ServerExchange::new(secret, binding).map_err(|e| Fail::new(sqlstate::INTERNAL_ERROR, e.to_string()))?;
         let server_first = exchange.client_first(&first).map_err(|e| self.scram_fail(e))?;
