@@ -351,8 +351,10 @@ fn fill_pools(shared: &Arc<session::Shared>, cfg: &config::ProxyConfig) {
             pool::PoolTarget::Primary => None,
             pool::PoolTarget::Replica(_) => {
                 let key = pool::PoolKey { target: pool::PoolTarget::Primary, ..pool.key.clone() };
-                let Some(p) = shared.pools.existing(&key) else { continue };
-                Some(p)
+                match shared.pools.existing(&key) {
+                    Some(p) => Some(p),
+                    None => continue,
+                }
             }
         };
         let Some(auth) = primary_pool.as_ref().unwrap_or(&pool).auth() else { continue };
