@@ -400,7 +400,7 @@ fn login(
         let auth = ServerAuth {
             user: user.into(),
             password: Some(password.into()),
-            scram: pgkeel_proxy::scram::ClientCredential::Password(password.into()),
+            scram: Some(pgkeel_proxy::scram::ClientCredential::Password(password.into())),
             md5: None,
             tls: ServerTls::disabled(),
         };

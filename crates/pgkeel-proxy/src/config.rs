@@ -88,6 +88,12 @@ pub enum ClientTlsMode {
     Allow,
     /// A plaintext startup is refused (`FATAL 28000`).
     Require,
+    /// As `Require`, and the client must present a certificate signed by `client_ca`
+    /// (PgBouncer's `client_tls_sslmode = verify-ca`, postgres' `clientcert=verify-ca`).
+    VerifyCa,
+    /// As `VerifyCa`, and the certificate's common name (CN) must be the user name of the
+    /// startup packet (`clientcert=verify-full`).
+    VerifyFull,
 }
 
 impl ClientTlsMode {
@@ -97,7 +103,19 @@ impl ClientTlsMode {
             ClientTlsMode::Disable => "disable",
             ClientTlsMode::Allow => "allow",
             ClientTlsMode::Require => "require",
+            ClientTlsMode::VerifyCa => "verify-ca",
+            ClientTlsMode::VerifyFull => "verify-full",
         }
+    }
+
+    /// Whether a plaintext startup is refused.
+    pub fn requires_tls(self) -> bool {
+        matches!(self, ClientTlsMode::Require | ClientTlsMode::VerifyCa | ClientTlsMode::VerifyFull)
+    }
+
+    /// Whether a client must present a certificate signed by `client_ca`.
+    pub fn verifies_client(self) -> bool {
+        matches!(self, ClientTlsMode::VerifyCa | ClientTlsMode::VerifyFull)
     }
 }
 
@@ -142,6 +160,9 @@ pub struct TlsSettings {
     pub server_tls: ServerTlsMode,
     /// PEM CA certificate(s) for `server_tls = "verify-full"`.
     pub server_ca: Option<PathBuf>,
+    /// PEM CA certificate(s) that sign client certificates, for `client_tls = "verify-ca"`
+    /// and `"verify-full"`.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for TlsSettings {
@@ -152,6 +173,7 @@ impl Default for TlsSettings {
             client_tls: ClientTlsMode::Disable,
             server_tls: ServerTlsMode::Prefer,
             server_ca: None,
+            client_ca: None,
         }
     }
 }
@@ -167,6 +189,13 @@ pub enum AuthType {
     /// MD5 cannot be checked against. For clients too old for SCRAM (libpq before 10, JDBC
     /// before 42.2).
     Md5,
+    /// The client's TLS certificate, and no password: its common name (CN) must be the user
+    /// name (postgres' `cert` method, PgBouncer's `auth_type = cert`). Needs `[tls] client_tls
+    /// = "verify-ca"` or `"verify-full"`. The proxy logs in to servers with the user's
+    /// plaintext password or MD5 hash from the userlist (or `auth_query`) when it has one, else
+    /// without one (the server must then trust the proxy, e.g. `cert` or `trust` in
+    /// pg_hba.conf).
+    Cert,
 }
 
 impl AuthType {
@@ -175,6 +204,7 @@ impl AuthType {
         match self {
             AuthType::ScramSha256 => "scram-sha-256",
             AuthType::Md5 => "md5",
+            AuthType::Cert => "cert",
         }
     }
 }
@@ -529,7 +559,7 @@ const DATABASE: &[&str] =
     &["dbname", "pool_mode", "pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"];
 const USER: &[&str] = &["pool_mode", "pool_size", "max_user_connections"];
 const AUTH: &[&str] = &["userlist", "auth_type", "query", "auth_user"];
-const TLS: &[&str] = &["cert", "key", "client_tls", "server_tls", "server_ca"];
+const TLS: &[&str] = &["cert", "key", "client_tls", "server_tls", "server_ca", "client_ca"];
 const DCS_LOCAL: &[&str] = &["kind", "path"];
 const DCS_ETCD: &[&str] = &["kind", "endpoints"];
 const DCS_KINDS_HELP: &str = r#"supported kinds: "local" (the embedded single-host store) and "etcd""#;
@@ -1101,14 +1131,24 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
     let auth_type = match string(auth, "auth", "auth_type")?.as_deref() {
         None | Some("scram-sha-256") => AuthType::ScramSha256,
         Some("md5") => AuthType::Md5,
+        Some("cert") => AuthType::Cert,
         Some(other) => {
-            let fix = "use \"scram-sha-256\" (the default) or \"md5\" (for clients too old for SCRAM)";
+            let fix = "use \"scram-sha-256\" (the default), \"md5\" (for clients too old for SCRAM) or \"cert\" \
+                       (TLS client certificates)";
             return Err(invalid(format!(
                 "auth.auth_type = {other:?} is not a client authentication method the proxy offers; {fix}"
             )));
         }
     };
     let tls = tls(&table, base)?;
+    if auth_type == AuthType::Cert && !tls.client_tls.verifies_client() {
+        return Err(invalid(format!(
+            "auth.auth_type = \"cert\" takes the user from the client's certificate, and tls.client_tls = \"{}\" asks \
+             for none: set client_tls = \"verify-ca\" or \"verify-full\" and client_ca (the PEM file of the CA that \
+             signs the clients' certificates) in [tls]",
+            tls.client_tls.as_str()
+        )));
+    }
     let admin_users = admin_users(&table)?;
     let connect_address = string(&table, "", "connect_address")?;
     if let Some(a) = &connect_address {
@@ -1224,7 +1264,7 @@ fn tls(table: &toml::Table, base: &Path) -> Result<TlsSettings, ConfigError> {
         Some(other) => return Err(invalid(format!("tls must be a table (a [tls] section), not {}", a_type(other)))),
     };
     let path = |key: &str| -> Result<Option<PathBuf>, ConfigError> { Ok(string(t, "tls", key)?.map(|p| base.join(p))) };
-    let (cert, key, server_ca) = (path("cert")?, path("key")?, path("server_ca")?);
+    let (cert, key, server_ca, client_ca) = (path("cert")?, path("key")?, path("server_ca")?, path("client_ca")?);
     match (&cert, &key) {
         (Some(_), None) => return Err(invalid("tls.cert is set without tls.key: add key = \"/etc/pgkeel/proxy.key\"")),
         (None, Some(_)) => {
@@ -1237,9 +1277,12 @@ fn tls(table: &toml::Table, base: &Path) -> Result<TlsSettings, ConfigError> {
         None | Some("disable") => ClientTlsMode::Disable,
         Some("allow") => ClientTlsMode::Allow,
         Some("require") => ClientTlsMode::Require,
+        Some("verify-ca") => ClientTlsMode::VerifyCa,
+        Some("verify-full") => ClientTlsMode::VerifyFull,
         Some(other) => {
             return Err(invalid(format!(
-                "tls.client_tls = {other:?} is not a mode; use \"disable\", \"allow\" or \"require\""
+                "tls.client_tls = {other:?} is not a mode; use \"disable\", \"allow\", \"require\", \"verify-ca\" or \
+                 \"verify-full\""
             )))
         }
     };
@@ -1248,6 +1291,24 @@ fn tls(table: &toml::Table, base: &Path) -> Result<TlsSettings, ConfigError> {
             "tls.client_tls = \"{}\" needs tls.cert and tls.key (PEM files of the proxy's certificate and key)",
             client_tls.as_str()
         )));
+    }
+    match (client_tls.verifies_client(), &client_ca) {
+        (true, None) => {
+            return Err(invalid(format!(
+                "tls.client_tls = \"{}\" needs tls.client_ca: the PEM file of the CA that signs the clients' \
+                 certificates",
+                client_tls.as_str()
+            )))
+        }
+        (false, Some(_)) => {
+            return Err(invalid(format!(
+                "tls.client_ca is set, and tls.client_tls = \"{}\" asks clients for no certificate: set client_tls = \
+                 \"verify-ca\" (a certificate signed by client_ca) or \"verify-full\" (and its CN is the user name), \
+                 or remove client_ca",
+                client_tls.as_str()
+            )))
+        }
+        _ => {}
     }
     let server_tls = match string(t, "tls", "server_tls")?.as_deref() {
         None | Some("prefer") => ServerTlsMode::Prefer,
@@ -1265,7 +1326,7 @@ fn tls(table: &toml::Table, base: &Path) -> Result<TlsSettings, ConfigError> {
             "tls.server_tls = \"verify-full\" needs tls.server_ca: the PEM file of the CA that signed the servers' certificates",
         ));
     }
-    Ok(TlsSettings { cert, key, client_tls, server_tls, server_ca })
+    Ok(TlsSettings { cert, key, client_tls, server_tls, server_ca, client_ca })
 }
 
 /// Whether `text` is a `proxy.toml` rather than a `node.toml`: no `[postgres]` section (nor
@@ -1419,8 +1480,11 @@ path = "/var/lib/pgkeel/dcs"
 # Lines of "user" "password": a plaintext password, or the SCRAM-SHA-256 secret copied from
 # pg_authid.rolpassword. A relative path is relative to this file. Required.
 userlist = "/etc/pgkeel/userlist.txt"
-# How clients prove their password: "scram-sha-256", or "md5" for clients too old for SCRAM
-# (users whose entry is a SCRAM secret still use SCRAM, which is all it can check).
+# How clients prove who they are: "scram-sha-256", "md5" for clients too old for SCRAM
+# (users whose entry is a SCRAM secret still use SCRAM, which is all it can check), or "cert":
+# a TLS client certificate whose common name (CN) is the user name, and no password (needs
+# client_tls = "verify-ca" or "verify-full" below; the proxy logs in to postgres with the
+# user's plaintext password or MD5 hash from the userlist, else without a password).
 auth_type = "scram-sha-256"
 # Clients missing from the userlist are looked up on the primary with this query (PgBouncer's
 # auth_query), run as auth_user, who must be in the userlist. It returns the user name and its
@@ -1433,9 +1497,12 @@ auth_type = "scram-sha-256"
 # relative to this file.
 # cert = "/etc/pgkeel/proxy.crt"
 # key = "/etc/pgkeel/proxy.key"
-# "disable" (SSLRequest answered N), "allow" (clients choose; the default with cert) or
-# "require" (a plaintext client is refused).
+# "disable" (SSLRequest answered N), "allow" (clients choose; the default with cert),
+# "require" (a plaintext client is refused), "verify-ca" (as require, and the client must
+# present a certificate signed by client_ca) or "verify-full" (as verify-ca, and the
+# certificate's common name must be the user name).
 # client_tls = "allow"
+# client_ca = "/etc/pgkeel/client-ca.crt"
 # To postgres: "disable", "prefer" (TLS when the server offers it), "require" (TLS, the
 # certificate is not checked) or "verify-full" (checked against server_ca and the host name).
 server_tls = "prefer"
@@ -1641,7 +1708,30 @@ mod tests {
         assert_eq!((d.auth_type, e.auth_type), (AuthType::ScramSha256, AuthType::ScramSha256));
         assert_eq!(ok(&auth("auth_type = \"md5\"")).auth_type, AuthType::Md5);
         assert_eq!(ok(&auth("auth_type = \"scram-sha-256\"")).auth_type, AuthType::ScramSha256);
+        // Client certificates: a CA for them, and the modes that ask for one.
+        let certs = |mode: &str, ca: bool| {
+            format!(
+                "[tls]\ncert = \"c\"\nkey = \"k\"\nclient_tls = \"{mode}\"\n{}",
+                if ca { "client_ca = \"clients.crt\"\n" } else { "" }
+            )
+        };
+        for (mode, want) in [("verify-ca", ClientTlsMode::VerifyCa), ("verify-full", ClientTlsMode::VerifyFull)] {
+            let c = ok(&format!("{MINIMAL}{}", certs(mode, true)));
+            assert_eq!(c.tls.client_tls, want);
+            assert!(want.requires_tls() && want.verifies_client());
+            assert_eq!(c.tls.client_ca, Some(PathBuf::from("/etc/pgkeel/clients.crt")));
+            let c = ok(&format!("{}{}", auth("auth_type = \"cert\""), certs(mode, true)));
+            assert_eq!(c.auth_type, AuthType::Cert);
+        }
+        assert!(ClientTlsMode::Require.requires_tls() && !ClientTlsMode::Require.verifies_client());
         for (text, want) in [
+            (format!("{MINIMAL}{}", certs("verify-ca", false)), "tls.client_tls = \"verify-ca\" needs tls.client_ca"),
+            (format!("{MINIMAL}{}", certs("require", true)), "tls.client_ca is set, and tls.client_tls = \"require\""),
+            (auth("auth_type = \"cert\""), "auth.auth_type = \"cert\" takes the user from the client's certificate"),
+            (
+                format!("{}{}", auth("auth_type = \"cert\""), certs("require", false)),
+                "tls.client_tls = \"require\" asks for none",
+            ),
             (format!("{MINIMAL}[tls]\ncert = \"c\"\n"), "tls.cert is set without tls.key"),
             (format!("{MINIMAL}[tls]\nkey = \"k\"\n"), "tls.key is set without tls.cert"),
             (format!("{MINIMAL}[tls]\nclient_tls = \"require\"\n"), "tls.client_tls = \"require\" needs tls.cert"),
@@ -1655,7 +1745,7 @@ mod tests {
             (auth("auth_user = \"a\""), "auth.auth_user is set without auth.query"),
             (auth("auth_usr = \"a\""), "did you mean \"auth.auth_user\"?"),
             (auth("auth_type = \"trust\""), "auth.auth_type = \"trust\" is not a client authentication method"),
-            (auth("auth_type = \"scram\""), "use \"scram-sha-256\" (the default) or \"md5\""),
+            (auth("auth_type = \"scram\""), "use \"scram-sha-256\" (the default), \"md5\""),
         ] {
             let e = err(&text);
             assert!(e.contains(want), "{text}\n=> {e}\nwanted: {want}");

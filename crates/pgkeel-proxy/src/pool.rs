@@ -1208,7 +1208,7 @@ mod tests {
         let auth = |password: &str| ServerAuth {
             user: "app".into(),
             password: Some(password.into()),
-            scram: ClientCredential::Password(password.into()),
+            scram: Some(ClientCredential::Password(password.into())),
             md5: None,
             tls: ServerTls::disabled(),
         };

@@ -36,8 +36,9 @@ pub struct ServerAuth {
     pub user: String,
     /// The plaintext password, when known (needed for MD5 and cleartext).
     pub password: Option<String>,
-    /// What SCRAM uses: the password, or a client's recovered `ClientKey`.
-    pub scram: ClientCredential,
+    /// What SCRAM uses: the password, or a client's recovered `ClientKey`; `None` when the
+    /// proxy has neither (an MD5 hash only, or `auth_type = "cert"` without a password).
+    pub scram: Option<ClientCredential>,
     /// An MD5 hash (`md5...`) from `auth_query`: answers MD5 requests without the password.
     pub md5: Option<String>,
     /// TLS to the server (`[tls] server_tls`).
@@ -48,11 +49,12 @@ impl ServerAuth {
     /// The same credentials and the same TLS configuration (the connector's, by identity).
     pub fn same_as(&self, other: &ServerAuth) -> bool {
         let same_scram = match (&self.scram, &other.scram) {
-            (ClientCredential::Password(a), ClientCredential::Password(b)) => a == b,
+            (Some(ClientCredential::Password(a)), Some(ClientCredential::Password(b))) => a == b,
             (
-                ClientCredential::Keys { client_key: a, secret: sa },
-                ClientCredential::Keys { client_key: b, secret: sb },
+                Some(ClientCredential::Keys { client_key: a, secret: sa }),
+                Some(ClientCredential::Keys { client_key: b, secret: sb }),
             ) => a == b && sa == sb,
+            (None, None) => true,
             _ => false,
         };
         let same_tls = self.tls.mode == other.tls.mode
@@ -368,14 +370,14 @@ impl ServerConn {
                 BackendMessage::Authentication(a) => match a {
                     Authentication::Ok => None,
                     Authentication::CleartextPassword => {
-                        let pw = auth.password.as_deref().ok_or_else(|| no_plaintext(&at, &auth.user, "password"))?;
+                        let pw = auth.password.as_deref().ok_or_else(|| no_plaintext(&at, auth, "password"))?;
                         Some(FrontendMessage::Password(Text::lossy(pw)))
                     }
                     Authentication::Md5Password { salt } => {
                         let answer = match (&auth.password, &auth.md5) {
                             (Some(pw), _) => scram::md5_password(&auth.user, pw, &salt),
                             (None, Some(hash)) => scram::md5_response(hash, &salt),
-                            (None, None) => return Err(no_plaintext(&at, &auth.user, "md5")),
+                            (None, None) => return Err(no_plaintext(&at, auth, "md5")),
                         };
                         Some(FrontendMessage::Password(Text::lossy(&answer)))
                     }
@@ -394,8 +396,9 @@ impl ServerConn {
                                 scram::MECHANISM
                             )));
                         }
+                        let credential = auth.scram.clone().ok_or_else(|| no_plaintext(&at, auth, "SCRAM-SHA-256"))?;
                         let mut ex =
-                            ClientExchange::new(auth.scram.clone()).map_err(|e| ConnectError::Config(e.to_string()))?;
+                            ClientExchange::new(credential).map_err(|e| ConnectError::Config(e.to_string()))?;
                         // Bound to the TLS channel where postgres offers it and the certificate
                         // has binding data: a relay in between, even one whose certificate
                         // `server_tls = "require"` would take, then cannot log in as the proxy.
@@ -600,12 +603,26 @@ pub fn opened_mark() -> u32 {
     OPENED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-fn no_plaintext(at: &str, user: &str, method: &str) -> ConnectError {
-    ConnectError::Config(format!(
-        "{at} asks for {method} authentication for {user:?}, which needs the plaintext password, but the userlist \
-         has only a SCRAM secret for this user; put the plaintext password in the userlist or use scram-sha-256 \
-         in pg_hba.conf"
-    ))
+/// A server asked for a password the proxy does not have for `auth.user`.
+fn no_plaintext(at: &str, auth: &ServerAuth, method: &str) -> ConnectError {
+    let user = &auth.user;
+    ConnectError::Config(match (&auth.scram, &auth.md5) {
+        (Some(ClientCredential::Keys { .. }), _) => format!(
+            "{at} asks for {method} authentication for {user:?}, which needs the plaintext password, but the \
+             userlist has only a SCRAM secret for this user; put the plaintext password in the userlist or use \
+             scram-sha-256 in pg_hba.conf"
+        ),
+        (_, Some(_)) => format!(
+            "{at} asks for {method} authentication for {user:?}, which needs the plaintext password, but the proxy \
+             has only an MD5 hash for this user; put the plaintext password in the userlist or use md5 in \
+             pg_hba.conf"
+        ),
+        _ => format!(
+            "{at} asks for {method} authentication for {user:?}, and the proxy has no password for this user \
+             (auth_type = \"cert\" checks none); put the user's plaintext password in the userlist, or let \
+             pg_hba.conf trust the proxy's connections for this user (e.g. cert or trust)"
+        ),
+    })
 }
 
 fn unexpected(at: &str, what: &str) -> ConnectError {

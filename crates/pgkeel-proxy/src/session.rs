@@ -955,6 +955,16 @@ struct Session {
     listener_mode: RouteMode,
 }
 
+/// What the TLS handshake with a client told about it (nothing without TLS).
+#[derive(Default)]
+struct ClientTls {
+    /// The channel binding data of the certificate the client got ([`Tls::endpoint`]).
+    endpoint: Option<Arc<[u8]>>,
+    /// The common name of the certificate the client presented, or why it cannot be read;
+    /// `None` when it presented none.
+    cert: Option<Result<String, &'static str>>,
+}
+
 /// What [`Session::route_now`] found.
 enum Now {
     Attached(Attached),
@@ -1129,7 +1139,7 @@ impl Session {
                 return Err(Fail::new(sqlstate::PROTOCOL_VIOLATION, "the client did not finish its startup in 15s"))
             }
         };
-        let Some((startup, endpoint)) = startup else { return Ok(false) };
+        let Some((startup, client_tls)) = startup else { return Ok(false) };
         if !admitted {
             return Err(Fail::new(
                 sqlstate::TOO_MANY_CONNECTIONS,
@@ -1139,7 +1149,7 @@ impl Session {
                 ),
             ));
         }
-        match tokio::time::timeout(LOGIN_TIMEOUT, self.authenticate(&startup, endpoint)).await {
+        match tokio::time::timeout(LOGIN_TIMEOUT, self.authenticate(&startup, client_tls)).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(Fail::new(
@@ -1153,11 +1163,10 @@ impl Session {
 
     /// Reads the startup packet, answering SSLRequest and GSSENCRequest with 'N' and serving
     /// a CancelRequest. `None` when the connection was a cancel request; else the startup
-    /// packet and, over TLS, the channel binding data of the certificate the client got
-    /// ([`Tls::endpoint`]).
-    async fn startup(&mut self) -> Result<Option<(StartupMessage, Option<Arc<[u8]>>)>, Fail> {
+    /// packet and what the TLS handshake, if any, told ([`ClientTls`]).
+    async fn startup(&mut self) -> Result<Option<(StartupMessage, ClientTls)>, Fail> {
         let limits = Limits::default();
-        let mut endpoint = None;
+        let mut client_tls = ClientTls::default();
         loop {
             let packet = loop {
                 match StartupPacket::decode(&mut self.rbuf, &limits) {
@@ -1214,8 +1223,13 @@ impl Session {
                     let Some(tcp) = self.stream.take_plain() else { return Ok(None) };
                     match acceptor.accept(tcp).await {
                         Ok(conn) => {
+                            // Signed by a CA of `client_ca`, or the handshake would have failed.
+                            let cert = conn.get_ref().1.peer_certificates().and_then(|c| c.first());
+                            client_tls = ClientTls {
+                                endpoint: tls.endpoint.clone(),
+                                cert: cert.map(|c| crate::tls::subject_common_name(c)),
+                            };
                             self.stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(conn)));
-                            endpoint = tls.endpoint.clone();
                         }
                         Err(e) => {
                             // Nothing can be said to the client: the channel is neither
@@ -1262,22 +1276,62 @@ impl Session {
                     }
                     return Ok(None);
                 }
-                StartupPacket::Startup(_)
-                    if self.shared.tls().client_mode == ClientTlsMode::Require && !self.stream.is_tls() =>
-                {
+                StartupPacket::Startup(_) if self.shared.tls().client_mode.requires_tls() && !self.stream.is_tls() => {
                     return Err(Fail::new(
                         sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                        "the proxy requires TLS (client_tls = \"require\"): connect with sslmode=require or \
-                         sslmode=verify-full",
+                        format!(
+                            "the proxy requires TLS (client_tls = \"{}\"): connect with sslmode=require or \
+                             sslmode=verify-full",
+                            self.shared.tls().client_mode.as_str()
+                        ),
                     ));
                 }
-                StartupPacket::Startup(m) => return Ok(Some((m, endpoint))),
+                StartupPacket::Startup(m) => return Ok(Some((m, client_tls))),
             }
         }
     }
 
-    /// SCRAM-SHA-256 against the userlist, then the server credentials for this user.
-    async fn authenticate(&mut self, startup: &StartupMessage, endpoint: Option<Arc<[u8]>>) -> Result<(), Fail> {
+    /// The client's certificate, where `client_tls` or `auth_type = "cert"` asks for one: it
+    /// must have presented one (signed by `client_ca`, which the handshake checked), and with
+    /// `verify-full` or `cert` its common name must be the user name. The messages are
+    /// postgres' where it has one.
+    fn check_certificate(&self, cert: Option<&Result<String, &'static str>>) -> Result<(), Fail> {
+        let mode = self.shared.tls().client_mode;
+        let cert_auth = self.shared.config().auth_type == AuthType::Cert;
+        if !mode.verifies_client() && !cert_auth {
+            return Ok(());
+        }
+        let fail = |message: String| Err(Fail::new(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, message));
+        let Some(cn) = cert else {
+            return fail(format!(
+                "connection requires a valid client certificate (client_tls = \"{}\"{}): connect with sslcert and \
+                 sslkey, a certificate signed by the CA of the proxy's client_ca",
+                mode.as_str(),
+                if cert_auth { ", auth_type = \"cert\"" } else { "" }
+            ));
+        };
+        if mode != ClientTlsMode::VerifyFull && !cert_auth {
+            return Ok(());
+        }
+        let what = if cert_auth {
+            "certificate authentication"
+        } else {
+            "certificate validation (client_tls = \"verify-full\")"
+        };
+        match cn {
+            Ok(cn) if *cn == self.user => Ok(()),
+            Ok(cn) => fail(format!(
+                "{what} failed for user {:?}: the certificate's common name is {cn:?}, not the user name",
+                self.user
+            )),
+            Err(why) => fail(format!("{what} failed for user {:?}: the certificate cannot be used: {why}", self.user)),
+        }
+    }
+
+    /// Authenticates the client against the userlist (SCRAM-SHA-256 or MD5) or by its
+    /// certificate (`auth_type = "cert"`), then sets up the server credentials for this user.
+    async fn authenticate(&mut self, startup: &StartupMessage, client_tls: ClientTls) -> Result<(), Fail> {
+        let ClientTls { endpoint, cert } = client_tls;
         let Some(user) = startup.user().filter(|u| !u.is_empty()) else {
             return Err(Fail::new(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -1330,11 +1384,31 @@ impl Session {
                 .encode(&mut self.wbuf);
         }
 
+        self.check_certificate(cert.as_ref())?;
+
         // Unknown users go through the same exchange against a random secret, so the answer
         // does not tell whether the user exists.
         let mut entry = self.shared.userlist().get(&self.user).cloned();
         if entry.is_none() && self.database != crate::admin::ADMIN_DATABASE {
             entry = self.auth_query_lookup().await?;
+        }
+        if self.shared.config().auth_type == AuthType::Cert {
+            // The certificate was the proof. Servers get what the userlist (or auth_query)
+            // has that they can take: a plaintext password or an MD5 hash; a SCRAM secret
+            // cannot log in, as no client proof gave its key here.
+            BackendMessage::Authentication(Authentication::Ok).encode(&mut self.wbuf);
+            let (password, md5) = match entry {
+                Some(e) => (e.password.clone(), e.md5.clone().filter(|_| e.password.is_none())),
+                None => (None, None),
+            };
+            self.logged_in(ServerAuth {
+                user: self.user.clone(),
+                scram: password.clone().map(ClientCredential::Password),
+                password,
+                md5,
+                tls: self.shared.server_tls(),
+            });
+            return Ok(());
         }
         // MD5 where it can be checked: against an MD5 hash, and with auth_type = "md5" against
         // a plaintext password (and for unknown users, who must not be told apart).
@@ -1405,10 +1479,10 @@ impl Session {
         BackendMessage::Authentication(Authentication::Ok).encode(&mut self.wbuf);
         self.logged_in(ServerAuth {
             user: self.user.clone(),
-            scram: match &entry.password {
+            scram: Some(match &entry.password {
                 Some(p) => ClientCredential::Password(p.clone()),
                 None => ClientCredential::Keys { client_key, secret: entry.secret.clone() },
-            },
+            }),
             password: entry.password.clone(),
             md5: None,
             tls: self.shared.server_tls(),
@@ -1459,11 +1533,9 @@ impl Session {
             ));
         };
         BackendMessage::Authentication(Authentication::Ok).encode(&mut self.wbuf);
-        let scram = match &entry.password {
-            Some(p) => ClientCredential::Password(p.clone()),
-            // Unused: a server that asks for SCRAM gets a clear error (see server.rs).
-            None => ClientCredential::Keys { client_key: [0; 32], secret: entry.secret },
-        };
+        // Without the password, a server that asks for SCRAM gets a clear error (see
+        // server.rs).
+        let scram = entry.password.clone().map(ClientCredential::Password);
         self.logged_in(ServerAuth {
             user: self.user.clone(),
             md5: entry.password.is_none().then_some(hash),
@@ -1498,7 +1570,7 @@ impl Session {
         let auth = ServerAuth {
             user: aq.user.clone(),
             password: Some(password.clone()),
-            scram: ClientCredential::Password(password),
+            scram: Some(ClientCredential::Password(password)),
             md5: None,
             tls: self.shared.server_tls(),
         };

@@ -3,7 +3,11 @@
 //! - To clients: an SSLRequest is answered `S` when `[tls] cert` and `key` are set and
 //!   `client_tls` is not `disable`, and the connection is upgraded before the startup packet
 //!   (PostgreSQL's negotiation; direct TLS is refused by the codec). `client_tls = "require"`
-//!   refuses a plaintext startup with `FATAL 28000`.
+//!   refuses a plaintext startup with `FATAL 28000`. `verify-ca` and `verify-full` also ask
+//!   the client for a certificate signed by `client_ca` (one signed by another CA fails the
+//!   handshake; a missing one is refused after it, with a message), and `verify-full`, like
+//!   `[auth] auth_type = "cert"`, wants its common name to be the user name
+//!   ([`subject_common_name`], checked by the session).
 //! - To servers: `server_tls` decides whether an SSLRequest is sent before the startup packet
 //!   and what an `N` answer means: `prefer` goes on in plaintext, `require` and `verify-full`
 //!   fail. `require` encrypts without checking the certificate (as libpq's `sslmode=require`);
@@ -316,7 +320,8 @@ impl Tls {
         let t = &config.tls;
         let (acceptor, endpoint) = match (&t.cert, &t.key) {
             (Some(cert), Some(key)) if t.client_tls != ClientTlsMode::Disable => {
-                let (acceptor, endpoint) = acceptor(cert, key)?;
+                let client_ca = t.client_tls.verifies_client().then_some(t.client_ca.as_deref()).flatten();
+                let (acceptor, endpoint) = acceptor(cert, key, client_ca)?;
                 if endpoint.is_none() {
                     tracing::info!(cert = %cert.display(), "the certificate's signature algorithm has no single hash function (RSA or ECDSA with SHA-1 or SHA-2 have): clients get no channel binding (SCRAM-SHA-256-PLUS)");
                 }
@@ -355,21 +360,36 @@ fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, St
 }
 
 /// A TLS acceptor for clients with the certificate chain and key in PEM files, and the
-/// channel binding data of the certificate ([`endpoint_hash`]).
-pub fn acceptor(cert: &Path, key: &Path) -> Result<(TlsAcceptor, Option<Vec<u8>>), String> {
+/// channel binding data of the certificate ([`endpoint_hash`]). With `client_ca`, clients are
+/// asked for a certificate: one they present must be signed by a CA of that file, or the
+/// handshake fails; one they do not present is the session's to refuse, with an error the
+/// client can read (as postgres does with `clientcert` in pg_hba.conf).
+pub fn acceptor(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<(TlsAcceptor, Option<Vec<u8>>), String> {
     let certs = read_certs("cert", cert)?;
     let endpoint = endpoint_hash(&certs[0]);
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
         format!("tls.key: cannot read a PEM private key (PKCS#8, PKCS#1 or SEC1) from {}: {e}", key.display())
     })?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key_der)
-        .map_err(|e| {
-            format!("tls.cert / tls.key: {} and {} do not make a usable pair: {e}", cert.display(), key.display())
-        })?;
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in read_certs("client_ca", ca)? {
+                roots.add(c).map_err(|e| format!("tls.client_ca: {}: {e}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| format!("tls.client_ca: {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder.with_single_cert(certs, key_der).map_err(|e| {
+        format!("tls.cert / tls.key: {} and {} do not make a usable pair: {e}", cert.display(), key.display())
+    })?;
     Ok((TlsAcceptor::from(Arc::new(config)), endpoint))
 }
 
@@ -417,6 +437,65 @@ fn signature_algorithm(cert: &[u8]) -> Option<&[u8]> {
     let (0x30, algorithm, _) = der_element(rest)? else { return None };
     let (0x06, oid, _) = der_element(algorithm)? else { return None };
     Some(oid)
+}
+
+/// The common name (CN) of a DER certificate's subject, as postgres takes it for `cert`
+/// authentication and `clientcert=verify-full`: the first CN. The error says what is wrong
+/// with the certificate.
+pub fn subject_common_name(cert: &[u8]) -> Result<String, &'static str> {
+    const UNREADABLE: &str = "its subject cannot be read";
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
+    // serialNumber, signature, issuer, validity, subject, ... }, ... }
+    let (0x30, certificate, _) = der_element(cert).ok_or(UNREADABLE)? else { return Err(UNREADABLE) };
+    let (0x30, mut tbs, _) = der_element(certificate).ok_or(UNREADABLE)? else { return Err(UNREADABLE) };
+    if tbs.first() == Some(&0xa0) {
+        tbs = der_element(tbs).ok_or(UNREADABLE)?.2;
+    }
+    // serialNumber, signature, issuer, validity.
+    for want in [0x02, 0x30, 0x30, 0x30] {
+        let (tag, _, rest) = der_element(tbs).ok_or(UNREADABLE)?;
+        if tag != want {
+            return Err(UNREADABLE);
+        }
+        tbs = rest;
+    }
+    let (0x30, mut name, _) = der_element(tbs).ok_or(UNREADABLE)? else { return Err(UNREADABLE) };
+    // Name ::= SEQUENCE OF SET OF SEQUENCE { type OBJECT IDENTIFIER, value }
+    while !name.is_empty() {
+        let (0x31, mut set, rest) = der_element(name).ok_or(UNREADABLE)? else { return Err(UNREADABLE) };
+        name = rest;
+        while !set.is_empty() {
+            let (0x30, attribute, rest) = der_element(set).ok_or(UNREADABLE)? else { return Err(UNREADABLE) };
+            set = rest;
+            let (0x06, oid, value) = der_element(attribute).ok_or(UNREADABLE)? else { return Err(UNREADABLE) };
+            // 2.5.4.3: commonName.
+            if oid != [0x55, 0x04, 0x03] {
+                continue;
+            }
+            let (tag, text, _) = der_element(value).ok_or(UNREADABLE)?;
+            let cn = match tag {
+                // UTF8String, PrintableString, IA5String.
+                0x0c | 0x13 | 0x16 => {
+                    String::from_utf8(text.to_vec()).map_err(|_| "its common name is not valid UTF-8")?
+                }
+                // TeletexString, read as Latin-1 (as OpenSSL does).
+                0x14 => text.iter().map(|&b| char::from(b)).collect(),
+                // BMPString: UTF-16, big-endian.
+                0x1e if text.len() % 2 == 0 => {
+                    let units = text.chunks_exact(2).map(|u| u16::from_be_bytes([u[0], u[1]]));
+                    char::decode_utf16(units)
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| "its common name is not valid UTF-16")?
+                }
+                _ => return Err("its common name is of a string type the proxy does not read"),
+            };
+            if cn.contains('\0') {
+                return Err("its common name contains a NUL character");
+            }
+            return Ok(cn);
+        }
+    }
+    Err("it has no common name (CN)")
 }
 
 /// The DER element at the start of `der`: its tag, its contents and what follows it.
@@ -686,5 +765,46 @@ mod tests {
         }
         assert_eq!(endpoint_hash(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
         assert_eq!(endpoint_hash(b"not DER"), None);
+    }
+
+    /// A certificate whose subject has an organization, then `cn` if any.
+    fn cert_with_cn(cn: Option<rcgen::DnValue>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::OrganizationName, "pgkeel tests");
+        if let Some(cn) = cn {
+            params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        }
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_common_name_is_read_from_the_subject_in_each_string_type() {
+        use rcgen::string::{BmpString, PrintableString, TeletexString};
+        use rcgen::DnValue;
+        for (value, want) in [
+            (DnValue::Utf8String("alice".into()), "alice"),
+            (DnValue::Utf8String("Zoë_app".into()), "Zoë_app"),
+            (DnValue::PrintableString(PrintableString::try_from("bob").unwrap()), "bob"),
+            (DnValue::BmpString(BmpString::try_from("Ωmega").unwrap()), "Ωmega"),
+            (DnValue::TeletexString(TeletexString::try_from("carol").unwrap()), "carol"),
+        ] {
+            assert_eq!(subject_common_name(&cert_with_cn(Some(value.clone()))), Ok(want.to_string()), "{value:?}");
+        }
+        assert_eq!(subject_common_name(&cert_with_cn(None)), Err("it has no common name (CN)"));
+        assert_eq!(
+            subject_common_name(&cert_with_cn(Some(DnValue::Utf8String("a\0b".into())))),
+            Err("its common name contains a NUL character")
+        );
+        // One made by openssl (CN rsa1).
+        assert_eq!(subject_common_name(&der_of(RSA_SHA1_CERT)), Ok("rsa1".to_string()));
+        // Cut short anywhere, or not a certificate: an error, and no panic.
+        let good = cert_with_cn(Some(DnValue::Utf8String("alice".into())));
+        for cut in 0..good.len() {
+            assert!(subject_common_name(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(subject_common_name(b"not DER").is_err());
+        assert!(subject_common_name(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_err());
     }
 }

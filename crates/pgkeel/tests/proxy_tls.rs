@@ -469,3 +469,131 @@ async fn tls_modes_and_auth_query() {
     .await;
     assert_eq!(psql(&verified, "select 1").unwrap(), "1", "the TLS in force stayed");
 }
+
+/// Client certificates signed by a CA of the test's own, as PEM files in `dir`: the CA's
+/// `clients-ca.crt`, and for each common name `NAME.crt` and `NAME.key` (mode 0600, as libpq
+/// wants it); `stranger.crt` and `stranger.key` (CN postgres) come from another CA.
+fn client_certificates(dir: &Path, names: &[&str]) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose,
+    };
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let write = |name: &str, text: &str, mode: u32| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let ca = |cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let cert = params.self_signed(&key).unwrap();
+        (Issuer::new(params, key), cert.pem())
+    };
+    let leaf = |issuer: &Issuer<'_, KeyPair>, file: &str, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, issuer).unwrap();
+        write(&format!("{file}.crt"), &cert.pem(), 0o644);
+        write(&format!("{file}.key"), &key.serialize_pem(), 0o600);
+    };
+    let (issuer, pem) = ca("pgkeel tests client CA");
+    write("clients-ca.crt", &pem, 0o644);
+    for name in names {
+        leaf(&issuer, name, name);
+    }
+    let (other, _) = ca("another CA");
+    leaf(&other, "stranger", "postgres");
+}
+
+/// `client_tls = "verify-ca"` / `"verify-full"` with `client_ca`, and `auth_type = "cert"`,
+/// with psql presenting certificates (or none, or one of another CA).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_verify_full_and_cert_auth() {
+    let c = Cluster::up(bin(), 1).await;
+    let leader = c.leader().await.expect("a leader").0;
+    let tls = c.dir().join("tls");
+    let certs = c.dir().join("client-certs");
+    client_certificates(&certs, &["postgres", "intruder", "cert_u"]);
+    let su = password(&c);
+    let with_cert = |name: &str| {
+        format!(
+            "&sslmode=require&sslcert={}&sslkey={}",
+            certs.join(format!("{name}.crt")).display(),
+            certs.join(format!("{name}.key")).display()
+        )
+    };
+    let tls_section = |mode: &str| {
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nclient_tls = \"{mode}\"\nclient_ca = {:?}\n",
+            tls.join("proxy.crt").display().to_string(),
+            tls.join("proxy.key").display().to_string(),
+            certs.join("clients-ca.crt").display().to_string()
+        )
+    };
+
+    // verify-full: a certificate of the client CA whose CN is the user, and the password too.
+    let full = start_proxy(&c, "proxy-verify-full", &tls_section("verify-full")).await;
+    let good = full.dsn_with("postgres", &su, &with_cert("postgres"));
+    let info = wait_for("psql with a client certificate", Duration::from_secs(20), || {
+        let dsn = good.clone();
+        async move { psql(&dsn, "\\conninfo").ok() }
+    })
+    .await;
+    assert!(info.contains("SSL connection"), "{info}");
+    assert_eq!(psql(&good, "select current_user").unwrap(), "postgres");
+    let err = psql(&full.dsn_with("postgres", "wrong", &with_cert("postgres")), "select 1").unwrap_err();
+    assert!(
+        err.contains("password authentication failed for user \"postgres\""),
+        "the password is still checked: {err}"
+    );
+    let err = psql(&full.dsn_with("postgres", &su, "&sslmode=require"), "select 1").unwrap_err();
+    assert!(
+        err.contains("connection requires a valid client certificate (client_tls = \"verify-full\")"),
+        "no certificate: {err}"
+    );
+    let err = psql(&full.dsn_with("postgres", &su, &with_cert("intruder")), "select 1").unwrap_err();
+    assert!(
+        err.contains("certificate validation (client_tls = \"verify-full\") failed for user \"postgres\"")
+            && err.contains("\"intruder\""),
+        "another user's certificate: {err}"
+    );
+    let err = psql(&full.dsn_with("postgres", &su, "&sslmode=disable"), "select 1").unwrap_err();
+    assert!(err.contains("the proxy requires TLS (client_tls = \"verify-full\")"), "{err}");
+    // A certificate of another CA fails the handshake; the proxy says so in its log.
+    let err = psql(&full.dsn_with("postgres", &su, &with_cert("stranger")), "select 1").unwrap_err();
+    assert!(err.to_lowercase().contains("ssl"), "a certificate of another CA: {err}");
+    let log = full.log_text();
+    assert!(log.contains("TLS handshake with a client failed"), "{log}");
+
+    // auth_type = "cert": the certificate alone logs in (no password asked), and the proxy
+    // logs in to postgres with the userlist's password. verify-ca checks only the CA, and the
+    // cert method then wants the CN to be the user.
+    let cert = start_proxy(&c, "proxy-cert-auth", &format!("auth_type = \"cert\"\n{}", tls_section("verify-ca"))).await;
+    let by_cert = cert.dsn_with("postgres", "", &with_cert("postgres"));
+    let who = wait_for("a login by certificate", Duration::from_secs(20), || {
+        let dsn = by_cert.clone();
+        async move { psql(&dsn, "select current_user").ok() }
+    })
+    .await;
+    assert_eq!(who, "postgres");
+    let err = psql(&cert.dsn_with("postgres", "", &with_cert("intruder")), "select 1").unwrap_err();
+    assert!(
+        err.contains("certificate authentication failed for user \"postgres\"") && err.contains("\"intruder\""),
+        "{err}"
+    );
+    let err = psql(&cert.dsn_with("postgres", &su, "&sslmode=require"), "select 1").unwrap_err();
+    assert!(err.contains("connection requires a valid client certificate"), "{err}");
+    // A user the userlist does not have: the certificate lets it in to the proxy, and postgres
+    // (pg_hba.conf: scram-sha-256) wants a password the proxy does not have: the error says so.
+    psql(&c.node_dsn(&leader), "create role cert_u login password 'unknown to the proxy'").unwrap();
+    let err = psql(&cert.dsn_with("cert_u", "", &with_cert("cert_u")), "select 1").unwrap_err();
+    assert!(err.contains("the proxy has no password for this user") && err.contains("cert_u"), "{err}");
+}
