@@ -320,8 +320,8 @@ impl Tls {
         let t = &config.tls;
         let (acceptor, endpoint) = match (&t.cert, &t.key) {
             (Some(cert), Some(key)) if t.client_tls != ClientTlsMode::Disable => {
-                let client_ca = t.client_tls.verifies_client().then_some(t.client_ca.as_deref()).flatten();
-                let (acceptor, endpoint) = acceptor(cert, key, client_ca)?;
+                // Set exactly when client_tls asks for certificates (`config::check`).
+                let (acceptor, endpoint) = acceptor(cert, key, t.client_ca.as_deref())?;
                 if endpoint.is_none() {
                     tracing::info!(cert = %cert.display(), "the certificate's signature algorithm has no single hash function (RSA or ECDSA with SHA-1 or SHA-2 have): clients get no channel binding (SCRAM-SHA-256-PLUS)");
                 }
@@ -359,6 +359,15 @@ fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, St
     Ok(certs)
 }
 
+/// The CA certificates of the PEM file `[tls] key` names, as trust roots.
+fn read_roots(key: &str, path: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in read_certs(key, path)? {
+        roots.add(c).map_err(|e| format!("tls.{key}: {}: {e}", path.display()))?;
+    }
+    Ok(roots)
+}
+
 /// A TLS acceptor for clients with the certificate chain and key in PEM files, and the
 /// channel binding data of the certificate ([`endpoint_hash`]). With `client_ca`, clients are
 /// asked for a certificate: one they present must be signed by a CA of that file, or the
@@ -376,10 +385,7 @@ pub fn acceptor(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<(Tl
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in read_certs("client_ca", ca)? {
-                roots.add(c).map_err(|e| format!("tls.client_ca: {}: {e}", ca.display()))?;
-            }
+            let roots = read_roots("client_ca", ca)?;
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .allow_unauthenticated()
                 .build()
@@ -432,11 +438,10 @@ pub fn endpoint_hash(cert: &[u8]) -> Option<Vec<u8>> {
 /// The OID of a DER certificate's `signatureAlgorithm` (Certificate ::= SEQUENCE {
 /// tbsCertificate, signatureAlgorithm AlgorithmIdentifier, signatureValue }).
 fn signature_algorithm(cert: &[u8]) -> Option<&[u8]> {
-    let (0x30, certificate, _) = der_element(cert)? else { return None };
-    let (0x30, _tbs, rest) = der_element(certificate)? else { return None };
-    let (0x30, algorithm, _) = der_element(rest)? else { return None };
-    let (0x06, oid, _) = der_element(algorithm)? else { return None };
-    Some(oid)
+    let (certificate, _) = der_tagged(cert, 0x30)?;
+    let (_tbs, rest) = der_tagged(certificate, 0x30)?;
+    let (algorithm, _) = der_tagged(rest, 0x30)?;
+    Some(der_tagged(algorithm, 0x06)?.0)
 }
 
 /// The common name (CN) of a DER certificate's subject, as postgres takes it for `cert`
@@ -446,28 +451,25 @@ pub fn subject_common_name(cert: &[u8]) -> Result<String, &'static str> {
     const UNREADABLE: &str = "its subject cannot be read";
     // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
     // serialNumber, signature, issuer, validity, subject, ... }, ... }
-    let (0x30, certificate, _) = der_element(cert).ok_or(UNREADABLE)? else { return Err(UNREADABLE) };
-    let (0x30, mut tbs, _) = der_element(certificate).ok_or(UNREADABLE)? else { return Err(UNREADABLE) };
+    let next = |der, tag| der_tagged(der, tag).ok_or(UNREADABLE);
+    let (certificate, _) = next(cert, 0x30)?;
+    let (mut tbs, _) = next(certificate, 0x30)?;
     if tbs.first() == Some(&0xa0) {
-        tbs = der_element(tbs).ok_or(UNREADABLE)?.2;
+        tbs = next(tbs, 0xa0)?.1;
     }
     // serialNumber, signature, issuer, validity.
-    for want in [0x02, 0x30, 0x30, 0x30] {
-        let (tag, _, rest) = der_element(tbs).ok_or(UNREADABLE)?;
-        if tag != want {
-            return Err(UNREADABLE);
-        }
-        tbs = rest;
+    for tag in [0x02, 0x30, 0x30, 0x30] {
+        tbs = next(tbs, tag)?.1;
     }
-    let (0x30, mut name, _) = der_element(tbs).ok_or(UNREADABLE)? else { return Err(UNREADABLE) };
+    let (mut name, _) = next(tbs, 0x30)?;
     // Name ::= SEQUENCE OF SET OF SEQUENCE { type OBJECT IDENTIFIER, value }
     while !name.is_empty() {
-        let (0x31, mut set, rest) = der_element(name).ok_or(UNREADABLE)? else { return Err(UNREADABLE) };
+        let (mut set, rest) = next(name, 0x31)?;
         name = rest;
         while !set.is_empty() {
-            let (0x30, attribute, rest) = der_element(set).ok_or(UNREADABLE)? else { return Err(UNREADABLE) };
+            let (attribute, rest) = next(set, 0x30)?;
             set = rest;
-            let (0x06, oid, value) = der_element(attribute).ok_or(UNREADABLE)? else { return Err(UNREADABLE) };
+            let (oid, value) = next(attribute, 0x06)?;
             // 2.5.4.3: commonName.
             if oid != [0x55, 0x04, 0x03] {
                 continue;
@@ -498,6 +500,12 @@ pub fn subject_common_name(cert: &[u8]) -> Result<String, &'static str> {
     Err("it has no common name (CN)")
 }
 
+/// [`der_element`] when its tag is `tag`: its contents and what follows it.
+fn der_tagged(der: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (t, contents, rest) = der_element(der)?;
+    (t == tag).then_some((contents, rest))
+}
+
 /// The DER element at the start of `der`: its tag, its contents and what follows it.
 fn der_element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = der.split_first()?;
@@ -522,11 +530,7 @@ pub fn connector(mode: ServerTlsMode, ca: Option<&Path>) -> Result<TlsConnector,
         .map_err(|e| format!("TLS setup: {e}"))?;
     let config = if mode == ServerTlsMode::VerifyFull {
         let ca = ca.ok_or("tls.server_tls = \"verify-full\" needs tls.server_ca, the PEM file of the CA that signed the servers' certificates")?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in read_certs("server_ca", ca)? {
-            roots.add(c).map_err(|e| format!("tls.server_ca: {}: {e}", ca.display()))?;
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        builder.with_root_certificates(read_roots("server_ca", ca)?).with_no_client_auth()
     } else {
         builder.dangerous().with_custom_certificate_verifier(Arc::new(NoCertCheck(provider()))).with_no_client_auth()
     };
