@@ -570,8 +570,12 @@ async fn client_certificates_verify_full_and_cert_auth() {
     // A certificate of another CA fails the handshake; the proxy says so in its log.
     let err = psql(&full.dsn_with("postgres", &su, &with_cert("stranger")), "select 1").unwrap_err();
     assert!(err.to_lowercase().contains("ssl"), "a certificate of another CA: {err}");
-    let log = full.log_text();
-    assert!(log.contains("TLS handshake with a client failed"), "{log}");
+    // psql may be gone before the proxy has written the line.
+    wait_for("the failed handshake in the proxy's log", Duration::from_secs(10), || {
+        let log = full.log_text();
+        async move { log.contains("TLS handshake with a client failed").then_some(()) }
+    })
+    .await;
 
     // auth_type = "cert": the certificate alone logs in (no password asked), and the proxy
     // logs in to postgres with the userlist's password. verify-ca checks only the CA, and the
