@@ -79,7 +79,7 @@ pub enum Command {
     Disable(String),
     /// `ENABLE db`: undoes `DISABLE`.
     Enable(String),
-    /// `KILL db`: its clients and server connections are closed now.
+    /// `KILL db`: its clients and server connections are closed now, and it is paused.
     Kill(String),
     /// `RECONNECT [db]`: server connections are replaced, each after its transaction.
     Reconnect(Option<String>),
@@ -893,16 +893,28 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         tag("ENABLE", wbuf);
                     }
                     Command::Kill(db) => {
+                        // As PgBouncer's KILL: the database is paused first, so that nobody
+                        // starts a transaction on it between the kill and RESUME.
+                        let paused = shared.hold.pause_database(&db);
                         let (clients, servers) = shared.kill(&db);
                         let then = if shared.disabled.contains(&db) {
-                            "it stays disabled (ENABLE lets clients in again)".to_string()
+                            format!(
+                                "it stays disabled (ENABLE {db} lets clients in again) and paused (RESUME {db} lets \
+                                 their transactions run)"
+                            )
                         } else {
-                            format!("new logins are still accepted (DISABLE {db} keeps them out)")
+                            format!(
+                                "new clients may log in, and their transactions are held until RESUME {db} \
+                                 (DISABLE {db} keeps them out)"
+                            )
                         };
                         let msg = format!(
                             "closed {clients} clients of database {db:?} and {servers} idle server connections (the \
                              ones clients held close with them); {then}"
                         );
+                        if paused {
+                            tracing::info!(database = %db, "paused: the database's new transactions are held");
+                        }
                         tracing::info!(database = %db, clients, servers, "killed the database's clients");
                         error(wbuf, Severity::Notice, "00000", &msg);
                         tag("KILL", wbuf);

@@ -324,8 +324,8 @@ impl Shared {
     /// `KILL`: ends every client of `database` at once (each gets `FATAL 57P01`), including
     /// those waiting for a server connection or held by `PAUSE`, and closes the server
     /// connections of its pools (the idle ones now, the others as their clients end).
-    /// Returns (clients, idle server connections closed now). New logins are still let in:
-    /// `DISABLE` keeps them out.
+    /// Returns (clients, idle server connections closed now). New logins are still let in
+    /// (`DISABLE` keeps them out); the admin console's `KILL` also pauses the database first.
     pub fn kill(&self, database: &str) -> (usize, usize) {
         let mut clients = 0;
         for (c, _) in self.clients() {
@@ -1994,8 +1994,10 @@ impl Session {
                     "the proxy is paused (PAUSE on the admin console) and was not resumed".to_string()
                 } else if !self.shared.hold.holds_everyone() {
                     format!(
-                        "database {:?} is paused (PAUSE {} on the admin console) and was not resumed",
-                        self.database, self.database
+                        "database {:?} is paused (PAUSE or KILL {db} on the admin console) and was not resumed \
+                         (RESUME {db})",
+                        self.database,
+                        db = self.database
                     )
                 } else {
                     "new transactions are held while a planned switchover changes the primary, and it did not \

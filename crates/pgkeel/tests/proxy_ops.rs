@@ -437,11 +437,31 @@ async fn proxy_admin_commands_for_one_database() {
     other.simple_query("select 1").await.expect("a client of another database is untouched");
     assert!(connect(&p.dsn("maint")).await.is_err(), "still disabled after KILL");
 
-    // ENABLE lets clients in again; the killed transaction was rolled back.
+    // ENABLE lets clients in again. KILL paused maint too (as PgBouncer's KILL): a new
+    // client's transaction is held until RESUME maint, then runs without an error. The killed
+    // transaction was rolled back.
+    assert_eq!(row_of(show(&admin, "SHOW DATABASES").await, "maint").unwrap()["paused"], "yes");
     admin.simple_query("ENABLE maint").await.expect("ENABLE");
     let back = connect(&p.dsn("maint")).await.expect("connect after ENABLE");
-    let rows = back.simple_query("select count(*) from pg_class where relname = 'killed_tx'").await.unwrap();
-    assert_eq!(first_value(&rows), "0", "the killed transaction was rolled back");
+    let back = std::sync::Arc::new(back);
+    let asking = back.clone();
+    let held = tokio::spawn(async move {
+        asking.simple_query("select count(*) from pg_class where relname = 'killed_tx'").await.map(|r| first_value(&r))
+    });
+    wait_for("the new client's transaction to be held after KILL", Duration::from_secs(10), || async {
+        row_of(show(&admin, "SHOW DATABASES").await, "maint").filter(|r| r["cl_waiting"] == "1").map(|_| ())
+    })
+    .await;
+    assert!(!held.is_finished(), "held until RESUME maint");
+    other.simple_query("select 1").await.expect("another database's transactions are not held");
+    admin.simple_query("RESUME maint").await.expect("RESUME maint after KILL");
+    let killed_tx = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("the held transaction runs after RESUME maint")
+        .unwrap()
+        .expect("without an error");
+    assert_eq!(killed_tx, "0", "the killed transaction was rolled back");
+    let back = std::sync::Arc::into_inner(back).expect("the only handle left");
 
     // RECONNECT: idle server connections close now, one in a transaction after it; then
     // every transaction runs on a connection opened since.
