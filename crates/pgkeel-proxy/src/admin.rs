@@ -2,8 +2,8 @@
 //! `admin_users` gets this console instead of a server connection. It answers the simple
 //! query protocol with text columns, like PgBouncer's console: `SHOW POOLS`, `SHOW CLIENTS`,
 //! `SHOW SERVERS`, `SHOW STATS`, `SHOW TOTALS`, `SHOW DATABASES`, `SHOW CONFIG`, `SHOW
-//! VERSION`, `PAUSE`, `RESUME`, `RELOAD`, and per database `DISABLE`, `ENABLE`, `KILL` and
-//! `RECONNECT`.
+//! VERSION`, `PAUSE`, `RESUME`, `RELOAD`, and per database `DISABLE`, `ENABLE`, `KILL`,
+//! `RECONNECT` and `WAIT_CLOSE`.
 //!
 //! It also owns reloading (`RELOAD`, SIGHUP): [`reload`] re-reads `proxy.toml` and the
 //! userlist, puts the keys that can change live in force and logs the others as needing a
@@ -83,6 +83,9 @@ pub enum Command {
     Kill(String),
     /// `RECONNECT [db]`: server connections are replaced, each after its transaction.
     Reconnect(Option<String>),
+    /// `WAIT_CLOSE [db]`: returns once the connections `RECONNECT` (or `KILL`,
+    /// `server_lifetime`) marked are closed.
+    WaitClose(Option<String>),
     /// `PAUSE [db]`: new transactions (of one database's clients) are held.
     Pause(Option<String>),
     /// `RESUME [db]`: undoes `PAUSE` (without a name: every pause).
@@ -94,7 +97,7 @@ pub enum Command {
 /// The commands, for help and error messages.
 pub const COMMANDS: &str = "SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW TOTALS, SHOW DATABASES, \
                             SHOW CONFIG, SHOW VERSION, PAUSE [db], RESUME [db], RELOAD, DISABLE db, ENABLE db, \
-                            KILL db, RECONNECT [db]";
+                            KILL db, RECONNECT [db], WAIT_CLOSE [db]";
 
 /// Parses one console command: case-insensitive, extra spaces and a trailing `;` allowed.
 /// `Ok(None)` for an empty query.
@@ -112,6 +115,8 @@ pub fn parse(text: &str) -> Result<Option<Command>, String> {
         "KILL" => return named(Command::Kill).map(Some),
         "RECONNECT" if rest.trim().is_empty() => return Ok(Some(Command::Reconnect(None))),
         "RECONNECT" => return named(|d| Command::Reconnect(Some(d))).map(Some),
+        "WAIT_CLOSE" if rest.trim().is_empty() => return Ok(Some(Command::WaitClose(None))),
+        "WAIT_CLOSE" => return named(|d| Command::WaitClose(Some(d))).map(Some),
         "PAUSE" if !rest.trim().is_empty() => return named(|d| Command::Pause(Some(d))).map(Some),
         "RESUME" if !rest.trim().is_empty() => return named(|d| Command::Resume(Some(d))).map(Some),
         _ => {}
@@ -320,6 +325,7 @@ pub fn show_servers(shared: &Shared) -> Table {
         "pid",
         "connect_time",
         "client_pid",
+        "close_needed",
     ]);
     let now = SystemTime::now();
     // Who holds each attached connection: a client's cancel target is the connection it
@@ -346,6 +352,7 @@ pub fn show_servers(shared: &Shared) -> Table {
                 s.pid.map(|p| p.to_string()).unwrap_or_default(),
                 timestamp(now.checked_sub(s.opened.elapsed()).unwrap_or(now)),
                 client,
+                u8::from(s.close_needed).to_string(),
             ]);
         }
     }
@@ -745,22 +752,45 @@ async fn pause(shared: &Shared, database: Option<&str>) -> Option<String> {
         }
         _ => {}
     }
+    let (busy, waited) = wait_for_none(shared, || shared.pools.busy(database)).await?;
+    Some(format!(
+        "{busy} server connections are still in use after {waited} (shutdown_timeout); new transactions are held \
+         all the same"
+    ))
+}
+
+/// Waits until `count` is 0, at most `shutdown_timeout`: `None` then, else the last count
+/// and the timeout, written as in proxy.toml.
+async fn wait_for_none(shared: &Shared, count: impl Fn() -> usize) -> Option<(usize, String)> {
     let timeout = shared.config().shutdown_timeout;
     let deadline = Instant::now() + timeout;
     loop {
-        let busy = shared.pools.busy(database);
-        if busy == 0 {
+        let n = count();
+        if n == 0 {
             return None;
         }
         if Instant::now() >= deadline {
-            return Some(format!(
-                "{busy} server connections are still in use after {} (shutdown_timeout); new transactions are \
-                 held all the same",
-                pgkeel_config::format_duration(timeout)
-            ));
+            return Some((n, pgkeel_config::format_duration(timeout)));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `WAIT_CLOSE [db]` (PgBouncer's): waits until no server connection (of `database`'s
+/// pools) is marked to close after its client's transaction (`close_needed` in `SHOW
+/// SERVERS`: `RECONNECT`, `KILL`, `server_lifetime`), at most `shutdown_timeout`, as
+/// `PAUSE` waits.
+async fn wait_close(shared: &Shared, database: Option<&str>) -> Result<(), String> {
+    let pools = shared.pools.of_database(database);
+    let Some((n, waited)) = wait_for_none(shared, || pools.iter().map(|p| p.close_needed()).sum()).await else {
+        return Ok(());
+    };
+    let which = database.map_or(String::new(), |d| format!(" of database {d:?}"));
+    Err(format!(
+        "{n} server connections{which} marked to close (RECONNECT, KILL or server_lifetime) are still in use after \
+         {waited} (shutdown_timeout): they close when their clients' transactions (or, in session mode, sessions) \
+         end; SHOW SERVERS lists them (close_needed = 1)"
+    ))
 }
 
 /// `RESUME [db]`: lets new transactions through again; without a name, every pause (the
@@ -925,6 +955,10 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         error(wbuf, Severity::Notice, "00000", &msg);
                         tag("RECONNECT", wbuf);
                     }
+                    Command::WaitClose(db) => match wait_close(shared, db.as_deref()).await {
+                        Ok(()) => tag("WAIT_CLOSE", wbuf),
+                        Err(e) => error(wbuf, Severity::Error, sqlstate::OBJECT_IN_USE, &e),
+                    },
                     Command::ShowPools => show_pools(shared).encode(wbuf),
                     Command::ShowClients => show_clients(shared).encode(wbuf),
                     Command::ShowServers => show_servers(shared).encode(wbuf),
@@ -990,6 +1024,8 @@ mod tests {
             ("kill \"my \"\"db\"\"\"", Command::Kill("my \"db\"".into())),
             ("RECONNECT", Command::Reconnect(None)),
             ("reconnect appdb;", Command::Reconnect(Some("appdb".into()))),
+            ("WAIT_CLOSE", Command::WaitClose(None)),
+            ("wait_close appdb;", Command::WaitClose(Some("appdb".into()))),
         ] {
             assert_eq!(parse(text), Ok(Some(want)), "{text}");
         }
@@ -1007,6 +1043,7 @@ mod tests {
             ("KILL \"\"", "KILL takes one database name"),
             ("KILL pgkeel", "the admin console's own database"),
             ("reconnect pgkeel", "the admin console's own database"),
+            ("WAIT_CLOSE a b", "WAIT_CLOSE takes one database name"),
         ] {
             let e = parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");

@@ -315,10 +315,23 @@ impl Pool {
             .unwrap_or_else(PoisonError::into_inner)
             .live()
             .filter(|l| !idle.contains(&Arc::as_ptr(l)))
-            .map(|l| l.row.clone())
+            .map(|l| ServerRow {
+                close_needed: s
+                    .close_opened_before
+                    .is_some_and(|mark| crate::server::serial_before(l.row.serial, mark)),
+                ..l.row.clone()
+            })
             .collect();
+        // An idle connection opened before the mark was closed when the mark was set, or when
+        // it came back.
         rows.extend(s.idle.iter().map(|c| ServerRow::of(c, "idle")));
         rows
+    }
+
+    /// How many of the pool's connections are to be closed once their clients are done with
+    /// them (`WAIT_CLOSE` waits for none).
+    pub fn close_needed(&self) -> usize {
+        self.servers().iter().filter(|r| r.close_needed).count()
     }
 
     /// An idle connection opened under `term` or newer that still looks healthy; older or
@@ -919,6 +932,11 @@ pub struct ServerRow {
     pub state: &'static str,
     /// When it was opened.
     pub opened: Instant,
+    /// Its number in the order the process opened connections ([`ServerConn::opened_before`]).
+    serial: u32,
+    /// Whether it is to be closed when its client is done with it (`RECONNECT`, `KILL`,
+    /// `server_lifetime`); set by [`Pool::servers`].
+    pub close_needed: bool,
 }
 
 impl ServerRow {
@@ -931,6 +949,8 @@ impl ServerRow {
             pid: conn.key.as_ref().map(|k| k.0),
             state,
             opened: conn.opened,
+            serial: conn.serial(),
+            close_needed: false,
         }
     }
 }

@@ -583,6 +583,11 @@ impl ServerConn {
     pub fn opened_before(&self, mark: u32) -> bool {
         serial_before(self.serial, mark)
     }
+
+    /// The connection's number in the order the process opened them.
+    pub(crate) fn serial(&self) -> u32 {
+        self.serial
+    }
 }
 
 /// Whether the connection numbered `serial` was opened before `mark`, across a wrap of the

@@ -472,10 +472,46 @@ async fn proxy_admin_commands_for_one_database() {
     back.simple_query("select 1").await.unwrap();
     let before = server_pids(&admin, "maint").await;
     assert!(before.len() == 2 && before.contains(&in_tx), "{before:?}");
+    let close_needed = |rows: Vec<std::collections::HashMap<String, String>>| -> Vec<(String, String)> {
+        rows.into_iter()
+            .filter(|r| r["database"] == "maint")
+            .map(|r| (r["pid"].clone(), r["close_needed"].clone()))
+            .collect()
+    };
+    assert_eq!(close_needed(show(&admin, "SHOW SERVERS").await).len(), 2);
+    assert!(close_needed(show(&admin, "SHOW SERVERS").await).iter().all(|(_, c)| c == "0"));
     admin.simple_query("RECONNECT maint").await.expect("RECONNECT");
     assert_eq!(server_pids(&admin, "maint").await, vec![in_tx.clone()], "the idle one closed at once");
+    assert_eq!(close_needed(show(&admin, "SHOW SERVERS").await), vec![(in_tx.clone(), "1".to_string())]);
+    // WAIT_CLOSE maint waits for that connection, at most shutdown_timeout (reloaded to
+    // 300ms here): an error then, saying what is still open. WAIT_CLOSE for another database
+    // returns at once.
+    admin.simple_query("WAIT_CLOSE postgres").await.expect("nothing of postgres's to wait for");
+    p.config.write("pool_size = 2\nquery_wait_timeout = \"60s\"\nshutdown_timeout = \"300ms\"");
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    let started = Instant::now();
+    let msg = message(&admin.simple_query("WAIT_CLOSE maint").await.expect_err("the connection stays open"));
+    assert!(
+        msg.starts_with("55006") && msg.contains("1 server connections of database \"maint\" marked to close"),
+        "{msg}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300), "it waited: {:?}", started.elapsed());
+    p.config.write("pool_size = 2\nquery_wait_timeout = \"60s\"");
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    // From a second console, it returns once the connection closed, after the commit.
+    let wait_dsn = p.dsn("pgkeel");
+    let waiting_close = tokio::spawn(async move {
+        let console = connect(&wait_dsn).await.expect("a second console");
+        console.simple_query("WAIT_CLOSE maint").await.map(|_| ())
+    });
     assert_eq!(pid_of(tx.simple_query("select pg_backend_pid()").await.unwrap()), in_tx, "the transaction goes on");
     tx.commit().await.expect("the transaction commits");
+    tokio::time::timeout(Duration::from_secs(10), waiting_close)
+        .await
+        .expect("WAIT_CLOSE maint returns after the commit")
+        .unwrap()
+        .expect("without an error");
+    assert!(server_pids(&admin, "maint").await.is_empty(), "the marked connection is closed");
     wait_for("the connection of the transaction to close", Duration::from_secs(10), || async {
         (psql(&direct, &format!("select count(*) from pg_stat_activity where pid = {in_tx}")).unwrap() == "0")
             .then_some(())

@@ -76,6 +76,8 @@ pub mod sqlstate {
     /// 55000 object_not_in_prerequisite_state (postgres's for a database that accepts no
     /// connections).
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    /// 55006 object_in_use.
+    pub const OBJECT_IN_USE: &str = "55006";
     /// 57014 query_canceled.
     pub const QUERY_CANCELED: &str = "57014";
     /// 57P01 admin_shutdown.
