@@ -163,6 +163,9 @@ pub struct TlsSettings {
     /// PEM CA certificate(s) that sign client certificates, for `client_tls = "verify-ca"`
     /// and `"verify-full"`.
     pub client_ca: Option<PathBuf>,
+    /// PEM certificate revocation list(s) of `client_ca`'s CAs: a client certificate listed
+    /// in one is refused.
+    pub client_crl: Option<PathBuf>,
 }
 
 impl Default for TlsSettings {
@@ -174,6 +177,7 @@ impl Default for TlsSettings {
             server_tls: ServerTlsMode::Prefer,
             server_ca: None,
             client_ca: None,
+            client_crl: None,
         }
     }
 }
@@ -559,7 +563,7 @@ const DATABASE: &[&str] =
     &["dbname", "pool_mode", "pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"];
 const USER: &[&str] = &["pool_mode", "pool_size", "max_user_connections"];
 const AUTH: &[&str] = &["userlist", "auth_type", "query", "auth_user"];
-const TLS: &[&str] = &["cert", "key", "client_tls", "server_tls", "server_ca", "client_ca"];
+const TLS: &[&str] = &["cert", "key", "client_tls", "server_tls", "server_ca", "client_ca", "client_crl"];
 const DCS_LOCAL: &[&str] = &["kind", "path"];
 const DCS_ETCD: &[&str] = &["kind", "endpoints"];
 const DCS_KINDS_HELP: &str = r#"supported kinds: "local" (the embedded single-host store) and "etcd""#;
@@ -1265,6 +1269,7 @@ fn tls(table: &toml::Table, base: &Path) -> Result<TlsSettings, ConfigError> {
     };
     let path = |key: &str| -> Result<Option<PathBuf>, ConfigError> { Ok(string(t, "tls", key)?.map(|p| base.join(p))) };
     let (cert, key, server_ca, client_ca) = (path("cert")?, path("key")?, path("server_ca")?, path("client_ca")?);
+    let client_crl = path("client_crl")?;
     match (&cert, &key) {
         (Some(_), None) => return Err(invalid("tls.cert is set without tls.key: add key = \"/etc/pgkeel/proxy.key\"")),
         (None, Some(_)) => {
@@ -1310,6 +1315,13 @@ fn tls(table: &toml::Table, base: &Path) -> Result<TlsSettings, ConfigError> {
         }
         _ => {}
     }
+    if client_crl.is_some() && client_ca.is_none() {
+        return Err(invalid(
+            "tls.client_crl is set without tls.client_ca: revocation lists apply to client certificates, which the \
+             proxy asks for with client_tls = \"verify-ca\" or \"verify-full\" and client_ca; set those, or remove \
+             client_crl",
+        ));
+    }
     let server_tls = match string(t, "tls", "server_tls")?.as_deref() {
         None | Some("prefer") => ServerTlsMode::Prefer,
         Some("disable") => ServerTlsMode::Disable,
@@ -1326,7 +1338,7 @@ fn tls(table: &toml::Table, base: &Path) -> Result<TlsSettings, ConfigError> {
             "tls.server_tls = \"verify-full\" needs tls.server_ca: the PEM file of the CA that signed the servers' certificates",
         ));
     }
-    Ok(TlsSettings { cert, key, client_tls, server_tls, server_ca, client_ca })
+    Ok(TlsSettings { cert, key, client_tls, server_tls, server_ca, client_ca, client_crl })
 }
 
 /// Whether `text` is a `proxy.toml` rather than a `node.toml`: no `[postgres]` section (nor
@@ -1503,6 +1515,9 @@ auth_type = "scram-sha-256"
 # certificate's common name must be the user name).
 # client_tls = "allow"
 # client_ca = "/etc/pgkeel/client-ca.crt"
+# PEM revocation list(s) (X509 CRL) of client_ca's CAs: a client certificate listed is
+# refused. Read again on reload (SIGHUP, RELOAD), so a revocation takes effect without a restart.
+# client_crl = "/etc/pgkeel/client-ca.crl"
 # To postgres: "disable", "prefer" (TLS when the server offers it), "require" (TLS, the
 # certificate is not checked) or "verify-full" (checked against server_ca and the host name).
 server_tls = "prefer"
@@ -1720,6 +1735,9 @@ mod tests {
             assert_eq!(c.tls.client_tls, want);
             assert!(want.requires_tls() && want.verifies_client());
             assert_eq!(c.tls.client_ca, Some(PathBuf::from("/etc/pgkeel/clients.crt")));
+            assert_eq!(c.tls.client_crl, None);
+            let c = ok(&format!("{MINIMAL}{}client_crl = \"clients.crl\"\n", certs(mode, true)));
+            assert_eq!(c.tls.client_crl, Some(PathBuf::from("/etc/pgkeel/clients.crl")), "relative to the file");
             let c = ok(&format!("{}{}", auth("auth_type = \"cert\""), certs(mode, true)));
             assert_eq!(c.auth_type, AuthType::Cert);
         }
@@ -1727,6 +1745,10 @@ mod tests {
         for (text, want) in [
             (format!("{MINIMAL}{}", certs("verify-ca", false)), "tls.client_tls = \"verify-ca\" needs tls.client_ca"),
             (format!("{MINIMAL}{}", certs("require", true)), "tls.client_ca is set, and tls.client_tls = \"require\""),
+            (
+                format!("{MINIMAL}{}client_crl = \"clients.crl\"\n", certs("require", false)),
+                "tls.client_crl is set without tls.client_ca",
+            ),
             (auth("auth_type = \"cert\""), "auth.auth_type = \"cert\" takes the user from the client's certificate"),
             (
                 format!("{}{}", auth("auth_type = \"cert\""), certs("require", false)),

@@ -27,7 +27,7 @@ use bytes::BytesMut;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::DigitallySignedStruct;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -321,7 +321,7 @@ impl Tls {
         let (acceptor, endpoint) = match (&t.cert, &t.key) {
             (Some(cert), Some(key)) if t.client_tls != ClientTlsMode::Disable => {
                 // Set exactly when client_tls asks for certificates (`config::check`).
-                let (acceptor, endpoint) = acceptor(cert, key, t.client_ca.as_deref())?;
+                let (acceptor, endpoint) = acceptor(cert, key, t.client_ca.as_deref(), t.client_crl.as_deref())?;
                 if endpoint.is_none() {
                     tracing::info!(cert = %cert.display(), "the certificate's signature algorithm has no single hash function (RSA or ECDSA with SHA-1 or SHA-2 have): clients get no channel binding (SCRAM-SHA-256-PLUS)");
                 }
@@ -368,12 +368,34 @@ fn read_roots(key: &str, path: &Path) -> Result<rustls::RootCertStore, String> {
     Ok(roots)
 }
 
+/// The certificate revocation lists of the PEM file `[tls] client_crl` names.
+fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let crls: Vec<CertificateRevocationListDer<'static>> = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| format!("tls.client_crl: cannot read {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("tls.client_crl: {} is not a PEM revocation list file: {e}", path.display()))?;
+    if crls.is_empty() {
+        return Err(format!(
+            "tls.client_crl: {} has no PEM revocation list (-----BEGIN X509 CRL-----)",
+            path.display()
+        ));
+    }
+    Ok(crls)
+}
+
 /// A TLS acceptor for clients with the certificate chain and key in PEM files, and the
 /// channel binding data of the certificate ([`endpoint_hash`]). With `client_ca`, clients are
 /// asked for a certificate: one they present must be signed by a CA of that file, or the
 /// handshake fails; one they do not present is the session's to refuse, with an error the
-/// client can read (as postgres does with `clientcert` in pg_hba.conf).
-pub fn acceptor(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<(TlsAcceptor, Option<Vec<u8>>), String> {
+/// client can read (as postgres does with `clientcert` in pg_hba.conf). With `client_crl`, a
+/// certificate in one of its revocation lists fails the handshake (as postgres'
+/// `ssl_crl_file`); a certificate of a CA that has no list there is taken.
+pub fn acceptor(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+    client_crl: Option<&Path>,
+) -> Result<(TlsAcceptor, Option<Vec<u8>>), String> {
     let certs = read_certs("cert", cert)?;
     let endpoint = endpoint_hash(&certs[0]);
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
@@ -386,10 +408,15 @@ pub fn acceptor(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<(Tl
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let roots = read_roots("client_ca", ca)?;
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| format!("tls.client_ca: {}: {e}", ca.display()))?;
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .allow_unauthenticated();
+            if let Some(crl) = client_crl {
+                verifier = verifier.with_crls(read_crls(crl)?).allow_unknown_revocation_status();
+            }
+            let verifier = verifier.build().map_err(|e| match client_crl {
+                Some(crl) => format!("tls.client_ca / tls.client_crl: {} and {}: {e}", ca.display(), crl.display()),
+                None => format!("tls.client_ca: {}: {e}", ca.display()),
+            })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -735,6 +762,33 @@ mod tests {
 
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn a_revocation_list_file_that_cannot_be_used_is_named_with_the_problem() {
+        let dir = std::env::temp_dir().join(format!("pgkeel-crl-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let cases = [
+            (dir.join("missing.crl"), "cannot read"),
+            (file("cert.pem", RSA_SHA1_CERT), "has no PEM revocation list (-----BEGIN X509 CRL-----)"),
+            (
+                file("bad.crl", "-----BEGIN X509 CRL-----\n!!!!\n-----END X509 CRL-----\n"),
+                "is not a PEM revocation list",
+            ),
+        ];
+        for (path, says) in cases {
+            let e = read_crls(&path).unwrap_err();
+            assert!(
+                e.starts_with("tls.client_crl: ") && e.contains(&path.display().to_string()) && e.contains(says),
+                "{e}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

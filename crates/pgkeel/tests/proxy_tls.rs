@@ -472,11 +472,13 @@ async fn tls_modes_and_auth_query() {
 
 /// Client certificates signed by a CA of the test's own, as PEM files in `dir`: the CA's
 /// `clients-ca.crt`, and for each common name `NAME.crt` and `NAME.key` (mode 0600, as libpq
-/// wants it); `stranger.crt` and `stranger.key` (CN postgres) come from another CA.
+/// wants it); `stranger.crt` and `stranger.key` (CN postgres) come from another CA;
+/// `revoked.crt` and `revoked.key` (CN postgres) from the CA, which revokes them in
+/// `clients.crl`, and them and `NAMES[0]`'s in `clients-more.crl`.
 fn client_certificates(dir: &Path, names: &[&str]) {
     use rcgen::{
-        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-        KeyUsagePurpose,
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
     };
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).unwrap();
@@ -490,13 +492,14 @@ fn client_certificates(dir: &Path, names: &[&str]) {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, cn);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let cert = params.self_signed(&key).unwrap();
         (Issuer::new(params, key), cert.pem())
     };
-    let leaf = |issuer: &Issuer<'_, KeyPair>, file: &str, cn: &str| {
+    let leaf = |issuer: &Issuer<'_, KeyPair>, file: &str, cn: &str, serial: u8| {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.serial_number = Some(SerialNumber::from_slice(&[serial]));
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -506,11 +509,33 @@ fn client_certificates(dir: &Path, names: &[&str]) {
     };
     let (issuer, pem) = ca("pgkeel tests client CA");
     write("clients-ca.crt", &pem, 0o644);
-    for name in names {
-        leaf(&issuer, name, name);
+    for (serial, name) in (1..).zip(names) {
+        leaf(&issuer, name, name, serial);
     }
+    leaf(&issuer, "revoked", "postgres", 100);
+    let crl = |file: &str, serials: &[u8]| {
+        let params = CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            next_update: rcgen::date_time_ymd(2100, 1, 1),
+            crl_number: SerialNumber::from_slice(&[serials.len() as u8]),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&s| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&[s]),
+                    revocation_time: rcgen::date_time_ymd(2025, 1, 1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        write(file, &params.signed_by(&issuer).unwrap().pem().unwrap(), 0o644);
+    };
+    crl("clients.crl", &[100]);
+    crl("clients-more.crl", &[100, 1]);
     let (other, _) = ca("another CA");
-    leaf(&other, "stranger", "postgres");
+    leaf(&other, "stranger", "postgres", 1);
 }
 
 /// `client_tls = "verify-ca"` / `"verify-full"` with `client_ca`, and `auth_type = "cert"`,
@@ -580,7 +605,15 @@ async fn client_certificates_verify_full_and_cert_auth() {
     // auth_type = "cert": the certificate alone logs in (no password asked), and the proxy
     // logs in to postgres with the userlist's password. verify-ca checks only the CA, and the
     // cert method then wants the CN to be the user.
-    let cert = start_proxy(&c, "proxy-cert-auth", &format!("auth_type = \"cert\"\n{}", tls_section("verify-ca"))).await;
+    // client_crl: a certificate it lists fails the handshake.
+    let crl = c.dir().join("client-now.crl");
+    std::fs::copy(certs.join("clients.crl"), &crl).unwrap();
+    let cert = start_proxy(
+        &c,
+        "proxy-cert-auth",
+        &format!("auth_type = \"cert\"\n{}client_crl = {:?}\n", tls_section("verify-ca"), crl.display().to_string()),
+    )
+    .await;
     let by_cert = cert.dsn_with("postgres", "", &with_cert("postgres"));
     let who = wait_for("a login by certificate", Duration::from_secs(20), || {
         let dsn = by_cert.clone();
@@ -588,6 +621,13 @@ async fn client_certificates_verify_full_and_cert_auth() {
     })
     .await;
     assert_eq!(who, "postgres");
+    let err = psql(&cert.dsn_with("postgres", "", &with_cert("revoked")), "select 1").unwrap_err();
+    assert!(err.to_lowercase().contains("revoked"), "a revoked certificate: {err}");
+    wait_for("the revoked certificate in the proxy's log", Duration::from_secs(10), || {
+        let log = cert.log_text();
+        async move { (log.contains("TLS handshake with a client failed") && log.contains("Revoked")).then_some(()) }
+    })
+    .await;
     let err = psql(&cert.dsn_with("postgres", "", &with_cert("intruder")), "select 1").unwrap_err();
     assert!(
         err.contains("certificate authentication failed for user \"postgres\"") && err.contains("\"intruder\""),
@@ -600,4 +640,13 @@ async fn client_certificates_verify_full_and_cert_auth() {
     psql(&c.node_dsn(&leader), "create role cert_u login password 'unknown to the proxy'").unwrap();
     let err = psql(&cert.dsn_with("cert_u", "", &with_cert("cert_u")), "select 1").unwrap_err();
     assert!(err.contains("the proxy has no password for this user") && err.contains("cert_u"), "{err}");
+    // A new list that also revokes postgres's certificate, read on SIGHUP: it no longer logs in.
+    std::fs::copy(certs.join("clients-more.crl"), &crl).unwrap();
+    cert.signal(libc::SIGHUP);
+    let err = wait_for("the reloaded revocation list", Duration::from_secs(15), || {
+        let dsn = by_cert.clone();
+        async move { psql(&dsn, "select 1").err() }
+    })
+    .await;
+    assert!(err.to_lowercase().contains("revoked"), "revoked after the reload: {err}");
 }
