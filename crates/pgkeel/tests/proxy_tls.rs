@@ -622,7 +622,7 @@ async fn client_certificates_verify_full_and_cert_auth() {
     .await;
     assert_eq!(who, "postgres");
     let err = psql(&cert.dsn_with("postgres", "", &with_cert("revoked")), "select 1").unwrap_err();
-    assert!(err.to_lowercase().contains("revoked"), "a revoked certificate: {err}");
+    assert!(err.contains("certificate revoked"), "a revoked certificate: {err}");
     wait_for("the revoked certificate in the proxy's log", Duration::from_secs(10), || {
         let log = cert.log_text();
         async move { (log.contains("TLS handshake with a client failed") && log.contains("Revoked")).then_some(()) }
@@ -648,5 +648,5 @@ async fn client_certificates_verify_full_and_cert_auth() {
         async move { psql(&dsn, "select 1").err() }
     })
     .await;
-    assert!(err.to_lowercase().contains("revoked"), "revoked after the reload: {err}");
+    assert!(err.contains("certificate revoked"), "revoked after the reload: {err}");
 }
