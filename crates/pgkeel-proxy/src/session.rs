@@ -243,14 +243,18 @@ impl Shared {
         }
     }
 
-    /// The other proxies' addresses, just read from the DCS; `for_cancel`: by a cancel
-    /// request (see [`crate::switchover::peers_now`]).
-    pub fn set_peers(&self, addresses: Vec<String>, for_cancel: bool) {
+    /// The other proxies' addresses, just read from the DCS by the registration loop.
+    pub fn set_peers(&self, addresses: Vec<String>) {
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner).addresses = addresses;
+    }
+
+    /// The other proxies' addresses, just read from the DCS for a cancel request: the next
+    /// cancel requests for a short while use them as they are (see
+    /// [`crate::switchover::peers_now`]).
+    pub fn set_peers_for_cancel(&self, addresses: Vec<String>) {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         peers.addresses = addresses;
-        if for_cancel {
-            peers.reread_at = Some(Instant::now());
-        }
+        peers.reread_at = Some(Instant::now());
     }
 
     /// The other proxies a cancel request for none of this proxy's clients goes to, as last

@@ -103,7 +103,7 @@ async fn register(
         let next = match store.put_proxy(&value, ttl).await {
             Ok(()) => {
                 if let Ok(all) = store.proxies().await {
-                    shared.set_peers(peers(&value.id, all.into_iter().map(|p| p.value)), false);
+                    shared.set_peers(peers(&value.id, all.into_iter().map(|p| p.value)));
                 }
                 if std::mem::take(&mut failing) {
                     tracing::info!(id = %value.id, "registered in the DCS again");
@@ -163,7 +163,7 @@ pub async fn peers_now(shared: &Shared) -> Vec<String> {
     match tokio::time::timeout(PEERS_READ_TIMEOUT, store.proxies()).await {
         Ok(Ok(all)) => {
             let fresh = peers(me, all.into_iter().map(|p| p.value));
-            shared.set_peers(fresh.clone(), true);
+            shared.set_peers_for_cancel(fresh.clone());
             fresh
         }
         Ok(Err(e)) => {
