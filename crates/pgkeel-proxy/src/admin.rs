@@ -2,7 +2,7 @@
 //! `admin_users` gets this console instead of a server connection. It answers the simple
 //! query protocol with text columns, like PgBouncer's console: `SHOW POOLS`, `SHOW CLIENTS`,
 //! `SHOW SERVERS`, `SHOW STATS`, `SHOW TOTALS`, `SHOW DATABASES`, `SHOW CONFIG`, `SHOW
-//! VERSION`, `PAUSE`, `RESUME`, `RELOAD`, and per database `DISABLE`, `ENABLE`, `KILL`,
+//! VERSION`, `PAUSE`, `RESUME`, `RELOAD`, `SHUTDOWN`, and per database `DISABLE`, `ENABLE`, `KILL`,
 //! `RECONNECT` and `WAIT_CLOSE`.
 //!
 //! It also owns reloading (`RELOAD`, SIGHUP): [`reload`] re-reads `proxy.toml` and the
@@ -47,6 +47,8 @@ pub struct AdminState {
     paused: AtomicBool,
     /// One reload at a time.
     reloading: Mutex<()>,
+    /// `SHUTDOWN` was asked for: [`crate::run`] drains and returns, as on SIGTERM.
+    pub shutdown: tokio::sync::Notify,
 }
 
 impl AdminState {
@@ -92,12 +94,14 @@ pub enum Command {
     Resume(Option<String>),
     /// `RELOAD`.
     Reload,
+    /// `SHUTDOWN`: the drain of SIGTERM.
+    Shutdown,
 }
 
 /// The commands, for help and error messages.
 pub const COMMANDS: &str = "SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW TOTALS, SHOW DATABASES, \
                             SHOW CONFIG, SHOW VERSION, PAUSE [db], RESUME [db], RELOAD, DISABLE db, ENABLE db, \
-                            KILL db, RECONNECT [db], WAIT_CLOSE [db]";
+                            KILL db, RECONNECT [db], WAIT_CLOSE [db], SHUTDOWN";
 
 /// Parses one console command: case-insensitive, extra spaces and a trailing `;` allowed.
 /// `Ok(None)` for an empty query.
@@ -135,6 +139,7 @@ pub fn parse(text: &str) -> Result<Option<Command>, String> {
         ["PAUSE"] => Command::Pause(None),
         ["RESUME"] => Command::Resume(None),
         ["RELOAD"] => Command::Reload,
+        ["SHUTDOWN"] => Command::Shutdown,
         _ => {
             let shown: String = text.chars().take(80).collect();
             return Err(format!("unknown admin console command {shown:?}; the console knows {COMMANDS}"));
@@ -956,6 +961,17 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         error(wbuf, Severity::Notice, "00000", &msg);
                         tag("RECONNECT", wbuf);
                     }
+                    Command::Shutdown => {
+                        // A permit is kept if the proxy is not waiting yet: never lost.
+                        shared.admin.shutdown.notify_one();
+                        let msg = format!(
+                            "the proxy is shutting down, as on SIGTERM: no new clients; transactions in flight get \
+                             up to {} (shutdown_timeout), then every connection closes",
+                            pgkeel_config::format_duration(shared.config().shutdown_timeout)
+                        );
+                        error(wbuf, Severity::Notice, "00000", &msg);
+                        tag("SHUTDOWN", wbuf);
+                    }
                     Command::WaitClose(db) => match wait_close(shared, db.as_deref()).await {
                         Ok(()) => tag("WAIT_CLOSE", wbuf),
                         Err(e) => error(wbuf, Severity::Error, sqlstate::OBJECT_IN_USE, &e),
@@ -1015,6 +1031,7 @@ mod tests {
             ("PAUSE appdb", Command::Pause(Some("appdb".into()))),
             ("resume appdb;", Command::Resume(Some("appdb".into()))),
             ("reload", Command::Reload),
+            ("shutdown;", Command::Shutdown),
             ("SHOW TOTALS", Command::ShowTotals),
             ("show databases;", Command::ShowDatabases),
             ("SHOW VERSION", Command::ShowVersion),

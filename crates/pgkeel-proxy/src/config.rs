@@ -317,8 +317,8 @@ pub struct ProxyConfig {
     /// pass on cancel requests for its clients; none: `listen` (see
     /// [`ProxyConfig::connect_address_or_listen`]).
     pub connect_address: Option<String>,
-    /// On SIGTERM/SIGINT, how long clients get to finish their transactions before every
-    /// connection is closed; also how long `PAUSE` waits for transactions in flight.
+    /// On SIGTERM/SIGINT (or `SHUTDOWN`), how long clients get to finish their transactions
+    /// before every connection is closed; also how long `PAUSE` and `WAIT_CLOSE` wait.
     pub shutdown_timeout: Duration,
 }
 
@@ -1460,8 +1460,9 @@ admin_users = []
 # with verify-full the other proxies' certificates must come from server_ca). Default: listen
 # (with 0.0.0.0 and the local DCS: 127.0.0.1).
 # connect_address = "10.0.0.5:6432"
-# On SIGTERM or SIGINT: stop accepting, let clients finish their transactions, close every
-# connection after this long. PAUSE waits this long for transactions in flight.
+# On SIGTERM, SIGINT or the console's SHUTDOWN: stop accepting, let clients finish their
+# transactions, close every connection after this long. PAUSE waits this long for
+# transactions in flight, WAIT_CLOSE for the connections it waits for.
 shutdown_timeout = "10s"
 
 # load_balance = "weighted": each member's share of the reads, by member name; a member not

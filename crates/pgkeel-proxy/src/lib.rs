@@ -179,6 +179,10 @@ pub async fn run(config: ProxyConfig, userlist: Userlist, control: Control) -> a
                     break;
                 }
             }
+            _ = shared.admin.shutdown.notified() => {
+                tracing::info!("SHUTDOWN on the admin console");
+                break;
+            }
             r = reload.changed() => {
                 if r.is_err() {
                     // The caller cannot ask for reloads any more; keep serving.

@@ -564,6 +564,19 @@ async fn proxy_admin_commands_for_one_database() {
         let msg = message(&admin.simple_query(bad).await.unwrap_err());
         assert!(msg.contains(says), "{bad}: {msg}");
     }
+
+    // SHUTDOWN: the drain of SIGTERM; the idle clients are closed and the proxy exits 0.
+    admin.simple_query("SHUTDOWN").await.expect("SHUTDOWN");
+    let mut p = p;
+    let status = wait_for("the proxy to exit after SHUTDOWN", Duration::from_secs(15), || {
+        let s = p.child.try_wait().unwrap();
+        async move { s }
+    })
+    .await;
+    assert!(status.success(), "the proxy exits 0 after SHUTDOWN: {status:?}");
+    let log = p.log_text();
+    assert!(log.contains("SHUTDOWN on the admin console") && log.contains("every client finished"), "{log}");
+    assert!(other.simple_query("select 1").await.is_err(), "its clients are gone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
