@@ -891,9 +891,10 @@ impl HaLoop {
 
     fn write_conf(&mut self, conf: &ManagedConf) -> anyhow::Result<bool> {
         let changed = self.inst.write_conf(conf)?;
-        self.inst.write_hba(&self.shared.config.postgres.replication.username)?;
+        let pg = &self.shared.config.postgres;
+        let hba_changed = self.inst.write_hba(&pg.replication.username, &pg.pg_hba)?;
         self.conf_term = conf.term;
-        Ok(changed)
+        Ok(changed || hba_changed)
     }
 
     async fn bootstrap(&mut self, snap: &ClusterSnapshot, d: &DynamicConfig) -> anyhow::Result<()> {

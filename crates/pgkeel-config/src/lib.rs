@@ -120,6 +120,10 @@ pub struct PostgresConfig {
     /// Postgres parameters for this node, applied on top of the cluster's.
     #[serde(deserialize_with = "params_serde::deserialize")]
     pub parameters: BTreeMap<String, ParamValue>,
+    /// Lines of the operator's for `pg_hba.conf`, placed after pgkeel's local and replication
+    /// lines and before its catch-all SCRAM lines (first match wins).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pg_hba: Vec<String>,
 }
 
 impl Default for PostgresConfig {
@@ -132,6 +136,7 @@ impl Default for PostgresConfig {
             superuser: Credentials { username: "postgres".into(), password: None },
             replication: Credentials { username: "pgkeel_replicator".into(), password: None },
             parameters: BTreeMap::new(),
+            pg_hba: Vec::new(),
         }
     }
 }

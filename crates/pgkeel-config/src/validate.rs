@@ -132,6 +132,7 @@ const POSTGRES: &[Field] = &[
     opt("superuser", Kind::Table(SUPERUSER)),
     opt("replication", Kind::Table(REPLICATION)),
     opt("parameters", Kind::Params),
+    opt("pg_hba", Kind::Value),
 ];
 
 // Credentials has no serde default for `username`, so it is required once the table exists.
@@ -558,6 +559,98 @@ fn check_host_port<'a>(key: &str, value: &'a str, example: &str) -> Result<(&'a 
 }
 
 /// Role names go into SQL and connection strings; postgres truncates names past 63 bytes.
+/// The authentication methods of postgres 15's `pg_hba.conf`.
+const HBA_METHODS: &[&str] = &[
+    "trust",
+    "reject",
+    "scram-sha-256",
+    "md5",
+    "password",
+    "gss",
+    "sspi",
+    "ident",
+    "peer",
+    "ldap",
+    "radius",
+    "cert",
+    "pam",
+    "bsd",
+];
+
+/// `postgres.pg_hba[i]`: one `pg_hba.conf` record, checked as far as a mistake would stop
+/// postgres from starting (postgres refuses to start with a `pg_hba.conf` it cannot read, and
+/// a reload keeps the old one): one line, a known connection type, enough fields, a known
+/// method. Addresses and options are left to postgres.
+pub fn check_hba_line(i: usize, line: &str) -> Result<(), ConfigError> {
+    let key = format!("postgres.pg_hba[{i}]");
+    let example = "e.g. \"hostssl all app 10.0.0.0/8 scram-sha-256\"";
+    if line.contains(['\n', '\r', '\0']) {
+        return Err(invalid(format!("{key} = {line:?}: one pg_hba.conf line per entry, without line breaks")));
+    }
+    let fields = hba_fields(line);
+    let Some(kind) = fields.first() else {
+        return Err(invalid(format!("{key} is empty (or only a comment); write a pg_hba.conf line, {example}")));
+    };
+    // type, database, user, [address, [mask]], method, [options]
+    let address_fields = match kind.as_str() {
+        "local" => 0,
+        "host" | "hostssl" | "hostnossl" | "hostgssenc" | "hostnogssenc" => 1,
+        other => {
+            return Err(invalid(format!(
+                "{key} = {line:?}: {other:?} is not a connection type; use local, host, hostssl, hostnossl, \
+                 hostgssenc or hostnogssenc, {example}"
+            )))
+        }
+    };
+    // An address written as IP and netmask takes two fields.
+    let address_fields = if address_fields == 1 && fields.get(4).is_some_and(|f| f.parse::<std::net::IpAddr>().is_ok())
+    {
+        2
+    } else {
+        address_fields
+    };
+    let Some(method) = fields.get(3 + address_fields) else {
+        return Err(invalid(format!(
+            "{key} = {line:?}: too few fields; a {kind} line is {kind} DATABASE USER{} METHOD [OPTIONS], {example}",
+            if address_fields > 0 { " ADDRESS" } else { "" }
+        )));
+    };
+    if !HBA_METHODS.contains(&method.as_str()) {
+        return Err(invalid(format!(
+            "{key} = {line:?}: {method:?} is not an authentication method postgres knows; use one of {}",
+            HBA_METHODS.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// The fields of a `pg_hba.conf` line: split at blanks outside double quotes, up to a `#`
+/// outside them (a comment).
+fn hba_fields(line: &str) -> Vec<String> {
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                field.push(c);
+            }
+            '#' if !quoted => break,
+            c if c.is_whitespace() && !quoted => {
+                if !field.is_empty() {
+                    fields.push(std::mem::take(&mut field));
+                }
+            }
+            c => field.push(c),
+        }
+    }
+    if !field.is_empty() {
+        fields.push(field);
+    }
+    fields
+}
+
 fn check_role(key: &str, value: &str) -> Result<(), ConfigError> {
     if value.is_empty() {
         return Err(invalid(format!("{key} is empty; set a role name, e.g. {key} = \"postgres\"")));
@@ -670,6 +763,9 @@ impl NodeConfig {
         check_role("postgres.replication.username", &pg.replication.username)?;
         check_password("postgres.replication.password", pg.replication.password.as_deref())?;
         check_parameters("postgres.parameters", &pg.parameters)?;
+        for (i, line) in pg.pg_hba.iter().enumerate() {
+            check_hba_line(i, line)?;
+        }
 
         let rest = &self.rest;
         let (host, _) = check_host_port("rest.listen", &rest.listen, "127.0.0.1:8008")?;
@@ -907,6 +1003,11 @@ listen = "127.0.0.1:5432"
 # bin_dir = "/usr/lib/postgresql/16/bin"
 # OS user that runs postgres when the agent runs as root. Default: "postgres".
 os_user = "postgres"
+# Lines of your own for pg_hba.conf, one record each. pgkeel writes them after its own local
+# and replication lines and before its catch-all "host all all ... scram-sha-256" lines; the
+# first line that matches a connection decides. End with a reject line to refuse what yours
+# do not allow. A change applies when the agent starts (it reloads postgres). Default: none.
+# pg_hba = ["hostssl all app 10.0.0.0/8 scram-sha-256", "host all all 0.0.0.0/0 reject"]
 
 # Superuser the agent connects as; the agent itself uses the local socket.
 [postgres.superuser]
@@ -1082,6 +1183,7 @@ mod tests {
                 superuser: Credentials { username: "admin".into(), password: Some("s3cret".into()) },
                 replication: Credentials { username: "repl".into(), password: Some("r3pl".into()) },
                 parameters: params("wal_log_hints"),
+                pg_hba: vec!["hostssl all app 10.0.0.0/8 cert".into()],
             },
             rest: RestConfig {
                 listen: "[::]:8009".into(),
@@ -1363,7 +1465,7 @@ mod tests {
         let (_, _, msg) = unknown("cluster = \"c\"\n[postgres]\nfrobnicate = 1");
         assert_eq!(
             msg,
-            r#"unknown key "postgres.frobnicate"; valid keys in [postgres]: listen, connect_address, bin_dir, os_user, superuser, replication, parameters"#
+            r#"unknown key "postgres.frobnicate"; valid keys in [postgres]: listen, connect_address, bin_dir, os_user, superuser, replication, parameters, pg_hba"#
         );
         let (_, _, msg) = unknown("frobnicate = 1");
         assert!(
@@ -1493,6 +1595,22 @@ mod tests {
     }
 
     #[test]
+    fn pg_hba_lines_postgres_reads() {
+        for line in [
+            "local all all peer",
+            "host all all 10.0.0.0/8 scram-sha-256",
+            "hostssl all app 10.0.0.1 255.255.255.255 cert clientname=DN",
+            "hostnossl \"my db\" \"a user\" 0.0.0.0/0 reject # no plain text",
+            "host all all ::1/128 trust",
+            "hostgssenc all all all gss include_realm=0",
+            "host replication all samenet md5",
+        ] {
+            check_hba_line(0, line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        }
+        assert_eq!(hba_fields("a \"b c\"  d#e"), ["a", "\"b c\"", "d"]);
+    }
+
+    #[test]
     fn bad_values() {
         let cases: &[(&str, &str, &str)] = &[
             (
@@ -1537,6 +1655,14 @@ mod tests {
             ("shared_buffers = \"128MB\"", "Shared_Buffers = 1", "write it in lower case: shared_buffers"),
             ("max_connections = 100", "primary_conninfo = \"x\"", "bootstrap.postgresql.parameters.primary_conninfo"),
             ("max_connections = 100", "\"1bad\" = 1", "not a postgres parameter name"),
+            ("# pg_hba = [", "pg_hba = [\"\"]\n# ", "postgres.pg_hba[0] is empty"),
+            ("# pg_hba = [", "pg_hba = [\"# a comment\"]\n# ", "postgres.pg_hba[0] is empty (or only a comment)"),
+            ("# pg_hba = [", "pg_hba = [\"host all all 10.0.0.0/8 md5\", \"a\\nb\"]\n# ", "postgres.pg_hba[1]"),
+            ("# pg_hba = [", "pg_hba = [\"hots all all 10.0.0.0/8 md5\"]\n# ", "\"hots\" is not a connection type"),
+            ("# pg_hba = [", "pg_hba = [\"host all all md5\"]\n# ", "too few fields; a host line is host DATABASE"),
+            ("# pg_hba = [", "pg_hba = [\"local all all\"]\n# ", "too few fields; a local line"),
+            ("# pg_hba = [", "pg_hba = [\"host all all 10.0.0.0/8 scram\"]\n# ", "\"scram\" is not an authentication"),
+            ("# pg_hba = [", "pg_hba = [\"host all all 10.0.0.0 255.0.0.0\"]\n# ", "too few fields"),
         ];
         for (from, to, want) in cases {
             assert!(example().contains(from), "example lacks {from}");

@@ -605,6 +605,8 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("tls.server_ca", path_or_empty(c.tls.server_ca.as_deref())),
         ("tls.client_ca", path_or_empty(c.tls.client_ca.as_deref())),
         ("tls.client_crl", path_or_empty(c.tls.client_crl.as_deref())),
+        ("tls.server_cert", path_or_empty(c.tls.server_cert.as_deref())),
+        ("tls.server_key", path_or_empty(c.tls.server_key.as_deref())),
         ("auth.userlist", c.userlist.display().to_string()),
         ("auth.auth_type", c.auth_type.as_str().to_string()),
     ]

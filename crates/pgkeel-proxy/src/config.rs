@@ -166,6 +166,11 @@ pub struct TlsSettings {
     /// PEM certificate revocation list(s) of `client_ca`'s CAs: a client certificate listed
     /// in one is refused.
     pub client_crl: Option<PathBuf>,
+    /// PEM certificate (chain) and key the proxy presents to postgres when it asks for one
+    /// (`cert` or `clientcert` in `pg_hba.conf`).
+    pub server_cert: Option<PathBuf>,
+    /// PEM private key of `server_cert`.
+    pub server_key: Option<PathBuf>,
 }
 
 impl Default for TlsSettings {
@@ -178,6 +183,8 @@ impl Default for TlsSettings {
             server_ca: None,
             client_ca: None,
             client_crl: None,
+            server_cert: None,
+            server_key: None,
         }
     }
 }
@@ -563,7 +570,8 @@ const DATABASE: &[&str] =
     &["dbname", "pool_mode", "pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"];
 const USER: &[&str] = &["pool_mode", "pool_size", "max_user_connections"];
 const AUTH: &[&str] = &["userlist", "auth_type", "query", "auth_user"];
-const TLS: &[&str] = &["cert", "key", "client_tls", "server_tls", "server_ca", "client_ca", "client_crl"];
+const TLS: &[&str] =
+    &["cert", "key", "client_tls", "server_tls", "server_ca", "client_ca", "client_crl", "server_cert", "server_key"];
 const DCS_LOCAL: &[&str] = &["kind", "path"];
 const DCS_ETCD: &[&str] = &["kind", "endpoints"];
 const DCS_KINDS_HELP: &str = r#"supported kinds: "local" (the embedded single-host store) and "etcd""#;
@@ -1269,7 +1277,7 @@ fn tls(table: &toml::Table, base: &Path) -> Result<TlsSettings, ConfigError> {
     };
     let path = |key: &str| -> Result<Option<PathBuf>, ConfigError> { Ok(string(t, "tls", key)?.map(|p| base.join(p))) };
     let (cert, key, server_ca, client_ca) = (path("cert")?, path("key")?, path("server_ca")?, path("client_ca")?);
-    let client_crl = path("client_crl")?;
+    let (client_crl, server_cert, server_key) = (path("client_crl")?, path("server_cert")?, path("server_key")?);
     match (&cert, &key) {
         (Some(_), None) => return Err(invalid("tls.cert is set without tls.key: add key = \"/etc/pgkeel/proxy.key\"")),
         (None, Some(_)) => {
@@ -1338,7 +1346,27 @@ fn tls(table: &toml::Table, base: &Path) -> Result<TlsSettings, ConfigError> {
             "tls.server_tls = \"verify-full\" needs tls.server_ca: the PEM file of the CA that signed the servers' certificates",
         ));
     }
-    Ok(TlsSettings { cert, key, client_tls, server_tls, server_ca, client_ca, client_crl })
+    match (&server_cert, &server_key) {
+        (Some(_), None) => {
+            return Err(invalid(
+                "tls.server_cert is set without tls.server_key: add server_key = \"/etc/pgkeel/proxy-client.key\"",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "tls.server_key is set without tls.server_cert: add server_cert = \"/etc/pgkeel/proxy-client.crt\"",
+            ))
+        }
+        (Some(_), Some(_)) if server_tls == ServerTlsMode::Disable => {
+            return Err(invalid(
+                "tls.server_cert is set, and tls.server_tls = \"disable\" sends it nowhere: set server_tls = \
+                 \"require\" or \"verify-full\" (a certificate for postgres needs TLS), or remove server_cert and \
+                 server_key",
+            ))
+        }
+        _ => {}
+    }
+    Ok(TlsSettings { cert, key, client_tls, server_tls, server_ca, client_ca, client_crl, server_cert, server_key })
 }
 
 /// Whether `text` is a `proxy.toml` rather than a `node.toml`: no `[postgres]` section (nor
@@ -1523,6 +1551,11 @@ auth_type = "scram-sha-256"
 # certificate is not checked) or "verify-full" (checked against server_ca and the host name).
 server_tls = "prefer"
 # server_ca = "/etc/pgkeel/ca.crt"
+# A certificate (chain) and key the proxy presents when postgres asks for one: for "cert"
+# (or clientcert=verify-ca/verify-full) in pg_hba.conf, e.g. through postgres.pg_hba in the
+# nodes' node.toml. Its CN must be the user name for "cert", or map to it (pg_ident.conf).
+# server_cert = "/etc/pgkeel/proxy-client.crt"
+# server_key = "/etc/pgkeel/proxy-client.key"
 "##;
 
 #[cfg(test)]
@@ -1739,6 +1772,11 @@ mod tests {
             assert_eq!(c.tls.client_crl, None);
             let c = ok(&format!("{MINIMAL}{}client_crl = \"clients.crl\"\n", certs(mode, true)));
             assert_eq!(c.tls.client_crl, Some(PathBuf::from("/etc/pgkeel/clients.crl")), "relative to the file");
+            let c = ok(&format!("{MINIMAL}[tls]\nserver_cert = \"p.crt\"\nserver_key = \"/k/p.key\"\n"));
+            assert_eq!(
+                (c.tls.server_cert, c.tls.server_key),
+                (Some(PathBuf::from("/etc/pgkeel/p.crt")), Some(PathBuf::from("/k/p.key")))
+            );
             let c = ok(&format!("{}{}", auth("auth_type = \"cert\""), certs(mode, true)));
             assert_eq!(c.auth_type, AuthType::Cert);
         }
@@ -1749,6 +1787,12 @@ mod tests {
             (
                 format!("{MINIMAL}{}client_crl = \"clients.crl\"\n", certs("require", false)),
                 "tls.client_crl is set without tls.client_ca",
+            ),
+            (format!("{MINIMAL}[tls]\nserver_cert = \"p.crt\"\n"), "tls.server_cert is set without tls.server_key"),
+            (format!("{MINIMAL}[tls]\nserver_key = \"p.key\"\n"), "tls.server_key is set without tls.server_cert"),
+            (
+                format!("{MINIMAL}[tls]\nserver_tls = \"disable\"\nserver_cert = \"p.crt\"\nserver_key = \"p.key\"\n"),
+                "tls.server_tls = \"disable\" sends it nowhere",
             ),
             (auth("auth_type = \"cert\""), "auth.auth_type = \"cert\" takes the user from the client's certificate"),
             (

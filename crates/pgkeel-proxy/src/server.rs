@@ -766,7 +766,7 @@ mod tests {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let tls = ServerTls {
             mode: ServerTlsMode::Require,
-            connector: Some(crate::tls::connector(ServerTlsMode::Require, None).expect("connector")),
+            connector: Some(crate::tls::connector(ServerTlsMode::Require, None, None).expect("connector")),
         };
         let want = {
             let mut b = BytesMut::new();
@@ -823,7 +823,7 @@ mod tests {
         });
         let tls = ServerTls {
             mode: ServerTlsMode::Require,
-            connector: Some(crate::tls::connector(ServerTlsMode::Require, None).expect("connector")),
+            connector: Some(crate::tls::connector(ServerTlsMode::Require, None, None).expect("connector")),
         };
         let request = crate::protocol::CancelRequest { pid: 7, secret_key: Bytes::from_static(&[9, 9, 9, 9]) };
         let err = pass_cancel_on(&address, &request, &tls).await.expect_err("no TLS, and server_tls requires it");

@@ -331,7 +331,10 @@ impl Tls {
         };
         let connector = match t.server_tls {
             ServerTlsMode::Disable => None,
-            mode => Some(connector(mode, t.server_ca.as_deref())?),
+            mode => {
+                let identity = t.server_cert.as_deref().zip(t.server_key.as_deref());
+                Some(connector(mode, t.server_ca.as_deref(), identity)?)
+            }
         };
         Ok(Tls { client_mode: t.client_tls, acceptor, endpoint, server_mode: t.server_tls, connector })
     }
@@ -357,6 +360,18 @@ fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, St
         return Err(format!("tls.{key}: {} has no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display()));
     }
     Ok(certs)
+}
+
+/// The private key of the PEM file `[tls] name` names.
+fn read_key(name: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        format!("tls.{name}: cannot read a PEM private key (PKCS#8, PKCS#1 or SEC1) from {}: {e}", path.display())
+    })
+}
+
+/// The error for a certificate and a key (each `[tls]` key and file) rustls cannot use together.
+fn unusable_pair((cert_key, cert): (&str, &Path), (key_key, key): (&str, &Path), e: rustls::Error) -> String {
+    format!("tls.{cert_key} / tls.{key_key}: {} and {} do not make a usable pair: {e}", cert.display(), key.display())
 }
 
 /// The CA certificates of the PEM file `[tls] key` names, as trust roots.
@@ -398,9 +413,7 @@ pub fn acceptor(
 ) -> Result<(TlsAcceptor, Option<Vec<u8>>), String> {
     let certs = read_certs("cert", cert)?;
     let endpoint = endpoint_hash(&certs[0]);
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        format!("tls.key: cannot read a PEM private key (PKCS#8, PKCS#1 or SEC1) from {}: {e}", key.display())
-    })?;
+    let key_der = read_key("key", key)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?;
@@ -420,9 +433,8 @@ pub fn acceptor(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let config = builder.with_single_cert(certs, key_der).map_err(|e| {
-        format!("tls.cert / tls.key: {} and {} do not make a usable pair: {e}", cert.display(), key.display())
-    })?;
+    let config =
+        builder.with_single_cert(certs, key_der).map_err(|e| unusable_pair(("cert", cert), ("key", key), e))?;
     Ok((TlsAcceptor::from(Arc::new(config)), endpoint))
 }
 
@@ -550,16 +562,31 @@ fn der_element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 }
 
 /// A TLS connector for servers: `verify-full` checks the chain against `ca` and the name;
-/// `prefer` and `require` check only the handshake signatures.
-pub fn connector(mode: ServerTlsMode, ca: Option<&Path>) -> Result<TlsConnector, String> {
+/// `prefer` and `require` check only the handshake signatures. With `identity` (the PEM
+/// files of `server_cert` and `server_key`), the proxy presents that certificate when a
+/// server asks for one.
+pub fn connector(
+    mode: ServerTlsMode,
+    ca: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<TlsConnector, String> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?;
-    let config = if mode == ServerTlsMode::VerifyFull {
+    let builder = if mode == ServerTlsMode::VerifyFull {
         let ca = ca.ok_or("tls.server_tls = \"verify-full\" needs tls.server_ca, the PEM file of the CA that signed the servers' certificates")?;
-        builder.with_root_certificates(read_roots("server_ca", ca)?).with_no_client_auth()
+        builder.with_root_certificates(read_roots("server_ca", ca)?)
     } else {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(NoCertCheck(provider()))).with_no_client_auth()
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(NoCertCheck(provider())))
+    };
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let (certs, key_der) = (read_certs("server_cert", cert)?, read_key("server_key", key)?);
+            builder
+                .with_client_auth_cert(certs, key_der)
+                .map_err(|e| unusable_pair(("server_cert", cert), ("server_key", key), e))?
+        }
     };
     Ok(TlsConnector::from(Arc::new(config)))
 }

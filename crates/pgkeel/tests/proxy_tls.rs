@@ -20,7 +20,12 @@ fn password(c: &Cluster) -> String {
 /// A proxy for cluster `c` whose userlist holds the superuser, with `extra` lines at the end
 /// of proxy.toml (after `[auth] userlist`, so they may add `[auth]` keys, then `[tls]`).
 async fn start_proxy(c: &Cluster, name: &str, extra: &str) -> Proxy {
-    let dir = proxy_dir(c, name, &[("postgres", &password(c))]);
+    start_proxy_for(c, name, &[("postgres", &password(c))], extra).await
+}
+
+/// [`start_proxy`] with `users` (name, plaintext password) in the userlist.
+async fn start_proxy_for(c: &Cluster, name: &str, users: &[(&str, &str)], extra: &str) -> Proxy {
+    let dir = proxy_dir(c, name, users);
     let port = free_port();
     let config = dir.join("proxy.toml");
     std::fs::write(
@@ -649,4 +654,82 @@ async fn client_certificates_verify_full_and_cert_auth() {
     })
     .await;
     assert!(err.contains("certificate revoked"), "revoked after the reload: {err}");
+}
+
+/// `postgres.pg_hba` in node.toml and the proxy's own certificate towards postgres
+/// (`[tls] server_cert`, `server_key`): a `hostssl ... cert` line for one role, and a proxy
+/// that logs in as that role with its certificate, where one without it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_hba_lines_and_the_proxys_certificate_towards_postgres() {
+    let mut c = Cluster::up(bin(), 1).await;
+    let leader = c.leader().await.expect("a leader").0;
+    let certs = c.dir().join("client-certs");
+    client_certificates(&certs, &["cert_login"]);
+    let node = c.node_dsn(&leader);
+    psql(&node, "create role cert_login login").unwrap();
+
+    // First postgres is told which CA signs client certificates, then the operator's line is
+    // added alone: the agent writes pg_hba.conf when it starts and reloads postgres for that
+    // change too.
+    let node_toml = c.dir().join("nodes").join(&leader).join("node.toml");
+    let mut config = pgkeel_config::load(&node_toml).expect("node.toml");
+    let ca = certs.join("clients-ca.crt").display().to_string();
+    config.postgres.parameters.insert("ssl_ca_file".into(), pgkeel_config::ParamValue::Text(ca.clone()));
+    std::fs::write(&node_toml, config.to_toml()).unwrap();
+    c.kill_agent(&leader);
+    c.start_agent(&leader);
+    wait_for("postgres to read ssl_ca_file", Duration::from_secs(60), || {
+        let (node, ca) = (node.clone(), ca.clone());
+        async move { (psql(&node, "show ssl_ca_file").ok()? == ca).then_some(()) }
+    })
+    .await;
+    config.postgres.pg_hba = vec!["hostssl all cert_login 127.0.0.1/32 cert".into()];
+    std::fs::write(&node_toml, config.to_toml()).unwrap();
+    c.kill_agent(&leader);
+    c.start_agent(&leader);
+    // postgresql://postgres:PW@127.0.0.1:PORT/postgres, as cert_login without a password.
+    let address = node.rsplit_once('@').expect("a DSN with credentials").1;
+    let with_cert = format!(
+        "sslmode=require&sslcert={}&sslkey={}",
+        certs.join("cert_login.crt").display(),
+        certs.join("cert_login.key").display()
+    );
+    let by_cert = format!("postgresql://cert_login@{address}?{with_cert}");
+    let who = wait_for("a login with the certificate under the new pg_hba.conf", Duration::from_secs(60), || {
+        let dsn = by_cert.clone();
+        async move { psql(&dsn, "select current_user").ok() }
+    })
+    .await;
+    assert_eq!(who, "cert_login");
+    let hba = std::fs::read_to_string(c.dir().join("nodes").join(&leader).join("data").join("pg_hba.conf")).unwrap();
+    let (line, catch_all) = (
+        hba.find("hostssl all cert_login 127.0.0.1/32 cert").expect("the operator's line"),
+        hba.find("host    all          all   0.0.0.0/0").expect("pgkeel's catch-all"),
+    );
+    assert!(line < catch_all, "the operator's line comes before the catch-all:\n{hba}");
+
+    // A proxy with cert_login's certificate logs in to postgres with it (no password: the
+    // userlist's is for clients only); one without it gets postgres' refusal, passed on.
+    let users = [("cert_login", "client pw")];
+    let section = format!(
+        "[tls]\nserver_tls = \"require\"\nserver_cert = {:?}\nserver_key = {:?}\n",
+        certs.join("cert_login.crt").display().to_string(),
+        certs.join("cert_login.key").display().to_string()
+    );
+    let with = start_proxy_for(&c, "proxy-server-cert", &users, &section).await;
+    let through = with.dsn_with("cert_login", "client%20pw", "&sslmode=disable");
+    let dn = wait_for("a login through the proxy", Duration::from_secs(20), || {
+        let dsn = through.clone();
+        async move { psql(&dsn, "select client_dn from pg_stat_ssl where pid = pg_backend_pid()").ok() }
+    })
+    .await;
+    assert_eq!(dn, "/CN=cert_login", "the proxy's connection to postgres carries the certificate");
+    let err = psql(&with.dsn_with("cert_login", "wrong", "&sslmode=disable"), "select 1").unwrap_err();
+    assert!(
+        err.contains("password authentication failed for user \"cert_login\""),
+        "the client still needs its password: {err}"
+    );
+    let without = start_proxy_for(&c, "proxy-no-server-cert", &users, "[tls]\nserver_tls = \"require\"\n").await;
+    let err = psql(&without.dsn_with("cert_login", "client%20pw", "&sslmode=disable"), "select 1").unwrap_err();
+    assert!(err.contains("connection requires a valid client certificate"), "postgres' refusal: {err}");
 }
