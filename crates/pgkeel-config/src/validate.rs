@@ -558,7 +558,6 @@ fn check_host_port<'a>(key: &str, value: &'a str, example: &str) -> Result<(&'a 
         .map_err(|why| invalid(format!("{key} = {value:?}: {why}; expected host:port, e.g. {key} = {example:?}")))
 }
 
-/// Role names go into SQL and connection strings; postgres truncates names past 63 bytes.
 /// The authentication methods of postgres 15's `pg_hba.conf`.
 const HBA_METHODS: &[&str] = &[
     "trust",
@@ -581,7 +580,7 @@ const HBA_METHODS: &[&str] = &[
 /// postgres from starting (postgres refuses to start with a `pg_hba.conf` it cannot read, and
 /// a reload keeps the old one): one line, a known connection type, enough fields, a known
 /// method. Addresses and options are left to postgres.
-pub fn check_hba_line(i: usize, line: &str) -> Result<(), ConfigError> {
+fn check_hba_line(i: usize, line: &str) -> Result<(), ConfigError> {
     let key = format!("postgres.pg_hba[{i}]");
     let example = "e.g. \"hostssl all app 10.0.0.0/8 scram-sha-256\"";
     if line.contains(['\n', '\r', '\0']) {
@@ -651,6 +650,7 @@ fn hba_fields(line: &str) -> Vec<String> {
     fields
 }
 
+/// Role names go into SQL and connection strings; postgres truncates names past 63 bytes.
 fn check_role(key: &str, value: &str) -> Result<(), ConfigError> {
     if value.is_empty() {
         return Err(invalid(format!("{key} is empty; set a role name, e.g. {key} = \"postgres\"")));
