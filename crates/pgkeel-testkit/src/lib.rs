@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use pgkeel_agent::http::{request, Auth, Response};
 use serde_json::Value;
 
+pub mod ipc;
 pub mod netns;
 mod reaper;
 
@@ -57,11 +58,14 @@ pub fn read_pid(path: &Path) -> Option<i32> {
 }
 
 /// SIGKILLs the processes of the cluster in `dir` that are still alive, from their pid files:
-/// each node's agent, postmaster and guard, and the proxy `pgkeel up` started.
+/// each node's agent, postmaster and guard, and the proxy `pgkeel up` started. Then releases
+/// the shared memory of the postmasters that were killed (by the test or here), which postgres
+/// would otherwise leave in the kernel ([`ipc`]).
 fn kill_cluster_processes(dir: &Path) {
     let mut pids = Vec::new();
-    for node in std::fs::read_dir(dir.join("nodes")).into_iter().flatten().flatten() {
-        let n = node.path();
+    let nodes: Vec<PathBuf> =
+        std::fs::read_dir(dir.join("nodes")).into_iter().flatten().flatten().map(|n| n.path()).collect();
+    for n in &nodes {
         pids.extend(read_pid(&n.join("agent.pid")));
         pids.extend(pgkeel_pg::process::postmaster_pid(&n.join("data")));
         pids.extend(read_pid(&n.join("guard.pid")));
@@ -70,6 +74,14 @@ fn kill_cluster_processes(dir: &Path) {
     for p in pids.into_iter().filter(|p| *p > 1 && alive(*p)) {
         signal(p, libc::SIGKILL);
     }
+    // `data`, and any directory a node moved aside (`data.old` before a fresh clone).
+    let dirs: Vec<PathBuf> = nodes
+        .iter()
+        .flat_map(|n| std::fs::read_dir(n).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    ipc::release_leftovers(&dirs);
 }
 
 /// What to do for a cluster in `dir` when the test process is ended by a signal (see

@@ -376,6 +376,9 @@ fn a_test_ended_by_sigterm_leaves_no_cluster_behind() {
     for (what, pid) in pids {
         assert!(alive(pid), "the {what} ({pid}) runs before the signal");
     }
+    let (shmid, control) = pgkeel_testkit::ipc::shared_memory(&node.join("data")).expect("postgres' shared memory");
+    let control = control.expect("a dynamic shared memory control segment");
+    assert!(pgkeel_testkit::ipc::segment_exists(shmid) && control.exists(), "{shmid} {}", control.display());
     signal(child.id() as i32, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
@@ -398,4 +401,25 @@ fn a_test_ended_by_sigterm_leaves_no_cluster_behind() {
         assert!(!alive(pid), "the {what} ({pid}) outlived the test ended by SIGTERM");
     }
     assert!(!dir.exists(), "{} was not removed", dir.display());
+    // The postmaster was SIGKILLed: its shared memory is released as its restart would.
+    assert!(!pgkeel_testkit::ipc::segment_exists(shmid), "System V segment {shmid} left behind");
+    assert!(!control.exists(), "{} left behind", control.display());
+}
+
+/// A postmaster the test kills and never restarts leaves its System V segment and its
+/// `/dev/shm/PostgreSQL.*` files to the kernel; the cluster's teardown releases them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_postmasters_shared_memory_is_released_at_teardown() {
+    let c = Cluster::up(bin(), 1).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let data = c.dir().join("nodes").join(&leader).join("data");
+    let (shmid, control) = pgkeel_testkit::ipc::shared_memory(&data).expect("postgres' shared memory");
+    let control = control.expect("a dynamic shared memory control segment");
+    let postmaster = c.postmaster_pid(&leader).expect("a postmaster");
+    c.kill_node(&leader);
+    wait_for("the postmaster to die", Duration::from_secs(10), || async { (!alive(postmaster)).then_some(()) }).await;
+    assert!(pgkeel_testkit::ipc::segment_exists(shmid) && control.exists(), "left behind by the kill, for now");
+    drop(c);
+    assert!(!pgkeel_testkit::ipc::segment_exists(shmid), "System V segment {shmid} left behind");
+    assert!(!control.exists(), "{} left behind", control.display());
 }
