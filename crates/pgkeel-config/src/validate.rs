@@ -590,23 +590,23 @@ fn check_hba_line(i: usize, line: &str) -> Result<(), ConfigError> {
     let Some(kind) = fields.first() else {
         return Err(invalid(format!("{key} is empty (or only a comment); write a pg_hba.conf line, {example}")));
     };
-    // type, database, user, [address, [mask]], method, [options]
+    // type, database, user, [address, [mask]], method, [options]; an address written as IP
+    // and netmask takes two fields.
     let address_fields = match kind.as_str() {
         "local" => 0,
-        "host" | "hostssl" | "hostnossl" | "hostgssenc" | "hostnogssenc" => 1,
+        "host" | "hostssl" | "hostnossl" | "hostgssenc" | "hostnogssenc" => {
+            if fields.get(4).is_some_and(|f| f.parse::<std::net::IpAddr>().is_ok()) {
+                2
+            } else {
+                1
+            }
+        }
         other => {
             return Err(invalid(format!(
                 "{key} = {line:?}: {other:?} is not a connection type; use local, host, hostssl, hostnossl, \
                  hostgssenc or hostnogssenc, {example}"
             )))
         }
-    };
-    // An address written as IP and netmask takes two fields.
-    let address_fields = if address_fields == 1 && fields.get(4).is_some_and(|f| f.parse::<std::net::IpAddr>().is_ok())
-    {
-        2
-    } else {
-        address_fields
     };
     let Some(method) = fields.get(3 + address_fields) else {
         return Err(invalid(format!(

@@ -352,14 +352,20 @@ impl Tls {
 }
 
 fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+    read_pem_list(key, path, "certificate", "CERTIFICATE")
+}
+
+/// Every PEM object of type `T` in the file `[tls] key` names (`noun` and `label` name the
+/// type in errors: `certificate`, `-----BEGIN CERTIFICATE-----`); at least one.
+fn read_pem_list<T: PemObject>(key: &str, path: &Path, noun: &str, label: &str) -> Result<Vec<T>, String> {
+    let items: Vec<T> = T::pem_file_iter(path)
         .map_err(|e| format!("tls.{key}: cannot read {}: {e}", path.display()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("tls.{key}: {} is not a PEM certificate file: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("tls.{key}: {} has no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display()));
+        .map_err(|e| format!("tls.{key}: {} is not a PEM {noun} file: {e}", path.display()))?;
+    if items.is_empty() {
+        return Err(format!("tls.{key}: {} has no PEM {noun} (-----BEGIN {label}-----)", path.display()));
     }
-    Ok(certs)
+    Ok(items)
 }
 
 /// The private key of the PEM file `[tls] name` names.
@@ -385,17 +391,7 @@ fn read_roots(key: &str, path: &Path) -> Result<rustls::RootCertStore, String> {
 
 /// The certificate revocation lists of the PEM file `[tls] client_crl` names.
 fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
-    let crls: Vec<CertificateRevocationListDer<'static>> = CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| format!("tls.client_crl: cannot read {}: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("tls.client_crl: {} is not a PEM revocation list file: {e}", path.display()))?;
-    if crls.is_empty() {
-        return Err(format!(
-            "tls.client_crl: {} has no PEM revocation list (-----BEGIN X509 CRL-----)",
-            path.display()
-        ));
-    }
-    Ok(crls)
+    read_pem_list("client_crl", path, "revocation list", "X509 CRL")
 }
 
 /// A TLS acceptor for clients with the certificate chain and key in PEM files, and the
