@@ -368,6 +368,18 @@ async fn server_pids(admin: &tokio_postgres::Client, database: &str) -> Vec<Stri
         .collect()
 }
 
+/// Waits (10 s at most) until `SHOW DATABASES` has `column` = `value` in the row of `maint`.
+async fn wait_for_maint(admin: &tokio_postgres::Client, what: &str, column: &str, value: &str) {
+    wait_for(what, Duration::from_secs(10), || async {
+        show(admin, "SHOW DATABASES")
+            .await
+            .into_iter()
+            .find(|r| r["database"] == "maint" && r[column] == value)
+            .map(|_| ())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_admin_commands_for_one_database() {
     let (c, direct) = cluster_with(&["create database maint"]).await;
@@ -397,10 +409,7 @@ async fn proxy_admin_commands_for_one_database() {
     let waiting = tokio::spawn(async move { waiter.simple_query("select 1").await.map(|_| ()) });
     let other = connect(&p.dsn("postgres")).await.unwrap();
     other.simple_query("select 1").await.unwrap();
-    wait_for("the fourth maint client to wait for a slot", Duration::from_secs(10), || async {
-        row_of(show(&admin, "SHOW DATABASES").await, "maint").filter(|r| r["cl_waiting"] == "1").map(|_| ())
-    })
-    .await;
+    wait_for_maint(&admin, "the fourth maint client to wait for a slot", "cl_waiting", "1").await;
     let row = row_of(show(&admin, "SHOW DATABASES").await, "maint").expect("a maint row");
     assert_eq!((row["clients"].as_str(), row["sv_active"].as_str(), row["disabled"].as_str()), ("4", "2", "no"));
 
@@ -448,10 +457,7 @@ async fn proxy_admin_commands_for_one_database() {
     let held = tokio::spawn(async move {
         asking.simple_query("select count(*) from pg_class where relname = 'killed_tx'").await.map(|r| first_value(&r))
     });
-    wait_for("the new client's transaction to be held after KILL", Duration::from_secs(10), || async {
-        row_of(show(&admin, "SHOW DATABASES").await, "maint").filter(|r| r["cl_waiting"] == "1").map(|_| ())
-    })
-    .await;
+    wait_for_maint(&admin, "the new client's transaction to be held after KILL", "cl_waiting", "1").await;
     assert!(!held.is_finished(), "held until RESUME maint");
     other.simple_query("select 1").await.expect("another database's transactions are not held");
     admin.simple_query("RESUME maint").await.expect("RESUME maint after KILL");
@@ -530,20 +536,14 @@ async fn proxy_admin_commands_for_one_database() {
         let console = connect(&pause_dsn).await.expect("a second console");
         console.simple_query("PAUSE maint").await.map(|_| ())
     });
-    wait_for("maint to show as paused", Duration::from_secs(10), || async {
-        row_of(show(&admin, "SHOW DATABASES").await, "maint").filter(|r| r["paused"] == "yes").map(|_| ())
-    })
-    .await;
+    wait_for_maint(&admin, "maint to show as paused", "paused", "yes").await;
     assert!(!pausing.is_finished(), "PAUSE maint waits for maint's transaction in flight");
     other.simple_query("select 1").await.expect("another database's transactions are not held");
     tx.simple_query("select 2").await.expect("the transaction in flight goes on");
     tx.commit().await.expect("and commits");
     tokio::time::timeout(Duration::from_secs(10), pausing).await.expect("PAUSE maint returns").unwrap().unwrap();
     let held = tokio::spawn(async move { back.simple_query("select 1").await.map(|_| ()) });
-    wait_for("maint's new transaction to be held", Duration::from_secs(10), || async {
-        row_of(show(&admin, "SHOW DATABASES").await, "maint").filter(|r| r["cl_waiting"] == "1").map(|_| ())
-    })
-    .await;
+    wait_for_maint(&admin, "maint's new transaction to be held", "cl_waiting", "1").await;
     other.simple_query("select 1").await.expect("still not held");
     admin.simple_query("RESUME maint").await.expect("RESUME maint");
     tokio::time::timeout(Duration::from_secs(10), held)
