@@ -49,6 +49,8 @@ struct PgObservation {
 
 pub(crate) struct HaLoop {
     shared: Arc<Shared>,
+    /// This member's name (`name` in node.toml, fixed while the agent runs).
+    name: String,
     inst: Instance,
     run_as: Option<RunAs>,
     origin: Instant,
@@ -129,7 +131,7 @@ fn split_host_port(addr: &str) -> anyhow::Result<(String, u16)> {
 
 impl HaLoop {
     pub(crate) fn new(shared: Arc<Shared>, bins: PgBinaries, run_as: Option<RunAs>) -> Self {
-        let cfg = &shared.config;
+        let cfg = shared.config();
         let node_dir = cfg.data_dir.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| cfg.data_dir.clone());
         let port = split_host_port(&cfg.postgres.listen).map(|(_, p)| p).unwrap_or(5432);
         let guard = GuardHandle::new(&node_dir, &cfg.data_dir);
@@ -143,6 +145,7 @@ impl HaLoop {
             superuser: cfg.postgres.superuser.username.clone(),
         };
         HaLoop {
+            name: cfg.name.clone(),
             shared,
             inst,
             run_as,
@@ -178,7 +181,7 @@ impl HaLoop {
     }
 
     fn me(&self) -> &str {
-        &self.shared.config.name
+        &self.name
     }
 
     pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -229,7 +232,7 @@ impl HaLoop {
         pgkeel_pg::user::prepare_dir(&self.inst.socket_dir, 0o700, self.run_as.as_ref())
             .with_context(|| format!("prepare socket directory {}", self.inst.socket_dir.display()))?;
         if let Some(path) = self.s3_config_path() {
-            let settings = self.shared.config.backup.s3.clone().unwrap_or_default();
+            let settings = self.shared.config().backup.s3.clone().unwrap_or_default();
             write_private(&path, settings.to_toml().as_bytes(), self.run_as.as_ref())
                 .with_context(|| format!("write the S3 settings for archive_command to {}", path.display()))?;
         }
@@ -239,7 +242,7 @@ impl HaLoop {
     /// For an `s3://` repository, the file holding `[backup.s3]` for `pgkeel wal push|fetch`
     /// (in the socket directory, readable by the postgres OS user only).
     pub(crate) fn s3_config_path(&self) -> Option<std::path::PathBuf> {
-        self.shared.config.backup.is_s3().then(|| self.inst.socket_dir.join("s3.toml"))
+        self.shared.config().backup.is_s3().then(|| self.inst.socket_dir.join("s3.toml"))
     }
 
     fn settings(&self, d: &DynamicConfig) -> pgkeel_ha::Settings {
@@ -282,7 +285,7 @@ impl HaLoop {
         }
         if let Some(snap) = &snapshot {
             let now = Instant::now();
-            for m in snap.members.iter().filter(|m| m.value.name != self.shared.config.name) {
+            for m in snap.members.iter().filter(|m| m.value.name != self.shared.config().name) {
                 self.members_seen.insert(m.value.name.clone(), (m.value.api_url.clone(), now));
             }
             let memory = MEMBER_MEMORY.max(self.shared.dynamic().ttl * 3);
@@ -302,8 +305,8 @@ impl HaLoop {
             now_ms: self.now_ms(),
             me: self.me().to_string(),
             tags: pgkeel_ha::Tags {
-                nofailover: self.shared.config.tags.nofailover,
-                failover_priority: self.shared.config.tags.failover_priority,
+                nofailover: self.shared.config().tags.nofailover,
+                failover_priority: self.shared.config().tags.failover_priority,
             },
             settings: self.settings(&dynamic),
             cluster: snapshot.as_ref().map(cluster_view),
@@ -510,7 +513,7 @@ impl HaLoop {
             },
         };
         let conf = self.managed_conf(upstream, term, d)?;
-        if self.write_conf(&conf)? {
+        if self.write_conf(&conf, d)? {
             tracing::info!("configuration changed: reloading postgres");
             self.inst.reload().await?;
         }
@@ -683,7 +686,7 @@ impl HaLoop {
     }
 
     fn member_value(&self, pg: &PgObservation) -> MemberValue {
-        let cfg = &self.shared.config;
+        let cfg = self.shared.config();
         let (role, state) = role_state(&pg.state);
         let p = pg.probe.as_ref();
         MemberValue {
@@ -793,7 +796,7 @@ impl HaLoop {
 
     fn replication_password(&self, snap: &ClusterSnapshot) -> Option<String> {
         self.shared
-            .config
+            .config()
             .postgres
             .replication
             .password
@@ -807,7 +810,7 @@ impl HaLoop {
         term: u64,
         d: &DynamicConfig,
     ) -> anyhow::Result<ManagedConf> {
-        let cfg = &self.shared.config;
+        let cfg = self.shared.config();
         let (host, port) = split_host_port(&cfg.postgres.listen)?;
         let mut parameters = std::collections::BTreeMap::new();
         // Re-point quickly after a failover: the default waits 5 s between WAL source retries.
@@ -889,16 +892,18 @@ impl HaLoop {
         Ok(Some((m, pw)))
     }
 
-    fn write_conf(&mut self, conf: &ManagedConf) -> anyhow::Result<bool> {
+    /// Writes `pgkeel.conf` and `pg_hba.conf` (with the node's and the cluster's `pg_hba`
+    /// lines of `d`); true when either changed.
+    fn write_conf(&mut self, conf: &ManagedConf, d: &DynamicConfig) -> anyhow::Result<bool> {
         let changed = self.inst.write_conf(conf)?;
-        let pg = &self.shared.config.postgres;
-        let hba_changed = self.inst.write_hba(&pg.replication.username, &pg.pg_hba)?;
+        let pg = &self.shared.config().postgres;
+        let hba_changed = self.inst.write_hba(&pg.replication.username, &pg.pg_hba, &d.postgresql.pg_hba)?;
         self.conf_term = conf.term;
         Ok(changed || hba_changed)
     }
 
     async fn bootstrap(&mut self, snap: &ClusterSnapshot, d: &DynamicConfig) -> anyhow::Result<()> {
-        let cfg = self.shared.config.clone();
+        let cfg = self.shared.config();
         let mut init = match &snap.initialize {
             Some(i) if i.value.bootstrapper == cfg.name => i.value.clone(),
             Some(i) => bail!("{} is bootstrapping the cluster", i.value.bootstrapper),
@@ -939,7 +944,7 @@ impl HaLoop {
         if let Some(settings) = &recovery {
             conf.parameters.extend(settings.clone());
         }
-        self.write_conf(&conf)?;
+        self.write_conf(&conf, d)?;
         self.inst.set_standby(false)?;
         if self.inst.postmaster_pid().is_none() {
             self.inst.start(LONG_OP).await.context("start the new primary")?;
@@ -950,7 +955,7 @@ impl HaLoop {
             self.wait_restored_promotion(&client).await?;
             // The recovery settings must not outlive the restore (a standby would obey them).
             let conf = self.managed_conf(None, 1, d)?;
-            self.write_conf(&conf)?;
+            self.write_conf(&conf, d)?;
             self.inst.reload().await?;
         }
         pgkeel_pg::probe::ensure_replication_user(&client, &cfg.postgres.replication.username, &repl_pw).await?;
@@ -975,7 +980,7 @@ impl HaLoop {
         self.sync_guard(d);
         if value.term != 1 {
             let conf = self.managed_conf(None, value.term, d)?;
-            self.write_conf(&conf)?;
+            self.write_conf(&conf, d)?;
             self.inst.reload().await?;
         }
         let probe = pgkeel_pg::probe::probe(&client).await?;
@@ -1016,7 +1021,7 @@ impl HaLoop {
         &mut self,
         from: &pgkeel_config::BootstrapFrom,
     ) -> anyhow::Result<Vec<(String, String)>> {
-        let cfg = &self.shared.config;
+        let cfg = self.shared.config();
         let location = from.repo.as_ref().or(cfg.backup.repo.as_ref()).context("no repository to bootstrap from")?;
         let location = location.to_string_lossy().to_string();
         let cluster = from.cluster.clone().unwrap_or_else(|| cfg.cluster.clone());
@@ -1096,14 +1101,14 @@ impl HaLoop {
         let src = SourceConn {
             host,
             port,
-            user: self.shared.config.postgres.replication.username.clone(),
+            user: self.shared.config().postgres.replication.username.clone(),
             password: Some(pw),
         };
         tracing::info!("cloning from {leader} ({})", m.pg_address);
         self.sysid = None;
         // The loop waits for the clone: keep this member's record alive meanwhile, or it
         // expires after ttl and the leader drops the member's replication slot.
-        let own = snap.member(&self.shared.config.name).cloned();
+        let own = snap.member(&self.shared.config().name).cloned();
         let result = {
             let clone = self.inst.basebackup(&src, None, LONG_OP);
             tokio::pin!(clone);
@@ -1140,7 +1145,7 @@ impl HaLoop {
     }
 
     async fn rewind(&mut self, leader: &str, snap: &ClusterSnapshot) -> anyhow::Result<()> {
-        let su = &self.shared.config.postgres.superuser;
+        let su = &self.shared.config().postgres.superuser;
         let password =
             su.password.clone().context("pg_rewind connects as the superuser: set postgres.superuser.password")?;
         let m = snap.member(leader).with_context(|| format!("leader {leader} has no member record"))?;
@@ -1172,7 +1177,7 @@ impl HaLoop {
         let term = snap.leader.as_ref().map_or(self.conf_term, |l| l.value.term);
         let following = upstream.as_ref().map(|(m, _)| m.name.clone());
         let conf = self.managed_conf(upstream, term, &d)?;
-        self.write_conf(&conf)?;
+        self.write_conf(&conf, &d)?;
         self.inst.set_standby(true)?;
         self.down_since_ms = None;
         self.expect_running = true;
@@ -1187,7 +1192,7 @@ impl HaLoop {
             self.upstream(Some(leader), snap)?.with_context(|| format!("leader {leader} has no member record yet"))?;
         let term = snap.leader.as_ref().map_or(0, |l| l.value.term);
         let conf = self.managed_conf(Some(upstream), term, &d)?;
-        self.write_conf(&conf)?;
+        self.write_conf(&conf, &d)?;
         // primary_conninfo is reloadable since PostgreSQL 13: the WAL receiver restarts on the
         // new upstream without restarting postgres.
         self.inst.reload().await?;
@@ -1216,7 +1221,7 @@ impl HaLoop {
         }
         if self.conf_term != lease.value.term {
             let conf = self.managed_conf(None, lease.value.term, d)?;
-            self.write_conf(&conf)?;
+            self.write_conf(&conf, d)?;
             self.inst.reload().await?;
         }
         let status = StatusValue {
@@ -1335,7 +1340,7 @@ impl HaLoop {
         self.guc_value = value;
         let term = self.lease.as_ref().map_or(self.conf_term, |l| l.value.term);
         let conf = self.managed_conf(None, term, d)?;
-        if self.write_conf(&conf)? {
+        if self.write_conf(&conf, d)? {
             self.inst.reload().await?;
         }
         Ok(())
@@ -1373,7 +1378,7 @@ impl HaLoop {
         }
         let term = self.lease.as_ref().map_or(self.conf_term, |l| l.value.term);
         let conf = self.managed_conf(None, term, d)?;
-        self.write_conf(&conf)?;
+        self.write_conf(&conf, d)?;
         self.inst.set_standby(false)?;
         let inst = self.inst.clone();
         let timeout = d.primary_start_timeout.max(Duration::from_secs(1));
@@ -1441,7 +1446,7 @@ impl HaLoop {
         }
         // The term is in place before postgres accepts its first write.
         let conf = self.managed_conf(None, lease.value.term, d)?;
-        self.write_conf(&conf)?;
+        self.write_conf(&conf, d)?;
         self.inst.reload().await?;
         self.inst.promote(Duration::from_secs(60)).await.context("promote postgres")?;
         self.following = None;
@@ -1498,7 +1503,7 @@ impl HaLoop {
     async fn failsafe(&mut self, d: &DynamicConfig) {
         let Some(lease) = self.lease.clone() else { return self.demote().await };
         let t0 = self.now_ms();
-        let cfg = &self.shared.config;
+        let cfg = self.shared.config();
         let auth = cfg
             .rest
             .password
@@ -1553,7 +1558,7 @@ impl HaLoop {
                 self.lease = Some(Lease { value: value.clone(), revision, deadline_ms: t0 + ms(d.ttl) });
                 self.sync_guard(d);
                 let conf = self.managed_conf(None, value.term, d)?;
-                self.write_conf(&conf)?;
+                self.write_conf(&conf, d)?;
                 self.inst.reload().await?;
             }
             None => {

@@ -105,7 +105,14 @@ pub struct Counters {
 
 /// State shared by the loop and the REST API.
 pub(crate) struct Shared {
-    pub config: NodeConfig,
+    /// node.toml as the agent runs it, read with [`Shared::config`]: the file read at start,
+    /// with the reloadable keys of the last reload ([`Shared::reload`]).
+    config: RwLock<Arc<NodeConfig>>,
+    /// Where node.toml is read again on a reload; `None` when the configuration was built in
+    /// code (reloads are refused).
+    config_path: Option<PathBuf>,
+    /// Each reload is one read-compare-swap.
+    reloading: tokio::sync::Mutex<()>,
     pub store: ClusterStore,
     pub status: RwLock<NodeStatus>,
     pub dynamic: RwLock<DynamicConfig>,
@@ -144,6 +151,72 @@ impl Shared {
     pub fn dynamic(&self) -> DynamicConfig {
         self.dynamic.read().expect("dynamic lock poisoned").clone()
     }
+    pub fn config(&self) -> Arc<NodeConfig> {
+        self.config.read().expect("config lock poisoned").clone()
+    }
+
+    /// Read node.toml again and take its reloadable keys ([`pgkeel_config::RELOADABLE`]);
+    /// the loop is woken to apply them (postgres parameters and `pg_hba.conf` with a reload of
+    /// postgres, tags in this member's record). A file that does not pass `pgkeel config
+    /// check` changes nothing and is the error.
+    pub async fn reload(&self) -> Result<pgkeel_config::Reload, pgkeel_config::ConfigError> {
+        let Some(path) = &self.config_path else {
+            return Err(pgkeel_config::ConfigError::Invalid(
+                "this agent was not started from a node.toml file: nothing to reload".into(),
+            ));
+        };
+        let _one = self.reloading.lock().await;
+        let file = pgkeel_config::load(path)?;
+        let reload = self.config().reload(&file);
+        if !reload.applied.is_empty() {
+            *self.config.write().expect("config lock poisoned") = Arc::new(reload.config.clone());
+            self.status.write().expect("status lock poisoned").tags = MemberTags {
+                nofailover: reload.config.tags.nofailover,
+                failover_priority: reload.config.tags.failover_priority,
+            };
+            self.wake.notify_one();
+        }
+        Ok(reload)
+    }
+}
+
+/// Log what a reload of node.toml (`via`: `SIGHUP`, `POST /reload`) did, and say it in one
+/// line for the caller.
+pub(crate) fn report_reload(result: &Result<pgkeel_config::Reload, pgkeel_config::ConfigError>, via: &str) -> String {
+    let r = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("node.toml not reloaded: {e}; the agent keeps running with its configuration");
+            tracing::error!("{via}: {msg}");
+            return msg;
+        }
+    };
+    if r.is_unchanged() {
+        tracing::info!("{via}: node.toml reloaded, nothing changed");
+        return "node.toml reloaded: nothing changed".into();
+    }
+    let mut parts = Vec::new();
+    if !r.applied.is_empty() {
+        let keys = r.applied.join(", ");
+        tracing::info!("{via}: node.toml reloaded, applying {keys}");
+        parts.push(format!("applied {keys}"));
+    }
+    if !r.need_restart.is_empty() {
+        let keys = r.need_restart.join(", ");
+        tracing::warn!("{via}: node.toml changes {keys}: the agent keeps the running values until it restarts");
+        parts.push(format!("{keys} changed but take effect when the agent restarts"));
+    }
+    if !r.bootstrap.is_empty() {
+        let keys = r.bootstrap.join(", ");
+        tracing::warn!(
+            "{via}: node.toml changes {keys}: [bootstrap] is read only when the cluster is created; change the \
+             running cluster with `pgkeel config set`"
+        );
+        parts.push(format!(
+            "{keys} changed but [bootstrap] is read only when the cluster is created (use pgkeel config set)"
+        ));
+    }
+    format!("node.toml reloaded: {}", parts.join("; "))
 }
 
 /// Options that do not belong in node.toml.
@@ -151,6 +224,8 @@ impl Shared {
 pub struct RunOptions {
     /// Write the agent's pid here (removed on exit).
     pub pid_file: Option<PathBuf>,
+    /// The node.toml the configuration came from: read again on SIGHUP and `POST /reload`.
+    pub config_path: Option<PathBuf>,
 }
 
 /// Unix time in ms.
@@ -183,6 +258,9 @@ pub async fn open_dcs(config: &NodeConfig) -> anyhow::Result<Arc<dyn Dcs>> {
 /// leader key released.
 pub async fn run(config: NodeConfig, options: RunOptions, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     // Phase 1: everything that can fail on bad config or a bad machine, before binding.
+    // SIGHUP first: its default action would end the agent (and the leader's lease with it).
+    let mut hangup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("install the SIGHUP handler")?;
     let dcs = open_dcs(&config).await?;
     let store = ClusterStore::new(dcs, &config.cluster);
     let bins = pgkeel_pg::binaries::PgBinaries::discover(config.postgres.bin_dir.as_deref())?;
@@ -238,13 +316,22 @@ pub async fn run(config: NodeConfig, options: RunOptions, shutdown: watch::Recei
     };
     let shared = Arc::new(Shared {
         dynamic: RwLock::new(config.bootstrap.clone()),
-        config,
+        config: RwLock::new(Arc::new(config)),
+        config_path: options.config_path.clone(),
+        reloading: tokio::sync::Mutex::new(()),
         store,
         status: RwLock::new(status),
         wake: Notify::new(),
         request: std::sync::Mutex::new(None),
         failsafe: std::sync::Mutex::new(FailsafeState::default()),
         counters: Counters::default(),
+    });
+
+    let on_hangup = shared.clone();
+    let reloads = tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            report_reload(&on_hangup.reload().await, "SIGHUP");
+        }
     });
 
     // Phase 3: spawn the API apart from the loop, so health checks answer while the loop works.
@@ -254,6 +341,7 @@ pub async fn run(config: NodeConfig, options: RunOptions, shutdown: watch::Recei
     let result = ha_loop::HaLoop::new(shared.clone(), bins, run_as).run(shutdown).await;
 
     api.abort();
+    reloads.abort();
     if let Some(p) = &options.pid_file {
         let _ = std::fs::remove_file(p);
     }

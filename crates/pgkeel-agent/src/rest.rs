@@ -181,12 +181,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         (Method::POST, "/restart") => node_request(&shared, req, NodeRequest::Restart).await,
         (Method::POST, "/failsafe") => failsafe(&shared, req).await,
         (Method::POST, "/reinitialize") => node_request(&shared, req, NodeRequest::Reinitialize).await,
+        (Method::POST, "/reload") => reload(&shared, req).await,
         (Method::PATCH, "/config") => write_config(&shared, req, false).await,
         (Method::PUT, "/config") => write_config(&shared, req, true).await,
         (_, "/node" | "/patroni" | "/cluster" | "/history" | "/metrics") => {
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers GET"))
         }
-        (_, "/switchover" | "/failover" | "/restart" | "/reinitialize" | "/failsafe") => {
+        (_, "/switchover" | "/failover" | "/restart" | "/reinitialize" | "/failsafe" | "/reload") => {
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers POST"))
         }
         (_, "/config") => error(StatusCode::METHOD_NOT_ALLOWED, "/config answers GET, PATCH and PUT"),
@@ -281,7 +282,7 @@ fn cluster_json(shared: &Shared, s: &ClusterSnapshot) -> Value {
         })
         .collect();
     json!({
-        "cluster": shared.config.cluster,
+        "cluster": shared.config().cluster,
         "leader": s.leader_name(),
         "term": s.leader.as_ref().map(|l| l.value.term),
         "paused": paused,
@@ -335,7 +336,7 @@ async fn get_config(shared: &Shared) -> Resp {
 }
 
 fn check_auth(shared: &Shared, req: &Request<Incoming>) -> Result<(), ApiError> {
-    let rest = &shared.config.rest;
+    let rest = &shared.config().rest;
     let Some(want) = &rest.password else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -504,6 +505,23 @@ async fn action(shared: &Shared, req: Request<Incoming>, kind: Kind) -> Resp {
 /// `POST /restart` (`{"restart_pending": true}` restarts only when a parameter change waits
 /// for it; `{"role": "primary"|"replica"}` only in that role) and `POST /reinitialize`: the
 /// loop carries them out; the answer comes when postgres runs again (a new postmaster).
+/// `POST /reload`: read node.toml again (as SIGHUP does). 200 with the keys applied and those
+/// waiting for a restart; 400 with the problem when the file does not pass the check.
+async fn reload(shared: &Shared, req: Request<Incoming>) -> Resp {
+    if let Err(e) = check_auth(shared, &req) {
+        return e.into();
+    }
+    let result = shared.reload().await;
+    let message = crate::report_reload(&result, "POST /reload");
+    match result {
+        Ok(r) => respond(
+            StatusCode::OK,
+            json!({ "message": message, "applied": r.applied, "need_restart": r.need_restart, "bootstrap": r.bootstrap }),
+        ),
+        Err(_) => error(StatusCode::BAD_REQUEST, message),
+    }
+}
+
 async fn node_request(shared: &Shared, req: Request<Incoming>, request: NodeRequest) -> Resp {
     if let Err(e) = check_auth(shared, &req) {
         return e.into();

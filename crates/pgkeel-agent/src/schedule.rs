@@ -116,7 +116,7 @@ impl Scheduler {
             }
             return;
         }
-        let Some(repo) = &shared.config.backup.repo else { return };
+        let Some(repo) = &shared.config().backup.repo else { return };
         let now = unix_ms() / 1000;
         let Some(plan) = plan(d, now) else { return };
         let slot = now / 60 * 60;
@@ -124,7 +124,7 @@ impl Scheduler {
             self.seen_slot = slot;
             return;
         }
-        let me = &shared.config.name;
+        let me = &shared.config().name;
         // One job at a time: a slot that comes while the previous job still runs on a live
         // member is skipped (two jobs at once would compete for the same postgres and repository).
         if let Some(prev) = snap.backup.as_ref().map(|b| &b.value) {
@@ -175,7 +175,7 @@ impl Scheduler {
         let primary = if i_lead { None } else { leader_conn(shared, snap) };
         let args = BackupArgs {
             repo: repo.clone(),
-            cluster: shared.config.cluster.clone(),
+            cluster: shared.config().cluster.clone(),
             local,
             primary,
             shared: shared.clone(),
@@ -200,7 +200,7 @@ impl BackupArgs {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find the pgkeel binary: {e}"))?;
         let mut cmd = tokio::process::Command::new(exe);
         cmd.args(verb).arg("--repo").arg(&self.repo).arg("--cluster").arg(&self.cluster);
-        if self.shared.config.backup.is_s3() {
+        if self.shared.config().backup.is_s3() {
             cmd.arg("--s3-config").arg(self.local.socket_dir.join("s3.toml"));
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
@@ -214,8 +214,8 @@ impl BackupArgs {
             .arg("--port")
             .arg(self.local.port.to_string())
             .arg("--user")
-            .arg(&self.shared.config.postgres.superuser.username);
-        if let Some(pw) = &self.shared.config.postgres.superuser.password {
+            .arg(&self.shared.config().postgres.superuser.username);
+        if let Some(pw) = &self.shared.config().postgres.superuser.password {
             cmd.env("PGPASSWORD", pw);
         }
     }
@@ -306,7 +306,7 @@ fn check_output(what: &str, out: &std::process::Output) -> Result<String, String
 async fn run_dump(a: &BackupArgs) -> Result<String, String> {
     let mut cmd = a.command(&["dump"])?;
     a.local_conn(&mut cmd);
-    cmd.arg("--os-user").arg(&a.shared.config.postgres.os_user);
+    cmd.arg("--os-user").arg(&a.shared.config().postgres.os_user);
     let out = cmd.output().await.map_err(|e| format!("pgkeel dump: {e}"))?;
     let stdout = check_output("dump", &out)?;
     // "dump LABEL complete: ..."
@@ -321,7 +321,7 @@ async fn run_dump(a: &BackupArgs) -> Result<String, String> {
 fn leader_conn(shared: &Shared, snap: &ClusterSnapshot) -> Option<String> {
     let leader = snap.member(snap.leader_name()?)?;
     let (host, port) = leader.pg_address.rsplit_once(':')?;
-    let su = &shared.config.postgres.superuser;
+    let su = &shared.config().postgres.superuser;
     let q = pgkeel_pg::quote::libpq_value;
     let mut conn = format!(
         "host={} port={port} user={} dbname=postgres connect_timeout=2",

@@ -7,6 +7,7 @@
 //! with a unit (`"10MB"`, `"1MiB"`, `"512kB"`).
 
 pub mod cron;
+mod reload;
 mod units;
 mod validate;
 
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use reload::{Reload, RELOADABLE};
 pub use units::{format_duration, format_unix_utc, parse_age, parse_bytes, parse_duration};
 pub use validate::{check, example, load, ConfigError};
 
@@ -437,6 +439,10 @@ pub struct DynamicPostgres {
     /// Parameters for every member (a node's own `[postgres.parameters]` win).
     #[serde(deserialize_with = "params_serde::deserialize")]
     pub parameters: BTreeMap<String, ParamValue>,
+    /// `pg_hba.conf` lines for every member, placed after a node's own `postgres.pg_hba`
+    /// lines (first match wins, so a node's lines take precedence).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pg_hba: Vec<String>,
 }
 
 impl Default for DynamicConfig {

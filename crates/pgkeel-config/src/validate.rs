@@ -171,7 +171,7 @@ const DYNAMIC: &[Field] = &[
     opt("postgresql", Kind::Table(DYNAMIC_POSTGRES)),
 ];
 
-const DYNAMIC_POSTGRES: &[Field] = &[opt("parameters", Kind::Params)];
+const DYNAMIC_POSTGRES: &[Field] = &[opt("parameters", Kind::Params), opt("pg_hba", Kind::Value)];
 
 /// The `dcs` kinds and the keys each accepts (`kind` included).
 const DCS_KINDS: &[(&str, &[Field])] = &[
@@ -576,12 +576,13 @@ const HBA_METHODS: &[&str] = &[
     "bsd",
 ];
 
-/// `postgres.pg_hba[i]`: one `pg_hba.conf` record, checked as far as a mistake would stop
+/// `list[i]` (`postgres.pg_hba` of node.toml, `postgresql.pg_hba` of the cluster config): one
+/// `pg_hba.conf` record, checked as far as a mistake would stop
 /// postgres from starting (postgres refuses to start with a `pg_hba.conf` it cannot read, and
 /// a reload keeps the old one): one line, a known connection type, enough fields, a known
 /// method. Addresses and options are left to postgres.
-fn check_hba_line(i: usize, line: &str) -> Result<(), ConfigError> {
-    let key = format!("postgres.pg_hba[{i}]");
+fn check_hba_line(list: &str, i: usize, line: &str) -> Result<(), ConfigError> {
+    let key = format!("{list}[{i}]");
     let example = "e.g. \"hostssl all app 10.0.0.0/8 scram-sha-256\"";
     if line.contains(['\n', '\r', '\0']) {
         return Err(invalid(format!("{key} = {line:?}: one pg_hba.conf line per entry, without line breaks")));
@@ -764,7 +765,7 @@ impl NodeConfig {
         check_password("postgres.replication.password", pg.replication.password.as_deref())?;
         check_parameters("postgres.parameters", &pg.parameters)?;
         for (i, line) in pg.pg_hba.iter().enumerate() {
-            check_hba_line(i, line)?;
+            check_hba_line("postgres.pg_hba", i, line)?;
         }
 
         let rest = &self.rest;
@@ -950,6 +951,9 @@ impl DynamicConfig {
             if value == Some(0) {
                 return Err(invalid(format!("{prefix}{key} = 0 would remove everything: keep at least 1")));
             }
+        }
+        for (i, line) in self.postgresql.pg_hba.iter().enumerate() {
+            check_hba_line(&format!("{prefix}postgresql.pg_hba"), i, line)?;
         }
         check_parameters(&format!("{prefix}postgresql.parameters"), &self.postgresql.parameters)
     }
@@ -1151,6 +1155,13 @@ switchover_drain_timeout = "5s"
 # After each scheduled dump, keep the dumps of this long a window. Default: none.
 # dump_max_age = "60d"
 
+# Cluster-wide postgres settings.
+[bootstrap.postgresql]
+# pg_hba.conf lines for every member, written after a node's own postgres.pg_hba lines (the
+# first line that matches a connection decides, so a node's lines win). Same rules as
+# postgres.pg_hba; change them later with pgkeel config set. Default: empty.
+# pg_hba = ["hostssl all all 0.0.0.0/0 scram-sha-256", "hostnossl all all 0.0.0.0/0 reject"]
+
 # Postgres parameters for every member; a node's own [postgres.parameters] win. Same rules
 # as [postgres.parameters]. Default: empty.
 [bootstrap.postgresql.parameters]
@@ -1229,7 +1240,10 @@ mod tests {
                 dump_schedule: Some("0 3 * * 0".into()),
                 dump_keep: Some(2),
                 dump_max_age: Some("8w".into()),
-                postgresql: DynamicPostgres { parameters: params("hot_standby") },
+                postgresql: DynamicPostgres {
+                    parameters: params("hot_standby"),
+                    pg_hba: vec!["hostnossl all all 0.0.0.0/0 reject".into()],
+                },
             },
         }
     }
@@ -1605,7 +1619,7 @@ mod tests {
             "hostgssenc all all all gss include_realm=0",
             "host replication all samenet md5",
         ] {
-            check_hba_line(0, line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            check_hba_line("postgres.pg_hba", 0, line).unwrap_or_else(|e| panic!("{line}: {e}"));
         }
         assert_eq!(hba_fields("a \"b c\"  d#e"), ["a", "\"b c\"", "d"]);
     }
@@ -1663,6 +1677,11 @@ mod tests {
             ("# pg_hba = [", "pg_hba = [\"local all all\"]\n# ", "too few fields; a local line"),
             ("# pg_hba = [", "pg_hba = [\"host all all 10.0.0.0/8 scram\"]\n# ", "\"scram\" is not an authentication"),
             ("# pg_hba = [", "pg_hba = [\"host all all 10.0.0.0 255.0.0.0\"]\n# ", "too few fields"),
+            (
+                "# pg_hba = [\"hostssl all all 0.0.0.0/0",
+                "pg_hba = [\"hots all all 0.0.0.0/0",
+                "bootstrap.postgresql.pg_hba[0] = \"hots all all",
+            ),
         ];
         for (from, to, want) in cases {
             assert!(example().contains(from), "example lacks {from}");
@@ -1721,6 +1740,15 @@ mod tests {
         let err = DynamicConfig::from_json(&v).expect_err("rule broken").to_string();
         assert!(err.starts_with("loop_wait + 2 × retry_timeout must not exceed ttl"), "{err}");
         assert!(DynamicConfig::from_json(&serde_json::json!({ "ttll": 4 })).is_err());
+        // The cluster's pg_hba lines are checked as a node's are, named by their place.
+        let hba = serde_json::json!({ "postgresql": { "pg_hba": ["hostssl all app 10.0.0.0/8 cert"] } });
+        let d = DynamicConfig::from_json(&hba).expect("valid");
+        assert_eq!(d.postgresql.pg_hba, ["hostssl all app 10.0.0.0/8 cert"]);
+        assert_eq!(d.to_json()["postgresql"]["pg_hba"], hba["postgresql"]["pg_hba"]);
+        assert!(DynamicConfig::default().to_json()["postgresql"].get("pg_hba").is_none());
+        let bad = serde_json::json!({ "postgresql": { "pg_hba": ["local all all trust", "host all all md5"] } });
+        let err = DynamicConfig::from_json(&bad).expect_err("too few fields").to_string();
+        assert!(err.contains("postgresql.pg_hba[1] = \"host all all md5\": too few fields"), "{err}");
     }
 
     #[test]

@@ -223,18 +223,22 @@ impl Instance {
     /// Writes `DATA/pg_hba.conf`: trust on the local socket (its directory is 0700, so only the
     /// postgres OS user and root reach it); over TCP, replication only for
     /// `replication_user` and everything else for any role, all with SCRAM. The operator's
-    /// `extra` lines (`postgres.pg_hba`, checked by the configuration) go between the
+    /// lines (checked by the configuration), first the node's (`postgres.pg_hba` in node.toml),
+    /// then the cluster's (`postgresql.pg_hba` in the cluster config), go between the
     /// replication lines and the catch-all ones, so they can allow more (a `cert` line) or
     /// refuse what pgkeel's last lines would let in (a `reject` line). Returns whether the
     /// content changed (the caller then reloads).
-    pub fn write_hba(&self, replication_user: &str, extra: &[String]) -> Result<bool, PgError> {
+    pub fn write_hba(&self, replication_user: &str, node: &[String], cluster: &[String]) -> Result<bool, PgError> {
         self.require_dir()?;
         let repl = hba_token(replication_user)?;
-        let extra = if extra.is_empty() {
-            String::new()
-        } else {
-            format!("\n# The operator's lines (postgres.pg_hba in node.toml).\n{}\n", extra.join("\n"))
-        };
+        let mut extra = String::new();
+        for (lines, source) in
+            [(node, "postgres.pg_hba in node.toml"), (cluster, "postgresql.pg_hba in the cluster config")]
+        {
+            if !lines.is_empty() {
+                extra.push_str(&format!("\n# The operator's lines ({source}).\n{}\n", lines.join("\n")));
+            }
+        }
         let content = format!(
             "# Managed by pgkeel. Rewritten by the agent: edits here are lost.\n\
              # TYPE  DATABASE     USER  ADDRESS  METHOD\n\

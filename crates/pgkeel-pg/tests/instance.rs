@@ -56,7 +56,7 @@ where
 async fn start_primary(inst: &Instance, password: &str, term: u64) -> StopOnDrop {
     inst.initdb(password).await.unwrap();
     assert!(inst.write_conf(&managed_conf(inst, term)).unwrap());
-    assert!(inst.write_hba("replicator", &[]).unwrap());
+    assert!(inst.write_hba("replicator", &[], &[]).unwrap());
     inst.start(T).await.unwrap();
     StopOnDrop(inst.clone())
 }
@@ -73,8 +73,8 @@ async fn primary_initdb_start_probe() {
     let conf = managed_conf(&inst, 5);
     assert!(inst.write_conf(&conf).unwrap());
     assert!(!inst.write_conf(&conf).unwrap(), "unchanged content reports no change");
-    assert!(inst.write_hba("replicator", &[]).unwrap());
-    assert!(!inst.write_hba("replicator", &[]).unwrap());
+    assert!(inst.write_hba("replicator", &[], &[]).unwrap());
+    assert!(!inst.write_hba("replicator", &[], &[]).unwrap());
     let pgconf = std::fs::read_to_string(inst.data_dir.join("postgresql.conf")).unwrap();
     assert_eq!(pgconf.matches("include_if_exists = 'pgkeel.conf'").count(), 1);
     let meta = std::fs::metadata(inst.data_dir.join("pgkeel.conf")).unwrap();
@@ -171,7 +171,7 @@ async fn replica_streams_then_promotes() {
     conf.primary_conninfo = Some(source.conninfo("n2"));
     conf.primary_slot_name = Some(slot.clone());
     replica.write_conf(&conf).unwrap();
-    replica.write_hba("replicator", &[]).unwrap();
+    replica.write_hba("replicator", &[], &[]).unwrap();
     replica.set_standby(true).unwrap();
     replica.start(T).await.unwrap();
     let _g2 = StopOnDrop(replica.clone());

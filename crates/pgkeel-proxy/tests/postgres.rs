@@ -43,7 +43,7 @@ async fn start_postgres(inst: &Instance) -> StopOnDrop {
         parameters,
     };
     inst.write_conf(&conf).unwrap();
-    inst.write_hba("replicator", &[]).unwrap();
+    inst.write_hba("replicator", &[], &[]).unwrap();
     inst.start(T).await.unwrap();
     StopOnDrop(inst.clone())
 }

@@ -117,6 +117,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             }
             println!("{}", r.json()?["message"].as_str().unwrap_or("reinitialized"));
         }
+        Command::Reload { target, node } => reload(&target, node.as_deref()).await?,
         Command::Pause { target } => set_pause(&target, true).await?,
         Command::Resume { target } => set_pause(&target, false).await?,
         Command::Agent { .. }
@@ -181,6 +182,44 @@ async fn restart_one(api: &Api, node: &str, pending: bool) -> anyhow::Result<boo
         }
         _ => Err(fail(&r).context(format!("restart {node}"))),
     }
+}
+
+/// `pgkeel reload [NODE]`: `POST /reload` on the member, or on every member (each one's
+/// answer is printed; one that fails does not stop the others).
+async fn reload(target: &Target, node: Option<&str>) -> anyhow::Result<()> {
+    let api = resolve(target)?;
+    let members: Vec<(String, String)> = match node {
+        Some(n) => vec![(n.to_string(), member_api(&api, n).await?)],
+        None => cluster(&api).await?["members"]
+            .as_array()
+            .map(|ms| {
+                ms.iter()
+                    .filter_map(|m| Some((m["name"].as_str()?.to_string(), m["api_url"].as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let mut failed = Vec::new();
+    for (name, url) in &members {
+        let answer = request_with_headers("POST", &format!("{url}/reload"), None, api.auth.as_ref(), &[], SHORT).await;
+        match answer {
+            Ok(r) if r.status == 200 => {
+                println!("{name}: {}", r.json()?["message"].as_str().unwrap_or("reloaded"));
+            }
+            Ok(r) => {
+                println!("{name}: {:#}", fail(&r));
+                failed.push(name.as_str());
+            }
+            Err(e) => {
+                println!("{name}: {e:#}");
+                failed.push(name.as_str());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("not reloaded on {}", failed.join(", "));
+    }
+    Ok(())
 }
 
 /// Wait until `node` is the running leader or a streaming replica again.

@@ -143,6 +143,15 @@ enum Command {
         #[arg(long)]
         pending: bool,
     },
+    /// Make the agents read their node.toml again, as SIGHUP does: postgres parameters,
+    /// pg_hba lines, tags and the REST credentials take effect; the rest waits for an agent
+    /// restart (each member says which keys).
+    Reload {
+        #[command(flatten)]
+        target: Target,
+        /// Only this member (default: every member).
+        node: Option<String>,
+    },
     /// Replace a replica's data directory with a fresh clone of the leader (the old one is
     /// kept as data.old).
     Reinit {
@@ -305,7 +314,8 @@ fn main() -> ExitCode {
                     tracing::info!("shutdown signal received");
                     let _ = tx.send(true);
                 });
-                pgkeel_agent::run(cfg, pgkeel_agent::RunOptions { pid_file }, rx).await
+                let config_path = Some(std::path::absolute(&config).unwrap_or(config));
+                pgkeel_agent::run(cfg, pgkeel_agent::RunOptions { pid_file, config_path }, rx).await
             });
             report(result)
         }

@@ -70,7 +70,7 @@ async fn start_archiving_primary(inst: &Instance, repo: &Path) -> StopOnDrop {
     inst.initdb("pw").await.unwrap();
     let archive = pgkeel_backup::archive_command(&bin(), repo, CLUSTER);
     inst.write_conf(&conf(inst, Some(&archive))).unwrap();
-    inst.write_hba("replicator", &[]).unwrap();
+    inst.write_hba("replicator", &[], &[]).unwrap();
     inst.start(T).await.unwrap();
     StopOnDrop(inst.clone())
 }
@@ -520,7 +520,7 @@ async fn s3_repository_end_to_end() {
     let archive = pgkeel_backup::archive_command(&bin(), Path::new(&url), CLUSTER);
     primary.initdb("pw").await.unwrap();
     primary.write_conf(&conf(&primary, Some(&archive))).unwrap();
-    primary.write_hba("replicator", &[]).unwrap();
+    primary.write_hba("replicator", &[], &[]).unwrap();
     primary.start(T).await.unwrap();
     let _g = StopOnDrop(primary.clone());
     let client = primary.connect(T).await.unwrap();

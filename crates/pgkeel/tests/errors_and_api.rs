@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pgkeel_testkit::{alive, read_pid, signal, wait_for, Cluster};
+use pgkeel_testkit::{alive, psql, read_pid, signal, wait_for, Cluster};
 use serde_json::json;
 
 fn bin() -> &'static Path {
@@ -189,6 +189,9 @@ async fn rest_api_health_semantics_and_bad_requests() {
         ("PATCH", "/config", Some(json!({"ttl": 1})), true, 400, "ttl"),
         ("PATCH", "/config", Some(json!({"ttll": 5})), true, 400, "ttll"),
         ("PATCH", "/config", Some(json!({"loop_wait": 2, "retry_timeout": 2})), true, 400, "loop_wait"),
+        ("PATCH", "/config", Some(json!({"postgresql": {"pg_hba": ["host all all md5"]}})), true, 400, "postgresql.pg_hba[0]"),
+        ("POST", "/reload", None, false, 401, "Basic"),
+        ("GET", "/reload", None, true, 405, "POST"),
     ];
     for (method, path, body, auth, want, needle) in bad {
         let r = c.api(&leader, method, path, body.as_ref(), *auth).await;
@@ -422,4 +425,107 @@ async fn a_killed_postmasters_shared_memory_is_released_at_teardown() {
     drop(c);
     assert!(!pgkeel_testkit::ipc::segment_exists(shmid), "System V segment {shmid} left behind");
     assert!(!control.exists(), "{} left behind", control.display());
+}
+
+/// The cluster's `pg_hba` lines (`pgkeel config set postgresql.pg_hba=...`) reach every
+/// member's `pg_hba.conf` and postgres takes them without a restart; a node's own lines come
+/// first. SIGHUP and `pgkeel reload` make an agent read node.toml again: it takes the
+/// reloadable keys, names the ones waiting for its restart, and keeps running on a broken
+/// file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_toml_reload_and_the_clusters_pg_hba() {
+    let c = Cluster::up(bin(), 2).await;
+    let (leader, replica) = c.leader_and_replica(Duration::from_secs(30)).await;
+    psql(&c.node_dsn(&leader), "create role hba_probe login password 'probe pw'").unwrap();
+    // postgresql://postgres:PW@127.0.0.1:PORT/postgres, as hba_probe.
+    let probe = |node: &str| {
+        let address = c.node_dsn(node).rsplit_once('@').expect("a DSN with credentials").1.to_string();
+        format!("postgresql://hba_probe:probe%20pw@{address}")
+    };
+    let login = |node: &str| psql(&probe(node), "select current_user");
+    wait_for("the role on the replica", Duration::from_secs(20), || async { login(&replica).ok() }).await;
+
+    // One cluster-wide line refuses hba_probe on every member, without a restart.
+    let pids: Vec<_> = [&leader, &replica].map(|n| c.postmaster_pid(n)).into();
+    let out = c.ctl(&["config", "set", r#"postgresql.pg_hba=["host all hba_probe 127.0.0.1/32 reject"]"#]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for node in [&leader, &replica] {
+        let err = wait_for("postgres to take the cluster's line", Duration::from_secs(20), || async {
+            login(node).err().filter(|e| e.contains("pg_hba.conf rejects connection"))
+        })
+        .await;
+        assert!(err.contains("hba_probe"), "{err}");
+        let hba = std::fs::read_to_string(c.dir().join("nodes").join(node).join("data").join("pg_hba.conf")).unwrap();
+        assert!(hba.contains("(postgresql.pg_hba in the cluster config)"), "{hba}");
+    }
+    assert_eq!(pids, [&leader, &replica].map(|n| c.postmaster_pid(n)), "reloaded, not restarted");
+    let out = c.ctl(&["config", "set", r#"postgresql.pg_hba=["host all hba_probe 127.0.0.1/32"]"#]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("postgresql.pg_hba[0]") && err.contains("too few fields"), "{err}");
+
+    // The replica's node.toml: its own line (before the cluster's, so it wins), a parameter,
+    // a tag, and a key that needs a restart. SIGHUP: the agent lives on and takes the first
+    // three.
+    let node_toml = c.dir().join("nodes").join(&replica).join("node.toml");
+    let original = std::fs::read_to_string(&node_toml).unwrap();
+    let mut config = pgkeel_config::load(&node_toml).expect("node.toml");
+    config.postgres.pg_hba = vec!["host all hba_probe 127.0.0.1/32 scram-sha-256".into()];
+    config.postgres.parameters.insert("work_mem".into(), pgkeel_config::ParamValue::Text("3MB".into()));
+    config.tags.nofailover = true;
+    let (host, port) = config.postgres.listen.rsplit_once(':').unwrap();
+    config.postgres.listen = format!("{host}:{}", port.parse::<u16>().unwrap() + 1);
+    std::fs::write(&node_toml, config.to_toml()).unwrap();
+    let agent = c.agent_pid(&replica).expect("the replica's agent");
+    signal(agent, libc::SIGHUP);
+    assert_eq!(
+        wait_for("the replica's own line to win", Duration::from_secs(20), || async { login(&replica).ok() }).await,
+        "hba_probe"
+    );
+    assert!(login(&leader).is_err(), "the leader keeps refusing hba_probe");
+    assert_eq!(psql(&c.node_dsn(&replica), "show work_mem").unwrap(), "3MB");
+    wait_for("the replica's tag in /cluster", Duration::from_secs(20), || async {
+        let v = c.cluster_json().await?;
+        let m = v["members"].as_array()?.iter().find(|m| m["name"] == replica.as_str())?.clone();
+        (m["tags"]["nofailover"] == true).then_some(())
+    })
+    .await;
+    assert!(alive(agent), "SIGHUP must not end the agent");
+    let log = std::fs::read_to_string(c.dir().join("nodes").join(&replica).join("agent.log")).unwrap();
+    assert!(
+        log.contains(
+            "SIGHUP: node.toml reloaded, applying postgres.parameters.work_mem, postgres.pg_hba, tags.nofailover"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains("node.toml changes postgres.listen: the agent keeps the running values until it restarts"),
+        "{log}"
+    );
+    assert_eq!(psql(&c.node_dsn(&replica), "select 1").unwrap(), "1", "still on the old port");
+
+    // A broken file changes nothing; `pgkeel reload` says why and fails.
+    std::fs::write(&node_toml, original.replace("[postgres]", "[postgres]\npg_hba = [\"hots all all 0.0.0.0/0 md5\"]"))
+        .unwrap();
+    let out = c.ctl(&["reload", &replica]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("node.toml not reloaded") && said.contains("postgres.pg_hba[0]"), "{said}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("not reloaded on {replica}")));
+    assert_eq!(psql(&c.node_dsn(&replica), "show work_mem").unwrap(), "3MB");
+    assert!(alive(agent));
+
+    // The original file again, on every member: the replica drops its line, tag and
+    // parameter; the leader has nothing to change.
+    std::fs::write(&node_toml, &original).unwrap();
+    let out = c.ctl(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&format!("{leader}: node.toml reloaded: nothing changed")), "{said}");
+    assert!(said.contains(&format!("{replica}: node.toml reloaded: applied postgres.parameters.work_mem")), "{said}");
+    wait_for("the cluster's line on the replica again", Duration::from_secs(20), || async {
+        login(&replica).err().filter(|e| e.contains("pg_hba.conf rejects connection"))
+    })
+    .await;
+    assert_ne!(psql(&c.node_dsn(&replica), "show work_mem").unwrap(), "3MB");
 }
