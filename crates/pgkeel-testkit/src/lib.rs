@@ -207,12 +207,12 @@ impl Cluster {
         c
     }
 
-    /// Send SIGINT (Ctrl-C) to a foreground `up` and wait for it to exit; returns whether it
-    /// exited successfully, and what it printed.
-    pub async fn interrupt_foreground(&mut self) -> (bool, String) {
+    /// Send `sig` (SIGINT for Ctrl-C, SIGHUP for a closed terminal) to a foreground `up` and
+    /// wait for it to exit; returns whether it exited successfully, and what it printed.
+    pub async fn interrupt_foreground(&mut self, sig: i32) -> (bool, String) {
         let mut child = self.foreground.take().expect("started with up_foreground");
-        signal(child.id() as i32, libc::SIGINT);
-        let status = wait_for("pgkeel up to exit after Ctrl-C", Duration::from_secs(60), || {
+        signal(child.id() as i32, sig);
+        let status = wait_for("pgkeel up to exit after the signal", Duration::from_secs(60), || {
             let r = child.try_wait().ok().flatten();
             async move { r }
         })

@@ -417,6 +417,9 @@ pub async fn up(
         info
     };
 
+    // In the foreground, a stop signal from here on stops what was started, also while it
+    // starts (the children run in sessions of their own and would outlive this process).
+    let stop = if detach { None } else { Some(stop_signals()?) };
     let mut children = Vec::new();
     for node in &info.nodes {
         if let Some(pid) = pid_alive(&node.pid_file) {
@@ -433,23 +436,39 @@ pub async fn up(
     }
     print_endpoints(&info);
 
-    let ready = wait_ready(&info, Duration::from_secs(120)).await;
-    match &ready {
-        Ok(()) => eprintln!("cluster ready in {:.1}s: every member is streaming", started.elapsed().as_secs_f64()),
-        Err(e) => eprintln!("warning: {e:#}"),
-    }
-    if detach {
+    let Some(stop) = stop else {
+        let ready = wait_ready(&info, Duration::from_secs(120)).await;
+        report_ready(&ready, started);
         eprintln!("agents run in the background; stop them with: pgkeel down --dir {}", dir.display());
         return ready;
+    };
+    tokio::pin!(stop);
+    let stopped_early = tokio::select! {
+        ready = wait_ready(&info, Duration::from_secs(120)) => {
+            report_ready(&ready, started);
+            false
+        }
+        _ = stop.as_mut() => true,
+    };
+    if stopped_early {
+        eprintln!("stopping the cluster...");
+    } else {
+        eprintln!("Ctrl-C stops the cluster; `pgkeel up --dir {}` resumes it.", dir.display());
+        status_until_signal(&info, &mut children, stop).await;
     }
-    eprintln!("Ctrl-C stops the cluster; `pgkeel up --dir {}` resumes it.", dir.display());
-    status_until_signal(&info, &mut children).await;
     let result = down(&dir).await;
     // The agents are our children: reap them so none lingers as a zombie.
     for (_, child) in &mut children {
         let _ = child.wait();
     }
     result
+}
+
+fn report_ready(ready: &anyhow::Result<()>, started: Instant) {
+    match ready {
+        Ok(()) => eprintln!("cluster ready in {:.1}s: every member is streaming", started.elapsed().as_secs_f64()),
+        Err(e) => eprintln!("warning: {e:#}"),
+    }
 }
 
 fn print_endpoints(info: &UpInfo) {
@@ -529,11 +548,32 @@ fn status_line(v: Option<&Value>) -> String {
     parts.join(" | ")
 }
 
-async fn status_until_signal(info: &UpInfo, children: &mut [(String, std::process::Child)]) {
+/// Resolves when a foreground `up` is told to stop: Ctrl-C, SIGTERM, or a hang-up (the
+/// terminal or the ssh session closed: a foreground cluster lives as long as its terminal,
+/// `--detach` is the other way). The handlers are installed by this call, before the
+/// future is first polled, so a signal during the start-up is not lost either.
+fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("install the SIGHUP handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hangup.recv() => eprintln!("\nthe terminal hung up (SIGHUP)"),
+        }
+    })
+}
+
+async fn status_until_signal(
+    info: &UpInfo,
+    children: &mut [(String, std::process::Child)],
+    signal: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) {
     let tty = std::io::stdout().is_terminal();
     let mut last = String::new();
-    let signal = crate::wait_for_signal();
-    tokio::pin!(signal);
+    let mut signal = signal;
     loop {
         let mut line = status_line(cluster_json(info).await.as_ref());
         for (name, child) in children.iter_mut() {
@@ -550,7 +590,7 @@ async fn status_until_signal(info: &UpInfo, children: &mut [(String, std::proces
         }
         last = line;
         tokio::select! {
-            _ = &mut signal => break,
+            _ = signal.as_mut() => break,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }

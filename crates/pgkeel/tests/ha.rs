@@ -253,11 +253,27 @@ async fn up_in_the_foreground_shows_status_and_ctrl_c_stops_everything() {
         }
     })
     .await;
-    let (ok, text) = c.interrupt_foreground().await;
+    let (ok, text) = c.interrupt_foreground(libc::SIGINT).await;
     assert!(ok, "pgkeel up exits 0 after Ctrl-C:\n{text}");
     assert!(text.contains("stopped"), "{text}");
     for p in pids {
         assert!(!pgkeel_testkit::alive(p), "process {p} still runs after Ctrl-C:\n{text}");
+    }
+}
+
+/// A foreground `up` whose terminal hangs up (SIGHUP) stops the cluster as Ctrl-C does,
+/// instead of dying and leaving it running unattended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_in_the_foreground_stops_the_cluster_when_its_terminal_hangs_up() {
+    let mut c = Cluster::up_foreground(bin(), 1).await;
+    let node = c.nodes().remove(0);
+    let pids: Vec<i32> = [c.agent_pid(&node), c.postmaster_pid(&node)].into_iter().flatten().collect();
+    assert_eq!(pids.len(), 2, "an agent and a postmaster run");
+    let (ok, text) = c.interrupt_foreground(libc::SIGHUP).await;
+    assert!(ok, "pgkeel up exits 0 after a hang-up:\n{text}");
+    assert!(text.contains("the terminal hung up (SIGHUP)") && text.contains("stopped"), "{text}");
+    for p in pids {
+        assert!(!pgkeel_testkit::alive(p), "process {p} still runs after the hang-up:\n{text}");
     }
 }
 
