@@ -502,9 +502,6 @@ async fn action(shared: &Shared, req: Request<Incoming>, kind: Kind) -> Resp {
     )
 }
 
-/// `POST /restart` (`{"restart_pending": true}` restarts only when a parameter change waits
-/// for it; `{"role": "primary"|"replica"}` only in that role) and `POST /reinitialize`: the
-/// loop carries them out; the answer comes when postgres runs again (a new postmaster).
 /// `POST /reload`: read node.toml again (as SIGHUP does). 200 with the keys applied and those
 /// waiting for a restart; 400 with the problem when the file does not pass the check.
 async fn reload(shared: &Shared, req: Request<Incoming>) -> Resp {
@@ -522,6 +519,9 @@ async fn reload(shared: &Shared, req: Request<Incoming>) -> Resp {
     }
 }
 
+/// `POST /restart` (`{"restart_pending": true}` restarts only when a parameter change waits
+/// for it; `{"role": "primary"|"replica"}` only in that role) and `POST /reinitialize`: the
+/// loop carries them out; the answer comes when postgres runs again (a new postmaster).
 async fn node_request(shared: &Shared, req: Request<Incoming>, request: NodeRequest) -> Resp {
     if let Err(e) = check_auth(shared, &req) {
         return e.into();
