@@ -431,6 +431,18 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// A member's tags that differ from the defaults, e.g. `nofailover,failover_priority=0`.
+fn member_tags(tags: &Value) -> String {
+    let mut out = Vec::new();
+    if tags["nofailover"] == true {
+        out.push("nofailover".to_string());
+    }
+    if let Some(p) = tags["failover_priority"].as_i64().filter(|p| *p != 1) {
+        out.push(format!("failover_priority={p}"));
+    }
+    out.join(",")
+}
+
 fn render_list(v: &Value) -> String {
     let mut out = format!(
         "Cluster: {} (leader: {}, term {}){}\n",
@@ -457,13 +469,17 @@ fn render_list(v: &Value) -> String {
                         text(&m["timeline"]),
                         lag,
                         text(&m["term"]),
+                        member_tags(&m["tags"]),
                         restart.to_string(),
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    out.push_str(&table(&["Member", "Host", "Role", "State", "TL", "Lag (bytes)", "Term", "Pending restart"], &rows));
+    out.push_str(&table(
+        &["Member", "Host", "Role", "State", "TL", "Lag (bytes)", "Term", "Tags", "Pending restart"],
+        &rows,
+    ));
     if let Some(f) = v["failover"].as_object() {
         out.push_str(&format!(
             "Pending {}: to {}\n",
@@ -545,9 +561,12 @@ mod tests {
     fn list_table() {
         let v = json!({"cluster": "c", "leader": "n1", "term": 2, "paused": true, "members": [
             {"name": "n1", "host": "127.0.0.1:5432", "role": "leader", "state": "running", "timeline": 2, "lag": null, "term": 2},
-            {"name": "n2", "host": "127.0.0.1:5433", "role": "replica", "state": "streaming", "timeline": 2, "lag": 0, "term": 2}]});
+            {"name": "n2", "host": "127.0.0.1:5433", "role": "replica", "state": "streaming", "timeline": 2, "lag": 0, "term": 2,
+             "tags": {"nofailover": true, "failover_priority": 0}, "pending_restart": true}]});
         let s = render_list(&v);
         assert!(s.contains("PAUSED"), "{s}");
-        assert!(s.lines().nth(3).unwrap().starts_with("n2  "), "{s}");
+        assert!(s.lines().nth(1).unwrap().ends_with("Term  Tags                            Pending restart"), "{s}");
+        let n2 = s.lines().nth(3).unwrap();
+        assert!(n2.starts_with("n2  ") && n2.ends_with("  nofailover,failover_priority=0  *"), "{s}");
     }
 }

@@ -490,6 +490,8 @@ async fn node_toml_reload_and_the_clusters_pg_hba() {
         (m["tags"]["nofailover"] == true).then_some(())
     })
     .await;
+    let list = String::from_utf8_lossy(&c.ctl(&["list"]).stdout).to_string();
+    assert!(list.lines().any(|l| l.starts_with(replica.as_str()) && l.contains("nofailover")), "{list}");
     assert!(alive(agent), "SIGHUP must not end the agent");
     let log = std::fs::read_to_string(c.dir().join("nodes").join(&replica).join("agent.log")).unwrap();
     assert!(
