@@ -69,6 +69,10 @@ fi
 if ! command -v etcd >/dev/null 2>&1 && [ ! -x /usr/bin/etcd ]; then
     missing+=(etcd-server)
 fi
+# systemd-analyze checks the shipped unit files (deploy/systemd/) in a test.
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    missing+=(systemd)
+fi
 
 if [ "${#missing[@]}" -eq 0 ]; then
     say "system packages: all present"

@@ -531,3 +531,36 @@ async fn node_toml_reload_and_the_clusters_pg_hba() {
     .await;
     assert_ne!(psql(&c.node_dsn(&replica), "show work_mem").unwrap(), "3MB");
 }
+
+/// The shipped systemd units (`deploy/systemd/`) pass `systemd-analyze verify` (pointed at
+/// the binary under test), and every pgkeel command line in them is one the CLI takes: run
+/// here, each stops at the missing config file (exit 64), not at its arguments (exit 2).
+#[test]
+fn shipped_systemd_units_verify_and_name_real_commands() {
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/systemd");
+    let dir = tempfile::tempdir().unwrap();
+    for unit in ["pgkeel-agent.service", "pgkeel-proxy.service"] {
+        let text = std::fs::read_to_string(units.join(unit)).unwrap();
+        assert!(text.contains("ExecReload=/bin/kill -HUP $MAINPID"), "{unit}: reload is SIGHUP");
+        let copy = dir.path().join(unit);
+        std::fs::write(&copy, text.replace("/usr/local/bin/pgkeel", &bin().display().to_string())).unwrap();
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&copy)
+            .output()
+            .expect("run systemd-analyze (Debian's systemd package; scripts/install-deps.sh installs it)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && err.trim().is_empty(), "{unit}: systemd-analyze verify: {err}");
+        let commands: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("ExecStart=").or_else(|| l.strip_prefix("ExecStartPre=")))
+            .collect();
+        assert_eq!(commands.len(), 2, "{unit}");
+        for command in commands {
+            let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+            let (code, _, err) = run(&args);
+            assert_eq!(code, 64, "{unit}: {command}: {err}");
+            assert!(err.contains("cannot read /etc/pgkeel/"), "{unit}: {command}: {err}");
+        }
+    }
+}
