@@ -285,7 +285,7 @@ impl HaLoop {
         }
         if let Some(snap) = &snapshot {
             let now = Instant::now();
-            for m in snap.members.iter().filter(|m| m.value.name != self.shared.config().name) {
+            for m in snap.members.iter().filter(|m| m.value.name != self.name) {
                 self.members_seen.insert(m.value.name.clone(), (m.value.api_url.clone(), now));
             }
             let memory = MEMBER_MEMORY.max(self.shared.dynamic().ttl * 3);
@@ -300,14 +300,12 @@ impl HaLoop {
         }
         let dynamic = self.shared.dynamic();
         let pg = self.observe_pg(snapshot.as_ref()).await;
+        let tags = self.shared.config().tags.clone();
 
         let mut obs = Observation {
             now_ms: self.now_ms(),
             me: self.me().to_string(),
-            tags: pgkeel_ha::Tags {
-                nofailover: self.shared.config().tags.nofailover,
-                failover_priority: self.shared.config().tags.failover_priority,
-            },
+            tags: pgkeel_ha::Tags { nofailover: tags.nofailover, failover_priority: tags.failover_priority },
             settings: self.settings(&dynamic),
             cluster: snapshot.as_ref().map(cluster_view),
             pg: pg.state.clone(),
@@ -1108,7 +1106,7 @@ impl HaLoop {
         self.sysid = None;
         // The loop waits for the clone: keep this member's record alive meanwhile, or it
         // expires after ttl and the leader drops the member's replication slot.
-        let own = snap.member(&self.shared.config().name).cloned();
+        let own = snap.member(&self.name).cloned();
         let result = {
             let clone = self.inst.basebackup(&src, None, LONG_OP);
             tokio::pin!(clone);

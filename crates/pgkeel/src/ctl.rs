@@ -204,7 +204,8 @@ async fn reload(target: &Target, node: Option<&str>) -> anyhow::Result<()> {
         let answer = request_with_headers("POST", &format!("{url}/reload"), None, api.auth.as_ref(), &[], SHORT).await;
         match answer {
             Ok(r) if r.status == 200 => {
-                println!("{name}: {}", r.json()?["message"].as_str().unwrap_or("reloaded"));
+                let message = r.json().ok().and_then(|v| v["message"].as_str().map(String::from));
+                println!("{name}: {}", message.as_deref().unwrap_or("node.toml reloaded"));
             }
             Ok(r) => {
                 println!("{name}: {:#}", fail(&r));
