@@ -1552,8 +1552,9 @@ auth_type = "scram-sha-256"
 server_tls = "prefer"
 # server_ca = "/etc/pgkeel/ca.crt"
 # A certificate (chain) and key the proxy presents when postgres asks for one: for "cert"
-# (or clientcert=verify-ca/verify-full) in pg_hba.conf, e.g. through postgres.pg_hba in the
-# nodes' node.toml. Its CN must be the user name for "cert", or map to it (pg_ident.conf).
+# (or clientcert=verify-ca/verify-full) in pg_hba.conf, e.g. through postgresql.pg_hba in the
+# cluster config or postgres.pg_hba in a node's node.toml. Its CN must be the user name for
+# "cert", or map to it (pg_ident.conf).
 # server_cert = "/etc/pgkeel/proxy-client.crt"
 # server_key = "/etc/pgkeel/proxy-client.key"
 "##;

@@ -348,11 +348,23 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 
 /// Resolve on SIGINT or SIGTERM.
 pub async fn wait_for_signal() {
+    stop_signals(false).expect("install the SIGINT and SIGTERM handlers").await;
+}
+
+/// Installs SIGINT and SIGTERM handlers (and SIGHUP's with `hangup`) now, before the future
+/// is first polled, so a signal that comes before is not lost; the future resolves with the
+/// name of the first that arrives.
+pub fn stop_signals(hangup: bool) -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    use anyhow::Context as _;
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    let mut hup = if hangup { Some(signal(SignalKind::hangup()).context("install the SIGHUP handler")?) } else { None };
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            Some(_) = async { hup.as_mut()?.recv().await } => "SIGHUP",
+        }
+    })
 }

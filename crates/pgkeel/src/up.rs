@@ -550,18 +550,13 @@ fn status_line(v: Option<&Value>) -> String {
 
 /// Resolves when a foreground `up` is told to stop: Ctrl-C, SIGTERM, or a hang-up (the
 /// terminal or the ssh session closed: a foreground cluster lives as long as its terminal,
-/// `--detach` is the other way). The handlers are installed by this call, before the
-/// future is first polled, so a signal during the start-up is not lost either.
+/// `--detach` is the other way). The handlers are installed by this call, so a signal during
+/// the start-up is not lost either.
 fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
-    let mut hangup = signal(SignalKind::hangup()).context("install the SIGHUP handler")?;
+    let signal = crate::stop_signals(true)?;
     Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = hangup.recv() => eprintln!("\nthe terminal hung up (SIGHUP)"),
+        if signal.await == "SIGHUP" {
+            eprintln!("\nthe terminal hung up (SIGHUP)");
         }
     })
 }
