@@ -603,6 +603,7 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("tls.client_tls", c.tls.client_tls.as_str().to_string()),
         ("tls.server_tls", c.tls.server_tls.as_str().to_string()),
         ("tls.server_ca", path_or_empty(c.tls.server_ca.as_deref())),
+        ("tls.server_crl", path_or_empty(c.tls.server_crl.as_deref())),
         ("tls.client_ca", path_or_empty(c.tls.client_ca.as_deref())),
         ("tls.client_crl", path_or_empty(c.tls.client_crl.as_deref())),
         ("tls.server_cert", path_or_empty(c.tls.server_cert.as_deref())),
@@ -740,9 +741,16 @@ pub fn reload(shared: &Shared) -> Result<Reloaded, String> {
         }
     }
     let users = userlist.len();
+    let server_side_changed = shared.tls().server_source != tls.server_source;
     shared.replace_tls(tls);
     shared.replace(new, userlist);
     tracing::info!(file = %path.display(), applied = ?r.applied, needs_restart = ?r.needs_restart, users, "configuration reloaded");
+    if server_side_changed {
+        // A connection keeps what its handshake checked: a revoked certificate, a new CA or
+        // the proxy's own new certificate apply only to connections opened from now on.
+        let said = reconnect(shared, None);
+        tracing::info!("reload: the server side of [tls] changed (server_tls or a server_* file); {said}");
+    }
     Ok(r)
 }
 

@@ -160,6 +160,9 @@ pub struct TlsSettings {
     pub server_tls: ServerTlsMode,
     /// PEM CA certificate(s) for `server_tls = "verify-full"`.
     pub server_ca: Option<PathBuf>,
+    /// PEM certificate revocation list(s) of `server_ca`'s CAs: a server certificate listed
+    /// in one is refused.
+    pub server_crl: Option<PathBuf>,
     /// PEM CA certificate(s) that sign client certificates, for `client_tls = "verify-ca"`
     /// and `"verify-full"`.
     pub client_ca: Option<PathBuf>,
@@ -181,6 +184,7 @@ impl Default for TlsSettings {
             client_tls: ClientTlsMode::Disable,
             server_tls: ServerTlsMode::Prefer,
             server_ca: None,
+            server_crl: None,
             client_ca: None,
             client_crl: None,
             server_cert: None,
@@ -570,8 +574,18 @@ const DATABASE: &[&str] =
     &["dbname", "pool_mode", "pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"];
 const USER: &[&str] = &["pool_mode", "pool_size", "max_user_connections"];
 const AUTH: &[&str] = &["userlist", "auth_type", "query", "auth_user"];
-const TLS: &[&str] =
-    &["cert", "key", "client_tls", "server_tls", "server_ca", "client_ca", "client_crl", "server_cert", "server_key"];
+const TLS: &[&str] = &[
+    "cert",
+    "key",
+    "client_tls",
+    "server_tls",
+    "server_ca",
+    "server_crl",
+    "client_ca",
+    "client_crl",
+    "server_cert",
+    "server_key",
+];
 const DCS_LOCAL: &[&str] = &["kind", "path"];
 const DCS_ETCD: &[&str] = &["kind", "endpoints"];
 const DCS_KINDS_HELP: &str = r#"supported kinds: "local" (the embedded single-host store) and "etcd""#;
@@ -1278,6 +1292,7 @@ fn tls(table: &toml::Table, base: &Path) -> Result<TlsSettings, ConfigError> {
     let path = |key: &str| -> Result<Option<PathBuf>, ConfigError> { Ok(string(t, "tls", key)?.map(|p| base.join(p))) };
     let (cert, key, server_ca, client_ca) = (path("cert")?, path("key")?, path("server_ca")?, path("client_ca")?);
     let (client_crl, server_cert, server_key) = (path("client_crl")?, path("server_cert")?, path("server_key")?);
+    let server_crl = path("server_crl")?;
     match (&cert, &key) {
         (Some(_), None) => return Err(invalid("tls.cert is set without tls.key: add key = \"/etc/pgkeel/proxy.key\"")),
         (None, Some(_)) => {
@@ -1346,6 +1361,13 @@ fn tls(table: &toml::Table, base: &Path) -> Result<TlsSettings, ConfigError> {
             "tls.server_tls = \"verify-full\" needs tls.server_ca: the PEM file of the CA that signed the servers' certificates",
         ));
     }
+    if server_crl.is_some() && server_tls != ServerTlsMode::VerifyFull {
+        return Err(invalid(format!(
+            "tls.server_crl is set, and tls.server_tls = \"{}\" does not check the servers' certificates: \
+             revocation lists apply with server_tls = \"verify-full\" (and server_ca); set it, or remove server_crl",
+            server_tls.as_str()
+        )));
+    }
     match (&server_cert, &server_key) {
         (Some(_), None) => {
             return Err(invalid(
@@ -1366,7 +1388,18 @@ fn tls(table: &toml::Table, base: &Path) -> Result<TlsSettings, ConfigError> {
         }
         _ => {}
     }
-    Ok(TlsSettings { cert, key, client_tls, server_tls, server_ca, client_ca, client_crl, server_cert, server_key })
+    Ok(TlsSettings {
+        cert,
+        key,
+        client_tls,
+        server_tls,
+        server_ca,
+        server_crl,
+        client_ca,
+        client_crl,
+        server_cert,
+        server_key,
+    })
 }
 
 /// Whether `text` is a `proxy.toml` rather than a `node.toml`: no `[postgres]` section (nor
@@ -1551,6 +1584,9 @@ auth_type = "scram-sha-256"
 # certificate is not checked) or "verify-full" (checked against server_ca and the host name).
 server_tls = "prefer"
 # server_ca = "/etc/pgkeel/ca.crt"
+# PEM revocation list(s) (X509 CRL) of server_ca's CAs, with verify-full: a server whose
+# certificate is listed is refused. Read again on reload, as client_crl.
+# server_crl = "/etc/pgkeel/ca.crl"
 # A certificate (chain) and key the proxy presents when postgres asks for one: for "cert"
 # (or clientcert=verify-ca/verify-full) in pg_hba.conf, e.g. through postgresql.pg_hba in the
 # cluster config or postgres.pg_hba in a node's node.toml. Its CN must be the user name for
@@ -1735,10 +1771,11 @@ mod tests {
         assert_eq!(c.tls.client_tls, ClientTlsMode::Allow, "allow is the default with a certificate");
         let c = ok(&format!(
             "{MINIMAL}[tls]\ncert = \"c\"\nkey = \"k\"\nclient_tls = \"require\"\nserver_tls = \"verify-full\"\n\
-             server_ca = \"ca.crt\"\n"
+             server_ca = \"ca.crt\"\nserver_crl = \"/crl/ca.crl\"\n"
         ));
         assert_eq!((c.tls.client_tls, c.tls.server_tls), (ClientTlsMode::Require, ServerTlsMode::VerifyFull));
         assert_eq!(c.tls.server_ca, Some(PathBuf::from("/etc/pgkeel/ca.crt")));
+        assert_eq!(c.tls.server_crl, Some(PathBuf::from("/crl/ca.crl")));
         for (mode, want) in [("disable", ServerTlsMode::Disable), ("require", ServerTlsMode::Require)] {
             assert_eq!(ok(&format!("{MINIMAL}[tls]\nserver_tls = \"{mode}\"\n")).tls.server_tls, want);
         }
@@ -1806,6 +1843,11 @@ mod tests {
             (format!("{MINIMAL}[tls]\nclient_tls = \"on\"\n"), "tls.client_tls = \"on\" is not a mode"),
             (format!("{MINIMAL}[tls]\nserver_tls = \"verify-ca\"\n"), "tls.server_tls = \"verify-ca\" is not a mode"),
             (format!("{MINIMAL}[tls]\nserver_tls = \"verify-full\"\n"), "needs tls.server_ca"),
+            (
+                format!("{MINIMAL}[tls]\nserver_tls = \"require\"\nserver_crl = \"ca.crl\"\n"),
+                "tls.server_crl is set, and tls.server_tls = \"require\" does not check the servers' certificates",
+            ),
+            (format!("{MINIMAL}[tls]\nserver_crl = \"ca.crl\"\n"), "tls.server_tls = \"prefer\" does not check"),
             (format!("{MINIMAL}[tls]\ncrt = \"c\"\n"), "unknown key \"tls.crt\"; did you mean \"tls.cert\"?"),
             (format!("tls = 1\n{MINIMAL}"), "tls must be a table"),
             (auth("query = \"select 1\"\nauth_user = \"a\""), "auth.query = \"select 1\" has no $1"),

@@ -119,7 +119,11 @@ async fn negotiate_tls(
         b'S' => {
             let name = crate::tls::server_name(address).map_err(ConnectError::Config)?;
             let s = connector.connect(name, tcp).await.map_err(|e| {
-                let msg = format!("TLS handshake with {at} failed (server_tls = \"{}\"): {e}", tls.mode.as_str());
+                let msg = format!(
+                    "TLS handshake with {at} failed (server_tls = \"{}\"): {e}{}",
+                    tls.mode.as_str(),
+                    certificate_hint(&e)
+                );
                 if e.kind() == std::io::ErrorKind::InvalidData {
                     // A certificate problem: retrying will not help.
                     ConnectError::Config(msg)
@@ -147,6 +151,28 @@ async fn negotiate_tls(
             other as char,
             if peer == Peer::Postgres { "a PostgreSQL server" } else { "a pgkeel proxy" }
         ))),
+    }
+}
+
+/// What an operator can do about a certificate `verify-full` refused, after the rustls error
+/// that names the problem.
+fn certificate_hint(e: &std::io::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(C::Revoked)) => {
+            " (a revocation list of tls.server_crl lists the server's certificate: give the server a new one)"
+        }
+        Some(rustls::Error::InvalidCertificate(C::UnknownIssuer)) => {
+            " (the certificate is not signed by a CA of tls.server_ca)"
+        }
+        Some(rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => {
+            " (the certificate does not name the member's host or address: add it to the certificate's subject \
+             alternative names)"
+        }
+        Some(rustls::Error::InvalidCertificate(C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. })) => {
+            " (a revocation list of tls.server_crl is past its next update: fetch a new one)"
+        }
+        _ => "",
     }
 }
 
@@ -766,7 +792,7 @@ mod tests {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let tls = ServerTls {
             mode: ServerTlsMode::Require,
-            connector: Some(crate::tls::connector(ServerTlsMode::Require, None, None).expect("connector")),
+            connector: Some(crate::tls::connector(ServerTlsMode::Require, None, None, None).expect("connector")),
         };
         let want = {
             let mut b = BytesMut::new();
@@ -823,7 +849,7 @@ mod tests {
         });
         let tls = ServerTls {
             mode: ServerTlsMode::Require,
-            connector: Some(crate::tls::connector(ServerTlsMode::Require, None, None).expect("connector")),
+            connector: Some(crate::tls::connector(ServerTlsMode::Require, None, None, None).expect("connector")),
         };
         let request = crate::protocol::CancelRequest { pid: 7, secret_key: Bytes::from_static(&[9, 9, 9, 9]) };
         let err = pass_cancel_on(&address, &request, &tls).await.expect_err("no TLS, and server_tls requires it");

@@ -298,6 +298,10 @@ pub struct Tls {
     pub server_mode: ServerTlsMode,
     /// Present unless `server_tls = "disable"`.
     pub connector: Option<TlsConnector>,
+    /// A digest of what the server side was made of: `server_tls`, and the names and bytes of
+    /// `server_ca`, `server_crl`, `server_cert` and `server_key`. A reload that changes it
+    /// replaces the server connections ([`crate::admin::reload`]).
+    pub server_source: [u8; 32],
 }
 
 impl std::fmt::Debug for Tls {
@@ -333,10 +337,17 @@ impl Tls {
             ServerTlsMode::Disable => None,
             mode => {
                 let identity = t.server_cert.as_deref().zip(t.server_key.as_deref());
-                Some(connector(mode, t.server_ca.as_deref(), identity)?)
+                Some(connector(mode, t.server_ca.as_deref(), t.server_crl.as_deref(), identity)?)
             }
         };
-        Ok(Tls { client_mode: t.client_tls, acceptor, endpoint, server_mode: t.server_tls, connector })
+        Ok(Tls {
+            client_mode: t.client_tls,
+            acceptor,
+            endpoint,
+            server_mode: t.server_tls,
+            connector,
+            server_source: server_source(t),
+        })
     }
 
     /// No TLS on either side.
@@ -347,6 +358,7 @@ impl Tls {
             endpoint: None,
             server_mode: ServerTlsMode::Disable,
             connector: None,
+            server_source: [0; 32],
         }
     }
 }
@@ -380,6 +392,25 @@ fn unusable_pair((cert_key, cert): (&str, &Path), (key_key, key): (&str, &Path),
     format!("tls.{cert_key} / tls.{key_key}: {} and {} do not make a usable pair: {e}", cert.display(), key.display())
 }
 
+/// [`Tls::server_source`] of the settings (the files were just read by [`connector`]; one that
+/// cannot be read now counts as empty).
+fn server_source(t: &crate::config::TlsSettings) -> [u8; 32] {
+    use sha2::Digest as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut digest = sha2::Sha256::new();
+    digest.update(t.server_tls.as_str());
+    for path in [&t.server_ca, &t.server_crl, &t.server_cert, &t.server_key] {
+        let (name, bytes) = path
+            .as_deref()
+            .map_or((&[][..], Vec::new()), |p| (p.as_os_str().as_bytes(), std::fs::read(p).unwrap_or_default()));
+        for part in [name, &bytes] {
+            digest.update((part.len() as u64).to_le_bytes());
+            digest.update(part);
+        }
+    }
+    digest.finalize().into()
+}
+
 /// The CA certificates of the PEM file `[tls] key` names, as trust roots.
 fn read_roots(key: &str, path: &Path) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
@@ -389,9 +420,10 @@ fn read_roots(key: &str, path: &Path) -> Result<rustls::RootCertStore, String> {
     Ok(roots)
 }
 
-/// The certificate revocation lists of the PEM file `[tls] client_crl` names.
-fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
-    read_pem_list("client_crl", path, "revocation list", "X509 CRL")
+/// The certificate revocation lists of the PEM file `[tls] key` (`client_crl`,
+/// `server_crl`) names.
+fn read_crls(key: &str, path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    read_pem_list(key, path, "revocation list", "X509 CRL")
 }
 
 /// A TLS acceptor for clients with the certificate chain and key in PEM files, and the
@@ -420,7 +452,7 @@ pub fn acceptor(
             let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .allow_unauthenticated();
             if let Some(crl) = client_crl {
-                verifier = verifier.with_crls(read_crls(crl)?).allow_unknown_revocation_status();
+                verifier = verifier.with_crls(read_crls("client_crl", crl)?).allow_unknown_revocation_status();
             }
             let verifier = verifier.build().map_err(|e| match client_crl {
                 Some(crl) => format!("tls.client_ca / tls.client_crl: {} and {}: {e}", ca.display(), crl.display()),
@@ -557,13 +589,15 @@ fn der_element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
-/// A TLS connector for servers: `verify-full` checks the chain against `ca` and the name;
-/// `prefer` and `require` check only the handshake signatures. With `identity` (the PEM
-/// files of `server_cert` and `server_key`), the proxy presents that certificate when a
-/// server asks for one.
+/// A TLS connector for servers: `verify-full` checks the chain against `ca` and the name,
+/// and with `crl` (`server_crl`) that no certificate of the chain is in one of its revocation
+/// lists (a CA without a list there is taken, as with `client_crl`); `prefer` and `require`
+/// check only the handshake signatures. With `identity` (the PEM files of `server_cert` and
+/// `server_key`), the proxy presents that certificate when a server asks for one.
 pub fn connector(
     mode: ServerTlsMode,
     ca: Option<&Path>,
+    crl: Option<&Path>,
     identity: Option<(&Path, &Path)>,
 ) -> Result<TlsConnector, String> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
@@ -571,7 +605,18 @@ pub fn connector(
         .map_err(|e| format!("TLS setup: {e}"))?;
     let builder = if mode == ServerTlsMode::VerifyFull {
         let ca = ca.ok_or("tls.server_tls = \"verify-full\" needs tls.server_ca, the PEM file of the CA that signed the servers' certificates")?;
-        builder.with_root_certificates(read_roots("server_ca", ca)?)
+        let mut verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(read_roots("server_ca", ca)?),
+            provider(),
+        );
+        if let Some(crl) = crl {
+            verifier = verifier.with_crls(read_crls("server_crl", crl)?).allow_unknown_revocation_status();
+        }
+        let verifier = verifier.build().map_err(|e| match crl {
+            Some(crl) => format!("tls.server_ca / tls.server_crl: {} and {}: {e}", ca.display(), crl.display()),
+            None => format!("tls.server_ca: {}: {e}", ca.display()),
+        })?;
+        builder.with_webpki_verifier(verifier)
     } else {
         builder.dangerous().with_custom_certificate_verifier(Arc::new(NoCertCheck(provider())))
     };
@@ -805,7 +850,7 @@ mod tests {
             ),
         ];
         for (path, says) in cases {
-            let e = read_crls(&path).unwrap_err();
+            let e = read_crls("client_crl", &path).unwrap_err();
             assert!(
                 e.starts_with("tls.client_crl: ") && e.contains(&path.display().to_string()) && e.contains(says),
                 "{e}"

@@ -428,7 +428,12 @@ async fn tls_modes_and_auth_query() {
     )
     .await;
     let err = psql(&wrong.dsn_with("postgres", &su, ""), "select 1").unwrap_err();
-    assert!(err.contains("TLS handshake with") && err.contains("verify-full"), "{err}");
+    assert!(
+        err.contains("TLS handshake with")
+            && err.contains("verify-full")
+            && err.contains("not signed by a CA of tls.server_ca"),
+        "{err}"
+    );
 
     // A reload (SIGHUP) reads [tls] and the certificate files again: the right CA fixes the
     // server side, and a certificate with client_tls = "require" changes what clients must do.
@@ -475,50 +480,59 @@ async fn tls_modes_and_auth_query() {
     assert_eq!(psql(&verified, "select 1").unwrap(), "1", "the TLS in force stayed");
 }
 
-/// Client certificates signed by a CA of the test's own, as PEM files in `dir`: the CA's
-/// `clients-ca.crt`, and for each common name `NAME.crt` and `NAME.key` (mode 0600, as libpq
-/// wants it); `stranger.crt` and `stranger.key` (CN postgres) come from another CA;
-/// `revoked.crt` and `revoked.key` (CN postgres) from the CA, which revokes them in
-/// `clients.crl`, and them and `NAMES[0]`'s in `clients-more.crl`.
-fn client_certificates(dir: &Path, names: &[&str]) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
-        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
-    };
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).unwrap();
-    let write = |name: &str, text: &str, mode: u32| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-    };
-    let ca = |cn: &str| {
+/// A CA of the test's own that writes PEM files into one directory: its certificate, the
+/// certificates and keys it signs (keys mode 0600, as libpq and postgres want them) and its
+/// revocation lists.
+struct TestCa {
+    dir: std::path::PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// A CA with common name `cn`, its certificate in `dir/FILE`.
+    fn new(dir: &Path, cn: &str, file: &str) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        std::fs::create_dir_all(dir).unwrap();
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, cn);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let cert = params.self_signed(&key).unwrap();
-        (Issuer::new(params, key), cert.pem())
-    };
-    let leaf = |issuer: &Issuer<'_, KeyPair>, file: &str, cn: &str, serial: u8| {
+        let ca = TestCa { dir: dir.to_path_buf(), issuer: rcgen::Issuer::new(params, key) };
+        ca.write(file, &cert.pem(), 0o644);
+        ca
+    }
+
+    fn write(&self, name: &str, text: &str, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// `FILE.crt` and `FILE.key`: a certificate with common name `cn`, serial number
+    /// `serial`, and either the subject names `hosts` (a server's) or none (a client's).
+    fn leaf(&self, file: &str, cn: &str, serial: u8, hosts: &[&str]) {
+        use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyPair, SerialNumber};
         let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let mut params = CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()).unwrap();
         params.serial_number = Some(SerialNumber::from_slice(&[serial]));
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, issuer).unwrap();
-        write(&format!("{file}.crt"), &cert.pem(), 0o644);
-        write(&format!("{file}.key"), &key.serialize_pem(), 0o600);
-    };
-    let (issuer, pem) = ca("pgkeel tests client CA");
-    write("clients-ca.crt", &pem, 0o644);
-    for (serial, name) in (1..).zip(names) {
-        leaf(&issuer, name, name, serial);
+        params.extended_key_usages = vec![if hosts.is_empty() {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        self.write(&format!("{file}.crt"), &cert.pem(), 0o644);
+        self.write(&format!("{file}.key"), &key.serialize_pem(), 0o600);
     }
-    leaf(&issuer, "revoked", "postgres", 100);
-    let crl = |file: &str, serials: &[u8]| {
+
+    /// `FILE`: a revocation list of the certificates with these serial numbers.
+    fn crl(&self, file: &str, serials: &[u8]) {
+        use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
         let params = CertificateRevocationListParams {
             this_update: rcgen::date_time_ymd(2025, 1, 1),
             next_update: rcgen::date_time_ymd(2100, 1, 1),
@@ -535,12 +549,24 @@ fn client_certificates(dir: &Path, names: &[&str]) {
                 .collect(),
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        write(file, &params.signed_by(&issuer).unwrap().pem().unwrap(), 0o644);
-    };
-    crl("clients.crl", &[100]);
-    crl("clients-more.crl", &[100, 1]);
-    let (other, _) = ca("another CA");
-    leaf(&other, "stranger", "postgres", 1);
+        self.write(file, &params.signed_by(&self.issuer).unwrap().pem().unwrap(), 0o644);
+    }
+}
+
+/// Client certificates signed by a CA of the test's own, as PEM files in `dir`: the CA's
+/// `clients-ca.crt`, and for each common name `NAME.crt` and `NAME.key`;
+/// `stranger.crt` and `stranger.key` (CN postgres) come from another CA (`other-ca.crt`);
+/// `revoked.crt` and `revoked.key` (CN postgres) from the CA, which revokes them in
+/// `clients.crl`, and them and `NAMES[0]`'s in `clients-more.crl`.
+fn client_certificates(dir: &Path, names: &[&str]) {
+    let ca = TestCa::new(dir, "pgkeel tests client CA", "clients-ca.crt");
+    for (serial, name) in (1..).zip(names) {
+        ca.leaf(name, name, serial, &[]);
+    }
+    ca.leaf("revoked", "postgres", 100, &[]);
+    ca.crl("clients.crl", &[100]);
+    ca.crl("clients-more.crl", &[100, 1]);
+    TestCa::new(dir, "another CA", "other-ca.crt").leaf("stranger", "postgres", 1, &[]);
 }
 
 /// `client_tls = "verify-ca"` / `"verify-full"` with `client_ca`, and `auth_type = "cert"`,
@@ -732,4 +758,90 @@ async fn pg_hba_lines_and_the_proxys_certificate_towards_postgres() {
     let without = start_proxy_for(&c, "proxy-no-server-cert", &users, "[tls]\nserver_tls = \"require\"\n").await;
     let err = psql(&without.dsn_with("cert_login", "client%20pw", "&sslmode=disable"), "select 1").unwrap_err();
     assert!(err.contains("connection requires a valid client certificate"), "postgres' refusal: {err}");
+}
+
+/// `[tls] server_crl` with `server_tls = "verify-full"`: a revocation list of `server_ca`'s CA
+/// that lists postgres' certificate keeps the proxy from logging in to it, with an error that
+/// says so. The list is read again on SIGHUP, and a reload that changes the server side of
+/// `[tls]` replaces the server connections already open, so a revocation reaches them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_crl_refuses_a_revoked_postgres_certificate() {
+    let c = Cluster::up(bin(), 1).await;
+    let leader = c.leader().await.expect("a leader").0;
+    // Postgres gets a certificate of the test's own CA (serial 7): the files `pgkeel up` made
+    // get new contents (their owner and mode stay, as postgres wants them), and a reload.
+    let certs = c.dir().join("server-certs");
+    let ca = TestCa::new(&certs, "pgkeel tests server CA", "servers-ca.crt");
+    ca.leaf("server", "postgres server", 7, &["127.0.0.1", "localhost"]);
+    ca.crl("others-revoked.crl", &[99]);
+    ca.crl("server-revoked.crl", &[99, 7]);
+    for file in ["server.crt", "server.key"] {
+        std::fs::write(c.dir().join("tls").join(file), std::fs::read(certs.join(file)).unwrap()).unwrap();
+    }
+    let node = c.node_dsn(&leader);
+    psql(&node, "select pg_reload_conf()").unwrap();
+    let server_ca = certs.join("servers-ca.crt").display().to_string();
+    let direct = format!("{node}?sslmode=verify-full&sslrootcert={server_ca}");
+    wait_for("postgres to present the new certificate", Duration::from_secs(20), || {
+        let dsn = direct.clone();
+        async move { psql(&dsn, "select 1").ok() }
+    })
+    .await;
+
+    let crl = c.dir().join("servers-now.crl");
+    std::fs::copy(certs.join("others-revoked.crl"), &crl).unwrap();
+    let p = start_proxy(
+        &c,
+        "proxy-server-crl",
+        &format!(
+            "[tls]\nserver_tls = \"verify-full\"\nserver_ca = {server_ca:?}\nserver_crl = {:?}\n",
+            crl.display().to_string()
+        ),
+    )
+    .await;
+    let su = password(&c);
+    let through = p.dsn_with("postgres", &su, "&sslmode=disable");
+    let pid = wait_for("a login through the proxy", Duration::from_secs(20), || {
+        let dsn = through.clone();
+        async move { psql(&dsn, "select pg_backend_pid()").ok() }
+    })
+    .await;
+    assert_eq!(psql(&through, "select ssl from pg_stat_ssl where pid = pg_backend_pid()").unwrap(), "t");
+    let backend_alive = format!("select count(*) from pg_stat_activity where pid = {pid}");
+    assert_eq!(psql(&direct, &backend_alive).unwrap(), "1", "the pooled server connection is open");
+
+    // The list now revokes postgres' certificate: the pooled connection is closed at the
+    // reload, and no new one can be opened.
+    std::fs::copy(certs.join("server-revoked.crl"), &crl).unwrap();
+    p.signal(libc::SIGHUP);
+    wait_for("the pooled server connection to close", Duration::from_secs(15), || {
+        let (dsn, sql) = (direct.clone(), backend_alive.clone());
+        async move { (psql(&dsn, &sql).ok()? == "0").then_some(()) }
+    })
+    .await;
+    assert!(p.log_text().contains("the server side of [tls] changed"), "{}", p.log_text());
+    let err = psql(&through, "select 1").unwrap_err();
+    assert!(
+        err.contains("TLS handshake with") && err.contains("Revoked") && err.contains("tls.server_crl lists"),
+        "a revoked server certificate: {err}"
+    );
+
+    // Lifted again: the proxy logs in.
+    std::fs::copy(certs.join("others-revoked.crl"), &crl).unwrap();
+    p.signal(libc::SIGHUP);
+    wait_for("a login after the revocation is lifted", Duration::from_secs(15), || {
+        let dsn = through.clone();
+        async move { psql(&dsn, "select 1").ok() }
+    })
+    .await;
+    // A file that is not a revocation list: the reload is refused, naming the key, and the
+    // list in force stays.
+    std::fs::write(&crl, "not a revocation list\n").unwrap();
+    p.signal(libc::SIGHUP);
+    wait_for("the refused reload in the log", Duration::from_secs(15), || {
+        let log = p.log_text();
+        async move { log.lines().any(|l| l.contains("reload refused") && l.contains("tls.server_crl")).then_some(()) }
+    })
+    .await;
+    assert_eq!(psql(&through, "select 1").unwrap(), "1", "the TLS in force stayed");
 }
