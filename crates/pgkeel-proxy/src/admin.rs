@@ -582,7 +582,7 @@ pub fn config_rows(c: &ProxyConfig) -> Vec<(&'static str, String)> {
         ("max_replica_lag", replica_lag(c)),
         ("weights", c.weights.iter().map(|(m, w)| format!("{m}={w}")).collect::<Vec<_>>().join(",")),
         ("no_replica", c.no_replica.as_str().to_string()),
-        ("read_your_writes", c.read_your_writes.to_string()),
+        ("read_your_writes", c.read_your_writes.as_str().to_string()),
         ("primary_functions", c.primary_functions.join(",")),
         ("replica_functions", c.replica_functions.join(",")),
         ("query_wait_timeout", d(c.query_wait_timeout)),

@@ -67,6 +67,34 @@ impl NoReplica {
     }
 }
 
+/// Whose writes a read must see (`read_your_writes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadYourWrites {
+    /// None: reads go to any eligible replica (`false`).
+    Off,
+    /// The client connection's own (`true`, the default).
+    Connection,
+    /// Those of every connection of the same database and user through this proxy: for an
+    /// application that writes on one connection of its pool and reads on another.
+    User,
+}
+
+impl ReadYourWrites {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadYourWrites::Off => "off",
+            ReadYourWrites::Connection => "connection",
+            ReadYourWrites::User => "user",
+        }
+    }
+
+    /// Whether the proxy tracks writes at all.
+    pub fn on(self) -> bool {
+        self != ReadYourWrites::Off
+    }
+}
+
 impl LoadBalance {
     /// The configuration spelling.
     pub fn as_str(self) -> &'static str {
@@ -260,8 +288,9 @@ pub struct ProxyConfig {
     pub weights: std::collections::BTreeMap<String, u32>,
     /// What a read does when no replica is eligible.
     pub no_replica: NoReplica,
-    /// After a client's write, its reads go only to replicas that have replayed it.
-    pub read_your_writes: bool,
+    /// After a write commits, the reads of its connection (or of every connection of its
+    /// database and user) go only to replicas that have replayed it.
+    pub read_your_writes: ReadYourWrites,
     /// Functions whose calls send a statement to the primary, besides the built-in ones.
     pub primary_functions: Vec<String>,
     /// Volatile functions that only read: their calls do not send a statement to the primary
@@ -1107,7 +1136,20 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
             )))
         }
     };
-    let read_your_writes = boolean(&table, "read_your_writes", true)?;
+    let read_your_writes = match table.get("read_your_writes") {
+        None | Some(toml::Value::Boolean(true)) => ReadYourWrites::Connection,
+        Some(toml::Value::Boolean(false)) => ReadYourWrites::Off,
+        Some(toml::Value::String(v)) if v == "connection" => ReadYourWrites::Connection,
+        Some(toml::Value::String(v)) if v == "user" => ReadYourWrites::User,
+        Some(toml::Value::String(v)) if v == "off" => ReadYourWrites::Off,
+        Some(other) => {
+            return Err(invalid(format!(
+                "read_your_writes = {other}: use \"connection\" (or true: a connection's reads see its own \
+                 writes), \"user\" (they see the writes of every connection of the same database and user) or \
+                 \"off\" (or false)"
+            )))
+        }
+    };
     let primary_functions = functions(&table, "primary_functions")?;
     let replica_functions = functions(&table, "replica_functions")?;
     let max_prepared_statements =
@@ -1447,9 +1489,11 @@ max_replica_lag = "16MB"
 # When no replica is eligible for a read: "primary" (it runs there) or "error" (the client
 # gets FATAL 57P03 and is disconnected).
 no_replica = "primary"
-# After a client's write commits, its reads go only to replicas that have replayed it (or to
-# the primary).
-read_your_writes = true
+# After a write commits, reads go only to replicas that have replayed it (or to the
+# primary): "connection" (or true) for the reads of the connection that wrote, "user" for
+# those of every connection of the same database and user (an application that writes on one
+# connection of its pool and reads on another), "off" (or false) for none.
+read_your_writes = "connection"
 # Functions whose calls send a statement to the primary, besides the built-in ones (nextval,
 # setval, advisory locks, ...) and the volatile functions the proxy finds in each database's
 # catalog: name or schema.name.
@@ -1679,7 +1723,7 @@ mod tests {
         assert_eq!((c.listen_primary.clone(), c.listen_replica.clone()), (None, None));
         assert_eq!((c.load_balance, d.load_balance), (LoadBalance::RoundRobin, LoadBalance::RoundRobin));
         assert_eq!((c.max_replica_lag, d.max_replica_lag), (16 << 20, 16 << 20));
-        assert_eq!((c.read_your_writes, d.read_your_writes), (true, true));
+        assert_eq!((c.read_your_writes, d.read_your_writes), (ReadYourWrites::Connection, ReadYourWrites::Connection));
         assert_eq!((c.primary_functions.len(), d.primary_functions.len()), (0, 0));
         assert_eq!((c.max_prepared_statements, d.max_prepared_statements), (200, 200));
         assert_eq!(d.userlist, PathBuf::from("/etc/pgkeel/users.txt"), "relative to the file's directory");
@@ -1734,7 +1778,19 @@ mod tests {
         assert_eq!(c.listen_replica.as_deref(), Some("127.0.0.1:7002"));
         assert_eq!(c.load_balance, LoadBalance::LeastConnections);
         assert_eq!(c.max_replica_lag, 512 << 10);
-        assert!(!c.read_your_writes);
+        assert_eq!(c.read_your_writes, ReadYourWrites::Off);
+        for (value, want) in [
+            ("true", ReadYourWrites::Connection),
+            ("\"connection\"", ReadYourWrites::Connection),
+            ("\"user\"", ReadYourWrites::User),
+            ("\"off\"", ReadYourWrites::Off),
+        ] {
+            let c =
+                ok(&MINIMAL
+                    .replace("cluster = \"main\"\n", &format!("cluster = \"main\"\nread_your_writes = {value}\n")));
+            assert_eq!(c.read_your_writes, want, "{value}");
+            assert_eq!(want.on(), want != ReadYourWrites::Off);
+        }
         assert_eq!(c.primary_functions, vec!["app.next_id".to_string(), "audit".to_string()]);
         assert_eq!(c.replica_functions, vec!["app.pick".to_string()]);
         assert_eq!(c.max_prepared_statements, 0);
@@ -1981,7 +2037,8 @@ mod tests {
             (with("load_balance = \"fastest\""), "load_balance = \"fastest\" is not a strategy"),
             (with("max_replica_lag = \"16 parsecs\""), "max_replica_lag = \"16 parsecs\": unknown unit"),
             (with("max_replica_lag = -1"), "a size cannot be negative"),
-            (with("read_your_writes = \"yes\""), "read_your_writes must be true or false, not a string"),
+            (with("read_your_writes = \"yes\""), "read_your_writes = \"yes\": use \"connection\" (or true"),
+            (with("read_your_writes = 1"), "read_your_writes = 1: use"),
             (with("primary_functions = \"f\""), "primary_functions must be an array of function names"),
             (with("primary_functions = [\"f(int)\"]"), "\"f(int)\" is not a function name"),
             (with("replica_functions = [\"a.b.c\"]"), "replica_functions: \"a.b.c\" is not a function name"),

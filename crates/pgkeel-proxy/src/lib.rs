@@ -28,6 +28,7 @@ pub mod pool;
 pub mod prepared;
 pub mod protocol;
 pub mod router;
+mod ryw;
 pub mod scram;
 pub mod server;
 mod session;

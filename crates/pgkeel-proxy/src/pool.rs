@@ -92,6 +92,9 @@ pub struct Pool {
     caps: Vec<Arc<Cap>>,
     /// A `min_pool_size` fill runs (see [`Pool::start_filling`]).
     filling: std::sync::atomic::AtomicBool,
+    /// The read-your-writes floor of its database and user, with `read_your_writes = "user"`
+    /// (used in the primary's pool).
+    pub ryw: Arc<crate::ryw::UserFloor>,
 }
 
 /// How many distinct lists of login settings a pool shares among its clients.
@@ -123,6 +126,7 @@ impl Pool {
             functions_known: Default::default(),
             caps: Vec::new(),
             filling: Default::default(),
+            ryw: Default::default(),
         }
     }
 

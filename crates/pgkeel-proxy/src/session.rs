@@ -37,7 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::config::{AuthType, ClientTlsMode, LoadBalance, NoReplica, PoolMode, ProxyConfig};
+use crate::config::{AuthType, ClientTlsMode, LoadBalance, NoReplica, PoolMode, ProxyConfig, ReadYourWrites};
 use crate::pool::{Cap, NoSlot, Pool, PoolKey, PoolTarget, Pools, Sizes, Slot};
 use crate::prepared::{self, StmtDef};
 use crate::protocol::{
@@ -64,7 +64,7 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a replica that could not be reached gets no reads.
 const REPLICA_BAN: Duration = Duration::from_secs(5);
 /// A read-your-writes floor no replica reaches: the client's last write position is unknown.
-const UNKNOWN_LSN: u64 = u64::MAX;
+const UNKNOWN_LSN: u64 = crate::ryw::UNKNOWN;
 /// Statement texts whose classification is cached.
 const CLASS_CACHE_SIZE: usize = 16 * 1024;
 
@@ -632,6 +632,9 @@ struct Attached {
     wrote: bool,
     /// The WAL position read by the proxy's LSN query, once it is answered.
     lsn: Option<u64>,
+    /// With `read_your_writes = "user"`: the write whose commit was forwarded, pending in the
+    /// pool's [`crate::ryw::UserFloor`] until the LSN query answers (dropped: lost).
+    pending: Option<crate::ryw::Pending>,
 }
 
 impl Attached {
@@ -652,6 +655,7 @@ impl Attached {
             wrote: false,
             lsn: None,
             unit: None,
+            pending: None,
         }
     }
 
@@ -820,6 +824,20 @@ fn route_row_description() -> BackendMessage {
 fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.trim().split_once('/')?;
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// With `read_your_writes = "user"`: a ReadyForQuery with `status` is about to reach the
+/// client. After a write outside a transaction that is its commit, after which any connection
+/// of the user may read: pending in the pool's floor ([`crate::ryw`]) before it is written.
+fn note_commit(att: &mut Attached, pool: Option<&Arc<Pool>>, status: TransactionStatus) {
+    if att.wrote && att.pending.is_none() && status == TransactionStatus::Idle {
+        att.pending = pool.map(|p| p.ryw.begin());
+    }
+}
+
+/// The LSN in the first column of a row (the proxy's `pg_current_wal_lsn()` query).
+fn row_lsn(values: &[Option<Bytes>]) -> Option<u64> {
+    values.first()?.as_deref().and_then(|b| std::str::from_utf8(b).ok()).and_then(parse_lsn)
 }
 
 /// Runs one client connection to its end.
@@ -1759,6 +1777,21 @@ impl Session {
         }
     }
 
+    /// Whether a write's WAL position is read after its transaction (read-your-writes): in
+    /// transaction mode, on a cluster with replicas.
+    fn tracks_writes(&self) -> bool {
+        self.cfg.read_your_writes.on() && self.multi && self.pool_mode == PoolMode::Transaction
+    }
+
+    /// The floor a read respects now: the client's own, or with `read_your_writes = "user"`
+    /// that combined with its database and user's ([`crate::ryw::UserFloor`]).
+    fn ryw_floor_now(&self) -> u64 {
+        match &self.pool {
+            Some(pool) if self.cfg.read_your_writes == ReadYourWrites::User => pool.ryw.with(self.ryw_floor),
+            _ => self.ryw_floor,
+        }
+    }
+
     /// Whether named prepared statements are renamed and tracked.
     fn translating(&self) -> bool {
         self.pool_mode == PoolMode::Transaction && self.cfg.max_prepared_statements > 0
@@ -1853,8 +1886,8 @@ impl Session {
             att = self.attach_replica().await?;
             if att.is_none()
                 && self.shared.config().no_replica == NoReplica::Error
-                && self.ryw_floor != UNKNOWN_LSN
-                && self.eligible_replicas().is_empty()
+                && self.ryw_floor_now() != UNKNOWN_LSN
+                && self.eligible_replicas(0).is_empty()
             {
                 return Err(Fail::new(
                     sqlstate::CANNOT_CONNECT_NOW,
@@ -2022,8 +2055,8 @@ impl Session {
 
     /// The replicas that may serve reads now: streaming (per the topology), within
     /// `max_replica_lag`, weight above 0, not failed recently; each with whether it is known
-    /// to have replayed the client's last write.
-    fn eligible_replicas(&self) -> Vec<(Replica, bool)> {
+    /// to have replayed `floor` (the client's last write, [`Session::ryw_floor_now`]).
+    fn eligible_replicas(&self, floor: u64) -> Vec<(Replica, bool)> {
         let cfg = &self.cfg;
         let limit = LagLimit { bytes: cfg.max_replica_lag, time: cfg.max_replica_lag_time };
         let now = Instant::now();
@@ -2041,20 +2074,20 @@ impl Session {
             .map(|r| {
                 let learned = replayed.get(&r.name).filter(|(t, _)| *t == topo.newest_term).map(|(_, l)| *l);
                 let known = r.replayed_lsn.unwrap_or(0).max(learned.unwrap_or(0));
-                (r.clone(), known >= self.ryw_floor)
+                (r.clone(), known >= floor)
             })
             .collect()
     }
 
     /// An eligible replica ([`Session::eligible_replicas`]), chosen by `load_balance`
-    /// ([`choose_replica`]); preferably one known to have replayed the client's last write
-    /// (`true`), else any (to be asked).
-    fn pick_replica(&self) -> Option<(Replica, bool)> {
-        if self.ryw_floor == UNKNOWN_LSN {
+    /// ([`choose_replica`]); preferably one known to have replayed `floor` (`true`), else any
+    /// (to be asked).
+    fn pick_replica(&self, floor: u64) -> Option<(Replica, bool)> {
+        if floor == UNKNOWN_LSN {
             return None;
         }
         let cfg = &self.cfg;
-        let candidates = self.eligible_replicas();
+        let candidates = self.eligible_replicas(floor);
         let caught_up: Vec<&(Replica, bool)> = candidates.iter().filter(|c| c.1).collect();
         let pool: Vec<&(Replica, bool)> = if caught_up.is_empty() { candidates.iter().collect() } else { caught_up };
         let turn = match cfg.load_balance {
@@ -2083,7 +2116,8 @@ impl Session {
     /// replica known to have replayed the client's last write, the chosen one is asked
     /// (`pg_last_wal_replay_lsn()`, one round trip); if it is behind, `None` (the primary).
     async fn attach_replica(&mut self) -> Result<Option<Attached>, Fail> {
-        let Some((replica, caught_up)) = self.pick_replica() else { return Ok(None) };
+        let floor = self.ryw_floor_now();
+        let Some((replica, caught_up)) = self.pick_replica(floor) else { return Ok(None) };
         let mut att = match self.attach_replica_conn(&replica).await? {
             Ok(a) => a,
             Err(e) => {
@@ -2103,10 +2137,10 @@ impl Session {
                 if let Some(l) = lsn {
                     self.shared.learn_replayed(&replica.name, term, l);
                 }
-                if lsn.is_some_and(|l| l >= self.ryw_floor) {
+                if lsn.is_some_and(|l| l >= floor) {
                     return Ok(Some(att));
                 }
-                tracing::debug!(replica = %replica.name, ?lsn, floor = self.ryw_floor, "replica behind the client's last write; reading on the primary");
+                tracing::debug!(replica = %replica.name, ?lsn, floor, "replica behind the client's last write; reading on the primary");
                 self.put_back(att).await;
                 Ok(None)
             }
@@ -2422,9 +2456,15 @@ impl Session {
                 att.conn.stream.send(&att.out).await.map_err(|e| e.to_string())?;
                 let mut left = n;
                 while left > 0 {
-                    if let BackendMessage::ReadyForQuery(s) = att.conn.read_message().await? {
-                        att.status = s;
-                        left -= 1;
+                    match att.conn.read_message().await? {
+                        BackendMessage::ReadyForQuery(s) => {
+                            att.status = s;
+                            left -= 1;
+                        }
+                        BackendMessage::DataRow(values) => {
+                            att.lsn = row_lsn(&values);
+                        }
+                        _ => {}
                     }
                 }
                 Ok::<(), String>(())
@@ -2433,6 +2473,10 @@ impl Session {
             if !matches!(drained, Ok(Ok(()))) {
                 tracing::debug!(server = ?att.conn, "the proxy's LSN query did not finish; closing the server connection");
                 return;
+            }
+            // The client is gone; its user's other connections may still read its write.
+            if let Some(pending) = att.pending.take() {
+                pending.resolve(att.lsn.take());
             }
             att.out.clear();
             att.queue.clear();
@@ -2681,7 +2725,7 @@ impl Session {
         let Some(att) = self.attached.as_ref() else { return Ok(Answer::Loop) };
         if att.clean() {
             // The read-your-writes query, or a cancel request on its way: the loop's.
-            let ryw = att.wrote && self.cfg.read_your_writes && self.multi;
+            let ryw = att.wrote && self.tracks_writes();
             return Ok(if !ryw && self.release_now() && self.idle_plain() { Answer::Idle } else { Answer::Loop });
         }
         // The client's socket is full, or it has more to read: the loop's.
@@ -3212,6 +3256,7 @@ impl Session {
     fn pump_server(&mut self) -> Result<bool, Fail> {
         let decoder = crate::protocol::BackendDecoder::default();
         let translate = self.attached.is_some() && self.translating();
+        let share = self.cfg.read_your_writes == ReadYourWrites::User && self.tracks_writes();
         let Some(att) = self.attached.as_mut() else { return Ok(false) };
         let one_unit = att.queue.len() == 1
             && matches!(att.queue.front().map(|e| &e.expect), Some(Expect::Client(k)) if k.ends_with_ready());
@@ -3219,6 +3264,9 @@ impl Session {
             if let Some(status) = whole_answer(&att.conn.rbuf, translate, decoder.limits.max_message_len) {
                 // What the loop below would do with it, message by message: forward
                 // everything, end the entry at the ReadyForQuery.
+                if share {
+                    note_commit(att, self.pool.as_ref(), status);
+                }
                 send_or_keep(&self.stream, &mut self.wbuf, &att.conn.rbuf);
                 att.conn.rbuf.clear();
                 att.queue.pop_front();
@@ -3269,7 +3317,8 @@ impl Session {
     /// is waiting for the client, they are only noted in `pass` (a range of `rbuf`, written
     /// from there by [`Session::pump_server`]), and copied otherwise (see [`pass_on`]).
     fn on_server_frame(&mut self, rbuf: &[u8], range: Range<usize>, pass: &mut Option<Range<usize>>, translate: bool) {
-        let Session { attached, statements, wbuf, desired, told, skip_to_sync, ryw_floor, .. } = self;
+        let share = self.cfg.read_your_writes == ReadYourWrites::User && self.tracks_writes();
+        let Session { attached, statements, wbuf, desired, told, skip_to_sync, ryw_floor, pool, .. } = self;
         let Some(att) = attached.as_mut() else { return };
         let frame = &rbuf[range.clone()];
         let tag = frame[0];
@@ -3311,21 +3360,23 @@ impl Session {
             Head::Lsn => match tag {
                 b'D' => {
                     if let Ok(BackendMessage::DataRow(values)) = BackendMessage::parse(&Frame::copy_from_slice(frame)) {
-                        att.lsn = values
-                            .first()
-                            .cloned()
-                            .flatten()
-                            .and_then(|b| std::str::from_utf8(&b).ok().and_then(parse_lsn));
+                        att.lsn = row_lsn(&values);
                     }
                 }
                 b'E' => {
-                    tracing::warn!(server = ?att.conn, "pg_current_wal_lsn() failed; read-your-writes uses the last known position")
+                    tracing::warn!(server = ?att.conn, "pg_current_wal_lsn() failed; this client's reads go to the primary until its next write")
                 }
                 b'Z' => {
                     att.queue.pop_front();
                     att.status = status;
-                    if let Some(l) = att.lsn.take() {
-                        *ryw_floor = if *ryw_floor == UNKNOWN_LSN { l } else { (*ryw_floor).max(l) };
+                    let lsn = att.lsn.take();
+                    *ryw_floor = match lsn {
+                        Some(l) if *ryw_floor != UNKNOWN_LSN => (*ryw_floor).max(l),
+                        Some(l) => l,
+                        None => UNKNOWN_LSN,
+                    };
+                    if let Some(pending) = att.pending.take() {
+                        pending.resolve(lsn);
                     }
                 }
                 _ => {}
@@ -3336,6 +3387,9 @@ impl Session {
                 }
                 if tag == b'E' {
                     att.slot.pool().stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                if tag == b'Z' && share {
+                    note_commit(att, pool.as_ref(), status);
                 }
                 if translate && tag == b'C' && to_client && drops_statements(body) {
                     att.conn.statements.clear();
@@ -3392,7 +3446,7 @@ impl Session {
         if self.pool_mode == PoolMode::Session {
             return false;
         }
-        let ryw = self.cfg.read_your_writes && self.multi;
+        let ryw = self.tracks_writes();
         let Some(att) = self.attached.as_mut() else { return false };
         if att.wrote && ryw {
             att.wrote = false;

@@ -80,3 +80,73 @@ async fn replicas_by_replay_delay_weights_and_no_replica() {
     })
     .await;
 }
+
+/// `read_your_writes = "user"`: what one connection wrote, a later connection of the same
+/// database and user reads, even where the replica's replay is paused (the read goes to the
+/// primary); another database's reads stay on the replica. With `"connection"` (the default,
+/// set by a reload) a fresh connection reads the paused replica's older data, which is what
+/// `"user"` is for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_shared_by_a_users_connections() {
+    let c = Cluster::up(bin(), 2).await;
+    let (leader, replica) = c.leader_and_replica(Duration::from_secs(60)).await;
+    let extra = "max_replica_lag = \"1GB\"\nread_your_writes = \"user\"";
+    let p = Proxy::start(&c, "shared-ryw", extra).await;
+    let node = c.node_dsn(&leader);
+    psql(&node, "create table ryw_shared(id int primary key)").unwrap();
+    psql(&node, "create database other_db").unwrap();
+    let other = p.url("postgres", &p.password, "other_db", "");
+    let count = |id: i32| {
+        psql(
+            &p.dsn(),
+            &format!("select count(*)::text || ' ' || pg_is_in_recovery()::text from ryw_shared where id = {id}"),
+        )
+    };
+    wait_for("reads of both databases on the replica", Duration::from_secs(30), || async {
+        (count(0).ok()? == "0 true" && psql(&other, "select pg_is_in_recovery()").ok()? == "t").then_some(())
+    })
+    .await;
+    let replica_node = c.node_dsn(&replica);
+    let pause = || async {
+        psql(&replica_node, "select pg_wal_replay_pause()").unwrap();
+        wait_for("the replica's replay to pause", Duration::from_secs(10), || async {
+            (psql(&replica_node, "select pg_get_wal_replay_pause_state()").ok()? == "paused").then_some(())
+        })
+        .await;
+    };
+    pause().await;
+
+    // Each round writes on one connection and reads on another: the read sees the write.
+    for id in 1..=20 {
+        psql(&p.dsn(), &format!("insert into ryw_shared values ({id})")).unwrap();
+        assert_eq!(count(id).unwrap(), "1 false", "round {id}: another connection of the user read the write");
+        assert_eq!(psql(&other, "select pg_is_in_recovery()").unwrap(), "t", "round {id}: another database's read");
+    }
+
+    // Replay resumed: once the replica has replayed the last write, the user's reads go to it
+    // again (the floor is the write's position, not stuck on the primary).
+    psql(&replica_node, "select pg_wal_replay_resume()").unwrap();
+    wait_for("the user's reads back on the replica", Duration::from_secs(30), || async {
+        (count(20).ok()? == "1 true").then_some(())
+    })
+    .await;
+
+    // "connection": a fresh connection has written nothing, and reads the paused replica.
+    pause().await;
+    let config = c.dir().join("shared-ryw").join("proxy.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("read_your_writes = \"user\"", "read_your_writes = \"connection\"")).unwrap();
+    p.signal(libc::SIGHUP);
+    wait_for("the reload", Duration::from_secs(10), || {
+        let log = p.log_text();
+        async move { log.contains("configuration reloaded").then_some(()) }
+    })
+    .await;
+    psql(&p.dsn(), "insert into ryw_shared values (1000)").unwrap();
+    assert_eq!(
+        count(1000).unwrap(),
+        "0 true",
+        "with \"connection\", another connection reads the replica's older data"
+    );
+    psql(&replica_node, "select pg_wal_replay_resume()").unwrap();
+}
