@@ -55,6 +55,11 @@ impl UserFloor {
         }
     }
 
+    /// Whether a write's position was lost and no later write covers it yet.
+    pub fn lost(&self) -> bool {
+        self.state().lost_at.is_some()
+    }
+
     /// `own` (a connection's floor) combined with this one.
     pub fn with(&self, own: u64) -> u64 {
         match self.get() {
@@ -144,6 +149,7 @@ mod tests {
         let lost = f.begin();
         drop(lost);
         assert_eq!(f.get(), UNKNOWN, "pending, and one lost");
+        assert!(f.lost());
         // A write that committed before the lost one does not cover it.
         before.resolve(Some(150));
         assert_eq!(f.get(), UNKNOWN);
@@ -151,6 +157,7 @@ mod tests {
         let after = f.begin();
         after.resolve(Some(400));
         assert_eq!(f.get(), 400);
+        assert!(!f.lost());
         // A position that could not be read counts as lost too.
         f.begin().resolve(None);
         assert_eq!(f.get(), UNKNOWN);

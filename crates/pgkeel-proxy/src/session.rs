@@ -1786,9 +1786,9 @@ impl Session {
     /// The floor a read respects now: the client's own, or with `read_your_writes = "user"`
     /// that combined with its database and user's ([`crate::ryw::UserFloor`]).
     fn ryw_floor_now(&self) -> u64 {
-        match &self.pool {
-            Some(pool) if self.cfg.read_your_writes == ReadYourWrites::User => pool.ryw.with(self.ryw_floor),
-            _ => self.ryw_floor,
+        match self.user_floor() {
+            Some(floor) => floor.with(self.ryw_floor),
+            None => self.ryw_floor,
         }
     }
 
@@ -2725,7 +2725,7 @@ impl Session {
         let Some(att) = self.attached.as_ref() else { return Ok(Answer::Loop) };
         if att.clean() {
             // The read-your-writes query, or a cancel request on its way: the loop's.
-            let ryw = att.wrote && self.tracks_writes();
+            let ryw = self.wants_lsn(att).is_some();
             return Ok(if !ryw && self.release_now() && self.idle_plain() { Answer::Idle } else { Answer::Loop });
         }
         // The client's socket is full, or it has more to read: the loop's.
@@ -3437,8 +3437,8 @@ impl Session {
     }
 
     /// In transaction mode, gives a clean server connection back; first, when the client
-    /// wrote on the primary, reads the primary's WAL position for read-your-writes. `true`
-    /// when the connection was released.
+    /// wrote on the primary (or its floor is unknown, [`Session::wants_lsn`]), reads the
+    /// primary's WAL position for read-your-writes. `true` when the connection was released.
     async fn settle(&mut self) -> bool {
         if !self.attached.as_ref().is_some_and(|a| a.clean()) {
             return false;
@@ -3446,18 +3446,45 @@ impl Session {
         if self.pool_mode == PoolMode::Session {
             return false;
         }
-        let ryw = self.tracks_writes();
+        let Some(recover) = self.attached.as_ref().and_then(|a| self.wants_lsn(a)) else {
+            if !self.release_now() {
+                Box::pin(self.release()).await;
+            }
+            return true;
+        };
+        let shared_lost = recover && self.user_floor().is_some_and(|f| f.lost());
         let Some(att) = self.attached.as_mut() else { return false };
-        if att.wrote && ryw {
-            att.wrote = false;
-            FrontendMessage::Query(Text::from_static("select pg_current_wal_lsn()::text")).encode(&mut att.out);
-            att.push_plain(Expect::Lsn);
-            return false;
+        if shared_lost {
+            // A ticket after the loss: the position read now covers the lost write.
+            att.pending = self.pool.as_ref().map(|p| p.ryw.begin());
         }
-        if !self.release_now() {
-            Box::pin(self.release()).await;
+        att.wrote = false;
+        FrontendMessage::Query(Text::from_static("select pg_current_wal_lsn()::text")).encode(&mut att.out);
+        att.push_plain(Expect::Lsn);
+        false
+    }
+
+    /// Whether the proxy's LSN query follows the attached connection's transaction (in
+    /// transaction mode, on a cluster with replicas): `Some(false)` after a write
+    /// (read-your-writes), `Some(true)` on the primary while the client's floor, or its
+    /// user's, is unknown (a write's position was lost, e.g. in a failover): the primary's
+    /// position now covers whatever was written before, so the reads can go back to replicas.
+    fn wants_lsn(&self, att: &Attached) -> Option<bool> {
+        if !self.tracks_writes() {
+            return None;
         }
-        true
+        if att.wrote {
+            return Some(false);
+        }
+        let lost = att.conn.role == ServerRole::Primary
+            && (self.ryw_floor == UNKNOWN_LSN || self.user_floor().is_some_and(|f| f.lost()));
+        lost.then_some(true)
+    }
+
+    /// The floor of the client's database and user, with `read_your_writes = "user"`.
+    fn user_floor(&self) -> Option<&crate::ryw::UserFloor> {
+        (self.cfg.read_your_writes == ReadYourWrites::User).then_some(())?;
+        self.pool.as_deref().map(|p| &*p.ryw)
     }
 
     /// [`Session::release`] of a clean transaction-mode connection when it needs no waiting

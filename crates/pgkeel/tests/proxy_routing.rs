@@ -131,6 +131,38 @@ async fn read_your_writes_shared_by_a_users_connections() {
     })
     .await;
 
+    // A write whose position cannot be read (pg_current_wal_lsn() refused to a role `app`):
+    // the user's reads stay on the primary, where each transaction reads the position again,
+    // until that works; then they go back to the replica.
+    psql(&node, "create role app login password 'app pw'; grant all on ryw_shared to app").unwrap();
+    psql(&node, "revoke execute on function pg_current_wal_lsn() from public").unwrap();
+    let userlist = c.dir().join("shared-ryw").join("userlist.txt");
+    let mut users = std::fs::read_to_string(&userlist).unwrap();
+    users.push_str("\"app\" \"app pw\"\n");
+    std::fs::write(&userlist, users).unwrap();
+    p.signal(libc::SIGHUP);
+    let app = p.dsn_with("app", "app%20pw", "");
+    let app_count = |id: i32| {
+        psql(
+            &app,
+            &format!("select count(*)::text || ' ' || pg_is_in_recovery()::text from ryw_shared where id = {id}"),
+        )
+    };
+    wait_for("app's reads on the replica", Duration::from_secs(20), || async {
+        (app_count(20).ok()? == "1 true").then_some(())
+    })
+    .await;
+    psql(&app, "insert into ryw_shared values (500)").unwrap();
+    for round in 0..3 {
+        assert_eq!(app_count(500).unwrap(), "1 false", "round {round}: the position is unknown: the primary");
+    }
+    assert!(p.log_text().contains("pg_current_wal_lsn() failed"), "{}", p.log_text());
+    psql(&node, "grant execute on function pg_current_wal_lsn() to public").unwrap();
+    wait_for("app's reads back on the replica", Duration::from_secs(20), || async {
+        (app_count(500).ok()? == "1 true").then_some(())
+    })
+    .await;
+
     // "connection": a fresh connection has written nothing, and reads the paused replica.
     pause().await;
     let config = c.dir().join("shared-ryw").join("proxy.toml");
