@@ -835,6 +835,20 @@ fn note_commit(att: &mut Attached, pool: Option<&Arc<Pool>>, status: Transaction
     }
 }
 
+/// The proxy's `pg_current_wal_lsn()` query failed on `server`. Each transaction on the
+/// primary tries again while it fails (e.g. the function revoked from the role), so this is
+/// logged about once a minute.
+fn lsn_query_failed(server: &ServerConn) {
+    static WARNED_AT: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let last = WARNED_AT.load(Ordering::Relaxed);
+    if (last == 0 || now >= last + 60)
+        && WARNED_AT.compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    {
+        tracing::warn!(?server, "pg_current_wal_lsn() failed: the client's reads (with read_your_writes = \"user\", its user's) go to the primary until it works; can its role execute the function?");
+    }
+}
+
 /// The LSN in the first column of a row (the proxy's `pg_current_wal_lsn()` query).
 fn row_lsn(values: &[Option<Bytes>]) -> Option<u64> {
     values.first()?.as_deref().and_then(|b| std::str::from_utf8(b).ok()).and_then(parse_lsn)
@@ -2464,6 +2478,7 @@ impl Session {
                         BackendMessage::DataRow(values) => {
                             att.lsn = row_lsn(&values);
                         }
+                        BackendMessage::ErrorResponse(_) => lsn_query_failed(&att.conn),
                         _ => {}
                     }
                 }
@@ -3363,9 +3378,7 @@ impl Session {
                         att.lsn = row_lsn(&values);
                     }
                 }
-                b'E' => {
-                    tracing::warn!(server = ?att.conn, "pg_current_wal_lsn() failed; this client's reads go to the primary until its next write")
-                }
+                b'E' => lsn_query_failed(&att.conn),
                 b'Z' => {
                     att.queue.pop_front();
                     att.status = status;

@@ -156,7 +156,11 @@ async fn read_your_writes_shared_by_a_users_connections() {
     for round in 0..3 {
         assert_eq!(app_count(500).unwrap(), "1 false", "round {round}: the position is unknown: the primary");
     }
-    assert!(p.log_text().contains("pg_current_wal_lsn() failed"), "{}", p.log_text());
+    wait_for("the failed LSN query in the proxy's log", Duration::from_secs(10), || {
+        let log = p.log_text();
+        async move { log.contains("pg_current_wal_lsn() failed").then_some(()) }
+    })
+    .await;
     psql(&node, "grant execute on function pg_current_wal_lsn() to public").unwrap();
     wait_for("app's reads back on the replica", Duration::from_secs(20), || async {
         (app_count(500).ok()? == "1 true").then_some(())
@@ -169,9 +173,10 @@ async fn read_your_writes_shared_by_a_users_connections() {
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("read_your_writes = \"user\"", "read_your_writes = \"connection\"")).unwrap();
     p.signal(libc::SIGHUP);
+    // The second reload (the first took the userlist).
     wait_for("the reload", Duration::from_secs(10), || {
         let log = p.log_text();
-        async move { log.contains("configuration reloaded").then_some(()) }
+        async move { (log.matches("configuration reloaded").count() >= 2).then_some(()) }
     })
     .await;
     psql(&p.dsn(), "insert into ryw_shared values (1000)").unwrap();
