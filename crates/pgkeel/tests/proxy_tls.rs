@@ -819,7 +819,11 @@ async fn server_crl_refuses_a_revoked_postgres_certificate() {
         async move { (psql(&dsn, &sql).ok()? == "0").then_some(()) }
     })
     .await;
-    assert!(p.log_text().contains("the server side of [tls] changed"), "{}", p.log_text());
+    wait_for("the reconnect in the proxy's log", Duration::from_secs(10), || {
+        let log = p.log_text();
+        async move { log.contains("the server side of [tls] changed").then_some(()) }
+    })
+    .await;
     let err = psql(&through, "select 1").unwrap_err();
     assert!(
         err.contains("TLS handshake with") && err.contains("Revoked") && err.contains("tls.server_crl lists"),
