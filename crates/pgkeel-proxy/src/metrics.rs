@@ -184,6 +184,27 @@ pub fn render(s: &Sample) -> String {
                 writeln!(o, "pgkeel_proxy_queries_total{{{},route=\"{}\"}} {}", labels(p), p.route, p.stats.queries);
         }
     });
+    family(
+        "pgkeel_proxy_primary_reads_total",
+        "counter",
+        "Reads that could have run on a replica and ran on the primary, by reason: read_your_writes (no replica \
+         was known to have replayed the client's last write) or no_replica (none was eligible).",
+        &mut |o| {
+            for p in s.pools.iter().filter(|p| p.route == "primary") {
+                let l = labels(p);
+                let _ = writeln!(
+                    o,
+                    "pgkeel_proxy_primary_reads_total{{{l},reason=\"read_your_writes\"}} {}",
+                    p.stats.reads_for_writes
+                );
+                let _ = writeln!(
+                    o,
+                    "pgkeel_proxy_primary_reads_total{{{l},reason=\"no_replica\"}} {}",
+                    p.stats.reads_without_replica
+                );
+            }
+        },
+    );
     family("pgkeel_proxy_errors_total", "counter", "Errors the servers sent to clients.", &mut |o| {
         for p in &s.pools {
             let _ = writeln!(o, "pgkeel_proxy_errors_total{{{}}} {}", labels(p), p.stats.errors);
@@ -283,18 +304,29 @@ mod tests {
         stats.wait_buckets[0] = 2;
         stats.wait_buckets[WAIT_BUCKETS.len()] = 1;
         let s = Sample {
-            pools: vec![PoolSample {
-                database: "app\"db".into(),
-                user: "u".into(),
-                target: "replica:n2".into(),
-                route: "replica",
-                clients_active: 1,
-                clients_waiting: 2,
-                servers_active: 1,
-                servers_idle: 4,
-                size: 20,
-                stats,
-            }],
+            pools: vec![
+                PoolSample {
+                    database: "app\"db".into(),
+                    user: "u".into(),
+                    target: "replica:n2".into(),
+                    route: "replica",
+                    clients_active: 1,
+                    clients_waiting: 2,
+                    servers_active: 1,
+                    servers_idle: 4,
+                    size: 20,
+                    stats,
+                },
+                PoolSample {
+                    database: "app\"db".into(),
+                    user: "u".into(),
+                    target: "primary".into(),
+                    route: "primary",
+                    size: 20,
+                    stats: StatsSnapshot { reads_for_writes: 4, reads_without_replica: 2, ..Default::default() },
+                    ..Default::default()
+                },
+            ],
             clients: 7,
             term: 3,
             primary_known: true,
@@ -303,6 +335,11 @@ mod tests {
         };
         let text = render(&s);
         let l = r#"database="app\"db",user="u",target="replica:n2""#;
+        let p = r#"database="app\"db",user="u",target="primary""#;
+        assert!(
+            !text.lines().any(|line| line.starts_with("pgkeel_proxy_primary_reads_total") && line.contains(l)),
+            "a replica's pool has no primary reads:\n{text}"
+        );
         for want in [
             "pgkeel_proxy_term 3".to_string(),
             "pgkeel_proxy_client_connections 7".into(),
@@ -315,6 +352,8 @@ mod tests {
             format!("pgkeel_proxy_wait_seconds_bucket{{{l},le=\"+Inf\"}} 3"),
             format!("pgkeel_proxy_wait_seconds_sum{{{l}}} 2.500000"),
             format!("pgkeel_proxy_wait_seconds_count{{{l}}} 3"),
+            format!("pgkeel_proxy_primary_reads_total{{{p},reason=\"read_your_writes\"}} 4"),
+            format!("pgkeel_proxy_primary_reads_total{{{p},reason=\"no_replica\"}} 2"),
         ] {
             assert!(text.lines().any(|line| line == want), "missing {want}\n{text}");
         }

@@ -826,6 +826,16 @@ fn parse_lsn(s: &str) -> Option<u64> {
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
+/// Why a read that may run on a replica runs on the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnPrimary {
+    /// No replica is known to have replayed the client's (or its user's) last write.
+    ReadYourWrites,
+    /// No replica is eligible (none streaming within `max_replica_lag`, weighted above 0 and
+    /// reachable).
+    NoReplica,
+}
+
 /// With `read_your_writes = "user"`: a ReadyForQuery with `status` is about to reach the
 /// client. After a write outside a transaction that is its commit, after which any connection
 /// of the user may read: pending in the pool's floor ([`crate::ryw`]) before it is written.
@@ -1897,17 +1907,27 @@ impl Session {
         let wants_replica = self.wants_replica(class);
         let mut att = None;
         if wants_replica {
-            att = self.attach_replica().await?;
-            if att.is_none()
-                && self.shared.config().no_replica == NoReplica::Error
-                && self.ryw_floor_now() != UNKNOWN_LSN
-                && self.eligible_replicas(0).is_empty()
-            {
-                return Err(Fail::new(
-                    sqlstate::CANNOT_CONNECT_NOW,
-                    "no replica is eligible for reads (none streaming within max_replica_lag), and \
-                     no_replica = \"error\"",
-                ));
+            match self.attach_replica().await? {
+                Ok(a) => att = Some(a),
+                Err(why) => {
+                    if why == OnPrimary::NoReplica
+                        && self.shared.config().no_replica == NoReplica::Error
+                        && self.eligible_replicas(0).is_empty()
+                    {
+                        return Err(Fail::new(
+                            sqlstate::CANNOT_CONNECT_NOW,
+                            "no replica is eligible for reads (none streaming within max_replica_lag), and \
+                             no_replica = \"error\"",
+                        ));
+                    }
+                    if let Some(pool) = &self.pool {
+                        let counter = match why {
+                            OnPrimary::ReadYourWrites => &pool.stats.reads_for_writes,
+                            OnPrimary::NoReplica => &pool.stats.reads_without_replica,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
         let mut att = match att {
@@ -2129,20 +2149,22 @@ impl Session {
     /// Attaches a replica for a read, when one is eligible. With read-your-writes and no
     /// replica known to have replayed the client's last write, the chosen one is asked
     /// (`pg_last_wal_replay_lsn()`, one round trip); if it is behind, `None` (the primary).
-    async fn attach_replica(&mut self) -> Result<Option<Attached>, Fail> {
+    async fn attach_replica(&mut self) -> Result<Result<Attached, OnPrimary>, Fail> {
         let floor = self.ryw_floor_now();
-        let Some((replica, caught_up)) = self.pick_replica(floor) else { return Ok(None) };
+        let Some((replica, caught_up)) = self.pick_replica(floor) else {
+            return Ok(Err(if floor == UNKNOWN_LSN { OnPrimary::ReadYourWrites } else { OnPrimary::NoReplica }));
+        };
         let mut att = match self.attach_replica_conn(&replica).await? {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(replica = %replica.name, address = %replica.address, error = %e,
                     "cannot use the replica; reads go elsewhere for {}s", REPLICA_BAN.as_secs());
                 self.shared.ban(&replica.name);
-                return Ok(None);
+                return Ok(Err(OnPrimary::NoReplica));
             }
         };
         if caught_up {
-            return Ok(Some(att));
+            return Ok(Ok(att));
         }
         let term = self.shared.topology.borrow().newest_term;
         match att.conn.simple_query("select pg_last_wal_replay_lsn()::text").await {
@@ -2152,16 +2174,16 @@ impl Session {
                     self.shared.learn_replayed(&replica.name, term, l);
                 }
                 if lsn.is_some_and(|l| l >= floor) {
-                    return Ok(Some(att));
+                    return Ok(Ok(att));
                 }
                 tracing::debug!(replica = %replica.name, ?lsn, floor, "replica behind the client's last write; reading on the primary");
                 self.put_back(att).await;
-                Ok(None)
+                Ok(Err(OnPrimary::ReadYourWrites))
             }
             Err(e) => {
                 tracing::warn!(replica = %replica.name, error = %e, "cannot read the replica's replay position");
                 self.shared.ban(&replica.name);
-                Ok(None)
+                Ok(Err(OnPrimary::NoReplica))
             }
         }
     }

@@ -22,6 +22,11 @@ pub struct PoolStats {
     pub queries: AtomicU64,
     /// ErrorResponses the servers of this pool sent to clients.
     pub errors: AtomicU64,
+    /// Reads that could have run on a replica and ran on the primary (this primary pool's),
+    /// because no replica was known to have replayed the client's last write.
+    pub reads_for_writes: AtomicU64,
+    /// The same, because no replica was eligible.
+    pub reads_without_replica: AtomicU64,
     /// Total time clients waited for a server connection of this pool, in microseconds.
     pub wait_us: AtomicU64,
     /// Wait-time histogram: `wait_buckets[i]` counts waits of at most `WAIT_BUCKETS[i]`
@@ -46,6 +51,8 @@ impl PoolStats {
             transactions: get(&self.transactions),
             queries: get(&self.queries),
             errors: get(&self.errors),
+            reads_for_writes: get(&self.reads_for_writes),
+            reads_without_replica: get(&self.reads_without_replica),
             wait_us: get(&self.wait_us),
             wait_buckets: std::array::from_fn(|i| get(&self.wait_buckets[i])),
         }
@@ -61,6 +68,10 @@ pub struct StatsSnapshot {
     pub queries: u64,
     /// See [`PoolStats::errors`].
     pub errors: u64,
+    /// See [`PoolStats::reads_for_writes`].
+    pub reads_for_writes: u64,
+    /// See [`PoolStats::reads_without_replica`].
+    pub reads_without_replica: u64,
     /// See [`PoolStats::wait_us`].
     pub wait_us: u64,
     /// See [`PoolStats::wait_buckets`].

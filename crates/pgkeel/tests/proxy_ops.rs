@@ -3,7 +3,7 @@
 //! and `pgkeel config check` on a proxy.toml.
 //! A real one-node `pgkeel up` cluster, a real proxy process, tokio-postgres and psql.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use tokio_postgres::SimpleQueryMessage;
 
 mod proxy_support;
 
-use proxy_support::{bin, dcs_toml, free_port, proxy_dir, superuser_password, Proxy};
+use proxy_support::{bin, dcs_toml, free_port, http_get, metric, proxy_dir, superuser_password, Proxy};
 
 /// A proxy.toml: the ports, the admin user and the DCS stay; the rest can be rewritten.
 struct ConfigFile {
@@ -107,25 +107,6 @@ fn primary_row(
     rows: &[std::collections::HashMap<String, String>],
 ) -> Option<&std::collections::HashMap<String, String>> {
     rows.iter().find(|r| r["database"] == "postgres" && r["user"] == "postgres" && r["target"] == "primary")
-}
-
-fn http_get(port: u16, path: &str) -> (String, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("send");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read the answer");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
-    (head.lines().next().unwrap_or("").to_string(), body.to_string())
-}
-
-/// `name{labels} value` lines of the exposition, with every value checked to be a number.
-fn metric(body: &str, prefix: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit_once(' '))
-        .map(|(_, v)| v.parse::<f64>().expect("a number"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

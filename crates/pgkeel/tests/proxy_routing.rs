@@ -8,7 +8,7 @@ use pgkeel_testkit::{psql, wait_for, Cluster};
 
 mod proxy_support;
 
-use proxy_support::{bin, Proxy};
+use proxy_support::{bin, free_port, http_get, metric, Proxy};
 
 /// The replay delay member `name` publishes in the DCS.
 async fn published_replay_lag(c: &Cluster, name: &str) -> Option<u64> {
@@ -90,8 +90,11 @@ async fn replicas_by_replay_delay_weights_and_no_replica() {
 async fn read_your_writes_shared_by_a_users_connections() {
     let c = Cluster::up(bin(), 2).await;
     let (leader, replica) = c.leader_and_replica(Duration::from_secs(60)).await;
-    let extra = "max_replica_lag = \"1GB\"\nread_your_writes = \"user\"";
-    let p = Proxy::start(&c, "shared-ryw", extra).await;
+    let metrics_port = free_port();
+    let extra = format!(
+        "max_replica_lag = \"1GB\"\nread_your_writes = \"user\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\""
+    );
+    let p = Proxy::start(&c, "shared-ryw", &extra).await;
     let node = c.node_dsn(&leader);
     psql(&node, "create table ryw_shared(id int primary key)").unwrap();
     psql(&node, "create database other_db").unwrap();
@@ -123,6 +126,17 @@ async fn read_your_writes_shared_by_a_users_connections() {
         assert_eq!(psql(&other, "select pg_is_in_recovery()").unwrap(), "t", "round {id}: another database's read");
     }
 
+    // /metrics counts those reads as kept on the primary for read-your-writes.
+    let primary_reads = |user: &str, reason: &str| {
+        let (status, body) = http_get(metrics_port, "/metrics");
+        assert!(status.contains("200"), "{status}");
+        let prefix = format!(
+            "pgkeel_proxy_primary_reads_total{{database=\"postgres\",user=\"{user}\",target=\"primary\",reason=\"{reason}\"}}"
+        );
+        metric(&body, &prefix).unwrap_or_else(|| panic!("no {prefix} in\n{body}"))
+    };
+    assert!(primary_reads("postgres", "read_your_writes") >= 20.0);
+
     // Replay resumed: once the replica has replayed the last write, the user's reads go to it
     // again (the floor is the write's position, not stuck on the primary).
     psql(&replica_node, "select pg_wal_replay_resume()").unwrap();
@@ -153,9 +167,11 @@ async fn read_your_writes_shared_by_a_users_connections() {
     })
     .await;
     psql(&app, "insert into ryw_shared values (500)").unwrap();
+    let before = primary_reads("app", "read_your_writes");
     for round in 0..3 {
         assert_eq!(app_count(500).unwrap(), "1 false", "round {round}: the position is unknown: the primary");
     }
+    assert_eq!(primary_reads("app", "read_your_writes") - before, 3.0);
     wait_for("the failed LSN query in the proxy's log", Duration::from_secs(10), || {
         let log = p.log_text();
         async move { log.contains("pg_current_wal_lsn() failed").then_some(()) }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::io::{Read as _, Write as _};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -150,4 +151,25 @@ impl Drop for Proxy {
             }
         }
     }
+}
+
+/// `GET path` on `127.0.0.1:port` (the proxy's `metrics_listen`): the status line and the body.
+pub fn http_get(port: u16, path: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read the answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+}
+
+/// The value of the first sample of the exposition `body` whose line starts with `prefix`
+/// (`name{labels`), checked to be a number.
+pub fn metric(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit_once(' '))
+        .map(|(_, v)| v.parse::<f64>().expect("a number"))
 }
