@@ -402,18 +402,12 @@ fn login(
             password: Some(password.into()),
             scram: Some(pgkeel_proxy::scram::ClientCredential::Password(password.into())),
             md5: None,
-            tls: ServerTls::disabled(),
         };
+        let dial =
+            Dial { timeout: std::time::Duration::from_secs(30), tcp: Default::default(), tls: ServerTls::disabled() };
         let (mut servers, mut params) = (Vec::new(), Vec::new());
         for _ in 0..n {
-            let conn = ServerConn::connect(
-                &primary,
-                database,
-                &auth,
-                Dial { timeout: std::time::Duration::from_secs(30), tcp: Default::default() },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let conn = ServerConn::connect(&primary, database, &auth, &dial).await.map_err(|e| e.to_string())?;
             if servers.is_empty() {
                 for (name, value) in conn.params.iter() {
                     params.extend_from_slice(&message(b'S', format!("{name}\0{value}\0").as_bytes()));

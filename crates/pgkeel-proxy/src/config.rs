@@ -388,6 +388,9 @@ pub struct UserSettings {
     pub pool_size: Option<u32>,
     /// `max_user_connections` of the user.
     pub max_user_connections: Option<u32>,
+    /// The certificate (chain) and key the proxy presents to postgres when it logs in as the
+    /// user, over `[tls] server_cert`.
+    pub server_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl ProxyConfig {
@@ -601,7 +604,7 @@ const TOP: &[&str] = &[
 ];
 const DATABASE: &[&str] =
     &["dbname", "pool_mode", "pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"];
-const USER: &[&str] = &["pool_mode", "pool_size", "max_user_connections"];
+const USER: &[&str] = &["pool_mode", "pool_size", "max_user_connections", "server_cert", "server_key"];
 const AUTH: &[&str] = &["userlist", "auth_type", "query", "auth_user"];
 const TLS: &[&str] = &[
     "cert",
@@ -815,14 +818,42 @@ fn databases(table: &toml::Table) -> Result<std::collections::BTreeMap<String, D
     Ok(out)
 }
 
-/// `[users.NAME]`.
-fn users(table: &toml::Table) -> Result<std::collections::BTreeMap<String, UserSettings>, ConfigError> {
+/// `[users.NAME]`; relative certificate paths are relative to `base`, and a certificate needs
+/// TLS towards servers (`server_tls`).
+fn users(
+    table: &toml::Table,
+    base: &Path,
+    server_tls: ServerTlsMode,
+) -> Result<std::collections::BTreeMap<String, UserSettings>, ConfigError> {
     let mut out = std::collections::BTreeMap::new();
     for (name, t, path) in sections(table, "users", USER)? {
+        let file =
+            |key: &str| -> Result<Option<PathBuf>, ConfigError> { Ok(string(t, &path, key)?.map(|p| base.join(p))) };
+        let server_cert = match (file("server_cert")?, file("server_key")?) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(format!(
+                    "{path}.server_cert is set without {path}.server_key: add server_key = \"/etc/pgkeel/{name}.key\""
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(format!(
+                    "{path}.server_key is set without {path}.server_cert: add server_cert = \"/etc/pgkeel/{name}.crt\""
+                )))
+            }
+            (Some(_), Some(_)) if server_tls == ServerTlsMode::Disable => {
+                return Err(invalid(format!(
+                    "{path}.server_cert is set, and tls.server_tls = \"disable\" sends it nowhere: set server_tls = \
+                     \"require\" or \"verify-full\", or remove {path}.server_cert and server_key"
+                )))
+            }
+            (Some(cert), Some(key)) => Some((cert, key)),
+        };
         let settings = UserSettings {
             pool_mode: pool_mode(t, &path)?,
             pool_size: count_in(t, &path, "pool_size", (1, 10_000), 40)?,
             max_user_connections: count_in(t, &path, "max_user_connections", (0, 100_000), 100)?,
+            server_cert,
         };
         out.insert(name.clone(), settings);
     }
@@ -1261,7 +1292,7 @@ pub fn check(text: &str, base: &Path) -> Result<ProxyConfig, ConfigError> {
         reserve_pool_size,
         reserve_pool_timeout,
         databases: databases(&table)?,
-        users: users(&table)?,
+        users: users(&table, base, tls.server_tls)?,
         max_client_conn,
         query_wait_timeout,
         failover_hold_timeout,
@@ -1579,13 +1610,16 @@ shutdown_timeout = "10s"
 # One database's pools (all its users'), or one user's pools (all its databases'), with their
 # own settings. Keys for a database: dbname (its name on the servers, when clients use another),
 # pool_mode, pool_size, min_pool_size, reserve_pool_size, max_db_connections; for a user:
-# pool_mode and pool_size (over the database's), max_user_connections. dbname and pool_mode
-# need a restart; the others reload live.
+# pool_mode and pool_size (over the database's), max_user_connections, and server_cert and
+# server_key (the certificate the proxy presents to postgres when it logs in as the user,
+# over [tls] server_cert). dbname and pool_mode need a restart; the others reload live.
 # [databases.reporting]
 # pool_size = 40
 # max_db_connections = 60
 # [users.batch]
 # pool_size = 5
+# server_cert = "/etc/pgkeel/batch.crt"
+# server_key = "/etc/pgkeel/batch.key"
 
 # Where the cluster state lives: the same [dcs] section as the agents' node.toml. Required.
 [dcs]
@@ -1962,6 +1996,12 @@ mod tests {
         assert_eq!(modes.pool_mode_for("legacy", "web"), PoolMode::Session);
         assert_eq!(modes.pool_mode_for("legacy", "batch"), PoolMode::Transaction, "the user's pool_mode wins");
         assert_eq!(modes.pool_mode_for("app", "web"), PoolMode::Transaction);
+        let certs = ok(&format!("{MINIMAL}[users.app]\nserver_cert = \"app.crt\"\nserver_key = \"/k/app.key\"\n"));
+        assert_eq!(
+            certs.users["app"].server_cert,
+            Some((PathBuf::from("/etc/pgkeel/app.crt"), PathBuf::from("/k/app.key"))),
+            "relative to the file"
+        );
         let alias = ok(&format!("{MINIMAL}[databases.shop]\ndbname = \"shop_2026\"\n"));
         assert_eq!((alias.dbname_for("shop"), alias.dbname_for("other")), ("shop_2026", "other"));
         assert!(err(&format!("{MINIMAL}[databases.shop]\ndbname = \"\"\n"))
@@ -2015,7 +2055,14 @@ mod tests {
             ),
             (
                 format!("{MINIMAL}[users.batch]\nfrob = 3\n"),
-                "unknown key \"users.batch.frob\"; valid keys in [users.batch]: pool_mode, pool_size, max_user_connections",
+                "unknown key \"users.batch.frob\"; valid keys in [users.batch]: pool_mode, pool_size, max_user_connections, \
+                 server_cert, server_key",
+            ),
+            (format!("{MINIMAL}[users.app]\nserver_cert = \"a.crt\"\n"), "users.app.server_cert is set without users.app.server_key"),
+            (format!("{MINIMAL}[users.app]\nserver_key = \"a.key\"\n"), "users.app.server_key is set without users.app.server_cert"),
+            (
+                format!("{MINIMAL}[tls]\nserver_tls = \"disable\"\n[users.app]\nserver_cert = \"a.crt\"\nserver_key = \"a.key\"\n"),
+                "users.app.server_cert is set, and tls.server_tls = \"disable\" sends it nowhere",
             ),
             (with("max_db_connections = -1"), "max_db_connections = -1 is out of range: use 0 to 100000"),
             (with("max_user_connections = 1.5"), "max_user_connections must be an integer"),

@@ -129,7 +129,7 @@ async fn read(shared: &Shared, pool: &Arc<Pool>) -> Result<Option<Volatile>, Str
             let Ok(permit) = pool.try_permit() else { return Ok(None) };
             let cfg = shared.config();
             let database = cfg.dbname_for(&pool.key.database);
-            let mut c = ServerConn::connect(primary, database, &auth, crate::server::Dial::of(&cfg))
+            let mut c = ServerConn::connect(primary, database, &auth, &shared.dial(&auth.user))
                 .await
                 .map_err(|e| e.to_string())?;
             c.permit = permit;

@@ -402,14 +402,14 @@ async fn fill_pool(
     min: u32,
 ) -> Result<usize, server::ConnectError> {
     let cfg = shared.config();
-    let dial = server::Dial::of(&cfg);
+    let dial = shared.dial(&auth.user);
     let database = cfg.dbname_for(&pool.key.database);
     for added in 0..missing {
         let Ok(permit) = pool.try_permit() else { return Ok(added) };
         let mut conn = match &pool.key.target {
             pool::PoolTarget::Primary => {
                 let Some(primary) = shared.topology.borrow().primary.clone() else { return Ok(added) };
-                let conn = server::ServerConn::connect(&primary, database, auth, dial).await?;
+                let conn = server::ServerConn::connect(&primary, database, auth, &dial).await?;
                 // Never one of an older term than the newest seen (term fencing, as for clients).
                 if conn.term < shared.topology.borrow().newest_term {
                     return Ok(added);
@@ -419,7 +419,7 @@ async fn fill_pool(
             pool::PoolTarget::Replica(name) => {
                 let replica = shared.topology.borrow().replicas.iter().find(|r| &r.name == name).cloned();
                 let Some(replica) = replica else { return Ok(added) };
-                server::ServerConn::connect_replica(&replica, database, auth, dial).await?
+                server::ServerConn::connect_replica(&replica, database, auth, &dial).await?
             }
         };
         conn.permit = permit;

@@ -1109,7 +1109,6 @@ impl Pools {
 mod tests {
     use super::*;
     use crate::scram::ClientCredential;
-    use crate::server::ServerTls;
 
     fn pool(size: u32) -> Arc<Pool> {
         Arc::new(Pool::new(PoolKey { database: "db".into(), user: "app".into(), target: PoolTarget::Primary }, size))
@@ -1234,7 +1233,6 @@ mod tests {
             password: Some(password.into()),
             scram: Some(ClientCredential::Password(password.into())),
             md5: None,
-            tls: ServerTls::disabled(),
         };
         let a = pool.share_auth(auth("one"));
         let b = pool.share_auth(auth("one"));

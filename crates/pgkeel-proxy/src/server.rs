@@ -41,12 +41,10 @@ pub struct ServerAuth {
     pub scram: Option<ClientCredential>,
     /// An MD5 hash (`md5...`) from `auth_query`: answers MD5 requests without the password.
     pub md5: Option<String>,
-    /// TLS to the server (`[tls] server_tls`).
-    pub tls: ServerTls,
 }
 
 impl ServerAuth {
-    /// The same credentials and the same TLS configuration (the connector's, by identity).
+    /// The same credentials.
     pub fn same_as(&self, other: &ServerAuth) -> bool {
         let same_scram = match (&self.scram, &other.scram) {
             (Some(ClientCredential::Password(a)), Some(ClientCredential::Password(b))) => a == b,
@@ -57,13 +55,7 @@ impl ServerAuth {
             (None, None) => true,
             _ => false,
         };
-        let same_tls = self.tls.mode == other.tls.mode
-            && match (&self.tls.connector, &other.tls.connector) {
-                (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a.config(), b.config()),
-                (None, None) => true,
-                _ => false,
-            };
-        same_scram && same_tls && self.user == other.user && self.password == other.password && self.md5 == other.md5
+        same_scram && self.user == other.user && self.password == other.password && self.md5 == other.md5
     }
 }
 
@@ -293,19 +285,22 @@ fn describe(e: &ErrorFields) -> String {
 }
 
 /// How server connections are opened: the bound on the TCP connect plus login, and the
-/// socket options.
-#[derive(Debug, Clone, Copy)]
+/// socket options and TLS.
+#[derive(Debug, Clone)]
 pub struct Dial {
     /// `server_connect_timeout`.
     pub timeout: Duration,
     /// `tcp_*`.
     pub tcp: crate::config::TcpOptions,
+    /// TLS to the server, as in force when the connection is opened (`[tls] server_tls`, and
+    /// the certificate for the user it logs in as).
+    pub tls: ServerTls,
 }
 
 impl Dial {
-    /// As `config` says.
-    pub fn of(config: &crate::config::ProxyConfig) -> Dial {
-        Dial { timeout: config.server_connect_timeout, tcp: config.tcp }
+    /// As `config` says, with `tls`.
+    pub fn of(config: &crate::config::ProxyConfig, tls: ServerTls) -> Dial {
+        Dial { timeout: config.server_connect_timeout, tcp: config.tcp, tls }
     }
 }
 
@@ -315,11 +310,11 @@ impl ServerConn {
         primary: &Primary,
         database: &str,
         auth: &ServerAuth,
-        dial: Dial,
+        dial: &Dial,
     ) -> Result<ServerConn, ConnectError> {
         let timeout = dial.timeout;
         let login =
-            ServerConn::connect_inner(&primary.name, &primary.address, Some(primary.term), database, auth, &dial.tcp);
+            ServerConn::connect_inner(&primary.name, &primary.address, Some(primary.term), database, auth, dial);
         match tokio::time::timeout(timeout, login).await {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Retry(format!(
@@ -335,10 +330,10 @@ impl ServerConn {
         replica: &Replica,
         database: &str,
         auth: &ServerAuth,
-        dial: Dial,
+        dial: &Dial,
     ) -> Result<ServerConn, ConnectError> {
         let timeout = dial.timeout;
-        let login = ServerConn::connect_inner(&replica.name, &replica.address, None, database, auth, &dial.tcp);
+        let login = ServerConn::connect_inner(&replica.name, &replica.address, None, database, auth, dial);
         match tokio::time::timeout(timeout, login).await {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Retry(format!(
@@ -356,14 +351,14 @@ impl ServerConn {
         term: Option<u64>,
         database: &str,
         auth: &ServerAuth,
-        tcp: &crate::config::TcpOptions,
+        dial: &Dial,
     ) -> Result<ServerConn, ConnectError> {
         let at = format!("{name} ({address})");
         let stream = TcpStream::connect(address)
             .await
             .map_err(|e| ConnectError::Retry(format!("cannot connect to {at}: {e}")))?;
-        crate::tls::tune(&stream, tcp);
-        let stream = negotiate_tls(stream, &auth.tls, address, &at, Peer::Postgres).await?;
+        crate::tls::tune(&stream, &dial.tcp);
+        let stream = negotiate_tls(stream, &dial.tls, address, &at, Peer::Postgres).await?;
         let mut conn = ServerConn {
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),

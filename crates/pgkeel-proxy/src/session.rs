@@ -390,10 +390,19 @@ impl Shared {
         self.tls.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// How the proxy connects to servers.
+    /// How the proxy connects to servers (cancel requests, other proxies).
     fn server_tls(&self) -> ServerTls {
         let tls = self.tls();
         ServerTls { mode: tls.server_mode, connector: tls.connector.clone() }
+    }
+
+    /// How the proxy opens a server connection to log in as `user` now: the configuration
+    /// and the TLS in force, with `user`'s certificate (`[users.NAME] server_cert`) if it has
+    /// one.
+    pub fn dial(&self, user: &str) -> Dial {
+        let tls = self.tls();
+        let connector = tls.user_connectors.get(user).or(tls.connector.as_ref()).cloned();
+        Dial::of(&self.config(), ServerTls { mode: tls.server_mode, connector })
     }
 
     /// Registers a logged-in client under a fresh BackendKeyData pid (and a random secret):
@@ -1452,7 +1461,6 @@ impl Session {
                 scram: password.clone().map(ClientCredential::Password),
                 password,
                 md5,
-                tls: self.shared.server_tls(),
             });
             return Ok(());
         }
@@ -1531,7 +1539,6 @@ impl Session {
             }),
             password: entry.password.clone(),
             md5: None,
-            tls: self.shared.server_tls(),
         });
         Ok(())
     }
@@ -1587,7 +1594,6 @@ impl Session {
             md5: entry.password.is_none().then_some(hash),
             password: entry.password,
             scram,
-            tls: self.shared.server_tls(),
         });
         Ok(())
     }
@@ -1618,10 +1624,9 @@ impl Session {
             password: Some(password.clone()),
             scram: Some(ClientCredential::Password(password)),
             md5: None,
-            tls: self.shared.server_tls(),
         };
-        let mut conn = match ServerConn::connect(&primary, cfg.dbname_for(&self.database), &auth, Dial::of(&cfg)).await
-        {
+        let dial = self.shared.dial(&auth.user);
+        let mut conn = match ServerConn::connect(&primary, cfg.dbname_for(&self.database), &auth, &dial).await {
             Ok(c) => c,
             Err(ConnectError::Refused(fields)) => {
                 return Err(Fail {
@@ -2295,7 +2300,9 @@ impl Session {
                     Err(cap) => return Ok(Err(format!("{} is reached", cap.describe()))),
                 };
                 let database = cfg.dbname_for(&self.database);
-                match Box::pin(ServerConn::connect_replica(replica, database, auth, Dial::of(&cfg))).await {
+                match Box::pin(ServerConn::connect_replica(replica, database, auth, &self.shared.dial(&auth.user)))
+                    .await
+                {
                     Ok(mut c) => {
                         c.permit = permit;
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a replica connection");
@@ -2381,7 +2388,7 @@ impl Session {
                 }
                 let permit = self.permit(pool, &cfg).await?;
                 let database = cfg.dbname_for(&self.database);
-                match Box::pin(ServerConn::connect(primary, database, auth, Dial::of(&cfg))).await {
+                match Box::pin(ServerConn::connect(primary, database, auth, &self.shared.dial(&auth.user))).await {
                     Ok(mut c) if c.term >= topo_rx.borrow().newest_term => {
                         c.permit = permit;
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a server connection");

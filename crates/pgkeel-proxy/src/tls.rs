@@ -298,8 +298,12 @@ pub struct Tls {
     pub server_mode: ServerTlsMode,
     /// Present unless `server_tls = "disable"`.
     pub connector: Option<TlsConnector>,
+    /// The connectors of users with a certificate of their own towards postgres
+    /// (`[users.NAME] server_cert`), by user name.
+    pub user_connectors: std::collections::HashMap<String, TlsConnector>,
     /// A digest of what the server side was made of: `server_tls`, and the names and bytes of
-    /// `server_ca`, `server_crl`, `server_cert` and `server_key`. A reload that changes it
+    /// `server_ca`, `server_crl`, `server_cert` and `server_key` and of the users' own
+    /// certificates. A reload that changes it
     /// replaces the server connections ([`crate::admin::reload`]).
     pub server_source: [u8; 32],
 }
@@ -333,20 +337,28 @@ impl Tls {
             }
             _ => (None, None),
         };
-        let connector = match t.server_tls {
+        let (ca, crl) = (t.server_ca.as_deref(), t.server_crl.as_deref());
+        let default_connector = match t.server_tls {
             ServerTlsMode::Disable => None,
             mode => {
-                let identity = t.server_cert.as_deref().zip(t.server_key.as_deref());
-                Some(connector(mode, t.server_ca.as_deref(), t.server_crl.as_deref(), identity)?)
+                let identity = t.server_cert.as_deref().zip(t.server_key.as_deref()).map(|(c, k)| ("tls", c, k));
+                Some(connector(mode, ca, crl, identity)?)
             }
         };
+        // Set only with TLS towards servers (`config::check`).
+        let mut user_connectors = std::collections::HashMap::new();
+        for (user, (cert, key)) in user_certificates(config) {
+            let section = format!("users.{user}");
+            user_connectors.insert(user.clone(), connector(t.server_tls, ca, crl, Some((&section, cert, key)))?);
+        }
         Ok(Tls {
             client_mode: t.client_tls,
             acceptor,
             endpoint,
             server_mode: t.server_tls,
-            connector,
-            server_source: server_source(t),
+            connector: default_connector,
+            user_connectors,
+            server_source: server_source(config),
         })
     }
 
@@ -358,6 +370,7 @@ impl Tls {
             endpoint: None,
             server_mode: ServerTlsMode::Disable,
             connector: None,
+            user_connectors: Default::default(),
             server_source: [0; 32],
         }
     }
@@ -367,61 +380,75 @@ fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, St
     read_pem_list(key, path, "certificate", "CERTIFICATE")
 }
 
-/// Every PEM object of type `T` in the file `[tls] key` names (`noun` and `label` name the
+/// Every PEM object of type `T` in the file the key `key` (`tls.cert`, ...) names (`noun` and `label` name the
 /// type in errors: `certificate`, `-----BEGIN CERTIFICATE-----`); at least one.
 fn read_pem_list<T: PemObject>(key: &str, path: &Path, noun: &str, label: &str) -> Result<Vec<T>, String> {
     let items: Vec<T> = T::pem_file_iter(path)
-        .map_err(|e| format!("tls.{key}: cannot read {}: {e}", path.display()))?
+        .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("tls.{key}: {} is not a PEM {noun} file: {e}", path.display()))?;
+        .map_err(|e| format!("{key}: {} is not a PEM {noun} file: {e}", path.display()))?;
     if items.is_empty() {
-        return Err(format!("tls.{key}: {} has no PEM {noun} (-----BEGIN {label}-----)", path.display()));
+        return Err(format!("{key}: {} has no PEM {noun} (-----BEGIN {label}-----)", path.display()));
     }
     Ok(items)
 }
 
-/// The private key of the PEM file `[tls] name` names.
+/// The private key of the PEM file the key `name` (`tls.key`, `users.NAME.server_key`) names.
 fn read_key(name: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| {
-        format!("tls.{name}: cannot read a PEM private key (PKCS#8, PKCS#1 or SEC1) from {}: {e}", path.display())
+        format!("{name}: cannot read a PEM private key (PKCS#8, PKCS#1 or SEC1) from {}: {e}", path.display())
     })
 }
 
 /// The error for a certificate and a key (each `[tls]` key and file) rustls cannot use together.
 fn unusable_pair((cert_key, cert): (&str, &Path), (key_key, key): (&str, &Path), e: rustls::Error) -> String {
-    format!("tls.{cert_key} / tls.{key_key}: {} and {} do not make a usable pair: {e}", cert.display(), key.display())
+    format!("{cert_key} / {key_key}: {} and {} do not make a usable pair: {e}", cert.display(), key.display())
 }
 
-/// [`Tls::server_source`] of the settings (the files were just read by [`connector`]; one that
-/// cannot be read now counts as empty).
-fn server_source(t: &crate::config::TlsSettings) -> [u8; 32] {
+/// [`Tls::server_source`] of the configuration (the files were just read by [`connector`]; one
+/// that cannot be read now counts as empty).
+fn server_source(config: &ProxyConfig) -> [u8; 32] {
     use sha2::Digest as _;
     use std::os::unix::ffi::OsStrExt as _;
+    fn feed(digest: &mut sha2::Sha256, bytes: &[u8]) {
+        digest.update((bytes.len() as u64).to_le_bytes());
+        digest.update(bytes);
+    }
+    fn feed_file(digest: &mut sha2::Sha256, path: Option<&Path>) {
+        feed(digest, path.map_or(&[][..], |p| p.as_os_str().as_bytes()));
+        feed(digest, &path.and_then(|p| std::fs::read(p).ok()).unwrap_or_default());
+    }
+    let t = &config.tls;
     let mut digest = sha2::Sha256::new();
-    digest.update(t.server_tls.as_str());
+    feed(&mut digest, t.server_tls.as_str().as_bytes());
     for path in [&t.server_ca, &t.server_crl, &t.server_cert, &t.server_key] {
-        let (name, bytes) = path
-            .as_deref()
-            .map_or((&[][..], Vec::new()), |p| (p.as_os_str().as_bytes(), std::fs::read(p).unwrap_or_default()));
-        for part in [name, &bytes] {
-            digest.update((part.len() as u64).to_le_bytes());
-            digest.update(part);
-        }
+        feed_file(&mut digest, path.as_deref());
+    }
+    for (user, (cert, key)) in user_certificates(config) {
+        feed(&mut digest, user.as_bytes());
+        feed_file(&mut digest, Some(cert));
+        feed_file(&mut digest, Some(key));
     }
     digest.finalize().into()
 }
 
-/// The CA certificates of the PEM file `[tls] key` names, as trust roots.
+/// The users with a certificate of their own towards postgres, and its PEM files.
+fn user_certificates(config: &ProxyConfig) -> impl Iterator<Item = (&String, (&Path, &Path))> {
+    config.users.iter().filter_map(|(user, u)| u.server_cert.as_ref().map(|(c, k)| (user, (c.as_path(), k.as_path()))))
+}
+
+/// The CA certificates of the PEM file the key `key` (`tls.server_ca`, ...) names, as trust
+/// roots.
 fn read_roots(key: &str, path: &Path) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in read_certs(key, path)? {
-        roots.add(c).map_err(|e| format!("tls.{key}: {}: {e}", path.display()))?;
+        roots.add(c).map_err(|e| format!("{key}: {}: {e}", path.display()))?;
     }
     Ok(roots)
 }
 
-/// The certificate revocation lists of the PEM file `[tls] key` (`client_crl`,
-/// `server_crl`) names.
+/// The certificate revocation lists of the PEM file the key `key` (`tls.client_crl`,
+/// `tls.server_crl`) names.
 fn read_crls(key: &str, path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
     read_pem_list(key, path, "revocation list", "X509 CRL")
 }
@@ -439,20 +466,20 @@ pub fn acceptor(
     client_ca: Option<&Path>,
     client_crl: Option<&Path>,
 ) -> Result<(TlsAcceptor, Option<Vec<u8>>), String> {
-    let certs = read_certs("cert", cert)?;
+    let certs = read_certs("tls.cert", cert)?;
     let endpoint = endpoint_hash(&certs[0]);
-    let key_der = read_key("key", key)?;
+    let key_der = read_key("tls.key", key)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let roots = read_roots("client_ca", ca)?;
+            let roots = read_roots("tls.client_ca", ca)?;
             let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .allow_unauthenticated();
             if let Some(crl) = client_crl {
-                verifier = verifier.with_crls(read_crls("client_crl", crl)?).allow_unknown_revocation_status();
+                verifier = verifier.with_crls(read_crls("tls.client_crl", crl)?).allow_unknown_revocation_status();
             }
             let verifier = verifier.build().map_err(|e| match client_crl {
                 Some(crl) => format!("tls.client_ca / tls.client_crl: {} and {}: {e}", ca.display(), crl.display()),
@@ -462,7 +489,7 @@ pub fn acceptor(
         }
     };
     let config =
-        builder.with_single_cert(certs, key_der).map_err(|e| unusable_pair(("cert", cert), ("key", key), e))?;
+        builder.with_single_cert(certs, key_der).map_err(|e| unusable_pair(("tls.cert", cert), ("tls.key", key), e))?;
     Ok((TlsAcceptor::from(Arc::new(config)), endpoint))
 }
 
@@ -592,13 +619,14 @@ fn der_element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 /// A TLS connector for servers: `verify-full` checks the chain against `ca` and the name,
 /// and with `crl` (`server_crl`) that no certificate of the chain is in one of its revocation
 /// lists (a CA without a list there is taken, as with `client_crl`); `prefer` and `require`
-/// check only the handshake signatures. With `identity` (the PEM files of `server_cert` and
-/// `server_key`), the proxy presents that certificate when a server asks for one.
+/// check only the handshake signatures. With `identity` (the section, `tls` or `users.NAME`,
+/// and the PEM files of its `server_cert` and `server_key`), the proxy presents that
+/// certificate when a server asks for one.
 pub fn connector(
     mode: ServerTlsMode,
     ca: Option<&Path>,
     crl: Option<&Path>,
-    identity: Option<(&Path, &Path)>,
+    identity: Option<(&str, &Path, &Path)>,
 ) -> Result<TlsConnector, String> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -606,11 +634,11 @@ pub fn connector(
     let builder = if mode == ServerTlsMode::VerifyFull {
         let ca = ca.ok_or("tls.server_tls = \"verify-full\" needs tls.server_ca, the PEM file of the CA that signed the servers' certificates")?;
         let mut verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(read_roots("server_ca", ca)?),
+            Arc::new(read_roots("tls.server_ca", ca)?),
             provider(),
         );
         if let Some(crl) = crl {
-            verifier = verifier.with_crls(read_crls("server_crl", crl)?).allow_unknown_revocation_status();
+            verifier = verifier.with_crls(read_crls("tls.server_crl", crl)?).allow_unknown_revocation_status();
         }
         let verifier = verifier.build().map_err(|e| match crl {
             Some(crl) => format!("tls.server_ca / tls.server_crl: {} and {}: {e}", ca.display(), crl.display()),
@@ -622,11 +650,12 @@ pub fn connector(
     };
     let config = match identity {
         None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let (certs, key_der) = (read_certs("server_cert", cert)?, read_key("server_key", key)?);
+        Some((section, cert, key)) => {
+            let (cert_key, key_key) = (format!("{section}.server_cert"), format!("{section}.server_key"));
+            let (certs, key_der) = (read_certs(&cert_key, cert)?, read_key(&key_key, key)?);
             builder
                 .with_client_auth_cert(certs, key_der)
-                .map_err(|e| unusable_pair(("server_cert", cert), ("server_key", key), e))?
+                .map_err(|e| unusable_pair((&cert_key, cert), (&key_key, key), e))?
         }
     };
     Ok(TlsConnector::from(Arc::new(config)))
@@ -850,7 +879,7 @@ mod tests {
             ),
         ];
         for (path, says) in cases {
-            let e = read_crls("client_crl", &path).unwrap_err();
+            let e = read_crls("tls.client_crl", &path).unwrap_err();
             assert!(
                 e.starts_with("tls.client_crl: ") && e.contains(&path.display().to_string()) && e.contains(says),
                 "{e}"

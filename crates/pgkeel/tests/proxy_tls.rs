@@ -690,9 +690,9 @@ async fn pg_hba_lines_and_the_proxys_certificate_towards_postgres() {
     let mut c = Cluster::up(bin(), 1).await;
     let leader = c.leader().await.expect("a leader").0;
     let certs = c.dir().join("client-certs");
-    client_certificates(&certs, &["cert_login"]);
+    client_certificates(&certs, &["cert_login", "cert_other"]);
     let node = c.node_dsn(&leader);
-    psql(&node, "create role cert_login login").unwrap();
+    psql(&node, "create role cert_login login; create role cert_other login").unwrap();
 
     // First postgres is told which CA signs client certificates, then the operator's line is
     // added alone: the agent writes pg_hba.conf when it starts and reloads postgres for that
@@ -709,7 +709,8 @@ async fn pg_hba_lines_and_the_proxys_certificate_towards_postgres() {
         async move { (psql(&node, "show ssl_ca_file").ok()? == ca).then_some(()) }
     })
     .await;
-    config.postgres.pg_hba = vec!["hostssl all cert_login 127.0.0.1/32 cert".into()];
+    config.postgres.pg_hba =
+        vec!["hostssl all cert_login 127.0.0.1/32 cert".into(), "hostssl all cert_other 127.0.0.1/32 cert".into()];
     std::fs::write(&node_toml, config.to_toml()).unwrap();
     c.kill_agent(&leader);
     c.start_agent(&leader);
@@ -735,13 +736,21 @@ async fn pg_hba_lines_and_the_proxys_certificate_towards_postgres() {
     assert!(line < catch_all, "the operator's line comes before the catch-all:\n{hba}");
 
     // A proxy with cert_login's certificate logs in to postgres with it (no password: the
-    // userlist's is for clients only); one without it gets postgres' refusal, passed on.
-    let users = [("cert_login", "client pw")];
-    let section = format!(
+    // userlist's is for clients only), and as cert_other with that user's own certificate
+    // ([users.cert_other]); one without them gets postgres' refusal, passed on.
+    let users = [("cert_login", "client pw"), ("cert_other", "other pw")];
+    let file = |name: &str| certs.join(name).display().to_string();
+    let cert_login = format!(
         "[tls]\nserver_tls = \"require\"\nserver_cert = {:?}\nserver_key = {:?}\n",
-        certs.join("cert_login.crt").display().to_string(),
-        certs.join("cert_login.key").display().to_string()
+        file("cert_login.crt"),
+        file("cert_login.key")
     );
+    let cert_other = format!(
+        "[users.cert_other]\nserver_cert = {:?}\nserver_key = {:?}\n",
+        file("cert_other.crt"),
+        file("cert_other.key")
+    );
+    let section = format!("{cert_login}{cert_other}");
     let with = start_proxy_for(&c, "proxy-server-cert", &users, &section).await;
     let through = with.dsn_with("cert_login", "client%20pw", "&sslmode=disable");
     let dn = wait_for("a login through the proxy", Duration::from_secs(20), || {
@@ -750,6 +759,25 @@ async fn pg_hba_lines_and_the_proxys_certificate_towards_postgres() {
     })
     .await;
     assert_eq!(dn, "/CN=cert_login", "the proxy's connection to postgres carries the certificate");
+    let other = with.dsn_with("cert_other", "other%20pw", "&sslmode=disable");
+    let dn = psql(&other, "select client_dn from pg_stat_ssl where pid = pg_backend_pid()").unwrap();
+    assert_eq!(dn, "/CN=cert_other", "cert_other's own certificate");
+    // A client that stays connected across a reload that takes cert_other's certificate away:
+    // the reload replaces the server connections, and the next one, opened with the TLS in
+    // force (cert_login's certificate for everyone), is refused by postgres.
+    let held = pgkeel_testkit::connect(&other).await.unwrap();
+    held.simple_query("select 1").await.unwrap();
+    let config = c.dir().join("proxy-server-cert").join("proxy.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace(&cert_other, "")).unwrap();
+    with.signal(libc::SIGHUP);
+    let err = wait_for("the held client's next transaction to be refused", Duration::from_secs(15), || {
+        let held = &held;
+        async move { held.simple_query("select 1").await.err() }
+    })
+    .await;
+    let message = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_else(|| err.to_string());
+    assert!(message.contains("certificate authentication failed for user \"cert_other\""), "{message}");
     let err = psql(&with.dsn_with("cert_login", "wrong", "&sslmode=disable"), "select 1").unwrap_err();
     assert!(
         err.contains("password authentication failed for user \"cert_login\""),
