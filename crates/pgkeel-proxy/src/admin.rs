@@ -749,7 +749,9 @@ pub fn reload(shared: &Shared) -> Result<Reloaded, String> {
         // A connection keeps what its handshake checked: a revoked certificate, a new CA or
         // the proxy's own new certificate apply only to connections opened from now on.
         let said = reconnect(shared, None);
-        tracing::info!("reload: the server side of [tls] changed (server_tls or a server_* file); {said}");
+        tracing::info!(
+            "reload: the TLS towards servers changed (server_tls, a server_* file or a user's server_cert); {said}"
+        );
     }
     Ok(r)
 }

@@ -303,8 +303,8 @@ pub struct Tls {
     pub user_connectors: std::collections::HashMap<String, TlsConnector>,
     /// A digest of what the server side was made of: `server_tls`, and the names and bytes of
     /// `server_ca`, `server_crl`, `server_cert` and `server_key` and of the users' own
-    /// certificates. A reload that changes it
-    /// replaces the server connections ([`crate::admin::reload`]).
+    /// certificates. A reload that changes it replaces the server connections
+    /// ([`crate::admin::reload`]).
     pub server_source: [u8; 32],
 }
 
@@ -380,8 +380,9 @@ fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, St
     read_pem_list(key, path, "certificate", "CERTIFICATE")
 }
 
-/// Every PEM object of type `T` in the file the key `key` (`tls.cert`, ...) names (`noun` and `label` name the
-/// type in errors: `certificate`, `-----BEGIN CERTIFICATE-----`); at least one.
+/// Every PEM object of type `T` in the file the key `key` (`tls.cert`, ...) names (`noun` and
+/// `label` name the type in errors: `certificate`, `-----BEGIN CERTIFICATE-----`); at least
+/// one.
 fn read_pem_list<T: PemObject>(key: &str, path: &Path, noun: &str, label: &str) -> Result<Vec<T>, String> {
     let items: Vec<T> = T::pem_file_iter(path)
         .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?
@@ -400,7 +401,8 @@ fn read_key(name: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     })
 }
 
-/// The error for a certificate and a key (each `[tls]` key and file) rustls cannot use together.
+/// The error for a certificate and a key (each its key path and file) rustls cannot use
+/// together.
 fn unusable_pair((cert_key, cert): (&str, &Path), (key_key, key): (&str, &Path), e: rustls::Error) -> String {
     format!("{cert_key} / {key_key}: {} and {} do not make a usable pair: {e}", cert.display(), key.display())
 }

@@ -849,7 +849,7 @@ async fn server_crl_refuses_a_revoked_postgres_certificate() {
     .await;
     wait_for("the reconnect in the proxy's log", Duration::from_secs(10), || {
         let log = p.log_text();
-        async move { log.contains("the server side of [tls] changed").then_some(()) }
+        async move { log.contains("the TLS towards servers changed").then_some(()) }
     })
     .await;
     let err = psql(&through, "select 1").unwrap_err();
