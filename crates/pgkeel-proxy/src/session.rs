@@ -3332,7 +3332,7 @@ impl Session {
                     if self.attached.as_ref().is_some_and(|a| passes_through(a, rbuf[at])) {
                         pass_on(&mut self.wbuf, &rbuf, at..at + n, &mut pass);
                     } else {
-                        self.on_server_frame(&rbuf, at..at + n, &mut pass, translate);
+                        self.on_server_frame(&rbuf, at..at + n, &mut pass, translate, share);
                     }
                     at += n;
                 }
@@ -3360,8 +3360,16 @@ impl Session {
     /// the bookkeeping. Forwarded messages go to the client as they are: while nothing else
     /// is waiting for the client, they are only noted in `pass` (a range of `rbuf`, written
     /// from there by [`Session::pump_server`]), and copied otherwise (see [`pass_on`]).
-    fn on_server_frame(&mut self, rbuf: &[u8], range: Range<usize>, pass: &mut Option<Range<usize>>, translate: bool) {
-        let share = self.cfg.read_your_writes == ReadYourWrites::User && self.tracks_writes();
+    /// `translate`: statement names are translated; `share`: commits are noted in the user's
+    /// read-your-writes floor ([`note_commit`]).
+    fn on_server_frame(
+        &mut self,
+        rbuf: &[u8],
+        range: Range<usize>,
+        pass: &mut Option<Range<usize>>,
+        translate: bool,
+        share: bool,
+    ) {
         let Session { attached, statements, wbuf, desired, told, skip_to_sync, ryw_floor, pool, .. } = self;
         let Some(att) = attached.as_mut() else { return };
         let frame = &rbuf[range.clone()];
