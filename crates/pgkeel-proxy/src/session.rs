@@ -392,17 +392,14 @@ impl Shared {
 
     /// How the proxy connects to servers (cancel requests, other proxies).
     fn server_tls(&self) -> ServerTls {
-        let tls = self.tls();
-        ServerTls { mode: tls.server_mode, connector: tls.connector.clone() }
+        self.tls().towards_servers(None)
     }
 
     /// How the proxy opens a server connection to log in as `user` now: the configuration
     /// and the TLS in force, with `user`'s certificate (`[users.NAME] server_cert`) if it has
     /// one.
     pub fn dial(&self, user: &str) -> Dial {
-        let tls = self.tls();
-        let connector = tls.user_connectors.get(user).or(tls.connector.as_ref()).cloned();
-        Dial::of(&self.config(), ServerTls { mode: tls.server_mode, connector })
+        Dial::of(&self.config(), self.tls().towards_servers(Some(user)))
     }
 
     /// Registers a logged-in client under a fresh BackendKeyData pid (and a random secret):

@@ -362,6 +362,13 @@ impl Tls {
         })
     }
 
+    /// TLS towards servers: the mode and the connector, with `user`'s own certificate
+    /// (`[users.NAME] server_cert`) when it has one.
+    pub fn towards_servers(&self, user: Option<&str>) -> crate::server::ServerTls {
+        let own = user.and_then(|u| self.user_connectors.get(u));
+        crate::server::ServerTls { mode: self.server_mode, connector: own.or(self.connector.as_ref()).cloned() }
+    }
+
     /// No TLS on either side.
     pub fn disabled() -> Tls {
         Tls {
