@@ -854,6 +854,45 @@ fn note_commit(att: &mut Attached, pool: Option<&Arc<Pool>>, status: Transaction
 /// The proxy's `pg_current_wal_lsn()` query failed on `server`. Each transaction on the
 /// primary tries again while it fails (e.g. the function revoked from the role), so this is
 /// logged about once a minute.
+/// Runs `work` (an attempt to reach `primary`) until it ends, or until the topology `topo_rx`
+/// watches names another primary or none (`None` then: the attempt is dropped).
+async fn until_replaced<T>(
+    work: impl std::future::Future<Output = T>,
+    primary: &crate::topology::Primary,
+    topo_rx: &mut watch::Receiver<Topology>,
+) -> Option<T> {
+    let replaced = async {
+        loop {
+            if topo_rx.changed().await.is_err() {
+                // The watch's sender is gone (the proxy is stopping): the attempt decides.
+                std::future::pending::<()>().await;
+            }
+            if topo_rx.borrow_and_update().primary.as_ref() != Some(primary) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        r = work => Some(r),
+        () = replaced => None,
+    }
+}
+
+/// What a client whose server connection `att` is given up loses, for the end of its error
+/// message. Something it sent and was not answered yet (a COMMIT, or a statement outside a
+/// transaction block) may have committed on that server, or may not: "the transaction is
+/// lost, retry" would invite a second copy of a write that went through.
+fn lost_work(att: Option<&Attached>) -> &'static str {
+    let Some(att) = att else { return "reconnect" };
+    if att.queue.iter().any(|e| matches!(e.expect, Expect::Client(_))) {
+        "whether what it sent last committed there is unknown: reconnect, and check before you retry"
+    } else if att.status != TransactionStatus::Idle || att.open_batch {
+        "the open transaction is lost, reconnect and retry"
+    } else {
+        "no transaction was open, reconnect"
+    }
+}
+
 fn lsn_query_failed(server: &ServerConn) {
     static WARNED_AT: AtomicU64 = AtomicU64::new(0);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -2385,7 +2424,16 @@ impl Session {
                 }
                 let permit = self.permit(pool, &cfg).await?;
                 let database = cfg.dbname_for(&self.database);
-                match Box::pin(ServerConn::connect(primary, database, auth, &self.shared.dial(&auth.user))).await {
+                let dial = self.shared.dial(&auth.user);
+                let connect = Box::pin(ServerConn::connect(primary, database, auth, &dial));
+                // A primary cut off by a partition answers nothing: the attempt would last
+                // `server_connect_timeout` after the DCS named another (the client's pause).
+                let Some(connected) = until_replaced(connect, primary, &mut topo_rx).await else {
+                    last_error =
+                        Some(format!("{} stopped being the primary while the proxy connected to it", primary.name));
+                    continue;
+                };
+                match connected {
                     Ok(mut c) if c.term >= topo_rx.borrow().newest_term => {
                         c.permit = permit;
                         tracing::debug!(server = ?c, database = %self.database, user = %self.user, "opened a server connection");
@@ -2867,6 +2915,7 @@ impl Session {
                             continue;
                         }
                         let att = self.attached.take();
+                        let lost = lost_work(att.as_ref());
                         let what = att
                             .map(|a| {
                                 let role =
@@ -2876,7 +2925,7 @@ impl Session {
                             .unwrap_or_default();
                         return Err(Fail::new(
                             sqlstate::CONNECTION_FAILURE,
-                            format!("lost the connection to {what}; the transaction is lost, reconnect and retry"),
+                            format!("lost the connection to {what}; {lost}"),
                         ));
                     }
                     Event::ServerRead(Ok(_)) => {}
@@ -3687,13 +3736,12 @@ impl Session {
 
     /// Drops the attached server connection of an older term and says why.
     fn term_changed(&mut self, newest: u64) -> Fail {
-        let (term, member) = self.attached.take().map(|a| (a.conn.term, a.conn.member)).unwrap_or_default();
+        let att = self.attached.take();
+        let lost = lost_work(att.as_ref());
+        let (term, member) = att.map(|a| (a.conn.term, a.conn.member)).unwrap_or_default();
         Fail::new(
             sqlstate::CONNECTION_FAILURE,
-            format!(
-                "the primary changed (term {term} -> {newest}) while this session used {member}; the transaction is \
-                 lost, reconnect and retry"
-            ),
+            format!("the primary changed (term {term} -> {newest}) while this session used {member}; {lost}"),
         )
     }
 

@@ -707,6 +707,13 @@ impl Writer {
 
     /// Like [`Writer::start`], with ids starting after `id_base` (for several writers).
     pub fn start_at(dsn: String, interval: Duration, id_base: i64) -> Writer {
+        Writer::start_with(dsn, interval, id_base, Duration::from_secs(3))
+    }
+
+    /// Like [`Writer::start_at`], giving up on a connection attempt or an insert (and then
+    /// on the connection) after `timeout` instead of 3 s: with a long one, a write that hangs
+    /// shows in the longest gap rather than being cut short by the writer.
+    pub fn start_with(dsn: String, interval: Duration, id_base: i64, timeout: Duration) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -719,8 +726,7 @@ impl Writer {
             while !s.load(Ordering::Relaxed) {
                 id += 1;
                 if client.as_ref().is_none_or(|c| c.is_closed()) {
-                    client =
-                        tokio::time::timeout(Duration::from_secs(3), connect(&dsn)).await.ok().and_then(Result::ok);
+                    client = tokio::time::timeout(timeout, connect(&dsn)).await.ok().and_then(Result::ok);
                 }
                 let ok = match &client {
                     Some(c) => {
@@ -729,7 +735,7 @@ impl Writer {
                             "insert into acked(id, term) values ($1, current_setting('pgkeel.term')::bigint) returning term",
                             &params,
                         );
-                        match tokio::time::timeout(Duration::from_secs(3), q).await {
+                        match tokio::time::timeout(timeout, q).await {
                             Ok(Ok(row)) => Some(row.get::<_, i64>(0)),
                             _ => None,
                         }

@@ -69,8 +69,9 @@ impl Proxy {
         std::fs::write(
             &config,
             format!(
-                "cluster = \"pgkeel\"\nlisten = \"127.0.0.1:{port}\"\n{extra}\n[dcs]\n{}\n[auth]\nuserlist = \
+                "cluster = {}\nlisten = \"127.0.0.1:{port}\"\n{extra}\n[dcs]\n{}\n[auth]\nuserlist = \
                  \"userlist.txt\"\n",
+                c.info["cluster"],
                 dcs_toml(c)
             ),
         )
