@@ -643,17 +643,37 @@ impl State {
     }
 
     /// [`Pool::take_idle`] under the pool's lock.
+    ///
+    /// An idle connection with something to read (an error, the end of the stream) was most
+    /// likely closed by its server, and its server's other connections likely were too, or
+    /// are about to be: a postmaster that died or shut down, crashed, or restarted ends every
+    /// backend, and each one says so when it gets to it, milliseconds apart. Then every
+    /// connection opened before it is closed, the idle ones now and the others when they come
+    /// back (as `RECONNECT`), rather than one client after another getting its statement
+    /// answered by a dying backend.
     fn take_idle(&mut self, min_term: u64) -> Option<Box<ServerConn>> {
-        let mut taken = None;
         while let Some(c) = self.idle.pop() {
-            if c.term >= min_term && c.looks_idle() {
-                taken = Some(c);
-                break;
+            if c.term < min_term {
+                tracing::debug!(server = ?c, "closing an idle server connection of an older term");
+                continue;
             }
-            tracing::debug!(server = ?c, "closing a stale idle server connection");
+            if c.looks_idle() {
+                self.low_water = self.low_water.min(self.idle.len());
+                return Some(c);
+            }
+            let mark = crate::server::opened_mark();
+            if !self.close_opened_before.is_some_and(|m| crate::server::serial_before(mark, m)) {
+                self.close_opened_before = Some(mark);
+            }
+            let closed = self.idle.len();
+            self.idle.clear();
+            tracing::info!(
+                server = ?c, closed,
+                "an idle server connection has something to read (the server closed it?): closing the other connections opened before it too"
+            );
         }
-        self.low_water = self.low_water.min(self.idle.len());
-        taken
+        self.low_water = 0;
+        None
     }
 
     /// [`Pool::missing`] under the pool's lock.

@@ -195,6 +195,15 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
+/// Why [`ServerConn::query`] failed.
+#[derive(Debug)]
+pub enum QueryError {
+    /// The server answered with an error and is ready for the next query.
+    Failed(String),
+    /// The connection broke (closed, unreadable, a protocol error): it is of no more use.
+    Broken(String),
+}
+
 /// A server connection, logged in and idle.
 ///
 /// `repr(C)`: what a transaction touches (the fencing check, the socket, the buffers, the
@@ -537,13 +546,21 @@ impl ServerConn {
     /// Runs one simple query and returns its rows (as text), tracking ParameterStatus.
     /// An ErrorResponse is returned as `Err` after the server is ready again.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+        self.query(sql).await.map_err(|e| match e {
+            QueryError::Failed(m) | QueryError::Broken(m) => m,
+        })
+    }
+
+    /// [`ServerConn::simple_query`], telling an error the server answered (the connection
+    /// still usable) from a connection that broke.
+    pub async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, QueryError> {
         let mut out = BytesMut::new();
         FrontendMessage::Query(Text::lossy(sql)).encode(&mut out);
-        self.stream.send(&out).await.map_err(|e| format!("write to the server: {e}"))?;
+        self.stream.send(&out).await.map_err(|e| QueryError::Broken(format!("write to the server: {e}")))?;
         let mut rows = Vec::new();
         let mut error = None;
         loop {
-            match self.read_message().await? {
+            match self.read_message().await.map_err(QueryError::Broken)? {
                 BackendMessage::DataRow(values) => {
                     rows.push(values.into_iter().map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned())).collect())
                 }
@@ -553,10 +570,13 @@ impl ServerConn {
                 }
                 BackendMessage::ReadyForQuery(status) => {
                     if let Some(e) = error {
-                        return Err(e);
+                        return Err(QueryError::Failed(e));
                     }
                     if status != TransactionStatus::Idle {
-                        return Err(format!("the server is in transaction state {:?} after {sql:?}", status));
+                        return Err(QueryError::Failed(format!(
+                            "the server is in transaction state {:?} after {sql:?}",
+                            status
+                        )));
                     }
                     return Ok(rows);
                 }

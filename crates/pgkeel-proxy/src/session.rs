@@ -2358,10 +2358,13 @@ impl Session {
                 }
             }
         };
-        let mut att = Attached::new(conn, slot);
-        if let Err(e) = self.sync_params(&mut att).await {
+        let mut conn = conn;
+        if let Err(crate::server::QueryError::Broken(e) | crate::server::QueryError::Failed(e)) =
+            self.sync_params(&mut conn).await
+        {
             return Ok(Err(format!("cannot apply the session settings: {e}")));
         }
+        let mut att = Attached::new(conn, slot);
         self.set_cancel(att.conn.lend_cancel_target());
         Ok(Ok(att))
     }
@@ -2392,14 +2395,31 @@ impl Session {
             Some(p) => p,
             None => self.slot(&pool, waited).await?,
         };
-        let conn = match self.idle_primary_conn(&pool) {
+        let mut conn = match self.idle_primary_conn(&pool) {
             Some(c) => c,
             None => Box::pin(self.connect_primary(&pool)).await?,
         };
-        let mut att = Attached::new(conn, slot);
-        if let Err(e) = self.sync_params(&mut att).await {
-            return Err(Fail::new(sqlstate::CONNECTION_FAILURE, format!("cannot apply the session settings: {e}")));
+        // Nothing of the client's was sent yet: a connection found broken here (its server
+        // went away since it was pooled) is replaced, within the hold for a primary.
+        let mut broken = 0;
+        loop {
+            match self.sync_params(&mut conn).await {
+                Ok(()) => break,
+                Err(crate::server::QueryError::Broken(e)) if broken < 3 => {
+                    broken += 1;
+                    tracing::info!(server = ?conn, error = %e, "a pooled server connection broke before the client used it: taking another");
+                    drop(conn);
+                    conn = Box::pin(self.connect_primary(&pool)).await?;
+                }
+                Err(crate::server::QueryError::Broken(e) | crate::server::QueryError::Failed(e)) => {
+                    return Err(Fail::new(
+                        sqlstate::CONNECTION_FAILURE,
+                        format!("cannot apply the session settings: {e}"),
+                    ))
+                }
+            }
         }
+        let mut att = Attached::new(conn, slot);
         self.set_cancel(att.conn.lend_cancel_target());
         let waited = waited.elapsed();
         if waited > Duration::from_millis(500) {
@@ -2483,9 +2503,9 @@ impl Session {
 
     /// Replays the client's tracked settings that differ on this server connection, in one
     /// round trip, and tells the client the values the server normalised them to.
-    async fn sync_params(&mut self, att: &mut Attached) -> Result<(), String> {
+    async fn sync_params(&mut self, conn: &mut ServerConn) -> Result<(), crate::server::QueryError> {
         let changes: Vec<(&'static str, String)> =
-            self.desired.differing(&att.conn.params).map(|(k, v)| (k, v.to_string())).collect();
+            self.desired.differing(&conn.params).map(|(k, v)| (k, v.to_string())).collect();
         if changes.is_empty() {
             return Ok(());
         }
@@ -2493,12 +2513,12 @@ impl Session {
             .iter()
             .map(|(k, v)| format!("pg_catalog.set_config({}, {}, false)", quote_literal(k), quote_literal(v)))
             .collect();
-        att.conn.simple_query(&format!("SELECT {}", calls.join(", "))).await?;
+        conn.query(&format!("SELECT {}", calls.join(", "))).await?;
         for (k, v) in &changes {
-            if UNREPORTED.contains(k) || !att.conn.params.contains_key(*k) {
-                att.conn.params.insert(k.to_string(), v.clone());
+            if UNREPORTED.contains(k) || !conn.params.contains_key(*k) {
+                conn.params.insert(k.to_string(), v.clone());
             }
-            let normalised = att.conn.params.get(*k).cloned().unwrap_or_else(|| v.clone());
+            let normalised = conn.params.get(*k).cloned().unwrap_or_else(|| v.clone());
             self.desired.set(k, &normalised);
             if !UNREPORTED.contains(k) && self.told.set(k, &normalised) {
                 BackendMessage::ParameterStatus { name: Text::lossy(k), value: Text::lossy(&normalised) }

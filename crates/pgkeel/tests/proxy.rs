@@ -422,11 +422,61 @@ async fn proxy_follows_the_primary_through_a_node_kill() {
         (psql(&p.dsn(), "select count(*) from w").ok()?.parse::<i64>().ok()? >= 10).then_some(())
     })
     .await;
+    // Continuous pgbench too: 16 clients of one-statement write transactions (extended
+    // protocol), at 400 a second in all, so that a client is between transactions most of the
+    // time, as an application's are. A client whose transaction is in flight when the node
+    // dies (or reaches a backend in the milliseconds it takes to notice) loses its connection,
+    // and pgbench ends that client ("aborted"); the others have to carry on.
+    psql(&p.dsn(), "create table pb(id bigserial primary key, client int not null, term bigint not null)").unwrap();
+    let logs = tempfile::tempdir().expect("a log dir");
+    let script = logs.path().join("insert.sql");
+    std::fs::write(
+        &script,
+        "insert into pb(client, term) values (:client_id, current_setting('pgkeel.term')::bigint);\n",
+    )
+    .expect("write the pgbench script");
+    let prefix = logs.path().join("pkb").display().to_string();
+    let bench = Command::new("pgbench")
+        .args([
+            "-n",
+            "-c",
+            "16",
+            "-j",
+            "2",
+            "-T",
+            "20",
+            "-R",
+            "400",
+            "-M",
+            "extended",
+            "--log",
+            "--log-prefix",
+            &prefix,
+        ])
+        .arg("-f")
+        .arg(&script)
+        .arg(p.conninfo())
+        .env("PGPASSWORD", &p.password)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pgbench");
+    let pb_rows = |term: u64, min: i64| {
+        let dsn = p.dsn();
+        async move {
+            let sql = format!("select count(*) from pb where term = {term}");
+            (psql(&dsn, &sql).ok()?.parse::<i64>().ok()? >= min).then_some(())
+        }
+    };
+    wait_for("pgbench transactions through the proxy", Duration::from_secs(15), || pb_rows(old_term, 400)).await;
 
     let killed = Instant::now();
+    let killed_us = unix_us();
     c.kill_node(&old);
     let (new, new_term) = c.wait_new_leader(&old, Duration::from_secs(30)).await;
     assert!(new_term > old_term);
+    wait_for("pgbench transactions on the new primary", Duration::from_secs(20), || pb_rows(new_term, 400)).await;
     // New transactions go to the new primary within ttl (4 s) plus a few seconds.
     let dsn = p.dsn();
     wait_for("writes through the proxy under the new term", Duration::from_secs(20), || async {
@@ -464,6 +514,86 @@ async fn proxy_follows_the_primary_through_a_node_kill() {
     let rows: i64 =
         psql(&c.node_dsn(&new), &format!("select count(*) from w where term = {new_term}")).unwrap().parse().unwrap();
     assert!(rows >= acked_new, "{rows} rows under the new term, {acked_new} acknowledged");
+
+    // pgbench: ends with status 0, or 2 if a client was aborted, and only the clients whose
+    // transaction was in flight (0 to 4 of them measured) may have been.
+    let (status, out) = tokio::task::spawn_blocking(move || {
+        let out = bench.wait_with_output().expect("wait for pgbench");
+        (out.status, String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    })
+    .await
+    .unwrap();
+    // "client 3 script 0 aborted in command 0 query 0: FATAL: ..." per client (then "Run was
+    // aborted; the above results are incomplete").
+    let aborted: Vec<&str> = out.lines().filter(|l| l.contains(" aborted in command ")).collect();
+    for l in &aborted {
+        eprintln!("{l}");
+    }
+    assert!(matches!(status.code(), Some(0 | 2)), "pgbench failed ({status}):\n{out}");
+    assert!(aborted.len() <= 8, "{} of 16 pgbench clients aborted:\n{out}", aborted.len());
+    let direct = c.node_dsn(&new);
+    let survivors: i64 = psql(&direct, &format!("select count(distinct client) from pb where term = {new_term}"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(survivors, 16 - aborted.len() as i64, "every client not aborted wrote on the new primary:\n{out}");
+    // Terms only move forward, for pgbench too: no row under the old term after (by the
+    // sequence) a row under the new one.
+    let late_old: i64 = psql(
+        &direct,
+        &format!(
+            "select count(*) from pb where term = {old_term} and id > (select min(id) from pb where term = {new_term})"
+        ),
+    )
+    .unwrap()
+    .parse()
+    .unwrap();
+    assert_eq!(late_old, 0, "an old-term row after a new-term one");
+    let terms: i64 = psql(&direct, &format!("select count(*) from pb where term not in ({old_term}, {new_term})"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(terms, 0, "only the two terms served pgbench's writes");
+    // The write outage pgbench saw: the longest time without a commit, which starts at the
+    // kill (give or take the transactions in flight then).
+    let ends = pgbench_ends(logs.path(), "pkb");
+    let (from, outage) = ends
+        .windows(2)
+        .map(|w| (w[0], Duration::from_micros(w[1] - w[0])))
+        .max_by_key(|&(_, gap)| gap)
+        .expect("pgbench transactions");
+    eprintln!(
+        "pgbench through the kill: {} transactions, {} of 16 clients aborted, longest time without a commit \
+         {outage:?}, from {:?} after the kill",
+        ends.len(),
+        aborted.len(),
+        Duration::from_micros(from.saturating_sub(killed_us))
+    );
+    assert!(from + 1_000_000 > killed_us, "the longest time without a commit began before the kill");
+    assert!(outage < Duration::from_secs(4 + 6), "write outage through the proxy for pgbench: {outage:?}");
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// When each transaction in pgbench's per-transaction logs (`--log`: client, transaction,
+/// latency µs, script, epoch s, µs, and with `-R` the schedule lag) ended, in unix µs, sorted.
+fn pgbench_ends(dir: &std::path::Path, prefix: &str) -> Vec<u64> {
+    let mut ends: Vec<u64> = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read the log dir").flatten() {
+        if !e.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        for line in std::fs::read_to_string(e.path()).unwrap_or_default().lines() {
+            let f: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            if f.len() >= 6 {
+                ends.push(f[4] * 1_000_000 + f[5]);
+            }
+        }
+    }
+    ends.sort_unstable();
+    ends
 }
 
 /// A raw protocol client, for what libpq and tokio-postgres never send: a duplicate statement

@@ -661,6 +661,41 @@ async fn idle_in_transaction_timeout_through_the_proxy_frees_the_connection() {
     assert!(show(&admin, "SHOW SERVERS").await.iter().all(|r| r["state"] != "active"));
 }
 
+/// A pooled connection its server closed (as a postmaster that dies, shuts down or restarts
+/// closes them all, a few milliseconds apart) makes the pool close its other connections
+/// too, rather than give them to the next clients one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_its_server_closed_closes_the_pools_others() {
+    let (c, direct) = cluster_with(&[]).await;
+    let p = OpsProxy::start(&c, "pool_size = 4\nserver_idle_timeout = 0").await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    let clients = in_transactions(&p.dsn("postgres"), 4).await;
+    commit_all(&clients).await;
+    let pids = server_pids(&admin, "postgres").await;
+    assert_eq!(pids.len(), 4, "four pooled connections");
+    // The pool gives out the connection given back last: the one this query used.
+    let top = first_value(&clients[0].simple_query("select pg_backend_pid()").await.unwrap());
+    psql(&direct, &format!("select pg_terminate_backend({top})")).unwrap();
+    wait_for("the terminated backend to end", Duration::from_secs(10), || async {
+        (!backend_alive(&direct, &top)).then_some(())
+    })
+    .await;
+    // The next transaction finds it closed: it runs on a new connection, without an error,
+    // and the other three are closed as well.
+    let pid = first_value(&clients[1].simple_query("select pg_backend_pid()").await.expect("no error"));
+    assert!(!pids.contains(&pid), "a new connection ({pid}), not one of {pids:?}");
+    wait_for("the pool's other connections to close", Duration::from_secs(10), || async {
+        pids.iter().all(|old| !backend_alive(&direct, old)).then_some(())
+    })
+    .await;
+    assert_eq!(server_pids(&admin, "postgres").await, vec![pid.clone()]);
+    assert!(p.log_text().contains("an idle server connection has something to read"), "the proxy says why");
+    // Every client carries on.
+    for client in &clients {
+        client.simple_query("select 1").await.expect("the clients carry on");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_closes_clients_idle_longer_than_client_idle_timeout() {
     let c = Cluster::up(bin(), 1).await;
