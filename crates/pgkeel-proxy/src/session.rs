@@ -641,6 +641,10 @@ struct Attached {
     /// With `read_your_writes = "user"`: the write whose commit was forwarded, pending in the
     /// pool's [`crate::ryw::UserFloor`] until the LSN query answers (dropped: lost).
     pending: Option<crate::ryw::Pending>,
+    /// The server sent an error between two of the client's transactions (a backend ending:
+    /// shutdown, crash, postmaster gone): not the client's to see, and the connection is
+    /// never given to anyone again.
+    ending: bool,
 }
 
 impl Attached {
@@ -662,6 +666,7 @@ impl Attached {
             lsn: None,
             unit: None,
             pending: None,
+            ending: false,
         }
     }
 
@@ -851,9 +856,6 @@ fn note_commit(att: &mut Attached, pool: Option<&Arc<Pool>>, status: Transaction
     }
 }
 
-/// The proxy's `pg_current_wal_lsn()` query failed on `server`. Each transaction on the
-/// primary tries again while it fails (e.g. the function revoked from the role), so this is
-/// logged about once a minute.
 /// Runs `work` (an attempt to reach `primary`) until it ends, or until the topology `topo_rx`
 /// watches names another primary or none (`None` then: the attempt is dropped).
 async fn until_replaced<T>(
@@ -893,6 +895,9 @@ fn lost_work(att: Option<&Attached>) -> &'static str {
     }
 }
 
+/// The proxy's `pg_current_wal_lsn()` query failed on `server`. Each transaction on the
+/// primary tries again while it fails (e.g. the function revoked from the role), so this is
+/// logged about once a minute.
 fn lsn_query_failed(server: &ServerConn) {
     static WARNED_AT: AtomicU64 = AtomicU64::new(0);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -2323,7 +2328,7 @@ impl Session {
         };
         let pool = self.shared.pools.get(key, Sizes::of(&self.shared.config(), &self.database, &self.user));
         let slot = self.slot(&pool, Instant::now()).await?;
-        let conn = match pool.take_idle(0) {
+        let mut conn = match pool.take_idle(0) {
             Some(c) => c,
             None => {
                 let cfg = self.shared.config();
@@ -2358,7 +2363,6 @@ impl Session {
                 }
             }
         };
-        let mut conn = conn;
         if let Err(crate::server::QueryError::Broken(e) | crate::server::QueryError::Failed(e)) =
             self.sync_params(&mut conn).await
         {
@@ -2592,6 +2596,10 @@ impl Session {
         }
         if !att.queue.is_empty() || att.open_batch || !att.out.is_empty() || !att.conn.rbuf.is_empty() {
             tracing::debug!(server = ?att.conn, "closing a server connection left mid-exchange");
+            return;
+        }
+        if att.ending {
+            tracing::debug!(server = ?att.conn, "closing a server connection whose backend is ending");
             return;
         }
         let session_mode = self.pool_mode == PoolMode::Session;
@@ -3436,7 +3444,7 @@ impl Session {
         translate: bool,
         share: bool,
     ) {
-        let Session { attached, statements, wbuf, desired, told, skip_to_sync, ryw_floor, pool, .. } = self;
+        let Session { attached, statements, wbuf, desired, told, skip_to_sync, ryw_floor, pool, pool_mode, .. } = self;
         let Some(att) = attached.as_mut() else { return };
         let frame = &rbuf[range.clone()];
         let tag = frame[0];
@@ -3537,6 +3545,29 @@ impl Session {
                     att.status = status;
                 }
             }
+            // An error between the client's transactions in transaction mode: the backend is
+            // ending (a FATAL, then the end of the stream), typically as its postmaster died
+            // or shut down, just after it answered the client. The client's session goes on
+            // on another connection: told, it would take the error for the answer to its next
+            // statement (and a client such as pgbench ends there) while that statement runs.
+            // Inside the client's transaction (`idle_in_transaction_session_timeout`), and
+            // in session mode, where the backend is the client's, it is the client's to see.
+            Head::Nothing
+                if tag == b'E'
+                    && *pool_mode == PoolMode::Transaction
+                    && att.status == TransactionStatus::Idle
+                    && !att.open_batch =>
+            {
+                let error = BackendMessage::parse(&Frame::copy_from_slice(frame))
+                    .ok()
+                    .and_then(|m| match m {
+                        BackendMessage::ErrorResponse(fields) => Some(describe(&fields)),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                tracing::info!(server = ?att.conn, %error, "the server sent an error between transactions; the connection is closed, the client carries on");
+                att.ending = true;
+            }
             // Nothing expected: a notification or a notice between transactions.
             Head::Nothing => {
                 pass_on(wbuf, rbuf, range, pass);
@@ -3561,6 +3592,15 @@ impl Session {
         }
         if self.pool_mode == PoolMode::Session {
             return false;
+        }
+        if self.attached.as_ref().is_some_and(|a| a.ending) {
+            // No position to read from a backend that is ending: the client's reads go to the
+            // primary until it is known again (as when the LSN query is lost).
+            if self.attached.as_ref().and_then(|a| self.wants_lsn(a)).is_some() {
+                self.ryw_floor = UNKNOWN_LSN;
+            }
+            Box::pin(self.release()).await;
+            return true;
         }
         let Some(recover) = self.attached.as_ref().and_then(|a| self.wants_lsn(a)) else {
             if !self.release_now() {
@@ -3608,7 +3648,7 @@ impl Session {
     fn release_now(&mut self) -> bool {
         let Some(att) = self.attached.as_ref() else { return true };
         // `newest_term` is as of this turn's refresh (the caller's, in the forwarding loop).
-        if !att.clean() || !att.conn.rbuf.is_empty() || att.fenced(self.newest_term) {
+        if !att.clean() || !att.conn.rbuf.is_empty() || att.fenced(self.newest_term) || att.ending {
             return false;
         }
         let target = match &self.info {
