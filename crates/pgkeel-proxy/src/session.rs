@@ -636,16 +636,20 @@ struct Attached {
     status: TransactionStatus,
     /// A statement classified as a write was sent (read-your-writes).
     wrote: bool,
+    /// The server sent an error between two of the client's transactions (a backend ending:
+    /// shutdown, crash, postmaster gone): not the client's to see, and the connection is
+    /// never given to anyone again. (Beside the other flags: in their padding.)
+    ending: bool,
     /// The WAL position read by the proxy's LSN query, once it is answered.
     lsn: Option<u64>,
     /// With `read_your_writes = "user"`: the write whose commit was forwarded, pending in the
     /// pool's [`crate::ryw::UserFloor`] until the LSN query answers (dropped: lost).
     pending: Option<crate::ryw::Pending>,
-    /// The server sent an error between two of the client's transactions (a backend ending:
-    /// shutdown, crash, postmaster gone): not the client's to see, and the connection is
-    /// never given to anyone again.
-    ending: bool,
 }
+
+// `Attached` opens `Session`: a larger one moves every hot field of the session onto other
+// cache lines (a flag added after `pending` instead of beside the others cost 8 bytes).
+const _: () = assert!(std::mem::size_of::<Attached>() <= 168, "keep Attached within 168 bytes");
 
 impl Attached {
     fn new(mut conn: Box<ServerConn>, slot: Slot) -> Attached {

@@ -573,6 +573,100 @@ async fn proxy_follows_the_primary_through_a_node_kill() {
     assert!(outage < Duration::from_secs(4 + 6), "write outage through the proxy for pgbench: {outage:?}");
 }
 
+/// Reads through the proxy while a replica's node is killed: only the reads in flight on it
+/// fail; the others carry on, on the other replica or the primary, without a pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_on_through_a_replica_kill() {
+    let c = Cluster::up(bin(), 3).await;
+    let (leader, _) = c.leader().await.expect("a leader");
+    let replicas: Vec<String> = c.nodes().into_iter().filter(|n| *n != leader).collect();
+    c.wait_streaming(&leader, &replicas, Duration::from_secs(60)).await;
+    let p = Proxy::start(&c, "proxy", "").await;
+    // 16 clients of one-row reads (extended protocol), 400 a second in all, for 12 s.
+    let logs = tempfile::tempdir().expect("a log dir");
+    let script = logs.path().join("read.sql");
+    std::fs::write(&script, "select pg_is_in_recovery();\n").expect("write the pgbench script");
+    let prefix = logs.path().join("pkr").display().to_string();
+    let bench = Command::new("pgbench")
+        .args([
+            "-n",
+            "-c",
+            "16",
+            "-j",
+            "2",
+            "-T",
+            "12",
+            "-R",
+            "400",
+            "-M",
+            "extended",
+            "--log",
+            "--log-prefix",
+            &prefix,
+        ])
+        .arg("-f")
+        .arg(&script)
+        .arg(p.conninfo())
+        .env("PGPASSWORD", &p.password)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pgbench");
+    // The replica to kill serves reads (the proxy's connections to it are open).
+    let victim = replicas[0].clone();
+    let direct = c.node_dsn(&victim);
+    wait_for("reads through the proxy on the replica", Duration::from_secs(15), || async {
+        let sql =
+            "select count(*) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()";
+        (psql(&direct, sql).ok()?.parse::<i64>().ok()? >= 2).then_some(())
+    })
+    .await;
+    let killed_us = unix_us();
+    c.kill_node(&victim);
+    let (status, out) = tokio::task::spawn_blocking(move || {
+        let out = bench.wait_with_output().expect("wait for pgbench");
+        (out.status, String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    })
+    .await
+    .unwrap();
+    let aborted: Vec<&str> = out.lines().filter(|l| l.contains(" aborted in command ")).collect();
+    for l in &aborted {
+        eprintln!("{l}");
+    }
+    assert!(matches!(status.code(), Some(0 | 2)), "pgbench failed ({status}):\n{out}");
+    assert!(aborted.len() <= 8, "{} of 16 pgbench clients aborted:\n{out}", aborted.len());
+    // Every client pgbench kept read after the kill, and reads never stopped for long.
+    let mut after: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    let mut ends = Vec::new();
+    for e in std::fs::read_dir(logs.path()).expect("read the log dir").flatten() {
+        if !e.file_name().to_string_lossy().starts_with("pkr") {
+            continue;
+        }
+        for line in std::fs::read_to_string(e.path()).unwrap_or_default().lines() {
+            let f: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            if f.len() >= 6 {
+                let end = f[4] * 1_000_000 + f[5];
+                ends.push(end);
+                if end > killed_us + 1_000_000 {
+                    after.insert(f[0]);
+                }
+            }
+        }
+    }
+    ends.sort_unstable();
+    let gap = ends.windows(2).map(|w| Duration::from_micros(w[1] - w[0])).max().unwrap_or_default();
+    eprintln!(
+        "reads through a replica kill: {} transactions, {} of 16 clients aborted, {} read after it, longest time \
+         without a read {gap:?}",
+        ends.len(),
+        aborted.len(),
+        after.len()
+    );
+    assert_eq!(after.len(), 16 - aborted.len(), "every client not aborted read after the kill:\n{out}");
+    assert!(gap < Duration::from_secs(2), "reads stopped for {gap:?}");
+}
+
 fn unix_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
