@@ -429,39 +429,12 @@ async fn proxy_follows_the_primary_through_a_node_kill() {
     // and pgbench ends that client ("aborted"); the others have to carry on.
     psql(&p.dsn(), "create table pb(id bigserial primary key, client int not null, term bigint not null)").unwrap();
     let logs = tempfile::tempdir().expect("a log dir");
-    let script = logs.path().join("insert.sql");
-    std::fs::write(
-        &script,
-        "insert into pb(client, term) values (:client_id, current_setting('pgkeel.term')::bigint);\n",
-    )
-    .expect("write the pgbench script");
-    let prefix = logs.path().join("pkb").display().to_string();
-    let bench = Command::new("pgbench")
-        .args([
-            "-n",
-            "-c",
-            "16",
-            "-j",
-            "2",
-            "-T",
-            "20",
-            "-R",
-            "400",
-            "-M",
-            "extended",
-            "--log",
-            "--log-prefix",
-            &prefix,
-        ])
-        .arg("-f")
-        .arg(&script)
-        .arg(p.conninfo())
-        .env("PGPASSWORD", &p.password)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start pgbench");
+    let bench = rated_pgbench(
+        &p,
+        logs.path(),
+        "insert into pb(client, term) values (:client_id, current_setting('pgkeel.term')::bigint);",
+        20,
+    );
     let pb_rows = |term: u64, min: i64| {
         let dsn = p.dsn();
         async move {
@@ -517,20 +490,7 @@ async fn proxy_follows_the_primary_through_a_node_kill() {
 
     // pgbench: ends with status 0, or 2 if a client was aborted, and only the clients whose
     // transaction was in flight (0 to 4 of them measured) may have been.
-    let (status, out) = tokio::task::spawn_blocking(move || {
-        let out = bench.wait_with_output().expect("wait for pgbench");
-        (out.status, String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
-    })
-    .await
-    .unwrap();
-    // "client 3 script 0 aborted in command 0 query 0: FATAL: ..." per client (then "Run was
-    // aborted; the above results are incomplete").
-    let aborted: Vec<&str> = out.lines().filter(|l| l.contains(" aborted in command ")).collect();
-    for l in &aborted {
-        eprintln!("{l}");
-    }
-    assert!(matches!(status.code(), Some(0 | 2)), "pgbench failed ({status}):\n{out}");
-    assert!(aborted.len() <= 8, "{} of 16 pgbench clients aborted:\n{out}", aborted.len());
+    let (aborted, out) = rated_pgbench_end(bench).await;
     let direct = c.node_dsn(&new);
     let survivors: i64 = psql(&direct, &format!("select count(distinct client) from pb where term = {new_term}"))
         .unwrap()
@@ -556,7 +516,7 @@ async fn proxy_follows_the_primary_through_a_node_kill() {
     assert_eq!(terms, 0, "only the two terms served pgbench's writes");
     // The write outage pgbench saw: the longest time without a commit, which starts at the
     // kill (give or take the transactions in flight then).
-    let ends = pgbench_ends(logs.path(), "pkb");
+    let ends: Vec<u64> = pgbench_log(logs.path()).into_iter().map(|(_, end)| end).collect();
     let (from, outage) = ends
         .windows(2)
         .map(|w| (w[0], Duration::from_micros(w[1] - w[0])))
@@ -582,37 +542,9 @@ async fn reads_go_on_through_a_replica_kill() {
     let replicas: Vec<String> = c.nodes().into_iter().filter(|n| *n != leader).collect();
     c.wait_streaming(&leader, &replicas, Duration::from_secs(60)).await;
     let p = Proxy::start(&c, "proxy", "").await;
-    // 16 clients of one-row reads (extended protocol), 400 a second in all, for 12 s.
+    // One-row reads (extended protocol), 400 a second in all, for 12 s.
     let logs = tempfile::tempdir().expect("a log dir");
-    let script = logs.path().join("read.sql");
-    std::fs::write(&script, "select pg_is_in_recovery();\n").expect("write the pgbench script");
-    let prefix = logs.path().join("pkr").display().to_string();
-    let bench = Command::new("pgbench")
-        .args([
-            "-n",
-            "-c",
-            "16",
-            "-j",
-            "2",
-            "-T",
-            "12",
-            "-R",
-            "400",
-            "-M",
-            "extended",
-            "--log",
-            "--log-prefix",
-            &prefix,
-        ])
-        .arg("-f")
-        .arg(&script)
-        .arg(p.conninfo())
-        .env("PGPASSWORD", &p.password)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start pgbench");
+    let bench = rated_pgbench(&p, logs.path(), "select pg_is_in_recovery();", 12);
     // The replica to kill serves reads (the proxy's connections to it are open).
     let victim = replicas[0].clone();
     let direct = c.node_dsn(&victim);
@@ -624,37 +556,12 @@ async fn reads_go_on_through_a_replica_kill() {
     .await;
     let killed_us = unix_us();
     c.kill_node(&victim);
-    let (status, out) = tokio::task::spawn_blocking(move || {
-        let out = bench.wait_with_output().expect("wait for pgbench");
-        (out.status, String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
-    })
-    .await
-    .unwrap();
-    let aborted: Vec<&str> = out.lines().filter(|l| l.contains(" aborted in command ")).collect();
-    for l in &aborted {
-        eprintln!("{l}");
-    }
-    assert!(matches!(status.code(), Some(0 | 2)), "pgbench failed ({status}):\n{out}");
-    assert!(aborted.len() <= 8, "{} of 16 pgbench clients aborted:\n{out}", aborted.len());
+    let (aborted, out) = rated_pgbench_end(bench).await;
     // Every client pgbench kept read after the kill, and reads never stopped for long.
-    let mut after: std::collections::HashSet<u64> = std::collections::HashSet::new();
-    let mut ends = Vec::new();
-    for e in std::fs::read_dir(logs.path()).expect("read the log dir").flatten() {
-        if !e.file_name().to_string_lossy().starts_with("pkr") {
-            continue;
-        }
-        for line in std::fs::read_to_string(e.path()).unwrap_or_default().lines() {
-            let f: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-            if f.len() >= 6 {
-                let end = f[4] * 1_000_000 + f[5];
-                ends.push(end);
-                if end > killed_us + 1_000_000 {
-                    after.insert(f[0]);
-                }
-            }
-        }
-    }
-    ends.sort_unstable();
+    let log = pgbench_log(logs.path());
+    let after: std::collections::HashSet<u64> =
+        log.iter().filter(|&&(_, end)| end > killed_us + 1_000_000).map(|&(client, _)| client).collect();
+    let ends: Vec<u64> = log.iter().map(|&(_, end)| end).collect();
     let gap = ends.windows(2).map(|w| Duration::from_micros(w[1] - w[0])).max().unwrap_or_default();
     eprintln!(
         "reads through a replica kill: {} transactions, {} of 16 clients aborted, {} read after it, longest time \
@@ -671,22 +578,63 @@ fn unix_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
-/// When each transaction in pgbench's per-transaction logs (`--log`: client, transaction,
-/// latency µs, script, epoch s, µs, and with `-R` the schedule lag) ended, in unix µs, sorted.
-fn pgbench_ends(dir: &std::path::Path, prefix: &str) -> Vec<u64> {
-    let mut ends: Vec<u64> = Vec::new();
+/// `pgbench` through `p` running `sql` as its only script, 16 clients, 400 transactions a
+/// second in all (so that a client is between transactions most of the time, as an
+/// application's are), for `seconds`, with per-transaction logs in `dir`.
+fn rated_pgbench(p: &Proxy, dir: &std::path::Path, sql: &str, seconds: u32) -> std::process::Child {
+    let script = dir.join("script.sql");
+    std::fs::write(&script, format!("{sql}\n")).expect("write the pgbench script");
+    let prefix = dir.join("pgb").display().to_string();
+    let seconds = seconds.to_string();
+    Command::new("pgbench")
+        .args(["-n", "-c", "16", "-j", "2", "-T", &seconds, "-R", "400", "-M", "extended", "--log", "--log-prefix"])
+        .arg(&prefix)
+        .arg("-f")
+        .arg(&script)
+        .arg(p.conninfo())
+        .env("PGPASSWORD", &p.password)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pgbench")
+}
+
+/// Waits for a [`rated_pgbench`]: it must end with status 0, or 2 when clients were aborted,
+/// and at most half of them may have been. The aborted clients' lines ("client 3 script 0
+/// aborted in command 0 query 0: FATAL: ..."), printed, and the whole output.
+async fn rated_pgbench_end(bench: std::process::Child) -> (Vec<String>, String) {
+    let (status, out) = tokio::task::spawn_blocking(move || {
+        let out = bench.wait_with_output().expect("wait for pgbench");
+        (out.status, String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    })
+    .await
+    .unwrap();
+    let aborted: Vec<String> = out.lines().filter(|l| l.contains(" aborted in command ")).map(String::from).collect();
+    for l in &aborted {
+        eprintln!("{l}");
+    }
+    assert!(matches!(status.code(), Some(0 | 2)), "pgbench failed ({status}):\n{out}");
+    assert!(aborted.len() <= 8, "{} of 16 pgbench clients aborted:\n{out}", aborted.len());
+    (aborted, out)
+}
+
+/// (client, when it ended in unix µs) of each transaction in a [`rated_pgbench`]'s logs
+/// (`--log`: client, transaction, latency µs, script, epoch s, µs, schedule lag), by end.
+fn pgbench_log(dir: &std::path::Path) -> Vec<(u64, u64)> {
+    let mut ends = Vec::new();
     for e in std::fs::read_dir(dir).expect("read the log dir").flatten() {
-        if !e.file_name().to_string_lossy().starts_with(prefix) {
+        if !e.file_name().to_string_lossy().starts_with("pgb") {
             continue;
         }
         for line in std::fs::read_to_string(e.path()).unwrap_or_default().lines() {
             let f: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
             if f.len() >= 6 {
-                ends.push(f[4] * 1_000_000 + f[5]);
+                ends.push((f[0], f[4] * 1_000_000 + f[5]));
             }
         }
     }
-    ends.sort_unstable();
+    ends.sort_unstable_by_key(|&(_, end)| end);
     ends
 }
 
