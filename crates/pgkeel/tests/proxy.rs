@@ -998,10 +998,12 @@ async fn proxy_splits_reads_and_writes() {
     assert_eq!(on_writer("select pg_is_in_recovery(), app_bump()").await, "f", "a configured function");
     assert_eq!(on_writer("select pg_is_in_recovery() from t for update").await, "", "FOR UPDATE (no rows)");
     // Inside an explicit transaction everything goes to the primary; BEGIN READ ONLY reads on
-    // a replica.
-    client.simple_query("begin").await.unwrap();
-    assert_eq!(in_recovery("select pg_is_in_recovery()").await, "f", "inside BEGIN");
-    client.simple_query("commit").await.unwrap();
+    // a replica. (The former on the writing client: a transaction on the primary counts as a
+    // write for read-your-writes, and `client`'s next reads would wait for the replicas to
+    // replay the primary's position at its COMMIT, CI, 2026-11-25.)
+    writer.simple_query("begin").await.unwrap();
+    assert_eq!(on_writer("select pg_is_in_recovery()").await, "f", "inside BEGIN");
+    writer.simple_query("commit").await.unwrap();
     client.simple_query("begin read only").await.unwrap();
     assert_eq!(in_recovery("select pg_is_in_recovery()").await, "t", "inside BEGIN READ ONLY");
     client.simple_query("commit").await.unwrap();
