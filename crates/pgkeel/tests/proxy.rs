@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,13 +61,7 @@ fn text(e: &tokio_postgres::Error) -> String {
 }
 
 fn pgbench(p: &Proxy, args: &[&str]) -> String {
-    let out = Command::new("pgbench")
-        .args(args)
-        .arg(p.conninfo())
-        .env("PGPASSWORD", &p.password)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pgbench");
+    let out = p.pgbench(args).output().expect("run pgbench");
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
     text
@@ -585,19 +579,10 @@ fn rated_pgbench(p: &Proxy, dir: &std::path::Path, sql: &str, seconds: u32) -> s
     let script = dir.join("script.sql");
     std::fs::write(&script, format!("{sql}\n")).expect("write the pgbench script");
     let prefix = dir.join("pgb").display().to_string();
-    let seconds = seconds.to_string();
-    Command::new("pgbench")
-        .args(["-n", "-c", "16", "-j", "2", "-T", &seconds, "-R", "400", "-M", "extended", "--log", "--log-prefix"])
-        .arg(&prefix)
-        .arg("-f")
-        .arg(&script)
-        .arg(p.conninfo())
-        .env("PGPASSWORD", &p.password)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start pgbench")
+    // Temporary paths hold no spaces.
+    let args =
+        format!("-n -c 16 -j 2 -T {seconds} -R 400 -M extended --log --log-prefix {prefix} -f {}", script.display());
+    p.pgbench(args.split_whitespace()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start pgbench")
 }
 
 /// Waits for a [`rated_pgbench`]: it must end with status 0, or 2 when clients were aborted,

@@ -5,7 +5,7 @@
 //! proxy that died holds up a switchover at most until its DCS key expires.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use pgkeel_testkit::{psql, wait_for, Cluster};
@@ -83,23 +83,14 @@ async fn pause_not_error(c: Cluster) {
         (registered_proxies(&c).await.len() >= 2).then_some(())
     })
     .await;
-    let init = Command::new("pgbench")
-        .args(["-i", "-s", "1", "-q"])
-        .arg(p.conninfo())
-        .env("PGPASSWORD", &p.password)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pgbench -i");
+    let init = p.pgbench(["-i", "-s", "1", "-q"]).output().expect("run pgbench -i");
     assert!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
 
     // 8 clients, extended protocol, transaction pooling, for as long as both switchovers take.
     let logs = tempfile::tempdir().expect("a log dir");
     let prefix = logs.path().join("pgb").display().to_string();
-    let mut bench = Command::new("pgbench")
-        .args(["-c", "8", "-j", "2", "-T", "40", "-M", "extended", "--log", "--log-prefix", &prefix])
-        .arg(p.conninfo())
-        .env("PGPASSWORD", &p.password)
-        .stdin(Stdio::null())
+    let mut bench = p
+        .pgbench(["-c", "8", "-j", "2", "-T", "40", "-M", "extended", "--log", "--log-prefix", &prefix])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -127,6 +127,18 @@ impl Proxy {
         format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
     }
 
+    /// `pgbench` with `args`, against this proxy as the superuser (conninfo last, password in
+    /// the environment, no stdin).
+    pub fn pgbench<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = Command::new("pgbench");
+        cmd.args(args).arg(self.conninfo()).env("PGPASSWORD", &self.password).stdin(Stdio::null());
+        cmd
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
