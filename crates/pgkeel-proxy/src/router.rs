@@ -1,7 +1,7 @@
 //! Read/write classification of statements, with PostgreSQL's own grammar (`pg_query`, which
 //! embeds the server's parser), and the `SET pgkeel.route` command the proxy answers itself.
 //!
-//! A statement is one of three [`Class`]es:
+//! A statement is one of four [`Class`]es:
 //!
 //! - [`Class::Read`]: a plain `SELECT` (or `VALUES`, `TABLE`, `SHOW`, `EXPLAIN` of a read,
 //!   `COPY ... TO`, `BEGIN READ ONLY`, `DECLARE` of a read cursor) that calls none of the
@@ -9,10 +9,13 @@
 //! - [`Class::Neutral`]: transaction control and session commands that read and write nothing
 //!   (`COMMIT`, `ROLLBACK`, `SAVEPOINT`, `SET`, `RESET`, `DISCARD`, `DEALLOCATE`, `FETCH`,
 //!   `CLOSE`): they go wherever the rest of the unit goes, and to the primary alone;
+//! - [`Class::Begin`]: `BEGIN` or `START TRANSACTION` without `READ ONLY`: the transaction runs
+//!   on the primary, but the statement writes nothing itself, so it does not count as a write
+//!   for read-your-writes (the transaction's own statements do);
 //! - [`Class::Write`]: everything else, including `SELECT ... FOR UPDATE/SHARE`, `SELECT INTO`,
 //!   data-modifying CTEs, calls of `nextval`, `setval`, advisory locks and the configured
-//!   `primary_functions`, `BEGIN` without `READ ONLY`, statements that do not parse, and any
-//!   text containing `pgkeel:primary` (the comment override).
+//!   `primary_functions`, statements that do not parse, and any text containing
+//!   `pgkeel:primary` (the comment override).
 //!
 //! A multi-statement string takes the highest class of its statements. Results are cached per
 //! statement text in a bounded cache ([`Classifier`]).
@@ -30,6 +33,8 @@ pub enum Class {
     Neutral,
     /// Only reads: a replica can run it.
     Read,
+    /// Opens a read-write transaction: the primary only, though it writes nothing itself.
+    Begin,
     /// Writes, locks, or cannot be proven read-only: the primary only.
     Write,
 }
@@ -270,7 +275,7 @@ fn statement_class(node: &pg_query::NodeEnum) -> Class {
         N::CopyStmt(c) if !c.is_from && c.filename.is_empty() && !c.is_program => Class::Read,
         N::TransactionStmt(t) => match K::try_from(t.kind) {
             Ok(K::TransStmtBegin | K::TransStmtStart) if begins_read_only(&t.options) => Class::Read,
-            Ok(K::TransStmtBegin | K::TransStmtStart) => Class::Write,
+            Ok(K::TransStmtBegin | K::TransStmtStart) => Class::Begin,
             Ok(K::TransStmtCommit | K::TransStmtRollback) => Class::Neutral,
             Ok(K::TransStmtSavepoint | K::TransStmtRelease | K::TransStmtRollbackTo) => Class::Neutral,
             _ => Class::Write,
@@ -951,7 +956,7 @@ mod tests {
             for _ in 0..2 {
                 let got = match c.classify(sql.as_bytes()) {
                     Class::Read => R,
-                    Class::Neutral | Class::Write => P,
+                    Class::Neutral | Class::Begin | Class::Write => P,
                 };
                 if got != *want {
                     wrong.push(format!("{sql:?}: {got}, expected {want}"));
@@ -967,6 +972,15 @@ mod tests {
         for sql in ["commit", "rollback", "end", "set x = 1", "release a", "rollback to a", "discard all"] {
             assert_eq!(c.classify(sql.as_bytes()), Class::Neutral, "{sql}");
         }
+        // A read-write transaction starts on the primary without being a write itself; what
+        // it runs decides.
+        for sql in ["begin", "start transaction", "begin read write", "begin; select 1", "begin; commit"] {
+            assert_eq!(c.classify(sql.as_bytes()), Class::Begin, "{sql}");
+        }
+        for sql in ["begin; insert into t values (1)", "begin; select nextval('s')", "begin; lock t"] {
+            assert_eq!(c.classify(sql.as_bytes()), Class::Write, "{sql}");
+        }
+        assert_eq!(c.classify(b"begin read only; select 1"), Class::Read);
         // The non-UTF-8 text of a LATIN1 client cannot be parsed: primary.
         assert_eq!(c.classify(b"select '\xe9'"), Class::Write);
     }

@@ -1818,8 +1818,6 @@ impl Session {
 
     // --- Routing ------------------------------------------------------------------------
 
-    /// Whether units are classified: the auto mode, in transaction mode, on a cluster with
-    /// more than one member (a single node has nowhere else to send reads).
     /// Where the client's cancel requests go from now on (the server connection it holds).
     fn set_cancel(&self, target: Option<Arc<CancelTarget>>) {
         if let Some(info) = &self.info {
@@ -1827,8 +1825,20 @@ impl Session {
         }
     }
 
+    /// Whether units are routed by their class: the auto mode, in transaction mode, on a
+    /// cluster with more than one member (a single node has nowhere else to send reads).
     fn splitting(&self) -> bool {
         self.mode == RouteMode::Auto && self.pool_mode == PoolMode::Transaction && self.multi
+    }
+
+    /// Whether statements are classified: when [`Session::splitting`], and on the primary
+    /// listener with `read_your_writes = "user"`, where a write raises the floor the same
+    /// user's reads through the auto listener respect.
+    fn classifying(&self) -> bool {
+        self.splitting()
+            || (self.mode == RouteMode::Primary
+                && self.cfg.read_your_writes == ReadYourWrites::User
+                && self.tracks_writes())
     }
 
     /// Takes a reloaded configuration and the cluster's size, when they changed; once per
@@ -2797,7 +2807,7 @@ impl Session {
         self.refresh(topo_rx);
         if self.skip_to_sync
             || self.pool_mode != PoolMode::Transaction
-            || self.splitting()
+            || self.classifying()
             || self.shared.draining()
             || self.killed()
         {
@@ -3114,14 +3124,14 @@ impl Session {
             return Step::Wait;
         }
         if !self.splitting() {
-            return Step::Dispatch(None);
+            return Step::Dispatch(self.classifying().then(|| self.frame_class(front, self.unnamed_class)).flatten());
         }
         let class = self.frame_class(front, self.unnamed_class);
         if att.conn.role == ServerRole::Replica && !att.open_batch && class.is_some() {
             // A new unit while a replica is attached: it stays there only if it reads.
             match self.held_unit() {
                 None => return Step::Wait,
-                Some(Class::Write) if att.status == TransactionStatus::Idle => {
+                Some(Class::Begin | Class::Write) if att.status == TransactionStatus::Idle => {
                     return if att.queue.is_empty() { Step::Reroute } else { Step::Wait };
                 }
                 // Inside a transaction on the replica (BEGIN READ ONLY): the server refuses
@@ -3205,8 +3215,8 @@ impl Session {
     fn dispatch_unit(&mut self, n: usize, executes: u64, class: Option<Class>, kind: Kind, send: bool) {
         let mut unnamed = self.unnamed_class;
         let mut write = class == Some(Class::Write);
-        // Messages have classes only when splitting (`step`): then, as each one's would be.
-        if self.splitting() {
+        // Messages have classes only when classifying (`step`): then, as each one's would be.
+        if self.classifying() {
             let mut rest = self.rbuf.get(..n).unwrap_or_default();
             let mut first = true;
             while let Some(f) = Msg::first(rest) {

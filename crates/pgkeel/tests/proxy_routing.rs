@@ -83,18 +83,22 @@ async fn replicas_by_replay_delay_weights_and_no_replica() {
 
 /// `read_your_writes = "user"`: what one connection wrote, a later connection of the same
 /// database and user reads, even where the replica's replay is paused (the read goes to the
-/// primary); another database's reads stay on the replica. With `"connection"` (the default,
-/// set by a reload) a fresh connection reads the paused replica's older data, which is what
-/// `"user"` is for.
+/// primary); another database's reads stay on the replica; writes through the primary
+/// listener count too. With `"connection"` (the default, set by a reload) a fresh connection
+/// reads the paused replica's older data, which is what `"user"` is for; a connection's
+/// read-write transaction that only read does not keep its next reads on the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes_shared_by_a_users_connections() {
     let c = Cluster::up(bin(), 2).await;
     let (leader, replica) = c.leader_and_replica(Duration::from_secs(60)).await;
     let metrics_port = free_port();
+    let primary_port = free_port();
     let extra = format!(
-        "max_replica_lag = \"1GB\"\nread_your_writes = \"user\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\""
+        "max_replica_lag = \"1GB\"\nread_your_writes = \"user\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+         listen_primary = \"127.0.0.1:{primary_port}\""
     );
     let p = Proxy::start(&c, "shared-ryw", &extra).await;
+    let primary_dsn = p.dsn().replace(&format!(":{}/", p.port), &format!(":{primary_port}/"));
     let node = c.node_dsn(&leader);
     psql(&node, "create table ryw_shared(id int primary key)").unwrap();
     psql(&node, "create database other_db").unwrap();
@@ -144,6 +148,14 @@ async fn read_your_writes_shared_by_a_users_connections() {
         (count(20).ok()? == "1 true").then_some(())
     })
     .await;
+
+    // The primary listener does not route, but its writes raise the user's floor too.
+    pause().await;
+    for id in 21..=23 {
+        psql(&primary_dsn, &format!("insert into ryw_shared values ({id})")).unwrap();
+        assert_eq!(count(id).unwrap(), "1 false", "round {id}: a write through the primary listener");
+    }
+    psql(&replica_node, "select pg_wal_replay_resume()").unwrap();
 
     // A write whose position cannot be read (pg_current_wal_lsn() refused to a role `app`):
     // the user's reads stay on the primary, where each transaction reads the position again,
@@ -201,5 +213,23 @@ async fn read_your_writes_shared_by_a_users_connections() {
         "0 true",
         "with \"connection\", another connection reads the replica's older data"
     );
+
+    // A read-write transaction that only read wrote nothing: the connection's next read still
+    // goes to the paused replica. One that wrote keeps the next read on the primary.
+    let (client, conn) = tokio_postgres::connect(&p.dsn(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let on_replica = || async {
+        let row = client.query_one("select pg_is_in_recovery()", &[]).await.unwrap();
+        row.get::<_, bool>(0)
+    };
+    client.batch_execute("begin").await.unwrap();
+    let rows = client.query("select id from ryw_shared where id = 1000", &[]).await.unwrap();
+    assert_eq!(rows.len(), 1, "the transaction ran on the primary");
+    client.batch_execute("commit").await.unwrap();
+    assert!(on_replica().await, "after a transaction that only read, reads go to the replica");
+    client.batch_execute("begin").await.unwrap();
+    client.execute("insert into ryw_shared values (1001)", &[]).await.unwrap();
+    client.batch_execute("commit").await.unwrap();
+    assert!(!on_replica().await, "after a transaction that wrote, reads stay on the primary");
     psql(&replica_node, "select pg_wal_replay_resume()").unwrap();
 }
