@@ -174,6 +174,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         (Method::GET, "/node" | "/patroni") => respond(StatusCode::OK, node_json(&shared.status())),
         (Method::GET, "/cluster") => cluster(&shared).await,
         (Method::GET, "/history") => history(&shared).await,
+        (Method::GET, "/routing") => routing(&shared).await,
         (Method::GET, "/config") => get_config(&shared).await,
         (Method::GET, "/metrics") => metrics(&shared).await,
         (Method::POST, "/switchover") => action(&shared, req, Kind::Switchover).await,
@@ -184,7 +185,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         (Method::POST, "/reload") => reload(&shared, req).await,
         (Method::PATCH, "/config") => write_config(&shared, req, false).await,
         (Method::PUT, "/config") => write_config(&shared, req, true).await,
-        (_, "/node" | "/patroni" | "/cluster" | "/history" | "/metrics") => {
+        (_, "/node" | "/patroni" | "/cluster" | "/history" | "/routing" | "/metrics") => {
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} answers GET"))
         }
         (_, "/switchover" | "/failover" | "/restart" | "/reinitialize" | "/failsafe" | "/reload") => {
@@ -298,6 +299,18 @@ fn cluster_json(shared: &Shared, s: &ClusterSnapshot) -> Value {
 async fn cluster(shared: &Shared) -> Resp {
     match load(shared).await {
         Ok(s) => respond(StatusCode::OK, cluster_json(shared, &s)),
+        Err(e) => e.into(),
+    }
+}
+
+/// What a proxy routes by ([`pgkeel_dcs::cluster::RoutingView`]), read from the DCS now: a
+/// proxy that cannot reach the DCS follows the cluster through this.
+async fn routing(shared: &Shared) -> Resp {
+    match load(shared).await {
+        Ok(s) => {
+            let view = s.routing_view(&shared.config().cluster);
+            respond(StatusCode::OK, serde_json::to_value(view).expect("the routing view serializes"))
+        }
         Err(e) => e.into(),
     }
 }

@@ -308,7 +308,34 @@ pub struct ClusterSnapshot {
     pub history: Vec<HistoryEntry>,
 }
 
+/// What a proxy routes by, from one read of the DCS: an agent serves it at `GET /routing`, so
+/// a proxy that cannot reach the DCS itself can follow the cluster through the agents that can.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingView {
+    /// The cluster's name.
+    pub cluster: String,
+    /// The leader key.
+    pub leader: Option<LeaderValue>,
+    /// The newest term a leader held: the leader key's or the promotion history's (not the
+    /// term counter's, which a candidate that lost the race for the key may have raised).
+    pub leader_term: u64,
+    /// Live members, sorted by name.
+    pub members: Vec<MemberValue>,
+}
+
 impl ClusterSnapshot {
+    /// The snapshot's [`RoutingView`], for cluster `cluster`.
+    pub fn routing_view(&self, cluster: &str) -> RoutingView {
+        let leader = self.leader.as_ref().map(|l| l.value.clone());
+        let leader_term = leader.as_ref().map_or(0, |l| l.term).max(self.history.last().map_or(0, |h| h.term));
+        RoutingView {
+            cluster: cluster.to_string(),
+            leader,
+            leader_term,
+            members: self.members.iter().map(|m| m.value.clone()).collect(),
+        }
+    }
+
     /// The member record of `name`, if it is alive.
     pub fn member(&self, name: &str) -> Option<&MemberValue> {
         self.members.iter().map(|m| &m.value).find(|m| m.name == name)
@@ -351,6 +378,11 @@ impl ClusterStore {
     /// Operations on cluster `cluster` in `dcs`.
     pub fn new(dcs: Arc<dyn Dcs>, cluster: &str) -> Self {
         ClusterStore { dcs, prefix: format!("/pgkeel/{cluster}/") }
+    }
+
+    /// The cluster's name.
+    pub fn cluster(&self) -> &str {
+        self.prefix.trim_start_matches("/pgkeel/").trim_end_matches('/')
     }
 
     /// The underlying store.

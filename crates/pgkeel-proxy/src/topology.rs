@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgkeel_dcs::cluster::{ClusterSnapshot, ClusterStore, Role};
+use pgkeel_dcs::cluster::{ClusterSnapshot, ClusterStore, Role, RoutingView};
 use pgkeel_dcs::Dcs;
 use tokio::sync::watch;
 
@@ -71,12 +71,18 @@ impl Topology {
 /// The primary of a snapshot: the leader key's holder, once its member record says it runs as
 /// primary under the leader's term.
 pub fn from_snapshot(snap: &ClusterSnapshot) -> Topology {
+    from_view(&snap.routing_view(""))
+}
+
+/// [`from_snapshot`] of the view an agent serves (`GET /routing`).
+pub fn from_view(view: &RoutingView) -> Topology {
     // Terms of leaders only (leader key, promotion history): the `term` counter can be ahead
     // of every leader when a candidate lost the race for the key, and no server will ever
     // run under that term.
-    let newest_term = snap.leader.as_ref().map_or(0, |l| l.value.term).max(snap.history.last().map_or(0, |h| h.term));
-    let members = snap.members.len();
-    let Some(leader) = &snap.leader else {
+    let newest_term = view.leader_term;
+    let members = view.members.len();
+    let member = |name: &str| view.members.iter().find(|m| m.name == name);
+    let Some(l) = &view.leader else {
         return Topology {
             newest_term,
             primary: None,
@@ -86,8 +92,7 @@ pub fn from_snapshot(snap: &ClusterSnapshot) -> Topology {
             members,
         };
     };
-    let l = &leader.value;
-    let (primary, why_none) = match snap.member(&l.holder) {
+    let (primary, why_none) = match member(&l.holder) {
         Some(m) if m.role == Role::Primary && m.state == "running" && m.term >= l.term => {
             (Some(Primary { name: l.holder.clone(), address: m.pg_address.clone(), term: l.term }), None)
         }
@@ -104,11 +109,10 @@ pub fn from_snapshot(snap: &ClusterSnapshot) -> Topology {
         ),
         None => (None, Some(format!("the leader {} (term {}) has not published its member record", l.holder, l.term))),
     };
-    let leader_lsn = snap.member(&l.holder).and_then(|m| m.lsn);
-    let replicas = snap
+    let leader_lsn = member(&l.holder).and_then(|m| m.lsn);
+    let replicas = view
         .members
         .iter()
-        .map(|m| &m.value)
         .filter(|m| {
             m.name != l.holder && m.role == Role::Replica && m.state == "running" && m.streaming && m.term >= l.term
         })
@@ -123,36 +127,204 @@ pub fn from_snapshot(snap: &ClusterSnapshot) -> Topology {
     Topology { newest_term, primary, why_none, dcs_ok: true, replicas, members }
 }
 
-/// Watches the cluster until `shutdown` turns true, publishing every change on `tx`.
+/// How long a read of the DCS may take before the agents are asked instead: a DCS that
+/// answers at all answers in milliseconds.
+const RELAY_AFTER: Duration = Duration::from_millis(500);
+
+/// How long one agent may take to answer `GET /routing` (it reads the DCS itself).
+const AGENT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The largest `GET /routing` answer read (a cluster's member records are a few KB).
+const AGENT_ANSWER_MAX: usize = 1 << 20;
+
+/// The cluster through the agents, while the proxy cannot read the DCS itself (a partition
+/// between the proxy and the DCS, not the database hosts): every agent that reaches the DCS
+/// serves what it reads there at `GET /routing`, so a failover is followed as the DCS records
+/// it. The agents are the members' `api_url`s from the last view.
+struct Relay {
+    cluster: String,
+    agents: Vec<String>,
+    /// While the DCS is silent: when the agents are asked next.
+    due: Option<tokio::time::Instant>,
+    /// The agent whose view was published last, while the DCS is silent.
+    from: Option<String>,
+    /// The last failure to get a view from any agent (logged once).
+    failed: Option<String>,
+}
+
+impl Relay {
+    fn learn(&mut self, members: &[pgkeel_dcs::cluster::MemberValue]) {
+        let agents: Vec<String> = members.iter().map(|m| m.api_url.clone()).filter(|u| !u.is_empty()).collect();
+        if !agents.is_empty() {
+            self.agents = agents;
+        }
+    }
+
+    /// The DCS answered: routing is its again.
+    fn dcs_answered(&mut self) {
+        self.due = None;
+        self.failed = None;
+        if self.from.take().is_some() {
+            tracing::info!("routing from the DCS again");
+        }
+    }
+
+    /// Runs `work` (a call to the DCS) to its end. When it has not ended by `start` (and
+    /// whenever due after that), asks the agents and publishes the first view one gives.
+    async fn alongside<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+        start: tokio::time::Instant,
+        tx: &watch::Sender<Topology>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<T> {
+        let mut work = std::pin::pin!(work);
+        loop {
+            let due = self.due.unwrap_or(start);
+            tokio::select! {
+                _ = shutdown.changed() => return None,
+                r = &mut work => return Some(r),
+                _ = tokio::time::sleep_until(due), if !self.agents.is_empty() => {
+                    let usable = self.ask(tx).await;
+                    let every = if usable { Duration::from_secs(1) } else { Duration::from_millis(100) };
+                    self.due = Some(tokio::time::Instant::now() + every);
+                }
+            }
+        }
+    }
+
+    /// Asks every agent at once; publishes the first view an agent of this cluster gives.
+    /// Whether that view has a usable primary.
+    async fn ask(&mut self, tx: &watch::Sender<Topology>) -> bool {
+        let mut set = tokio::task::JoinSet::new();
+        for url in &self.agents {
+            let url = url.clone();
+            set.spawn(async move {
+                let r = tokio::time::timeout(AGENT_TIMEOUT, fetch_view(&url)).await;
+                (url, r.unwrap_or_else(|_| Err(format!("no answer within {AGENT_TIMEOUT:?}"))))
+            });
+        }
+        let mut errors = Vec::new();
+        while let Some(done) = set.join_next().await {
+            let Ok((url, r)) = done else { continue };
+            match r {
+                Ok(view) if view.cluster == self.cluster => {
+                    let mut topo = from_view(&view);
+                    topo.dcs_ok = false;
+                    topo.newest_term = topo.newest_term.max(tx.borrow().newest_term);
+                    let usable = topo.primary.is_some();
+                    if self.from.as_deref() != Some(url.as_str()) {
+                        tracing::warn!(agent = %url, "the DCS does not answer: routing from what an agent reads there");
+                        self.from = Some(url);
+                    }
+                    self.failed = None;
+                    self.learn(&view.members);
+                    publish(tx, topo);
+                    return usable;
+                }
+                Ok(view) => errors.push(format!("{url}: serves cluster {:?}, not {:?}", view.cluster, self.cluster)),
+                Err(e) => errors.push(format!("{url}: {e}")),
+            }
+        }
+        let msg = errors.join("; ");
+        if self.failed.as_deref() != Some(msg.as_str()) {
+            tracing::warn!(errors = %msg, "the DCS does not answer, and no agent gave the cluster's view either; routing stays as it was");
+        }
+        self.failed = Some(msg);
+        tx.borrow().primary.is_some()
+    }
+}
+
+/// `GET {api_url}/routing`: an agent's [`RoutingView`] (plain HTTP, as the agents serve it).
+async fn fetch_view(api_url: &str) -> Result<RoutingView, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let authority = api_url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("api_url {api_url:?} is not http://HOST:PORT"))?
+        .trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        return Err(format!("api_url {api_url:?} is not http://HOST:PORT"));
+    }
+    let mut stream = tokio::net::TcpStream::connect(authority).await.map_err(|e| format!("cannot connect: {e}"))?;
+    let request =
+        format!("GET /routing HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: pgkeel-proxy\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+    let mut answer = Vec::new();
+    let read = (&mut stream).take(AGENT_ANSWER_MAX as u64 + 1).read_to_end(&mut answer).await;
+    read.map_err(|e| format!("read: {e}"))?;
+    if answer.len() > AGENT_ANSWER_MAX {
+        return Err(format!("the answer is larger than {AGENT_ANSWER_MAX} bytes"));
+    }
+    parse_view(&answer)
+}
+
+/// The [`RoutingView`] in an HTTP/1.1 answer read to its end (`Connection: close`).
+fn parse_view(answer: &[u8]) -> Result<RoutingView, String> {
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").ok_or("the answer has no end of headers")?;
+    let head = std::str::from_utf8(&answer[..split]).map_err(|_| "the answer's headers are not UTF-8")?;
+    let mut body = &answer[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or_default();
+    let code = status.split(' ').nth(1).unwrap_or_default();
+    let mut length = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else { continue };
+        if name.eq_ignore_ascii_case("transfer-encoding") && !value.trim().eq_ignore_ascii_case("identity") {
+            return Err(format!("unexpected transfer-encoding {:?}", value.trim()));
+        }
+        if name.eq_ignore_ascii_case("content-length") {
+            length = Some(value.trim().parse::<usize>().map_err(|_| format!("bad content-length {:?}", value.trim()))?);
+        }
+    }
+    if let Some(n) = length {
+        body = body.get(..n).ok_or("the answer ended before its content-length")?;
+    }
+    if code != "200" {
+        let text = String::from_utf8_lossy(body);
+        return Err(format!("{status}: {}", text.trim()));
+    }
+    serde_json::from_slice(body).map_err(|e| format!("not a routing view: {e}"))
+}
+
+/// Watches the cluster until `shutdown` turns true, publishing every change on `tx`. While
+/// the DCS does not answer, the cluster is read through the agents ([`Relay`]).
 pub async fn watch(store: ClusterStore, tx: watch::Sender<Topology>, mut shutdown: watch::Receiver<bool>) {
-    let mut known_rev: Option<u64> = None;
     let mut last_error: Option<String> = None;
+    let mut relay =
+        Relay { cluster: store.cluster().to_string(), agents: Vec::new(), due: None, from: None, failed: None };
     loop {
-        let wait = match store.load().await {
+        let start = tokio::time::Instant::now() + RELAY_AFTER;
+        let Some(loaded) = relay.alongside(store.load(), start, &tx, &mut shutdown).await else { return };
+        let (wait, known_rev) = match loaded {
             Ok(snap) => {
                 if last_error.take().is_some() {
                     tracing::info!("the DCS answers again");
                 }
-                known_rev = snap.leader.as_ref().map(|l| l.revision);
+                relay.dcs_answered();
+                relay.learn(&snap.members.iter().map(|m| m.value.clone()).collect::<Vec<_>>());
+                let known_rev = snap.leader.as_ref().map(|l| l.revision);
                 let mut topo = from_snapshot(&snap);
                 // Terms never go back, even if a read races a write.
                 topo.newest_term = topo.newest_term.max(tx.borrow().newest_term);
                 let usable = topo.primary.is_some();
                 publish(&tx, topo);
-                if usable {
-                    Duration::from_secs(1)
-                } else {
-                    Duration::from_millis(100)
-                }
+                (if usable { Duration::from_secs(1) } else { Duration::from_millis(100) }, known_rev)
             }
             Err(e) => {
                 let msg = e.to_string();
                 if last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::warn!(error = %msg, "cannot read the cluster from the DCS; routing stays as it was");
+                    tracing::warn!(error = %msg, "cannot read the cluster from the DCS");
                 }
                 last_error = Some(msg);
                 tx.send_if_modified(|t| std::mem::replace(&mut t.dcs_ok, false));
-                Duration::from_millis(500)
+                // The agents at once (unless asked lately), then on their schedule.
+                let now = tokio::time::Instant::now();
+                relay.due.get_or_insert(now);
+                let pause = tokio::time::sleep(Duration::from_millis(500));
+                if relay.alongside(pause, now, &tx, &mut shutdown).await.is_none() {
+                    return;
+                }
+                continue;
             }
         };
         let started = tokio::time::Instant::now();
@@ -281,6 +453,161 @@ mod tests {
         task.await.expect("the watcher ends");
         assert!(took >= Duration::from_millis(1500), "10 DCS calls took {took:?}: the watcher spins");
         assert!(!rx.borrow().dcs_ok);
+    }
+
+    /// A DCS that answers the first read of the cluster with `first`, then never again (a
+    /// partition between the proxy and the DCS).
+    #[derive(Debug)]
+    struct GoesSilent {
+        first: std::sync::Mutex<Option<Vec<KeyValue>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Dcs for GoesSilent {
+        async fn get(&self, _: &str) -> DcsResult<Option<KeyValue>> {
+            std::future::pending().await
+        }
+        async fn list(&self, _: &str) -> DcsResult<Vec<KeyValue>> {
+            let first = self.first.lock().unwrap().take();
+            match first {
+                Some(kvs) => Ok(kvs),
+                None => std::future::pending().await,
+            }
+        }
+        async fn put(&self, _: &str, _: &[u8], _: Option<Duration>) -> DcsResult<u64> {
+            std::future::pending().await
+        }
+        async fn create(&self, _: &str, _: &[u8], _: Option<Duration>) -> DcsResult<Option<u64>> {
+            std::future::pending().await
+        }
+        async fn compare_and_set(&self, _: &str, _: &[u8], _: u64, _: Option<Duration>) -> DcsResult<Option<u64>> {
+            std::future::pending().await
+        }
+        async fn delete(&self, _: &str, _: Option<u64>) -> DcsResult<bool> {
+            std::future::pending().await
+        }
+        async fn watch(&self, _: &str, _: Option<u64>, timeout: Duration) -> DcsResult<Option<KeyValue>> {
+            tokio::time::sleep(timeout).await;
+            Ok(None)
+        }
+        fn describe(&self) -> String {
+            "goes silent".into()
+        }
+    }
+
+    fn kv(key: &str, value: &impl serde::Serialize) -> KeyValue {
+        KeyValue {
+            key: format!("/pgkeel/c/{key}"),
+            value: serde_json::to_vec(value).unwrap(),
+            create_revision: 1,
+            mod_revision: 1,
+            ttl_left: None,
+        }
+    }
+
+    /// Serves `GET /routing` with `views`' next entry (the last one over and over), as an
+    /// agent does; the requests' first lines go to `seen`.
+    async fn agent(views: Vec<String>) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut req = vec![0u8; 4096];
+                let got = s.read(&mut req).await.unwrap();
+                let line = String::from_utf8_lossy(&req[..got]).lines().next().unwrap_or_default().to_string();
+                log.lock().unwrap().push(line);
+                let body = &views[n.min(views.len() - 1)];
+                n += 1;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        (url, seen)
+    }
+
+    fn view(cluster: &str, leader: &str, term: u64, api_url: &str) -> String {
+        let members = ["n1", "n2"]
+            .iter()
+            .map(|n| {
+                let role = if *n == leader { Role::Primary } else { Role::Replica };
+                let mut m = member(n, role, "running", term).value;
+                m.api_url = api_url.to_string();
+                m
+            })
+            .collect();
+        let v = RoutingView {
+            cluster: cluster.into(),
+            leader: Some(LeaderValue { holder: leader.into(), term }),
+            leader_term: term,
+            members,
+        };
+        serde_json::to_string(&v).unwrap()
+    }
+
+    /// The next topology `rx` sees with primary `name` under `term` (10 s at most).
+    async fn until(rx: &mut watch::Receiver<Topology>, name: &str, term: u64) -> Option<Topology> {
+        let found = rx.wait_for(|t| t.primary.as_ref().is_some_and(|p| p.name == name && p.term == term));
+        tokio::time::timeout(Duration::from_secs(10), found).await.ok()?.ok().map(|t| t.clone())
+    }
+
+    /// The DCS goes silent after the first read; the agents still read it: the proxy follows
+    /// a failover through them (`GET /routing`), marks the DCS as not answering, ignores an
+    /// agent of another cluster, and never lets the newest term go back.
+    #[tokio::test]
+    async fn a_silent_dcs_is_read_through_the_agents() {
+        let (url, seen) = agent(vec![
+            view("other", "n1", 9, ""),
+            view("c", "n1", 4, ""),
+            view("c", "n2", 5, ""),
+            view("c", "n1", 3, ""),
+        ])
+        .await;
+        let mut n1 = member("n1", Role::Primary, "running", 4);
+        n1.value.api_url = url.clone();
+        let first = vec![kv("leader", &LeaderValue { holder: "n1".into(), term: 4 }), kv("members/n1", &n1.value)];
+        let dcs = Arc::new(GoesSilent { first: std::sync::Mutex::new(Some(first)) });
+        let (tx, mut rx) = watch::channel(Topology::default());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(super::watch(ClusterStore::new(dcs, "c"), tx, stopped));
+        let t = until(&mut rx, "n1", 4).await.expect("the DCS's first answer");
+        assert!(t.dcs_ok);
+        let t = until(&mut rx, "n2", 5).await.expect("n2 through the agent within 10 s");
+        assert!(!t.dcs_ok, "the DCS does not answer");
+        assert_eq!(t.newest_term, 5);
+        // The agent's next answers name n1 under the older term 3: published, but the newest
+        // term stays 5, so connections to n1 under 3 are fenced.
+        let t = until(&mut rx, "n1", 3).await.expect("the last view");
+        assert_eq!(t.newest_term, 5, "terms never go back");
+        assert_eq!(t.reusable_term(), Some(5));
+        stop.send_replace(true);
+        task.await.unwrap();
+        let seen = seen.lock().unwrap();
+        assert!(seen.iter().all(|l| l.starts_with("GET /routing HTTP/1.1")), "{seen:?}");
+    }
+
+    #[test]
+    fn agent_answers_are_parsed_strictly() {
+        let body = view("c", "n2", 5, "");
+        let ok = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}trailing", body.len());
+        let v = parse_view(ok.as_bytes()).unwrap();
+        assert_eq!(v.leader.unwrap().holder, "n2");
+        let e =
+            parse_view(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 23\r\n\r\n{\"error\":\"cannot read\"}xx")
+                .unwrap_err();
+        assert!(e.contains("503") && e.contains("cannot read"), "{e}");
+        let e = parse_view(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello").unwrap_err();
+        assert!(e.contains("chunked"), "{e}");
+        assert!(parse_view(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{}").unwrap_err().contains("ended before"));
+        assert!(parse_view(b"HTTP/1.1 200 OK\r\n").unwrap_err().contains("no end of headers"));
+        assert!(parse_view(b"HTTP/1.1 200 OK\r\n\r\n{\"x\":1}").unwrap_err().contains("not a routing view"));
     }
 
     fn member(name: &str, role: Role, state: &str, term: u64) -> Versioned<MemberValue> {

@@ -6,8 +6,8 @@
 //! subnet, the test process's connections could reach the other test's cluster. The test
 //! process itself (the root namespace) reaches every host through the bridge's address.
 //! [`Net::cut`] drops traffic between two hosts in both directions with blackhole routes (a
-//! real partition: packets vanish, connections time out); [`Net::isolate`] takes a host's
-//! link down. Everything is removed on drop.
+//! real partition: packets vanish, connections time out); [`Net::cut_gateway`] does the same
+//! between a host and the test process; [`Net::isolate`] takes a host's link down. Everything is removed on drop.
 //!
 //! [`NetCluster`] puts a 3-member etcd on three hosts and pgkeel nodes (agent + postgres) on
 //! others, and presents them as a [`Cluster`], so the usual helpers (leader, kill, writers)
@@ -125,6 +125,22 @@ impl Net {
         let _ = ip(&["-n", &hb.ns, "route", "del", "blackhole", &format!("{}/32", ha.addr)]);
     }
 
+    /// Drop all traffic between host `a` and the test process (the root namespace, where a
+    /// proxy under test runs), both ways; the hosts still reach each other.
+    pub fn cut_gateway(&self, a: usize) {
+        let h = &self.hosts[a];
+        ip(&["route", "add", "blackhole", &format!("{}/32", h.addr)]).expect("cut from the gateway");
+        ip(&["-n", &h.ns, "route", "add", "blackhole", &format!("{}/32", self.gateway())])
+            .expect("cut from the gateway");
+    }
+
+    /// Undo [`Net::cut_gateway`].
+    pub fn heal_gateway(&self, a: usize) {
+        let h = &self.hosts[a];
+        let _ = ip(&["route", "del", "blackhole", &format!("{}/32", h.addr)]);
+        let _ = ip(&["-n", &h.ns, "route", "del", "blackhole", &format!("{}/32", self.gateway())]);
+    }
+
     /// Take host `a` off the network entirely (its link goes down).
     pub fn isolate(&self, a: usize) {
         ip(&["link", "set", &self.hosts[a].veth, "down"]).expect("isolate");
@@ -155,9 +171,12 @@ impl Drop for Net {
     }
 }
 
-/// Deletes each host's veth and namespace, then the bridge (best effort: some may not exist).
+/// Deletes each host's veth and namespace, then the bridge (best effort: some may not exist),
+/// and the root namespace's blackhole routes to the hosts ([`Net::cut_gateway`]), which would
+/// otherwise outlive the network and cut a later one on the same subnet.
 fn remove_net(bridge: &str, hosts: &[Host]) {
     for h in hosts {
+        let _ = ip(&["route", "del", "blackhole", &format!("{}/32", h.addr)]);
         let _ = ip(&["link", "del", &h.veth]);
         let _ = ip(&["netns", "del", &h.ns]);
     }

@@ -209,3 +209,49 @@ async fn proxy_follows_a_failover_after_losing_its_etcd_member() {
     let bound = Duration::from_millis(promoted_ms.saturating_sub(isolated_ms)) + Duration::from_secs(2);
     check(c, old_term, &new, new_term, stop(writers).await, bound).await;
 }
+
+/// The proxy's machine is cut from every etcd member (the database machines are not), then
+/// the primary's machine is taken off the network: the proxy cannot see the failover in etcd
+/// itself, and has to follow it through the agents, which still read etcd (`GET /routing`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_cut_from_the_dcs_follows_a_failover_through_the_agents() {
+    let nc = NetCluster::start(bin(), 3).await;
+    let c = &nc.cluster;
+    let (old, old_term) = c.leader().await.expect("leader");
+    let (p, writers) = proxy_and_writers(c, &old).await;
+    for e in ETCD_HOSTS {
+        nc.net.cut_gateway(e);
+    }
+    wait_for("the proxy to route from an agent's view", Duration::from_secs(30), || {
+        let log = p.log_text();
+        async move { log.contains("routing from what an agent reads there").then_some(()) }
+    })
+    .await;
+    let at = Instant::now();
+    let isolated_ms = unix_ms();
+    nc.net.isolate(nc.host_of(&old));
+    let (new, new_term) = c.wait_new_leader(&old, RESTORE + Duration::from_secs(10)).await;
+    eprintln!("new leader {new} (term {new_term}) {:?} after the isolation", at.elapsed());
+    wait_proxy_writes(c, &new, new_term).await;
+    // What the proxy read: the agent's view of etcd.
+    let view = c.api(&new, "GET", "/routing", None, false).await.json().expect("GET /routing is JSON");
+    assert_eq!(view["cluster"], "net");
+    assert_eq!(view["leader"]["holder"], new.as_str());
+    assert_eq!(view["leader_term"], new_term);
+    assert!(view["members"].as_array().is_some_and(|m| m.len() >= 2), "{view}");
+    nc.net.reconnect(nc.host_of(&old));
+    for e in ETCD_HOSTS {
+        nc.net.heal_gateway(e);
+    }
+    wait_for("the proxy to route from etcd again", Duration::from_secs(30), || {
+        let log = p.log_text();
+        async move { log.contains("routing from the DCS again").then_some(()) }
+    })
+    .await;
+    c.wait_streaming(&new, std::slice::from_ref(&old), Duration::from_secs(60)).await;
+    // The agents ask etcd every second: writes through the proxy resume within 2 s of the
+    // promotion.
+    let promoted_ms = c.promotion_time(&new, new_term).await;
+    let bound = Duration::from_millis(promoted_ms.saturating_sub(isolated_ms)) + Duration::from_secs(2);
+    check(c, old_term, &new, new_term, stop(writers).await, bound).await;
+}
