@@ -2728,6 +2728,9 @@ impl Session {
                     if self.attached.as_ref().is_some_and(|a| a.fenced(newest)) {
                         return Err(self.term_changed(newest));
                     }
+                    if let Some(fail) = self.replica_left(&topo_rx) {
+                        return Err(fail);
+                    }
                     to_loop = true;
                 }
             }
@@ -2981,6 +2984,9 @@ impl Session {
                         let newest = self.newest_term;
                         if self.attached.as_ref().is_some_and(|a| a.fenced(newest)) && !self.abandon_lsn_fetch() {
                             return Err(self.term_changed(newest));
+                        }
+                        if let Some(fail) = self.replica_left(topo_rx) {
+                            return Err(fail);
                         }
                     }
                 }
@@ -3806,6 +3812,33 @@ impl Session {
         }
         self.route_execute(cmd);
         BackendMessage::ReadyForQuery(status).encode(&mut self.wbuf);
+    }
+
+    /// Drops the attached replica connection, with the client's read or read-only transaction
+    /// in flight on it, when the replica has left the cluster (its member record expired: its
+    /// machine is down or cut off). A replica cut off answers nothing and resets nothing, so
+    /// without this the client waits for TCP keepalive (`tcp_keepidle`, 2 minutes with the
+    /// defaults) to tell; a replica whose record is there but that is briefly not eligible
+    /// (re-following a new primary) keeps its sessions.
+    fn replica_left(&mut self, topo_rx: &watch::Receiver<Topology>) -> Option<Fail> {
+        let att = self.attached.as_ref().filter(|a| a.conn.role == ServerRole::Replica && !a.clean())?;
+        if topo_rx.borrow().has_member(&att.conn.member) {
+            return None;
+        }
+        let att = self.attached.take()?;
+        let lost = if att.queue.iter().any(|e| matches!(e.expect, Expect::Client(_))) {
+            "what it sent is unanswered (a replica writes nothing): reconnect and retry"
+        } else {
+            "the open transaction is lost, reconnect and retry"
+        };
+        tracing::info!(replica = %att.conn.member, address = %att.conn.address, "a session's replica left the cluster; ending the session");
+        Some(Fail::new(
+            sqlstate::CONNECTION_FAILURE,
+            format!(
+                "the replica {} ({}) left the cluster (its agent stopped publishing: its machine is down or cut off) while this session used it; {lost}",
+                att.conn.member, att.conn.address
+            ),
+        ))
     }
 
     /// Drops the attached server connection of an older term and says why.

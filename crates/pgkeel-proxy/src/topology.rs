@@ -57,6 +57,16 @@ pub struct Topology {
     pub replicas: Vec<Replica>,
     /// How many members the cluster has (any role or state).
     pub members: usize,
+    /// Their names, sorted: a member whose record expired (its agent stopped publishing:
+    /// its machine is down or cut off) is missing.
+    pub member_names: Vec<String>,
+}
+
+impl Topology {
+    /// Whether member `name` has a record in the cluster.
+    pub fn has_member(&self, name: &str) -> bool {
+        self.member_names.binary_search_by(|n| n.as_str().cmp(name)).is_ok()
+    }
 }
 
 impl Topology {
@@ -81,6 +91,8 @@ pub fn from_view(view: &RoutingView) -> Topology {
     // run under that term.
     let newest_term = view.leader_term;
     let members = view.members.len();
+    let mut member_names: Vec<String> = view.members.iter().map(|m| m.name.clone()).collect();
+    member_names.sort_unstable();
     let member = |name: &str| view.members.iter().find(|m| m.name == name);
     let Some(l) = &view.leader else {
         return Topology {
@@ -90,6 +102,7 @@ pub fn from_view(view: &RoutingView) -> Topology {
             dcs_ok: true,
             replicas: Vec::new(),
             members,
+            member_names,
         };
     };
     let (primary, why_none) = match member(&l.holder) {
@@ -124,7 +137,7 @@ pub fn from_view(view: &RoutingView) -> Topology {
             lag_ms: m.replay_lag_ms,
         })
         .collect();
-    Topology { newest_term, primary, why_none, dcs_ok: true, replicas, members }
+    Topology { newest_term, primary, why_none, dcs_ok: true, replicas, members, member_names }
 }
 
 /// How long a read of the DCS may take before the agents are asked instead: a DCS that
@@ -679,6 +692,7 @@ mod tests {
             }]
         );
         assert_eq!(t.members, 3);
+        assert!(t.has_member("n1") && t.has_member("n3") && !t.has_member("n4"));
         r.value.streaming = false;
         snap.members[0] = r;
         assert!(from_snapshot(&snap).replicas.is_empty(), "not streaming");

@@ -255,3 +255,52 @@ async fn proxy_cut_from_the_dcs_follows_a_failover_through_the_agents() {
     let bound = Duration::from_millis(promoted_ms.saturating_sub(isolated_ms)) + Duration::from_secs(2);
     check(c, old_term, &new, new_term, stop(writers).await, bound).await;
 }
+
+/// A replica's machine is taken off the network while a read runs on it through the proxy:
+/// its connection goes silent (no reset, no end of file), so only its member record expiring
+/// tells. The proxy ends that session then, not after TCP keepalive's 2 minutes, and new reads
+/// go to the other replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_on_a_replica_cut_off_ends_when_its_record_expires() {
+    let nc = NetCluster::start(bin(), 3).await;
+    let c = &nc.cluster;
+    let (leader, _) = c.leader().await.expect("leader");
+    let p = Proxy::start(c, "proxy", "").await;
+    let (client, conn) = open(&p.dsn()).await;
+    client.batch_execute("set pgkeel.route = replica").await.expect("route to replicas");
+    let sleep = "select pg_sleep(300)";
+    let read = tokio::spawn(async move {
+        let r = client.simple_query(sleep).await.map(|_| ());
+        (client, r)
+    });
+    let replicas: Vec<String> = ["n1", "n2", "n3"].iter().map(|n| n.to_string()).filter(|n| *n != leader).collect();
+    let replica = wait_for("the read on a replica", Duration::from_secs(20), || async {
+        replicas.iter().find_map(|r| {
+            let sql = format!("select count(*) from pg_stat_activity where query = '{sleep}'");
+            (psql(&c.node_dsn(r), &sql).ok()? == "1").then(|| r.clone())
+        })
+    })
+    .await;
+    let host = nc.host_of(&replica);
+    let at = Instant::now();
+    nc.net.isolate(host);
+    let (_client, r) = tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the read through the proxy ends within a minute")
+        .expect("task");
+    let took = at.elapsed();
+    eprintln!("the read on {replica}, cut off, ended after {took:?}");
+    let e = r.expect_err("the replica answers nothing");
+    let message = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+    assert!(message.contains(&format!("the replica {replica}")) && message.contains("left the cluster"), "{message}");
+    assert!(conn.await.expect("task").is_err(), "the proxy ended the session");
+    // The member record lives `ttl` (4 s) after the agent's last write; the proxy reads the
+    // cluster every second.
+    assert!(took < Duration::from_secs(10), "the read ended {took:?} after the replica was cut off");
+    // New reads go to the replica that is left.
+    let other = replicas.iter().find(|r| **r != replica).expect("another replica");
+    let addr = &nc.net.hosts[nc.host_of(other)].addr;
+    assert_eq!(psql(&p.dsn(), "select host(inet_server_addr())").as_deref(), Ok(addr.as_str()));
+    nc.net.reconnect(host);
+    c.wait_streaming(&leader, std::slice::from_ref(&replica), Duration::from_secs(60)).await;
+}
