@@ -59,6 +59,22 @@ async fn wait_proxy_writes(c: &Cluster, node: &str, term: u64) {
     .await
 }
 
+/// Waits (up to `within`) for a leader other than `old`, and for writes through the proxy
+/// under its term there; prints how long after `at` (the fault, `what`) the leader came.
+async fn failover(c: &Cluster, old: &str, within: Duration, at: Instant, what: &str) -> (String, u64) {
+    let (new, new_term) = c.wait_new_leader(old, within).await;
+    eprintln!("new leader {new} (term {new_term}) {:?} after {what}", at.elapsed());
+    wait_proxy_writes(c, &new, new_term).await;
+    (new, new_term)
+}
+
+/// 2 s after `new`'s promotion under `term`, counted from `since_ms` (unix ms): the longest
+/// a write through the proxy may wait when the election itself is slowed by the fault.
+async fn two_seconds_after_promotion(c: &Cluster, new: &str, term: u64, since_ms: u64) -> Duration {
+    let promoted_ms = c.promotion_time(new, term).await;
+    Duration::from_millis(promoted_ms.saturating_sub(since_ms)) + Duration::from_secs(2)
+}
+
 /// The checks every test makes once its writers stopped (writes through the proxy resumed
 /// within `bound`); prints the figures.
 async fn check(c: &Cluster, old_term: u64, new: &str, new_term: u64, reports: [WriterReport; 3], bound: Duration) {
@@ -127,9 +143,7 @@ async fn proxy_follows_a_primary_cut_from_the_dcs() {
     for e in ETCD_HOSTS {
         nc.net.cut(h, e);
     }
-    let (new, new_term) = c.wait_new_leader(&old, RESTORE + Duration::from_secs(10)).await;
-    eprintln!("new leader {new} (term {new_term}) {:?} after the cut", at.elapsed());
-    wait_proxy_writes(c, &new, new_term).await;
+    let (new, new_term) = failover(c, &old, RESTORE + Duration::from_secs(10), at, "the cut").await;
     for e in ETCD_HOSTS {
         nc.net.heal(h, e);
     }
@@ -156,9 +170,7 @@ async fn proxy_follows_a_primary_isolated_completely() {
     let at = Instant::now();
     nc.net.isolate(nc.host_of(&old));
     let commit = tokio::spawn(async move { committing.batch_execute("commit").await });
-    let (new, new_term) = c.wait_new_leader(&old, RESTORE + Duration::from_secs(10)).await;
-    eprintln!("new leader {new} (term {new_term}) {:?} after the isolation", at.elapsed());
-    wait_proxy_writes(c, &new, new_term).await;
+    let (new, new_term) = failover(c, &old, RESTORE + Duration::from_secs(10), at, "the isolation").await;
     // The COMMIT got no answer: the client is told its outcome is unknown, not that it is lost
     // (it may have committed before the answer was cut off).
     let e = tokio::time::timeout(Duration::from_secs(30), commit).await.expect("the COMMIT ends").expect("task");
@@ -193,9 +205,7 @@ async fn proxy_follows_a_failover_after_losing_its_etcd_member() {
     let isolated_ms = unix_ms();
     nc.net.isolate(ETCD_HOSTS[0]);
     nc.net.isolate(nc.host_of(&old));
-    let (new, new_term) = c.wait_new_leader(&old, RESTORE + Duration::from_secs(15)).await;
-    eprintln!("new leader {new} (term {new_term}) {:?} after the isolations", at.elapsed());
-    wait_proxy_writes(c, &new, new_term).await;
+    let (new, new_term) = failover(c, &old, RESTORE + Duration::from_secs(15), at, "the isolations").await;
     // It was reading from that member (the first listed), and moved on.
     let lost = format!("etcd call failed endpoint=http://{}:2379", nc.net.hosts[ETCD_HOSTS[0]].addr);
     assert!(p.log_text().contains(&lost), "the proxy's calls to the lost member failed over");
@@ -205,8 +215,7 @@ async fn proxy_follows_a_failover_after_losing_its_etcd_member() {
     // The agents lose that member too, which slows the election (4 to 8 s measured): the
     // writes through the proxy have to resume within 2 s of the promotion (etcd's request
     // timeout: the proxy's first read after the loss may wait it out).
-    let promoted_ms = c.promotion_time(&new, new_term).await;
-    let bound = Duration::from_millis(promoted_ms.saturating_sub(isolated_ms)) + Duration::from_secs(2);
+    let bound = two_seconds_after_promotion(c, &new, new_term, isolated_ms).await;
     check(c, old_term, &new, new_term, stop(writers).await, bound).await;
 }
 
@@ -230,9 +239,7 @@ async fn proxy_cut_from_the_dcs_follows_a_failover_through_the_agents() {
     let at = Instant::now();
     let isolated_ms = unix_ms();
     nc.net.isolate(nc.host_of(&old));
-    let (new, new_term) = c.wait_new_leader(&old, RESTORE + Duration::from_secs(10)).await;
-    eprintln!("new leader {new} (term {new_term}) {:?} after the isolation", at.elapsed());
-    wait_proxy_writes(c, &new, new_term).await;
+    let (new, new_term) = failover(c, &old, RESTORE + Duration::from_secs(10), at, "the isolation").await;
     // What the proxy read: the agent's view of etcd.
     let view = c.api(&new, "GET", "/routing", None, false).await.json().expect("GET /routing is JSON");
     assert_eq!(view["cluster"], "net");
@@ -251,8 +258,7 @@ async fn proxy_cut_from_the_dcs_follows_a_failover_through_the_agents() {
     c.wait_streaming(&new, std::slice::from_ref(&old), Duration::from_secs(60)).await;
     // The agents ask etcd every second: writes through the proxy resume within 2 s of the
     // promotion.
-    let promoted_ms = c.promotion_time(&new, new_term).await;
-    let bound = Duration::from_millis(promoted_ms.saturating_sub(isolated_ms)) + Duration::from_secs(2);
+    let bound = two_seconds_after_promotion(c, &new, new_term, isolated_ms).await;
     check(c, old_term, &new, new_term, stop(writers).await, bound).await;
 }
 
