@@ -56,6 +56,8 @@ pub struct Sample {
     pub term: u64,
     /// Whether a usable primary is known.
     pub primary_known: bool,
+    /// Whether the proxy's own last read of the DCS answered.
+    pub dcs_up: bool,
     /// New transactions are held (PAUSE).
     pub paused: bool,
     /// Seconds since the proxy started.
@@ -94,6 +96,7 @@ pub fn sample(shared: &Shared) -> Sample {
         clients: shared.clients().len(),
         term: topo.newest_term,
         primary_known: topo.primary.is_some(),
+        dcs_up: topo.dcs_ok,
         paused: shared.hold.holds_everyone(),
         uptime: shared.started.elapsed().as_secs_f64(),
     }
@@ -127,6 +130,14 @@ pub fn render(s: &Sample) -> String {
     family("pgkeel_proxy_primary_known", "gauge", "1 when a running primary is known.", &mut |o| {
         let _ = writeln!(o, "pgkeel_proxy_primary_known {}", u8::from(s.primary_known));
     });
+    family(
+        "pgkeel_proxy_dcs_up",
+        "gauge",
+        "1 when the proxy's own last read of the DCS answered (0: it routes by an agent's view, or as it was).",
+        &mut |o| {
+            let _ = writeln!(o, "pgkeel_proxy_dcs_up {}", u8::from(s.dcs_up));
+        },
+    );
     family("pgkeel_proxy_paused", "gauge", "1 while new transactions are held (PAUSE).", &mut |o| {
         let _ = writeln!(o, "pgkeel_proxy_paused {}", u8::from(s.paused));
     });
@@ -330,6 +341,7 @@ mod tests {
             clients: 7,
             term: 3,
             primary_known: true,
+            dcs_up: false,
             paused: false,
             uptime: 1.5,
         };
@@ -342,6 +354,7 @@ mod tests {
         );
         for want in [
             "pgkeel_proxy_term 3".to_string(),
+            "pgkeel_proxy_dcs_up 0".into(),
             "pgkeel_proxy_client_connections 7".into(),
             format!("pgkeel_proxy_pool_clients{{{l},state=\"waiting\"}} 2"),
             format!("pgkeel_proxy_pool_servers{{{l},state=\"idle\"}} 4"),

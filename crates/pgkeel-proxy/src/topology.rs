@@ -159,7 +159,8 @@ struct Relay {
     agents: Vec<String>,
     /// While the DCS is silent: when the agents are asked next.
     due: Option<tokio::time::Instant>,
-    /// The agent whose view was published last, while the DCS is silent.
+    /// The agent whose view was published last, while the DCS is silent (`None`: routing
+    /// from the DCS).
     from: Option<String>,
     /// The last failure to get a view from any agent (logged once).
     failed: Option<String>,
@@ -226,10 +227,11 @@ impl Relay {
                     topo.dcs_ok = false;
                     topo.newest_term = topo.newest_term.max(tx.borrow().newest_term);
                     let usable = topo.primary.is_some();
-                    if self.from.as_deref() != Some(url.as_str()) {
+                    // Which agent answers first changes from round to round: said once.
+                    if self.from.is_none() {
                         tracing::warn!(agent = %url, "the DCS does not answer: routing from what an agent reads there");
-                        self.from = Some(url);
                     }
+                    self.from = Some(url);
                     self.failed = None;
                     self.learn(&view.members);
                     publish(tx, topo);
@@ -239,6 +241,7 @@ impl Relay {
                 Err(e) => errors.push(format!("{url}: {e}")),
             }
         }
+        errors.sort();
         let msg = errors.join("; ");
         if self.failed.as_deref() != Some(msg.as_str()) {
             tracing::warn!(errors = %msg, "the DCS does not answer, and no agent gave the cluster's view either; routing stays as it was");

@@ -21,7 +21,7 @@ fn unix_ms() -> u64 {
 
 use pgkeel_testkit::netns::{NetCluster, ETCD_HOSTS};
 use pgkeel_testkit::{assert_single_writer_term, psql, wait_for, Cluster, Writer, WriterReport};
-use proxy_support::{bin, Proxy};
+use proxy_support::{bin, free_port, http_get, metric, Proxy};
 
 /// ttl (4 s) + 5 s, as in `partitions.rs`.
 const RESTORE: Duration = Duration::from_secs(9);
@@ -32,10 +32,11 @@ const PROXY_IDS: i64 = 2_000_000_000;
 
 /// Starts the proxy (following the cluster's etcd), the two writers of `partitions.rs` and one
 /// through the proxy; returns once all three wrote.
-async fn proxy_and_writers(c: &Cluster, old: &str) -> (Proxy, [Writer; 3]) {
+async fn proxy_and_writers(c: &Cluster, old: &str, extra: &str) -> (Proxy, [Writer; 3]) {
     // A long connect timeout: an attempt to reach the old primary once it is unreachable has
     // to end when the DCS names another, not when it times out.
-    let p = Proxy::start(c, "proxy", "failover_hold_timeout = \"30s\"\nserver_connect_timeout = \"20s\"").await;
+    let config = format!("failover_hold_timeout = \"30s\"\nserver_connect_timeout = \"20s\"\n{extra}");
+    let p = Proxy::start(c, "proxy", &config).await;
     let (multi, pinned) = c.start_writers(old).await;
     // A minute: the proxy, not the client, has to end a transaction left on the old primary.
     let through = Writer::start_with(p.dsn(), Duration::from_millis(50), PROXY_IDS, Duration::from_secs(60));
@@ -137,7 +138,7 @@ async fn proxy_follows_a_primary_cut_from_the_dcs() {
     let nc = NetCluster::start(bin(), 3).await;
     let c = &nc.cluster;
     let (old, old_term) = c.leader().await.expect("leader");
-    let (_p, writers) = proxy_and_writers(c, &old).await;
+    let (_p, writers) = proxy_and_writers(c, &old, "").await;
     let h = nc.host_of(&old);
     let at = Instant::now();
     for e in ETCD_HOSTS {
@@ -160,7 +161,7 @@ async fn proxy_follows_a_primary_isolated_completely() {
     let nc = NetCluster::start(bin(), 3).await;
     let c = &nc.cluster;
     let (old, old_term) = c.leader().await.expect("leader");
-    let (p, writers) = proxy_and_writers(c, &old).await;
+    let (p, writers) = proxy_and_writers(c, &old, "").await;
     // Two more clients with a transaction open on the old primary: one stays idle in it, the
     // other sends its COMMIT once the old primary is unreachable.
     let (idle, idle_conn) = open(&p.dsn()).await;
@@ -200,7 +201,7 @@ async fn proxy_follows_a_failover_after_losing_its_etcd_member() {
     let nc = NetCluster::start(bin(), 3).await;
     let c = &nc.cluster;
     let (old, old_term) = c.leader().await.expect("leader");
-    let (p, writers) = proxy_and_writers(c, &old).await;
+    let (p, writers) = proxy_and_writers(c, &old, "").await;
     let at = Instant::now();
     let isolated_ms = unix_ms();
     nc.net.isolate(ETCD_HOSTS[0]);
@@ -227,7 +228,10 @@ async fn proxy_cut_from_the_dcs_follows_a_failover_through_the_agents() {
     let nc = NetCluster::start(bin(), 3).await;
     let c = &nc.cluster;
     let (old, old_term) = c.leader().await.expect("leader");
-    let (p, writers) = proxy_and_writers(c, &old).await;
+    let metrics_port = free_port();
+    let (p, writers) = proxy_and_writers(c, &old, &format!("metrics_listen = \"127.0.0.1:{metrics_port}\"")).await;
+    let dcs_up = || metric(&http_get(metrics_port, "/metrics").1, "pgkeel_proxy_dcs_up");
+    assert_eq!(dcs_up(), Some(1.0));
     for e in ETCD_HOSTS {
         nc.net.cut_gateway(e);
     }
@@ -236,6 +240,8 @@ async fn proxy_cut_from_the_dcs_follows_a_failover_through_the_agents() {
         async move { log.contains("routing from what an agent reads there").then_some(()) }
     })
     .await;
+    wait_for("pgkeel_proxy_dcs_up 0", Duration::from_secs(30), || async { (dcs_up() == Some(0.0)).then_some(()) })
+        .await;
     let at = Instant::now();
     let isolated_ms = unix_ms();
     nc.net.isolate(nc.host_of(&old));
@@ -255,6 +261,7 @@ async fn proxy_cut_from_the_dcs_follows_a_failover_through_the_agents() {
         async move { log.contains("routing from the DCS again").then_some(()) }
     })
     .await;
+    assert_eq!(dcs_up(), Some(1.0));
     c.wait_streaming(&new, std::slice::from_ref(&old), Duration::from_secs(60)).await;
     // The agents ask etcd every second: writes through the proxy resume within 2 s of the
     // promotion.
