@@ -650,9 +650,10 @@ impl State {
     /// backend, and each one says so when it gets to it, milliseconds apart. Then every
     /// connection opened before it is closed, the idle ones now and the others when they come
     /// back (as `RECONNECT`), rather than one client after another getting its statement
-    /// answered by a dying backend.
+    /// answered by a dying backend. Except when what it has to read is postgres's
+    /// `idle_session_timeout` (57P05): that backend ended alone.
     fn take_idle(&mut self, min_term: u64) -> Option<Box<ServerConn>> {
-        while let Some(c) = self.idle.pop() {
+        while let Some(mut c) = self.idle.pop() {
             if c.term < min_term {
                 tracing::debug!(server = ?c, "closing an idle server connection of an older term");
                 continue;
@@ -660,6 +661,10 @@ impl State {
             if c.looks_idle() {
                 self.low_water = self.low_water.min(self.idle.len());
                 return Some(c);
+            }
+            if c.ended_by_idle_session_timeout() {
+                tracing::debug!(server = ?c, "closing an idle server connection its server ended by idle_session_timeout");
+                continue;
             }
             let mark = crate::server::opened_mark();
             if !self.close_opened_before.is_some_and(|m| crate::server::serial_before(mark, m)) {

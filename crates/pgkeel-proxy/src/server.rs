@@ -619,6 +619,18 @@ impl ServerConn {
         self.rbuf.is_empty() && self.stream.looks_idle()
     }
 
+    /// Whether its server ended it alone: an idle connection (one that does not
+    /// [`ServerConn::looks_idle`]) whose backend sent `57P05`, postgres's
+    /// `idle_session_timeout`, which says nothing about the server's other connections. Reads
+    /// what is there without waiting (through TLS too): the connection is closed either way.
+    pub fn ended_by_idle_session_timeout(&mut self) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        self.rbuf.reserve(1024);
+        let _ = self.stream.poll_read_bytes(&mut cx, &mut self.rbuf);
+        crate::protocol::error_code(&self.rbuf)
+            .is_some_and(|c| c == *crate::protocol::sqlstate::IDLE_SESSION_TIMEOUT.as_bytes())
+    }
+
     /// Whether it was opened before `mark` ([`opened_mark`]). Wraps around safely: a
     /// connection is compared with marks taken within 2^31 openings of it.
     pub fn opened_before(&self, mark: u32) -> bool {

@@ -696,6 +696,33 @@ async fn a_pooled_connection_its_server_closed_closes_the_pools_others() {
     }
 }
 
+/// A backend that postgres's `idle_session_timeout` ended (57P05) ended alone: the pool
+/// closes each such connection by itself, without taking it for a server closing them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_ended_by_idle_session_timeout_are_closed_alone() {
+    let (c, direct) =
+        cluster_with(&["create database ist", "alter database ist set idle_session_timeout = '1s'"]).await;
+    let p = OpsProxy::start(&c, "pool_size = 4\nserver_idle_timeout = 0").await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    let clients = in_transactions(&p.dsn("ist"), 4).await;
+    commit_all(&clients).await;
+    let pids = server_pids(&admin, "ist").await;
+    assert_eq!(pids.len(), 4, "four pooled connections");
+    // Over TLS (`pgkeel up` turns it on, the proxy prefers it): what the backends send when
+    // they time out can only be read by taking it.
+    let ssl = psql(&direct, &format!("select bool_and(ssl) from pg_stat_ssl where pid in ({})", pids.join(",")));
+    assert_eq!(ssl.as_deref(), Ok("t"));
+    wait_for("the idle backends to time out", Duration::from_secs(20), || async {
+        pids.iter().all(|pid| !backend_alive(&direct, pid)).then_some(())
+    })
+    .await;
+    let pid = first_value(&clients[0].simple_query("select pg_backend_pid()").await.expect("no error"));
+    assert!(!pids.contains(&pid), "a new connection ({pid}), not one of {pids:?}");
+    let log = p.log_text();
+    assert_eq!(log.matches("its server ended by idle_session_timeout").count(), 4, "{log}");
+    assert!(!log.contains("an idle server connection has something to read"), "no flush of the pool: {log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_closes_clients_idle_longer_than_client_idle_timeout() {
     let c = Cluster::up(bin(), 1).await;

@@ -134,6 +134,29 @@ impl Severity {
     }
 }
 
+/// The SQLSTATE of the ErrorResponse at the front of `bytes`, when the whole message is
+/// there, without decoding the rest: a look at what a pooled connection's server sent while it
+/// sat idle. `None` for anything else.
+pub fn error_code(bytes: &[u8]) -> Option<[u8; 5]> {
+    let (&tag, rest) = bytes.split_first()?;
+    if tag != b'E' {
+        return None;
+    }
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let mut fields = rest.get(4..len)?;
+    while let Some((&code, after)) = fields.split_first() {
+        if code == 0 {
+            break;
+        }
+        let end = after.iter().position(|&b| b == 0)?;
+        if code == b'C' {
+            return after[..end].try_into().ok();
+        }
+        fields = &after[end + 1..];
+    }
+    None
+}
+
 /// The fields of an ErrorResponse or NoticeResponse, in the order received. Unknown field
 /// types are kept (the protocol says to ignore them; a proxy forwards them).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -44,7 +44,7 @@ use bytes::{Bytes, BytesMut};
 
 pub use backend::{Authentication, BackendDecoder, BackendMessage, CopyResponse, FieldDescription, TransactionStatus};
 pub use error::{Direction, ProtocolError, Tag};
-pub use fields::{field, sqlstate, ErrorFields, Severity};
+pub use fields::{error_code, field, sqlstate, ErrorFields, Severity};
 pub use frontend::{AuthExpect, Bind, FrontendDecoder, FrontendMessage, FunctionCall, Parse, Target};
 pub use startup::{
     CancelRequest, ProtocolVersion, StartupMessage, StartupPacket, CANCEL_REQUEST_CODE, FORWARDED_CANCEL_CODE,

@@ -514,3 +514,25 @@ fn unknown_tags_fail_fast() {
         "unknown frontend message type 'q'"
     );
 }
+
+/// `error_code` reads the SQLSTATE of a whole ErrorResponse at the front of the bytes and
+/// nothing else: truncated, other messages, a length that lies, fields without their end.
+#[test]
+fn error_code_of_a_peeked_error_response() {
+    let mut whole = BytesMut::new();
+    BackendMessage::ErrorResponse(ErrorFields::new(Severity::Fatal, "57P05", "idle-session timeout"))
+        .encode(&mut whole);
+    assert_eq!(error_code(&whole), Some(*b"57P05"));
+    // Followed by more (the end of the stream is no byte): the first message counts.
+    let mut more = whole.to_vec();
+    more.extend_from_slice(b"Z\0\0\0\x05I");
+    assert_eq!(error_code(&more), Some(*b"57P05"));
+    for cut in 0..whole.len() {
+        assert_eq!(error_code(&whole[..cut]), None, "cut at {cut}");
+    }
+    assert_eq!(error_code(b"Z\0\0\0\x05I"), None);
+    assert_eq!(error_code(b"E\0\0\0\x02"), None, "a length below 4");
+    assert_eq!(error_code(b"E\0\0\0\x0cSFATAL\0\0"), None, "no code field");
+    assert_eq!(error_code(b"E\0\0\0\x0aSFATAL"), None, "a field without its end");
+    assert_eq!(error_code(b"E\0\0\0\x0bC57P0\0\0"), None, "a code of 4 characters");
+}
