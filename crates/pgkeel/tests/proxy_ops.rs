@@ -661,18 +661,28 @@ async fn idle_in_transaction_timeout_through_the_proxy_frees_the_connection() {
     assert!(show(&admin, "SHOW SERVERS").await.iter().all(|r| r["state"] != "active"));
 }
 
+/// A proxy with `pool_size = 4` (no `server_idle_timeout`), its console, and four clients
+/// whose transactions left four idle pooled connections to `database`, with their backend pids.
+async fn four_pooled(
+    c: &Cluster,
+    database: &str,
+) -> (OpsProxy, tokio_postgres::Client, Vec<tokio_postgres::Client>, Vec<String>) {
+    let p = OpsProxy::start(c, "pool_size = 4\nserver_idle_timeout = 0").await;
+    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
+    let clients = in_transactions(&p.dsn(database), 4).await;
+    commit_all(&clients).await;
+    let pids = server_pids(&admin, database).await;
+    assert_eq!(pids.len(), 4, "four pooled connections");
+    (p, admin, clients, pids)
+}
+
 /// A pooled connection its server closed (as a postmaster that dies, shuts down or restarts
 /// closes them all, a few milliseconds apart) makes the pool close its other connections
 /// too, rather than give them to the next clients one by one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_its_server_closed_closes_the_pools_others() {
     let (c, direct) = cluster_with(&[]).await;
-    let p = OpsProxy::start(&c, "pool_size = 4\nserver_idle_timeout = 0").await;
-    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
-    let clients = in_transactions(&p.dsn("postgres"), 4).await;
-    commit_all(&clients).await;
-    let pids = server_pids(&admin, "postgres").await;
-    assert_eq!(pids.len(), 4, "four pooled connections");
+    let (p, admin, clients, pids) = four_pooled(&c, "postgres").await;
     // The pool gives out the connection given back last: the one this query used.
     let top = first_value(&clients[0].simple_query("select pg_backend_pid()").await.unwrap());
     psql(&direct, &format!("select pg_terminate_backend({top})")).unwrap();
@@ -702,12 +712,7 @@ async fn a_pooled_connection_its_server_closed_closes_the_pools_others() {
 async fn pooled_connections_ended_by_idle_session_timeout_are_closed_alone() {
     let (c, direct) =
         cluster_with(&["create database ist", "alter database ist set idle_session_timeout = '1s'"]).await;
-    let p = OpsProxy::start(&c, "pool_size = 4\nserver_idle_timeout = 0").await;
-    let admin = connect(&p.dsn("pgkeel")).await.expect("the console");
-    let clients = in_transactions(&p.dsn("ist"), 4).await;
-    commit_all(&clients).await;
-    let pids = server_pids(&admin, "ist").await;
-    assert_eq!(pids.len(), 4, "four pooled connections");
+    let (p, _admin, clients, pids) = four_pooled(&c, "ist").await;
     // Over TLS (`pgkeel up` turns it on, the proxy prefers it): what the backends send when
     // they time out can only be read by taking it.
     let ssl = psql(&direct, &format!("select bool_and(ssl) from pg_stat_ssl where pid in ({})", pids.join(",")));
