@@ -167,8 +167,9 @@ struct Relay {
 }
 
 impl Relay {
-    fn learn(&mut self, members: &[pgkeel_dcs::cluster::MemberValue]) {
-        let agents: Vec<String> = members.iter().map(|m| m.api_url.clone()).filter(|u| !u.is_empty()).collect();
+    /// Takes the members' `api_url`s as the agents to ask (unless there are none).
+    fn learn<'a>(&mut self, members: impl Iterator<Item = &'a pgkeel_dcs::cluster::MemberValue>) {
+        let agents: Vec<String> = members.map(|m| m.api_url.clone()).filter(|u| !u.is_empty()).collect();
         if !agents.is_empty() {
             self.agents = agents;
         }
@@ -233,7 +234,7 @@ impl Relay {
                     }
                     self.from = Some(url);
                     self.failed = None;
-                    self.learn(&view.members);
+                    self.learn(view.members.iter());
                     publish(tx, topo);
                     return usable;
                 }
@@ -317,7 +318,7 @@ pub async fn watch(store: ClusterStore, tx: watch::Sender<Topology>, mut shutdow
                     tracing::info!("the DCS answers again");
                 }
                 relay.dcs_answered();
-                relay.learn(&snap.members.iter().map(|m| m.value.clone()).collect::<Vec<_>>());
+                relay.learn(snap.members.iter().map(|m| &m.value));
                 let known_rev = snap.leader.as_ref().map(|l| l.revision);
                 let mut topo = from_snapshot(&snap);
                 // Terms never go back, even if a read races a write.
