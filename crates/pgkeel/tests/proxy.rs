@@ -527,14 +527,20 @@ async fn proxy_follows_the_primary_through_a_node_kill() {
     assert!(outage < Duration::from_secs(4 + 6), "write outage through the proxy for pgbench: {outage:?}");
 }
 
-/// Reads through the proxy while a replica's node is killed: only the reads in flight on it
-/// fail; the others carry on, on the other replica or the primary, without a pause.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_go_on_through_a_replica_kill() {
+/// A three-node cluster, its leader, and its two replicas once both stream from it.
+async fn three_streaming() -> (Cluster, String, Vec<String>) {
     let c = Cluster::up(bin(), 3).await;
     let (leader, _) = c.leader().await.expect("a leader");
     let replicas: Vec<String> = c.nodes().into_iter().filter(|n| *n != leader).collect();
     c.wait_streaming(&leader, &replicas, Duration::from_secs(60)).await;
+    (c, leader, replicas)
+}
+
+/// Reads through the proxy while a replica's node is killed: only the reads in flight on it
+/// fail; the others carry on, on the other replica or the primary, without a pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_on_through_a_replica_kill() {
+    let (c, _leader, replicas) = three_streaming().await;
     let p = Proxy::start(&c, "proxy", "").await;
     // One-row reads (extended protocol), 400 a second in all, for 12 s.
     let logs = tempfile::tempdir().expect("a log dir");
@@ -922,10 +928,7 @@ fn dsn_port(dsn: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_splits_reads_and_writes() {
-    let c = Cluster::up(bin(), 3).await;
-    let (leader, _) = c.leader().await.expect("a leader");
-    let replicas: Vec<String> = c.nodes().into_iter().filter(|n| *n != leader).collect();
-    c.wait_streaming(&leader, &replicas, Duration::from_secs(60)).await;
+    let (c, leader, replicas) = three_streaming().await;
     let port_of = |n: &str| dsn_port(&c.node_dsn(n));
     let primary_port = port_of(&leader);
     // Functions for the catalog check below, made before the proxy starts (it reads a

@@ -69,11 +69,20 @@ async fn failover(c: &Cluster, old: &str, within: Duration, at: Instant, what: &
     (new, new_term)
 }
 
-/// 2 s after `new`'s promotion under `term`, counted from `since_ms` (unix ms): the longest
-/// a write through the proxy may wait when the election itself is slowed by the fault.
-async fn two_seconds_after_promotion(c: &Cluster, new: &str, term: u64, since_ms: u64) -> Duration {
-    let promoted_ms = c.promotion_time(new, term).await;
-    Duration::from_millis(promoted_ms.saturating_sub(since_ms)) + Duration::from_secs(2)
+/// Waits for the old primary to stream from the new one, stops the writers and [`check`]s
+/// them, with writes through the proxy resuming within 2 s of the new primary's promotion,
+/// counted from the fault at `since_ms` (unix ms): for faults that slow the election itself.
+async fn rejoin_and_check(
+    c: &Cluster,
+    (old, old_term): (&str, u64),
+    (new, new_term): (&str, u64),
+    writers: [Writer; 3],
+    since_ms: u64,
+) {
+    c.wait_streaming(new, &[old.to_string()], Duration::from_secs(60)).await;
+    let promoted_ms = c.promotion_time(new, new_term).await;
+    let bound = Duration::from_millis(promoted_ms.saturating_sub(since_ms)) + Duration::from_secs(2);
+    check(c, old_term, new, new_term, stop(writers).await, bound).await;
 }
 
 /// The checks every test makes once its writers stopped (writes through the proxy resumed
@@ -212,12 +221,10 @@ async fn proxy_follows_a_failover_after_losing_its_etcd_member() {
     assert!(p.log_text().contains(&lost), "the proxy's calls to the lost member failed over");
     nc.net.reconnect(nc.host_of(&old));
     nc.net.reconnect(ETCD_HOSTS[0]);
-    c.wait_streaming(&new, std::slice::from_ref(&old), Duration::from_secs(60)).await;
     // The agents lose that member too, which slows the election (4 to 8 s measured): the
     // writes through the proxy have to resume within 2 s of the promotion (etcd's request
     // timeout: the proxy's first read after the loss may wait it out).
-    let bound = two_seconds_after_promotion(c, &new, new_term, isolated_ms).await;
-    check(c, old_term, &new, new_term, stop(writers).await, bound).await;
+    rejoin_and_check(c, (&old, old_term), (&new, new_term), writers, isolated_ms).await;
 }
 
 /// The proxy's machine is cut from every etcd member (the database machines are not), then
@@ -262,11 +269,9 @@ async fn proxy_cut_from_the_dcs_follows_a_failover_through_the_agents() {
     })
     .await;
     assert_eq!(dcs_up(), Some(1.0));
-    c.wait_streaming(&new, std::slice::from_ref(&old), Duration::from_secs(60)).await;
     // The agents ask etcd every second: writes through the proxy resume within 2 s of the
     // promotion.
-    let bound = two_seconds_after_promotion(c, &new, new_term, isolated_ms).await;
-    check(c, old_term, &new, new_term, stop(writers).await, bound).await;
+    rejoin_and_check(c, (&old, old_term), (&new, new_term), writers, isolated_ms).await;
 }
 
 /// A replica's machine is taken off the network while a read runs on it through the proxy:
@@ -286,7 +291,7 @@ async fn a_read_on_a_replica_cut_off_ends_when_its_record_expires() {
         let r = client.simple_query(sleep).await.map(|_| ());
         (client, r)
     });
-    let replicas: Vec<String> = ["n1", "n2", "n3"].iter().map(|n| n.to_string()).filter(|n| *n != leader).collect();
+    let replicas: Vec<String> = c.nodes().into_iter().filter(|n| *n != leader).collect();
     let replica = wait_for("the read on a replica", Duration::from_secs(20), || async {
         replicas.iter().find_map(|r| {
             let sql = format!("select count(*) from pg_stat_activity where query = '{sleep}'");
